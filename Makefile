@@ -1,0 +1,53 @@
+# Common tasks. `make test` and `make demo` are all a newcomer needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= job_configs/demo.yaml
+IMAGE  ?= embed-archive:latest
+ADDRESS ?= http://127.0.0.1:8265
+
+.PHONY: setup test test-unit test-integration demo lint format bench bench-quick image submit clean
+
+# One venv, the CPU torch wheel pinned in pyproject (no CUDA download), test + BirdNET extras.
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[test,birdnet,dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+# Writes the synthetic archive, embeds it on a local Ray, then queries the result with DuckDB.
+demo: setup
+	$(BIN)/embed-archive demo demo_archive
+	$(BIN)/embed-archive run $(CONFIG)
+	$(BIN)/python -m pipeline.query outputs/demo
+
+lint: setup
+	$(BIN)/ruff check pipeline tests
+
+format: setup
+	$(BIN)/ruff format pipeline tests
+
+bench: setup
+	$(BIN)/embed-archive bench --out bench_results
+
+bench-quick: setup
+	$(BIN)/embed-archive bench --quick --out bench_results
+
+image:
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
+
+submit: setup
+	$(BIN)/embed-archive submit $(CONFIG) --address $(ADDRESS)
+
+clean:
+	rm -rf outputs demo_archive bench_results .pytest_cache

@@ -1,0 +1,246 @@
+"""Streaming decode: a file object in, float32 blocks at the model's rate out.
+
+A recording is read ``block_s`` seconds at a time through soundfile (libsndfile: WAV,
+FLAC, OGG/Vorbis, Opus, MP3), repaired (non-finite samples become 0), mixed or kept per
+channel, and resampled with soxr's streaming resampler, so memory is bounded by the block
+size whatever the recording's length.
+
+What can go wrong, and what becomes of it (see also README, "Bad recordings"):
+
+=====================  ==============================================================
+``UnreadableAudio``    libsndfile cannot open it (not audio, unknown format, 0 bytes)
+``EmptyAudio``         it opens but holds no samples
+``TooManyChannels``    more channels than ``audio.max_channels``
+``UnsupportedSampleRate``  rate outside ``[min_sample_rate_hz, max_sample_rate_hz]``
+``CorruptAudio``       decoding failed before the first sample
+partial                decoding failed midway, or fewer frames than the header declares:
+                       what decoded is kept, status ``partial`` with the reason
+repaired               NaN/inf samples were replaced by 0: status ``partial``, counted
+=====================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from pipeline.errors import AudioDecodeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeReport:
+    """What happened while decoding one recording; filled in as the stream is consumed.
+
+    Attributes:
+        source_sample_rate_hz: the file's rate.
+        source_channels: channels in the file.
+        declared_frames: frames the header declares (may be an estimate for MP3).
+        frames_decoded: frames actually decoded.
+        output_samples: samples produced at the target rate (per channel).
+        nonfinite_samples: NaN/inf samples replaced by 0.
+        problems: human-readable reasons the result is only partial.
+        format: container/codec, e.g. ``FLAC/PCM_24``.
+    """
+
+    source_sample_rate_hz: int = 0
+    source_channels: int = 0
+    declared_frames: int = 0
+    frames_decoded: int = 0
+    output_samples: int = 0
+    nonfinite_samples: int = 0
+    problems: list[str] = field(default_factory=list)
+    format: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        if not self.source_sample_rate_hz:
+            return 0.0
+        return self.frames_decoded / self.source_sample_rate_hz
+
+    @property
+    def status(self) -> str:
+        return "partial" if self.problems else "ok"
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Decoder knobs (mirrors ``AudioConfig``, plus the target rate from the model)."""
+
+    target_sample_rate_hz: int
+    channels: str = "mix"
+    max_channels: int = 64
+    min_sample_rate_hz: int = 1_000
+    max_sample_rate_hz: int = 768_000
+    block_s: float = 10.0
+    resample_quality: str = "HQ"
+
+
+def open_soundfile(fileobj: Any) -> sf.SoundFile:
+    """Open a seekable binary file object with libsndfile.
+
+    Raises:
+        AudioDecodeError: ``UnreadableAudio`` when libsndfile does not recognise it.
+    """
+    try:
+        return sf.SoundFile(fileobj)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioDecodeError("UnreadableAudio", f"not a readable audio file: {err}") from None
+
+
+def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) -> Iterator[np.ndarray]:
+    """Decode, repair, mix and resample a recording, block by block.
+
+    Args:
+        fileobj: seekable binary file object positioned at the start.
+        settings: target rate and limits.
+        report: filled in while the generator runs (read it after exhausting it).
+
+    Yields:
+        float32 ``[frames, channels_out]`` at the target rate, where ``channels_out`` is 1
+        for ``mix`` and the file's channel count for ``each``.
+
+    Raises:
+        AudioDecodeError: the recording cannot be used at all (see module docstring).
+    """
+    with open_soundfile(fileobj) as snd:
+        report.source_sample_rate_hz = int(snd.samplerate)
+        report.source_channels = int(snd.channels)
+        report.declared_frames = declared_frames(snd)
+        report.format = f"{snd.format}/{snd.subtype}"
+        _check_limits(snd, settings)
+        out_channels = 1 if settings.channels == "mix" else int(snd.channels)
+        resampler = _make_resampler(snd.samplerate, settings, out_channels)
+        block_frames = max(1, int(settings.block_s * snd.samplerate))
+        for block in _read_blocks(snd, fileobj, block_frames, report):
+            block = _repair(block, report)
+            if settings.channels == "mix" and block.shape[1] > 1:
+                block = block.mean(axis=1, keepdims=True, dtype=np.float32)
+            out = resampler(block, last=False) if resampler else block
+            if out.shape[0]:
+                report.output_samples += out.shape[0]
+                yield out
+        if report.frames_decoded == 0:
+            raise AudioDecodeError("EmptyAudio", "the file holds no audio samples")
+        if resampler:
+            tail = resampler(np.zeros((0, out_channels), dtype=np.float32), last=True)
+            if tail.shape[0]:
+                report.output_samples += tail.shape[0]
+                yield tail
+    _note_truncation(report)
+    if report.nonfinite_samples:
+        report.problems.append(f"{report.nonfinite_samples} non-finite samples replaced by 0")
+
+
+def _check_limits(snd: sf.SoundFile, settings: DecodeSettings) -> None:
+    if snd.frames == 0:
+        raise AudioDecodeError("EmptyAudio", "the file holds no audio samples (0 frames)")
+    if snd.channels > settings.max_channels:
+        raise AudioDecodeError(
+            "TooManyChannels",
+            f"{snd.channels} channels exceeds audio.max_channels={settings.max_channels}",
+        )
+    if not settings.min_sample_rate_hz <= snd.samplerate <= settings.max_sample_rate_hz:
+        raise AudioDecodeError(
+            "UnsupportedSampleRate",
+            f"sample rate {snd.samplerate} Hz is outside audio.min_sample_rate_hz.."
+            f"audio.max_sample_rate_hz ({settings.min_sample_rate_hz}.."
+            f"{settings.max_sample_rate_hz} Hz)",
+        )
+
+
+def _make_resampler(source_rate: int, settings: DecodeSettings, channels: int) -> Any:
+    if source_rate == settings.target_sample_rate_hz:
+        return None
+    stream = soxr.ResampleStream(
+        source_rate,
+        settings.target_sample_rate_hz,
+        channels,
+        dtype="float32",
+        quality=settings.resample_quality,
+    )
+    return stream.resample_chunk
+
+
+def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
+                 report: DecodeReport) -> Iterator[np.ndarray]:
+    """Read until the end; a decode failure after some audio ends the stream as partial.
+
+    A failed read loses the whole requested block, and leaves libsndfile's decoder unusable,
+    so on the first failure the file is reopened at the last good frame and read on in small
+    steps: everything up to the damage is kept.
+    """
+    salvage_frames = 1024
+    step = block_frames
+    while True:
+        try:
+            block = snd.read(step, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+            if step > salvage_frames:
+                reopened = _reopen_at(fileobj, report.frames_decoded)
+                if reopened is not None:
+                    snd.close()
+                    snd, step = reopened, salvage_frames
+                    continue
+            if report.frames_decoded == 0:
+                raise AudioDecodeError("CorruptAudio", f"decoding failed at the start: {err}") from None
+            at_s = report.frames_decoded / snd.samplerate
+            report.problems.append(f"decoding stopped at {at_s:.3f} s: {err}")
+            log.warning("partial decode (%s)", report.problems[-1])
+            return
+        if block.shape[0] == 0:
+            return
+        report.frames_decoded += block.shape[0]
+        yield block
+
+
+def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:
+    try:
+        fileobj.seek(0)
+        snd = sf.SoundFile(fileobj)
+        snd.seek(frame)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
+        return None
+    return snd
+
+
+_SHOULD_BE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
+
+
+def declared_frames(snd: sf.SoundFile) -> int:
+    """Frames the header promises. libsndfile trims ``frames`` to what a short WAV holds;
+    its header report still says how long the data chunk claimed to be."""
+    info = snd.extra_info or ""
+    short = _SHOULD_BE.search(info)
+    align = _BLOCK_ALIGN.search(info)
+    if short and align and int(align.group(1)) > 0:
+        return max(int(snd.frames), int(short.group(1)) // int(align.group(1)))
+    return int(snd.frames)
+
+
+def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:
+    finite = np.isfinite(block)
+    if finite.all():
+        return block
+    report.nonfinite_samples += int(block.size - np.count_nonzero(finite))
+    return np.where(finite, block, np.float32(0.0))
+
+
+def _note_truncation(report: DecodeReport) -> None:
+    missing = report.declared_frames - report.frames_decoded
+    # MP3/OGG headers carry estimates; allow one codec frame of slack before calling it truncation.
+    slack = max(4608, int(0.001 * report.declared_frames))
+    if missing > slack:
+        report.problems.append(
+            f"truncated: header declares {report.declared_frames} frames, "
+            f"{report.frames_decoded} decoded"
+        )

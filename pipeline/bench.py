@@ -1,0 +1,432 @@
+"""The benchmark: does the data plane keep the model busy, and is memory flat in length?
+
+``embed-archive bench`` measures, in one run, on one machine, with one model and settings:
+
+1. **model only**: the backbone's batched forward pass on the exact windows the job would
+   cut from the corpus, already in memory (the ceiling for this device);
+2. **pipeline**: the whole job end to end on the same files (Ray start, listing, decode,
+   resample, windows, embed, Parquet, commit);
+3. **seed loop**: the seed notebook's approach: for each file read it whole, resample,
+   cut windows, one forward call per window, mean-pool;
+4. **memory**: peak RSS of a decode worker, and of every process of a whole job, for a
+   1-minute and a 1-hour recording built from real clips;
+5. **decode**: audio-seconds per second per core for WAV, FLAC, MP3, OGG/Vorbis and Opus,
+   including resampling to 16 kHz.
+
+Throughputs are audio-seconds per wall-clock second over the same corpus, so the ratios
+compare like with like. Results go to ``<out>/bench.json`` and a table on stdout.
+``--quick`` uses a tiny BEATs and a few files so a test can run it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from pipeline import storage
+from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
+from pipeline.config import AUDIO_EXTENSIONS
+from pipeline.windows import plan_windows, samples_for
+
+log = logging.getLogger(__name__)
+
+TINY_BEATS = {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
+              "encoder_attention_heads": 4, "embed_dim": 64, "conv_pos": 16, "conv_pos_groups": 4}
+DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+LONG_SOURCE = "opensoundscape/tests/audio/1min.wav"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark configuration (the same for every measurement that compares)."""
+
+    model: str = "beats"
+    options: dict[str, Any] | None = None
+    precision: str = "fp32"
+    window_s: float = 5.0
+    hop_s: float = 2.5
+    batch_size: int = 16
+    threads: int = os.cpu_count() or 1
+    sample_rate_hz: int = 16_000
+
+    def job(self, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
+        raw = {
+            "input": {"uri": input_uri},
+            "windows": {"window_s": self.window_s, "hop_s": self.hop_s, "tail": "pad"},
+            "model": {"name": self.model, "weights": "random", "options": dict(self.options or {}),
+                      "batch_size": self.batch_size, "precision": self.precision, "layers": "last"},
+            "compute": {"torch_threads": self.threads},
+            "output": {"uri": output_uri},
+            "run": {"progress": False, "shard_size": 10_000},
+        }
+        for section, values in extra.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def list_audio(root: Path) -> list[Path]:
+    exts = {f".{e}" for e in AUDIO_EXTENSIONS}
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in exts)
+
+
+def corpus_windows(files: Sequence[Path], s: BenchSettings) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every window the job cuts from ``files`` (audio ``[n, T]``, valid ``[n]``), and seconds of audio."""
+    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
+    windows, valids, seconds = [], [], 0.0
+    for path in files:
+        audio, report = _decode_whole(path, s.sample_rate_hz)
+        if audio is None:
+            continue
+        seconds += report.duration_s
+        plan = plan_windows(len(audio), size, hop, "pad")
+        for start, valid in zip(plan.starts, plan.valid):
+            if valid < int(0.025 * s.sample_rate_hz) and valid < size:
+                continue
+            w = np.zeros(size, np.float32)
+            w[:valid] = audio[start : start + valid]
+            windows.append(w)
+            valids.append(valid)
+    return np.stack(windows), np.asarray(valids, np.int64), seconds
+
+
+def _decode_whole(path: Path, rate: int) -> tuple[np.ndarray | None, DecodeReport]:
+    report = DecodeReport()
+    fs, p = storage.url_to_fs(str(path))
+    try:
+        with storage.RangeReader(fs, p) as reader:
+            chunks = list(decode_stream(reader, DecodeSettings(rate), report))
+    except Exception:  # noqa: BLE001 - the job turns these into error rows; so does the bench
+        return None, report
+    return np.concatenate(chunks)[:, 0], report
+
+
+def make_long_recording(path: Path, seconds: float, source: Path, fmt: str = "FLAC") -> Path:
+    """A recording of ``seconds`` built by looping a real clip, written block by block."""
+    clip, rate = sf.read(source, dtype="float32", always_2d=True)
+    with sf.SoundFile(path, "w", rate, clip.shape[1], format=fmt) as out:
+        remaining = int(seconds * rate)
+        while remaining > 0:
+            piece = clip[: min(len(clip), remaining)]
+            out.write(piece)
+            remaining -= len(piece)
+    return path
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchSettings) -> dict[str, Any]:
+    """Batched forward passes on windows already in memory."""
+    import torch
+
+    from pipeline.models import create_backbone, pool
+
+    torch.set_num_threads(s.threads)
+    backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    layer = len(backbone.info.layers) - 1
+    x_all = torch.from_numpy(windows)
+    v_all = torch.from_numpy(valid)
+    size = windows.shape[1]
+
+    def run(n: int | None = None) -> None:
+        end = len(windows) if n is None else min(n, len(windows))
+        for i in range(0, end, s.batch_size):
+            x, v = x_all[i : i + s.batch_size], v_all[i : i + s.batch_size]
+            padded = bool((v < size).any())
+            with torch.inference_mode(), backbone.autocast(s.precision):
+                feats = backbone.extract(x, v if padded else None, [layer])
+                pool(feats[layer].tokens, feats[layer].mask, "mean")
+
+    run(s.batch_size)  # warm-up: first-call allocations and kernel selection
+    started = time.perf_counter()
+    run()
+    wall = time.perf_counter() - started
+    return {"windows": int(len(windows)), "audio_s": seconds, "wall_s": wall,
+            "audio_s_per_s": seconds / wall, "windows_per_s": len(windows) / wall}
+
+
+def seed_loop(files: Sequence[Path], s: BenchSettings) -> dict[str, Any]:
+    """The seed notebook: per file, whole read, resample, one window per forward, mean-pool."""
+    import torch
+
+    from pipeline.models import create_backbone
+
+    torch.set_num_threads(s.threads)
+    backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    layer = len(backbone.info.layers) - 1
+    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
+    seconds, n_windows = 0.0, 0
+    started = time.perf_counter()
+    for path in files:
+        try:
+            audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        except Exception:  # noqa: BLE001 - unreadable files are skipped, as the notebook does
+            continue
+        if len(audio) == 0:
+            continue
+        mono = soxr.resample(audio.mean(axis=1), rate, s.sample_rate_hz, quality="HQ")
+        seconds += len(audio) / rate
+        plan = plan_windows(len(mono), size, hop, "pad")
+        per_file = []
+        for start, valid in zip(plan.starts, plan.valid):
+            if valid < int(0.025 * s.sample_rate_hz) and valid < size:
+                continue
+            w = np.zeros(size, np.float32)
+            w[:valid] = mono[start : start + valid]
+            with torch.no_grad():
+                feats = backbone.extract(torch.from_numpy(w)[None], None, [layer])
+            per_file.append(feats[layer].tokens.mean(dim=1))
+            n_windows += 1
+        if per_file:
+            torch.cat(per_file).mean(dim=0)
+    wall = time.perf_counter() - started
+    return {"windows": n_windows, "audio_s": seconds, "wall_s": wall,
+            "audio_s_per_s": seconds / wall}
+
+
+def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any) -> dict[str, Any]:
+    """The job end to end in a fresh process (its own local Ray), timed from outside."""
+    out = workdir / f"out-{time.monotonic_ns()}"
+    cfg = workdir / f"job-{time.monotonic_ns()}.json"
+    cfg.write_text(json.dumps(s.job(str(input_dir), str(out), **extra)))
+    code = ("import json,sys;from pipeline.config import JobConfig;from pipeline.job import run_job;"
+            "s=run_job(JobConfig.from_dict(json.load(open(sys.argv[1]))));"
+            "print('SUMMARY'+json.dumps(s.to_dict()))")
+    started = time.perf_counter()
+    with ProcessTreeSampler() as sampler:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(cfg)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        sampler.watch(proc.pid)
+        stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"pipeline run failed ({proc.returncode}):\n{stderr[-4000:]}")
+    summary = json.loads(stdout.split("SUMMARY", 1)[1])
+    return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
+            "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
+            "peak_rss_mb": sampler.peaks_mb(), "output": str(out)}
+
+
+def decode_rss(path: Path, rate: int = 16_000) -> dict[str, Any]:
+    """Peak RSS of a fresh process that runs the job's decode stage on one file."""
+    code = ("import resource,sys,time;from pipeline.stages import DecodeSpec,decode_recording;"
+            "from pipeline.audio import DecodeSettings;"
+            f"spec=DecodeSpec(DecodeSettings({rate}),{samples_for(5.0, rate)},{samples_for(2.5, rate)},"
+            "'pad',400,32);t=time.perf_counter();"
+            "n=sum(len(b['audio']) for b in decode_recording('r',sys.argv[1],sys.argv[1],-1,'',spec));"
+            "print(n,time.perf_counter()-t,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return {"rows": int(out[0]), "wall_s": float(out[1]), "peak_rss_mb": int(out[2]) / 1024}
+
+
+def decode_speed(source_dir: Path, workdir: Path, seconds: float) -> dict[str, Any]:
+    """Single-core decode + resample-to-16 kHz speed per format."""
+    clip = source_dir / LONG_SOURCE
+    audio, rate = sf.read(clip, dtype="float32")
+    audio48 = soxr.resample(audio, rate, 48_000)
+    reps = int(np.ceil(seconds * 48_000 / len(audio48)))
+    long = np.tile(audio48, reps)[: int(seconds * 48_000)]
+    results = {}
+    for name, fmt, subtype in (("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"),
+                               ("mp3", "MP3", "MPEG_LAYER_III"), ("ogg", "OGG", "VORBIS"),
+                               ("opus", "OGG", "OPUS")):
+        path = workdir / f"decode-{name}.{'ogg' if name == 'opus' else name}"
+        sf.write(path, long, 48_000, format=fmt, subtype=subtype)
+        cpu0 = time.process_time()
+        wall0 = time.perf_counter()
+        out, report = _decode_whole(path, 16_000)
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+        assert out is not None
+        results[name] = {"audio_s": report.duration_s, "cpu_s": cpu, "wall_s": wall,
+                         "audio_s_per_cpu_s": report.duration_s / cpu,
+                         "bytes": path.stat().st_size}
+    return results
+
+
+class ProcessTreeSampler:
+    """Samples the RSS of a process and all its descendants (Ray workers included)."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.peaks: dict[str, float] = {}
+        self._pid: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ProcessTreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def watch(self, pid: int) -> None:
+        self._pid = pid
+
+    def peaks_mb(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in sorted(self.peaks.items())}
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            if self._pid is not None:
+                try:
+                    root = psutil.Process(self._pid)
+                    procs = [root, *root.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    procs = []
+                total = 0.0
+                for proc in procs:
+                    try:
+                        rss = proc.memory_info().rss / 2**20
+                        label = _label(proc)
+                    except psutil.Error:
+                        continue
+                    total += rss
+                    self.peaks[label] = max(self.peaks.get(label, 0.0), rss)
+                self.peaks["all_processes"] = max(self.peaks.get("all_processes", 0.0), total)
+            self._stop.wait(self.interval_s)
+
+
+def _label(proc: Any) -> str:
+    cmd = " ".join(proc.cmdline())
+    if "decode_batch" in proc.name() or "MapBatches(decode_batch)" in cmd:
+        return "decode_worker"
+    if "Embedder" in proc.name() or "Embedder" in cmd:
+        return "embed_actor"
+    if "-c" in proc.cmdline() and "run_job" in cmd:
+        return "driver"
+    name = proc.name()
+    if name.startswith("ray::"):
+        return name.replace("ray::", "worker:")[:40]
+    return name[:40]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run(out_dir: Path, real_dir: Path, quick: bool) -> dict[str, Any]:
+    import torch
+
+    s = BenchSettings(options=TINY_BEATS if quick else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_audio(real_dir)
+    if quick:
+        files = [f for f in files if "perch/chirp/projects" in str(f)][:6]
+    results: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "python": platform.python_version()},
+        "settings": {**s.__dict__, "options": s.options or "full size"},
+        "mode": "quick" if quick else "full",
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=out_dir) as tmp:
+        work = Path(tmp)
+        corpus = work / "corpus"
+        corpus.mkdir()
+        for f in files:
+            (corpus / f.relative_to(real_dir).as_posix().replace("/", "__")).symlink_to(f)
+        windows, valid, seconds = corpus_windows(files, s)
+        log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds, len(windows))
+        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work)
+        long_s = 120.0 if quick else 1200.0
+        long_dir = work / "long"
+        long_dir.mkdir()
+        long_file = make_long_recording(long_dir / "long.flac", long_s, real_dir / LONG_SOURCE)
+        lw, lv, ls = corpus_windows([long_file], s)
+        results["long"] = _compare(long_dir, [long_file], lw, lv, ls, s, work)
+        results["memory"] = _memory(real_dir, work, quick)
+        results["decode"] = decode_speed(real_dir, work, 60.0 if quick else 600.0)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    print(render(results))
+    return results
+
+
+def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
+             seconds: float, s: BenchSettings, work: Path) -> dict[str, Any]:
+    model = model_only(windows, valid, seconds, s)
+    pipe = pipeline_run(input_dir, s, work)
+    seed = seed_loop(files, s)
+    return {
+        "model_only": model, "pipeline": pipe, "seed_loop": seed,
+        "pipeline_over_model_only": pipe["audio_s_per_s"] / model["audio_s_per_s"],
+        "pipeline_over_seed_loop": pipe["audio_s_per_s"] / seed["audio_s_per_s"],
+    }
+
+
+def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
+    short = make_long_recording(work / "one_minute.flac", 60.0, real_dir / LONG_SOURCE)
+    hour_s = 600.0 if quick else 3600.0
+    long = make_long_recording(work / "one_hour.flac", hour_s, real_dir / LONG_SOURCE)
+    tiny = BenchSettings(options=TINY_BEATS)
+    out: dict[str, Any] = {"long_recording_s": hour_s}
+    for label, path in (("one_minute", short), ("long", long)):
+        single = work / f"mem-{label}"
+        single.mkdir()
+        (single / path.name).symlink_to(path)
+        job = pipeline_run(single, tiny, work, compute={"torch_threads": 1})
+        out[label] = {"decode_worker": decode_rss(path), "job_peak_rss_mb": job["peak_rss_mb"],
+                      "job_wall_s": job["wall_s"]}
+    out["decode_rss_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
+                               / out["one_minute"]["decode_worker"]["peak_rss_mb"])
+    out["job_rss_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]
+                            / out["one_minute"]["job_peak_rss_mb"]["all_processes"])
+    return out
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"machine: {r['machine']}", f"settings: {r['settings']}", ""]
+    for corpus in ("real", "long"):
+        c = r[corpus]
+        lines.append(f"[{corpus}] {c['model_only']['audio_s']:.0f} s of audio, "
+                     f"{c['model_only']['windows']} windows")
+        for name in ("model_only", "pipeline", "seed_loop"):
+            m = c[name]
+            lines.append(f"  {name:<11} {m['audio_s_per_s']:>9.2f} audio-s/s   wall {m['wall_s']:.1f} s")
+        lines.append(f"  pipeline / model only  {c['pipeline_over_model_only']:.3f}   (target >= 0.9)")
+        lines.append(f"  pipeline / seed loop   {c['pipeline_over_seed_loop']:.3f}   (target >= 1.5)")
+    m = r["memory"]
+    lines.append("")
+    lines.append(f"[memory] decode worker peak RSS: 1 min {m['one_minute']['decode_worker']['peak_rss_mb']:.0f} MB, "
+                 f"{m['long_recording_s'] / 60:.0f} min {m['long']['decode_worker']['peak_rss_mb']:.0f} MB "
+                 f"(ratio {m['decode_rss_ratio']:.3f}, target <= 1.2)")
+    lines.append(f"         whole job, all processes: 1 min {m['one_minute']['job_peak_rss_mb']['all_processes']:.0f} MB, "
+                 f"long {m['long']['job_peak_rss_mb']['all_processes']:.0f} MB (ratio {m['job_rss_ratio']:.3f})")
+    lines.append("")
+    lines.append("[decode] audio-s per CPU-s, incl. resampling 48 -> 16 kHz")
+    for fmt, d in r["decode"].items():
+        lines.append(f"  {fmt:<5} {d['audio_s_per_cpu_s']:>9.0f}")
+    return "\n".join(lines)
+
+
+def add_bench_command(sub: Any) -> None:
+    p = sub.add_parser("bench", help="measure pipeline vs model-only vs seed loop, memory, decode")
+    p.add_argument("--out", default="bench_results", help="directory for bench.json")
+    p.add_argument("--real", default=str(DEFAULT_REAL), help="folder of real recordings")
+    p.add_argument("--quick", action="store_true", help="tiny model, few files (for tests)")
+    p.set_defaults(func=lambda a: run(Path(a.out), Path(a.real), a.quick) and 0)
+
+
+__all__ = ["BenchSettings", "add_bench_command", "run"]

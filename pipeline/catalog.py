@@ -1,0 +1,172 @@
+"""What an output root holds: namespaces, committed shards, row counts, jobs and errors.
+
+Reads only commit markers, job records and the (small) errors tables, so it is cheap on a
+bucket with terabytes of embeddings. Backs ``embed-archive inspect``.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.layout import TABLES, OutputLayout, committed_shards, read_json
+
+_NS = re.compile(r"model=([^/]+)/variant=([^/]+)")
+ERROR_EXAMPLES = 5
+
+
+@dataclass
+class Namespace:
+    model: str
+    variant: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    shards: int = 0
+    recordings: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    error_types: dict[str, int] = field(default_factory=dict)
+    error_examples: list[dict[str, str]] = field(default_factory=list)
+    uncommitted_files: int = 0
+    missing_files: int = 0
+
+
+@dataclass
+class Catalog:
+    root: str
+    namespaces: list[Namespace]
+    jobs: list[dict[str, Any]]
+
+
+def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) -> Catalog:
+    """Scan an output root (local or bucket)."""
+    fs, root_path = storage.url_to_fs(root, storage_options)
+    root_path = root_path.rstrip("/")
+    found: set[tuple[str, str]] = set()
+    for path in storage.list_files(fs, storage.join(root_path, "_commits")):
+        match = _NS.search(path)
+        if match:
+            found.add((match.group(1), match.group(2)))
+    namespaces = [_namespace(fs, root, root_path, model, variant, storage_options)
+                  for model, variant in sorted(found)]
+    jobs = []
+    for path in storage.list_files(fs, storage.join(root_path, "_jobs")):
+        if path.endswith(".json"):
+            jobs.append(read_json(fs, path))
+    jobs.sort(key=lambda j: j.get("started_at") or "")
+    return Catalog(root=storage.redact_uri(root), namespaces=namespaces, jobs=jobs)
+
+
+def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
+               storage_options: Mapping[str, Any] | None) -> Namespace:
+    layout = OutputLayout(root, model, variant, dict(storage_options or {}))
+    markers = committed_shards(layout)
+    ns = Namespace(model=model, variant=variant, shards=len(markers))
+    spec_path = layout.variant_path()
+    if storage.exists(fs, spec_path):
+        ns.spec = read_json(fs, spec_path)
+    committed_paths: set[str] = set()
+    outcomes: collections.Counter[str] = collections.Counter()
+    for marker in markers.values():
+        ns.recordings += len(marker.get("recordings", ()))
+        outcomes.update(r["outcome"] for r in marker.get("recordings", ()))
+        for table, files in marker.get("files", {}).items():
+            ns.rows[table] = ns.rows.get(table, 0) + sum(f["rows"] for f in files)
+            ns.files[table] = ns.files.get(table, 0) + len(files)
+            committed_paths.update(storage.url_to_fs(f["path"], storage_options)[1] for f in files)
+    ns.outcomes = dict(outcomes)
+    present: set[str] = set()
+    for table in TABLES:
+        for path in storage.list_files(fs, layout.table_dir(table)):
+            if path.endswith(".parquet"):
+                present.add(path)
+                if path not in committed_paths:
+                    ns.uncommitted_files += 1
+    ns.missing_files = len(committed_paths - present)
+    errors: collections.Counter[str] = collections.Counter()
+    examples: list[dict[str, str]] = []
+    for marker in markers.values():
+        for f in marker.get("files", {}).get("errors", ()):
+            path = storage.url_to_fs(f["path"], storage_options)[1]
+            if path not in present:
+                continue  # counted in missing_files
+            table = pq.read_table(io.BytesIO(storage.read_bytes(fs, path)),
+                                  columns=["source_uri", "error_type", "message"])
+            cols = table.to_pydict()
+            errors.update(cols["error_type"])
+            examples.extend({"source_uri": str(u), "error_type": str(t), "message": str(m)}
+                            for u, t, m in zip(cols["source_uri"], cols["error_type"],
+                                               cols["message"], strict=True))
+    ns.error_types = dict(errors.most_common())
+    ns.error_examples = sorted(examples, key=lambda e: e["source_uri"])[:ERROR_EXAMPLES]
+    return ns
+
+
+def render(catalog: Catalog) -> str:
+    """Human-readable report."""
+    lines = [f"output: {catalog.root}"]
+    if not catalog.namespaces:
+        lines.append("  no committed shards")
+    for ns in catalog.namespaces:
+        spec = ns.spec
+        lines.append(f"\nmodel={ns.model} variant={ns.variant}")
+        if spec:
+            lines.append(
+                f"  window {spec.get('window_s')} s, hop {spec.get('hop_s')} s, tail "
+                f"{spec.get('tail')}, layers {spec.get('layers')}, pooling {spec.get('pooling')}, "
+                f"channels {spec.get('channels')}, weights sha256 {str(spec.get('weights_sha256'))[:16]}"
+            )
+        lines.append(f"  committed shards {ns.shards}, recordings {ns.recordings} "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(ns.outcomes.items()))})")
+        for table in TABLES:
+            lines.append(f"  {table:<11} {ns.rows.get(table, 0):>10} rows in "
+                         f"{ns.files.get(table, 0)} files   "
+                         f"{table}/model={ns.model}/variant={ns.variant}/")
+        if ns.error_types:
+            lines.append("  errors by type: " + ", ".join(f"{k} {v}" for k, v in ns.error_types.items()))
+            for example in ns.error_examples:
+                lines.append(f"    {example['error_type']:<22} {example['source_uri']}: "
+                             f"{_clip(example['message'], 100)}")
+            shown = len(ns.error_examples)
+            if shown < sum(ns.error_types.values()):
+                lines.append(f"    ... ({sum(ns.error_types.values()) - shown} more in "
+                             f"errors/model={ns.model}/variant={ns.variant}/)")
+        if ns.missing_files:
+            lines.append(f"  WARNING: {ns.missing_files} committed files are missing (deleted "
+                         "after their shard was committed?)")
+        if ns.uncommitted_files:
+            lines.append(f"  WARNING: {ns.uncommitted_files} files without a commit marker "
+                         "(a run was interrupted while publishing; the next run removes them)")
+    if catalog.jobs:
+        lines.append("\njobs:")
+        for job in catalog.jobs:
+            s = job.get("summary", {})
+            lines.append(
+                f"  {job.get('job_id')}  {s.get('status', '?'):<22} started {job.get('started_at')} "
+                f"ended {job.get('ended_at') or '-'}  model {job.get('model_name')} "
+                f"variant {job.get('variant')}  code {job.get('code_version')}  "
+                f"recordings {s.get('embedded', 0) + s.get('partial', 0) + s.get('failed', 0)} "
+                f"(failed {s.get('failed', 0)})  config sha256 {str(job.get('config_sha256'))[:12]}"
+            )
+            config = job.get("config") or {}
+            source = (config.get("input") or {})
+            lines.append(
+                f"      input {source.get('manifest') or source.get('uri')}  weights "
+                f"{job.get('weights_uri')} (sha256 {str(job.get('weights_sha256'))[:12]})  git "
+                f"{str(job.get('git_commit'))[:12]}  "
+                + " ".join(f"{k} {v}" for k, v in sorted((job.get("libraries") or {}).items())
+                           if k in ("ray", "torch", "pyarrow"))
+            )
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."

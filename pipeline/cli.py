@@ -1,0 +1,164 @@
+"""``embed-archive``: the command line.
+
+    embed-archive demo [DIR]                      write the synthetic demo archive
+    embed-archive run CONFIG [--set k=v ...]      run a job (local Ray, or compute.address)
+    embed-archive inspect OUTPUT_URI              what an output root holds
+    embed-archive list-models                     the backbone registry
+    embed-archive describe-model NAME             one backbone in detail
+    embed-archive cache-weights URI FILE          pre-fill the weights cache (offline use)
+
+Exit status of ``run``: 0 every recording embedded; 1 the job failed; 2 bad config or no
+inputs (nothing was run); 3 finished, but some recordings failed (see the errors table);
+4 stopped early because failures passed ``run.max_failed_fraction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    JobAborted,
+    NoInputsError,
+    PipelineError,
+    UnknownModelError,
+    WeightsUnavailableError,
+)
+
+log = logging.getLogger("embed_archive")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
+            CheckpointMismatchError) as err:
+        print(f"embed-archive: error: {err}", file=sys.stderr)
+        return 2
+    except JobAborted as err:
+        print(f"embed-archive: stopped: {err}", file=sys.stderr)
+        return 4
+    except PipelineError as err:
+        print(f"embed-archive: failed: {err}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+
+    parser = argparse.ArgumentParser(prog="embed-archive", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run an embedding job")
+    p.add_argument("config", help="job config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set model.batch_size=8")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="write the synthetic demo archive")
+    p.add_argument("directory", nargs="?", default="demo_archive")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="show what an output root holds")
+    p.add_argument("output_uri")
+    p.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                   metavar="KEY=VALUE", help="fsspec option for the output filesystem")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("list-models", help="list registered backbones")
+    p.set_defaults(func=cmd_list_models)
+
+    p = sub.add_parser("describe-model", help="describe one backbone")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_describe_model)
+
+    p = sub.add_parser("cache-weights", help="put a local checkpoint in the cache under a URI")
+    p.add_argument("uri", help="the URI the config names (e.g. hf://EarthSpeciesProject/...)")
+    p.add_argument("file", help="local copy of that checkpoint")
+    p.set_defaults(func=cmd_cache_weights)
+
+    from pipeline.bench import add_bench_command
+
+    add_bench_command(sub)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import JobConfig
+
+    cfg = JobConfig.load(args.config, args.overrides)
+    logging.getLogger().setLevel(cfg.run.log_level)
+    from pipeline.job import EmbeddingJob
+
+    job = EmbeddingJob(cfg)
+    job.prepare()
+    summary = job.run()
+    print(summary.render())
+    return summary.exit_code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import write_demo_archive
+
+    paths = write_demo_archive(args.directory, seed=args.seed)
+    print(f"wrote {len(paths)} recordings and manifest.csv to {args.directory}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.catalog import load_catalog, render
+
+    options = {}
+    for item in args.storage_options:
+        key, _, value = item.partition("=")
+        options[key] = yaml.safe_load(value)
+    catalog = load_catalog(args.output_uri, options)
+    if args.json:
+        print(json.dumps({"root": catalog.root, "namespaces": [ns.__dict__ for ns in catalog.namespaces],
+                          "jobs": catalog.jobs}, indent=2, default=str))
+    else:
+        print(render(catalog))
+    return 0
+
+
+def cmd_list_models(args: argparse.Namespace) -> int:
+    from pipeline.models import describe_model, list_models
+
+    rows = [describe_model(name) for name in list_models()]
+    print(f"{'name':<36} {'family':<13} {'rate':>6} {'dim':>5} {'layers':>6}  weights")
+    for d in rows:
+        print(f"{d['name']:<36} {d['family']:<13} {d['sample_rate_hz']:>6} "
+              f"{d['embedding_dim']:>5} {len(d['layers']):>6}  {d.get('weights_uri') or '(none: random or a URI)'}")
+    return 0
+
+
+def cmd_describe_model(args: argparse.Namespace) -> int:
+    from pipeline.models import describe_model
+
+    print(json.dumps(describe_model(args.name), indent=2, default=str))
+    return 0
+
+
+def cmd_cache_weights(args: argparse.Namespace) -> int:
+    from pipeline.models.weights import cache_weights
+
+    result = cache_weights(args.uri, args.file)
+    print(f"cached {args.file} for {args.uri}: {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

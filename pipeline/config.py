@@ -1,0 +1,504 @@
+"""Job configuration: YAML in, frozen and validated dataclasses out, before any work starts.
+
+A config has seven sections, each a dataclass below. Loading is strict: an unknown key,
+a value of the wrong type, or a value out of range raises :class:`ConfigError` naming the
+dotted key and what is allowed. ``--set key=value`` overrides are applied to the raw
+mapping first, so they go through the same checks.
+
+    cfg = JobConfig.load("job_configs/demo.yaml", overrides=["model.batch_size=8"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.windows import TAIL_POLICIES
+
+AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where recordings come from.
+
+    Attributes:
+        uri: a directory, a glob, or one file; any fsspec URL (``gs://b/x/*.flac``).
+        manifest: optional CSV, Parquet or JSONL file with a ``uri`` column; its other
+            columns are carried to every output row. When set, ``uri`` is ignored.
+        extensions: file extensions (case-insensitive) that count as recordings.
+        recursive: descend into subdirectories when ``uri`` is a directory.
+        storage_options: passed to the fsspec filesystem (endpoint, project, anon...).
+    """
+
+    uri: str | None = None
+    manifest: str | None = None
+    extensions: tuple[str, ...] = AUDIO_EXTENSIONS
+    recursive: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.uri and not self.manifest:
+            raise ConfigError("set input.uri (a directory, glob or file) or input.manifest", "input")
+        if not self.extensions:
+            raise ConfigError("must list at least one extension", "input.extensions")
+        for ext in self.extensions:
+            if not ext or "/" in ext or ext.startswith("."):
+                raise ConfigError(f"{ext!r}: give bare extensions such as 'wav'", "input.extensions")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """How recordings are decoded and resampled.
+
+    Attributes:
+        channels: ``mix`` averages channels to mono; ``each`` embeds every channel.
+        max_channels: recordings with more channels fail with ``TooManyChannels``.
+        min_sample_rate_hz: recordings below this rate fail with ``UnsupportedSampleRate``.
+        max_sample_rate_hz: recordings above this rate fail with ``UnsupportedSampleRate``.
+        block_s: seconds of source audio decoded at a time (memory per worker).
+        resample_quality: soxr quality (``QQ``, ``LQ``, ``MQ``, ``HQ``, ``VHQ``).
+        batch_windows: windows per batch handed to the embedding stage.
+    """
+
+    channels: Literal["mix", "each"] = "mix"
+    max_channels: int = 64
+    min_sample_rate_hz: int = 1_000
+    max_sample_rate_hz: int = 768_000
+    block_s: float = 10.0
+    resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "HQ"
+    batch_windows: int = 32
+
+    def validate(self) -> None:
+        _positive(self.max_channels, "audio.max_channels")
+        _positive(self.min_sample_rate_hz, "audio.min_sample_rate_hz")
+        if self.max_sample_rate_hz < self.min_sample_rate_hz:
+            raise ConfigError("must be >= audio.min_sample_rate_hz", "audio.max_sample_rate_hz")
+        _positive(self.block_s, "audio.block_s")
+        _positive(self.batch_windows, "audio.batch_windows")
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    """How each recording is cut.
+
+    Attributes:
+        window_s: window length in seconds (``None``: the model's fixed window, else 5 s).
+        hop_s: seconds between window starts (``None``: half the window).
+        tail: ``pad`` (zero-pad the last window, with a padding mask), ``keep`` (keep it
+            short) or ``drop`` (full windows only).
+        min_tail_s: a tail window (or the only window of a short recording) with less real
+            audio than this is dropped; a recording left with no window fails ``TooShort``.
+    """
+
+    window_s: float | None = None
+    hop_s: float | None = None
+    tail: Literal["pad", "keep", "drop"] = "pad"
+    min_tail_s: float = 0.025
+
+    def validate(self) -> None:
+        if self.window_s is not None:
+            _positive(self.window_s, "windows.window_s")
+        if self.hop_s is not None:
+            _positive(self.hop_s, "windows.hop_s")
+        if self.min_tail_s < 0:
+            raise ConfigError("must be >= 0", "windows.min_tail_s")
+        if self.tail not in TAIL_POLICIES:  # Literal is checked on load; keep for direct use
+            raise ConfigError(f"must be one of {TAIL_POLICIES}", "windows.tail")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone, which weights, what to take from it.
+
+    Attributes:
+        name: registry name (``embed-archive list-models``), an entry-point name, or
+            ``module.path:ClassName`` for a user backbone.
+        weights: ``default`` (the published checkpoint), ``random`` (random init, for
+            tests and demos: the embeddings mean nothing), or a checkpoint URI.
+        layers: ``last``, ``all``, or a list of indices (negative from the end) / names.
+        pooling: how tokens of one window become one vector (``mean``, ``max``, ``cls``);
+            ``None`` means the model's default.
+        batch_size: windows per forward pass.
+        precision: ``auto`` (bf16 on GPUs that support it, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        options: architecture overrides for the bare ``beats``/``efficientnet_b0`` entries
+            or constructor options for a user backbone.
+        storage_options: fsspec options for fetching the weights.
+    """
+
+    name: str = "esp_aves2_sl_beats_all"
+    weights: str = "default"
+    layers: Any = "last"
+    pooling: str | None = None
+    batch_size: int = 16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("must name a model (see `embed-archive list-models`)", "model.name")
+        if not self.weights:
+            raise ConfigError("use 'default', 'random' or a checkpoint URI", "model.weights")
+        _positive(self.batch_size, "model.batch_size")
+        layers = self.layers
+        if isinstance(layers, str):
+            if layers not in ("last", "all"):
+                raise ConfigError(
+                    f"{layers!r}: use 'last', 'all' or a list of indices/names", "model.layers"
+                )
+        elif isinstance(layers, Sequence) and layers and all(
+            isinstance(x, (int, str)) and not isinstance(x, bool) for x in layers
+        ):
+            pass
+        else:
+            raise ConfigError(
+                f"{layers!r}: use 'last', 'all' or a non-empty list of indices/names",
+                "model.layers",
+            )
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where and how the job runs.
+
+    Attributes:
+        address: ``None`` starts a local Ray; ``auto`` or ``ray://host:port`` joins a cluster.
+        num_cpus: CPUs for a local Ray (``None``: all).
+        embed_actors: embedding actors (``None``: one per GPU, else one).
+        gpus_per_actor: GPUs each actor asks for (fractional allowed; ``None``: 1 if the
+            cluster has GPUs, else 0).
+        cpus_per_actor: CPUs each actor reserves.
+        torch_threads: intra-op threads per actor (``None``: the CPUs the actor may use).
+        decode_cpus: CPUs each decode task reserves.
+        decode_memory_mb: memory each decode task reserves (its working set is a few
+            decode blocks and one window batch, bounded whatever the recording's length).
+        decode_concurrency: most decode tasks at once (``None``: as many as CPUs allow).
+        embed_resources: custom resources the actors ask for (pin to a node group).
+        embed_label_selector: node labels the actors must run on.
+        decode_resources: custom resources the decode tasks ask for.
+        object_store_memory_mb: object store size for a local Ray.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    embed_actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    torch_threads: int | None = None
+    decode_cpus: float = 1.0
+    decode_memory_mb: int = 512
+    decode_concurrency: int | None = None
+    embed_resources: dict[str, float] = field(default_factory=dict)
+    embed_label_selector: dict[str, str] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    object_store_memory_mb: int | None = None
+
+    def validate(self) -> None:
+        for name in ("num_cpus", "embed_actors", "torch_threads", "decode_concurrency",
+                     "object_store_memory_mb"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(value, f"compute.{name}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError("must be >= 0", "compute.gpus_per_actor")
+        if self.cpus_per_actor < 0:
+            raise ConfigError("must be >= 0", "compute.cpus_per_actor")
+        _positive(self.decode_cpus, "compute.decode_cpus")
+        _positive(self.decode_memory_mb, "compute.decode_memory_mb")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how they are laid out.
+
+    Attributes:
+        uri: output root (local path or bucket URL).
+        storage_options: fsspec options for the output filesystem.
+        windows: write the per-window table.
+        recordings: write the per-recording table.
+        recording_pooling: how window embeddings become a recording embedding.
+        file_mb: target size of one Parquet file (bigger files, fewer objects).
+        row_group_mb: target size of one Parquet row group.
+        compression: Parquet codec.
+    """
+
+    uri: str = "outputs/embeddings"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    windows: bool = True
+    recordings: bool = True
+    recording_pooling: Literal["mean", "max"] = "mean"
+    file_mb: float = 256.0
+    row_group_mb: float = 64.0
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+    def validate(self) -> None:
+        if not self.uri:
+            raise ConfigError("must be a local path or bucket URL", "output.uri")
+        _positive(self.file_mb, "output.file_mb")
+        _positive(self.row_group_mb, "output.row_group_mb")
+        if not (self.windows or self.recordings):
+            raise ConfigError("at least one of output.windows / output.recordings must be true",
+                              "output")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Job-level behaviour.
+
+    Attributes:
+        job_id: id for this run (``None``: generated from the time and a random suffix).
+        shard_size: recordings per commit shard; a crash loses at most one shard of work.
+        max_failed_fraction: stop when more than this fraction of finished recordings
+            failed (checked after each shard); 1.0 never stops.
+        min_recordings_before_abort: do not apply ``max_failed_fraction`` before this many.
+        progress: show Ray Data's progress bars.
+        log_level: Python logging level.
+    """
+
+    job_id: str | None = None
+    shard_size: int = 256
+    max_failed_fraction: float = 1.0
+    min_recordings_before_abort: int = 20
+    progress: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def validate(self) -> None:
+        _positive(self.shard_size, "run.shard_size")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ConfigError("must be between 0 and 1", "run.max_failed_fraction")
+        if self.min_recordings_before_abort < 0:
+            raise ConfigError("must be >= 0", "run.min_recordings_before_abort")
+        if self.job_id is not None and not _is_safe_token(self.job_id):
+            raise ConfigError(
+                "use letters, digits, '-', '_' and '.' only (it becomes a file name)", "run.job_id"
+            )
+
+
+SECTIONS: dict[str, type] = {
+    "input": InputConfig,
+    "audio": AudioConfig,
+    "windows": WindowsConfig,
+    "model": ModelConfig,
+    "compute": ComputeConfig,
+    "output": OutputConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job. Build with :meth:`load` or :meth:`from_dict`; never half-valid."""
+
+    input: InputConfig
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    windows: WindowsConfig = field(default_factory=WindowsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
+        """Read a YAML file, apply ``key=value`` overrides, validate.
+
+        Raises:
+            ConfigError: the file is unreadable or not a mapping, or any key is wrong.
+        """
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        return cls.from_dict(raw, overrides)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> JobConfig:
+        """Build from a plain mapping (as parsed from YAML) plus ``key=value`` overrides."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a job config must be a mapping of sections, got {type(raw).__name__}")
+        data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+        for item in overrides:
+            apply_override(data, item)
+        _reject_unknown(data.keys(), SECTIONS.keys(), prefix="")
+        sections: dict[str, Any] = {}
+        for name, section_cls in SECTIONS.items():
+            value = data.get(name) or {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"must be a mapping, got {type(value).__name__}", name)
+            sections[name] = _build_section(section_cls, value, name)
+        cfg = cls(**sections)
+        for name in SECTIONS:
+            getattr(cfg, name).validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-safe mapping of every setting (defaults included)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+    def sha256(self) -> str:
+        """Hash of the resolved config (secrets excluded), stable across key order."""
+        return hashlib.sha256(canonical_json(redacted(self.to_dict())).encode()).hexdigest()
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML.
+
+    Raises:
+        ConfigError: the override is not of the form ``section.key=value``.
+    """
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.batch_size=8")
+    section, _, name = key.partition(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from None
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"--set {item!r}: {section} is not a section", section)
+    parts = name.split(".")
+    for part in parts[:-1]:  # dotted keys reach into dict-valued settings
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a mapping", key)
+    target[parts[-1]] = parsed
+
+
+def _build_section(section_cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    _reject_unknown(values.keys(), fields.keys(), prefix=prefix)
+    hints = typing.get_type_hints(section_cls)
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in values.items()
+    }
+    return section_cls(**kwargs)
+
+
+def _reject_unknown(keys: Any, allowed: Any, prefix: str) -> None:
+    allowed = list(allowed)
+    for key in keys:
+        if key not in allowed:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"unknown key{did_you_mean}; allowed: {', '.join(allowed)}", where
+            )
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, converting only where it is lossless."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[-1]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{value!r} is not allowed; use one of {', '.join(map(str, args))}",
+                              where)
+        return value
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"expected a list, got {type(value).__name__}", where)
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected a mapping, got {type(value).__name__}", where)
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected true or false, got {value!r}", where)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected an integer, got {value!r}", where)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"expected a number, got {value!r}", where)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"expected a string, got {value!r}", where)
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
+
+
+def _positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"must be > 0, got {value}", where)
+
+
+def _is_safe_token(text: str) -> bool:
+    return bool(text) and all(c.isalnum() or c in "-_." for c in text) and not text.startswith(".")
+
+
+SECRET_KEY_PARTS = ("secret", "token", "password", "key", "credential", "auth", "session")
+
+
+def redacted(value: Any) -> Any:
+    """Copy of a config mapping with every secret-looking storage option replaced.
+
+    Keys of ``storage_options`` mappings whose name contains a secret word are replaced
+    by ``"***"``; URIs with inline credentials (``s3://KEY:SECRET@bucket``) lose them.
+    """
+    from pipeline.storage import redact_uri  # local import: storage imports this module
+
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, (str, int, float)) and _looks_secret(str(k)):
+                out[k] = "***"
+            else:
+                out[k] = redacted(v)
+        return out
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if isinstance(value, str):
+        return redact_uri(value)
+    return value
+
+
+def _looks_secret(key: str) -> bool:
+    lowered = key.lower()
+    if lowered in ("anon", "key_prefix"):
+        return False
+    return any(part in lowered for part in SECRET_KEY_PARTS)
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form that gets hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

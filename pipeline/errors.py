@@ -1,0 +1,64 @@
+"""One root exception for the package, with small subclasses that also inherit builtins.
+
+Callers catch ``PipelineError`` for "our job said no", or the builtin (``ValueError``,
+``OSError``) they would catch anyway. Each class carries a message written for the user:
+what went wrong, where, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A job config is malformed. Raised before any work starts.
+
+    Attributes:
+        field: dotted path of the offending key (``windows.hop_s``), or ``None``.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class NoInputsError(PipelineError, FileNotFoundError):
+    """The input URI or manifest matched no recordings."""
+
+
+class AudioDecodeError(PipelineError):
+    """A recording could not be decoded (or not at all usefully).
+
+    Attributes:
+        error_type: short stable label written to the errors table (``EmptyAudio``,
+            ``UnsupportedSampleRate``...).
+    """
+
+    def __init__(self, error_type: str, message: str) -> None:
+        self.error_type = error_type
+        super().__init__(message)
+
+
+class WeightsUnavailableError(PipelineError, FileNotFoundError):
+    """Model weights could not be fetched or read; the message says how to supply them."""
+
+
+class CheckpointMismatchError(PipelineError, ValueError):
+    """A checkpoint's tensor names or shapes do not match the backbone they were loaded into."""
+
+
+class UnknownModelError(PipelineError, KeyError):
+    """No backbone is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we don't want that.
+        return str(self.args[0]) if self.args else ""
+
+
+class StorageError(PipelineError, OSError):
+    """Reading or writing through fsspec failed after the retries were spent."""
+
+
+class JobAborted(PipelineError):
+    """The job stopped itself (e.g. ``run.max_failed_fraction`` was exceeded)."""

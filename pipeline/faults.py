@@ -1,0 +1,35 @@
+"""Fault injection for the crash tests: die by SIGKILL at a named point.
+
+``EMBED_ARCHIVE_FAULT=<point>:<marker-file>`` kills the process that reaches ``point``
+(SIGKILL: no cleanup, no atexit) the first time it gets there while the marker file exists;
+the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``listed``
+(driver, after listing), ``decode`` (a decode task), ``embed`` (an embedding actor, mid
+batch), ``after_embed``, ``before_publish``, ``publishing`` (after the first file of a
+shard is in place), ``before_commit`` (all files in place, no marker yet). Unset in normal
+runs, where it costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "EMBED_ARCHIVE_FAULT"
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, marker = spec.partition(":")
+    if point != name or not marker or not os.path.exists(marker):
+        return
+    try:
+        os.remove(marker)
+    except FileNotFoundError:
+        return  # another process took this fault
+    log.error("fault injection: killing pid %d at %s", os.getpid(), name)
+    os.kill(os.getpid(), signal.SIGKILL)

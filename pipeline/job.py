@@ -1,0 +1,623 @@
+"""The embedding job: plan on the driver, run shard by shard on Ray, commit each shard.
+
+:meth:`EmbeddingJob.prepare` does everything that can fail cheaply before Ray starts:
+resolve the model and its weights (hashing them), check the config against the model,
+list the inputs, derive the output namespace, recover from a crashed run and work out
+what is left. :meth:`EmbeddingJob.run` then executes one Ray Data pipeline per shard::
+
+    from_items(recordings) -> map_batches(decode_batch)     CPU tasks, one recording each
+                           -> map_batches(Embedder)          actor pool, one model each
+                           -> write_datasink(ShardSink)      staged Parquet + partial pools
+
+and, on the driver, builds the shard's recordings and errors tables, publishes the
+staged files and writes the commit marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import layout as layout_mod
+from pipeline import storage
+from pipeline.audio import DecodeSettings
+from pipeline.config import JobConfig, redacted
+from pipeline.errors import ConfigError, JobAborted
+from pipeline.layout import OutputLayout
+from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
+from pipeline.sink import (
+    SinkSpec,
+    ShardSink,
+    errors_schema,
+    file_metadata,
+    recordings_schema,
+    reduce_partials,
+    write_parquet,
+)
+from pipeline.sources import SourceItem, list_sources, plan_shards
+from pipeline.faults import fault_point
+from pipeline.stages import DecodeSpec, EmbedSpec, Embedder, decode_batch
+from pipeline.windows import samples_for
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_SOME_FAILED = 3
+EXIT_ABORTED = 4
+
+RANDOM_WEIGHTS_BANNER = """
+==========================================================================
+  RANDOM WEIGHTS: model.weights is 'random'. The embeddings this job writes
+  are NOT meaningful: use them to test the pipeline, never for science.
+==========================================================================""".strip("\n")
+
+
+@dataclass
+class ShardOutcome:
+    """What one committed shard contained."""
+
+    shard_id: str
+    recordings: int = 0
+    embedded: int = 0
+    partial: int = 0
+    failed: int = 0
+    windows: int = 0
+    audio_s: float = 0.0
+    bytes_read: int = 0
+    wall_s: float = 0.0
+
+
+@dataclass
+class JobSummary:
+    """The end-of-run summary (also written to ``_jobs/<job_id>.json``)."""
+
+    job_id: str
+    output_uri: str
+    model: str
+    variant: str
+    weights: str
+    recordings_listed: int = 0
+    recordings_already_done: int = 0
+    shards: int = 0
+    embedded: int = 0
+    partial: int = 0
+    failed: int = 0
+    windows: int = 0
+    audio_s: float = 0.0
+    wall_s: float = 0.0
+    exit_code: int = EXIT_OK
+    status: str = "running"
+    message: str = ""
+    shard_outcomes: list[ShardOutcome] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Audio seconds embedded per wall-clock second."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "shard_outcomes"}
+        out["throughput_audio_s_per_s"] = round(self.throughput, 3)
+        out["shard_outcomes"] = [o.__dict__ for o in self.shard_outcomes]
+        return out
+
+    def render(self) -> str:
+        errors_at = storage.join(self.output_uri, "errors", f"model={self.model}",
+                                 f"variant={self.variant}")
+        lines = [
+            f"job {self.job_id}: {self.status}",
+            f"  recordings   {self.embedded + self.partial + self.failed} this run "
+            f"({self.embedded} ok, {self.partial} partial, {self.failed} failed); "
+            f"{self.recordings_already_done} already done of {self.recordings_listed} listed",
+            f"  windows      {self.windows}",
+            f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
+            f"= {self.throughput:.1f} audio-s/s",
+            f"  model        {self.model} (variant {self.variant}, weights {self.weights})",
+            f"  output       {self.output_uri}",
+        ]
+        if self.failed:
+            lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
+        if self.message:
+            lines.append(f"  note         {self.message}")
+        return "\n".join(lines)
+
+
+class EmbeddingJob:
+    """One run of a job config. ``prepare()`` needs no Ray; ``run()`` does the work."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.job_id = cfg.run.job_id or make_job_id()
+        self.prepared = False
+
+    # ------------------------------------------------------------------ planning
+
+    def prepare(self) -> None:
+        """Resolve model, weights, windows, inputs and namespace; recover; plan shards.
+
+        Raises:
+            ConfigError: the config does not fit the model (window, pooling, layers).
+            NoInputsError: nothing to embed was found.
+            WeightsUnavailableError: the checkpoint cannot be fetched.
+        """
+        from pipeline.models import create_backbone
+
+        cfg = self.cfg
+        backbone = create_backbone(cfg.model.name, weights=cfg.model.weights, device="cpu",
+                                   options=cfg.model.options,
+                                   storage_options=cfg.model.storage_options)
+        self.info = info = backbone.info
+        self.weights = backbone.weights
+        del backbone
+        if self.weights.is_random:
+            log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
+        self._resolve_model_settings()
+        self.variant = Variant(
+            model_name=info.name,
+            model_family=info.family,
+            weights_sha256=self.weights.sha256,
+            model_options=dict(cfg.model.options),
+            preprocessing=dict(info.preprocessing),
+            sample_rate_hz=info.sample_rate_hz,
+            layers=self.layers,
+            pooling=self.pooling,
+            precision=cfg.model.precision,
+            window_s=self.window_s,
+            hop_s=self.hop_s,
+            tail=cfg.windows.tail,
+            min_tail_s=cfg.windows.min_tail_s,
+            channels=cfg.audio.channels,
+            resample_quality=cfg.audio.resample_quality,
+            recording_pooling=cfg.output.recording_pooling,
+        )
+        self.provenance = JobProvenance.create(cfg, self.job_id, self.variant, self.weights.uri)
+        self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
+                                   dict(cfg.output.storage_options))
+        self.listing = list_sources(cfg.input)
+        fault_point("listed")
+        self._check_variant_record()
+        markers = layout_mod.committed_shards(self.layout)
+        layout_mod.recover(self.layout, markers)
+        done = layout_mod.committed_recordings(markers)
+        self.todo = [i for i in self.listing.items if i.recording_id not in done]
+        self.already_done = len(self.listing.items) - len(self.todo)
+        self.shards = plan_shards(self.todo, cfg.run.shard_size)
+        self.prepared = True
+        log.info("%d recordings listed (%.2f GB), %d already committed, %d to embed in %d "
+                 "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
+                 self.already_done, len(self.todo), len(self.shards),
+                 self.layout.uri(self.layout.table_dir("windows")))
+
+    def _resolve_model_settings(self) -> None:
+        cfg, info = self.cfg, self.info
+        fixed = info.fixed_window_s
+        self.window_s = cfg.windows.window_s or fixed or 5.0
+        if fixed is not None and abs(self.window_s - fixed) > 1e-9:
+            raise ConfigError(f"{info.name} only takes {fixed} s windows, got {self.window_s}",
+                              "windows.window_s")
+        self.hop_s = cfg.windows.hop_s or self.window_s / 2
+        self.pooling = cfg.model.pooling or info.default_pooling
+        if self.pooling not in info.poolings:
+            raise ConfigError(f"{self.pooling!r} is not available for {info.name}; "
+                              f"use one of {', '.join(info.poolings)}", "model.pooling")
+        try:
+            self.layers = info.resolve_layers(cfg.model.layers)
+        except ValueError as err:
+            raise ConfigError(str(err), "model.layers") from None
+        rate = info.sample_rate_hz
+        self.window_samples = samples_for(self.window_s, rate)
+        self.hop_samples = samples_for(self.hop_s, rate)
+        if self.window_samples < info.min_input_samples and cfg.windows.tail != "keep":
+            raise ConfigError(f"{self.window_s} s is shorter than {info.name}'s shortest input "
+                              f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
+
+    def _check_variant_record(self) -> None:
+        """Write ``_variants/<id>.json`` once; refuse if it exists with other contents."""
+        fs = self.layout.fs
+        path = self.layout.variant_path()
+        record = self.variant.to_dict()
+        if fs.exists(path):
+            existing = layout_mod.read_json(fs, path)
+            if existing != json.loads(json.dumps(record, default=str)):
+                raise ConfigError(
+                    f"{self.layout.uri(path)} describes a different variant with the same id; "
+                    "refusing to mix outputs", "output.uri")
+        else:
+            layout_mod.write_json(fs, path, record)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> JobSummary:
+        """Embed every remaining shard; returns the summary (never raises for bad recordings).
+
+        Raises:
+            JobAborted: failures passed ``run.max_failed_fraction``.
+        """
+        if not self.prepared:
+            self.prepare()
+        summary = JobSummary(
+            job_id=self.job_id, output_uri=storage.redact_uri(self.cfg.output.uri),
+            model=self.info.name, variant=self.variant.id, weights=self.weights.uri,
+            recordings_listed=len(self.listing.items), recordings_already_done=self.already_done,
+            shards=len(self.shards),
+        )
+        started = time.perf_counter()
+        self._write_job_record(summary)
+        try:
+            if self.shards:
+                self._run_shards(summary, started)
+            summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
+            summary.exit_code = EXIT_OK if summary.failed == 0 else EXIT_SOME_FAILED
+        except JobAborted as err:
+            summary.status, summary.exit_code, summary.message = "aborted", EXIT_ABORTED, str(err)
+            raise
+        except BaseException as err:
+            summary.status, summary.exit_code = "failed", EXIT_FAILURE
+            summary.message = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            summary.wall_s = time.perf_counter() - started
+            self._write_job_record(summary, final=True)
+        return summary
+
+    def _run_shards(self, summary: JobSummary, started: float) -> None:
+        import ray
+
+        owns_ray = connect_ray(self.cfg)
+        try:
+            self._configure_data_context()
+            resources = ray.cluster_resources()
+            plan = self._compute_plan(resources)
+            log.info("compute: %s", plan)
+            for n, (shard_id, items) in enumerate(self.shards, 1):
+                outcome = self._run_shard(shard_id, items, plan)
+                summary.shard_outcomes.append(outcome)
+                summary.embedded += outcome.embedded
+                summary.partial += outcome.partial
+                summary.failed += outcome.failed
+                summary.windows += outcome.windows
+                summary.audio_s += outcome.audio_s
+                elapsed = time.perf_counter() - started
+                log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, "
+                         "%.0f audio-s in %.1fs (%.1f audio-s/s overall)", n, len(self.shards),
+                         shard_id, outcome.recordings, outcome.failed, outcome.windows,
+                         outcome.audio_s, outcome.wall_s, summary.audio_s / max(elapsed, 1e-9))
+                self._check_failure_budget(summary)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+
+    def _check_failure_budget(self, summary: JobSummary) -> None:
+        finished = summary.embedded + summary.partial + summary.failed
+        budget = self.cfg.run.max_failed_fraction
+        if budget >= 1.0 or finished < self.cfg.run.min_recordings_before_abort:
+            return
+        if summary.failed / finished > budget:
+            raise JobAborted(
+                f"{summary.failed} of {finished} recordings failed, more than "
+                f"run.max_failed_fraction={budget}; committed shards are kept, see the errors table"
+            )
+
+    def _configure_data_context(self) -> None:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = self.cfg.run.progress
+        ctx.max_errored_blocks = 0  # bad recordings are handled per file, never by dropping blocks
+        ctx.execution_options.preserve_order = False
+
+    def _compute_plan(self, resources: Mapping[str, float]) -> dict[str, Any]:
+        c = self.cfg.compute
+        gpus = float(resources.get("GPU", 0.0))
+        cpus = float(resources.get("CPU", 1.0))
+        gpus_per_actor = c.gpus_per_actor if c.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        if gpus_per_actor and gpus < gpus_per_actor:
+            raise ConfigError(f"each actor asks for {gpus_per_actor} GPU but the cluster has "
+                              f"{gpus}", "compute.gpus_per_actor")
+        actors = c.embed_actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+        if c.torch_threads:
+            threads = c.torch_threads
+        elif gpus_per_actor:
+            threads = max(1, int(c.cpus_per_actor))
+        elif c.address is None:  # local CPU run: the actors share this machine's cores
+            threads = max(1, int(cpus) // actors)
+        else:
+            threads = max(1, int(c.cpus_per_actor))
+        return {"actors": actors, "gpus_per_actor": gpus_per_actor, "torch_threads": threads,
+                "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+    def _run_shard(self, shard_id: str, items: Sequence[SourceItem], plan: Mapping[str, Any]) -> ShardOutcome:
+        import ray
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+        cfg, started = self.cfg, time.perf_counter()
+        staging = self.layout.uri(self.layout.staging_dir(shard_id))
+        storage.remove_tree(self.layout.fs, self.layout.staging_dir(shard_id))
+        sink = ShardSink(self._sink_spec(staging, items))
+        rows = [{"recording_id": i.recording_id, "uri": i.uri, "path": i.path,
+                 "size_bytes": i.size_bytes, "problem": i.problem} for i in items]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # The memory reservation also keeps Ray from fusing decoding into the embedding actors
+        # (it fuses map stages whose remote args are identical), which would move decoding
+        # onto the GPU nodes and serialise it behind the model.
+        decode_kwargs: dict[str, Any] = {"num_cpus": cfg.compute.decode_cpus,
+                                         "memory": cfg.compute.decode_memory_mb * 1024**2}
+        if cfg.compute.decode_resources:
+            decode_kwargs["resources"] = dict(cfg.compute.decode_resources)
+        if cfg.compute.decode_concurrency:
+            decode_kwargs["compute"] = TaskPoolStrategy(size=cfg.compute.decode_concurrency)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"spec": self._decode_spec()}, batch_size=1,
+                            batch_format="numpy", **decode_kwargs)
+        embed_kwargs: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
+        if plan["gpus_per_actor"]:
+            embed_kwargs["num_gpus"] = plan["gpus_per_actor"]
+        if cfg.compute.embed_resources:
+            embed_kwargs["resources"] = dict(cfg.compute.embed_resources)
+        if cfg.compute.embed_label_selector:
+            embed_kwargs["label_selector"] = dict(cfg.compute.embed_label_selector)
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={"spec": self._embed_spec(plan)},
+            batch_size=cfg.model.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=plan["actors"]),
+            **embed_kwargs,
+        )
+        ds.write_datasink(sink)
+        fault_point("after_embed")
+        outcome = self._commit_shard(shard_id, items, sink.returns, staging)
+        outcome.wall_s = time.perf_counter() - started
+        return outcome
+
+    def _decode_spec(self) -> DecodeSpec:
+        a, rate = self.cfg.audio, self.info.sample_rate_hz
+        return DecodeSpec(
+            settings=DecodeSettings(
+                target_sample_rate_hz=rate, channels=a.channels, max_channels=a.max_channels,
+                min_sample_rate_hz=a.min_sample_rate_hz, max_sample_rate_hz=a.max_sample_rate_hz,
+                block_s=a.block_s, resample_quality=a.resample_quality),
+            window_samples=self.window_samples,
+            hop_samples=self.hop_samples,
+            tail=self.cfg.windows.tail,
+            min_tail_samples=max(1, int(round(self.cfg.windows.min_tail_s * rate))),
+            batch_windows=a.batch_windows,
+            storage_options=dict(self.cfg.input.storage_options),
+        )
+
+    def _embed_spec(self, plan: Mapping[str, Any]) -> EmbedSpec:
+        m = self.cfg.model
+        return EmbedSpec(
+            model_name=m.name, weights=m.weights, options=dict(m.options),
+            storage_options=dict(m.storage_options), layers=self.layers, pooling=self.pooling,
+            precision=m.precision, sample_rate_hz=self.info.sample_rate_hz,
+            tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
+            use_gpu=bool(plan["gpus_per_actor"]), torch_threads=plan["torch_threads"],
+        )
+
+    def _sink_spec(self, staging: str, items: Sequence[SourceItem]) -> SinkSpec:
+        o = self.cfg.output
+        per_row = 4 * max(l.dim for l in self.info.layers) + 256
+        extras = self.listing.extras
+        return SinkSpec(
+            staging_uri=staging,
+            storage_options=dict(o.storage_options),
+            sources=self._sources_table(items),
+            extras_schema=extras.schema if extras is not None else None,
+            provenance=self.provenance.row_columns(),
+            file_metadata=file_metadata(self._file_provenance()),
+            write_windows=o.windows,
+            rows_per_file=max(1, int(o.file_mb * 1e6 / per_row)),
+            row_group_rows=max(1, int(o.row_group_mb * 1e6 / per_row)),
+            compression=o.compression,
+        )
+
+    def _file_provenance(self) -> dict[str, Any]:
+        return {**self.provenance.to_dict(), "variant_spec": self.variant.to_dict(),
+                "config": redacted(self.cfg.to_dict())}
+
+    def _sources_table(self, items: Sequence[SourceItem]) -> pa.Table:
+        table = pa.table({
+            "recording_id": pa.array([i.recording_id for i in items], pa.string()),
+            "source_uri": pa.array([i.uri for i in items], pa.string()),
+            "source_version": pa.array([i.version for i in items], pa.string()),
+            "source_bytes": pa.array([i.size_bytes for i in items], pa.int64()),
+        })
+        extras = self.listing.extras
+        if extras is not None:
+            picked = extras.take(pa.array([i.row for i in items], pa.int64()))
+            for name in picked.column_names:
+                table = table.append_column(picked.schema.field(name), picked.column(name))
+        return table
+
+    # ------------------------------------------------------------------ committing
+
+    def _commit_shard(self, shard_id: str, items: Sequence[SourceItem], returns: Sequence[Any],
+                      staging: str) -> ShardOutcome:
+        reports, dropped = _collect_reports(returns)
+        pooled = reduce_partials([r.partials for r in returns if r.partials is not None],
+                                 self.cfg.output.recording_pooling)
+        rec_rows, err_rows, outcome = self._settle(shard_id, items, reports, dropped, pooled)
+        staged: dict[str, list[str]] = {"windows": [p for r in returns for p, _ in r.files]}
+        file_rows = {p: n for r in returns for p, n in r.files}
+        extras = self.listing.extras
+        meta = file_metadata(self._file_provenance())
+        sources = self._sources_table(items)
+        o = self.cfg.output
+        for table_name, rows, schema in (
+            ("recordings", rec_rows, recordings_schema(extras.schema if extras else None, meta)),
+            ("errors", err_rows, errors_schema(extras.schema if extras else None, meta)),
+        ):
+            if not rows or (table_name == "recordings" and not o.recordings):
+                continue
+            table = _rows_to_table(rows, schema, sources, self.provenance.row_columns())
+            path = storage.join(staging, table_name, "part-000000.parquet")
+            write_parquet(table, path, o.storage_options, 50_000, o.compression)
+            staged[table_name] = [path]
+            file_rows[path] = table.num_rows
+        fault_point("before_publish")
+        staged_paths = {t: [storage.url_to_fs(p, o.storage_options)[1] for p in ps]
+                        for t, ps in staged.items()}
+        rows_by_path = {storage.url_to_fs(p, o.storage_options)[1]: n for p, n in file_rows.items()}
+        final = layout_mod.publish(self.layout, shard_id, staged_paths)
+        fault_point("before_commit")
+        final_rows = {table: [{"path": self.layout.uri(dst), "rows": rows_by_path[src]}
+                              for src, dst in zip(sorted(staged_paths[table]), paths)]
+                      for table, paths in final.items()}
+        layout_mod.commit(self.layout, {
+            "shard": shard_id,
+            "job_id": self.job_id,
+            "variant": self.variant.id,
+            "committed_at": utc_now(),
+            "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
+                            "outcome": reports[i.recording_id]["status"]} for i in items],
+            "files": final_rows,
+            "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
+        })
+        return outcome
+
+    def _settle(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
+                dropped: Mapping[str, set[tuple[int, int]]],
+                pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]):
+        """Turn reports + pooled sums into recording and error rows, checking every count."""
+        outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
+        rec_rows: list[dict[str, Any]] = []
+        err_rows: list[dict[str, Any]] = []
+        for item in items:
+            report = reports.get(item.recording_id)
+            if report is None:
+                raise RuntimeError(f"shard {shard_id}: no report for {item.uri}; rows were lost")
+            outcome.bytes_read += int(report.get("bytes_read", 0))
+            if report["status"] == "error":
+                err_rows.append({"recording_id": item.recording_id, "error_type": report["error_type"],
+                                 "message": report["message"]})
+                outcome.failed += 1
+                continue
+            problems = list(report.get("problems", []))
+            lost = dropped.get(item.recording_id, set())
+            if lost:
+                problems.append(f"{len(lost)} windows dropped: non-finite embedding")
+            windows = {int(ch): int(n) for ch, n in report["windows"].items()}
+            recording_rows = []
+            for ch, emitted in sorted(windows.items()):
+                kept = emitted - sum(1 for c, _ in lost if c == ch)
+                for layer in self.layers:
+                    count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
+                    if count != kept:
+                        raise RuntimeError(
+                            f"shard {shard_id}: {item.uri} channel {ch} layer {layer} has "
+                            f"{count} window rows, expected {kept}; refusing to commit")
+                    if kept == 0:
+                        continue
+                    recording_rows.append({
+                        "recording_id": item.recording_id, "channel": ch, "layer": layer,
+                        "duration_s": report["duration_s"],
+                        "source_sample_rate_hz": report["source_sample_rate_hz"],
+                        "source_channels": report["source_channels"], "num_windows": kept,
+                        "embedding": vector, "status": "partial" if problems else "ok",
+                        "status_detail": "; ".join(problems),
+                    })
+            if not recording_rows:
+                err_rows.append({"recording_id": item.recording_id,
+                                 "error_type": "NonFiniteEmbedding",
+                                 "message": "every window's embedding was non-finite"})
+                outcome.failed += 1
+                continue
+            rec_rows.extend(recording_rows)
+            outcome.windows += sum(windows.values()) - len(lost)
+            outcome.audio_s += float(report["duration_s"])
+            if problems:
+                outcome.partial += 1
+            else:
+                outcome.embedded += 1
+        return rec_rows, err_rows, outcome
+
+    def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
+        record = {
+            **self.provenance.to_dict(),
+            "ended_at": utc_now() if final else None,
+            "config": redacted(self.cfg.to_dict()),
+            "variant_spec": self.variant.to_dict(),
+            "summary": summary.to_dict(),
+        }
+        layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
+
+
+def _collect_reports(returns: Sequence[Any]) -> tuple[dict[str, dict], dict[str, set[tuple[int, int]]]]:
+    reports: dict[str, dict] = {}
+    dropped: dict[str, set[tuple[int, int]]] = {}
+    for ret in returns:
+        for text in ret.reports:
+            meta = json.loads(text)
+            rid = meta["recording_id"]
+            if meta["type"] == "report":
+                reports[rid] = meta
+            elif meta["type"] == "dropped":
+                dropped.setdefault(rid, set()).update((c, w) for c, w in meta["windows"])
+    return reports, dropped
+
+
+def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,
+                   provenance: Mapping[str, str]) -> pa.Table:
+    from pipeline.sink import lookup
+
+    rows = sorted(rows, key=lambda r: (r.get("layer", 0), r["recording_id"], r.get("channel", 0)))
+    source = lookup(sources, pa.array([r["recording_id"] for r in rows], pa.string()))
+    columns: dict[str, Any] = {}
+    for f in schema:
+        if f.name in provenance:
+            columns[f.name] = pa.array([provenance[f.name]] * len(rows), pa.string())
+        elif f.name in source.column_names and f.name not in rows[0]:
+            columns[f.name] = source.column(f.name)
+        elif f.name == "embedding":
+            columns[f.name] = pa.array([np.asarray(r["embedding"], np.float32) for r in rows],
+                                       f.type)
+        else:
+            columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
+    return pa.table(columns, schema=schema)
+
+
+def connect_ray(cfg: JobConfig) -> bool:
+    """Start a local Ray or join ``compute.address``; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: os.environ[k] for k in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EMBED_ARCHIVE_CACHE",
+                                      "EMBED_ARCHIVE_GIT_COMMIT", "HF_HUB_OFFLINE")
+           if k in os.environ}
+    from pipeline.provenance import GIT_COMMIT_ENV, git_commit
+
+    env.setdefault(GIT_COMMIT_ENV, git_commit())
+    c = cfg.compute
+    if c.address:
+        ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=c.num_cpus,
+            include_dashboard=False,
+            object_store_memory=c.object_store_memory_mb * 1024**2 if c.object_store_memory_mb else None,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+    return True
+
+
+def run_job(cfg: JobConfig) -> JobSummary:
+    """Prepare and run a job; the CLI's ``run`` in one call."""
+    job = EmbeddingJob(cfg)
+    job.prepare()
+    return job.run()
+
+
+__all__ = ["EmbeddingJob", "JobSummary", "run_job", "EXIT_OK", "EXIT_SOME_FAILED",
+           "EXIT_ABORTED", "EXIT_CONFIG", "EXIT_FAILURE"]

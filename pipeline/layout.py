@@ -1,0 +1,167 @@
+"""The output tree and the commit protocol that makes reruns exactly-once.
+
+Layout under ``output.uri`` (``M`` = model, ``V`` = variant id, ``S`` = shard id)::
+
+    windows/model=M/variant=V/shard-S-00000.parquet     one row per window x channel x layer
+    recordings/model=M/variant=V/shard-S-00000.parquet  one row per recording x channel x layer
+    errors/model=M/variant=V/shard-S-00000.parquet      one row per failed recording
+    _commits/model=M/variant=V/S.json                   commit marker: the shard is visible
+    _variants/V.json                                    what determines variant V
+    _jobs/<job_id>.json                                 one record per run
+    _staging/model=M/variant=V/shard=S/...              work in progress (never read)
+
+The protocol, per shard: write every file to ``_staging``; move each into place under
+its deterministic name; write the marker last (a single PUT, or rename locally). At the
+start of every run, files of shards without a marker are deleted and ``_staging`` is
+cleared, so a crash at any point leaves nothing that a rerun duplicates. Names beginning
+with ``_`` are ignored by Hive-style readers (Spark, BigQuery, pyarrow datasets).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import storage
+from pipeline.faults import fault_point
+
+log = logging.getLogger(__name__)
+
+TABLES: tuple[str, ...] = ("windows", "recordings", "errors")
+_SHARD_FILE = re.compile(r"shard-([0-9a-f]{16})-(\d{5})\.parquet$")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Paths of one (model, variant) namespace under an output root.
+
+    Attributes:
+        root: ``output.uri`` as given (local path or bucket URL).
+        model: model name (made path-safe).
+        variant: variant id.
+        storage_options: fsspec options for the output filesystem.
+    """
+
+    root: str
+    model: str
+    variant: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fs(self) -> Any:
+        return storage.url_to_fs(self.root, self.storage_options)[0]
+
+    @property
+    def root_path(self) -> str:
+        return storage.url_to_fs(self.root, self.storage_options)[1].rstrip("/")
+
+    def _ns(self) -> str:
+        return f"model={storage.safe_component(self.model)}/variant={storage.safe_component(self.variant)}"
+
+    def table_dir(self, table: str) -> str:
+        return storage.join(self.root_path, table, self._ns())
+
+    def shard_file(self, table: str, shard_id: str, part: int) -> str:
+        return storage.join(self.table_dir(table), f"shard-{shard_id}-{part:05d}.parquet")
+
+    def staging_dir(self, shard_id: str | None = None) -> str:
+        base = storage.join(self.root_path, "_staging", self._ns())
+        return base if shard_id is None else storage.join(base, f"shard={shard_id}")
+
+    def commits_dir(self) -> str:
+        return storage.join(self.root_path, "_commits", self._ns())
+
+    def commit_path(self, shard_id: str) -> str:
+        return storage.join(self.commits_dir(), f"{shard_id}.json")
+
+    def variant_path(self) -> str:
+        return storage.join(self.root_path, "_variants", f"{storage.safe_component(self.variant)}.json")
+
+    def job_path(self, job_id: str) -> str:
+        return storage.join(self.root_path, "_jobs", f"{storage.safe_component(job_id)}.json")
+
+    def uri(self, path: str) -> str:
+        """Full URL of a path on the output filesystem (for messages and markers)."""
+        return storage.redact_uri(storage.full_uri(self.fs, path))
+
+
+def write_json(fs: Any, path: str, payload: Mapping[str, Any]) -> None:
+    storage.write_bytes(fs, path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(fs: Any, path: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(fs, path))
+
+
+def committed_shards(layout: OutputLayout) -> dict[str, dict[str, Any]]:
+    """Every commit marker of this namespace, keyed by shard id."""
+    fs = layout.fs
+    paths = [p for p in storage.list_files(fs, layout.commits_dir()) if p.endswith(".json")]
+    with ThreadPoolExecutor(16) as pool:
+        markers = list(pool.map(lambda p: read_json(fs, p), paths))
+    return {m["shard"]: m for m in markers}
+
+
+def committed_recordings(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """``recording_id -> shard`` for every recording settled (embedded or failed) in a marker."""
+    done: dict[str, str] = {}
+    for shard_id, marker in markers.items():
+        for rec in marker.get("recordings", ()):
+            done[rec["recording_id"]] = shard_id
+    return done
+
+
+def recover(layout: OutputLayout, committed: Iterable[str]) -> int:
+    """Delete what a crashed run left behind: staging, and files of uncommitted shards.
+
+    Returns:
+        Number of files deleted from the visible tables.
+    """
+    fs = layout.fs
+    committed = set(committed)
+    storage.remove_tree(fs, layout.staging_dir())
+    removed = 0
+    for table in TABLES:
+        for path in storage.list_files(fs, layout.table_dir(table)):
+            match = _SHARD_FILE.search(path)
+            if match and match.group(1) not in committed:
+                storage.retry(lambda p=path: fs.rm(p), what=f"delete {path}")
+                removed += 1
+    if removed:
+        log.warning("removed %d files of shards that were never committed (a previous run "
+                    "stopped while publishing)", removed)
+    return removed
+
+
+def publish(layout: OutputLayout, shard_id: str, staged: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Move a shard's staged files to their final names; returns the final paths per table."""
+    fs = layout.fs
+    final: dict[str, list[str]] = {}
+    for table, paths in staged.items():
+        final[table] = []
+        for part, src in enumerate(sorted(paths)):
+            dst = layout.shard_file(table, shard_id, part)
+            storage.move(fs, src, dst)
+            final[table].append(dst)
+            fault_point("publishing")
+    return final
+
+
+def commit(layout: OutputLayout, marker: Mapping[str, Any]) -> None:
+    """Write the marker that makes a shard visible, then drop its staging directory."""
+    fs = layout.fs
+    write_json(fs, layout.commit_path(marker["shard"]), marker)
+    storage.remove_tree(fs, layout.staging_dir(marker["shard"]))
+
+
+def committed_files(markers: Mapping[str, Mapping[str, Any]], table: str) -> list[str]:
+    """Paths of every committed file of ``table`` (what a strict reader should read)."""
+    files: list[str] = []
+    for marker in markers.values():
+        files.extend(f["path"] for f in marker.get("files", {}).get(table, ()))
+    return sorted(files)

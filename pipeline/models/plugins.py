@@ -1,0 +1,224 @@
+"""User backbones: any class with a small interface becomes a :class:`Backbone`.
+
+Name one in the config as ``module.path:ClassName``, or install a package that registers
+it under the entry-point group ``embed_archive.backbones``::
+
+    [project.entry-points."embed_archive.backbones"]
+    my_model = "my_package.models:MyBackbone"
+
+The interface (attributes may be class or instance attributes)::
+
+    class MyBackbone:
+        sample_rate_hz: int                  # rate the model expects
+        embedding_dim: int                   # dim of the last layer
+        layer_names: tuple[str, ...]         # capturable layers, shallow to deep
+        layer_dims: tuple[int, ...]          # optional; default embedding_dim for all
+        has_cls: bool                        # optional; token 0 is a CLS token
+        min_input_samples: int               # optional; default 1
+
+        def __init__(self, weights: str | None, device: str, **options): ...
+            # weights: None for "default" (the plugin's own), "random", or the local
+            # path of a fetched checkpoint URI. options: the config's model.options.
+
+        def forward_features(self, audio, padding_mask):
+            # audio: float32 [B, T] on device; padding_mask: bool [B, T], True = padding
+            # (at the end), or None. Returns one [B, N, D] tensor per layer_names entry.
+
+Token masks are derived by proportional time mapping: token ``n`` of ``N`` (after the
+CLS token, which is always real) starts at sample ``n * T / N`` and is real iff that is
+before the row's valid length. ``mean`` and ``max`` pooling are always available, ``cls``
+when ``has_cls`` is true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from difflib import get_close_matches
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError, UnknownModelError
+from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, WeightsInfo
+from pipeline.models.masks import padding_mask_from_valid, proportional_token_mask
+from pipeline.models.precision import autocast_context
+from pipeline.models.weights import RANDOM_WEIGHTS, fetch_weights
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "embed_archive.backbones"
+PLUGIN_DEFAULT_WEIGHTS = WeightsInfo(uri="default", sha256="unknown", format="plugin")
+_REQUIRED = ("sample_rate_hz", "embedding_dim", "layer_names")
+
+
+def entry_point_names() -> list[str]:
+    """Names registered under ``embed_archive.backbones`` by installed packages."""
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def unknown_model_message(name: str, known: Sequence[str]) -> str:
+    """Error text for an unknown name, with close matches and the plugin syntax."""
+    close = get_close_matches(name, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (f"no backbone named {name!r}.{hint} Known: {', '.join(known)}; or give a plugin "
+            "class as 'module.path:ClassName'.")
+
+
+def find_plugin_class(name: str, known: Sequence[str]) -> type:
+    """Resolve an entry-point name or ``module.path:ClassName`` to the class.
+
+    Args:
+        name: the configured model name.
+        known: all known names, for the error message.
+
+    Returns:
+        The plugin class.
+
+    Raises:
+        UnknownModelError: nothing matches, or the module/class cannot be imported.
+    """
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return _load(ep.value, lambda ep=ep: ep.load())
+    if ":" in name:
+        module_path, _, class_name = name.partition(":")
+        return _load(name, lambda: getattr(importlib.import_module(module_path), class_name))
+    raise UnknownModelError(unknown_model_message(name, known))
+
+
+def _load(reference: str, loader: Any) -> type:
+    try:
+        cls = loader()
+    except (ImportError, AttributeError) as err:
+        raise UnknownModelError(f"cannot load backbone class {reference!r}: "
+                                f"{type(err).__name__}: {err}") from None
+    if not inspect.isclass(cls):
+        raise UnknownModelError(f"{reference!r} is a {type(cls).__name__}, not a class")
+    return cls
+
+
+def plugin_info(name: str, source: Any, options: Mapping[str, Any]) -> ModelInfo:
+    """:class:`ModelInfo` from a plugin class or instance's attributes.
+
+    Args:
+        name: the configured name (``module:Class`` or entry-point name).
+        source: the class (for ``describe``) or the constructed instance.
+        options: constructor options (recorded in ``preprocessing``).
+
+    Raises:
+        ConfigError: required attributes are missing or inconsistent.
+    """
+    missing = [a for a in _REQUIRED if getattr(source, a, None) is None]
+    if missing:
+        raise ConfigError(f"plugin {name} lacks required attribute(s) {missing} (see "
+                          "pipeline/models/README.md, 'Plugins')", "model.name")
+    names = tuple(source.layer_names)
+    dims = tuple(getattr(source, "layer_dims", None) or (int(source.embedding_dim),) * len(names))
+    if not names or len(dims) != len(names):
+        raise ConfigError(f"plugin {name} has {len(names)} layer_names and {len(dims)} "
+                          "layer_dims", "model.name")
+    has_cls = bool(getattr(source, "has_cls", False))
+    cls = source if inspect.isclass(source) else type(source)
+    doc = (inspect.getdoc(cls) or "").strip().splitlines()
+    return ModelInfo(
+        name=name, family="plugin", sample_rate_hz=int(source.sample_rate_hz),
+        embedding_dim=int(source.embedding_dim),
+        layers=tuple(LayerInfo(i, n, d) for i, (n, d) in enumerate(zip(names, dims, strict=True))),
+        poolings=("mean", "max", "cls") if has_cls else ("mean", "max"),
+        min_input_samples=int(getattr(source, "min_input_samples", 1)),
+        description=doc[0] if doc else f"plugin {cls.__module__}:{cls.__qualname__}",
+        preprocessing={"plugin": f"{cls.__module__}:{cls.__qualname__}",
+                       "options": {k: repr(v) for k, v in sorted(options.items())}},
+    )
+
+
+class PluginBackbone(Backbone):
+    """Adapts a plugin object to the :class:`Backbone` contract."""
+
+    def __init__(self, plugin: Any, info: ModelInfo, weights: WeightsInfo, device: str) -> None:
+        """Wrap a constructed plugin.
+
+        Args:
+            plugin: the plugin instance.
+            info: from :func:`plugin_info`.
+            weights: provenance of the weights.
+            device: where the plugin runs.
+        """
+        self.plugin = plugin
+        self.info = info
+        self.weights = weights
+        self.device = device
+
+    def extract(self, audio: torch.Tensor, valid_samples: torch.Tensor | None,
+                layers: Sequence[int]) -> dict[int, TokenFeatures]:
+        """Run ``forward_features`` once and map each requested layer's tokens to time.
+
+        Raises:
+            ValueError: the plugin returned the wrong number or shape of layers.
+        """
+        num_samples = audio.shape[-1]
+        outputs = list(self.plugin.forward_features(
+            audio, padding_mask_from_valid(valid_samples, num_samples)))
+        if len(outputs) != len(self.info.layers):
+            raise ValueError(f"plugin {self.info.name} returned {len(outputs)} layers, "
+                             f"expected {len(self.info.layers)} (one per layer_names entry)")
+        result = {}
+        for i in layers:
+            tokens = outputs[i]
+            if tokens.dim() != 3 or tokens.shape[0] != audio.shape[0]:
+                raise ValueError(f"plugin {self.info.name} layer {i} has shape "
+                                 f"{tuple(tokens.shape)}, expected [B={audio.shape[0]}, N, D]")
+            mask = proportional_token_mask(valid_samples, num_samples, tokens.shape[1],
+                                           has_cls="cls" in self.info.poolings)
+            result[i] = TokenFeatures(tokens, mask)
+        return result
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
+        """Autocast on the plugin's device (the plugin runs inside it)."""
+        return autocast_context(precision, self.device)
+
+
+def create_plugin_backbone(name: str, cls: type, *, weights: str, device: str,
+                           options: dict[str, Any],
+                           storage_options: Mapping[str, Any] | None) -> PluginBackbone:
+    """Construct a plugin and wrap it.
+
+    Args:
+        name: the configured name.
+        cls: the plugin class.
+        weights: ``default`` (passed as ``None``), ``random`` (passed through, with a
+            warning) or a URI (fetched and cached; the plugin gets the local path).
+        device: torch device string.
+        options: constructor keyword options.
+        storage_options: fsspec options for fetching ``weights``.
+
+    Raises:
+        ConfigError: the constructor does not accept these options, or attributes are
+            missing.
+        WeightsUnavailableError: the weights URI cannot be fetched.
+    """
+    provenance, argument = _plugin_weights(name, weights, storage_options)
+    try:
+        inspect.signature(cls).bind(argument, device, **options)
+    except TypeError as err:
+        raise ConfigError(f"plugin {name} does not accept these options {sorted(options)}: "
+                          f"{err}", "model.options") from None
+    plugin = cls(argument, device, **options)
+    return PluginBackbone(plugin, plugin_info(name, plugin, options), provenance, device)
+
+
+def _plugin_weights(name: str, weights: str, storage_options: Mapping[str, Any] | None
+                    ) -> tuple[WeightsInfo, str | None]:
+    if weights == "default":
+        return PLUGIN_DEFAULT_WEIGHTS, None
+    if weights == "random":
+        log.warning("!!! %s was asked for RANDOM weights: its embeddings are NOT meaningful "
+                    "(for tests and demos only). !!!", name)
+        return RANDOM_WEIGHTS, "random"
+    local = fetch_weights(weights, storage_options)
+    return WeightsInfo(uri=local.uri, sha256=local.sha256, format=local.format), str(local.path)

@@ -1,0 +1,75 @@
+"""Mixed precision for backbones: choosing a precision and entering it.
+
+``fp32`` runs everything in float32. ``bf16`` and ``fp16`` run the network under
+``torch.autocast``; the front ends switch autocast off for themselves and stay float32.
+``bf16`` autocast works on CUDA and on CPUs (fast where the CPU has bf16 instructions);
+``fp16`` autocast is CUDA-only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device_type(device: str | torch.device) -> str:
+    return torch.device(device).type
+
+
+def _cuda_supports_bf16(device: str | torch.device) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    index = torch.device(device).index
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """Turn a configured precision into the one to run with on ``device``.
+
+    Args:
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        device: torch device string (``cpu``, ``cuda``, ``cuda:1``).
+
+    Returns:
+        ``fp32``, ``bf16`` or ``fp16``. ``auto`` gives ``bf16`` on CUDA devices that support
+        it (compute capability 8.0 and newer) and ``fp32`` everywhere else.
+
+    Raises:
+        ConfigError: unknown precision, or ``fp16`` on a device without CUDA autocast.
+    """
+    if precision == "auto":
+        if _device_type(device) == "cuda" and _cuda_supports_bf16(device):
+            return "bf16"
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{precision!r} is not a precision; use auto, fp32, bf16 or fp16",
+                          "model.precision")
+    if precision == "fp16" and _device_type(device) != "cuda":
+        raise ConfigError(f"fp16 needs a CUDA device (this backbone runs on {device}); "
+                          "use bf16 or fp32", "model.precision")
+    return precision
+
+
+def autocast_context(precision: str, device: str | torch.device
+                     ) -> contextlib.AbstractContextManager[Any]:
+    """Context manager that runs the enclosed forward pass at ``precision``.
+
+    Args:
+        precision: ``fp32``, ``bf16`` or ``fp16`` (``auto`` is resolved first).
+        device: the device the backbone runs on.
+
+    Returns:
+        ``contextlib.nullcontext()`` for fp32, else a ``torch.autocast`` context.
+    """
+    resolved = resolve_precision(precision, device)
+    if resolved == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device_type(device), dtype=_DTYPES[resolved])

@@ -1,0 +1,325 @@
+"""Fetching checkpoint files: any fsspec URI in, a verified local file out.
+
+Local paths and ``file://`` URIs are read where they are. Everything else (``hf://``,
+``gs://``, ``s3://``, ``https://``, ``memory://`` ...) is streamed once into a content-addressed
+cache and found there afterwards without touching the network::
+
+    $EMBED_ARCHIVE_CACHE (default ~/.cache/embed-archive)/weights/
+        blobs/<sha256>            the checkpoint bytes
+        refs/<sha256 of URI>.json {"uri": <redacted URI>, "sha256": ..., "size": ...}
+
+Both are written to a temporary file in the same folder and renamed into place, so
+concurrent actors on one node never see a partial file; two of them downloading at once
+both produce the same blob.
+
+When a file cannot be had, :class:`~pipeline.errors.WeightsUnavailableError` says which
+URI failed, why (one line, secrets scrubbed), and how to supply the file: point
+``model.weights`` at a local copy, or pre-fill the cache with :func:`cache_weights`
+(``embed-archive cache-weights URI FILE``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import WeightsUnavailableError
+from pipeline.models.base import WeightsInfo
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_LOCAL_PROTOCOLS = (None, "file", "local")
+_SECRET_QUERY_KEYS = ("token", "sig", "signature", "secret", "password", "key", "credential",
+                      "auth", "x-amz-", "x-goog-")
+_REDACTED = "***"
+
+RANDOM_WEIGHTS = WeightsInfo(uri="random", sha256="random", format="random")
+"""Provenance of randomly initialised weights."""
+
+
+@dataclass(frozen=True)
+class LocalWeights:
+    """A checkpoint file on local disk.
+
+    Attributes:
+        path: where the bytes are.
+        uri: the URI it was asked for under, with secrets redacted.
+        sha256: hex digest of the file.
+        format: ``safetensors``, ``torch``, ``tflite`` or ``unknown`` (from the content).
+    """
+
+    path: Path
+    uri: str
+    sha256: str
+    format: str
+
+
+def cache_root() -> Path:
+    """The weights cache folder (``$EMBED_ARCHIVE_CACHE/weights`` or ``~/.cache/...``)."""
+    base = os.environ.get("EMBED_ARCHIVE_CACHE") or Path.home() / ".cache" / "embed-archive"
+    return Path(base) / "weights"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with passwords in the authority and secret-looking query values replaced.
+
+    Args:
+        uri: any URI or local path.
+
+    Returns:
+        The URI safe to log, store in provenance and print.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # plain path (or a Windows drive)
+        return uri
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{_REDACTED}@{host}" if ":" in userinfo else f"{_REDACTED}@{host}"
+    query = urllib.parse.urlencode(
+        [(k, _REDACTED if _is_secret_key(k) else v)
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """Checkpoint format from the first bytes of the file.
+
+    Returns:
+        ``safetensors`` (8-byte header length then a JSON object), ``torch`` (a zip
+        archive or a legacy pickle), ``tflite`` (``TFL3`` identifier) or ``unknown``.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    return "unknown"
+
+
+def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) -> LocalWeights:
+    """Resolve a checkpoint URI to a verified local file.
+
+    Args:
+        uri: a local path, ``file://`` URI, or any URI fsspec can open.
+        storage_options: fsspec options for the remote filesystem (credentials,
+            endpoints); never logged or stored.
+
+    Returns:
+        The local file with its hash and detected format.
+
+    Raises:
+        WeightsUnavailableError: the file does not exist, cannot be reached (no network,
+            offline mode, missing credentials, missing fsspec backend) or is empty.
+
+    Cached files are re-hashed on every use, so the recorded sha256 is always that of
+    the bytes actually loaded.
+    """
+    shown = redact_uri(uri)
+    secrets = _secret_values(uri, storage_options)
+    local = _local_path(uri)
+    if local is not None:
+        if not local.is_file():
+            raise WeightsUnavailableError(f"checkpoint {shown} does not exist or is not a file")
+        return _describe(local, shown)
+    cached = _cached_blob(shown)
+    if cached is not None:
+        return _describe(cached, shown)
+    try:
+        blob = _download(uri, dict(storage_options or {}))
+    except WeightsUnavailableError as err:
+        raise WeightsUnavailableError(f"{shown}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
+        reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
+        raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
+    _write_ref(shown, blob)
+    return _describe(blob, shown, blob.name)
+
+
+def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
+    """Pre-fill the cache: make ``uri`` resolve to a copy of ``local_path`` offline.
+
+    This is what ``embed-archive cache-weights URI FILE`` runs, for machines that cannot
+    reach the weights' host: download the file elsewhere, copy it over, register it.
+
+    Args:
+        uri: the URI jobs will ask for (e.g. a registry entry's published ``hf://`` URI).
+        local_path: the checkpoint file.
+
+    Returns:
+        The cached file (its ``uri`` is the redacted ``uri``).
+
+    Raises:
+        WeightsUnavailableError: ``local_path`` is not a readable file.
+    """
+    source = Path(local_path)
+    if not source.is_file():
+        raise WeightsUnavailableError(f"cannot cache {redact_uri(uri)}: {source} is not a file")
+    with open(source, "rb") as f:
+        blob = _store_blob(f)
+    shown = redact_uri(uri)
+    _write_ref(shown, blob)
+    return _describe(blob, shown, blob.name)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(marker in lowered for marker in _SECRET_QUERY_KEYS)
+
+
+def _secret_values(uri: str, storage_options: Mapping[str, Any] | None) -> list[str]:
+    """Strings that must never be printed: URI passwords/secret query values, option values."""
+    parts = urllib.parse.urlsplit(uri)
+    found = [parts.password or ""]
+    found += [v for k, v in urllib.parse.parse_qsl(parts.query) if _is_secret_key(k)]
+    found += list(_strings(storage_options or {}))
+    return [s for s in found if len(s) >= 4]
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, _REDACTED)
+    return text
+
+
+def _local_path(uri: str) -> Path | None:
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(uri)
+    if protocol not in _LOCAL_PROTOCOLS:
+        return None
+    return Path(urllib.parse.unquote(path) if protocol else path).expanduser()
+
+
+def _describe(path: Path, shown: str, sha256: str | None = None) -> LocalWeights:
+    return LocalWeights(path=path, uri=shown, sha256=sha256 or sha256_file(path),
+                        format=detect_format(path))
+
+
+def _ref_path(shown: str) -> Path:
+    return cache_root() / "refs" / f"{hashlib.sha256(shown.encode()).hexdigest()}.json"
+
+
+def _cached_blob(shown: str) -> Path | None:
+    """The cached file for ``shown``, if its index entry and intact blob exist.
+
+    A blob whose content no longer matches its name is deleted (and fetched again).
+    """
+    ref = _ref_path(shown)
+    try:
+        digest = json.loads(ref.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+    blob = cache_root() / "blobs" / digest
+    if not blob.is_file():
+        return None
+    if sha256_file(blob) != digest:
+        log.warning("cached weights %s are corrupt; fetching %s again", blob, shown)
+        blob.unlink(missing_ok=True)
+        return None
+    return blob
+
+
+def _download(uri: str, storage_options: dict[str, Any]) -> Path:
+    import fsspec
+
+    with fsspec.open(uri, "rb", **storage_options) as f:
+        return _store_blob(f)
+
+
+def _store_blob(stream: IO[bytes]) -> Path:
+    """Copy a stream into ``blobs/<sha256>`` atomically; returns the blob path."""
+    folder = cache_root() / "blobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".partial-", delete=False) as tmp:
+        try:
+            for chunk in iter(lambda: stream.read(_CHUNK), b""):
+                digest.update(chunk)
+                tmp.write(chunk)
+                size += len(chunk)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    if size == 0:
+        os.unlink(tmp.name)
+        raise WeightsUnavailableError("the checkpoint file is empty")
+    blob = folder / digest.hexdigest()
+    os.replace(tmp.name, blob)
+    return blob
+
+
+def _write_ref(shown: str, blob: Path) -> None:
+    ref = _ref_path(shown)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    record = {"uri": shown, "sha256": blob.name, "size": blob.stat().st_size}
+    with tempfile.NamedTemporaryFile("w", dir=ref.parent, prefix=".partial-", delete=False) as tmp:
+        json.dump(record, tmp)
+    os.replace(tmp.name, ref)
+
+
+def _unavailable_message(shown: str, reason: str) -> str:
+    lines = [f"could not fetch model weights from {shown} ({reason})."]
+    download = _browser_url(shown)
+    if download:
+        lines.append(f"Download it on a machine with network access: {download}")
+    lines += [
+        "Then either set model.weights to the local file's path, or pre-fill the cache with",
+        f"  embed-archive cache-weights {shown} /path/to/file",
+        f"(cache: {cache_root()}; set EMBED_ARCHIVE_CACHE to move it).",
+    ]
+    return "\n".join(lines)
+
+
+def _browser_url(shown: str) -> str | None:
+    """``https://huggingface.co/<org>/<repo>/resolve/main/<file>`` for ``hf://`` URIs."""
+    if not shown.startswith("hf://"):
+        return None
+    parts = shown[len("hf://"):].split("/")
+    if len(parts) < 3:
+        return None
+    org, repo, *rest = parts
+    return f"https://huggingface.co/{org}/{repo}/resolve/main/{'/'.join(rest)}"
+

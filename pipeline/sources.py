@@ -1,0 +1,249 @@
+"""Listing recordings on the driver: a directory, a glob, one file, or a manifest of URIs.
+
+Listing happens once, on the driver, with fsspec; the result is a sorted, de-duplicated
+list of :class:`SourceItem` that carries everything a worker needs to open the object
+(its URL, size and version) and the stable ``recording_id`` that every output row is
+keyed by. Workers never list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import InputConfig
+from pipeline.errors import ConfigError, NoInputsError
+
+log = logging.getLogger(__name__)
+
+# Columns the job writes itself; a manifest may not reuse them.
+RESERVED_COLUMNS = frozenset({
+    "recording_id", "source_uri", "source_version", "source_bytes", "channel", "window_index",
+    "start_s", "end_s", "valid_s", "layer", "embedding", "job_id", "model", "model_name",
+    "variant", "weights_sha256", "config_sha256", "code_version", "duration_s",
+    "source_sample_rate_hz", "source_channels", "num_windows", "status", "status_detail",
+    "error_type", "message", "shard",
+})
+
+_STAT_THREADS = 32
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One recording to embed.
+
+    Attributes:
+        uri: full URL (plain absolute path for local files), secrets redacted.
+        path: path on the input filesystem (what ``fs.open`` takes).
+        size_bytes: object size, or -1 when it could not be read.
+        version: etag / generation / mtime, whatever the store offers.
+        recording_id: 32 hex chars derived from ``uri`` and ``version``: stable across runs,
+            different when the object changes.
+        row: index into the manifest's extra-columns table, or -1 without a manifest.
+        problem: why the object cannot be read (``FileNotFoundError: ...``), else ``""``;
+            such items become error rows instead of failing the listing.
+    """
+
+    uri: str
+    path: str
+    size_bytes: int
+    version: str
+    recording_id: str
+    row: int = -1
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Result of listing: the items plus the manifest's extra columns (rows aligned to ``row``)."""
+
+    items: tuple[SourceItem, ...]
+    extras: pa.Table | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(max(0, i.size_bytes) for i in self.items)
+
+
+def recording_id(uri: str, version: str) -> str:
+    """Stable id of one version of one object."""
+    return hashlib.sha256(f"{uri}\x00{version}".encode()).hexdigest()[:32]
+
+
+def source_version(info: dict[str, Any]) -> str:
+    """The most specific version token fsspec's ``info()`` offers for an object."""
+    for key in ("generation", "VersionId", "version_id", "ETag", "etag", "md5Hash", "blob_id"):
+        value = info.get(key)
+        if value not in (None, "", "null"):
+            return f"{key}={str(value).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = f"{mtime.timestamp():.6f}"
+    return f"size={info.get('size', -1)},mtime={mtime}"
+
+
+def list_sources(cfg: InputConfig) -> Listing:
+    """List the recordings a job config points at.
+
+    Raises:
+        NoInputsError: nothing matched (a silent empty success would hide a wrong path).
+        ConfigError: the manifest is unreadable, lacks a ``uri`` column, or reuses a
+            reserved column name.
+    """
+    if cfg.manifest:
+        listing = _list_manifest(cfg)
+        where = f"manifest {storage.redact_uri(cfg.manifest)}"
+    else:
+        assert cfg.uri is not None
+        listing = Listing(items=tuple(_list_uri(cfg)), extras=None)
+        where = storage.redact_uri(cfg.uri)
+    if not listing.items:
+        raise NoInputsError(
+            f"no recordings found at {where} with extensions {', '.join(cfg.extensions)}"
+            f"{'' if cfg.recursive else ' (recursive: false)'}; check input.uri / input.manifest"
+        )
+    return listing
+
+
+def _list_uri(cfg: InputConfig) -> list[SourceItem]:
+    assert cfg.uri is not None
+    fs, path = storage.url_to_fs(cfg.uri, cfg.storage_options)
+    exts = {e.lower() for e in cfg.extensions}
+    if fs.exists(path) and not _has_magic(path) and fs.isfile(path):
+        infos = {path: fs.info(path)}
+    elif _has_magic(path):
+        infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {cfg.uri}")
+    else:
+        if not fs.exists(path):
+            raise NoInputsError(f"input.uri {storage.redact_uri(cfg.uri)} does not exist")
+        infos = storage.retry(
+            lambda: fs.find(path, maxdepth=None if cfg.recursive else 1, withdirs=False,
+                            detail=True),
+            what=f"list {cfg.uri}",
+        )
+    items = []
+    for name, info in infos.items():
+        if info.get("type") == "directory" or name.rsplit(".", 1)[-1].lower() not in exts:
+            continue
+        uri = storage.redact_uri(storage.full_uri(fs, name))
+        version = source_version(info)
+        items.append(SourceItem(uri=uri, path=name, size_bytes=int(info.get("size") or 0),
+                                version=version, recording_id=recording_id(uri, version)))
+    return _dedup_sorted(items)
+
+
+def _has_magic(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _dedup_sorted(items: Iterable[SourceItem]) -> list[SourceItem]:
+    seen: dict[str, SourceItem] = {}
+    for item in items:
+        seen.setdefault(item.uri, item)
+    return sorted(seen.values(), key=lambda i: i.uri)
+
+
+def _list_manifest(cfg: InputConfig) -> Listing:
+    assert cfg.manifest is not None
+    table = read_manifest(cfg.manifest, cfg.storage_options)
+    if "uri" not in table.column_names:
+        raise ConfigError(
+            f"manifest has no 'uri' column (columns: {', '.join(table.column_names)})",
+            "input.manifest",
+        )
+    clashes = sorted(RESERVED_COLUMNS.intersection(table.column_names))
+    if clashes:
+        raise ConfigError(
+            f"manifest columns {clashes} clash with columns the job writes; rename them",
+            "input.manifest",
+        )
+    base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
+    uris = [resolve_relative(str(u), base) if u is not None else ""
+            for u in table.column("uri").to_pylist()]
+    extras = table.drop_columns(["uri"])
+    # First occurrence of each URI wins; its row keeps its metadata.
+    first_row: dict[str, int] = {}
+    for i, uri in enumerate(uris):
+        if uri:
+            first_row.setdefault(uri, i)
+    ordered = sorted(first_row.items())
+    with ThreadPoolExecutor(_STAT_THREADS) as pool:
+        items = list(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg), ordered))
+    return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
+
+
+def resolve_relative(uri: str, base: str) -> str:
+    """Manifest URIs without a scheme that are not absolute are relative to the manifest."""
+    if "://" in uri or uri.startswith("/") or not uri:
+        return uri
+    return storage.join(base, uri)
+
+
+def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
+    fs, path = storage.url_to_fs(uri, cfg.storage_options)
+    shown = storage.redact_uri(storage.full_uri(fs, path))
+    try:
+        info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")
+    except (OSError, ValueError) as err:  # missing or unreadable: becomes an error row
+        problem = f"{type(err).__name__}: {err}"
+        return SourceItem(uri=shown, path=path, size_bytes=-1, version="missing",
+                          recording_id=recording_id(shown, "missing"), row=row, problem=problem)
+    version = source_version(info)
+    return SourceItem(uri=shown, path=path, size_bytes=int(info.get("size") or 0),
+                      version=version, recording_id=recording_id(shown, version), row=row)
+
+
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read a CSV, Parquet or JSON-lines manifest into an Arrow table (types inferred).
+
+    Raises:
+        ConfigError: unreadable file or unknown extension.
+    """
+    fs, path = storage.url_to_fs(uri, storage_options)
+    lower = path.lower()
+    try:
+        data = storage.read_bytes(fs, path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: {err}",
+                          "input.manifest") from None
+    try:
+        if lower.endswith(".parquet"):
+            return pq.read_table(io.BytesIO(data))
+        if lower.endswith((".jsonl", ".ndjson", ".json")):
+            return pa_json.read_json(io.BytesIO(data))
+        if lower.endswith((".csv", ".tsv")):
+            delimiter = "\t" if lower.endswith(".tsv") else ","
+            return pa_csv.read_csv(io.BytesIO(data),
+                                   parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+    except pa.ArrowInvalid as err:
+        raise ConfigError(f"manifest {storage.redact_uri(uri)} is malformed: {err}",
+                          "input.manifest") from None
+    raise ConfigError(
+        f"{storage.redact_uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",
+        "input.manifest",
+    )
+
+
+def plan_shards(items: Sequence[SourceItem], shard_size: int) -> list[tuple[str, list[SourceItem]]]:
+    """Split sorted items into commit shards; a shard's id is a hash of its recording ids.
+
+    The same remaining set always produces the same shards, so a rerun after a crash
+    rewrites the exact shard that was lost.
+    """
+    shards = []
+    for start in range(0, len(items), shard_size):
+        members = list(items[start : start + shard_size])
+        digest = hashlib.sha256("\n".join(i.recording_id for i in members).encode()).hexdigest()
+        shards.append((digest[:16], members))
+    return shards

@@ -1,0 +1,337 @@
+"""The two Ray stages: decode-and-window (CPU tasks) and embed (one backbone per actor).
+
+Row protocol between them. Every row has ``recording_id`` and ``meta``:
+
+* window rows (``meta == ""``): ``channel``, ``window_index``, ``start_s``, ``end_s``,
+  ``valid_samples`` and ``audio`` (float32, one window, zero-padded past ``valid_samples``);
+* report rows (``meta`` = JSON): one per recording, after its last window, carrying the
+  decode report (status, duration, rate, windows per channel) or the error that stopped it.
+
+The embed stage turns window rows into one row per window x layer with the pooled
+embedding and passes report rows through; raw audio goes no further than the embed stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
+from pipeline.errors import AudioDecodeError
+from pipeline.faults import fault_point
+from pipeline.windows import StreamingWindower, WindowBatch
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- decode
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Plain settings for the decode stage (pickled to every task)."""
+
+    settings: DecodeSettings
+    window_samples: int
+    hop_samples: int
+    tail: str
+    min_tail_samples: int
+    batch_windows: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
+    """Ray ``map_batches`` generator: one recording in, window batches then a report out."""
+    for rid, uri, path, size, problem in zip(batch["recording_id"], batch["uri"], batch["path"],
+                                             batch["size_bytes"], batch["problem"]):
+        yield from decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec)
+
+
+def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
+                     spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
+    """Stream one recording into window batches; never raises for a bad recording."""
+    fault_point("decode")
+    report = DecodeReport()
+    started = time.perf_counter()
+    counts: dict[int, int] = {}
+    bytes_read = 0
+    try:
+        if problem:
+            error_type, _, message = problem.partition(": ")
+            raise AudioDecodeError(error_type or "SourceError", message or problem)
+        fs, _ = storage.url_to_fs(uri, spec.storage_options)
+        reader = storage.RangeReader(fs, path, size=size if size >= 0 else None)
+        try:
+            for out in _windows(rid, reader, report, spec):
+                for ch in np.unique(out["channel"]):
+                    counts[int(ch)] = counts.get(int(ch), 0) + int((out["channel"] == ch).sum())
+                yield out
+        finally:
+            bytes_read = reader.bytes_fetched
+            reader.close()
+        if not counts:
+            raise AudioDecodeError(
+                "TooShort",
+                f"{report.output_samples / spec.settings.target_sample_rate_hz:.4f} s of audio "
+                f"gives no window (window {spec.window_samples} samples, tail "
+                f"'{spec.tail}', minimum tail {spec.min_tail_samples} samples)",
+            )
+        meta = {"status": report.status, "problems": report.problems}
+    except AudioDecodeError as err:
+        meta = {"status": "error", "error_type": err.error_type, "message": str(err)}
+    except storage.StorageError as err:
+        meta = {"status": "error", "error_type": "StorageError", "message": str(err)}
+    except (FileNotFoundError, PermissionError) as err:
+        meta = {"status": "error", "error_type": type(err).__name__,
+                "message": storage.redact_uri(str(err))}
+    except Exception as err:  # noqa: BLE001 - one bad file must not kill a mass run
+        log.exception("unexpected error decoding %s", uri)
+        meta = {"status": "error", "error_type": type(err).__name__,
+                "message": f"unexpected: {err}"}
+    if meta["status"] == "error" and counts:
+        # Windows already went downstream: keep them, and say the rest was lost.
+        meta = {"status": "partial",
+                "problems": report.problems + [f"{meta['error_type']}: {meta['message']}"]}
+    meta.update(
+        type="report",
+        duration_s=report.duration_s,
+        source_sample_rate_hz=report.source_sample_rate_hz,
+        source_channels=report.source_channels,
+        format=report.format,
+        windows=counts,
+        bytes_read=bytes_read,
+        decode_s=round(time.perf_counter() - started, 4),
+    )
+    yield _report_row(rid, meta, spec.window_samples)
+
+
+def _windows(rid: str, reader: Any, report: DecodeReport,
+             spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
+    windower = StreamingWindower(spec.window_samples, spec.hop_samples, spec.tail,
+                                 max_batch=spec.batch_windows)
+    rate = spec.settings.target_sample_rate_hz
+    for chunk in decode_stream(reader, spec.settings, report):
+        for batch in windower.push(chunk):
+            yield _window_rows(rid, batch, rate, spec)
+    for batch in windower.finish():
+        # A tail window with less real audio than min_tail_s is dropped (see WindowsConfig).
+        if (batch.valid >= spec.min_tail_samples).all():
+            yield _window_rows(rid, batch, rate, spec)
+
+
+def _window_rows(rid: str, batch: WindowBatch, rate: int, spec: DecodeSpec) -> dict[str, np.ndarray]:
+    """Window batch -> rows; with ``channels: each`` every window becomes one row per channel."""
+    n, channels, size = batch.audio.shape
+    mixed = spec.settings.channels == "mix"
+    rep = 1 if mixed else channels
+    rows = n * rep
+    start = np.repeat(batch.start, rep)
+    valid = np.repeat(batch.valid, rep)
+    end = start + (valid if spec.tail == "keep" else size)
+    return {
+        "recording_id": np.full(rows, rid, dtype=object),
+        "channel": (np.full(rows, -1, np.int16) if mixed
+                    else np.tile(np.arange(channels, dtype=np.int16), n)),
+        "window_index": np.repeat(batch.index, rep).astype(np.int32),
+        "start_s": start / rate,
+        "end_s": end / rate,
+        "valid_samples": valid.astype(np.int32),
+        "audio": batch.audio.reshape(rows, size),
+        "meta": np.full(rows, "", dtype=object),
+    }
+
+
+def _report_row(rid: str, meta: dict[str, Any], window_samples: int) -> dict[str, np.ndarray]:
+    return {
+        "recording_id": np.array([rid], dtype=object),
+        "channel": np.array([-1], np.int16),
+        "window_index": np.array([-1], np.int32),
+        "start_s": np.array([0.0]),
+        "end_s": np.array([0.0]),
+        "valid_samples": np.array([0], np.int32),
+        "audio": np.zeros((1, window_samples), np.float32),
+        "meta": np.array([json.dumps({"recording_id": rid, **meta}, default=str)], dtype=object),
+    }
+# --------------------------------------------------------------------------- embed
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """Plain settings for an embedding actor (pickled; the actor loads the model itself).
+
+    Attributes:
+        model_name: registry name or ``module:Class``.
+        weights: checkpoint URI, ``default`` or ``random``.
+        options: architecture / plugin options.
+        storage_options: fsspec options for the weights.
+        layers: resolved, non-negative layer indices.
+        pooling: ``mean``, ``max`` or ``cls``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        sample_rate_hz: the model's rate (for ``valid_s``).
+        tail: the tail policy (``keep`` runs short windows at their own length).
+        min_input_samples: shortest input the model accepts.
+        use_gpu: place the model on the GPU Ray assigned.
+        torch_threads: intra-op threads (``None``: leave torch's default).
+    """
+
+    model_name: str
+    weights: str
+    options: dict[str, Any]
+    storage_options: dict[str, Any]
+    layers: tuple[int, ...]
+    pooling: str
+    precision: str
+    sample_rate_hz: int
+    tail: str
+    min_input_samples: int
+    use_gpu: bool
+    torch_threads: int | None
+
+
+class Embedder:
+    """Ray actor: holds one loaded backbone and embeds window batches mixed across recordings."""
+
+    def __init__(self, spec: EmbedSpec) -> None:
+        import torch
+
+        from pipeline.models import create_backbone, resolve_precision
+
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
+        started = time.perf_counter()
+        self.backbone = create_backbone(spec.model_name, weights=spec.weights, device=self.device,
+                                        options=spec.options, storage_options=spec.storage_options)
+        self.precision = resolve_precision(spec.precision, self.device)
+        log.info("embedder pid %d: %s on %s (%s, %d torch threads) loaded in %.1fs", os.getpid(),
+                 spec.model_name, self.device, self.precision, torch.get_num_threads(),
+                 time.perf_counter() - started)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from pipeline.sink import STAGE_SCHEMA
+
+        fault_point("embed")
+        meta = batch["meta"]
+        is_window = np.array([not m for m in meta], dtype=bool)
+        parts = [self._report_rows(batch, ~is_window)]
+        if is_window.any():
+            parts.extend(self._embed_rows({k: v[is_window] for k, v in batch.items()}))
+        return pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts if p.num_rows])\
+            if any(p.num_rows for p in parts) else STAGE_SCHEMA.empty_table()
+
+    def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
+        n = int(mask.sum())
+        return pa.table({
+            "recording_id": pa.array(batch["recording_id"][mask].tolist(), pa.string()),
+            "channel": pa.array(batch["channel"][mask], pa.int16()),
+            "window_index": pa.array(batch["window_index"][mask], pa.int32()),
+            "start_s": pa.array(batch["start_s"][mask], pa.float64()),
+            "end_s": pa.array(batch["end_s"][mask], pa.float64()),
+            "valid_s": pa.nulls(n, pa.float32()),
+            "layer": pa.nulls(n, pa.int16()),
+            "embedding": pa.nulls(n, pa.list_(pa.float32())),
+            "meta": pa.array(batch["meta"][mask].tolist(), pa.string()),
+        })
+
+    def _embed_rows(self, rows: dict[str, np.ndarray]) -> list[pa.Table]:
+        pooled = self._pool_all(rows["audio"], rows["valid_samples"], self.precision)
+        finite = np.ones(len(rows["audio"]), dtype=bool)
+        for vectors in pooled.values():
+            finite &= np.isfinite(vectors).all(axis=1)
+        if not finite.all() and self.precision != "fp32":
+            retry = self._pool_all(rows["audio"][~finite], rows["valid_samples"][~finite], "fp32")
+            for layer, vectors in retry.items():
+                pooled[layer][~finite] = vectors
+            finite = np.ones_like(finite)
+            for vectors in pooled.values():
+                finite &= np.isfinite(vectors).all(axis=1)
+        out = [self._layer_rows(rows, finite, layer, vectors[finite])
+               for layer, vectors in pooled.items()]
+        if not finite.all():
+            out.append(self._dropped_rows(rows, ~finite))
+        return out
+
+    def _pool_all(self, audio: np.ndarray, valid: np.ndarray, precision: str) -> dict[int, np.ndarray]:
+        """Pooled float32 ``[n, D_layer]`` per layer for windows ``[n, T]``."""
+        size = audio.shape[1]
+        results: dict[int, list[np.ndarray]] = {layer: [] for layer in self.spec.layers}
+        order: list[np.ndarray] = []
+        if self.spec.tail == "keep":
+            lengths = np.maximum(valid, self.spec.min_input_samples).clip(max=size)
+        else:
+            lengths = np.full(len(audio), size)
+        for length in np.unique(lengths):
+            idx = np.flatnonzero(lengths == length)
+            order.append(idx)
+            chunk = self._forward(audio[idx, :length], valid[idx], int(length), precision)
+            for layer, vectors in chunk.items():
+                results[layer].append(vectors)
+        inverse = np.argsort(np.concatenate(order), kind="stable")
+        return {layer: np.concatenate(parts)[inverse] for layer, parts in results.items()}
+
+    def _forward(self, audio: np.ndarray, valid: np.ndarray, length: int,
+                 precision: str) -> dict[int, np.ndarray]:
+        import torch
+
+        from pipeline.models import pool
+
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        v = torch.from_numpy(np.minimum(valid, length).astype(np.int64))
+        if self.device != "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            v = v.to(self.device, non_blocking=True)
+        padded = bool((v < length).any())
+        with torch.inference_mode(), self.backbone.autocast(precision):
+            feats = self.backbone.extract(x, v if padded else None, self.spec.layers)
+            return {layer: pool(f.tokens, f.mask, self.spec.pooling).float().cpu().numpy()
+                    for layer, f in feats.items()}
+
+    def _layer_rows(self, rows: dict[str, np.ndarray], keep: np.ndarray, layer: int,
+                    vectors: np.ndarray) -> pa.Table:
+        n, dim = vectors.shape
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
+        return pa.table({
+            "recording_id": pa.array(rows["recording_id"][keep].tolist(), pa.string()),
+            "channel": pa.array(rows["channel"][keep], pa.int16()),
+            "window_index": pa.array(rows["window_index"][keep], pa.int32()),
+            "start_s": pa.array(rows["start_s"][keep], pa.float64()),
+            "end_s": pa.array(rows["end_s"][keep], pa.float64()),
+            "valid_s": pa.array(rows["valid_samples"][keep] / self.spec.sample_rate_hz,
+                                pa.float32()),
+            "layer": pa.array(np.full(n, layer, np.int16)),
+            "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1),
+                                                                    pa.float32())),
+            "meta": pa.array([""] * n, pa.string()),
+        })
+
+    def _dropped_rows(self, rows: dict[str, np.ndarray], dropped: np.ndarray) -> pa.Table:
+        """Report rows for windows whose embedding was not finite even in fp32."""
+        by_recording: dict[str, list[list[int]]] = {}
+        for rid, ch, wi in zip(rows["recording_id"][dropped], rows["channel"][dropped],
+                               rows["window_index"][dropped]):
+            by_recording.setdefault(str(rid), []).append([int(ch), int(wi)])
+        log.warning("dropping %d windows with non-finite embeddings", int(dropped.sum()))
+        metas = [json.dumps({"type": "dropped", "recording_id": rid, "windows": wins,
+                             "reason": "non-finite embedding"})
+                 for rid, wins in by_recording.items()]
+        n = len(metas)
+        return pa.table({
+            "recording_id": pa.array(list(by_recording), pa.string()),
+            "channel": pa.array(np.full(n, -1, np.int16)),
+            "window_index": pa.array(np.full(n, -1, np.int32)),
+            "start_s": pa.array(np.zeros(n)),
+            "end_s": pa.array(np.zeros(n)),
+            "valid_s": pa.nulls(n, pa.float32()),
+            "layer": pa.nulls(n, pa.int16()),
+            "embedding": pa.nulls(n, pa.list_(pa.float32())),
+            "meta": pa.array(metas, pa.string()),
+        })

@@ -1,0 +1,50 @@
+"""Shared test fixtures: where the real recordings live, and small audio factories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EMBED_ARCHIVE_SHARED", REPO.parent / "shared"))
+REAL = SHARED / "data" / "real"
+
+# Keep model weights, caches and Ray's temp files out of the user's home during tests.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real recordings; a missing folder is an error, never a skip."""
+    if not (REAL / "metadata.csv").exists():
+        raise RuntimeError(f"real recordings not found at {REAL}: the tests need ../shared beside "
+                           "the repository (or EMBED_ARCHIVE_SHARED pointing at it)")
+    return REAL
+
+
+@pytest.fixture(autouse=True)
+def _weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBED_ARCHIVE_CACHE", str(tmp_path_factory.getbasetemp() / "weights-cache"))
+
+
+def write_tone(path: Path, seconds: float, sample_rate_hz: int = 16_000, channels: int = 1,
+               freq_hz: float = 440.0, fmt: str | None = None, subtype: str | None = None,
+               seed: int = 0) -> np.ndarray:
+    """Write a tone plus a little noise; returns the samples written ``[frames, channels]``."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * sample_rate_hz))) / sample_rate_hz
+    cols = [0.5 * np.sin(2 * np.pi * freq_hz * (c + 1) * t) + 0.01 * rng.standard_normal(len(t))
+            for c in range(channels)]
+    audio = np.stack(cols, axis=1).astype(np.float32)
+    sf.write(path, audio, sample_rate_hz, format=fmt, subtype=subtype)
+    return audio

@@ -1,0 +1,193 @@
+"""The job end to end on the real recordings, with real Ray, read back with DuckDB."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
+from pipeline.config import JobConfig
+from pipeline.errors import AudioDecodeError
+from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob
+from pipeline.sink import PROVENANCE_KEY
+from pipeline.windows import plan_windows
+from tests.integration.conftest import TINY_BEATS
+
+RATE, WINDOW, HOP = 16_000, 32_000, 16_000
+MIN_TAIL = 400  # windows.min_tail_s = 0.025 s at 16 kHz
+
+
+def expected_windows(path: Path) -> int | None:
+    """Windows the job must produce for a file, from an independent decode; None if it fails."""
+    report = DecodeReport()
+    fs, p = storage.url_to_fs(str(path))
+    try:
+        with storage.RangeReader(fs, p) as reader:
+            for _ in decode_stream(reader, DecodeSettings(RATE), report):
+                pass
+    except AudioDecodeError:
+        return None
+    plan = plan_windows(report.output_samples, WINDOW, HOP, "pad")
+    n = len(plan)
+    if n and plan.valid[-1] < MIN_TAIL and plan.valid[-1] < WINDOW:
+        n -= 1
+    return n or None
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory, real_data: Path, ray_session: None):
+    out = tmp_path_factory.mktemp("real") / "out"
+    raw = {
+        "input": {"uri": str(real_data)},
+        "windows": {"window_s": 2.0, "hop_s": 1.0, "tail": "pad"},
+        "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS),
+                  "layers": [-1, 0], "batch_size": 16},
+        "output": {"uri": str(out)},
+        "run": {"shard_size": 64, "progress": False, "job_id": "first-run"},
+    }
+    cfg = JobConfig.from_dict(raw)
+    summary = EmbeddingJob(cfg).run()
+    return out, summary, raw
+
+
+def test_summary(real_run) -> None:
+    _, summary, _ = real_run
+    assert summary.recordings_listed == 102
+    assert summary.shards == 2
+    assert summary.embedded + summary.partial + summary.failed == 102
+    # empty_2c.wav has 0 frames; stereo.wav has 5 frames (0.1 ms), too short for a window.
+    assert summary.failed == 2
+    assert summary.exit_code == EXIT_SOME_FAILED
+    assert summary.audio_s == pytest.approx(945.967, abs=0.5)
+
+
+def test_window_rows_match_the_arithmetic(real_run, real_data: Path) -> None:
+    out, _, _ = real_run
+    con = duckdb.connect()
+    rows = con.sql(f"""
+        SELECT source_uri, layer, count(*) AS n, count(DISTINCT window_index) AS distinct_windows,
+               min(len(embedding)) AS dmin, max(len(embedding)) AS dmax,
+               bool_and(list_aggregate(embedding, 'sum') = list_aggregate(embedding, 'sum')) AS finite
+        FROM read_parquet('{out}/windows/**/*.parquet', hive_partitioning = true)
+        GROUP BY ALL""").fetchall()
+    got = {(uri, layer): (n, d, dmin, dmax, finite) for uri, layer, n, d, dmin, dmax, finite in rows}
+    with open(real_data / "metadata.csv") as fh:
+        files = [real_data / r["file"] for r in csv.DictReader(fh)]
+    for path in files:
+        expected = expected_windows(path)
+        for layer in (0, 2):
+            if expected is None:
+                assert (str(path), layer) not in got
+                continue
+            n, distinct, dmin, dmax, finite = got[(str(path), layer)]
+            assert n == distinct == expected, path
+            assert dmin == dmax == TINY_BEATS["encoder_embed_dim"]
+            assert finite
+    assert {layer for _, layer in got} == {0, 2}
+
+
+def test_no_nan_and_times(real_run) -> None:
+    out, _, _ = real_run
+    table = pq.read_table(out / "windows", partitioning="hive")
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.isfinite(emb).all()
+    start = table.column("start_s").to_numpy()
+    idx = table.column("window_index").to_numpy()
+    assert np.allclose(start, idx * 1.0)
+    assert np.allclose(table.column("end_s").to_numpy(), start + 2.0)
+    assert (table.column("valid_s").to_numpy() <= 2.0 + 1e-6).all()
+    assert set(table.column("channel").to_pylist()) == {-1}
+
+
+def test_recordings_table(real_run) -> None:
+    out, _, _ = real_run
+    con = duckdb.connect()
+    rec = con.sql(f"""
+        SELECT r.recording_id, r.layer, r.num_windows, r.status, len(r.embedding) AS dim,
+               w.n AS window_rows
+        FROM read_parquet('{out}/recordings/**/*.parquet', hive_partitioning = true) r
+        JOIN (SELECT recording_id, layer, count(*) AS n
+              FROM read_parquet('{out}/windows/**/*.parquet') GROUP BY ALL) w
+          USING (recording_id, layer)""").fetchall()
+    assert len(rec) == 100 * 2
+    for _rid, _layer, num_windows, status, dim, window_rows in rec:
+        assert num_windows == window_rows
+        assert status == "ok"
+        assert dim == 64
+    # The pooled embedding is the mean of the window embeddings.
+    one = con.sql(f"""
+        SELECT r.embedding AS pooled, list(w.embedding) AS windows
+        FROM read_parquet('{out}/recordings/**/*.parquet') r
+        JOIN read_parquet('{out}/windows/**/*.parquet') w USING (recording_id, layer)
+        WHERE r.source_uri LIKE '%great_plains_toad.wav' AND r.layer = 2
+        GROUP BY r.embedding""").fetchall()[0]
+    assert np.allclose(np.asarray(one[0]), np.mean(np.asarray(one[1]), axis=0), atol=1e-5)
+
+
+def test_errors_table(real_run) -> None:
+    out, _, _ = real_run
+    errs = duckdb.sql(f"""SELECT regexp_extract(source_uri, '[^/]+$') AS f, error_type, message, job_id
+                          FROM read_parquet('{out}/errors/**/*.parquet')
+                          ORDER BY f""").fetchall()
+    assert [(f, t) for f, t, _, _ in errs] == [("empty_2c.wav", "EmptyAudio"), ("stereo.wav", "TooShort")]
+    assert all(job == "first-run" for *_, job in errs)
+
+
+def test_provenance_everywhere(real_run) -> None:
+    out, summary, _ = real_run
+    files = sorted(out.glob("windows/**/*.parquet"))
+    assert files
+    meta = json.loads(pq.read_schema(files[0]).metadata[PROVENANCE_KEY])
+    assert meta["job_id"] == "first-run"
+    assert meta["weights_sha256"] == summary.weights or meta["weights_uri"] == "random"
+    assert len(meta["config_sha256"]) == 64
+    for key in ("torch", "ray", "pyarrow"):
+        assert meta["libraries"][key]
+    assert meta["variant_spec"]["window_s"] == 2.0
+    job = json.loads((out / "_jobs" / "first-run.json").read_text())
+    assert job["summary"]["status"] == "completed_with_errors"
+    assert job["ended_at"] and job["started_at"]
+    assert job["model_name"] == "beats" and job["weights_uri"] == "random"
+    assert job["git_commit"] and job["package_version"]
+    cols = duckdb.sql(f"""SELECT DISTINCT job_id, model_name, weights_sha256, config_sha256, code_version,
+                                 model, variant
+                          FROM read_parquet('{out}/windows/**/*.parquet', hive_partitioning = true)""").fetchall()
+    assert len(cols) == 1 and cols[0][0] == "first-run" and cols[0][5] == "beats"
+
+
+def test_embedding_is_a_plain_float_list(real_run) -> None:
+    out, _, _ = real_run
+    schema = pq.read_schema(next(out.glob("windows/**/*.parquet")))
+    assert str(schema.field("embedding").type) == "list<element: float>"
+    assert "ray" not in str(schema.field("embedding").type)
+    kind = duckdb.sql(f"DESCRIBE SELECT embedding FROM read_parquet('{out}/windows/**/*.parquet')").fetchall()
+    assert kind[0][1] == "FLOAT[]"
+
+
+def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
+    out, _, raw = real_run
+    again = EmbeddingJob(JobConfig.from_dict({**raw, "run": {**raw["run"], "job_id": "second-run"}}))
+    again.prepare()
+    assert again.already_done == 102 and not again.shards
+    summary = again.run()
+    assert summary.embedded == summary.failed == 0
+    n = duckdb.sql(f"SELECT count(*), count(DISTINCT (recording_id, window_index, layer)) "
+                   f"FROM read_parquet('{out}/windows/**/*.parquet')").fetchall()[0]
+    assert n[0] == n[1]
+    # A fresh run elsewhere derives the same recording ids.
+    other = {**raw, "output": {"uri": str(tmp_path / "other")}, "run": {**raw["run"], "job_id": "x"},
+             "input": {"uri": str(Path(raw["input"]["uri"]) / "perch")}}
+    EmbeddingJob(JobConfig.from_dict(other)).run()
+    ids_a = set(r[0] for r in duckdb.sql(
+        f"SELECT DISTINCT recording_id FROM read_parquet('{out}/recordings/**/*.parquet') "
+        "WHERE source_uri LIKE '%/perch/%'").fetchall())
+    ids_b = set(r[0] for r in duckdb.sql(
+        f"SELECT DISTINCT recording_id FROM read_parquet('{tmp_path}/other/recordings/**/*.parquet')").fetchall())
+    assert ids_a == ids_b and len(ids_a) == 17

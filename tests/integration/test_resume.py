@@ -1,0 +1,158 @@
+"""Exactly-once: kill the job at many moments, rerun, and compare with an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError
+from pipeline.job import EmbeddingJob
+from tests.conftest import write_tone
+from tests.integration.conftest import job_dict
+
+NUM_FILES = 12
+SHARD = 4  # three shards
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve short recordings of different lengths, rates and formats."""
+    root = tmp_path_factory.mktemp("archive")
+    rng = np.random.default_rng(3)
+    for i in range(NUM_FILES):
+        rate = [16_000, 22_050, 32_000, 44_100][i % 4]
+        fmt, ext = [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg")][i % 3]
+        write_tone(root / f"rec_{i:02d}.{ext}", float(rng.uniform(1.0, 7.0)), rate,
+                   freq_hz=float(rng.uniform(200, 3000)), fmt=fmt, seed=i)
+    return root
+
+
+def config(archive: Path, out: Path, **run: object) -> dict:
+    return job_dict(str(archive), str(out), run={"shard_size": SHARD, **run})
+
+
+def rows(out: Path) -> dict[tuple, np.ndarray]:
+    """(recording, channel, window, layer) -> embedding, asserting no key appears twice."""
+    got = duckdb.sql(f"""SELECT recording_id, channel, window_index, layer, embedding
+                         FROM read_parquet('{out}/windows/**/*.parquet')""").fetchall()
+    table = {(r, c, w, l): np.asarray(e, np.float32) for r, c, w, l, e in got}
+    assert len(table) == len(got), "duplicate window rows"
+    return table
+
+
+def recording_rows(out: Path) -> list[tuple]:
+    got = duckdb.sql(f"""SELECT recording_id, channel, layer, num_windows
+                         FROM read_parquet('{out}/recordings/**/*.parquet') ORDER BY ALL""").fetchall()
+    assert len(got) == len(set(got))
+    return got
+
+
+@pytest.fixture(scope="module")
+def baseline(archive: Path, tmp_path_factory: pytest.TempPathFactory, ray_session: None):
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert summary.embedded == NUM_FILES and summary.shards == 3
+    return rows(out), recording_rows(out)
+
+
+def run_cli(cfg: dict, tmp: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    path = tmp / f"job-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path)], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+def assert_same(out: Path, baseline) -> None:
+    want_rows, want_recs = baseline
+    got = rows(out)
+    assert set(got) == set(want_rows)
+    for key, emb in want_rows.items():
+        np.testing.assert_allclose(got[key], emb, rtol=1e-5, atol=1e-6)
+    assert recording_rows(out) == want_recs
+
+
+@pytest.mark.parametrize("point", ["listed", "decode", "embed", "before_publish", "publishing",
+                                   "before_commit"])
+def test_sigkill_at_each_point_then_rerun(point: str, archive: Path, baseline, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    marker = tmp_path / "fault.marker"
+    marker.write_text("armed")
+    cfg = config(archive, out)
+    proc = run_cli(cfg, tmp_path, {"EMBED_ARCHIVE_FAULT": f"{point}:{marker}",
+                                   "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    assert not marker.exists(), f"fault point {point} was never reached:\n{proc.stderr[-3000:]}"
+    if point in ("decode", "embed"):
+        # A worker or actor died; Ray retried it and the job finished by itself.
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+        assert summary.exit_code == 0
+        # Every point is first reached in the first shard, so nothing was committed yet.
+        assert summary.recordings_already_done == 0
+        assert summary.embedded == NUM_FILES
+    assert_same(out, baseline)
+
+
+def test_external_sigkill_mid_run_then_rerun(archive: Path, baseline, tmp_path: Path) -> None:
+    """Kill the whole process group as soon as one shard is committed, mid-second-shard."""
+    out = tmp_path / "out"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config(archive, out)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    commits = out / "_commits"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(commits.glob("**/*.json"))) >= 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(commits.glob("**/*.json")))
+    assert 1 <= done < 3
+    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert summary.recordings_already_done == SHARD * done
+    assert summary.shards == 3 - done
+    assert_same(out, baseline)
+
+
+def test_a_config_change_never_mixes_outputs(archive: Path, baseline, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    EmbeddingJob(JobConfig.from_dict(config(archive, out, shard_size=NUM_FILES))).run()
+    changed = config(archive, out, shard_size=NUM_FILES)
+    changed["windows"] = {"window_s": 1.0, "hop_s": 1.0, "tail": "pad"}
+    second = EmbeddingJob(JobConfig.from_dict(changed))
+    second.prepare()
+    assert second.already_done == 0  # a new namespace: nothing of the first run counts
+    second.run()
+    variants = duckdb.sql(f"""SELECT variant, count(*) FROM read_parquet('{out}/windows/**/*.parquet',
+                                hive_partitioning = true) GROUP BY variant""").fetchall()
+    assert len(variants) == 2
+    first_variant = [v for v, _ in variants if v != second.variant.id][0]
+    only_first = duckdb.sql(f"""SELECT recording_id, channel, window_index, layer, embedding
+        FROM read_parquet('{out}/windows/**/*.parquet', hive_partitioning = true)
+        WHERE variant = '{first_variant}'""").fetchall()
+    assert len(only_first) == len(baseline[0])
+
+
+def test_variant_record_conflict_is_refused(archive: Path, tmp_path: Path, ray_session: None) -> None:
+    out = tmp_path / "out"
+    job = EmbeddingJob(JobConfig.from_dict(config(archive, out)))
+    job.prepare()
+    path = Path(job.layout.variant_path())
+    path.write_text(path.read_text().replace('"pad"', '"drop"'))
+    with pytest.raises(ConfigError, match="refusing to mix"):
+        EmbeddingJob(JobConfig.from_dict(config(archive, out))).prepare()

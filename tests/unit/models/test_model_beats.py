@@ -1,0 +1,186 @@
+"""BEATs on tiny configurations: tokens, layers, masks, padding, checkpoint formats."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import ConfigError
+from pipeline.models import create_backbone, load_model, pool
+from pipeline.models.beats import BeatsConfig, relative_position_buckets
+from tests.unit.models.conftest import TINY_BEATS, TINY_BEATS_PROJ, golden
+
+SR = 16_000
+
+
+def _audio(batch: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 0.3 * torch.randn(batch, int(seconds * SR), generator=g)
+
+
+def test_info_reflects_tiny_options(tiny_beats):
+    info = tiny_beats.info
+    assert info.embedding_dim == 64 and len(info.layers) == 4
+    assert [layer.name for layer in info.layers] == [
+        "backbone.post_extract_proj", "backbone.encoder.layers.0",
+        "backbone.encoder.layers.1", "backbone.encoder.layers.2"]
+    assert {layer.dim for layer in info.layers} == {64}
+    assert info.min_input_samples == 2800
+    no_proj = create_backbone("beats", weights="random", options=TINY_BEATS).info
+    assert no_proj.layers[0].name == "backbone.layer_norm"
+
+
+@pytest.mark.parametrize(("seconds", "tokens"), [(1, 48), (5, 248), (10, 496)])
+def test_token_counts_match_avex(tiny_beats, seconds, tokens):
+    """Tokens = (fbank frames // 16) * 8, time-major; avex's shapes are in the golden file."""
+    assert golden("beats")[f"shape_{seconds}s"].tolist() == [1, tokens, 768]
+    out = tiny_beats.extract(_audio(1, seconds), None, [3])[3]
+    assert out.tokens.shape == (1, tokens, 64) and out.mask is None
+    assert BeatsConfig().num_tokens(seconds * SR) == tokens
+
+
+def test_layers_from_one_pass_equal_separate_passes(tiny_beats):
+    audio = _audio(2, 1.0)
+    together = tiny_beats.extract(audio, None, [0, 1, 2, 3])
+    for layer in range(4):
+        alone = tiny_beats.extract(audio, None, [layer])[layer].tokens
+        assert torch.equal(together[layer].tokens, alone)
+
+
+def test_forward_stops_after_deepest_requested_layer(tiny_beats):
+    calls = []
+    blocks = tiny_beats.module.backbone.encoder.layers
+    handles = [b.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, b in
+               enumerate(blocks)]
+    try:
+        tiny_beats.extract(_audio(1, 1.0), None, [0, 2])
+        assert calls == [0, 1]
+        calls.clear()
+        tiny_beats.extract(_audio(1, 1.0), None, [0])
+        assert calls == []
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_last_layer_equals_plain_forward(tiny_beats):
+    audio = _audio(2, 2.0)
+    features = tiny_beats.module(audio)  # avex-style call, no padding mask
+    assert torch.equal(tiny_beats.extract(audio, None, [3])[3].tokens, features)
+    full = torch.full((2,), audio.shape[1])
+    unpadded = tiny_beats.extract(audio, full, [3])[3]
+    assert unpadded.mask is None and torch.equal(unpadded.tokens, features)
+
+
+def test_token_mask_by_step_start(tiny_beats):
+    audio = _audio(3, 2.0)
+    valid = torch.tensor([32000, 10000, 2561])
+    mask = tiny_beats.extract(audio, valid, [3])[3].mask
+    steps = mask.view(3, -1, 8)
+    assert (steps == steps[..., :1]).all()  # all 8 frequency patches share the step's mask
+    assert steps[..., 0].sum(dim=1).tolist() == [12, 4, 2]  # steps start every 2560 samples
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_samples=st.integers(2800, 6 * SR), data=st.data())
+def test_token_mask_property(tiny_beats, num_samples, data):
+    valid = data.draw(st.integers(1, num_samples))
+    mask = tiny_beats.module.backbone.token_mask(torch.tensor([valid]), num_samples)
+    steps = BeatsConfig().num_tokens(num_samples) // 8
+    expected = [16 * t * 160 < valid or valid >= num_samples for t in range(steps)]
+    got = [True] * steps if mask is None else mask[0, ::8].tolist()
+    assert got == expected
+
+
+def test_padding_content_never_matters(tiny_beats):
+    audio = _audio(2, 3.0)
+    valid = torch.tensor([3 * SR, 30_000])
+    noisy = audio.clone()
+    noisy[1, 30_000:] = 5.0 * torch.randn(noisy.shape[1] - 30_000)
+    clean = audio.clone()
+    clean[1, 30_000:] = 0.0
+    a = tiny_beats.extract(noisy, valid, [0, 3])
+    b = tiny_beats.extract(clean, valid, [0, 3])
+    for layer in (0, 3):
+        assert torch.equal(a[layer].tokens, b[layer].tokens)
+        assert torch.equal(pool(a[layer].tokens, a[layer].mask, "mean"),
+                           pool(b[layer].tokens, b[layer].mask, "mean"))
+
+
+def test_padding_does_not_leak_into_real_tokens(tiny_beats):
+    """The same 2.1 s of audio padded to 3 s or to 5 s: real tokens agree (attention masks
+    padding keys; padding tokens are zeroed before the positional convolution)."""
+    real = _audio(1, 2.1, seed=3)
+    valid = torch.tensor([real.shape[1]])
+    short = torch.nn.functional.pad(real, (0, 3 * SR - real.shape[1]))
+    long = torch.nn.functional.pad(real, (0, 5 * SR - real.shape[1]))
+    a = tiny_beats.extract(short, valid, [3])[3]
+    b = tiny_beats.extract(long, valid, [3])[3]
+    n_real = int(a.mask.sum())
+    assert n_real == int(b.mask.sum()) == 14 * 8
+    assert torch.allclose(a.tokens[:, :n_real], b.tokens[:, :n_real], atol=1e-5)
+    assert torch.allclose(pool(a.tokens, a.mask, "mean"), pool(b.tokens, b.mask, "mean"),
+                          atol=1e-5)
+    # without the attention mask, padding would change real tokens
+    unmasked = tiny_beats.extract(long, None, [3])[3]
+    assert not torch.allclose(unmasked.tokens[:, :n_real], b.tokens[:, :n_real], atol=1e-3)
+
+
+def test_load_model_matches_backbone_and_maps_padding_mask(tiny_beats, tmp_path):
+    from tests.unit.models.conftest import save_safetensors
+
+    path = save_safetensors(tiny_beats.module.state_dict(), tmp_path / "tiny.safetensors")
+    model = load_model("beats", weights=str(path), options=TINY_BEATS_PROJ)
+    audio = _audio(2, 2.0)
+    padding = torch.zeros_like(audio, dtype=torch.bool)
+    padding[1, 20_000:] = True
+    with torch.no_grad():
+        assert torch.equal(model(audio), tiny_beats.extract(audio, None, [3])[3].tokens)
+        expected = tiny_beats.extract(audio, torch.tensor([32_000, 20_000]), [3])[3].tokens
+        assert torch.equal(model(audio, padding_mask=padding), expected)
+
+
+def test_microsoft_checkpoint_format_loads(tiny_beats, tmp_path):
+    """``{"cfg", "model"}`` with ``weight_g``/``weight_v``, no fbank buffers, no prefix."""
+    state = {}
+    for key, value in tiny_beats.module.state_dict().items():
+        key = key.removeprefix("backbone.")
+        if key.startswith("fbank."):
+            continue
+        key = key.replace("parametrizations.weight.original0", "weight_g")
+        key = key.replace("parametrizations.weight.original1", "weight_v")
+        state[key] = value.clone()
+    cfg = {**dataclasses.asdict(BeatsConfig()), **TINY_BEATS_PROJ, "mask_prob": 0.75}
+    path = tmp_path / "BEATs_tiny.pt"
+    torch.save({"cfg": cfg, "model": state}, path)
+    loaded = create_backbone("beats", weights=str(path))  # architecture from the cfg
+    assert loaded.info.embedding_dim == 64 and len(loaded.info.layers) == 4
+    assert loaded.weights.format == "torch"
+    audio = _audio(2, 1.5)
+    assert torch.equal(loaded.extract(audio, None, [3])[3].tokens,
+                       tiny_beats.extract(audio, None, [3])[3].tokens)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="encoder_layerz"):
+        create_backbone("beats", weights="random", options={"encoder_layerz": 2})
+    with pytest.raises(ConfigError, match="not divisible"):
+        BeatsConfig().updated({"encoder_embed_dim": 65})
+    with pytest.raises(ConfigError, match="layer_norm_first"):
+        BeatsConfig().updated({"layer_norm_first": True, "deep_norm": False})
+
+
+def test_relative_position_buckets_are_t5_style():
+    buckets = relative_position_buckets(1000, 320, 800)
+    assert buckets[0, 0] == 0 and buckets[0, 79] == 160 + 79 and buckets[79, 0] == 79
+    assert buckets[0, 999] == 319 and buckets[999, 0] == 159  # saturated far offsets
+    assert buckets.min() == 0 and buckets.max() == 319
+
+
+def test_too_short_input_is_rejected(tiny_beats):
+    with pytest.raises(ValueError, match="at least 2800 samples"):
+        tiny_beats.extract(torch.zeros(1, 2799), None, [0])

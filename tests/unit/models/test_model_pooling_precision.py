@@ -1,0 +1,85 @@
+"""Masked pooling and precision selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.models import model_info, pool, resolve_precision, validate_pooling
+from pipeline.models.precision import autocast_context
+
+
+def test_mean_and_max_ignore_padding():
+    tokens = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, -100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert pool(tokens, mask, "mean").tolist() == [[2.0, 3.0]]
+    assert pool(tokens, mask, "max").tolist() == [[3.0, 4.0]]
+    assert pool(tokens, None, "mean").tolist() == [[pytest.approx(104 / 3), pytest.approx(-94 / 3)]]
+    tokens[0, 2] = float("nan")  # whatever padding holds never counts
+    assert pool(tokens, mask, "mean").tolist() == [[2.0, 3.0]]
+    assert pool(tokens, mask, "max").tolist() == [[3.0, 4.0]]
+
+
+def test_rows_without_real_tokens_pool_to_nan():
+    tokens = torch.ones(2, 3, 4)
+    mask = torch.tensor([[False] * 3, [True] * 3])
+    for method in ("mean", "max"):
+        out = pool(tokens, mask, method)
+        assert torch.isnan(out[0]).all() and (out[1] == 1).all()
+
+
+def test_pool_is_float32_and_cls_is_token_zero():
+    tokens = torch.randn(2, 5, 3).bfloat16()
+    assert pool(tokens, None, "mean").dtype == torch.float32
+    assert torch.equal(pool(tokens, None, "cls"), tokens[:, 0].float())
+    with pytest.raises(ValueError, match="not a pooling"):
+        pool(tokens, None, "median")
+
+
+def test_validate_pooling():
+    info = model_info("esp_aves2_sl_beats_all")
+    assert validate_pooling(info, None) == "mean"
+    assert validate_pooling(info, "max") == "max"
+    with pytest.raises(ConfigError, match="no CLS token"):
+        validate_pooling(info, "cls")
+
+
+def test_resolve_precision_on_cpu():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ConfigError, match="not a precision"):
+        resolve_precision("int8", "cpu")
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((8, 0), "bf16"), ((7, 5), "fp32")])
+def test_resolve_precision_on_cuda(monkeypatch, capability, expected):
+    """The CUDA branch, with the device query stubbed (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert resolve_precision("auto", "cuda:0") == expected
+    assert resolve_precision("fp16", "cuda") == "fp16"
+
+
+def test_autocast_context():
+    with autocast_context("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_tiny_beats_bf16_agrees_with_fp32(tiny_beats):
+    audio = 0.3 * torch.randn(2, 32_000, generator=torch.Generator().manual_seed(0))
+    pooled = {}
+    for precision in ("fp32", "bf16"):
+        with torch.inference_mode(), tiny_beats.autocast(precision):
+            out = tiny_beats.extract(audio, torch.tensor([32_000, 20_000]), [3])[3]
+            pooled[precision] = pool(out.tokens, out.mask, "mean")
+    assert out.tokens.dtype == torch.bfloat16
+    cosine = torch.nn.functional.cosine_similarity(pooled["fp32"], pooled["bf16"])
+    assert cosine.min().item() > 0.999 and not math.isnan(cosine.sum().item())

@@ -1,0 +1,143 @@
+"""Fetching weights: local, file://, fsspec URLs, the offline cache, failure messages."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import traceback
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from pipeline.errors import WeightsUnavailableError
+from pipeline.models import cache_weights, create_backbone, fetch_weights, redact_uri
+from pipeline.models.efficientnet import EfficientNetModel
+from pipeline.models.registry import model_info
+from tests.unit.models.conftest import generated_state, save_safetensors
+
+HF_URI = "hf://EarthSpeciesProject/esp-aves2-sl-beats-all/esp-aves2-sl-beats-all.safetensors"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("EMBED_ARCHIVE_CACHE", str(root))
+    return root / "weights"
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return save_safetensors({"w": torch.arange(12.0).view(3, 4)}, tmp_path / "w.safetensors")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_local_path_and_file_uri_are_read_in_place(cache, checkpoint):
+    for uri in (str(checkpoint), checkpoint.as_uri()):
+        local = fetch_weights(uri)
+        assert local.path == checkpoint
+        assert local.sha256 == _sha(checkpoint)
+        assert local.format == "safetensors"
+        assert local.uri == uri
+    assert not cache.exists()  # nothing copied
+
+
+def test_fsspec_url_is_cached_by_content_and_works_offline(cache, checkpoint):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/weights/w.safetensors", checkpoint.read_bytes())
+    first = fetch_weights("memory://weights/w.safetensors")
+    assert first.path == cache / "blobs" / _sha(checkpoint)
+    assert first.sha256 == _sha(checkpoint) and first.format == "safetensors"
+    fs.rm("/weights/w.safetensors")  # the source is gone: the index answers
+    second = fetch_weights("memory://weights/w.safetensors")
+    assert second == first
+    assert not list((cache / "blobs").glob(".partial-*"))
+
+
+def test_corrupt_cache_blob_is_fetched_again(cache, checkpoint):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/weights/c.safetensors", checkpoint.read_bytes())
+    blob = fetch_weights("memory://weights/c.safetensors").path
+    blob.write_bytes(b"bit rot")
+    again = fetch_weights("memory://weights/c.safetensors")
+    assert again.path == blob and again.sha256 == _sha(checkpoint) == _sha(blob)
+    fs.rm("/weights/c.safetensors")
+    blob.write_bytes(b"bit rot")
+    with pytest.raises(WeightsUnavailableError, match="memory://weights/c.safetensors"):
+        fetch_weights("memory://weights/c.safetensors")
+
+
+def test_failed_download_leaves_no_partial_file(cache, monkeypatch):
+    class Broken(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() > 0:
+                raise ConnectionResetError("peer went away")
+            return super().read(1 << 20)
+
+    monkeypatch.setattr(fsspec, "open", lambda *a, **k: Broken(b"x" * (3 << 20)))
+    with pytest.raises(WeightsUnavailableError, match="ConnectionResetError: peer went away"):
+        fetch_weights("s3://bucket/w.safetensors")
+    assert list((cache / "blobs").iterdir()) == []
+    assert not (cache / "refs").exists()
+
+
+def test_cache_weights_prefills_a_published_uri(cache, tmp_path, monkeypatch):
+    """What `embed-archive cache-weights URI FILE` does, then a default load offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    layout = EfficientNetModel()
+    path = save_safetensors(generated_state(layout), tmp_path / "effnet.safetensors")
+    uri = model_info("esp_aves2_effnetb0_all").weights_uri
+    cached = cache_weights(uri, path)
+    assert cached.sha256 == _sha(path) and cached.path.parent == cache / "blobs"
+    backbone = create_backbone("esp_aves2_effnetb0_all")
+    assert backbone.weights.uri == uri and backbone.weights.sha256 == _sha(path)
+    with pytest.raises(WeightsUnavailableError, match="is not a file"):
+        cache_weights(uri, tmp_path / "missing.safetensors")
+
+
+def test_hf_offline_gives_a_helpful_error(cache, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsUnavailableError) as info:
+        create_backbone("esp_aves2_sl_beats_all")
+    err = info.value
+    message = str(err)
+    assert HF_URI in message and "offline" in message.lower()
+    assert "https://huggingface.co/EarthSpeciesProject/esp-aves2-sl-beats-all/resolve/main/" \
+           "esp-aves2-sl-beats-all.safetensors" in message
+    assert "model.weights" in message and f"embed-archive cache-weights {HF_URI}" in message
+    assert err.__cause__ is None and err.__suppress_context__  # no chained internals
+    rendered = "".join(traceback.format_exception_only(type(err), err))
+    assert "Traceback" not in rendered and "huggingface_hub" not in rendered
+
+
+def test_secrets_never_appear(cache):
+    uri = "https://alice:hunter2-pass@127.0.0.1:9/w.safetensors?X-Amz-Signature=sig-value-99&v=2"
+    options = {"client_kwargs": {"headers": {"Authorization": "Bearer tok-secret-123"}}}
+    with pytest.raises(WeightsUnavailableError) as info:
+        fetch_weights(uri, options)
+    message = str(info.value)
+    for secret in ("hunter2-pass", "sig-value-99", "tok-secret-123"):
+        assert secret not in message
+    assert "https://alice:***@127.0.0.1:9/w.safetensors?X-Amz-Signature=***&v=2" in message
+
+
+def test_redact_uri():
+    assert redact_uri("/data/w.safetensors") == "/data/w.safetensors"
+    assert redact_uri("gs://bucket/w.pt") == "gs://bucket/w.pt"
+    assert redact_uri("https://tok@host/w?token=abc&x=1") == "https://***@host/w?token=***&x=1"
+
+
+def test_missing_local_file(cache, tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        fetch_weights(str(tmp_path / "nope.safetensors"))
+
+
+def test_random_weights_provenance(tiny_beats):
+    assert tiny_beats.weights.is_random and tiny_beats.weights.uri == "random"

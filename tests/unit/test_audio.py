@@ -1,0 +1,208 @@
+"""Streaming decode on real recordings and on broken files made here."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from pipeline import storage
+from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
+from pipeline.errors import AudioDecodeError
+from tests.conftest import write_tone
+
+PERCH = "perch/chirp/tests/testdata/21100_36_48"
+ZERO_FRAME = {"opensoundscape/tests/audio/empty_2c.wav"}
+
+
+def decode(path: Path, rate: int = 16_000, **kw) -> tuple[np.ndarray, DecodeReport]:
+    settings = DecodeSettings(target_sample_rate_hz=rate, **kw)
+    report = DecodeReport()
+    fs, p = storage.url_to_fs(str(path))
+    with storage.RangeReader(fs, p) as reader:
+        chunks = list(decode_stream(reader, settings, report))
+    width = 1 if settings.channels == "mix" else report.source_channels
+    audio = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+    return audio, report
+
+
+def real_files(real: Path) -> list[dict]:
+    with open(real / "metadata.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_every_real_recording_decodes(real_data: Path) -> None:
+    rows = real_files(real_data)
+    assert len(rows) == 102
+    for row in rows:
+        path = real_data / row["file"]
+        if row["file"] in ZERO_FRAME:
+            with pytest.raises(AudioDecodeError) as err:
+                decode(path)
+            assert err.value.error_type == "EmptyAudio"
+            continue
+        audio, report = decode(path)
+        expected = int(row["samplerate"]) and float(row["duration_s"])
+        assert report.source_sample_rate_hz == int(row["samplerate"]), row["file"]
+        assert report.source_channels == int(row["channels"]), row["file"]
+        assert audio.dtype == np.float32 and audio.shape[1] == 1
+        assert np.isfinite(audio).all()
+        # Output length is the duration at 16 kHz (to within a sample of rounding).
+        assert abs(audio.shape[0] - report.frames_decoded * 16_000 / report.source_sample_rate_hz) <= 1
+        assert abs(report.duration_s - expected) < 0.01, row["file"]
+        assert report.status == "ok", (row["file"], report.problems)
+
+
+def test_wav_and_flac_agree_and_lossy_codecs_are_close(real_data: Path) -> None:
+    wav, _ = decode(real_data / f"{PERCH}.wav")
+    flac, _ = decode(real_data / f"{PERCH}.flac")
+    assert wav.shape == flac.shape == (160_000, 1)
+    # FLAC holds the float64 WAV at 24 bits: identical to within one 24-bit step.
+    assert np.abs(wav - flac).max() <= 2.0**-23 + 1e-9
+    # Measured correlations: mp3 0.959, ogg/vorbis 0.984, opus 0.998 (no lag).
+    for ext, min_corr in (("mp3", 0.95), ("ogg", 0.98), ("opus", 0.995)):
+        lossy, _ = decode(real_data / f"{PERCH}.{ext}")
+        assert lossy.shape == wav.shape, ext
+        corr = np.corrcoef(wav[:, 0], lossy[:, 0])[0, 1]
+        assert corr > min_corr, (ext, corr)
+
+
+def test_streaming_resample_equals_one_shot(real_data: Path) -> None:
+    path = real_data / "opensoundscape/tests/audio/great_plains_toad.wav"  # 44.1 kHz, 45 s
+    streamed, report = decode(path, block_s=1.3)
+    whole, sr = sf.read(path, dtype="float32")
+    one_shot = soxr.resample(whole, sr, 16_000, quality="HQ")
+    assert streamed.shape[0] == one_shot.shape[0]
+    assert np.abs(streamed[:, 0] - one_shot).max() < 1e-4
+    assert report.frames_decoded == len(whole)
+
+
+def test_channels_each_and_mix(tmp_path: Path) -> None:
+    audio = write_tone(tmp_path / "st.wav", 2.0, 16_000, channels=2)
+    each, report = decode(tmp_path / "st.wav", channels="each")
+    mixed, _ = decode(tmp_path / "st.wav", channels="mix")
+    assert each.shape == (32_000, 2) and mixed.shape == (32_000, 1)
+    assert np.allclose(each, audio, atol=1e-4)
+    assert np.allclose(mixed[:, 0], audio.mean(axis=1), atol=1e-4)
+    assert report.source_channels == 2
+
+
+def test_nonfinite_samples_are_zeroed_and_reported(tmp_path: Path) -> None:
+    x = np.sin(np.linspace(0, 100, 16_000)).astype(np.float32)
+    x[100:110] = np.nan
+    x[5000] = np.inf
+    sf.write(tmp_path / "nan.wav", x, 16_000, subtype="FLOAT")
+    audio, report = decode(tmp_path / "nan.wav")
+    assert np.isfinite(audio).all()
+    assert report.nonfinite_samples == 11
+    assert report.status == "partial" and "non-finite" in report.problems[0]
+
+
+def test_truncated_wav_is_partial(tmp_path: Path) -> None:
+    write_tone(tmp_path / "full.wav", 3.0)
+    data = (tmp_path / "full.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    audio, report = decode(tmp_path / "cut.wav")
+    assert report.declared_frames == 48_000
+    assert 23_000 < audio.shape[0] < 25_000
+    assert report.status == "partial" and "truncated" in report.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "error_type"),
+    [(b"", "UnreadableAudio"), (b"this is not audio at all" * 50, "UnreadableAudio"),
+     (np.random.default_rng(0).bytes(20_000), "UnreadableAudio")],
+)
+def test_unreadable_bytes(tmp_path: Path, payload: bytes, error_type: str) -> None:
+    path = tmp_path / "bad.mp3"
+    path.write_bytes(payload)
+    with pytest.raises(AudioDecodeError) as err:
+        decode(path)
+    assert err.value.error_type == error_type
+
+
+def test_limits(tmp_path: Path) -> None:
+    sf.write(tmp_path / "many.wav", np.zeros((1000, 9), np.float32), 16_000)
+    with pytest.raises(AudioDecodeError) as err:
+        decode(tmp_path / "many.wav", max_channels=8)
+    assert err.value.error_type == "TooManyChannels"
+    sf.write(tmp_path / "slow.wav", np.zeros(1000, np.float32), 200)
+    with pytest.raises(AudioDecodeError) as err:
+        decode(tmp_path / "slow.wav")
+    assert err.value.error_type == "UnsupportedSampleRate"
+
+
+def test_reads_by_range_about_once(tmp_path: Path) -> None:
+    write_tone(tmp_path / "long.flac", 60.0, 16_000, fmt="FLAC")
+    fs, p = storage.url_to_fs(str(tmp_path / "long.flac"))
+    report = DecodeReport()
+    with storage.RangeReader(fs, p, block_bytes=64 * 1024) as reader:
+        stream = decode_stream(reader, DecodeSettings(16_000, block_s=1.0), report)
+        next(stream)
+        # After the first one-second block only a small part of the file has been fetched.
+        assert reader.bytes_fetched < reader.size / 4
+        for _ in stream:
+            pass
+        # libsndfile seeks backwards constantly; the block cache keeps fetches ~1x the size.
+        assert reader.bytes_fetched <= 1.05 * reader.size
+    assert report.output_samples == 960_000
+
+
+def test_range_reader_survives_transient_errors(tmp_path: Path) -> None:
+    write_tone(tmp_path / "t.wav", 5.0)
+    data = (tmp_path / "t.wav").read_bytes()
+
+    class FlakyFS:
+        """Every third range request fails, as a flaky network would."""
+
+        protocol = "flaky"
+        calls = 0
+
+        def cat_file(self, path: str, start: int, end: int) -> bytes:
+            FlakyFS.calls += 1
+            if FlakyFS.calls % 3 == 0:
+                raise ConnectionResetError("connection reset by peer")
+            return data[start:end]
+
+    report = DecodeReport()
+    reader = storage.RangeReader(FlakyFS(), "t.wav", size=len(data), block_bytes=4096)
+    audio = np.concatenate(list(decode_stream(reader, DecodeSettings(16_000, block_s=0.5), report)))
+    expected, _ = sf.read(tmp_path / "t.wav", dtype="float32")
+    assert np.array_equal(audio[:, 0], expected)
+    assert FlakyFS.calls > reader.fetches  # some requests failed and were retried
+
+
+def test_range_reader_gives_up_on_permanent_errors() -> None:
+    class GoneFS:
+        protocol = "gone"
+
+        def cat_file(self, path: str, start: int, end: int) -> bytes:
+            raise FileNotFoundError(path)
+
+    reader = storage.RangeReader(GoneFS(), "x.wav", size=100)
+    with pytest.raises(FileNotFoundError):
+        reader.read(10)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt_middle"])
+def test_damaged_flac_keeps_what_decodes(tmp_path: Path, damage: str) -> None:
+    write_tone(tmp_path / "ok.flac", 6.0, 16_000, fmt="FLAC")
+    data = bytearray((tmp_path / "ok.flac").read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        mid = len(data) // 2
+        data[mid : mid + 4000] = np.random.default_rng(1).bytes(4000)
+    (tmp_path / "bad.flac").write_bytes(bytes(data))
+    audio, report = decode(tmp_path / "bad.flac")
+    assert report.status == "partial"
+    assert "decoding stopped" in report.problems[0] or "truncated" in report.problems[0]
+    assert 0 < audio.shape[0] < 96_000
+    assert np.isfinite(audio).all()
+    good, _ = decode(tmp_path / "ok.flac")
+    n = audio.shape[0]
+    assert np.allclose(audio[: n - 100, 0], good[: n - 100, 0], atol=1e-6)

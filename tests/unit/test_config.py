@@ -1,0 +1,110 @@
+"""Job config loading: strict keys, types, ranges, overrides; errors name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import JobConfig, apply_override, redacted
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load(raw: dict, overrides: tuple[str, ...] = ()) -> JobConfig:
+    return JobConfig.from_dict(raw, overrides)
+
+
+BASE = {"input": {"uri": "/data"}, "output": {"uri": "/out"}}
+
+
+def test_defaults_fill_every_section() -> None:
+    cfg = load(BASE)
+    assert cfg.windows.tail == "pad"
+    assert cfg.model.name == "esp_aves2_sl_beats_all"
+    assert cfg.audio.channels == "mix"
+    assert cfg.input.extensions == ("wav", "flac", "ogg", "oga", "opus", "mp3")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "words"),
+    [
+        ({**BASE, "windows": {"hop": 1.0}}, "windows.hop", "did you mean 'hop_s'"),
+        ({**BASE, "modle": {}}, "modle", "did you mean 'model'"),
+        ({**BASE, "windows": {"tail": "wrap"}}, "windows.tail", "pad, keep, drop"),
+        ({**BASE, "windows": {"window_s": -1}}, "windows.window_s", "> 0"),
+        ({**BASE, "windows": {"window_s": "five"}}, "windows.window_s", "expected a number"),
+        ({**BASE, "model": {"batch_size": 2.5}}, "model.batch_size", "expected an integer"),
+        ({**BASE, "model": {"layers": "first"}}, "model.layers", "'last', 'all'"),
+        ({**BASE, "model": {"precision": "int8"}}, "model.precision", "auto, fp32, bf16, fp16"),
+        ({**BASE, "audio": {"channels": "left"}}, "audio.channels", "mix, each"),
+        ({**BASE, "run": {"max_failed_fraction": 2}}, "run.max_failed_fraction", "between 0 and 1"),
+        ({**BASE, "run": {"job_id": "../../etc"}}, "run.job_id", "letters, digits"),
+        ({**BASE, "input": {"uri": "/d", "extensions": [".wav"]}}, "input.extensions",
+         "bare extensions"),
+        ({"output": {"uri": "/out"}}, "input", "set input.uri"),
+        ({**BASE, "compute": {"embed_resources": {"gpu_node": "many"}}},
+         "compute.embed_resources.gpu_node", "expected a number"),
+    ],
+)
+def test_bad_values_name_the_field(raw: dict, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(raw)
+    assert err.value.field == field
+    assert words in str(err.value)
+    assert str(err.value).startswith(field)
+
+
+def test_overrides_apply_before_validation() -> None:
+    cfg = load(BASE, ("model.batch_size=8", "windows.tail=drop", "model.layers=[-1, 3]",
+                      "compute.embed_resources.gpu_node=0.5", "model.options.encoder_layers=2"))
+    assert cfg.model.batch_size == 8
+    assert cfg.windows.tail == "drop"
+    assert cfg.model.layers == [-1, 3]
+    assert cfg.compute.embed_resources == {"gpu_node": 0.5}
+    assert cfg.model.options == {"encoder_layers": 2}
+    with pytest.raises(ConfigError, match="model.batch_size: expected an integer"):
+        load(BASE, ("model.batch_size=lots",))
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load(BASE, ("batch_size=8",))
+    with pytest.raises(ConfigError, match="model.bach_size: unknown key"):
+        load(BASE, ("model.bach_size=8",))
+
+
+def test_apply_override_nested() -> None:
+    data: dict = {}
+    apply_override(data, "input.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:1")
+    assert data == {"input": {"storage_options": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}}}
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        JobConfig.load(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        JobConfig.load(tmp_path / "missing.yaml")
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        JobConfig.load(bad)
+
+
+def test_hash_ignores_secrets_and_key_order() -> None:
+    a = load({**BASE, "input": {"uri": "s3://b/x", "storage_options": {"secret": "AAA", "key": "K1"}}})
+    b = load({"output": {"uri": "/out"},
+              "input": {"storage_options": {"key": "K2", "secret": "BBB"}, "uri": "s3://b/x"}})
+    assert a.sha256() == b.sha256()
+    assert load({**BASE, "model": {"batch_size": 3}}).sha256() != load(BASE).sha256()
+    shown = redacted(a.to_dict())
+    assert "AAA" not in str(shown) and "K1" not in str(shown)
+
+
+def test_redacts_credentials_in_uris() -> None:
+    shown = redacted({"uri": "https://user:pw@host/x?X-Amz-Signature=abc&part=1"})
+    assert shown["uri"] == "https://***@host/x?X-Amz-Signature=***&part=1"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "job_configs").glob("*.yaml")))
+def test_shipped_job_configs_validate(path: Path) -> None:
+    JobConfig.load(path)
