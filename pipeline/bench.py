@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -32,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import soundfile as sf
@@ -97,7 +98,7 @@ def corpus_windows(files: Sequence[Path], s: BenchSettings) -> tuple[np.ndarray,
             continue
         seconds += report.duration_s
         plan = plan_windows(len(audio), size, hop, "pad")
-        for start, valid in zip(plan.starts, plan.valid):
+        for start, valid in zip(plan.starts, plan.valid, strict=True):
             if valid < int(0.025 * s.sample_rate_hz) and valid < size:
                 continue
             w = np.zeros(size, np.float32)
@@ -159,7 +160,7 @@ def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchS
     started = time.perf_counter()
     run()
     wall = time.perf_counter() - started
-    return {"windows": int(len(windows)), "audio_s": seconds, "wall_s": wall,
+    return {"windows": len(windows), "audio_s": seconds, "wall_s": wall,
             "audio_s_per_s": seconds / wall, "windows_per_s": len(windows) / wall}
 
 
@@ -178,7 +179,8 @@ def seed_loop(files: Sequence[Path], s: BenchSettings) -> dict[str, Any]:
     for path in files:
         try:
             audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        except Exception:  # noqa: BLE001 - unreadable files are skipped, as the notebook does
+        except sf.LibsndfileError as err:  # the notebook skips unreadable files
+            log.info("seed loop skips %s: %s", path.name, err)
             continue
         if len(audio) == 0:
             continue
@@ -186,7 +188,7 @@ def seed_loop(files: Sequence[Path], s: BenchSettings) -> dict[str, Any]:
         seconds += len(audio) / rate
         plan = plan_windows(len(mono), size, hop, "pad")
         per_file = []
-        for start, valid in zip(plan.starts, plan.valid):
+        for start, valid in zip(plan.starts, plan.valid, strict=True):
             if valid < int(0.025 * s.sample_rate_hz) and valid < size:
                 continue
             w = np.zeros(size, np.float32)
@@ -243,7 +245,7 @@ def decode_speed(source_dir: Path, workdir: Path, seconds: float) -> dict[str, A
     clip = source_dir / LONG_SOURCE
     audio, rate = sf.read(clip, dtype="float32")
     audio48 = soxr.resample(audio, rate, 48_000)
-    reps = int(np.ceil(seconds * 48_000 / len(audio48)))
+    reps = math.ceil(seconds * 48_000 / len(audio48))
     long = np.tile(audio48, reps)[: int(seconds * 48_000)]
     results = {}
     for name, fmt, subtype in (("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"),
@@ -273,7 +275,7 @@ class ProcessTreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> ProcessTreeSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

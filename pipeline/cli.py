@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from pipeline.cluster import add_cluster_commands
 
     parser = argparse.ArgumentParser(prog="embed-archive", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline.bench import add_bench_command
 
     add_bench_command(sub)
+    add_cluster_commands(sub)
     return parser
 
 

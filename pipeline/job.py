@@ -31,11 +31,12 @@ from pipeline import storage
 from pipeline.audio import DecodeSettings
 from pipeline.config import JobConfig, redacted
 from pipeline.errors import ConfigError, JobAborted
+from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.sink import (
-    SinkSpec,
     ShardSink,
+    SinkSpec,
     errors_schema,
     file_metadata,
     recordings_schema,
@@ -43,8 +44,7 @@ from pipeline.sink import (
     write_parquet,
 )
 from pipeline.sources import SourceItem, list_sources, plan_shards
-from pipeline.faults import fault_point
-from pipeline.stages import DecodeSpec, EmbedSpec, Embedder, decode_batch
+from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
 from pipeline.windows import samples_for
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,12 @@ class JobSummary:
                                  f"variant={self.variant}")
         lines = [
             f"job {self.job_id}: {self.status}",
-            f"  recordings   {self.embedded + self.partial + self.failed} this run "
-            f"({self.embedded} ok, {self.partial} partial, {self.failed} failed); "
-            f"{self.recordings_already_done} already done of {self.recordings_listed} listed",
+            (f"  recordings   {self.embedded + self.partial + self.failed} this run "
+             f"({self.embedded} ok, {self.partial} partial, {self.failed} failed); "
+             f"{self.recordings_already_done} already done of {self.recordings_listed} listed"),
             f"  windows      {self.windows}",
-            f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
-            f"= {self.throughput:.1f} audio-s/s",
+            (f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
+             f"= {self.throughput:.1f} audio-s/s"),
             f"  model        {self.model} (variant {self.variant}, weights {self.weights})",
             f"  output       {self.output_uri}",
         ]
@@ -389,7 +389,7 @@ class EmbeddingJob:
             window_samples=self.window_samples,
             hop_samples=self.hop_samples,
             tail=self.cfg.windows.tail,
-            min_tail_samples=max(1, int(round(self.cfg.windows.min_tail_s * rate))),
+            min_tail_samples=max(1, round(self.cfg.windows.min_tail_s * rate)),
             batch_windows=a.batch_windows,
             storage_options=dict(self.cfg.input.storage_options),
         )
@@ -471,7 +471,7 @@ class EmbeddingJob:
         final = layout_mod.publish(self.layout, shard_id, staged_paths)
         fault_point("before_commit")
         final_rows = {table: [{"path": self.layout.uri(dst), "rows": rows_by_path[src]}
-                              for src, dst in zip(sorted(staged_paths[table]), paths)]
+                              for src, dst in zip(sorted(staged_paths[table]), paths, strict=True)]
                       for table, paths in final.items()}
         layout_mod.commit(self.layout, {
             "shard": shard_id,
@@ -619,5 +619,5 @@ def run_job(cfg: JobConfig) -> JobSummary:
     return job.run()
 
 
-__all__ = ["EmbeddingJob", "JobSummary", "run_job", "EXIT_OK", "EXIT_SOME_FAILED",
-           "EXIT_ABORTED", "EXIT_CONFIG", "EXIT_FAILURE"]
+__all__ = ["EXIT_ABORTED", "EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_SOME_FAILED",
+           "EmbeddingJob", "JobSummary", "run_job"]

@@ -21,7 +21,7 @@ QUERIES = {
         ORDER BY file, channel""",
     "window rows per layer": """
         SELECT model, variant, layer, count(*) AS windows, count(DISTINCT recording_id) AS recordings,
-               round(sum(valid_s) / 3600, 3) AS audio_hours
+               round(avg(valid_s), 2) AS mean_valid_s
         FROM read_parquet('{root}/windows/**/*.parquet', hive_partitioning = true)
         GROUP BY ALL ORDER BY layer""",
     "nearest neighbour of each recording (cosine, last layer)": """

@@ -266,7 +266,7 @@ def reduce_partials(partials: Sequence[pa.Table], pooling: str) -> dict[tuple[st
         counts = table.column("count").to_pylist()
         sums = table.column("sum").to_pylist()
         maxs = table.column("max").to_pylist()
-        for rid, ch, layer, n, s, m in zip(rids, chans, layers, counts, sums, maxs):
+        for rid, ch, layer, n, s, m in zip(rids, chans, layers, counts, sums, maxs, strict=True):
             key = (rid, ch, layer)
             s_arr, m_arr = np.asarray(s, np.float64), np.asarray(m, np.float32)
             if key in acc:

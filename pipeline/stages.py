@@ -51,7 +51,7 @@ class DecodeSpec:
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
     """Ray ``map_batches`` generator: one recording in, window batches then a report out."""
     for rid, uri, path, size, problem in zip(batch["recording_id"], batch["uri"], batch["path"],
-                                             batch["size_bytes"], batch["problem"]):
+                                             batch["size_bytes"], batch["problem"], strict=True):
         yield from decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec)
 
 
@@ -92,7 +92,7 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     except (FileNotFoundError, PermissionError) as err:
         meta = {"status": "error", "error_type": type(err).__name__,
                 "message": storage.redact_uri(str(err))}
-    except Exception as err:  # noqa: BLE001 - one bad file must not kill a mass run
+    except Exception as err:  # one bad file must not kill a mass run; logged with traceback
         log.exception("unexpected error decoding %s", uri)
         meta = {"status": "error", "error_type": type(err).__name__,
                 "message": f"unexpected: {err}"}
@@ -220,13 +220,11 @@ class Embedder:
         from pipeline.sink import STAGE_SCHEMA
 
         fault_point("embed")
-        meta = batch["meta"]
-        is_window = np.array([not m for m in meta], dtype=bool)
+        is_window = np.array([not m for m in batch["meta"]], dtype=bool)
         parts = [self._report_rows(batch, ~is_window)]
         if is_window.any():
             parts.extend(self._embed_rows({k: v[is_window] for k, v in batch.items()}))
-        return pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts if p.num_rows])\
-            if any(p.num_rows for p in parts) else STAGE_SCHEMA.empty_table()
+        return pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts])
 
     def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         n = int(mask.sum())
@@ -317,7 +315,7 @@ class Embedder:
         """Report rows for windows whose embedding was not finite even in fp32."""
         by_recording: dict[str, list[list[int]]] = {}
         for rid, ch, wi in zip(rows["recording_id"][dropped], rows["channel"][dropped],
-                               rows["window_index"][dropped]):
+                               rows["window_index"][dropped], strict=True):
             by_recording.setdefault(str(rid), []).append([int(ch), int(wi)])
         log.warning("dropping %d windows with non-finite embeddings", int(dropped.sum()))
         metas = [json.dumps({"type": "dropped", "recording_id": rid, "windows": wins,

@@ -60,7 +60,7 @@ class WindowPlan:
 
 def samples_for(seconds: float, sample_rate_hz: int) -> int:
     """Round a duration to a whole number of samples (at least one)."""
-    return max(1, int(round(seconds * sample_rate_hz)))
+    return max(1, round(seconds * sample_rate_hz))
 
 
 def count_full_windows(num_samples: int, size: int, hop: int) -> int:

@@ -42,7 +42,7 @@ def write_tone(path: Path, seconds: float, sample_rate_hz: int = 16_000, channel
                seed: int = 0) -> np.ndarray:
     """Write a tone plus a little noise; returns the samples written ``[frames, channels]``."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(round(seconds * sample_rate_hz))) / sample_rate_hz
+    t = np.arange(round(seconds * sample_rate_hz)) / sample_rate_hz
     cols = [0.5 * np.sin(2 * np.pi * freq_hz * (c + 1) * t) + 0.01 * rng.standard_normal(len(t))
             for c in range(channels)]
     audio = np.stack(cols, axis=1).astype(np.float32)

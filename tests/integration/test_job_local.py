@@ -185,9 +185,10 @@ def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
     other = {**raw, "output": {"uri": str(tmp_path / "other")}, "run": {**raw["run"], "job_id": "x"},
              "input": {"uri": str(Path(raw["input"]["uri"]) / "perch")}}
     EmbeddingJob(JobConfig.from_dict(other)).run()
-    ids_a = set(r[0] for r in duckdb.sql(
+    ids_a = {r[0] for r in duckdb.sql(
         f"SELECT DISTINCT recording_id FROM read_parquet('{out}/recordings/**/*.parquet') "
-        "WHERE source_uri LIKE '%/perch/%'").fetchall())
-    ids_b = set(r[0] for r in duckdb.sql(
-        f"SELECT DISTINCT recording_id FROM read_parquet('{tmp_path}/other/recordings/**/*.parquet')").fetchall())
+        "WHERE source_uri LIKE '%/perch/%'").fetchall()}
+    ids_b = {r[0] for r in duckdb.sql(
+        f"SELECT DISTINCT recording_id FROM read_parquet('{tmp_path}/other/recordings/**/*.parquet')"
+    ).fetchall()}
     assert ids_a == ids_b and len(ids_a) == 17

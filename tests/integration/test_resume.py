@@ -70,7 +70,7 @@ def run_cli(cfg: dict, tmp: Path, env: dict[str, str], timeout: float = 240) -> 
     path.write_text(yaml.safe_dump(cfg))
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "run", str(path)], env={**os.environ, **env},
-        capture_output=True, text=True, timeout=timeout, start_new_session=True)
+        capture_output=True, text=True, timeout=timeout, start_new_session=True, check=False)
 
 
 def assert_same(out: Path, baseline) -> None:
@@ -141,7 +141,7 @@ def test_a_config_change_never_mixes_outputs(archive: Path, baseline, tmp_path: 
     variants = duckdb.sql(f"""SELECT variant, count(*) FROM read_parquet('{out}/windows/**/*.parquet',
                                 hive_partitioning = true) GROUP BY variant""").fetchall()
     assert len(variants) == 2
-    first_variant = [v for v, _ in variants if v != second.variant.id][0]
+    first_variant = next(v for v, _ in variants if v != second.variant.id)
     only_first = duckdb.sql(f"""SELECT recording_id, channel, window_index, layer, embedding
         FROM read_parquet('{out}/windows/**/*.parquet', hive_partitioning = true)
         WHERE variant = '{first_variant}'""").fetchall()
