@@ -40,7 +40,10 @@ class InputConfig:
             columns are carried to every output row. When set, ``uri`` is ignored.
         extensions: file extensions (case-insensitive) that count as recordings.
         recursive: descend into subdirectories when ``uri`` is a directory.
-        storage_options: passed to the fsspec filesystem (endpoint, project, anon...).
+        storage_options: passed to the fsspec filesystem (endpoint, project, anon, key and
+            secret...). For a manifest that mixes stores, key them by protocol:
+            ``{"s3": {...}, "gs": {...}, "https": {}}`` (see ``pipeline.storage.options_for``).
+            Secret-looking keys are masked in every record the job writes.
     """
 
     uri: str | None = None

@@ -226,7 +226,7 @@ class EmbeddingJob:
         fs = self.layout.fs
         path = self.layout.variant_path()
         record = self.variant.to_dict()
-        if fs.exists(path):
+        if storage.exists(fs, path):
             existing = layout_mod.read_json(fs, path)
             if existing != json.loads(json.dumps(record, default=str)):
                 raise ConfigError(
@@ -315,6 +315,12 @@ class EmbeddingJob:
         ctx.enable_progress_bars = self.cfg.run.progress
         ctx.max_errored_blocks = 0  # bad recordings are handled per file, never by dropping blocks
         ctx.execution_options.preserve_order = False
+        # Ray Data packs what a generator UDF yields into blocks of up to
+        # target_max_block_size (128 MiB by default) before passing them on, so a decode task
+        # would hold that much window audio for a long recording. A block per window batch
+        # keeps a decode worker's memory independent of the recording's length.
+        ctx.target_max_block_size = max(1 << 20, self.cfg.audio.batch_windows
+                                        * self.window_samples * 4)
 
     def _compute_plan(self, resources: Mapping[str, float]) -> dict[str, Any]:
         c = self.cfg.compute

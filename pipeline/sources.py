@@ -120,17 +120,22 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     assert cfg.uri is not None
     fs, path = storage.url_to_fs(cfg.uri, cfg.storage_options)
     exts = {e.lower() for e in cfg.extensions}
-    if fs.exists(path) and not _has_magic(path) and fs.isfile(path):
-        infos = {path: fs.info(path)}
+    shown = storage.redact_uri(cfg.uri)
+    # Every call is retried: a 503 while listing must not read as "no such input".
+    top = None
+    if not _has_magic(path) and storage.exists(fs, path):
+        top = storage.info(fs, path)
+    if top is not None and top.get("type") != "directory":
+        infos = {path: top}
     elif _has_magic(path):
-        infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {cfg.uri}")
+        infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {shown}")
     else:
-        if not fs.exists(path):
-            raise NoInputsError(f"input.uri {storage.redact_uri(cfg.uri)} does not exist")
+        if top is None:
+            raise NoInputsError(f"input.uri {shown} does not exist")
         infos = storage.retry(
             lambda: fs.find(path, maxdepth=None if cfg.recursive else 1, withdirs=False,
                             detail=True),
-            what=f"list {cfg.uri}",
+            what=f"list {shown}",
         )
     items = []
     for name, info in infos.items():

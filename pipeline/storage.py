@@ -1,0 +1,451 @@
+"""Everything that touches a filesystem: fsspec URLs, retries, atomic writes, redaction.
+
+Stage code never calls ``open()`` on a path: it asks this module for a filesystem built
+from plain options (``url_to_fs``), which is cached per process so a worker builds one
+client per bucket, not one per file. Filesystem objects are never shipped between
+processes; the options are (some clients do not pickle cleanly).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import fsspec
+
+from pipeline.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# gcsfs >= 2026.x probes a gRPC "storage layout" API before every call; against anything
+# but real GCS (the emulator, a proxy) that waits 60 s per call. Workers inherit this.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+REMOTE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "hf", "http", "https", "az", "abfs"})
+
+_PROTOCOL_ALIASES: dict[str, frozenset[str]] = {
+    alias: group
+    for group in (frozenset({"s3", "s3a"}), frozenset({"gs", "gcs"}), frozenset({"http", "https"}),
+                  frozenset({"file", "local"}), frozenset({"az", "abfs", "abfss"}))
+    for alias in group
+}
+# Names that, as a storage_options key with a mapping value, mean "options for this protocol".
+_KNOWN_PROTOCOLS = frozenset(_PROTOCOL_ALIASES) | frozenset(
+    {"hf", "memory", "ftp", "sftp", "ssh", "smb", "webdav", "hdfs", "webhdfs", "oss", "oci", "adl"})
+
+_FS_CACHE: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def protocol_of(uri: str) -> str:
+    """``s3`` for ``s3://b/k``, ``file`` for plain paths."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    return match.group(1).lower() if match else "file"
+
+
+def is_local(uri: str) -> bool:
+    return protocol_of(uri) in ("file", "local")
+
+
+def options_for(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The filesystem options that apply to ``uri``.
+
+    ``storage_options`` is either one mapping for every URI (``{"key": ..., "secret": ...}``)
+    or keyed by protocol, for a manifest that mixes stores::
+
+        {"s3": {"key": ..., "client_kwargs": {"endpoint_url": ...}}, "https": {}, "anon": False}
+
+    A value keyed by the URI's protocol (or an alias: ``gs``/``gcs``, ``s3``/``s3a``,
+    ``http``/``https``) is merged over the plain keys; other protocols' values are dropped.
+    """
+    options = dict(storage_options or {})
+    keyed = [k for k, v in options.items()
+             if isinstance(v, Mapping) and k.lower() in _KNOWN_PROTOCOLS]
+    if not keyed:
+        return options
+    base = {k: v for k, v in options.items() if k not in keyed}
+    protocol = protocol_of(uri)
+    aliases = _PROTOCOL_ALIASES.get(protocol, frozenset({protocol}))
+    for name in keyed:
+        if name.lower() in aliases:
+            base.update(options[name])
+    return base
+
+
+def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """Filesystem and in-filesystem path for ``uri``, cached per (protocol, options).
+
+    Args:
+        uri: any fsspec URL or local path.
+        storage_options: options for the filesystem constructor (see :func:`options_for`
+            for options keyed by protocol).
+
+    Returns:
+        ``(fs, path)``.
+    """
+    options = options_for(uri, storage_options)
+    protocol = protocol_of(uri)
+    key = (protocol, repr(sorted(options.items(), key=lambda kv: kv[0])))
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+        with _FS_LOCK:
+            _FS_CACHE.setdefault(key, fs)
+        return fs, path
+    return fs, fs._strip_protocol(uri)
+
+
+def full_uri(fs: Any, path: str) -> str:
+    """The URL a user would write for ``path`` on ``fs`` (plain absolute path for local files)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return os.path.abspath(path)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+        return path  # HTTP(S) filesystems keep the whole URL as the path
+    return f"{protocol}://{path}"
+
+
+def join(root: str, *parts: str) -> str:
+    """Join URL or path segments with ``/`` (fsspec paths are always ``/``-separated)."""
+    out = root.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def safe_component(text: str) -> str:
+    """Make ``text`` usable as one path component: no separators, no dot-dot, bounded length.
+
+    Used for every path segment derived from data (model names, job ids) so that nothing
+    from an input can escape ``output.uri``.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._=-]", "_", text).strip(".")
+    return cleaned[:120] or "_"
+
+
+# --------------------------------------------------------------------------- redaction
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]+)@")
+_SECRET_QUERY = re.compile(r"(?i)(signature|token|secret|key|credential|sig|password)")
+
+
+def redact_uri(uri: str) -> str:
+    """Drop credentials embedded in a URL (``user:pass@`` and signed-URL query values)."""
+    if "://" not in uri:
+        return uri
+    uri = _USERINFO.sub(r"\1***@", uri)
+    if "?" in uri:
+        base, _, query = uri.partition("?")
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
+            query = "&".join(
+                f"{k}={'***' if _SECRET_QUERY.search(k) else v}" for k, v in pairs
+            )
+            uri = f"{base}?{query}"
+    return uri
+
+
+# --------------------------------------------------------------------------- retries
+
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                 FileExistsError)
+# s3fs turns 503 SlowDown / ServiceUnavailable into EBUSY and 500 InternalError into EREMOTEIO.
+_TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                    errno.ETIMEDOUT, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                    errno.EIO, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
+# Errors that retrying cannot fix, whatever module raised them (missing or bad credentials,
+# invalid parameters): fail at once with the library's own message.
+_PERMANENT_NAMES = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "ParamValidationError", "NoRegionError", "InvalidConfigError", "UnknownServiceError",
+    "DefaultCredentialsError", "InvalidRegionError",
+})
+_TRANSIENT_TEXT = re.compile(
+    r"(?i)(\b5\d\d\b|\b429\b|throttl|slow ?down|rate ?limit|reduce your request rate|"
+    r"timed? ?out|timeout|connection|reset|temporar|unavailable|internal ?error|service error|"
+    r"broken pipe|incomplete|server disconnected|payload)"
+)
+
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status an I/O error carries, if any (aiohttp, botocore, gcsfs, requests)."""
+    for attr in ("status", "code", "status_code"):
+        value = getattr(err, attr, None)
+        if isinstance(value, int) and 100 <= value <= 599:
+            return value
+    response = getattr(err, "response", None)
+    if isinstance(response, Mapping):  # botocore ClientError
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return value if isinstance(value, int) else None
+    value = getattr(response, "status_code", None) or getattr(response, "status", None)
+    return value if isinstance(value, int) else None
+
+
+def _error_chain(err: BaseException, limit: int = 8) -> list[BaseException]:
+    """``err`` and the errors it was raised from (``__cause__``, else ``__context__``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and len(chain) < limit and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether an I/O error is worth retrying (5xx, throttling, resets, timeouts).
+
+    Looks through the chain of causes, because storage libraries translate errors: s3fs
+    raises ``OSError(EBUSY)`` for a 503 SlowDown, with the botocore error (and its HTTP
+    status) as the cause. A 4xx status other than 408/429, missing credentials and
+    invalid parameters are permanent.
+    """
+    if isinstance(err, NOT_TRANSIENT):
+        return False
+    chain = _error_chain(err)
+    for e in chain:
+        if type(e).__name__ in _PERMANENT_NAMES:
+            return False
+        status = http_status(e)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+    for e in chain:
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+            return True
+    module = type(err).__module__ or ""
+    if module.startswith(("aiohttp", "botocore", "aiobotocore", "urllib3", "requests",
+                          "google", "gcsfs", "s3fs", "fsspec", "http")):
+        return True
+    return bool(_TRANSIENT_TEXT.search(f"{type(err).__name__} {err}"))
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 6,
+    base_delay_s: float = 0.2,
+    max_delay_s: float = 10.0,
+) -> T:
+    """Call ``fn`` and retry transient I/O errors with jittered exponential backoff.
+
+    Args:
+        fn: the operation; must be idempotent.
+        what: description for logs and the final error (secrets redacted by the caller).
+        attempts: total tries.
+        base_delay_s: first backoff.
+        max_delay_s: backoff cap.
+
+    Raises:
+        StorageError: the last transient error, once attempts are spent.
+        Exception: any non-transient error, unchanged, at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below
+            if not is_transient(err):
+                raise
+            if attempt == attempts:
+                raise StorageError(f"{what}: gave up after {attempts} attempts: "
+                                   f"{type(err).__name__}: {err}") from err
+            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", what,
+                        type(err).__name__, err, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class RangeReader(io.RawIOBase):
+    """A seekable read-only file over fsspec that fetches aligned byte ranges, with retries.
+
+    Every fetch is one independent, retried range request (``fs.cat_file(path, start,
+    end)``), so a reset connection costs one block, never the stream. The last few blocks
+    are kept because decoders seek backwards a little all the time (libsndfile's FLAC reader
+    re-reads a few KB every 20 KB); with them, a recording is fetched about once, and memory
+    stays at ``block_bytes * cached_blocks`` however long it is.
+
+    Args:
+        fs: an fsspec filesystem.
+        path: path on ``fs``.
+        size: object size in bytes, if known (saves a metadata request).
+        block_bytes: size of one range request.
+        cached_blocks: blocks kept for backward seeks.
+    """
+
+    def __init__(self, fs: Any, path: str, size: int | None = None,
+                 block_bytes: int = 2 * 1024 * 1024, cached_blocks: int = 3) -> None:
+        super().__init__()
+        self._fs, self._path = fs, path
+        self._block, self._keep = block_bytes, max(1, cached_blocks)
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._pos = 0
+        self.bytes_fetched = 0
+        self.fetches = 0
+        if size is None or size < 0:
+            size = int(retry(lambda: fs.size(path), what=f"stat {path}"))
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence {whence}")
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._size - self._pos
+        end = min(self._size, self._pos + size)
+        parts = []
+        while self._pos < end:
+            index = self._pos // self._block
+            block = self._get(index)
+            offset = self._pos - index * self._block
+            piece = block[offset : offset + end - self._pos]
+            if not piece:
+                break
+            parts.append(piece)
+            self._pos += len(piece)
+        return b"".join(parts)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def _get(self, index: int) -> bytes:
+        block = self._cache.get(index)
+        if block is not None:
+            self._cache.move_to_end(index)
+            return block
+        start = index * self._block
+        stop = min(self._size, start + self._block)
+        block = retry(lambda: self._fs.cat_file(self._path, start=start, end=stop),
+                      what=f"read {self._path} bytes {start}-{stop}")
+        if len(block) != stop - start:
+            raise StorageError(f"read {self._path} bytes {start}-{stop}: got {len(block)} bytes; "
+                               "the object changed or is shorter than listed")
+        self.fetches += 1
+        self.bytes_fetched += len(block)
+        self._cache[index] = block
+        while len(self._cache) > self._keep:
+            self._cache.popitem(last=False)
+        return block
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def write_bytes(fs: Any, path: str, data: bytes) -> None:
+    """Write a whole object so readers see all of it or none of it.
+
+    Local files go to a temporary sibling and are renamed into place; object stores
+    get one PUT (objects appear whole). Retried on transient errors.
+    """
+    if _is_local_fs(fs):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return
+    retry(lambda: fs.pipe_file(path, data), what=f"write {path}")
+
+
+def move(fs: Any, src: str, dst: str) -> None:
+    """Move one object into place: a rename locally, a server-side copy on object stores.
+
+    Both steps are retried. A delete whose response was lost may have happened: when a
+    retry finds the source gone, the move is done.
+    """
+    if _is_local_fs(fs):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return
+    retry(lambda: fs.copy(src, dst), what=f"copy {src} -> {dst}")
+    attempts = 0
+
+    def delete() -> None:
+        nonlocal attempts
+        attempts += 1
+        try:
+            fs.rm(src)
+        except FileNotFoundError:
+            if attempts == 1:
+                raise
+
+    retry(delete, what=f"delete {src}")
+
+
+def remove_tree(fs: Any, path: str) -> None:
+    """Delete ``path`` and everything under it; absent is fine."""
+    def rm() -> None:
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    retry(rm, what=f"delete {path}")
+
+
+def list_files(fs: Any, path: str) -> list[str]:
+    """Every file under ``path`` (recursively); empty if it does not exist."""
+    def find() -> list[str]:
+        try:
+            return sorted(fs.find(path))
+        except FileNotFoundError:
+            return []
+
+    return retry(find, what=f"list {path}")
+
+
+def read_bytes(fs: Any, path: str) -> bytes:
+    """A whole (small) object: markers, manifests, error tables. Retried."""
+    return retry(lambda: fs.cat_file(path), what=f"read {path}")
+
+
+def exists(fs: Any, path: str) -> bool:
+    """Whether ``path`` exists; transient errors are retried, never read as "absent"."""
+    return bool(retry(lambda: fs.exists(path), what=f"check {path}"))
+
+
+def info(fs: Any, path: str) -> dict[str, Any]:
+    """``fs.info(path)`` with retries (``FileNotFoundError`` is raised at once)."""
+    return dict(retry(lambda: fs.info(path), what=f"stat {path}"))
+
+
+def _is_local_fs(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
