@@ -44,10 +44,13 @@ bench-quick: setup
 	$(BIN)/embed-archive bench --quick --out bench_results
 
 image:
-	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
+	DOCKER_BUILDKIT=1 docker build -f infra/docker/Dockerfile \
+	  --build-arg GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE) .
 
+# Submit a bucket job to a running cluster: make submit ADDRESS=http://HEAD:8265
+SUBMIT_CONFIG ?= job_configs/gcs_bucket.yaml
 submit: setup
-	$(BIN)/embed-archive submit $(CONFIG) --address $(ADDRESS)
+	$(BIN)/embed-archive submit $(SUBMIT_CONFIG) --address $(ADDRESS) $(SUBMIT_ARGS)
 
 clean:
 	rm -rf outputs demo_archive bench_results .pytest_cache

@@ -327,9 +327,13 @@ class EmbeddingJob:
         gpus = float(resources.get("GPU", 0.0))
         cpus = float(resources.get("CPU", 1.0))
         gpus_per_actor = c.gpus_per_actor if c.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        if gpus_per_actor and gpus < gpus_per_actor:
+        if gpus_per_actor and gpus < gpus_per_actor and c.embed_actors is None:
             raise ConfigError(f"each actor asks for {gpus_per_actor} GPU but the cluster has "
-                              f"{gpus}", "compute.gpus_per_actor")
+                              f"{gpus}; set compute.embed_actors to wait for an autoscaler",
+                              "compute.gpus_per_actor")
+        if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
+            log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
+                        "the rest", c.embed_actors, gpus_per_actor, gpus)
         actors = c.embed_actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
         if c.torch_threads:
             threads = c.torch_threads
@@ -604,6 +608,11 @@ def connect_ray(cfg: JobConfig) -> bool:
     from pipeline.provenance import GIT_COMMIT_ENV, git_commit
 
     env.setdefault(GIT_COMMIT_ENV, git_commit())
+    # In a submitted job the job's runtime_env already reaches every worker, and ray.init()
+    # refuses to repeat one of its env vars; send only what the job does not set.
+    job_env = ((json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+                .get("runtime_env") or {}).get("env_vars") or {})
+    env = {k: v for k, v in env.items() if k not in job_env}
     c = cfg.compute
     if c.address:
         ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)

@@ -1,0 +1,651 @@
+"""The cluster files (image, KubeRay, ``ray up``, docs) and ``pipeline.cluster`` without a cluster.
+
+Every entrypoint and documented command must be a real ``embed-archive`` command whose config
+validates with :class:`pipeline.config.JobConfig` (with its ``--set`` overrides) and can run
+on a cluster. The Jobs-API client is exercised against a small fake dashboard over HTTP,
+so token headers, error messages and "nothing is ever printed with the token" are checked
+through Ray's real ``JobSubmissionClient``.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import cli, cluster
+from pipeline.cluster import AuthToken, ClusterError
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+RAYJOB = INFRA / "k8s" / "rayjob.yaml"
+RAYCLUSTER = INFRA / "k8s" / "raycluster.yaml"
+SERVICE_ACCOUNT = INFRA / "k8s" / "serviceaccount.yaml"
+RAY_UP = INFRA / "ray-up" / "gcp.yaml"
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+TOKEN = "s3cr3t-t0ken-" + "f" * 40
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def one(path: Path, kind: str) -> dict[str, Any]:
+    found = [d for d in docs(path) if d.get("kind") == kind]
+    assert len(found) == 1, f"{path.name}: expected one {kind}"
+    return found[0]
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_file_parses(path: Path) -> None:
+    assert docs(path), f"{path} is empty"
+
+
+def check_cluster_spec(spec: dict[str, Any]) -> None:
+    """Head + a CPU group + a GPU group with nvidia.com/gpu, bounds, identity, one image."""
+    assert spec["rayVersion"] == "2.60.0"
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    assert {p["serviceAccountName"] for p in pods} == {"embed-archive"}
+    images = {c["image"] for p in pods for c in p["containers"]}
+    assert len(images) == 1 and images.pop().endswith("/embed-archive:0.1.0")
+
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    gpu = [g for g in groups.values() if "nvidia.com/gpu" in _limits(g)]
+    cpu = [g for g in groups.values() if "nvidia.com/gpu" not in _limits(g)]
+    assert len(gpu) == 1 and len(cpu) == 1
+    assert int(_limits(gpu[0])["nvidia.com/gpu"]) >= 1
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert gpu[0]["minReplicas"] >= 1  # the job plans from the GPUs present at start
+    assert "decode_node" in advertised_resources(cpu[0])
+    assert "decode_node" not in advertised_resources(gpu[0])
+
+
+def _limits(group: dict[str, Any]) -> dict[str, Any]:
+    return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def advertised_resources(group: dict[str, Any]) -> dict[str, float]:
+    """KubeRay's ``rayStartParams.resources``: a JSON string wrapped in quotes."""
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(raw.strip().strip('"').replace('\\"', '"')) if raw else {}
+
+
+def test_rayjob_has_the_required_fields() -> None:
+    job = one(RAYJOB, "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+    check_cluster_spec(spec["rayClusterSpec"])
+
+
+def test_raycluster_has_the_required_fields() -> None:
+    rc = one(RAYCLUSTER, "RayCluster")
+    check_cluster_spec(rc["spec"])
+    assert rc["spec"]["authOptions"]["secretName"] == "embed-archive-ray-token"
+
+
+def test_service_account_is_annotated_for_gke_and_eks() -> None:
+    sa = one(SERVICE_ACCOUNT, "ServiceAccount")
+    assert sa["metadata"]["name"] == "embed-archive"
+    notes = sa["metadata"]["annotations"]
+    assert notes["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    assert notes["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+
+
+def mounted_config(entry_config: str) -> dict[str, Any]:
+    """The ConfigMap document the RayJob head mounts at ``entry_config``'s directory."""
+    job = one(RAYJOB, "RayJob")
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mount_dir, name = entry_config.rsplit("/", 1)
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    assert mount_dir in mounts, f"{entry_config} is not on a volume of the head"
+    volume = next(v for v in head["volumes"] if v["name"] == mounts[mount_dir])
+    config_map = next(d for d in docs(RAYJOB) if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == volume["configMap"]["name"])
+    return yaml.safe_load(config_map["data"][name])
+
+
+def parse_command(command: str) -> Any:
+    """An ``embed-archive ...`` command line as the real CLI parser sees it."""
+    argv = shlex.split(command)
+    assert argv[0] == "embed-archive", command
+    return cli._parser().parse_args(argv[1:])
+
+
+def check_cluster_job(cfg: JobConfig) -> None:
+    assert cfg.compute.address == "auto"
+    cluster.check_cluster_config(cfg)  # raises for relative local paths
+    cluster.check_model_options(cfg)
+
+
+def test_rayjob_entrypoint_is_a_real_command_whose_config_validates() -> None:
+    job = one(RAYJOB, "RayJob")
+    args = parse_command(job["spec"]["entrypoint"])
+    assert args.command == "run" and args.func is cli.cmd_run
+    raw = mounted_config(args.config)
+    cfg = JobConfig.from_dict(raw, args.overrides)
+    check_cluster_job(cfg)
+    spec = job["spec"]["rayClusterSpec"]
+    groups = spec["workerGroupSpecs"]
+    gpu = next(g for g in groups if "nvidia.com/gpu" in _limits(g))
+    cpu = next(g for g in groups if "nvidia.com/gpu" not in _limits(g))
+    # Decode asks only for what the CPU group advertises; one actor per GPU at full scale.
+    assert set(cfg.compute.decode_resources) <= set(advertised_resources(cpu))
+    assert cfg.compute.embed_actors == gpu["maxReplicas"] * int(_limits(gpu)["nvidia.com/gpu"])
+    assert cfg.compute.gpus_per_actor == 1
+    # It is the repository's GCS job, sized for this cluster.
+    reference = yaml.safe_load((REPO / "job_configs" / "gcs_bucket.yaml").read_text())
+    for section in ("input", "windows", "model", "output"):
+        assert raw[section] == reference[section], section
+
+
+def test_ray_up_config() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(RAY_UP.read_text())
+    assert config["cluster_name"] == "embed-archive"
+    assert config["provider"]["type"] == "gcp"
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert types[config["head_node_type"]]["resources"]["CPU"] == 0
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
+    assert len(gpu) == 1 and gpu[0]["node_config"]["guestAccelerators"]
+    assert gpu[0]["max_workers"] >= gpu[0]["min_workers"] >= 1
+    cpu = [t for name, t in types.items()
+           if name != config["head_node_type"] and not t["resources"].get("GPU")]
+    assert len(cpu) == 1 and "decode_node" in cpu[0]["resources"]
+    assert config["docker"]["image"].endswith("/embed-archive:0.1.0")
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
+    assert "/home/ray/.ray/auth_token" in config["file_mounts"]
+    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's own schema
+
+
+def test_dockerfile_pins_the_stack_and_installs_libsndfile() -> None:
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE)
+    assert base and base.group(1) == "rayproject/ray:2.60.0-py311-gpu"
+    assert '"torch==2.13.0"' in text
+    assert '"ray[data,default]==2.60.0"' in text
+    assert re.search(r"apt-get install[^\n]*libsndfile1", text)
+    assert "EMBED_ARCHIVE_GIT_COMMIT=${GIT_COMMIT}" in text
+    pins = (INFRA / "docker" / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins and "ray[data,default]==2.60.0" in pins
+    ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    for line in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)$", text, re.MULTILINE):
+        for source in line.split()[:-1]:
+            assert (REPO / source).exists(), source
+            assert f"!{source}" in ignore or f"!{source}/**" in ignore, source
+
+
+# --------------------------------------------------------------------------- documented commands
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """``embed-archive`` command lines in infra/README.md's code blocks and the files' headers."""
+    found = []
+    readme = (INFRA / "README.md").read_text()
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL):
+        found += [("README.md", c) for c in _commands(block)]
+    for path in (RAYCLUSTER, RAY_UP):
+        comments = "\n".join(line.lstrip("#").strip() for line in path.read_text().splitlines()
+                             if line.startswith("#"))
+        found += [(path.name, c) for c in _commands(comments)]
+    return found
+
+
+def _commands(text: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.split(" # ")[0].strip()
+        if line.startswith("embed-archive "):
+            out.append(line.replace("~/", "/home/user/"))
+    return out
+
+
+def test_documented_commands_are_real_and_their_configs_validate() -> None:
+    commands = documented_commands()
+    assert sum(1 for _, c in commands if c.startswith("embed-archive submit")) >= 3
+    for where, command in commands:
+        args = parse_command(command)
+        if args.command in ("submit", "run"):
+            cfg = JobConfig.load(REPO / args.config, args.overrides)
+            if args.command == "submit":
+                cluster.check_cluster_config(cfg)
+                cluster.check_model_options(cfg)
+                assert args.address == "http://127.0.0.1:8265", (where, command)
+
+
+@pytest.mark.parametrize("name", ["gcs_bucket.yaml", "s3_manifest.yaml"])
+def test_cluster_job_configs_can_be_submitted(name: str) -> None:
+    cfg = JobConfig.load(REPO / "job_configs" / name)
+    check_cluster_job(cfg)
+
+
+# --------------------------------------------------------------------------- address and token
+
+
+@pytest.mark.parametrize(("flag", "env", "expected"), [
+    ("http://head:8265/", {}, "http://head:8265"),
+    ("head:8265", {}, "http://head:8265"),
+    (None, {"RAY_ADDRESS": "http://a:8265"}, "http://a:8265"),
+    (None, {"RAY_ADDRESS": "auto"}, cluster.DEFAULT_ADDRESS),
+    (None, {"RAY_ADDRESS": "10.0.0.1:6379"}, cluster.DEFAULT_ADDRESS),
+    (None, {"RAY_ADDRESS": "http://a:8265", "RAY_API_SERVER_ADDRESS": "https://b"}, "https://b"),
+    ("http://flag:1", {"RAY_ADDRESS": "http://env:2"}, "http://flag:1"),
+    (None, {}, cluster.DEFAULT_ADDRESS),
+])
+def test_resolve_address(flag: str | None, env: dict[str, str], expected: str) -> None:
+    assert cluster.resolve_address(flag, env) == expected
+
+
+@pytest.mark.parametrize("bad", ["ray://head:10001", "auto", "gcs://x", "http://", "http://h:99999"])
+def test_resolve_address_refuses_non_dashboard_addresses(bad: str) -> None:
+    with pytest.raises(ClusterError, match="--address"):
+        cluster.resolve_address(bad, {})
+
+
+def test_token_sources_in_rays_order(tmp_path: Path) -> None:
+    f_flag, f_env, home = tmp_path / "flag", tmp_path / "env", tmp_path / "home"
+    f_flag.write_text("from-flag-file\n")
+    f_env.write_text("from-env-file")
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-default")
+    env = {"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(f_env)}
+
+    def value(**kw: Any) -> str | None:
+        token = cluster.load_token(home=home, **kw)
+        return token.value if token else None
+
+    assert value(token="from-flag", environ=env) == "from-flag"
+    assert value(token_file=str(f_flag), environ=env) == "from-flag-file"
+    assert value(environ=env) == "from-env"
+    assert value(environ={"RAY_AUTH_TOKEN_PATH": str(f_env)}) == "from-env-file"
+    # The default file only with RAY_AUTH_MODE=token (it may belong to a local ray.init()).
+    assert value(environ={}) is None
+    assert value(environ={"RAY_AUTH_MODE": "token"}) == "from-default"
+    assert value(environ={**env, "RAY_AUTH_MODE": "disabled"}) is None
+    assert value(token_file=str(f_flag), environ={"RAY_AUTH_MODE": "disabled"}) == "from-flag-file"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"environ": {"RAY_AUTH_MODE": "token"}}, "no token was found"),
+    ({"token_file": "/nonexistent/token"}, "cannot read the token file"),
+    ({"token": "   "}, "is empty"),
+    ({"token": "two words"}, "whitespace"),
+])
+def test_token_problems_are_clear(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ClusterError, match=message):
+        cluster.load_token(home=tmp_path, **{"environ": {}, **kwargs})
+
+
+def test_token_value_never_shows_in_repr_or_str() -> None:
+    token = AuthToken(value=TOKEN, source="--token-file (/x)")
+    assert TOKEN not in repr(token) and TOKEN not in str(token) and TOKEN not in f"{token!r}"
+    assert token.headers() == {"Authorization": f"Bearer {TOKEN}"}
+
+
+# --------------------------------------------------------------------------- submission
+
+
+def write_config(path: Path, **sections: dict[str, Any]) -> Path:
+    raw: dict[str, Any] = {
+        "input": {"uri": "gs://bucket/audio/*.flac"},
+        "model": {"name": "beats", "weights": "random",
+                  "options": {"encoder_layers": 2, "encoder_embed_dim": 64,
+                              "encoder_ffn_embed_dim": 128, "encoder_attention_heads": 4,
+                              "embed_dim": 64, "conv_pos": 16, "conv_pos_groups": 4}},
+        "output": {"uri": "gs://bucket/out"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def staging(tmp_path: Path) -> Path:
+    out = tmp_path / "staging"
+    out.mkdir()
+    return out
+
+
+def test_entrypoint_is_a_quoted_cli_run() -> None:
+    overrides = ["input.uri=/data/with space/*.wav", "compute.embed_resources={gpu: 1}",
+                 "model.name=it's"]
+    entry = cluster.build_entrypoint("job.yaml", overrides)
+    argv = shlex.split(entry)
+    assert argv[:5] == ["python", "-m", "pipeline.cli", "run", "job.yaml"]
+    assert argv[5:] == [x for item in overrides for x in ("--set", item)]
+    args = cli._parser().parse_args(argv[3:])
+    assert args.func is cli.cmd_run and args.overrides == overrides
+
+
+def test_submission_joins_the_cluster_pins_the_job_id_and_ships_the_config(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path / "my job.yaml")
+    sub = cluster.prepare_submission(config, ["model.batch_size=4"], staging(tmp_path),
+                                     git_commit="abc123")
+    argv = shlex.split(sub.entrypoint)
+    assert argv[:5] == ["python", "-m", "pipeline.cli", "run", "my job.yaml"]
+    sets = argv[6::2]
+    assert sets == ["model.batch_size=4", "compute.address=auto", f"run.job_id={sub.job_id}"]
+    assert sub.submission_id == f"embed-archive-{sub.job_id}"
+    staged = Path(sub.runtime_env["working_dir"]) / "my job.yaml"
+    assert staged.read_bytes() == config.read_bytes()
+    cfg = JobConfig.load(staged, sets)  # what the cluster will run
+    assert cfg.compute.address == "auto" and cfg.model.batch_size == 4
+    assert sub.metadata == {"embed_archive.config": "my job.yaml",
+                            "embed_archive.job_id": sub.job_id,
+                            "embed_archive.git_commit": "abc123"}
+
+
+def test_a_fixed_job_id_gets_a_fresh_submission_id(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "job.yaml", run={"job_id": "nightly"},
+                          compute={"address": "auto"})
+    first = cluster.prepare_submission(config, [], staging(tmp_path))
+    assert first.job_id == "nightly"
+    assert re.fullmatch(r"embed-archive-nightly-[0-9a-f]{6}", first.submission_id)
+    assert shlex.split(first.entrypoint)[5:] == []  # nothing to add
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["model.batch_size=0"], "model.batch_size: must be > 0"),
+    (["compute.address=ray://head:10001"], "compute.address"),
+    (["output.uri=outputs/x"], "output.uri: 'outputs/x' is a relative local path"),
+    (["input.uri=~/audio"], "input.uri: '~/audio' is a relative local path"),
+    (["model.name=no_such_model"], "no_such_model"),
+    (["model.options={bogus: 1}"], "bogus"),
+])
+def test_bad_configs_fail_before_anything_is_built(tmp_path: Path, sets: list[str],
+                                                   message: str) -> None:
+    out = staging(tmp_path)
+    with pytest.raises(Exception, match=re.escape(message)) as info:
+        cluster.prepare_submission(write_config(tmp_path / "job.yaml"), sets, out)
+    assert isinstance(info.value, (ConfigError, KeyError))
+    assert not list(out.iterdir())
+
+
+def test_local_absolute_paths_only_warn(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "job.yaml", output={"uri": "/shared/out"})
+    sub = cluster.prepare_submission(config, [], staging(tmp_path))
+    assert len(sub.warnings) == 1 and "output.uri is a local path" in sub.warnings[0]
+
+
+def test_runtime_env_ships_the_package_with_excludes(tmp_path: Path) -> None:
+    env = cluster.build_runtime_env(tmp_path, cluster.package_dir(), "abc", env={"X": "1"},
+                                    extra={"pip": ["a==1"], "env_vars": {"Y": "2"},
+                                           "excludes": ["*.npz"]})
+    assert env["working_dir"] == str(tmp_path)
+    assert env["py_modules"] == [str(cluster.package_dir())]
+    assert (Path(env["py_modules"][0]) / "cli.py").exists()
+    assert env["pip"] == ["a==1"]
+    assert env["env_vars"] == {"EMBED_ARCHIVE_GIT_COMMIT": "abc",
+                               "Y": "2", "X": "1"}
+    for pattern in (".venv/", ".git/", "outputs/", "demo_archive/", "__pycache__/", "*.npz"):
+        assert pattern in env["excludes"]
+    with pytest.raises(ConfigError, match="working_dir"):
+        cluster.build_runtime_env(tmp_path, cluster.package_dir(), "abc",
+                                  extra={"working_dir": "."})
+    with pytest.raises(ConfigError, match="no such directory"):
+        cluster.build_runtime_env(tmp_path, cluster.package_dir(), "abc",
+                                  py_modules=[str(tmp_path / "missing")])
+
+
+def test_rays_packager_honours_the_excludes(tmp_path: Path) -> None:
+    from ray._private.runtime_env.packaging import create_package
+
+    src = tmp_path / "project"
+    for rel in ("mypkg/__init__.py", "mypkg/core.py", "mypkg/__pycache__/core.cpython-311.pyc",
+                ".venv/lib/site.py", ".git/HEAD", "outputs/windows/a.parquet",
+                "demo_archive/x.wav", ".pytest_cache/v", "mypkg/sub/thing.pyc"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("x")
+    target = tmp_path / "pkg.zip"
+    create_package(str(src), target, include_gitignore=True,
+                   excludes=list(cluster.DEFAULT_EXCLUDES))
+    names = {n for n in zipfile.ZipFile(target).namelist() if not n.endswith("/")}
+    assert names == {"mypkg/__init__.py", "mypkg/core.py"}
+
+
+def test_parse_env() -> None:
+    assert cluster.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        cluster.parse_env(["no-equals"])
+
+
+# --------------------------------------------------------------------------- a fake dashboard
+
+
+class FakeDashboard(http.server.ThreadingHTTPServer):
+    """Enough of the Ray dashboard's Jobs API for ``JobSubmissionClient``."""
+
+    def __init__(self, token: str | None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.token = token
+        self.requests: list[dict[str, Any]] = []
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: FakeDashboard
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def _handle(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.requests.append({"method": method, "path": self.path,
+                                     "auth": self.headers.get("Authorization"), "body": body})
+        if self.server.token is not None:
+            auth = self.headers.get("Authorization")
+            if not auth:
+                return self._reply(401, "Unauthorized: Missing authentication token")
+            if auth != f"Bearer {self.server.token}":
+                return self._reply(403, "Forbidden: Invalid authentication token")
+        path = self.path.rstrip("/")
+        if path == "/api/version":
+            return self._reply(200, {"version": "4", "ray_version": "2.60.0",
+                                     "ray_commit": "x", "session_name": "s"})
+        if path.startswith("/api/packages/"):
+            return self._reply(404 if method == "GET" else 200, "")
+        if path == "/api/jobs" and method == "POST":
+            request = json.loads(body)
+            sid = request["submission_id"]
+            self.server.jobs[sid] = {
+                "type": "SUBMISSION", "submission_id": sid, "job_id": "02000000",
+                "status": "RUNNING", "entrypoint": request["entrypoint"], "message": "running",
+                "metadata": request["metadata"], "runtime_env": request["runtime_env"],
+                "start_time": 1_763_000_000_000, "driver_exit_code": None}
+            return self._reply(200, {"submission_id": sid, "job_id": sid})
+        match = re.fullmatch(r"/api/jobs/([^/]+)(/logs|/stop)?", path)
+        if match and match.group(1) in self.server.jobs:
+            job = self.server.jobs[match.group(1)]
+            if match.group(2) == "/logs":
+                return self._reply(200, {"logs": "decoding...\nembedding...\n"})
+            if match.group(2) == "/stop":
+                job["status"] = "STOPPED"
+                return self._reply(200, {"stopped": True})
+            return self._reply(200, job)
+        return self._reply(404, f"Job {match.group(1) if match else path} does not exist")
+
+    def _reply(self, status: int, payload: Any) -> None:
+        data = (json.dumps(payload) if not isinstance(payload, str) else payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if not isinstance(payload, str)
+                         else "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def dashboard() -> Iterator[FakeDashboard]:
+    server = FakeDashboard(token=TOKEN)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def laptop_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
+                 "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main(list(argv))
+
+
+def test_submit_sends_the_token_header_and_prints_only_the_id(
+        tmp_path: Path, dashboard: FakeDashboard, laptop_env: None,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # --address must win over it
+    config = write_config(tmp_path / "job.yaml")
+    code = run_cli("submit", str(config), "--address", dashboard.url,
+                   "--token-file", str(token_file), "--env", "EXTRA=1")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    sid = out.strip()
+    assert re.fullmatch(r"embed-archive-\d{8}T\d{6}Z-[0-9a-f]{6}", sid)
+    assert f"embed-archive logs {sid} --follow --address {dashboard.url}" in err
+    assert {r["auth"] for r in dashboard.requests} == {f"Bearer {TOKEN}"}
+    posted = json.loads(next(r["body"] for r in dashboard.requests
+                             if r["method"] == "POST"))
+    assert posted["submission_id"] == sid
+    assert posted["entrypoint"].startswith("python -m pipeline.cli run job.yaml --set ")
+    env = posted["runtime_env"]
+    assert env["working_dir"].startswith("gcs://") and env["py_modules"][0].startswith("gcs://")
+    assert env["env_vars"]["EXTRA"] == "1"
+    uploads = [r for r in dashboard.requests if r["method"] == "PUT"]
+    assert len(uploads) == 2  # the config directory and the package
+    everything = out + err + caplog.text + json.dumps(posted)
+    assert TOKEN not in everything
+
+
+def test_status_logs_and_stop(dashboard: FakeDashboard, laptop_env: None,
+                              monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    dashboard.jobs["j1"] = {"type": "SUBMISSION", "submission_id": "j1", "job_id": "02",
+                            "status": "RUNNING", "entrypoint": "python -m pipeline.cli run x",
+                            "message": "", "metadata": {}, "driver_exit_code": None,
+                            "runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "hunter2"}}}
+    assert run_cli("status", "j1", "--address", dashboard.url, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "RUNNING" and summary["ray_job_id"] == "02"
+    assert run_cli("status", "j1", "--address", dashboard.url) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("j1: RUNNING") and "hunter2" not in out
+    assert run_cli("logs", "j1", "--address", dashboard.url) == 0
+    assert capsys.readouterr().out == "decoding...\nembedding...\n"
+    assert run_cli("stop", "j1", "--address", dashboard.url) == 0
+    assert "stop requested for j1 (now STOPPED)" in capsys.readouterr().out
+    assert run_cli("status", "nope", "--address", dashboard.url) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"embed-archive: failed: the Ray cluster at {dashboard.url} refused "
+                           "the request: Request failed with status code 404: Job nope does "
+                           "not exist.")
+
+
+def test_wrong_token_is_one_line_and_never_printed(
+        tmp_path: Path, dashboard: FakeDashboard, laptop_env: None,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    wrong = "wrong-" + "a" * 30
+    code = run_cli("submit", str(write_config(tmp_path / "job.yaml")), "--address",
+                   dashboard.url, "--token", wrong)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"embed-archive: failed: the Ray cluster at {dashboard.url} rejected the token from "
+        "--token: use this cluster's token")
+    assert wrong not in out + err + caplog.text and TOKEN not in out + err + caplog.text
+    assert not [r for r in dashboard.requests if r["method"] == "POST"]
+
+
+def test_missing_token_says_how_to_give_one(tmp_path: Path, dashboard: FakeDashboard) -> None:
+    # A fresh process: Ray caches its auth mode per process, and a ray.init() elsewhere in this
+    # test session may have switched this one to token mode.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", "j1", "--address", dashboard.url],
+        check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"embed-archive: failed: the Ray cluster at {dashboard.url} requires a token (Ray "
+        "token authentication): pass --token-file FILE or set RAY_AUTH_TOKEN / "
+        "RAY_AUTH_TOKEN_PATH")
+
+
+def test_bad_config_never_contacts_the_cluster(tmp_path: Path, dashboard: FakeDashboard,
+                                               laptop_env: None,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "job.yaml")
+    code = run_cli("submit", str(config), "--address", dashboard.url, "--token", TOKEN,
+                   "--set", "windows.hop_s=-1")
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "embed-archive: error: windows.hop_s: must be > 0, got -1.0"
+    assert dashboard.requests == []
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "http://no-such-host.invalid:8265"])
+def test_unreachable_dashboard_fails_fast_in_one_line(address: str, laptop_env: None,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    code = run_cli("stop", "j1", "--address", address.format(port=port), "--connect-timeout", "5")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("embed-archive: failed: cannot reach the Ray dashboard at ")
+    assert len(err.strip().splitlines()) == 1
+    assert time.monotonic() - started < 30
