@@ -6,7 +6,7 @@ CONFIG ?= job_configs/demo.yaml
 IMAGE  ?= embed-archive:latest
 ADDRESS ?= http://127.0.0.1:8265
 
-.PHONY: setup test test-unit test-integration demo lint format bench bench-quick image submit clean
+.PHONY: setup test test-unit test-integration demo lint bench bench-quick image submit clean
 
 # One venv, the CPU torch wheel pinned in pyproject (no CUDA download), test + BirdNET extras.
 setup: $(VENV)/.installed
@@ -33,9 +33,6 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
-
-format: setup
-	$(BIN)/ruff format pipeline tests
 
 bench: setup
 	$(BIN)/embed-archive bench --out bench_results

@@ -193,6 +193,13 @@ class ComputeConfig:
         embed_label_selector: node labels the actors must run on.
         decode_resources: custom resources the decode tasks ask for.
         object_store_memory_mb: object store size for a local Ray.
+        inflight_mb: most object-store memory the job's blocks may hold at once (windows
+            decoded but not yet embedded, embeddings not yet written); decoding pauses at
+            the limit. ``None``: 8 window batches per actor (at least 256 MiB) plus two
+            output files' worth of rows; a value below one file plus a few batches is
+            refused, since the writer could never fill a file. Keeps
+            memory flat whatever the recordings' lengths, instead of letting decoding run
+            hours ahead of the model and spill to disk.
     """
 
     address: str | None = None
@@ -208,10 +215,11 @@ class ComputeConfig:
     embed_label_selector: dict[str, str] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     object_store_memory_mb: int | None = None
+    inflight_mb: int | None = None
 
     def validate(self) -> None:
         for name in ("num_cpus", "embed_actors", "torch_threads", "decode_concurrency",
-                     "object_store_memory_mb"):
+                     "object_store_memory_mb", "inflight_mb"):
             value = getattr(self, name)
             if value is not None:
                 _positive(value, f"compute.{name}")

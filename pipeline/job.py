@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -150,15 +151,13 @@ class EmbeddingJob:
             NoInputsError: nothing to embed was found.
             WeightsUnavailableError: the checkpoint cannot be fetched.
         """
-        from pipeline.models import create_backbone
+        from pipeline.models import resolve_backbone
 
         cfg = self.cfg
-        backbone = create_backbone(cfg.model.name, weights=cfg.model.weights, device="cpu",
-                                   options=cfg.model.options,
-                                   storage_options=cfg.model.storage_options)
-        self.info = info = backbone.info
-        self.weights = backbone.weights
-        del backbone
+        self.info, self.weights = resolve_backbone(
+            cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
+            storage_options=cfg.model.storage_options)
+        info = self.info
         if self.weights.is_random:
             log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
         self._resolve_model_settings()
@@ -220,6 +219,30 @@ class EmbeddingJob:
         if self.window_samples < info.min_input_samples and cfg.windows.tail != "keep":
             raise ConfigError(f"{self.window_s} s is shorter than {info.name}'s shortest input "
                               f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
+        self._check_inflight_budget()
+
+    @property
+    def _batch_mib(self) -> float:
+        return self.cfg.model.batch_size * self.window_samples * 4 / 2**20
+
+    @property
+    def _file_mib(self) -> float:
+        return self.cfg.output.file_mb * 1e6 / 2**20
+
+    def _check_inflight_budget(self) -> None:
+        """The writer holds one file's rows before writing it; a smaller budget deadlocks.
+
+        Ray Data counts the rows waiting for ``min_rows_per_write`` against the object-store
+        limit, so a budget below a file's worth of rows plus a few window batches stops the
+        embedder for good instead of merely slowing it.
+        """
+        budget = self.cfg.compute.inflight_mb
+        needed = math.ceil(1.5 * self._file_mib + 4 * self._batch_mib)
+        if budget is not None and budget < needed:
+            raise ConfigError(
+                f"{budget} MiB cannot hold one output file ({self.cfg.output.file_mb:g} MB) "
+                f"plus a few window batches; use at least {needed} or lower output.file_mb",
+                "compute.inflight_mb")
 
     def _check_variant_record(self) -> None:
         """Write ``_variants/<id>.json`` once; refuse if it exists with other contents."""
@@ -275,9 +298,8 @@ class EmbeddingJob:
 
         owns_ray = connect_ray(self.cfg)
         try:
-            self._configure_data_context()
-            resources = ray.cluster_resources()
-            plan = self._compute_plan(resources)
+            plan = self._compute_plan(ray.cluster_resources())
+            self._configure_data_context(plan)
             log.info("compute: %s", plan)
             for n, (shard_id, items) in enumerate(self.shards, 1):
                 outcome = self._run_shard(shard_id, items, plan)
@@ -308,8 +330,8 @@ class EmbeddingJob:
                 f"run.max_failed_fraction={budget}; committed shards are kept, see the errors table"
             )
 
-    def _configure_data_context(self) -> None:
-        from ray.data import DataContext
+    def _configure_data_context(self, plan: Mapping[str, Any]) -> None:
+        from ray.data import DataContext, ExecutionResources
 
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = self.cfg.run.progress
@@ -321,6 +343,8 @@ class EmbeddingJob:
         # keeps a decode worker's memory independent of the recording's length.
         ctx.target_max_block_size = max(1 << 20, self.cfg.audio.batch_windows
                                         * self.window_samples * 4)
+        ctx.execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=plan["inflight_mb"] * 2**20)
 
     def _compute_plan(self, resources: Mapping[str, float]) -> dict[str, Any]:
         c = self.cfg.compute
@@ -343,8 +367,11 @@ class EmbeddingJob:
             threads = max(1, int(cpus) // actors)
         else:
             threads = max(1, int(c.cpus_per_actor))
+        # Windows in flight to the actors, plus the rows of the file being gathered for writing.
+        inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * self._batch_mib))
+                                     + math.ceil(2 * self._file_mib))
         return {"actors": actors, "gpus_per_actor": gpus_per_actor, "torch_threads": threads,
-                "cluster_cpus": cpus, "cluster_gpus": gpus}
+                "inflight_mb": inflight, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
     def _run_shard(self, shard_id: str, items: Sequence[SourceItem], plan: Mapping[str, Any]) -> ShardOutcome:
         import ray
@@ -402,6 +429,7 @@ class EmbeddingJob:
             min_tail_samples=max(1, round(self.cfg.windows.min_tail_s * rate)),
             batch_windows=a.batch_windows,
             storage_options=dict(self.cfg.input.storage_options),
+            log_level=self.cfg.run.log_level,
         )
 
     def _embed_spec(self, plan: Mapping[str, Any]) -> EmbedSpec:
@@ -412,6 +440,7 @@ class EmbeddingJob:
             precision=m.precision, sample_rate_hz=self.info.sample_rate_hz,
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
             use_gpu=bool(plan["gpus_per_actor"]), torch_threads=plan["torch_threads"],
+            log_level=self.cfg.run.log_level,
         )
 
     def _sink_spec(self, staging: str, items: Sequence[SourceItem]) -> SinkSpec:

@@ -26,12 +26,12 @@ GIT_COMMIT_ENV = "EMBED_ARCHIVE_GIT_COMMIT"
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def make_job_id() -> str:
     """``20261121T174502Z-3f9a1c``: sortable by start time, unique enough across clusters."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{secrets.token_hex(3)}"
 
 

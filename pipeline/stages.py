@@ -32,6 +32,23 @@ from pipeline.windows import StreamingWindower, WindowBatch
 
 log = logging.getLogger(__name__)
 
+
+def configure_worker_logging(level: str) -> None:
+    """Give the package's loggers a handler at the job's level inside a Ray worker.
+
+    Ray workers only show warnings from libraries by default; this makes ``run.log_level``
+    apply to decode tasks and embedding actors as it does to the driver (their output
+    reaches the driver's console and Ray's worker logs).
+    """
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(level)
+    if not any(getattr(h, "_embed_archive", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._embed_archive = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
 # --------------------------------------------------------------------------- decode
 
 
@@ -46,10 +63,12 @@ class DecodeSpec:
     min_tail_samples: int
     batch_windows: int
     storage_options: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "INFO"
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
     """Ray ``map_batches`` generator: one recording in, window batches then a report out."""
+    configure_worker_logging(spec.log_level)
     for rid, uri, path, size, problem in zip(batch["recording_id"], batch["uri"], batch["path"],
                                              batch["size_bytes"], batch["problem"], strict=True):
         yield from decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec)
@@ -180,6 +199,7 @@ class EmbedSpec:
         min_input_samples: shortest input the model accepts.
         use_gpu: place the model on the GPU Ray assigned.
         torch_threads: intra-op threads (``None``: leave torch's default).
+        log_level: the job's ``run.log_level``.
     """
 
     model_name: str
@@ -194,6 +214,7 @@ class EmbedSpec:
     min_input_samples: int
     use_gpu: bool
     torch_threads: int | None
+    log_level: str = "INFO"
 
 
 class Embedder:
@@ -204,6 +225,7 @@ class Embedder:
 
         from pipeline.models import create_backbone, resolve_precision
 
+        configure_worker_logging(spec.log_level)
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
@@ -220,11 +242,15 @@ class Embedder:
         from pipeline.sink import STAGE_SCHEMA
 
         fault_point("embed")
+        started = time.perf_counter()
         is_window = np.array([not m for m in batch["meta"]], dtype=bool)
         parts = [self._report_rows(batch, ~is_window)]
         if is_window.any():
             parts.extend(self._embed_rows({k: v[is_window] for k, v in batch.items()}))
-        return pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts])
+        out = pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts])
+        log.debug("embedded %d windows (+%d reports) in %.3fs", int(is_window.sum()),
+                  int((~is_window).sum()), time.perf_counter() - started)
+        return out
 
     def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         n = int(mask.sum())

@@ -258,7 +258,7 @@ def retry(
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - classified below
+        except Exception as err:
             if not is_transient(err):
                 raise
             if attempt == attempts:

@@ -30,6 +30,7 @@ from pipeline.models.registry import (
     list_models,
     load_model,
     model_info,
+    resolve_backbone,
 )
 from pipeline.models.weights import cache_weights, fetch_weights, redact_uri
 
@@ -53,6 +54,7 @@ __all__ = [
     "model_info",
     "pool",
     "redact_uri",
+    "resolve_backbone",
     "resolve_precision",
     "validate_pooling",
 ]

@@ -21,9 +21,9 @@ Anything else is looked up as a plugin (:mod:`pipeline.models.plugins`).
 
 from __future__ import annotations
 
-import importlib
 import contextlib
 import hashlib
+import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -269,6 +269,31 @@ def create_backbone(name: str, *, weights: str = "default", device: str = "cpu",
     module, info, provenance = _build_module(entry, weights, options, storage_options,
                                              with_heads=False)
     return ModuleBackbone(module, info, provenance, device)
+
+
+def resolve_backbone(name: str, *, weights: str = "default",
+                     options: Mapping[str, Any] | None = None,
+                     storage_options: Mapping[str, Any] | None = None
+                     ) -> tuple[ModelInfo, WeightsInfo]:
+    """What a job needs to know about its backbone before Ray starts, checked as far as it can be.
+
+    A real checkpoint is fetched, hashed and loaded strictly into the architecture (so a
+    mismatch fails here, with a clear message, not in every actor); random weights of a
+    built-in entry have nothing to validate, so only the options are checked.
+
+    Returns:
+        ``(info, weights)``.
+    """
+    entry = _ENTRIES.get(name)
+    if entry is not None and weights == "random":
+        _check_options(entry, options)
+        log.warning("!!! %s uses RANDOM weights: its embeddings are NOT meaningful (for tests "
+                    "and demos only). Set model.weights to a checkpoint for real embeddings. !!!",
+                    name)
+        return model_info(name, options), RANDOM_WEIGHTS
+    backbone = create_backbone(name, weights=weights, options=options,
+                               storage_options=storage_options)
+    return backbone.info, backbone.weights
 
 
 def load_model(name: str, return_features_only: bool = True, device: str = "cpu",

@@ -165,3 +165,14 @@ def test_random_weights_are_the_same_in_every_process() -> None:
     assert torch.equal(a.extract(x, None, [1])[1].tokens, b.extract(x, None, [1])[1].tokens)
     other = create_backbone("beats", weights="random", options={**options, "embed_dim": 16})
     assert other.info.layers[-1].dim == 32  # still builds; a different seed and architecture
+
+
+def test_resolve_backbone_matches_a_built_model_without_building_random_ones() -> None:
+    from pipeline.models import create_backbone, resolve_backbone
+
+    options = {"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+               "encoder_attention_heads": 2, "embed_dim": 32}
+    info, weights = resolve_backbone("beats", weights="random", options=options)
+    built = create_backbone("beats", weights="random", options=options)
+    assert info == built.info
+    assert weights.is_random

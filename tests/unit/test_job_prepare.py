@@ -1,0 +1,59 @@
+"""What ``EmbeddingJob.prepare()`` refuses before any Ray work starts, and the compute plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline.config import JobConfig
+from pipeline.errors import ConfigError
+from pipeline.job import EmbeddingJob
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    root.mkdir()
+    sf.write(root / "a.wav", np.zeros(16_000, np.float32), 16_000)
+    return root
+
+
+def job(archive: Path, tmp_path: Path, **sections: dict) -> EmbeddingJob:
+    raw = {"input": {"uri": str(archive)}, "model": {"name": "beats", "weights": "random"},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"progress": False}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return EmbeddingJob(JobConfig.from_dict(raw))
+
+
+@pytest.mark.parametrize(("sections", "field", "text"), [
+    ({"compute": {"inflight_mb": 8}}, "compute.inflight_mb", "cannot hold one output file"),
+    ({"model": {"pooling": "cls"}}, "model.pooling", "not available"),
+    ({"model": {"layers": [40]}}, "model.layers", "40"),
+    ({"windows": {"window_s": 0.05}}, "windows.window_s", "shortest input"),
+])
+def test_prepare_refuses_with_the_field(archive: Path, tmp_path: Path, sections: dict,
+                                        field: str, text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        job(archive, tmp_path, **sections).prepare()
+    assert err.value.field == field
+    assert text in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_default_budget_holds_two_files_and_eight_batches_per_actor(archive: Path,
+                                                                     tmp_path: Path) -> None:
+    j = job(archive, tmp_path, output={"file_mb": 100}, model={"batch_size": 64},
+            windows={"window_s": 10.0})
+    j.prepare()
+    plan = j._compute_plan({"CPU": 16.0, "GPU": 4.0})
+    batch_mib = 64 * 160_000 * 4 / 2**20
+    assert plan["actors"] == 4
+    assert plan["inflight_mb"] == int(np.ceil(8 * 4 * batch_mib)) + int(np.ceil(2 * 100e6 / 2**20))
+    # A budget just big enough is accepted.
+    needed = int(np.ceil(1.5 * 100e6 / 2**20 + 4 * batch_mib))
+    job(archive, tmp_path / "b", output={"file_mb": 100}, model={"batch_size": 64},
+        windows={"window_s": 10.0}, compute={"inflight_mb": needed}).prepare()
