@@ -145,6 +145,19 @@ DEMO_FILES: tuple[DemoFile, ...] = (
 )
 
 
+def write_audio(path: Path, audio: np.ndarray, sample_rate_hz: int, fmt: str, subtype: str,
+                block_frames: int = 48_000) -> None:
+    """Write ``audio`` ``[frames]`` or ``[frames, channels]`` in blocks.
+
+    libsndfile 1.2.2 (bundled with soundfile 0.14) segfaults when one call hands its
+    Vorbis encoder about a minute of audio at 48 kHz; writing in blocks avoids it.
+    """
+    audio = audio if audio.ndim == 2 else audio[:, None]
+    with sf.SoundFile(path, "w", sample_rate_hz, audio.shape[1], format=fmt, subtype=subtype) as out:
+        for start in range(0, len(audio), block_frames):
+            out.write(audio[start : start + block_frames])
+
+
 def render(spec: DemoFile, rng: np.random.Generator) -> np.ndarray:
     """Audio ``[frames, channels]`` in [-1, 1] for one demo file."""
     n = int(spec.seconds * spec.sample_rate_hz)
@@ -168,8 +181,7 @@ def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
     rows = []
     for i, spec in enumerate(DEMO_FILES):
         path = root / spec.name
-        sf.write(path, render(spec, rng), spec.sample_rate_hz, format=spec.format,
-                 subtype=spec.subtype)
+        write_audio(path, render(spec, rng), spec.sample_rate_hz, spec.format, spec.subtype)
         paths.append(path)
         rows.append({"uri": spec.name, "site": spec.site, "calls": "+".join(spec.calls),
                      "recorded_at": f"2026-05-{1 + i:02d}T05:{10 + i:02d}:00Z"})

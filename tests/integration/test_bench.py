@@ -1,0 +1,34 @@
+"""The benchmark's quick mode runs end to end, so the script cannot rot.
+
+Performance itself is judged by `make bench`, never by timed assertions here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.bench import render, run
+
+
+def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: Path) -> None:
+    results = run(tmp_path, real_data, quick=True, precision="fp32")
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["mode"] == "quick"
+    for corpus in ("real", "long"):
+        c = saved[corpus]
+        assert c["model_only"]["windows"] > 0
+        assert c["pipeline"]["windows"] == c["model_only"]["windows"]
+        assert c["seed_loop_fp32"]["windows"] == c["model_only"]["windows"]
+        assert c["pipeline"]["audio_s"] == c["model_only"]["audio_s"] or abs(
+            c["pipeline"]["audio_s"] - c["model_only"]["audio_s"]) < 0.5
+        for key in ("pipeline_over_model_only", "pipeline_steady_over_model_only",
+                    "pipeline_over_seed_loop_fp32"):
+            assert c[key] > 0
+    memory = saved["memory"]
+    assert memory["one_minute"]["decode_worker"]["rows"] > 0
+    assert memory["long"]["decode_worker"]["rows"] > memory["one_minute"]["decode_worker"]["rows"]
+    assert memory["decode_rss_ratio"] > 0 and memory["job_rss_ratio"] > 0
+    assert set(saved["decode"]) == {"wav", "flac", "mp3", "ogg", "opus"}
+    assert all(d["audio_s_per_cpu_s"] > 1 for d in saved["decode"].values())
+    assert "pipeline / model only" in render(results)
