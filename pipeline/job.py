@@ -631,10 +631,12 @@ def connect_ray(cfg: JobConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {k: os.environ[k] for k in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EMBED_ARCHIVE_CACHE",
-                                      "EMBED_ARCHIVE_GIT_COMMIT", "HF_HUB_OFFLINE")
-           if k in os.environ}
+    from pipeline.faults import FAULT_ENV
     from pipeline.provenance import GIT_COMMIT_ENV, git_commit
+
+    env = {k: os.environ[k] for k in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EMBED_ARCHIVE_CACHE",
+                                      GIT_COMMIT_ENV, "HF_HUB_OFFLINE", FAULT_ENV)
+           if k in os.environ}
 
     env.setdefault(GIT_COMMIT_ENV, git_commit())
     # In a submitted job the job's runtime_env already reaches every worker, and ray.init()

@@ -21,9 +21,18 @@ def ray_session() -> Iterator[None]:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
-             log_to_driver=False)
+             log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_session: None) -> str:
+    """GCS address of the session's Ray: CLI runs in subprocesses join it as drivers
+    (``compute.address``) instead of paying for a Ray start of their own each."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_cli_exit_codes(bad_archive: Path, tmp_path: Path) -> None:
+def test_cli_exit_codes(bad_archive: Path, tmp_path: Path, ray_address: str) -> None:
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(job_dict(str(tmp_path / "nothing-here"), str(tmp_path / "o"))))
     empty = cli("run", str(cfg), cwd=tmp_path)
@@ -163,7 +163,8 @@ def test_cli_exit_codes(bad_archive: Path, tmp_path: Path) -> None:
     assert "Started a local Ray" not in bad.stderr + bad.stdout  # failed before Ray started
 
     cfg.write_text(yaml.safe_dump(job_dict(str(bad_archive), str(tmp_path / "o2"),
-                                           run={"progress": False})))
+                                           run={"progress": False},
+                                           compute={"address": ray_address})))
     mixed = cli("run", str(cfg), cwd=tmp_path)
     assert mixed.returncode == EXIT_SOME_FAILED, mixed.stderr[-2000:]
     assert "recordings failed ->" in mixed.stdout

@@ -37,8 +37,12 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def config(archive: Path, out: Path, **run: object) -> dict:
-    return job_dict(str(archive), str(out), run={"shard_size": SHARD, **run})
+def config(archive: Path, out: Path, address: str | None = None, **run: object) -> dict:
+    """The job; with ``address`` it joins the session's Ray (a CLI subprocess does)."""
+    compute: dict[str, object] = {"torch_threads": 1}  # same arithmetic in every process
+    if address:
+        compute["address"] = address
+    return job_dict(str(archive), str(out), run={"shard_size": SHARD, **run}, compute=compute)
 
 
 def rows(out: Path) -> dict[tuple, np.ndarray]:
@@ -84,11 +88,12 @@ def assert_same(out: Path, baseline) -> None:
 
 @pytest.mark.parametrize("point", ["listed", "decode", "embed", "before_publish", "publishing",
                                    "before_commit"])
-def test_sigkill_at_each_point_then_rerun(point: str, archive: Path, baseline, tmp_path: Path) -> None:
+def test_sigkill_at_each_point_then_rerun(point: str, archive: Path, baseline, tmp_path: Path,
+                                         ray_address: str) -> None:
     out = tmp_path / "out"
     marker = tmp_path / "fault.marker"
     marker.write_text("armed")
-    cfg = config(archive, out)
+    cfg = config(archive, out, ray_address)
     proc = run_cli(cfg, tmp_path, {"EMBED_ARCHIVE_FAULT": f"{point}:{marker}",
                                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     assert not marker.exists(), f"fault point {point} was never reached:\n{proc.stderr[-3000:]}"
@@ -105,11 +110,12 @@ def test_sigkill_at_each_point_then_rerun(point: str, archive: Path, baseline, t
     assert_same(out, baseline)
 
 
-def test_external_sigkill_mid_run_then_rerun(archive: Path, baseline, tmp_path: Path) -> None:
-    """Kill the whole process group as soon as one shard is committed, mid-second-shard."""
+def test_external_sigkill_mid_run_then_rerun(archive: Path, baseline, tmp_path: Path,
+                                             ray_address: str) -> None:
+    """Kill the driver's process group as soon as one shard is committed, mid-second-shard."""
     out = tmp_path / "out"
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(config(archive, out)))
+    path.write_text(yaml.safe_dump(config(archive, out, ray_address)))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
