@@ -52,6 +52,7 @@ TINY_BEATS = {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_d
               "encoder_attention_heads": 4, "embed_dim": 64, "conv_pos": 16, "conv_pos_groups": 4}
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 LONG_SOURCE = "opensoundscape/tests/audio/1min.wav"
+TIGHT_INFLIGHT_MB = 80
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,16 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
                             / out["one_minute"]["job_peak_rss_mb"]["all_processes"])
     out["job_decode_worker_ratio"] = (out["long"]["job_peak_rss_mb"]["decode_worker"]
                                       / out["one_minute"]["job_peak_rss_mb"]["decode_worker"])
+    if not quick:
+        # What the object-store budget buys: the same two jobs with a tight budget (the
+        # smallest that fits a 32 MB output file) instead of the default.
+        tight = {"compute": {"torch_threads": 1, "inflight_mb": TIGHT_INFLIGHT_MB},
+                 "output": {"file_mb": 32}}
+        peaks = {label: pipeline_run(work / f"mem-{label}", tiny, work, **tight)["peak_rss_mb"]
+                 for label in ("one_minute", "long")}
+        out["tight_budget"] = {"settings": tight, **peaks,
+                               "job_rss_ratio": (peaks["long"]["all_processes"]
+                                                 / peaks["one_minute"]["all_processes"])}
     return out
 
 
@@ -509,6 +520,16 @@ def render(r: dict[str, Any]) -> str:
                  f"{m['job_decode_worker_ratio']:.3f}")
     lines.append(f"  whole job (private + object store) {one['job_peak_rss_mb']['all_processes']:6.0f} "
                  f"{long['job_peak_rss_mb']['all_processes']:7.0f}   ratio {m['job_rss_ratio']:.3f}")
+    if "tight_budget" in m:
+        t = m["tight_budget"]
+        lines.append(f"  whole job, inflight_mb={TIGHT_INFLIGHT_MB:<3}        "
+                     f"{t['one_minute']['all_processes']:6.0f} {t['long']['all_processes']:7.0f}"
+                     f"   ratio {t['job_rss_ratio']:.3f}")
+        lines.append(f"  object store pages (default / tight) "
+                     f"{one['job_peak_rss_mb']['object_store_pages']:.0f} -> "
+                     f"{long['job_peak_rss_mb']['object_store_pages']:.0f} / "
+                     f"{t['one_minute']['object_store_pages']:.0f} -> "
+                     f"{t['long']['object_store_pages']:.0f}")
     lines.append("")
     lines.append("[decode] audio-s per CPU-s, incl. resampling 48 -> 16 kHz")
     for fmt, d in r["decode"].items():
