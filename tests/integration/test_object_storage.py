@@ -231,24 +231,23 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("object_storage")
 
 
-@pytest.fixture(scope="module")
-def moto(workdir: Path) -> Iterator[ServerProcess]:
-    server = start_moto(workdir / "server-logs")
+def serving(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Yield a started endpoint, then stop it and check that its port is closed."""
     try:
         yield server
     finally:
         server.stop()
     assert not port_is_open(server.port)
+
+
+@pytest.fixture(scope="module")
+def moto(workdir: Path) -> Iterator[ServerProcess]:
+    yield from serving(start_moto(workdir / "server-logs"))
 
 
 @pytest.fixture(scope="module")
 def gcs(workdir: Path) -> Iterator[ServerProcess]:
-    server = start_gcs_emulator(workdir / "server-logs")
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not port_is_open(server.port)
+    yield from serving(start_gcs_emulator(workdir / "server-logs"))
 
 
 @pytest.fixture(scope="module")
