@@ -346,20 +346,22 @@ def local_run(archive: Path, workdir: Path, checkpoint: Path, ray_session: None)
     return Run(str(out), {}, (str(archive),), summary)
 
 
+def bucket_run(archive: str, root: str, checkpoint: Path, name: str,
+               options: dict[str, Any]) -> Run:
+    """The job from a bucket archive to a bucket output, both through ``options``."""
+    summary = run_job(job_config(archive, root, checkpoint, name, options, options))
+    return Run(root, options, (archive,), summary)
+
+
 @pytest.fixture(scope="module")
 def s3_run(s3_archive: str, moto: ServerProcess, checkpoint: Path, ray_session: None) -> Run:
-    options = s3_opts(moto.url)
-    root = f"s3://{OUT_BUCKET}/s3"
-    summary = run_job(job_config(s3_archive, root, checkpoint, "s3", options, options))
-    return Run(root, options, (s3_archive,), summary)
+    return bucket_run(s3_archive, f"s3://{OUT_BUCKET}/s3", checkpoint, "s3", s3_opts(moto.url))
 
 
 @pytest.fixture(scope="module")
 def gcs_run(gcs_archive: str, gcs: ServerProcess, checkpoint: Path, ray_session: None) -> Run:
-    options = gcs_options(gcs.url)
-    root = f"gs://{OUT_BUCKET}/gcs"
-    summary = run_job(job_config(gcs_archive, root, checkpoint, "gcs", options, options))
-    return Run(root, options, (gcs_archive,), summary)
+    return bucket_run(gcs_archive, f"gs://{OUT_BUCKET}/gcs", checkpoint, "gcs",
+                      gcs_options(gcs.url))
 
 
 def processes_mentioning(text: str) -> list[int]:
