@@ -14,7 +14,10 @@
    including resampling to 16 kHz.
 
 Throughputs are audio-seconds per wall-clock second over the same corpus, so the ratios
-compare like with like. Results go to ``<out>/bench.json`` and a table on stdout.
+compare like with like. The pipeline is also measured by its own clock: each embedding
+actor times every call, so the job reports its throughput while the model ran (first batch
+start to last batch end), the share of that time its model was busy (1.0: the data plane
+never kept it waiting), and its forward passes against the same passes run here. Results go to ``<out>/bench.json`` and a table on stdout.
 ``--quick`` uses a tiny BEATs, a few files, shorter recordings and no long-recording
 throughput comparison, so a test can run it in about a minute.
 """
@@ -245,6 +248,7 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
     summary = json.loads(stdout.split("SUMMARY", 1)[1])
     return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
             "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
+            "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": summary["embed"],
             "peak_rss_mb": sampler.peaks_mb(), "output": str(out)}
 
 
@@ -409,17 +413,16 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
         for f in files:
             (corpus / f.relative_to(real_dir).as_posix().replace("/", "__")).symlink_to(f)
         results["startup"] = _startup(real_dir, s, work)
-        startup_s = results["startup"]["wall_s"]
         windows, valid, seconds = corpus_windows(files, s)
         log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds, len(windows))
-        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, startup_s)
+        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work)
         if not quick:  # quick mode's memory runs already embed long recordings end to end
             long_s = long_s or 1800.0
             long_dir = work / "long"
             long_dir.mkdir()
             long_file = make_long_recording(long_dir / "long.flac", long_s, real_dir / LONG_SOURCE)
             lw, lv, ls = corpus_windows([long_file], s)
-            results["long"] = _compare(long_dir, [long_file], lw, lv, ls, s, work, startup_s)
+            results["long"] = _compare(long_dir, [long_file], lw, lv, ls, s, work)
         results["memory"] = _memory(real_dir, work, quick)
         results["decode"] = decode_speed(real_dir, work, 30.0 if quick else 600.0)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
@@ -436,15 +439,22 @@ def _startup(real_dir: Path, s: BenchSettings, work: Path) -> dict[str, Any]:
 
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
-             seconds: float, s: BenchSettings, work: Path, startup_s: float) -> dict[str, Any]:
+             seconds: float, s: BenchSettings, work: Path) -> dict[str, Any]:
     model = model_only(windows, valid, seconds, s)
     pipe = pipeline_run(input_dir, s, work)
-    pipe["steady_audio_s_per_s"] = seconds / max(1e-9, pipe["wall_s"] - startup_s)
     seed = seed_loop(files, s, "fp32")
+    embed = pipe["embed"]
     out = {
         "model_only": model, "pipeline": pipe, "seed_loop_fp32": seed,
         "pipeline_over_model_only": pipe["audio_s_per_s"] / model["audio_s_per_s"],
+        # From the job's own clock: first batch start to last batch end of its actors.
         "pipeline_steady_over_model_only": pipe["steady_audio_s_per_s"] / model["audio_s_per_s"],
+        # Share of the actors' active time spent in embedding calls (1.0: never starved).
+        "model_busy_fraction": embed["busy_fraction"],
+        # The actor's forward passes alone vs the same passes in this process: what sharing
+        # the cores with Ray, decoding and writing costs the model itself.
+        "actor_forward_over_model_only": (pipe["audio_s"] / max(embed["model_s"], 1e-9)
+                                          / model["audio_s_per_s"]),
         "pipeline_over_seed_loop_fp32": pipe["audio_s_per_s"] / seed["audio_s_per_s"],
     }
     if s.precision != "fp32":
@@ -499,9 +509,14 @@ def render(r: dict[str, Any]) -> str:
             if name in c:
                 m = c[name]
                 lines.append(f"  {name:<25} {m['audio_s_per_s']:>8.2f} audio-s/s   wall {m['wall_s']:.1f} s")
-        lines.append(f"  pipeline (start-up excluded) {c['pipeline']['steady_audio_s_per_s']:>5.2f} audio-s/s")
+        e = c["pipeline"]["embed"]
+        lines.append(f"  pipeline while its model ran  {c['pipeline']['steady_audio_s_per_s']:>8.2f} "
+                     f"audio-s/s   first batch after {e['first_batch_s']:.1f} s")
         lines.append(f"  pipeline / model only                 {c['pipeline_over_model_only']:.3f}"
-                     f"   (start-up excluded {c['pipeline_steady_over_model_only']:.3f}; target >= 0.9)")
+                     f"   (while the model ran {c['pipeline_steady_over_model_only']:.3f}; "
+                     "target >= 0.9)")
+        lines.append(f"  model busy (share of active time)     {c['model_busy_fraction']:.3f}")
+        lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}")
         lines.append(f"  pipeline / seed loop (fp32)           {c['pipeline_over_seed_loop_fp32']:.3f}"
                      "   (target >= 1.5)")
         if "pipeline_over_seed_loop_same_precision" in c:

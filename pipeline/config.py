@@ -200,6 +200,9 @@ class ComputeConfig:
             refused, since the writer could never fill a file. Keeps
             memory flat whatever the recordings' lengths, instead of letting decoding run
             hours ahead of the model and spill to disk.
+        warmup: run one full batch of silence through each actor's model before data
+            arrives, so a batch that does not fit fails at start-up, first-call costs are
+            paid up front, and the actor's memory is at its working set from the start.
     """
 
     address: str | None = None
@@ -216,6 +219,7 @@ class ComputeConfig:
     decode_resources: dict[str, float] = field(default_factory=dict)
     object_store_memory_mb: int | None = None
     inflight_mb: int | None = None
+    warmup: bool = True
 
     def validate(self) -> None:
         for name in ("num_cpus", "embed_actors", "torch_threads", "decode_concurrency",

@@ -40,6 +40,7 @@ from pipeline.sink import (
     SinkSpec,
     errors_schema,
     file_metadata,
+    merge_timing,
     recordings_schema,
     reduce_partials,
     write_parquet,
@@ -64,6 +65,52 @@ RANDOM_WEIGHTS_BANNER = """
 
 
 @dataclass
+class EmbedTiming:
+    """How the embedding actors spent a shard (or a job): is the data plane keeping up?
+
+    ``busy_s`` is time inside the embedding call, ``model_s`` the forward passes alone,
+    ``active_s`` each actor's first-batch-start to last-batch-end summed over actors,
+    ``span_s`` the first start to the last end over all actors, ``first_batch_s`` how long
+    after the shard started the first batch began (actor start-up and model load included).
+    """
+
+    actors: int = 0
+    batches: int = 0
+    windows: int = 0
+    busy_s: float = 0.0
+    model_s: float = 0.0
+    active_s: float = 0.0
+    span_s: float = 0.0
+    first_batch_s: float = 0.0
+
+    @classmethod
+    def from_actors(cls, per_actor: Mapping[str, Mapping[str, float]], shard_start: float) -> EmbedTiming:
+        if not per_actor:
+            return cls()
+        t = per_actor.values()
+        first = min(a["start"] for a in t)
+        return cls(actors=len(per_actor), batches=int(sum(a["batches"] for a in t)),
+                   windows=int(sum(a["windows"] for a in t)),
+                   busy_s=sum(a["busy_s"] for a in t), model_s=sum(a["model_s"] for a in t),
+                   active_s=sum(a["end"] - a["start"] for a in t),
+                   span_s=max(a["end"] for a in t) - first,
+                   first_batch_s=max(0.0, first - shard_start))
+
+    def add(self, other: EmbedTiming) -> None:
+        """Accumulate a later shard (``first_batch_s`` stays the first shard's)."""
+        if not self.batches:
+            self.first_batch_s = other.first_batch_s
+        self.actors = max(self.actors, other.actors)
+        for key in ("batches", "windows", "busy_s", "model_s", "active_s", "span_s"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the actors' active time spent embedding (1.0: never waited for data)."""
+        return self.busy_s / self.active_s if self.active_s > 0 else 0.0
+
+
+@dataclass
 class ShardOutcome:
     """What one committed shard contained."""
 
@@ -76,6 +123,7 @@ class ShardOutcome:
     audio_s: float = 0.0
     bytes_read: int = 0
     wall_s: float = 0.0
+    embed: EmbedTiming = field(default_factory=EmbedTiming)
 
 
 @dataclass
@@ -99,6 +147,7 @@ class JobSummary:
     exit_code: int = EXIT_OK
     status: str = "running"
     message: str = ""
+    embed: EmbedTiming = field(default_factory=EmbedTiming)
     shard_outcomes: list[ShardOutcome] = field(default_factory=list)
 
     @property
@@ -106,10 +155,18 @@ class JobSummary:
         """Audio seconds embedded per wall-clock second."""
         return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def steady_throughput(self) -> float:
+        """Audio seconds per second while the models ran (start-up and commits excluded)."""
+        return self.audio_s / self.embed.span_s if self.embed.span_s > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "shard_outcomes"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("shard_outcomes", "embed")}
         out["throughput_audio_s_per_s"] = round(self.throughput, 3)
-        out["shard_outcomes"] = [o.__dict__ for o in self.shard_outcomes]
+        out["steady_audio_s_per_s"] = round(self.steady_throughput, 3)
+        out["embed"] = {**self.embed.__dict__, "busy_fraction": round(self.embed.busy_fraction, 4)}
+        out["shard_outcomes"] = [{**o.__dict__, "embed": o.embed.__dict__}
+                                 for o in self.shard_outcomes]
         return out
 
     def render(self) -> str:
@@ -126,6 +183,13 @@ class JobSummary:
             f"  model        {self.model} (variant {self.variant}, weights {self.weights})",
             f"  output       {self.output_uri}",
         ]
+        if self.embed.batches:
+            e = self.embed
+            lines.insert(4, (
+                f"  embedding    busy {e.busy_fraction:.0%} of the models' active time "
+                f"({e.actors} actor{'s' if e.actors != 1 else ''}, {e.batches} batches, forward "
+                f"{e.model_s:.1f} s); {self.steady_throughput:.1f} audio-s/s while running, "
+                f"first batch {e.first_batch_s:.1f} s after start"))
         if self.failed:
             lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
         if self.message:
@@ -309,6 +373,7 @@ class EmbeddingJob:
                 summary.failed += outcome.failed
                 summary.windows += outcome.windows
                 summary.audio_s += outcome.audio_s
+                summary.embed.add(outcome.embed)
                 elapsed = time.perf_counter() - started
                 log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, "
                          "%.0f audio-s in %.1fs (%.1f audio-s/s overall)", n, len(self.shards),
@@ -410,10 +475,20 @@ class EmbeddingJob:
             compute=ActorPoolStrategy(size=plan["actors"]),
             **embed_kwargs,
         )
+        shard_start = time.time()
         ds.write_datasink(sink)
         fault_point("after_embed")
         outcome = self._commit_shard(shard_id, items, sink.returns, staging)
         outcome.wall_s = time.perf_counter() - started
+        per_actor: dict[str, dict[str, float]] = {}
+        for ret in sink.returns:
+            for actor, timing in ret.timing.items():
+                merge_timing(per_actor, {"actor": actor, **timing})
+        outcome.embed = EmbedTiming.from_actors(per_actor, shard_start)
+        log.info("shard %s: models busy %.0f%% of their active time (%d batches, forward %.1f s "
+                 "of %.1f s); first batch %.1f s after the shard started", shard_id,
+                 100 * outcome.embed.busy_fraction, outcome.embed.batches, outcome.embed.model_s,
+                 outcome.embed.active_s, outcome.embed.first_batch_s)
         return outcome
 
     def _decode_spec(self) -> DecodeSpec:
@@ -441,6 +516,7 @@ class EmbeddingJob:
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
             use_gpu=bool(plan["gpus_per_actor"]), torch_threads=plan["torch_threads"],
             log_level=self.cfg.run.log_level,
+            warmup_shape=(m.batch_size, self.window_samples) if self.cfg.compute.warmup else None,
         )
 
     def _sink_spec(self, staging: str, items: Sequence[SourceItem]) -> SinkSpec:
@@ -520,7 +596,7 @@ class EmbeddingJob:
             "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
                             "outcome": reports[i.recording_id]["status"]} for i in items],
             "files": final_rows,
-            "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
+            "counts": {k: v for k, v in outcome.__dict__.items() if k not in ("shard_id", "embed")},
         })
         return outcome
 

@@ -143,6 +143,7 @@ class WriteReturn:
     files: list[tuple[str, int]] = field(default_factory=list)
     partials: pa.Table | None = None
     reports: list[str] = field(default_factory=list)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class ShardSink(Datasink[WriteReturn]):
@@ -164,7 +165,12 @@ class ShardSink(Datasink[WriteReturn]):
             return out
         table = pa.concat_tables([t.cast(STAGE_SCHEMA) for t in tables])
         is_report = pa.compute.not_equal(table.column("meta"), "")
-        out.reports = table.filter(is_report).column("meta").to_pylist()
+        for text in table.filter(is_report).column("meta").to_pylist():
+            meta = json.loads(text)
+            if meta["type"] == "timing":
+                merge_timing(out.timing, meta)
+            else:
+                out.reports.append(text)
         rows = table.filter(pa.compute.invert(is_report))
         if rows.num_rows == 0:
             return out
@@ -179,6 +185,27 @@ class ShardSink(Datasink[WriteReturn]):
 
     def on_write_complete(self, write_result: Any) -> None:
         self.returns = list(write_result.write_returns)
+
+
+def merge_timing(into: dict[str, dict[str, float]], timing: Mapping[str, Any]) -> None:
+    """Fold one embedder timing record (one batch, or a sum of them) into per-actor totals.
+
+    Per actor: first ``start`` and last ``end`` (wall clock), and sums of ``busy_s`` (time
+    inside the embedding call), ``model_s`` (the forward passes alone), ``windows`` and
+    ``batches``.
+    """
+    actor = str(timing["actor"])
+    mine = into.get(actor)
+    if mine is None:
+        into[actor] = {k: float(timing[k]) for k in TIMING_FIELDS}
+        return
+    mine["start"] = min(mine["start"], float(timing["start"]))
+    mine["end"] = max(mine["end"], float(timing["end"]))
+    for key in ("busy_s", "model_s", "windows", "batches"):
+        mine[key] += float(timing[key])
+
+
+TIMING_FIELDS = ("start", "end", "busy_s", "model_s", "windows", "batches")
 
 
 def enrich_windows(rows: pa.Table, spec: SinkSpec) -> pa.Table:

@@ -9,6 +9,9 @@ Row protocol between them. Every row has ``recording_id`` and ``meta``:
 
 The embed stage turns window rows into one row per window x layer with the pooled
 embedding and passes report rows through; raw audio goes no further than the embed stage.
+It adds one timing row (``meta`` = JSON with ``type: "timing"``) per batch: when the call
+started and ended, and how long the model itself ran. The sink sums them per actor, so the
+job can say how busy its models were (``JobSummary.model_busy_fraction``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -200,6 +204,8 @@ class EmbedSpec:
         use_gpu: place the model on the GPU Ray assigned.
         torch_threads: intra-op threads (``None``: leave torch's default).
         log_level: the job's ``run.log_level``.
+        warmup_shape: ``(batch_size, window_samples)`` of one full batch, run on silence
+            before any data arrives (``None``: no warm-up).
     """
 
     model_name: str
@@ -215,6 +221,7 @@ class EmbedSpec:
     use_gpu: bool
     torch_threads: int | None
     log_level: str = "INFO"
+    warmup_shape: tuple[int, int] | None = None
 
 
 class Embedder:
@@ -234,22 +241,44 @@ class Embedder:
         self.backbone = create_backbone(spec.model_name, weights=spec.weights, device=self.device,
                                         options=spec.options, storage_options=spec.storage_options)
         self.precision = resolve_precision(spec.precision, self.device)
-        log.info("embedder pid %d: %s on %s (%s, %d torch threads) loaded in %.1fs", os.getpid(),
-                 spec.model_name, self.device, self.precision, torch.get_num_threads(),
-                 time.perf_counter() - started)
+        self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+        loaded, self._model_s = time.perf_counter(), 0.0
+        if spec.warmup_shape is not None:
+            self._warm_up(*spec.warmup_shape)
+        self._model_s = 0.0
+        log.info("embedder pid %d: %s on %s (%s, %d torch threads) loaded in %.1fs, warmed up "
+                 "in %.1fs", os.getpid(), spec.model_name, self.device, self.precision,
+                 torch.get_num_threads(), loaded - started, time.perf_counter() - loaded)
+
+    def _warm_up(self, batch_size: int, window_samples: int) -> None:
+        """One full batch of silence through the model before any data arrives.
+
+        A batch that does not fit (GPU out of memory) fails here, at start-up, instead of
+        after decoding began; first-call costs (kernel selection, allocator growth) are paid
+        before the first real batch; and the actor's memory reaches its working set at once,
+        so it does not creep over the first batches of a long job.
+        """
+        silence = np.zeros((batch_size, window_samples), np.float32)
+        self._pool_all(silence, np.full(batch_size, window_samples), self.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from pipeline.sink import STAGE_SCHEMA
 
         fault_point("embed")
-        started = time.perf_counter()
+        wall_start, started = time.time(), time.perf_counter()
+        self._model_s = 0.0
         is_window = np.array([not m for m in batch["meta"]], dtype=bool)
         parts = [self._report_rows(batch, ~is_window)]
         if is_window.any():
             parts.extend(self._embed_rows({k: v[is_window] for k, v in batch.items()}))
+        busy = time.perf_counter() - started
+        timing = {"type": "timing", "actor": self.actor_id, "start": wall_start,
+                  "end": wall_start + busy, "busy_s": busy, "model_s": self._model_s,
+                  "windows": int(is_window.sum()), "batches": 1}
+        parts.append(_meta_row(json.dumps(timing)))
         out = pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts])
-        log.debug("embedded %d windows (+%d reports) in %.3fs", int(is_window.sum()),
-                  int((~is_window).sum()), time.perf_counter() - started)
+        log.debug("embedded %d windows (+%d reports) in %.3fs (model %.3fs)",
+                  int(is_window.sum()), int((~is_window).sum()), busy, self._model_s)
         return out
 
     def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
@@ -314,10 +343,13 @@ class Embedder:
             x = x.pin_memory().to(self.device, non_blocking=True)
             v = v.to(self.device, non_blocking=True)
         padded = bool((v < length).any())
+        started = time.perf_counter()
         with torch.inference_mode(), self.backbone.autocast(precision):
             feats = self.backbone.extract(x, v if padded else None, self.spec.layers)
-            return {layer: pool(f.tokens, f.mask, self.spec.pooling).float().cpu().numpy()
-                    for layer, f in feats.items()}
+            out = {layer: pool(f.tokens, f.mask, self.spec.pooling).float().cpu().numpy()
+                   for layer, f in feats.items()}
+        self._model_s += time.perf_counter() - started
+        return out
 
     def _layer_rows(self, rows: dict[str, np.ndarray], keep: np.ndarray, layer: int,
                     vectors: np.ndarray) -> pa.Table:
@@ -347,15 +379,20 @@ class Embedder:
         metas = [json.dumps({"type": "dropped", "recording_id": rid, "windows": wins,
                              "reason": "non-finite embedding"})
                  for rid, wins in by_recording.items()]
-        n = len(metas)
-        return pa.table({
-            "recording_id": pa.array(list(by_recording), pa.string()),
-            "channel": pa.array(np.full(n, -1, np.int16)),
-            "window_index": pa.array(np.full(n, -1, np.int32)),
-            "start_s": pa.array(np.zeros(n)),
-            "end_s": pa.array(np.zeros(n)),
-            "valid_s": pa.nulls(n, pa.float32()),
-            "layer": pa.nulls(n, pa.int16()),
-            "embedding": pa.nulls(n, pa.list_(pa.float32())),
-            "meta": pa.array(metas, pa.string()),
-        })
+        return _meta_row(*metas, recording_ids=list(by_recording))
+
+
+def _meta_row(*metas: str, recording_ids: list[str] | None = None) -> pa.Table:
+    """Stage rows that carry only ``meta`` (a report for the driver, not an embedding)."""
+    n = len(metas)
+    return pa.table({
+        "recording_id": pa.array(recording_ids or [""] * n, pa.string()),
+        "channel": pa.array(np.full(n, -1, np.int16)),
+        "window_index": pa.array(np.full(n, -1, np.int32)),
+        "start_s": pa.array(np.zeros(n)),
+        "end_s": pa.array(np.zeros(n)),
+        "valid_s": pa.nulls(n, pa.float32()),
+        "layer": pa.nulls(n, pa.int16()),
+        "embedding": pa.nulls(n, pa.list_(pa.float32())),
+        "meta": pa.array(list(metas), pa.string()),
+    })

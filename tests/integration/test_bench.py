@@ -24,8 +24,11 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
         assert c["pipeline"]["audio_s"] == c["model_only"]["audio_s"] or abs(
             c["pipeline"]["audio_s"] - c["model_only"]["audio_s"]) < 0.5
         for key in ("pipeline_over_model_only", "pipeline_steady_over_model_only",
-                    "pipeline_over_seed_loop_fp32"):
+                    "pipeline_over_seed_loop_fp32", "actor_forward_over_model_only"):
             assert c[key] > 0
+        assert 0 < c["model_busy_fraction"] <= 1
+        assert c["pipeline"]["embed"]["windows"] == c["pipeline"]["windows"]
+        assert c["pipeline_steady_over_model_only"] > c["pipeline_over_model_only"]
     memory = saved["memory"]
     assert memory["one_minute"]["decode_worker"]["rows"] > 0
     assert memory["long"]["decode_worker"]["rows"] > memory["one_minute"]["decode_worker"]["rows"]

@@ -68,6 +68,22 @@ def test_summary(real_run) -> None:
     assert summary.audio_s == pytest.approx(945.967, abs=0.5)
 
 
+def test_summary_says_how_busy_the_model_was(real_run) -> None:
+    _, summary, _ = real_run
+    e = summary.embed
+    # Every window the job counted went through an embedder call that timed itself.
+    assert e.windows == summary.windows == sum(o.embed.windows for o in summary.shard_outcomes)
+    assert e.batches >= -(-summary.windows // 16)
+    assert e.actors == 1
+    assert 0 < e.model_s <= e.busy_s <= e.active_s <= e.span_s <= summary.wall_s
+    assert 0 < e.busy_fraction <= 1
+    assert 0 < e.first_batch_s < summary.wall_s
+    assert summary.steady_throughput > summary.throughput
+    record = summary.to_dict()
+    assert record["embed"]["busy_fraction"] == round(e.busy_fraction, 4)
+    assert "busy" in summary.render()
+
+
 def test_window_rows_match_the_arithmetic(real_run, real_data: Path) -> None:
     out, _, _ = real_run
     con = duckdb.connect()
