@@ -14,7 +14,9 @@
    including resampling to 16 kHz.
 
 Throughputs are audio-seconds per wall-clock second over the same corpus, so the ratios
-compare like with like. The pipeline is also measured by its own clock: each embedding
+compare like with like; model only and pipeline alternate twice in full mode and each
+side's best run counts (this VM's speed drifts by +-15 % minute to minute). The pipeline is
+also measured by its own clock: each embedding
 actor times every call, so the job reports its throughput while the model ran (first batch
 start to last batch end), the share of that time its model was busy (1.0: the data plane
 never kept it waiting), and its forward passes against the same passes run here. Results go to ``<out>/bench.json`` and a table on stdout.
@@ -415,14 +417,15 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
         results["startup"] = _startup(real_dir, s, work)
         windows, valid, seconds = corpus_windows(files, s)
         log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds, len(windows))
-        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work)
+        repeats = 1 if quick else 2
+        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats)
         if not quick:  # quick mode's memory runs already embed long recordings end to end
             long_s = long_s or 1800.0
             long_dir = work / "long"
             long_dir.mkdir()
             long_file = make_long_recording(long_dir / "long.flac", long_s, real_dir / LONG_SOURCE)
             lw, lv, ls = corpus_windows([long_file], s)
-            results["long"] = _compare(long_dir, [long_file], lw, lv, ls, s, work)
+            results["long"] = _compare(long_dir, [long_file], lw, lv, ls, s, work, repeats)
         results["memory"] = _memory(real_dir, work, quick)
         results["decode"] = decode_speed(real_dir, work, 30.0 if quick else 600.0)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
@@ -439,9 +442,24 @@ def _startup(real_dir: Path, s: BenchSettings, work: Path) -> dict[str, Any]:
 
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
-             seconds: float, s: BenchSettings, work: Path) -> dict[str, Any]:
-    model = model_only(windows, valid, seconds, s)
-    pipe = pipeline_run(input_dir, s, work)
+             seconds: float, s: BenchSettings, work: Path, repeats: int) -> dict[str, Any]:
+    """Model only and pipeline, alternated ``repeats`` times; the best run of each counts.
+
+    A shared VM's speed drifts by +-15 % from one minute to the next (we saw the same
+    batched forward pass at 5.4 and 8.1 windows/s a minute apart, with no steal time
+    reported), so single runs minutes apart compare the machine's mood as much as the
+    code. Alternating and keeping each side's best treats both alike; every run is kept
+    in the JSON.
+    """
+    models, pipes = [], []
+    for _ in range(repeats):
+        models.append(model_only(windows, valid, seconds, s))
+        pipes.append(pipeline_run(input_dir, s, work))
+    model = max(models, key=lambda m: m["audio_s_per_s"])
+    pipe = max(pipes, key=lambda p: p["audio_s_per_s"])
+    model["runs_audio_s_per_s"] = [round(m["audio_s_per_s"], 3) for m in models]
+    pipe["runs_audio_s_per_s"] = [round(p["audio_s_per_s"], 3) for p in pipes]
+    pipe["runs_steady_audio_s_per_s"] = [round(p["steady_audio_s_per_s"], 3) for p in pipes]
     seed = seed_loop(files, s, "fp32")
     embed = pipe["embed"]
     out = {
@@ -508,7 +526,9 @@ def render(r: dict[str, Any]) -> str:
         for name in ("model_only", "pipeline", "seed_loop_fp32", "seed_loop_same_precision"):
             if name in c:
                 m = c[name]
-                lines.append(f"  {name:<25} {m['audio_s_per_s']:>8.2f} audio-s/s   wall {m['wall_s']:.1f} s")
+                runs = m.get("runs_audio_s_per_s", [])
+                lines.append(f"  {name:<25} {m['audio_s_per_s']:>8.2f} audio-s/s   wall {m['wall_s']:.1f} s"
+                             + (f"   best of {runs}" if len(runs) > 1 else ""))
         e = c["pipeline"]["embed"]
         lines.append(f"  pipeline while its model ran  {c['pipeline']['steady_audio_s_per_s']:>8.2f} "
                      f"audio-s/s   first batch after {e['first_batch_s']:.1f} s")

@@ -15,6 +15,7 @@ from pipeline.sink import (
     SinkSpec,
     enrich_windows,
     errors_schema,
+    merge_timing,
     partial_pools,
     recordings_schema,
     reduce_partials,
@@ -53,6 +54,33 @@ def test_partial_pools_reduce_to_exact_mean_and_max() -> None:
                 assert count == len(emb)
                 expected = emb.mean(axis=0) if method == "mean" else emb.max(axis=0)
                 np.testing.assert_allclose(vec, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_timings_fold_per_actor_and_into_a_shard_summary() -> None:
+    from pipeline.job import EmbedTiming
+
+    def call(actor: str, start: float, busy: float, model: float, windows: int) -> dict:
+        return {"type": "timing", "actor": actor, "start": start, "end": start + busy,
+                "busy_s": busy, "model_s": model, "windows": windows, "batches": 1}
+
+    per_actor: dict = {}
+    for t in (call("a", 110.0, 2.0, 1.5, 16), call("a", 100.0, 2.0, 1.8, 16),
+              call("b", 103.0, 1.0, 0.9, 8), call("a", 120.0, 1.0, 0.5, 4)):
+        merge_timing(per_actor, t)
+    assert per_actor["a"] == {"start": 100.0, "end": 121.0, "busy_s": 5.0, "model_s": 3.8,
+                              "windows": 36, "batches": 3}
+    shard = EmbedTiming.from_actors(per_actor, shard_start=95.0)
+    assert (shard.actors, shard.batches, shard.windows) == (2, 4, 44)
+    assert shard.active_s == pytest.approx(21.0 + 1.0)
+    assert shard.span_s == pytest.approx(21.0)
+    assert shard.first_batch_s == pytest.approx(5.0)
+    assert shard.busy_fraction == pytest.approx(6.0 / 22.0)
+    job = EmbedTiming()
+    job.add(shard)
+    job.add(EmbedTiming.from_actors({"c": {**per_actor["b"]}}, shard_start=0.0))
+    assert job.first_batch_s == pytest.approx(5.0)  # the first shard's
+    assert (job.batches, job.windows) == (5, 52)
+    assert EmbedTiming.from_actors({}, 0.0).busy_fraction == 0.0
 
 
 def test_output_schemas_are_plain_and_carry_provenance() -> None:
