@@ -16,10 +16,10 @@
 Throughputs are audio-seconds per wall-clock second over the same corpus, so the ratios
 compare like with like; model only and pipeline alternate twice in full mode and each
 side's best run counts (this VM's speed drifts by +-15 % minute to minute). The pipeline is
-also measured by its own clock: each embedding
-actor times every call, so the job reports its throughput while the model ran (first batch
-start to last batch end), the share of that time its model was busy (1.0: the data plane
-never kept it waiting), and its forward passes against the same passes run here. Results go to ``<out>/bench.json`` and a table on stdout.
+also measured by its own clock: each embedding actor times every call, so the job reports
+its throughput while the model ran (first batch start to last batch end), the share of that
+time its model was busy (1.0: the data plane never kept it waiting), and its forward passes
+against the same passes run here. Results go to ``<out>/bench.json`` and a table on stdout.
 ``--quick`` uses a tiny BEATs, a few files, shorter recordings and no long-recording
 throughput comparison, so a test can run it in about a minute.
 """

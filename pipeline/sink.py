@@ -187,6 +187,9 @@ class ShardSink(Datasink[WriteReturn]):
         self.returns = list(write_result.write_returns)
 
 
+TIMING_FIELDS = ("start", "end", "busy_s", "model_s", "windows", "batches")
+
+
 def merge_timing(into: dict[str, dict[str, float]], timing: Mapping[str, Any]) -> None:
     """Fold one embedder timing record (one batch, or a sum of them) into per-actor totals.
 
@@ -203,9 +206,6 @@ def merge_timing(into: dict[str, dict[str, float]], timing: Mapping[str, Any]) -
     mine["end"] = max(mine["end"], float(timing["end"]))
     for key in ("busy_s", "model_s", "windows", "batches"):
         mine[key] += float(timing[key])
-
-
-TIMING_FIELDS = ("start", "end", "busy_s", "model_s", "windows", "batches")
 
 
 def enrich_windows(rows: pa.Table, spec: SinkSpec) -> pa.Table:
