@@ -287,9 +287,7 @@ def resolve_backbone(name: str, *, weights: str = "default",
     entry = _ENTRIES.get(name)
     if entry is not None and weights == "random":
         _check_options(entry, options)
-        log.warning("!!! %s uses RANDOM weights: its embeddings are NOT meaningful (for tests "
-                    "and demos only). Set model.weights to a checkpoint for real embeddings. !!!",
-                    name)
+        _warn_random(name)
         return model_info(name, options), RANDOM_WEIGHTS
     backbone = create_backbone(name, weights=weights, options=options,
                                storage_options=storage_options)
@@ -461,13 +459,16 @@ def _read_weights(entry: ModelEntry, weights: str, storage_options: Mapping[str,
     return read_checkpoint(local), provenance
 
 
+def _warn_random(name: str) -> None:
+    log.warning("!!! %s uses RANDOM weights: its embeddings are NOT meaningful (for tests and "
+                "demos only). Set model.weights to a checkpoint for real embeddings. !!!", name)
+
+
 def _init_random(module: nn.Module, entry: ModelEntry, with_heads: bool) -> None:
     if with_heads:
         raise ConfigError("random weights have no classifier head; use "
                           "return_features_only=True", "model.weights")
-    log.warning("!!! %s uses RANDOM weights: its embeddings are NOT meaningful (for tests and "
-                "demos only). Set model.weights to a checkpoint for real embeddings. !!!",
-                entry.name)
+    _warn_random(entry.name)
     if isinstance(module, BeatsModel):
         init_beats_weights(module, module.cfg)
     else:
