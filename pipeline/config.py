@@ -245,7 +245,10 @@ class OutputConfig:
         windows: write the per-window table.
         recordings: write the per-recording table.
         recording_pooling: how window embeddings become a recording embedding.
-        file_mb: target size of one Parquet file (bigger files, fewer objects).
+        file_mb: most rows a write task gathers before writing, in MB: the largest window
+            file (a file holds one shard's part of those rows). Bigger files mean fewer
+            objects for readers; smaller ones mean commits sooner after embedding, since a
+            shard commits once its rows are written.
         row_group_mb: target size of one Parquet row group.
         compression: Parquet codec.
     """
@@ -255,8 +258,8 @@ class OutputConfig:
     windows: bool = True
     recordings: bool = True
     recording_pooling: Literal["mean", "max"] = "mean"
-    file_mb: float = 256.0
-    row_group_mb: float = 64.0
+    file_mb: float = 64.0
+    row_group_mb: float = 32.0
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
     def validate(self) -> None:
@@ -275,7 +278,9 @@ class RunConfig:
 
     Attributes:
         job_id: id for this run (``None``: generated from the time and a random suffix).
-        shard_size: recordings per commit shard; a crash loses at most one shard of work.
+        shard_size: recordings per commit shard, the unit a rerun redoes. All shards stream
+            through one pipeline; a shard commits as soon as its recordings are embedded and
+            written, so a crash loses the shards still in flight.
         max_failed_fraction: stop when more than this fraction of finished recordings
             failed (checked after each shard); 1.0 never stops.
         min_recordings_before_abort: do not apply ``max_failed_fraction`` before this many.

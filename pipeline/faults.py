@@ -4,7 +4,7 @@
 (SIGKILL: no cleanup, no atexit) the first time it gets there while the marker file exists;
 the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``listed``
 (driver, after listing), ``decode`` (a decode task), ``embed`` (an embedding actor, mid
-batch), ``after_embed``, ``before_publish``, ``publishing`` (after the first file of a
+batch), ``before_publish``, ``publishing`` (after the first file of a
 shard is in place), ``before_commit`` (all files in place, no marker yet). Unset in normal
 runs, where it costs one environment lookup.
 """

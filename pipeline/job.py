@@ -1,20 +1,24 @@
-"""The embedding job: plan on the driver, run shard by shard on Ray, commit each shard.
+"""The embedding job: plan on the driver, stream every shard through Ray, commit each shard.
 
 :meth:`EmbeddingJob.prepare` does everything that can fail cheaply before Ray starts:
 resolve the model and its weights (hashing them), check the config against the model,
 list the inputs, derive the output namespace, recover from a crashed run and work out
-what is left. :meth:`EmbeddingJob.run` then executes one Ray Data pipeline per shard::
+what is left. :meth:`EmbeddingJob.run` then executes one streaming Ray Data pipeline for
+all of it, so the embedding actors load their model once and never wait for a shard to
+drain::
 
     from_items(recordings) -> map_batches(decode_batch)     CPU tasks, one recording each
                            -> map_batches(Embedder)          actor pool, one model each
-                           -> write_datasink(ShardSink)      staged Parquet + partial pools
+                           -> map_batches(write_stage)       staged Parquet + partial pools
 
-and, on the driver, builds the shard's recordings and errors tables, publishes the
-staged files and writes the commit marker.
+The driver reads the write stage's small returns as they come (:class:`ShardProgress`)
+and, as soon as every window of a shard is accounted for, builds that shard's recordings
+and errors tables, publishes its staged files and writes its commit marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,14 +40,16 @@ from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.sink import (
-    ShardSink,
+    ShardProgress,
     SinkSpec,
+    WriteReturn,
     errors_schema,
     file_metadata,
     merge_timing,
     recordings_schema,
     reduce_partials,
     write_parquet,
+    write_stage,
 )
 from pipeline.sources import SourceItem, list_sources, plan_shards
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
@@ -71,7 +77,7 @@ class EmbedTiming:
     ``busy_s`` is time inside the embedding call, ``model_s`` the forward passes alone,
     ``active_s`` each actor's first-batch-start to last-batch-end summed over actors,
     ``span_s`` the first start to the last end over all actors, ``first_batch_s`` how long
-    after the shard started the first batch began (actor start-up and model load included).
+    after the pipeline started the first batch began (actor start-up and model load included).
     """
 
     actors: int = 0
@@ -84,7 +90,7 @@ class EmbedTiming:
     first_batch_s: float = 0.0
 
     @classmethod
-    def from_actors(cls, per_actor: Mapping[str, Mapping[str, float]], shard_start: float) -> EmbedTiming:
+    def from_actors(cls, per_actor: Mapping[str, Mapping[str, float]], started: float) -> EmbedTiming:
         if not per_actor:
             return cls()
         t = per_actor.values()
@@ -94,15 +100,7 @@ class EmbedTiming:
                    busy_s=sum(a["busy_s"] for a in t), model_s=sum(a["model_s"] for a in t),
                    active_s=sum(a["end"] - a["start"] for a in t),
                    span_s=max(a["end"] for a in t) - first,
-                   first_batch_s=max(0.0, first - shard_start))
-
-    def add(self, other: EmbedTiming) -> None:
-        """Accumulate a later shard (``first_batch_s`` stays the first shard's)."""
-        if not self.batches:
-            self.first_batch_s = other.first_batch_s
-        self.actors = max(self.actors, other.actors)
-        for key in ("batches", "windows", "busy_s", "model_s", "active_s", "span_s"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
+                   first_batch_s=max(0.0, first - started))
 
     @property
     def busy_fraction(self) -> float:
@@ -112,7 +110,7 @@ class EmbedTiming:
 
 @dataclass
 class ShardOutcome:
-    """What one committed shard contained."""
+    """What one committed shard contained, and when (seconds after the run started)."""
 
     shard_id: str
     recordings: int = 0
@@ -122,8 +120,7 @@ class ShardOutcome:
     windows: int = 0
     audio_s: float = 0.0
     bytes_read: int = 0
-    wall_s: float = 0.0
-    embed: EmbedTiming = field(default_factory=EmbedTiming)
+    committed_after_s: float = 0.0
 
 
 @dataclass
@@ -165,8 +162,7 @@ class JobSummary:
         out["throughput_audio_s_per_s"] = round(self.throughput, 3)
         out["steady_audio_s_per_s"] = round(self.steady_throughput, 3)
         out["embed"] = {**self.embed.__dict__, "busy_fraction": round(self.embed.busy_fraction, 4)}
-        out["shard_outcomes"] = [{**o.__dict__, "embed": o.embed.__dict__}
-                                 for o in self.shard_outcomes]
+        out["shard_outcomes"] = [dict(o.__dict__) for o in self.shard_outcomes]
         return out
 
     def render(self) -> str:
@@ -294,11 +290,11 @@ class EmbeddingJob:
         return self.cfg.output.file_mb * 1e6 / 2**20
 
     def _check_inflight_budget(self) -> None:
-        """The writer holds one file's rows before writing it; a smaller budget deadlocks.
+        """The writer gathers one file's rows before writing them; a smaller budget deadlocks.
 
-        Ray Data counts the rows waiting for ``min_rows_per_write`` against the object-store
-        limit, so a budget below a file's worth of rows plus a few window batches stops the
-        embedder for good instead of merely slowing it.
+        Ray Data counts the rows waiting for a write task against the object-store limit, so
+        a budget below a file's worth of rows plus a few window batches stops the embedder
+        for good instead of merely slowing it.
         """
         budget = self.cfg.compute.inflight_mb
         needed = math.ceil(1.5 * self._file_mib + 4 * self._batch_mib)
@@ -365,24 +361,49 @@ class EmbeddingJob:
             plan = self._compute_plan(ray.cluster_resources())
             self._configure_data_context(plan)
             log.info("compute: %s", plan)
-            for n, (shard_id, items) in enumerate(self.shards, 1):
-                outcome = self._run_shard(shard_id, items, plan)
-                summary.shard_outcomes.append(outcome)
-                summary.embedded += outcome.embedded
-                summary.partial += outcome.partial
-                summary.failed += outcome.failed
-                summary.windows += outcome.windows
-                summary.audio_s += outcome.audio_s
-                summary.embed.add(outcome.embed)
-                elapsed = time.perf_counter() - started
-                log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, "
-                         "%.0f audio-s in %.1fs (%.1f audio-s/s overall)", n, len(self.shards),
-                         shard_id, outcome.recordings, outcome.failed, outcome.windows,
-                         outcome.audio_s, outcome.wall_s, summary.audio_s / max(elapsed, 1e-9))
-                self._check_failure_budget(summary)
+            self._stream(summary, started, plan)
         finally:
             if owns_ray:
                 ray.shutdown()
+
+    def _stream(self, summary: JobSummary, started: float, plan: Mapping[str, Any]) -> None:
+        """Run the pipeline once for every shard; commit each shard the moment it completes."""
+        import ray
+
+        items = dict(self.shards)
+        pending = {sid: ShardProgress(sid, [i.recording_id for i in members], self.layers)
+                   for sid, members in self.shards}
+        sources = ray.put(self._sources_table(self.todo))
+        per_actor: dict[str, dict[str, float]] = {}
+        pipeline_start = time.time()
+        batches = self._dataset(plan, sources).iter_batches(batch_size=None,
+                                                            batch_format="pyarrow")
+        with contextlib.closing(iter(batches)) as returns:
+            for batch in returns:
+                for row in batch.to_pylist():
+                    ret = WriteReturn.from_row(row)
+                    for actor, timing in ret.timing.items():
+                        merge_timing(per_actor, {"actor": actor, **timing})
+                    if not ret.shard:
+                        continue
+                    progress = pending.get(ret.shard)
+                    if progress is None:
+                        raise RuntimeError(f"rows for shard {ret.shard} after it was committed "
+                                           "(or of no shard of this run); stopping")
+                    progress.add(ret)
+                    if progress.complete:
+                        del pending[ret.shard]
+                        self._commit_shard(progress, items[ret.shard], summary, started)
+        summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
+        if pending:
+            waiting = sorted(r for p in pending.values() for r in p.waiting)
+            raise RuntimeError(f"the pipeline ended with {len(pending)} shards incomplete: no "
+                               f"rows or report for {len(waiting)} recordings (e.g. "
+                               f"{waiting[:3]}); nothing of them was committed")
+        e = summary.embed
+        log.info("models busy %.0f%% of their active time (%d batches, forward %.1f s of %.1f s); "
+                 "first batch %.1f s after the pipeline started", 100 * e.busy_fraction,
+                 e.batches, e.model_s, e.active_s, e.first_batch_s)
 
     def _check_failure_budget(self, summary: JobSummary) -> None:
         finished = summary.embedded + summary.partial + summary.failed
@@ -438,16 +459,16 @@ class EmbeddingJob:
         return {"actors": actors, "gpus_per_actor": gpus_per_actor, "torch_threads": threads,
                 "inflight_mb": inflight, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
-    def _run_shard(self, shard_id: str, items: Sequence[SourceItem], plan: Mapping[str, Any]) -> ShardOutcome:
+    def _dataset(self, plan: Mapping[str, Any], sources: Any) -> Any:
+        """decode (CPU tasks) -> embed (actor pool) -> write (CPU tasks), over every shard."""
         import ray
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-        cfg, started = self.cfg, time.perf_counter()
-        staging = self.layout.uri(self.layout.staging_dir(shard_id))
-        storage.remove_tree(self.layout.fs, self.layout.staging_dir(shard_id))
-        sink = ShardSink(self._sink_spec(staging, items))
-        rows = [{"recording_id": i.recording_id, "uri": i.uri, "path": i.path,
-                 "size_bytes": i.size_bytes, "problem": i.problem} for i in items]
+        cfg = self.cfg
+        rows = [{"shard": sid, "recording_id": i.recording_id, "uri": i.uri, "path": i.path,
+                 "size_bytes": i.size_bytes, "problem": i.problem}
+                for sid, members in self.shards for i in members]
+        # One block per recording: a decode task streams exactly one recording.
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         # The memory reservation also keeps Ray from fusing decoding into the embedding actors
         # (it fuses map stages whose remote args are identical), which would move decoding
@@ -475,21 +496,10 @@ class EmbeddingJob:
             compute=ActorPoolStrategy(size=plan["actors"]),
             **embed_kwargs,
         )
-        shard_start = time.time()
-        ds.write_datasink(sink)
-        fault_point("after_embed")
-        outcome = self._commit_shard(shard_id, items, sink.returns, staging)
-        outcome.wall_s = time.perf_counter() - started
-        per_actor: dict[str, dict[str, float]] = {}
-        for ret in sink.returns:
-            for actor, timing in ret.timing.items():
-                merge_timing(per_actor, {"actor": actor, **timing})
-        outcome.embed = EmbedTiming.from_actors(per_actor, shard_start)
-        log.info("shard %s: models busy %.0f%% of their active time (%d batches, forward %.1f s "
-                 "of %.1f s); first batch %.1f s after the shard started", shard_id,
-                 100 * outcome.embed.busy_fraction, outcome.embed.batches, outcome.embed.model_s,
-                 outcome.embed.active_s, outcome.embed.first_batch_s)
-        return outcome
+        sink = self._sink_spec(sources)
+        # A write task gathers up to one file's rows; it writes one file per shard among them.
+        return ds.map_batches(write_stage, fn_kwargs={"spec": sink},
+                              batch_size=sink.rows_per_file, batch_format="pyarrow")
 
     def _decode_spec(self) -> DecodeSpec:
         a, rate = self.cfg.audio, self.info.sample_rate_hz
@@ -519,14 +529,14 @@ class EmbeddingJob:
             warmup_shape=(m.batch_size, self.window_samples) if self.cfg.compute.warmup else None,
         )
 
-    def _sink_spec(self, staging: str, items: Sequence[SourceItem]) -> SinkSpec:
+    def _sink_spec(self, sources: Any) -> SinkSpec:
         o = self.cfg.output
         per_row = 4 * max(l.dim for l in self.info.layers) + 256
         extras = self.listing.extras
         return SinkSpec(
-            staging_uri=staging,
+            staging_uri=self.layout.uri(self.layout.staging_dir()),
             storage_options=dict(o.storage_options),
-            sources=self._sources_table(items),
+            sources=sources,
             extras_schema=extras.schema if extras is not None else None,
             provenance=self.provenance.row_columns(),
             file_metadata=file_metadata(self._file_provenance()),
@@ -556,14 +566,16 @@ class EmbeddingJob:
 
     # ------------------------------------------------------------------ committing
 
-    def _commit_shard(self, shard_id: str, items: Sequence[SourceItem], returns: Sequence[Any],
-                      staging: str) -> ShardOutcome:
-        reports, dropped = _collect_reports(returns)
-        pooled = reduce_partials([r.partials for r in returns if r.partials is not None],
-                                 self.cfg.output.recording_pooling)
-        rec_rows, err_rows, outcome = self._settle(shard_id, items, reports, dropped, pooled)
-        staged: dict[str, list[str]] = {"windows": [p for r in returns for p, _ in r.files]}
-        file_rows = {p: n for r in returns for p, n in r.files}
+    def _commit_shard(self, progress: ShardProgress, items: Sequence[SourceItem],
+                      summary: JobSummary, started: float) -> None:
+        """Write a complete shard's recordings and errors tables, publish, mark committed."""
+        shard_id = progress.shard_id
+        staging = self.layout.uri(self.layout.staging_dir(shard_id))
+        pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
+        rec_rows, err_rows, outcome = self._settle(shard_id, items, progress.reports,
+                                                   progress.dropped, pooled)
+        staged: dict[str, list[str]] = {"windows": [p for p, _ in progress.files]}
+        file_rows = dict(progress.files)
         extras = self.listing.extras
         meta = file_metadata(self._file_provenance())
         sources = self._sources_table(items)
@@ -588,17 +600,25 @@ class EmbeddingJob:
         final_rows = {table: [{"path": self.layout.uri(dst), "rows": rows_by_path[src]}
                               for src, dst in zip(sorted(staged_paths[table]), paths, strict=True)]
                       for table, paths in final.items()}
+        outcome.committed_after_s = round(time.perf_counter() - started, 3)
         layout_mod.commit(self.layout, {
             "shard": shard_id,
             "job_id": self.job_id,
             "variant": self.variant.id,
             "committed_at": utc_now(),
             "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
-                            "outcome": reports[i.recording_id]["status"]} for i in items],
+                            "outcome": progress.reports[i.recording_id]["status"]} for i in items],
             "files": final_rows,
-            "counts": {k: v for k, v in outcome.__dict__.items() if k not in ("shard_id", "embed")},
+            "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
         })
-        return outcome
+        summary.shard_outcomes.append(outcome)
+        for key in ("embedded", "partial", "failed", "windows", "audio_s"):
+            setattr(summary, key, getattr(summary, key) + getattr(outcome, key))
+        log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, %.0f audio-s; "
+                 "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
+                 shard_id, outcome.recordings, outcome.failed, outcome.windows, outcome.audio_s,
+                 summary.audio_s / max(outcome.committed_after_s, 1e-9))
+        self._check_failure_budget(summary)
 
     def _settle(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
                 dropped: Mapping[str, set[tuple[int, int]]],
@@ -665,20 +685,6 @@ class EmbeddingJob:
             "summary": summary.to_dict(),
         }
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
-
-
-def _collect_reports(returns: Sequence[Any]) -> tuple[dict[str, dict], dict[str, set[tuple[int, int]]]]:
-    reports: dict[str, dict] = {}
-    dropped: dict[str, set[tuple[int, int]]] = {}
-    for ret in returns:
-        for text in ret.reports:
-            meta = json.loads(text)
-            rid = meta["recording_id"]
-            if meta["type"] == "report":
-                reports[rid] = meta
-            elif meta["type"] == "dropped":
-                dropped.setdefault(rid, set()).update((c, w) for c, w in meta["windows"])
-    return reports, dropped
 
 
 def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,

@@ -71,7 +71,7 @@ class OutputLayout:
 
     def staging_dir(self, shard_id: str | None = None) -> str:
         base = storage.join(self.root_path, "_staging", self._ns())
-        return base if shard_id is None else storage.join(base, f"shard={shard_id}")
+        return base if shard_id is None else storage.join(base, staging_name(shard_id))
 
     def commits_dir(self) -> str:
         return storage.join(self.root_path, "_commits", self._ns())
@@ -88,6 +88,11 @@ class OutputLayout:
     def uri(self, path: str) -> str:
         """Full URL of a path on the output filesystem (for messages and markers)."""
         return storage.redact_uri(storage.full_uri(self.fs, path))
+
+
+def staging_name(shard_id: str) -> str:
+    """A shard's directory under the staging root (the write stage stages files there)."""
+    return f"shard={shard_id}"
 
 
 def write_json(fs: Any, path: str, payload: Mapping[str, Any]) -> None:

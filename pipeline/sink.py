@@ -1,11 +1,13 @@
-"""Writing a shard: the Ray Datasink for window rows, and the per-recording and error tables.
+"""Writing: the write stage for window rows, and the schemas of every output table.
 
-Window rows stream into :class:`ShardSink`. Each write task enriches its rows with the
-source and provenance columns, writes one Parquet file to the shard's staging directory
-under a name fixed by its task index (a retried task overwrites, never duplicates), and
-returns small partial sums per (recording, channel, layer) plus the recordings' decode
-reports. The driver reduces those into the recordings table (:func:`build_recordings`) —
-no second pass over the window files.
+Embedder rows stream into :func:`write_stage`, a Ray task that gathers up to one file's
+worth of rows. For each commit shard present in its rows it adds the source and provenance
+columns, writes one Parquet file to the shard's staging directory under a name derived from
+the rows (a retried task overwrites, never duplicates), and returns a small
+:class:`WriteReturn`: the file, partial sums per (recording, channel, layer) and the
+recordings' decode reports. The driver folds those per shard, builds the recordings table
+from the partial sums (no second pass over the window files) and commits each shard as
+soon as every one of its windows is accounted for.
 
 Schemas are declared here and written explicitly: the embedding column is a plain
 ``list<float32>``, never a Ray extension type, so DuckDB, BigQuery, Spark and pandas read it.
@@ -13,6 +15,7 @@ Schemas are declared here and written explicitly: the embedding column is a plai
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -23,10 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from pipeline import storage
+from pipeline.layout import staging_name
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ _SOURCE_FIELDS = [
 
 # What the embedding stage hands to the sink (one row per window x layer, plus report rows).
 STAGE_SCHEMA = pa.schema([
+    pa.field("shard", pa.string()),
     pa.field("recording_id", pa.string()),
     pa.field("channel", pa.int16()),
     pa.field("window_index", pa.int32()),
@@ -111,22 +114,24 @@ class SinkSpec:
     """Everything a write task needs; plain data, so it pickles to any node.
 
     Attributes:
-        staging_uri: the shard's staging directory (URL).
+        staging_uri: the job's staging directory (URL); a shard's files go under
+            ``shard=<id>/windows/`` inside it.
         storage_options: fsspec options for the output filesystem.
         sources: per-recording columns: ``recording_id``, ``source_uri``, ``source_version``,
-            ``source_bytes`` plus manifest extras, one row per recording of the shard.
+            ``source_bytes`` plus manifest extras, one row per recording of the job; a table,
+            or a Ray object reference to one (fetched once per worker process).
         extras_schema: schema of the manifest extras (``None`` without a manifest).
         provenance: constant provenance columns (``job_id``...).
         file_metadata: key-value metadata for every Parquet file.
         write_windows: write window rows (the partial sums are computed either way).
-        rows_per_file: rows per write task, i.e. per window file.
+        rows_per_file: rows gathered per write task, the most in one window file.
         row_group_rows: rows per Parquet row group.
         compression: Parquet codec.
     """
 
     staging_uri: str
     storage_options: dict[str, Any]
-    sources: pa.Table
+    sources: Any
     extras_schema: pa.Schema | None
     provenance: dict[str, str]
     file_metadata: dict[bytes, bytes]
@@ -138,53 +143,160 @@ class SinkSpec:
 
 @dataclass
 class WriteReturn:
-    """What one write task reports to the driver (small: no window embeddings)."""
+    """What one write task reports to the driver about one shard (small: no embeddings).
 
+    ``shard`` is empty for the return that carries only embedder timings.
+    """
+
+    shard: str = ""
     files: list[tuple[str, int]] = field(default_factory=list)
     partials: pa.Table | None = None
     reports: list[str] = field(default_factory=list)
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def to_row(self) -> dict[str, Any]:
+        partials = b""
+        if self.partials is not None:
+            sink = io.BytesIO()
+            with pa.ipc.new_stream(sink, self.partials.schema) as writer:
+                writer.write_table(self.partials)
+            partials = sink.getvalue()
+        return {"shard": self.shard, "files": json.dumps(self.files), "partials": partials,
+                "reports": self.reports, "timing": json.dumps(self.timing)}
 
-class ShardSink(Datasink[WriteReturn]):
-    """Ray Datasink that stages one shard's window rows and collects what the driver needs."""
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WriteReturn:
+        partials = None
+        if row["partials"]:
+            partials = pa.ipc.open_stream(pa.BufferReader(row["partials"])).read_all()
+        return cls(shard=row["shard"], files=[(p, int(n)) for p, n in json.loads(row["files"])],
+                   partials=partials, reports=list(row["reports"] or ()),
+                   timing=json.loads(row["timing"]))
 
-    def __init__(self, spec: SinkSpec) -> None:
-        self.spec = spec
-        self.returns: list[WriteReturn] = []
+
+RETURN_SCHEMA = pa.schema([
+    pa.field("shard", pa.string()),
+    pa.field("files", pa.string()),
+    pa.field("partials", pa.binary()),
+    pa.field("reports", pa.list_(pa.string())),
+    pa.field("timing", pa.string()),
+])
+
+
+def write_stage(batch: pa.Table, spec: SinkSpec) -> pa.Table:
+    """Ray ``map_batches`` task: stage a batch of embedder rows, one file per shard in it.
+
+    Returns one :class:`WriteReturn` row per shard present (staged files, partial pools,
+    decode reports) plus one with the embedder timings. A file's name is a digest of the
+    rows it holds, so a retried task overwrites its own files instead of adding copies;
+    files of a task that died before returning are never reported, hence never published.
+    """
+    table = batch.cast(STAGE_SCHEMA) if batch.schema != STAGE_SCHEMA else batch
+    returns: dict[str, WriteReturn] = {}
+    timing = WriteReturn()
+    is_meta = pa.compute.not_equal(table.column("meta"), "")
+    metas = table.filter(is_meta)
+    for shard, text in zip(metas.column("shard").to_pylist(), metas.column("meta").to_pylist(),
+                           strict=True):
+        meta = json.loads(text)
+        if meta["type"] == "timing":
+            merge_timing(timing.timing, meta)
+        else:
+            returns.setdefault(shard, WriteReturn(shard)).reports.append(text)
+    rows = table.filter(pa.compute.invert(is_meta))
+    if rows.num_rows:
+        shards = rows.column("shard")
+        for shard in pa.compute.unique(shards).to_pylist():
+            part = rows.filter(pa.compute.equal(shards, shard))
+            out = returns.setdefault(shard, WriteReturn(shard))
+            out.partials = partial_pools(part)
+            if spec.write_windows:
+                final = enrich_windows(part, spec)
+                path = storage.join(spec.staging_uri, staging_name(shard), "windows",
+                                    f"part-{_rows_digest(final)}.parquet")
+                write_parquet(final, path, spec.storage_options, spec.row_group_rows,
+                              spec.compression)
+                out.files.append((path, final.num_rows))
+    if timing.timing:
+        returns[""] = timing
+    return pa.Table.from_pylist([r.to_row() for r in returns.values()], schema=RETURN_SCHEMA)
+
+
+def _rows_digest(rows: pa.Table) -> str:
+    """Name for a staged file: the same rows always give the same name."""
+    digest = hashlib.sha256("\n".join(rows.column("recording_id").to_pylist()).encode())
+    for name in ("channel", "window_index", "layer"):
+        digest.update(rows.column(name).to_numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+class ShardProgress:
+    """The driver's view of one shard while its write returns arrive, in any order.
+
+    A recording is settled once its decode report is in and, for every channel it
+    reported and every layer, the window rows written plus the windows dropped as
+    non-finite equal the windows decoded. The shard is complete when every recording is
+    settled; a count that overshoots means a duplicated row and stops the job.
+    """
+
+    def __init__(self, shard_id: str, recording_ids: Iterable[str], layers: Sequence[int]) -> None:
+        self.shard_id = shard_id
+        self.layers = tuple(layers)
+        self.members = set(recording_ids)
+        self.waiting = set(self.members)
+        self.partials: list[pa.Table] = []
+        self.files: list[tuple[str, int]] = []
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.dropped: dict[str, set[tuple[int, int]]] = {}
+        self._counts: dict[tuple[str, int, int], int] = {}
 
     @property
-    def min_rows_per_write(self) -> int | None:
-        return self.spec.rows_per_file
+    def complete(self) -> bool:
+        return not self.waiting
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> WriteReturn:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        out = WriteReturn()
-        if not tables:
-            return out
-        table = pa.concat_tables([t.cast(STAGE_SCHEMA) for t in tables])
-        is_report = pa.compute.not_equal(table.column("meta"), "")
-        for text in table.filter(is_report).column("meta").to_pylist():
+    def add(self, ret: WriteReturn) -> None:
+        touched: set[str] = set()
+        for text in ret.reports:
             meta = json.loads(text)
-            if meta["type"] == "timing":
-                merge_timing(out.timing, meta)
-            else:
-                out.reports.append(text)
-        rows = table.filter(pa.compute.invert(is_report))
-        if rows.num_rows == 0:
-            return out
-        out.partials = partial_pools(rows)
-        if self.spec.write_windows:
-            path = storage.join(self.spec.staging_uri, "windows", f"part-{ctx.task_idx:06d}.parquet")
-            final = enrich_windows(rows, self.spec)
-            write_parquet(final, path, self.spec.storage_options, self.spec.row_group_rows,
-                          self.spec.compression)
-            out.files.append((path, final.num_rows))
-        return out
+            rid = meta["recording_id"]
+            if meta["type"] == "report":
+                self.reports[rid] = meta
+            elif meta["type"] == "dropped":
+                self.dropped.setdefault(rid, set()).update((c, w) for c, w in meta["windows"])
+            touched.add(rid)
+        if ret.partials is not None:
+            self.partials.append(ret.partials)
+            p = ret.partials
+            for rid, ch, layer, n in zip(p.column("recording_id").to_pylist(),
+                                         p.column("channel").to_pylist(),
+                                         p.column("layer").to_pylist(),
+                                         p.column("count").to_pylist(), strict=True):
+                key = (rid, ch, layer)
+                self._counts[key] = self._counts.get(key, 0) + n
+                touched.add(rid)
+        self.files.extend(ret.files)
+        strangers = touched - self.members
+        if strangers:
+            raise RuntimeError(f"shard {self.shard_id}: rows for recordings of another shard "
+                               f"({sorted(strangers)[:3]})")
+        self.waiting -= {rid for rid in touched & self.waiting if self._settled(rid)}
 
-    def on_write_complete(self, write_result: Any) -> None:
-        self.returns = list(write_result.write_returns)
+    def _settled(self, rid: str) -> bool:
+        report = self.reports.get(rid)
+        if report is None:
+            return False
+        lost = self.dropped.get(rid, set())
+        for ch, emitted in report["windows"].items():
+            expected = int(emitted) - sum(1 for c, _ in lost if c == int(ch))
+            for layer in self.layers:
+                got = self._counts.get((rid, int(ch), layer), 0)
+                if got > expected:
+                    raise RuntimeError(
+                        f"shard {self.shard_id}: {rid} channel {ch} layer {layer} has {got} "
+                        f"window rows, {expected} expected; refusing to commit duplicates")
+                if got < expected:
+                    return False
+        return True
 
 
 TIMING_FIELDS = ("start", "end", "busy_s", "model_s", "windows", "batches")
@@ -210,13 +322,13 @@ def merge_timing(into: dict[str, dict[str, float]], timing: Mapping[str, Any]) -
 
 def enrich_windows(rows: pa.Table, spec: SinkSpec) -> pa.Table:
     """Stage rows -> output rows: add source, provenance and manifest columns; sort for scans."""
-    rows = rows.drop_columns(["meta"])
+    rows = rows.drop_columns(["meta", "shard"])
     order = pa.compute.sort_indices(rows, sort_keys=[
         ("layer", "ascending"), ("recording_id", "ascending"),
         ("channel", "ascending"), ("window_index", "ascending"),
     ])
     rows = rows.take(order)
-    source = lookup(spec.sources, rows.column("recording_id"))
+    source = lookup(_sources(spec.sources), rows.column("recording_id"))
     schema = windows_schema(spec.extras_schema, spec.file_metadata)
     columns: dict[str, pa.Array] = {}
     for f in schema:
@@ -229,14 +341,38 @@ def enrich_windows(rows: pa.Table, spec: SinkSpec) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def lookup(sources: pa.Table, recording_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
+class SourceIndex:
+    """The job's sources table with a ``recording_id -> row`` index built once."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.rows = {rid: i for i, rid in enumerate(table.column("recording_id").to_pylist())}
+
+
+_SOURCE_CACHE: dict[str, SourceIndex] = {}
+
+
+def _sources(sources: Any) -> SourceIndex:
+    """Resolve a sources table or object reference; a reference is fetched once per process."""
+    if isinstance(sources, pa.Table):
+        return SourceIndex(sources)
+    key = sources.hex()
+    if key not in _SOURCE_CACHE:
+        import ray
+
+        _SOURCE_CACHE.clear()  # one job at a time per worker process
+        _SOURCE_CACHE[key] = SourceIndex(ray.get(sources))
+    return _SOURCE_CACHE[key]
+
+
+def lookup(sources: pa.Table | SourceIndex, recording_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
     """Rows of ``sources`` matching each id (a gather; every id must be present)."""
-    index = {rid: i for i, rid in enumerate(sources.column("recording_id").to_pylist())}
+    index = sources if isinstance(sources, SourceIndex) else SourceIndex(sources)
     try:
-        take = np.fromiter((index[r] for r in recording_ids.to_pylist()), dtype=np.int64)
+        take = np.fromiter((index.rows[r] for r in recording_ids.to_pylist()), dtype=np.int64)
     except KeyError as err:
-        raise RuntimeError(f"row for recording {err} that is not in this shard") from None
-    return sources.take(pa.array(take))
+        raise RuntimeError(f"row for recording {err} that this job did not list") from None
+    return index.table.take(pa.array(take))
 
 
 def _embedding_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

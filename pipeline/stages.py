@@ -1,6 +1,6 @@
 """The two Ray stages: decode-and-window (CPU tasks) and embed (one backbone per actor).
 
-Row protocol between them. Every row has ``recording_id`` and ``meta``:
+Row protocol between them. Every row has ``shard``, ``recording_id`` and ``meta``:
 
 * window rows (``meta == ""``): ``channel``, ``window_index``, ``start_s``, ``end_s``,
   ``valid_samples`` and ``audio`` (float32, one window, zero-padded past ``valid_samples``);
@@ -73,9 +73,12 @@ class DecodeSpec:
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
     """Ray ``map_batches`` generator: one recording in, window batches then a report out."""
     configure_worker_logging(spec.log_level)
-    for rid, uri, path, size, problem in zip(batch["recording_id"], batch["uri"], batch["path"],
-                                             batch["size_bytes"], batch["problem"], strict=True):
-        yield from decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec)
+    for shard, rid, uri, path, size, problem in zip(
+            batch["shard"], batch["recording_id"], batch["uri"], batch["path"],
+            batch["size_bytes"], batch["problem"], strict=True):
+        for rows in decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec):
+            rows["shard"] = np.full(len(rows["recording_id"]), str(shard), dtype=object)
+            yield rows
 
 
 def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
@@ -284,6 +287,7 @@ class Embedder:
     def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         n = int(mask.sum())
         return pa.table({
+            "shard": pa.array(batch["shard"][mask].tolist(), pa.string()),
             "recording_id": pa.array(batch["recording_id"][mask].tolist(), pa.string()),
             "channel": pa.array(batch["channel"][mask], pa.int16()),
             "window_index": pa.array(batch["window_index"][mask], pa.int32()),
@@ -356,6 +360,7 @@ class Embedder:
         n, dim = vectors.shape
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
         return pa.table({
+            "shard": pa.array(rows["shard"][keep].tolist(), pa.string()),
             "recording_id": pa.array(rows["recording_id"][keep].tolist(), pa.string()),
             "channel": pa.array(rows["channel"][keep], pa.int16()),
             "window_index": pa.array(rows["window_index"][keep], pa.int32()),
@@ -371,21 +376,28 @@ class Embedder:
 
     def _dropped_rows(self, rows: dict[str, np.ndarray], dropped: np.ndarray) -> pa.Table:
         """Report rows for windows whose embedding was not finite even in fp32."""
-        by_recording: dict[str, list[list[int]]] = {}
-        for rid, ch, wi in zip(rows["recording_id"][dropped], rows["channel"][dropped],
-                               rows["window_index"][dropped], strict=True):
-            by_recording.setdefault(str(rid), []).append([int(ch), int(wi)])
+        by_recording: dict[tuple[str, str], list[list[int]]] = {}
+        for shard, rid, ch, wi in zip(rows["shard"][dropped], rows["recording_id"][dropped],
+                                      rows["channel"][dropped], rows["window_index"][dropped],
+                                      strict=True):
+            by_recording.setdefault((str(shard), str(rid)), []).append([int(ch), int(wi)])
         log.warning("dropping %d windows with non-finite embeddings", int(dropped.sum()))
         metas = [json.dumps({"type": "dropped", "recording_id": rid, "windows": wins,
                              "reason": "non-finite embedding"})
-                 for rid, wins in by_recording.items()]
-        return _meta_row(*metas, recording_ids=list(by_recording))
+                 for (_, rid), wins in by_recording.items()]
+        return _meta_row(*metas, shards=[s for s, _ in by_recording],
+                         recording_ids=[r for _, r in by_recording])
 
 
-def _meta_row(*metas: str, recording_ids: list[str] | None = None) -> pa.Table:
-    """Stage rows that carry only ``meta`` (a report for the driver, not an embedding)."""
+def _meta_row(*metas: str, shards: list[str] | None = None,
+              recording_ids: list[str] | None = None) -> pa.Table:
+    """Stage rows that carry only ``meta`` (a report for the driver, not an embedding).
+
+    Timing rows belong to no shard and no recording (both empty).
+    """
     n = len(metas)
     return pa.table({
+        "shard": pa.array(shards or [""] * n, pa.string()),
         "recording_id": pa.array(recording_ids or [""] * n, pa.string()),
         "channel": pa.array(np.full(n, -1, np.int16)),
         "window_index": pa.array(np.full(n, -1, np.int32)),

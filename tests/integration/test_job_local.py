@@ -72,7 +72,7 @@ def test_summary_says_how_busy_the_model_was(real_run) -> None:
     _, summary, _ = real_run
     e = summary.embed
     # Every window the job counted went through an embedder call that timed itself.
-    assert e.windows == summary.windows == sum(o.embed.windows for o in summary.shard_outcomes)
+    assert e.windows == summary.windows == sum(o.windows for o in summary.shard_outcomes)
     assert e.batches >= -(-summary.windows // 16)
     assert e.actors == 1
     assert 0 < e.model_s <= e.busy_s <= e.active_s <= e.span_s <= summary.wall_s

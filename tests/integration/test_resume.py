@@ -42,7 +42,10 @@ def config(archive: Path, out: Path, address: str | None = None, **run: object) 
     compute: dict[str, object] = {"torch_threads": 1}  # same arithmetic in every process
     if address:
         compute["address"] = address
-    return job_dict(str(archive), str(out), run={"shard_size": SHARD, **run}, compute=compute)
+    # Files of a few rows, so that shards commit one by one while the pipeline still runs
+    # (a write task gathers up to one file's rows before it writes).
+    return job_dict(str(archive), str(out), run={"shard_size": SHARD, **run}, compute=compute,
+                    output={"file_mb": 0.005})
 
 
 def rows(out: Path) -> dict[tuple, np.ndarray]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import layout, storage
 from pipeline.layout import OutputLayout
 from pipeline.sink import (
     STAGE_SCHEMA,
+    ShardProgress,
     SinkSpec,
+    WriteReturn,
     enrich_windows,
     errors_schema,
     merge_timing,
@@ -20,15 +24,17 @@ from pipeline.sink import (
     recordings_schema,
     reduce_partials,
     windows_schema,
+    write_stage,
 )
 
 
-def stage_rows(rng: np.random.Generator, rids: list[str], layers: list[int], dim: int) -> pa.Table:
+def stage_rows(rng: np.random.Generator, rids: list[str], layers: list[int], dim: int,
+               shard: str = "s0") -> pa.Table:
     rows = []
     for rid in rids:
         for w in range(int(rng.integers(1, 6))):
             for layer in layers:
-                rows.append({"recording_id": rid, "channel": -1, "window_index": w,
+                rows.append({"shard": shard, "recording_id": rid, "channel": -1, "window_index": w,
                              "start_s": w * 1.0, "end_s": w + 2.0, "valid_s": 2.0,
                              "layer": layer, "embedding": rng.standard_normal(dim).astype(np.float32),
                              "meta": ""})
@@ -56,7 +62,7 @@ def test_partial_pools_reduce_to_exact_mean_and_max() -> None:
                 np.testing.assert_allclose(vec, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_timings_fold_per_actor_and_into_a_shard_summary() -> None:
+def test_timings_fold_per_actor_and_into_a_job_summary() -> None:
     from pipeline.job import EmbedTiming
 
     def call(actor: str, start: float, busy: float, model: float, windows: int) -> dict:
@@ -69,18 +75,110 @@ def test_timings_fold_per_actor_and_into_a_shard_summary() -> None:
         merge_timing(per_actor, t)
     assert per_actor["a"] == {"start": 100.0, "end": 121.0, "busy_s": 5.0, "model_s": 3.8,
                               "windows": 36, "batches": 3}
-    shard = EmbedTiming.from_actors(per_actor, shard_start=95.0)
-    assert (shard.actors, shard.batches, shard.windows) == (2, 4, 44)
-    assert shard.active_s == pytest.approx(21.0 + 1.0)
-    assert shard.span_s == pytest.approx(21.0)
-    assert shard.first_batch_s == pytest.approx(5.0)
-    assert shard.busy_fraction == pytest.approx(6.0 / 22.0)
-    job = EmbedTiming()
-    job.add(shard)
-    job.add(EmbedTiming.from_actors({"c": {**per_actor["b"]}}, shard_start=0.0))
-    assert job.first_batch_s == pytest.approx(5.0)  # the first shard's
-    assert (job.batches, job.windows) == (5, 52)
+    job = EmbedTiming.from_actors(per_actor, started=95.0)
+    assert (job.actors, job.batches, job.windows) == (2, 4, 44)
+    assert job.active_s == pytest.approx(21.0 + 1.0)
+    assert job.span_s == pytest.approx(21.0)
+    assert job.first_batch_s == pytest.approx(5.0)
+    assert job.busy_fraction == pytest.approx(6.0 / 22.0)
     assert EmbedTiming.from_actors({}, 0.0).busy_fraction == 0.0
+
+
+PROVENANCE = {"job_id": "J", "model_name": "m", "weights_sha256": "w", "config_sha256": "c",
+              "code_version": "v"}
+
+
+def meta_rows(shard: str, *metas: dict) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"shard": shard, "recording_id": m.get("recording_id", ""), "channel": -1,
+         "window_index": -1, "start_s": 0.0, "end_s": 0.0, "meta": json.dumps(m)}
+        for m in metas], schema=STAGE_SCHEMA)
+
+
+def report(rid: str, windows: int, status: str = "ok") -> dict:
+    return {"type": "report", "recording_id": rid, "status": status, "windows": {"-1": windows}}
+
+
+def test_write_stage_returns_let_the_driver_commit_each_shard_when_complete(tmp_path: Path) -> None:
+    """Rows of two shards arrive split across write tasks in any order; a shard completes
+    exactly when its last window or report arrives, never before, and files are per shard."""
+    rng = np.random.default_rng(7)
+    layers = [0, 2]
+    s1 = stage_rows(rng, ["a", "b"], layers, 4, shard="s1")
+    s2 = stage_rows(rng, ["c"], layers, 4, shard="s2")
+
+    def windows_of(table: pa.Table, rid: str) -> int:
+        return sum(1 for r, l in zip(table.column("recording_id").to_pylist(),
+                                     table.column("layer").to_pylist(), strict=True)
+                   if r == rid and l == 0)
+
+    timing = {"type": "timing", "actor": "x", "start": 1.0, "end": 2.0, "busy_s": 1.0,
+              "model_s": 0.5, "windows": 3, "batches": 1}
+    everything = pa.concat_tables([
+        s1, s2, meta_rows("s1", report("a", windows_of(s1, "a")), report("b", windows_of(s1, "b"))),
+        meta_rows("s2", report("c", windows_of(s2, "c"))), meta_rows("", timing)])
+    order = rng.permutation(everything.num_rows)
+    tasks = [everything.take(order[i:i + 5]) for i in range(0, len(order), 5)]
+    sources = pa.table({"recording_id": ["a", "b", "c"], "source_uri": ["/x/a", "/x/b", "/x/c"],
+                        "source_version": ["1", "2", "3"], "source_bytes": [1, 2, 3]})
+    spec = SinkSpec(staging_uri=str(tmp_path / "staging"), storage_options={}, sources=sources,
+                    extras_schema=None, provenance=PROVENANCE, file_metadata={})
+    progress = {"s1": ShardProgress("s1", ["a", "b"], layers),
+                "s2": ShardProgress("s2", ["c"], layers)}
+    completed_at: dict[str, int] = {}
+    timings = 0
+    for n, task in enumerate(tasks):
+        for row in write_stage(task, spec).to_pylist():
+            ret = WriteReturn.from_row(row)
+            if not ret.shard:
+                timings += 1
+                assert ret.timing["x"]["windows"] == 3
+                continue
+            progress[ret.shard].add(ret)
+            if progress[ret.shard].complete and ret.shard not in completed_at:
+                completed_at[ret.shard] = n
+    assert timings == 1
+    for shard, table in (("s1", s1), ("s2", s2)):
+        # Complete at the task holding its last row, not earlier.
+        mine = [n for n, t in enumerate(tasks)
+                if shard in t.column("shard").to_pylist()]
+        assert completed_at[shard] == max(mine)
+        files = progress[shard].files
+        assert sum(n for _, n in files) == table.num_rows
+        assert all(f"shard={shard}" in p and Path(p).exists() for p, _ in files)
+        assert pq.read_table(files[0][0]).column("job_id")[0].as_py() == "J"
+    # A retried task writes the same files again (same names), it does not add copies.
+    again = {p for r in write_stage(tasks[0], spec).to_pylist()
+             for p, _ in WriteReturn.from_row(r).files}
+    assert again <= {p for pr in progress.values() for p, _ in pr.files}
+    # ...and if the driver ever received rows twice, the counts overshoot: no commit.
+    twice = ShardProgress("s2", ["c"], layers)
+    ret = WriteReturn.from_row(write_stage(s2, spec).to_pylist()[0])
+    twice.add(ret)
+    twice.add(ret)
+    with pytest.raises(RuntimeError, match="duplicates"):
+        twice.add(WriteReturn("s2", reports=[json.dumps(report("c", windows_of(s2, "c")))]))
+
+
+def test_shard_progress_counts_dropped_and_failed_recordings() -> None:
+    progress = ShardProgress("s", ["ok", "bad", "nan"], [0])
+    progress.add(WriteReturn("s", reports=[json.dumps({"type": "report", "recording_id": "bad",
+                                                      "status": "error", "windows": {}})]))
+    assert progress.waiting == {"ok", "nan"}
+    rows = stage_rows(np.random.default_rng(0), ["ok"], [0], 3, shard="s")
+    progress.add(WriteReturn("s", partials=partial_pools(rows),
+                             reports=[json.dumps(report("ok", rows.num_rows))]))
+    assert progress.waiting == {"nan"}
+    # Three windows decoded; one came back non-finite and was dropped by the embedder.
+    progress.add(WriteReturn("s", reports=[json.dumps(report("nan", 3))]))
+    nan_rows = stage_rows(np.random.default_rng(1), ["nan"], [0], 3, shard="s").slice(0, 2)
+    progress.add(WriteReturn("s", partials=partial_pools(nan_rows)))
+    assert not progress.complete
+    progress.add(WriteReturn("s", reports=[json.dumps({"type": "dropped", "recording_id": "nan",
+                                                      "windows": [[-1, 2]]})]))
+    assert progress.complete
+    with pytest.raises(RuntimeError, match="another shard"):
+        ShardProgress("s", ["x"], [0]).add(WriteReturn("s", reports=[json.dumps(report("y", 0))]))
 
 
 def test_output_schemas_are_plain_and_carry_provenance() -> None:
