@@ -180,10 +180,16 @@ class ComputeConfig:
     Attributes:
         address: ``None`` starts a local Ray; ``auto`` or ``ray://host:port`` joins a cluster.
         num_cpus: CPUs for a local Ray (``None``: all).
-        embed_actors: embedding actors (``None``: one per GPU, else one).
+        embed_actors: embedding actors (``None``: one per GPU; on a local Ray without GPUs
+            one per CPU up to 4, the CPUs split among them as torch threads; else one).
+            Several narrow CPU actors outrun one wide one: torch's threads wait for each
+            other at every operator, so one preempted thread (Ray's own processes, decode
+            tasks) stalls them all; separate actors lose only that thread's share.
         gpus_per_actor: GPUs each actor asks for (fractional allowed; ``None``: 1 if the
             cluster has GPUs, else 0).
-        cpus_per_actor: CPUs each actor reserves.
+        cpus_per_actor: CPUs each actor reserves (``None``: 1; on a local Ray without GPUs
+            what is left after one decode task, split among the actors, at most 1 each,
+            so decoding always has a CPU).
         torch_threads: intra-op threads per actor (``None``: the CPUs the actor may use).
         decode_cpus: CPUs each decode task reserves.
         decode_memory_mb: memory each decode task reserves (its working set is a few
@@ -209,7 +215,7 @@ class ComputeConfig:
     num_cpus: int | None = None
     embed_actors: int | None = None
     gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None
     torch_threads: int | None = None
     decode_cpus: float = 1.0
     decode_memory_mb: int = 512
@@ -229,7 +235,7 @@ class ComputeConfig:
                 _positive(value, f"compute.{name}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError("must be >= 0", "compute.gpus_per_actor")
-        if self.cpus_per_actor < 0:
+        if self.cpus_per_actor is not None and self.cpus_per_actor < 0:
             raise ConfigError("must be >= 0", "compute.cpus_per_actor")
         _positive(self.decode_cpus, "compute.decode_cpus")
         _positive(self.decode_memory_mb, "compute.decode_memory_mb")

@@ -57,6 +57,9 @@ from pipeline.windows import samples_for
 
 log = logging.getLogger(__name__)
 
+# On a local Ray without GPUs, one embedding actor per CPU up to this many.
+MAX_LOCAL_CPU_ACTORS = 4
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -444,19 +447,32 @@ class EmbeddingJob:
         if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
             log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
                         "the rest", c.embed_actors, gpus_per_actor, gpus)
-        actors = c.embed_actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+        local_cpu = not gpus_per_actor and c.address is None
+        if c.embed_actors:
+            actors = c.embed_actors
+        elif gpus_per_actor:
+            actors = max(1, int(gpus // gpus_per_actor))
+        elif local_cpu:  # narrow actors: see ComputeConfig.embed_actors
+            actors = max(1, min(MAX_LOCAL_CPU_ACTORS, int(cpus)))
+        else:
+            actors = 1
+        if c.cpus_per_actor is not None:
+            cpus_per_actor = c.cpus_per_actor
+        elif local_cpu:  # leave one decode task its CPU
+            cpus_per_actor = max(0.0, min(1.0, (cpus - c.decode_cpus) / actors))
+        else:
+            cpus_per_actor = 1.0
         if c.torch_threads:
             threads = c.torch_threads
-        elif gpus_per_actor:
-            threads = max(1, int(c.cpus_per_actor))
-        elif c.address is None:  # local CPU run: the actors share this machine's cores
+        elif local_cpu:  # the actors share this machine's cores
             threads = max(1, int(cpus) // actors)
         else:
-            threads = max(1, int(c.cpus_per_actor))
+            threads = max(1, int(cpus_per_actor))
         # Windows in flight to the actors, plus the rows of the file being gathered for writing.
         inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * self._batch_mib))
                                      + math.ceil(2 * self._file_mib))
-        return {"actors": actors, "gpus_per_actor": gpus_per_actor, "torch_threads": threads,
+        return {"actors": actors, "gpus_per_actor": gpus_per_actor,
+                "cpus_per_actor": round(cpus_per_actor, 3), "torch_threads": threads,
                 "inflight_mb": inflight, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
     def _dataset(self, plan: Mapping[str, Any], sources: Any) -> Any:
@@ -481,7 +497,7 @@ class EmbeddingJob:
             decode_kwargs["compute"] = TaskPoolStrategy(size=cfg.compute.decode_concurrency)
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": self._decode_spec()}, batch_size=1,
                             batch_format="numpy", **decode_kwargs)
-        embed_kwargs: dict[str, Any] = {"num_cpus": cfg.compute.cpus_per_actor}
+        embed_kwargs: dict[str, Any] = {"num_cpus": plan["cpus_per_actor"]}
         if plan["gpus_per_actor"]:
             embed_kwargs["num_gpus"] = plan["gpus_per_actor"]
         if cfg.compute.embed_resources:

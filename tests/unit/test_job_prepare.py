@@ -57,3 +57,29 @@ def test_default_budget_holds_two_files_and_eight_batches_per_actor(archive: Pat
     needed = int(np.ceil(1.5 * 100e6 / 2**20 + 4 * batch_mib))
     job(archive, tmp_path / "b", output={"file_mb": 100}, model={"batch_size": 64},
         windows={"window_s": 10.0}, compute={"inflight_mb": needed}).prepare()
+
+
+@pytest.mark.parametrize(("cpus", "actors", "threads", "reserved"), [
+    (1.0, 1, 1, 0.0),    # one CPU: the actor reserves none, so decoding can run
+    (2.0, 2, 1, 0.5),    # this CI machine: two 1-thread actors, one CPU left for decoding
+    (8.0, 4, 2, 1.0),
+    (32.0, 4, 8, 1.0),
+])
+def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
+        archive: Path, tmp_path: Path, cpus: float, actors: int, threads: int,
+        reserved: float) -> None:
+    j = job(archive, tmp_path)
+    j.prepare()
+    plan = j._compute_plan({"CPU": cpus})
+    assert (plan["actors"], plan["torch_threads"], plan["cpus_per_actor"]) == (
+        actors, threads, reserved)
+    assert plan["actors"] * plan["cpus_per_actor"] <= cpus - 1 or cpus == 1
+    # Explicit settings win; on a cluster (or with GPUs) the defaults stay one actor per GPU.
+    fixed = job(archive, tmp_path / "x", compute={"embed_actors": 1, "cpus_per_actor": 2})
+    fixed.prepare()
+    assert (fixed._compute_plan({"CPU": cpus})["actors"],
+            fixed._compute_plan({"CPU": cpus})["cpus_per_actor"]) == (1, 2)
+    gpu = job(archive, tmp_path / "g")
+    gpu.prepare()
+    assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["actors"] == 2
+    assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["cpus_per_actor"] == 1.0
