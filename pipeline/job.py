@@ -396,7 +396,8 @@ class EmbeddingJob:
                     progress.add(ret)
                     if progress.complete:
                         del pending[ret.shard]
-                        self._commit_shard(progress, items[ret.shard], summary, started)
+                        outcome = self._commit_shard(progress, items[ret.shard], started)
+                        self._record(summary, outcome)
         summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         if pending:
             waiting = sorted(r for p in pending.values() for r in p.waiting)
@@ -583,7 +584,7 @@ class EmbeddingJob:
     # ------------------------------------------------------------------ committing
 
     def _commit_shard(self, progress: ShardProgress, items: Sequence[SourceItem],
-                      summary: JobSummary, started: float) -> None:
+                      started: float) -> ShardOutcome:
         """Write a complete shard's recordings and errors tables, publish, mark committed."""
         shard_id = progress.shard_id
         staging = self.layout.uri(self.layout.staging_dir(shard_id))
@@ -627,13 +628,17 @@ class EmbeddingJob:
             "files": final_rows,
             "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
         })
+        return outcome
+
+    def _record(self, summary: JobSummary, outcome: ShardOutcome) -> None:
+        """Fold a committed shard into the summary, say so, and apply the failure budget."""
         summary.shard_outcomes.append(outcome)
         for key in ("embedded", "partial", "failed", "windows", "audio_s"):
             setattr(summary, key, getattr(summary, key) + getattr(outcome, key))
         log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, %.0f audio-s; "
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
-                 shard_id, outcome.recordings, outcome.failed, outcome.windows, outcome.audio_s,
-                 summary.audio_s / max(outcome.committed_after_s, 1e-9))
+                 outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
+                 outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
         self._check_failure_budget(summary)
 
     def _settle(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
