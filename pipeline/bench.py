@@ -505,6 +505,16 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     out["job_decode_worker_ratio"] = (out["long"]["job_peak_rss_mb"]["decode_worker"]
                                       / out["one_minute"]["job_peak_rss_mb"]["decode_worker"])
     if not quick:
+        # Where the growth happens: past 10 minutes it is mostly the object store filling
+        # with windows up to the in-flight budget (reached near 30 minutes with this model).
+        ten = make_long_recording(work / "ten_minutes.flac", 600.0, real_dir / LONG_SOURCE)
+        (work / "mem-ten").mkdir()
+        (work / "mem-ten" / ten.name).symlink_to(ten)
+        peak = pipeline_run(work / "mem-ten", tiny, work,
+                            compute={"torch_threads": 1})["peak_rss_mb"]
+        out["ten_minutes"] = {"job_peak_rss_mb": peak}
+        out["job_rss_plateau_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]
+                                        / peak["all_processes"])
         # What the object-store budget buys: the same two jobs with a tight budget (the
         # smallest that fits a 32 MB output file) instead of the default.
         tight = {"compute": {"torch_threads": 1, "inflight_mb": TIGHT_INFLIGHT_MB},
@@ -558,6 +568,11 @@ def render(r: dict[str, Any]) -> str:
                  f"{m['job_decode_worker_ratio']:.3f}")
     lines.append(f"  whole job (private + object store) {one['job_peak_rss_mb']['all_processes']:6.0f} "
                  f"{long['job_peak_rss_mb']['all_processes']:7.0f}   ratio {m['job_rss_ratio']:.3f}")
+    if "ten_minutes" in m:
+        lines.append(f"  whole job, 10 min vs {minutes:.0f} min       "
+                     f"{m['ten_minutes']['job_peak_rss_mb']['all_processes']:6.0f} "
+                     f"{long['job_peak_rss_mb']['all_processes']:7.0f}   ratio "
+                     f"{m['job_rss_plateau_ratio']:.3f}")
     if "tight_budget" in m:
         t = m["tight_budget"]
         lines.append(f"  whole job, inflight_mb={TIGHT_INFLIGHT_MB:<3}        "

@@ -207,8 +207,11 @@ class ComputeConfig:
             memory flat whatever the recordings' lengths, instead of letting decoding run
             hours ahead of the model and spill to disk.
         warmup: run one full batch of silence through each actor's model before data
-            arrives, so a batch that does not fit fails at start-up, first-call costs are
-            paid up front, and the actor's memory is at its working set from the start.
+            arrives, so a batch that does not fit fails at start-up and first-call costs
+            (CUDA context, kernel selection) are paid before the first real batch.
+            ``None``: GPU actors only. On CPU it costs a batch's time per actor and about
+            100 MiB: Ray Data calls the model from another thread than the constructor, so
+            the warm-up's allocations stay in a malloc arena no real batch reuses.
     """
 
     address: str | None = None
@@ -225,7 +228,7 @@ class ComputeConfig:
     decode_resources: dict[str, float] = field(default_factory=dict)
     object_store_memory_mb: int | None = None
     inflight_mb: int | None = None
-    warmup: bool = True
+    warmup: bool | None = None
 
     def validate(self) -> None:
         for name in ("num_cpus", "embed_actors", "torch_threads", "decode_concurrency",

@@ -536,14 +536,16 @@ class EmbeddingJob:
 
     def _embed_spec(self, plan: Mapping[str, Any]) -> EmbedSpec:
         m = self.cfg.model
+        use_gpu = bool(plan["gpus_per_actor"])
+        warmup = self.cfg.compute.warmup if self.cfg.compute.warmup is not None else use_gpu
         return EmbedSpec(
             model_name=m.name, weights=m.weights, options=dict(m.options),
             storage_options=dict(m.storage_options), layers=self.layers, pooling=self.pooling,
             precision=m.precision, sample_rate_hz=self.info.sample_rate_hz,
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
-            use_gpu=bool(plan["gpus_per_actor"]), torch_threads=plan["torch_threads"],
+            use_gpu=use_gpu, torch_threads=plan["torch_threads"],
             log_level=self.cfg.run.log_level,
-            warmup_shape=(m.batch_size, self.window_samples) if self.cfg.compute.warmup else None,
+            warmup_shape=(m.batch_size, self.window_samples) if warmup else None,
         )
 
     def _sink_spec(self, sources: Any) -> SinkSpec:

@@ -249,17 +249,18 @@ class Embedder:
         if spec.warmup_shape is not None:
             self._warm_up(*spec.warmup_shape)
         self._model_s = 0.0
-        log.info("embedder pid %d: %s on %s (%s, %d torch threads) loaded in %.1fs, warmed up "
-                 "in %.1fs", os.getpid(), spec.model_name, self.device, self.precision,
-                 torch.get_num_threads(), loaded - started, time.perf_counter() - loaded)
+        warm = (f", warmed up in {time.perf_counter() - loaded:.1f}s"
+                if spec.warmup_shape is not None else "")
+        log.info("embedder pid %d: %s on %s (%s, %d torch threads) loaded in %.1fs%s",
+                 os.getpid(), spec.model_name, self.device, self.precision,
+                 torch.get_num_threads(), loaded - started, warm)
 
     def _warm_up(self, batch_size: int, window_samples: int) -> None:
         """One full batch of silence through the model before any data arrives.
 
         A batch that does not fit (GPU out of memory) fails here, at start-up, instead of
-        after decoding began; first-call costs (kernel selection, allocator growth) are paid
-        before the first real batch; and the actor's memory reaches its working set at once,
-        so it does not creep over the first batches of a long job.
+        after decoding began, and first-call costs (CUDA context, kernel selection) are paid
+        before the first real batch. Not worth it on CPU (see ``ComputeConfig.warmup``).
         """
         silence = np.zeros((batch_size, window_samples), np.float32)
         self._pool_all(silence, np.full(batch_size, window_samples), self.precision)
