@@ -7,7 +7,7 @@ what is left. :meth:`EmbeddingJob.run` then executes one streaming Ray Data pipe
 all of it, so the embedding actors load their model once and never wait for a shard to
 drain::
 
-    from_items(recordings) -> map_batches(decode_batch)     CPU tasks, one recording each
+    from_arrow(recordings) -> map_batches(decode_batch)     CPU tasks, a few recordings each
                            -> map_batches(Embedder)          actor pool, one model each
                            -> map_batches(write_stage)       staged Parquet + partial pools
 
@@ -51,7 +51,7 @@ from pipeline.sink import (
     write_parquet,
     write_stage,
 )
-from pipeline.sources import SourceItem, list_sources, plan_shards
+from pipeline.sources import SourceItem, list_sources, pack_decode_tasks, plan_shards
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
 from pipeline.windows import samples_for
 
@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 # On a local Ray without GPUs, one embedding actor per CPU up to this many.
 MAX_LOCAL_CPU_ACTORS = 4
+
+DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
+                                 ("uri", pa.string()), ("path", pa.string()),
+                                 ("size_bytes", pa.int64()), ("problem", pa.string())])
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -482,11 +486,8 @@ class EmbeddingJob:
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
         cfg = self.cfg
-        rows = [{"shard": sid, "recording_id": i.recording_id, "uri": i.uri, "path": i.path,
-                 "size_bytes": i.size_bytes, "problem": i.problem}
-                for sid, members in self.shards for i in members]
-        # One block per recording: a decode task streams exactly one recording.
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # One block per decode task; a task streams its recordings one after another.
+        ds = ray.data.from_arrow(self._decode_tasks(plan))
         # The memory reservation also keeps Ray from fusing decoding into the embedding actors
         # (it fuses map stages whose remote args are identical), which would move decoding
         # onto the GPU nodes and serialise it behind the model.
@@ -517,6 +518,22 @@ class EmbeddingJob:
         # A write task gathers up to one file's rows; it writes one file per shard among them.
         return ds.map_batches(write_stage, fn_kwargs={"spec": sink},
                               batch_size=sink.rows_per_file, batch_format="pyarrow")
+
+    def _decode_tasks(self, plan: Mapping[str, Any]) -> list[pa.Table]:
+        """The recordings to decode, as one small table per decode task."""
+        items = [(sid, i) for sid, members in self.shards for i in members]
+        columns: dict[str, list[Any]] = {
+            "shard": [sid for sid, _ in items],
+            "recording_id": [i.recording_id for _, i in items],
+            "uri": [i.uri for _, i in items],
+            "path": [i.path for _, i in items],
+            "size_bytes": [i.size_bytes for _, i in items],
+            "problem": [i.problem for _, i in items],
+        }
+        tasks = pack_decode_tasks(columns["size_bytes"],
+                                  tasks_at_least=math.ceil(4 * plan["cluster_cpus"]))
+        return [pa.table({k: v[a:b] for k, v in columns.items()}, schema=DECODE_INPUT_SCHEMA)
+                for a, b in tasks]
 
     def _decode_spec(self) -> DecodeSpec:
         a, rate = self.cfg.audio, self.info.sample_rate_hz

@@ -83,3 +83,17 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
     gpu.prepare()
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["actors"] == 2
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["cpus_per_actor"] == 1.0
+
+
+def test_decode_tasks_hold_every_recording_once_with_its_shard(tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    root.mkdir()
+    for k in range(30):
+        sf.write(root / f"r{k:02d}.wav", np.zeros(1600, np.float32), 16_000)
+    j = job(root, tmp_path, run={"shard_size": 7})
+    j.prepare()
+    tables = j._decode_tasks({"cluster_cpus": 2.0})
+    assert [t.num_rows for t in tables] == [3] * 10  # 30 clips, at least 8 tasks (4 a CPU)
+    rows = [r for t in tables for r in t.to_pylist()]
+    expected = [(sid, i.recording_id) for sid, members in j.shards for i in members]
+    assert [(r["shard"], r["recording_id"]) for r in rows] == expected
