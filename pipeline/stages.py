@@ -79,6 +79,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dic
         for rows in decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec):
             rows["shard"] = np.full(len(rows["recording_id"]), str(shard), dtype=object)
             yield rows
+        fault_point("decoded")
 
 
 def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
