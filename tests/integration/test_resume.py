@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -165,3 +166,28 @@ def test_variant_record_conflict_is_refused(archive: Path, tmp_path: Path, ray_s
     path.write_text(path.read_text().replace('"pad"', '"drop"'))
     with pytest.raises(ConfigError, match="refusing to mix"):
         EmbeddingJob(JobConfig.from_dict(config(archive, out))).prepare()
+
+
+def test_a_retried_decode_task_repeats_none_of_its_delivered_blocks(tmp_path: Path,
+                                                                     data_context) -> None:
+    """What a multi-recording decode task relies on: Ray retries a killed generator task
+    from the start and drops the blocks the first attempt had already delivered."""
+    import pyarrow as pa
+    import ray.data
+
+    marker = tmp_path / "killed"
+    data_context.target_max_block_size = 1  # every yield is its own block, sent at once
+
+    def decode(batch: dict) -> Iterator[dict]:
+        for rid in batch["rid"]:
+            if rid == "b" and not marker.exists():  # "a" went out; die before "b"
+                time.sleep(1.0)
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            for k in range(3):
+                yield {"rid": np.array([rid]), "k": np.array([k]), "pad": np.zeros((1, 1000))}
+
+    ds = ray.data.from_arrow([pa.table({"rid": ["a", "b", "c"]}), pa.table({"rid": ["d"]})])
+    got = sorted((r["rid"], r["k"]) for r in ds.map_batches(decode, batch_size=1).take_all())
+    assert marker.exists()
+    assert got == [(rid, k) for rid in "abcd" for k in range(3)]
