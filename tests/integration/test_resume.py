@@ -188,6 +188,7 @@ def test_a_retried_decode_task_repeats_none_of_its_delivered_blocks(tmp_path: Pa
                 yield {"rid": np.array([rid]), "k": np.array([k]), "pad": np.zeros((1, 1000))}
 
     ds = ray.data.from_arrow([pa.table({"rid": ["a", "b", "c"]}), pa.table({"rid": ["d"]})])
-    got = sorted((r["rid"], r["k"]) for r in ds.map_batches(decode, batch_size=1).take_all())
+    got = sorted((str(rid), int(k)) for b in ds.map_batches(decode, batch_size=1).iter_batches()
+                 for rid, k in zip(b["rid"], b["k"], strict=True))
     assert marker.exists()
     assert got == [(rid, k) for rid in "abcd" for k in range(3)]

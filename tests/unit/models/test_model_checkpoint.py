@@ -107,7 +107,9 @@ def test_torch_checkpoint_with_pickled_object_is_refused(tiny_state, tmp_path, c
     torch.save({"model": tiny_state, "extra": Payload()}, path)
     with pytest.raises(WeightsUnavailableError, match="weights_only") as err:
         create_backbone("beats", weights=str(path), options=TINY_BEATS_PROJ)
-    assert "Unsupported global: GLOBAL print" in str(err.value)
+    # The pickled global is print, or Ray's safe_print where an earlier Ray Data run in this
+    # process replaced builtins.print (seen after test_resume's killed-and-retried task).
+    assert "Unsupported global: GLOBAL" in str(err.value) and "print" in str(err.value)
     assert "this must never run" not in capsys.readouterr().out
 
 
