@@ -436,10 +436,15 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
 
 def _startup(real_dir: Path, s: BenchSettings, work: Path) -> dict[str, Any]:
     """Fixed cost of a job: the same settings on one 1-second recording, end to end."""
-    one = work / "startup"
-    one.mkdir()
-    (one / "one.wav").symlink_to(real_dir / "opensoundscape/tests/audio/LOCA_2021_09_24_652_3.wav")
-    return pipeline_run(one, s, work)
+    clip = real_dir / "opensoundscape/tests/audio/LOCA_2021_09_24_652_3.wav"
+    return pipeline_run(_folder_of(work / "startup", clip), s, work)
+
+
+def _folder_of(folder: Path, recording: Path) -> Path:
+    """A new input folder holding just ``recording`` (linked, not copied)."""
+    folder.mkdir()
+    (folder / recording.name).symlink_to(recording)
+    return folder
 
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
@@ -492,10 +497,8 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     tiny = BenchSettings(options=TINY_BEATS)
     out: dict[str, Any] = {"long_recording_s": hour_s}
     for label, path in (("one_minute", short), ("long", long)):
-        single = work / f"mem-{label}"
-        single.mkdir()
-        (single / path.name).symlink_to(path)
-        job = pipeline_run(single, tiny, work, compute={"torch_threads": 1})
+        job = pipeline_run(_folder_of(work / f"mem-{label}", path), tiny, work,
+                           compute={"torch_threads": 1})
         out[label] = {"decode_worker": decode_rss(path), "job_peak_rss_mb": job["peak_rss_mb"],
                       "job_wall_s": job["wall_s"]}
     out["decode_rss_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
@@ -508,9 +511,7 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
         # Where the growth happens: past 10 minutes it is mostly the object store filling
         # with windows up to the in-flight budget (reached near 30 minutes with this model).
         ten = make_long_recording(work / "ten_minutes.flac", 600.0, real_dir / LONG_SOURCE)
-        (work / "mem-ten").mkdir()
-        (work / "mem-ten" / ten.name).symlink_to(ten)
-        peak = pipeline_run(work / "mem-ten", tiny, work,
+        peak = pipeline_run(_folder_of(work / "mem-ten", ten), tiny, work,
                             compute={"torch_threads": 1})["peak_rss_mb"]
         out["ten_minutes"] = {"job_peak_rss_mb": peak}
         out["job_rss_plateau_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]

@@ -15,6 +15,9 @@ REAL = SHARED / "data" / "real"
 
 # Keep model weights, caches and Ray's temp files out of the user's home during tests.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray replaces builtins.print in a driver that meets a progress bar (a killed task's retry
+# does); tests share one process, so keep print as it is.
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -107,8 +107,8 @@ def test_torch_checkpoint_with_pickled_object_is_refused(tiny_state, tmp_path, c
     torch.save({"model": tiny_state, "extra": Payload()}, path)
     with pytest.raises(WeightsUnavailableError, match="weights_only") as err:
         create_backbone("beats", weights=str(path), options=TINY_BEATS_PROJ)
-    # The pickled global is print, or Ray's safe_print where an earlier Ray Data run in this
-    # process replaced builtins.print (seen after test_resume's killed-and-retried task).
+    # The pickled global is print (or Ray's safe_print, should a Ray driver in this process
+    # patch builtins.print; tests/conftest.py sets RAY_TQDM_PATCH_PRINT=0 against that).
     assert "Unsupported global: GLOBAL" in str(err.value) and "print" in str(err.value)
     assert "this must never run" not in capsys.readouterr().out
 
