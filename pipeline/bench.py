@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,7 @@ class BenchSettings:
     batch_size: int = 16
     threads: int = os.cpu_count() or 1  # model only and the seed loop: all cores, one process
     sample_rate_hz: int = 16_000
+    device: str = "cpu"  # model only and the seed loop; the job's actors take a GPU if any
 
     def job(self, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
         raw = {
@@ -150,27 +152,32 @@ def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchS
     from pipeline.models import create_backbone, pool
 
     torch.set_num_threads(s.threads)
-    backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    backbone = create_backbone(s.model, weights="random", options=s.options or {},
+                               device=s.device)
     layer = len(backbone.info.layers) - 1
-    x_all = torch.from_numpy(windows)
-    v_all = torch.from_numpy(valid)
-    size = windows.shape[1]
+    # Already in memory means on the device: the ceiling leaves out even the copy to a GPU.
+    x_all = torch.from_numpy(windows).to(s.device)
+    v_all = torch.from_numpy(valid).to(s.device)
+    padded = valid < windows.shape[1]  # looked up on the host: no device sync per batch
 
     def run(n: int | None = None) -> None:
         end = len(windows) if n is None else min(n, len(windows))
         for i in range(0, end, s.batch_size):
             x, v = x_all[i : i + s.batch_size], v_all[i : i + s.batch_size]
-            padded = bool((v < size).any())
             with torch.inference_mode(), backbone.autocast(s.precision):
-                feats = backbone.extract(x, v if padded else None, [layer])
+                feats = backbone.extract(x, v if padded[i : i + s.batch_size].any() else None,
+                                         [layer])
                 pool(feats[layer].tokens, feats[layer].mask, "mean")
+        _synchronize(s.device)
 
     run(s.batch_size)  # warm-up: first-call allocations and kernel selection
     started = time.perf_counter()
-    run()
+    with GpuBusySampler(s.device) as gpu:
+        run()
     wall = time.perf_counter() - started
     return {"windows": len(windows), "audio_s": seconds, "wall_s": wall,
-            "audio_s_per_s": seconds / wall, "windows_per_s": len(windows) / wall}
+            "audio_s_per_s": seconds / wall, "windows_per_s": len(windows) / wall,
+            **gpu.result()}
 
 
 def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[str, Any]:
@@ -184,7 +191,8 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
     from pipeline.models import create_backbone
 
     torch.set_num_threads(s.threads)
-    backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    backbone = create_backbone(s.model, weights="random", options=s.options or {},
+                               device=s.device)
     layer = len(backbone.info.layers) - 1
     size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
     seconds, n_windows = 0.0, 0
@@ -207,14 +215,109 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
             w = np.zeros(size, np.float32)
             w[:valid] = mono[start : start + valid]
             with torch.no_grad(), backbone.autocast(precision):
-                feats = backbone.extract(torch.from_numpy(w)[None], None, [layer])
+                feats = backbone.extract(torch.from_numpy(w)[None].to(s.device), None, [layer])
             per_file.append(feats[layer].tokens.mean(dim=1))
             n_windows += 1
         if per_file:
-            torch.cat(per_file).mean(dim=0)
+            torch.cat(per_file).mean(dim=0).cpu()  # the notebook keeps one vector per file
     wall = time.perf_counter() - started
     return {"windows": n_windows, "audio_s": seconds, "wall_s": wall,
             "audio_s_per_s": seconds / wall, "precision": precision}
+
+
+def _synchronize(device: str) -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done, not when it was queued."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_flops_per_window(s: BenchSettings) -> float:
+    """FLOPs of one window's forward pass (matmuls and convolutions, as MFU counts them).
+
+    Counted by torch's FlopCounterMode on the CPU at fp32 (the count does not depend on the
+    device or precision); the front end's FFT is not counted.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models import create_backbone
+
+    backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    layer = len(backbone.info.layers) - 1
+    window = torch.zeros(1, samples_for(s.window_s, s.sample_rate_hz))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        backbone.extract(window, None, [layer])
+    return float(counter.get_total_flops())
+
+
+# Dense bf16/fp16 tensor-core peak per GPU in TFLOP/s (NVIDIA datasheets, without sparsity).
+# The first name contained in torch's device name wins, so longer names come first.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                   ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+                   ("A10", 125.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The table's dense bf16 peak for a GPU name (``torch.cuda.get_device_name``), or None."""
+    for name, tflops in GPU_PEAK_TFLOPS:
+        if name in device_name:
+            return tflops
+    return None
+
+
+class GpuBusySampler:
+    """How busy the GPUs were while a block ran, from ``nvidia-smi`` every 100 ms.
+
+    NVML's ``utilization.gpu`` is the share of a sample period in which a kernel ran. A GPU's
+    busy figure is its mean from its first to its last sample with a kernel running (the
+    steady part: the job's start-up and shutdown are left out); GPUs that never ran one are
+    not counted. Off a GPU, or without ``nvidia-smi``, :meth:`result` is empty.
+    """
+
+    COMMAND = ("nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+               "-lms", "100")
+
+    def __init__(self, device: str) -> None:
+        self.enabled = device.startswith("cuda") and shutil.which(self.COMMAND[0]) is not None
+        self.samples: dict[int, list[float]] = {}
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> Self:
+        if self.enabled:
+            self._proc = subprocess.Popen(self.COMMAND, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._thread.join(timeout=10)
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            index, _, util = line.partition(",")
+            try:
+                self.samples.setdefault(int(index), []).append(float(util))
+            except ValueError:  # "[N/A]" or a warning line
+                continue
+
+    def result(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        busy = {}
+        for index, series in sorted(self.samples.items()):
+            used = [i for i, u in enumerate(series) if u > 0]
+            if used:
+                steady = series[used[0] : used[-1] + 1]
+                busy[index] = sum(steady) / len(steady) / 100
+        return {"gpu_busy": sum(busy.values()) / len(busy) if busy else 0.0,
+                "gpu_busy_per_gpu": busy}
 
 
 def native_bf16() -> bool:
@@ -240,7 +343,7 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
             "s=run_job(JobConfig.from_dict(json.load(open(sys.argv[1]))));"
             "print('SUMMARY'+json.dumps(s.to_dict()))")
     started = time.perf_counter()
-    with ProcessTreeSampler() as sampler:
+    with ProcessTreeSampler() as sampler, GpuBusySampler(s.device) as gpu:
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         sampler.watch(proc.pid)
@@ -252,7 +355,7 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
     return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
             "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
             "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": summary["embed"],
-            "peak_rss_mb": sampler.peaks_mb(), "output": str(out)}
+            "peak_rss_mb": sampler.peaks_mb(), "output": str(out), **gpu.result()}
 
 
 def decode_rss(path: Path, rate: int = 16_000) -> dict[str, Any]:
@@ -393,11 +496,22 @@ def _memory_of(pid: int) -> tuple[str, float, float] | None:
 
 
 def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None,
-        long_s: float | None = None) -> dict[str, Any]:
+        long_s: float | None = None, batch_size: int | None = None,
+        peak: float | None = None, long_copies: int | None = None) -> dict[str, Any]:
+    """Every measurement, written to ``out_dir/bench.json`` and printed as a table.
+
+    On a GPU machine model only and the seed loop run on the GPU, batches default to 256
+    windows, and the long corpus is one copy of the long recording per CPU (a recording is
+    decoded by one task, so a single file would measure one core's decoding, not the job).
+    """
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = precision or ("bf16" if native_bf16() else "fp32")
-    s = BenchSettings(options=TINY_BEATS if quick else None, precision=precision)
+    s = BenchSettings(options=TINY_BEATS if quick else None, precision=precision, device=device,
+                      batch_size=batch_size or (16 if device == "cpu" else 256))
+    if device != "cpu":
+        peak = peak or peak_tflops(torch.cuda.get_device_name())
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_audio(real_dir)
     if quick:
@@ -405,9 +519,12 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
     results: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                    "python": platform.python_version()},
+                    "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
+                    "gpus": torch.cuda.device_count(), "python": platform.python_version()},
         "settings": {**s.__dict__, "options": s.options or "full size"},
         "mode": "quick" if quick else "full",
+        "model_flops_per_window": model_flops_per_window(s),
+        "peak_tflops": peak,
     }
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out_dir) as tmp:
         work = Path(tmp)
@@ -419,14 +536,20 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
         windows, valid, seconds = corpus_windows(files, s)
         log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds, len(windows))
         repeats = 1 if quick else 2
-        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats)
+        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats,
+                                   results)
         if not quick:  # quick mode's memory runs already embed long recordings end to end
             long_s = long_s or 1800.0
+            copies = long_copies or (1 if device == "cpu" else os.cpu_count() or 1)
+            long_file = make_long_recording(work / "long.flac", long_s, real_dir / LONG_SOURCE)
             long_dir = work / "long"
             long_dir.mkdir()
-            long_file = make_long_recording(long_dir / "long.flac", long_s, real_dir / LONG_SOURCE)
+            for i in range(copies):
+                (long_dir / f"long-{i:03d}.flac").symlink_to(long_file)
             lw, lv, ls = corpus_windows([long_file], s)
-            results["long"] = _compare(long_dir, [long_file], lw, lv, ls, s, work, repeats)
+            results["long"] = _compare(long_dir, [long_file] * copies, np.tile(lw, (copies, 1)),
+                                       np.tile(lv, copies), ls * copies, s, work, repeats, results)
+            results["long"]["copies"] = copies
         results["memory"] = _memory(real_dir, work, quick)
         results["decode"] = decode_speed(real_dir, work, 30.0 if quick else 600.0)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
@@ -448,7 +571,8 @@ def _folder_of(folder: Path, recording: Path) -> Path:
 
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
-             seconds: float, s: BenchSettings, work: Path, repeats: int) -> dict[str, Any]:
+             seconds: float, s: BenchSettings, work: Path, repeats: int,
+             context: dict[str, Any]) -> dict[str, Any]:
     """Model only and pipeline, alternated ``repeats`` times; the best run of each counts.
 
     A shared VM's speed drifts by +-15 % from one minute to the next (we saw the same
@@ -487,6 +611,13 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         same = seed_loop(files, s, s.precision)
         out["seed_loop_same_precision"] = same
         out["pipeline_over_seed_loop_same_precision"] = pipe["audio_s_per_s"] / same["audio_s_per_s"]
+    # Model FLOP/s: FLOPs per window x windows per audio-second x audio-seconds per second.
+    per_audio_s = context["model_flops_per_window"] * len(windows) / seconds / 1e12
+    out["tflops"] = {"model_only": per_audio_s * model["audio_s_per_s"],
+                     "pipeline_steady": per_audio_s * pipe["steady_audio_s_per_s"],
+                     "pipeline": per_audio_s * pipe["audio_s_per_s"]}
+    if context.get("peak_tflops"):
+        out["fraction_of_peak"] = {k: v / context["peak_tflops"] for k, v in out["tflops"].items()}
     return out
 
 
@@ -529,14 +660,20 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> str:
+    gpu = r["settings"]["device"] != "cpu"
+    peak = r.get("peak_tflops")
     lines = [f"machine: {r['machine']}", f"settings: {r['settings']}",
-             f"fixed start-up of a job (1 s recording, end to end): {r['startup']['wall_s']:.1f} s", ""]
+             f"fixed start-up of a job (1 s recording, end to end): {r['startup']['wall_s']:.1f} s",
+             f"model FLOPs per window: {r['model_flops_per_window'] / 1e9:.2f} G; device peak: "
+             + (f"{peak:g} TFLOP/s" if peak else "unknown (--peak-tflops)"), ""]
     for corpus in ("real", "long"):
         if corpus not in r:
             continue
         c = r[corpus]
         lines.append(f"[{corpus}] {c['model_only']['audio_s']:.0f} s of audio, "
-                     f"{c['model_only']['windows']} windows")
+                     f"{c['model_only']['windows']} windows"
+                     + (f" ({c['copies']} copies of one recording)" if c.get("copies", 1) > 1
+                        else ""))
         for name in ("model_only", "pipeline", "seed_loop_fp32", "seed_loop_same_precision"):
             if name in c:
                 m = c[name]
@@ -552,10 +689,20 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  model busy (share of active time)     {c['model_busy_fraction']:.3f}")
         lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}")
         lines.append(f"  pipeline / seed loop (fp32)           {c['pipeline_over_seed_loop_fp32']:.3f}"
-                     "   (target >= 1.5)")
+                     f"   (target >= {50 if gpu else 1.5})")
         if "pipeline_over_seed_loop_same_precision" in c:
             lines.append(f"  pipeline / seed loop (same precision) "
                          f"{c['pipeline_over_seed_loop_same_precision']:.3f}")
+        t = c["tflops"]
+        share = c.get("fraction_of_peak")
+        lines.append(f"  model TFLOP/s: model only {t['model_only']:.3g}, pipeline while its model "
+                     f"ran {t['pipeline_steady']:.3g}, end to end {t['pipeline']:.3g}"
+                     + (f"; share of peak {share['model_only']:.3f} / "
+                        f"{share['pipeline_steady']:.3f} / {share['pipeline']:.3f}"
+                        + ("  (target >= 0.4)" if gpu else "") if share else ""))
+        if "gpu_busy" in c["pipeline"]:
+            lines.append(f"  GPU busy (nvidia-smi, steady part)    {c['pipeline']['gpu_busy']:.3f}"
+                         f"   (target >= 0.9; model only {c['model_only'].get('gpu_busy', 0):.3f})")
     m = r["memory"]
     lines.append("")
     one, long = m["one_minute"], m["long"]
@@ -598,8 +745,17 @@ def add_bench_command(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, few files (for tests)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="pipeline and model-only precision (default: bf16 where native, else fp32)")
-    p.add_argument("--long-s", type=float, default=None, help="length of the synthetic long recording (full mode; default 1800)")
-    p.set_defaults(func=lambda a: run(Path(a.out), Path(a.real), a.quick, a.precision, a.long_s) and 0)
+    p.add_argument("--long-s", type=float, default=None,
+                   help="length of the synthetic long recording (full mode; default 1800)")
+    p.add_argument("--long-copies", type=int, default=None,
+                   help="copies of it in the long corpus (default: 1 on CPU, one per CPU on GPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 16 on CPU, 256 on GPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak for the precision used, to report the share "
+                        "of it reached (default: a table of NVIDIA GPUs; none on CPU)")
+    p.set_defaults(func=lambda a: run(Path(a.out), Path(a.real), a.quick, a.precision, a.long_s,
+                                      a.batch_size, a.peak_tflops, a.long_copies) and 0)
 
 
 __all__ = ["BenchSettings", "add_bench_command", "run"]

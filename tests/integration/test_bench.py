@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.bench import render, run
 
 
@@ -29,6 +31,15 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
         assert 0 < c["model_busy_fraction"] <= 1
         assert c["pipeline"]["embed"]["windows"] == c["pipeline"]["windows"]
         assert c["pipeline_steady_over_model_only"] > c["pipeline_over_model_only"]
+        # Model FLOP/s follow the throughputs: same FLOPs per window, same windows.
+        t = c["tflops"]
+        assert t["model_only"] > 0
+        assert t["pipeline_steady"] / t["model_only"] == pytest.approx(
+            c["pipeline_steady_over_model_only"])
+        assert "fraction_of_peak" not in c  # no peak known for a CPU unless given
+        assert "gpu_busy" not in c["pipeline"]  # nvidia-smi is sampled on GPU runs only
+    assert saved["settings"]["device"] == "cpu" and saved["settings"]["batch_size"] == 16
+    assert saved["model_flops_per_window"] > 0
     memory = saved["memory"]
     assert memory["one_minute"]["decode_worker"]["rows"] > 0
     assert memory["long"]["decode_worker"]["rows"] > memory["one_minute"]["decode_worker"]["rows"]

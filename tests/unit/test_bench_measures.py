@@ -1,0 +1,85 @@
+"""The benchmark's FLOP count, GPU peak table and GPU busy sampler (no Ray, no GPU needed).
+
+``nvidia-smi`` cannot run here, so the sampler is fed by a stand-in script on PATH that
+prints what ``nvidia-smi --query-gpu=index,utilization.gpu -lms`` prints.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.bench import (
+    TINY_BEATS,
+    BenchSettings,
+    GpuBusySampler,
+    model_flops_per_window,
+    peak_tflops,
+)
+from pipeline.models import create_backbone
+
+
+def test_flop_count_covers_every_linear_layer_of_the_encoder() -> None:
+    s = BenchSettings(options=TINY_BEATS)
+    flops = model_flops_per_window(s)
+    backbone = create_backbone("beats", weights="random", options=TINY_BEATS)
+    layer = len(backbone.info.layers) - 1
+    with torch.inference_mode():
+        tokens = backbone.extract(torch.zeros(1, 80_000), None, [layer])[layer].tokens.shape[1]
+    linear = sum(m.weight.numel() for m in backbone.module.modules()
+                 if isinstance(m, torch.nn.Linear))
+    # Each token goes through every linear layer once (2 FLOPs per weight); attention, the
+    # patch convolution and the mel projection come on top (most of it in this tiny model;
+    # 6 % in full-size BEATs, 44.8 GFLOP per 5 s window).
+    assert flops > 2 * tokens * linear
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA A10", 125.0),
+    ("Tesla T4", None),
+])
+def test_peak_table_matches_torch_device_names(name: str, tflops: float | None) -> None:
+    assert peak_tflops(name) == tflops
+
+
+def fake_nvidia_smi(folder: Path, output: str) -> None:
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '{output}'\nexec sleep 30\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_gpu_busy_is_the_steady_part_of_the_gpus_that_ran_kernels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPU 0: idle (start-up), 40 %, 100 %, idle (shutdown); GPU 1 never used.
+    fake_nvidia_smi(tmp_path, "0, 0\\n1, 0\\n0, 40\\n1, 0\\n0, 100\\n1, [N/A]\\n0, 0\\n1, 0\\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{Path('/usr/bin')}:{Path('/bin')}")
+    with GpuBusySampler("cuda") as sampler:
+        deadline = time.monotonic() + 10
+        while sum(map(len, sampler.samples.values())) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    result = sampler.result()
+    assert result["gpu_busy_per_gpu"] == {0: pytest.approx(0.7)}
+    assert result["gpu_busy"] == pytest.approx(0.7)
+    assert sampler._proc is not None and sampler._proc.poll() is not None  # stopped
+
+
+def test_gpu_sampler_is_off_on_cpu_and_without_nvidia_smi(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with GpuBusySampler("cpu") as sampler:
+        pass
+    assert sampler.result() == {}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi here
+    with GpuBusySampler("cuda") as sampler:
+        pass
+    assert sampler.result() == {}
