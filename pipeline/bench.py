@@ -267,13 +267,33 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-class GpuBusySampler:
-    """How busy the GPUs were while a block ran, from ``nvidia-smi`` every 100 ms.
+def gpu_busy(samples: Sequence[tuple[float, int, float]],
+             span: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean GPU utilisation (0-1) per GPU over ``span`` (Unix times), from (time, GPU, %) samples.
 
-    NVML's ``utilization.gpu`` is the share of a sample period in which a kernel ran. A GPU's
-    busy figure is its mean from its first to its last sample with a kernel running (the
-    steady part: the job's start-up and shutdown are left out); GPUs that never ran one are
-    not counted. Off a GPU, or without ``nvidia-smi``, :meth:`result` is empty.
+    Without a span, each GPU's from its first to its last sample with a kernel running. GPUs
+    that never ran one are left out; ``gpu_busy`` is the mean over the others.
+    """
+    series: dict[int, list[tuple[float, float]]] = {}
+    for t, index, util in samples:
+        if span is None or span[0] <= t <= span[1]:
+            series.setdefault(index, []).append((t, util))
+    busy = {}
+    for index, points in sorted(series.items()):
+        used = [i for i, (_, u) in enumerate(points) if u > 0]
+        if used:
+            steady = points[used[0] : used[-1] + 1] if span is None else points
+            busy[index] = sum(u for _, u in steady) / len(steady) / 100
+    return {"gpu_busy": sum(busy.values()) / len(busy) if busy else 0.0,
+            "gpu_busy_per_gpu": busy}
+
+
+class GpuBusySampler:
+    """How busy the GPUs were while a block ran: ``nvidia-smi`` sampled every 100 ms.
+
+    NVML's ``utilization.gpu`` is the share of a sample period in which a kernel ran; see
+    :func:`gpu_busy` for how samples become one figure. Off a GPU, or without
+    ``nvidia-smi``, :meth:`result` is empty.
     """
 
     COMMAND = ("nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
@@ -281,7 +301,7 @@ class GpuBusySampler:
 
     def __init__(self, device: str) -> None:
         self.enabled = device.startswith("cuda") and shutil.which(self.COMMAND[0]) is not None
-        self.samples: dict[int, list[float]] = {}
+        self.samples: list[tuple[float, int, float]] = []
         self._proc: subprocess.Popen[str] | None = None
         self._thread = threading.Thread(target=self._read, daemon=True)
 
@@ -303,21 +323,12 @@ class GpuBusySampler:
         for line in self._proc.stdout:
             index, _, util = line.partition(",")
             try:
-                self.samples.setdefault(int(index), []).append(float(util))
+                self.samples.append((time.time(), int(index), float(util)))
             except ValueError:  # "[N/A]" or a warning line
                 continue
 
-    def result(self) -> dict[str, Any]:
-        if not self.enabled:
-            return {}
-        busy = {}
-        for index, series in sorted(self.samples.items()):
-            used = [i for i, u in enumerate(series) if u > 0]
-            if used:
-                steady = series[used[0] : used[-1] + 1]
-                busy[index] = sum(steady) / len(steady) / 100
-        return {"gpu_busy": sum(busy.values()) / len(busy) if busy else 0.0,
-                "gpu_busy_per_gpu": busy}
+    def result(self, span: tuple[float, float] | None = None) -> dict[str, Any]:
+        return gpu_busy(self.samples, span) if self.enabled else {}
 
 
 def native_bf16() -> bool:
@@ -352,10 +363,14 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"pipeline run failed ({proc.returncode}):\n{stderr[-4000:]}")
     summary = json.loads(stdout.split("SUMMARY", 1)[1])
+    e = summary["embed"]
+    # GPU busy over the span the job's own "while its model ran" uses: first batch start to
+    # last batch end (an actor's warm-up batch and the shutdown fall outside it).
+    span = (e["first_batch_at"], e["first_batch_at"] + e["span_s"]) if e["batches"] else None
     return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
             "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
             "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": summary["embed"],
-            "peak_rss_mb": sampler.peaks_mb(), "output": str(out), **gpu.result()}
+            "peak_rss_mb": sampler.peaks_mb(), "output": str(out), **gpu.result(span)}
 
 
 def decode_rss(path: Path, rate: int = 16_000) -> dict[str, Any]:

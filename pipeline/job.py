@@ -84,7 +84,8 @@ class EmbedTiming:
     ``busy_s`` is time inside the embedding call, ``model_s`` the forward passes alone,
     ``active_s`` each actor's first-batch-start to last-batch-end summed over actors,
     ``span_s`` the first start to the last end over all actors, ``first_batch_s`` how long
-    after the pipeline started the first batch began (actor start-up and model load included).
+    after the pipeline started the first batch began (actor start-up and model load included),
+    ``first_batch_at`` when, in Unix time (so a GPU monitor can be read over the same span).
     """
 
     actors: int = 0
@@ -95,6 +96,7 @@ class EmbedTiming:
     active_s: float = 0.0
     span_s: float = 0.0
     first_batch_s: float = 0.0
+    first_batch_at: float = 0.0
 
     @classmethod
     def from_actors(cls, per_actor: Mapping[str, Mapping[str, float]], started: float) -> EmbedTiming:
@@ -107,7 +109,7 @@ class EmbedTiming:
                    busy_s=sum(a["busy_s"] for a in t), model_s=sum(a["model_s"] for a in t),
                    active_s=sum(a["end"] - a["start"] for a in t),
                    span_s=max(a["end"] for a in t) - first,
-                   first_batch_s=max(0.0, first - started))
+                   first_batch_s=max(0.0, first - started), first_batch_at=first)
 
     @property
     def busy_fraction(self) -> float:

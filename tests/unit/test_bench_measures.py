@@ -17,6 +17,7 @@ from pipeline.bench import (
     TINY_BEATS,
     BenchSettings,
     GpuBusySampler,
+    gpu_busy,
     model_flops_per_window,
     peak_tflops,
 )
@@ -59,18 +60,31 @@ def fake_nvidia_smi(folder: Path, output: str) -> None:
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
-def test_gpu_busy_is_the_steady_part_of_the_gpus_that_ran_kernels(
+def test_gpu_busy_over_the_jobs_span_or_between_the_first_and_last_kernel() -> None:
+    # GPU 0: idle, warm-up, idle while the first windows are decoded, then the job's batches
+    # (t = 10..13), then idle at shutdown; GPU 1 never ran a kernel.
+    samples = [(0.0, 0, 0.0), (1.0, 0, 100.0), (2.0, 0, 0.0), (10.0, 0, 80.0),
+               (11.0, 0, 100.0), (12.0, 0, 90.0), (13.0, 0, 90.0), (14.0, 0, 0.0)]
+    samples += [(float(t), 1, 0.0) for t in range(15)]
+    over_span = gpu_busy(samples, span=(10.0, 13.0))
+    assert over_span == {"gpu_busy": pytest.approx(0.9), "gpu_busy_per_gpu": {0: pytest.approx(0.9)}}
+    # Without the job's span, the warm-up and the gap after it count.
+    assert gpu_busy(samples)["gpu_busy"] == pytest.approx((100 + 0 + 80 + 100 + 90 + 90) / 6 / 100)
+    assert gpu_busy([(0.0, 0, 0.0)]) == {"gpu_busy": 0.0, "gpu_busy_per_gpu": {}}
+
+
+def test_gpu_sampler_reads_what_nvidia_smi_prints(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # GPU 0: idle (start-up), 40 %, 100 %, idle (shutdown); GPU 1 never used.
     fake_nvidia_smi(tmp_path, "0, 0\\n1, 0\\n0, 40\\n1, 0\\n0, 100\\n1, [N/A]\\n0, 0\\n1, 0\\n")
     monkeypatch.setenv("PATH", f"{tmp_path}:{Path('/usr/bin')}:{Path('/bin')}")
     with GpuBusySampler("cuda") as sampler:
         deadline = time.monotonic() + 10
-        while sum(map(len, sampler.samples.values())) < 7 and time.monotonic() < deadline:
+        while len(sampler.samples) < 7 and time.monotonic() < deadline:
             time.sleep(0.05)
-    result = sampler.result()
-    assert result["gpu_busy_per_gpu"] == {0: pytest.approx(0.7)}
-    assert result["gpu_busy"] == pytest.approx(0.7)
+    assert [(i, u) for _, i, u in sampler.samples] == [
+        (0, 0.0), (1, 0.0), (0, 40.0), (1, 0.0), (0, 100.0), (0, 0.0), (1, 0.0)]
+    assert sampler.result() == {"gpu_busy": pytest.approx(0.7),
+                                "gpu_busy_per_gpu": {0: pytest.approx(0.7)}}
     assert sampler._proc is not None and sampler._proc.poll() is not None  # stopped
 
 

@@ -80,6 +80,7 @@ def test_timings_fold_per_actor_and_into_a_job_summary() -> None:
     assert job.active_s == pytest.approx(21.0 + 1.0)
     assert job.span_s == pytest.approx(21.0)
     assert job.first_batch_s == pytest.approx(5.0)
+    assert job.first_batch_at == pytest.approx(100.0)
     assert job.busy_fraction == pytest.approx(6.0 / 22.0)
     assert EmbedTiming.from_actors({}, 0.0).busy_fraction == 0.0
 
