@@ -551,8 +551,9 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
         windows, valid, seconds = corpus_windows(files, s)
         log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds, len(windows))
         repeats = 1 if quick else 2
+        flops = results["model_flops_per_window"]
         results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats,
-                                   results)
+                                   flops, peak)
         if not quick:  # quick mode's memory runs already embed long recordings end to end
             long_s = long_s or 1800.0
             copies = long_copies or (1 if device == "cpu" else os.cpu_count() or 1)
@@ -563,7 +564,8 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
                 (long_dir / f"long-{i:03d}.flac").symlink_to(long_file)
             lw, lv, ls = corpus_windows([long_file], s)
             results["long"] = _compare(long_dir, [long_file] * copies, np.tile(lw, (copies, 1)),
-                                       np.tile(lv, copies), ls * copies, s, work, repeats, results)
+                                       np.tile(lv, copies), ls * copies, s, work, repeats,
+                                       flops, peak)
             results["long"]["copies"] = copies
         results["memory"] = _memory(real_dir, work, quick)
         results["decode"] = decode_speed(real_dir, work, 30.0 if quick else 600.0)
@@ -587,7 +589,7 @@ def _folder_of(folder: Path, recording: Path) -> Path:
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
              seconds: float, s: BenchSettings, work: Path, repeats: int,
-             context: dict[str, Any]) -> dict[str, Any]:
+             flops_per_window: float, peak: float | None) -> dict[str, Any]:
     """Model only and pipeline, alternated ``repeats`` times; the best run of each counts.
 
     A shared VM's speed drifts by +-15 % from one minute to the next (we saw the same
@@ -627,12 +629,12 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         out["seed_loop_same_precision"] = same
         out["pipeline_over_seed_loop_same_precision"] = pipe["audio_s_per_s"] / same["audio_s_per_s"]
     # Model FLOP/s: FLOPs per window x windows per audio-second x audio-seconds per second.
-    per_audio_s = context["model_flops_per_window"] * len(windows) / seconds / 1e12
+    per_audio_s = flops_per_window * len(windows) / seconds / 1e12
     out["tflops"] = {"model_only": per_audio_s * model["audio_s_per_s"],
                      "pipeline_steady": per_audio_s * pipe["steady_audio_s_per_s"],
                      "pipeline": per_audio_s * pipe["audio_s_per_s"]}
-    if context.get("peak_tflops"):
-        out["fraction_of_peak"] = {k: v / context["peak_tflops"] for k, v in out["tflops"].items()}
+    if peak:
+        out["fraction_of_peak"] = {k: v / peak for k, v in out["tflops"].items()}
     return out
 
 
@@ -709,12 +711,13 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"  pipeline / seed loop (same precision) "
                          f"{c['pipeline_over_seed_loop_same_precision']:.3f}")
         t = c["tflops"]
-        share = c.get("fraction_of_peak")
-        lines.append(f"  model TFLOP/s: model only {t['model_only']:.3g}, pipeline while its model "
-                     f"ran {t['pipeline_steady']:.3g}, end to end {t['pipeline']:.3g}"
-                     + (f"; share of peak {share['model_only']:.3f} / "
-                        f"{share['pipeline_steady']:.3f} / {share['pipeline']:.3f}"
-                        + ("  (target >= 0.4)" if gpu else "") if share else ""))
+        line = (f"  model TFLOP/s: model only {t['model_only']:.3g}, pipeline while its model "
+                f"ran {t['pipeline_steady']:.3g}, end to end {t['pipeline']:.3g}")
+        if share := c.get("fraction_of_peak"):
+            line += (f"; share of peak {share['model_only']:.3f} / "
+                     f"{share['pipeline_steady']:.3f} / {share['pipeline']:.3f}")
+            line += "  (target >= 0.4)" if gpu else ""
+        lines.append(line)
         if "gpu_busy" in c["pipeline"]:
             lines.append(f"  GPU busy (nvidia-smi, steady part)    {c['pipeline']['gpu_busy']:.3f}"
                          f"   (target >= 0.9; model only {c['model_only'].get('gpu_busy', 0):.3f})")

@@ -5,9 +5,9 @@
 the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``listed``
 (driver, after listing), ``decode`` (a decode task, before a recording), ``decoded`` (a
 decode task, after a recording's windows and report went out: Ray's retry must not repeat
-them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after the first file of a
-shard is in place), ``before_commit`` (all files in place, no marker yet). Unset in normal
-runs, where it costs one environment lookup.
+them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after
+the first file of a shard is in place), ``before_commit`` (all files in place, no marker
+yet). Unset in normal runs, where it costs one environment lookup.
 """
 
 from __future__ import annotations

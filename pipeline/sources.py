@@ -279,4 +279,3 @@ def pack_decode_tasks(sizes: Sequence[int], *, tasks_at_least: int, max_recordin
     if n:
         tasks.append((start, n))
     return tasks
-
