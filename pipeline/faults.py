@@ -7,7 +7,9 @@ the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``lis
 decode task, after a recording's windows and report went out: Ray's retry must not repeat
 them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after
 the first file of a shard is in place), ``before_commit`` (all files in place, no marker
-yet). Unset in normal runs, where it costs one environment lookup.
+yet), ``committed`` (the driver, right after the first shard's marker, the others not yet
+committed).
+Unset in normal runs, where it costs one environment lookup.
 """
 
 from __future__ import annotations

@@ -404,6 +404,7 @@ class EmbeddingJob:
                         del pending[ret.shard]
                         outcome = self._commit_shard(progress, items[ret.shard], started)
                         self._record(summary, outcome)
+                        fault_point("committed")
         summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         if pending:
             waiting = sorted(r for p in pending.values() for r in p.waiting)
