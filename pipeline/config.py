@@ -135,7 +135,9 @@ class ModelConfig:
         pooling: how tokens of one window become one vector (``mean``, ``max``, ``cls``);
             ``None`` means the model's default.
         batch_size: windows per forward pass.
-        precision: ``auto`` (bf16 on GPUs that support it, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16``. ``auto`` is bf16 when the actors get
+            GPUs of Ampere or newer, else fp32, settled on the driver before the output
+            namespace: the variant records what it resolved to.
         options: architecture overrides for the bare ``beats``/``efficientnet_b0`` entries
             or constructor options for a user backbone.
         storage_options: fsspec options for fetching the weights.

@@ -209,6 +209,7 @@ class EmbeddingJob:
         self.cfg = cfg
         self.job_id = cfg.run.job_id or make_job_id()
         self.prepared = False
+        self._owns_ray = False  # prepare() started Ray (to see a cluster's GPUs); run() stops it
 
     # ------------------------------------------------------------------ planning
 
@@ -230,6 +231,7 @@ class EmbeddingJob:
         if self.weights.is_random:
             log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
         self._resolve_model_settings()
+        self.precision = self._job_precision()
         self.variant = Variant(
             model_name=info.name,
             model_family=info.family,
@@ -239,7 +241,7 @@ class EmbeddingJob:
             sample_rate_hz=info.sample_rate_hz,
             layers=self.layers,
             pooling=self.pooling,
-            precision=cfg.model.precision,
+            precision=self.precision,
             window_s=self.window_s,
             hop_s=self.hop_s,
             tail=cfg.windows.tail,
@@ -289,6 +291,44 @@ class EmbeddingJob:
             raise ConfigError(f"{self.window_s} s is shorter than {info.name}'s shortest input "
                               f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
         self._check_inflight_budget()
+
+    def _job_precision(self) -> str:
+        """``model.precision`` as every actor will run it; ``auto`` is settled here, on the
+        driver, because the variant (the output namespace) records it.
+
+        For ``auto`` the driver looks where the actors will run: Ray's resources when it is
+        connected or the job joins a cluster (``accelerator_type:*`` names the GPUs), else
+        this machine's GPUs, which a local Ray would get.
+        """
+        from pipeline.models import job_precision
+
+        configured, c = self.cfg.model.precision, self.cfg.compute
+        if configured != "auto" or c.gpus_per_actor == 0:
+            return job_precision(configured, gpu_actors=False, gpu_bf16=None)
+        gpus, bf16 = self._gpu_view()
+        gpu_actors = bool(c.gpus_per_actor) or gpus > 0
+        precision = job_precision(configured, gpu_actors=gpu_actors, gpu_bf16=bf16)
+        log.info("model.precision auto -> %s (%s GPUs%s)", precision, f"{gpus:g}",
+                 "" if bf16 is None else ", bf16 " + ("native" if bf16 else "missing"))
+        return precision
+
+    def _gpu_view(self) -> tuple[float, bool | None]:
+        """(GPUs the actors could get, whether they have bf16; None: unknown)."""
+        import ray
+
+        from pipeline.models import gpus_have_bf16
+
+        if ray.is_initialized() or self.cfg.compute.address:
+            self._owns_ray = connect_ray(self.cfg) or self._owns_ray
+            resources = ray.cluster_resources()
+            types = [k.partition(":")[2] for k in resources if k.startswith("accelerator_type:")]
+            return float(resources.get("GPU", 0.0)), gpus_have_bf16(types)
+        import torch
+
+        count = torch.cuda.device_count()
+        if not count:
+            return 0.0, None
+        return float(count), all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(count))
 
     @property
     def _batch_mib(self) -> float:
@@ -365,7 +405,7 @@ class EmbeddingJob:
     def _run_shards(self, summary: JobSummary, started: float) -> None:
         import ray
 
-        owns_ray = connect_ray(self.cfg)
+        owns_ray = connect_ray(self.cfg) or self._owns_ray
         try:
             plan = self._compute_plan(ray.cluster_resources())
             self._configure_data_context(plan)
@@ -561,7 +601,7 @@ class EmbeddingJob:
         return EmbedSpec(
             model_name=m.name, weights=m.weights, options=dict(m.options),
             storage_options=dict(m.storage_options), layers=self.layers, pooling=self.pooling,
-            precision=m.precision, sample_rate_hz=self.info.sample_rate_hz,
+            precision=self.precision, sample_rate_hz=self.info.sample_rate_hz,
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
             use_gpu=use_gpu, torch_threads=plan["torch_threads"],
             log_level=self.cfg.run.log_level,

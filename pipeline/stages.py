@@ -201,7 +201,8 @@ class EmbedSpec:
         storage_options: fsspec options for the weights.
         layers: resolved, non-negative layer indices.
         pooling: ``mean``, ``max`` or ``cls``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        precision: ``fp32``, ``bf16`` or ``fp16``, as the driver settled it for the job
+            (``auto`` is accepted and resolved on the actor's device, for direct use).
         sample_rate_hz: the model's rate (for ``valid_s``).
         tail: the tail policy (``keep`` runs short windows at their own length).
         min_input_samples: shortest input the model accepts.

@@ -22,7 +22,13 @@ from __future__ import annotations
 from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, WeightsInfo
 from pipeline.models.plugins import ENTRY_POINT_GROUP
 from pipeline.models.pooling import POOLINGS, pool, validate_pooling
-from pipeline.models.precision import PRECISIONS, autocast_context, resolve_precision
+from pipeline.models.precision import (
+    PRECISIONS,
+    autocast_context,
+    gpus_have_bf16,
+    job_precision,
+    resolve_precision,
+)
 from pipeline.models.registry import (
     MissingDependencyError,
     create_backbone,
@@ -49,6 +55,8 @@ __all__ = [
     "create_backbone",
     "describe_model",
     "fetch_weights",
+    "gpus_have_bf16",
+    "job_precision",
     "list_models",
     "load_model",
     "model_info",

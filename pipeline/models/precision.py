@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -17,6 +18,10 @@ from pipeline.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# NVIDIA GPUs older than Ampere (compute capability < 8.0: no bf16 tensor cores), by the
+# names Ray gives them in its ``accelerator_type:<name>`` node resources.
+PRE_AMPERE_GPUS = frozenset({"K80", "M60", "P4", "P40", "P100", "T4", "V100"})
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -55,7 +60,41 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision == "fp16" and _device_type(device) != "cuda":
         raise ConfigError(f"fp16 needs a CUDA device (this backbone runs on {device}); "
                           "use bf16 or fp32", "model.precision")
+    if precision == "bf16" and _device_type(device) == "cuda" and not _cuda_supports_bf16(device):
+        major, minor = torch.cuda.get_device_capability(torch.device(device).index)
+        raise ConfigError(f"bf16 needs a GPU of compute capability 8.0 or newer (Ampere); "
+                          f"this one is {major}.{minor}: use fp16 or fp32", "model.precision")
     return precision
+
+
+def job_precision(configured: str, *, gpu_actors: bool, gpu_bf16: bool | None) -> str:
+    """The precision a whole job runs at, fixed on the driver before its output namespace.
+
+    ``auto`` must not be left for each actor to resolve: a job resumed on other hardware
+    would write bf16 rows (GPU) into a namespace of fp32 rows (CPU) under one variant.
+
+    Args:
+        configured: ``model.precision``.
+        gpu_actors: whether the embedding actors will get GPUs.
+        gpu_bf16: whether those GPUs have bf16 (``None``: not known yet, e.g. an autoscaler
+            has not added them; assumed, and checked by each actor when it loads).
+
+    Returns:
+        ``configured`` unless it is ``auto``; then ``bf16`` for GPU actors that have it,
+        ``fp32`` otherwise.
+    """
+    if configured != "auto":
+        return configured
+    return "bf16" if gpu_actors and gpu_bf16 is not False else "fp32"
+
+
+def gpus_have_bf16(accelerator_types: Collection[str]) -> bool | None:
+    """From the accelerator types Ray reports for a cluster: False if any GPU predates
+    Ampere, True if none does, None if no type is reported (no GPU nodes up yet)."""
+    types = set(accelerator_types)
+    if types & PRE_AMPERE_GPUS:
+        return False
+    return True if types else None
 
 
 def autocast_context(precision: str, device: str | torch.device

@@ -97,3 +97,34 @@ def test_decode_tasks_hold_every_recording_once_with_its_shard(tmp_path: Path) -
     rows = [r for t in tables for r in t.to_pylist()]
     expected = [(sid, i.recording_id) for sid, members in j.shards for i in members]
     assert [(r["shard"], r["recording_id"]) for r in rows] == expected
+
+
+def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` resolves on the driver, from where the actors will run, and the variant
+    records the result: a job resumed on GPUs never writes bf16 rows among the fp32 rows
+    a CPU run left (nor the other way round)."""
+    import ray
+
+    def variant(resources: dict[str, float] | None, **compute: object) -> tuple[str, str]:
+        if resources is not None:  # a cluster's view, as Ray reports it (no GPU here)
+            monkeypatch.setattr(ray, "is_initialized", lambda: True)
+            monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+        j = job(archive, tmp_path, compute=compute)
+        j.prepare()
+        monkeypatch.undo()
+        return j.variant.precision, j.variant.id
+
+    explicit = job(archive, tmp_path, model={"precision": "fp32"})
+    explicit.prepare()
+    cpu = variant({"CPU": 8.0})
+    assert cpu == ("fp32", explicit.variant.id)  # auto on CPUs is fp32, one namespace
+    h100 = variant({"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 8.0})
+    assert h100[0] == "bf16" and h100[1] != cpu[1]
+    assert variant({"CPU": 32.0, "GPU": 4.0, "accelerator_type:T4": 4.0})[0] == "fp32"
+    # GPUs asked for but none up yet (an autoscaler adds them): bf16, checked by each actor.
+    assert variant({"CPU": 4.0}, gpus_per_actor=1) == h100
+    assert variant({"CPU": 8.0, "GPU": 8.0}, gpus_per_actor=0) == cpu
+    # This machine, no Ray: the GPUs a local Ray would get (none here).
+    if not ray.is_initialized():
+        assert variant(None) == cpu

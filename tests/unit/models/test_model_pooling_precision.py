@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.models import model_info, pool, resolve_precision, validate_pooling
+from pipeline.models import (
+    gpus_have_bf16,
+    job_precision,
+    model_info,
+    pool,
+    resolve_precision,
+    validate_pooling,
+)
 from pipeline.models.precision import autocast_context
 
 
@@ -83,3 +90,23 @@ def test_tiny_beats_bf16_agrees_with_fp32(tiny_beats):
     assert out.tokens.dtype == torch.bfloat16
     cosine = torch.nn.functional.cosine_similarity(pooled["fp32"], pooled["bf16"])
     assert cosine.min().item() > 0.999 and not math.isnan(cosine.sum().item())
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 0))
+    with pytest.raises(ConfigError, match="compute capability 8.0 or newer.*7.0") as err:
+        resolve_precision("bf16", "cuda")
+    assert err.value.field == "model.precision"
+
+
+def test_job_precision_from_where_the_actors_run():
+    assert job_precision("auto", gpu_actors=False, gpu_bf16=None) == "fp32"
+    assert job_precision("auto", gpu_actors=False, gpu_bf16=True) == "fp32"
+    assert job_precision("auto", gpu_actors=True, gpu_bf16=True) == "bf16"
+    assert job_precision("auto", gpu_actors=True, gpu_bf16=None) == "bf16"
+    assert job_precision("auto", gpu_actors=True, gpu_bf16=False) == "fp32"
+    assert job_precision("fp16", gpu_actors=False, gpu_bf16=None) == "fp16"
+    assert gpus_have_bf16(["H100"]) is True
+    assert gpus_have_bf16(["A100-80G", "T4"]) is False
+    assert gpus_have_bf16([]) is None
