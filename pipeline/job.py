@@ -476,10 +476,11 @@ class EmbeddingJob:
         ctx.execution_options.preserve_order = False
         # Ray Data packs what a generator UDF yields into blocks of up to
         # target_max_block_size (128 MiB by default) before passing them on, so a decode task
-        # would hold that much window audio for a long recording. A block per window batch
-        # keeps a decode worker's memory independent of the recording's length.
-        ctx.target_max_block_size = max(1 << 20, self.cfg.audio.batch_windows
-                                        * self.window_samples * 4)
+        # would hold that much window audio for a long recording. One block's audio keeps a
+        # decode worker's memory independent of the recording's length, and makes each of
+        # the decode stage's yields (exactly one block's rows, see RowBlocks) a block of its own.
+        spec = self._decode_spec()
+        ctx.target_max_block_size = spec.block_rows * spec.window_bytes
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(
             object_store_memory=plan["inflight_mb"] * 2**20)
 

@@ -69,17 +69,88 @@ class DecodeSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
 
+    @property
+    def block_rows(self) -> int:
+        """Rows per block handed to the embed stage: ``batch_windows``, or more for windows so
+        short that a block would be under 1 MiB of audio."""
+        return max(self.batch_windows, -(-MIN_BLOCK_BYTES // self.window_bytes))
+
+    @property
+    def window_bytes(self) -> int:
+        return self.window_samples * np.dtype(np.float32).itemsize
+
+
+MIN_BLOCK_BYTES = 1 << 20
+
 
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
-    """Ray ``map_batches`` generator: one recording in, window batches then a report out."""
+    """Ray ``map_batches`` generator: a few recordings in, blocks of window and report rows out.
+
+    Rows leave in blocks of exactly ``spec.block_rows`` (the task's last block may be
+    shorter), gathered across the recordings of the task in order; see :class:`RowBlocks`.
+    """
     configure_worker_logging(spec.log_level)
+    blocks = RowBlocks(spec.block_rows)
     for shard, rid, uri, path, size, problem in zip(
             batch["shard"], batch["recording_id"], batch["uri"], batch["path"],
             batch["size_bytes"], batch["problem"], strict=True):
         for rows in decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec):
             rows["shard"] = np.full(len(rows["recording_id"]), str(shard), dtype=object)
-            yield rows
-        fault_point("decoded")
+            yield from blocks.add(rows)
+        if not blocks.pending:  # this recording's report is out
+            fault_point("decoded")
+    yield from blocks.flush()
+    fault_point("decoded")
+
+
+class RowBlocks:
+    """Regroups a stream of row batches into blocks of exactly ``rows`` rows, in order.
+
+    Ray Data packs what a generator yields into output blocks of up to
+    ``target_max_block_size``; smaller yields end up as chunks of one block. An actor batch
+    sliced out of a multi-chunk block makes Ray combine the chunks first: a private copy of
+    the whole block in the embedding actor, for every block. A recording's windows arrive a
+    few per decoded chunk, so without this every block would be copied once more on the way
+    to the model. With ``target_max_block_size`` at one block's audio, each yield of exactly
+    ``rows`` rows becomes one single-chunk block, and the actor's batches are zero-copy views
+    on the object store. Holds fewer than ``rows`` rows between calls (what Ray's own output
+    buffer held before passing a block on).
+    """
+
+    def __init__(self, rows: int) -> None:
+        if rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")
+        self.rows = rows
+        self._parts: list[dict[str, np.ndarray]] = []
+        self.pending = 0
+
+    def add(self, part: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Take one batch of rows; yield every block now complete."""
+        n = len(part["recording_id"])
+        if not n:
+            return
+        self._parts.append(part)
+        self.pending += n
+        if self.pending < self.rows:
+            return
+        whole = self._take()
+        full = len(whole["recording_id"]) // self.rows * self.rows
+        for start in range(0, full, self.rows):
+            yield {k: v[start : start + self.rows] for k, v in whole.items()}
+        if full < len(whole["recording_id"]):  # a copy, so the yielded block can be freed
+            self._parts = [{k: v[full:].copy() for k, v in whole.items()}]
+            self.pending = len(self._parts[0]["recording_id"])
+
+    def flush(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the rows still held (fewer than ``rows``), if any."""
+        if self.pending:
+            yield self._take()
+
+    def _take(self) -> dict[str, np.ndarray]:
+        parts, self._parts, self.pending = self._parts, [], 0
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
@@ -143,7 +214,7 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
 def _windows(rid: str, reader: Any, report: DecodeReport,
              spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
     windower = StreamingWindower(spec.window_samples, spec.hop_samples, spec.tail,
-                                 max_batch=spec.batch_windows)
+                                 max_batch=spec.block_rows)
     rate = spec.settings.target_sample_rate_hz
     for chunk in decode_stream(reader, spec.settings, report):
         for batch in windower.push(chunk):
@@ -247,6 +318,7 @@ class Embedder:
                                         options=spec.options, storage_options=spec.storage_options)
         self.precision = resolve_precision(spec.precision, self.device)
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._staging: Any = None  # see _staged
         loaded, self._model_s = time.perf_counter(), 0.0
         if spec.warmup_shape is not None:
             self._warm_up(*spec.warmup_shape)
@@ -275,7 +347,9 @@ class Embedder:
         self._model_s = 0.0
         is_window = np.array([not m for m in batch["meta"]], dtype=bool)
         parts = [self._report_rows(batch, ~is_window)]
-        if is_window.any():
+        if is_window.all():  # the usual batch: no copy of its audio
+            parts.extend(self._embed_rows(batch))
+        elif is_window.any():
             parts.extend(self._embed_rows({k: v[is_window] for k, v in batch.items()}))
         busy = time.perf_counter() - started
         timing = {"type": "timing", "actor": self.actor_id, "start": wall_start,
@@ -332,7 +406,8 @@ class Embedder:
         for length in np.unique(lengths):
             idx = np.flatnonzero(lengths == length)
             order.append(idx)
-            chunk = self._forward(audio[idx, :length], valid[idx], int(length), precision)
+            rows = audio if len(idx) == len(audio) else audio[idx]
+            chunk = self._forward(rows[:, :length], valid[idx], int(length), precision)
             for layer, vectors in chunk.items():
                 results[layer].append(vectors)
         inverse = np.argsort(np.concatenate(order), kind="stable")
@@ -344,10 +419,10 @@ class Embedder:
 
         from pipeline.models import pool
 
-        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        x = self._staged(audio)
         v = torch.from_numpy(np.minimum(valid, length).astype(np.int64))
         if self.device != "cpu":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
             v = v.to(self.device, non_blocking=True)
         padded = bool((v < length).any())
         started = time.perf_counter()
@@ -357,6 +432,25 @@ class Embedder:
                    for layer, f in feats.items()}
         self._model_s += time.perf_counter() - started
         return out
+
+    def _staged(self, audio: np.ndarray) -> Any:
+        """``audio`` copied into this actor's one reusable host buffer (pinned on a GPU).
+
+        The batch Ray hands over is a read-only view on the object store; this is its only
+        copy on the way to the model: contiguous, writable (models may work in place), and
+        on a GPU ready for an asynchronous copy to the device. Reusing it is safe because
+        :meth:`_forward` waits for its results (``.cpu()``), so the device has read the
+        buffer before the next batch overwrites it.
+        """
+        import torch
+
+        n, length = audio.shape
+        if self._staging is None or self._staging.numel() < n * length:
+            self._staging = torch.empty(n * length, dtype=torch.float32,
+                                        pin_memory=self.device != "cpu")
+        x = self._staging[: n * length].view(n, length)
+        np.copyto(x.numpy(), audio, casting="same_kind")
+        return x
 
     def _layer_rows(self, rows: dict[str, np.ndarray], keep: np.ndarray, layer: int,
                     vectors: np.ndarray) -> pa.Table:

@@ -125,17 +125,21 @@ class WindowBatch:
 
 
 class StreamingWindower:
-    """Cuts windows from audio that arrives in chunks, holding at most one window plus a chunk.
+    """Cuts windows from audio that arrives in chunks, in batches of ``max_batch`` windows.
 
-    Feed chunks with :meth:`push` (each yields the windows that became complete), then call
-    :meth:`finish` once for the tail window. Works on ``[frames, channels]`` float32 chunks;
-    every yielded batch covers all channels (``audio`` is ``[n, channels, size]``).
+    Feed chunks with :meth:`push` (each yields a batch whenever ``max_batch`` windows are
+    complete), then call :meth:`finish` once for the windows left and the tail window.
+    Works on ``[frames, channels]`` float32 chunks; every yielded batch covers all channels
+    (``audio`` is ``[n, channels, size]``). Each window is copied once, as it completes, into
+    the batch being filled, so a batch is one contiguous array (what the next stage ships as
+    one block). Holds at most that batch plus about a window and a chunk of samples, however
+    long the stream.
 
     Args:
         size: window length in samples.
         hop: hop in samples.
         tail: tail policy.
-        max_batch: most windows per yielded batch (bounds memory per batch).
+        max_batch: windows per yielded batch (bounds memory per batch).
     """
 
     def __init__(self, size: int, hop: int, tail: str, max_batch: int = 32) -> None:
@@ -143,10 +147,21 @@ class StreamingWindower:
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.size, self.hop, self.tail, self.max_batch = size, hop, tail, max_batch
-        self._buf: np.ndarray | None = None  # [frames, channels], starts at sample _buf_start
+        # Samples from _buf_start on, in the first _len frames of one reusable array (grown
+        # only when a chunk does not fit): no allocation per chunk, so a long stream does
+        # not fragment the heap of the worker decoding it.
+        self._store: np.ndarray | None = None  # [capacity, channels]
+        self._len = 0
         self._buf_start = 0
         self._seen = 0  # samples pushed so far
-        self._next = 0  # index of the next window to emit
+        self._next = 0  # index of the next window to copy into a batch
+        self._batch: np.ndarray | None = None  # [max_batch, channels, size], being filled
+        self._filled = 0
+
+    @property
+    def _buf(self) -> np.ndarray | None:
+        """The samples held: ``[frames, channels]`` starting at sample ``_buf_start``."""
+        return None if self._store is None else self._store[: self._len]
 
     @property
     def num_samples(self) -> int:
@@ -159,20 +174,35 @@ class StreamingWindower:
         return self._next
 
     def push(self, chunk: np.ndarray) -> Iterator[WindowBatch]:
-        """Add ``[frames, channels]`` samples; yield every window now complete."""
+        """Add ``[frames, channels]`` samples; yield every full batch of complete windows."""
         if chunk.ndim != 2:
             raise ValueError(f"chunk must be [frames, channels], got shape {chunk.shape}")
-        if chunk.shape[0] == 0:
+        n = chunk.shape[0]
+        if n == 0:
             return
-        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
-        self._buf = chunk if self._buf is None else np.concatenate([self._buf, chunk])
-        self._seen += chunk.shape[0]
+        if self._store is None:
+            self._store = np.empty((self.size + self.hop + n, chunk.shape[1]), np.float32)
+        elif chunk.shape[1] != self._store.shape[1]:
+            raise ValueError(f"chunk has {chunk.shape[1]} channels, earlier ones "
+                             f"{self._store.shape[1]}")
+        elif self._len + n > len(self._store):
+            grown = np.empty((max(2 * len(self._store), self._len + n), chunk.shape[1]),
+                             np.float32)
+            grown[: self._len] = self._store[: self._len]
+            self._store = grown
+        self._store[self._len : self._len + n] = chunk
+        self._len += n
+        self._seen += n
         yield from self._emit_full()
         self._trim()
 
     def finish(self) -> Iterator[WindowBatch]:
-        """Yield the tail window, if the policy and the audio call for one."""
-        if self.tail == "drop" or self._buf is None:
+        """Yield the complete windows still held, then the tail window if the policy and
+        the audio call for one."""
+        if self._buf is None:
+            return
+        yield from self._emit_full(flush=True)
+        if self.tail == "drop":
             return
         covered = (self._next - 1) * self.hop + self.size if self._next else 0
         start = self._next * self.hop
@@ -191,31 +221,47 @@ class StreamingWindower:
             audio=audio,
         )
 
-    def _emit_full(self) -> Iterator[WindowBatch]:
+    def _emit_full(self, flush: bool = False) -> Iterator[WindowBatch]:
+        """Copy every newly complete window into the batch being filled; yield it when it
+        holds ``max_batch`` windows (or, with ``flush``, whatever it holds)."""
         assert self._buf is not None
         n_ready = count_full_windows(self._seen, self.size, self.hop) - self._next
+        if n_ready > 0:
+            # [frames - size + 1, channels, size]: every window start, as a strided view.
+            views = np.lib.stride_tricks.sliding_window_view(self._buf, self.size, axis=0)
         while n_ready > 0:
-            n = min(n_ready, self.max_batch)
-            idx = np.arange(self._next, self._next + n, dtype=np.int64)
-            starts = idx * self.hop
-            offsets = starts - self._buf_start
-            # [n, size, channels] gathered from the buffer, then channel-major.
-            gather = offsets[:, None] + np.arange(self.size)[None, :]
-            audio = np.ascontiguousarray(self._buf[gather].transpose(0, 2, 1))
-            yield WindowBatch(
-                index=idx,
-                start=starts,
-                valid=np.full(n, self.size, dtype=np.int64),
-                audio=audio,
-            )
-            self._next += n
-            n_ready -= n
+            if self._batch is None:
+                self._batch = np.empty((self.max_batch, self._buf.shape[1], self.size),
+                                       np.float32)
+            m = min(n_ready, self.max_batch - self._filled)
+            first = self._next * self.hop - self._buf_start
+            self._batch[self._filled : self._filled + m] = views[
+                first : first + (m - 1) * self.hop + 1 : self.hop]
+            self._filled += m
+            self._next += m
+            n_ready -= m
+            if self._filled == self.max_batch:
+                yield self._take_batch()
+        if flush and self._filled:
+            yield self._take_batch()
+
+    def _take_batch(self) -> WindowBatch:
+        assert self._batch is not None
+        n, audio = self._filled, self._batch[: self._filled]
+        self._batch, self._filled = None, 0
+        index = np.arange(self._next - n, self._next, dtype=np.int64)
+        return WindowBatch(index=index, start=index * self.hop,
+                           valid=np.full(n, self.size, dtype=np.int64), audio=audio)
 
     def _trim(self) -> None:
         """Drop samples no future window (full or tail) can reach."""
-        assert self._buf is not None
+        assert self._store is not None
         keep_from = min(self._next * self.hop, self._seen)
         drop = keep_from - self._buf_start
         if drop > 0:
-            self._buf = self._buf[drop:]
+            # Move the rest to the front in place: a 1-D overlapping copy needs no temporary.
+            channels = self._store.shape[1]
+            flat = self._store.reshape(-1)
+            flat[: (self._len - drop) * channels] = flat[drop * channels : self._len * channels]
+            self._len -= drop
             self._buf_start = keep_from

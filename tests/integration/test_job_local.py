@@ -209,3 +209,49 @@ def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
         f"SELECT DISTINCT recording_id FROM read_parquet('{tmp_path}/other/recordings/**/*.parquet')"
     ).fetchall()}
     assert ids_a == ids_b and len(ids_a) == 17
+
+
+def copy_probe(out_dir: str) -> type:
+    """The job's embedding actor, recording for each batch whether its audio arrived as a
+    read-only view on the object store (no copy on the way) or as a private copy."""
+    import os
+
+    from pipeline.stages import Embedder
+
+    class CopyProbe(Embedder):
+        def __call__(self, batch: dict[str, np.ndarray]) -> object:
+            audio = batch["audio"]
+            with open(Path(out_dir) / f"{os.getpid()}.jsonl", "a") as fh:
+                fh.write(json.dumps({"rows": len(audio),
+                                     "read_only": not audio.flags.writeable}) + "\n")
+            return super().__call__(batch)
+
+    return CopyProbe
+
+
+def test_the_model_reads_its_batches_straight_from_the_object_store(
+        real_data: Path, tmp_path: Path, ray_session: None) -> None:
+    """The decode stage ships whole blocks (one contiguous array each), so every batch an
+    actor gets is a zero-copy slice of one: Ray Data copies a batch it must stitch together
+    from a block made of many small pieces, which the windows of a long recording used to be."""
+    import pipeline.job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "1min.wav").symlink_to(real_data / "opensoundscape/tests/audio/1min.wav")
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    raw = {"input": {"uri": str(folder)},
+           "windows": {"window_s": 2.0, "hop_s": 1.0, "tail": "pad"},
+           "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS),
+                     "layers": [-1], "batch_size": 16},
+           "audio": {"batch_windows": 32},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"progress": False}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.job, "Embedder", copy_probe(str(probes)))
+        summary = EmbeddingJob(JobConfig.from_dict(raw)).run()
+    batches = [json.loads(line) for path in probes.glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert summary.embedded == 1 and summary.windows == 59
+    assert sum(b["rows"] for b in batches) == 59 + 1  # the windows and the report
+    assert len(batches) == 4 and all(b["read_only"] for b in batches), batches

@@ -105,6 +105,9 @@ def test_streaming_matches_plan(n: int, size: int, hop: int, tail: str, channels
     assert starts.tolist() == plan.starts.tolist()
     assert valid.tolist() == plan.valid.tolist()
     assert all(len(b) <= max_batch for b in batches)
+    full = count_full_windows(n, size, hop)
+    # Every batch but the ones finish() gives (the rest of the full windows, the tail) is full.
+    assert [len(b) for b in batches[: full // max_batch]] == [max_batch] * (full // max_batch)
     for b in batches:
         for k in range(len(b)):
             s, v = int(b.start[k]), int(b.valid[k])
@@ -114,7 +117,8 @@ def test_streaming_matches_plan(n: int, size: int, hop: int, tail: str, channels
 
 
 def test_streaming_memory_is_bounded() -> None:
-    """The buffer never holds more than a window plus a chunk, however long the stream."""
+    """The sample buffer never holds more than a window, a hop and a chunk, however long the
+    stream (windows wait for their batch as copies, not as samples)."""
     windower = StreamingWindower(1000, 500, "pad", max_batch=4)
     chunk = np.ones((300, 1), np.float32)
     peak = 0
@@ -122,5 +126,6 @@ def test_streaming_memory_is_bounded() -> None:
         for _batch in windower.push(chunk):
             pass
         peak = max(peak, windower._buf.shape[0])  # the private buffer is the invariant under test
-    assert peak <= 1000 + 300
+    assert peak <= 1000 + 500 + 300
+    assert len(list(windower.finish())) == 1  # the windows short of a full batch
     assert windower.num_windows == count_full_windows(5000 * 300, 1000, 500)

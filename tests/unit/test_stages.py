@@ -1,0 +1,154 @@
+"""The two stages outside Ray: how decode rows are cut into blocks, and what the embedding
+actor copies on the way to the model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.audio import DecodeSettings
+from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, RowBlocks, decode_batch
+from tests.conftest import write_tone
+
+TINY_BEATS = {"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+              "encoder_attention_heads": 2, "embed_dim": 32, "conv_pos": 8, "conv_pos_groups": 2}
+
+
+def rows(start: int, n: int) -> dict[str, np.ndarray]:
+    """``n`` stage rows numbered from ``start`` (the number is in every column)."""
+    ids = np.arange(start, start + n)
+    return {"recording_id": ids.astype(str).astype(object),
+            "window_index": ids.astype(np.int32),
+            "audio": np.repeat(ids[:, None], 4, axis=1).astype(np.float32)}
+
+
+@pytest.mark.parametrize("sizes", [[3, 5, 1, 40, 2], [8, 8, 8], [7], [1] * 17, [0, 9, 0, 23]])
+def test_row_blocks_regroups_in_order_into_full_blocks(sizes: list[int]) -> None:
+    blocks, out, start = RowBlocks(8), [], 0
+    for n in sizes:
+        out.extend(blocks.add(rows(start, n)))
+        assert blocks.pending < 8
+        start += n
+    out.extend(blocks.flush())
+    assert [len(b["recording_id"]) for b in out[:-1]] == [8] * (len(out) - 1)
+    assert 0 < len(out[-1]["recording_id"]) <= 8
+    for column in ("recording_id", "window_index", "audio"):
+        got = np.concatenate([b[column] for b in out])
+        assert np.array_equal(got, rows(0, start)[column])
+    assert all(b["audio"].flags.c_contiguous for b in out)
+
+
+def test_a_full_batch_passes_through_without_a_copy() -> None:
+    blocks = RowBlocks(8)
+    part = rows(0, 16)
+    out = list(blocks.add(part))
+    assert len(out) == 2 and blocks.pending == 0
+    assert all(np.shares_memory(b["audio"], part["audio"]) for b in out)
+
+
+def test_rows_left_over_do_not_pin_the_blocks_already_out() -> None:
+    blocks = RowBlocks(8)
+    part = rows(0, 11)
+    (out,) = blocks.add(part)
+    (rest,) = blocks.flush()
+    assert np.shares_memory(out["audio"], part["audio"])
+    assert not np.shares_memory(rest["audio"], part["audio"])
+    assert rest["window_index"].tolist() == [8, 9, 10]
+
+
+def test_decode_task_yields_whole_blocks_across_its_recordings(tmp_path: Path) -> None:
+    paths = [tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "c.wav"]
+    for i, (path, seconds) in enumerate(zip(paths, (41.3, 3.0, 70.0), strict=True)):
+        write_tone(path, seconds, 16_000, channels=2 if i == 2 else 1, seed=i)
+    spec = DecodeSpec(DecodeSettings(16_000, channels="each"), window_samples=16_000,
+                      hop_samples=8_000, tail="pad", min_tail_samples=400, batch_windows=20)
+    assert spec.block_rows == 20
+    task = {"shard": np.array(["s0"] * 3, dtype=object),
+            "recording_id": np.array(["a", "b", "c"], dtype=object),
+            "uri": np.array([str(p) for p in paths], dtype=object),
+            "path": np.array([str(p) for p in paths], dtype=object),
+            "size_bytes": np.array([p.stat().st_size for p in paths]),
+            "problem": np.array(["", "", ""], dtype=object)}
+    out = list(decode_batch(task, spec))
+    assert [len(b["recording_id"]) for b in out[:-1]] == [spec.block_rows] * (len(out) - 1)
+    assert all(b["audio"].flags.c_contiguous and b["audio"].shape[1] == 16_000 for b in out)
+    flat = {k: np.concatenate([b[k] for b in out]) for k in out[0]}
+    reports = [json.loads(m) for m in flat["meta"] if m]
+    assert [r["recording_id"] for r in reports] == ["a", "b", "c"]
+    windows = {rid: int((flat["recording_id"][flat["meta"] == ""] == rid).sum())
+               for rid in ("a", "b", "c")}
+    assert windows == {"a": 82, "b": 5, "c": 2 * 139}  # pad tails; c has two channels
+    assert windows == {r["recording_id"]: sum(r["windows"].values()) for r in reports}
+    # A recording's report comes after its last window.
+    last_row = {rid: int(np.flatnonzero(flat["recording_id"] == rid)[-1]) for rid in windows}
+    assert all(flat["meta"][last_row[rid]] for rid in windows)
+
+
+def test_blocks_of_short_windows_grow_to_a_mebibyte() -> None:
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=4_000, hop_samples=4_000,
+                      tail="pad", min_tail_samples=400, batch_windows=32)
+    assert spec.block_rows == 66 and spec.block_rows * spec.window_bytes >= 2**20
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    spec = EmbedSpec(model_name="beats", weights="random", options=TINY_BEATS,
+                     storage_options={}, layers=(0, 1), pooling="mean", precision="fp32",
+                     sample_rate_hz=16_000, tail="pad", min_input_samples=400, use_gpu=False,
+                     torch_threads=1)
+    return Embedder(spec)
+
+
+def stage_batch(n: int, report_at: int | None = None) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(n)
+    batch = {"shard": np.full(n, "s0", dtype=object),
+             "recording_id": np.array([f"r{i % 3}" for i in range(n)], dtype=object),
+             "channel": np.full(n, -1, np.int16), "window_index": np.arange(n, dtype=np.int32),
+             "start_s": np.arange(n) * 0.5, "end_s": np.arange(n) * 0.5 + 1.0,
+             "valid_samples": np.full(n, 16_000, np.int32),
+             "audio": rng.standard_normal((n, 16_000)).astype(np.float32),
+             "meta": np.full(n, "", dtype=object)}
+    batch["valid_samples"][-1] = 9_000  # one padded window
+    batch["audio"][-1, 9_000:] = 0.0
+    if report_at is not None:
+        batch["meta"][report_at] = json.dumps({"type": "report", "recording_id": "r0"})
+    return batch
+
+
+def embeddings(table: pa.Table) -> dict[tuple[int, int], np.ndarray]:
+    return {(int(w), int(layer)): np.asarray(e, np.float32)
+            for w, layer, e in zip(table["window_index"].to_pylist(), table["layer"].to_pylist(),
+                                   table["embedding"].to_pylist(), strict=True)
+            if layer is not None}
+
+
+def test_a_read_only_batch_is_embedded_through_one_reused_buffer(embedder: Embedder) -> None:
+    """Ray hands the actor read-only views on the object store: the actor must not write
+    to them, and its one copy goes into the same host buffer batch after batch."""
+    batch = stage_batch(6)
+    expected = {k: v.copy() for k, v in batch.items()}
+    for v in batch.values():
+        v.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning about non-writable arrays
+        first = embeddings(embedder(batch))
+    buffer = embedder._staging.data_ptr()
+    again = embeddings(embedder(stage_batch(5)))
+    assert embedder._staging.data_ptr() == buffer
+    assert all(np.array_equal(batch[k], expected[k]) for k in batch)
+    assert sorted(first) == [(w, layer) for w in range(6) for layer in (0, 1)]
+    assert len(again) == 10
+
+
+def test_report_rows_in_a_batch_change_nothing_for_its_windows(embedder: Embedder) -> None:
+    mixed = stage_batch(7, report_at=3)
+    windows_only = {k: np.delete(v, 3, axis=0) for k, v in mixed.items()}
+    got, want = embeddings(embedder(mixed)), embeddings(embedder(windows_only))
+    assert sorted(got) == sorted(want) and len(got) == 12
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6)
