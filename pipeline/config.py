@@ -73,7 +73,10 @@ class AudioConfig:
         max_sample_rate_hz: recordings above this rate fail with ``UnsupportedSampleRate``.
         block_s: seconds of source audio decoded at a time (memory per worker).
         resample_quality: soxr quality (``QQ``, ``LQ``, ``MQ``, ``HQ``, ``VHQ``).
-        batch_windows: windows per batch handed to the embedding stage.
+        batch_windows: rows (windows, or windows x channels with ``each``) per block
+            handed to the embedding stage: one contiguous array each, so the actors'
+            batches are zero-copy slices of them; raised to reach 1 MiB of audio for
+            very short windows, and rounded up to a whole number of ``model.batch_size``.
     """
 
     channels: Literal["mix", "each"] = "mix"

@@ -593,6 +593,7 @@ class EmbeddingJob:
             batch_windows=a.batch_windows,
             storage_options=dict(self.cfg.input.storage_options),
             log_level=self.cfg.run.log_level,
+            model_batch=self.cfg.model.batch_size,
         )
 
     def _embed_spec(self, plan: Mapping[str, Any]) -> EmbedSpec:

@@ -95,6 +95,14 @@ def test_blocks_of_short_windows_grow_to_a_mebibyte() -> None:
     assert spec.block_rows == 66 and spec.block_rows * spec.window_bytes >= 2**20
 
 
+@pytest.mark.parametrize(("model_batch", "rows"), [(1, 32), (16, 32), (48, 48), (256, 256),
+                                                   (20, 40)])
+def test_a_block_holds_whole_model_batches(model_batch: int, rows: int) -> None:
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=80_000, hop_samples=40_000,
+                      tail="pad", min_tail_samples=400, batch_windows=32, model_batch=model_batch)
+    assert spec.block_rows == rows
+
+
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
     spec = EmbedSpec(model_name="beats", weights="random", options=TINY_BEATS,
