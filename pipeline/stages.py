@@ -102,8 +102,9 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dic
             yield from blocks.add(rows)
         if not blocks.pending:  # this recording's report is out
             fault_point("decoded")
-    yield from blocks.flush()
-    fault_point("decoded")
+    if blocks.pending:
+        yield from blocks.flush()
+        fault_point("decoded")
 
 
 class RowBlocks:

@@ -14,9 +14,7 @@ import pytest
 from pipeline.audio import DecodeSettings
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, RowBlocks, decode_batch
 from tests.conftest import write_tone
-
-TINY_BEATS = {"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
-              "encoder_attention_heads": 2, "embed_dim": 32, "conv_pos": 8, "conv_pos_groups": 2}
+from tests.integration.conftest import TINY_BEATS
 
 
 def rows(start: int, n: int) -> dict[str, np.ndarray]:
