@@ -183,7 +183,8 @@ class ComputeConfig:
     """Where and how the job runs.
 
     Attributes:
-        address: ``None`` starts a local Ray; ``auto`` or ``ray://host:port`` joins a cluster.
+        address: ``None`` starts a new local Ray (or joins the cluster in ``RAY_ADDRESS``,
+            which Ray Jobs sets for a driver); ``auto`` or ``ray://host:port`` joins a cluster.
         num_cpus: CPUs for a local Ray (``None``: all).
         embed_actors: embedding actors (``None``: one per GPU; on a local Ray without GPUs
             one per CPU up to 4, the CPUs split among them as torch threads; else one).

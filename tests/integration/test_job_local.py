@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -255,3 +258,38 @@ def test_the_model_reads_its_batches_straight_from_the_object_store(
     assert summary.embedded == 1 and summary.windows == 59
     assert sum(b["rows"] for b in batches) == 59 + 1  # the windows and the report
     assert len(batches) == 4 and all(b["read_only"] for b in batches), batches
+
+
+def test_a_local_ray_gives_its_workers_the_job_environment(tmp_path: Path) -> None:
+    """A Ray the job starts itself gives its workers the job's environment by inheritance,
+    not by a job runtime_env (whose per-worker setup cost ~2 s of start-up): the fault
+    switch, the weights cache and the code version the driver adds must still arrive, and
+    the driver's environment must come back as it was. In a fresh process: the suite's
+    session Ray is already up in this one."""
+    code = """
+import json, os, ray
+from pipeline.config import JobConfig
+from pipeline.job import connect_ray
+from pipeline.provenance import git_commit
+before = {k: v for k, v in os.environ.items() if k.startswith("EMBED_ARCHIVE_")}
+cfg = JobConfig.from_dict({"input": {"uri": "/nowhere"}, "output": {"uri": "/nowhere"},
+                           "compute": {"num_cpus": 1}})
+assert connect_ray(cfg)
+seen = ray.get(ray.remote(lambda: {k: v for k, v in os.environ.items()
+                                   if k.startswith("EMBED_ARCHIVE_")}).remote())
+after = {k: v for k, v in os.environ.items() if k.startswith("EMBED_ARCHIVE_")}
+print("SEEN" + json.dumps({"worker": seen, "commit": git_commit(), "restored": after == before,
+                           "runtime_env": ray.get_runtime_context().runtime_env}))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EMBED_"))}
+    env.update({"EMBED_ARCHIVE_FAULT": "nowhere:/no/marker", "EMBED_ARCHIVE_CACHE": str(tmp_path)})
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("SEEN", 1)[1])
+    assert got["worker"] == {"EMBED_ARCHIVE_FAULT": "nowhere:/no/marker",
+                             "EMBED_ARCHIVE_CACHE": str(tmp_path),
+                             "EMBED_ARCHIVE_GIT_COMMIT": got["commit"]}
+    assert got["restored"]  # the code version it added for the workers is gone again
+    assert not got["runtime_env"].get("env_vars")
