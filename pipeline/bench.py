@@ -373,14 +373,15 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
             "peak_rss_mb": sampler.peaks_mb(), "output": str(out), **gpu.result(span)}
 
 
-def decode_rss(path: Path, rate: int = 16_000) -> dict[str, Any]:
-    """Peak RSS of a fresh process that runs the job's decode stage on one file."""
+def decode_rss(path: Path, model_batch: int, rate: int = 16_000) -> dict[str, Any]:
+    """Peak RSS of a fresh process that runs the job's decode stage on one file, in the
+    job's default blocks (one model batch)."""
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (the benchmark
     # process holds models), while VmHWM belongs to the new address space after exec.
     code = ("import sys,time;from pipeline.stages import DecodeSpec,decode_recording;"
             "from pipeline.audio import DecodeSettings;"
             f"spec=DecodeSpec(DecodeSettings({rate}),{samples_for(5.0, rate)},{samples_for(2.5, rate)},"
-            "'pad',400,32);t=time.perf_counter();"
+            f"'pad',400,None,model_batch={model_batch});t=time.perf_counter();"
             "n=sum(len(b['audio']) for b in decode_recording('r',sys.argv[1],sys.argv[1],-1,'',spec));"
             "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
             "print(n,time.perf_counter()-t,hwm)")
@@ -647,7 +648,8 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     for label, path in (("one_minute", short), ("long", long)):
         job = pipeline_run(_folder_of(work / f"mem-{label}", path), tiny, work,
                            compute={"torch_threads": 1})
-        out[label] = {"decode_worker": decode_rss(path), "job_peak_rss_mb": job["peak_rss_mb"],
+        out[label] = {"decode_worker": decode_rss(path, tiny.batch_size),
+                      "job_peak_rss_mb": job["peak_rss_mb"],
                       "job_wall_s": job["wall_s"]}
     out["decode_rss_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
                                / out["one_minute"]["decode_worker"]["peak_rss_mb"])
@@ -656,12 +658,19 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     out["job_decode_worker_ratio"] = (out["long"]["job_peak_rss_mb"]["decode_worker"]
                                       / out["one_minute"]["job_peak_rss_mb"]["decode_worker"])
     if not quick:
-        # Where the growth happens: past 10 minutes it is mostly the object store filling
-        # with windows up to the in-flight budget (reached near 30 minutes with this model).
+        # Growth with length, from a point where the job has reached its working set: a
+        # 1-minute recording's 23 windows do not fill the decode stage's second block of 32
+        # nor give both actors a full batch, and its windows never fill the object store up
+        # to the in-flight budget (reached near 30 minutes with this model).
         ten = make_long_recording(work / "ten_minutes.flac", 600.0, real_dir / LONG_SOURCE)
         peak = pipeline_run(_folder_of(work / "mem-ten", ten), tiny, work,
                             compute={"torch_threads": 1})["peak_rss_mb"]
-        out["ten_minutes"] = {"job_peak_rss_mb": peak}
+        out["ten_minutes"] = {"decode_worker": decode_rss(ten, tiny.batch_size),
+                              "job_peak_rss_mb": peak}
+        out["decode_rss_plateau_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
+                                           / out["ten_minutes"]["decode_worker"]["peak_rss_mb"])
+        out["job_decode_worker_plateau_ratio"] = (
+            out["long"]["job_peak_rss_mb"]["decode_worker"] / peak["decode_worker"])
         out["job_rss_plateau_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]
                                         / peak["all_processes"])
         # What the object-store budget buys: the same two jobs with a tight budget (the
@@ -735,10 +744,16 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"  whole job (private + object store) {one['job_peak_rss_mb']['all_processes']:6.0f} "
                  f"{long['job_peak_rss_mb']['all_processes']:7.0f}   ratio {m['job_rss_ratio']:.3f}")
     if "ten_minutes" in m:
-        lines.append(f"  whole job, 10 min vs {minutes:.0f} min       "
-                     f"{m['ten_minutes']['job_peak_rss_mb']['all_processes']:6.0f} "
-                     f"{long['job_peak_rss_mb']['all_processes']:7.0f}   ratio "
-                     f"{m['job_rss_plateau_ratio']:.3f}")
+        ten = m["ten_minutes"]
+        for what, a, b, ratio in (
+                ("decode stage alone", ten["decode_worker"]["peak_rss_mb"],
+                 long["decode_worker"]["peak_rss_mb"], m["decode_rss_plateau_ratio"]),
+                ("decode worker in job", ten["job_peak_rss_mb"]["decode_worker"],
+                 long["job_peak_rss_mb"]["decode_worker"], m["job_decode_worker_plateau_ratio"]),
+                ("whole job", ten["job_peak_rss_mb"]["all_processes"],
+                 long["job_peak_rss_mb"]["all_processes"], m["job_rss_plateau_ratio"])):
+            label = f"10 vs {minutes:.0f} min: {what}"
+            lines.append(f"  {label:<34}{a:7.0f} {b:7.0f}   ratio {ratio:.3f}")
     if "tight_budget" in m:
         t = m["tight_budget"]
         lines.append(f"  whole job, inflight_mb={TIGHT_INFLIGHT_MB:<3}        "

@@ -75,8 +75,10 @@ class AudioConfig:
         resample_quality: soxr quality (``QQ``, ``LQ``, ``MQ``, ``HQ``, ``VHQ``).
         batch_windows: rows (windows, or windows x channels with ``each``) per block
             handed to the embedding stage: one contiguous array each, so the actors'
-            batches are zero-copy slices of them; raised to reach 1 MiB of audio for
-            very short windows, and rounded up to a whole number of ``model.batch_size``.
+            batches are zero-copy slices of them. ``None``: one model batch
+            (``model.batch_size``), which is also the least a decode task holds. Raised to
+            reach 1 MiB of audio for very short windows, and rounded up to a whole number of
+            ``model.batch_size``.
     """
 
     channels: Literal["mix", "each"] = "mix"
@@ -85,7 +87,7 @@ class AudioConfig:
     max_sample_rate_hz: int = 768_000
     block_s: float = 10.0
     resample_quality: Literal["QQ", "LQ", "MQ", "HQ", "VHQ"] = "HQ"
-    batch_windows: int = 32
+    batch_windows: int | None = None
 
     def validate(self) -> None:
         _positive(self.max_channels, "audio.max_channels")
@@ -93,7 +95,8 @@ class AudioConfig:
         if self.max_sample_rate_hz < self.min_sample_rate_hz:
             raise ConfigError("must be >= audio.min_sample_rate_hz", "audio.max_sample_rate_hz")
         _positive(self.block_s, "audio.block_s")
-        _positive(self.batch_windows, "audio.batch_windows")
+        if self.batch_windows is not None:
+            _positive(self.batch_windows, "audio.batch_windows")
 
 
 @dataclass(frozen=True)

@@ -65,17 +65,19 @@ class DecodeSpec:
     hop_samples: int
     tail: str
     min_tail_samples: int
-    batch_windows: int
+    batch_windows: int | None
     storage_options: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
     model_batch: int = 1
 
     @property
     def block_rows(self) -> int:
-        """Rows per block handed to the embed stage: ``batch_windows`` (more for windows so
-        short that a block would be under 1 MiB of audio), rounded up to a whole number of
-        model batches, so no batch straddles two blocks (Ray would join it into a copy)."""
-        rows = max(self.batch_windows, -(-MIN_BLOCK_BYTES // self.window_bytes))
+        """Rows per block handed to the embed stage: ``batch_windows``, else one model batch
+        (more for windows so short that a block would be under 1 MiB of audio), rounded up to
+        a whole number of model batches, so no batch straddles two blocks (Ray would join it
+        into a copy)."""
+        rows = max(self.batch_windows or self.model_batch,
+                   -(-MIN_BLOCK_BYTES // self.window_bytes))
         return -(-rows // self.model_batch) * self.model_batch
 
     @property

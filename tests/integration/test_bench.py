@@ -5,6 +5,7 @@ Performance itself is judged by `make bench`, never by timed assertions here.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -47,3 +48,18 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
     assert set(saved["decode"]) == {"wav", "flac", "mp3", "ogg", "opus"}
     assert all(d["audio_s_per_cpu_s"] > 1 for d in saved["decode"].values())
     assert "pipeline / model only" in render(results)
+    # Full mode adds the 10-minute plateau and the tight budget: render them too, from this
+    # run's own figures, so those rows cannot rot either.
+    full = copy.deepcopy(results)
+    m = full["memory"]
+    m["ten_minutes"] = {"decode_worker": m["one_minute"]["decode_worker"],
+                        "job_peak_rss_mb": m["one_minute"]["job_peak_rss_mb"]}
+    m.update(decode_rss_plateau_ratio=1.01, job_decode_worker_plateau_ratio=1.02,
+             job_rss_plateau_ratio=1.03)
+    m["tight_budget"] = {"one_minute": m["one_minute"]["job_peak_rss_mb"],
+                         "long": m["long"]["job_peak_rss_mb"], "job_rss_ratio": 1.04}
+    table = render(full)
+    for row in ("10 vs 3 min: decode stage alone", "10 vs 3 min: decode worker in job",
+                "10 vs 3 min: whole job", "whole job, inflight_mb=", "object store pages"):
+        assert row in table
+    assert "ratio 1.020" in table and "ratio 1.040" in table

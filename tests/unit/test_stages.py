@@ -93,6 +93,19 @@ def test_blocks_of_short_windows_grow_to_a_mebibyte() -> None:
     assert spec.block_rows == 66 and spec.block_rows * spec.window_bytes >= 2**20
 
 
+@pytest.mark.parametrize(("batch_windows", "window_samples", "model_batch", "rows"), [
+    (None, 80_000, 16, 16),    # the default: one model batch per block
+    (None, 80_000, 256, 256),
+    (None, 4_000, 16, 80),     # 16 KB windows: 66 rows make 1 MiB, rounded up to batches
+])
+def test_by_default_a_block_is_one_model_batch(batch_windows: int | None, window_samples: int,
+                                               model_batch: int, rows: int) -> None:
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=window_samples, hop_samples=4_000,
+                      tail="pad", min_tail_samples=400, batch_windows=batch_windows,
+                      model_batch=model_batch)
+    assert spec.block_rows == rows
+
+
 @pytest.mark.parametrize(("model_batch", "rows"), [(1, 32), (16, 32), (48, 48), (256, 256),
                                                    (20, 40)])
 def test_a_block_holds_whole_model_batches(model_batch: int, rows: int) -> None:
