@@ -659,9 +659,9 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
                                       / out["one_minute"]["job_peak_rss_mb"]["decode_worker"])
     if not quick:
         # Growth with length, from a point where the job has reached its working set: a
-        # 1-minute recording's 23 windows do not fill the decode stage's second block of 32
-        # nor give both actors a full batch, and its windows never fill the object store up
-        # to the in-flight budget (reached near 30 minutes with this model).
+        # 1-minute recording's 23 windows never fill two blocks in a decode task nor give
+        # both actors a full batch, and never fill the object store up to the in-flight
+        # budget (reached near 30 minutes with this model).
         ten = make_long_recording(work / "ten_minutes.flac", 600.0, real_dir / LONG_SOURCE)
         peak = pipeline_run(_folder_of(work / "mem-ten", ten), tiny, work,
                             compute={"torch_threads": 1})["peak_rss_mb"]
