@@ -260,12 +260,15 @@ def test_the_model_reads_its_batches_straight_from_the_object_store(
     assert len(batches) == 4 and all(b["read_only"] for b in batches), batches
 
 
-def test_a_local_ray_gives_its_workers_the_job_environment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("join", [False, True], ids=["local Ray", "RAY_ADDRESS"])
+def test_the_workers_get_the_job_environment(join: bool, tmp_path: Path,
+                                              request: pytest.FixtureRequest) -> None:
     """A Ray the job starts itself gives its workers the job's environment by inheritance,
     not by a job runtime_env (whose per-worker setup cost ~2 s of start-up): the fault
     switch, the weights cache and the code version the driver adds must still arrive, and
-    the driver's environment must come back as it was. In a fresh process: the suite's
-    session Ray is already up in this one."""
+    the driver's environment must come back as it was. With ``RAY_ADDRESS`` set (how Ray
+    Jobs points a driver at its cluster) the job joins that cluster and sends the same
+    variables as a runtime_env. In a fresh process: the suite's session Ray is up in this one."""
     code = """
 import json, os, ray
 from pipeline.config import JobConfig
@@ -278,18 +281,27 @@ assert connect_ray(cfg)
 seen = ray.get(ray.remote(lambda: {k: v for k, v in os.environ.items()
                                    if k.startswith("EMBED_ARCHIVE_")}).remote())
 after = {k: v for k, v in os.environ.items() if k.startswith("EMBED_ARCHIVE_")}
+ctx = ray.get_runtime_context()
 print("SEEN" + json.dumps({"worker": seen, "commit": git_commit(), "restored": after == before,
-                           "runtime_env": ray.get_runtime_context().runtime_env}))
+                           "runtime_env": ctx.runtime_env, "gcs": ctx.gcs_address}))
 ray.shutdown()
 """
+    # The session's Ray first: starting it sets the token mode the joining driver needs.
+    address = request.getfixturevalue("ray_address") if join else None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EMBED_"))}
     env.update({"EMBED_ARCHIVE_FAULT": "nowhere:/no/marker", "EMBED_ARCHIVE_CACHE": str(tmp_path)})
+    if address:
+        env["RAY_ADDRESS"] = address
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("SEEN", 1)[1])
-    assert got["worker"] == {"EMBED_ARCHIVE_FAULT": "nowhere:/no/marker",
-                             "EMBED_ARCHIVE_CACHE": str(tmp_path),
-                             "EMBED_ARCHIVE_GIT_COMMIT": got["commit"]}
+    want = {"EMBED_ARCHIVE_FAULT": "nowhere:/no/marker", "EMBED_ARCHIVE_CACHE": str(tmp_path),
+            "EMBED_ARCHIVE_GIT_COMMIT": got["commit"]}
+    assert got["worker"] == want
     assert got["restored"]  # the code version it added for the workers is gone again
-    assert not got["runtime_env"].get("env_vars")
+    if join:
+        assert got["gcs"] == env["RAY_ADDRESS"]
+        assert want.items() <= got["runtime_env"]["env_vars"].items()
+    else:
+        assert not got["runtime_env"].get("env_vars")
