@@ -34,7 +34,7 @@ import pyarrow as pa
 from pipeline import layout as layout_mod
 from pipeline import storage
 from pipeline.audio import DecodeSettings
-from pipeline.config import JobConfig, redacted
+from pipeline.config import ComputeConfig, JobConfig, redacted
 from pipeline.errors import ConfigError, JobAborted
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
@@ -318,7 +318,7 @@ class EmbeddingJob:
 
         from pipeline.models import gpus_have_bf16
 
-        if ray.is_initialized() or self.cfg.compute.address:
+        if ray.is_initialized() or joins_cluster(self.cfg.compute):
             self._owns_ray = connect_ray(self.cfg) or self._owns_ray
             resources = ray.cluster_resources()
             types = [k.partition(":")[2] for k in resources if k.startswith("accelerator_type:")]
@@ -496,7 +496,7 @@ class EmbeddingJob:
         if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
             log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
                         "the rest", c.embed_actors, gpus_per_actor, gpus)
-        local_cpu = not gpus_per_actor and c.address is None
+        local_cpu = not gpus_per_actor and not joins_cluster(c)
         if c.embed_actors:
             actors = c.embed_actors
         elif gpus_per_actor:
@@ -792,6 +792,13 @@ def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Ta
     return pa.table(columns, schema=schema)
 
 
+def joins_cluster(compute: ComputeConfig) -> bool:
+    """Whether the job joins a running cluster rather than starting a Ray of its own:
+    ``compute.address`` is set, or ``RAY_ADDRESS`` is (how Ray Jobs points a driver at its
+    cluster)."""
+    return bool(compute.address or os.environ.get("RAY_ADDRESS"))
+
+
 def connect_ray(cfg: JobConfig) -> bool:
     """Start a local Ray or join ``compute.address``; True when this call started it."""
     import ray
@@ -812,8 +819,7 @@ def connect_ray(cfg: JobConfig) -> bool:
                 .get("runtime_env") or {}).get("env_vars") or {})
     env = {k: v for k, v in env.items() if k not in job_env}
     c = cfg.compute
-    if c.address or os.environ.get("RAY_ADDRESS"):
-        # Joining a cluster (RAY_ADDRESS is how Ray Jobs points a driver at its own).
+    if joins_cluster(c):
         ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
         return True
     # A Ray this call starts inherits the environment of its start, and so do its workers:

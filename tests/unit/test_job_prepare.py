@@ -85,6 +85,22 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["cpus_per_actor"] == 1.0
 
 
+def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under Ray Jobs the driver finds its cluster in RAY_ADDRESS: it joins it, so the plan
+    is a cluster's (no narrow local actors sized to a laptop's CPUs)."""
+    fp32 = {"precision": "fp32"}  # auto would ask the (absent) cluster for its GPUs
+    auto = job(archive, tmp_path / "a", compute={"address": "auto"}, model=fp32)
+    auto.prepare()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    unset = job(archive, tmp_path / "u", model=fp32)
+    unset.prepare()
+    resources = {"CPU": 8.0}
+    assert unset._compute_plan(resources) == auto._compute_plan(resources)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert unset._compute_plan(resources)["actors"] == 4  # a local Ray: narrow actors
+
+
 def test_decode_tasks_hold_every_recording_once_with_its_shard(tmp_path: Path) -> None:
     root = tmp_path / "many"
     root.mkdir()
