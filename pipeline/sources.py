@@ -108,10 +108,12 @@ def list_sources(cfg: InputConfig) -> Listing:
         assert cfg.uri is not None
         listing = Listing(items=tuple(_list_uri(cfg)), extras=None)
         where = storage.redact_uri(cfg.uri)
+    if not listing.items and cfg.manifest:
+        raise NoInputsError(f"{where} lists no recordings; check input.manifest")
     if not listing.items:
         raise NoInputsError(
             f"no recordings found at {where} with extensions {', '.join(cfg.extensions)}"
-            f"{'' if cfg.recursive else ' (recursive: false)'}; check input.uri / input.manifest"
+            f"{'' if cfg.recursive else ' (recursive: false)'}; check input.uri"
         )
     return listing
 
@@ -143,7 +145,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
             continue
         uri = storage.redact_uri(storage.full_uri(fs, name))
         version = source_version(info)
-        items.append(SourceItem(uri=uri, path=name, size_bytes=int(info.get("size") or 0),
+        items.append(SourceItem(uri=uri, path=name, size_bytes=_size(info),
                                 version=version, recording_id=recording_id(uri, version)))
     return _dedup_sorted(items)
 
@@ -177,14 +179,25 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     uris = [resolve_relative(str(u), base) if u is not None else ""
             for u in table.column("uri").to_pylist()]
     extras = table.drop_columns(["uri"])
+    blank = [i for i, uri in enumerate(uris) if not uri.strip()]
+    if blank:
+        raise ConfigError(
+            f"manifest has {len(blank)} row(s) without a uri (rows "
+            f"{', '.join(str(i + 1) for i in blank[:10])}{', ...' if len(blank) > 10 else ''}; "
+            "1 = first data row); fill or remove them", "input.manifest")
     # First occurrence of each URI wins; its row keeps its metadata.
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
-        if uri:
-            first_row.setdefault(uri, i)
-    ordered = sorted(first_row.items())
+        first_row.setdefault(uri, i)
     with ThreadPoolExecutor(_STAT_THREADS) as pool:
-        items = list(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg), ordered))
+        stated = list(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg),
+                               first_row.items()))
+    # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
+    # recording: they have one id, and listing it twice would write its rows twice.
+    items = _dedup_sorted(sorted(stated, key=lambda i: i.row))
+    if len(items) < len(stated):
+        log.warning("manifest: %d row(s) name a recording an earlier row already names; "
+                    "the first row's metadata is kept", len(stated) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
 
 
@@ -205,8 +218,15 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
         return SourceItem(uri=shown, path=path, size_bytes=-1, version="missing",
                           recording_id=recording_id(shown, "missing"), row=row, problem=problem)
     version = source_version(info)
-    return SourceItem(uri=shown, path=path, size_bytes=int(info.get("size") or 0),
+    return SourceItem(uri=shown, path=path, size_bytes=_size(info),
                       version=version, recording_id=recording_id(shown, version), row=row)
+
+
+def _size(info: dict[str, Any]) -> int:
+    """The object's size, -1 where the store did not say (an HTTP server without
+    Content-Length): the decoder then asks the file itself, instead of reading 0 bytes."""
+    size = info.get("size")
+    return -1 if size is None else int(size)
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
