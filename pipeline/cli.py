@@ -21,6 +21,9 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.errors import (
+    EXIT_ABORTED,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
     CheckpointMismatchError,
     ConfigError,
     JobAborted,
@@ -43,13 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
             CheckpointMismatchError) as err:
         print(f"embed-archive: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except JobAborted as err:
         print(f"embed-archive: stopped: {err}", file=sys.stderr)
-        return 4
+        return EXIT_ABORTED
     except PipelineError as err:
         print(f"embed-archive: failed: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 def _parser() -> argparse.ArgumentParser:

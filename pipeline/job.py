@@ -35,7 +35,15 @@ from pipeline import layout as layout_mod
 from pipeline import storage
 from pipeline.audio import DecodeSettings
 from pipeline.config import ComputeConfig, JobConfig, redacted
-from pipeline.errors import ConfigError, JobAborted
+from pipeline.errors import (
+    EXIT_ABORTED,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    ConfigError,
+    JobAborted,
+)
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
@@ -63,12 +71,6 @@ MAX_LOCAL_CPU_ACTORS = 4
 DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
                                  ("uri", pa.string()), ("path", pa.string()),
                                  ("size_bytes", pa.int64()), ("problem", pa.string())])
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_SOME_FAILED = 3
-EXIT_ABORTED = 4
 
 RANDOM_WEIGHTS_BANNER = """
 ==========================================================================
@@ -175,8 +177,9 @@ class JobSummary:
         return out
 
     def render(self) -> str:
-        errors_at = storage.join(self.output_uri, "errors", f"model={self.model}",
-                                 f"variant={self.variant}")
+        errors_at = storage.join(self.output_uri, "errors",
+                                 f"model={storage.safe_component(self.model)}",
+                                 f"variant={storage.safe_component(self.variant)}")
         lines = [
             f"job {self.job_id}: {self.status}",
             (f"  recordings   {self.embedded + self.partial + self.failed} this run "
@@ -232,6 +235,9 @@ class EmbeddingJob:
             log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
         self._resolve_model_settings()
         self.precision = self._job_precision()
+        c = cfg.compute
+        if c.gpus_per_actor and not c.embed_actors:  # before any listing or output
+            self._check_gpus(self._gpu_view()[0], c.gpus_per_actor)
         self.variant = Variant(
             model_name=info.name,
             model_family=info.family,
@@ -253,6 +259,10 @@ class EmbeddingJob:
         self.provenance = JobProvenance.create(cfg, self.job_id, self.variant, self.weights.uri)
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
                                    dict(cfg.output.storage_options))
+        if cfg.run.job_id and storage.exists(self.layout.fs, self.layout.job_path(self.job_id)):
+            raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
+                              "is in _jobs/, its id on every row it wrote); give this run "
+                              "another id, or none for a generated one", "run.job_id")
         self.listing = list_sources(cfg.input)
         fault_point("listed")
         self._check_variant_record()
@@ -276,6 +286,9 @@ class EmbeddingJob:
             raise ConfigError(f"{info.name} only takes {fixed} s windows, got {self.window_s}",
                               "windows.window_s")
         self.hop_s = cfg.windows.hop_s or self.window_s / 2
+        if cfg.windows.min_tail_s > self.window_s:  # it would drop full windows too
+            raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
+                              f"({self.window_s} s)", "windows.min_tail_s")
         self.pooling = cfg.model.pooling or info.default_pooling
         if self.pooling not in info.poolings:
             raise ConfigError(f"{self.pooling!r} is not available for {info.name}; "
@@ -484,15 +497,21 @@ class EmbeddingJob:
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(
             object_store_memory=plan["inflight_mb"] * 2**20)
 
+    def _check_gpus(self, gpus: float, gpus_per_actor: float) -> None:
+        if gpus < gpus_per_actor:
+            where = "the cluster has" if joins_cluster(self.cfg.compute) else "this machine has"
+            raise ConfigError(f"each actor asks for {gpus_per_actor:g} GPU but {where} "
+                              f"{gpus:g}; set compute.embed_actors to wait for an autoscaler, "
+                              "or compute.gpus_per_actor: 0 to embed on CPUs",
+                              "compute.gpus_per_actor")
+
     def _compute_plan(self, resources: Mapping[str, float]) -> dict[str, Any]:
         c = self.cfg.compute
         gpus = float(resources.get("GPU", 0.0))
         cpus = float(resources.get("CPU", 1.0))
         gpus_per_actor = c.gpus_per_actor if c.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        if gpus_per_actor and gpus < gpus_per_actor and c.embed_actors is None:
-            raise ConfigError(f"each actor asks for {gpus_per_actor} GPU but the cluster has "
-                              f"{gpus}; set compute.embed_actors to wait for an autoscaler",
-                              "compute.gpus_per_actor")
+        if gpus_per_actor and c.embed_actors is None:
+            self._check_gpus(gpus, gpus_per_actor)
         if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
             log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
                         "the rest", c.embed_actors, gpus_per_actor, gpus)
@@ -610,9 +629,14 @@ class EmbeddingJob:
             warmup_shape=(m.batch_size, self.window_samples) if warmup else None,
         )
 
+    @property
+    def _row_bytes(self) -> int:
+        """About one output row's size: its widest embedding, plus ids and provenance."""
+        return 4 * max(l.dim for l in self.info.layers) + 256
+
     def _sink_spec(self, sources: Any) -> SinkSpec:
         o = self.cfg.output
-        per_row = 4 * max(l.dim for l in self.info.layers) + 256
+        per_row = self._row_bytes
         extras = self.listing.extras
         return SinkSpec(
             staging_uri=self.layout.uri(self.layout.staging_dir()),
@@ -653,8 +677,8 @@ class EmbeddingJob:
         shard_id = progress.shard_id
         staging = self.layout.uri(self.layout.staging_dir(shard_id))
         pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
-        rec_rows, err_rows, outcome = self._settle(shard_id, items, progress.reports,
-                                                   progress.dropped, pooled)
+        rec_rows, err_rows, outcome, statuses = self._settle(shard_id, items, progress.reports,
+                                                             progress.dropped, pooled)
         staged: dict[str, list[str]] = {"windows": [p for p, _ in progress.files]}
         file_rows = dict(progress.files)
         extras = self.listing.extras
@@ -669,7 +693,8 @@ class EmbeddingJob:
                 continue
             table = _rows_to_table(rows, schema, sources, self.provenance.row_columns())
             path = storage.join(staging, table_name, "part-000000.parquet")
-            write_parquet(table, path, o.storage_options, 50_000, o.compression)
+            write_parquet(table, path, o.storage_options,
+                          max(1, int(o.row_group_mb * 1e6 / self._row_bytes)), o.compression)
             staged[table_name] = [path]
             file_rows[path] = table.num_rows
         fault_point("before_publish")
@@ -688,7 +713,7 @@ class EmbeddingJob:
             "variant": self.variant.id,
             "committed_at": utc_now(),
             "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
-                            "outcome": progress.reports[i.recording_id]["status"]} for i in items],
+                            "outcome": statuses[i.recording_id]} for i in items],
             "files": final_rows,
             "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
         })
@@ -708,10 +733,16 @@ class EmbeddingJob:
     def _settle(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
                 dropped: Mapping[str, set[tuple[int, int]]],
                 pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]):
-        """Turn reports + pooled sums into recording and error rows, checking every count."""
+        """Turn reports + pooled sums into recording and error rows, checking every count.
+
+        Also returns each recording's final status (``ok``, ``partial`` or ``error``), which
+        can differ from its decode report's: windows dropped as non-finite make it partial,
+        all of them dropped an error.
+        """
         outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
         rec_rows: list[dict[str, Any]] = []
         err_rows: list[dict[str, Any]] = []
+        statuses: dict[str, str] = {}
         for item in items:
             report = reports.get(item.recording_id)
             if report is None:
@@ -721,6 +752,7 @@ class EmbeddingJob:
                 err_rows.append({"recording_id": item.recording_id, "error_type": report["error_type"],
                                  "message": report["message"]})
                 outcome.failed += 1
+                statuses[item.recording_id] = "error"
                 continue
             problems = list(report.get("problems", []))
             lost = dropped.get(item.recording_id, set())
@@ -751,15 +783,15 @@ class EmbeddingJob:
                                  "error_type": "NonFiniteEmbedding",
                                  "message": "every window's embedding was non-finite"})
                 outcome.failed += 1
+                statuses[item.recording_id] = "error"
                 continue
             rec_rows.extend(recording_rows)
             outcome.windows += sum(windows.values()) - len(lost)
             outcome.audio_s += float(report["duration_s"])
-            if problems:
-                outcome.partial += 1
-            else:
-                outcome.embedded += 1
-        return rec_rows, err_rows, outcome
+            outcome.partial += bool(problems)
+            outcome.embedded += not problems
+            statuses[item.recording_id] = "partial" if problems else "ok"
+        return rec_rows, err_rows, outcome, statuses
 
     def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
         record = {

@@ -162,11 +162,3 @@ def commit(layout: OutputLayout, marker: Mapping[str, Any]) -> None:
     fs = layout.fs
     write_json(fs, layout.commit_path(marker["shard"]), marker)
     storage.remove_tree(fs, layout.staging_dir(marker["shard"]))
-
-
-def committed_files(markers: Mapping[str, Mapping[str, Any]], table: str) -> list[str]:
-    """Paths of every committed file of ``table`` (what a strict reader should read)."""
-    files: list[str] = []
-    for marker in markers.values():
-        files.extend(f["path"] for f in marker.get("files", {}).get(table, ()))
-    return sorted(files)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ from pipeline.catalog import load_catalog, render
 from pipeline.config import JobConfig
 from pipeline.errors import StorageError
 from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob, JobSummary
+from pipeline.sink import PROVENANCE_KEY
 from tests.integration.conftest import TINY_BEATS, job_dict
 from tests.integration.storage_servers import (
     FAULT_KINDS,
@@ -449,6 +451,24 @@ def test_s3_bucket_to_bucket_matches_local(s3_run: Run, local_run: Run) -> None:
     assert shape["librosa_data/audio/456440__inspectorj__bird-whistling-robin-single-13.hq.ogg"
                  ] == (44_100, 2)
     assert shape["opensoundscape/tests/audio/silence_10s.mp3"] == (44_100, 1)
+
+
+def test_every_row_and_file_names_the_checkpoint_by_its_hash(s3_run: Run,
+                                                             checkpoint: Path) -> None:
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    con = duckdb_for(s3_run.root, s3_run.options)
+    for table in ("windows", "recordings", "errors"):
+        got = con.sql(f"SELECT DISTINCT weights_sha256 FROM read_parquet("
+                      f"'{s3_run.root}/{table}/**/*.parquet')").fetchall()
+        assert got == [(digest,)], table
+    files = con.sql(f"SELECT DISTINCT filename FROM read_parquet("
+                    f"'{s3_run.root}/windows/**/*.parquet', filename = true)").fetchall()
+    fs, _ = storage.url_to_fs(s3_run.root, s3_run.options)
+    assert files
+    for (name,) in files:
+        with fs.open(name.removeprefix("s3://")) as fh:
+            meta = json.loads(pq.read_schema(fh).metadata[PROVENANCE_KEY])
+        assert meta["weights_sha256"] == meta["variant_spec"]["weights_sha256"] == digest
 
 
 def test_s3_committed_files_only_with_duckdb(s3_run: Run) -> None:

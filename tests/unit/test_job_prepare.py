@@ -34,6 +34,7 @@ def job(archive: Path, tmp_path: Path, **sections: dict) -> EmbeddingJob:
     ({"model": {"pooling": "cls"}}, "model.pooling", "not available"),
     ({"model": {"layers": [40]}}, "model.layers", "40"),
     ({"windows": {"window_s": 0.05}}, "windows.window_s", "shortest input"),
+    ({"windows": {"min_tail_s": 6.0}}, "windows.min_tail_s", "longer than the window (5.0 s)"),
 ])
 def test_prepare_refuses_with_the_field(archive: Path, tmp_path: Path, sections: dict,
                                         field: str, text: str) -> None:
@@ -42,6 +43,28 @@ def test_prepare_refuses_with_the_field(archive: Path, tmp_path: Path, sections:
     assert err.value.field == field
     assert text in str(err.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_more_gpus_than_there_are_is_refused_before_listing(archive: Path, tmp_path: Path) -> None:
+    """A config written for a GPU cluster, run on a laptop: refused before any output."""
+    import torch
+
+    have = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=f"asks for {have + 1} GPU but this machine has {have}"
+                       ) as err:
+        job(archive, tmp_path, compute={"gpus_per_actor": have + 1}).prepare()
+    assert err.value.field == "compute.gpus_per_actor"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_id_names_one_run(archive: Path, tmp_path: Path) -> None:
+    jobs = tmp_path / "out" / "_jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "nightly.json").write_text("{}")
+    with pytest.raises(ConfigError, match="'nightly' already names a run") as err:
+        job(archive, tmp_path, run={"job_id": "nightly"}).prepare()
+    assert err.value.field == "run.job_id"
+    job(archive, tmp_path, run={"job_id": "nightly-2"}).prepare()
 
 
 def test_default_budget_holds_two_files_and_eight_batches_per_actor(archive: Path,
@@ -139,7 +162,7 @@ def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path:
     assert h100[0] == "bf16" and h100[1] != cpu[1]
     assert variant({"CPU": 32.0, "GPU": 4.0, "accelerator_type:T4": 4.0})[0] == "fp32"
     # GPUs asked for but none up yet (an autoscaler adds them): bf16, checked by each actor.
-    assert variant({"CPU": 4.0}, gpus_per_actor=1) == h100
+    assert variant({"CPU": 4.0}, gpus_per_actor=1, embed_actors=2) == h100
     assert variant({"CPU": 8.0, "GPU": 8.0}, gpus_per_actor=0) == cpu
     # This machine, no Ray: the GPUs a local Ray would get (none here).
     if not ray.is_initialized():
