@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import io
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ class Namespace:
     error_examples: list[dict[str, str]] = field(default_factory=list)
     uncommitted_files: int = 0
     missing_files: int = 0
+    lease: dict[str, Any] | None = None  # the run writing this namespace now, if any
 
 
 @dataclass
@@ -106,6 +108,8 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
                                                cols["message"], strict=True))
     ns.error_types = dict(errors.most_common())
     ns.error_examples = sorted(examples, key=lambda e: e["source_uri"])[:ERROR_EXAMPLES]
+    if storage.exists(fs, layout.lease_path()):
+        ns.lease = read_json(fs, layout.lease_path())
     return ns
 
 
@@ -141,9 +145,14 @@ def render(catalog: Catalog) -> str:
         if ns.missing_files:
             lines.append(f"  WARNING: {ns.missing_files} committed files are missing (deleted "
                          "after their shard was committed?)")
+        if ns.lease:
+            age = time.time() - float(ns.lease.get("heartbeat", 0.0))
+            lines.append(f"  running: job {ns.lease.get('job_id')} (host {ns.lease.get('host')}, "
+                         f"pid {ns.lease.get('pid')}), heartbeat {age:.0f} s ago")
         if ns.uncommitted_files:
-            lines.append(f"  WARNING: {ns.uncommitted_files} files without a commit marker "
-                         "(a run was interrupted while publishing; the next run removes them)")
+            why = ("being published by the running job" if ns.lease else
+                   "a run was interrupted while publishing; the next run removes them")
+            lines.append(f"  WARNING: {ns.uncommitted_files} files without a commit marker ({why})")
     if catalog.jobs:
         lines.append("\njobs:")
         for job in catalog.jobs:

@@ -27,6 +27,7 @@ from pipeline.errors import (
     CheckpointMismatchError,
     ConfigError,
     JobAborted,
+    NamespaceBusyError,
     NoInputsError,
     PipelineError,
     UnknownModelError,
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
-            CheckpointMismatchError) as err:
+            CheckpointMismatchError, NamespaceBusyError) as err:
         print(f"embed-archive: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except JobAborted as err:

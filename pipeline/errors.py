@@ -67,5 +67,9 @@ class StorageError(PipelineError, OSError):
     """Reading or writing through fsspec failed after the retries were spent."""
 
 
+class NamespaceBusyError(PipelineError):
+    """Another run is writing the same output namespace (``pipeline.lease``)."""
+
+
 class JobAborted(PipelineError):
     """The job stopped itself (e.g. ``run.max_failed_fraction`` was exceeded)."""

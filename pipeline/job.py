@@ -46,6 +46,7 @@ from pipeline.errors import (
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
+from pipeline.lease import NamespaceLease
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.sink import (
     ShardProgress,
@@ -266,12 +267,19 @@ class EmbeddingJob:
         self.listing = list_sources(cfg.input)
         fault_point("listed")
         self._check_variant_record()
-        markers = layout_mod.committed_shards(self.layout)
-        layout_mod.recover(self.layout, markers)
-        done = layout_mod.committed_recordings(markers)
-        self.todo = [i for i in self.listing.items if i.recording_id not in done]
-        self.already_done = len(self.listing.items) - len(self.todo)
-        self.shards = plan_shards(self.todo, cfg.run.shard_size)
+        # Held from before the markers are read until run() ends: see pipeline.lease.
+        self._lease = NamespaceLease(self.layout, self.job_id)
+        self._lease.acquire()
+        try:
+            markers = layout_mod.committed_shards(self.layout)
+            layout_mod.recover(self.layout, markers)
+            done = layout_mod.committed_recordings(markers)
+            self.todo = [i for i in self.listing.items if i.recording_id not in done]
+            self.already_done = len(self.listing.items) - len(self.todo)
+            self.shards = plan_shards(self.todo, cfg.run.shard_size)
+        except BaseException:
+            self._lease.release()
+            raise
         self.prepared = True
         log.info("%d recordings listed (%.2f GB), %d already committed, %d to embed in %d "
                  "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
@@ -397,8 +405,9 @@ class EmbeddingJob:
             shards=len(self.shards),
         )
         started = time.perf_counter()
-        self._write_job_record(summary)
+        self._lease.start()
         try:
+            self._write_job_record(summary)
             if self.shards:
                 self._run_shards(summary, started)
             summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
@@ -412,7 +421,11 @@ class EmbeddingJob:
             raise
         finally:
             summary.wall_s = time.perf_counter() - started
-            self._write_job_record(summary, final=True)
+            try:
+                self._write_job_record(summary, final=True)
+            finally:
+                self._lease.release()
+                self.prepared = False  # a second run() prepares (and takes the lease) again
         return summary
 
     def _run_shards(self, summary: JobSummary, started: float) -> None:
@@ -697,6 +710,7 @@ class EmbeddingJob:
                           max(1, int(o.row_group_mb * 1e6 / self._row_bytes)), o.compression)
             staged[table_name] = [path]
             file_rows[path] = table.num_rows
+        self._lease.check()
         fault_point("before_publish")
         staged_paths = {t: [storage.url_to_fs(p, o.storage_options)[1] for p in ps]
                         for t, ps in staged.items()}

@@ -8,6 +8,7 @@ Layout under ``output.uri`` (``M`` = model, ``V`` = variant id, ``S`` = shard id
     _commits/model=M/variant=V/S.json                   commit marker: the shard is visible
     _variants/V.json                                    what determines variant V
     _jobs/<job_id>.json                                 one record per run
+    _leases/model=M/variant=V.json                      the run writing now (pipeline.lease)
     _staging/model=M/variant=V/shard=S/...              work in progress (never read)
 
 The protocol, per shard: write every file to ``_staging``; move each into place under
@@ -78,6 +79,9 @@ class OutputLayout:
 
     def commit_path(self, shard_id: str) -> str:
         return storage.join(self.commits_dir(), f"{shard_id}.json")
+
+    def lease_path(self) -> str:
+        return storage.join(self.root_path, "_leases", f"{self._ns()}.json")
 
     def variant_path(self) -> str:
         return storage.join(self.root_path, "_variants", f"{storage.safe_component(self.variant)}.json")

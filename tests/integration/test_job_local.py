@@ -199,6 +199,7 @@ def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
     assert again.already_done == 102 and not again.shards
     summary = again.run()
     assert summary.embedded == summary.failed == 0
+    assert not list((out / "_leases").rglob("*.json"))  # each run let go of its namespace
     n = duckdb.sql(f"SELECT count(*), count(DISTINCT (recording_id, window_index, layer)) "
                    f"FROM read_parquet('{out}/windows/**/*.parquet')").fetchall()[0]
     assert n[0] == n[1]

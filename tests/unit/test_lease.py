@@ -1,0 +1,103 @@
+"""One run per namespace: a live holder refuses a second run, a gone one is taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import lease as lease_mod
+from pipeline.errors import NamespaceBusyError
+from pipeline.layout import OutputLayout
+from pipeline.lease import NamespaceLease
+
+
+@pytest.fixture
+def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OutputLayout:
+    monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(lease_mod, "STALE_S", 1.5)
+    monkeypatch.setattr(lease_mod, "SETTLE_S", 0.05)
+    return OutputLayout(str(tmp_path / "out"), "beats", "v1")
+
+
+def holder_of(layout: OutputLayout) -> dict:
+    return json.loads(Path(layout.lease_path()).read_text())
+
+
+def plant(layout: OutputLayout, **record: object) -> None:
+    path = Path(layout.lease_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job_id": "other", "host": socket.gethostname(),
+                                "pid": os.getpid(), "heartbeat": time.time(), **record}))
+
+
+def test_a_running_holder_refuses_a_second_run_until_it_ends(layout: OutputLayout) -> None:
+    first = NamespaceLease(layout, "first")
+    first.acquire()
+    first.start()
+    started = time.monotonic()
+    with pytest.raises(NamespaceBusyError, match=r"job first \(host .*\) is running on"):
+        NamespaceLease(layout, "second").acquire()
+    assert time.monotonic() - started < 1.5  # refused on its heartbeat, not left to go stale
+    first.release()
+    assert not Path(layout.lease_path()).exists()
+    second = NamespaceLease(layout, "second")
+    second.acquire()
+    assert holder_of(layout)["job_id"] == "second"
+    second.release()
+
+
+def test_a_driver_that_died_on_this_host_is_taken_over_at_once(layout: OutputLayout) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    plant(layout, pid=dead.pid)
+    started = time.monotonic()
+    NamespaceLease(layout, "rerun").acquire()
+    assert time.monotonic() - started < 1.0
+    assert holder_of(layout)["job_id"] == "rerun"
+
+
+def test_a_silent_holder_elsewhere_is_taken_over_once_stale(layout: OutputLayout) -> None:
+    plant(layout, host="another-node", heartbeat=time.time() - 0.5)
+    started = time.monotonic()
+    NamespaceLease(layout, "retry").acquire()
+    assert 0.8 < time.monotonic() - started < 3.0
+    assert holder_of(layout)["job_id"] == "retry"
+
+
+def test_a_job_of_this_process_that_was_only_prepared_does_not_block(layout: OutputLayout) -> None:
+    NamespaceLease(layout, "prepared").acquire()
+    started = time.monotonic()
+    NamespaceLease(layout, "next").acquire()
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: OutputLayout) -> None:
+    slow = NamespaceLease(layout, "slow")
+    slow.acquire()
+    slow.start()
+    slow.check()
+    plant(layout, job_id="usurper", host="another-node")
+    time.sleep(0.6)  # a few heartbeats
+    with pytest.raises(NamespaceBusyError, match="usurper .* took over"):
+        slow.check()
+    slow.release()
+    assert holder_of(layout)["job_id"] == "usurper"  # not ours to delete
+
+
+def test_inspect_shows_the_run_writing_a_namespace(layout: OutputLayout) -> None:
+    from pipeline.catalog import load_catalog, render
+    from pipeline.layout import write_json
+
+    write_json(layout.fs, layout.commit_path("s1"), {"shard": "s1", "recordings": [], "files": {}})
+    held = NamespaceLease(layout, "nightly")
+    held.acquire()
+    assert f"running: job nightly (host {socket.gethostname()}, pid {os.getpid()})" in render(
+        load_catalog(layout.root))
+    held.release()
+    assert "running:" not in render(load_catalog(layout.root))
