@@ -11,10 +11,11 @@ A lease is taken over when its holder is gone: its heartbeat is older than ``STA
 (a driver that crashed on another node), its pid no longer runs on this host (a killed
 driver here), or it is this process's own and its job is not running (one that was only
 prepared). A holder whose heartbeat moves while we wait is alive: the run is refused.
-Two runs starting in the same instant both write, read back after ``SETTLE_S``, and the
-one whose write landed last proceeds. Object stores have no portable compare-and-swap
-through fsspec, so two starts whose read-back gaps exceed ``SETTLE_S`` could both proceed;
-the window is a fraction of a second, against hours of a run.
+A run checks that the lease is still its own before each commit, and its heartbeat stops
+if it is not. Two runs starting in the same instant both write, read back after
+``SETTLE_S``, and the one whose write landed last proceeds. Object stores have no portable
+compare-and-swap through fsspec, so two starts whose read-back gaps exceed ``SETTLE_S``
+could both proceed; the window is a fraction of a second, against hours of a run.
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ class NamespaceLease:
         self._thread.start()
 
     def check(self) -> None:
-        """Raise if another run took the lease over (this one looked dead to it): stop
-        before committing anything more."""
+        """Raise if another run took the lease over (this one looked dead to it): called
+        before each commit, so nothing more is committed. One small read."""
+        if self._lost_to is None:
+            holder = self._read()
+            if holder is not None and holder.get("job_id") != self.job_id:
+                self._lost_to, self._held = holder, False
         if self._lost_to is not None:
             raise NamespaceBusyError(
                 f"job {self._lost_to.get('job_id')} (host {self._lost_to.get('host')}) took "

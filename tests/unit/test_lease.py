@@ -83,9 +83,9 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: Output
     slow.start()
     slow.check()
     plant(layout, job_id="usurper", host="another-node")
-    time.sleep(0.6)  # a few heartbeats
     with pytest.raises(NamespaceBusyError, match="usurper .* took over"):
         slow.check()
+    time.sleep(0.6)  # a few heartbeats: none of them writes over the usurper's lease
     slow.release()
     assert holder_of(layout)["job_id"] == "usurper"  # not ours to delete
 
