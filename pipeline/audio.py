@@ -128,6 +128,11 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
             if out.shape[0]:
                 report.output_samples += out.shape[0]
                 yield out
+        # A read that failed inside libsndfile ended the stream like an end of file; a file
+        # object that keeps such failures (storage.RangeReader) says what really happened.
+        failed = getattr(fileobj, "error", None)
+        if failed is not None:
+            raise failed
         if report.frames_decoded == 0:
             raise AudioDecodeError("EmptyAudio", "the file holds no audio samples")
         if resampler:

@@ -174,10 +174,18 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         fs, _ = storage.url_to_fs(uri, spec.storage_options)
         reader = storage.RangeReader(fs, path, size=size if size >= 0 else None)
         try:
-            for out in _windows(rid, reader, report, spec):
-                for ch in np.unique(out["channel"]):
-                    counts[int(ch)] = counts.get(int(ch), 0) + int((out["channel"] == ch).sum())
-                yield out
+            try:
+                for out in _windows(rid, reader, report, spec):
+                    for ch in np.unique(out["channel"]):
+                        counts[int(ch)] = counts.get(int(ch), 0) + int((out["channel"] == ch).sum())
+                    yield out
+            except AudioDecodeError:
+                if reader.error is None:
+                    raise
+            # A read that failed inside libsndfile looked like the end of the file to it
+            # (see RangeReader): the storage error is what happened, not a truncation.
+            if reader.error is not None:
+                raise reader.error
         finally:
             bytes_read = reader.bytes_fetched
             reader.close()
@@ -194,12 +202,16 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     except storage.StorageError as err:
         meta = {"status": "error", "error_type": "StorageError", "message": str(err)}
     except (FileNotFoundError, PermissionError) as err:
-        meta = {"status": "error", "error_type": type(err).__name__,
-                "message": storage.redact_uri(str(err))}
-    except Exception as err:  # one bad file must not kill a mass run; logged with traceback
-        log.exception("unexpected error decoding %s", uri)
+        meta = {"status": "error", "error_type": type(err).__name__, "message": str(err)}
+    except Exception as err:  # noqa: BLE001 - one bad file must not kill a mass run
+        # Not log.exception: the traceback would quote the URL unredacted.
+        log.error("unexpected error decoding %s: %s", uri,
+                  storage.redact_text(f"{type(err).__name__}: {err}"))
+        log.debug("traceback of that error", exc_info=True)
         meta = {"status": "error", "error_type": type(err).__name__,
                 "message": f"unexpected: {err}"}
+    # Messages name the object; a signed URL's signature must not reach the errors table.
+    meta["message"] = storage.redact_text(str(meta.get("message", "")))
     if meta["status"] == "error" and counts:
         # Windows already went downstream: keep them, and say the rest was lost.
         meta = {"status": "partial",

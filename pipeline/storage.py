@@ -159,6 +159,14 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """:func:`redact_uri` applied to every URL inside a message (errors quote what failed)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+
+
 # --------------------------------------------------------------------------- retries
 
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
@@ -262,11 +270,11 @@ def retry(
             if not is_transient(err):
                 raise
             if attempt == attempts:
-                raise StorageError(f"{what}: gave up after {attempts} attempts: "
-                                   f"{type(err).__name__}: {err}") from err
+                raise StorageError(redact_text(f"{what}: gave up after {attempts} attempts: "
+                                               f"{type(err).__name__}: {err}")) from err
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", what,
-                        type(err).__name__, err, attempt, attempts - 1, delay)
+            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", redact_text(what),
+                        type(err).__name__, redact_text(str(err)), attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -280,6 +288,12 @@ class RangeReader(io.RawIOBase):
     re-reads a few KB every 20 KB); with them, a recording is fetched about once, and memory
     stays at ``block_bytes * cached_blocks`` however long it is.
 
+    libsndfile reads through :meth:`readinto` from a C callback, where an exception cannot
+    pass: it would be printed and read as end of file, so a failed read would look like a
+    truncated recording. ``readinto`` therefore keeps the first failure in :attr:`error`
+    and reports end of file from then on; whoever drives the decoder must check it
+    (``pipeline.stages.decode_recording`` does). :meth:`read` raises as usual.
+
     Args:
         fs: an fsspec filesystem.
         path: path on ``fs``.
@@ -292,14 +306,19 @@ class RangeReader(io.RawIOBase):
                  block_bytes: int = 2 * 1024 * 1024, cached_blocks: int = 3) -> None:
         super().__init__()
         self._fs, self._path = fs, path
+        self._shown = redact_text(path)  # a signed URL's signature stays out of messages
         self._block, self._keep = block_bytes, max(1, cached_blocks)
+        self.error: BaseException | None = None
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._pos = 0
         self.bytes_fetched = 0
         self.fetches = 0
         if size is None or size < 0:
-            size = int(retry(lambda: fs.size(path), what=f"stat {path}"))
-        self._size = size
+            size = retry(lambda: fs.size(path), what=f"stat {self._shown}")
+            if size is None:  # an HTTP server that sends no Content-Length
+                raise StorageError(f"stat {self._shown}: the store gives no size, and a decoder "
+                                   "needs one to seek; serve it with Content-Length")
+        self._size = int(size)
 
     @property
     def size(self) -> int:
@@ -338,7 +357,13 @@ class RangeReader(io.RawIOBase):
         return b"".join(parts)
 
     def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
+        if self.error is not None:
+            return 0
+        try:
+            data = self.read(len(buffer))
+        except Exception as err:  # noqa: BLE001 - kept for the caller, see the class docstring
+            self.error = err
+            return 0
         buffer[: len(data)] = data
         return len(data)
 
@@ -350,10 +375,10 @@ class RangeReader(io.RawIOBase):
         start = index * self._block
         stop = min(self._size, start + self._block)
         block = retry(lambda: self._fs.cat_file(self._path, start=start, end=stop),
-                      what=f"read {self._path} bytes {start}-{stop}")
+                      what=f"read {self._shown} bytes {start}-{stop}")
         if len(block) != stop - start:
-            raise StorageError(f"read {self._path} bytes {start}-{stop}: got {len(block)} bytes; "
-                               "the object changed or is shorter than listed")
+            raise StorageError(f"read {self._shown} bytes {start}-{stop}: got {len(block)} "
+                               "bytes; the object changed or is shorter than listed")
         self.fetches += 1
         self.bytes_fetched += len(block)
         self._cache[index] = block

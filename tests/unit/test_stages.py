@@ -12,7 +12,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline.audio import DecodeSettings
-from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, RowBlocks, decode_batch
+from pipeline.stages import (
+    DecodeSpec,
+    Embedder,
+    EmbedSpec,
+    RowBlocks,
+    decode_batch,
+    decode_recording,
+)
 from tests.conftest import write_tone
 from tests.integration.conftest import TINY_BEATS
 
@@ -171,3 +178,37 @@ def test_report_rows_in_a_batch_change_nothing_for_its_windows(embedder: Embedde
     assert sorted(got) == sorted(want) and len(got) == 12
     for key, vector in want.items():
         np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("fail_from", "status", "error_type"), [
+    (0, "error", "PermissionError"),          # the very first read: nothing decoded
+    (3_000_000, "partial", "PermissionError"),  # the second 2 MiB range: the first's windows stay
+])
+def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_from: int, status: str,
+        error_type: str) -> None:
+    """libsndfile reads through a C callback that turns an exception into end of file; the
+    job must still report the failed read (a 403 on a range), not a short recording."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    write_tone(tmp_path / "t.wav", 120.0, 16_000)  # 3.8 MB
+    data = (tmp_path / "t.wav").read_bytes()
+    fsspec.filesystem("memory").pipe_file("/rr/t.wav", data)
+    served = MemoryFileSystem.cat_file
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        if end is not None and end > fail_from:
+            raise PermissionError(f"403 Forbidden: https://h{path}?X-Amz-Signature=s3cr3t")
+        return served(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
+                      tail="pad", min_tail_samples=400, batch_windows=4)
+    rows = list(decode_recording("r", "memory://rr/t.wav", "/rr/t.wav", len(data), "", spec))
+    report = json.loads(rows[-1]["meta"][-1])
+    assert report["status"] == status
+    detail = report["message"] if status == "error" else report["problems"][-1]
+    assert error_type in (report.get("error_type", "") + detail)
+    assert "s3cr3t" not in json.dumps(report)
+    assert "truncated" not in json.dumps(report)
