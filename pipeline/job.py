@@ -640,6 +640,7 @@ class EmbeddingJob:
             use_gpu=use_gpu, torch_threads=plan["torch_threads"],
             log_level=self.cfg.run.log_level,
             warmup_shape=(m.batch_size, self.window_samples) if warmup else None,
+            weights_sha256=self.weights.sha256,
         )
 
     @property

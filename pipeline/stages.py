@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
-from pipeline.errors import AudioDecodeError
+from pipeline.errors import AudioDecodeError, CheckpointMismatchError
 from pipeline.faults import fault_point
 from pipeline.windows import StreamingWindower, WindowBatch
 
@@ -203,7 +203,7 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         meta = {"status": "error", "error_type": "StorageError", "message": str(err)}
     except (FileNotFoundError, PermissionError) as err:
         meta = {"status": "error", "error_type": type(err).__name__, "message": str(err)}
-    except Exception as err:  # noqa: BLE001 - one bad file must not kill a mass run
+    except Exception as err:
         # Not log.exception: the traceback would quote the URL unredacted.
         log.error("unexpected error decoding %s: %s", uri,
                   storage.redact_text(f"{type(err).__name__}: {err}"))
@@ -298,6 +298,8 @@ class EmbedSpec:
         use_gpu: place the model on the GPU Ray assigned.
         torch_threads: intra-op threads (``None``: leave torch's default).
         log_level: the job's ``run.log_level``.
+        weights_sha256: the checkpoint hash the driver planned the output variant with; the
+            actor refuses a checkpoint that hashes otherwise (``None``: no check).
         warmup_shape: ``(batch_size, window_samples)`` of one full batch, run on silence
             before any data arrives (``None``: no warm-up).
     """
@@ -316,6 +318,7 @@ class EmbedSpec:
     torch_threads: int | None
     log_level: str = "INFO"
     warmup_shape: tuple[int, int] | None = None
+    weights_sha256: str | None = None
 
 
 class Embedder:
@@ -334,6 +337,15 @@ class Embedder:
         started = time.perf_counter()
         self.backbone = create_backbone(spec.model_name, weights=spec.weights, device=self.device,
                                         options=spec.options, storage_options=spec.storage_options)
+        loaded_sha = self.backbone.weights.sha256
+        if spec.weights_sha256 is not None and loaded_sha != spec.weights_sha256:
+            # The object changed under the URI while the job ran, or this node's weights
+            # cache is stale: its embeddings would land in a variant that names another
+            # checkpoint. Failing the actor fails the job; nothing of it gets committed.
+            raise CheckpointMismatchError(
+                f"{storage.redact_text(spec.weights)} now has sha256 {loaded_sha}, but the job "
+                f"was planned (and its output variant named) with {spec.weights_sha256}; "
+                "rerun to embed with the checkpoint as it is now")
         self.precision = resolve_precision(spec.precision, self.device)
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
         self._staging: Any = None  # see _staged

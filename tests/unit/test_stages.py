@@ -212,3 +212,35 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
     assert error_type in (report.get("error_type", "") + detail)
     assert "s3cr3t" not in json.dumps(report)
     assert "truncated" not in json.dumps(report)
+
+
+def test_an_actor_refuses_a_checkpoint_that_changed_since_the_job_was_planned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver names the output variant by the checkpoint's hash; an actor that loads
+    other bytes under the same URI (overwritten object, stale node cache) must not embed."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from pipeline.errors import CheckpointMismatchError
+    from pipeline.models import create_backbone
+
+    monkeypatch.setenv("EMBED_ARCHIVE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.safetensors"
+
+    module = create_backbone("beats", weights="random", options=TINY_BEATS).module
+
+    def save(shift: float) -> str:  # another checkpoint that fits the same architecture
+        save_file({k: (v + shift if k.endswith("fc1.bias") else v).detach().clone().contiguous()
+                   for k, v in module.state_dict().items()}, str(path))
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    planned = save(0.0)
+    spec = EmbedSpec(model_name="beats", weights=str(path), options=TINY_BEATS,
+                     storage_options={}, layers=(0,), pooling="mean", precision="fp32",
+                     sample_rate_hz=16_000, tail="pad", min_input_samples=400, use_gpu=False,
+                     torch_threads=1, weights_sha256=planned)
+    assert Embedder(spec).backbone.weights.sha256 == planned
+    now = save(0.01)
+    with pytest.raises(CheckpointMismatchError, match=f"now has sha256 {now}.*with {planned}"):
+        Embedder(spec)
