@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import socket
@@ -254,6 +253,7 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
     from pipeline.provenance import git_commit as local_commit
     from pipeline.provenance import make_job_id
 
+    _refuse_secrets_on_the_command_line(overrides)
     cfg = JobConfig.load(config_path, overrides)
     warnings = check_cluster_config(cfg)
     if check_model:
@@ -268,7 +268,7 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
         extra=load_runtime_env(runtime_env_file) if runtime_env_file else None,
         py_modules=py_modules)
     return Submission(
-        submission_id=submission_id or default_submission_id(job_id, fixed=bool(cfg.run.job_id)),
+        submission_id=submission_id or default_submission_id(job_id),
         job_id=job_id,
         entrypoint=build_entrypoint(config_name, final_overrides),
         runtime_env=runtime_env,
@@ -276,6 +276,22 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
                   "embed_archive.git_commit": commit},
         warnings=tuple(warnings),
     )
+
+
+def _refuse_secrets_on_the_command_line(overrides: Sequence[str]) -> None:
+    """``--set`` items become the entrypoint, which ``status``, ``ray job list`` and the
+    dashboard show to anyone who can see the cluster: no secret may travel there."""
+    from pipeline.config import _looks_secret
+    from pipeline.storage import redact_text
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if _looks_secret(key.rsplit(".", 1)[-1]) or redact_text(value) != value:
+            raise ConfigError(
+                "a secret on the command line would be shown by `status`, `ray job list` and "
+                "the dashboard; put it in the config file, or pass the library's own "
+                "variable with --env (AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)",
+                f"--set {key}")
 
 
 def check_cluster_config(cfg: JobConfig) -> list[str]:
@@ -447,11 +463,12 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def default_submission_id(job_id: str, fixed: bool) -> str:
-    """``embed-archive-<job_id>``; a random suffix when the job id was set in the config,
-    since resubmitting it (to resume) needs a new submission id."""
-    suffix = f"-{secrets.token_hex(3)}" if fixed else ""
-    return f"embed-archive-{job_id}{suffix}"
+def default_submission_id(job_id: str) -> str:
+    """``embed-archive-<job_id>``. A job id names one run (a run refuses an id its output
+    already has), so a config that fixes ``run.job_id`` is submitted once: a second submit
+    is refused by Ray Jobs at once, by this id. Leave the id unset to resume by
+    resubmitting; each submission then gets a new one."""
+    return f"embed-archive-{job_id}"
 
 
 # --------------------------------------------------------------------------- client

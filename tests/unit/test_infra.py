@@ -366,12 +366,13 @@ def test_submission_joins_the_cluster_pins_the_job_id_and_ships_the_config(
                             "embed_archive.git_commit": "abc123"}
 
 
-def test_a_fixed_job_id_gets_a_fresh_submission_id(tmp_path: Path) -> None:
+def test_a_fixed_job_id_is_its_submission_id(tmp_path: Path) -> None:
+    """A job id names one run, so Ray Jobs itself refuses a second submit of it, at once."""
     config = write_config(tmp_path / "job.yaml", run={"job_id": "nightly"},
                           compute={"address": "auto"})
     first = cluster.prepare_submission(config, [], staging(tmp_path))
     assert first.job_id == "nightly"
-    assert re.fullmatch(r"embed-archive-nightly-[0-9a-f]{6}", first.submission_id)
+    assert first.submission_id == "embed-archive-nightly"
     assert shlex.split(first.entrypoint)[5:] == []  # nothing to add
 
 
@@ -382,6 +383,9 @@ def test_a_fixed_job_id_gets_a_fresh_submission_id(tmp_path: Path) -> None:
     (["input.uri=~/audio"], "input.uri: '~/audio' is a relative local path"),
     (["model.name=no_such_model"], "no_such_model"),
     (["model.options={bogus: 1}"], "bogus"),
+    # The entrypoint is public to anyone who sees the cluster: no secret on it.
+    (["input.storage_options.secret=abc"], "--set input.storage_options.secret: a secret"),
+    (["input.uri=s3://AKIA:abc@bucket/x"], "--set input.uri: a secret on the command line"),
 ])
 def test_bad_configs_fail_before_anything_is_built(tmp_path: Path, sets: list[str],
                                                    message: str) -> None:
