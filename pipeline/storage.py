@@ -86,7 +86,8 @@ def options_for(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str
 
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """Filesystem and in-filesystem path for ``uri``, cached per (protocol, options).
+    """Filesystem and in-filesystem path for ``uri``, cached per (protocol, options, and
+    the settings fsspec derives from the URL itself, such as S3's ``?versionId=``).
 
     Args:
         uri: any fsspec URL or local path.
@@ -98,7 +99,12 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
     """
     options = options_for(uri, storage_options)
     protocol = protocol_of(uri)
-    key = (protocol, repr(sorted(options.items(), key=lambda kv: kv[0])))
+    try:
+        from_url = fsspec.get_filesystem_class(protocol)._get_kwargs_from_urls(uri)
+    except (ImportError, ValueError):  # unknown protocol: fsspec's own call says so below
+        from_url = {}
+    key = (protocol, repr(sorted(options.items(), key=lambda kv: kv[0])),
+           repr(sorted(from_url.items(), key=lambda kv: kv[0])))
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
     if fs is None:

@@ -206,3 +206,14 @@ def test_damaged_flac_keeps_what_decodes(tmp_path: Path, damage: str) -> None:
     good, _ = decode(tmp_path / "ok.flac")
     n = audio.shape[0]
     assert np.allclose(audio[: n - 100, 0], good[: n - 100, 0], atol=1e-6)
+
+
+def test_a_pinned_object_version_gets_a_version_aware_filesystem() -> None:
+    """Filesystems are cached per options; a URL's own settings (S3's ?versionId=) count
+    too, or the version a manifest pinned would be read from a cached unversioned client."""
+    options = {"anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    plain, _ = storage.url_to_fs("s3://bucket/a.wav", options)
+    pinned, path = storage.url_to_fs("s3://bucket/b.wav?versionId=abc", options)
+    assert not plain.version_aware and pinned.version_aware
+    assert pinned.split_path(path) == ("bucket", "b.wav", "abc")
+    assert storage.url_to_fs("s3://bucket/c.wav", options)[0] is plain
