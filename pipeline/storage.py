@@ -186,7 +186,8 @@ _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, er
 _PERMANENT_NAMES = frozenset({
     "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
     "ParamValidationError", "NoRegionError", "InvalidConfigError", "UnknownServiceError",
-    "DefaultCredentialsError", "InvalidRegionError",
+    "DefaultCredentialsError", "InvalidRegionError", "ProfileNotFound", "ConfigNotFound",
+    "ConfigParseError", "UnknownCredentialError",
 })
 _TRANSIENT_TEXT = re.compile(
     r"(?i)(\b5\d\d\b|\b429\b|throttl|slow ?down|rate ?limit|reduce your request rate|"
@@ -233,6 +234,8 @@ def is_transient(err: BaseException) -> bool:
     for e in chain:
         if type(e).__name__ in _PERMANENT_NAMES:
             return False
+        if type(e).__name__ == "RefreshError":  # google-auth says itself (invalid_grant: no)
+            return bool(getattr(e, "retryable", False))
         status = http_status(e)
         if status is not None:
             return status >= 500 or status in (408, 429)

@@ -920,6 +920,18 @@ def _no_credentials() -> Exception:
     return NoCredentialsError()
 
 
+def _no_profile() -> Exception:
+    from botocore.exceptions import ProfileNotFound
+
+    return ProfileNotFound(profile="typo")
+
+
+def _refresh(retryable: bool) -> Exception:
+    from google.auth.exceptions import RefreshError
+
+    return RefreshError("invalid_grant: Token has been expired or revoked.", retryable=retryable)
+
+
 @pytest.mark.parametrize(("make", "transient"), [
     (lambda: _s3fs_error(503, "SlowDown"), True),           # OSError(EBUSY)
     (lambda: _s3fs_error(503, "ServiceUnavailable"), True),
@@ -933,12 +945,15 @@ def _no_credentials() -> Exception:
     (lambda: OSError(errno.EBUSY, "Please reduce your request rate."), True),
     (_payload_error, True),
     (_no_credentials, False),
+    (_no_profile, False),
+    (lambda: _refresh(False), False),
+    (lambda: _refresh(True), True),
     (lambda: _gcs_error(503), True),
     (lambda: _gcs_error(429), True),
     (lambda: _gcs_error(400), False),
 ], ids=["s3-slowdown", "s3-unavailable", "s3-internal", "s3-404", "s3-403", "s3-400",
-        "boto-429", "boto-400", "reset", "ebusy", "payload", "no-credentials", "gcs-503",
-        "gcs-429", "gcs-400"])
+        "boto-429", "boto-400", "reset", "ebusy", "payload", "no-credentials", "no-profile",
+        "gcs-refresh-revoked", "gcs-refresh-retryable", "gcs-503", "gcs-429", "gcs-400"])
 def test_storage_errors_are_classified(make: Any, transient: bool) -> None:
     assert storage.is_transient(make()) is transient
 
