@@ -71,9 +71,18 @@ class DecodeReport:
         return "partial" if self.problems else "ok"
 
 
+# Most float32 samples one read may return, over all channels: ``block_s`` of a 64-channel,
+# 768 kHz recording would otherwise be 2 GB in one array.
+MAX_BLOCK_BYTES = 8 * 2**20
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
-    """Decoder knobs (mirrors ``AudioConfig``, plus the target rate from the model)."""
+    """Decoder knobs (mirrors ``AudioConfig``, plus the target rate from the model).
+
+    ``block_s`` seconds are read at a time, fewer where that would exceed
+    ``MAX_BLOCK_BYTES`` (many channels at a high rate).
+    """
 
     target_sample_rate_hz: int
     channels: str = "mix"
@@ -119,7 +128,8 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
         _check_limits(snd, settings)
         out_channels = 1 if settings.channels == "mix" else int(snd.channels)
         resampler = _make_resampler(snd.samplerate, settings, out_channels)
-        block_frames = max(1, int(settings.block_s * snd.samplerate))
+        block_frames = max(1, min(int(settings.block_s * snd.samplerate),
+                                  MAX_BLOCK_BYTES // (4 * int(snd.channels))))
         for block in _read_blocks(snd, fileobj, block_frames, report):
             block = _repair(block, report)
             if settings.channels == "mix" and block.shape[1] > 1:
@@ -185,34 +195,43 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
     """
     salvage_frames = 1024
     step = block_frames
-    while True:
-        try:
-            block = snd.read(step, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-            if step > salvage_frames:
-                reopened = _reopen_at(fileobj, report.frames_decoded)
-                if reopened is not None:
-                    snd.close()
-                    snd, step = reopened, salvage_frames
-                    continue
-            if report.frames_decoded == 0:
-                raise AudioDecodeError("CorruptAudio", f"decoding failed at the start: {err}") from None
-            at_s = report.frames_decoded / snd.samplerate
-            report.problems.append(f"decoding stopped at {at_s:.3f} s: {err}")
-            log.warning("partial decode (%s)", report.problems[-1])
-            return
-        if block.shape[0] == 0:
-            return
-        report.frames_decoded += block.shape[0]
-        yield block
+    reopened: sf.SoundFile | None = None  # ours to close; the caller closes ``snd``
+    try:
+        while True:
+            try:
+                block = snd.read(step, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+                if step > salvage_frames:
+                    reopened = _reopen_at(fileobj, report.frames_decoded)
+                    if reopened is not None:
+                        snd, step = reopened, salvage_frames
+                        continue
+                if report.frames_decoded == 0:
+                    raise AudioDecodeError("CorruptAudio",
+                                           f"decoding failed at the start: {err}") from None
+                at_s = report.frames_decoded / snd.samplerate
+                report.problems.append(f"decoding stopped at {at_s:.3f} s: {err}")
+                log.warning("partial decode (%s)", report.problems[-1])
+                return
+            if block.shape[0] == 0:
+                return
+            report.frames_decoded += block.shape[0]
+            yield block
+    finally:
+        if reopened is not None:
+            reopened.close()
 
 
 def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:
     try:
         fileobj.seek(0)
         snd = sf.SoundFile(fileobj)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
+        return None
+    try:
         snd.seek(frame)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
+        snd.close()
         return None
     return snd
 

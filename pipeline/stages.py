@@ -333,7 +333,13 @@ class Embedder:
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
-        self.device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
+        if spec.use_gpu and not torch.cuda.is_available():
+            # Ray reserved a GPU for this actor; running on its CPU would hold the GPU idle
+            # and go many times slower without a word.
+            raise RuntimeError(f"this actor was given a GPU but torch {torch.__version__} sees "
+                               "no CUDA device: install torch's CUDA build on the GPU nodes "
+                               "(infra/docker/Dockerfile does), or set compute.gpus_per_actor: 0")
+        self.device = "cuda" if spec.use_gpu else "cpu"
         started = time.perf_counter()
         self.backbone = create_backbone(spec.model_name, weights=spec.weights, device=self.device,
                                         options=spec.options, storage_options=spec.storage_options)

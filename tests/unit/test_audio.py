@@ -217,3 +217,27 @@ def test_a_pinned_object_version_gets_a_version_aware_filesystem() -> None:
     assert not plain.version_aware and pinned.version_aware
     assert pinned.split_path(path) == ("bucket", "b.wav", "abc")
     assert storage.url_to_fs("s3://bucket/c.wav", options)[0] is plain
+
+
+def test_many_channels_at_a_high_rate_are_read_in_bounded_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import audio
+
+    sf.write(tmp_path / "array.wav", np.zeros((192_000 * 2, 32), np.float32), 192_000,
+             subtype="PCM_16")
+    sizes: list[int] = []
+    read = sf.SoundFile.read
+
+    def spy(self, frames=-1, *args, **kwargs):
+        out = read(self, frames, *args, **kwargs)
+        sizes.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    fs, p = storage.url_to_fs(str(tmp_path / "array.wav"))
+    report = DecodeReport()
+    with storage.RangeReader(fs, p) as reader:
+        frames = sum(len(b) for b in decode_stream(
+            reader, DecodeSettings(16_000, channels="each", block_s=10.0), report))
+    assert frames == 32_000 and report.frames_decoded == 384_000
+    assert max(sizes) <= audio.MAX_BLOCK_BYTES < 10 * 192_000 * 32 * 4
