@@ -8,7 +8,10 @@ ADDRESS ?= http://127.0.0.1:8265
 
 .PHONY: setup test test-unit test-integration demo lint bench bench-quick image submit clean
 
-# One venv, the CPU torch wheel pinned in pyproject (no CUDA download), test + BirdNET extras.
+# One venv, test + BirdNET extras. torch is pinned to 2.13.0; pip takes the CPU build where
+# it can find one (PIP_FIND_LINKS on our machines; elsewhere run
+# `PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make setup`, since PyPI's Linux
+# wheel of 2.13.0 is the multi-GB CUDA build).
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
