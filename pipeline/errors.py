@@ -10,7 +10,7 @@ from __future__ import annotations
 # Exit codes of ``embed-archive run`` (and ``JobSummary.exit_code``).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the job itself failed
-EXIT_CONFIG = 2  # refused before any work: config, inputs, model or weights
+EXIT_CONFIG = 2  # refused before any work: config, inputs, model, weights, or a busy namespace
 EXIT_SOME_FAILED = 3  # done, and some recordings are in the errors table
 EXIT_ABORTED = 4  # stopped by run.max_failed_fraction
 
