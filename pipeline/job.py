@@ -272,6 +272,8 @@ class EmbeddingJob:
         self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
+            if cfg.run.retry_storage_errors:
+                self._reopen_storage_failures(markers)
             layout_mod.recover(self.layout, markers)
             done = layout_mod.committed_recordings(markers)
             self.todo = [i for i in self.listing.items if i.recording_id not in done]
@@ -285,6 +287,25 @@ class EmbeddingJob:
                  "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
                  self.already_done, len(self.todo), len(self.shards),
                  self.layout.uri(self.layout.table_dir("windows")))
+
+    def _reopen_storage_failures(self, markers: dict[str, dict[str, Any]]) -> None:
+        """Uncommit the shards whose recordings met storage errors that may have passed
+        (``run.retry_storage_errors``): this run embeds them again, whole, so no recording
+        has an error row beside a later success."""
+        listed = {i.recording_id for i in self.listing.items}
+        reopen = {shard: n for shard, n in layout_mod.shards_to_retry(markers).items()
+                  # Never drop the rows of a recording this run would not redo.
+                  if all(r["recording_id"] in listed for r in markers[shard]["recordings"])}
+        if not reopen:
+            return
+        log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "
+                    "stopped on storage errors that a retry may get past "
+                    "(run.retry_storage_errors)", len(reopen),
+                    sum(len(markers[s].get("recordings", ())) for s in reopen),
+                    sum(reopen.values()))
+        for shard_id in sorted(reopen):
+            layout_mod.uncommit(self.layout, shard_id)
+            del markers[shard_id]
 
     def _resolve_model_settings(self) -> None:
         cfg, info = self.cfg, self.info
@@ -691,8 +712,8 @@ class EmbeddingJob:
         shard_id = progress.shard_id
         staging = self.layout.uri(self.layout.staging_dir(shard_id))
         pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
-        rec_rows, err_rows, outcome, statuses = self._settle(shard_id, items, progress.reports,
-                                                             progress.dropped, pooled)
+        rec_rows, err_rows, outcome, settled = self._settle(shard_id, items, progress.reports,
+                                                            progress.dropped, pooled)
         staged: dict[str, list[str]] = {"windows": [p for p, _ in progress.files]}
         file_rows = dict(progress.files)
         extras = self.listing.extras
@@ -728,7 +749,7 @@ class EmbeddingJob:
             "variant": self.variant.id,
             "committed_at": utc_now(),
             "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
-                            "outcome": statuses[i.recording_id]} for i in items],
+                            **settled[i.recording_id]} for i in items],
             "files": final_rows,
             "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
         })
@@ -750,14 +771,16 @@ class EmbeddingJob:
                 pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]):
         """Turn reports + pooled sums into recording and error rows, checking every count.
 
-        Also returns each recording's final status (``ok``, ``partial`` or ``error``), which
-        can differ from its decode report's: windows dropped as non-finite make it partial,
-        all of them dropped an error.
+        Also returns what the commit marker records of each recording: its final
+        ``outcome`` (``ok``, ``partial`` or ``error``), which can differ from its decode
+        report's status (windows dropped as non-finite make it partial, all of them dropped
+        an error), and for a failed or cut-short one the ``error_type`` that stopped it
+        (see ``layout.shards_to_retry``).
         """
         outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
         rec_rows: list[dict[str, Any]] = []
         err_rows: list[dict[str, Any]] = []
-        statuses: dict[str, str] = {}
+        settled: dict[str, dict[str, str]] = {}
         for item in items:
             report = reports.get(item.recording_id)
             if report is None:
@@ -767,7 +790,8 @@ class EmbeddingJob:
                 err_rows.append({"recording_id": item.recording_id, "error_type": report["error_type"],
                                  "message": report["message"]})
                 outcome.failed += 1
-                statuses[item.recording_id] = "error"
+                settled[item.recording_id] = {"outcome": "error",
+                                              "error_type": report["error_type"]}
                 continue
             problems = list(report.get("problems", []))
             lost = dropped.get(item.recording_id, set())
@@ -798,15 +822,18 @@ class EmbeddingJob:
                                  "error_type": "NonFiniteEmbedding",
                                  "message": "every window's embedding was non-finite"})
                 outcome.failed += 1
-                statuses[item.recording_id] = "error"
+                settled[item.recording_id] = {"outcome": "error",
+                                              "error_type": "NonFiniteEmbedding"}
                 continue
             rec_rows.extend(recording_rows)
             outcome.windows += sum(windows.values()) - len(lost)
             outcome.audio_s += float(report["duration_s"])
             outcome.partial += bool(problems)
             outcome.embedded += not problems
-            statuses[item.recording_id] = "partial" if problems else "ok"
-        return rec_rows, err_rows, outcome, statuses
+            settled[item.recording_id] = {"outcome": "partial" if problems else "ok"}
+            if report.get("stopped_by"):
+                settled[item.recording_id]["error_type"] = report["stopped_by"]
+        return rec_rows, err_rows, outcome, settled
 
     def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
         record = {

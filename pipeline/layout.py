@@ -125,6 +125,30 @@ def committed_recordings(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     return done
 
 
+# Errors a later run may not meet: the storage retries ran out (an outage, throttling).
+RETRYABLE_ERRORS = frozenset({"StorageError"})
+
+
+def shards_to_retry(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """``shard -> recordings`` for committed shards holding a recording that failed, or
+    stopped early, on a :data:`RETRYABLE_ERRORS` error (markers record ``error_type``)."""
+    out: dict[str, int] = {}
+    for shard_id, marker in markers.items():
+        n = sum(1 for r in marker.get("recordings", ()) if r.get("error_type") in RETRYABLE_ERRORS)
+        if n:
+            out[shard_id] = n
+    return out
+
+
+def uncommit(layout: OutputLayout, shard_id: str) -> None:
+    """Delete a shard's marker: its files are then a crashed run's, which :func:`recover`
+    deletes, and its recordings are to do again. Marker first, so a crash in between
+    leaves files that the next run deletes, never a marker without its files."""
+    fs = layout.fs
+    path = layout.commit_path(shard_id)
+    storage.retry(lambda: fs.rm(path), what=f"delete {layout.uri(path)}")
+
+
 def recover(layout: OutputLayout, committed: Iterable[str]) -> int:
     """Delete what a crashed run left behind: staging, and files of uncommitted shards.
 

@@ -214,7 +214,7 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     meta["message"] = storage.redact_text(str(meta.get("message", "")))
     if meta["status"] == "error" and counts:
         # Windows already went downstream: keep them, and say the rest was lost.
-        meta = {"status": "partial",
+        meta = {"status": "partial", "stopped_by": meta["error_type"],
                 "problems": report.problems + [f"{meta['error_type']}: {meta['message']}"]}
     meta.update(
         type="report",

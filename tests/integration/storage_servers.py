@@ -273,6 +273,9 @@ class FaultProxy:
         self.upstream_port = upstream_port
         self.fault_rate = fault_rate
         self.fail_first = fail_first
+        # Range reads of objects whose path contains this fail, every time (a 500): an
+        # outage of those objects, longer than any retry.
+        self.outage: str | None = None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stats = ProxyStats()
@@ -336,6 +339,9 @@ class FaultProxy:
     def _decide(self, category: str, key: tuple[str, str, str]) -> str | None:
         with self._lock:
             self._stats.requests[category] += 1
+            if self.outage and category == "range_read" and self.outage in key[1]:
+                self._stats.faults[(category, "outage")] += 1
+                return "internal"
             first = self._stats.requests[category] == 1
             if not ((first and self.fail_first) or self._rng.random() < self.fault_rate):
                 return None

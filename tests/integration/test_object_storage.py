@@ -651,6 +651,37 @@ def test_job_survives_faults_without_client_retries(s3_archive: str, moto: Serve
     assert {"list", "range_read", "write"} <= set(stats.faults_by_category())
 
 
+def test_a_recording_an_outage_kept_out_is_embedded_by_the_next_run(
+        s3_archive: str, moto: ServerProcess, checkpoint: Path, s3_run: Run,
+        ray_session: None) -> None:
+    """Every range read of one object fails until the storage retries give up: the run
+    commits it as a StorageError. The next run, the outage over, reopens that shard and
+    embeds it: the tables then equal a fault-free run's, the error row gone, nothing twice."""
+    victim = "21100_36_48.flac"
+    with running(FaultProxy(moto.port, fault_rate=0.0, fail_first=False)) as proxy:
+        proxy.outage = victim
+        options = {**s3_opts(proxy.url),
+                   "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
+        root = f"s3://{OUT_BUCKET}/outage"
+        first = run_job(job_config(s3_archive, root, checkpoint, "outage-1", options, options))
+        during = read_with_pyarrow(root, s3_run.options, s3_run.prefixes)
+        proxy.outage = None
+        second = run_job(job_config(s3_archive, root, checkpoint, "outage-2", options, options))
+    lost = f"perch/chirp/tests/testdata/{victim}"
+    assert during.errors[lost][0] == "StorageError" and first.failed == 2
+    assert second.recordings_already_done < len(ARCHIVE_FILES) and second.failed == 1
+    # The redone shard has the same recordings, so the same id and file names: this
+    # process's client must forget the ETags it cached while reading the first run's.
+    storage.url_to_fs(root, s3_run.options)[0].invalidate_cache()
+    after = read_with_pyarrow(root, s3_run.options, s3_run.prefixes)
+    assert_same_rows(after, s3_run.rows())  # errors: only the empty file's, as fault-free
+    con = duckdb_for(root, s3_run.options)
+    rows, distinct = con.sql(
+        f"SELECT count(*), count(DISTINCT (recording_id, channel, window_index, layer)) "
+        f"FROM read_parquet('{root}/windows/**/*.parquet')").fetchall()[0]
+    assert rows == distinct
+
+
 # --------------------------------------------------------------------------- 3. long recordings
 
 

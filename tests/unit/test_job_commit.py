@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.config import JobConfig
 from pipeline.job import EmbeddingJob, JobSummary
-from pipeline.layout import OutputLayout
+from pipeline.layout import OutputLayout, shards_to_retry
 from pipeline.sources import SourceItem
 
 
@@ -18,25 +18,37 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
         "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random"},
         "output": {"uri": str(tmp_path / "out")}}))
     job.layers = [0]
-    names = ("clean", "half_dropped", "all_dropped", "unreadable")
+    names = ("clean", "half_dropped", "all_dropped", "unreadable", "cut_short", "outage")
     items = [SourceItem(uri=f"/x/{n}.wav", path=f"/x/{n}.wav", size_bytes=1, version="v",
                         recording_id=n) for n in names]
     decoded = {"status": "ok", "problems": [], "windows": {"-1": 2}, "duration_s": 2.0,
                "source_sample_rate_hz": 16_000, "source_channels": 1}
     reports = dict.fromkeys(names[:3], decoded)
     reports["unreadable"] = {"status": "error", "error_type": "UnreadableAudio", "message": "x"}
+    reports["cut_short"] = {**decoded, "status": "partial", "stopped_by": "StorageError",
+                            "problems": ["StorageError: read gave up"]}
+    reports["outage"] = {"status": "error", "error_type": "StorageError", "message": "gave up"}
     dropped = {"half_dropped": {(-1, 1)}, "all_dropped": {(-1, 0), (-1, 1)}}
-    pooled = {("clean", -1, 0): (2, np.ones(4, np.float32)),
-              ("half_dropped", -1, 0): (1, np.ones(4, np.float32))}
-    rec_rows, err_rows, outcome, statuses = job._settle("s", items, reports, dropped, pooled)
-    assert statuses == {"clean": "ok", "half_dropped": "partial", "all_dropped": "error",
-                        "unreadable": "error"}
-    assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 1, 2)
-    assert outcome.windows == 3
+    pooled = {(n, -1, 0): (2, np.ones(4, np.float32)) for n in ("clean", "cut_short")}
+    pooled[("half_dropped", -1, 0)] = (1, np.ones(4, np.float32))
+    rec_rows, err_rows, outcome, settled = job._settle("s", items, reports, dropped, pooled)
+    assert settled == {
+        "clean": {"outcome": "ok"},
+        "half_dropped": {"outcome": "partial"},
+        "all_dropped": {"outcome": "error", "error_type": "NonFiniteEmbedding"},
+        "unreadable": {"outcome": "error", "error_type": "UnreadableAudio"},
+        "cut_short": {"outcome": "partial", "error_type": "StorageError"},
+        "outage": {"outcome": "error", "error_type": "StorageError"}}
+    assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 2, 3)
+    assert outcome.windows == 5
     assert sorted((r["recording_id"], r["status"]) for r in rec_rows) == [
-        ("clean", "ok"), ("half_dropped", "partial")]
+        ("clean", "ok"), ("cut_short", "partial"), ("half_dropped", "partial")]
     assert sorted((e["recording_id"], e["error_type"]) for e in err_rows) == [
-        ("all_dropped", "NonFiniteEmbedding"), ("unreadable", "UnreadableAudio")]
+        ("all_dropped", "NonFiniteEmbedding"), ("outage", "StorageError"),
+        ("unreadable", "UnreadableAudio")]
+    # What a rerun reopens: the shard of the two recordings storage errors stopped.
+    marker = {"recordings": [{"recording_id": r, **v} for r, v in settled.items()]}
+    assert shards_to_retry({"s": marker}) == {"s": 2}
 
 
 def test_the_summary_points_at_the_errors_directory_the_layout_writes() -> None:

@@ -167,3 +167,40 @@ def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path:
     # This machine, no Ray: the GPUs a local Ray would get (none here).
     if not ray.is_initialized():
         assert variant(None) == cpu
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_rerun_reopens_shards_that_met_storage_errors(archive: Path, tmp_path: Path,
+                                                        retry: bool) -> None:
+    """A recording the storage retries could not get (an outage) is embedded again by the
+    next run, its whole shard with it: uncommitted first, so no recording ends up with an
+    error row beside a later success."""
+    from pipeline import layout as layout_mod
+
+    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
+    first = job(archive, tmp_path)
+    first.prepare()
+    a, b = (i.recording_id for i in first.todo)
+    lay = first.layout
+    shards = {"a" * 16: {"recording_id": a, "outcome": "error", "error_type": "StorageError"},
+              "b" * 16: {"recording_id": b, "outcome": "ok"}}
+    for shard_id, rec in shards.items():
+        path = Path(lay.shard_file("windows", shard_id, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"rows")
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id),
+                              {"shard": shard_id, "recordings": [rec], "files": {}})
+    again = job(archive, tmp_path, run={"retry_storage_errors": retry})
+    again.prepare()
+    assert [i.recording_id for i in again.todo] == ([a] if retry else [])
+    assert again.already_done == (1 if retry else 2)
+    assert Path(lay.commit_path("a" * 16)).exists() is not retry
+    assert Path(lay.shard_file("windows", "a" * 16, 0)).exists() is not retry
+    assert Path(lay.shard_file("windows", "b" * 16, 0)).exists()
+    if retry:  # a shard with a recording no longer listed keeps its rows
+        (archive / "b.wav").unlink()
+        layout_mod.write_json(lay.fs, lay.commit_path("c" * 16), {"shard": "c" * 16, "files": {},
+                              "recordings": [{**shards["a" * 16]}, shards["b" * 16]]})
+        third = job(archive, tmp_path)
+        third.prepare()
+        assert Path(lay.commit_path("c" * 16)).exists()

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline import storage
 from pipeline.audio import DecodeSettings
 from pipeline.stages import (
     DecodeSpec,
@@ -183,6 +184,7 @@ def test_report_rows_in_a_batch_change_nothing_for_its_windows(embedder: Embedde
 @pytest.mark.parametrize(("fail_from", "status", "error_type"), [
     (0, "error", "PermissionError"),          # the very first read: nothing decoded
     (3_000_000, "partial", "PermissionError"),  # the second 2 MiB range: the first's windows stay
+    (3_000_000, "partial", "StorageError"),   # resets until the retries give up (an outage)
 ])
 def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_from: int, status: str,
@@ -199,10 +201,13 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
 
     def cat_file(self, path, start=None, end=None, **kw):
         if end is not None and end > fail_from:
+            if error_type == "StorageError":
+                raise ConnectionResetError(f"reset reading https://h{path}?X-Amz-Signature=s3cr3t")
             raise PermissionError(f"403 Forbidden: https://h{path}?X-Amz-Signature=s3cr3t")
         return served(self, path, start=start, end=end, **kw)
 
     monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the retries' backoff
     spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
                       tail="pad", min_tail_samples=400, batch_windows=4)
     rows = list(decode_recording("r", "memory://rr/t.wav", "/rr/t.wav", len(data), "", spec))
@@ -212,6 +217,8 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
     assert error_type in (report.get("error_type", "") + detail)
     assert "s3cr3t" not in json.dumps(report)
     assert "truncated" not in json.dumps(report)
+    if status == "partial":  # what a rerun reads to decide whether to try again
+        assert report["stopped_by"] == error_type
 
 
 def test_an_actor_refuses_a_checkpoint_that_changed_since_the_job_was_planned(
