@@ -17,7 +17,13 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.layout import TABLES, OutputLayout, committed_shards, read_json
+from pipeline.layout import (
+    RETRYABLE_ERRORS,
+    TABLES,
+    OutputLayout,
+    committed_shards,
+    read_json,
+)
 
 _NS = re.compile(r"model=([^/]+)/variant=([^/]+)")
 ERROR_EXAMPLES = 5
@@ -135,6 +141,10 @@ def render(catalog: Catalog) -> str:
                          f"{table}/model={ns.model}/variant={ns.variant}/")
         if ns.error_types:
             lines.append("  errors by type: " + ", ".join(f"{k} {v}" for k, v in ns.error_types.items()))
+            retried = sum(v for k, v in ns.error_types.items() if k in RETRYABLE_ERRORS)
+            if retried:
+                lines.append(f"    {retried} of them met storage errors: the next run embeds "
+                             "their shards again (run.retry_storage_errors)")
             for example in ns.error_examples:
                 lines.append(f"    {example['error_type']:<22} {example['source_uri']}: "
                              f"{_clip(example['message'], 100)}")
