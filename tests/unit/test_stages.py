@@ -253,11 +253,11 @@ def test_an_actor_refuses_a_checkpoint_that_changed_since_the_job_was_planned(
         Embedder(spec)
 
 
-def test_an_actor_given_a_gpu_torch_cannot_use_refuses_to_run_on_its_cpu() -> None:
+def test_an_actor_given_a_gpu_torch_cannot_use_refuses_to_run_on_its_cpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine where torch sees no CUDA device (this check's subject)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, GPU or not
     spec = EmbedSpec(model_name="beats", weights="random", options=TINY_BEATS,
                      storage_options={}, layers=(0,), pooling="mean", precision="fp32",
                      sample_rate_hz=16_000, tail="pad", min_input_samples=400, use_gpu=True,
