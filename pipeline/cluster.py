@@ -281,12 +281,12 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
 def _refuse_secrets_on_the_command_line(overrides: Sequence[str]) -> None:
     """``--set`` items become the entrypoint, which ``status``, ``ray job list`` and the
     dashboard show to anyone who can see the cluster: no secret may travel there."""
-    from pipeline.config import _looks_secret
+    from pipeline.config import looks_secret
     from pipeline.storage import redact_text
 
     for item in overrides:
         key, _, value = item.partition("=")
-        if _looks_secret(key.rsplit(".", 1)[-1]) or redact_text(value) != value:
+        if looks_secret(key.rsplit(".", 1)[-1]) or redact_text(value) != value:
             raise ConfigError(
                 "a secret on the command line would be shown by `status`, `ray job list` and "
                 "the dashboard; put it in the config file, or pass the library's own "

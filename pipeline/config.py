@@ -523,7 +523,7 @@ def redacted(value: Any) -> Any:
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
-            if isinstance(v, (str, int, float)) and _looks_secret(str(k)):
+            if isinstance(v, (str, int, float)) and looks_secret(str(k)):
                 out[k] = "***"
             else:
                 out[k] = redacted(v)
@@ -535,7 +535,7 @@ def redacted(value: Any) -> Any:
     return value
 
 
-def _looks_secret(key: str) -> bool:
+def looks_secret(key: str) -> bool:
     lowered = key.lower()
     if lowered in ("anon", "key_prefix"):
         return False

@@ -144,9 +144,7 @@ def uncommit(layout: OutputLayout, shard_id: str) -> None:
     """Delete a shard's marker: its files are then a crashed run's, which :func:`recover`
     deletes, and its recordings are to do again. Marker first, so a crash in between
     leaves files that the next run deletes, never a marker without its files."""
-    fs = layout.fs
-    path = layout.commit_path(shard_id)
-    storage.retry(lambda: fs.rm(path), what=f"delete {layout.uri(path)}")
+    storage.remove_file(layout.fs, layout.commit_path(shard_id))
 
 
 def recover(layout: OutputLayout, committed: Iterable[str]) -> int:
@@ -163,7 +161,7 @@ def recover(layout: OutputLayout, committed: Iterable[str]) -> int:
         for path in storage.list_files(fs, layout.table_dir(table)):
             match = _SHARD_FILE.search(path)
             if match and match.group(1) not in committed:
-                storage.retry(lambda p=path: fs.rm(p), what=f"delete {path}")
+                storage.remove_file(fs, path)
                 removed += 1
     if removed:
         log.warning("removed %d files of shards that were never committed (a previous run "

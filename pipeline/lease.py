@@ -95,15 +95,13 @@ class NamespaceLease:
     def check(self) -> None:
         """Raise if another run took the lease over (this one looked dead to it): called
         before each commit, so nothing more is committed. One small read."""
-        if self._lost_to is None:
-            holder = self._read()
-            if holder is not None and holder.get("job_id") != self.job_id:
-                self._lost_to, self._held = holder, False
-        if self._lost_to is not None:
-            raise NamespaceBusyError(
-                f"job {self._lost_to.get('job_id')} (host {self._lost_to.get('host')}) took "
-                f"over {self.layout.uri(self.path)} while this run went without a heartbeat "
-                f"for over {STALE_S:.0f} s; stopping before committing more")
+        if self._lost_to is None and self._still_mine():
+            return
+        lost = self._lost_to or {}
+        raise NamespaceBusyError(
+            f"job {lost.get('job_id')} (host {lost.get('host')}) took over "
+            f"{self.layout.uri(self.path)} while this run went without a heartbeat for over "
+            f"{STALE_S:.0f} s; stopping before committing more")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""
@@ -117,21 +115,26 @@ class NamespaceLease:
         self._held = False
         holder = self._read()
         if holder is not None and holder.get("job_id") == self.job_id:
-            fs = self.layout.fs
-            storage.retry(lambda: fs.rm(self.path), what=f"delete {self.path}")
+            storage.remove_file(self.layout.fs, self.path)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                holder = self._read()
-                if holder is not None and holder.get("job_id") != self.job_id:
-                    self._lost_to, self._held = holder, False
+                if not self._still_mine():
                     log.error("lease %s was taken over by job %s", self.layout.uri(self.path),
-                              holder.get("job_id"))
+                              (self._lost_to or {}).get("job_id"))
                     return
                 write_json(self.layout.fs, self.path, self._record())
             except storage.StorageError as err:  # the next beat may get through
                 log.warning("lease heartbeat failed: %s", err)
+
+    def _still_mine(self) -> bool:
+        """False (and who took it kept in ``_lost_to``) once another job holds the lease."""
+        holder = self._read()
+        if holder is not None and holder.get("job_id") != self.job_id:
+            self._lost_to, self._held = holder, False
+            return False
+        return True
 
     def _record(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(),

@@ -223,8 +223,8 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
 
 
 def _size(info: dict[str, Any]) -> int:
-    """The object's size, -1 where the store did not say (an HTTP server without
-    Content-Length): the decoder then asks the file itself, instead of reading 0 bytes."""
+    """The object's size, -1 where the listing did not say: the decoder then asks the
+    store (and fails the recording clearly if it has no size), instead of reading 0 bytes."""
     size = info.get("size")
     return -1 if size is None else int(size)
 

@@ -443,6 +443,17 @@ def move(fs: Any, src: str, dst: str) -> None:
     retry(delete, what=f"delete {src}")
 
 
+def remove_file(fs: Any, path: str) -> None:
+    """Delete one object or file, retried; absent is fine (a retried delete may find it gone)."""
+    def rm() -> None:
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    retry(rm, what=f"delete {redact_text(path)}")
+
+
 def remove_tree(fs: Any, path: str) -> None:
     """Delete ``path`` and everything under it; absent is fine."""
     def rm() -> None:
