@@ -231,12 +231,28 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
 
 def _windows(rid: str, reader: Any, report: DecodeReport,
              spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
-    windower = StreamingWindower(spec.window_samples, spec.hop_samples, spec.tail,
-                                 max_batch=spec.block_rows)
+    windower: StreamingWindower | None = None
     rate = spec.settings.target_sample_rate_hz
-    for chunk in decode_stream(reader, spec.settings, report):
-        for batch in windower.push(chunk):
-            yield _window_rows(rid, batch, rate, spec)
+    try:
+        for chunk in decode_stream(reader, spec.settings, report):
+            if windower is None:
+                # A block holds block_rows rows and a window gives a row per channel with
+                # channels: each: batches of block_rows // channels windows keep the batch
+                # being filled at one block's audio, however many channels.
+                rows_per_window = 1 if spec.settings.channels == "mix" else chunk.shape[1]
+                windower = StreamingWindower(spec.window_samples, spec.hop_samples, spec.tail,
+                                             max_batch=max(1, spec.block_rows // rows_per_window))
+            for batch in windower.push(chunk):
+                yield _window_rows(rid, batch, rate, spec)
+    except Exception:
+        # The complete windows in the batch being filled were decoded before the failure:
+        # they go on (and into the report's count) before the error ends the recording.
+        if windower is not None:
+            for batch in windower.flush():
+                yield _window_rows(rid, batch, rate, spec)
+        raise
+    if windower is None:
+        return
     for batch in windower.finish():
         # A tail window with less real audio than min_tail_s is dropped (see WindowsConfig).
         if (batch.valid >= spec.min_tail_samples).all():

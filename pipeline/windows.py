@@ -221,6 +221,12 @@ class StreamingWindower:
             audio=audio,
         )
 
+    def flush(self) -> Iterator[WindowBatch]:
+        """Yield the complete windows held now, without the tail: what a stream cut short by
+        an error still has to give (``finish`` is for a stream that ended)."""
+        if self._buf is not None:
+            yield from self._emit_full(flush=True)
+
     def _emit_full(self, flush: bool = False) -> Iterator[WindowBatch]:
         """Copy every newly complete window into the batch being filled; yield it when it
         holds ``max_batch`` windows (or, with ``flush``, whatever it holds)."""

@@ -95,6 +95,21 @@ def test_decode_task_yields_whole_blocks_across_its_recordings(tmp_path: Path) -
     assert all(flat["meta"][last_row[rid]] for rid in windows)
 
 
+def test_a_decode_task_holds_one_block_of_audio_however_many_channels(tmp_path: Path) -> None:
+    """With channels: each a window is a row per channel: the windower's batch (what a
+    decode task holds while it fills) must stay at one block's rows, not channels x that."""
+    from pipeline.audio import DecodeReport
+    from pipeline.stages import _windows
+
+    write_tone(tmp_path / "six.wav", 30.0, 16_000, channels=6)
+    spec = DecodeSpec(DecodeSettings(16_000, channels="each"), window_samples=16_000,
+                      hop_samples=8_000, tail="pad", min_tail_samples=400, batch_windows=16)
+    reader = storage.RangeReader(*storage.url_to_fs(str(tmp_path / "six.wav"), {}))
+    parts = list(_windows("six", reader, DecodeReport(), spec))
+    sizes = [len(p["recording_id"]) for p in parts]
+    assert max(sizes) <= spec.block_rows and sum(sizes) == 6 * 59
+
+
 def test_blocks_of_short_windows_grow_to_a_mebibyte() -> None:
     spec = DecodeSpec(DecodeSettings(16_000), window_samples=4_000, hop_samples=4_000,
                       tail="pad", min_tail_samples=400, batch_windows=32)
@@ -219,6 +234,12 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
     assert "truncated" not in json.dumps(report)
     if status == "partial":  # what a rerun reads to decide whether to try again
         assert report["stopped_by"] == error_type
+        # Every complete window of the audio decoded before the failure went downstream,
+        # including those still in the batch being filled (a block's worth, 16 here).
+        sent = sum(len(r["recording_id"]) for r in rows[:-1]) + len(rows[-1]["meta"]) - 1
+        decoded_windows = int(report["duration_s"] * 16_000) // 16_000
+        assert decoded_windows % spec.block_rows != 0  # else this would not tell
+        assert sent == report["windows"]["-1"] == decoded_windows
 
 
 def test_an_actor_refuses_a_checkpoint_that_changed_since_the_job_was_planned(
