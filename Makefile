@@ -43,9 +43,14 @@ bench: setup
 bench-quick: setup
 	$(BIN)/embed-archive bench --quick --out bench_results
 
+# The commit baked into the image, "-dirty" when tracked files changed (as the package
+# itself records it); TORCH_INDEX_URL picks torch's CUDA flavour (see infra/README.md).
+TORCH_INDEX_URL ?= https://pypi.org/simple
 image:
-	DOCKER_BUILDKIT=1 docker build -f infra/docker/Dockerfile \
-	  --build-arg GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE) .
+	commit=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
+	if git status --porcelain --untracked-files=no 2>/dev/null | grep -q .; then commit=$$commit-dirty; fi; \
+	DOCKER_BUILDKIT=1 docker build -f infra/docker/Dockerfile --build-arg GIT_COMMIT=$$commit \
+	  --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(IMAGE) .
 
 # Submit a bucket job to a running cluster: make submit ADDRESS=http://HEAD:8265
 SUBMIT_CONFIG ?= job_configs/gcs_bucket.yaml

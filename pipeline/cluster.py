@@ -281,17 +281,23 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
 def _refuse_secrets_on_the_command_line(overrides: Sequence[str]) -> None:
     """``--set`` items become the entrypoint, which ``status``, ``ray job list`` and the
     dashboard show to anyone who can see the cluster: no secret may travel there."""
-    from pipeline.config import looks_secret
+    from pipeline.config import apply_override, looks_secret, redacted
     from pipeline.storage import redact_text
 
     for item in overrides:
         key, _, value = item.partition("=")
-        if looks_secret(key.rsplit(".", 1)[-1]) or redact_text(value) != value:
+        # The value as the config will hold it, so a mapping such as
+        # storage_options={key: ..., secret: ...} is searched at every depth.
+        parsed: dict[str, Any] = {}
+        apply_override(parsed, item)
+        if (looks_secret(key.rsplit(".", 1)[-1]) or redact_text(value) != value
+                or redacted(parsed) != parsed):
             raise ConfigError(
                 "a secret on the command line would be shown by `status`, `ray job list` and "
-                "the dashboard; put it in the config file, or pass the library's own "
-                "variable with --env (AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)",
-                f"--set {key}")
+                "the dashboard (so would one passed with --env, in the job's runtime_env); "
+                "give the cluster its own identity (Workload Identity, IRSA, an instance "
+                "profile) or the pods a Kubernetes Secret as environment variables, or put "
+                "it in the config file", f"--set {key}")
 
 
 def check_cluster_config(cfg: JobConfig) -> list[str]:

@@ -144,9 +144,22 @@ def check_cluster_job(cfg: JobConfig) -> None:
     cluster.check_model_options(cfg)
 
 
+EXIT_3_IS_DONE = " || [ $? -eq 3 ]"
+
+
+@pytest.mark.parametrize(("status", "done"), [(0, True), (3, True), (1, False), (2, False),
+                                              (4, False)])
+def test_rayjob_counts_finished_with_failed_recordings_as_done(status: int, done: bool) -> None:
+    """Ray runs an entrypoint in a shell: exit 3 must not make KubeRay retry on a new cluster."""
+    entrypoint = one(RAYJOB, "RayJob")["spec"]["entrypoint"]
+    assert entrypoint.endswith(EXIT_3_IS_DONE)
+    shell = f"sh -c 'exit {status}'{EXIT_3_IS_DONE}"
+    assert (subprocess.run(["sh", "-c", shell], check=False).returncode == 0) is done
+
+
 def test_rayjob_entrypoint_is_a_real_command_whose_config_validates() -> None:
     job = one(RAYJOB, "RayJob")
-    args = parse_command(job["spec"]["entrypoint"])
+    args = parse_command(job["spec"]["entrypoint"].removesuffix(EXIT_3_IS_DONE))
     assert args.command == "run" and args.func is cli.cmd_run
     raw = mounted_config(args.config)
     cfg = JobConfig.from_dict(raw, args.overrides)
@@ -193,10 +206,20 @@ def test_dockerfile_pins_the_stack_and_installs_libsndfile() -> None:
     assert base and base.group(1) == "rayproject/ray:2.60.0-py311-gpu"
     assert '"torch==2.13.0"' in text
     assert '"ray[data,default]==2.60.0"' in text
+    # Every RUN below an ARG sees it: the commit must come after the heavy layers.
+    assert text.index("ARG GIT_COMMIT") > text.rindex("RUN pip install")
     assert re.search(r"apt-get install[^\n]*libsndfile1", text)
     assert "EMBED_ARCHIVE_GIT_COMMIT=${GIT_COMMIT}" in text
-    pins = (INFRA / "docker" / "constraints.txt").read_text().splitlines()
-    assert "torch==2.13.0" in pins and "ray[data,default]==2.60.0" in pins
+    pins = [line for line in (INFRA / "docker" / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert "torch==2.13.0" in pins and "ray==2.60.0" in pins
+    for pin in pins:  # pip refuses anything else in a constraints file (extras, URLs)
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.+]*", pin), pin
+    # And pip itself takes the file (it stops at "Constraints cannot have extras").
+    check = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index",
+                            "--no-deps", "-c", str(INFRA / "docker" / "constraints.txt"), "pip"],
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
     ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     for line in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)$", text, re.MULTILINE):
         for source in line.split()[:-1]:
@@ -386,6 +409,10 @@ def test_a_fixed_job_id_is_its_submission_id(tmp_path: Path) -> None:
     # The entrypoint is public to anyone who sees the cluster: no secret on it.
     (["input.storage_options.secret=abc"], "--set input.storage_options.secret: a secret"),
     (["input.uri=s3://AKIA:abc@bucket/x"], "--set input.uri: a secret on the command line"),
+    (["input.storage_options={key: AKIA, secret: abc}"],
+     "--set input.storage_options: a secret on the command line"),
+    (["output.storage_options={client_kwargs: {aws_secret_access_key: abc}}"],
+     "--set output.storage_options: a secret on the command line"),
 ])
 def test_bad_configs_fail_before_anything_is_built(tmp_path: Path, sets: list[str],
                                                    message: str) -> None:
