@@ -160,9 +160,10 @@ def cmd_describe_model(args: argparse.Namespace) -> int:
 
 def cmd_cache_weights(args: argparse.Namespace) -> int:
     from pipeline.models.weights import cache_weights
+    from pipeline.storage import redact_uri
 
     result = cache_weights(args.uri, args.file)
-    print(f"cached {args.file} for {args.uri}: {result}")
+    print(f"cached {args.file} for {redact_uri(args.uri)}: {result}")
     return 0
 
 

@@ -345,13 +345,22 @@ class EmbeddingJob:
         from pipeline.models import job_precision
 
         configured, c = self.cfg.model.precision, self.cfg.compute
+        if self.info.family == "birdnet":
+            # LiteRT runs its float32 graph whatever torch's autocast says: the variant
+            # must say what ran, or the same embeddings land in two namespaces.
+            if configured not in ("auto", "fp32"):
+                log.warning("%s runs in fp32 (LiteRT); model.precision %s does not apply",
+                            self.info.name, configured)
+            return "fp32"
         if configured != "auto" or c.gpus_per_actor == 0:
             return job_precision(configured, gpu_actors=False, gpu_bf16=None)
         gpus, bf16 = self._gpu_view()
         gpu_actors = bool(c.gpus_per_actor) or gpus > 0
         precision = job_precision(configured, gpu_actors=gpu_actors, gpu_bf16=bf16)
         log.info("model.precision auto -> %s (%s GPUs%s)", precision, f"{gpus:g}",
-                 "" if bf16 is None else ", bf16 " + ("native" if bf16 else "missing"))
+                 "" if bf16 is None else ", bf16 " + ("native" if bf16 else
+                                                     "missing or not known for these GPUs: "
+                                                     "set model.precision: bf16 if they have it"))
         return precision
 
     def _gpu_view(self) -> tuple[float, bool | None]:

@@ -365,9 +365,9 @@ class Embedder:
             # cache is stale: its embeddings would land in a variant that names another
             # checkpoint. Failing the actor fails the job; nothing of it gets committed.
             raise CheckpointMismatchError(
-                f"{storage.redact_text(spec.weights)} now has sha256 {loaded_sha}, but the job "
-                f"was planned (and its output variant named) with {spec.weights_sha256}; "
-                "rerun to embed with the checkpoint as it is now")
+                f"{storage.redact_text(self.backbone.weights.uri)} now has sha256 {loaded_sha}, "
+                f"but the job was planned (and its output variant named) with "
+                f"{spec.weights_sha256}; rerun to embed with the checkpoint as it is now")
         self.precision = resolve_precision(spec.precision, self.device)
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
         self._staging: Any = None  # see _staged

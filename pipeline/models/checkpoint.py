@@ -83,7 +83,13 @@ def read_checkpoint(weights: LocalWeights) -> Checkpoint:
     if weights.format == "safetensors":
         from safetensors.torch import load_file
 
-        return Checkpoint(state_dict=load_file(str(weights.path), device="cpu"))
+        try:
+            return Checkpoint(state_dict=load_file(str(weights.path), device="cpu"))
+        except Exception as err:  # noqa: BLE001 - SafetensorError is a plain Exception
+            raise WeightsUnavailableError(
+                f"cannot read {weights.uri} as safetensors (corrupt or truncated?): "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from None
     if weights.format != "torch":
         raise WeightsUnavailableError(
             f"{weights.uri} is not a safetensors or torch checkpoint (detected: {weights.format})")

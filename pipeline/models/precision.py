@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -19,9 +20,16 @@ from pipeline.errors import ConfigError
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# NVIDIA GPUs older than Ampere (compute capability < 8.0: no bf16 tensor cores), by the
-# names Ray gives them in its ``accelerator_type:<name>`` node resources.
-PRE_AMPERE_GPUS = frozenset({"K80", "M60", "P4", "P40", "P100", "T4", "V100"})
+# NVIDIA GPUs of compute capability 8.0 or newer (bf16 tensor cores), by the names Ray gives
+# them in its ``accelerator_type:<name>`` node resources: the first all-caps model token of
+# the device name ("NVIDIA A100-SXM4-80GB" -> A100, "NVIDIA L40S" -> L40S, "NVIDIA RTX
+# A6000" -> RTX-A6000, "NVIDIA RTX PRO 6000 ..." -> RTX-PRO-6000), else the name hyphenated
+# ("NVIDIA GeForce RTX 4090" -> GeForce-RTX-4090). Ampere (A*, RTX A*, GeForce 30xx), Ada
+# (L*, GeForce 40xx), Hopper (H*, GH*) and Blackwell (B*, GB*, RTX PRO, GeForce 50xx).
+# Anything else (K80, P100, T4, V100, V100S, TITAN-V, ...) counts as without bf16, and so
+# does RTX-6000: Ray gives that name to the Turing Quadro RTX 6000 and to the RTX 6000 Ada.
+_BF16_GPU_NAME = re.compile(
+    r"(?:A|H|L|B|GB|GH)\d+[A-Z]*(?:-.*)?|RTX-(?:A|PRO-)\d+.*|(?:GeForce-)?RTX-[345]0\d0.*")
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -89,12 +97,14 @@ def job_precision(configured: str, *, gpu_actors: bool, gpu_bf16: bool | None) -
 
 
 def gpus_have_bf16(accelerator_types: Collection[str]) -> bool | None:
-    """From the accelerator types Ray reports for a cluster: False if any GPU predates
-    Ampere, True if none does, None if no type is reported (no GPU nodes up yet)."""
+    """From the accelerator types Ray reports for a cluster: True if every GPU is known to
+    have bf16 (Ampere or newer), False if any is not (older, or a name this module does not
+    know: ``auto`` then runs fp32, which works everywhere), None if no type is reported (no
+    GPU nodes up yet; each actor checks its own GPU when it loads)."""
     types = set(accelerator_types)
-    if types & PRE_AMPERE_GPUS:
-        return False
-    return True if types else None
+    if not types:
+        return None
+    return all(_BF16_GPU_NAME.fullmatch(t) for t in types)
 
 
 def autocast_context(precision: str, device: str | torch.device

@@ -37,6 +37,7 @@ from pipeline.models.base import WeightsInfo
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_SHARED_MODE = 0o644
 _LOCAL_PROTOCOLS = (None, "file", "local")
 _SECRET_QUERY_KEYS = ("token", "sig", "signature", "secret", "password", "key", "credential",
                       "auth", "x-amz-", "x-goog-")
@@ -137,7 +138,12 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
             offline mode, missing credentials, missing fsspec backend) or is empty.
 
     Cached files are re-hashed on every use, so the recorded sha256 is always that of
-    the bytes actually loaded.
+    the bytes actually loaded. A file this function downloaded is checked against the
+    remote object's identity (ETag, generation, version, size...) on every use, one metadata
+    request: an object replaced under its URI is fetched again, on every node, instead of
+    each node keeping whichever copy it fetched first. Where that check cannot run (offline,
+    no credentials) the cached copy is used. A file registered with :func:`cache_weights`
+    is used as given.
     """
     shown = redact_uri(uri)
     secrets = _secret_values(uri, storage_options)
@@ -146,17 +152,31 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         if not local.is_file():
             raise WeightsUnavailableError(f"checkpoint {shown} does not exist or is not a file")
         return _describe(local, shown)
+    options = dict(storage_options or {})
     cached = _cached_blob(shown)
     if cached is not None:
-        return _describe(cached, shown)
+        blob, remote = cached
+        if not remote:  # registered by hand (cache-weights): nothing to compare with
+            return _describe(blob, shown, blob.name)
+        try:
+            current = _remote_identity(uri, options)
+        except Exception as err:  # noqa: BLE001 - offline, no credentials, gone: keep the copy
+            reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
+            log.warning("cannot check the cached copy of %s against the original (%s); "
+                        "using the cached copy", shown, reason)
+            return _describe(blob, shown, blob.name)
+        if current == remote:
+            return _describe(blob, shown, blob.name)
+        log.warning("%s changed since this node cached it (%s, was %s); fetching it again",
+                    shown, current, remote)
     try:
-        blob = _download(uri, dict(storage_options or {}))
+        blob, remote = _download(uri, options)
     except WeightsUnavailableError as err:
         raise WeightsUnavailableError(f"{shown}: {err}") from None
     except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
         reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
         raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
-    _write_ref(shown, blob)
+    _write_ref(shown, blob, remote)
     return _describe(blob, shown, blob.name)
 
 
@@ -182,7 +202,7 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
     with open(source, "rb") as f:
         blob = _store_blob(f)
     shown = redact_uri(uri)
-    _write_ref(shown, blob)
+    _write_ref(shown, blob)  # no remote identity: used as given, never checked online
     return _describe(blob, shown, blob.name)
 
 
@@ -238,15 +258,17 @@ def _ref_path(shown: str) -> Path:
     return cache_root() / "refs" / f"{hashlib.sha256(shown.encode()).hexdigest()}.json"
 
 
-def _cached_blob(shown: str) -> Path | None:
-    """The cached file for ``shown``, if its index entry and intact blob exist.
+def _cached_blob(shown: str) -> tuple[Path, dict[str, str]] | None:
+    """The cached file for ``shown`` and the remote identity it was fetched at (empty for
+    a file registered by hand), if its index entry and intact blob exist.
 
     A blob whose content no longer matches its name is deleted (and fetched again).
     """
     ref = _ref_path(shown)
     try:
-        digest = json.loads(ref.read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
+        record = json.loads(ref.read_text())
+        digest, remote = record["sha256"], dict(record.get("remote") or {})
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     blob = cache_root() / "blobs" / digest
     if not blob.is_file():
@@ -255,14 +277,43 @@ def _cached_blob(shown: str) -> Path | None:
         log.warning("cached weights %s are corrupt; fetching %s again", blob, shown)
         blob.unlink(missing_ok=True)
         return None
-    return blob
+    return blob, remote
 
 
-def _download(uri: str, storage_options: dict[str, Any]) -> Path:
-    import fsspec
+# What identifies one version of an object, as fsspec backends report it (S3, GCS, Azure,
+# HTTP, Hugging Face, local and memory filesystems); the size is in it, but never alone
+# enough to call two versions equal unless nothing else is known.
+_IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "content_md5",
+                  "blob_id", "lfs", "LastModified", "last_modified", "updated",
+                  "mtime", "created", "size")
 
-    with fsspec.open(uri, "rb", **storage_options) as f:
-        return _store_blob(f)
+
+def _identity(info: Mapping[str, Any]) -> dict[str, str]:
+    return {k: str(info[k]) for k in _IDENTITY_KEYS if info.get(k) is not None}
+
+
+def _remote_identity(uri: str, storage_options: dict[str, Any]) -> dict[str, str]:
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri, **storage_options)
+    return _identity(fs.info(path))
+
+
+def _download(uri: str, storage_options: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+    """The object in a blob, and its identity as read just before the download (an object
+    replaced during it is caught by the next use's check)."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri, **storage_options)
+    info = fs.info(path)
+    with fs.open(path, "rb") as f:
+        blob = _store_blob(f)
+    expected = info.get("size")
+    got = blob.stat().st_size
+    if expected is not None and int(expected) != got:
+        raise WeightsUnavailableError(f"incomplete download: {got} of {expected} bytes "
+                                      "(the object changed while it was read?); try again")
+    return blob, _identity(info)
 
 
 def _store_blob(stream: IO[bytes]) -> Path:
@@ -287,16 +338,20 @@ def _store_blob(stream: IO[bytes]) -> Path:
         os.unlink(tmp.name)
         raise WeightsUnavailableError("the checkpoint file is empty")
     blob = folder / digest.hexdigest()
+    # Readable by every user of a shared cache (NamedTemporaryFile makes files 0600).
+    os.chmod(tmp.name, _SHARED_MODE)
     os.replace(tmp.name, blob)
     return blob
 
 
-def _write_ref(shown: str, blob: Path) -> None:
+def _write_ref(shown: str, blob: Path, remote: Mapping[str, str] | None = None) -> None:
     ref = _ref_path(shown)
     ref.parent.mkdir(parents=True, exist_ok=True)
-    record = {"uri": shown, "sha256": blob.name, "size": blob.stat().st_size}
+    record = {"uri": shown, "sha256": blob.name, "size": blob.stat().st_size,
+              "remote": dict(remote or {})}
     with tempfile.NamedTemporaryFile("w", dir=ref.parent, prefix=".partial-", delete=False) as tmp:
         json.dump(record, tmp)
+    os.chmod(tmp.name, _SHARED_MODE)
     os.replace(tmp.name, ref)
 
 

@@ -169,6 +169,24 @@ def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path:
         assert variant(None) == cpu
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_birdnet_variants_say_fp32_whatever_is_asked(archive: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     precision: str) -> None:
+    """LiteRT runs BirdNET's float32 graph on any device: a variant saying bf16 would put
+    the same embeddings in a second namespace."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources",
+                        lambda: {"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 8.0})
+    j = job(archive, tmp_path, model={"name": "birdnet_v2_4", "weights": "default",
+                                      "precision": precision},
+            windows={"window_s": 3.0, "hop_s": 3.0})
+    j.prepare()
+    assert j.variant.precision == "fp32"
+
+
 @pytest.mark.parametrize("retry", [True, False])
 def test_a_rerun_reopens_shards_that_met_storage_errors(archive: Path, tmp_path: Path,
                                                         retry: bool) -> None:

@@ -110,3 +110,30 @@ def test_job_precision_from_where_the_actors_run():
     assert gpus_have_bf16(["H100"]) is True
     assert gpus_have_bf16(["A100-80G", "T4"]) is False
     assert gpus_have_bf16([]) is None
+
+
+@pytest.mark.parametrize("device_name", [
+    "NVIDIA A100-SXM4-80GB", "NVIDIA A10G", "NVIDIA A10", "NVIDIA L4", "NVIDIA L40S",
+    "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA B200", "NVIDIA GB200", "NVIDIA RTX A6000",
+    "NVIDIA RTX PRO 6000 Blackwell Server Edition", "NVIDIA GeForce RTX 3090",
+    "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090",
+])
+def test_gpus_with_bf16_by_the_names_ray_gives_them(device_name: str) -> None:
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    name = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(device_name)
+    assert gpus_have_bf16([name]) is True, name
+
+
+@pytest.mark.parametrize("device_name", [
+    "Tesla K80", "Tesla P100-PCIE-16GB", "Tesla T4", "Tesla V100-SXM2-16GB",
+    "Tesla V100S-PCIE-32GB", "NVIDIA TITAN V", "Quadro RTX 6000", "NVIDIA GeForce RTX 2080 Ti",
+    "Tesla M60", "NVIDIA GeForce GTX 1080",
+    "NVIDIA RTX 6000 Ada Generation",  # bf16, but Ray names it RTX-6000 like the Turing card
+])
+def test_older_or_unknown_gpus_run_auto_at_fp32(device_name: str) -> None:
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    name = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(device_name)
+    assert gpus_have_bf16([name]) is False, name
+    assert job_precision("auto", gpu_actors=True, gpu_bf16=gpus_have_bf16([name])) == "fp32"

@@ -72,17 +72,75 @@ def test_corrupt_cache_blob_is_fetched_again(cache, checkpoint):
 
 
 def test_failed_download_leaves_no_partial_file(cache, monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
     class Broken(io.BytesIO):
         def read(self, size=-1):
             if self.tell() > 0:
                 raise ConnectionResetError("peer went away")
             return super().read(1 << 20)
 
-    monkeypatch.setattr(fsspec, "open", lambda *a, **k: Broken(b"x" * (3 << 20)))
+    fsspec.filesystem("memory").pipe("/weights/b.safetensors", b"x" * (3 << 20))
+    monkeypatch.setattr(MemoryFileSystem, "_open", lambda *a, **k: Broken(b"x" * (3 << 20)))
     with pytest.raises(WeightsUnavailableError, match="ConnectionResetError: peer went away"):
-        fetch_weights("s3://bucket/w.safetensors")
+        fetch_weights("memory://weights/b.safetensors")
     assert list((cache / "blobs").iterdir()) == []
     assert not (cache / "refs").exists()
+
+
+def test_a_download_shorter_than_the_object_is_not_cached(cache, monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fsspec.filesystem("memory").pipe("/weights/short.safetensors", b"y" * 1000)
+    monkeypatch.setattr(MemoryFileSystem, "_open", lambda *a, **k: io.BytesIO(b"y" * 600))
+    with pytest.raises(WeightsUnavailableError, match="incomplete download: 600 of 1000 bytes"):
+        fetch_weights("memory://weights/short.safetensors")
+    assert not (cache / "refs").exists()
+
+
+def test_an_object_replaced_under_its_uri_is_fetched_again(cache, checkpoint, tmp_path,
+                                                           monkeypatch):
+    """Every node checks its copy against the object (one metadata request), so none keeps
+    serving the checkpoint it fetched first after the object was overwritten."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/weights/r.safetensors", checkpoint.read_bytes())
+    first = fetch_weights("memory://weights/r.safetensors")
+    assert fetch_weights("memory://weights/r.safetensors") == first  # unchanged: the copy
+    other = save_safetensors({"w": torch.ones(3, 4)}, tmp_path / "other.safetensors")
+    fs.pipe("/weights/r.safetensors", other.read_bytes())
+    second = fetch_weights("memory://weights/r.safetensors")
+    assert second.sha256 == _sha(other) != first.sha256
+    # The check cannot run (offline, no credentials): the copy it has is used.
+    def offline(self, path, **kw):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(MemoryFileSystem, "info", offline)
+    assert fetch_weights("memory://weights/r.safetensors") == second
+    # Shared caches: every user of the machine can read what one of them fetched.
+    assert (second.path.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_registered_copy_is_used_as_given(cache, checkpoint, tmp_path):
+    """cache-weights says "this file is that URI": no online check may replace it."""
+    fs = fsspec.filesystem("memory")
+    other = save_safetensors({"w": torch.ones(3, 4)}, tmp_path / "other.safetensors")
+    fs.pipe("/weights/g.safetensors", other.read_bytes())
+    registered = cache_weights("memory://weights/g.safetensors", checkpoint)
+    assert fetch_weights("memory://weights/g.safetensors") == registered
+    assert registered.sha256 == _sha(checkpoint)
+
+
+def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
+    from pipeline.models.checkpoint import read_checkpoint
+
+    good = save_safetensors({"w": torch.arange(4096.0)}, tmp_path / "good.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(WeightsUnavailableError, match="cannot read .*cut.safetensors as "
+                                                       "safetensors"):
+        read_checkpoint(fetch_weights(str(cut)))
 
 
 def test_cache_weights_prefills_a_published_uri(cache, tmp_path, monkeypatch):
