@@ -261,8 +261,10 @@ def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:
 
 def _note_truncation(report: DecodeReport) -> None:
     missing = report.declared_frames - report.frames_decoded
-    # MP3/OGG headers carry estimates; allow one codec frame of slack before calling it truncation.
-    slack = max(4608, int(0.001 * report.declared_frames))
+    # MP3 and Ogg (Vorbis, Opus) headers carry estimates: one codec frame of slack (or 0.1 %)
+    # before calling it truncation. PCM and FLAC headers count frames exactly.
+    estimated = report.format.split("/", 1)[0].upper() in ("MP3", "MPEG", "OGG")
+    slack = max(4608, int(0.001 * report.declared_frames)) if estimated else 0
     if missing > slack:
         report.problems.append(
             f"truncated: header declares {report.declared_frames} frames, "

@@ -123,14 +123,14 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     fs, path = storage.url_to_fs(cfg.uri, cfg.storage_options)
     exts = {e.lower() for e in cfg.extensions}
     shown = storage.redact_uri(cfg.uri)
-    # Every call is retried: a 503 while listing must not read as "no such input".
-    top = None
-    if not _has_magic(path) and storage.exists(fs, path):
-        top = storage.info(fs, path)
+    # Every call is retried: a 503 while listing must not read as "no such input". A path
+    # that exists is taken literally, even with glob characters in it ("Site [A]/").
+    top = storage.info(fs, path) if storage.exists(fs, path) else None
     if top is not None and top.get("type") != "directory":
-        infos = {path: top}
-    elif _has_magic(path):
+        infos, root = {path: top}, None
+    elif top is None and _has_magic(path):
         infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {shown}")
+        root = ""  # only the names themselves are checked for being hidden
     else:
         if top is None:
             raise NoInputsError(f"input.uri {shown} does not exist")
@@ -139,19 +139,44 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
                             detail=True),
             what=f"list {shown}",
         )
-    items = []
+        root = path
+    items, hidden = [], 0
     for name, info in infos.items():
-        if info.get("type") == "directory" or name.rsplit(".", 1)[-1].lower() not in exts:
+        if info.get("type") == "directory" or not _extensions(name) & exts:
+            continue
+        if root is not None and _hidden(name, root):
+            hidden += 1
             continue
         uri = storage.redact_uri(storage.full_uri(fs, name))
         version = source_version(info)
         items.append(SourceItem(uri=uri, path=name, size_bytes=_size(info),
                                 version=version, recording_id=recording_id(uri, version)))
+    if hidden:
+        log.info("skipped %d hidden files (names or folders starting with '.') under %s",
+                 hidden, shown)
     return _dedup_sorted(items)
 
 
 def _has_magic(path: str) -> bool:
     return any(c in path for c in "*?[")
+
+
+def _extensions(name: str) -> set[str]:
+    """Lower-case extension of an object name, and the one before a URL query
+    (``x.wav?versionId=...``) if the name has one."""
+    base = name.rsplit("/", 1)[-1]
+    found = {base.rsplit(".", 1)[-1].lower()}
+    if "?" in base:
+        found.add(base.split("?", 1)[0].rsplit(".", 1)[-1].lower())
+    return found
+
+
+def _hidden(name: str, root: str) -> bool:
+    """Whether a listed object is hidden below the listed folder: a name or folder starting
+    with a dot (macOS's ``._x.wav`` resource forks, ``.snapshot/`` copies of a whole NFS
+    tree, ``.Trash``), which listing skips."""
+    rel = name[len(root):] if root and name.startswith(root) else name.rsplit("/", 1)[-1]
+    return any(part.startswith(".") for part in rel.split("/") if part)
 
 
 def _dedup_sorted(items: Iterable[SourceItem]) -> list[SourceItem]:

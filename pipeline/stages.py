@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,11 +204,13 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         meta = {"status": "error", "error_type": "StorageError", "message": str(err)}
     except (FileNotFoundError, PermissionError) as err:
         meta = {"status": "error", "error_type": type(err).__name__, "message": str(err)}
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure becomes the recording's error row
         # Not log.exception: the traceback would quote the URL unredacted.
         log.error("unexpected error decoding %s: %s", uri,
                   storage.redact_text(f"{type(err).__name__}: {err}"))
-        log.debug("traceback of that error", exc_info=True)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("traceback of that error:\n%s",
+                      storage.redact_text("".join(traceback.format_exception(err))))
         meta = {"status": "error", "error_type": type(err).__name__,
                 "message": f"unexpected: {err}"}
     # Messages name the object; a signed URL's signature must not reach the errors table.

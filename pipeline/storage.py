@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from pipeline.errors import StorageError
+from pipeline.errors import AudioDecodeError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -383,11 +383,23 @@ class RangeReader(io.RawIOBase):
             return block
         start = index * self._block
         stop = min(self._size, start + self._block)
-        block = retry(lambda: self._fs.cat_file(self._path, start=start, end=stop),
-                      what=f"read {self._shown} bytes {start}-{stop}")
-        if len(block) != stop - start:
-            raise StorageError(f"read {self._shown} bytes {start}-{stop}: got {len(block)} "
-                               "bytes; the object changed or is shorter than listed")
+
+        def fetch() -> bytes:
+            data = self._fs.cat_file(self._path, start=start, end=stop)
+            if len(data) < stop - start:
+                # A body cut short (a dropped connection not every client reports), or an
+                # object now shorter than listed: read again, then give up as a StorageError.
+                raise ConnectionError(f"got {len(data)} of {stop - start} bytes; the object "
+                                      "changed or is shorter than listed")
+            return data
+
+        block = retry(fetch, what=f"read {self._shown} bytes {start}-{stop}")
+        if len(block) > stop - start:
+            # Every read would fetch the whole object again; and no later run does better.
+            raise AudioDecodeError(
+                "UnsupportedSource", f"read {self._shown} bytes {start}-{stop}: got "
+                f"{len(block)} bytes; the server ignores HTTP Range requests, which streaming "
+                "decode needs (copy the files to a bucket, or serve them with Range support)")
         self.fetches += 1
         self.bytes_fetched += len(block)
         self._cache[index] = block

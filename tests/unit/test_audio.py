@@ -112,6 +112,17 @@ def test_truncated_wav_is_partial(tmp_path: Path) -> None:
     assert report.status == "partial" and "truncated" in report.problems[0]
 
 
+def test_a_wav_short_by_a_little_is_partial_too(tmp_path: Path) -> None:
+    """Its header counts frames exactly: the slack MP3 and Ogg estimates need (one codec
+    frame, or 0.1 %: 3.6 s of a 1-hour 48 kHz file) would hide real loss. (A cut FLAC
+    stops with a decoder error, partial either way.)"""
+    write_tone(tmp_path / "full.wav", 60.0)
+    data = (tmp_path / "full.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) - 4_000])  # 2,000 frames of 16-bit
+    _, report = decode(tmp_path / "cut.wav")
+    assert report.status == "partial" and "truncated: header declares" in report.problems[0]
+
+
 @pytest.mark.parametrize(
     ("payload", "error_type"),
     [(b"", "UnreadableAudio"), (b"this is not audio at all" * 50, "UnreadableAudio"),
@@ -174,6 +185,38 @@ def test_range_reader_survives_transient_errors(tmp_path: Path) -> None:
     expected, _ = sf.read(tmp_path / "t.wav", dtype="float32")
     assert np.array_equal(audio[:, 0], expected)
     assert FlakyFS.calls > reader.fetches  # some requests failed and were retried
+
+
+@pytest.mark.parametrize("server", ["short_once", "always_short", "ignores_range"])
+def test_range_reader_on_a_body_of_the_wrong_length(monkeypatch: pytest.MonkeyPatch,
+                                                    server: str) -> None:
+    from pipeline.errors import AudioDecodeError
+
+    data = bytes(range(256)) * 64
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the retries' backoff
+
+    class OddFS:
+        protocol = "odd"
+        calls = 0
+
+        def cat_file(self, path: str, start: int, end: int) -> bytes:
+            OddFS.calls += 1
+            if server == "ignores_range":
+                return data
+            if server == "always_short" or OddFS.calls == 1:
+                return data[start : end - 10]
+            return data[start:end]
+
+    reader = storage.RangeReader(OddFS(), "x.bin", size=len(data), block_bytes=4096)
+    if server == "short_once":  # a cut-short body is read again
+        assert reader.read(5000) == data[:5000]
+    elif server == "always_short":  # the object changed: a storage error, retried next run
+        with pytest.raises(storage.StorageError, match="got 4086 of 4096 bytes"):
+            reader.read(5000)
+    else:  # no later run does better: a permanent error naming the cause
+        with pytest.raises(AudioDecodeError, match="ignores HTTP Range") as err:
+            reader.read(5000)
+        assert err.value.error_type == "UnsupportedSource"
 
 
 def test_range_reader_gives_up_on_permanent_errors() -> None:

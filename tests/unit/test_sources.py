@@ -51,3 +51,39 @@ def test_an_unknown_size_is_unknown_not_empty() -> None:
     assert _size({}) == -1
     assert _size({"size": 0}) == 0
     assert _size({"size": 1234}) == 1234
+
+
+def tone(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.zeros(1600, np.float32), 16_000)
+    return path
+
+
+def test_hidden_files_and_folders_are_not_recordings(tmp_path: Path) -> None:
+    """macOS resource forks (``._x.wav``) would each be an error row; an NFS ``.snapshot``
+    folder would embed the archive twice."""
+    keep = [tone(tmp_path / "site" / "a.wav"), tone(tmp_path / "b.flac")]
+    for hidden in ("site/._a.wav", ".snapshot/hourly.0/site/a.wav", ".x.wav"):
+        tone(tmp_path / hidden)
+    listing = list_sources(InputConfig(uri=str(tmp_path)))
+    assert sorted(i.uri for i in listing.items) == sorted(str(p) for p in keep)
+    # A folder the user names is theirs, dot or not; so is a glob's match below it.
+    hidden_root = tone(tmp_path / ".cache" / "c.wav").parent
+    assert [i.uri for i in list_sources(InputConfig(uri=str(hidden_root))).items] == [
+        str(hidden_root / "c.wav")]
+
+
+def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path: Path) -> None:
+    rec = tone(tmp_path / "Site [A]" / "rec?1.wav")
+    assert [i.uri for i in list_sources(InputConfig(uri=str(rec.parent))).items] == [str(rec)]
+    assert [i.uri for i in list_sources(InputConfig(uri=str(rec))).items] == [str(rec)]
+    # A pattern that names no file is still a glob.
+    globbed = list_sources(InputConfig(uri=str(tmp_path / "Site*" / "*.wav")))
+    assert [i.uri for i in globbed.items] == [str(rec)]
+
+
+def test_a_versioned_object_url_keeps_its_extension() -> None:
+    from pipeline.sources import _extensions
+
+    assert "wav" in _extensions("bucket/x.wav?versionId=3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY")
+    assert _extensions("bucket/take.2.flac") == {"flac"}
