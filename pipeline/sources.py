@@ -82,8 +82,12 @@ def recording_id(uri: str, version: str) -> str:
 
 
 def source_version(info: dict[str, Any]) -> str:
-    """The most specific version token fsspec's ``info()`` offers for an object."""
-    for key in ("generation", "VersionId", "version_id", "ETag", "etag", "md5Hash", "blob_id"):
+    """The most specific version token fsspec's ``info()`` offers for an object, taken from
+    fields that a folder listing and a single object's ``info()`` both carry: s3fs gives
+    ``VersionId`` from ``info()`` (HEAD) but not in listings, so on a versioned bucket it
+    would give one object two recording ids (a folder run, then a manifest run, would embed
+    it twice). ``VersionId`` counts only where nothing else is known."""
+    for key in ("generation", "ETag", "etag", "md5Hash", "blob_id", "VersionId", "version_id"):
         value = info.get(key)
         if value not in (None, "", "null"):
             return f"{key}={str(value).strip(chr(34))}"

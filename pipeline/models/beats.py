@@ -253,8 +253,11 @@ class BeatsAttention(nn.Module):
         table: nn.Embedding = self.relative_attention_bias
         cached = self._buckets
         if cached is None or cached.shape[0] != length or cached.device != table.weight.device:
-            cached = relative_position_buckets(length, self.num_buckets, self.max_distance)
-            self._buckets = cached = cached.to(table.weight.device)
+            # A normal tensor even when built under inference_mode: a later call with
+            # gradients on (fine-tuning, saliency) must be able to save it for backward.
+            with torch.inference_mode(False):
+                cached = relative_position_buckets(length, self.num_buckets, self.max_distance)
+                self._buckets = cached = cached.to(table.weight.device)
         return table(cached).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,

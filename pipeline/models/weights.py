@@ -20,13 +20,15 @@ URI failed, why (one line, secrets scrubbed), and how to supply the file: point
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -169,14 +171,21 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
             return _describe(blob, shown, blob.name)
         log.warning("%s changed since this node cached it (%s, was %s); fetching it again",
                     shown, current, remote)
-    try:
-        blob, remote = _download(uri, options)
-    except WeightsUnavailableError as err:
-        raise WeightsUnavailableError(f"{shown}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
-        reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
-        raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
-    _write_ref(shown, blob, remote)
+    waited_from = time.time()
+    with _fetch_lock(shown):
+        # The actors of one node start together: one downloads, the others wait here and
+        # take what it registered.
+        fresh = _cached_blob(shown)
+        if fresh is not None and _ref_path(shown).stat().st_mtime >= waited_from:
+            return _describe(fresh[0], shown, fresh[0].name)
+        try:
+            blob, remote = _download(uri, options)
+        except WeightsUnavailableError as err:
+            raise WeightsUnavailableError(f"{shown}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
+            reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
+            raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
+        _write_ref(shown, blob, remote)
     return _describe(blob, shown, blob.name)
 
 
@@ -258,6 +267,25 @@ def _ref_path(shown: str) -> Path:
     return cache_root() / "refs" / f"{hashlib.sha256(shown.encode()).hexdigest()}.json"
 
 
+@contextlib.contextmanager
+def _fetch_lock(shown: str) -> Iterator[None]:
+    """An exclusive lock on this machine for fetching ``shown`` (``flock``; none where the
+    platform has no ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent downloads stay correct, only wasteful
+        yield
+        return
+    path = _ref_path(shown).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _cached_blob(shown: str) -> tuple[Path, dict[str, str]] | None:
     """The cached file for ``shown`` and the remote identity it was fetched at (empty for
     a file registered by hand), if its index entry and intact blob exist.
@@ -320,6 +348,7 @@ def _store_blob(stream: IO[bytes]) -> Path:
     """Copy a stream into ``blobs/<sha256>`` atomically; returns the blob path."""
     folder = cache_root() / "blobs"
     folder.mkdir(parents=True, exist_ok=True)
+    _sweep_partials(folder)
     digest = hashlib.sha256()
     size = 0
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".partial-", delete=False) as tmp:
@@ -342,6 +371,15 @@ def _store_blob(stream: IO[bytes]) -> Path:
     os.chmod(tmp.name, _SHARED_MODE)
     os.replace(tmp.name, blob)
     return blob
+
+
+def _sweep_partials(folder: Path, older_than_s: float = 86_400.0) -> None:
+    """Remove downloads a killed process left half-written (a day old: none in progress)."""
+    cutoff = time.time() - older_than_s
+    for stale in folder.glob(".partial-*"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
 
 
 def _write_ref(shown: str, blob: Path, remote: Mapping[str, str] | None = None) -> None:
@@ -369,12 +407,18 @@ def _unavailable_message(shown: str, reason: str) -> str:
 
 
 def _browser_url(shown: str) -> str | None:
-    """``https://huggingface.co/<org>/<repo>/resolve/main/<file>`` for ``hf://`` URIs."""
+    """``https://huggingface.co/[datasets/|spaces/]<org>/<repo>/resolve/<revision>/<file>``
+    for ``hf://`` URIs (``hf://[datasets/]org/repo[@revision]/file``)."""
     if not shown.startswith("hf://"):
         return None
     parts = shown[len("hf://"):].split("/")
+    kind = ""
+    if parts and parts[0] in ("datasets", "spaces"):
+        kind, parts = parts[0] + "/", parts[1:]
     if len(parts) < 3:
         return None
     org, repo, *rest = parts
-    return f"https://huggingface.co/{org}/{repo}/resolve/main/{'/'.join(rest)}"
+    repo, _, revision = repo.partition("@")
+    revision = urllib.parse.quote(urllib.parse.unquote(revision or "main"), safe="")
+    return f"https://huggingface.co/{kind}{org}/{repo}/resolve/{revision}/{'/'.join(rest)}"
 

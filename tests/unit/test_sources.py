@@ -87,3 +87,16 @@ def test_a_versioned_object_url_keeps_its_extension() -> None:
 
     assert "wav" in _extensions("bucket/x.wav?versionId=3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY")
     assert _extensions("bucket/take.2.flac") == {"flac"}
+
+
+def test_one_s3_object_has_one_version_however_it_was_listed() -> None:
+    """s3fs's shapes (s3fs/core.py): a folder listing's entry has the ETag only; info()
+    (a HEAD, as for a single file or a manifest URI) adds VersionId on versioned buckets."""
+    from pipeline.sources import source_version
+
+    listed = {"name": "b/x.wav", "type": "file", "size": 10, "ETag": '"9a0364b9e99bb480"',
+              "LastModified": "2026-11-01T00:00:00Z", "StorageClass": "STANDARD"}
+    headed = {**listed, "VersionId": "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY",
+              "ContentType": "audio/wav"}
+    assert source_version(listed) == source_version(headed) == "ETag=9a0364b9e99bb480"
+    assert source_version({"VersionId": "v1", "size": 3}) == "VersionId=v1"

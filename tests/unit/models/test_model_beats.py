@@ -184,3 +184,15 @@ def test_relative_position_buckets_are_t5_style():
 def test_too_short_input_is_rejected(tiny_beats):
     with pytest.raises(ValueError, match="at least 2800 samples"):
         tiny_beats.extract(torch.zeros(1, 2799), None, [0])
+
+
+def test_a_model_used_under_inference_mode_can_still_be_trained() -> None:
+    """load_model hands out a trainable module: a first call under inference_mode (as the
+    job makes) must not leave inference tensors that a later backward pass cannot save."""
+    model = load_model("beats", weights="random", options=TINY_BEATS)
+    audio = torch.randn(2, 16_000)
+    with torch.inference_mode():
+        model(audio)
+    model.requires_grad_(True)
+    model(audio).sum().backward()
+    assert any(p.grad is not None for p in model.parameters())

@@ -85,7 +85,7 @@ def test_failed_download_leaves_no_partial_file(cache, monkeypatch):
     with pytest.raises(WeightsUnavailableError, match="ConnectionResetError: peer went away"):
         fetch_weights("memory://weights/b.safetensors")
     assert list((cache / "blobs").iterdir()) == []
-    assert not (cache / "refs").exists()
+    assert not list((cache / "refs").glob("*.json"))  # nothing registered
 
 
 def test_a_download_shorter_than_the_object_is_not_cached(cache, monkeypatch):
@@ -95,7 +95,7 @@ def test_a_download_shorter_than_the_object_is_not_cached(cache, monkeypatch):
     monkeypatch.setattr(MemoryFileSystem, "_open", lambda *a, **k: io.BytesIO(b"y" * 600))
     with pytest.raises(WeightsUnavailableError, match="incomplete download: 600 of 1000 bytes"):
         fetch_weights("memory://weights/short.safetensors")
-    assert not (cache / "refs").exists()
+    assert not list((cache / "refs").glob("*.json"))  # nothing registered
 
 
 def test_an_object_replaced_under_its_uri_is_fetched_again(cache, checkpoint, tmp_path,
@@ -199,3 +199,41 @@ def test_missing_local_file(cache, tmp_path):
 
 def test_random_weights_provenance(tiny_beats):
     assert tiny_beats.weights.is_random and tiny_beats.weights.uri == "random"
+
+
+def test_actors_of_one_node_download_a_checkpoint_once(cache, checkpoint, monkeypatch):
+    """They start together: one fetches, the others wait for it and take its copy."""
+    import threading
+    import time
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fsspec.filesystem("memory").pipe("/weights/n.safetensors", checkpoint.read_bytes())
+    opened = []
+    real_open = MemoryFileSystem._open
+
+    def slow_open(self, path, *args, **kwargs):
+        opened.append(path)
+        time.sleep(0.3)  # a download long enough for every actor to ask meanwhile
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", slow_open)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        fetch_weights("memory://weights/n.safetensors"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1
+    assert len(results) == 4 and len(set(results)) == 1
+
+
+def test_download_links_for_hub_uris() -> None:
+    from pipeline.models.weights import _browser_url
+
+    assert _browser_url("hf://org/repo/w.safetensors") == \
+        "https://huggingface.co/org/repo/resolve/main/w.safetensors"
+    assert _browser_url("hf://datasets/org/repo@v1.0/sub/w.pt") == \
+        "https://huggingface.co/datasets/org/repo/resolve/v1.0/sub/w.pt"
+    assert _browser_url("gs://b/w.pt") is None
