@@ -72,7 +72,7 @@ class EfficientNetAudioConfig:
         """A copy with ``values`` applied.
 
         Raises:
-            ConfigError: unknown keys or non-positive values.
+            ConfigError: unknown keys, non-positive values, or a window longer than the FFT.
         """
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(values) - names)
@@ -82,7 +82,11 @@ class EfficientNetAudioConfig:
         bad = sorted(k for k, v in values.items() if not isinstance(v, int) or v <= 0)
         if bad:
             raise ConfigError(f"EfficientNet option(s) {bad} must be positive integers", source)
-        return dataclasses.replace(self, **values)
+        out = dataclasses.replace(self, **values)
+        if out.win_length > out.n_fft:  # torch.stft would refuse it in every actor
+            raise ConfigError(f"EfficientNet win_length {out.win_length} is longer than n_fft "
+                              f"{out.n_fft}", source)
+        return out
 
     @property
     def min_input_samples(self) -> int:

@@ -344,7 +344,9 @@ def beats_info(entry: ModelEntry, cfg: BeatsConfig) -> ModelInfo:
             "frontend": "kaldi_fbank", "sample_rate_hz": int(cfg.sample_frequency),
             "clamp_audio": entry.clamp_audio, "input_scale": 32768.0,
             "num_mel_bins": cfg.num_mel_bins, "frame_length_ms": cfg.frame_length,
-            "frame_shift_ms": cfg.frame_shift, "n_fft": 512, "window": "povey",
+            "frame_shift_ms": cfg.frame_shift,
+            "n_fft": 1 << (cfg.frame_samples - 1).bit_length(),  # what KaldiFbank pads to
+            "window": "povey",
             "preemphasis": 0.97, "remove_dc_offset": True, "dither": 0.0, "snip_edges": True,
             "low_freq_hz": 20.0, "high_freq_hz": cfg.sample_frequency / 2,
             "log_floor": "float32_eps", "fbank_mean": cfg.fbank_mean,

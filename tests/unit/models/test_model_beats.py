@@ -196,3 +196,11 @@ def test_a_model_used_under_inference_mode_can_still_be_trained() -> None:
     model.requires_grad_(True)
     model(audio).sum().backward()
     assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(("options", "n_fft"), [({}, 512),
+                                                ({"sample_frequency": 32000.0}, 1024)])
+def test_recorded_preprocessing_is_what_the_front_end_does(options: dict, n_fft: int) -> None:
+    backbone = create_backbone("beats", weights="random", options={**TINY_BEATS, **options})
+    fbank = backbone.module.backbone.fbank
+    assert backbone.info.preprocessing["n_fft"] == fbank.n_fft == n_fft

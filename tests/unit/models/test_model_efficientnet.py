@@ -107,3 +107,5 @@ def test_front_end_options(effnet):
     assert small.extract(_audio(1, 1.0), None, [8])[8].tokens.shape == (1, 2 * 4, 1280)
     with pytest.raises(ConfigError, match="n_melz"):
         create_backbone("efficientnet_b0", weights="random", options={"n_melz": 64})
+    with pytest.raises(ConfigError, match="win_length 1024 is longer than n_fft 800"):
+        create_backbone("efficientnet_b0", weights="random", options={"win_length": 1024})
