@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -59,6 +59,7 @@ TINY_BEATS = {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_d
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 LONG_SOURCE = "opensoundscape/tests/audio/1min.wav"
 TIGHT_INFLIGHT_MB = 80
+SECTIONS = ("real", "long", "memory", "decode")
 
 
 @dataclass(frozen=True)
@@ -513,8 +514,13 @@ def _memory_of(pid: int) -> tuple[str, float, float] | None:
 
 def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None,
         long_s: float | None = None, batch_size: int | None = None,
-        peak: float | None = None, long_copies: int | None = None) -> dict[str, Any]:
+        peak: float | None = None, long_copies: int | None = None,
+        sections: Collection[str] = SECTIONS, seed: bool = True) -> dict[str, Any]:
     """Every measurement, written to ``out_dir/bench.json`` and printed as a table.
+
+    ``sections`` picks among ``real``, ``long``, ``memory`` and ``decode`` (the start-up is
+    always measured); ``seed=False`` leaves the seed loops out of the comparisons, for long
+    corpora where they would take most of the time.
 
     On a GPU machine model only and the seed loop run on the GPU, batches default to 256
     windows, and the long corpus is one copy of the long recording per CPU (a recording is
@@ -522,6 +528,9 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
     """
     import torch
 
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown benchmark sections {unknown}; choose from {list(SECTIONS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = precision or ("bf16" if native_bf16() else "fp32")
     s = BenchSettings(options=TINY_BEATS if quick else None, precision=precision, device=device,
@@ -549,13 +558,16 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
         for f in files:
             (corpus / f.relative_to(real_dir).as_posix().replace("/", "__")).symlink_to(f)
         results["startup"] = _startup(real_dir, s, work)
-        windows, valid, seconds = corpus_windows(files, s)
-        log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds, len(windows))
         repeats = 1 if quick else 2
         flops = results["model_flops_per_window"]
-        results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats,
-                                   flops, peak)
-        if not quick:  # quick mode's memory runs already embed long recordings end to end
+        if "real" in sections:
+            windows, valid, seconds = corpus_windows(files, s)
+            log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds,
+                     len(windows))
+            results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats,
+                                       flops, peak, seed)
+        # Quick mode's memory runs already embed long recordings end to end.
+        if "long" in sections and not quick:
             long_s = long_s or 1800.0
             copies = long_copies or (1 if device == "cpu" else os.cpu_count() or 1)
             long_file = make_long_recording(work / "long.flac", long_s, real_dir / LONG_SOURCE)
@@ -566,10 +578,12 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
             lw, lv, ls = corpus_windows([long_file], s)
             results["long"] = _compare(long_dir, [long_file] * copies, np.tile(lw, (copies, 1)),
                                        np.tile(lv, copies), ls * copies, s, work, repeats,
-                                       flops, peak)
+                                       flops, peak, seed)
             results["long"]["copies"] = copies
-        results["memory"] = _memory(real_dir, work, quick)
-        results["decode"] = decode_speed(real_dir, work, 30.0 if quick else 600.0)
+        if "memory" in sections:
+            results["memory"] = _memory(real_dir, work, quick)
+        if "decode" in sections:
+            results["decode"] = decode_speed(real_dir, work, 30.0 if quick else 600.0)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
     print(render(results))
     return results
@@ -590,8 +604,9 @@ def _folder_of(folder: Path, recording: Path) -> Path:
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
              seconds: float, s: BenchSettings, work: Path, repeats: int,
-             flops_per_window: float, peak: float | None) -> dict[str, Any]:
-    """Model only and pipeline, alternated ``repeats`` times; the best run of each counts.
+             flops_per_window: float, peak: float | None, seed: bool = True) -> dict[str, Any]:
+    """Model only and pipeline, alternated ``repeats`` times; the best run of each counts;
+    then the seed loop at fp32 and at the job's precision, unless ``seed`` is off.
 
     A shared VM's speed drifts by +-15 % from one minute to the next (we saw the same
     batched forward pass at 5.4 and 8.1 windows/s a minute apart, with no steal time
@@ -608,13 +623,19 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
     model["runs_audio_s_per_s"] = [round(m["audio_s_per_s"], 3) for m in models]
     pipe["runs_audio_s_per_s"] = [round(p["audio_s_per_s"], 3) for p in pipes]
     pipe["runs_steady_audio_s_per_s"] = [round(p["steady_audio_s_per_s"], 3) for p in pipes]
-    seed = seed_loop(files, s, "fp32")
     embed = pipe["embed"]
-    out = {
-        "model_only": model, "pipeline": pipe, "seed_loop_fp32": seed,
+    steady_ratio = pipe["steady_audio_s_per_s"] / model["audio_s_per_s"]
+    # What the run spent outside its steady rate (start-up, first-call costs, the tail,
+    # shutdown): the run's wall time less the time its audio takes at that rate.
+    overhead_s = pipe["wall_s"] - pipe["audio_s"] / pipe["steady_audio_s_per_s"]
+    out: dict[str, Any] = {
+        "model_only": model, "pipeline": pipe,
         "pipeline_over_model_only": pipe["audio_s_per_s"] / model["audio_s_per_s"],
         # From the job's own clock: first batch start to last batch end of its actors.
-        "pipeline_steady_over_model_only": pipe["steady_audio_s_per_s"] / model["audio_s_per_s"],
+        "pipeline_steady_over_model_only": steady_ratio,
+        "pipeline_overhead_s": overhead_s,
+        "audio_s_for_end_to_end_0_9": audio_for_ratio(0.9, steady_ratio, overhead_s,
+                                                      pipe["steady_audio_s_per_s"]),
         # Share of the actors' active time spent in embedding calls (1.0: never starved).
         "model_busy_fraction": embed["busy_fraction"],
         # The actors' forward passes alone (running side by side, so their summed time over
@@ -623,9 +644,11 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         "actor_forward_over_model_only": (pipe["audio_s"] * max(embed["actors"], 1)
                                           / max(embed["model_s"], 1e-9)
                                           / model["audio_s_per_s"]),
-        "pipeline_over_seed_loop_fp32": pipe["audio_s_per_s"] / seed["audio_s_per_s"],
     }
-    if s.precision != "fp32":
+    if seed:
+        fp32 = out["seed_loop_fp32"] = seed_loop(files, s, "fp32")
+        out["pipeline_over_seed_loop_fp32"] = pipe["audio_s_per_s"] / fp32["audio_s_per_s"]
+    if seed and s.precision != "fp32":
         same = seed_loop(files, s, s.precision)
         out["seed_loop_same_precision"] = same
         out["pipeline_over_seed_loop_same_precision"] = pipe["audio_s_per_s"] / same["audio_s_per_s"]
@@ -637,6 +660,20 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
     if peak:
         out["fraction_of_peak"] = {k: v / peak for k, v in out["tflops"].items()}
     return out
+
+
+def audio_for_ratio(target: float, steady_ratio: float, overhead_s: float,
+                    steady_audio_s_per_s: float) -> float | None:
+    """Audio-seconds a job needs before its end-to-end rate reaches ``target`` x model only,
+    if it keeps this run's steady rate and pays this run's fixed overhead once; None when
+    the steady rate itself is below the target.
+
+    End to end over model only is ``steady_ratio * w / (overhead_s + w)`` for a job whose
+    audio takes ``w`` seconds at the steady rate; solved for ``w``.
+    """
+    if steady_ratio <= target:
+        return None
+    return steady_audio_s_per_s * target * max(overhead_s, 0.0) / (steady_ratio - target)
 
 
 def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
@@ -712,10 +749,15 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  pipeline / model only                 {c['pipeline_over_model_only']:.3f}"
                      f"   (while the model ran {c['pipeline_steady_over_model_only']:.3f}; "
                      "target >= 0.9)")
+        need = c.get("audio_s_for_end_to_end_0_9")
+        lines.append(f"  pipeline overhead (start-up, tail)    {c['pipeline_overhead_s']:.1f} s; "
+                     + (f"end to end reaches 0.9 x model only from ~{need / 3600:.2f} audio-h"
+                        if need is not None else "the steady rate is below 0.9 x model only"))
         lines.append(f"  model busy (share of active time)     {c['model_busy_fraction']:.3f}")
         lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}")
-        lines.append(f"  pipeline / seed loop (fp32)           {c['pipeline_over_seed_loop_fp32']:.3f}"
-                     f"   (target >= {50 if gpu else 1.5})")
+        if "pipeline_over_seed_loop_fp32" in c:
+            lines.append(f"  pipeline / seed loop (fp32)           "
+                         f"{c['pipeline_over_seed_loop_fp32']:.3f}   (target >= {50 if gpu else 1.5})")
         if "pipeline_over_seed_loop_same_precision" in c:
             lines.append(f"  pipeline / seed loop (same precision) "
                          f"{c['pipeline_over_seed_loop_same_precision']:.3f}")
@@ -730,8 +772,17 @@ def render(r: dict[str, Any]) -> str:
         if "gpu_busy" in c["pipeline"]:
             lines.append(f"  GPU busy (nvidia-smi, steady part)    {c['pipeline']['gpu_busy']:.3f}"
                          f"   (target >= 0.9; model only {c['model_only'].get('gpu_busy', 0):.3f})")
-    m = r["memory"]
-    lines.append("")
+    if "memory" in r:
+        lines.extend(["", *_render_memory(r["memory"])])
+    if "decode" in r:
+        lines.extend(["", "[decode] audio-s per CPU-s, incl. resampling 48 -> 16 kHz"])
+        for fmt, d in r["decode"].items():
+            lines.append(f"  {fmt:<5} {d['audio_s_per_cpu_s']:>9.0f}")
+    return "\n".join(lines)
+
+
+def _render_memory(m: dict[str, Any]) -> list[str]:
+    lines = []
     one, long = m["one_minute"], m["long"]
     minutes = m["long_recording_s"] / 60
     lines.append(f"[memory] 1-minute vs {minutes:.0f}-minute recording (tiny model), peak MiB")
@@ -764,11 +815,7 @@ def render(r: dict[str, Any]) -> str:
                      f"{long['job_peak_rss_mb']['object_store_pages']:.0f} / "
                      f"{t['one_minute']['object_store_pages']:.0f} -> "
                      f"{t['long']['object_store_pages']:.0f}")
-    lines.append("")
-    lines.append("[decode] audio-s per CPU-s, incl. resampling 48 -> 16 kHz")
-    for fmt, d in r["decode"].items():
-        lines.append(f"  {fmt:<5} {d['audio_s_per_cpu_s']:>9.0f}")
-    return "\n".join(lines)
+    return lines
 
 
 def add_bench_command(sub: Any) -> None:
@@ -787,8 +834,23 @@ def add_bench_command(sub: Any) -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak for the precision used, to report the share "
                         "of it reached (default: a table of NVIDIA GPUs; none on CPU)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated subset of %(default)s to measure (the fixed start-up "
+                        "is always measured)")
+    p.add_argument("--no-seed-loop", dest="seed", action="store_false",
+                   help="leave the seed loops out (for long corpora, where they take longest)")
     p.set_defaults(func=lambda a: run(Path(a.out), Path(a.real), a.quick, a.precision, a.long_s,
-                                      a.batch_size, a.peak_tflops, a.long_copies) and 0)
+                                      a.batch_size, a.peak_tflops, a.long_copies,
+                                      _sections(a.sections), a.seed) and 0)
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"embed-archive bench: unknown --sections {unknown}; "
+                         f"choose from {','.join(SECTIONS)}")
+    return chosen
 
 
 __all__ = ["BenchSettings", "add_bench_command", "run"]

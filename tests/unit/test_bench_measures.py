@@ -17,6 +17,8 @@ from pipeline.bench import (
     TINY_BEATS,
     BenchSettings,
     GpuBusySampler,
+    _sections,
+    audio_for_ratio,
     gpu_busy,
     model_flops_per_window,
     peak_tflops,
@@ -37,6 +39,23 @@ def test_flop_count_covers_every_linear_layer_of_the_encoder() -> None:
     # patch convolution and the mel projection come on top (most of it in this tiny model;
     # 6 % in full-size BEATs, 44.8 GFLOP per 5 s window).
     assert flops > 2 * tokens * linear
+
+
+def test_audio_for_ratio_is_where_end_to_end_reaches_the_target() -> None:
+    # Steady at 0.95 x model only (20 audio-s/s), 20 s of overhead paid once.
+    need = audio_for_ratio(0.9, 0.95, 20.0, 20.0)
+    assert need is not None
+    steady_wall = need / 20.0
+    assert 0.95 * steady_wall / (20.0 + steady_wall) == pytest.approx(0.9)
+    assert audio_for_ratio(0.9, 0.95, 0.0, 20.0) == 0.0
+    assert audio_for_ratio(0.9, 0.9, 20.0, 20.0) is None  # never, however long the job
+    assert audio_for_ratio(0.9, 0.85, 20.0, 20.0) is None
+
+
+def test_bench_sections_are_checked() -> None:
+    assert _sections("long, decode") == ("long", "decode")
+    with pytest.raises(SystemExit, match="unknown --sections"):
+        _sections("long,gpu")
 
 
 @pytest.mark.parametrize(("name", "tflops"), [
