@@ -752,6 +752,9 @@ class EmbeddingJob:
                               for src, dst in zip(sorted(staged_paths[table]), paths, strict=True)]
                       for table, paths in final.items()}
         outcome.committed_after_s = round(time.perf_counter() - started, 3)
+        # Publishing can be many copies on an object store: the lease may have been taken
+        # over meanwhile, and the new holder's recovery deletes unmarked files.
+        self._lease.check()
         layout_mod.commit(self.layout, {
             "shard": shard_id,
             "job_id": self.job_id,

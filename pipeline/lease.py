@@ -7,25 +7,39 @@ not committed yet; whichever committed second would duplicate them. So a run fir
 ``_leases/model=M/variant=V.json``: its job id, host, pid and a heartbeat the driver
 rewrites every ``HEARTBEAT_S``.
 
-A lease is taken over when its holder is gone: its heartbeat is older than ``STALE_S``
-(a driver that crashed on another node), its pid no longer runs on this host (a killed
-driver here), or it is this process's own and its job is not running (one that was only
-prepared). A holder whose heartbeat moves while we wait is alive: the run is refused.
-A run checks that the lease is still its own before each commit, and its heartbeat stops
-if it is not. Two runs starting in the same instant both write, read back after
-``SETTLE_S``, and the one whose write landed last proceeds. Object stores have no portable
-compare-and-swap through fsspec, so two starts whose read-back gaps exceed ``SETTLE_S``
-could both proceed; the window is a fraction of a second, against hours of a run.
+The heartbeat runs from the moment the lease is taken (planning included) until it is
+released. Each acquisition carries its own random token, so two runs given the same
+``run.job_id`` are still two holders.
+
+A lease is taken over when its holder is gone: its pid no longer runs on this machine (same
+host name, boot and pid namespace: a killed driver here), it is this process's own and its
+run never started (one that was only prepared), or its record stays unchanged, watched with
+this process's own monotonic clock, for what remains of ``STALE_S`` after its heartbeat's
+age, and never less than one and a half heartbeats (a driver that crashed on another node;
+the watch makes a clock skew between hosts unable to make a live holder look dead). A holder
+whose record changes while we watch is alive: the run is refused.
+
+A run checks that the lease is still its own before it publishes a shard and again before
+it writes the shard's commit marker, and stops if it is not, or if its own heartbeat has
+not got through for ``STALE_S - HEARTBEAT_S`` (another run may then have taken over). Two
+runs starting in the same instant both write, read back after ``SETTLE_S``, and the one
+whose write landed last proceeds. Object stores have no portable compare-and-swap through
+fsspec, so two starts whose read-back gaps exceed ``SETTLE_S`` could both proceed, as could a
+heartbeat's read-then-write straddling a takeover; each window is a fraction of a second,
+against hours of a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from pipeline import storage
@@ -37,7 +51,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 SETTLE_S = 0.5
-_running: set[str] = set()  # job ids of this process whose runs hold their lease
+_running: set[str] = set()  # tokens of this process's leases whose runs have started
 _running_lock = threading.Lock()
 
 
@@ -48,10 +62,12 @@ class NamespaceLease:
         self.layout = layout
         self.job_id = job_id
         self.path = layout.lease_path()
+        self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
         self._lost_to: dict[str, Any] | None = None
+        self._renewed = 0.0  # monotonic time of the last heartbeat that got through
 
     def acquire(self) -> None:
         """Take the lease, waiting up to ``STALE_S`` for a silent holder to go stale.
@@ -60,41 +76,56 @@ class NamespaceLease:
             NamespaceBusyError: another run holds it and is alive.
         """
         fs = self.layout.fs
-        waited_for: dict[str, Any] | None = None
+        watched: tuple[dict[str, Any], float, float] | None = None  # record, since, for how long
         while True:
             holder = self._read()
-            if holder is not None and holder.get("job_id") != self.job_id:
+            if holder is not None and holder.get("token") != self.token:
                 gone = self._gone(holder)
                 if not gone:
-                    if waited_for is not None and holder != waited_for:
-                        raise NamespaceBusyError(self._busy_message(holder))
-                    if waited_for is None:
-                        log.warning("%s; waiting up to %.0f s for its heartbeat to stop or go "
-                                    "stale", self._busy_message(holder), STALE_S)
-                        waited_for = holder
-                    time.sleep(min(HEARTBEAT_S / 3, 5.0))
-                    continue
+                    if watched is not None and holder != watched[0]:
+                        raise NamespaceBusyError(self._busy_message(holder))  # it beat
+                    if watched is None:
+                        age = time.time() - float(holder.get("heartbeat", 0.0))
+                        need = min(STALE_S, max(STALE_S - age, 1.5 * HEARTBEAT_S))
+                        log.warning("%s; watching its heartbeat for up to %.0f s",
+                                    self._busy_message(holder), need)
+                        watched = (holder, time.monotonic(), need)
+                    if time.monotonic() - watched[1] < watched[2]:
+                        time.sleep(min(HEARTBEAT_S / 3, 5.0))
+                        continue
+                    gone = f"its lease unchanged for {time.monotonic() - watched[1]:.0f} s"
                 log.warning("taking over the lease of %s from job %s (%s)",
                             self.layout.uri(self.path), holder.get("job_id"), gone)
             write_json(fs, self.path, self._record())
             time.sleep(SETTLE_S)
             mine = self._read()
-            if mine is not None and mine.get("job_id") == self.job_id:
+            if mine is not None and mine.get("token") == self.token:
                 self._held = True
+                self._renewed = time.monotonic()
+                self._thread = threading.Thread(target=self._beat, name="lease-heartbeat",
+                                                daemon=True)
+                self._thread.start()
                 return
             if mine is not None:
                 raise NamespaceBusyError(self._busy_message(mine))
 
     def start(self) -> None:
-        """Mark this job running here and keep the heartbeat going until :meth:`release`."""
+        """Mark this lease's run as started (a lease of this process whose run never
+        started is free to take: see :meth:`_gone`)."""
         with _running_lock:
-            _running.add(self.job_id)
-        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
-        self._thread.start()
+            _running.add(self.token)
 
     def check(self) -> None:
-        """Raise if another run took the lease over (this one looked dead to it): called
-        before each commit, so nothing more is committed. One small read."""
+        """Raise if another run took the lease over (this one looked dead to it), or if this
+        run's heartbeat has not got through for long enough that another may have: called
+        before a shard is published and before its marker is written, so nothing more is
+        committed. One small read."""
+        silent = time.monotonic() - self._renewed
+        if self._lost_to is None and silent > STALE_S - HEARTBEAT_S:
+            raise NamespaceBusyError(
+                f"this run could not renew its lease {self.layout.uri(self.path)} for "
+                f"{silent:.0f} s, so another run may have taken it over; stopping before "
+                "committing more (a rerun resumes)")
         if self._lost_to is None and self._still_mine():
             return
         lost = self._lost_to or {}
@@ -109,12 +140,12 @@ class NamespaceLease:
         if self._thread is not None:
             self._thread.join()
         with _running_lock:
-            _running.discard(self.job_id)
+            _running.discard(self.token)
         if not self._held:
             return
         self._held = False
         holder = self._read()
-        if holder is not None and holder.get("job_id") == self.job_id:
+        if holder is not None and holder.get("token") == self.token:
             storage.remove_file(self.layout.fs, self.path)
 
     def _beat(self) -> None:
@@ -125,19 +156,20 @@ class NamespaceLease:
                               (self._lost_to or {}).get("job_id"))
                     return
                 write_json(self.layout.fs, self.path, self._record())
-            except storage.StorageError as err:  # the next beat may get through
-                log.warning("lease heartbeat failed: %s", err)
+                self._renewed = time.monotonic()
+            except Exception as err:  # noqa: BLE001 - the next beat may get through; check() watches
+                log.warning("lease heartbeat failed: %s", storage.redact_text(str(err)))
 
     def _still_mine(self) -> bool:
-        """False (and who took it kept in ``_lost_to``) once another job holds the lease."""
+        """False (and who took it kept in ``_lost_to``) once another run holds the lease."""
         holder = self._read()
-        if holder is not None and holder.get("job_id") != self.job_id:
+        if holder is not None and holder.get("token") != self.token:
             self._lost_to, self._held = holder, False
             return False
         return True
 
     def _record(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "host": socket.gethostname(), "pid": os.getpid(),
+        return {"job_id": self.job_id, "token": self.token, **machine(), "pid": os.getpid(),
                 "heartbeat": time.time()}
 
     def _read(self) -> dict[str, Any] | None:
@@ -149,16 +181,14 @@ class NamespaceLease:
 
     @staticmethod
     def _gone(holder: dict[str, Any]) -> str:
-        """Why ``holder`` no longer runs, or ``""`` if it may."""
-        age = time.time() - float(holder.get("heartbeat", 0.0))
-        if age > STALE_S:
-            return f"no heartbeat for {age:.0f} s"
-        if holder.get("host") != socket.gethostname():
-            return ""
+        """Why ``holder`` surely no longer runs (known on this machine alone), or ``""`` if
+        it may: then only watching its heartbeat tells."""
+        if any(holder.get(k) != v for k, v in machine().items()):
+            return ""  # another machine, or another pid namespace: its pid means nothing here
         pid = int(holder.get("pid", -1))
         if pid == os.getpid():
             with _running_lock:
-                return "" if holder.get("job_id") in _running else "prepared here, never run"
+                return "" if holder.get("token") in _running else "prepared here, never run"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -173,3 +203,14 @@ class NamespaceLease:
                 f"is running on {self.layout.uri(self.layout.table_dir('windows'))}, heartbeat "
                 f"{age:.0f} s ago; two runs on one namespace would embed the same recordings. "
                 f"Wait for it, or stop it (its lease is {self.layout.uri(self.path)})")
+
+
+def machine() -> dict[str, str]:
+    """Where a pid means one process: host name, boot and pid namespace (Linux; elsewhere
+    the host name alone). Pods sharing a node's network share its host name too."""
+    found = {"host": socket.gethostname()}
+    with contextlib.suppress(OSError):
+        found["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        found["pidns"] = os.readlink("/proc/self/ns/pid")
+    return found

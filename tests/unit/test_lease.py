@@ -30,10 +30,14 @@ def holder_of(layout: OutputLayout) -> dict:
 
 
 def plant(layout: OutputLayout, **record: object) -> None:
+    """Another run's lease record, on this machine unless ``record`` says otherwise; written
+    atomically, as the lease's own writes are."""
     path = Path(layout.lease_path())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"job_id": "other", "host": socket.gethostname(),
-                                "pid": os.getpid(), "heartbeat": time.time(), **record}))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job_id": "other", "token": "t-other", **lease_mod.machine(),
+                               "pid": os.getpid(), "heartbeat": time.time(), **record}))
+    os.replace(tmp, path)
 
 
 def test_a_running_holder_refuses_a_second_run_until_it_ends(layout: OutputLayout) -> None:
@@ -60,6 +64,74 @@ def test_a_driver_that_died_on_this_host_is_taken_over_at_once(layout: OutputLay
     NamespaceLease(layout, "rerun").acquire()
     assert time.monotonic() - started < 1.0
     assert holder_of(layout)["job_id"] == "rerun"
+
+
+def test_a_dead_pid_in_another_pid_namespace_proves_nothing(layout: OutputLayout) -> None:
+    """Pods sharing a node's network share its host name: a pid there is not a pid here."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    plant(layout, pid=dead.pid, pidns="pid:[4026531836]-elsewhere")
+    started = time.monotonic()
+    NamespaceLease(layout, "rerun").acquire()
+    assert time.monotonic() - started > 1.0  # watched until stale, not taken at once
+
+
+def test_a_live_holder_with_a_skewed_clock_is_not_taken_over(layout: OutputLayout) -> None:
+    """Its heartbeat reads 10 minutes old here (its clock is behind), but it keeps beating."""
+    import threading
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.2):
+            plant(layout, host="another-node", heartbeat=time.time() - 600)
+
+    plant(layout, host="another-node", heartbeat=time.time() - 600)
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        with pytest.raises(NamespaceBusyError, match="job other"):
+            NamespaceLease(layout, "skewed").acquire()
+    finally:
+        stop.set()
+        beating.join()
+
+
+def test_two_runs_given_one_job_id_are_two_holders(layout: OutputLayout) -> None:
+    first = NamespaceLease(layout, "nightly")
+    first.acquire()
+    first.start()
+    with pytest.raises(NamespaceBusyError, match="job nightly"):
+        NamespaceLease(layout, "nightly").acquire()
+    first.release()
+
+
+def test_the_heartbeat_runs_from_the_moment_the_lease_is_taken(layout: OutputLayout) -> None:
+    """Planning (reading markers, recovering) can be long: the lease must not go stale then."""
+    held = NamespaceLease(layout, "planning")
+    held.acquire()
+    first = holder_of(layout)["heartbeat"]
+    time.sleep(0.5)
+    assert holder_of(layout)["heartbeat"] > first
+    held.release()
+
+
+def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    held = NamespaceLease(layout, "cut-off")
+    held.acquire()
+    held.start()
+    held.check()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError("403 Forbidden")  # not retried: the beat used to die of it
+
+    monkeypatch.setattr(lease_mod, "write_json", refused)
+    time.sleep(1.6)  # STALE_S - HEARTBEAT_S = 1.3 s without a renewal
+    with pytest.raises(NamespaceBusyError, match="could not renew its lease"):
+        held.check()
+    assert held._thread is not None and held._thread.is_alive()  # still trying
+    held.release()
 
 
 def test_a_silent_holder_elsewhere_is_taken_over_once_stale(layout: OutputLayout) -> None:
