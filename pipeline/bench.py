@@ -82,8 +82,10 @@ class BenchSettings:
             "windows": {"window_s": self.window_s, "hop_s": self.hop_s, "tail": "pad"},
             "model": {"name": self.model, "weights": "random", "options": dict(self.options or {}),
                       "batch_size": self.batch_size, "precision": self.precision, "layers": "last"},
-            # The job's own plan: on a CPU machine, narrow actors sharing the cores.
-            "compute": {},
+            # The job's own plan on a CPU machine (narrow actors sharing the cores); on a GPU
+            # machine one actor on one GPU, the device model only and the seed loop use (the
+            # default plan would put an actor on every GPU of the machine).
+            "compute": {} if self.device == "cpu" else {"embed_actors": 1, "gpus_per_actor": 1},
             "output": {"uri": output_uri},
             "run": {"progress": False, "shard_size": 10_000},
         }

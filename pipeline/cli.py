@@ -118,7 +118,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import write_demo_archive
 
     paths = write_demo_archive(args.directory, seed=args.seed)
-    print(f"wrote {len(paths)} recordings and manifest.csv to {args.directory}")
+    print(f"{len(paths)} recordings and manifest.csv in {args.directory} (an archive already "
+          "there with this seed is kept, so a rerun of the job resumes)")
     return 0
 
 

@@ -10,6 +10,7 @@ carries through to its outputs. Deterministic for a given seed.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,9 +174,26 @@ def render(spec: DemoFile, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
-    """Write the demo archive and its manifest into ``directory``; returns the audio paths."""
+    """Write the demo archive and its manifest into ``directory``; returns the audio paths.
+
+    An archive this function already wrote there with the same seed is left as it is: a
+    recording's version is its size and modification time, so files written again would be
+    new recordings to the job, and a second ``make demo`` would embed everything twice
+    instead of showing the resume. (The Ogg encoders write a random stream serial, so the
+    bytes themselves never repeat.)
+    """
     root = Path(directory)
+    stamp = root / ".demo.json"
+    wanted = {"seed": seed, "files": [spec.name for spec in DEMO_FILES]}
+    paths = [root / spec.name for spec in DEMO_FILES]
+    try:
+        same = json.loads(stamp.read_text()) == wanted
+    except (OSError, ValueError):
+        same = False
+    if same and all(p.is_file() for p in paths) and (root / "manifest.csv").is_file():
+        return paths
     root.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     rows = []
@@ -189,4 +207,5 @@ def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    stamp.write_text(json.dumps(wanted))  # last: an interrupted write is redone next time
     return paths

@@ -65,8 +65,11 @@ def package_version() -> str:
 
 
 def code_version() -> str:
-    """``0.1.0+<commit>``: the package version and the exact commit."""
-    return f"{package_version()}+{git_commit()[:12]}"
+    """``0.1.0+<commit>``: the package version and the commit (12 hex digits), with
+    ``-dirty`` kept when tracked files had changed."""
+    commit = git_commit()
+    dirty = "-dirty" if commit.endswith("-dirty") else ""
+    return f"{package_version()}+{commit.removesuffix('-dirty')[:12]}{dirty}"
 
 
 def library_versions() -> dict[str, str]:

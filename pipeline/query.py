@@ -13,6 +13,9 @@ import sys
 
 import duckdb
 
+from pipeline import storage
+from pipeline.layout import read_json
+
 QUERIES = {
     "recordings and their metadata": """
         SELECT regexp_extract(source_uri, '[^/]+$') AS file, site, channel, layer,
@@ -24,7 +27,8 @@ QUERIES = {
     "window rows per layer, every namespace": """
         SELECT model, variant, layer, count(*) AS windows, count(DISTINCT recording_id) AS recordings,
                round(avg(valid_s), 2) AS mean_valid_s
-        FROM read_parquet('{root}/windows/**/*.parquet', hive_partitioning = true)
+        FROM read_parquet('{root}/windows/**/*.parquet', hive_partitioning = true,
+                          hive_types_autocast = false)
         GROUP BY ALL ORDER BY model, variant, layer""",
     "nearest neighbour of each recording (cosine, last layer)": """
         WITH r AS (
@@ -38,24 +42,40 @@ QUERIES = {
 }
 
 
+def latest_namespace(root: str, variant: str | None = None) -> tuple[str, str] | None:
+    """``(model, variant)`` of the run that started last (its record in ``_jobs/``) among
+    those whose namespace has recordings (of ``variant`` if given); None if there is none.
+    Job ids do not sort by time: a user may name runs ``nightly`` or ``baseline``."""
+    fs, path = storage.url_to_fs(root)
+    jobs = [read_json(fs, p) for p in storage.list_files(fs, storage.join(path, "_jobs"))
+            if p.endswith(".json")]
+    jobs.sort(key=lambda j: j.get("started_at") or "", reverse=True)
+    for job in jobs:
+        summary = job.get("summary") or {}
+        model, found = summary.get("model"), summary.get("variant")
+        if not model or not found or (variant is not None and found != variant):
+            continue
+        folder = storage.join(path, "recordings", f"model={model}", f"variant={found}")
+        if storage.exists(fs, folder) and any(p.endswith(".parquet")
+                                              for p in storage.list_files(fs, folder)):
+            return model, found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = (args[0] if args else "outputs/demo").rstrip("/")
     con = duckdb.connect()
-    newest = con.sql(f"""
-        SELECT model, variant
-        FROM read_parquet('{root}/recordings/**/*.parquet', hive_partitioning = true,
-                          hive_types_autocast = false)
-        {"WHERE variant = $variant" if len(args) > 1 else ""}
-        ORDER BY job_id DESC LIMIT 1""", params={"variant": args[1]} if len(args) > 1 else None
-                     ).fetchall()
+    found = latest_namespace(root, args[1] if len(args) > 1 else None)
+    newest = [found] if found else []
     if not newest:
         print(f"no recordings under {root}" + (f" for variant {args[1]}" if len(args) > 1 else ""),
               file=sys.stderr)
         return 1
     model, variant = newest[0]
     ns = f"model={model}/variant={variant}"
-    print(f"-- namespace {ns} (written last; `python -m pipeline.query {root} VARIANT` for another)")
+    print(f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
+          "for another)")
     for title, sql in QUERIES.items():
         sql = sql.format(root=root, ns=ns)
         print(f"\n-- {title}\n{sql.strip()};")

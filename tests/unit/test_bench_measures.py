@@ -116,3 +116,12 @@ def test_gpu_sampler_is_off_on_cpu_and_without_nvidia_smi(
     with GpuBusySampler("cuda") as sampler:
         pass
     assert sampler.result() == {}
+
+
+def test_on_a_gpu_machine_the_pipeline_gets_the_one_gpu_model_only_uses(tmp_path) -> None:
+    from pipeline.config import JobConfig
+
+    gpu = JobConfig.from_dict(BenchSettings(device="cuda").job(str(tmp_path), str(tmp_path / "o")))
+    assert (gpu.compute.embed_actors, gpu.compute.gpus_per_actor) == (1, 1)
+    cpu = JobConfig.from_dict(BenchSettings().job(str(tmp_path), str(tmp_path / "o")))
+    assert cpu.compute.embed_actors is None  # the job's own plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,7 +12,8 @@ import pytest
 from pipeline import query
 
 
-def write_namespace(root: Path, variant: str, job_id: str, files: list[str]) -> None:
+def write_namespace(root: Path, variant: str, job_id: str, files: list[str],
+                    started_at: str) -> None:
     n = len(files)
     rec = pa.table({
         "recording_id": [f"{variant}-{f}" for f in files], "source_uri": [f"/a/{f}" for f in files],
@@ -26,12 +28,21 @@ def write_namespace(root: Path, variant: str, job_id: str, files: list[str]) -> 
         folder = root / table / "model=beats" / f"variant={variant}"
         folder.mkdir(parents=True)
         pq.write_table(data, folder / "part-0.parquet")
+    (root / "_jobs").mkdir(exist_ok=True)
+    (root / "_jobs" / f"{job_id}.json").write_text(json.dumps(
+        {"job_id": job_id, "started_at": started_at,
+         "summary": {"model": "beats", "variant": variant}}))
 
 
 def test_the_newest_namespace_by_default_another_by_name(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_namespace(tmp_path, "0123", "20261122T100000Z-aaaaaa", ["old.wav", "both.wav"])
-    write_namespace(tmp_path, "4567", "20261122T110000Z-bbbbbb", ["new.wav", "both.wav"])
+    # Named runs: the later one's id sorts first, its start time decides.
+    write_namespace(tmp_path, "0123", "nightly", ["old.wav", "both.wav"], "2026-11-22T10:00:00Z")
+    write_namespace(tmp_path, "4567", "baseline", ["new.wav", "both.wav"], "2026-11-22T11:00:00Z")
+    # A later run that wrote nothing (failed before its first commit) is passed over.
+    (tmp_path / "_jobs" / "failed.json").write_text(json.dumps(
+        {"job_id": "failed", "started_at": "2026-11-22T12:00:00Z",
+         "summary": {"model": "beats", "variant": "9999"}}))
     assert query.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "namespace model=beats/variant=4567" in out
