@@ -4,8 +4,9 @@ Every run starts by deleting what a crashed run left behind and planning from th
 markers (``pipeline.layout``). A second run started on the same namespace while the first
 still runs would delete the first's staged files and embed the recordings the first has
 not committed yet; whichever committed second would duplicate them. So a run first takes
-``_leases/model=M/variant=V.json``: its job id, host, pid and a heartbeat the driver
-rewrites every ``HEARTBEAT_S``.
+``_leases/model=M/variant=V.json``: its job id, a token of this acquisition, where its
+driver runs (host, boot id, pid namespace, pid) and a heartbeat the driver rewrites every
+``HEARTBEAT_S``.
 
 The heartbeat runs from the moment the lease is taken (planning included) until it is
 released. Each acquisition carries its own random token, so two runs given the same
