@@ -35,7 +35,7 @@ from torch.nn.utils import parametrizations
 
 from pipeline.errors import ConfigError
 from pipeline.models.base import TokenFeatures
-from pipeline.models.frontends import KaldiFbank
+from pipeline.models.frontends import KaldiFbank, by_row_chunks
 from pipeline.models.masks import starts_mask, valid_from_padding_mask, zero_padding
 from pipeline.models.pooling import pool
 
@@ -402,12 +402,19 @@ class BEATs(nn.Module):
     def preprocess(self, audio: torch.Tensor) -> torch.Tensor:
         """Normalised fbank: ``(fbank(audio * 2**15) - mean) / (2 * std)``, float32.
 
+        On a CPU a few examples at a time, scaling and normalising included (see
+        :func:`~pipeline.models.frontends.by_row_chunks`).
+
         Args:
             audio: ``[B, T]`` in [-1, 1].
 
         Returns:
             float32 ``[B, frames, num_mel_bins]``.
         """
+        return by_row_chunks(self._normalised_fbank, audio,
+                             row_bytes=self.fbank.row_bytes(audio.shape[-1]))
+
+    def _normalised_fbank(self, audio: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=audio.device.type, enabled=False):
             fbank = self.fbank(audio.float() * KALDI_INPUT_SCALE)
             return (fbank - self.cfg.fbank_mean) / (2.0 * self.cfg.fbank_std)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.models import create_backbone, load_model, pool
+from pipeline.models import create_backbone, frontends, load_model, pool
 from pipeline.models.beats import BeatsConfig, relative_position_buckets
 from tests.unit.models.conftest import TINY_BEATS, TINY_BEATS_PROJ, golden
 
@@ -49,6 +49,16 @@ def test_layers_from_one_pass_equal_separate_passes(tiny_beats):
     for layer in range(4):
         alone = tiny_beats.extract(audio, None, [layer])[layer].tokens
         assert torch.equal(together[layer].tokens, alone)
+
+
+def test_cpu_front_end_chunks_give_the_batch_result(tiny_beats, monkeypatch):
+    """On a CPU scaling, fbank and normalisation run a few windows at a time."""
+    audio = _audio(9, 5.0, seed=2)
+    backbone = tiny_beats.module.backbone
+    assert frontends.CPU_CHUNK_BYTES // backbone.fbank.row_bytes(audio.shape[1]) < 9
+    chunked = backbone.preprocess(audio)
+    monkeypatch.setattr(frontends, "CPU_CHUNK_BYTES", 2**40)
+    torch.testing.assert_close(chunked, backbone.preprocess(audio), rtol=1e-6, atol=1e-6)
 
 
 def test_forward_stops_after_deepest_requested_layer(tiny_beats):

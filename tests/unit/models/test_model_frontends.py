@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.frontends import KaldiFbank, LogMelSpectrogram, htk_mel_banks, kaldi_mel_banks
+from pipeline.models import frontends
+from pipeline.models.frontends import (
+    KaldiFbank,
+    LogMelSpectrogram,
+    by_row_chunks,
+    htk_mel_banks,
+    kaldi_mel_banks,
+)
 from tests.unit.models import reference_frontends as ref
 from tests.unit.models.conftest import golden
 
@@ -95,3 +102,47 @@ def test_masked_minmax_uses_real_frames_only(golden_audio):
     assert torch.equal(out[0], frontend(golden_audio)[0])
     assert out[1, :, :200].min() == 0.0 and out[1, :, :200].max() == pytest.approx(1.0, abs=1e-6)
     assert (out[1, :, 200:] == 0).all()
+
+
+def test_by_row_chunks_splits_cpu_batches_and_passes_none_through(monkeypatch):
+    monkeypatch.setattr(frontends, "CPU_CHUNK_BYTES", 3 * 100)
+    seen: list[tuple[int, bool]] = []
+
+    def twice(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        seen.append((len(x), extra is None))
+        return (x * 2).sum(dim=1, keepdim=True)
+
+    x = torch.arange(8 * 5, dtype=torch.float32).reshape(8, 5)
+    out = by_row_chunks(twice, x, None, row_bytes=100)
+    assert seen == [(3, True), (3, True), (2, True)]
+    assert torch.equal(out, (x * 2).sum(dim=1, keepdim=True))
+    seen.clear()
+    by_row_chunks(twice, x.to("meta"), None, row_bytes=100)  # not a CPU: one call, whole
+    assert seen == [(8, True)]
+
+
+@pytest.mark.parametrize("frontend", [KaldiFbank(), LogMelSpectrogram()], ids=["kaldi", "htk"])
+def test_cpu_chunks_give_the_whole_batch_result(frontend, monkeypatch):
+    """A CPU batch goes through a few examples at a time; the result is the batch's."""
+    audio = torch.from_numpy(np.random.default_rng(3).standard_normal((7, 48_000)) * 0.1).float()
+    if isinstance(frontend, KaldiFbank):
+        audio = audio * 2**15
+    rows = frontends.CPU_CHUNK_BYTES // (frontend.num_frames(48_000) * frontend.n_fft * 4)
+    assert 1 <= rows < 7  # the batch really is split
+    chunked = frontend(audio)
+    monkeypatch.setattr(frontends, "CPU_CHUNK_BYTES", 2**40)
+    whole = frontend(audio)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_chunks_keep_each_examples_real_frames(monkeypatch):
+    frontend = LogMelSpectrogram()
+    audio = torch.from_numpy(np.random.default_rng(4).standard_normal((7, 48_000)) * 0.1).float()
+    frames = frontend.num_frames(48_000)
+    real = torch.ones(7, frames, dtype=torch.bool)
+    for row in range(7):
+        real[row, frames - 20 * row:] = False
+    chunked = frontend(audio, real)
+    monkeypatch.setattr(frontends, "CPU_CHUNK_BYTES", 2**40)
+    torch.testing.assert_close(chunked, frontend(audio, real), rtol=1e-6, atol=1e-6)
+    assert (chunked[6, :, frames - 120:] == 0).all()
