@@ -334,25 +334,25 @@ class GpuBusySampler:
         return gpu_busy(self.samples, span) if self.enabled else {}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (speeds differ several-fold between CPUs with the same flags)."""
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return fh.read()
     except OSError:
-        pass
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (speeds differ several-fold between CPUs with the same flags)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
 def cpu_claims_bf16() -> bool:
     """Whether this CPU's flags claim bf16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
@@ -362,7 +362,7 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
     bf16 on a GPU that has it. On a CPU whose flags claim bf16, whichever of fp32 and bf16
     runs one batch of this model faster here: the flag alone says little. BEATs in bf16 ran
     2.5x faster than fp32 on an AMD EPYC with AVX512-BF16, and 1.6x slower on an Intel
-    Xeon with the same flag and no AMX (0.33 vs 0.21 s per 5-s window, 2 threads).
+    Xeon with the same flag and no AMX (0.34 vs 0.21 s per 5-s window, 2 threads).
 
     Returns:
         ``{"precision": ..., "why": ..., "s_per_window": {precision: seconds}}``.
