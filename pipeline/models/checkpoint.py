@@ -9,7 +9,7 @@ Loading normalises what differs between harmless layouts, like avex does: a lead
 ``module.`` (DDP) is dropped, wrapper prefixes (``model.``, ``backbone.``) are added or
 removed to match the target, and old-style weight norm (``weight_g`` / ``weight_v``) is
 renamed to ``torch.nn.utils.parametrizations`` names. After that it is strict: any
-missing key, unexpected key or shape mismatch raises
+missing key, unexpected key, shape mismatch or non-finite value raises
 :class:`~pipeline.errors.CheckpointMismatchError` naming them.
 """
 
@@ -192,7 +192,8 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
 
     Raises:
         CheckpointMismatchError: missing keys, unexpected keys, shape mismatches, tied
-            tensors that differ, or computed buffers that differ from the module's.
+            tensors that differ, computed buffers that differ from the module's, or NaN or
+            infinite values (which would make every embedding NaN).
     """
     target = module.state_dict()
     sd = normalise_keys(state_dict, list(target), rules.wrapper_prefixes)
@@ -205,14 +206,24 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     unexpected = [k for k in sd if k not in target]
     shapes = [f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(target[k].shape)})"
               for k in target if k in sd and sd[k].shape != target[k].shape]
+    non_finite = [k for k in target if k in sd and not _all_finite(sd[k])]
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", shapes)):
+                         ("shape mismatches", shapes),
+                         ("tensors with NaN or infinite values", non_finite)):
         if items:
             problems.append(f"{len(items)} {label}: {_shorten(items)}")
     if problems:
         raise CheckpointMismatchError(
-            f"checkpoint {source} does not match {type(module).__name__}: " + "; ".join(problems))
+            f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(sd, strict=True)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``; a sum first (one pass, 35 ms for BEATs' 90 M values, where
+    ``isfinite(...).all()`` takes 370), the exact test only if the sum is not finite."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _fill_tied(sd: dict[str, torch.Tensor], groups: Sequence[Sequence[str]]) -> list[str]:

@@ -79,6 +79,25 @@ def test_wrong_shape_extra_and_missing_keys_are_named(tiny_state, tmp_path):
     assert "1 missing keys: backbone.encoder.layers.1.fc2.bias" in message
 
 
+def test_non_finite_tensors_are_named_and_large_finite_ones_load(tiny_beats, tiny_state, tmp_path):
+    bad = dict(tiny_state)
+    bad["backbone.encoder.layers.0.fc1.weight"] = tiny_state["backbone.encoder.layers.0.fc1.weight"].clone()
+    bad["backbone.encoder.layers.0.fc1.weight"][3, 5] = float("nan")
+    bad["backbone.encoder.layers.1.fc2.bias"] = torch.full_like(
+        tiny_state["backbone.encoder.layers.1.fc2.bias"], float("inf"))
+    with pytest.raises(CheckpointMismatchError) as err:
+        _load_tiny(bad, tmp_path / "nan.safetensors")
+    assert ("2 tensors with NaN or infinite values: backbone.encoder.layers.0.fc1.weight, "
+            "backbone.encoder.layers.1.fc2.bias") in str(err.value)
+    # An fp16 tensor whose sum overflows (the quick test) but whose values are all finite.
+    big = dict(tiny_state)
+    big["backbone.encoder.layers.0.fc1.weight"] = torch.full((128, 64), 60_000.0,
+                                                             dtype=torch.float16)
+    loaded = _load_tiny(big, tmp_path / "big.safetensors")
+    assert torch.equal(loaded.module.state_dict()["backbone.encoder.layers.0.fc1.weight"],
+                       torch.full((128, 64), 60_000.0))
+
+
 def test_checkpoint_for_another_architecture_fails(tiny_state, tmp_path):
     path = save_safetensors(tiny_state, tmp_path / "tiny.safetensors")
     with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
