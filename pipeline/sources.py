@@ -8,9 +8,11 @@ keyed by. Workers never list.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,7 +136,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
         infos, root = {path: top}, None
     elif top is None and _has_magic(path):
         infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {shown}")
-        root = ""  # only the names themselves are checked for being hidden
+        root = _glob_root(path)
     else:
         if top is None:
             raise NoInputsError(f"input.uri {shown} does not exist")
@@ -148,7 +150,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     for name, info in infos.items():
         if info.get("type") == "directory" or not _extensions(name) & exts:
             continue
-        if root is not None and _hidden(name, root):
+        if root is not None and _hidden(name, root, path):
             hidden += 1
             continue
         uri = storage.redact_uri(storage.full_uri(fs, name))
@@ -175,12 +177,22 @@ def _extensions(name: str) -> set[str]:
     return found
 
 
-def _hidden(name: str, root: str) -> bool:
-    """Whether a listed object is hidden below the listed folder: a name or folder starting
-    with a dot (macOS's ``._x.wav`` resource forks, ``.snapshot/`` copies of a whole NFS
-    tree, ``.Trash``), which listing skips."""
+def _glob_root(pattern: str) -> str:
+    """The folder a glob lists below: its components before the first with a wildcard."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if _has_magic(part))
+    return "/".join(parts[:fixed]) + "/" if fixed else ""
+
+
+def _hidden(name: str, root: str, pattern: str) -> bool:
+    """Whether a listed object is hidden below the listed folder or glob root: a name or
+    folder starting with a dot (macOS's ``._x.wav`` resource forks, ``.snapshot/`` copies of
+    a whole NFS tree, ``.Trash``), which listing skips. A glob that spells a dot itself
+    (``site/.snapshot/*/*.wav``, ``site/.*.wav``) asks for what it matches."""
     rel = name[len(root):] if root and name.startswith(root) else name.rsplit("/", 1)[-1]
-    return any(part.startswith(".") for part in rel.split("/") if part)
+    asked = [part for part in pattern[len(root):].split("/") if part.startswith(".")]
+    return any(part.startswith(".") and not any(fnmatch.fnmatchcase(part, a) for a in asked)
+               for part in rel.split("/") if part)
 
 
 def _dedup_sorted(items: Iterable[SourceItem]) -> list[SourceItem]:
@@ -277,9 +289,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         if lower.endswith((".jsonl", ".ndjson", ".json")):
             return pa_json.read_json(io.BytesIO(data))
         if lower.endswith((".csv", ".tsv")):
-            delimiter = "\t" if lower.endswith(".tsv") else ","
-            return pa_csv.read_csv(io.BytesIO(data),
-                                   parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+            return _read_csv(data, "\t" if lower.endswith(".tsv") else ",")
     except pa.ArrowInvalid as err:
         raise ConfigError(f"manifest {storage.redact_uri(uri)} is malformed: {err}",
                           "input.manifest") from None
@@ -287,6 +297,42 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         f"{storage.redact_uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",
         "input.manifest",
     )
+
+
+def _read_csv(data: bytes, delimiter: str) -> pa.Table:
+    """A CSV manifest with its types inferred, except where a number would not say what the
+    file says: a numeric column keeps its text when any value is not the number's own
+    spelling (zero-padded ids such as ``007``, integers too long to survive a float)."""
+    parse = pa_csv.ParseOptions(delimiter=delimiter)
+    typed = pa_csv.read_csv(io.BytesIO(data), parse_options=parse)
+    numeric = [f.name for f in typed.schema
+               if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+    if not numeric:
+        return typed
+    text = pa_csv.read_csv(io.BytesIO(data), parse_options=parse,
+                           convert_options=pa_csv.ConvertOptions(
+                               column_types={name: pa.string() for name in numeric},
+                               strings_can_be_null=True))
+    for name in numeric:
+        spelled = text.column(name)
+        floating = pa.types.is_floating(typed.schema.field(name).type)
+        if not all(_plain_number(v, floating) for v in spelled.to_pylist() if v is not None):
+            typed = typed.set_column(typed.schema.get_field_index(name), name, spelled)
+    return typed
+
+
+_LEADING_ZERO = re.compile(r"^[+-]?0\d")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def _plain_number(text: str, floating: bool) -> bool:
+    """Whether reading ``text`` as a number loses nothing a reader would want back: no
+    zero padding, and no integer past what a float holds exactly (Arrow reads integers
+    beyond int64 as floats, exact to 15 digits)."""
+    text = text.strip()
+    if _LEADING_ZERO.match(text):
+        return False
+    return not (floating and _INTEGER.match(text) and len(text.lstrip("+-")) > 15)
 
 
 def plan_shards(items: Sequence[SourceItem], shard_size: int) -> list[tuple[str, list[SourceItem]]]:

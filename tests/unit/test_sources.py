@@ -46,6 +46,25 @@ def test_a_row_without_a_uri_is_refused_with_its_row_number(folder: Path) -> Non
     assert err.value.field == "input.manifest"
 
 
+def test_manifest_columns_keep_what_a_number_would_lose(folder: Path) -> None:
+    """Zero-padded ids and integers past a float's precision stay text; plain numbers,
+    dates and booleans get their types."""
+    path = folder / "manifest.csv"
+    path.write_text("uri,site_id,serial,depth_m,count,big,date,ok\n"
+                    "a.wav,007,12345678901234567890,1.5,3,1234567890123456,2024-05-01,true\n"
+                    "b.wav,010,98765432109876543210,,-4,-22,2024-05-02,false\n")
+    extras = list_sources(InputConfig(manifest=str(path))).extras
+    assert extras is not None
+    rows = extras.to_pylist()
+    assert [r["site_id"] for r in rows] == ["007", "010"]
+    assert [r["serial"] for r in rows] == ["12345678901234567890", "98765432109876543210"]
+    assert [r["depth_m"] for r in rows] == [1.5, None]
+    assert [r["count"] for r in rows] == [3, -4]
+    assert [r["big"] for r in rows] == [1234567890123456, -22]  # int64: exact
+    assert str(extras.schema.field("date").type) == "date32[day]"
+    assert [r["ok"] for r in rows] == [True, False]
+
+
 def test_an_unknown_size_is_unknown_not_empty() -> None:
     assert _size({"size": None}) == -1
     assert _size({}) == -1
@@ -67,10 +86,19 @@ def test_hidden_files_and_folders_are_not_recordings(tmp_path: Path) -> None:
         tone(tmp_path / hidden)
     listing = list_sources(InputConfig(uri=str(tmp_path)))
     assert sorted(i.uri for i in listing.items) == sorted(str(p) for p in keep)
-    # A folder the user names is theirs, dot or not; so is a glob's match below it.
+    # A glob skips them too, below its first wildcard.
+    listing = list_sources(InputConfig(uri=f"{tmp_path}/**/*.wav"))
+    assert [i.uri for i in listing.items] == [str(keep[0])]
+    # A folder the user names is theirs, dot or not; so is what a glob spells with a dot.
     hidden_root = tone(tmp_path / ".cache" / "c.wav").parent
     assert [i.uri for i in list_sources(InputConfig(uri=str(hidden_root))).items] == [
         str(hidden_root / "c.wav")]
+    assert [i.uri for i in list_sources(InputConfig(uri=f"{hidden_root}/*.wav")).items] == [
+        str(hidden_root / "c.wav")]
+    listing = list_sources(InputConfig(uri=f"{tmp_path}/.snapshot/*/site/*.wav"))
+    assert [i.uri for i in listing.items] == [str(tmp_path / ".snapshot/hourly.0/site/a.wav")]
+    listing = list_sources(InputConfig(uri=f"{tmp_path}/*/.*.wav"))
+    assert [i.uri for i in listing.items] == [str(tmp_path / "site/._a.wav")]
 
 
 def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path: Path) -> None:
