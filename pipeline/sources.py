@@ -250,7 +250,13 @@ def resolve_relative(uri: str, base: str) -> str:
 
 
 def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
-    fs, path = storage.url_to_fs(uri, cfg.storage_options)
+    try:
+        fs, path = storage.url_to_fs(uri, cfg.storage_options)
+    except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
+        shown = storage.redact_uri(uri)
+        return SourceItem(uri=shown, path=uri, size_bytes=-1, version="missing",
+                          recording_id=recording_id(shown, "missing"), row=row,
+                          problem=f"{type(err).__name__}: {err}")
     shown = storage.redact_uri(storage.full_uri(fs, path))
     try:
         info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")

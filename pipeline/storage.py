@@ -50,6 +50,19 @@ _FS_CACHE: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
 _FS_LOCK = threading.Lock()
 
 
+_CHAINED = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*::|::[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def chained_url_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be used, if it is an fsspec chain (``simplecache::s3://b/k``,
+    ``zip://a.wav::s3://b/x.zip``); else ``None``."""
+    if not _CHAINED.search(uri):
+        return None
+    return ("chained fsspec URLs ('a::b') are not supported: recordings are read by byte "
+            "range and named by their own URL (a cache layer would copy whole objects); "
+            "give the object's URL, and its options in storage_options")
+
+
 def protocol_of(uri: str) -> str:
     """``s3`` for ``s3://b/k``, ``file`` for plain paths."""
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
@@ -96,7 +109,13 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
     Returns:
         ``(fs, path)``.
+
+    Raises:
+        ValueError: ``uri`` is a chained URL (see :func:`chained_url_problem`).
     """
+    problem = chained_url_problem(uri)
+    if problem:
+        raise ValueError(f"{redact_uri(uri)}: {problem}")
     options = options_for(uri, storage_options)
     protocol = protocol_of(uri)
     try:

@@ -46,6 +46,12 @@ def test_defaults_fill_every_section() -> None:
         ({"output": {"uri": "/out"}}, "input", "set input.uri"),
         ({**BASE, "compute": {"embed_resources": {"gpu_node": "many"}}},
          "compute.embed_resources.gpu_node", "expected a number"),
+        ({**BASE, "input": {"uri": "simplecache::s3://b/x"}}, "input.uri", "chained"),
+        ({**BASE, "input": {"manifest": "zip://m.csv::gs://b/m.zip"}}, "input.manifest",
+         "chained"),
+        ({**BASE, "output": {"uri": "filecache::s3://b/out"}}, "output.uri", "chained"),
+        ({**BASE, "model": {"weights": "blockcache::hf://o/r/w.safetensors"}}, "model.weights",
+         "chained"),
     ],
 )
 def test_bad_values_name_the_field(raw: dict, field: str, words: str) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from pipeline import storage
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
 from pipeline.sources import _size, list_sources
@@ -63,6 +64,19 @@ def test_manifest_columns_keep_what_a_number_would_lose(folder: Path) -> None:
     assert [r["big"] for r in rows] == [1234567890123456, -22]  # int64: exact
     assert str(extras.schema.field("date").type) == "date32[day]"
     assert [r["ok"] for r in rows] == [True, False]
+
+
+def test_a_manifest_url_the_job_cannot_use_is_an_error_row(folder: Path) -> None:
+    """A chained URL (and an unknown protocol) fails its own recording, not the listing; a
+    filesystem cached for it never serves another URL (it used to take plain paths over)."""
+    manifest = write_manifest(folder, [("simplecache::memory://rec/a.wav", "x"),
+                                       ("nosuchprotocol://b/c.wav", "y"), ("a.wav", "z")])
+    items = list_sources(InputConfig(manifest=manifest)).items
+    problems = {i.uri: i.problem for i in items}
+    assert "chained fsspec URLs" in problems["simplecache::memory://rec/a.wav"]
+    assert "nosuchprotocol" in problems["nosuchprotocol://b/c.wav"]
+    assert problems[str(folder / "a.wav")] == ""
+    assert storage.chained_url_problem("http://[::1]:8080/a.wav") is None
 
 
 def test_an_unknown_size_is_unknown_not_empty() -> None:
