@@ -1,7 +1,8 @@
 """Streaming decode: a file object in, float32 blocks at the model's rate out.
 
 A recording is read ``block_s`` seconds at a time through soundfile (libsndfile: WAV,
-FLAC, OGG/Vorbis, Opus, MP3), repaired (non-finite samples become 0), mixed or kept per
+FLAC, OGG/Vorbis, Opus, MP3), repaired (NaN, inf and samples beyond 1e6 x full scale
+become 0), mixed or kept per
 channel, and resampled with soxr's streaming resampler, so memory is bounded by the block
 size whatever the recording's length.
 
@@ -15,7 +16,7 @@ What can go wrong, and what becomes of it (see also README, "Bad recordings"):
 ``CorruptAudio``       decoding failed before the first sample
 partial                decoding failed midway, or fewer frames than the header declares:
                        what decoded is kept, status ``partial`` with the reason
-repaired               NaN/inf samples were replaced by 0: status ``partial``, counted
+repaired               NaN/inf/huge samples were replaced by 0: status ``partial``, counted
 =====================  ==============================================================
 """
 
@@ -74,6 +75,10 @@ class DecodeReport:
 # Most float32 samples one read may return, over all channels: ``block_s`` of a 64-channel,
 # 768 kHz recording would otherwise be 2 GB in one array.
 MAX_BLOCK_BYTES = 8 * 2**20
+# Samples are nominally within +-1 (float files may exceed it; int16-scaled ones reach 32768).
+# Far beyond that a value is garbage, and large enough ones overflow float32 once mixed,
+# resampled or squared by a front end.
+MAX_SAMPLE_MAGNITUDE = 1e6
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,8 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
                 yield tail
     _note_truncation(report)
     if report.nonfinite_samples:
-        report.problems.append(f"{report.nonfinite_samples} non-finite samples replaced by 0")
+        report.problems.append(f"{report.nonfinite_samples} non-finite or implausible (|x| > "
+                               f"{MAX_SAMPLE_MAGNITUDE:g} x full scale) samples replaced by 0")
 
 
 def _check_limits(snd: sf.SoundFile, settings: DecodeSettings) -> None:
@@ -252,11 +258,14 @@ def declared_frames(snd: sf.SoundFile) -> int:
 
 
 def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:
-    finite = np.isfinite(block)
-    if finite.all():
+    """NaN, inf and implausibly large samples become 0 (counted), before mixing and
+    resampling, whose sums would turn a huge finite sample (a float file of garbage bytes,
+    up to 3.4e38) into inf or NaN across the neighbouring windows."""
+    sane = np.abs(block) <= MAX_SAMPLE_MAGNITUDE  # False for NaN too
+    if sane.all():
         return block
-    report.nonfinite_samples += int(block.size - np.count_nonzero(finite))
-    return np.where(finite, block, np.float32(0.0))
+    report.nonfinite_samples += int(block.size - np.count_nonzero(sane))
+    return np.where(sane, block, np.float32(0.0))
 
 
 def _note_truncation(report: DecodeReport) -> None:

@@ -102,6 +102,22 @@ def test_nonfinite_samples_are_zeroed_and_reported(tmp_path: Path) -> None:
     assert report.status == "partial" and "non-finite" in report.problems[0]
 
 
+@pytest.mark.parametrize("channels", ["mix", "each"])
+def test_huge_finite_samples_are_zeroed_before_mixing_and_resampling(tmp_path: Path,
+                                                                     channels: str) -> None:
+    """3e38 is finite, but a channel mean or the resampler's sums overflow to inf and smear
+    it over the neighbouring windows; such samples are repaired like NaN."""
+    x = np.full((44_100 * 2, 2), 0.1, np.float32)
+    x[50_000:50_010] = 3e38
+    x[60_000, 1] = -2e6
+    x[70_000, 0] = 30_000.0  # int16-scaled float audio: kept
+    sf.write(tmp_path / "huge.wav", x, 44_100, subtype="FLOAT")
+    audio, report = decode(tmp_path / "huge.wav", channels=channels)
+    assert np.isfinite(audio).all() and np.abs(audio).max() < 40_000
+    assert report.nonfinite_samples == 21
+    assert report.status == "partial" and "implausible" in report.problems[0]
+
+
 def test_truncated_wav_is_partial(tmp_path: Path) -> None:
     write_tone(tmp_path / "full.wav", 3.0)
     data = (tmp_path / "full.wav").read_bytes()
