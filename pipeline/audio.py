@@ -10,7 +10,9 @@ What can go wrong, and what becomes of it (see also README, "Bad recordings"):
 
 =====================  ==============================================================
 ``UnreadableAudio``    libsndfile cannot open it (not audio, unknown format, 0 bytes)
-``EmptyAudio``         it opens but holds no samples
+``EmptyAudio``         it opens but holds no samples (a WAV whose RIFF and data sizes
+                       were left at 0, a recorder's unfinished file, is read to its end:
+                       status ``partial``)
 ``TooManyChannels``    more channels than ``audio.max_channels``
 ``UnsupportedSampleRate``  rate outside ``[min_sample_rate_hz, max_sample_rate_hz]``
 ``CorruptAudio``       decoding failed before the first sample
@@ -125,7 +127,20 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
     Raises:
         AudioDecodeError: the recording cannot be used at all (see module docstring).
     """
-    with open_soundfile(fileobj) as snd:
+    snd = open_soundfile(fileobj)
+    if snd.frames == 0 and snd.format in _RIFF_FORMATS:
+        unfinished = _unfinished_wav(fileobj)
+        if unfinished is not None:
+            reopened = open_soundfile(unfinished)
+            if reopened.frames:
+                snd.close()
+                snd, fileobj = reopened, unfinished
+                report.problems.append(
+                    "the header declares no audio (a recorder stopped before finishing the "
+                    f"file?): {snd.frames} frames read up to the end of the file")
+            else:
+                reopened.close()
+    with snd:
         report.source_sample_rate_hz = int(snd.samplerate)
         report.source_channels = int(snd.channels)
         report.declared_frames = declared_frames(snd)
@@ -159,6 +174,67 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
     if report.nonfinite_samples:
         report.problems.append(f"{report.nonfinite_samples} non-finite or implausible (|x| > "
                                f"{MAX_SAMPLE_MAGNITUDE:g} x full scale) samples replaced by 0")
+
+
+_RIFF_FORMATS = ("WAV", "WAVEX")
+_RIFF_SIZE_AT = 4
+_STREAMING_SIZE = b"\xff\xff\xff\xff"  # RIFF's "size unknown: read to the end"
+
+
+def _unfinished_wav(fileobj: Any) -> _PatchedHeader | None:
+    """A view of a WAV whose sizes were never written, reading its data to the end.
+
+    A recorder that loses power mid-recording leaves the RIFF and data sizes at 0 (they are
+    written when the file is closed), and libsndfile then finds no audio in hours of it.
+    Seen through this view both sizes say "unknown", which libsndfile reads to the end of
+    the file. ``None`` if the file has no data chunk or its data size is not 0.
+    """
+    try:
+        fileobj.seek(12)  # past "RIFF", its size, "WAVE"
+        while True:
+            header = fileobj.read(8)
+            if len(header) < 8:
+                return None
+            chunk, size = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"data":
+                if size:
+                    return None
+                at = fileobj.tell() - 4
+                return _PatchedHeader(fileobj, {_RIFF_SIZE_AT: _STREAMING_SIZE,
+                                                at: _STREAMING_SIZE})
+            fileobj.seek(size + (size & 1), 1)  # chunks are padded to even sizes
+    except OSError:
+        return None
+    finally:
+        fileobj.seek(0)
+
+
+class _PatchedHeader:
+    """A read-only file object showing ``fileobj`` with a few bytes replaced."""
+
+    def __init__(self, fileobj: Any, patches: dict[int, bytes]) -> None:
+        self._raw = fileobj
+        self._patches = patches
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._raw.tell()
+        data = self._raw.read(size)
+        for at, patch in self._patches.items():
+            lo, hi = max(at, start), min(at + len(patch), start + len(data))
+            if lo < hi:
+                data = data[:lo - start] + patch[lo - at:hi - at] + data[hi - start:]
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The storage failure the underlying reader kept, if any (see decode_stream)."""
+        return getattr(self._raw, "error", None)
 
 
 def _check_limits(snd: sf.SoundFile, settings: DecodeSettings) -> None:
@@ -252,6 +328,8 @@ def declared_frames(snd: sf.SoundFile) -> int:
     info = snd.extra_info or ""
     short = _SHOULD_BE.search(info)
     align = _BLOCK_ALIGN.search(info)
+    if short and int(short.group(1)) == 0xFFFFFFFF:
+        return int(snd.frames)  # RIFF's "size unknown": libsndfile read to the end
     if short and align and int(align.group(1)) > 0:
         return max(int(snd.frames), int(short.group(1)) // int(align.group(1)))
     return int(snd.frames)

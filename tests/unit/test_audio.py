@@ -128,6 +128,50 @@ def test_truncated_wav_is_partial(tmp_path: Path) -> None:
     assert report.status == "partial" and "truncated" in report.problems[0]
 
 
+def _wav_bytes(pcm: np.ndarray, rate: int, riff_size: int | None = None,
+               data_size: int | None = None) -> bytes:
+    """A 16-bit WAV with an odd-sized LIST chunk before its data, sizes as given."""
+    data = pcm.astype("<i2").tobytes()
+    channels = pcm.shape[1]
+    fmt = (b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
+           + channels.to_bytes(2, "little") + rate.to_bytes(4, "little")
+           + (rate * 2 * channels).to_bytes(4, "little") + (2 * channels).to_bytes(2, "little")
+           + (16).to_bytes(2, "little"))
+    info = b"LIST" + (5).to_bytes(4, "little") + b"INFOx" + b"\0"  # padded to even
+    body = (b"WAVE" + fmt + info + b"data"
+            + (len(data) if data_size is None else data_size).to_bytes(4, "little") + data)
+    size = len(body) if riff_size is None else riff_size
+    return b"RIFF" + size.to_bytes(4, "little") + body
+
+
+def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
+                                                              tmp_path: Path) -> None:
+    """A recorder that loses power leaves the RIFF and data sizes at 0: libsndfile sees no
+    audio in it. It is read to the end of the file, partial, saying so."""
+    clip, rate = sf.read(real_data / f"{PERCH}.wav", dtype="int16", always_2d=True)
+    stereo = np.concatenate([clip, clip[::-1]], axis=1)
+    (tmp_path / "whole.wav").write_bytes(_wav_bytes(stereo, rate))
+    (tmp_path / "unfinished.wav").write_bytes(_wav_bytes(stereo, rate, riff_size=0,
+                                                         data_size=0))
+    whole, whole_report = decode(tmp_path / "whole.wav", rate, channels="each")
+    audio, report = decode(tmp_path / "unfinished.wav", rate, channels="each")
+    assert whole_report.status == "ok" and whole.shape == (clip.shape[0], 2)
+    assert np.array_equal(audio, whole)
+    assert report.status == "partial" and report.frames_decoded == clip.shape[0]
+    assert report.problems == [(f"the header declares no audio (a recorder stopped before "
+                                f"finishing the file?): {clip.shape[0]} frames read up to the "
+                                "end of the file")]
+    # RIFF's "size unknown" (0xFFFFFFFF) is read to the end too, and is no truncation.
+    (tmp_path / "streamed.wav").write_bytes(_wav_bytes(stereo, rate, data_size=0xFFFFFFFF))
+    audio, report = decode(tmp_path / "streamed.wav", rate, channels="each")
+    assert np.array_equal(audio, whole) and report.status == "ok", report.problems
+    # Sizes of 0 and really nothing after them: still no audio.
+    (tmp_path / "empty.wav").write_bytes(_wav_bytes(stereo[:0], rate, riff_size=0, data_size=0))
+    with pytest.raises(AudioDecodeError) as err:
+        decode(tmp_path / "empty.wav", rate)
+    assert err.value.error_type == "EmptyAudio"
+
+
 def test_a_wav_short_by_a_little_is_partial_too(tmp_path: Path) -> None:
     """Its header counts frames exactly: the slack MP3 and Ogg estimates need (one codec
     frame, or 0.1 %: 3.6 s of a 1-hour 48 kHz file) would hide real loss. (A cut FLAC
