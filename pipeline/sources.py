@@ -217,10 +217,10 @@ def _list_manifest(cfg: InputConfig) -> Listing:
             "input.manifest",
         )
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
-    uris = [resolve_relative(str(u), base) if u is not None else ""
-            for u in table.column("uri").to_pylist()]
+    raw = ["" if u is None else str(u) for u in table.column("uri").to_pylist()]
+    uris = [resolve_relative(u, base) for u in raw]
     extras = table.drop_columns(["uri"])
-    blank = [i for i, uri in enumerate(uris) if not uri.strip()]
+    blank = [i for i, uri in enumerate(raw) if not uri.strip()]
     if blank:
         raise ConfigError(
             f"manifest has {len(blank)} row(s) without a uri (rows "

@@ -41,8 +41,8 @@ def test_spellings_of_one_file_are_one_recording_with_the_first_rows_metadata(
 
 
 def test_a_row_without_a_uri_is_refused_with_its_row_number(folder: Path) -> None:
-    manifest = write_manifest(folder, [("a.wav", "x"), ("", "y"), ("b.wav", "z")])
-    with pytest.raises(ConfigError, match=r"1 row\(s\) without a uri \(rows 2;") as err:
+    manifest = write_manifest(folder, [("a.wav", "x"), ("", "y"), ("b.wav", "z"), ("  ", "w")])
+    with pytest.raises(ConfigError, match=r"2 row\(s\) without a uri \(rows 2, 4;") as err:
         list_sources(InputConfig(manifest=manifest))
     assert err.value.field == "input.manifest"
 
