@@ -109,7 +109,9 @@ def open_soundfile(fileobj: Any) -> sf.SoundFile:
     try:
         return sf.SoundFile(fileobj)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise AudioDecodeError("UnreadableAudio", f"not a readable audio file: {err}") from None
+        # soundfile names the file object by its repr, an address that differs every run.
+        reason = str(err).replace(repr(fileobj), "the file")
+        raise AudioDecodeError("UnreadableAudio", f"not a readable audio file: {reason}") from None
 
 
 def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) -> Iterator[np.ndarray]:

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.layout import (
-    RETRYABLE_ERRORS,
     TABLES,
     OutputLayout,
     committed_shards,
     read_json,
+    to_retry,
 )
 
 _NS = re.compile(r"model=([^/]+)/variant=([^/]+)")
@@ -41,6 +41,7 @@ class Namespace:
     outcomes: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
+    to_retry: int = 0  # recordings stopped by errors not their own: the next run redoes them
     uncommitted_files: int = 0
     missing_files: int = 0
     lease: dict[str, Any] | None = None  # the run writing this namespace now, if any
@@ -85,6 +86,7 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
     for marker in markers.values():
         ns.recordings += len(marker.get("recordings", ()))
         outcomes.update(r["outcome"] for r in marker.get("recordings", ()))
+        ns.to_retry += sum(to_retry(r) for r in marker.get("recordings", ()))
         for table, files in marker.get("files", {}).items():
             ns.rows[table] = ns.rows.get(table, 0) + sum(f["rows"] for f in files)
             ns.files[table] = ns.files.get(table, 0) + len(files)
@@ -141,10 +143,6 @@ def render(catalog: Catalog) -> str:
                          f"{table}/model={ns.model}/variant={ns.variant}/")
         if ns.error_types:
             lines.append("  errors by type: " + ", ".join(f"{k} {v}" for k, v in ns.error_types.items()))
-            retried = sum(v for k, v in ns.error_types.items() if k in RETRYABLE_ERRORS)
-            if retried:
-                lines.append(f"    {retried} of them met storage errors: the next run embeds "
-                             "their shards again (run.retry_storage_errors)")
             for example in ns.error_examples:
                 lines.append(f"    {example['error_type']:<22} {example['source_uri']}: "
                              f"{_clip(example['message'], 100)}")
@@ -152,6 +150,10 @@ def render(catalog: Catalog) -> str:
             if shown < sum(ns.error_types.values()):
                 lines.append(f"    ... ({sum(ns.error_types.values()) - shown} more in "
                              f"errors/model={ns.model}/variant={ns.variant}/)")
+        if ns.to_retry:
+            lines.append(f"  {ns.to_retry} recordings failed or stopped on errors not their own "
+                         "(storage, memory, a worker's environment): the next run embeds their "
+                         "shards again (run.retry_transient_errors)")
         if ns.missing_files:
             lines.append(f"  WARNING: {ns.missing_files} committed files are missing (deleted "
                          "after their shard was committed?)")

@@ -306,10 +306,13 @@ class RunConfig:
         max_failed_fraction: stop when more than this fraction of finished recordings
             failed (checked after each shard); 1.0 never stops.
         min_recordings_before_abort: do not apply ``max_failed_fraction`` before this many.
-        retry_storage_errors: a rerun reopens every committed shard holding a recording that
-            failed, or stopped early, on a storage error the retries could not get past (an
-            outage, throttling): the shard is uncommitted and embedded again, so the next
-            run can succeed where that one could not. ``False``: such recordings stay settled.
+        retry_transient_errors: a rerun reopens every committed shard holding a recording
+            that failed, or stopped early, on an error that was not the recording's own: a
+            storage error the retries could not get past (an outage, throttling) or an
+            unexpected exception (out of memory, a worker missing a codec, a bug since
+            fixed). The shard is uncommitted and embedded again, so the next run can succeed
+            where that one could not. Errors of the recording itself (unreadable, empty,
+            corrupt, too short...) stay settled. ``False``: every failure stays settled.
         progress: show Ray Data's progress bars.
         log_level: Python logging level.
     """
@@ -318,7 +321,7 @@ class RunConfig:
     shard_size: int = 256
     max_failed_fraction: float = 1.0
     min_recordings_before_abort: int = 20
-    retry_storage_errors: bool = True
+    retry_transient_errors: bool = True
     progress: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

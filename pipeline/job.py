@@ -272,8 +272,8 @@ class EmbeddingJob:
         self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
-            if cfg.run.retry_storage_errors:
-                self._reopen_storage_failures(markers)
+            if cfg.run.retry_transient_errors:
+                self._reopen_transient_failures(markers)
             layout_mod.recover(self.layout, markers)
             done = layout_mod.committed_recordings(markers)
             self.todo = [i for i in self.listing.items if i.recording_id not in done]
@@ -288,10 +288,10 @@ class EmbeddingJob:
                  self.already_done, len(self.todo), len(self.shards),
                  self.layout.uri(self.layout.table_dir("windows")))
 
-    def _reopen_storage_failures(self, markers: dict[str, dict[str, Any]]) -> None:
-        """Uncommit the shards whose recordings met storage errors that may have passed
-        (``run.retry_storage_errors``): this run embeds them again, whole, so no recording
-        has an error row beside a later success."""
+    def _reopen_transient_failures(self, markers: dict[str, dict[str, Any]]) -> None:
+        """Uncommit the shards whose recordings failed in ways that may have passed (storage
+        errors, unexpected exceptions: ``run.retry_transient_errors``): this run embeds them
+        again, whole, so no recording has an error row beside a later success."""
         listed = {i.recording_id for i in self.listing.items}
         reopen = {shard: n for shard, n in layout_mod.shards_to_retry(markers).items()
                   # Never drop the rows of a recording this run would not redo.
@@ -299,8 +299,9 @@ class EmbeddingJob:
         if not reopen:
             return
         log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "
-                    "stopped on storage errors that a retry may get past "
-                    "(run.retry_storage_errors)", len(reopen),
+                    "stopped on errors that were not the recording's own (storage, memory, "
+                    "a worker's environment) and a retry may get past "
+                    "(run.retry_transient_errors)", len(reopen),
                     sum(len(markers[s].get("recordings", ())) for s in reopen),
                     sum(reopen.values()))
         for shard_id in sorted(reopen):
@@ -786,8 +787,8 @@ class EmbeddingJob:
         Also returns what the commit marker records of each recording: its final
         ``outcome`` (``ok``, ``partial`` or ``error``), which can differ from its decode
         report's status (windows dropped as non-finite make it partial, all of them dropped
-        an error), and for a failed or cut-short one the ``error_type`` that stopped it
-        (see ``layout.shards_to_retry``).
+        an error), and for a failed or cut-short one the ``error_type`` that stopped it and,
+        when that was not the recording's fault, ``retry`` (see ``layout.shards_to_retry``).
         """
         outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
         rec_rows: list[dict[str, Any]] = []
@@ -803,7 +804,8 @@ class EmbeddingJob:
                                  "message": report["message"]})
                 outcome.failed += 1
                 settled[item.recording_id] = {"outcome": "error",
-                                              "error_type": report["error_type"]}
+                                              "error_type": report["error_type"],
+                                              **_retry_mark(report)}
                 continue
             problems = list(report.get("problems", []))
             lost = dropped.get(item.recording_id, set())
@@ -844,7 +846,8 @@ class EmbeddingJob:
             outcome.embedded += not problems
             settled[item.recording_id] = {"outcome": "partial" if problems else "ok"}
             if report.get("stopped_by"):
-                settled[item.recording_id]["error_type"] = report["stopped_by"]
+                settled[item.recording_id].update(error_type=report["stopped_by"],
+                                                  **_retry_mark(report))
         return rec_rows, err_rows, outcome, settled
 
     def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
@@ -856,6 +859,12 @@ class EmbeddingJob:
             "summary": summary.to_dict(),
         }
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
+
+
+def _retry_mark(report: Mapping[str, Any]) -> dict[str, bool]:
+    """What a marker records of a failure that was not the recording's own (a storage error,
+    an unexpected exception): a rerun reopens its shard (``layout.shards_to_retry``)."""
+    return {"retry": True} if report.get("transient") else {}
 
 
 def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,

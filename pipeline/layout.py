@@ -125,16 +125,22 @@ def committed_recordings(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     return done
 
 
-# Errors a later run may not meet: the storage retries ran out (an outage, throttling).
+# Markers written before ``retry`` was recorded name only these as worth a retry.
 RETRYABLE_ERRORS = frozenset({"StorageError"})
 
 
+def to_retry(recording: Mapping[str, Any]) -> bool:
+    """Whether a marker's recording failed, or stopped early, on an error that was not its
+    own (storage retries ran out, memory, an exception of a worker's environment or of a
+    bug since fixed), which a later run may not meet."""
+    return bool(recording.get("retry")) or recording.get("error_type") in RETRYABLE_ERRORS
+
+
 def shards_to_retry(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
-    """``shard -> recordings`` for committed shards holding a recording that failed, or
-    stopped early, on a :data:`RETRYABLE_ERRORS` error (markers record ``error_type``)."""
+    """``shard -> recordings`` for committed shards holding a recording :func:`to_retry`."""
     out: dict[str, int] = {}
     for shard_id, marker in markers.items():
-        n = sum(1 for r in marker.get("recordings", ()) if r.get("error_type") in RETRYABLE_ERRORS)
+        n = sum(1 for r in marker.get("recordings", ()) if to_retry(r))
         if n:
             out[shard_id] = n
     return out

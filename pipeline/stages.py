@@ -201,7 +201,8 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     except AudioDecodeError as err:
         meta = {"status": "error", "error_type": err.error_type, "message": str(err)}
     except storage.StorageError as err:
-        meta = {"status": "error", "error_type": "StorageError", "message": str(err)}
+        meta = {"status": "error", "error_type": "StorageError", "message": str(err),
+                "transient": True}
     except (FileNotFoundError, PermissionError) as err:
         meta = {"status": "error", "error_type": type(err).__name__, "message": str(err)}
     except Exception as err:  # noqa: BLE001 - any failure becomes the recording's error row
@@ -211,13 +212,15 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         if log.isEnabledFor(logging.DEBUG):
             log.debug("traceback of that error:\n%s",
                       storage.redact_text("".join(traceback.format_exception(err))))
+        # Not the recording's fault (memory, a worker's environment, a bug): worth a retry.
         meta = {"status": "error", "error_type": type(err).__name__,
-                "message": f"unexpected: {err}"}
+                "message": f"unexpected: {err}", "transient": True}
     # Messages name the object; a signed URL's signature must not reach the errors table.
     meta["message"] = storage.redact_text(str(meta.get("message", "")))
     if meta["status"] == "error" and counts:
         # Windows already went downstream: keep them, and say the rest was lost.
         meta = {"status": "partial", "stopped_by": meta["error_type"],
+                "transient": meta.get("transient", False),
                 "problems": report.problems + [f"{meta['error_type']}: {meta['message']}"]}
     meta.update(
         type="report",

@@ -18,7 +18,7 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
         "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random"},
         "output": {"uri": str(tmp_path / "out")}}))
     job.layers = [0]
-    names = ("clean", "half_dropped", "all_dropped", "unreadable", "cut_short", "outage")
+    names = ("clean", "half_dropped", "all_dropped", "unreadable", "cut_short", "outage", "oom")
     items = [SourceItem(uri=f"/x/{n}.wav", path=f"/x/{n}.wav", size_bytes=1, version="v",
                         recording_id=n) for n in names]
     decoded = {"status": "ok", "problems": [], "windows": {"-1": 2}, "duration_s": 2.0,
@@ -26,8 +26,11 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     reports = dict.fromkeys(names[:3], decoded)
     reports["unreadable"] = {"status": "error", "error_type": "UnreadableAudio", "message": "x"}
     reports["cut_short"] = {**decoded, "status": "partial", "stopped_by": "StorageError",
-                            "problems": ["StorageError: read gave up"]}
-    reports["outage"] = {"status": "error", "error_type": "StorageError", "message": "gave up"}
+                            "transient": True, "problems": ["StorageError: read gave up"]}
+    reports["outage"] = {"status": "error", "error_type": "StorageError", "message": "gave up",
+                         "transient": True}
+    reports["oom"] = {"status": "error", "error_type": "MemoryError", "transient": True,
+                      "message": "unexpected: "}
     dropped = {"half_dropped": {(-1, 1)}, "all_dropped": {(-1, 0), (-1, 1)}}
     pooled = {(n, -1, 0): (2, np.ones(4, np.float32)) for n in ("clean", "cut_short")}
     pooled[("half_dropped", -1, 0)] = (1, np.ones(4, np.float32))
@@ -37,18 +40,22 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
         "half_dropped": {"outcome": "partial"},
         "all_dropped": {"outcome": "error", "error_type": "NonFiniteEmbedding"},
         "unreadable": {"outcome": "error", "error_type": "UnreadableAudio"},
-        "cut_short": {"outcome": "partial", "error_type": "StorageError"},
-        "outage": {"outcome": "error", "error_type": "StorageError"}}
-    assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 2, 3)
+        "cut_short": {"outcome": "partial", "error_type": "StorageError", "retry": True},
+        "outage": {"outcome": "error", "error_type": "StorageError", "retry": True},
+        "oom": {"outcome": "error", "error_type": "MemoryError", "retry": True}}
+    assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 2, 4)
     assert outcome.windows == 5
     assert sorted((r["recording_id"], r["status"]) for r in rec_rows) == [
         ("clean", "ok"), ("cut_short", "partial"), ("half_dropped", "partial")]
     assert sorted((e["recording_id"], e["error_type"]) for e in err_rows) == [
-        ("all_dropped", "NonFiniteEmbedding"), ("outage", "StorageError"),
-        ("unreadable", "UnreadableAudio")]
-    # What a rerun reopens: the shard of the two recordings storage errors stopped.
+        ("all_dropped", "NonFiniteEmbedding"), ("oom", "MemoryError"),
+        ("outage", "StorageError"), ("unreadable", "UnreadableAudio")]
+    # What a rerun reopens: the shard of the three recordings errors not their own stopped
+    # (a marker written before ``retry`` existed counts its StorageErrors).
     marker = {"recordings": [{"recording_id": r, **v} for r, v in settled.items()]}
-    assert shards_to_retry({"s": marker}) == {"s": 2}
+    assert shards_to_retry({"s": marker}) == {"s": 3}
+    old = {"recordings": [{"recording_id": "x", "outcome": "error", "error_type": "StorageError"}]}
+    assert shards_to_retry({"old": old}) == {"old": 1}
 
 
 def test_the_summary_points_at_the_errors_directory_the_layout_writes() -> None:

@@ -188,7 +188,7 @@ def test_birdnet_variants_say_fp32_whatever_is_asked(archive: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("retry", [True, False])
-def test_a_rerun_reopens_shards_that_met_storage_errors(archive: Path, tmp_path: Path,
+def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp_path: Path,
                                                         retry: bool) -> None:
     """A recording the storage retries could not get (an outage) is embedded again by the
     next run, its whole shard with it: uncommitted first, so no recording ends up with an
@@ -200,7 +200,8 @@ def test_a_rerun_reopens_shards_that_met_storage_errors(archive: Path, tmp_path:
     first.prepare()
     a, b = (i.recording_id for i in first.todo)
     lay = first.layout
-    shards = {"a" * 16: {"recording_id": a, "outcome": "error", "error_type": "StorageError"},
+    shards = {"a" * 16: {"recording_id": a, "outcome": "error", "error_type": "MemoryError",
+                         "retry": True},
               "b" * 16: {"recording_id": b, "outcome": "ok"}}
     for shard_id, rec in shards.items():
         path = Path(lay.shard_file("windows", shard_id, 0))
@@ -208,7 +209,7 @@ def test_a_rerun_reopens_shards_that_met_storage_errors(archive: Path, tmp_path:
         path.write_bytes(b"rows")
         layout_mod.write_json(lay.fs, lay.commit_path(shard_id),
                               {"shard": shard_id, "recordings": [rec], "files": {}})
-    again = job(archive, tmp_path, run={"retry_storage_errors": retry})
+    again = job(archive, tmp_path, run={"retry_transient_errors": retry})
     again.prepare()
     assert [i.recording_id for i in again.todo] == ([a] if retry else [])
     assert again.already_done == (1 if retry else 2)

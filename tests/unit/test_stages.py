@@ -232,7 +232,10 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
     assert error_type in (report.get("error_type", "") + detail)
     assert "s3cr3t" not in json.dumps(report)
     assert "truncated" not in json.dumps(report)
-    if status == "partial":  # what a rerun reads to decide whether to try again
+    # What a rerun reads to decide whether to try again: a storage error may pass, a 403
+    # is the object's.
+    assert report.get("transient", False) is (error_type == "StorageError")
+    if status == "partial":
         assert report["stopped_by"] == error_type
         # Every complete window of the audio decoded before the failure went downstream,
         # including those still in the batch being filled (a block's worth, 16 here).
@@ -240,6 +243,34 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
         decoded_windows = int(report["duration_s"] * 16_000) // 16_000
         assert decoded_windows % spec.block_rows != 0  # else this would not tell
         assert sent == report["windows"]["-1"] == decoded_windows
+
+
+def test_an_unexpected_exception_is_an_error_row_a_rerun_retries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory, a codec missing on one node, a bug: not the recording's fault, so its
+    report says a later run may get past it (``run.retry_transient_errors``); a file that
+    is not audio is the recording's own error."""
+    import soundfile
+
+    write_tone(tmp_path / "t.wav", 2.0, 16_000)
+    (tmp_path / "x.wav").write_bytes(b"not audio at all")
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
+                      tail="pad", min_tail_samples=400, batch_windows=4)
+
+    def report_of(name: str) -> dict:
+        path = str(tmp_path / name)
+        rows = list(decode_recording("r", path, path, -1, "", spec))
+        return json.loads(rows[-1]["meta"][-1])
+
+    assert "transient" not in report_of("x.wav") and report_of("x.wav")["status"] == "error"
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(soundfile, "SoundFile", no_memory)
+    report = report_of("t.wav")
+    assert (report["status"], report["error_type"], report["transient"]) == (
+        "error", "MemoryError", True)
 
 
 def test_an_actor_refuses_a_checkpoint_that_changed_since_the_job_was_planned(
