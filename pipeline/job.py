@@ -272,8 +272,7 @@ class EmbeddingJob:
         self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
-            if cfg.run.retry_transient_errors:
-                self._reopen_transient_failures(markers)
+            self._reopen_shards(markers)
             layout_mod.recover(self.layout, markers)
             done = layout_mod.committed_recordings(markers)
             self.todo = [i for i in self.listing.items if i.recording_id not in done]
@@ -288,22 +287,46 @@ class EmbeddingJob:
                  self.already_done, len(self.todo), len(self.shards),
                  self.layout.uri(self.layout.table_dir("windows")))
 
-    def _reopen_transient_failures(self, markers: dict[str, dict[str, Any]]) -> None:
-        """Uncommit the shards whose recordings failed in ways that may have passed (storage
-        errors, unexpected exceptions: ``run.retry_transient_errors``): this run embeds them
-        again, whole, so no recording has an error row beside a later success."""
+    @property
+    def _tables(self) -> list[str]:
+        """The tables this run writes (errors always)."""
+        o = self.cfg.output
+        return [t for t, on in (("windows", o.windows), ("recordings", o.recordings),
+                                ("errors", True)) if on]
+
+    def _reopen_shards(self, markers: dict[str, dict[str, Any]]) -> None:
+        """Uncommit the committed shards this run must embed again, whole: those holding a
+        recording that failed in a way that may have passed (a storage error, an unexpected
+        exception: ``run.retry_transient_errors``), so no recording keeps an error row
+        beside a later success; and those written without a table this run writes
+        (``output.windows`` or ``output.recordings`` turned on since), which would otherwise
+        never get its rows. A shard with a recording no longer listed is left as it is:
+        this run would not redo that recording."""
+        retry = (layout_mod.shards_to_retry(markers) if self.cfg.run.retry_transient_errors
+                 else {})
+        wanted = set(self._tables)
+        lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
+                   for shard, marker in markers.items()}
+        lacking = {shard: tables for shard, tables in lacking.items() if tables}
         listed = {i.recording_id for i in self.listing.items}
-        reopen = {shard: n for shard, n in layout_mod.shards_to_retry(markers).items()
-                  # Never drop the rows of a recording this run would not redo.
+        reopen = {shard for shard in set(retry) | set(lacking)
                   if all(r["recording_id"] in listed for r in markers[shard]["recordings"])}
         if not reopen:
             return
-        log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "
-                    "stopped on errors that were not the recording's own (storage, memory, "
-                    "a worker's environment) and a retry may get past "
-                    "(run.retry_transient_errors)", len(reopen),
-                    sum(len(markers[s].get("recordings", ())) for s in reopen),
-                    sum(reopen.values()))
+        retried = [s for s in reopen if s in retry]
+        if retried:
+            log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "
+                        "stopped on errors that were not the recording's own (storage, memory, "
+                        "a worker's environment) and a retry may get past "
+                        "(run.retry_transient_errors)", len(retried),
+                        sum(len(markers[s].get("recordings", ())) for s in retried),
+                        sum(retry[s] for s in retried))
+        filled = sorted({t for s in reopen if s in lacking for t in lacking[s]})
+        if filled:
+            log.warning("reopening %d committed shard(s) written without the %s table(s), "
+                        "which this run writes (output.%s turned on since)",
+                        sum(s in lacking for s in reopen), ", ".join(filled),
+                        " / output.".join(filled))
         for shard_id in sorted(reopen):
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
@@ -763,6 +786,7 @@ class EmbeddingJob:
             "committed_at": utc_now(),
             "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
                             **settled[i.recording_id]} for i in items],
+            "tables": self._tables,
             "files": final_rows,
             "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
         })

@@ -223,3 +223,39 @@ def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp
         third = job(archive, tmp_path)
         third.prepare()
         assert Path(lay.commit_path("c" * 16)).exists()
+
+
+def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: Path,
+                                                                       tmp_path: Path) -> None:
+    """Shards committed with output.windows false hold no window rows: a run that writes
+    windows embeds them again (else the table would stay empty while the run said every
+    recording was done). Turning a table off redoes nothing; markers from before tables
+    were recorded count as holding every table."""
+    from pipeline import layout as layout_mod
+
+    for name in ("b", "c"):
+        sf.write(archive / f"{name}.wav", np.zeros(16_000, np.float32), 16_000)
+    first = job(archive, tmp_path, output={"windows": False})
+    first.prepare()
+    assert first._tables == ["recordings", "errors"]
+    first._lease.release()
+    a, b, c = (i.recording_id for i in first.todo)
+    lay = first.layout
+    markers = {"a" * 16: (a, ["recordings", "errors"]),
+               "b" * 16: (b, ["windows", "recordings", "errors"]), "c" * 16: (c, None)}
+    for shard_id, (rid, tables) in markers.items():
+        marker = {"shard": shard_id, "files": {},
+                  "recordings": [{"recording_id": rid, "outcome": "ok"}]}
+        if tables is not None:
+            marker["tables"] = tables
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id), marker)
+    off = job(archive, tmp_path, output={"windows": False})
+    off.prepare()
+    off._lease.release()
+    assert off.todo == []
+    on = job(archive, tmp_path)
+    on.prepare()
+    on._lease.release()
+    assert [i.recording_id for i in on.todo] == [a]
+    assert not Path(lay.commit_path("a" * 16)).exists()
+    assert Path(lay.commit_path("b" * 16)).exists() and Path(lay.commit_path("c" * 16)).exists()
