@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import layout as layout_mod
 from pipeline import storage
@@ -57,6 +58,7 @@ from pipeline.sink import (
     merge_timing,
     recordings_schema,
     reduce_partials,
+    windows_schema,
     write_parquet,
     write_stage,
 )
@@ -272,6 +274,7 @@ class EmbeddingJob:
         self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
+            self._check_manifest_columns(markers)
             self._reopen_shards(markers)
             layout_mod.recover(self.layout, markers)
             done = layout_mod.committed_recordings(markers)
@@ -286,6 +289,56 @@ class EmbeddingJob:
                  "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
                  self.already_done, len(self.todo), len(self.shards),
                  self.layout.uri(self.layout.table_dir("windows")))
+
+    def _check_manifest_columns(self, markers: Mapping[str, Mapping[str, Any]]) -> None:
+        """Refuse a run whose manifest columns differ from those the namespace's rows carry.
+
+        Every row carries the manifest's columns; files of one namespace with a column of
+        two types (``site`` int64 in one run, ``A1`` in the next), or with different
+        columns, break the readers the README gives (pyarrow.dataset fails to cast, DuckDB
+        drops a column). An all-null column (a CSV column left empty) fits any type.
+
+        Raises:
+            ConfigError: the columns differ (field ``input.manifest``).
+        """
+        theirs = self._committed_extras(markers)
+        if theirs is None:
+            return
+        extras = self.listing.extras
+        mine = {f.name: f.type for f in extras.schema} if extras is not None else {}
+        if theirs.keys() == mine.keys() and all(
+                a == b or pa.types.is_null(a) or pa.types.is_null(b)
+                for a, b in ((theirs[k], mine[k]) for k in mine)):
+            return
+
+        def shown(columns: Mapping[str, pa.DataType]) -> str:
+            return ", ".join(f"{k}: {v}" for k, v in columns.items()) or "none"
+
+        raise ConfigError(
+            f"the rows already in {storage.redact_uri(self.layout.root)} (model "
+            f"{self.info.name}, variant {self.variant.id}) carry the manifest columns "
+            f"[{shown(theirs)}]; this run's would carry [{shown(mine)}]. One namespace needs "
+            "one schema for its readers: give the manifest the same columns and types, or "
+            "write to another output.uri", "input.manifest")
+
+    def _committed_extras(self, markers: Mapping[str, Mapping[str, Any]]
+                          ) -> dict[str, pa.DataType] | None:
+        """The manifest columns of a committed file (its footer), or ``None`` if none is
+        readable (no shard yet; files moved or deleted, which ``inspect`` reports)."""
+        committed = sorted((shard, table, f["path"]) for shard, marker in markers.items()
+                           for table, files in marker.get("files", {}).items() for f in files)
+        base = {"windows": windows_schema, "recordings": recordings_schema,
+                "errors": errors_schema}
+        for _, table, uri in committed[:3]:
+            try:
+                fs, path = storage.url_to_fs(uri, self.cfg.output.storage_options)
+                with fs.open(path, "rb") as fh:
+                    schema = pq.read_schema(fh)
+            except (OSError, ValueError):
+                continue
+            names = set(base[table](None).names)
+            return {f.name: f.type for f in schema if f.name not in names}
+        return None
 
     @property
     def _tables(self) -> list[str]:

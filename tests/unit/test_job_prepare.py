@@ -259,3 +259,38 @@ def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: 
     assert [i.recording_id for i in on.todo] == [a]
     assert not Path(lay.commit_path("a" * 16)).exists()
     assert Path(lay.commit_path("b" * 16)).exists() and Path(lay.commit_path("c" * 16)).exists()
+
+
+def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
+        archive: Path, tmp_path: Path) -> None:
+    """Rows already written carry site as an integer: a manifest that makes it text, or
+    adds a column, would give one namespace two schemas, which readers cannot take."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import layout as layout_mod
+    from pipeline.sink import recordings_schema
+
+    def manifest(name: str, text: str) -> dict:
+        (archive / name).write_text(text)
+        return {"uri": None, "manifest": str(archive / name)}
+
+    first = job(archive, tmp_path, input=manifest("m1.csv", "uri,site\na.wav,1\n"))
+    first.prepare()
+    first._lease.release()
+    lay = first.layout
+    written = Path(lay.shard_file("recordings", "a" * 16, 0))
+    written.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(recordings_schema(pa.schema([("site", pa.int64())])).empty_table(), written)
+    layout_mod.write_json(lay.fs, lay.commit_path("a" * 16), {
+        "shard": "a" * 16, "recordings": [{"recording_id": "elsewhere", "outcome": "ok"}],
+        "files": {"recordings": [{"path": str(written), "rows": 0}]}})
+    for name, text in (("m2.csv", "uri,site\na.wav,A1\n"),
+                       ("m3.csv", "uri,site,habitat\na.wav,1,reef\n"), ("m4.csv", "uri\na.wav\n")):
+        with pytest.raises(ConfigError, match=r"carry the manifest columns \[site: int64\]") as err:
+            job(archive, tmp_path, input=manifest(name, text)).prepare()
+        assert err.value.field == "input.manifest"
+    for name, text in (("m5.csv", "uri,site\na.wav,7\n"), ("m6.csv", "uri,site\na.wav,\n")):
+        again = job(archive, tmp_path, input=manifest(name, text))
+        again.prepare()  # same type, or a column left empty (null): fits
+        again._lease.release()
