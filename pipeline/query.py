@@ -1,6 +1,7 @@
 """Query an output root with DuckDB, the way a user would (``python -m pipeline.query OUT``).
 
-Prints each SQL statement and its result: recordings per site with their status, window
+Prints each SQL statement and its result: recordings with their manifest columns (the
+demo's site, calls and time) and status, window
 counts per layer, and each recording's nearest neighbour by cosine similarity of the
 pooled embeddings. Those read one namespace (model and variant): by default the one the
 latest job wrote, since embeddings of two variants (another window, hop or checkpoint) do
@@ -15,10 +16,11 @@ import duckdb
 
 from pipeline import storage
 from pipeline.layout import read_json
+from pipeline.sink import recordings_schema
 
 QUERIES = {
     "recordings and their metadata": """
-        SELECT regexp_extract(source_uri, '[^/]+$') AS file, site, channel, layer,
+        SELECT regexp_extract(source_uri, '[^/]+$') AS file, {extras}channel, layer,
                round(duration_s, 1) AS duration_s, source_sample_rate_hz AS rate_hz,
                num_windows, status, len(embedding) AS dim
         FROM read_parquet('{root}/recordings/{ns}/*.parquet')
@@ -76,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     ns = f"model={model}/variant={variant}"
     print(f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
           "for another)")
+    # The manifest's columns, whatever they are: what a recordings file has beyond the job's.
+    columns = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{root}/recordings/{ns}/*.parquet')"
+                      ).fetchall()
+    ours = set(recordings_schema(None).names) | {"model", "variant"}  # and the hive keys
+    extras = "".join(f'"{name}", ' for name, *_ in columns if name not in ours)
     for title, sql in QUERIES.items():
-        sql = sql.format(root=root, ns=ns)
+        sql = sql.format(root=root, ns=ns, extras=extras)
         print(f"\n-- {title}\n{sql.strip()};")
-        print(con.sql(sql))
+        sys.stdout.flush()
+        con.sql(sql).show(max_width=200)
     return 0
 
 

@@ -51,3 +51,14 @@ def test_the_newest_namespace_by_default_another_by_name(
     out = capsys.readouterr().out
     assert "variant=0123" in out and "new.wav" not in out and "old.wav" in out
     assert query.main([str(tmp_path), "89"]) == 1
+
+
+def test_outputs_without_a_manifest_are_queried_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_namespace(tmp_path, "0123", "j", ["a.wav"], "2026-11-22T10:00:00Z")
+    folder = tmp_path / "recordings" / "model=beats" / "variant=0123"
+    path = folder / "part-0.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["site"]), path)
+    assert query.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "a.wav" in out and "site" not in out
