@@ -313,6 +313,11 @@ class RunConfig:
             fixed). The shard is uncommitted and embedded again, so the next run can succeed
             where that one could not. Errors of the recording itself (unreadable, empty,
             corrupt, too short...) stay settled. ``False``: every failure stays settled.
+        replace_changed_sources: an object listed again with another version (rewritten,
+            re-uploaded, touched: a new ETag, generation or mtime) is a new recording; a
+            rerun then reopens the shards holding its earlier version, so its rows are
+            replaced, not kept beside the new ones. ``False``: both versions' rows stay
+            (``recording_id`` and ``source_version`` tell them apart).
         progress: show Ray Data's progress bars.
         log_level: Python logging level.
     """
@@ -322,6 +327,7 @@ class RunConfig:
     max_failed_fraction: float = 1.0
     min_recordings_before_abort: int = 20
     retry_transient_errors: bool = True
+    replace_changed_sources: bool = True
     progress: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

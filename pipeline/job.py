@@ -53,6 +53,7 @@ from pipeline.sink import (
     ShardProgress,
     SinkSpec,
     WriteReturn,
+    as_stored,
     errors_schema,
     file_metadata,
     merge_timing,
@@ -305,7 +306,7 @@ class EmbeddingJob:
         if theirs is None:
             return
         extras = self.listing.extras
-        mine = {f.name: f.type for f in extras.schema} if extras is not None else {}
+        mine = {f.name: f.type for f in as_stored(extras.schema)} if extras is not None else {}
         if theirs.keys() == mine.keys() and all(
                 a == b or pa.types.is_null(a) or pa.types.is_null(b)
                 for a, b in ((theirs[k], mine[k]) for k in mine)):
@@ -351,10 +352,12 @@ class EmbeddingJob:
         """Uncommit the committed shards this run must embed again, whole: those holding a
         recording that failed in a way that may have passed (a storage error, an unexpected
         exception: ``run.retry_transient_errors``), so no recording keeps an error row
-        beside a later success; and those written without a table this run writes
+        beside a later success; those written without a table this run writes
         (``output.windows`` or ``output.recordings`` turned on since), which would otherwise
-        never get its rows. A shard with a recording no longer listed is left as it is:
-        this run would not redo that recording."""
+        never get its rows; and those holding an earlier version of an object listed now
+        (``run.replace_changed_sources``), whose rows would otherwise sit beside the new
+        version's. A shard with a recording no longer listed at all is left as it is: this
+        run would not redo that recording."""
         retry = (layout_mod.shards_to_retry(markers) if self.cfg.run.retry_transient_errors
                  else {})
         wanted = set(self._tables)
@@ -362,10 +365,25 @@ class EmbeddingJob:
                    for shard, marker in markers.items()}
         lacking = {shard: tables for shard, tables in lacking.items() if tables}
         listed = {i.recording_id for i in self.listing.items}
-        reopen = {shard for shard in set(retry) | set(lacking)
-                  if all(r["recording_id"] in listed for r in markers[shard]["recordings"])}
+        listed_uris = {i.uri for i in self.listing.items}
+        changed = {shard: n for shard, marker in markers.items()
+                   if (n := sum(r["recording_id"] not in listed
+                                and r.get("source_uri") in listed_uris
+                                for r in marker.get("recordings", ())))}
+        if not self.cfg.run.replace_changed_sources:
+            changed = {}
+            listed_uris = set()
+        reopen = {shard for shard in set(retry) | set(lacking) | set(changed)
+                  if all(r["recording_id"] in listed or r.get("source_uri") in listed_uris
+                         for r in markers[shard]["recordings"])}
         if not reopen:
             return
+        replaced = [s for s in reopen if s in changed]
+        if replaced:
+            log.warning("reopening %d committed shard(s) holding %d recordings whose object "
+                        "has changed since (new version: new recording id); their rows are "
+                        "replaced by the new version's (run.replace_changed_sources)",
+                        len(replaced), sum(changed[s] for s in replaced))
         retried = [s for s in reopen if s in retry]
         if retried:
             log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "

@@ -462,5 +462,13 @@ def write_parquet(table: pa.Table, uri: str, storage_options: Mapping[str, Any],
     storage.write_bytes(fs, path, buffer.getvalue())
 
 
+def as_stored(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as :func:`write_parquet` stores it and readers get it back (Parquet has no
+    seconds unit: a ``timestamp[s]`` column comes back ``timestamp[ms]``)."""
+    buffer = io.BytesIO()
+    pq.write_table(schema.empty_table(), buffer)
+    return pq.read_schema(io.BytesIO(buffer.getvalue())).remove_metadata()
+
+
 def file_metadata(record: Mapping[str, Any]) -> dict[bytes, bytes]:
     return {PROVENANCE_KEY: json.dumps(record, sort_keys=True, default=str).encode()}

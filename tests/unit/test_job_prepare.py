@@ -10,7 +10,8 @@ import soundfile as sf
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError
-from pipeline.job import EmbeddingJob
+from pipeline.job import EmbeddingJob, _rows_to_table
+from pipeline.sink import errors_schema
 
 
 @pytest.fixture
@@ -294,3 +295,65 @@ def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
         again = job(archive, tmp_path, input=manifest(name, text))
         again.prepare()  # same type, or a column left empty (null): fits
         again._lease.release()
+
+
+def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
+                                                              tmp_path: Path) -> None:
+    """A CSV's timestamps are read in seconds, which Parquet stores in milliseconds: the
+    same manifest twice (make demo twice) must not look like two schemas."""
+    (archive / "m.csv").write_text("uri,recorded_at\na.wav,2026-05-06T05:15:00Z\n")
+    inputs = {"uri": None, "manifest": str(archive / "m.csv")}
+    first = job(archive, tmp_path, input=inputs)
+    first.prepare()
+    first._lease.release()
+    [item] = first.todo
+    table = _rows_to_table(
+        [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
+        errors_schema(first.listing.extras.schema), first._sources_table(first.todo),
+        first.provenance.row_columns())
+    assert str(table.schema.field("recorded_at").type) == "timestamp[s, tz=UTC]"
+    from pipeline import layout as layout_mod
+    from pipeline.sink import write_parquet
+
+    path = first.layout.shard_file("errors", "a" * 16, 0)
+    write_parquet(table, path, {}, 100, "zstd")
+    layout_mod.write_json(first.layout.fs, first.layout.commit_path("a" * 16), {
+        "shard": "a" * 16, "recordings": [{"recording_id": "other", "outcome": "error"}],
+        "files": {"errors": [{"path": path, "rows": 1}]}})
+    again = job(archive, tmp_path, input=inputs)
+    again.prepare()
+    again._lease.release()
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_path: Path,
+                                                             replace: bool) -> None:
+    """A rewritten object is a new recording (new version, new id); the shard holding the
+    earlier version is reopened, so the tables hold the object once. A shard holding a
+    recording that is no longer listed at all keeps its rows."""
+    from pipeline import layout as layout_mod
+
+    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
+    first = job(archive, tmp_path)
+    first.prepare()
+    first._lease.release()
+    a, b = first.todo
+    lay = first.layout
+    old_a = {"recording_id": "a-before-it-changed", "source_uri": a.uri, "outcome": "ok"}
+    gone = {"recording_id": "gone", "source_uri": "/nowhere/x.wav", "outcome": "ok"}
+    markers = {"a" * 16: [old_a, {"recording_id": b.recording_id, "source_uri": b.uri,
+                                  "outcome": "ok"}],
+               "c" * 16: [{**old_a, "recording_id": "another-old-a"}, gone]}
+    for shard_id, recs in markers.items():
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id),
+                              {"shard": shard_id, "recordings": recs, "files": {}})
+    again = job(archive, tmp_path, run={"replace_changed_sources": replace})
+    again.prepare()
+    again._lease.release()
+    if replace:
+        assert [i.recording_id for i in again.todo] == [a.recording_id, b.recording_id]
+        assert not Path(lay.commit_path("a" * 16)).exists()
+    else:
+        assert [i.recording_id for i in again.todo] == [a.recording_id]
+        assert Path(lay.commit_path("a" * 16)).exists()
+    assert Path(lay.commit_path("c" * 16)).exists()
