@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline import lease as lease_mod
 from pipeline import storage
 from pipeline.layout import (
     TABLES,
@@ -45,6 +47,7 @@ class Namespace:
     uncommitted_files: int = 0
     missing_files: int = 0
     lease: dict[str, Any] | None = None  # the run writing this namespace now, if any
+    lease_stale: str = ""  # why that lease's holder surely no longer runs, if it does not
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
         for table, files in marker.get("files", {}).items():
             ns.rows[table] = ns.rows.get(table, 0) + sum(f["rows"] for f in files)
             ns.files[table] = ns.files.get(table, 0) + len(files)
-            committed_paths.update(storage.url_to_fs(f["path"], storage_options)[1] for f in files)
+            committed_paths.update(layout.committed_file(table, f["path"]) for f in files)
     ns.outcomes = dict(outcomes)
     present: set[str] = set()
     for table in TABLES:
@@ -104,7 +107,7 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
     examples: list[dict[str, str]] = []
     for marker in markers.values():
         for f in marker.get("files", {}).get("errors", ()):
-            path = storage.url_to_fs(f["path"], storage_options)[1]
+            path = layout.committed_file("errors", f["path"])
             if path not in present:
                 continue  # counted in missing_files
             table = pq.read_table(io.BytesIO(storage.read_bytes(fs, path)),
@@ -118,6 +121,12 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
     ns.error_examples = sorted(examples, key=lambda e: e["source_uri"])[:ERROR_EXAMPLES]
     if storage.exists(fs, layout.lease_path()):
         ns.lease = read_json(fs, layout.lease_path())
+        age = time.time() - float(ns.lease.get("heartbeat", 0.0))
+        # This process is alive, whatever it did with the lease (a notebook prepared a job).
+        mine = ns.lease.get("pid") == os.getpid() and all(
+            ns.lease.get(k) == v for k, v in lease_mod.machine().items())
+        ns.lease_stale = "" if mine else lease_mod.NamespaceLease.holder_gone(ns.lease) or (
+            f"no heartbeat for {age:.0f} s" if age > lease_mod.STALE_S else "")
     return ns
 
 
@@ -157,20 +166,29 @@ def render(catalog: Catalog) -> str:
         if ns.missing_files:
             lines.append(f"  WARNING: {ns.missing_files} committed files are missing (deleted "
                          "after their shard was committed?)")
+        live = ns.lease is not None and not ns.lease_stale
         if ns.lease:
             age = time.time() - float(ns.lease.get("heartbeat", 0.0))
-            lines.append(f"  running: job {ns.lease.get('job_id')} (host {ns.lease.get('host')}, "
-                         f"pid {ns.lease.get('pid')}), heartbeat {age:.0f} s ago")
+            holder = (f"job {ns.lease.get('job_id')} (host {ns.lease.get('host')}, pid "
+                      f"{ns.lease.get('pid')}), heartbeat {age:.0f} s ago")
+            lines.append(f"  running: {holder}" if live else
+                         f"  stopped: {holder}, holds a stale lease ({ns.lease_stale}); the next "
+                         "run takes it over")
         if ns.uncommitted_files:
-            why = ("being published by the running job" if ns.lease else
+            why = ("being published by the running job" if live else
                    "a run was interrupted while publishing; the next run removes them")
             lines.append(f"  WARNING: {ns.uncommitted_files} files without a commit marker ({why})")
+    running = {ns.lease.get("job_id") for ns in catalog.namespaces
+               if ns.lease is not None and not ns.lease_stale}
     if catalog.jobs:
         lines.append("\njobs:")
         for job in catalog.jobs:
             s = job.get("summary", {})
+            status = s.get("status", "?")
+            if not job.get("ended_at") and job.get("job_id") not in running:
+                status = "interrupted"  # its record was never finished, and no lease is live
             lines.append(
-                f"  {job.get('job_id')}  {s.get('status', '?'):<22} started {job.get('started_at')} "
+                f"  {job.get('job_id')}  {status:<22} started {job.get('started_at')} "
                 f"ended {job.get('ended_at') or '-'}  model {job.get('model_name')} "
                 f"variant {job.get('variant')}  code {job.get('code_version')}  "
                 f"recordings {s.get('embedded', 0) + s.get('partial', 0) + s.get('failed', 0)} "

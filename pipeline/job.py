@@ -332,8 +332,7 @@ class EmbeddingJob:
                 "errors": errors_schema}
         for _, table, uri in committed[:3]:
             try:
-                fs, path = storage.url_to_fs(uri, self.cfg.output.storage_options)
-                with fs.open(path, "rb") as fh:
+                with self.layout.fs.open(self.layout.committed_file(table, uri), "rb") as fh:
                     schema = pq.read_schema(fh)
             except (OSError, ValueError):
                 continue

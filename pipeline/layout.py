@@ -67,6 +67,12 @@ class OutputLayout:
     def table_dir(self, table: str) -> str:
         return storage.join(self.root_path, table, self._ns())
 
+    def committed_file(self, table: str, recorded: str) -> str:
+        """Where a file a marker records is under this root: markers keep the URL it was
+        written to, which a copied or moved output root no longer has (a table's files are
+        all in its namespace folder, so the name places it)."""
+        return storage.join(self.table_dir(table), recorded.rsplit("/", 1)[-1])
+
     def shard_file(self, table: str, shard_id: str, part: int) -> str:
         return storage.join(self.table_dir(table), f"shard-{shard_id}-{part:05d}.parquet")
 

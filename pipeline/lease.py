@@ -81,7 +81,7 @@ class NamespaceLease:
         while True:
             holder = self._read()
             if holder is not None and holder.get("token") != self.token:
-                gone = self._gone(holder)
+                gone = self.holder_gone(holder)
                 if not gone:
                     if watched is not None and holder != watched[0]:
                         raise NamespaceBusyError(self._busy_message(holder))  # it beat
@@ -181,7 +181,7 @@ class NamespaceLease:
             return None
 
     @staticmethod
-    def _gone(holder: dict[str, Any]) -> str:
+    def holder_gone(holder: dict[str, Any]) -> str:
         """Why ``holder`` surely no longer runs (known on this machine alone), or ``""`` if
         it may: then only watching its heartbeat tells."""
         if any(holder.get(k) != v for k, v in machine().items()):

@@ -173,3 +173,31 @@ def test_inspect_shows_the_run_writing_a_namespace(layout: OutputLayout) -> None
         load_catalog(layout.root))
     held.release()
     assert "running:" not in render(load_catalog(layout.root))
+
+
+def test_inspect_tells_a_dead_runs_lease_and_record_from_a_live_one(
+        layout: OutputLayout) -> None:
+    """A killed run leaves its lease and a job record it never finished: inspect says the
+    run stopped (its pid has exited here; elsewhere, its heartbeat is old), not that it runs."""
+    from pipeline.catalog import load_catalog, render
+    from pipeline.layout import write_json
+
+    write_json(layout.fs, layout.commit_path("s1"), {"shard": "s1", "recordings": [], "files": {}})
+    gone_pid = subprocess.Popen(["true"])  # a pid that has exited
+    gone_pid.wait()
+    plant(layout, job_id="killed", pid=gone_pid.pid)
+    write_json(layout.fs, layout.job_path("killed"),
+               {"job_id": "killed", "started_at": "2026-11-22T10:00:00Z", "ended_at": None,
+                "summary": {"status": "running"}})
+    shown = render(load_catalog(layout.root))
+    assert f"stopped: job killed (host {socket.gethostname()}, pid {gone_pid.pid})" in shown
+    assert f"stale lease (pid {gone_pid.pid} has exited)" in shown and "running:" not in shown
+    assert "  killed  interrupted" in shown
+    plant(layout, job_id="elsewhere", host="another-host", heartbeat=time.time() - 5)
+    shown = render(load_catalog(layout.root))
+    assert "stale lease (no heartbeat for 5 s)" in shown
+    held = NamespaceLease(layout, "killed")  # the same id, live: not interrupted
+    Path(layout.lease_path()).unlink()
+    held.acquire()
+    assert "  killed  running" in render(load_catalog(layout.root))
+    held.release()

@@ -244,3 +244,25 @@ def test_recover_removes_only_uncommitted_shards(tmp_path: Path) -> None:
     assert Path(lay.shard_file("windows", keep, 0)).exists()
     assert not Path(lay.shard_file("windows", drop, 0)).exists()
     assert not Path(lay.staging_dir()).exists()
+
+
+def test_a_copied_output_root_is_inspected_as_itself(tmp_path: Path) -> None:
+    """Markers keep the URL each file was written to; a copy of the root (gsutil cp -r, a
+    move to cold storage) must not look like missing and unmarked files."""
+    import shutil
+
+    from pipeline.catalog import load_catalog, render
+
+    lay = OutputLayout(str(tmp_path / "out"), "m", "v")
+    path = lay.shard_file("errors", "a" * 16, 0)
+    Path(path).parent.mkdir(parents=True)
+    pq.write_table(pa.table({"source_uri": ["/a/x.wav"], "error_type": ["UnreadableAudio"],
+                             "message": ["not audio"]}), path)
+    layout.write_json(lay.fs, lay.commit_path("a" * 16), {
+        "shard": "a" * 16, "recordings": [{"recording_id": "x", "outcome": "error"}],
+        "files": {"errors": [{"path": lay.uri(path), "rows": 1}]}})
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "out")
+    shown = render(load_catalog(str(tmp_path / "copy")))
+    assert "errors by type: UnreadableAudio 1" in shown and "/a/x.wav: not audio" in shown
+    assert "missing" not in shown and "without a commit marker" not in shown
