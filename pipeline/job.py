@@ -364,7 +364,8 @@ class EmbeddingJob:
                    for shard, marker in markers.items()}
         lacking = {shard: tables for shard, tables in lacking.items() if tables}
         listed = {i.recording_id for i in self.listing.items}
-        listed_uris = {i.uri for i in self.listing.items}
+        # An object listed as missing or unreadable replaces nothing: its rows stay.
+        listed_uris = {i.uri for i in self.listing.items if not i.problem}
         changed = {shard: n for shard, marker in markers.items()
                    if (n := sum(r["recording_id"] not in listed
                                 and r.get("source_uri") in listed_uris

@@ -357,3 +357,13 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
         assert [i.recording_id for i in again.todo] == [a.recording_id]
         assert Path(lay.commit_path("a" * 16)).exists()
     assert Path(lay.commit_path("c" * 16)).exists()
+    if replace:  # an object that cannot be read at listing time replaces nothing
+        (archive / "m.csv").write_text(f"uri\n{a.uri}\n/no/such/b.wav\n")
+        layout_mod.write_json(lay.fs, lay.commit_path("d" * 16), {
+            "shard": "d" * 16, "files": {},
+            "recordings": [{"recording_id": "b-when-it-existed", "source_uri": "/no/such/b.wav",
+                            "outcome": "ok"}]})
+        third = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m.csv")})
+        third.prepare()
+        third._lease.release()
+        assert Path(lay.commit_path("d" * 16)).exists()
