@@ -174,8 +174,8 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
                 yield tail
     _note_truncation(report)
     if report.nonfinite_samples:
-        report.problems.append(f"{report.nonfinite_samples} non-finite or implausible (|x| > "
-                               f"{MAX_SAMPLE_MAGNITUDE:g} x full scale) samples replaced by 0")
+        report.problems.append(f"{report.nonfinite_samples} non-finite samples replaced by 0 "
+                               f"(NaN, inf, or beyond {MAX_SAMPLE_MAGNITUDE:g} x full scale)")
 
 
 _RIFF_FORMATS = ("WAV", "WAVEX")
