@@ -16,8 +16,9 @@ What can go wrong, and what becomes of it (see also README, "Bad recordings"):
 ``TooManyChannels``    more channels than ``audio.max_channels``
 ``UnsupportedSampleRate``  rate outside ``[min_sample_rate_hz, max_sample_rate_hz]``
 ``CorruptAudio``       decoding failed before the first sample
-partial                decoding failed midway, or fewer frames than the header declares:
-                       what decoded is kept, status ``partial`` with the reason
+partial                decoding failed midway, an Ogg page fails its checksum (see
+                       pipeline.ogg), or fewer frames than the header declares: what
+                       decoded is kept, status ``partial`` with the reason
 repaired               NaN/inf/huge samples were replaced by 0: status ``partial``, counted
 =====================  ==============================================================
 """
@@ -35,6 +36,7 @@ import soundfile as sf
 import soxr
 
 from pipeline.errors import AudioDecodeError
+from pipeline.ogg import CheckedOggReader
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,12 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
                     f"file?): {snd.frames} frames read up to the end of the file")
             else:
                 reopened.close()
+    if snd.format == "OGG":  # verify its pages while libsndfile reads them
+        checked = CheckedOggReader(fileobj)
+        fileobj.seek(0)
+        reopened = open_soundfile(checked)
+        snd.close()
+        snd, fileobj = reopened, checked
     with snd:
         report.source_sample_rate_hz = int(snd.samplerate)
         report.source_channels = int(snd.channels)
@@ -299,11 +307,32 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
                 return
             if block.shape[0] == 0:
                 return
+            if isinstance(fileobj, CheckedOggReader):
+                good = fileobj.good_frames(snd.samplerate, opus=snd.subtype == "OPUS")
+                if good is not None and report.frames_decoded + block.shape[0] > good:
+                    yield from _stop_at_damaged_page(block, good, snd.samplerate, report)
+                    return
             report.frames_decoded += block.shape[0]
             yield block
     finally:
         if reopened is not None:
             reopened.close()
+
+
+def _stop_at_damaged_page(block: np.ndarray, good: int, rate: int,
+                          report: DecodeReport) -> Iterator[np.ndarray]:
+    """Keep what intact pages decoded, then end the stream as partial (see pipeline.ogg)."""
+    keep = max(0, good - report.frames_decoded)
+    if keep:
+        report.frames_decoded += keep
+        yield block[:keep]
+    if report.frames_decoded == 0:
+        raise AudioDecodeError("CorruptAudio", "the first Ogg pages with audio fail their "
+                                               "checksums (damaged data)")
+    report.problems.append(
+        f"decoding stopped at {report.frames_decoded / rate:.3f} s: the next Ogg page fails its "
+        "checksum (damaged data; what follows would come early by what the decoder skipped)")
+    log.warning("partial decode (%s)", report.problems[-1])
 
 
 def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:

@@ -172,6 +172,33 @@ def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
     assert err.value.error_type == "EmptyAudio"
 
 
+@pytest.mark.parametrize(("name", "stop_s"), [
+    (f"{PERCH}.ogg", 4.040), (f"{PERCH}.opus", 4.994),
+    ("librosa_data/audio/glacier-bay-humpback.ogg", 31.242)])
+def test_a_damaged_ogg_page_stops_the_decode_where_intact_pages_end(
+        real_data: Path, tmp_path: Path, name: str, stop_s: float) -> None:
+    """One flipped byte: libsndfile skips the page and decodes on, the audio after it
+    early by up to a second, length unchanged, no error. The page checksums say where;
+    everything before is kept, exactly, whatever the read size."""
+    data = bytearray((real_data / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged = tmp_path / f"flipped.{name.rsplit('.', 1)[-1]}"
+    damaged.write_bytes(bytes(data))
+    clean, clean_report = decode(real_data / name)
+    assert clean_report.status == "ok"
+    for block_s in (10.0, 1.0):
+        audio, report = decode(damaged, block_s=block_s)
+        assert report.status == "partial"
+        assert report.problems[0].startswith(f"decoding stopped at {stop_s:.3f} s: the next "
+                                             "Ogg page fails its checksum")
+        assert abs(audio.shape[0] / 16_000 - stop_s) < 0.01
+        # Equal to the intact file's decode up to the cut (but for the resampler's last
+        # few samples, which see the end of the stream instead of what followed).
+        edge = 0 if report.source_sample_rate_hz == 16_000 else 1_600  # 0.1 s
+        n = audio.shape[0] - edge
+        assert np.abs(audio[:n] - clean[:n]).max() < 1e-6
+
+
 def test_a_wav_short_by_a_little_is_partial_too(tmp_path: Path) -> None:
     """Its header counts frames exactly: the slack MP3 and Ogg estimates need (one codec
     frame, or 0.1 %: 3.6 s of a 1-hour 48 kHz file) would hide real loss. (A cut FLAC

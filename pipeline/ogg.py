@@ -1,0 +1,140 @@
+"""Ogg page checksums, checked while libsndfile reads: where a damaged Ogg stream stops.
+
+libsndfile (through libogg) drops an Ogg page whose checksum fails and decodes on, so one
+flipped byte in an Ogg/Vorbis or Opus file makes the audio after it come early by up to a
+page or two (about a second), with the right length and no error: nothing in the decoded
+samples says where. The checksums do. :class:`CheckedOggReader` sits between libsndfile and
+the file object, parses the pages as they stream past, and records the first one whose
+checksum fails; its ``good_frames`` is how many frames (at the rate libsndfile reports)
+were decoded from intact pages before it, which the decoder keeps, dropping the rest.
+
+Every byte is read once, as before; the check costs a CRC over the bytes read (zlib's,
+run on bit-reversed bytes, since Ogg's CRC-32 is the unreflected form of the same
+polynomial).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+_CAPTURE = b"OggS"
+_HEADER = 27  # capture, version, flags, granule (8), serial (4), sequence (4), crc (4), segments
+_OPUS_RATE = 48_000
+_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def page_crc(page: bytes) -> int:
+    """Ogg's CRC-32 (polynomial 0x04C11DB7, unreflected, no inversion) of a page whose
+    checksum field is zeroed."""
+    raw = zlib.crc32(page.translate(_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{raw:032b}"[::-1], 2)
+
+
+class CheckedOggReader:
+    """A read-only file object over ``fileobj`` that verifies every Ogg page read through it.
+
+    Reads that continue the previous one are parsed as one stream; a seek (libsndfile reads
+    the last page at open, to learn the length) starts a new one, which is trusted only from
+    its first page whose checksum holds, so a chance ``OggS`` inside audio data is never
+    taken for a damaged page.
+
+    Attributes:
+        damaged_granule: granule position (samples of the codec's clock) of the last intact
+            page before the first page whose checksum failed; ``None`` while none has.
+    """
+
+    def __init__(self, fileobj: Any) -> None:
+        self._raw = fileobj
+        self._buffer = bytearray()
+        self._next: int | None = None  # file offset just past the buffer
+        self._locked = False  # the buffer starts at a page boundary of a verified run
+        self._granule: int | None = None  # of the last intact page in this run
+        self._opus_preskip: int | None = None
+        self.damaged_granule: int | None = None
+
+    # file object protocol (what soundfile's virtual IO calls)
+    def read(self, size: int = -1) -> bytes:
+        start = self._raw.tell()
+        data = self._raw.read(size)
+        if data:
+            self._take(start, data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The storage failure the underlying reader kept, if any (see decode_stream)."""
+        return getattr(self._raw, "error", None)
+
+    def good_frames(self, sample_rate: int, opus: bool) -> int | None:
+        """Frames, at libsndfile's ``sample_rate``, decoded from intact pages before the
+        first damaged one (``None``: no damage seen). Opus granules count 48 kHz samples
+        including the encoder's pre-skip, which libsndfile drops."""
+        if self.damaged_granule is None:
+            return None
+        granule = max(0, self.damaged_granule)
+        if opus:
+            granule = max(0, granule - (self._opus_preskip or 0)) * sample_rate // _OPUS_RATE
+        return granule
+
+    # page parsing
+    def _take(self, start: int, data: bytes) -> None:
+        if start != self._next:  # a seek: a new run of pages, trusted once one verifies
+            self._buffer = bytearray()
+            self._locked = False
+            self._granule = 0 if start == 0 else None
+        self._buffer += data
+        self._next = start + len(data)
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self._buffer
+        pos = 0
+        while True:
+            if not self._locked or buf[pos:pos + 4] != _CAPTURE:
+                found = buf.find(_CAPTURE, pos)
+                if found < 0:
+                    pos = max(pos, len(buf) - 3)  # keep a capture split across reads
+                    break
+                if found != pos:
+                    self._locked = False
+                pos = found
+            if len(buf) - pos < _HEADER or len(buf) - pos < _HEADER + buf[pos + 26]:
+                break
+            segments = buf[pos + 27:pos + 27 + buf[pos + 26]]
+            size = _HEADER + len(segments) + sum(segments)
+            if len(buf) - pos < size:
+                break
+            page = bytearray(buf[pos:pos + size])
+            stored = int.from_bytes(page[22:26], "little")
+            page[22:26] = bytes(4)
+            if page_crc(bytes(page)) == stored:
+                self._intact(page, len(segments))
+                self._locked = True
+                pos += size
+            else:
+                if self._locked:
+                    self._damaged()
+                self._locked = False
+                pos += 1  # its length may be what was damaged: look for the next capture
+        del buf[:pos]
+
+    def _intact(self, page: bytearray, segments: int) -> None:
+        granule = int.from_bytes(page[6:14], "little", signed=True)
+        if granule != -1:  # -1: no packet ends on this page
+            self._granule = granule
+        body = bytes(page[_HEADER + segments:])
+        if self._opus_preskip is None and body.startswith(b"OpusHead") and len(body) >= 12:
+            self._opus_preskip = int.from_bytes(body[10:12], "little")
+
+    def _damaged(self) -> None:
+        if self._granule is None:
+            return  # a run that began mid-file: what came before it is unknown here
+        if self.damaged_granule is None or self._granule < self.damaged_granule:
+            self.damaged_granule = self._granule
