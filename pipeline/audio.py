@@ -37,6 +37,7 @@ import soxr
 
 from pipeline.errors import AudioDecodeError
 from pipeline.ogg import CheckedOggReader
+from pipeline.storage import ReadView
 
 log = logging.getLogger(__name__)
 
@@ -219,32 +220,19 @@ def _unfinished_wav(fileobj: Any) -> _PatchedHeader | None:
         fileobj.seek(0)
 
 
-class _PatchedHeader:
-    """A read-only file object showing ``fileobj`` with a few bytes replaced."""
+class _PatchedHeader(ReadView):
+    """``fileobj`` with a few bytes replaced."""
 
     def __init__(self, fileobj: Any, patches: dict[int, bytes]) -> None:
-        self._raw = fileobj
+        super().__init__(fileobj)
         self._patches = patches
 
-    def read(self, size: int = -1) -> bytes:
-        start = self._raw.tell()
-        data = self._raw.read(size)
+    def _after_read(self, start: int, data: bytes) -> bytes:
         for at, patch in self._patches.items():
             lo, hi = max(at, start), min(at + len(patch), start + len(data))
             if lo < hi:
                 data = data[:lo - start] + patch[lo - at:hi - at] + data[hi - start:]
         return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-    @property
-    def error(self) -> BaseException | None:
-        """The storage failure the underlying reader kept, if any (see decode_stream)."""
-        return getattr(self._raw, "error", None)
 
 
 def _check_limits(snd: sf.SoundFile, settings: DecodeSettings) -> None:

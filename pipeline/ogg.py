@@ -18,6 +18,8 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from pipeline.storage import ReadView
+
 _CAPTURE = b"OggS"
 _HEADER = 27  # capture, version, flags, granule (8), serial (4), sequence (4), crc (4), segments
 _OPUS_RATE = 48_000
@@ -31,7 +33,7 @@ def page_crc(page: bytes) -> int:
     return int(f"{raw:032b}"[::-1], 2)
 
 
-class CheckedOggReader:
+class CheckedOggReader(ReadView):
     """A read-only file object over ``fileobj`` that verifies every Ogg page read through it.
 
     Reads that continue the previous one are parsed as one stream; a seek (libsndfile reads
@@ -45,7 +47,7 @@ class CheckedOggReader:
     """
 
     def __init__(self, fileobj: Any) -> None:
-        self._raw = fileobj
+        super().__init__(fileobj)
         self._buffer = bytearray()
         self._next: int | None = None  # file offset just past the buffer
         self._locked = False  # the buffer starts at a page boundary of a verified run
@@ -53,24 +55,10 @@ class CheckedOggReader:
         self._opus_preskip: int | None = None
         self.damaged_granule: int | None = None
 
-    # file object protocol (what soundfile's virtual IO calls)
-    def read(self, size: int = -1) -> bytes:
-        start = self._raw.tell()
-        data = self._raw.read(size)
+    def _after_read(self, start: int, data: bytes) -> bytes:
         if data:
             self._take(start, data)
         return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-    @property
-    def error(self) -> BaseException | None:
-        """The storage failure the underlying reader kept, if any (see decode_stream)."""
-        return getattr(self._raw, "error", None)
 
     def good_frames(self, sample_rate: int, opus: bool) -> int | None:
         """Frames, at libsndfile's ``sample_rate``, decoded from intact pages before the

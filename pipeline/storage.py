@@ -307,6 +307,32 @@ def retry(
     raise AssertionError("unreachable")
 
 
+class ReadView:
+    """A read-only file object over another, for decoders: a subclass sees, or changes, the
+    bytes each read returns (:meth:`_after_read`); seeks and positions are the other's."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self._raw = fileobj
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._raw.tell()
+        return self._after_read(start, self._raw.read(size))
+
+    def _after_read(self, start: int, data: bytes) -> bytes:
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The storage failure the underlying :class:`RangeReader` kept, if any."""
+        return getattr(self._raw, "error", None)
+
+
 class RangeReader(io.RawIOBase):
     """A seekable read-only file over fsspec that fetches aligned byte ranges, with retries.
 
