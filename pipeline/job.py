@@ -364,15 +364,14 @@ class EmbeddingJob:
                    for shard, marker in markers.items()}
         lacking = {shard: tables for shard, tables in lacking.items() if tables}
         listed = {i.recording_id for i in self.listing.items}
-        # An object listed as missing or unreadable replaces nothing: its rows stay.
-        listed_uris = {i.uri for i in self.listing.items if not i.problem}
+        # Objects listed again, in another version; one listed as missing or unreadable
+        # replaces nothing (its rows stay).
+        listed_uris = ({i.uri for i in self.listing.items if not i.problem}
+                       if self.cfg.run.replace_changed_sources else set())
         changed = {shard: n for shard, marker in markers.items()
                    if (n := sum(r["recording_id"] not in listed
                                 and r.get("source_uri") in listed_uris
                                 for r in marker.get("recordings", ())))}
-        if not self.cfg.run.replace_changed_sources:
-            changed = {}
-            listed_uris = set()
         reopen = {shard for shard in set(retry) | set(lacking) | set(changed)
                   if all(r["recording_id"] in listed or r.get("source_uri") in listed_uris
                          for r in markers[shard]["recordings"])}
