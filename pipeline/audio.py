@@ -36,7 +36,7 @@ import soundfile as sf
 import soxr
 
 from pipeline.errors import AudioDecodeError
-from pipeline.ogg import CheckedOggReader
+from pipeline.ogg import CAPTURE, CheckedOggReader
 from pipeline.storage import ReadView
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,8 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
     Raises:
         AudioDecodeError: the recording cannot be used at all (see module docstring).
     """
+    if _is_ogg(fileobj):  # verify its pages while libsndfile reads them (pipeline.ogg)
+        fileobj = CheckedOggReader(fileobj)
     snd = open_soundfile(fileobj)
     if snd.frames == 0 and snd.format in _RIFF_FORMATS:
         unfinished = _unfinished_wav(fileobj)
@@ -145,12 +147,6 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
                     f"file?): {snd.frames} frames read up to the end of the file")
             else:
                 reopened.close()
-    if snd.format == "OGG":  # verify its pages while libsndfile reads them
-        checked = CheckedOggReader(fileobj)
-        fileobj.seek(0)
-        reopened = open_soundfile(checked)
-        snd.close()
-        snd, fileobj = reopened, checked
     with snd:
         report.source_sample_rate_hz = int(snd.samplerate)
         report.source_channels = int(snd.channels)
@@ -185,6 +181,16 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
     if report.nonfinite_samples:
         report.problems.append(f"{report.nonfinite_samples} non-finite samples replaced by 0 "
                                f"(NaN, inf, or beyond {MAX_SAMPLE_MAGNITUDE:g} x full scale)")
+
+
+def _is_ogg(fileobj: Any) -> bool:
+    """Whether the file starts with an Ogg page (Vorbis, Opus, FLAC in Ogg...)."""
+    try:
+        return bool(fileobj.read(4) == CAPTURE)
+    except OSError:
+        return False  # libsndfile's own open reports it
+    finally:
+        fileobj.seek(0)
 
 
 _RIFF_FORMATS = ("WAV", "WAVEX")

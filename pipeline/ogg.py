@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.storage import ReadView
 
-_CAPTURE = b"OggS"
+CAPTURE = b"OggS"
 _HEADER = 27  # capture, version, flags, granule (8), serial (4), sequence (4), crc (4), segments
 _OPUS_RATE = 48_000
 _REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
@@ -85,8 +85,8 @@ class CheckedOggReader(ReadView):
         buf = self._buffer
         pos = 0
         while True:
-            if not self._locked or buf[pos:pos + 4] != _CAPTURE:
-                found = buf.find(_CAPTURE, pos)
+            if not self._locked or buf[pos:pos + 4] != CAPTURE:
+                found = buf.find(CAPTURE, pos)
                 if found < 0:
                     pos = max(pos, len(buf) - 3)  # keep a capture split across reads
                     break
