@@ -156,7 +156,7 @@ def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchS
 
     torch.set_num_threads(s.threads)
     backbone = create_backbone(s.model, weights="random", options=s.options or {},
-                               device=s.device)
+                               device=s.device, precision=s.precision)
     layer = len(backbone.info.layers) - 1
     # Already in memory means on the device: the ceiling leaves out even the copy to a GPU.
     x_all = torch.from_numpy(windows).to(s.device)
@@ -195,7 +195,7 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
 
     torch.set_num_threads(s.threads)
     backbone = create_backbone(s.model, weights="random", options=s.options or {},
-                               device=s.device)
+                               device=s.device, precision=precision)
     layer = len(backbone.info.layers) - 1
     size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
     seconds, n_windows = 0.0, 0
@@ -359,42 +359,50 @@ def cpu_claims_bf16() -> bool:
 def choose_precision(s: BenchSettings) -> dict[str, Any]:
     """The precision the benchmark runs at when none is given.
 
-    bf16 on a GPU that has it. On a CPU whose flags claim bf16, whichever of fp32 and bf16
-    runs one batch of this model faster here: the flag alone says little. BEATs in bf16 ran
-    2.5x faster than fp32 on an AMD EPYC with AVX512-BF16, and 1.6x slower on an Intel
-    Xeon with the same flag and no AMX (0.34 vs 0.21 s per 5-s window, 2 threads).
+    bf16 on a GPU that has it. On a CPU, whichever of fp32, bf16 (where the CPU's flags
+    claim it) and int8 runs one batch of this model fastest here: the flags alone say
+    little. BEATs in bf16 ran 2.5x faster than fp32 on an AMD EPYC with AVX512-BF16, and
+    1.6x slower on an Intel Xeon with the same flag and no AMX (0.34 vs 0.21 s per 5-s
+    window, 2 threads), where int8 ran 0.11. Each candidate's pooled embeddings are
+    compared with fp32's (the lowest cosine of the batch), so the table shows what the
+    speed costs.
 
     Returns:
-        ``{"precision": ..., "why": ..., "s_per_window": {precision: seconds}}``.
+        ``{"precision": ..., "why": ..., "s_per_window": {precision: seconds},
+        "cosine_to_fp32": {precision: lowest cosine}}``.
     """
     import torch
+
+    from pipeline.models import create_backbone, pool
 
     if s.device != "cpu":
         bf16 = torch.cuda.is_bf16_supported()
         return {"precision": "bf16" if bf16 else "fp32", "s_per_window": {},
                 "why": "GPU with bf16" if bf16 else "GPU without bf16"}
-    if not cpu_claims_bf16():
-        return {"precision": "fp32", "s_per_window": {}, "why": "no bf16 in this CPU's flags"}
-    from pipeline.models import create_backbone
-
     torch.set_num_threads(s.threads)
-    backbone = create_backbone(s.model, weights="random", options=s.options or {})
-    layer = len(backbone.info.layers) - 1
     n = min(4, s.batch_size)
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(
         (n, samples_for(s.window_s, s.sample_rate_hz))).astype(np.float32) * 0.1)
     timings: dict[str, float] = {}
-    for precision in ("fp32", "bf16"):
+    cosines: dict[str, float] = {}
+    reference = None
+    for precision in ("fp32", *(("bf16",) if cpu_claims_bf16() else ()), "int8"):
+        backbone = create_backbone(s.model, weights="random", options=s.options or {},
+                                   precision=precision)
+        layer = len(backbone.info.layers) - 1
         best = math.inf
         for _ in range(3):  # the first call pays first-call costs
             started = time.perf_counter()
             with torch.inference_mode(), backbone.autocast(precision):
-                backbone.extract(x, None, [layer])
+                feats = backbone.extract(x, None, [layer])
             best = min(best, time.perf_counter() - started)
         timings[precision] = best / n
+        pooled = pool(feats[layer].tokens, feats[layer].mask, "mean").float()
+        reference = pooled if reference is None else reference
+        cosines[precision] = float(torch.nn.functional.cosine_similarity(pooled, reference).min())
     chosen = min(timings, key=timings.__getitem__)
-    return {"precision": chosen, "s_per_window": timings,
-            "why": f"measured faster here on {n} windows"}
+    return {"precision": chosen, "s_per_window": timings, "cosine_to_fp32": cosines,
+            "why": f"measured fastest here on {n} windows"}
 
 
 def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any) -> dict[str, Any]:
@@ -782,7 +790,10 @@ def render(r: dict[str, Any]) -> str:
     gpu = r["settings"]["device"] != "cpu"
     peak = r.get("peak_tflops")
     choice = r.get("precision_choice") or {"why": "given", "s_per_window": {}}
-    timings = ", ".join(f"{p} {t:.3f}" for p, t in choice["s_per_window"].items())
+    cosines = choice.get("cosine_to_fp32", {})
+    timings = ", ".join(f"{p} {t:.3f}" + (f" (cosine to fp32 {cosines[p]:.5f})"
+                                         if p in cosines and p != "fp32" else "")
+                        for p, t in choice["s_per_window"].items())
     lines = [f"machine: {r['machine']}", f"settings: {r['settings']}",
              f"precision: {r['settings']['precision']} ({choice['why']}"
              + (f"; s per window: {timings})" if timings else ")"),
@@ -885,8 +896,9 @@ def add_bench_command(sub: Any) -> None:
     p.add_argument("--out", default="bench_results", help="directory for bench.json")
     p.add_argument("--real", default=str(DEFAULT_REAL), help="folder of real recordings")
     p.add_argument("--quick", action="store_true", help="tiny model, few files (for tests)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="pipeline and model-only precision (default: bf16 where native, else fp32)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default=None,
+                   help="pipeline and model-only precision (default: bf16 on a GPU that has it; "
+                        "on a CPU the fastest of fp32, bf16 and int8 on one batch)")
     p.add_argument("--long-s", type=float, default=None,
                    help="length of the synthetic long recording (full mode; default 1800)")
     p.add_argument("--long-copies", type=int, default=None,

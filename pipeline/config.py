@@ -143,9 +143,10 @@ class ModelConfig:
         pooling: how tokens of one window become one vector (``mean``, ``max``, ``cls``);
             ``None`` means the model's default.
         batch_size: windows per forward pass.
-        precision: ``auto``, ``fp32``, ``bf16``, ``fp16``. ``auto`` is bf16 when the actors get
-            GPUs of Ampere or newer, else fp32, settled on the driver before the output
-            namespace: the variant records what it resolved to.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8``. ``auto`` is bf16 when the
+            actors get GPUs of Ampere or newer, else fp32, settled on the driver before the
+            output namespace: the variant records what it resolved to. ``int8`` (CPU actors
+            only) quantizes the network's Linear layers dynamically.
         options: architecture overrides for the bare ``beats``/``efficientnet_b0`` entries
             or constructor options for a user backbone.
         storage_options: fsspec options for fetching the weights.
@@ -156,7 +157,7 @@ class ModelConfig:
     layers: Any = "last"
     pooling: str | None = None
     batch_size: int = 16
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
     options: dict[str, Any] = field(default_factory=dict)
     storage_options: dict[str, Any] = field(default_factory=dict)
 

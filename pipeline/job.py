@@ -446,6 +446,8 @@ class EmbeddingJob:
                 log.warning("%s runs in fp32 (LiteRT); model.precision %s does not apply",
                             self.info.name, configured)
             return "fp32"
+        if configured == "int8":
+            self._check_int8()
         if configured != "auto" or c.gpus_per_actor == 0:
             return job_precision(configured, gpu_actors=False, gpu_bf16=None)
         gpus, bf16 = self._gpu_view()
@@ -456,6 +458,29 @@ class EmbeddingJob:
                                                      "missing or not known for these GPUs: "
                                                      "set model.precision: bf16 if they have it"))
         return precision
+
+    def _check_int8(self) -> None:
+        """``int8`` needs CPU actors and a torch network: refused here, before any work,
+        rather than by every actor as it loads."""
+        import torch
+
+        from pipeline.models import plugins
+
+        if self.info.family == "efficientnet":  # as the actors would find when they load
+            raise ConfigError(f"{self.cfg.model.name} has no Linear layers to quantize: int8 "
+                              "would run it in float32 under a variant that says int8; use "
+                              "fp32 (or bf16)", "model.precision")
+        if self.info.family == "plugin":
+            cls = plugins.find_plugin_class(self.cfg.model.name, ())
+            if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+                raise ConfigError(f"int8 quantizes a torch network's Linear layers, and plugin "
+                                  f"{self.cfg.model.name} is not an nn.Module; use fp32 or bf16",
+                                  "model.precision")
+        gpus_per_actor = self.cfg.compute.gpus_per_actor
+        if gpus_per_actor != 0 and (gpus_per_actor or self._gpu_view()[0] > 0):
+            raise ConfigError("int8 runs on CPU actors only, and this job's actors would get "
+                              "GPUs: set compute.gpus_per_actor: 0, or use bf16 on the GPUs",
+                              "model.precision")
 
     def _gpu_view(self) -> tuple[float, bool | None]:
         """(GPUs the actors could get, whether they have bf16; None: unknown)."""

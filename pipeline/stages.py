@@ -312,7 +312,7 @@ class EmbedSpec:
         storage_options: fsspec options for the weights.
         layers: resolved, non-negative layer indices.
         pooling: ``mean``, ``max`` or ``cls``.
-        precision: ``fp32``, ``bf16`` or ``fp16``, as the driver settled it for the job
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``int8``, as the driver settled it for the job
             (``auto`` is accepted and resolved on the actor's device, for direct use).
         sample_rate_hz: the model's rate (for ``valid_s``).
         tail: the tail policy (``keep`` runs short windows at their own length).
@@ -349,7 +349,7 @@ class Embedder:
     def __init__(self, spec: EmbedSpec) -> None:
         import torch
 
-        from pipeline.models import create_backbone, resolve_precision
+        from pipeline.models import AUTOCAST_PRECISIONS, create_backbone, resolve_precision
 
         configure_worker_logging(spec.log_level)
         if spec.torch_threads:
@@ -362,9 +362,14 @@ class Embedder:
                                "no CUDA device: install torch's CUDA build on the GPU nodes "
                                "(infra/docker/Dockerfile does), or set compute.gpus_per_actor: 0")
         self.device = "cuda" if spec.use_gpu else "cpu"
+        self.precision = resolve_precision(spec.precision, self.device)
+        # Overflow under autocast gets the same windows again in float32; an int8 network
+        # has no float32 weights left to retry with, so its non-finite rows drop as fp32's do.
+        self._retry_in_fp32 = self.precision in AUTOCAST_PRECISIONS
         started = time.perf_counter()
         self.backbone = create_backbone(spec.model_name, weights=spec.weights, device=self.device,
-                                        options=spec.options, storage_options=spec.storage_options)
+                                        options=spec.options, storage_options=spec.storage_options,
+                                        precision=self.precision)
         loaded_sha = self.backbone.weights.sha256
         if spec.weights_sha256 is not None and loaded_sha != spec.weights_sha256:
             # The object changed under the URI while the job ran, or this node's weights
@@ -374,7 +379,6 @@ class Embedder:
                 f"{storage.redact_text(self.backbone.weights.uri)} now has sha256 {loaded_sha}, "
                 f"but the job was planned (and its output variant named) with "
                 f"{spec.weights_sha256}; rerun to embed with the checkpoint as it is now")
-        self.precision = resolve_precision(spec.precision, self.device)
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
         self._staging: Any = None  # see _staged
         loaded, self._model_s = time.perf_counter(), 0.0
@@ -439,7 +443,7 @@ class Embedder:
         finite = np.ones(len(rows["audio"]), dtype=bool)
         for vectors in pooled.values():
             finite &= np.isfinite(vectors).all(axis=1)
-        if not finite.all() and self.precision != "fp32":
+        if not finite.all() and self._retry_in_fp32:
             retry = self._pool_all(rows["audio"][~finite], rows["valid_samples"][~finite], "fp32")
             for layer, vectors in retry.items():
                 pooled[layer][~finite] = vectors

@@ -23,10 +23,12 @@ from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, 
 from pipeline.models.plugins import ENTRY_POINT_GROUP
 from pipeline.models.pooling import POOLINGS, pool, validate_pooling
 from pipeline.models.precision import (
+    AUTOCAST_PRECISIONS,
     PRECISIONS,
     autocast_context,
     gpus_have_bf16,
     job_precision,
+    quantize_linear_int8,
     resolve_precision,
 )
 from pipeline.models.registry import (
@@ -41,6 +43,7 @@ from pipeline.models.registry import (
 from pipeline.models.weights import cache_weights, fetch_weights, redact_uri
 
 __all__ = [
+    "AUTOCAST_PRECISIONS",
     "ENTRY_POINT_GROUP",
     "POOLINGS",
     "PRECISIONS",
@@ -61,6 +64,7 @@ __all__ = [
     "load_model",
     "model_info",
     "pool",
+    "quantize_linear_int8",
     "redact_uri",
     "resolve_backbone",
     "resolve_precision",

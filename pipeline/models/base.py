@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipeline.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -173,6 +175,19 @@ class Backbone(abc.ABC):
         Returns:
             ``{layer_index: TokenFeatures}`` for every requested layer, all from the same pass.
         """
+
+    def prepare(self, precision: str) -> None:
+        """Ready the loaded network for ``precision``, once, before its first batch.
+
+        Autocast precisions need nothing here (see :meth:`autocast`); ``int8`` quantizes
+        the network's Linear layers, which a backbone without a torch network cannot do.
+
+        Raises:
+            ConfigError: ``int8`` for this backbone.
+        """
+        if precision == "int8":
+            raise ConfigError(f"{self.info.name} cannot run int8: it has no torch network to "
+                              "quantize; use fp32 or bf16", "model.precision")
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         """Context manager for mixed precision (``fp32`` means none). Front ends stay fp32."""

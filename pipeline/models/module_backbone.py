@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import Backbone, ModelInfo, TokenFeatures, WeightsInfo
-from pipeline.models.precision import autocast_context
+from pipeline.models.precision import autocast_context, quantize_linear_int8
 
 
 class LayerExtractor(Protocol):
@@ -63,6 +63,11 @@ class ModuleBackbone(Backbone):
         self._check_inputs(audio, valid_samples, layers)
         extractor: LayerExtractor = self.module  # type: ignore[assignment]
         return extractor.extract_layers(audio, valid_samples, sorted(set(layers)))
+
+    def prepare(self, precision: str) -> None:
+        """See :meth:`Backbone.prepare`: ``int8`` quantizes the module's Linear layers."""
+        if precision == "int8":
+            quantize_linear_int8(self.module, self.info.name)
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         """Autocast for ``precision`` on this backbone's device; front ends stay fp32."""

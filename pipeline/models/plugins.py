@@ -46,7 +46,7 @@ import torch
 from pipeline.errors import ConfigError, UnknownModelError
 from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, WeightsInfo
 from pipeline.models.masks import padding_mask_from_valid, proportional_token_mask
-from pipeline.models.precision import autocast_context
+from pipeline.models.precision import autocast_context, quantize_linear_int8
 from pipeline.models.weights import RANDOM_WEIGHTS, fetch_weights
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,14 @@ class PluginBackbone(Backbone):
                                            has_cls="cls" in self.info.poolings)
             result[i] = TokenFeatures(tokens, mask)
         return result
+
+    def prepare(self, precision: str) -> None:
+        """See :meth:`Backbone.prepare`: ``int8`` quantizes the Linear layers of a plugin
+        that is an ``nn.Module``."""
+        if precision == "int8" and isinstance(self.plugin, torch.nn.Module):
+            quantize_linear_int8(self.plugin, self.info.name)
+        else:
+            super().prepare(precision)
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         """Autocast on the plugin's device (the plugin runs inside it)."""

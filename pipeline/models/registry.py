@@ -51,6 +51,7 @@ from pipeline.models.efficientnet import (
     init_efficientnet_weights,
 )
 from pipeline.models.module_backbone import ModuleBackbone
+from pipeline.models.precision import resolve_precision
 from pipeline.models.weights import RANDOM_WEIGHTS, fetch_weights
 
 log = logging.getLogger(__name__)
@@ -232,8 +233,9 @@ def describe_model(name: str) -> dict[str, Any]:
 
 def create_backbone(name: str, *, weights: str = "default", device: str = "cpu",
                     options: Mapping[str, Any] | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> Backbone:
-    """Load a backbone, ready to :meth:`~Backbone.extract` on ``device``.
+                    storage_options: Mapping[str, Any] | None = None,
+                    precision: str = "fp32") -> Backbone:
+    """Load a backbone, ready to :meth:`~Backbone.extract` on ``device`` at ``precision``.
 
     Args:
         name: registry name, entry-point name (group ``embed_archive.backbones``) or
@@ -246,6 +248,9 @@ def create_backbone(name: str, *, weights: str = "default", device: str = "cpu",
             ``{"encoder_layers": 2, "encoder_embed_dim": 64}``), BirdNET options, or
             constructor options for a plugin.
         storage_options: fsspec options used to fetch ``weights``.
+        precision: what it will run at (:meth:`~Backbone.prepare`; ``int8`` quantizes
+            its Linear layers now). Autocast precisions are entered per call, with
+            :meth:`~Backbone.autocast`.
 
     Returns:
         The backbone, with ``info`` reflecting the actual architecture, ``weights``
@@ -253,22 +258,26 @@ def create_backbone(name: str, *, weights: str = "default", device: str = "cpu",
 
     Raises:
         UnknownModelError: no such backbone.
-        ConfigError: invalid options or weights setting.
+        ConfigError: invalid options, weights setting or precision (``int8`` off the CPU
+            or for a backbone without a torch network).
         WeightsUnavailableError: the checkpoint cannot be fetched or read.
         CheckpointMismatchError: the checkpoint does not fit the architecture.
         MissingDependencyError: an optional dependency is missing.
     """
+    backbone: Backbone
     if name == BIRDNET_NAME:
-        return _build_birdnet(weights, device, options)
-    entry = _ENTRIES.get(name)
-    if entry is None:
+        backbone = _build_birdnet(weights, device, options)
+    elif (entry := _ENTRIES.get(name)) is None:
         cls = plugins.find_plugin_class(name, list_models())
-        return plugins.create_plugin_backbone(name, cls, weights=weights, device=device,
-                                              options=dict(options or {}),
-                                              storage_options=storage_options)
-    module, info, provenance = _build_module(entry, weights, options, storage_options,
-                                             with_heads=False)
-    return ModuleBackbone(module, info, provenance, device)
+        backbone = plugins.create_plugin_backbone(name, cls, weights=weights, device=device,
+                                                  options=dict(options or {}),
+                                                  storage_options=storage_options)
+    else:
+        module, info, provenance = _build_module(entry, weights, options, storage_options,
+                                                 with_heads=False)
+        backbone = ModuleBackbone(module, info, provenance, device)
+    backbone.prepare(resolve_precision(precision, device))
+    return backbone
 
 
 def resolve_backbone(name: str, *, weights: str = "default",

@@ -37,7 +37,7 @@ def test_defaults_fill_every_section() -> None:
         ({**BASE, "windows": {"window_s": "five"}}, "windows.window_s", "expected a number"),
         ({**BASE, "model": {"batch_size": 2.5}}, "model.batch_size", "expected an integer"),
         ({**BASE, "model": {"layers": "first"}}, "model.layers", "'last', 'all'"),
-        ({**BASE, "model": {"precision": "int8"}}, "model.precision", "auto, fp32, bf16, fp16"),
+        ({**BASE, "model": {"precision": "int4"}}, "model.precision", "bf16, fp16, int8"),
         ({**BASE, "audio": {"channels": "left"}}, "audio.channels", "mix, each"),
         ({**BASE, "run": {"max_failed_fraction": 2}}, "run.max_failed_fraction", "between 0 and 1"),
         ({**BASE, "run": {"job_id": "../../etc"}}, "run.job_id", "letters, digits"),

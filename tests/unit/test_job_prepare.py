@@ -170,6 +170,30 @@ def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path:
         assert variant(None) == cpu
 
 
+def test_int8_is_its_own_variant_and_refused_where_it_cannot_run(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 embeddings differ from fp32's: their own namespace. A job whose actors would get
+    GPUs, or whose network has no Linear layer, is refused before any work, by field."""
+    import ray
+
+    int8 = job(archive, tmp_path, model={"precision": "int8"})
+    int8.prepare()
+    fp32 = job(archive, tmp_path, model={"precision": "fp32"})
+    fp32.prepare()
+    assert int8.variant.precision == "int8" and int8.variant.id != fp32.variant.id
+    for model, compute, words in (
+            ({"name": "efficientnet_b0", "weights": "random"}, {}, "no Linear layers"),
+            ({}, {"gpus_per_actor": 1}, "CPU actors only"),
+            ({}, {}, "CPU actors only")):  # the default plan on a cluster with GPUs
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+        with pytest.raises(ConfigError, match=words) as err:
+            job(archive, tmp_path, model={**model, "precision": "int8"}, compute=compute).prepare()
+        assert err.value.field == "model.precision"
+        monkeypatch.undo()
+    job(archive, tmp_path, model={"precision": "int8"}, compute={"gpus_per_actor": 0}).prepare()
+
+
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
 def test_birdnet_variants_say_fp32_whatever_is_asked(archive: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,

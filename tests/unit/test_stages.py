@@ -196,6 +196,23 @@ def test_report_rows_in_a_batch_change_nothing_for_its_windows(embedder: Embedde
         np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6)
 
 
+def test_an_int8_actor_embeds_what_its_fp32_twin_does(embedder: Embedder) -> None:
+    """``model.precision: int8`` through the actor: its network quantized once at load,
+    every window embedded, each layer's vector close to float32's."""
+    from dataclasses import replace
+
+    int8 = Embedder(replace(embedder.spec, precision="int8"))
+    assert int8.precision == "int8" and not int8._retry_in_fp32
+    batch = stage_batch(6)
+    got, want = embeddings(int8(batch)), embeddings(embedder(batch))
+    assert sorted(got) == sorted(want) == [(w, layer) for w in range(6) for layer in (0, 1)]
+    for key, vector in want.items():
+        cosine = got[key] @ vector / np.linalg.norm(got[key]) / np.linalg.norm(vector)
+        assert cosine > 0.999
+    # Layer 0 is the patch embedding (a convolution, float32 either way); block 1 is int8.
+    assert not any(np.array_equal(got[w, 1], want[w, 1]) for w in range(6))
+
+
 @pytest.mark.parametrize(("fail_from", "status", "error_type"), [
     (0, "error", "PermissionError"),          # the very first read: nothing decoded
     (3_000_000, "partial", "PermissionError"),  # the second 2 MiB range: the first's windows stay

@@ -34,14 +34,18 @@ BEATS = "esp_aves2_sl_beats_all"
 EFFNET = "esp_aves2_effnetb0_all"
 
 
-def _cosines(backbone: Backbone, audio: torch.Tensor, layers: list[int]) -> list[float]:
+def _cosines(backbone: Backbone, audio: torch.Tensor, layers: list[int],
+             int8: Backbone | None = None) -> list[float]:
+    """Per layer, the lowest cosine between ``backbone``'s fp32 and its bf16 (or ``int8``'s)
+    mean-pooled embeddings."""
     pooled = {}
-    for precision in ("fp32", "bf16"):
-        with torch.inference_mode(), backbone.autocast(precision):
-            out = backbone.extract(audio, None, layers)
+    for precision, model in (("fp32", backbone), ("bf16", backbone) if int8 is None
+                             else ("int8", int8)):
+        with torch.inference_mode(), model.autocast(precision):
+            out = model.extract(audio, None, layers)
             pooled[precision] = [pool(out[i].tokens, out[i].mask, "mean") for i in layers]
     return [torch.nn.functional.cosine_similarity(a, b).min().item()
-            for a, b in zip(pooled["fp32"], pooled["bf16"], strict=True)]
+            for a, b in zip(*pooled.values(), strict=True)]
 
 
 def test_state_dict_layouts_match_avex():
@@ -115,6 +119,12 @@ def test_naturelm_clamps_like_avex(beats_checkpoint, golden_audio):
 @pytest.mark.integration
 def test_beats_bf16_agrees_with_fp32(beats, golden_audio):
     assert min(_cosines(beats, golden_audio, list(range(13)))) > 0.999
+
+
+@pytest.mark.integration
+def test_beats_int8_agrees_with_fp32(beats, beats_checkpoint, golden_audio):
+    int8 = create_backbone(BEATS, weights=str(beats_checkpoint), precision="int8")
+    assert min(_cosines(beats, golden_audio, list(range(13)), int8)) > 0.999
 
 
 @pytest.mark.integration

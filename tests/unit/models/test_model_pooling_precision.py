@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
 from pipeline.errors import ConfigError
 from pipeline.models import (
+    create_backbone,
     gpus_have_bf16,
     job_precision,
     model_info,
@@ -17,6 +19,7 @@ from pipeline.models import (
     validate_pooling,
 )
 from pipeline.models.precision import autocast_context
+from tests.unit.models.conftest import TINY_BEATS_PROJ
 
 
 def test_mean_and_max_ignore_padding():
@@ -59,8 +62,9 @@ def test_resolve_precision_on_cpu():
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu")
+    assert resolve_precision("int8", "cpu") == "int8"
     with pytest.raises(ConfigError, match="not a precision"):
-        resolve_precision("int8", "cpu")
+        resolve_precision("int4", "cpu")
 
 
 @pytest.mark.parametrize(("capability", "expected"), [((8, 0), "bf16"), ((7, 5), "fp32")])
@@ -90,6 +94,56 @@ def test_tiny_beats_bf16_agrees_with_fp32(tiny_beats):
     assert out.tokens.dtype == torch.bfloat16
     cosine = torch.nn.functional.cosine_similarity(pooled["fp32"], pooled["bf16"])
     assert cosine.min().item() > 0.999 and not math.isnan(cosine.sum().item())
+
+
+def test_int8_quantizes_every_linear_layer_and_agrees_with_fp32(tiny_beats):
+    """int8 replaces the network's Linear layers once, at load, and runs without autocast;
+    several layers still come from one pass, padded rows still pool over their real part."""
+    audio = 0.3 * torch.randn(2, 32_000, generator=torch.Generator().manual_seed(0))
+    valid = torch.tensor([32_000, 20_000])
+    int8 = create_backbone("beats", weights="random", options=TINY_BEATS_PROJ, precision="int8")
+    assert not any(type(m) is torch.nn.Linear for m in int8.module.modules())
+    quantized = [m for m in int8.module.modules()
+                 if type(m).__module__ == "torch.ao.nn.quantized.dynamic.modules.linear"]
+    assert len(quantized) == sum(type(m) is torch.nn.Linear for m in tiny_beats.module.modules())
+    with int8.autocast("int8"):
+        assert not torch.is_autocast_enabled("cpu")
+    pooled = {}
+    for name, backbone in (("fp32", tiny_beats), ("int8", int8)):
+        with torch.inference_mode(), backbone.autocast(name):
+            out = backbone.extract(audio, valid, [1, 3])
+        pooled[name] = {k: pool(f.tokens, f.mask, "mean") for k, f in out.items()}
+    for layer in (1, 3):
+        cosine = torch.nn.functional.cosine_similarity(pooled["fp32"][layer], pooled["int8"][layer])
+        assert cosine.min().item() > 0.999
+        assert not torch.equal(pooled["fp32"][layer], pooled["int8"][layer])  # it did quantize
+
+
+def test_int8_of_a_network_without_linear_layers_is_refused(effnet):
+    """EfficientNet-B0 is all convolutions: int8 would change nothing but the variant."""
+    with pytest.raises(ConfigError, match="efficientnet_b0 has no Linear layers") as err:
+        create_backbone("efficientnet_b0", weights="random", precision="int8")
+    assert err.value.field == "model.precision"
+
+
+def test_int8_is_refused_off_the_cpu_and_without_a_torch_network(monkeypatch):
+    class Frames:  # a plugin that is not an nn.Module
+        sample_rate_hz, embedding_dim, layer_names, layer_dims = 8_000, 1, ("x",), (1,)
+
+        def __init__(self, weights, device):
+            pass
+
+        def forward_features(self, audio, padding_mask):
+            return [audio.unfold(-1, 800, 800).mean(-1, keepdim=True)]
+
+    monkeypatch.setattr(sys.modules[__name__], "Frames", Frames, raising=False)
+    with pytest.raises(ConfigError, match="not an nn.Module|no torch network") as err:
+        create_backbone(f"{__name__}:Frames", precision="int8")
+    assert err.value.field == "model.precision"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="int8 runs on CPUs only") as err:
+        resolve_precision("int8", "cuda")
+    assert err.value.field == "model.precision"
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):

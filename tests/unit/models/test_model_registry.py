@@ -118,16 +118,17 @@ def _fake_birdnet(build):
 
 def test_birdnet_is_imported_lazily(monkeypatch):
     calls = []
+    backbone = types.SimpleNamespace(prepare=lambda precision: calls.append(precision))
 
     def build(weights, device, options):
         calls.append((weights, device, options))
-        return "backbone"
+        return backbone
 
     monkeypatch.setitem(sys.modules, "pipeline.models.birdnet", _fake_birdnet(build))
     assert model_info("birdnet_v2_4") is BIRDNET_INFO
     assert describe_model("birdnet_v2_4")["fixed_window_s"] == 3.0
-    assert create_backbone("birdnet_v2_4", options={"x": 1}) == "backbone"
-    assert calls == [("default", "cpu", {"x": 1})]
+    assert create_backbone("birdnet_v2_4", options={"x": 1}) is backbone
+    assert calls == [("default", "cpu", {"x": 1}), "fp32"]
 
 
 @pytest.mark.parametrize("error", [
