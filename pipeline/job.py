@@ -465,11 +465,10 @@ class EmbeddingJob:
         import torch
 
         from pipeline.models import plugins
+        from pipeline.models.precision import no_linear_layers
 
-        if self.info.family == "efficientnet":  # as the actors would find when they load
-            raise ConfigError(f"{self.cfg.model.name} has no Linear layers to quantize: int8 "
-                              "would run it in float32 under a variant that says int8; use "
-                              "fp32 (or bf16)", "model.precision")
+        if self.info.family == "efficientnet":  # as its actors would find when they load it
+            raise no_linear_layers(self.cfg.model.name)
         if self.info.family == "plugin":
             cls = plugins.find_plugin_class(self.cfg.model.name, ())
             if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):

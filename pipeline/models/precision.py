@@ -139,6 +139,12 @@ def autocast_context(precision: str, device: str | torch.device
     return torch.autocast(device_type=_device_type(device), dtype=_DTYPES[resolved])
 
 
+def no_linear_layers(name: str) -> ConfigError:
+    """The error for int8 asked of a network with nothing int8 would change."""
+    return ConfigError(f"{name} has no Linear layers to quantize: int8 would run it in float32 "
+                       "under a variant that says int8; use fp32 (or bf16)", "model.precision")
+
+
 def quantize_linear_int8(module: nn.Module, name: str) -> float:
     """Replace ``module``'s ``nn.Linear`` layers, in place, by dynamically quantized ones.
 
@@ -168,9 +174,7 @@ def quantize_linear_int8(module: nn.Module, name: str) -> float:
     linear = sum(p.numel() for m in module.modules() if isinstance(m, nn.Linear)
                  for p in m.parameters())
     if not linear:
-        raise ConfigError(f"{name} has no Linear layers to quantize: int8 would run it in "
-                          "float32 under a variant that says int8; use fp32 (or bf16)",
-                          "model.precision")
+        raise no_linear_layers(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
