@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.models import create_backbone, frontends, load_model, pool
-from pipeline.models.beats import BeatsConfig, relative_position_buckets
+from pipeline.models import create_backbone, frontends, load_model, module_backbone, pool
+from pipeline.models.beats import BeatsConfig, BeatsEncoder, relative_position_buckets
 from tests.unit.models.conftest import TINY_BEATS, TINY_BEATS_PROJ, golden
 
 SR = 16_000
@@ -206,6 +206,56 @@ def test_a_model_used_under_inference_mode_can_still_be_trained() -> None:
     model.requires_grad_(True)
     model(audio).sum().backward()
     assert any(p.grad is not None for p in model.parameters())
+    # trained, the positional convolution runs as itself, not from a cached spectrum
+    assert model.backbone.encoder.pos_conv[0].parametrizations.weight.original1.grad is not None
+
+
+@pytest.mark.parametrize(("taps", "groups", "length"), [(128, 16, 248), (128, 16, 21),
+                                                        (33, 4, 50), (8, 2, 3)])
+def test_spectral_positional_convolution_is_the_convolution(taps, groups, length):
+    """On a CPU the positional convolution runs by FFT; even and odd kernels, sequences
+    shorter than the kernel, and a spectrum recomputed when the weights change."""
+    cfg = BeatsConfig(encoder_layers=1, encoder_embed_dim=64, encoder_ffn_embed_dim=64,
+                      encoder_attention_heads=4, conv_pos=taps, conv_pos_groups=groups)
+    encoder = BeatsEncoder(cfg).eval()
+    x = torch.randn(3, length, 64, generator=torch.Generator().manual_seed(taps))
+    conv = encoder.pos_conv[0]
+    for round_ in range(2):
+        with torch.inference_mode():
+            expected = encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+            got = encoder.position_embedding(x)
+        assert encoder._kernel_spectrum is not None
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert got.abs().max() > 0.1
+        with torch.no_grad():  # new weights: the cached spectrum must not be used
+            conv.parametrizations.weight.original1.mul_(-2.0 - round_)
+            conv.bias.add_(1.0)
+
+
+def test_cpu_batches_run_in_chunks_with_the_whole_batch_result(tiny_beats, monkeypatch):
+    """A CPU batch goes through the network a few windows at a time (see
+    CPU_CHUNK_SECONDS); features and masks equal the batch run whole, including chunks
+    where no window is padded next to chunks where some are."""
+    audio = _audio(7, 1.0, seed=5)
+    valid = torch.tensor([SR, SR, SR, 9_000, SR, 4_000, SR])
+    calls = []
+    backbone = tiny_beats.module.backbone
+    original = backbone.extract_layers
+    monkeypatch.setattr(backbone, "extract_layers",
+                        lambda a, v, layers: calls.append(len(a)) or original(a, v, layers))
+    monkeypatch.setattr(module_backbone, "CPU_CHUNK_SECONDS", 3.0)
+    chunked = tiny_beats.extract(audio, valid, [0, 3])
+    assert calls == [3, 3, 1]
+    monkeypatch.setattr(module_backbone, "CPU_CHUNK_SECONDS", 1000.0)
+    whole = tiny_beats.extract(audio, valid, [0, 3])
+    assert calls[3:] == [7]
+    for layer in (0, 3):
+        torch.testing.assert_close(chunked[layer].tokens, whole[layer].tokens,
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(chunked[layer].mask, whole[layer].mask)
+    assert not chunked[3].mask[:3].logical_not().any()  # the first chunk had no padding
+    no_padding = tiny_beats.extract(audio, None, [3])[3]
+    assert no_padding.mask is None
 
 
 @pytest.mark.parametrize(("options", "n_fft"), [({}, 512),
