@@ -240,7 +240,12 @@ def model_flops_per_window(s: BenchSettings) -> float:
     """FLOPs of one window's forward pass (matmuls and convolutions, as MFU counts them).
 
     Counted by torch's FlopCounterMode on the CPU at fp32 (the count does not depend on the
-    device or precision); the front end's FFT is not counted.
+    device or precision); the front end's FFT is not counted. A torch network is counted
+    with gradients on, so that every layer runs as defined, not as an inference-only path
+    that the counter misses or that does fewer FLOPs: at inference on a CPU, BEATs'
+    attention runs as a fused kernel the counter has no formula for (2.3 GFLOP per 5-s
+    window uncounted) and its positional convolution by FFT (2.3 GFLOP as defined). So
+    model FLOP/s compare across devices, as MFU does.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -248,9 +253,12 @@ def model_flops_per_window(s: BenchSettings) -> float:
     from pipeline.models import create_backbone
 
     backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    network = getattr(backbone, "module", None)
+    if isinstance(network, torch.nn.Module):
+        network.requires_grad_(True)
     layer = len(backbone.info.layers) - 1
     window = torch.zeros(1, samples_for(s.window_s, s.sample_rate_hz))
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.set_grad_enabled(network is not None), FlopCounterMode(display=False) as counter:
         backbone.extract(window, None, [layer])
     return float(counter.get_total_flops())
 
