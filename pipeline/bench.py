@@ -50,6 +50,7 @@ from pipeline import storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.config import AUDIO_EXTENSIONS
 from pipeline.demo import write_audio
+from pipeline.errors import ConfigError
 from pipeline.windows import plan_windows, samples_for
 
 log = logging.getLogger(__name__)
@@ -394,9 +395,16 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
     timings: dict[str, float] = {}
     cosines: dict[str, float] = {}
     reference = None
+    skipped: dict[str, str] = {}
     for precision in ("fp32", *(("bf16",) if cpu_claims_bf16() else ()), "int8"):
-        backbone = create_backbone(s.model, weights="random", options=s.options or {},
-                                   precision=precision)
+        try:
+            backbone = create_backbone(s.model, weights="random", options=s.options or {},
+                                       precision=precision)
+        except ConfigError as e:  # int8 of a network without Linear layers (EfficientNet)
+            if precision == "fp32":
+                raise
+            skipped[precision] = str(e)
+            continue
         layer = len(backbone.info.layers) - 1
         best = math.inf
         for _ in range(3):  # the first call pays first-call costs
@@ -410,7 +418,7 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
         cosines[precision] = float(torch.nn.functional.cosine_similarity(pooled, reference).min())
     chosen = min(timings, key=timings.__getitem__)
     return {"precision": chosen, "s_per_window": timings, "cosine_to_fp32": cosines,
-            "why": f"measured fastest here on {n} windows"}
+            "why": f"measured fastest here on {n} windows", "not_tried": skipped}
 
 
 def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any) -> dict[str, Any]:

@@ -152,3 +152,11 @@ def test_precision_on_a_cpu_is_the_fastest_one_measured(monkeypatch, bf16_flag: 
     assert set(cosines) == set(timings) and cosines["fp32"] == pytest.approx(1.0)
     assert all(0.99 < c <= 1.0 + 1e-6 for c in cosines.values()) and cosines["int8"] < 0.999999
     assert choice["precision"] == min(timings, key=timings.__getitem__)
+
+
+def test_a_precision_the_model_cannot_run_is_not_tried(monkeypatch) -> None:
+    """EfficientNet has no Linear layer for int8: the choice goes on without it."""
+    monkeypatch.setattr(bench, "cpu_claims_bf16", lambda: False)
+    choice = choose_precision(BenchSettings(model="efficientnet_b0", threads=1))
+    assert set(choice["s_per_window"]) == {"fp32"} and choice["precision"] == "fp32"
+    assert "no Linear layers" in choice["not_tried"]["int8"]
