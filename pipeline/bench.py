@@ -26,6 +26,7 @@ throughput comparison, so a test can run it in about a minute.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -343,26 +344,20 @@ class GpuBusySampler:
         return gpu_busy(self.samples, span) if self.enabled else {}
 
 
-def _cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return fh.read()
-    except OSError:
-        return ""
-
-
 def cpu_model() -> str:
     """The CPU's model name (speeds differ several-fold between CPUs with the same flags)."""
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
 def cpu_claims_bf16() -> bool:
     """Whether this CPU's flags claim bf16 dot products (AVX512-BF16 or AMX)."""
-    flags = _cpuinfo()
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from pipeline.models.precision import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def choose_precision(s: BenchSettings) -> dict[str, Any]:

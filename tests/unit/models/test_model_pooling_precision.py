@@ -18,7 +18,7 @@ from pipeline.models import (
     resolve_precision,
     validate_pooling,
 )
-from pipeline.models.precision import autocast_context
+from pipeline.models.precision import autocast_context, int8_engine
 from tests.unit.models.conftest import TINY_BEATS_PROJ
 
 
@@ -117,6 +117,43 @@ def test_int8_quantizes_every_linear_layer_and_agrees_with_fp32(tiny_beats):
         cosine = torch.nn.functional.cosine_similarity(pooled["fp32"][layer], pooled["int8"][layer])
         assert cosine.min().item() > 0.999
         assert not torch.equal(pooled["fp32"][layer], pooled["int8"][layer])  # it did quantize
+
+
+def test_int8_packs_for_onednn_where_the_cpu_has_vnni():
+    supported = ["qnnpack", "onednn", "x86", "fbgemm"]
+    assert int8_engine({"avx2", "avx512_vnni"}, supported) == "onednn"
+    assert int8_engine({"avx2", "avx_vnni"}, supported) == "onednn"
+    assert int8_engine({"avx2", "avx512f"}, supported) is None  # torch's default stands
+    assert int8_engine({"avx512_vnni"}, ["x86", "fbgemm"]) is None
+    assert int8_engine(set(), ["qnnpack"]) is None  # an ARM CPU
+
+
+@pytest.mark.parametrize("engine", [None, "onednn"])
+def test_int8_is_packed_on_the_chosen_engine_and_the_process_keeps_its_own(
+        engine, tiny_beats, monkeypatch):
+    """The weights are packed under the chosen engine (a quantized Linear runs on the engine
+    it was packed for); the process-wide setting is put back; either engine agrees with fp32."""
+    from torch.ao import quantization
+
+    from pipeline.models import precision
+
+    packed_on = []
+    original = quantization.quantize_dynamic
+
+    def recording(*args, **kwargs):
+        packed_on.append(torch.backends.quantized.engine)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", recording)
+    monkeypatch.setattr(precision, "int8_engine", lambda flags, supported: engine)
+    before = torch.backends.quantized.engine
+    int8 = create_backbone("beats", weights="random", options=TINY_BEATS_PROJ, precision="int8")
+    assert packed_on == [engine or before]
+    assert torch.backends.quantized.engine == before
+    audio = 0.3 * torch.randn(2, 32_000, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours, ref = (b.extract(audio, None, [3])[3].tokens.mean(1) for b in (int8, tiny_beats))
+    assert torch.nn.functional.cosine_similarity(ours, ref).min().item() > 0.999
 
 
 def test_int8_of_a_network_without_linear_layers_is_refused(effnet):
