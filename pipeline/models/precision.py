@@ -152,8 +152,10 @@ def int8_engine(cpu_flags: Collection[str], supported: Collection[str]) -> str |
 
     On a 2-vCPU Xeon with AVX512-VNNI, full-size BEATs in int8 on one thread, a batch of 16
     5-s windows, three alternating runs: 0.165-0.170 s per window packed for oneDNN against
-    0.178-0.182 for the default (1.08x), the same cosine to float32 (0.99970 per token). Without
-    VNNI neither was measured, so torch's own choice stands.
+    0.178-0.182 for the default (1.08x), the same cosine to float32 (0.99970 per token).
+    Packing for oneDNN costs more once: building and quantizing the network took 3.0-3.4 s
+    against 2.4-2.5, won back after about 60 windows per actor. Without VNNI neither engine
+    was measured, so torch's own choice stands.
     """
     vnni = {"avx512_vnni", "avx_vnni"} & set(cpu_flags)
     return "onednn" if vnni and "onednn" in supported else None
@@ -195,9 +197,9 @@ def quantize_linear_int8(module: nn.Module, name: str) -> float:
 
     Weights become int8 per output channel; each call quantizes its activations from their
     own range and accumulates in int32, on the engine :func:`int8_engine` picks (oneDNN on a
-    CPU with VNNI). On a 2-vCPU Xeon with AVX512-VNNI, full-size BEATs ran a 5-s window in
-    0.11 s against 0.20 s in float32 (before the CPU forward's FFT convolution and chunking,
-    which took both lower), cosine to float32 >= 0.99996 (random weights).
+    CPU with VNNI). On a 2-vCPU Xeon with AVX512-VNNI, one thread, batches of 16 5-s windows,
+    full-size BEATs ran at 0.17 s per window against 0.36-0.37 s in float32, cosine to
+    float32 >= 0.9997 per token (random weights).
 
     This is torch's own ``torch.ao.quantization.quantize_dynamic``, which torch marks as
     deprecated in favour of torchao; torchao 0.18's ``Int8DynamicActivationInt8WeightConfig``
