@@ -181,11 +181,8 @@ def _quantized_engine(engine: str | None) -> Iterator[None]:
     Linear runs on the engine its weights were packed for, so the process-wide setting is
     put back afterwards and nothing else in the process sees it changed.
     """
-    if engine is None:
-        yield
-        return
     saved = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
+    torch.backends.quantized.engine = engine or saved
     try:
         yield
     finally:
