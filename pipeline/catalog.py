@@ -22,6 +22,7 @@ from pipeline import storage
 from pipeline.layout import (
     TABLES,
     OutputLayout,
+    attempts,
     committed_shards,
     read_json,
     to_retry,
@@ -44,6 +45,7 @@ class Namespace:
     error_types: dict[str, int] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
     to_retry: int = 0  # recordings stopped by errors not their own: the next run redoes them
+    attempts: dict[int, int] = field(default_factory=dict)  # runs that met one -> recordings
     uncommitted_files: int = 0
     missing_files: int = 0
     lease: dict[str, Any] | None = None  # the run writing this namespace now, if any
@@ -89,7 +91,10 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
     for marker in markers.values():
         ns.recordings += len(marker.get("recordings", ()))
         outcomes.update(r["outcome"] for r in marker.get("recordings", ()))
-        ns.to_retry += sum(to_retry(r) for r in marker.get("recordings", ()))
+        for rec in marker.get("recordings", ()):
+            if to_retry(rec):
+                ns.to_retry += 1
+                ns.attempts[attempts(rec)] = ns.attempts.get(attempts(rec), 0) + 1
         for table, files in marker.get("files", {}).items():
             ns.rows[table] = ns.rows.get(table, 0) + sum(f["rows"] for f in files)
             ns.files[table] = ns.files.get(table, 0) + len(files)
@@ -160,9 +165,12 @@ def render(catalog: Catalog) -> str:
                 lines.append(f"    ... ({sum(ns.error_types.values()) - shown} more in "
                              f"errors/model={ns.model}/variant={ns.variant}/)")
         if ns.to_retry:
+            runs = ", ".join(f"{n} of them in {k} run{'s' * (k > 1)}"
+                             for k, n in sorted(ns.attempts.items()))
             lines.append(f"  {ns.to_retry} recordings failed or stopped on errors not their own "
-                         "(storage, memory, a worker's environment): the next run embeds their "
-                         "shards again (run.retry_transient_errors)")
+                         f"(storage, memory, a worker's environment; {runs}): the next run "
+                         "embeds their shards again while fewer than run.max_attempts runs met "
+                         "them (run.retry_transient_errors)")
         if ns.missing_files:
             lines.append(f"  WARNING: {ns.missing_files} committed files are missing (deleted "
                          "after their shard was committed?)")

@@ -314,6 +314,10 @@ class RunConfig:
             fixed). The shard is uncommitted and embedded again, so the next run can succeed
             where that one could not. Errors of the recording itself (unreadable, empty,
             corrupt, too short...) stay settled. ``False``: every failure stays settled.
+        max_attempts: runs that may meet such an error on one recording before it stays
+            settled too: a failure that comes back run after run (a file that runs a worker
+            out of memory every time, a bug not fixed yet) is not transient, and retrying it
+            would embed its whole shard again at every rerun. Raise it to try again.
         replace_changed_sources: an object listed again with another version (rewritten,
             re-uploaded, touched: a new ETag, generation or mtime) is a new recording; a
             rerun then reopens the shards holding its earlier version, so its rows are
@@ -328,12 +332,14 @@ class RunConfig:
     max_failed_fraction: float = 1.0
     min_recordings_before_abort: int = 20
     retry_transient_errors: bool = True
+    max_attempts: int = 3
     replace_changed_sources: bool = True
     progress: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def validate(self) -> None:
         _positive(self.shard_size, "run.shard_size")
+        _positive(self.max_attempts, "run.max_attempts")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError("must be between 0 and 1", "run.max_failed_fraction")
         if self.min_recordings_before_abort < 0:

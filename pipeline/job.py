@@ -217,6 +217,9 @@ class EmbeddingJob:
         self.job_id = cfg.run.job_id or make_job_id()
         self.prepared = False
         self._owns_ray = False  # prepare() started Ray (to see a cluster's GPUs); run() stops it
+        # recording id -> runs that met an error not its own on it, for the reopened shards'
+        # recordings (carried into their new markers: run.max_attempts).
+        self._attempts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ planning
 
@@ -356,9 +359,11 @@ class EmbeddingJob:
         never get its rows; and those holding an earlier version of an object listed now
         (``run.replace_changed_sources``), whose rows would otherwise sit beside the new
         version's. A shard with a recording no longer listed at all is left as it is: this
-        run would not redo that recording."""
-        retry = (layout_mod.shards_to_retry(markers) if self.cfg.run.retry_transient_errors
-                 else {})
+        run would not redo that recording. Nor is one whose recordings met such errors in
+        ``run.max_attempts`` runs already: a failure that keeps coming back is no outage."""
+        run = self.cfg.run
+        retry = (layout_mod.shards_to_retry(markers, run.max_attempts)
+                 if run.retry_transient_errors else {})
         wanted = set(self._tables)
         lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
                    for shard, marker in markers.items()}
@@ -375,6 +380,11 @@ class EmbeddingJob:
         reopen = {shard for shard in set(retry) | set(lacking) | set(changed)
                   if all(r["recording_id"] in listed or r.get("source_uri") in listed_uris
                          for r in markers[shard]["recordings"])}
+        if run.retry_transient_errors:
+            self._say_given_up(markers, reopen)
+        self._attempts = {rec["recording_id"]: layout_mod.attempts(rec)
+                          for shard in reopen for rec in markers[shard]["recordings"]
+                          if layout_mod.to_retry(rec)}
         if not reopen:
             return
         replaced = [s for s in reopen if s in changed]
@@ -400,6 +410,19 @@ class EmbeddingJob:
         for shard_id in sorted(reopen):
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
+
+    def _say_given_up(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str]) -> None:
+        """Warn about the recordings kept failed because they reached ``run.max_attempts``."""
+        limit = self.cfg.run.max_attempts
+        given_up = [rec for shard, marker in markers.items() if shard not in reopen
+                    for rec in marker.get("recordings", ())
+                    if layout_mod.to_retry(rec) and not layout_mod.to_retry(rec, limit)]
+        if given_up:
+            log.warning("%d recording(s) met errors not their own (%s) in %d runs or more: not "
+                        "retried again, their error rows stay (run.max_attempts: %d; raise it "
+                        "to try them once more)", len(given_up),
+                        ", ".join(sorted({str(rec.get("error_type")) for rec in given_up})),
+                        limit, limit)
 
     def _resolve_model_settings(self) -> None:
         cfg, info = self.cfg, self.info
@@ -923,7 +946,7 @@ class EmbeddingJob:
                 outcome.failed += 1
                 settled[item.recording_id] = {"outcome": "error",
                                               "error_type": report["error_type"],
-                                              **_retry_mark(report)}
+                                              **self._retry_mark(item, report)}
                 continue
             problems = list(report.get("problems", []))
             lost = dropped.get(item.recording_id, set())
@@ -965,8 +988,16 @@ class EmbeddingJob:
             settled[item.recording_id] = {"outcome": "partial" if problems else "ok"}
             if report.get("stopped_by"):
                 settled[item.recording_id].update(error_type=report["stopped_by"],
-                                                  **_retry_mark(report))
+                                                  **self._retry_mark(item, report))
         return rec_rows, err_rows, outcome, settled
+
+    def _retry_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
+        """What a marker records of a failure that was not the recording's own (a storage
+        error, an unexpected exception): a rerun reopens its shard while ``attempts``, the
+        runs in a row that met one, is below ``run.max_attempts`` (``layout.shards_to_retry``)."""
+        if not report.get("transient"):
+            return {}
+        return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}
 
     def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
         record = {
@@ -977,12 +1008,6 @@ class EmbeddingJob:
             "summary": summary.to_dict(),
         }
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
-
-
-def _retry_mark(report: Mapping[str, Any]) -> dict[str, bool]:
-    """What a marker records of a failure that was not the recording's own (a storage error,
-    an unexpected exception): a rerun reopens its shard (``layout.shards_to_retry``)."""
-    return {"retry": True} if report.get("transient") else {}
 
 
 def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,

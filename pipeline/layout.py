@@ -135,18 +135,27 @@ def committed_recordings(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, 
 RETRYABLE_ERRORS = frozenset({"StorageError"})
 
 
-def to_retry(recording: Mapping[str, Any]) -> bool:
+def to_retry(recording: Mapping[str, Any], max_attempts: int | None = None) -> bool:
     """Whether a marker's recording failed, or stopped early, on an error that was not its
     own (storage retries ran out, memory, an exception of a worker's environment or of a
-    bug since fixed), which a later run may not meet."""
-    return bool(recording.get("retry")) or recording.get("error_type") in RETRYABLE_ERRORS
+    bug since fixed), which a later run may not meet; with ``max_attempts``, only while
+    fewer runs than that have met such an error on it (see :func:`attempts`)."""
+    transient = bool(recording.get("retry")) or recording.get("error_type") in RETRYABLE_ERRORS
+    return transient and (max_attempts is None or attempts(recording) < max_attempts)
 
 
-def shards_to_retry(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+def attempts(recording: Mapping[str, Any]) -> int:
+    """How many runs in a row have met an error not its own on a marker's recording (markers
+    written before the count was kept say nothing: one)."""
+    return int(recording.get("attempts", 1))
+
+
+def shards_to_retry(markers: Mapping[str, Mapping[str, Any]],
+                    max_attempts: int | None = None) -> dict[str, int]:
     """``shard -> recordings`` for committed shards holding a recording :func:`to_retry`."""
     out: dict[str, int] = {}
     for shard_id, marker in markers.items():
-        n = sum(1 for r in marker.get("recordings", ()) if to_retry(r))
+        n = sum(1 for r in marker.get("recordings", ()) if to_retry(r, max_attempts))
         if n:
             out[shard_id] = n
     return out

@@ -33,6 +33,7 @@ from pipeline import storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.errors import AudioDecodeError, CheckpointMismatchError
 from pipeline.faults import fault_point
+from pipeline.layout import RETRYABLE_ERRORS
 from pipeline.windows import StreamingWindower, WindowBatch
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,10 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
             )
         meta = {"status": report.status, "problems": report.problems}
     except AudioDecodeError as err:
-        meta = {"status": "error", "error_type": err.error_type, "message": str(err)}
+        # A listing whose retries could not stat the object passes on a StorageError: as
+        # transient as a read's (a rerun retries it, counting the attempts).
+        meta = {"status": "error", "error_type": err.error_type, "message": str(err),
+                "transient": err.error_type in RETRYABLE_ERRORS}
     except storage.StorageError as err:
         meta = {"status": "error", "error_type": "StorageError", "message": str(err),
                 "transient": True}

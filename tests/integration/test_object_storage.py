@@ -671,7 +671,8 @@ def test_a_recording_an_outage_kept_out_is_embedded_by_the_next_run(
     lost = f"perch/chirp/tests/testdata/{victim}"
     assert during.errors[lost][0] == "StorageError" and first.failed == 2
     assert ("1 recordings failed or stopped on errors not their own (storage, memory, a "
-            "worker's environment): the next run embeds their shards again") in shown
+            "worker's environment; 1 of them in 1 run): the next run embeds their shards "
+            "again while fewer than run.max_attempts runs met them") in shown
     assert second.recordings_already_done < len(ARCHIVE_FILES) and second.failed == 1
     # The redone shard has the same recordings, so the same id and file names: this
     # process's client must forget the ETags it cached while reading the first run's.

@@ -34,15 +34,18 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     dropped = {"half_dropped": {(-1, 1)}, "all_dropped": {(-1, 0), (-1, 1)}}
     pooled = {(n, -1, 0): (2, np.ones(4, np.float32)) for n in ("clean", "cut_short")}
     pooled[("half_dropped", -1, 0)] = (1, np.ones(4, np.float32))
+    job._attempts = {"oom": 2}  # met in the two runs before this one
     rec_rows, err_rows, outcome, settled = job._settle("s", items, reports, dropped, pooled)
     assert settled == {
         "clean": {"outcome": "ok"},
         "half_dropped": {"outcome": "partial"},
         "all_dropped": {"outcome": "error", "error_type": "NonFiniteEmbedding"},
         "unreadable": {"outcome": "error", "error_type": "UnreadableAudio"},
-        "cut_short": {"outcome": "partial", "error_type": "StorageError", "retry": True},
-        "outage": {"outcome": "error", "error_type": "StorageError", "retry": True},
-        "oom": {"outcome": "error", "error_type": "MemoryError", "retry": True}}
+        "cut_short": {"outcome": "partial", "error_type": "StorageError", "retry": True,
+                      "attempts": 1},
+        "outage": {"outcome": "error", "error_type": "StorageError", "retry": True,
+                   "attempts": 1},
+        "oom": {"outcome": "error", "error_type": "MemoryError", "retry": True, "attempts": 3}}
     assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 2, 4)
     assert outcome.windows == 5
     assert sorted((r["recording_id"], r["status"]) for r in rec_rows) == [
@@ -54,8 +57,12 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     # (a marker written before ``retry`` existed counts its StorageErrors).
     marker = {"recordings": [{"recording_id": r, **v} for r, v in settled.items()]}
     assert shards_to_retry({"s": marker}) == {"s": 3}
+    # run.max_attempts 3: the recording met by such an error in three runs is settled.
+    assert shards_to_retry({"s": marker}, max_attempts=3) == {"s": 2}
+    assert shards_to_retry({"s": marker}, max_attempts=1) == {}
     old = {"recordings": [{"recording_id": "x", "outcome": "error", "error_type": "StorageError"}]}
     assert shards_to_retry({"old": old}) == {"old": 1}
+    assert shards_to_retry({"old": old}, max_attempts=2) == {"old": 1}  # no count kept: one
 
 
 def test_the_summary_points_at_the_errors_directory_the_layout_writes() -> None:

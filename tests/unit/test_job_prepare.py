@@ -250,6 +250,41 @@ def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp
         assert Path(lay.commit_path("c" * 16)).exists()
 
 
+def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A failure not the recording's own that comes back run after run (a file that runs its
+    worker out of memory each time) is no outage: after ``run.max_attempts`` runs its shard
+    stays committed, with a warning, instead of being embedded again at every rerun. A
+    reopened shard's recordings carry their count into the run that redoes them."""
+    from pipeline import layout as layout_mod
+
+    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
+    first = job(archive, tmp_path)
+    first.prepare()
+    first._lease.release()
+    a, b = (i.recording_id for i in first.todo)
+    lay = first.layout
+    for shard_id, rid, tries in (("a" * 16, a, 2), ("b" * 16, b, 3)):
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
+            "shard": shard_id, "files": {},
+            "recordings": [{"recording_id": rid, "outcome": "error", "error_type": "MemoryError",
+                            "retry": True, "attempts": tries}]})
+    again = job(archive, tmp_path)
+    with caplog.at_level("WARNING", logger="pipeline.job"):
+        again.prepare()
+    again._lease.release()
+    assert [i.recording_id for i in again.todo] == [a]
+    assert again._attempts == {a: 2}  # its new marker will say 3
+    assert Path(lay.commit_path("b" * 16)).exists()
+    assert ("1 recording(s) met errors not their own (MemoryError) in 3 runs or more: not "
+            "retried again") in caplog.text
+    more = job(archive, tmp_path, run={"max_attempts": 4})
+    more.prepare()
+    more._lease.release()
+    assert sorted(i.recording_id for i in more.todo) == sorted([a, b])  # a: still to redo
+    assert not Path(lay.commit_path("b" * 16)).exists()
+
+
 def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: Path,
                                                                        tmp_path: Path) -> None:
     """Shards committed with output.windows false hold no window rows: a run that writes

@@ -279,7 +279,14 @@ def test_an_unexpected_exception_is_an_error_row_a_rerun_retries(
         rows = list(decode_recording("r", path, path, -1, "", spec))
         return json.loads(rows[-1]["meta"][-1])
 
-    assert "transient" not in report_of("x.wav") and report_of("x.wav")["status"] == "error"
+    assert (report_of("x.wav")["status"], report_of("x.wav")["transient"]) == ("error", False)
+    # An object the listing's retries could not stat arrives as a problem: as transient.
+    for problem, transient in (("StorageError: stat s3://b/k.wav: gave up after 6 attempts", True),
+                               ("FileNotFoundError: s3://b/k.wav", False)):
+        rows = list(decode_recording("r", "s3://b/k.wav", "b/k.wav", -1, problem, spec))
+        listed = json.loads(rows[-1]["meta"][-1])
+        assert (listed["status"], listed["transient"]) == ("error", transient)
+        assert listed["error_type"] == problem.partition(":")[0]
 
     def no_memory(*args, **kwargs):
         raise MemoryError()
