@@ -578,6 +578,7 @@ class EmbeddingJob:
         started = time.perf_counter()
         self._lease.start()
         try:
+            self._lease.check()  # prepared long ago, another run may have taken over since
             self._write_job_record(summary)
             if self.shards:
                 self._run_shards(summary, started)

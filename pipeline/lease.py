@@ -20,9 +20,10 @@ age, and never less than one and a half heartbeats (a driver that crashed on ano
 the watch makes a clock skew between hosts unable to make a live holder look dead). A holder
 whose record changes while we watch is alive: the run is refused.
 
-A run checks that the lease is still its own before it publishes a shard and again before
-it writes the shard's commit marker, and stops if it is not, or if its own heartbeat has
-not got through for ``STALE_S - HEARTBEAT_S`` (another run may then have taken over). Two
+A run checks that the lease is still its own when it starts, before it publishes a shard
+and again before it writes the shard's commit marker, and stops if it is not (another run's
+record, or none: a run that took over and has finished deletes it), or if its own heartbeat
+has not got through for ``STALE_S - HEARTBEAT_S`` (another run may then have taken over). Two
 runs starting in the same instant both write, read back after ``SETTLE_S``, and the one
 whose write landed last proceeds. Object stores have no portable compare-and-swap through
 fsspec, so two starts whose read-back gaps exceed ``SETTLE_S`` could both proceed, as could a
@@ -130,10 +131,13 @@ class NamespaceLease:
         if self._lost_to is None and self._still_mine():
             return
         lost = self._lost_to or {}
+        who = (f"job {lost.get('job_id')} (host {lost.get('host')}) took over"
+               if lost.get("job_id") else "its record is gone: another run took over and "
+               "finished, or it was deleted; either way another run may have written")
         raise NamespaceBusyError(
-            f"job {lost.get('job_id')} (host {lost.get('host')}) took over "
-            f"{self.layout.uri(self.path)} while this run went without a heartbeat for over "
-            f"{STALE_S:.0f} s; stopping before committing more")
+            f"lost the lease {self.layout.uri(self.path)}: {who} while this run went without "
+            f"a heartbeat for over {STALE_S:.0f} s (or before it started); stopping before "
+            "committing more (a rerun resumes)")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""
@@ -153,8 +157,9 @@ class NamespaceLease:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 if not self._still_mine():
-                    log.error("lease %s was taken over by job %s", self.layout.uri(self.path),
-                              (self._lost_to or {}).get("job_id"))
+                    log.error("lease %s was taken over by %s", self.layout.uri(self.path),
+                              f"job {job}" if (job := (self._lost_to or {}).get("job_id"))
+                              else "a run that has finished since (its record is gone)")
                     return
                 write_json(self.layout.fs, self.path, self._record())
                 self._renewed = time.monotonic()
@@ -162,9 +167,15 @@ class NamespaceLease:
                 log.warning("lease heartbeat failed: %s", storage.redact_text(str(err)))
 
     def _still_mine(self) -> bool:
-        """False (and who took it kept in ``_lost_to``) once another run holds the lease."""
+        """False (and who took it kept in ``_lost_to``) once another run holds the lease, or
+        once its record is gone: nothing deletes a held lease but a run that took it over
+        and has finished (or a person), and that run may have committed the shards this one
+        planned, under the same ids. Writing the lease again then would commit them twice."""
         holder = self._read()
-        if holder is not None and holder.get("token") != self.token:
+        if holder is None:
+            self._lost_to, self._held = {"job_id": None}, False
+            return False
+        if holder.get("token") != self.token:
             self._lost_to, self._held = holder, False
             return False
         return True

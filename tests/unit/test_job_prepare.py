@@ -285,6 +285,22 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     assert not Path(lay.commit_path("b" * 16)).exists()
 
 
+def test_a_prepared_run_whose_lease_was_taken_meanwhile_does_nothing(
+        archive: Path, tmp_path: Path) -> None:
+    """Prepared, then overtaken by a run that finished (and deleted the lease): run() stops
+    before any work, instead of embedding and committing its plan a second time."""
+    from pipeline.errors import NamespaceBusyError
+
+    first = job(archive, tmp_path)
+    first.prepare()
+    second = job(archive, tmp_path)
+    second.prepare()  # takes over: the first was only prepared
+    second._lease.release()  # ... and it ran to the end
+    with pytest.raises(NamespaceBusyError, match="its record is gone"):
+        first.run()
+    assert not Path(first.layout.lease_path()).exists()
+
+
 def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: Path,
                                                                        tmp_path: Path) -> None:
     """Shards committed with output.windows false hold no window rows: a run that writes

@@ -155,11 +155,27 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: Output
     slow.start()
     slow.check()
     plant(layout, job_id="usurper", host="another-node")
-    with pytest.raises(NamespaceBusyError, match="usurper .* took over"):
+    with pytest.raises(NamespaceBusyError, match="job usurper .* took over"):
         slow.check()
     time.sleep(0.6)  # a few heartbeats: none of them writes over the usurper's lease
     slow.release()
     assert holder_of(layout)["job_id"] == "usurper"  # not ours to delete
+
+
+def test_a_lease_whose_record_is_gone_is_lost(layout: OutputLayout) -> None:
+    """A run that took the lease over and finished deletes it: the run it took over (which
+    was stopped, or went without a heartbeat) must not write it again and commit the shards
+    it planned, which the other run may have committed under the same ids."""
+    slow = NamespaceLease(layout, "slow")
+    slow.acquire()
+    slow.start()
+    Path(layout.lease_path()).unlink()  # taken over, the taker done and gone
+    with pytest.raises(NamespaceBusyError, match="its record is gone"):
+        slow.check()
+    time.sleep(0.6)  # a few heartbeats: none of them writes the lease again
+    assert not Path(layout.lease_path()).exists()
+    slow.release()
+    assert not Path(layout.lease_path()).exists()
 
 
 def test_inspect_shows_the_run_writing_a_namespace(layout: OutputLayout) -> None:
