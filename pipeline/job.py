@@ -57,6 +57,7 @@ from pipeline.sink import (
     errors_schema,
     file_metadata,
     merge_timing,
+    parquet_bytes,
     recordings_schema,
     reduce_partials,
     windows_schema,
@@ -278,6 +279,7 @@ class EmbeddingJob:
         self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
+            layout_mod.finish_carves(self.layout, markers)
             self._check_manifest_columns(markers)
             self._reopen_shards(markers)
             layout_mod.recover(self.layout, markers)
@@ -351,35 +353,43 @@ class EmbeddingJob:
                                 ("errors", True)) if on]
 
     def _reopen_shards(self, markers: dict[str, dict[str, Any]]) -> None:
-        """Uncommit the committed shards this run must embed again, whole: those holding a
+        """Uncommit the committed shards this run must embed again: those holding a listed
         recording that failed in a way that may have passed (a storage error, an unexpected
         exception: ``run.retry_transient_errors``), so no recording keeps an error row
-        beside a later success; those written without a table this run writes
-        (``output.windows`` or ``output.recordings`` turned on since), which would otherwise
-        never get its rows; and those holding an earlier version of an object listed now
-        (``run.replace_changed_sources``), whose rows would otherwise sit beside the new
-        version's. A shard with a recording no longer listed at all is left as it is: this
-        run would not redo that recording. Nor is one whose recordings met such errors in
-        ``run.max_attempts`` runs already: a failure that keeps coming back is no outage."""
+        beside a later success, unless ``run.max_attempts`` runs met it already (a failure
+        that keeps coming back is no outage); those written without a table this run
+        writes (``output.windows`` or ``output.recordings`` turned on since), which would
+        otherwise never get its rows; and those holding an earlier version of an object
+        listed now (``run.replace_changed_sources``), whose rows would otherwise sit beside
+        the new version's. A reopened shard's recordings that this run cannot redo (their
+        object is no longer listed, in any version) keep their rows: they move to a shard of
+        their own first (:meth:`_carve_out`)."""
         run = self.cfg.run
-        retry = (layout_mod.shards_to_retry(markers, run.max_attempts)
-                 if run.retry_transient_errors else {})
-        wanted = set(self._tables)
-        lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
-                   for shard, marker in markers.items()}
-        lacking = {shard: tables for shard, tables in lacking.items() if tables}
         listed = {i.recording_id for i in self.listing.items}
         # Objects listed again, in another version; one listed as missing or unreadable
         # replaces nothing (its rows stay).
         listed_uris = ({i.uri for i in self.listing.items if not i.problem}
-                       if self.cfg.run.replace_changed_sources else set())
+                       if run.replace_changed_sources else set())
+
+        def stays(rec: Mapping[str, Any]) -> bool:  # this run cannot redo it: its rows stay
+            return rec["recording_id"] not in listed and rec.get("source_uri") not in listed_uris
+
+        retry: dict[str, int] = {}
+        if run.retry_transient_errors:
+            retry = {shard: n for shard, marker in markers.items()
+                     if (n := sum(rec["recording_id"] in listed
+                                  and layout_mod.to_retry(rec, run.max_attempts)
+                                  for rec in marker.get("recordings", ())))}
+        wanted = set(self._tables)
+        lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
+                   for shard, marker in markers.items()}
+        lacking = {shard: tables for shard, tables in lacking.items() if tables}
         changed = {shard: n for shard, marker in markers.items()
                    if (n := sum(r["recording_id"] not in listed
                                 and r.get("source_uri") in listed_uris
                                 for r in marker.get("recordings", ())))}
         reopen = {shard for shard in set(retry) | set(lacking) | set(changed)
-                  if all(r["recording_id"] in listed or r.get("source_uri") in listed_uris
-                         for r in markers[shard]["recordings"])}
+                  if not all(stays(r) for r in markers[shard]["recordings"])}
         if run.retry_transient_errors:
             self._say_given_up(markers, reopen)
         self._attempts = {rec["recording_id"]: layout_mod.attempts(rec)
@@ -408,8 +418,48 @@ class EmbeddingJob:
                         sum(s in lacking for s in reopen), ", ".join(filled),
                         " / output.".join(filled))
         for shard_id in sorted(reopen):
+            keep = {r["recording_id"] for r in markers[shard_id]["recordings"] if stays(r)}
+            if keep:
+                carved = self._carve_out(markers[shard_id], keep)
+                markers[carved["shard"]] = carved
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
+
+    def _carve_out(self, marker: Mapping[str, Any], keep: set[str]) -> dict[str, Any]:
+        """Commit the rows of ``keep``'s recordings (not listed any more, so not redone) as a
+        shard of their own, before the shard holding them is uncommitted and redone, so
+        reopening a shard never drops the rows of objects that are gone. Their rows are
+        copied as they are (provenance columns and file metadata included) into files named
+        for the new shard, then its marker is written, recording ``carved_from``; a crash
+        before that marker leaves files that ``recover`` deletes, one after it a second
+        marker that ``layout.finish_carves`` resolves. Returns the new marker."""
+        import pyarrow.compute as pc
+
+        lay, o = self.layout, self.cfg.output
+        fs, source = lay.fs, marker["shard"]
+        shard_id = layout_mod.carved_shard_id(source, keep)
+        ids = pa.array(sorted(keep))
+        files: dict[str, list[dict[str, Any]]] = {}
+        for table, entries in marker.get("files", {}).items():
+            for entry in entries:
+                rows = pq.read_table(pa.BufferReader(storage.read_bytes(
+                    fs, lay.committed_file(table, entry["path"]))))
+                rows = rows.filter(pc.is_in(rows["recording_id"], value_set=ids))
+                if not rows.num_rows:
+                    continue
+                out = files.setdefault(table, [])
+                path = lay.shard_file(table, shard_id, len(out))
+                storage.write_bytes(fs, path, parquet_bytes(
+                    rows, int(o.row_group_mb * 1e6 / self._row_bytes), o.compression))
+                out.append({"path": lay.uri(path), "rows": rows.num_rows})
+        recordings = [r for r in marker["recordings"] if r["recording_id"] in keep]
+        carved = {**marker, "shard": shard_id, "carved_from": source, "carved_by": self.job_id,
+                  "carved_at": utc_now(), "recordings": recordings, "files": files,
+                  "counts": {"recordings": len(recordings)}}
+        layout_mod.commit(lay, carved)
+        log.warning("kept the rows of %d recording(s) no longer listed (shard %s, reopened) in "
+                    "shard %s", len(recordings), source, shard_id)
+        return carved
 
     def _say_given_up(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str]) -> None:
         """Warn about the recordings kept failed because they reached ``run.max_attempts``."""

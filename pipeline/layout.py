@@ -20,6 +20,7 @@ with ``_`` are ignored by Hive-style readers (Spark, BigQuery, pyarrow datasets)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -159,6 +160,27 @@ def shards_to_retry(markers: Mapping[str, Mapping[str, Any]],
         if n:
             out[shard_id] = n
     return out
+
+
+def carved_shard_id(shard_id: str, keep: Iterable[str]) -> str:
+    """The id of the shard that takes ``keep``'s rows out of ``shard_id`` (see
+    ``EmbeddingJob._carve_out``): the same for the same carve, so one a crash interrupted
+    writes the same files again."""
+    key = "\n".join([f"carved from {shard_id}", *sorted(keep)])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def finish_carves(layout: OutputLayout, markers: dict[str, dict[str, Any]]) -> None:
+    """Finish what a crash interrupted between committing a carved shard and uncommitting the
+    shard it was carved from (both markers would name its recordings): uncommit that one,
+    whose files :func:`recover` then deletes."""
+    for marker in list(markers.values()):
+        source = marker.get("carved_from")
+        if source in markers:
+            log.warning("finishing a carve-out a crash interrupted: shard %s's kept rows are in "
+                        "shard %s; uncommitting %s", source, marker["shard"], source)
+            uncommit(layout, source)
+            del markers[source]
 
 
 def uncommit(layout: OutputLayout, shard_id: str) -> None:

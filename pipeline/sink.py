@@ -450,6 +450,11 @@ def write_parquet(table: pa.Table, uri: str, storage_options: Mapping[str, Any],
                   row_group_rows: int, compression: str) -> None:
     """Write ``table`` as one Parquet object at ``uri`` (whole or not at all; retried)."""
     fs, path = storage.url_to_fs(uri, storage_options)
+    storage.write_bytes(fs, path, parquet_bytes(table, row_group_rows, compression))
+
+
+def parquet_bytes(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
+    """``table`` as the bytes of one Parquet file, as every output file is written."""
     buffer = io.BytesIO()
     pq.write_table(
         table,
@@ -459,7 +464,7 @@ def write_parquet(table: pa.Table, uri: str, storage_options: Mapping[str, Any],
         use_dictionary=[f.name for f in table.schema if pa.types.is_string(f.type)],
         write_statistics=True,
     )
-    storage.write_bytes(fs, path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def as_stored(schema: pa.Schema) -> pa.Schema:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -190,3 +191,44 @@ def test_a_retried_decode_task_repeats_none_of_its_delivered_blocks(tmp_path: Pa
                  for rid, k in zip(b["rid"], b["k"], strict=True))
     assert marker.exists()
     assert got == [(rid, k) for rid in "abcd" for k in range(3)]
+
+
+def test_a_reopened_shard_keeps_the_rows_of_recordings_no_longer_listed(
+        tmp_path: Path, ray_session: None) -> None:
+    """Shard {r0, r1}: r1's object is deleted, r0's rewritten. The rerun replaces r0's rows
+    by its new version's (the shard reopens) and keeps r1's as they were, moved to a shard
+    of their own first; nothing is duplicated, and a third run has nothing to do."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        write_tone(src / f"r{i}.wav", 2.5 + i, 16_000, freq_hz=300.0 + 200 * i, seed=i)
+    out = tmp_path / "out"
+    cfg = JobConfig.from_dict(job_dict(str(src), str(out), run={"shard_size": 2}))
+
+    def by_uri(table: str) -> dict[str, list[tuple]]:
+        got = duckdb.sql(f"""SELECT source_uri, recording_id, channel, layer, embedding
+                             FROM read_parquet('{out}/{table}/**/*.parquet')
+                             ORDER BY ALL""").fetchall()
+        found: dict[str, list[tuple]] = {}
+        for uri, *rest in got:
+            found.setdefault(Path(uri).name, []).append(tuple(rest[:3]) + (tuple(rest[3]),))
+        return found
+
+    first = EmbeddingJob(cfg).run()
+    assert first.embedded == 4 and first.shards == 2
+    windows, recordings = by_uri("windows"), by_uri("recordings")
+    (src / "r1.wav").unlink()
+    write_tone(src / "r0.wav", 4.0, 16_000, freq_hz=900.0, seed=9)  # a new version
+    second = EmbeddingJob(cfg).run()
+    assert second.embedded == 1 and second.recordings_already_done == 2
+    rows(out)  # no (recording, channel, window, layer) twice
+    after_w, after_r = by_uri("windows"), by_uri("recordings")
+    assert after_w["r1.wav"] == windows["r1.wav"] and after_r["r1.wav"] == recordings["r1.wav"]
+    assert {r[0] for r in after_w["r0.wav"]} != {r[0] for r in windows["r0.wav"]}
+    assert len({r[0] for r in after_w["r0.wav"]}) == 1  # the new version's rows only
+    assert after_w["r2.wav"] == windows["r2.wav"] and after_w["r3.wav"] == windows["r3.wav"]
+    carved = [m for m in map(json.loads, map(Path.read_text, (out / "_commits").rglob("*.json")))
+              if "carved_from" in m]
+    assert [[Path(r["source_uri"]).name for r in m["recordings"]] for m in carved] == [["r1.wav"]]
+    third = EmbeddingJob(cfg).run()
+    assert third.shards == 0 and third.recordings_already_done == 3

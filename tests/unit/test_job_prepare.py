@@ -241,13 +241,17 @@ def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp
     assert Path(lay.commit_path("a" * 16)).exists() is not retry
     assert Path(lay.shard_file("windows", "a" * 16, 0)).exists() is not retry
     assert Path(lay.shard_file("windows", "b" * 16, 0)).exists()
-    if retry:  # a shard with a recording no longer listed keeps its rows
+    if retry:  # a recording no longer listed keeps its rows: moved out of the reopened shard
         (archive / "b.wav").unlink()
         layout_mod.write_json(lay.fs, lay.commit_path("c" * 16), {"shard": "c" * 16, "files": {},
                               "recordings": [{**shards["a" * 16]}, shards["b" * 16]]})
         third = job(archive, tmp_path)
         third.prepare()
-        assert Path(lay.commit_path("c" * 16)).exists()
+        assert [i.recording_id for i in third.todo] == [a]
+        assert not Path(lay.commit_path("c" * 16)).exists()
+        carved = layout_mod.read_json(lay.fs, lay.commit_path(
+            layout_mod.carved_shard_id("c" * 16, {b})))
+        assert (carved["carved_from"], carved["recordings"]) == ("c" * 16, [shards["b" * 16]])
 
 
 def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
@@ -431,7 +435,13 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
     else:
         assert [i.recording_id for i in again.todo] == [a.recording_id]
         assert Path(lay.commit_path("a" * 16)).exists()
-    assert Path(lay.commit_path("c" * 16)).exists()
+    # c's earlier version of a goes; "gone", no longer listed, keeps its rows in a shard of
+    # its own (with replace off nothing of c is replaced, so c stays as it is).
+    assert Path(lay.commit_path("c" * 16)).exists() is not replace
+    carved = Path(lay.commit_path(layout_mod.carved_shard_id("c" * 16, {"gone"})))
+    assert carved.exists() is replace
+    if replace:
+        assert layout_mod.read_json(lay.fs, str(carved))["recordings"] == [gone]
     if replace:  # an object that cannot be read at listing time replaces nothing
         (archive / "m.csv").write_text(f"uri\n{a.uri}\n/no/such/b.wav\n")
         layout_mod.write_json(lay.fs, lay.commit_path("d" * 16), {

@@ -266,3 +266,28 @@ def test_a_copied_output_root_is_inspected_as_itself(tmp_path: Path) -> None:
     shown = render(load_catalog(str(tmp_path / "copy")))
     assert "errors by type: UnreadableAudio 1" in shown and "/a/x.wav: not audio" in shown
     assert "missing" not in shown and "without a commit marker" not in shown
+
+
+def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(tmp_path: Path) -> None:
+    """Killed between committing the carved shard and uncommitting its source, a run leaves
+    both markers naming the kept recordings: the next run uncommits the source (whose files
+    recover() then deletes), so no row is visible twice."""
+    lay = layout.OutputLayout(str(tmp_path / "out"), "m", "v")
+    carved_id = layout.carved_shard_id("a" * 16, {"kept"})
+    kept = {"recording_id": "kept", "outcome": "ok"}
+    for shard_id, extra, recs in (("a" * 16, {}, [kept, {"recording_id": "redo", "outcome": "ok"}]),
+                                  (carved_id, {"carved_from": "a" * 16}, [kept]),
+                                  ("b" * 16, {}, [{"recording_id": "other", "outcome": "ok"}])):
+        layout.write_json(lay.fs, lay.commit_path(shard_id),
+                              {"shard": shard_id, "files": {}, "recordings": recs, **extra})
+        path = Path(lay.shard_file("windows", shard_id, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"rows")
+    markers = layout.committed_shards(lay)
+    layout.finish_carves(lay, markers)
+    assert sorted(markers) == sorted([carved_id, "b" * 16])
+    assert not Path(lay.commit_path("a" * 16)).exists()
+    layout.recover(lay, markers)
+    assert sorted(p.name for p in Path(lay.table_dir("windows")).iterdir()) == sorted(
+        f"shard-{s}-00000.parquet" for s in (carved_id, "b" * 16))
+    assert carved_id == layout.carved_shard_id("a" * 16, ["kept"])  # the same carve, the same id
