@@ -7,15 +7,12 @@ bucket with terabytes of embeddings. Backs ``embed-archive inspect``.
 from __future__ import annotations
 
 import collections
-import io
 import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from pipeline import lease as lease_mod
 from pipeline import storage
@@ -27,6 +24,7 @@ from pipeline.layout import (
     read_json,
     to_retry,
 )
+from pipeline.sink import read_parquet_bytes
 
 _NS = re.compile(r"model=([^/]+)/variant=([^/]+)")
 ERROR_EXAMPLES = 5
@@ -115,8 +113,8 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
             path = layout.committed_file("errors", f["path"])
             if path not in present:
                 continue  # counted in missing_files
-            table = pq.read_table(io.BytesIO(storage.read_bytes(fs, path)),
-                                  columns=["source_uri", "error_type", "message"])
+            table = read_parquet_bytes(storage.read_bytes(fs, path),
+                                       columns=["source_uri", "error_type", "message"])
             cols = table.to_pydict()
             errors.update(cols["error_type"])
             examples.extend({"source_uri": str(u), "error_type": str(t), "message": str(m)}

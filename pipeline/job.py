@@ -58,6 +58,7 @@ from pipeline.sink import (
     file_metadata,
     merge_timing,
     parquet_bytes,
+    read_parquet_bytes,
     recordings_schema,
     reduce_partials,
     windows_schema,
@@ -442,8 +443,8 @@ class EmbeddingJob:
         files: dict[str, list[dict[str, Any]]] = {}
         for table, entries in marker.get("files", {}).items():
             for entry in entries:
-                rows = pq.read_table(pa.BufferReader(storage.read_bytes(
-                    fs, lay.committed_file(table, entry["path"]))))
+                rows = read_parquet_bytes(storage.read_bytes(
+                    fs, lay.committed_file(table, entry["path"])))
                 rows = rows.filter(pc.is_in(rows["recording_id"], value_set=ids))
                 if not rows.num_rows:
                     continue

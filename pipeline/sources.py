@@ -21,11 +21,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError, NoInputsError
+from pipeline.sink import read_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
                           "input.manifest") from None
     try:
         if lower.endswith(".parquet"):
-            return pq.read_table(io.BytesIO(data))
+            return read_parquet_bytes(data)
         if lower.endswith((".jsonl", ".ndjson", ".json")):
             return pa_json.read_json(io.BytesIO(data))
         if lower.endswith((".csv", ".tsv")):
