@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -255,6 +257,13 @@ class ComputeConfig:
             raise ConfigError("must be >= 0", "compute.cpus_per_actor")
         _positive(self.decode_cpus, "compute.decode_cpus")
         _positive(self.decode_memory_mb, "compute.decode_memory_mb")
+        address = self.address
+        if address is not None and not (address in ("auto", "local")
+                                        or address.startswith("ray://")
+                                        or _HOST_PORT.fullmatch(address)):
+            raise ConfigError(f"{address!r} is not a Ray address: use auto (the cluster this "
+                              "machine belongs to), ray://HEAD:10001 (Ray Client) or HEAD:6379 "
+                              "(the GCS), or leave it unset for a local Ray", "compute.address")
 
 
 @dataclass(frozen=True)
@@ -509,6 +518,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"expected an integer, got {value!r}", where)
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf: every comparison would pass
+                raise ConfigError(f"expected a finite number, got {value!r}", where)
             return float(value)
         raise ConfigError(f"expected a number, got {value!r}", where)
     if hint is str:
@@ -518,6 +529,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"expected a string, got {value!r}", where)
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
+
+
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):\d{1,5}")
 
 
 def _positive(value: float, where: str) -> None:
