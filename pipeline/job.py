@@ -772,6 +772,16 @@ class EmbeddingJob:
             threads = max(1, int(cpus) // actors)
         else:
             threads = max(1, int(cpus_per_actor))
+        if not joins_cluster(c):  # no autoscaler will bring a bigger node: Ray would wait forever
+            for need, field in ((c.decode_cpus, "compute.decode_cpus"),
+                                (cpus_per_actor, "compute.cpus_per_actor"),
+                                (c.decode_cpus + cpus_per_actor, "compute.decode_cpus")):
+                if need > cpus:
+                    raise ConfigError(
+                        f"one decode task ({c.decode_cpus:g} CPU) and one embedding actor "
+                        f"({cpus_per_actor:g} CPU) must fit on this local Ray's {cpus:g} CPUs "
+                        "at once, or the job waits forever; lower compute.decode_cpus / "
+                        "compute.cpus_per_actor, or raise compute.num_cpus", field)
         # Windows in flight to the actors, plus the rows of the file being gathered for writing.
         inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * self._batch_mib))
                                      + math.ceil(2 * self._file_mib))

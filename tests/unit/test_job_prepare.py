@@ -101,10 +101,25 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
     # Explicit settings win; on a cluster (or with GPUs) the defaults stay one actor per GPU.
     fixed = job(archive, tmp_path / "x", compute={"embed_actors": 1, "cpus_per_actor": 2})
     fixed.prepare()
-    assert (fixed._compute_plan({"CPU": cpus})["actors"],
-            fixed._compute_plan({"CPU": cpus})["cpus_per_actor"]) == (1, 2)
+    if cpus >= 3:
+        assert (fixed._compute_plan({"CPU": cpus})["actors"],
+                fixed._compute_plan({"CPU": cpus})["cpus_per_actor"]) == (1, 2)
+    else:  # an actor of 2 CPUs and a decode task of 1 cannot run at once: Ray would wait forever
+        with pytest.raises(ConfigError, match=f"must fit on this local Ray's {cpus:g} CPUs"):
+            fixed._compute_plan({"CPU": cpus})
+    for compute, field in (({"decode_cpus": 4}, "compute.decode_cpus"),
+                           ({"cpus_per_actor": 3}, "compute.cpus_per_actor")):
+        big = job(archive, tmp_path / field, compute=compute)
+        big.prepare()
+        big._lease.release()
+        if max(compute.values()) > cpus:
+            with pytest.raises(ConfigError) as err:
+                big._compute_plan({"CPU": cpus})
+            assert err.value.field == field
     gpu = job(archive, tmp_path / "g")
     gpu.prepare()
+    if cpus < 2:  # a GPU actor's CPU and a decode task's: not both on one CPU
+        return
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["actors"] == 2
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["cpus_per_actor"] == 1.0
 
