@@ -268,6 +268,9 @@ class EmbeddingJob:
         self.provenance = JobProvenance.create(cfg, self.job_id, self.variant, self.weights.uri)
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
                                    dict(cfg.output.storage_options))
+        if storage.is_file(self.layout.fs, self.layout.root_path):
+            raise ConfigError(f"{storage.redact_uri(cfg.output.uri)} is a file; the output is a "
+                              "folder (or a bucket prefix) of tables", "output.uri")
         if cfg.run.job_id and storage.exists(self.layout.fs, self.layout.job_path(self.job_id)):
             raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
                               "is in _jobs/, its id on every row it wrote); give this run "

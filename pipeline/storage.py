@@ -543,6 +543,11 @@ def exists(fs: Any, path: str) -> bool:
     return bool(retry(lambda: fs.exists(path), what=f"check {path}"))
 
 
+def is_file(fs: Any, path: str) -> bool:
+    """Whether ``path`` is a file (an object); retried like :func:`exists`."""
+    return bool(retry(lambda: fs.isfile(path), what=f"check {path}"))
+
+
 def info(fs: Any, path: str) -> dict[str, Any]:
     """``fs.info(path)`` with retries (``FileNotFoundError`` is raised at once)."""
     return dict(retry(lambda: fs.info(path), what=f"stat {path}"))

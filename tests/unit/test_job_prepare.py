@@ -30,6 +30,13 @@ def job(archive: Path, tmp_path: Path, **sections: dict) -> EmbeddingJob:
     return EmbeddingJob(JobConfig.from_dict(raw))
 
 
+def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is a file") as err:
+        job(archive, tmp_path, output={"uri": str(tmp_path / "notes.txt")}).prepare()
+    assert err.value.field == "output.uri"
+
+
 @pytest.mark.parametrize(("sections", "field", "text"), [
     ({"compute": {"inflight_mb": 8}}, "compute.inflight_mb", "cannot hold one output file"),
     ({"model": {"pooling": "cls"}}, "model.pooling", "not available"),
