@@ -113,6 +113,8 @@ class BeatsConfig:
             raise ConfigError(f"unknown BEATs option(s) {unknown}; valid options: "
                               f"{sorted(names)}", source)
         known = {k: v for k, v in values.items() if k in names}
+        if not ignore_unknown:  # a user's options; a checkpoint's cfg is taken as it was saved
+            known = {k: _option_of_type(k, v, getattr(self, k), source) for k, v in known.items()}
         cfg = dataclasses.replace(self, **known)
         cfg.validate(source)
         return cfg
@@ -179,6 +181,26 @@ class BeatsConfig:
                  else "backbone.layer_norm")
         return (first, *(f"backbone.encoder.layers.{i}" for i in range(self.encoder_layers)))
 
+
+
+def _option_of_type(name: str, value: Any, default: Any, source: str) -> Any:
+    """``value`` for the option ``name`` if it has the type of its ``default`` (an integer
+    is a number too), else a ConfigError naming it: a string reaching the architecture
+    failed deep inside it, with a TypeError."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"BEATs option {name} must be of type {type(default).__name__} "
+                          f"(like its default, {default!r}), got {value!r}", source)
+    return value
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> torch.Tensor:

@@ -182,6 +182,13 @@ def test_config_validation():
         BeatsConfig().updated({"encoder_embed_dim": 65})
     with pytest.raises(ConfigError, match="layer_norm_first"):
         BeatsConfig().updated({"layer_norm_first": True, "deep_norm": False})
+    # A value of the wrong type is named, not left to fail inside the architecture.
+    for name, value in (("encoder_layers", "abc"), ("encoder_layers", 2.5), ("deep_norm", 1),
+                        ("fbank_mean", float("nan")), ("activation_fn", 3)):
+        with pytest.raises(ConfigError, match=f"BEATs option {name} must be of type") as err:
+            create_backbone("beats", weights="random", options={name: value})
+        assert err.value.field == "model.options"
+    assert BeatsConfig().updated({"sample_frequency": 16000}).sample_frequency == 16000.0
 
 
 def test_relative_position_buckets_are_t5_style():
