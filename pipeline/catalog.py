@@ -145,7 +145,8 @@ def render(catalog: Catalog) -> str:
             lines.append(
                 f"  window {spec.get('window_s')} s, hop {spec.get('hop_s')} s, tail "
                 f"{spec.get('tail')}, layers {spec.get('layers')}, pooling {spec.get('pooling')}, "
-                f"channels {spec.get('channels')}, weights sha256 {str(spec.get('weights_sha256'))[:16]}"
+                f"precision {spec.get('precision')}, channels {spec.get('channels')}, "
+                f"weights sha256 {str(spec.get('weights_sha256'))[:16]}"
             )
         lines.append(f"  committed shards {ns.shards}, recordings {ns.recordings} "
                      f"({', '.join(f'{k} {v}' for k, v in sorted(ns.outcomes.items()))})")
