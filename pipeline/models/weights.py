@@ -203,11 +203,14 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
         The cached file (its ``uri`` is the redacted ``uri``).
 
     Raises:
-        WeightsUnavailableError: ``local_path`` is not a readable file.
+        WeightsUnavailableError: ``local_path`` is not a readable file, or not a checkpoint.
     """
     source = Path(local_path)
     if not source.is_file():
         raise WeightsUnavailableError(f"cannot cache {redact_uri(uri)}: {source} is not a file")
+    if detect_format(source) == "unknown":  # else every later run blames the URI
+        raise WeightsUnavailableError(f"cannot cache {redact_uri(uri)}: {source} is not a "
+                                      "checkpoint (neither safetensors, torch nor TFLite)")
     with open(source, "rb") as f:
         blob = _store_blob(f)
     shown = redact_uri(uri)

@@ -155,6 +155,10 @@ def test_cache_weights_prefills_a_published_uri(cache, tmp_path, monkeypatch):
     assert backbone.weights.uri == uri and backbone.weights.sha256 == _sha(path)
     with pytest.raises(WeightsUnavailableError, match="is not a file"):
         cache_weights(uri, tmp_path / "missing.safetensors")
+    (tmp_path / "manifest.csv").write_text("uri\n/a.wav\n")  # the wrong file of the two
+    with pytest.raises(WeightsUnavailableError, match="is not a checkpoint"):
+        cache_weights(uri, tmp_path / "manifest.csv")
+    assert create_backbone("esp_aves2_effnetb0_all").weights.sha256 == _sha(path)  # kept
 
 
 def test_hf_offline_gives_a_helpful_error(cache, monkeypatch):
