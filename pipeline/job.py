@@ -378,12 +378,8 @@ class EmbeddingJob:
         def stays(rec: Mapping[str, Any]) -> bool:  # this run cannot redo it: its rows stay
             return rec["recording_id"] not in listed and rec.get("source_uri") not in listed_uris
 
-        retry: dict[str, int] = {}
-        if run.retry_transient_errors:
-            retry = {shard: n for shard, marker in markers.items()
-                     if (n := sum(rec["recording_id"] in listed
-                                  and layout_mod.to_retry(rec, run.max_attempts)
-                                  for rec in marker.get("recordings", ())))}
+        retry = (layout_mod.shards_to_retry(markers, run.max_attempts, listed)
+                 if run.retry_transient_errors else {})
         wanted = set(self._tables)
         lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
                    for shard, marker in markers.items()}

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,12 +151,14 @@ def attempts(recording: Mapping[str, Any]) -> int:
     return int(recording.get("attempts", 1))
 
 
-def shards_to_retry(markers: Mapping[str, Mapping[str, Any]],
-                    max_attempts: int | None = None) -> dict[str, int]:
-    """``shard -> recordings`` for committed shards holding a recording :func:`to_retry`."""
+def shards_to_retry(markers: Mapping[str, Mapping[str, Any]], max_attempts: int | None = None,
+                    listed: Collection[str] | None = None) -> dict[str, int]:
+    """``shard -> recordings`` for committed shards holding a recording :func:`to_retry`
+    (and, with ``listed``, whose id is in it: a rerun cannot redo an object that is gone)."""
     out: dict[str, int] = {}
     for shard_id, marker in markers.items():
-        n = sum(1 for r in marker.get("recordings", ()) if to_retry(r, max_attempts))
+        n = sum(1 for r in marker.get("recordings", ()) if to_retry(r, max_attempts)
+                and (listed is None or r["recording_id"] in listed))
         if n:
             out[shard_id] = n
     return out

@@ -60,6 +60,7 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     # run.max_attempts 3: the recording met by such an error in three runs is settled.
     assert shards_to_retry({"s": marker}, max_attempts=3) == {"s": 2}
     assert shards_to_retry({"s": marker}, max_attempts=1) == {}
+    assert shards_to_retry({"s": marker}, listed={"outage", "clean"}) == {"s": 1}  # others gone
     old = {"recordings": [{"recording_id": "x", "outcome": "error", "error_type": "StorageError"}]}
     assert shards_to_retry({"old": old}) == {"old": 1}
     assert shards_to_retry({"old": old}, max_attempts=2) == {"old": 1}  # no count kept: one
