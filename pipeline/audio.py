@@ -300,6 +300,11 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
                 log.warning("partial decode (%s)", report.problems[-1])
                 return
             if block.shape[0] == 0:
+                if isinstance(fileobj, CheckedOggReader) and fileobj.cut_short():
+                    report.problems.append(
+                        f"truncated: the Ogg stream stops at {report.frames_decoded / snd.samplerate:.3f} s "
+                        "without its end-of-stream page (the file was cut short)")
+                    log.warning("partial decode (%s)", report.problems[-1])
                 return
             if isinstance(fileobj, CheckedOggReader):
                 good = fileobj.good_frames(snd.samplerate, opus=snd.subtype == "OPUS")

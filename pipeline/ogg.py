@@ -53,6 +53,7 @@ class CheckedOggReader(ReadView):
         self._locked = False  # the buffer starts at a page boundary of a verified run
         self._granule: int | None = None  # of the last intact page in this run
         self._opus_preskip: int | None = None
+        self._last_eos: bool | None = None  # the last intact page of this run ends its stream
         self.damaged_granule: int | None = None
 
     def _after_read(self, start: int, data: bytes) -> bytes:
@@ -71,12 +72,20 @@ class CheckedOggReader(ReadView):
             granule = max(0, granule - (self._opus_preskip or 0)) * sample_rate // _OPUS_RATE
         return granule
 
+    def cut_short(self) -> bool:
+        """Whether the run of pages read last (libsndfile's decode, once it has reached the
+        end) ends on a page that does not close its stream: the file was cut. libsndfile
+        takes an Ogg stream's length from its last page, so a cut file decodes with the
+        length it claims and nothing else tells (a whole file ends on an end-of-stream page)."""
+        return self._last_eos is False
+
     # page parsing
     def _take(self, start: int, data: bytes) -> None:
         if start != self._next:  # a seek: a new run of pages, trusted once one verifies
             self._buffer = bytearray()
             self._locked = False
             self._granule = 0 if start == 0 else None
+            self._last_eos = None
         self._buffer += data
         self._next = start + len(data)
         self._parse()
@@ -114,6 +123,7 @@ class CheckedOggReader(ReadView):
         del buf[:pos]
 
     def _intact(self, page: bytearray, segments: int) -> None:
+        self._last_eos = bool(page[5] & 0x04)  # header type: end of stream
         granule = int.from_bytes(page[6:14], "little", signed=True)
         if granule != -1:  # -1: no packet ends on this page
             self._granule = granule

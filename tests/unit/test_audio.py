@@ -199,6 +199,27 @@ def test_a_damaged_ogg_page_stops_the_decode_where_intact_pages_end(
         assert np.abs(audio[:n] - clean[:n]).max() < 1e-6
 
 
+@pytest.mark.parametrize(("name", "stop_s"), [
+    (f"{PERCH}.ogg", 4.040), (f"{PERCH}.opus", 4.994),
+    ("librosa_data/audio/glacier-bay-humpback.ogg", 31.242)])
+def test_an_ogg_file_cut_short_is_partial(real_data: Path, tmp_path: Path, name: str,
+                                          stop_s: float) -> None:
+    """libsndfile takes an Ogg stream's length from its last page, so a file cut in half
+    decodes with the length it claims and looked whole (status ok). Its last page does not
+    close the stream: that says it was cut. Whole files end on an end-of-stream page."""
+    data = (real_data / name).read_bytes()
+    cut = tmp_path / f"cut.{name.rsplit('.', 1)[-1]}"
+    cut.write_bytes(data[: len(data) // 2])
+    for block_s in (10.0, 1.0):
+        audio, report = decode(cut, block_s=block_s)
+        assert report.status == "partial"
+        expected = (f"truncated: the Ogg stream stops at {stop_s:.3f} s without its "
+                    "end-of-stream page (the file was cut short)")
+        assert report.problems == [expected]
+        assert abs(audio.shape[0] / 16_000 - stop_s) < 0.01
+    assert decode(real_data / name)[1].status == "ok"
+
+
 def test_a_wav_short_by_a_little_is_partial_too(tmp_path: Path) -> None:
     """Its header counts frames exactly: the slack MP3 and Ogg estimates need (one codec
     frame, or 0.1 %: 3.6 s of a 1-hour 48 kHz file) would hide real loss. (A cut FLAC
