@@ -19,6 +19,7 @@ and errors tables, publishes its staged files and writes its commit marker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -306,7 +307,9 @@ class EmbeddingJob:
         Every row carries the manifest's columns; files of one namespace with a column of
         two types (``site`` int64 in one run, ``A1`` in the next), or with different
         columns, break the readers the README gives (pyarrow.dataset fails to cast, DuckDB
-        drops a column). An all-null column (a CSV column left empty) fits any type.
+        drops a column). So this run's columns take the namespace's types where that loses
+        nothing: a column with no value in this run (left empty) takes any type, and values
+        join a column stored as text as text (one empty in the first run is stored as text).
 
         Raises:
             ConfigError: the columns differ (field ``input.manifest``).
@@ -316,9 +319,16 @@ class EmbeddingJob:
             return
         extras = self.listing.extras
         mine = {f.name: f.type for f in as_stored(extras.schema)} if extras is not None else {}
-        if theirs.keys() == mine.keys() and all(
-                a == b or pa.types.is_null(a) or pa.types.is_null(b)
-                for a, b in ((theirs[k], mine[k]) for k in mine)):
+        if extras is not None and theirs.keys() == mine.keys():
+            for name, stored in theirs.items():
+                column = extras.column(name)
+                if mine[name] != stored and (column.null_count == len(column)
+                                             or pa.types.is_string(stored)):
+                    extras = extras.set_column(extras.schema.get_field_index(name), name,
+                                               column.cast(stored))
+            self.listing = dataclasses.replace(self.listing, extras=extras)
+            mine = {f.name: f.type for f in as_stored(extras.schema)}
+        if theirs == mine:
             return
 
         def shown(columns: Mapping[str, pa.DataType]) -> str:

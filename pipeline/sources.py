@@ -219,7 +219,7 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
     raw = ["" if u is None else str(u) for u in table.column("uri").to_pylist()]
     uris = [resolve_relative(u, base) for u in raw]
-    extras = table.drop_columns(["uri"])
+    extras = _typed_empty_columns(table.drop_columns(["uri"]))
     blank = [i for i, uri in enumerate(raw) if not uri.strip()]
     if blank:
         raise ConfigError(
@@ -240,6 +240,17 @@ def _list_manifest(cfg: InputConfig) -> Listing:
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
                     "the first row's metadata is kept", len(stated) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
+
+
+def _typed_empty_columns(table: pa.Table) -> pa.Table:
+    """A column with no value at all (a CSV column left empty) as text, not Arrow's null type:
+    files of one namespace whose column is null in some and typed in others cannot be read
+    together (readers fail to cast string to null). A run whose rows join a namespace gives
+    it the type already stored there (``EmbeddingJob._check_manifest_columns``)."""
+    for i, column in enumerate(table.schema):
+        if pa.types.is_null(column.type):
+            table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
+    return table
 
 
 def resolve_relative(uri: str, base: str) -> str:

@@ -394,8 +394,26 @@ def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
         assert err.value.field == "input.manifest"
     for name, text in (("m5.csv", "uri,site\na.wav,7\n"), ("m6.csv", "uri,site\na.wav,\n")):
         again = job(archive, tmp_path, input=manifest(name, text))
-        again.prepare()  # same type, or a column left empty (null): fits
+        again.prepare()  # same type, or a column left empty: takes the stored type
         again._lease.release()
+        assert again.listing.extras.schema.field("site").type == pa.int64()
+    # A column empty in the first run is stored as text (never Arrow's null type, which a
+    # later run's values could not join); values of a later run join it as text.
+    (tmp_path / "t").mkdir()
+    empty = job(archive, tmp_path / "t", input=manifest("m7.csv", "uri,notes\na.wav,\n"))
+    empty.prepare()
+    empty._lease.release()
+    assert empty.listing.extras.schema.field("notes").type == pa.string()
+    stored = Path(empty.layout.shard_file("recordings", "b" * 16, 0))
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(recordings_schema(empty.listing.extras.schema).empty_table(), stored)
+    layout_mod.write_json(empty.layout.fs, empty.layout.commit_path("b" * 16), {
+        "shard": "b" * 16, "recordings": [{"recording_id": "elsewhere", "outcome": "ok"}],
+        "files": {"recordings": [{"path": str(stored), "rows": 0}]}})
+    later = job(archive, tmp_path / "t", input=manifest("m8.csv", "uri,notes\na.wav,42\n"))
+    later.prepare()
+    later._lease.release()
+    assert later.listing.extras.column("notes").to_pylist() == ["42"]
 
 
 def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
