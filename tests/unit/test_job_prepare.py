@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,28 @@ def archive(tmp_path: Path) -> Path:
     return root
 
 
+_MADE: list[EmbeddingJob] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_leases() -> Iterator[None]:
+    """Prepared jobs hold their namespace's lease, with a heartbeat thread: released after
+    each test, so no heartbeat outlives it (and logs into a closed stream at exit)."""
+    yield
+    while _MADE:
+        made = _MADE.pop()
+        if getattr(made, "_lease", None) is not None:
+            made._lease.release()
+
+
 def job(archive: Path, tmp_path: Path, **sections: dict) -> EmbeddingJob:
     raw = {"input": {"uri": str(archive)}, "model": {"name": "beats", "weights": "random"},
            "output": {"uri": str(tmp_path / "out")}, "run": {"progress": False}}
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
-    return EmbeddingJob(JobConfig.from_dict(raw))
+    made = EmbeddingJob(JobConfig.from_dict(raw))
+    _MADE.append(made)
+    return made
 
 
 def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) -> None:
