@@ -54,6 +54,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as err:
         print(f"embed-archive: failed: {err}", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception as err:
+        # A bucket that refuses these credentials (403), or none found: one line saying so,
+        # not a traceback through fsspec and botocore.
+        if not (isinstance(err, PermissionError) or type(err).__name__ in _CREDENTIAL_ERRORS):
+            raise
+        from pipeline.storage import redact_text
+
+        print(f"embed-archive: error: access refused ({type(err).__name__}: "
+              f"{redact_text(str(err))}); check the credentials in input.storage_options / "
+              "output.storage_options or the environment", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                      "RefreshError")
 
 
 def _parser() -> argparse.ArgumentParser:

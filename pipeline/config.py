@@ -193,7 +193,8 @@ class ComputeConfig:
 
     Attributes:
         address: ``None`` starts a new local Ray (or joins the cluster in ``RAY_ADDRESS``,
-            which Ray Jobs sets for a driver); ``auto`` or ``ray://host:port`` joins a cluster.
+            which Ray Jobs sets for a driver); ``auto`` or ``HEAD:6379`` joins a cluster (not
+            Ray Client's ``ray://``, under which Ray Data's executor fails).
         num_cpus: CPUs for a local Ray (``None``: all).
         embed_actors: embedding actors (``None``: one per GPU; on a local Ray without GPUs
             one per CPU up to 4, the CPUs split among them as torch threads; else one).
@@ -258,12 +259,17 @@ class ComputeConfig:
         _positive(self.decode_cpus, "compute.decode_cpus")
         _positive(self.decode_memory_mb, "compute.decode_memory_mb")
         address = self.address
+        if address is not None and address.startswith("ray://"):
+            # Ray Data's streaming executor fails under Ray Client ('Worker' object has no
+            # attribute 'core_worker'), after the listing and the lease.
+            raise ConfigError("a job cannot run through Ray Client (ray://): submit it with "
+                              "`embed-archive submit` (Ray Jobs), or run the driver on a "
+                              "cluster node with address auto or HEAD:6379", "compute.address")
         if address is not None and not (address in ("auto", "local")
-                                        or address.startswith("ray://")
                                         or _HOST_PORT.fullmatch(address)):
             raise ConfigError(f"{address!r} is not a Ray address: use auto (the cluster this "
-                              "machine belongs to), ray://HEAD:10001 (Ray Client) or HEAD:6379 "
-                              "(the GCS), or leave it unset for a local Ray", "compute.address")
+                              "machine belongs to) or HEAD:6379 (its GCS), or leave it unset "
+                              "for a local Ray", "compute.address")
 
 
 @dataclass(frozen=True)

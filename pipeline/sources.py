@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import io
 import logging
+import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -135,7 +136,11 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     if top is not None and top.get("type") != "directory":
         infos, root = {path: top}, None
     elif top is None and _has_magic(path):
-        infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {shown}")
+        try:
+            infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {shown}")
+        except ValueError as err:  # fsspec: "'**' can only be an entire path component"
+            raise ConfigError(f"{shown} is not a glob fsspec takes: {err} (e.g. **/*.wav)",
+                              "input.uri") from None
         root = _glob_root(path)
     else:
         if top is None:
@@ -257,7 +262,11 @@ def resolve_relative(uri: str, base: str) -> str:
     """Manifest URIs without a scheme that are not absolute are relative to the manifest."""
     if "://" in uri or uri.startswith("/") or not uri:
         return uri
-    return storage.join(base, uri)
+    # ./a.wav and ../b/a.wav name the objects a.wav and b/a.wav: an object store takes a key
+    # literally, so "m/./a.wav" would be another (missing) object, and a second recording.
+    scheme, sep, rest = base.rpartition("://")
+    joined = posixpath.normpath(posixpath.join(rest or ".", uri))
+    return f"{scheme}{sep}{joined}" if sep else storage.join(base, uri)
 
 
 def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:

@@ -40,6 +40,7 @@ def test_defaults_fill_every_section() -> None:
         ({**BASE, "compute": {"gpus_per_actor": float("nan")}}, "compute.gpus_per_actor",
          "finite number"),
         ({**BASE, "compute": {"address": "bogus"}}, "compute.address", "not a Ray address"),
+        ({**BASE, "compute": {"address": "ray://head:10001"}}, "compute.address", "Ray Client"),
         ({**BASE, "model": {"batch_size": 2.5}}, "model.batch_size", "expected an integer"),
         ({**BASE, "model": {"layers": "first"}}, "model.layers", "'last', 'all'"),
         ({**BASE, "model": {"precision": "int4"}}, "model.precision", "bf16, fp16, int8"),

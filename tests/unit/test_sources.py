@@ -142,3 +142,39 @@ def test_one_s3_object_has_one_version_however_it_was_listed() -> None:
               "ContentType": "audio/wav"}
     assert source_version(listed) == source_version(headed) == "ETag=9a0364b9e99bb480"
     assert source_version({"VersionId": "v1", "size": 3}) == "VersionId=v1"
+
+
+def test_relative_manifest_uris_in_a_bucket_are_normalised() -> None:
+    """An object store takes a key literally: "m/./a.wav" would be another, missing object,
+    and a second recording of a.wav."""
+    from pipeline.sources import resolve_relative
+
+    assert resolve_relative("./a.wav", "s3://rec/m") == "s3://rec/m/a.wav"
+    assert resolve_relative("a.wav", "s3://rec/m") == "s3://rec/m/a.wav"
+    assert resolve_relative("../a/aru_1.wav", "gs://rec/m") == "gs://rec/a/aru_1.wav"
+    assert resolve_relative("s3://other/x.wav", "s3://rec/m") == "s3://other/x.wav"
+
+
+def test_a_glob_fsspec_refuses_names_the_field(tmp_path: Path) -> None:
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16_000)
+    with pytest.raises(ConfigError, match=r"not a glob fsspec takes") as err:
+        list_sources(InputConfig(uri=f"{tmp_path}/**.wav"))
+    assert err.value.field == "input.uri"
+
+
+def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline import cli
+
+    class NoCredentialsError(Exception):  # botocore's, by name: the CLI does not import it
+        pass
+
+    for err in (PermissionError("Forbidden: s3://rec/a?X-Amz-Signature=s3cr3t"),
+                NoCredentialsError("Unable to locate credentials")):
+        def refused(args, err=err):
+            raise err
+        monkeypatch.setattr(cli, "cmd_run", refused)
+        assert cli.main(["run", "job.yaml"]) == 2
+        shown = capsys.readouterr().err
+        assert shown.startswith("embed-archive: error: access refused") and "s3cr3t" not in shown
+        assert shown.count("\n") == 1
