@@ -331,7 +331,7 @@ class _Mp3Frames:
     garbage (mpg123: "part2_3_length too large for available bit count"), up to 0.37 of full
     scale on a 48 kHz file read in 10-s blocks, with no error; whole-file reads are right.
     FFmpeg decodes the stream frame by frame and equals libsndfile's whole-file decode (within
-    1e-6, same length) in any block size. libsndfile still opens the file (rate, channels,
+    2e-6, same length) in any block size. libsndfile still opens the file (rate, channels,
     the frame count truncation is checked against, its errors for a file that is no MP3).
     """
 
@@ -374,8 +374,8 @@ class _Mp3Frames:
                                    f"of {self.channels}")
             self._pending.append(np.ascontiguousarray(samples, dtype=np.float32))
             self._held += samples.shape[0]
-        block = (np.concatenate(self._pending) if len(self._pending) != 1 else self._pending[0]
-                 ) if self._pending else np.zeros((0, self.channels), np.float32)
+        block = (np.concatenate(self._pending) if self._pending
+                 else np.zeros((0, self.channels), np.float32))
         out, rest = block[:frames], block[frames:]
         self._pending, self._held = ([rest] if rest.shape[0] else []), rest.shape[0]
         return out
