@@ -43,7 +43,7 @@ class Namespace:
     error_types: dict[str, int] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
     to_retry: int = 0  # recordings stopped by errors not their own: the next run redoes them
-    attempts: dict[int, int] = field(default_factory=dict)  # runs that met one -> recordings
+    attempts: collections.Counter[int] = field(default_factory=collections.Counter)  # runs -> recordings
     uncommitted_files: int = 0
     missing_files: int = 0
     lease: dict[str, Any] | None = None  # the run writing this namespace now, if any
@@ -89,10 +89,9 @@ def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
     for marker in markers.values():
         ns.recordings += len(marker.get("recordings", ()))
         outcomes.update(r["outcome"] for r in marker.get("recordings", ()))
-        for rec in marker.get("recordings", ()):
-            if to_retry(rec):
-                ns.to_retry += 1
-                ns.attempts[attempts(rec)] = ns.attempts.get(attempts(rec), 0) + 1
+        tried = [attempts(rec) for rec in marker.get("recordings", ()) if to_retry(rec)]
+        ns.to_retry += len(tried)
+        ns.attempts.update(tried)
         for table, files in marker.get("files", {}).items():
             ns.rows[table] = ns.rows.get(table, 0) + sum(f["rows"] for f in files)
             ns.files[table] = ns.files.get(table, 0) + len(files)
