@@ -454,14 +454,15 @@ def write_parquet(table: pa.Table, uri: str, storage_options: Mapping[str, Any],
 
 
 def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    """The table in one Parquet file's bytes, read on this thread.
+    """The table in one Parquet file's bytes, read on this thread and starting none.
 
-    pyarrow 26's threaded reader leaves pool threads that abort a short-lived process at
-    exit ("terminate called without an active exception", exit 134): 16 of 20 runs of a
-    script that read one errors file, so ``inspect`` and a driver that read a Parquet
-    manifest could exit 134 after succeeding. These files are small: one thread loses
+    A thread pyarrow starts can abort a short-lived process at exit ("terminate called
+    without an active exception", exit 134, apache/arrow#34314): ``inspect`` and a driver
+    that read a Parquet manifest exited 134 after succeeding. ``pq.read_table`` starts a pool
+    thread even with ``use_threads=False`` (its dataset scanner; that still failed 1 run in
+    6 in CI), ``ParquetFile.read`` starts none. These files are small: one thread loses
     nothing."""
-    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
 
 
 def parquet_bytes(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
