@@ -237,6 +237,7 @@ class EmbeddingJob:
         from pipeline.models import resolve_backbone
 
         cfg = self.cfg
+        check_ray_address_env(cfg.compute)
         self.info, self.weights = resolve_backbone(
             cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
             storage_options=cfg.model.storage_options)
@@ -1106,6 +1107,24 @@ def joins_cluster(compute: ComputeConfig) -> bool:
     ``compute.address`` is set, or ``RAY_ADDRESS`` is (how Ray Jobs points a driver at its
     cluster)."""
     return bool(compute.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_ray_address_env(compute: ComputeConfig) -> None:
+    """Refuse, before any work, a ``RAY_ADDRESS`` that a driver cannot join.
+
+    ``compute.address`` unset, ``ray.init()`` takes ``RAY_ADDRESS``: an ``http://`` one (the
+    dashboard's, which ``ray job submit`` wants, often exported for it) or a Ray Client
+    ``ray://`` one would fail there with a traceback, or, for ray://, later in Ray Data's
+    executor. ``compute.address`` set, the variable is not read."""
+    value = os.environ.get("RAY_ADDRESS", "")
+    if compute.address is not None or not value.startswith(("http://", "https://", "ray://")):
+        return
+    what = ("a Ray Client address, under which Ray Data's executor fails"
+            if value.startswith("ray://") else "a dashboard address, which `ray job submit` "
+            "and `embed-archive submit` take and a driver cannot join")
+    raise ConfigError(f"{value} is {what}: unset it for a local Ray, set it (or "
+                      "compute.address) to the cluster's HEAD:6379 or auto from a cluster node, "
+                      "or submit the job", "RAY_ADDRESS")
 
 
 def connect_ray(cfg: JobConfig) -> bool:

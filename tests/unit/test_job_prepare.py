@@ -164,6 +164,24 @@ def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
     assert unset._compute_plan(resources)["actors"] == 4  # a local Ray: narrow actors
 
 
+@pytest.mark.parametrize(("value", "text"), [("http://head:8265", "dashboard address"),
+                                           ("https://head", "dashboard address"),
+                                           ("ray://head:10001", "Ray Client")])
+def test_a_ray_address_a_driver_cannot_join_is_refused_before_any_work(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
+        text: str) -> None:
+    """RAY_ADDRESS exported for `ray job submit` (the dashboard's http:// address) made
+    `run` end in Ray's traceback (exit 1); now a one-line error naming it, before the model
+    or the output are touched. compute.address set, the variable is not read."""
+    monkeypatch.setenv("RAY_ADDRESS", value)
+    with pytest.raises(ConfigError, match=text) as err:
+        job(archive, tmp_path).prepare()
+    assert err.value.field == "RAY_ADDRESS"
+    assert not (tmp_path / "out").exists()
+    job(archive, tmp_path / "set", compute={"address": "auto"},
+        model={"precision": "fp32"}).prepare()
+
+
 def test_decode_tasks_hold_every_recording_once_with_its_shard(tmp_path: Path) -> None:
     root = tmp_path / "many"
     root.mkdir()
