@@ -6,10 +6,13 @@
     embed-archive list-models                     the backbone registry
     embed-archive describe-model NAME             one backbone in detail
     embed-archive cache-weights URI FILE          pre-fill the weights cache (offline use)
+    embed-archive bench                           the benchmark (BENCHMARKS.md)
+    embed-archive submit | status | logs | stop   a job on a Ray cluster, through Ray Jobs
 
-Exit status of ``run``: 0 every recording embedded; 1 the job failed; 2 bad config or no
-inputs (nothing was run); 3 finished, but some recordings failed (see the errors table);
-4 stopped early because failures passed ``run.max_failed_fraction``.
+Exit status of ``run``: 0 every recording embedded; 1 the job failed; 2 refused before any
+work (bad config, no inputs, model or weights, another run writing the namespace);
+3 finished, but some recordings failed (see the errors table); 4 stopped early because
+failures passed ``run.max_failed_fraction``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from pipeline.errors import (
     WeightsUnavailableError,
 )
 
-log = logging.getLogger("embed_archive")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -44,27 +45,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
-            CheckpointMismatchError, NamespaceBusyError) as err:
-        print(f"embed-archive: error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
     except JobAborted as err:
         print(f"embed-archive: stopped: {err}", file=sys.stderr)
         return EXIT_ABORTED
-    except PipelineError as err:
+    except Exception as err:
+        refused = _refusal(err)
+        if refused is not None:
+            print(f"embed-archive: error: {refused}", file=sys.stderr)
+            return EXIT_CONFIG
+        if not isinstance(err, PipelineError):
+            raise
         print(f"embed-archive: failed: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as err:
-        # A bucket that refuses these credentials (403), or none found: one line saying so,
-        # not a traceback through fsspec and botocore.
-        if not (isinstance(err, PermissionError) or type(err).__name__ in _CREDENTIAL_ERRORS):
-            raise
+
+
+def _refusal(err: Exception) -> str | None:
+    """The one-line message of an error that means "refused" (bad config, no inputs, unknown
+    model, weights, a busy namespace, credentials); None for any other error.
+
+    A bucket that refuses these credentials (403), or none found, gets one line saying so,
+    not a traceback through fsspec and botocore."""
+    if isinstance(err, (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
+                        CheckpointMismatchError, NamespaceBusyError)):
+        return str(err)
+    if isinstance(err, PermissionError) or type(err).__name__ in _CREDENTIAL_ERRORS:
         from pipeline.storage import redact_text
 
-        print(f"embed-archive: error: access refused ({type(err).__name__}: "
-              f"{redact_text(str(err))}); check the credentials in input.storage_options / "
-              "output.storage_options or the environment", file=sys.stderr)
-        return EXIT_CONFIG
+        return (f"access refused ({type(err).__name__}: {redact_text(str(err))}); check the "
+                "credentials in input.storage_options / output.storage_options or the "
+                "environment")
+    return None
 
 
 _CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
@@ -123,8 +133,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.job import EmbeddingJob
 
     job = EmbeddingJob(cfg)
-    job.prepare()
-    summary = job.run()
+    job.prepare()  # what it refuses (config, inputs, model, weights, a busy namespace): exit 2
+    try:
+        summary = job.run()
+    except JobAborted:
+        raise
+    except Exception as err:
+        # Work had started: whatever stopped it (a lease lost, a checkpoint changed under an
+        # actor, a bucket refusing a write) is a failure, exit 1, as the job record says.
+        refused = _refusal(err)
+        if refused is None:
+            raise
+        print(f"embed-archive: failed: {refused}", file=sys.stderr)
+        return EXIT_FAILURE
     print(summary.render())
     return summary.exit_code
 

@@ -53,7 +53,8 @@ class WeightsUnavailableError(PipelineError, FileNotFoundError):
 
 
 class CheckpointMismatchError(PipelineError, ValueError):
-    """A checkpoint's tensor names or shapes do not match the backbone they were loaded into."""
+    """A checkpoint's tensor names or shapes do not match the backbone they were loaded
+    into, or its bytes changed between the driver's check and an actor's load."""
 
 
 class UnknownModelError(PipelineError, KeyError):
@@ -68,7 +69,14 @@ class StorageError(PipelineError, OSError):
 
 
 class NamespaceBusyError(PipelineError):
-    """Another run is writing the same output namespace (``pipeline.lease``)."""
+    """Another run is writing the same output namespace (``pipeline.lease``): refused
+    before any work."""
+
+
+class LeaseLostError(PipelineError):
+    """Another run took this run's lease over while it ran (it went without a heartbeat
+    for too long): it stops before committing more. A failure, not a refusal: the shards
+    it committed before stay, and a rerun resumes."""
 
 
 class JobAborted(PipelineError):

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.errors import NamespaceBusyError
+from pipeline.errors import LeaseLostError, NamespaceBusyError
 from pipeline.layout import OutputLayout, write_json
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class NamespaceLease:
         committed. One small read."""
         silent = time.monotonic() - self._renewed
         if self._lost_to is None and silent > STALE_S - HEARTBEAT_S:
-            raise NamespaceBusyError(
+            raise LeaseLostError(
                 f"this run could not renew its lease {self.layout.uri(self.path)} for "
                 f"{silent:.0f} s, so another run may have taken it over; stopping before "
                 "committing more (a rerun resumes)")
@@ -134,7 +134,7 @@ class NamespaceLease:
         who = (f"job {lost.get('job_id')} (host {lost.get('host')}) took over"
                if lost.get("job_id") else "its record is gone: another run took over and "
                "finished, or it was deleted; either way another run may have written")
-        raise NamespaceBusyError(
+        raise LeaseLostError(
             f"lost the lease {self.layout.uri(self.path)}: {who} while this run went without "
             f"a heartbeat for over {STALE_S:.0f} s (or before it started); stopping before "
             "committing more (a rerun resumes)")

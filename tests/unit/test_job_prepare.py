@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointMismatchError, ConfigError, NamespaceBusyError
 from pipeline.job import EmbeddingJob, _rows_to_table
 from pipeline.sink import errors_schema
 
@@ -350,14 +351,14 @@ def test_a_prepared_run_whose_lease_was_taken_meanwhile_does_nothing(
         archive: Path, tmp_path: Path) -> None:
     """Prepared, then overtaken by a run that finished (and deleted the lease): run() stops
     before any work, instead of embedding and committing its plan a second time."""
-    from pipeline.errors import NamespaceBusyError
+    from pipeline.errors import LeaseLostError
 
     first = job(archive, tmp_path)
     first.prepare()
     second = job(archive, tmp_path)
     second.prepare()  # takes over: the first was only prepared
     second._lease.release()  # ... and it ran to the end
-    with pytest.raises(NamespaceBusyError, match="its record is gone"):
+    with pytest.raises(LeaseLostError, match="its record is gone"):
         first.run()
     assert not Path(first.layout.lease_path()).exists()
 
@@ -527,3 +528,47 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
         third.prepare()
         third._lease.release()
         assert Path(lay.commit_path("d" * 16)).exists()
+
+
+@pytest.mark.parametrize("phase", ["prepare", "run"])
+@pytest.mark.parametrize("error", [
+    pytest.param(lambda: NamespaceBusyError("job other is running"), id="busy"),
+    pytest.param(lambda: CheckpointMismatchError("checkpoint changed"), id="checkpoint"),
+    pytest.param(lambda: PermissionError("403 Forbidden"), id="forbidden")])
+def test_what_prepare_refuses_exits_2_and_what_stops_a_run_exits_1(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], phase: str, error: Any) -> None:
+    """Exit 2 promises nothing ran; once run() started, shards may be committed and the job
+    record says failed (exit 1): a lease lost, a checkpoint changed under an actor, a bucket
+    refusing a write are failures then, whatever their type."""
+    from pipeline import cli
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{uri: {archive}}}\nmodel: {{name: beats, weights: random}}\n"
+                      f"output: {{uri: {tmp_path / 'out'}}}\n")
+
+    def fails(self: EmbeddingJob) -> None:
+        raise error()
+
+    monkeypatch.setattr(EmbeddingJob, "prepare", fails if phase == "prepare" else lambda self: None)
+    monkeypatch.setattr(EmbeddingJob, "run", fails)
+    assert cli.main(["run", str(config)]) == (2 if phase == "prepare" else 1)
+    shown = capsys.readouterr().err
+    assert shown.startswith("embed-archive: " + ("error" if phase == "prepare" else "failed"))
+    assert shown.count("\n") == 1
+
+
+def test_a_lost_lease_is_a_failure_not_a_refusal(archive: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import cli
+    from pipeline.errors import LeaseLostError
+
+    def lost(self: EmbeddingJob) -> None:
+        raise LeaseLostError("lost the lease")
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{uri: {archive}}}\noutput: {{uri: {tmp_path / 'out'}}}\n")
+    monkeypatch.setattr(EmbeddingJob, "prepare", lambda self: None)
+    monkeypatch.setattr(EmbeddingJob, "run", lost)
+    assert cli.main(["run", str(config)]) == 1
+    assert not isinstance(LeaseLostError("x"), NamespaceBusyError)

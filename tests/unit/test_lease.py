@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import lease as lease_mod
-from pipeline.errors import NamespaceBusyError
+from pipeline.errors import LeaseLostError, NamespaceBusyError
 from pipeline.layout import OutputLayout
 from pipeline.lease import NamespaceLease
 
@@ -128,7 +128,7 @@ def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
 
     monkeypatch.setattr(lease_mod, "write_json", refused)
     time.sleep(1.6)  # STALE_S - HEARTBEAT_S = 1.3 s without a renewal
-    with pytest.raises(NamespaceBusyError, match="could not renew its lease"):
+    with pytest.raises(LeaseLostError, match="could not renew its lease"):
         held.check()
     assert held._thread is not None and held._thread.is_alive()  # still trying
     held.release()
@@ -155,7 +155,7 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: Output
     slow.start()
     slow.check()
     plant(layout, job_id="usurper", host="another-node")
-    with pytest.raises(NamespaceBusyError, match="job usurper .* took over"):
+    with pytest.raises(LeaseLostError, match="job usurper .* took over"):
         slow.check()
     time.sleep(0.6)  # a few heartbeats: none of them writes over the usurper's lease
     slow.release()
@@ -170,7 +170,7 @@ def test_a_lease_whose_record_is_gone_is_lost(layout: OutputLayout) -> None:
     slow.acquire()
     slow.start()
     Path(layout.lease_path()).unlink()  # taken over, the taker done and gone
-    with pytest.raises(NamespaceBusyError, match="its record is gone"):
+    with pytest.raises(LeaseLostError, match="its record is gone"):
         slow.check()
     time.sleep(0.6)  # a few heartbeats: none of them writes the lease again
     assert not Path(layout.lease_path()).exists()
