@@ -52,8 +52,11 @@ image:
 	DOCKER_BUILDKIT=1 docker build -f infra/docker/Dockerfile --build-arg GIT_COMMIT=$$commit \
 	  --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(IMAGE) .
 
-# Submit a bucket job to a running cluster: make submit ADDRESS=http://HEAD:8265
+# Submit a bucket job to a running cluster: make submit ADDRESS=http://HEAD:8265. The
+# default SUBMIT_ARGS fit the clusters in infra/: decoding on the CPU group (decode_node), one
+# actor per GPU at the GPU group's full scale (4).
 SUBMIT_CONFIG ?= job_configs/gcs_bucket.yaml
+SUBMIT_ARGS ?= --set 'compute.decode_resources={decode_node: 1}' --set compute.embed_actors=4
 submit: setup
 	$(BIN)/embed-archive submit $(SUBMIT_CONFIG) --address $(ADDRESS) $(SUBMIT_ARGS)
 
