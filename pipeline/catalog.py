@@ -21,6 +21,7 @@ from pipeline.layout import (
     OutputLayout,
     attempts,
     committed_shards,
+    namespace_dir,
     read_json,
     to_retry,
 )
@@ -42,7 +43,8 @@ class Namespace:
     outcomes: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
-    to_retry: int = 0  # recordings stopped by errors not their own: the next run redoes them
+    to_retry: int = 0  # recordings stopped by errors not their own (`attempts`: how many runs
+    # met each; the next run redoes those fewer than run.max_attempts met)
     attempts: collections.Counter[int] = field(default_factory=collections.Counter)  # runs -> recordings
     uncommitted_files: int = 0
     missing_files: int = 0
@@ -66,7 +68,7 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
         match = _NS.search(path)
         if match:
             found.add((match.group(1), match.group(2)))
-    namespaces = [_namespace(fs, root, root_path, model, variant, storage_options)
+    namespaces = [_namespace(fs, root, model, variant, storage_options)
                   for model, variant in sorted(found)]
     jobs = []
     for path in storage.list_files(fs, storage.join(root_path, "_jobs")):
@@ -76,7 +78,7 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     return Catalog(root=storage.redact_uri(root), namespaces=namespaces, jobs=jobs)
 
 
-def _namespace(fs: Any, root: str, root_path: str, model: str, variant: str,
+def _namespace(fs: Any, root: str, model: str, variant: str,
                storage_options: Mapping[str, Any] | None) -> Namespace:
     layout = OutputLayout(root, model, variant, dict(storage_options or {}))
     markers = committed_shards(layout)
@@ -152,7 +154,7 @@ def render(catalog: Catalog) -> str:
         for table in TABLES:
             lines.append(f"  {table:<11} {ns.rows.get(table, 0):>10} rows in "
                          f"{ns.files.get(table, 0)} files   "
-                         f"{table}/model={ns.model}/variant={ns.variant}/")
+                         f"{namespace_dir(table, ns.model, ns.variant)}/")
         if ns.error_types:
             lines.append("  errors by type: " + ", ".join(f"{k} {v}" for k, v in ns.error_types.items()))
             for example in ns.error_examples:
@@ -161,7 +163,7 @@ def render(catalog: Catalog) -> str:
             shown = len(ns.error_examples)
             if shown < sum(ns.error_types.values()):
                 lines.append(f"    ... ({sum(ns.error_types.values()) - shown} more in "
-                             f"errors/model={ns.model}/variant={ns.variant}/)")
+                             f"{namespace_dir('errors', ns.model, ns.variant)}/)")
         if ns.to_retry:
             runs = ", ".join(f"{n} of them in {k} run{'s' * (k > 1)}"
                              for k, n in sorted(ns.attempts.items()))

@@ -184,9 +184,8 @@ class JobSummary:
         return out
 
     def render(self) -> str:
-        errors_at = storage.join(self.output_uri, "errors",
-                                 f"model={storage.safe_component(self.model)}",
-                                 f"variant={storage.safe_component(self.variant)}")
+        errors_at = storage.join(self.output_uri,
+                                 layout_mod.namespace_dir("errors", self.model, self.variant))
         lines = [
             f"job {self.job_id}: {self.status}",
             (f"  recordings   {self.embedded + self.partial + self.failed} this run "
@@ -344,8 +343,10 @@ class EmbeddingJob:
 
     def _committed_extras(self, markers: Mapping[str, Mapping[str, Any]]
                           ) -> dict[str, pa.DataType] | None:
-        """The manifest columns of a committed file (its footer), or ``None`` if none is
-        readable (no shard yet; files moved or deleted, which ``inspect`` reports)."""
+        """The manifest columns of a committed file (its footer), or ``None`` if there is
+        none (no shard yet) or the first three are unreadable (moved or deleted, which
+        ``inspect`` reports): three reads at most, however many files are gone, and then the
+        check is skipped, not failed."""
         committed = sorted((shard, table, f["path"]) for shard, marker in markers.items()
                            for table, files in marker.get("files", {}).items() for f in files)
         base = {"windows": windows_schema, "recordings": recordings_schema,
@@ -461,7 +462,7 @@ class EmbeddingJob:
                 out = files.setdefault(table, [])
                 path = lay.shard_file(table, shard_id, len(out))
                 storage.write_bytes(fs, path, parquet_bytes(
-                    rows, int(o.row_group_mb * 1e6 / self._row_bytes), o.compression))
+                    rows, self._row_group_rows, o.compression))
                 out.append({"path": lay.uri(path), "rows": rows.num_rows})
         recordings = [r for r in marker["recordings"] if r["recording_id"] in keep]
         carved = {**marker, "shard": shard_id, "carved_from": source, "carved_by": self.job_id,
@@ -675,7 +676,8 @@ class EmbeddingJob:
                 ray.shutdown()
 
     def _stream(self, summary: JobSummary, started: float, plan: Mapping[str, Any]) -> None:
-        """Run the pipeline once for every shard; commit each shard the moment it completes."""
+        """Stream every shard through one Ray Data execution; commit each shard the moment
+        its rows are written."""
         import ray
 
         items = dict(self.shards)
@@ -783,15 +785,15 @@ class EmbeddingJob:
         else:
             threads = max(1, int(cpus_per_actor))
         if not joins_cluster(c):  # no autoscaler will bring a bigger node: Ray would wait forever
-            for need, field in ((c.decode_cpus, "compute.decode_cpus"),
-                                (cpus_per_actor, "compute.cpus_per_actor"),
-                                (c.decode_cpus + cpus_per_actor, "compute.decode_cpus")):
+            for need, key in ((c.decode_cpus, "compute.decode_cpus"),
+                              (cpus_per_actor, "compute.cpus_per_actor"),
+                              (c.decode_cpus + cpus_per_actor, "compute.decode_cpus")):
                 if need > cpus:
                     raise ConfigError(
                         f"one decode task ({c.decode_cpus:g} CPU) and one embedding actor "
                         f"({cpus_per_actor:g} CPU) must fit on this local Ray's {cpus:g} CPUs "
                         "at once, or the job waits forever; lower compute.decode_cpus / "
-                        "compute.cpus_per_actor, or raise compute.num_cpus", field)
+                        "compute.cpus_per_actor, or raise compute.num_cpus", key)
         # Windows in flight to the actors, plus the rows of the file being gathered for writing.
         inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * self._batch_mib))
                                      + math.ceil(2 * self._file_mib))
@@ -891,6 +893,11 @@ class EmbeddingJob:
         """About one output row's size: its widest embedding, plus ids and provenance."""
         return 4 * max(l.dim for l in self.info.layers) + 256
 
+    @property
+    def _row_group_rows(self) -> int:
+        """Rows per Parquet row group: ``output.row_group_mb`` of them, at least one."""
+        return max(1, int(self.cfg.output.row_group_mb * 1e6 / self._row_bytes))
+
     def _sink_spec(self, sources: Any) -> SinkSpec:
         o = self.cfg.output
         per_row = self._row_bytes
@@ -904,7 +911,7 @@ class EmbeddingJob:
             file_metadata=file_metadata(self._file_provenance()),
             write_windows=o.windows,
             rows_per_file=max(1, int(o.file_mb * 1e6 / per_row)),
-            row_group_rows=max(1, int(o.row_group_mb * 1e6 / per_row)),
+            row_group_rows=self._row_group_rows,
             compression=o.compression,
         )
 
@@ -951,7 +958,7 @@ class EmbeddingJob:
             table = _rows_to_table(rows, schema, sources, self.provenance.row_columns())
             path = storage.join(staging, table_name, "part-000000.parquet")
             write_parquet(table, path, o.storage_options,
-                          max(1, int(o.row_group_mb * 1e6 / self._row_bytes)), o.compression)
+                          self._row_group_rows, o.compression)
             staged[table_name] = [path]
             file_rows[path] = table.num_rows
         self._lease.check()
@@ -959,11 +966,11 @@ class EmbeddingJob:
         staged_paths = {t: [storage.url_to_fs(p, o.storage_options)[1] for p in ps]
                         for t, ps in staged.items()}
         rows_by_path = {storage.url_to_fs(p, o.storage_options)[1]: n for p, n in file_rows.items()}
-        final = layout_mod.publish(self.layout, shard_id, staged_paths)
+        moved = layout_mod.publish(self.layout, shard_id, staged_paths)
         fault_point("before_commit")
         final_rows = {table: [{"path": self.layout.uri(dst), "rows": rows_by_path[src]}
-                              for src, dst in zip(sorted(staged_paths[table]), paths, strict=True)]
-                      for table, paths in final.items()}
+                              for src, dst in pairs]
+                      for table, pairs in moved.items()}
         outcome.committed_after_s = round(time.perf_counter() - started, 3)
         # Publishing can be many copies on an object store: the lease may have been taken
         # over meanwhile, and the new holder's recovery deletes unmarked files.

@@ -38,6 +38,16 @@ TABLES: tuple[str, ...] = ("windows", "recordings", "errors")
 _SHARD_FILE = re.compile(r"shard-([0-9a-f]{16})-(\d{5})\.parquet$")
 
 
+def namespace_dir(table: str, model: str, variant: str) -> str:
+    """A table's folder for one model and variant, relative to the output root:
+    ``windows/model=M/variant=V`` (Hive partitions; names made safe path components)."""
+    return f"{table}/{_partitions(model, variant)}"
+
+
+def _partitions(model: str, variant: str) -> str:
+    return f"model={storage.safe_component(model)}/variant={storage.safe_component(variant)}"
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     """Paths of one (model, variant) namespace under an output root.
@@ -63,10 +73,10 @@ class OutputLayout:
         return storage.url_to_fs(self.root, self.storage_options)[1].rstrip("/")
 
     def _ns(self) -> str:
-        return f"model={storage.safe_component(self.model)}/variant={storage.safe_component(self.variant)}"
+        return _partitions(self.model, self.variant)
 
     def table_dir(self, table: str) -> str:
-        return storage.join(self.root_path, table, self._ns())
+        return storage.join(self.root_path, namespace_dir(table, self.model, self.variant))
 
     def committed_file(self, table: str, recorded: str) -> str:
         """Where a file a marker records is under this root: markers keep the URL it was
@@ -214,18 +224,20 @@ def recover(layout: OutputLayout, committed: Iterable[str]) -> int:
     return removed
 
 
-def publish(layout: OutputLayout, shard_id: str, staged: Mapping[str, list[str]]) -> dict[str, list[str]]:
-    """Move a shard's staged files to their final names; returns the final paths per table."""
+def publish(layout: OutputLayout, shard_id: str, staged: Mapping[str, list[str]]
+            ) -> dict[str, list[tuple[str, str]]]:
+    """Move a shard's staged files to their final names (numbered in the order of their
+    staged names); returns the ``(staged, final)`` paths per table."""
     fs = layout.fs
-    final: dict[str, list[str]] = {}
+    moved: dict[str, list[tuple[str, str]]] = {}
     for table, paths in staged.items():
-        final[table] = []
+        moved[table] = []
         for part, src in enumerate(sorted(paths)):
             dst = layout.shard_file(table, shard_id, part)
             storage.move(fs, src, dst)
-            final[table].append(dst)
+            moved[table].append((src, dst))
             fault_point("publishing")
-    return final
+    return moved
 
 
 def commit(layout: OutputLayout, marker: Mapping[str, Any]) -> None:

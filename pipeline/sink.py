@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +28,6 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.layout import staging_name
-
-log = logging.getLogger(__name__)
 
 PROVENANCE_KEY = b"embed_archive.provenance"
 

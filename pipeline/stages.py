@@ -11,7 +11,9 @@ The embed stage turns window rows into one row per window x layer with the poole
 embedding and passes report rows through; raw audio goes no further than the embed stage.
 It adds one timing row (``meta`` = JSON with ``type: "timing"``) per batch: when the call
 started and ended, and how long the model itself ran. The sink sums them per actor, so the
-job can say how busy its models were (``JobSummary.embed``).
+job can say how busy its models were (``JobSummary.embed``). Windows whose embeddings are
+not finite are not written: one ``type: "dropped"`` row per recording among them names them
+(channel, window index), so the sink does not wait for them.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ processes; the options are (some clients do not pickle cleanly).
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import io
 import logging
@@ -33,8 +34,6 @@ T = TypeVar("T")
 # gcsfs >= 2026.x probes a gRPC "storage layout" API before every call; against anything
 # but real GCS (the emulator, a proxy) that waits 60 s per call. Workers inherit this.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-REMOTE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "hf", "http", "https", "az", "abfs"})
 
 _PROTOCOL_ALIASES: dict[str, frozenset[str]] = {
     alias: group
@@ -459,18 +458,24 @@ class RangeReader(io.RawIOBase):
 def write_bytes(fs: Any, path: str, data: bytes) -> None:
     """Write a whole object so readers see all of it or none of it.
 
-    Local files go to a temporary sibling and are renamed into place; object stores
-    get one PUT (objects appear whole). Retried on transient errors.
+    Local files go to a temporary sibling and are renamed into place (a failed write
+    leaves no temporary file behind); object stores get one PUT (objects appear whole),
+    retried on transient errors.
     """
     if _is_local_fs(fs):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     retry(lambda: fs.pipe_file(path, data), what=f"write {path}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -324,3 +325,13 @@ def test_a_process_that_read_an_errors_file_exits_cleanly(tmp_path: Path) -> Non
     assert "EmptyAudio" in done.stdout
     before, after = done.stdout.split("threads ")[-1].split()
     assert after == before, "reading the errors file started a thread"
+
+
+def test_a_local_write_that_fails_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """`recover` only knows shard files: a `.tmp-*` left by a failed write stayed forever."""
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        storage.write_bytes(fsspec.filesystem("file"), str(tmp_path / "taken"), b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    storage.write_bytes(fsspec.filesystem("file"), str(tmp_path / "fine"), b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine", "taken"]
