@@ -308,14 +308,28 @@ def retry(
 
 class ReadView:
     """A read-only file object over another, for decoders: a subclass sees, or changes, the
-    bytes each read returns (:meth:`_after_read`); seeks and positions are the other's."""
+    bytes each read returns (:meth:`_after_read`); seeks and positions are the other's.
+
+    Sized reads go through the other's ``readinto``, so a :class:`RangeReader` below keeps
+    a storage failure in its ``error`` (and reads as ending there) instead of raising it into
+    libsndfile's C callback, where it would be printed and taken for the end of the file:
+    a failed read must never look like a recording cut short."""
 
     def __init__(self, fileobj: Any) -> None:
         self._raw = fileobj
 
     def read(self, size: int = -1) -> bytes:
         start = self._raw.tell()
-        return self._after_read(start, self._raw.read(size))
+        if size is None or size < 0:
+            return self._after_read(start, self._raw.read())
+        chunk = bytearray(size)
+        got = self._raw.readinto(chunk)
+        return self._after_read(start, bytes(memoryview(chunk)[:got]))
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def _after_read(self, start: int, data: bytes) -> bytes:
         return data

@@ -262,6 +262,48 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
         assert sent == report["windows"]["-1"] == decoded_windows
 
 
+@pytest.mark.parametrize("kind", ["ogg", "unfinished_wav"])
+def test_a_failed_read_under_a_checking_view_is_a_storage_error_not_a_truncation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Ogg pages are checked, and an unfinished WAV's header patched, by a view over the
+    range reader: a read that failed under it was raised into libsndfile's C callback and
+    read as the end of the file, so an outage half-way became "partial: truncated, the Ogg
+    stream stops at 28 s" (or "header declares N frames, N/2 decoded"), never retried."""
+    import functools
+
+    import soundfile as sf
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, (16_000 * 40, 1)).astype(np.float32)
+    if kind == "ogg":
+        sf.write(tmp_path / "x", noise, 16_000, format="OGG", subtype="VORBIS")
+        data = (tmp_path / "x").read_bytes()
+    else:
+        sf.write(tmp_path / "x", noise, 16_000, format="WAV", subtype="PCM_16")
+        data = bytearray((tmp_path / "x").read_bytes())
+        data[4:8] = data[40:44] = bytes(4)  # RIFF and data sizes never written
+        data = bytes(data)
+    MemoryFileSystem().pipe_file("/rv/x", data)
+    served = MemoryFileSystem.cat_file
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        if end is not None and end > len(data) // 2:
+            raise ConnectionResetError("reset")
+        return served(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage, "RangeReader",
+                        functools.partial(storage.RangeReader, block_bytes=32 * 1024))
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
+                      tail="pad", min_tail_samples=400, batch_windows=4)
+    rows = list(decode_recording("r", "memory://rv/x", "/rv/x", len(data), "", spec))
+    report = json.loads(rows[-1]["meta"][-1])
+    assert "truncated" not in json.dumps(report)
+    assert "StorageError" in (report.get("error_type", "") + str(report.get("stopped_by")))
+    assert report["transient"] is True  # a rerun tries it again
+
+
 def test_an_unexpected_exception_is_an_error_row_a_rerun_retries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Out of memory, a codec missing on one node, a bug: not the recording's fault, so its
