@@ -1,7 +1,8 @@
 """Streaming decode: a file object in, float32 blocks at the model's rate out.
 
 A recording is read ``block_s`` seconds at a time through soundfile (libsndfile: WAV,
-FLAC, OGG/Vorbis, Opus, MP3), repaired (NaN, inf and samples beyond 1e6 x full scale
+FLAC, OGG/Vorbis, Opus) or, for MP3 and a FLAC whose header gives no length, FFmpeg
+(PyAV: see :class:`_FfmpegFrames`), repaired (NaN, inf and samples beyond 1e6 x full scale
 become 0), mixed or kept per
 channel, and resampled with soxr's streaming resampler, so memory is bounded by the block
 size whatever the recording's length.
@@ -49,7 +50,8 @@ class DecodeReport:
     Attributes:
         source_sample_rate_hz: the file's rate.
         source_channels: channels in the file.
-        declared_frames: frames the header declares (may be an estimate for MP3).
+        declared_frames: frames the header declares (may be an estimate for MP3; 0 when it
+            does not say, as in a FLAC streamed with ``total_samples`` 0).
         frames_decoded: frames actually decoded.
         output_samples: samples produced at the target rate (per channel).
         nonfinite_samples: NaN/inf samples replaced by 0.
@@ -157,7 +159,9 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
         resampler = _make_resampler(snd.samplerate, settings, out_channels)
         block_frames = max(1, min(int(settings.block_s * snd.samplerate),
                                   MAX_BLOCK_BYTES // (4 * int(snd.channels))))
-        source: Any = _Mp3Frames(fileobj, snd) if snd.format == "MP3" else snd
+        source: Any = snd
+        if snd.format == "MP3" or (snd.format == "FLAC" and snd.frames >= SF_COUNT_MAX):
+            source = _FfmpegFrames(fileobj, snd, snd.format.lower())
         try:
             for block in _read_blocks(source, fileobj, block_frames, report):
                 block = _repair(block, report)
@@ -323,26 +327,36 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
             reopened.close()
 
 
-class _Mp3Frames:
-    """An MP3's samples decoded by FFmpeg (PyAV), frame after frame, read like a SoundFile.
+#: libsndfile's ``frames`` for a stream of unknown length (SF_COUNT_MAX): a FLAC whose
+#: STREAMINFO says ``total_samples`` 0, as encoders writing to a pipe or socket leave it.
+SF_COUNT_MAX = 2**63 - 1
 
-    libsndfile (1.2.2, through mpg123) decodes some MP3s wrongly when they are read in
-    pieces, as a stream must be: the frames just after some read boundaries come out as
-    garbage (mpg123: "part2_3_length too large for available bit count"), up to 0.37 of full
-    scale on a 48 kHz file read in 10-s blocks, with no error; whole-file reads are right.
-    FFmpeg decodes the stream frame by frame and equals libsndfile's whole-file decode (within
-    2e-6, same length) in any block size. libsndfile still opens the file (rate, channels,
-    the frame count truncation is checked against, its errors for a file that is no MP3).
+
+class _FfmpegFrames:
+    """A recording decoded by FFmpeg (PyAV), frame after frame, read like a SoundFile.
+
+    For the two cases libsndfile decodes wrongly in pieces, as a stream must be read:
+
+    * MP3: libsndfile (1.2.2, through mpg123) garbles the frames just after some read
+      boundaries (mpg123: "part2_3_length too large for available bit count"), up to 0.37 of
+      full scale on a 48 kHz file read in 10-s blocks, with no error; whole-file reads are
+      right. FFmpeg equals libsndfile's whole-file decode (within 2e-6, same length) in any
+      block size.
+    * FLAC of unknown length (:data:`SF_COUNT_MAX`): libsndfile stops before the last frame
+      ("Internal psf_fseek() failed"), so every such file came out partial and short.
+
+    libsndfile still opens the file (rate, channels, the frame count truncation is checked
+    against, its errors for a file that is not audio).
     """
 
-    def __init__(self, fileobj: Any, snd: sf.SoundFile) -> None:
-        import av  # only decode workers that meet an MP3 pay for it
+    def __init__(self, fileobj: Any, snd: sf.SoundFile, container: str) -> None:
+        import av  # only decode workers that meet such a file pay for it
 
         self.samplerate = int(snd.samplerate)
         self.channels = int(snd.channels)
         fileobj.seek(0)
         try:
-            self._container = av.open(fileobj, mode="r", format="mp3")
+            self._container = av.open(fileobj, mode="r", format=container)
             self._frames = self._container.decode(audio=0)
         except av.error.FFmpegError as err:
             raise AudioDecodeError("UnreadableAudio", f"FFmpeg cannot read it: {err}") from None
@@ -367,10 +381,10 @@ class _Mp3Frames:
                 if not self._held:
                     raise RuntimeError(self._failed) from None
                 break
-            samples = frame.to_ndarray()
+            samples = _as_float(frame.to_ndarray())
             samples = samples.T if frame.format.is_planar else samples.reshape(-1, self.channels)
             if samples.shape[1] != self.channels:
-                raise RuntimeError(f"an MP3 frame of {samples.shape[1]} channels in a stream "
+                raise RuntimeError(f"a frame of {samples.shape[1]} channels in a stream "
                                    f"of {self.channels}")
             self._pending.append(np.ascontiguousarray(samples, dtype=np.float32))
             self._held += samples.shape[0]
@@ -382,6 +396,17 @@ class _Mp3Frames:
 
     def close(self) -> None:
         self._container.close()
+
+
+def _as_float(samples: np.ndarray) -> np.ndarray:
+    """FFmpeg's samples as float32 in [-1, 1), scaled as libsndfile scales them: MP3 comes
+    as float already, FLAC as integers (s16, or s32 with 24-bit audio in its top bits)."""
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32, copy=False)
+    bits = 8 * samples.dtype.itemsize
+    if samples.dtype.kind == "u":  # u8: offset binary
+        return (samples.astype(np.float32) - 2 ** (bits - 1)) / np.float32(2 ** (bits - 1))
+    return samples.astype(np.float32) / np.float32(2 ** (bits - 1))
 
 
 def _stop_at_damaged_page(block: np.ndarray, good: int, rate: int,
@@ -426,6 +451,8 @@ def declared_frames(snd: sf.SoundFile) -> int:
     align = _BLOCK_ALIGN.search(info)
     if short and int(short.group(1)) == 0xFFFFFFFF:
         return int(snd.frames)  # RIFF's "size unknown": libsndfile read to the end
+    if snd.frames >= SF_COUNT_MAX:
+        return 0  # the header does not say: nothing to call truncation against
     if short and align and int(align.group(1)) > 0:
         return max(int(snd.frames), int(short.group(1)) // int(align.group(1)))
     return int(snd.frames)
@@ -444,9 +471,9 @@ def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:
 
 def _note_truncation(report: DecodeReport) -> None:
     missing = report.declared_frames - report.frames_decoded
-    # MP3 and Ogg (Vorbis, Opus) headers carry estimates: one codec frame of slack (or 0.1 %)
-    # before calling it truncation. PCM and FLAC headers count frames exactly.
-    estimated = report.format.split("/", 1)[0].upper() in ("MP3", "MPEG", "OGG")
+    # MP3 and Ogg (Vorbis, Opus) headers carry estimates: four MP3 frames (4608 samples) of
+    # slack, or 0.1 %, before calling it truncation. PCM and FLAC headers count exactly.
+    estimated = report.format.split("/", 1)[0].upper() in ("MP3", "OGG")
     slack = max(4608, int(0.001 * report.declared_frames)) if estimated else 0
     if missing > slack:
         report.problems.append(

@@ -412,3 +412,28 @@ def test_many_channels_at_a_high_rate_are_read_in_bounded_blocks(
             reader, DecodeSettings(16_000, channels="each", block_s=10.0), report))
     assert frames == 32_000 and report.frames_decoded == 384_000
     assert max(sizes) <= audio.MAX_BLOCK_BYTES < 10 * 192_000 * 32 * 4
+
+
+@pytest.mark.parametrize(("subtype", "channels"), [("PCM_16", 1), ("PCM_24", 2), ("PCM_S8", 1)])
+def test_a_flac_whose_header_gives_no_length_is_read_whole(real_data: Path, tmp_path: Path,
+                                                           subtype: str, channels: int) -> None:
+    """Encoders writing FLAC to a pipe leave STREAMINFO's total_samples at 0. libsndfile
+    then stops before the last frame ("Internal psf_fseek() failed": every such file came out
+    partial and short); FFmpeg reads it to the end, scaled as libsndfile scales integers."""
+    clip, rate = sf.read(real_data / f"{PERCH}.wav", dtype="float32", always_2d=True)
+    audio = np.concatenate([clip, clip[::-1]], axis=1)[:, :channels] * 0.9
+    sf.write(tmp_path / "whole.flac", audio, rate, subtype=subtype)
+    data = bytearray((tmp_path / "whole.flac").read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first
+    data[21] &= 0xF0  # its 36-bit total_samples: the low 4 bits of byte 21, bytes 22-25
+    data[22:26] = bytes(4)
+    (tmp_path / "streamed.flac").write_bytes(bytes(data))
+    assert sf.info(str(tmp_path / "streamed.flac")).frames == 2**63 - 1
+
+    whole, whole_report = decode(tmp_path / "whole.flac", rate, channels="each")
+    streamed, report = decode(tmp_path / "streamed.flac", rate, channels="each",
+                              block_s=0.37)
+    assert report.status == "ok", report.problems
+    assert report.frames_decoded == whole_report.frames_decoded == len(clip)
+    assert report.declared_frames == 0  # unknown: nothing to call truncation against
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
