@@ -29,7 +29,6 @@ from pipeline.errors import ConfigError
 from pipeline.windows import TAIL_POLICIES
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -416,7 +415,9 @@ class JobConfig:
         _reject_unknown(data.keys(), SECTIONS.keys(), prefix="")
         sections: dict[str, Any] = {}
         for name, section_cls in SECTIONS.items():
-            value = data.get(name) or {}
+            value = data.get(name)
+            if value is None:  # absent, or `audio:` with nothing under it
+                value = {}
             if not isinstance(value, Mapping):
                 raise ConfigError(f"must be a mapping, got {type(value).__name__}", name)
             sections[name] = _build_section(section_cls, value, name)
@@ -523,6 +524,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ConfigError(f"expected an integer, got {value!r}", where)
     if hint is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-1 and 2.5e3 as text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # YAML's .nan / .inf: every comparison would pass
                 raise ConfigError(f"expected a finite number, got {value!r}", where)
@@ -537,6 +540,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):\d{1,5}")
 
 
@@ -561,17 +565,19 @@ def _unchained(uri: str | None, name: str) -> None:
 
 
 def redacted(value: Any) -> Any:
-    """Copy of a config mapping with every secret-looking storage option replaced.
+    """Copy of a config mapping with every secret-looking value replaced.
 
-    Keys of ``storage_options`` mappings whose name contains a secret word are replaced
-    by ``"***"``; URIs with inline credentials (``s3://KEY:SECRET@bucket``) lose them.
+    A text value under a key whose name contains a secret word (``secret``, ``token``,
+    ``key``...), at any depth (storage options, a plugin's options), becomes ``"***"``;
+    numbers stay (``max_tokens: 8`` is no secret, and must still change the config hash).
+    URIs with inline credentials (``s3://KEY:SECRET@bucket``) lose them.
     """
     from pipeline.storage import redact_uri  # local import: storage imports this module
 
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
-            if isinstance(v, (str, int, float)) and looks_secret(str(k)):
+            if isinstance(v, str) and looks_secret(str(k)):
                 out[k] = "***"
             else:
                 out[k] = redacted(v)

@@ -326,9 +326,10 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
 
 
 def _read_csv(data: bytes, delimiter: str) -> pa.Table:
-    """A CSV manifest with its types inferred, except where a number would not say what the
-    file says: a numeric column keeps its text when any value is not the number's own
-    spelling (zero-padded ids such as ``007``, integers too long to survive a float)."""
+    """A CSV manifest with its types inferred, except where a number would lose what the
+    file says: a numeric column keeps its text when any value is zero-padded (ids such as
+    ``007``) or an integer too long to survive a float. (``3.10`` is the number 3.1.) A
+    column kept as text keeps its empty cells as ``""``, as every text column does."""
     parse = pa_csv.ParseOptions(delimiter=delimiter)
     typed = pa_csv.read_csv(io.BytesIO(data), parse_options=parse)
     numeric = [f.name for f in typed.schema
@@ -337,12 +338,11 @@ def _read_csv(data: bytes, delimiter: str) -> pa.Table:
         return typed
     text = pa_csv.read_csv(io.BytesIO(data), parse_options=parse,
                            convert_options=pa_csv.ConvertOptions(
-                               column_types={name: pa.string() for name in numeric},
-                               strings_can_be_null=True))
+                               column_types={name: pa.string() for name in numeric}))
     for name in numeric:
         spelled = text.column(name)
         floating = pa.types.is_floating(typed.schema.field(name).type)
-        if not all(_plain_number(v, floating) for v in spelled.to_pylist() if v is not None):
+        if not all(_plain_number(v, floating) for v in spelled.to_pylist() if v):
             typed = typed.set_column(typed.schema.get_field_index(name), name, spelled)
     return typed
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-TailPolicy = Literal["pad", "keep", "drop"]
 TAIL_POLICIES: tuple[str, ...] = ("pad", "keep", "drop")
 
 
@@ -162,11 +160,6 @@ class StreamingWindower:
     def _buf(self) -> np.ndarray | None:
         """The samples held: ``[frames, channels]`` starting at sample ``_buf_start``."""
         return None if self._store is None else self._store[: self._len]
-
-    @property
-    def num_samples(self) -> int:
-        """Samples pushed so far."""
-        return self._seen
 
     @property
     def num_windows(self) -> int:

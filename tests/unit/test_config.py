@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import JobConfig, apply_override, redacted
 from pipeline.errors import ConfigError
@@ -110,6 +111,34 @@ def test_hash_ignores_secrets_and_key_order() -> None:
     assert load({**BASE, "model": {"batch_size": 3}}).sha256() != load(BASE).sha256()
     shown = redacted(a.to_dict())
     assert "AAA" not in str(shown) and "K1" not in str(shown)
+
+
+def test_numbers_under_secret_looking_keys_still_count_in_the_hash() -> None:
+    """`max_tokens: 8` vs `16` hashed the same (and showed as ***): only text is a secret."""
+    eight = load({**BASE, "model": {"name": "beats", "options": {"max_tokens": 8}}})
+    sixteen = load({**BASE, "model": {"name": "beats", "options": {"max_tokens": 16}}})
+    assert eight.sha256() != sixteen.sha256()
+    shown = redacted({"model": {"options": {"api_token": "t0k", "max_tokens": 8}}})
+    assert shown == {"model": {"options": {"api_token": "***", "max_tokens": 8}}}
+
+
+@pytest.mark.parametrize("value", [[], 0, False, ""])
+def test_a_section_that_is_present_but_not_a_mapping_is_refused(value: object) -> None:
+    """`audio: []` or `windows: ""` was taken as all defaults."""
+    with pytest.raises(ConfigError, match="must be a mapping") as err:
+        load({**BASE, "audio": value})
+    assert err.value.field == "audio"
+    assert load({**BASE, "audio": None}).audio == load(BASE).audio  # `audio:` and nothing
+
+
+def test_exponents_yaml_reads_as_text_are_numbers() -> None:
+    """PyYAML (YAML 1.1) reads `1e-1` as a string: `audio.block_s: expected a number, got
+    '1e-1'` was true of the parse and baffling to whoever wrote the number."""
+    cfg = JobConfig.from_dict(yaml.safe_load(
+        "input: {uri: /data}\naudio: {block_s: 1e-1}\nwindows: {window_s: 2.5E+0}\n"))
+    assert (cfg.audio.block_s, cfg.windows.window_s) == (0.1, 2.5)
+    with pytest.raises(ConfigError, match="expected a number"):
+        load({**BASE, "audio": {"block_s": "1e-1s"}})
 
 
 def test_redacts_credentials_in_uris() -> None:

@@ -51,12 +51,16 @@ def test_manifest_columns_keep_what_a_number_would_lose(folder: Path) -> None:
     """Zero-padded ids and integers past a float's precision stay text; plain numbers,
     dates and booleans get their types."""
     path = folder / "manifest.csv"
-    path.write_text("uri,site_id,serial,depth_m,count,big,date,ok\n"
-                    "a.wav,007,12345678901234567890,1.5,3,1234567890123456,2024-05-01,true\n"
-                    "b.wav,010,98765432109876543210,,-4,-22,2024-05-02,false\n")
+    path.write_text("uri,site_id,serial,depth_m,count,big,date,ok,note\n"
+                    "a.wav,007,12345678901234567890,1.5,3,1234567890123456,2024-05-01,true,x\n"
+                    "b.wav,010,98765432109876543210,,-4,-22,2024-05-02,false,y\n"
+                    "c.wav,,1,2.5,5,6,2024-05-03,true,\n")
     extras = list_sources(InputConfig(manifest=str(path))).extras
     assert extras is not None
-    rows = extras.to_pylist()
+    rows = extras.to_pylist()[:2]
+    # An empty cell of a column kept as text is "", as in any text column (it was None).
+    last = extras.to_pylist()[2]
+    assert (last["site_id"], last["note"]) == ("", "")
     assert [r["site_id"] for r in rows] == ["007", "010"]
     assert [r["serial"] for r in rows] == ["12345678901234567890", "98765432109876543210"]
     assert [r["depth_m"] for r in rows] == [1.5, None]
