@@ -487,6 +487,8 @@ class EmbeddingJob:
                         limit, limit)
 
     def _resolve_model_settings(self) -> None:
+        from pipeline.models import validate_pooling
+
         cfg, info = self.cfg, self.info
         fixed = info.fixed_window_s
         self.window_s = cfg.windows.window_s or fixed or 5.0
@@ -497,10 +499,7 @@ class EmbeddingJob:
         if cfg.windows.min_tail_s > self.window_s:  # it would drop full windows too
             raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
                               f"({self.window_s} s)", "windows.min_tail_s")
-        self.pooling = cfg.model.pooling or info.default_pooling
-        if self.pooling not in info.poolings:
-            raise ConfigError(f"{self.pooling!r} is not available for {info.name}; "
-                              f"use one of {', '.join(info.poolings)}", "model.pooling")
+        self.pooling = validate_pooling(info, cfg.model.pooling)
         try:
             self.layers = info.resolve_layers(cfg.model.layers)
         except ValueError as err:

@@ -52,7 +52,9 @@ class ModelInfo:
         sample_rate_hz: rate the backbone expects; the job resamples to it.
         embedding_dim: dimension of the last layer (the default embedding).
         layers: every layer the backbone can return, in index order.
-        default_layers: layer indices used when the config does not say (``(-1,)``).
+        default_layers: the layer indices the backbone's authors point to (``(-1,)``),
+            shown by ``describe-model``; ``model.layers`` defaults to ``last`` for every
+            backbone.
         poolings: pooling methods this backbone supports (``mean``, ``max``, ``cls``).
         default_pooling: pooling used when the config does not say.
         min_input_samples: shortest input (at ``sample_rate_hz``) that yields one token.
@@ -133,8 +135,9 @@ class WeightsInfo:
 
     Attributes:
         uri: the URI the user asked for (secrets redacted), or ``"random"``.
-        sha256: content hash of the checkpoint file, or ``"random"``.
-        format: ``safetensors``, ``torch``, ``tflite``, or ``random``.
+        sha256: content hash of the checkpoint file, ``"random"``, or ``"unknown"`` (a
+            plugin's own default weights, which it loads itself).
+        format: ``safetensors``, ``torch``, ``tflite``, ``random``, or ``plugin``.
     """
 
     uri: str

@@ -23,6 +23,7 @@ Tokens are time-major: the fbank ``[frames, 128]`` is cut into 16x16 patches, gi
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,9 @@ from pipeline.models.pooling import pool
 
 KALDI_INPUT_SCALE = 2.0**15
 """BEATs feeds Kaldi 16-bit-scaled samples: audio in [-1, 1] times 32768."""
+
+SPECTRA_KEPT = 3
+"""FFT sizes whose positional-kernel spectra an encoder keeps (see ``_spectral_pos_conv``)."""
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu,
                                                                     "relu": F.relu}
@@ -384,7 +388,9 @@ class BeatsEncoder(nn.Module):
             for layer in self.layers[1:]:
                 layer.self_attn.relative_attention_bias = table
         self.layer_norm = nn.LayerNorm(dim)
-        self._kernel_spectrum: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        # FFT size -> (weights' identity, spectrum); the most recently used last.
+        self._kernel_spectra: collections.OrderedDict[int, tuple[tuple[Any, ...], torch.Tensor]] = (
+            collections.OrderedDict())
 
     def position_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """``pos_conv`` along time: ``[B, N, D] -> [B, N, D]``.
@@ -406,7 +412,10 @@ class BeatsEncoder(nn.Module):
         ~45 GFLOP/s on one core of this project's CPUs, 18-25 % of an int8 forward; as
         products of spectra the same sums take 5-7x less time (batches of 2-16 windows).
         The kernels' spectra are computed once per FFT size and kept until the weights
-        change (they are ``~ D * D / G * n_fft * 4`` bytes: 47 MB for 5-s windows).
+        change (they are ``~ D * D / G * n_fft * 4`` bytes: 47 MB for 5-s windows), for the
+        :data:`SPECTRA_KEPT` sizes used last: with ``windows.tail: keep`` a short last window
+        comes between full ones, and one slot rebuilt the full windows' spectrum after each
+        (100-185 ms a time).
         """
         conv = self.pos_conv[0]
         batch, length, dim = x.shape
@@ -427,18 +436,24 @@ class BeatsEncoder(nn.Module):
 
     def _spectrum(self, conv: nn.Conv1d, n_fft: int) -> torch.Tensor:
         """Spectra of the reversed kernels, ``[G, n_fft // 2 + 1, out, in]``, cached."""
-        params = tuple(conv.parameters())
-        key = (n_fft, *((p.data_ptr(), p._version, p.device) for p in params))
-        if self._kernel_spectrum is None or self._kernel_spectrum[0] != key:
-            self._kernel_spectrum = None  # free the old one first
-            # A normal tensor even under inference_mode (a later pass may need autograd).
-            with torch.inference_mode(False), torch.no_grad():
-                weight = conv.weight.float()  # weight norm applied once, here
-                per_group, taps = weight.shape[1:]
-                kernels = weight.flip(-1).view(conv.groups, -1, per_group, taps)
-                spectrum = torch.fft.rfft(kernels, n=n_fft).permute(0, 3, 1, 2).contiguous()
-            self._kernel_spectrum = (key, spectrum)
-        return self._kernel_spectrum[1]
+        weights = tuple((p.data_ptr(), p._version, p.device) for p in conv.parameters())
+        cached = self._kernel_spectra.get(n_fft)
+        if cached is not None and cached[0] == weights:
+            self._kernel_spectra.move_to_end(n_fft)
+            return cached[1]
+        if any(kept != weights for kept, _ in self._kernel_spectra.values()):
+            self._kernel_spectra.clear()  # new weights: every kept spectrum is stale
+        self._kernel_spectra.pop(n_fft, None)
+        while len(self._kernel_spectra) >= SPECTRA_KEPT:
+            self._kernel_spectra.popitem(last=False)  # freed before the new one is made
+        # A normal tensor even under inference_mode (a later pass may need autograd).
+        with torch.inference_mode(False), torch.no_grad():
+            weight = conv.weight.float()  # weight norm applied once, here
+            per_group, taps = weight.shape[1:]
+            kernels = weight.flip(-1).view(conv.groups, -1, per_group, taps)
+            spectrum = torch.fft.rfft(kernels, n=n_fft).permute(0, 3, 1, 2).contiguous()
+        self._kernel_spectra[n_fft] = (weights, spectrum)
+        return spectrum
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 num_layers: int | None = None) -> list[torch.Tensor]:

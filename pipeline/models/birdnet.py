@@ -185,7 +185,7 @@ def _resolve_weights(weights: str) -> tuple[Path, str]:
     return path, weights
 
 
-def _check_options(options: Mapping[str, Any]) -> tuple[int, bool, str | None]:
+def check_options(options: Mapping[str, Any]) -> tuple[int, bool, str | None]:
     """Validate constructor options.
 
     Args:
@@ -503,7 +503,7 @@ def build_birdnet(weights: str, device: str, options: Mapping[str, Any]) -> Bird
         WeightsUnavailableError: the weights file does not exist.
         CheckpointMismatchError: the file is not a BirdNET-shaped TFLite model.
     """
-    num_threads, xnnpack, labels_path = _check_options(options)
+    num_threads, xnnpack, labels_path = check_options(options)
     path, uri = _resolve_weights(weights)
     _import_litert()  # a missing runtime fails here, before the 50 MB file is read
     if device.split(":")[0] != "cpu":

@@ -79,7 +79,8 @@ class EfficientNetAudioConfig:
         if unknown:
             raise ConfigError(f"unknown EfficientNet option(s) {unknown}; valid options: "
                               f"{sorted(names)}", source)
-        bad = sorted(k for k, v in values.items() if not isinstance(v, int) or v <= 0)
+        bad = sorted(k for k, v in values.items()
+                     if not isinstance(v, int) or isinstance(v, bool) or v <= 0)
         if bad:
             raise ConfigError(f"EfficientNet option(s) {bad} must be positive integers", source)
         out = dataclasses.replace(self, **values)

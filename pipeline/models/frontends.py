@@ -274,15 +274,11 @@ class LogMelSpectrogram(nn.Module):
         """STFT frames for ``num_samples`` samples (centred: one per hop, plus one)."""
         return num_samples // self.hop_length + 1
 
-    def min_input_samples(self) -> int:
-        """Shortest input reflect padding accepts (more than half an FFT)."""
-        return self.n_fft // 2 + 1
-
     def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Unnormalised ``log(mel power + 1e-6)``.
 
         Args:
-            waveforms: ``[B, T]`` audio in [-1, 1], ``T >= min_input_samples()``.
+            waveforms: ``[B, T]`` audio in [-1, 1], ``T > n_fft // 2`` (reflect padding).
 
         Returns:
             float32 ``[B, n_mels, num_frames(T)]``.

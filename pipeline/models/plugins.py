@@ -6,7 +6,8 @@ it under the entry-point group ``embed_archive.backbones``::
     [project.entry-points."embed_archive.backbones"]
     my_model = "my_package.models:MyBackbone"
 
-The interface (attributes may be class or instance attributes)::
+The interface (class attributes: the driver, `describe-model` and `submit` read them from
+the class, without building the model, which happens only in the actors)::
 
     class MyBackbone:
         sample_rate_hz: int                  # rate the model expects

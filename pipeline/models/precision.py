@@ -35,10 +35,13 @@ AUTOCAST_PRECISIONS = frozenset(_DTYPES)
 # A6000" -> RTX-A6000, "NVIDIA RTX PRO 6000 ..." -> RTX-PRO-6000), else the name hyphenated
 # ("NVIDIA GeForce RTX 4090" -> GeForce-RTX-4090). Ampere (A*, RTX A*, GeForce 30xx), Ada
 # (L*, GeForce 40xx), Hopper (H*, GH*) and Blackwell (B*, GB*, RTX PRO, GeForce 50xx).
-# Anything else (K80, P100, T4, V100, V100S, TITAN-V, ...) counts as without bf16, and so
-# does RTX-6000: Ray gives that name to the Turing Quadro RTX 6000 and to the RTX 6000 Ada.
+# Anything else (K80, P100, T4, V100, V100S, TITAN-V, ...) counts as without bf16, and so do
+# RTX-3000 to RTX-8000: Ray gives those names to the Turing Quadro RTX 3000-8000 (7.5), and
+# to the RTX 4000-6000 Ada too (a bf16 card counted without is only slower; the reverse
+# failed every actor at load). GeForce numbers end in 50-90 (RTX 3060, 4090, 5080).
 _BF16_GPU_NAME = re.compile(
-    r"(?:A|H|L|B|GB|GH)\d+[A-Z]*(?:-.*)?|RTX-(?:A|PRO-)\d+.*|(?:GeForce-)?RTX-[345]0\d0.*")
+    r"(?:A|H|L|B|GB|GH)\d+[A-Z]*(?:-.*)?|RTX-(?:A|PRO-)\d+.*|GeForce-RTX-[345]0\d0.*"
+    r"|RTX-[345]0[5-9]0.*")
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -82,6 +85,9 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         raise ConfigError(f"fp16 needs a CUDA device (this backbone runs on {device}); "
                           "use bf16 or fp32", "model.precision")
     if precision == "bf16" and _device_type(device) == "cuda" and not _cuda_supports_bf16(device):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"bf16 on {device}, but this process sees no CUDA device "
+                              "(a CPU build of torch, or no GPU granted)", "model.precision")
         major, minor = torch.cuda.get_device_capability(torch.device(device).index)
         raise ConfigError(f"bf16 needs a GPU of compute capability 8.0 or newer (Ampere); "
                           f"this one is {major}.{minor}: use fp16 or fp32", "model.precision")

@@ -187,10 +187,11 @@ def model_info(name: str, options: Mapping[str, Any] | None = None) -> ModelInfo
     Raises:
         UnknownModelError: no such backbone.
         ConfigError: invalid options.
-        MissingDependencyError: BirdNET's optional dependencies are missing.
     """
     if name == BIRDNET_NAME:
-        return _birdnet_module().BIRDNET_INFO
+        birdnet = _birdnet_module()
+        birdnet.check_options(dict(options or {}))  # before any work, as for the others
+        return birdnet.BIRDNET_INFO
     entry = _ENTRIES.get(name)
     if entry is None:
         return plugins.plugin_info(name, plugins.find_plugin_class(name, list_models()),

@@ -2,7 +2,8 @@
 
 Local paths and ``file://`` URIs are read where they are. Everything else (``hf://``,
 ``gs://``, ``s3://``, ``https://``, ``memory://`` ...) is streamed once into a content-addressed
-cache and found there afterwards without touching the network::
+cache and found there afterwards, with one metadata request to check that the original has
+not changed (offline, the cached copy is used with a warning)::
 
     $EMBED_ARCHIVE_CACHE (default ~/.cache/embed-archive)/weights/
         blobs/<sha256>            the checkpoint bytes

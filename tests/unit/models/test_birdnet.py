@@ -240,6 +240,12 @@ def test_bad_weights_and_options_fail_clearly(tmp_path: Path) -> None:
         build_birdnet("default", "cpu", {"threads": 2})
     with pytest.raises(ConfigError, match="num_threads"):
         build_birdnet("default", "cpu", {"num_threads": 0})
+    # The driver's and submit's check (model_info) refuses them too, before any work.
+    from pipeline.models import model_info
+
+    with pytest.raises(ConfigError, match="unknown BirdNET option"):
+        model_info("birdnet_v2_4", {"bogus": 1})
+    assert model_info("birdnet_v2_4", {"num_threads": 2}).name == "birdnet_v2_4"
 
 
 def test_extract_rejects_wrong_shapes_and_layers(birdnet: BirdNETBackbone) -> None:

@@ -231,7 +231,7 @@ def test_spectral_positional_convolution_is_the_convolution(taps, groups, length
         with torch.inference_mode():
             expected = encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
             got = encoder.position_embedding(x)
-        assert encoder._kernel_spectrum is not None
+        assert len(encoder._kernel_spectra) == 1
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert got.abs().max() > 0.1
         with torch.no_grad():  # new weights: the cached spectrum must not be used
@@ -271,3 +271,29 @@ def test_recorded_preprocessing_is_what_the_front_end_does(options: dict, n_fft:
     backbone = create_backbone("beats", weights="random", options={**TINY_BEATS, **options})
     fbank = backbone.module.backbone.fbank
     assert backbone.info.preprocessing["n_fft"] == fbank.n_fft == n_fft
+
+
+def test_kernel_spectra_of_a_few_lengths_are_kept(monkeypatch):
+    """`tail: keep` puts a short last window between full ones: the full windows' spectrum
+    must survive it (one slot rebuilt it after every short window, 100-185 ms a time)."""
+    from pipeline.models import beats
+
+    cfg = BeatsConfig(encoder_layers=1, encoder_embed_dim=64, encoder_ffn_embed_dim=64,
+                      encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)
+    encoder = BeatsEncoder(cfg).eval()
+    built = []
+    real_rfft = torch.fft.rfft
+
+    def counted(x, n=None, dim=-1):
+        if x.dim() == 4:  # the kernels, not a signal
+            built.append(n)
+        return real_rfft(x, n=n, dim=dim)
+
+    monkeypatch.setattr(torch.fft, "rfft", counted)
+    with torch.inference_mode():
+        for length in (248, 40, 248, 31, 248, 40, 248, 31):
+            encoder.position_embedding(torch.randn(2, length, 64))
+        assert len(built) == 3  # one spectrum per length, each made once
+        for length in (7, 20, 3, 248):  # three more lengths push the oldest out
+            encoder.position_embedding(torch.randn(2, length, 64))
+    assert len(built) == 7 and len(encoder._kernel_spectra) == beats.SPECTRA_KEPT

@@ -109,3 +109,5 @@ def test_front_end_options(effnet):
         create_backbone("efficientnet_b0", weights="random", options={"n_melz": 64})
     with pytest.raises(ConfigError, match="win_length 1024 is longer than n_fft 800"):
         create_backbone("efficientnet_b0", weights="random", options={"win_length": 1024})
+    with pytest.raises(ConfigError, match="positive integers"):  # YAML's `n_mels: yes`
+        create_backbone("efficientnet_b0", weights="random", options={"n_mels": True})

@@ -207,7 +207,7 @@ def test_job_precision_from_where_the_actors_run():
     "NVIDIA A100-SXM4-80GB", "NVIDIA A10G", "NVIDIA A10", "NVIDIA L4", "NVIDIA L40S",
     "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA B200", "NVIDIA GB200", "NVIDIA RTX A6000",
     "NVIDIA RTX PRO 6000 Blackwell Server Edition", "NVIDIA GeForce RTX 3090",
-    "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090",
+    "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090", "NVIDIA GeForce RTX 3060",
 ])
 def test_gpus_with_bf16_by_the_names_ray_gives_them(device_name: str) -> None:
     from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
@@ -221,6 +221,7 @@ def test_gpus_with_bf16_by_the_names_ray_gives_them(device_name: str) -> None:
     "Tesla V100S-PCIE-32GB", "NVIDIA TITAN V", "Quadro RTX 6000", "NVIDIA GeForce RTX 2080 Ti",
     "Tesla M60", "NVIDIA GeForce GTX 1080",
     "NVIDIA RTX 6000 Ada Generation",  # bf16, but Ray names it RTX-6000 like the Turing card
+    "Quadro RTX 4000", "Quadro RTX 5000", "Quadro RTX 3000",  # Turing: were taken for bf16
 ])
 def test_older_or_unknown_gpus_run_auto_at_fp32(device_name: str) -> None:
     from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
@@ -228,3 +229,11 @@ def test_older_or_unknown_gpus_run_auto_at_fp32(device_name: str) -> None:
     name = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(device_name)
     assert gpus_have_bf16([name]) is False, name
     assert job_precision("auto", gpu_actors=True, gpu_bf16=gpus_have_bf16([name])) == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a process that sees no GPU")
+def test_bf16_on_cuda_without_a_gpu_is_a_config_error() -> None:
+    """It raised torch's AssertionError ('Torch not compiled with CUDA enabled')."""
+    with pytest.raises(ConfigError, match="sees no CUDA device") as err:
+        resolve_precision("bf16", "cuda")
+    assert err.value.field == "model.precision"

@@ -113,6 +113,7 @@ def _fake_birdnet(build):
     module = types.ModuleType("pipeline.models.birdnet")
     module.BIRDNET_INFO = BIRDNET_INFO
     module.build_birdnet = build
+    module.check_options = lambda options: None
     return module
 
 
