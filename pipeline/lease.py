@@ -14,21 +14,25 @@ released. Each acquisition carries its own random token, so two runs given the s
 
 A lease is taken over when its holder is gone: its pid no longer runs on this machine (same
 host name, boot and pid namespace: a killed driver here), it is this process's own and its
-run never started (one that was only prepared), or its record stays unchanged, watched with
-this process's own monotonic clock, for what remains of ``STALE_S`` after its heartbeat's
-age, and never less than one and a half heartbeats (a driver that crashed on another node;
-the watch makes a clock skew between hosts unable to make a live holder look dead). A holder
-whose record changes while we watch is alive: the run is refused.
+run never started (one that was only prepared), or its record stays unchanged for
+``STALE_S``, watched with this process's own monotonic clock (a driver that crashed on
+another node). The record's wall-clock heartbeat is never trusted for that: a holder's clock
+behind ours by a minute made a live holder look dead after 45 s. A holder whose record
+changes while we watch is alive: the run is refused.
 
 A run checks that the lease is still its own when it starts, before it publishes a shard
 and again before it writes the shard's commit marker, and stops if it is not (another run's
 record, or none: a run that took over and has finished deletes it), or if its own heartbeat
-has not got through for ``STALE_S - HEARTBEAT_S`` (another run may then have taken over). Two
-runs starting in the same instant both write, read back after ``SETTLE_S``, and the one
-whose write landed last proceeds. Object stores have no portable compare-and-swap through
-fsspec, so two starts whose read-back gaps exceed ``SETTLE_S`` could both proceed, as could a
-heartbeat's read-then-write straddling a takeover; each window is a fraction of a second,
-against hours of a run.
+has not got through for ``STALE_S - HEARTBEAT_S`` (another run may then have taken over). A
+heartbeat counts from before its ownership check, not from when its write landed: a write
+that stalled past a takeover and then overwrote the taker's record must not look fresh (the
+stalled run stops at its next check; the taker, finding the record not its own, stops too;
+a rerun resumes, nothing is committed twice). Two runs starting in the same instant both
+write, read back after ``SETTLE_S``, and the one whose write landed last proceeds. Object
+stores have no portable compare-and-swap through fsspec, so two starts whose read-back gaps
+exceed ``SETTLE_S`` could both proceed, and a release's read-then-delete could delete the
+record of a run that took over in between (which then stops: its record is gone); each
+window is a fraction of a second, against hours of a run.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class NamespaceLease:
             NamespaceBusyError: another run holds it and is alive.
         """
         fs = self.layout.fs
-        watched: tuple[dict[str, Any], float, float] | None = None  # record, since, for how long
+        watched: tuple[dict[str, Any], float] | None = None  # the record, since when
         while True:
             holder = self._read()
             if holder is not None and holder.get("token") != self.token:
@@ -87,23 +91,22 @@ class NamespaceLease:
                     if watched is not None and holder != watched[0]:
                         raise NamespaceBusyError(self._busy_message(holder))  # it beat
                     if watched is None:
-                        age = time.time() - float(holder.get("heartbeat", 0.0))
-                        need = min(STALE_S, max(STALE_S - age, 1.5 * HEARTBEAT_S))
                         log.warning("%s; watching its heartbeat for up to %.0f s",
-                                    self._busy_message(holder), need)
-                        watched = (holder, time.monotonic(), need)
-                    if time.monotonic() - watched[1] < watched[2]:
+                                    self._busy_message(holder), STALE_S)
+                        watched = (holder, time.monotonic())
+                    if time.monotonic() - watched[1] < STALE_S:
                         time.sleep(min(HEARTBEAT_S / 3, 5.0))
                         continue
                     gone = f"its lease unchanged for {time.monotonic() - watched[1]:.0f} s"
                 log.warning("taking over the lease of %s from job %s (%s)",
                             self.layout.uri(self.path), holder.get("job_id"), gone)
+            written_from = time.monotonic()
             write_json(fs, self.path, self._record())
             time.sleep(SETTLE_S)
             mine = self._read()
             if mine is not None and mine.get("token") == self.token:
                 self._held = True
-                self._renewed = time.monotonic()
+                self._renewed = written_from
                 self._thread = threading.Thread(target=self._beat, name="lease-heartbeat",
                                                 daemon=True)
                 self._thread.start()
@@ -156,13 +159,20 @@ class NamespaceLease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                began = time.monotonic()
+                if began - self._renewed > STALE_S - HEARTBEAT_S:
+                    # Silent long enough that another run may hold it now: writing would
+                    # take it back from that run. check() stops this one.
+                    log.error("lease %s not renewed for %.0f s; no longer renewing it",
+                              self.layout.uri(self.path), began - self._renewed)
+                    return
                 if not self._still_mine():
                     log.error("lease %s was taken over by %s", self.layout.uri(self.path),
                               f"job {job}" if (job := (self._lost_to or {}).get("job_id"))
                               else "a run that has finished since (its record is gone)")
                     return
                 write_json(self.layout.fs, self.path, self._record())
-                self._renewed = time.monotonic()
+                self._renewed = began  # from before the check: a stalled write is no renewal
             except Exception as err:  # noqa: BLE001 - the next beat may get through; check() watches
                 log.warning("lease heartbeat failed: %s", storage.redact_text(str(err)))
 

@@ -127,11 +127,62 @@ def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
         raise PermissionError("403 Forbidden")  # not retried: the beat used to die of it
 
     monkeypatch.setattr(lease_mod, "write_json", refused)
-    time.sleep(1.6)  # STALE_S - HEARTBEAT_S = 1.3 s without a renewal
+    time.sleep(1.4)  # STALE_S - HEARTBEAT_S = 1.3 s without a renewal
+    assert held._thread is not None and held._thread.is_alive()  # kept trying until then
+    time.sleep(0.4)
     with pytest.raises(LeaseLostError, match="could not renew its lease"):
         held.check()
-    assert held._thread is not None and held._thread.is_alive()  # still trying
+    # ... and then stopped: another run may hold the lease now, a write would take it back.
+    assert not held._thread.is_alive()
     held.release()
+
+
+def test_a_heartbeat_write_that_lands_after_a_takeover_does_not_count(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's heartbeat read "mine", then its write stalled (a PUT in retries, a paused
+    process) while B took over; the write landed on B's record. It counted as a renewal
+    from when it landed, so A went on committing and B stopped. Now A stops: its last
+    renewal dates from before the stall."""
+    import threading
+
+    real_write = lease_mod.write_json
+    stall = threading.Event()
+
+    def write_json(fs, path, record):
+        if threading.current_thread().name == "lease-heartbeat" and stall.is_set():
+            stall.clear()
+            time.sleep(1.8)  # past B's takeover (STALE_S = 1.5 s of an unchanged record)
+        real_write(fs, path, record)
+
+    monkeypatch.setattr(lease_mod, "write_json", write_json)
+    a = NamespaceLease(layout, "a")
+    a.acquire()
+    a.start()
+    a.check()
+    time.sleep(0.1)
+    stall.set()  # a's next beat stalls between its ownership check and its write
+    plant_elsewhere = NamespaceLease(layout, "b")
+    plant_elsewhere.acquire()  # watches a's unchanged record for STALE_S, then takes over
+    assert holder_of(layout)["job_id"] == "b"
+    time.sleep(0.6)  # a's stalled write lands on b's record
+    assert holder_of(layout)["job_id"] == "a"
+    with pytest.raises(LeaseLostError, match="could not renew"):
+        a.check()  # a stops: no renewal since before the stall
+    with pytest.raises(LeaseLostError, match="job a"):
+        plant_elsewhere.check()  # and b, whose record was overwritten: nothing runs twice
+    a.release()
+    plant_elsewhere.release()
+
+
+def test_a_holder_whose_clock_is_behind_is_watched_for_the_whole_stale_time(
+        layout: OutputLayout) -> None:
+    """The record's heartbeat comes from the holder's wall clock: one 75 s behind (here
+    1 s at 1/75 scale) made a live holder look stale after the 1.5 heartbeats' minimum, long
+    before the holder itself would stop (STALE_S - HEARTBEAT_S without a renewal)."""
+    plant(layout, host="another-node", heartbeat=time.time() - 1.0)
+    started = time.monotonic()
+    NamespaceLease(layout, "next").acquire()
+    assert time.monotonic() - started >= lease_mod.STALE_S
 
 
 def test_a_silent_holder_elsewhere_is_taken_over_once_stale(layout: OutputLayout) -> None:
