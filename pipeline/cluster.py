@@ -70,6 +70,11 @@ class ClusterError(PipelineError):
     """The cluster could not be reached, refused us, or answered something unexpected."""
 
 
+#: ``logs --follow``'s status when the cluster stopped answering before the job ended: its
+#: outcome is unknown (it may still run), which no job status (0-4, 1 = failed) may claim.
+EXIT_FOLLOW_LOST = 5
+
+
 # --------------------------------------------------------------------------- address
 
 
@@ -457,14 +462,29 @@ def load_runtime_env(path: str) -> dict[str, Any]:
 def parse_env(items: Sequence[str]) -> dict[str, str]:
     """``["A=1", "B=x=y"]`` -> ``{"A": "1", "B": "x=y"}``.
 
+    The variables go in the job's runtime_env, which the dashboard and ``ray job list``
+    show: a secret-looking one (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``) is refused, unless
+    its value is an absolute path (a key file on the nodes, such as
+    ``GOOGLE_APPLICATION_CREDENTIALS``, is no secret itself).
+
     Raises:
-        ConfigError: an item is not ``KEY=VALUE`` with a valid variable name.
+        ConfigError: an item is not ``KEY=VALUE`` with a valid variable name, or carries a
+            secret.
     """
+    from pipeline.config import looks_secret
+    from pipeline.storage import redact_text
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise ConfigError(f"--env {key or item!r}: expected KEY=VALUE", "--env")
+        if (looks_secret(key) and not value.startswith("/")) or redact_text(value) != value:
+            raise ConfigError(
+                "a secret in the job's runtime_env would be shown by the dashboard and `ray "
+                "job list`; give the cluster its own identity (Workload Identity, IRSA, an "
+                "instance profile) or the pods a Kubernetes Secret as environment variables",
+                f"--env {key}")
         out[key] = value
     return out
 
@@ -480,11 +500,18 @@ def default_submission_id(job_id: str) -> str:
 # --------------------------------------------------------------------------- client
 
 
+#: Seconds to wait for an answer to one request (uploads of this package included); the
+#: SDK sets none, so a dashboard that accepts connections and never answers hung forever.
+REQUEST_TIMEOUT_S = 120.0
+
+
 def connect(address: str, token: AuthToken | None, timeout_s: float = 10.0) -> Any:
     """A ``JobSubmissionClient`` for ``address``, with the token header if there is one.
 
     ``RAY_ADDRESS`` / ``RAY_API_SERVER_ADDRESS`` are hidden while it is built, since Ray
-    lets them override an explicit address.
+    lets them override an explicit address. Every request it makes (its version check in the
+    constructor included) gives up after ``timeout_s`` to connect and
+    :data:`REQUEST_TIMEOUT_S` to answer.
 
     Raises:
         ClusterError: unreachable, not a Ray dashboard, or the token is missing/refused.
@@ -492,8 +519,13 @@ def connect(address: str, token: AuthToken | None, timeout_s: float = 10.0) -> A
     _probe(address, timeout_s)
     from ray.job_submission import JobSubmissionClient
 
+    class Client(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", (timeout_s, max(timeout_s, REQUEST_TIMEOUT_S)))
+            return super()._do_request(method, endpoint, **kwargs)
+
     with _without_env(ADDRESS_ENV_VARS), cluster_errors(address, token):
-        return JobSubmissionClient(address, headers=token.headers() if token else None)
+        return Client(address, headers=token.headers() if token else None)
 
 
 def _probe(address: str, timeout_s: float) -> None:
@@ -685,7 +717,8 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--token", help="Ray auth token (visible to other users in `ps`; "
                                        "prefer --token-file or the environment)")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="give up on an unreachable dashboard after this long")
+                   help="give up on an unreachable dashboard after this long (a request "
+                        f"it does not answer: after {REQUEST_TIMEOUT_S:.0f} s, or this if longer)")
 
 
 def _client(args: argparse.Namespace) -> tuple[Any, str, AuthToken | None]:
@@ -729,17 +762,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     client, address, token = _client(args)
-    with cluster_errors(address, token):
-        if not args.follow:
+    if not args.follow:
+        with cluster_errors(address, token):
             sys.stdout.write(client.get_job_logs(args.submission_id))
-            return 0
-        try:
+        return 0
+    try:
+        with cluster_errors(address, token):
             follow_logs(client, args.submission_id, sys.stdout)
             summary = job_summary(wait_until_terminal(client, args.submission_id))
-        except KeyboardInterrupt:
-            print(f"\nstopped following; the job keeps running (embed-archive stop "
-                  f"{args.submission_id} stops it)", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (embed-archive stop "
+              f"{args.submission_id} stops it)", file=sys.stderr)
+        return 130
+    except ClusterError as err:
+        print(f"embed-archive: lost the cluster while following {args.submission_id}: {err}; "
+              f"the job may still be running (embed-archive status {args.submission_id})",
+              file=sys.stderr)
+        return EXIT_FOLLOW_LOST
     print(f"job {summary['submission_id']} {summary['status']}"
           f"{': ' + summary['message'] if summary['message'] else ''}", file=sys.stderr)
     return exit_code_for(summary)

@@ -527,6 +527,13 @@ def test_parse_env() -> None:
     assert cluster.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         cluster.parse_env(["no-equals"])
+    # Secrets would show in the dashboard's runtime_env: refused, naming the variable.
+    for item in ("HF_TOKEN=hf_abc", "AWS_SECRET_ACCESS_KEY=xyz",
+                 "URL=https://u:pw@host/x"):
+        with pytest.raises(ConfigError, match="runtime_env would be shown") as err:
+            cluster.parse_env([item])
+        assert err.value.field == f"--env {item.partition('=')[0]}"
+    assert cluster.parse_env(["GOOGLE_APPLICATION_CREDENTIALS=/var/keys/sa.json"])  # a path
 
 
 # --------------------------------------------------------------------------- a fake dashboard
@@ -721,6 +728,44 @@ def test_bad_config_never_contacts_the_cluster(tmp_path: Path, dashboard: FakeDa
     assert code == 2
     assert capsys.readouterr().err.strip() == "embed-archive: error: windows.hop_s: must be > 0, got -1.0"
     assert dashboard.requests == []
+
+
+def test_following_a_job_whose_log_stream_fails_does_not_say_it_failed(
+        dashboard: FakeDashboard, laptop_env: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A dropped stream while following exited 1, which the table documents as "failed",
+    while the job ran on: 5 says its outcome is unknown."""
+    dashboard.jobs["j1"] = {"type": "SUBMISSION", "submission_id": "j1", "job_id": "02",
+                            "status": "RUNNING", "entrypoint": "x", "message": "",
+                            "metadata": {}, "runtime_env": {}, "start_time": 1,
+                            "driver_exit_code": None}
+    # The fake dashboard has no websocket: the log stream's handshake fails (404).
+    code = run_cli("logs", "j1", "--follow", "--address", dashboard.url, "--token", TOKEN)
+    err = capsys.readouterr().err
+    assert code == cluster.EXIT_FOLLOW_LOST == 5
+    assert "the job may still be running (embed-archive status j1)" in err
+    assert TOKEN not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dashboard_that_never_answers_times_out_in_one_line(
+        laptop_env: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It accepts the connection and says nothing: the SDK's requests had no timeout, so
+    `status` hung forever (the TCP probe passes)."""
+    import socket
+
+    monkeypatch.setattr(cluster, "REQUEST_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        code = run_cli("status", "j1", "--address", address, "--connect-timeout", "1")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("embed-archive: failed: cannot reach the Ray dashboard at ")
+    assert "Timeout" in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - started < 20
 
 
 @pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "http://no-such-host.invalid:8265"])
