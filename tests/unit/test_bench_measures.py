@@ -19,6 +19,7 @@ from pipeline.bench import (
     TINY_BEATS,
     BenchSettings,
     GpuBusySampler,
+    ProcessTreeSampler,
     _sections,
     audio_for_ratio,
     choose_precision,
@@ -80,9 +81,13 @@ def test_bench_sections_are_checked() -> None:
     ("NVIDIA L4", 121.0),
     ("NVIDIA A10", 125.0),
     ("Tesla T4", None),
+    ("NVIDIA L40", None),         # not an L4 (the table matched it as one)
+    ("NVIDIA RTX A1000", None),   # not an A100
 ])
 def test_peak_table_matches_torch_device_names(name: str, tflops: float | None) -> None:
     assert peak_tflops(name) == tflops
+    assert peak_tflops(name, "fp16") == tflops
+    assert peak_tflops(name, "fp32") is None  # the table is tensor-core bf16/fp16 only
 
 
 def fake_nvidia_smi(folder: Path, output: str) -> None:
@@ -97,11 +102,15 @@ def test_gpu_busy_over_the_jobs_span_or_between_the_first_and_last_kernel() -> N
     samples = [(0.0, 0, 0.0), (1.0, 0, 100.0), (2.0, 0, 0.0), (10.0, 0, 80.0),
                (11.0, 0, 100.0), (12.0, 0, 90.0), (13.0, 0, 90.0), (14.0, 0, 0.0)]
     samples += [(float(t), 1, 0.0) for t in range(15)]
-    over_span = gpu_busy(samples, span=(10.0, 13.0))
-    assert over_span == {"gpu_busy": pytest.approx(0.9), "gpu_busy_per_gpu": {0: pytest.approx(0.9)}}
+    over_span = gpu_busy(samples, span=(10.0, 13.0), min_samples=4)
+    assert over_span == {"gpu_busy": pytest.approx(0.9), "gpu_busy_per_gpu": {0: pytest.approx(0.9)},
+                         "gpu_busy_samples": {0: 4}}
     # Without the job's span, the warm-up and the gap after it count.
-    assert gpu_busy(samples)["gpu_busy"] == pytest.approx((100 + 0 + 80 + 100 + 90 + 90) / 6 / 100)
-    assert gpu_busy([(0.0, 0, 0.0)]) == {"gpu_busy": 0.0, "gpu_busy_per_gpu": {}}
+    assert gpu_busy(samples, min_samples=4)["gpu_busy"] == pytest.approx(
+        (100 + 0 + 80 + 100 + 90 + 90) / 6 / 100)
+    assert gpu_busy([(0.0, 0, 0.0)])["gpu_busy"] == 0.0
+    # Four samples (0.4 s of nvidia-smi) say nothing about a span: no figure, not a wrong one.
+    assert gpu_busy(samples, span=(10.0, 13.0))["gpu_busy"] is None
 
 
 def test_gpu_sampler_reads_what_nvidia_smi_prints(
@@ -114,8 +123,10 @@ def test_gpu_sampler_reads_what_nvidia_smi_prints(
             time.sleep(0.05)
     assert [(i, u) for _, i, u in sampler.samples] == [
         (0, 0.0), (1, 0.0), (0, 40.0), (1, 0.0), (0, 100.0), (0, 0.0), (1, 0.0)]
-    assert sampler.result() == {"gpu_busy": pytest.approx(0.7),
-                                "gpu_busy_per_gpu": {0: pytest.approx(0.7)}}
+    assert gpu_busy(sampler.samples, min_samples=2) == {
+        "gpu_busy": pytest.approx(0.7), "gpu_busy_per_gpu": {0: pytest.approx(0.7)},
+        "gpu_busy_samples": {0: 2}}
+    assert sampler.result()["gpu_busy"] is None  # two samples: too few to tell
     assert sampler._proc is not None and sampler._proc.poll() is not None  # stopped
 
 
@@ -160,3 +171,34 @@ def test_a_precision_the_model_cannot_run_is_not_tried(monkeypatch) -> None:
     choice = choose_precision(BenchSettings(model="efficientnet_b0", threads=1))
     assert set(choice["s_per_window"]) == {"fp32"} and choice["precision"] == "fp32"
     assert "no Linear layers" in choice["not_tried"]["int8"]
+
+
+SHARED_HALVES = """
+import os, time
+from multiprocessing import shared_memory
+shm = shared_memory.SharedMemory(create=True, size=64 << 20)
+for half in (0, 1):
+    if os.fork() == 0:
+        for i in range(half * (32 << 20), (half + 1) * (32 << 20), 4096):
+            shm.buf[i] = 1
+        time.sleep(2.5)
+        os._exit(0)
+time.sleep(3.0)
+shm.close()
+shm.unlink()
+"""
+
+
+def test_the_job_memory_counts_each_shared_page_once_however_it_is_spread() -> None:
+    """Two workers each touching half of one 64 MiB shared arena (as decode workers and
+    actors touch different object-store pages): the largest single mapping said 32 MiB;
+    the processes' proportional shares add up to the 64 held."""
+    import subprocess
+    import sys
+
+    with ProcessTreeSampler() as sampler:
+        proc = subprocess.Popen([sys.executable, "-c", SHARED_HALVES])
+        sampler.watch(proc.pid)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    assert 60 <= sampler.peaks["object_store_pages"] <= 66
