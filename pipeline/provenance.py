@@ -40,7 +40,12 @@ def git_commit() -> str:
     """Commit of the code that runs: from the environment (set by ``submit``) or git."""
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
-    root = Path(__file__).resolve().parent.parent
+    return commit_of(Path(__file__).resolve().parent.parent)
+
+
+def commit_of(root: Path) -> str:
+    """``HEAD`` of the git checkout at ``root``, ``-dirty`` when tracked files changed
+    (untracked ones do not count); ``unknown`` outside a checkout or without git."""
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],

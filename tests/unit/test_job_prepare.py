@@ -208,6 +208,8 @@ def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path:
         if resources is not None:  # a cluster's view, as Ray reports it (no GPU here)
             monkeypatch.setattr(ray, "is_initialized", lambda: True)
             monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+        else:  # no Ray (the suite's session Ray may be up: it must not be asked)
+            monkeypatch.setattr(ray, "is_initialized", lambda: False)
         j = job(archive, tmp_path, compute=compute)
         j.prepare()
         monkeypatch.undo()
@@ -224,8 +226,7 @@ def test_auto_precision_is_settled_before_the_namespace(archive: Path, tmp_path:
     assert variant({"CPU": 4.0}, gpus_per_actor=1, embed_actors=2) == h100
     assert variant({"CPU": 8.0, "GPU": 8.0}, gpus_per_actor=0) == cpu
     # This machine, no Ray: the GPUs a local Ray would get (none here).
-    if not ray.is_initialized():
-        assert variant(None) == cpu
+    assert variant(None) == cpu
 
 
 def test_int8_is_its_own_variant_and_refused_where_it_cannot_run(

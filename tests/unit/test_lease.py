@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,27 @@ from pipeline import lease as lease_mod
 from pipeline.errors import LeaseLostError, NamespaceBusyError
 from pipeline.layout import OutputLayout
 from pipeline.lease import NamespaceLease
+
+
+@pytest.fixture(autouse=True)
+def _release_leases(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every lease a test made is released after it, passed or failed: no heartbeat thread
+    outlives its test, and no token stays in this process's running set."""
+    made: list[NamespaceLease] = []
+    real_init = NamespaceLease.__init__
+
+    def init(self: NamespaceLease, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(NamespaceLease, "__init__", init)
+    yield
+    for lease in made:
+        lease._stop.set()
+        if lease._thread is not None:
+            lease._thread.join(timeout=5)
+        with lease_mod._running_lock:
+            lease_mod._running.discard(lease.token)
 
 
 @pytest.fixture
@@ -127,9 +150,9 @@ def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
         raise PermissionError("403 Forbidden")  # not retried: the beat used to die of it
 
     monkeypatch.setattr(lease_mod, "write_json", refused)
-    time.sleep(1.4)  # STALE_S - HEARTBEAT_S = 1.3 s without a renewal
-    assert held._thread is not None and held._thread.is_alive()  # kept trying until then
-    time.sleep(0.4)
+    time.sleep(0.9)
+    assert held._thread is not None and held._thread.is_alive()  # still trying
+    time.sleep(0.9)  # past STALE_S - HEARTBEAT_S = 1.3 s without a renewal, and a beat more
     with pytest.raises(LeaseLostError, match="could not renew its lease"):
         held.check()
     # ... and then stopped: another run may hold the lease now, a write would take it back.

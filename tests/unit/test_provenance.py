@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.provenance import GIT_COMMIT_ENV, code_version, git_commit, package_version
+from pipeline.provenance import GIT_COMMIT_ENV, code_version, commit_of, git_commit, package_version
 
 
 @pytest.mark.parametrize(("commit", "shown"), [
@@ -19,3 +19,25 @@ def test_rows_say_when_the_code_had_uncommitted_changes(monkeypatch: pytest.Monk
         assert code_version() == f"{package_version()}+{shown}"
     finally:
         git_commit.cache_clear()
+
+
+def test_a_checkout_with_changed_tracked_files_is_dirty(tmp_path) -> None:
+    """What git says, in a real repository: the test above only passes the suffix along."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",
+                               "-c", "user.email=t@example.org", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert commit_of(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "job.py").write_text("a = 1\n")
+    git("add", "job.py")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    assert commit_of(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert commit_of(tmp_path) == head  # untracked files are not the code that ran
+    (tmp_path / "job.py").write_text("a = 2\n")
+    assert commit_of(tmp_path) == f"{head}-dirty"

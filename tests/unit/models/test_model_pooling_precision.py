@@ -231,9 +231,9 @@ def test_older_or_unknown_gpus_run_auto_at_fp32(device_name: str) -> None:
     assert job_precision("auto", gpu_actors=True, gpu_bf16=gpus_have_bf16([name])) == "fp32"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a process that sees no GPU")
-def test_bf16_on_cuda_without_a_gpu_is_a_config_error() -> None:
+def test_bf16_on_cuda_without_a_gpu_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """It raised torch's AssertionError ('Torch not compiled with CUDA enabled')."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine too
     with pytest.raises(ConfigError, match="sees no CUDA device") as err:
         resolve_precision("bf16", "cuda")
     assert err.value.field == "model.precision"

@@ -167,6 +167,21 @@ def test_random_weights_are_the_same_in_every_process() -> None:
     assert torch.equal(a.extract(x, None, [1])[1].tokens, b.extract(x, None, [1])[1].tokens)
     other = create_backbone("beats", weights="random", options={**options, "embed_dim": 16})
     assert other.info.layers[-1].dim == 32  # still builds; a different seed and architecture
+    # ... and in other processes, whose string hashes differ (a seed from hash() would).
+    import os
+    import subprocess
+    import sys
+
+    script = ("import hashlib, torch; from pipeline.models import create_backbone; "
+              f"m = create_backbone('beats', weights='random', options={options!r}); "
+              "print(hashlib.sha256(b''.join(t.detach().numpy().tobytes() for t in "
+              "m.module.state_dict().values())).hexdigest())")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed})
+             for seed in ("1", "2")]
+    digests = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and len(digests[0]) == 64
+    assert digests[0] == digests[1]
 
 
 def test_resolve_backbone_matches_a_built_model_without_building_random_ones() -> None:
