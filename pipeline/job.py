@@ -507,7 +507,9 @@ class EmbeddingJob:
         rate = info.sample_rate_hz
         self.window_samples = samples_for(self.window_s, rate)
         self.hop_samples = samples_for(self.hop_s, rate)
-        if self.window_samples < info.min_input_samples and cfg.windows.tail != "keep":
+        # With any tail policy: `keep` extends a short tail to the shortest input, but a
+        # window shorter than it would fail every batch (and the warm-up) in every actor.
+        if self.window_samples < info.min_input_samples:
             raise ConfigError(f"{self.window_s} s is shorter than {info.name}'s shortest input "
                               f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
         self._check_inflight_budget()

@@ -540,7 +540,8 @@ class Embedder:
         })
 
     def _dropped_rows(self, rows: dict[str, np.ndarray], dropped: np.ndarray) -> pa.Table:
-        """Report rows for windows whose embedding was not finite even in fp32."""
+        """Report rows for windows whose embedding was not finite (after the fp32 retry, where
+        there is one: bf16 and fp16)."""
         by_recording: dict[tuple[str, str], list[list[int]]] = {}
         for shard, rid, ch, wi in zip(rows["shard"][dropped], rows["recording_id"][dropped],
                                       rows["channel"][dropped], rows["window_index"][dropped],

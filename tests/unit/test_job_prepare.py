@@ -60,6 +60,7 @@ def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) 
     ({"model": {"pooling": "cls"}}, "model.pooling", "does not support 'cls'"),
     ({"model": {"layers": [40]}}, "model.layers", "40"),
     ({"windows": {"window_s": 0.05}}, "windows.window_s", "shortest input"),
+    ({"windows": {"window_s": 0.05, "tail": "keep"}}, "windows.window_s", "shortest input"),
     ({"windows": {"min_tail_s": 6.0}}, "windows.min_tail_s", "longer than the window (5.0 s)"),
 ])
 def test_prepare_refuses_with_the_field(archive: Path, tmp_path: Path, sections: dict,
