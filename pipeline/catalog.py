@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline import lease as lease_mod
 from pipeline import storage
+from pipeline.errors import NoInputsError
 from pipeline.layout import (
     TABLES,
     OutputLayout,
@@ -60,9 +61,16 @@ class Catalog:
 
 
 def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) -> Catalog:
-    """Scan an output root (local or bucket)."""
+    """Scan an output root (local or bucket).
+
+    Raises:
+        NoInputsError: there is nothing at ``root`` (a mistyped path must not read as an
+            output with nothing committed yet).
+    """
     fs, root_path = storage.url_to_fs(root, storage_options)
     root_path = root_path.rstrip("/")
+    if not storage.exists(fs, root_path):
+        raise NoInputsError(f"{storage.redact_uri(root)}: no such output root")
     found: set[tuple[str, str]] = set()
     for path in storage.list_files(fs, storage.join(root_path, "_commits")):
         match = _NS.search(path)
@@ -138,7 +146,9 @@ def render(catalog: Catalog) -> str:
     """Human-readable report."""
     lines = [f"output: {catalog.root}"]
     if not catalog.namespaces:
-        lines.append("  no committed shards")
+        lines.append("  no committed shards" + ("" if catalog.jobs else
+                                                 " and no job records: not an embed-archive "
+                                                 "output root, or no run has started here"))
     for ns in catalog.namespaces:
         spec = ns.spec
         lines.append(f"\nmodel={ns.model} variant={ns.variant}")
@@ -211,6 +221,8 @@ def render(catalog: Catalog) -> str:
                 + " ".join(f"{k} {v}" for k, v in sorted((job.get("libraries") or {}).items())
                            if k in ("ray", "torch", "pyarrow"))
             )
+            if s.get("message"):  # why it failed or stopped
+                lines.append(f"      {status}: {_clip(str(s['message']).splitlines()[0], 160)}")
     return "\n".join(lines)
 
 

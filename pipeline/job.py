@@ -152,6 +152,7 @@ class JobSummary:
     weights: str
     recordings_listed: int = 0
     recordings_already_done: int = 0
+    recordings_already_failed: int = 0  # of those: error rows an earlier run committed
     shards: int = 0
     embedded: int = 0
     partial: int = 0
@@ -190,7 +191,9 @@ class JobSummary:
             f"job {self.job_id}: {self.status}",
             (f"  recordings   {self.embedded + self.partial + self.failed} this run "
              f"({self.embedded} ok, {self.partial} partial, {self.failed} failed); "
-             f"{self.recordings_already_done} already done of {self.recordings_listed} listed"),
+             f"{self.recordings_already_done} already done of {self.recordings_listed} listed"
+             + (f" ({self.recordings_already_failed} of them errors, in the errors table)"
+                if self.recordings_already_failed else "")),
             f"  windows      {self.windows}",
             (f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
              f"= {self.throughput:.1f} audio-s/s"),
@@ -291,6 +294,10 @@ class EmbeddingJob:
             done = layout_mod.committed_recordings(markers)
             self.todo = [i for i in self.listing.items if i.recording_id not in done]
             self.already_done = len(self.listing.items) - len(self.todo)
+            failed = {r["recording_id"] for m in markers.values()
+                      for r in m.get("recordings", ()) if r.get("outcome") == "error"}
+            self.already_failed = sum(1 for i in self.listing.items
+                                      if i.recording_id in done and i.recording_id in failed)
             self.shards = plan_shards(self.todo, cfg.run.shard_size)
         except BaseException:
             self._lease.release()
@@ -636,6 +643,7 @@ class EmbeddingJob:
             job_id=self.job_id, output_uri=storage.redact_uri(self.cfg.output.uri),
             model=self.info.name, variant=self.variant.id, weights=self.weights.uri,
             recordings_listed=len(self.listing.items), recordings_already_done=self.already_done,
+            recordings_already_failed=self.already_failed,
             shards=len(self.shards),
         )
         started = time.perf_counter()
@@ -1125,10 +1133,11 @@ def check_ray_address_env(compute: ComputeConfig) -> None:
     ``ray://`` one would fail there with a traceback, or, for ray://, later in Ray Data's
     executor. ``compute.address`` set, the variable is not read."""
     value = os.environ.get("RAY_ADDRESS", "")
-    if compute.address is not None or not value.startswith(("http://", "https://", "ray://")):
+    scheme = value.strip().lower()
+    if compute.address is not None or not scheme.startswith(("http://", "https://", "ray://")):
         return
     what = ("a Ray Client address, under which Ray Data's executor fails"
-            if value.startswith("ray://") else "a dashboard address, which `ray job submit` "
+            if scheme.startswith("ray://") else "a dashboard address, which `ray job submit` "
             "and `embed-archive submit` take and a driver cannot join")
     raise ConfigError(f"{value} is {what}: unset it for a local Ray, set it (or "
                       "compute.address) to the cluster's HEAD:6379 or auto from a cluster node, "

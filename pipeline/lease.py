@@ -134,13 +134,13 @@ class NamespaceLease:
         if self._lost_to is None and self._still_mine():
             return
         lost = self._lost_to or {}
-        who = (f"job {lost.get('job_id')} (host {lost.get('host')}) took over"
-               if lost.get("job_id") else "its record is gone: another run took over and "
-               "finished, or it was deleted; either way another run may have written")
-        raise LeaseLostError(
-            f"lost the lease {self.layout.uri(self.path)}: {who} while this run went without "
-            f"a heartbeat for over {STALE_S:.0f} s (or before it started); stopping before "
-            "committing more (a rerun resumes)")
+        who = (f"job {lost.get('job_id')} (host {lost.get('host')}) took it over, finding "
+               f"this run's record unchanged for {STALE_S:.0f} s (this run paused, or its "
+               "heartbeat could not get through)" if lost.get("job_id") else
+               "its record is gone: deleted by hand, or by a run that took it over and has "
+               "finished; either way another run may have written")
+        raise LeaseLostError(f"lost the lease {self.layout.uri(self.path)}: {who}; stopping "
+                             "before committing more (a rerun resumes)")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""

@@ -168,6 +168,8 @@ def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
 
 @pytest.mark.parametrize(("value", "text"), [("http://head:8265", "dashboard address"),
                                            ("https://head", "dashboard address"),
+                                           ("HTTP://head:8265", "dashboard address"),
+                                           (" http://head:8265", "dashboard address"),
                                            ("ray://head:10001", "Ray Client")])
 def test_a_ray_address_a_driver_cannot_join_is_refused_before_any_work(
         archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
@@ -298,6 +300,8 @@ def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp
     again.prepare()
     assert [i.recording_id for i in again.todo] == ([a] if retry else [])
     assert again.already_done == (1 if retry else 2)
+    # A rerun that embeds nothing exits 0; its summary still counts the stored error rows.
+    assert again.already_failed == (0 if retry else 1)
     assert Path(lay.commit_path("a" * 16)).exists() is not retry
     assert Path(lay.shard_file("windows", "a" * 16, 0)).exists() is not retry
     assert Path(lay.shard_file("windows", "b" * 16, 0)).exists()
@@ -574,3 +578,16 @@ def test_a_lost_lease_is_a_failure_not_a_refusal(archive: Path, tmp_path: Path,
     monkeypatch.setattr(EmbeddingJob, "run", lost)
     assert cli.main(["run", str(config)]) == 1
     assert not isinstance(LeaseLostError("x"), NamespaceBusyError)
+
+
+def test_a_summary_counts_the_error_rows_earlier_runs_left() -> None:
+    """A rerun that finds everything committed says "succeeded": it must not read as if
+    every recording had been embedded."""
+    from pipeline.job import JobSummary
+
+    shown = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                       recordings_listed=3, recordings_already_done=3,
+                       recordings_already_failed=1).render()
+    assert "3 already done of 3 listed (1 of them errors, in the errors table)" in shown
+    assert "of them errors" not in JobSummary(job_id="j", output_uri="/out", model="m", weights="w",
+                                              variant="v").render()

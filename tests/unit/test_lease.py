@@ -229,7 +229,7 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: Output
     slow.start()
     slow.check()
     plant(layout, job_id="usurper", host="another-node")
-    with pytest.raises(LeaseLostError, match="job usurper .* took over"):
+    with pytest.raises(LeaseLostError, match="job usurper .* took it over"):
         slow.check()
     time.sleep(0.6)  # a few heartbeats: none of them writes over the usurper's lease
     slow.release()

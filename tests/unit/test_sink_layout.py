@@ -335,3 +335,25 @@ def test_a_local_write_that_fails_leaves_no_temporary_file(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     storage.write_bytes(fsspec.filesystem("file"), str(tmp_path / "fine"), b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fine", "taken"]
+
+
+def test_inspect_tells_a_wrong_path_from_an_empty_output(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped output root read as "no committed shards", exit 0, like a real output
+    whose run had not committed yet; a failed run's reason was only in its JSON record."""
+    from pipeline import cli
+    from pipeline.catalog import load_catalog, render
+    from pipeline.errors import NoInputsError
+
+    with pytest.raises(NoInputsError, match="no such output root"):
+        load_catalog(str(tmp_path / "typo"))
+    assert cli.main(["inspect", str(tmp_path / "typo")]) == 2
+    assert "no such output root" in capsys.readouterr().err
+    (tmp_path / "audio").mkdir()
+    assert "not an embed-archive output root" in render(load_catalog(str(tmp_path / "audio")))
+    lay = OutputLayout(str(tmp_path / "out"), "m", "v")
+    layout.write_json(lay.fs, str(tmp_path / "out" / "_jobs" / "j1.json"), {
+        "job_id": "j1", "started_at": "2026-11-23T10:00:00Z", "ended_at": "2026-11-23T10:01:00Z",
+        "summary": {"status": "failed", "message": "LeaseLostError: lost the lease x\nmore"}})
+    shown = render(load_catalog(str(tmp_path / "out")))
+    assert "failed: LeaseLostError: lost the lease x" in shown and "more" not in shown
