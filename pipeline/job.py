@@ -296,8 +296,7 @@ class EmbeddingJob:
             self.already_done = len(self.listing.items) - len(self.todo)
             failed = {r["recording_id"] for m in markers.values()
                       for r in m.get("recordings", ()) if r.get("outcome") == "error"}
-            self.already_failed = sum(1 for i in self.listing.items
-                                      if i.recording_id in done and i.recording_id in failed)
+            self.already_failed = sum(1 for i in self.listing.items if i.recording_id in failed)
             self.shards = plan_shards(self.todo, cfg.run.shard_size)
         except BaseException:
             self._lease.release()

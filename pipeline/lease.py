@@ -125,8 +125,8 @@ class NamespaceLease:
         run's heartbeat has not got through for long enough that another may have: called
         before a shard is published and before its marker is written, so nothing more is
         committed. One small read."""
-        silent = time.monotonic() - self._renewed
-        if self._lost_to is None and silent > STALE_S - HEARTBEAT_S:
+        silent = self._silent(time.monotonic())
+        if self._lost_to is None and silent is not None:
             raise LeaseLostError(
                 f"this run could not renew its lease {self.layout.uri(self.path)} for "
                 f"{silent:.0f} s, so another run may have taken it over; stopping before "
@@ -160,11 +160,12 @@ class NamespaceLease:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 began = time.monotonic()
-                if began - self._renewed > STALE_S - HEARTBEAT_S:
-                    # Silent long enough that another run may hold it now: writing would
-                    # take it back from that run. check() stops this one.
+                silent = self._silent(began)
+                if silent is not None:
+                    # Another run may hold it now: writing would take it back from that run.
+                    # check() stops this one.
                     log.error("lease %s not renewed for %.0f s; no longer renewing it",
-                              self.layout.uri(self.path), began - self._renewed)
+                              self.layout.uri(self.path), silent)
                     return
                 if not self._still_mine():
                     log.error("lease %s was taken over by %s", self.layout.uri(self.path),
@@ -175,6 +176,12 @@ class NamespaceLease:
                 self._renewed = began  # from before the check: a stalled write is no renewal
             except Exception as err:  # noqa: BLE001 - the next beat may get through; check() watches
                 log.warning("lease heartbeat failed: %s", storage.redact_text(str(err)))
+
+    def _silent(self, now: float) -> float | None:
+        """Seconds since the last renewal once they are ``STALE_S - HEARTBEAT_S`` or more (a
+        run watching the record may take the lease over from then on), else None."""
+        silent = now - self._renewed
+        return silent if silent > STALE_S - HEARTBEAT_S else None
 
     def _still_mine(self) -> bool:
         """False (and who took it kept in ``_lost_to``) once another run holds the lease, or
