@@ -23,11 +23,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +35,7 @@ import pyarrow.parquet as pq
 from pipeline import layout as layout_mod
 from pipeline import storage
 from pipeline.audio import DecodeSettings
-from pipeline.config import ComputeConfig, JobConfig, redacted
+from pipeline.config import JobConfig, redacted
 from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -50,6 +49,7 @@ from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
 from pipeline.lease import NamespaceLease
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
+from pipeline.ray_connect import check_ray_address_env, connect_ray, joins_cluster
 from pipeline.sink import (
     ShardProgress,
     SinkSpec,
@@ -62,13 +62,18 @@ from pipeline.sink import (
     read_parquet_bytes,
     recordings_schema,
     reduce_partials,
+    rows_to_table,
     windows_schema,
     write_parquet,
     write_stage,
 )
-from pipeline.sources import SourceItem, list_sources, pack_decode_tasks, plan_shards
+from pipeline.sources import Listing, SourceItem, list_sources, pack_decode_tasks, plan_shards
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
+from pipeline.summary import EmbedTiming, JobSummary, ShardOutcome
 from pipeline.windows import samples_for
+
+if TYPE_CHECKING:  # pipeline.models imports torch, which prepare() does when it needs it
+    from pipeline.models import ModelInfo, WeightsInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,136 +91,51 @@ RANDOM_WEIGHTS_BANNER = """
 ==========================================================================""".strip("\n")
 
 
-@dataclass
-class EmbedTiming:
-    """How the embedding actors spent a shard (or a job): is the data plane keeping up?
+class ShardRows(NamedTuple):
+    """A complete shard's rows for the tables the driver writes, and what its marker records."""
 
-    ``busy_s`` is time inside the embedding call, ``model_s`` the forward passes alone,
-    ``active_s`` each actor's first-batch-start to last-batch-end summed over actors,
-    ``span_s`` the first start to the last end over all actors, ``first_batch_s`` how long
-    after the pipeline started the first batch began (actor start-up and model load included),
-    ``first_batch_at`` when, in Unix time (so a GPU monitor can be read over the same span).
-    """
-
-    actors: int = 0
-    batches: int = 0
-    windows: int = 0
-    busy_s: float = 0.0
-    model_s: float = 0.0
-    active_s: float = 0.0
-    span_s: float = 0.0
-    first_batch_s: float = 0.0
-    first_batch_at: float = 0.0
-
-    @classmethod
-    def from_actors(cls, per_actor: Mapping[str, Mapping[str, float]], started: float) -> EmbedTiming:
-        if not per_actor:
-            return cls()
-        t = per_actor.values()
-        first = min(a["start"] for a in t)
-        return cls(actors=len(per_actor), batches=int(sum(a["batches"] for a in t)),
-                   windows=int(sum(a["windows"] for a in t)),
-                   busy_s=sum(a["busy_s"] for a in t), model_s=sum(a["model_s"] for a in t),
-                   active_s=sum(a["end"] - a["start"] for a in t),
-                   span_s=max(a["end"] for a in t) - first,
-                   first_batch_s=max(0.0, first - started), first_batch_at=first)
-
-    @property
-    def busy_fraction(self) -> float:
-        """Share of the actors' active time spent embedding (1.0: never waited for data)."""
-        return self.busy_s / self.active_s if self.active_s > 0 else 0.0
+    recordings: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    outcome: ShardOutcome
+    settled: dict[str, dict[str, Any]]  # recording id -> its outcome (and error) in the marker
 
 
-@dataclass
-class ShardOutcome:
-    """What one committed shard contained, and when (seconds after the run started)."""
+@dataclass(frozen=True)
+class ComputePlan:
+    """How a run uses the Ray it got: the embedding actor pool and the object-store budget."""
 
-    shard_id: str
-    recordings: int = 0
-    embedded: int = 0
-    partial: int = 0
-    failed: int = 0
-    windows: int = 0
-    audio_s: float = 0.0
-    bytes_read: int = 0
-    committed_after_s: float = 0.0
-
-
-@dataclass
-class JobSummary:
-    """The end-of-run summary (also written to ``_jobs/<job_id>.json``)."""
-
-    job_id: str
-    output_uri: str
-    model: str
-    variant: str
-    weights: str
-    recordings_listed: int = 0
-    recordings_already_done: int = 0
-    recordings_already_failed: int = 0  # of those: error rows an earlier run committed
-    shards: int = 0
-    embedded: int = 0
-    partial: int = 0
-    failed: int = 0
-    windows: int = 0
-    audio_s: float = 0.0
-    wall_s: float = 0.0
-    exit_code: int = EXIT_OK
-    status: str = "running"
-    message: str = ""
-    embed: EmbedTiming = field(default_factory=EmbedTiming)
-    shard_outcomes: list[ShardOutcome] = field(default_factory=list)
-
-    @property
-    def throughput(self) -> float:
-        """Audio seconds embedded per wall-clock second."""
-        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def steady_throughput(self) -> float:
-        """Audio seconds per second while the models ran (start-up and commits excluded)."""
-        return self.audio_s / self.embed.span_s if self.embed.span_s > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("shard_outcomes", "embed")}
-        out["throughput_audio_s_per_s"] = round(self.throughput, 3)
-        out["steady_audio_s_per_s"] = round(self.steady_throughput, 3)
-        out["embed"] = {**self.embed.__dict__, "busy_fraction": round(self.embed.busy_fraction, 4)}
-        out["shard_outcomes"] = [dict(o.__dict__) for o in self.shard_outcomes]
-        return out
-
-    def render(self) -> str:
-        errors_at = storage.join(self.output_uri,
-                                 layout_mod.namespace_dir("errors", self.model, self.variant))
-        lines = [
-            f"job {self.job_id}: {self.status}",
-            (f"  recordings   {self.embedded + self.partial + self.failed} this run "
-             f"({self.embedded} ok, {self.partial} partial, {self.failed} failed); "
-             f"{self.recordings_already_done} already done of {self.recordings_listed} listed"
-             + (f" ({self.recordings_already_failed} of them errors, in the errors table)"
-                if self.recordings_already_failed else "")),
-            f"  windows      {self.windows}",
-            (f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
-             f"= {self.throughput:.1f} audio-s/s"),
-            f"  model        {self.model} (variant {self.variant}, weights {self.weights})",
-            f"  output       {self.output_uri}",
-        ]
-        if self.embed.batches:
-            e = self.embed
-            lines.insert(4, (
-                f"  embedding    busy {e.busy_fraction:.0%} of the models' active time "
-                f"({e.actors} actor{'s' if e.actors != 1 else ''}, {e.batches} batches, forward "
-                f"{e.model_s:.1f} s); {self.steady_throughput:.1f} audio-s/s while running, "
-                f"first batch {e.first_batch_s:.1f} s after start"))
-        if self.failed:
-            lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
-        if self.message:
-            lines.append(f"  note         {self.message}")
-        return "\n".join(lines)
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    torch_threads: int  # intra-op threads per actor
+    inflight_mb: int  # object-store budget for windows and rows in flight
+    cluster_cpus: float
+    cluster_gpus: float
 
 
 class EmbeddingJob:
     """One run of a job config. ``prepare()`` needs no Ray; ``run()`` does the work."""
+
+    # Settled by prepare(), in this order: the model and its weights; what the config asks
+    # of them (_settle_model_settings); the output namespace; the inputs; what is left to do.
+    info: ModelInfo
+    weights: WeightsInfo
+    window_s: float
+    hop_s: float
+    window_samples: int
+    hop_samples: int
+    layers: tuple[int, ...]
+    pooling: str
+    precision: str  # never "auto": the variant records it
+    variant: Variant
+    provenance: JobProvenance
+    parquet_metadata: dict[bytes, bytes]
+    layout: OutputLayout
+    listing: Listing
+    todo: list[SourceItem]  # listed recordings no committed shard holds
+    already_done: int  # listed recordings a committed shard holds
+    already_failed: int  # of those: committed as errors
+    shards: list[tuple[str, list[SourceItem]]]  # todo, planned into commit shards
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
@@ -246,7 +166,7 @@ class EmbeddingJob:
         info = self.info
         if self.weights.is_random:
             log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
-        self._resolve_model_settings()
+        self._settle_model_settings()
         self.precision = self._job_precision()
         c = cfg.compute
         if c.gpus_per_actor and not c.embed_actors:  # before any listing or output
@@ -270,6 +190,7 @@ class EmbeddingJob:
             recording_pooling=cfg.output.recording_pooling,
         )
         self.provenance = JobProvenance.create(cfg, self.job_id, self.variant, self.weights.uri)
+        self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
                                    dict(cfg.output.storage_options))
         if storage.is_file(self.layout.fs, self.layout.root_path):
@@ -375,17 +296,21 @@ class EmbeddingJob:
                                 ("errors", True)) if on]
 
     def _reopen_shards(self, markers: dict[str, dict[str, Any]]) -> None:
-        """Uncommit the committed shards this run must embed again: those holding a listed
-        recording that failed in a way that may have passed (a storage error, an unexpected
-        exception: ``run.retry_transient_errors``), so no recording keeps an error row
-        beside a later success, unless ``run.max_attempts`` runs met it already (a failure
-        that keeps coming back is no outage); those written without a table this run
-        writes (``output.windows`` or ``output.recordings`` turned on since), which would
-        otherwise never get its rows; and those holding an earlier version of an object
-        listed now (``run.replace_changed_sources``), whose rows would otherwise sit beside
-        the new version's. A reopened shard's recordings that this run cannot redo (their
-        object is no longer listed, in any version) keep their rows: they move to a shard of
-        their own first (:meth:`_carve_out`)."""
+        """Uncommit the committed shards this run must embed again, those holding a listed
+        recording that
+
+        - failed, or stopped early, on an error that was not its own (storage, memory, a
+          worker's environment), which a retry may get past: ``run.retry_transient_errors``,
+          until ``run.max_attempts`` runs met it (one that keeps coming back is no outage);
+        - lacks a table this run writes (``output.windows`` / ``output.recordings`` turned on
+          since), which would otherwise never get its rows;
+        - is an earlier version of an object listed now (``run.replace_changed_sources``),
+          whose rows would otherwise sit beside the new version's.
+
+        So no recording keeps an error row beside a later success, or two versions' rows. A
+        reopened shard's recordings that this run cannot redo (their object is no longer
+        listed, in any version) keep their rows: they move to a shard of their own first
+        (:meth:`_carve_out`)."""
         run = self.cfg.run
         listed = {i.recording_id for i in self.listing.items}
         # Objects listed again, in another version; one listed as missing or unreadable
@@ -415,26 +340,7 @@ class EmbeddingJob:
                           if layout_mod.to_retry(rec)}
         if not reopen:
             return
-        replaced = [s for s in reopen if s in changed]
-        if replaced:
-            log.warning("reopening %d committed shard(s) holding %d recordings whose object "
-                        "has changed since (new version: new recording id); their rows are "
-                        "replaced by the new version's (run.replace_changed_sources)",
-                        len(replaced), sum(changed[s] for s in replaced))
-        retried = [s for s in reopen if s in retry]
-        if retried:
-            log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "
-                        "stopped on errors that were not the recording's own (storage, memory, "
-                        "a worker's environment) and a retry may get past "
-                        "(run.retry_transient_errors)", len(retried),
-                        sum(len(markers[s].get("recordings", ())) for s in retried),
-                        sum(retry[s] for s in retried))
-        filled = sorted({t for s in reopen if s in lacking for t in lacking[s]})
-        if filled:
-            log.warning("reopening %d committed shard(s) written without the %s table(s), "
-                        "which this run writes (output.%s turned on since)",
-                        sum(s in lacking for s in reopen), ", ".join(filled),
-                        " / output.".join(filled))
+        self._say_reopened(markers, reopen, retry, lacking, changed)
         for shard_id in sorted(reopen):
             keep = {r["recording_id"] for r in markers[shard_id]["recordings"] if stays(r)}
             if keep:
@@ -479,6 +385,31 @@ class EmbeddingJob:
                     "shard %s", len(recordings), source, shard_id)
         return carved
 
+    def _say_reopened(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str],
+                      retry: Mapping[str, int], lacking: Mapping[str, list[str]],
+                      changed: Mapping[str, int]) -> None:
+        """Warn, per reason, about the committed shards this run reopens."""
+        replaced = [s for s in reopen if s in changed]
+        if replaced:
+            log.warning("reopening %d committed shard(s) holding %d recordings whose object "
+                        "has changed since (new version: new recording id); their rows are "
+                        "replaced by the new version's (run.replace_changed_sources)",
+                        len(replaced), sum(changed[s] for s in replaced))
+        retried = [s for s in reopen if s in retry]
+        if retried:
+            log.warning("reopening %d committed shard(s) of %d recordings: %d of them failed or "
+                        "stopped on errors that were not the recording's own (storage, memory, "
+                        "a worker's environment) and a retry may get past "
+                        "(run.retry_transient_errors)", len(retried),
+                        sum(len(markers[s].get("recordings", ())) for s in retried),
+                        sum(retry[s] for s in retried))
+        filled = sorted({t for s in reopen if s in lacking for t in lacking[s]})
+        if filled:
+            log.warning("reopening %d committed shard(s) written without the %s table(s), "
+                        "which this run writes (output.%s turned on since)",
+                        sum(s in lacking for s in reopen), ", ".join(filled),
+                        " / output.".join(filled))
+
     def _say_given_up(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str]) -> None:
         """Warn about the recordings kept failed because they reached ``run.max_attempts``."""
         limit = self.cfg.run.max_attempts
@@ -492,7 +423,8 @@ class EmbeddingJob:
                         ", ".join(sorted({str(rec.get("error_type")) for rec in given_up})),
                         limit, limit)
 
-    def _resolve_model_settings(self) -> None:
+    def _settle_model_settings(self) -> None:
+        """Window, hop (seconds and samples), pooling and layers, as the model takes them."""
         from pipeline.models import validate_pooling
 
         cfg, info = self.cfg, self.info
@@ -683,7 +615,7 @@ class EmbeddingJob:
             if owns_ray:
                 ray.shutdown()
 
-    def _stream(self, summary: JobSummary, started: float, plan: Mapping[str, Any]) -> None:
+    def _stream(self, summary: JobSummary, started: float, plan: ComputePlan) -> None:
         """Stream every shard through one Ray Data execution; commit each shard the moment
         its rows are written."""
         import ray
@@ -736,7 +668,7 @@ class EmbeddingJob:
                 f"run.max_failed_fraction={budget}; committed shards are kept, see the errors table"
             )
 
-    def _configure_data_context(self, plan: Mapping[str, Any]) -> None:
+    def _configure_data_context(self, plan: ComputePlan) -> None:
         from ray.data import DataContext, ExecutionResources
 
         ctx = DataContext.get_current()
@@ -751,7 +683,7 @@ class EmbeddingJob:
         spec = self._decode_spec()
         ctx.target_max_block_size = spec.block_rows * spec.window_bytes
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(
-            object_store_memory=plan["inflight_mb"] * 2**20)
+            object_store_memory=plan.inflight_mb * 2**20)
 
     def _check_gpus(self, gpus: float, gpus_per_actor: float) -> None:
         if gpus < gpus_per_actor:
@@ -761,7 +693,7 @@ class EmbeddingJob:
                               "or compute.gpus_per_actor: 0 to embed on CPUs",
                               "compute.gpus_per_actor")
 
-    def _compute_plan(self, resources: Mapping[str, float]) -> dict[str, Any]:
+    def _compute_plan(self, resources: Mapping[str, float]) -> ComputePlan:
         c = self.cfg.compute
         gpus = float(resources.get("GPU", 0.0))
         cpus = float(resources.get("CPU", 1.0))
@@ -805,18 +737,18 @@ class EmbeddingJob:
         # Windows in flight to the actors, plus the rows of the file being gathered for writing.
         inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * self._batch_mib))
                                      + math.ceil(2 * self._file_mib))
-        return {"actors": actors, "gpus_per_actor": gpus_per_actor,
-                "cpus_per_actor": round(cpus_per_actor, 3), "torch_threads": threads,
-                "inflight_mb": inflight, "cluster_cpus": cpus, "cluster_gpus": gpus}
+        return ComputePlan(actors=actors, gpus_per_actor=gpus_per_actor,
+                           cpus_per_actor=round(cpus_per_actor, 3), torch_threads=threads,
+                           inflight_mb=inflight, cluster_cpus=cpus, cluster_gpus=gpus)
 
-    def _dataset(self, plan: Mapping[str, Any], sources: Any) -> Any:
+    def _dataset(self, plan: ComputePlan, sources: Any) -> Any:
         """decode (CPU tasks) -> embed (actor pool) -> write (CPU tasks), over every shard."""
         import ray
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
         cfg = self.cfg
         # One block per decode task; a task streams its recordings one after another.
-        ds = ray.data.from_arrow(self._decode_tasks(plan))
+        ds = ray.data.from_arrow(self._decode_tasks(plan.cluster_cpus))
         # The memory reservation also keeps Ray from fusing decoding into the embedding actors
         # (it fuses map stages whose remote args are identical), which would move decoding
         # onto the GPU nodes and serialise it behind the model.
@@ -828,9 +760,9 @@ class EmbeddingJob:
             decode_kwargs["compute"] = TaskPoolStrategy(size=cfg.compute.decode_concurrency)
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": self._decode_spec()}, batch_size=1,
                             batch_format="numpy", **decode_kwargs)
-        embed_kwargs: dict[str, Any] = {"num_cpus": plan["cpus_per_actor"]}
-        if plan["gpus_per_actor"]:
-            embed_kwargs["num_gpus"] = plan["gpus_per_actor"]
+        embed_kwargs: dict[str, Any] = {"num_cpus": plan.cpus_per_actor}
+        if plan.gpus_per_actor:
+            embed_kwargs["num_gpus"] = plan.gpus_per_actor
         if cfg.compute.embed_resources:
             embed_kwargs["resources"] = dict(cfg.compute.embed_resources)
         if cfg.compute.embed_label_selector:
@@ -840,7 +772,7 @@ class EmbeddingJob:
             fn_constructor_kwargs={"spec": self._embed_spec(plan)},
             batch_size=cfg.model.batch_size,
             batch_format="numpy",
-            compute=ActorPoolStrategy(size=plan["actors"]),
+            compute=ActorPoolStrategy(size=plan.actors),
             **embed_kwargs,
         )
         sink = self._sink_spec(sources)
@@ -848,8 +780,8 @@ class EmbeddingJob:
         return ds.map_batches(write_stage, fn_kwargs={"spec": sink},
                               batch_size=sink.rows_per_file, batch_format="pyarrow")
 
-    def _decode_tasks(self, plan: Mapping[str, Any]) -> list[pa.Table]:
-        """The recordings to decode, as one small table per decode task."""
+    def _decode_tasks(self, cluster_cpus: float) -> list[pa.Table]:
+        """The recordings to decode, as one small table per decode task (at least four per CPU)."""
         items = [(sid, i) for sid, members in self.shards for i in members]
         columns: dict[str, list[Any]] = {
             "shard": [sid for sid, _ in items],
@@ -860,7 +792,7 @@ class EmbeddingJob:
             "problem": [i.problem for _, i in items],
         }
         tasks = pack_decode_tasks(columns["size_bytes"],
-                                  tasks_at_least=math.ceil(4 * plan["cluster_cpus"]))
+                                  tasks_at_least=math.ceil(4 * cluster_cpus))
         return [pa.table({k: v[a:b] for k, v in columns.items()}, schema=DECODE_INPUT_SCHEMA)
                 for a, b in tasks]
 
@@ -881,16 +813,16 @@ class EmbeddingJob:
             model_batch=self.cfg.model.batch_size,
         )
 
-    def _embed_spec(self, plan: Mapping[str, Any]) -> EmbedSpec:
+    def _embed_spec(self, plan: ComputePlan) -> EmbedSpec:
         m = self.cfg.model
-        use_gpu = bool(plan["gpus_per_actor"])
+        use_gpu = bool(plan.gpus_per_actor)
         warmup = self.cfg.compute.warmup if self.cfg.compute.warmup is not None else use_gpu
         return EmbedSpec(
             model_name=m.name, weights=m.weights, options=dict(m.options),
             storage_options=dict(m.storage_options), layers=self.layers, pooling=self.pooling,
             precision=self.precision, sample_rate_hz=self.info.sample_rate_hz,
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
-            use_gpu=use_gpu, torch_threads=plan["torch_threads"],
+            use_gpu=use_gpu, torch_threads=plan.torch_threads,
             log_level=self.cfg.run.log_level,
             warmup_shape=(m.batch_size, self.window_samples) if warmup else None,
             weights_sha256=self.weights.sha256,
@@ -916,7 +848,7 @@ class EmbeddingJob:
             sources=sources,
             extras_schema=extras.schema if extras is not None else None,
             provenance=self.provenance.row_columns(),
-            file_metadata=file_metadata(self._file_provenance()),
+            file_metadata=self.parquet_metadata,
             write_windows=o.windows,
             rows_per_file=max(1, int(o.file_mb * 1e6 / per_row)),
             row_group_rows=self._row_group_rows,
@@ -949,12 +881,12 @@ class EmbeddingJob:
         shard_id = progress.shard_id
         staging = self.layout.uri(self.layout.staging_dir(shard_id))
         pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
-        rec_rows, err_rows, outcome, settled = self._settle(shard_id, items, progress.reports,
-                                                            progress.dropped, pooled)
+        rec_rows, err_rows, outcome, settled = self._shard_rows(shard_id, items, progress.reports,
+                                                                progress.dropped, pooled)
         staged: dict[str, list[str]] = {"windows": [p for p, _ in progress.files]}
         file_rows = dict(progress.files)
         extras = self.listing.extras
-        meta = file_metadata(self._file_provenance())
+        meta = self.parquet_metadata
         sources = self._sources_table(items)
         o = self.cfg.output
         for table_name, rows, schema in (
@@ -963,7 +895,7 @@ class EmbeddingJob:
         ):
             if not rows or (table_name == "recordings" and not o.recordings):
                 continue
-            table = _rows_to_table(rows, schema, sources, self.provenance.row_columns())
+            table = rows_to_table(rows, schema, sources, self.provenance.row_columns())
             path = storage.join(staging, table_name, "part-000000.parquet")
             write_parquet(table, path, o.storage_options,
                           self._row_group_rows, o.compression)
@@ -1007,9 +939,9 @@ class EmbeddingJob:
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
         self._check_failure_budget(summary)
 
-    def _settle(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
-                dropped: Mapping[str, set[tuple[int, int]]],
-                pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]):
+    def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
+                    dropped: Mapping[str, set[tuple[int, int]]],
+                    pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]) -> ShardRows:
         """Turn reports + pooled sums into recording and error rows, checking every count.
 
         Also returns what the commit marker records of each recording: its final
@@ -1021,7 +953,7 @@ class EmbeddingJob:
         outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
         rec_rows: list[dict[str, Any]] = []
         err_rows: list[dict[str, Any]] = []
-        settled: dict[str, dict[str, str]] = {}
+        settled: dict[str, dict[str, Any]] = {}
         for item in items:
             report = reports.get(item.recording_id)
             if report is None:
@@ -1076,7 +1008,7 @@ class EmbeddingJob:
             if report.get("stopped_by"):
                 settled[item.recording_id].update(error_type=report["stopped_by"],
                                                   **self._retry_mark(item, report))
-        return rec_rows, err_rows, outcome, settled
+        return ShardRows(rec_rows, err_rows, outcome, settled)
 
     def _retry_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
         """What a marker records of a failure that was not the recording's own (a storage
@@ -1087,113 +1019,9 @@ class EmbeddingJob:
         return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}
 
     def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
-        record = {
-            **self.provenance.to_dict(),
-            "ended_at": utc_now() if final else None,
-            "config": redacted(self.cfg.to_dict()),
-            "variant_spec": self.variant.to_dict(),
-            "summary": summary.to_dict(),
-        }
+        record = {**self._file_provenance(), "ended_at": utc_now() if final else None,
+                  "summary": summary.to_dict()}
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
-
-
-def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,
-                   provenance: Mapping[str, str]) -> pa.Table:
-    from pipeline.sink import lookup
-
-    rows = sorted(rows, key=lambda r: (r.get("layer", 0), r["recording_id"], r.get("channel", 0)))
-    source = lookup(sources, pa.array([r["recording_id"] for r in rows], pa.string()))
-    columns: dict[str, Any] = {}
-    for f in schema:
-        if f.name in provenance:
-            columns[f.name] = pa.array([provenance[f.name]] * len(rows), pa.string())
-        elif f.name in source.column_names and f.name not in rows[0]:
-            columns[f.name] = source.column(f.name)
-        elif f.name == "embedding":
-            columns[f.name] = pa.array([np.asarray(r["embedding"], np.float32) for r in rows],
-                                       f.type)
-        else:
-            columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
-    return pa.table(columns, schema=schema)
-
-
-def joins_cluster(compute: ComputeConfig) -> bool:
-    """Whether the job joins a running cluster rather than starting a Ray of its own:
-    ``compute.address`` is set, or ``RAY_ADDRESS`` is (how Ray Jobs points a driver at its
-    cluster)."""
-    return bool(compute.address or os.environ.get("RAY_ADDRESS"))
-
-
-def check_ray_address_env(compute: ComputeConfig) -> None:
-    """Refuse, before any work, a ``RAY_ADDRESS`` that a driver cannot join.
-
-    ``compute.address`` unset, ``ray.init()`` takes ``RAY_ADDRESS``: an ``http://`` one (the
-    dashboard's, which ``ray job submit`` wants, often exported for it) or a Ray Client
-    ``ray://`` one would fail there with a traceback, or, for ray://, later in Ray Data's
-    executor. ``compute.address`` set, the variable is not read."""
-    value = os.environ.get("RAY_ADDRESS", "")
-    scheme = value.strip().lower()
-    if compute.address is not None or not scheme.startswith(("http://", "https://", "ray://")):
-        return
-    what = ("a Ray Client address, under which Ray Data's executor fails"
-            if scheme.startswith("ray://") else "a dashboard address, which `ray job submit` "
-            "and `embed-archive submit` take and a driver cannot join")
-    raise ConfigError(f"{value} is {what}: unset it for a local Ray, set it (or "
-                      "compute.address) to the cluster's HEAD:6379 or auto from a cluster node, "
-                      "or submit the job", "RAY_ADDRESS")
-
-
-def connect_ray(cfg: JobConfig) -> bool:
-    """Start a local Ray or join ``compute.address``; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    from pipeline.faults import FAULT_ENV
-    from pipeline.provenance import GIT_COMMIT_ENV, git_commit
-
-    env = {k: os.environ[k] for k in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EMBED_ARCHIVE_CACHE",
-                                      GIT_COMMIT_ENV, "HF_HUB_OFFLINE", FAULT_ENV)
-           if k in os.environ}
-
-    env.setdefault(GIT_COMMIT_ENV, git_commit())
-    # In a submitted job the job's runtime_env already reaches every worker, and ray.init()
-    # refuses to repeat one of its env vars; send only what the job does not set.
-    job_env = ((json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-                .get("runtime_env") or {}).get("env_vars") or {})
-    env = {k: v for k, v in env.items() if k not in job_env}
-    c = cfg.compute
-    if joins_cluster(c):
-        ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
-        return True
-    # A Ray this call starts inherits the environment of its start, and so do its workers:
-    # no job runtime_env, whose setup for every new worker (the runtime-env agent) cost
-    # ~2 s before the first batch here. "local": unset means a new Ray, never a cluster
-    # that `ray start` left running on this machine.
-    with _environ(env):
-        ray.init(
-            address="local",
-            num_cpus=c.num_cpus,
-            include_dashboard=False,
-            object_store_memory=c.object_store_memory_mb * 1024**2 if c.object_store_memory_mb else None,
-            log_to_driver=True,
-        )
-    return True
-
-
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` updated with ``values`` inside the block, restored after it."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_job(cfg: JobConfig) -> JobSummary:

@@ -338,6 +338,26 @@ def enrich_windows(rows: pa.Table, spec: SinkSpec) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,
+                   provenance: Mapping[str, str]) -> pa.Table:
+    """Rows the driver built (a shard's recordings or errors) -> output rows: add source,
+    provenance and manifest columns, as :func:`enrich_windows` does for window rows."""
+    rows = sorted(rows, key=lambda r: (r.get("layer", 0), r["recording_id"], r.get("channel", 0)))
+    source = lookup(sources, pa.array([r["recording_id"] for r in rows], pa.string()))
+    columns: dict[str, Any] = {}
+    for f in schema:
+        if f.name in provenance:
+            columns[f.name] = pa.array([provenance[f.name]] * len(rows), pa.string())
+        elif f.name in source.column_names and f.name not in rows[0]:
+            columns[f.name] = source.column(f.name)
+        elif f.name == "embedding":
+            columns[f.name] = pa.array([np.asarray(r["embedding"], np.float32) for r in rows],
+                                       f.type)
+        else:
+            columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
+    return pa.table(columns, schema=schema)
+
+
 class SourceIndex:
     """The job's sources table with a ``recording_id -> row`` index built once."""
 

@@ -274,7 +274,7 @@ def test_the_workers_get_the_job_environment(join: bool, tmp_path: Path,
     code = """
 import json, os, ray
 from pipeline.config import JobConfig
-from pipeline.job import connect_ray
+from pipeline.ray_connect import connect_ray
 from pipeline.provenance import git_commit
 before = {k: v for k, v in os.environ.items() if k.startswith("EMBED_ARCHIVE_")}
 cfg = JobConfig.from_dict({"input": {"uri": "/nowhere"}, "output": {"uri": "/nowhere"},

@@ -42,8 +42,9 @@ from pipeline import storage
 from pipeline.catalog import load_catalog, render
 from pipeline.config import JobConfig
 from pipeline.errors import StorageError
-from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob, JobSummary
+from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob
 from pipeline.sink import PROVENANCE_KEY
+from pipeline.summary import JobSummary
 from tests.integration.conftest import TINY_BEATS, job_dict
 from tests.integration.storage_servers import (
     FAULT_KINDS,

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import JobConfig
-from pipeline.job import EmbeddingJob, JobSummary
+from pipeline.job import EmbeddingJob
 from pipeline.layout import OutputLayout, shards_to_retry
 from pipeline.sources import SourceItem
+from pipeline.summary import JobSummary
 
 
 def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     pooled = {(n, -1, 0): (2, np.ones(4, np.float32)) for n in ("clean", "cut_short")}
     pooled[("half_dropped", -1, 0)] = (1, np.ones(4, np.float32))
     job._attempts = {"oom": 2}  # met in the two runs before this one
-    rec_rows, err_rows, outcome, settled = job._settle("s", items, reports, dropped, pooled)
+    rec_rows, err_rows, outcome, settled = job._shard_rows("s", items, reports, dropped, pooled)
     assert settled == {
         "clean": {"outcome": "ok"},
         "half_dropped": {"outcome": "partial"},

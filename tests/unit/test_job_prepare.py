@@ -12,8 +12,8 @@ import soundfile as sf
 
 from pipeline.config import JobConfig
 from pipeline.errors import CheckpointMismatchError, ConfigError, NamespaceBusyError
-from pipeline.job import EmbeddingJob, _rows_to_table
-from pipeline.sink import errors_schema
+from pipeline.job import EmbeddingJob
+from pipeline.sink import errors_schema, rows_to_table
 
 
 @pytest.fixture
@@ -101,8 +101,8 @@ def test_default_budget_holds_two_files_and_eight_batches_per_actor(archive: Pat
     j.prepare()
     plan = j._compute_plan({"CPU": 16.0, "GPU": 4.0})
     batch_mib = 64 * 160_000 * 4 / 2**20
-    assert plan["actors"] == 4
-    assert plan["inflight_mb"] == int(np.ceil(8 * 4 * batch_mib)) + int(np.ceil(2 * 100e6 / 2**20))
+    assert plan.actors == 4
+    assert plan.inflight_mb == int(np.ceil(8 * 4 * batch_mib)) + int(np.ceil(2 * 100e6 / 2**20))
     # A budget just big enough is accepted.
     needed = int(np.ceil(1.5 * 100e6 / 2**20 + 4 * batch_mib))
     job(archive, tmp_path / "b", output={"file_mb": 100}, model={"batch_size": 64},
@@ -121,15 +121,15 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
     j = job(archive, tmp_path)
     j.prepare()
     plan = j._compute_plan({"CPU": cpus})
-    assert (plan["actors"], plan["torch_threads"], plan["cpus_per_actor"]) == (
+    assert (plan.actors, plan.torch_threads, plan.cpus_per_actor) == (
         actors, threads, reserved)
-    assert plan["actors"] * plan["cpus_per_actor"] <= cpus - 1 or cpus == 1
+    assert plan.actors * plan.cpus_per_actor <= cpus - 1 or cpus == 1
     # Explicit settings win; on a cluster (or with GPUs) the defaults stay one actor per GPU.
     fixed = job(archive, tmp_path / "x", compute={"embed_actors": 1, "cpus_per_actor": 2})
     fixed.prepare()
     if cpus >= 3:
-        assert (fixed._compute_plan({"CPU": cpus})["actors"],
-                fixed._compute_plan({"CPU": cpus})["cpus_per_actor"]) == (1, 2)
+        assert (fixed._compute_plan({"CPU": cpus}).actors,
+                fixed._compute_plan({"CPU": cpus}).cpus_per_actor) == (1, 2)
     else:  # an actor of 2 CPUs and a decode task of 1 cannot run at once: Ray would wait forever
         with pytest.raises(ConfigError, match=f"must fit on this local Ray's {cpus:g} CPUs"):
             fixed._compute_plan({"CPU": cpus})
@@ -146,8 +146,8 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
     gpu.prepare()
     if cpus < 2:  # a GPU actor's CPU and a decode task's: not both on one CPU
         return
-    assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["actors"] == 2
-    assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0})["cpus_per_actor"] == 1.0
+    assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0}).actors == 2
+    assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0}).cpus_per_actor == 1.0
 
 
 def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
@@ -163,7 +163,7 @@ def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
     resources = {"CPU": 8.0}
     assert unset._compute_plan(resources) == auto._compute_plan(resources)
     monkeypatch.delenv("RAY_ADDRESS")
-    assert unset._compute_plan(resources)["actors"] == 4  # a local Ray: narrow actors
+    assert unset._compute_plan(resources).actors == 4  # a local Ray: narrow actors
 
 
 @pytest.mark.parametrize(("value", "text"), [("http://head:8265", "dashboard address"),
@@ -193,7 +193,7 @@ def test_decode_tasks_hold_every_recording_once_with_its_shard(tmp_path: Path) -
         sf.write(root / f"r{k:02d}.wav", np.zeros(1600, np.float32), 16_000)
     j = job(root, tmp_path, run={"shard_size": 7})
     j.prepare()
-    tables = j._decode_tasks({"cluster_cpus": 2.0})
+    tables = j._decode_tasks(cluster_cpus=2.0)
     assert [t.num_rows for t in tables] == [3] * 10  # 30 clips, at least 8 tasks (4 a CPU)
     rows = [r for t in tables for r in t.to_pylist()]
     expected = [(sid, i.recording_id) for sid, members in j.shards for i in members]
@@ -468,7 +468,7 @@ def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
     first.prepare()
     first._lease.release()
     [item] = first.todo
-    table = _rows_to_table(
+    table = rows_to_table(
         [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
         errors_schema(first.listing.extras.schema), first._sources_table(first.todo),
         first.provenance.row_columns())
@@ -583,7 +583,7 @@ def test_a_lost_lease_is_a_failure_not_a_refusal(archive: Path, tmp_path: Path,
 def test_a_summary_counts_the_error_rows_earlier_runs_left() -> None:
     """A rerun that finds everything committed says "succeeded": it must not read as if
     every recording had been embedded."""
-    from pipeline.job import JobSummary
+    from pipeline.summary import JobSummary
 
     shown = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
                        recordings_listed=3, recordings_already_done=3,

@@ -64,7 +64,7 @@ def test_partial_pools_reduce_to_exact_mean_and_max() -> None:
 
 
 def test_timings_fold_per_actor_and_into_a_job_summary() -> None:
-    from pipeline.job import EmbedTiming
+    from pipeline.summary import EmbedTiming
 
     def call(actor: str, start: float, busy: float, model: float, windows: int) -> dict:
         return {"type": "timing", "actor": actor, "start": start, "end": start + busy,

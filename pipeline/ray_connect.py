@@ -1,0 +1,95 @@
+"""Where a job's Ray comes from: a new local Ray, or the cluster it was pointed at.
+
+A job started by ``embed-archive run`` on a laptop starts its own Ray (and stops it after);
+one with ``compute.address`` set, or under Ray Jobs (which exports ``RAY_ADDRESS``), joins
+that cluster. Addresses a driver cannot join are refused before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+from pipeline.config import ComputeConfig, JobConfig
+from pipeline.errors import ConfigError
+
+
+def joins_cluster(compute: ComputeConfig) -> bool:
+    """Whether the job joins a running cluster rather than starting a Ray of its own:
+    ``compute.address`` is set, or ``RAY_ADDRESS`` is (how Ray Jobs points a driver at its
+    cluster)."""
+    return bool(compute.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_ray_address_env(compute: ComputeConfig) -> None:
+    """Refuse, before any work, a ``RAY_ADDRESS`` that a driver cannot join.
+
+    ``compute.address`` unset, ``ray.init()`` takes ``RAY_ADDRESS``: an ``http://`` one (the
+    dashboard's, which ``ray job submit`` wants, often exported for it) or a Ray Client
+    ``ray://`` one would fail there with a traceback, or, for ray://, later in Ray Data's
+    executor. ``compute.address`` set, the variable is not read."""
+    value = os.environ.get("RAY_ADDRESS", "")
+    scheme = value.strip().lower()
+    if compute.address is not None or not scheme.startswith(("http://", "https://", "ray://")):
+        return
+    what = ("a Ray Client address, under which Ray Data's executor fails"
+            if scheme.startswith("ray://") else "a dashboard address, which `ray job submit` "
+            "and `embed-archive submit` take and a driver cannot join")
+    raise ConfigError(f"{value} is {what}: unset it for a local Ray, set it (or "
+                      "compute.address) to the cluster's HEAD:6379 or auto from a cluster node, "
+                      "or submit the job", "RAY_ADDRESS")
+
+
+def connect_ray(cfg: JobConfig) -> bool:
+    """Start a local Ray or join ``compute.address``; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    from pipeline.faults import FAULT_ENV
+    from pipeline.provenance import GIT_COMMIT_ENV, git_commit
+
+    env = {k: os.environ[k] for k in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EMBED_ARCHIVE_CACHE",
+                                      GIT_COMMIT_ENV, "HF_HUB_OFFLINE", FAULT_ENV)
+           if k in os.environ}
+
+    env.setdefault(GIT_COMMIT_ENV, git_commit())
+    # In a submitted job the job's runtime_env already reaches every worker, and ray.init()
+    # refuses to repeat one of its env vars; send only what the job does not set.
+    job_env = ((json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+                .get("runtime_env") or {}).get("env_vars") or {})
+    env = {k: v for k, v in env.items() if k not in job_env}
+    c = cfg.compute
+    if joins_cluster(c):
+        ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return True
+    # A Ray this call starts inherits the environment of its start, and so do its workers:
+    # no job runtime_env, whose setup for every new worker (the runtime-env agent) cost
+    # ~2 s before the first batch here. "local": unset means a new Ray, never a cluster
+    # that `ray start` left running on this machine.
+    with _environ(env):
+        ray.init(
+            address="local",
+            num_cpus=c.num_cpus,
+            include_dashboard=False,
+            object_store_memory=c.object_store_memory_mb * 1024**2 if c.object_store_memory_mb else None,
+            log_to_driver=True,
+        )
+    return True
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

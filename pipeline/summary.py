@@ -1,0 +1,142 @@
+"""What a run did: per-shard outcomes, how the embedding actors spent their time, and the
+end-of-run summary that ``embed-archive run`` prints and ``_jobs/<job_id>.json`` keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import layout as layout_mod
+from pipeline import storage
+from pipeline.errors import EXIT_OK
+
+
+@dataclass
+class EmbedTiming:
+    """How the embedding actors spent a shard (or a job): is the data plane keeping up?
+
+    ``busy_s`` is time inside the embedding call, ``model_s`` the forward passes alone,
+    ``active_s`` each actor's first-batch-start to last-batch-end summed over actors,
+    ``span_s`` the first start to the last end over all actors, ``first_batch_s`` how long
+    after the pipeline started the first batch began (actor start-up and model load included),
+    ``first_batch_at`` when, in Unix time (so a GPU monitor can be read over the same span).
+    """
+
+    actors: int = 0
+    batches: int = 0
+    windows: int = 0
+    busy_s: float = 0.0
+    model_s: float = 0.0
+    active_s: float = 0.0
+    span_s: float = 0.0
+    first_batch_s: float = 0.0
+    first_batch_at: float = 0.0
+
+    @classmethod
+    def from_actors(cls, per_actor: Mapping[str, Mapping[str, float]], started: float) -> EmbedTiming:
+        if not per_actor:
+            return cls()
+        t = per_actor.values()
+        first = min(a["start"] for a in t)
+        return cls(actors=len(per_actor), batches=int(sum(a["batches"] for a in t)),
+                   windows=int(sum(a["windows"] for a in t)),
+                   busy_s=sum(a["busy_s"] for a in t), model_s=sum(a["model_s"] for a in t),
+                   active_s=sum(a["end"] - a["start"] for a in t),
+                   span_s=max(a["end"] for a in t) - first,
+                   first_batch_s=max(0.0, first - started), first_batch_at=first)
+
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the actors' active time spent embedding (1.0: never waited for data)."""
+        return self.busy_s / self.active_s if self.active_s > 0 else 0.0
+
+
+@dataclass
+class ShardOutcome:
+    """What one committed shard contained, and when (seconds after the run started)."""
+
+    shard_id: str
+    recordings: int = 0
+    embedded: int = 0
+    partial: int = 0
+    failed: int = 0
+    windows: int = 0
+    audio_s: float = 0.0
+    bytes_read: int = 0
+    committed_after_s: float = 0.0
+
+
+@dataclass
+class JobSummary:
+    """The end-of-run summary (also written to ``_jobs/<job_id>.json``)."""
+
+    job_id: str
+    output_uri: str
+    model: str
+    variant: str
+    weights: str
+    recordings_listed: int = 0
+    recordings_already_done: int = 0
+    recordings_already_failed: int = 0  # of those: error rows an earlier run committed
+    shards: int = 0
+    embedded: int = 0
+    partial: int = 0
+    failed: int = 0
+    windows: int = 0
+    audio_s: float = 0.0
+    wall_s: float = 0.0
+    exit_code: int = EXIT_OK
+    status: str = "running"
+    message: str = ""
+    embed: EmbedTiming = field(default_factory=EmbedTiming)
+    shard_outcomes: list[ShardOutcome] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Audio seconds embedded per wall-clock second."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steady_throughput(self) -> float:
+        """Audio seconds per second while the models ran (start-up and commits excluded)."""
+        return self.audio_s / self.embed.span_s if self.embed.span_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("shard_outcomes", "embed")}
+        out["throughput_audio_s_per_s"] = round(self.throughput, 3)
+        out["steady_audio_s_per_s"] = round(self.steady_throughput, 3)
+        out["embed"] = {**self.embed.__dict__, "busy_fraction": round(self.embed.busy_fraction, 4)}
+        out["shard_outcomes"] = [dict(o.__dict__) for o in self.shard_outcomes]
+        return out
+
+    def render(self) -> str:
+        errors_at = storage.join(self.output_uri,
+                                 layout_mod.namespace_dir("errors", self.model, self.variant))
+        e = self.embed
+        lines = [
+            f"job {self.job_id}: {self.status}",
+            (f"  recordings   {self.embedded + self.partial + self.failed} this run "
+             f"({self.embedded} ok, {self.partial} partial, {self.failed} failed); "
+             f"{self.recordings_already_done} already done of {self.recordings_listed} listed"
+             + (f" ({self.recordings_already_failed} of them errors, in the errors table)"
+                if self.recordings_already_failed else "")),
+            f"  windows      {self.windows}",
+            (f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
+             f"= {self.throughput:.1f} audio-s/s"),
+        ]
+        if e.batches:
+            lines.append(
+                f"  embedding    busy {e.busy_fraction:.0%} of the models' active time "
+                f"({e.actors} actor{'s' if e.actors != 1 else ''}, {e.batches} batches, forward "
+                f"{e.model_s:.1f} s); {self.steady_throughput:.1f} audio-s/s while running, "
+                f"first batch {e.first_batch_s:.1f} s after start")
+        lines += [
+            f"  model        {self.model} (variant {self.variant}, weights {self.weights})",
+            f"  output       {self.output_uri}",
+        ]
+        if self.failed:
+            lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
+        if self.message:
+            lines.append(f"  note         {self.message}")
+        return "\n".join(lines)
