@@ -215,16 +215,11 @@ def _list_manifest(cfg: InputConfig) -> Listing:
             f"manifest has no 'uri' column (columns: {', '.join(table.column_names)})",
             "input.manifest",
         )
-    clashes = sorted(RESERVED_COLUMNS.intersection(table.column_names))
-    if clashes:
-        raise ConfigError(
-            f"manifest columns {clashes} clash with columns the job writes; rename them",
-            "input.manifest",
-        )
+    _check_column_names(table.column_names)
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
     raw = ["" if u is None else str(u) for u in table.column("uri").to_pylist()]
     uris = [resolve_relative(u, base) for u in raw]
-    extras = _typed_empty_columns(table.drop_columns(["uri"]))
+    extras = _portable_columns(_typed_empty_columns(table.drop_columns(["uri"])))
     blank = [i for i, uri in enumerate(raw) if not uri.strip()]
     if blank:
         raise ConfigError(
@@ -245,6 +240,89 @@ def _list_manifest(cfg: InputConfig) -> Listing:
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
                     "the first row's metadata is kept", len(stated) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
+
+
+def _check_column_names(names: Sequence[str]) -> None:
+    """Refuse manifest columns that would collide in a reader: a name the job writes, or a
+    second spelling of one name. BigQuery's and Spark's column names (by default) and
+    DuckDB's ignore case, so ``Model`` (the recorder's) would meet the ``model`` partition
+    key, and ``Site`` and ``site`` would be one column.
+
+    Raises:
+        ConfigError: such a column (field ``input.manifest``).
+    """
+    clashes = sorted(n for n in names if n.lower() in RESERVED_COLUMNS)
+    if clashes:
+        raise ConfigError(
+            f"manifest columns {clashes} clash with columns the job writes (names are compared "
+            "ignoring case, as BigQuery, Spark and DuckDB do); rename them", "input.manifest")
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(name.lower(), []).append(name)
+    twice = sorted(str(v) for v in spellings.values() if len(v) > 1)
+    if twice:
+        raise ConfigError(f"manifest columns {', '.join(twice)} differ only by case, which "
+                          "BigQuery, Spark and DuckDB read as one column; rename them",
+                          "input.manifest")
+    odd = [n for n in names if not _PLAIN_NAME.fullmatch(n)]
+    if odd:
+        log.warning("manifest columns %s are not plain names (letters, digits, _): DuckDB and "
+                    "pandas read them, but BigQuery loads them only with flexible column names "
+                    "and older Spark refuses them", odd)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _portable_type(t: pa.DataType) -> pa.DataType:
+    """``t`` as a type every reader the README names takes from Parquet: no unsigned
+    integers (BigQuery's INT64 is signed; Spark reads UINT_64 as a decimal, before 3.2 not at
+    all), no nanosecond times (Spark refuses them, BigQuery keeps microseconds), no
+    dictionary, large or view encodings, no half floats."""
+    if pa.types.is_dictionary(t):
+        return _portable_type(t.value_type)
+    if pa.types.is_unsigned_integer(t):
+        return pa.int64()
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_timestamp(t) and t.unit == "ns":
+        return pa.timestamp("us", t.tz)
+    if pa.types.is_time64(t) and t.unit == "ns":
+        return pa.time64("us")
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) \
+            or pa.types.is_large_list_view(t):
+        return pa.list_(_portable_type(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_portable_type(f.type)) for f in t])
+    return t
+
+
+def _portable_columns(table: pa.Table) -> pa.Table:
+    """The manifest's columns in :func:`_portable_type` types, so the rows load into BigQuery
+    and Spark as well as DuckDB and pandas. Times lose what is below a microsecond.
+
+    Raises:
+        ConfigError: a value the portable type cannot hold (an unsigned integer past 2^63-1).
+    """
+    for i, field in enumerate(table.schema):
+        wanted = _portable_type(field.type)
+        if wanted == field.type:
+            continue
+        try:
+            # unsafe only drops digits below a microsecond; an unsigned overflow stays an error
+            column = table.column(i).cast(wanted, safe=True)
+        except pa.ArrowInvalid as err:
+            if "would lose data" not in str(err) or pa.types.is_integer(wanted):
+                raise ConfigError(f"manifest column {field.name!r} ({field.type}) does not fit "
+                                  f"{wanted}, which BigQuery and Spark read: {err}",
+                                  "input.manifest") from None
+            column = table.column(i).cast(wanted, safe=False)
+        table = table.set_column(i, field.with_type(wanted), column)
+    return table
 
 
 def _typed_empty_columns(table: pa.Table) -> pa.Table:

@@ -192,6 +192,36 @@ def test_embedding_is_a_plain_float_list(real_run) -> None:
     assert kind[0][1] == "FLOAT[]"
 
 
+def readme_duckdb_statements() -> list[str]:
+    """Every statement of the README's DuckDB examples (its ```sql blocks that read
+    outputs/demo; the BigQuery ones name tables in backticks)."""
+    import re
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```sql\n(.*?)```", text, re.DOTALL)
+              if "outputs/demo" in b and "`" not in b]
+    statements = [s.strip() for b in blocks for s in b.split(";")]
+    return [s for s in statements if s and not all(line.startswith("--")
+                                                   for line in s.splitlines())]
+
+
+def test_the_readmes_duckdb_examples_run_on_a_real_output(real_run) -> None:
+    out, _, _ = real_run
+    statements = readme_duckdb_statements()
+    assert len(statements) >= 4  # windows per layer, nearest neighbour, the committed files
+    con = duckdb.connect()
+    last = con.execute(f"SELECT max(layer) FROM read_parquet('{out}/recordings/**/*.parquet')"
+                       ).fetchone()
+    for sql in statements:
+        sql = sql.replace("outputs/demo", str(out)).replace("layer = 12", f"layer = {last[0]}")
+        con.execute(sql)
+        if sql.lstrip().startswith(("SELECT", "--")):
+            rows = con.fetchall()
+            assert rows and all(v is not None for row in rows for v in row), sql
+    windows = con.execute(f"SELECT count(*) FROM read_parquet('{out}/windows/**/*.parquet')")
+    assert rows == windows.fetchall()  # the committed files: every window row
+
+
 def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
     out, _, raw = real_run
     again = EmbeddingJob(JobConfig.from_dict({**raw, "run": {**raw["run"], "job_id": "second-run"}}))

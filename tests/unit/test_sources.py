@@ -70,6 +70,69 @@ def test_manifest_columns_keep_what_a_number_would_lose(folder: Path) -> None:
     assert [r["ok"] for r in rows] == [True, False]
 
 
+def test_manifest_columns_are_stored_in_types_bigquery_and_spark_read(folder: Path) -> None:
+    """A pandas-written Parquet manifest brings unsigned, nanosecond, dictionary and large
+    types; the rows get signed, microsecond, plain ones with the same values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ns = 1_714_550_400_123_456_789
+    table = pa.table({
+        "uri": ["a.wav", "b.wav"],
+        "count": pa.array([1, 250], pa.uint8()),
+        "serial": pa.array([2**63 - 1, 5], pa.uint64()),
+        "at": pa.array([ns, ns + 1_000], pa.timestamp("ns", "UTC")),
+        "local": pa.array([ns, None], pa.timestamp("ns")),
+        "site": pa.array(["x", "y"]).dictionary_encode(),
+        "note": pa.array(["n", "m"], pa.large_string()),
+        "tags": pa.array([["a"], []], pa.large_list(pa.large_string())),
+        "gain": pa.array([0.5, 1.5], pa.float16()),
+    })
+    pq.write_table(table, folder / "m.parquet")
+    extras = list_sources(InputConfig(manifest=str(folder / "m.parquet"))).extras
+    assert extras is not None
+    assert {f.name: str(f.type) for f in extras.schema} == {
+        "count": "int64", "serial": "int64", "at": "timestamp[us, tz=UTC]",
+        "local": "timestamp[us]", "site": "string", "note": "string", "tags": "list<item: string>",
+        "gain": "float"}
+    rows = extras.to_pylist()
+    assert [r["count"] for r in rows] == [1, 250] and rows[0]["serial"] == 2**63 - 1
+    assert rows[0]["at"].microsecond == 123_456 and rows[1]["local"] is None  # below a µs: gone
+    assert [r["tags"] for r in rows] == [["a"], []] and [r["gain"] for r in rows] == [0.5, 1.5]
+
+    pq.write_table(table.set_column(2, "serial", pa.array([2**63, 5], pa.uint64())),
+                   folder / "big.parquet")
+    with pytest.raises(ConfigError, match="'serial' .*does not fit int64") as err:
+        list_sources(InputConfig(manifest=str(folder / "big.parquet")))
+    assert err.value.field == "input.manifest"
+
+
+@pytest.mark.parametrize("header, refused", [
+    ("uri,Model\n", r"\['Model'\] clash with columns the job writes"),
+    ("uri,LAYER,site\n", r"\['LAYER'\] clash"),
+    ("uri,Site,site\n", r"\['Site', 'site'\] differ only by case"),
+])
+def test_manifest_columns_are_compared_ignoring_case(folder: Path, header: str,
+                                                     refused: str) -> None:
+    """BigQuery, Spark and DuckDB take ``Model`` for the ``model`` partition key, and
+    ``Site`` and ``site`` for one column: refused before any work, naming the field."""
+    path = folder / "m.csv"
+    path.write_text(header + "a.wav" + ",x" * header.count(",") + "\n")
+    with pytest.raises(ConfigError, match=refused) as err:
+        list_sources(InputConfig(manifest=str(path)))
+    assert err.value.field == "input.manifest"
+
+
+def test_a_manifest_column_that_is_no_plain_name_is_warned_about(
+        folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = folder / "m.csv"
+    path.write_text("uri,site id,ok\na.wav,x,1\n")
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        extras = list_sources(InputConfig(manifest=str(path))).extras
+    assert extras is not None and extras.column_names == ["site id", "ok"]
+    assert "['site id'] are not plain names" in caplog.text
+
+
 def test_a_manifest_url_the_job_cannot_use_is_an_error_row(folder: Path) -> None:
     """A chained URL (and an unknown protocol) fails its own recording, not the listing; a
     filesystem cached for it never serves another URL (it used to take plain paths over)."""
