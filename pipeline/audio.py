@@ -54,7 +54,7 @@ class DecodeReport:
             does not say, as in a FLAC streamed with ``total_samples`` 0).
         frames_decoded: frames actually decoded.
         output_samples: samples produced at the target rate (per channel).
-        nonfinite_samples: NaN/inf samples replaced by 0.
+        zeroed_samples: samples replaced by 0: NaN, inf, or beyond ``MAX_SAMPLE_MAGNITUDE``.
         problems: human-readable reasons the result is only partial.
         format: container/codec, e.g. ``FLAC/PCM_24``.
     """
@@ -64,7 +64,7 @@ class DecodeReport:
     declared_frames: int = 0
     frames_decoded: int = 0
     output_samples: int = 0
-    nonfinite_samples: int = 0
+    zeroed_samples: int = 0
     problems: list[str] = field(default_factory=list)
     format: str = ""
 
@@ -86,6 +86,14 @@ MAX_BLOCK_BYTES = 8 * 2**20
 # Far beyond that a value is garbage, and large enough ones overflow float32 once mixed,
 # resampled or squared by a front end.
 MAX_SAMPLE_MAGNITUDE = 1e6
+#: libsndfile's ``frames`` for a stream of unknown length (SF_COUNT_MAX): a FLAC whose
+#: STREAMINFO says ``total_samples`` 0, as encoders writing to a pipe or socket leave it.
+SF_COUNT_MAX = 2**63 - 1
+# WAV headers: the RIFF formats libsndfile names, where their size field sits, and the size
+# a recorder that never finished the file leaves in it.
+_RIFF_FORMATS = ("WAV", "WAVEX")
+_RIFF_SIZE_AT = 4
+_STREAMING_SIZE = b"\xff\xff\xff\xff"  # RIFF's "size unknown: read to the end"
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,8 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
                 report.output_samples += tail.shape[0]
                 yield tail
     _note_truncation(report)
-    if report.nonfinite_samples:
-        report.problems.append(f"{report.nonfinite_samples} non-finite samples replaced by 0 "
+    if report.zeroed_samples:
+        report.problems.append(f"{report.zeroed_samples} non-finite samples replaced by 0 "
                                f"(NaN, inf, or beyond {MAX_SAMPLE_MAGNITUDE:g} x full scale)")
 
 
@@ -200,11 +208,6 @@ def _is_ogg(fileobj: Any) -> bool:
         return False  # libsndfile's own open reports it
     finally:
         fileobj.seek(0)
-
-
-_RIFF_FORMATS = ("WAV", "WAVEX")
-_RIFF_SIZE_AT = 4
-_STREAMING_SIZE = b"\xff\xff\xff\xff"  # RIFF's "size unknown: read to the end"
 
 
 def _unfinished_wav(fileobj: Any) -> _PatchedHeader | None:
@@ -326,10 +329,6 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
         if reopened is not None:
             reopened.close()
 
-
-#: libsndfile's ``frames`` for a stream of unknown length (SF_COUNT_MAX): a FLAC whose
-#: STREAMINFO says ``total_samples`` 0, as encoders writing to a pipe or socket leave it.
-SF_COUNT_MAX = 2**63 - 1
 
 
 class _FfmpegFrames:
@@ -465,7 +464,7 @@ def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:
     sane = np.abs(block) <= MAX_SAMPLE_MAGNITUDE  # False for NaN too
     if sane.all():
         return block
-    report.nonfinite_samples += int(block.size - np.count_nonzero(sane))
+    report.zeroed_samples += int(block.size - np.count_nonzero(sane))
     return np.where(sane, block, np.float32(0.0))
 
 

@@ -61,8 +61,8 @@ class InputConfig:
         for ext in self.extensions:
             if not ext or "/" in ext or ext.startswith("."):
                 raise ConfigError(f"{ext!r}: give bare extensions such as 'wav'", "input.extensions")
-        _unchained(self.uri, "input.uri")
-        _unchained(self.manifest, "input.manifest")
+        _reject_chained_url(self.uri, "input.uri")
+        _reject_chained_url(self.manifest, "input.manifest")
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class ModelConfig:
             raise ConfigError("must name a model (see `embed-archive list-models`)", "model.name")
         if not self.weights:
             raise ConfigError("use 'default', 'random' or a checkpoint URI", "model.weights")
-        _unchained(self.weights, "model.weights")
+        _reject_chained_url(self.weights, "model.weights")
         _positive(self.batch_size, "model.batch_size")
         layers = self.layers
         if isinstance(layers, str):
@@ -301,7 +301,7 @@ class OutputConfig:
     def validate(self) -> None:
         if not self.uri:
             raise ConfigError("must be a local path or bucket URL", "output.uri")
-        _unchained(self.uri, "output.uri")
+        _reject_chained_url(self.uri, "output.uri")
         _positive(self.file_mb, "output.file_mb")
         _positive(self.row_group_mb, "output.row_group_mb")
         if not (self.windows or self.recordings):
@@ -556,7 +556,7 @@ def _is_safe_token(text: str) -> bool:
 SECRET_KEY_PARTS = ("secret", "token", "password", "key", "credential", "auth", "session")
 
 
-def _unchained(uri: str | None, name: str) -> None:
+def _reject_chained_url(uri: str | None, name: str) -> None:
     from pipeline.storage import chained_url_problem  # local import: storage imports this module
 
     problem = chained_url_problem(uri) if uri else None

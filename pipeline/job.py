@@ -63,6 +63,7 @@ from pipeline.sink import (
     recordings_schema,
     reduce_partials,
     rows_to_table,
+    windows_kept,
     windows_schema,
     write_parquet,
     write_stage,
@@ -971,10 +972,9 @@ class EmbeddingJob:
             lost = dropped.get(item.recording_id, set())
             if lost:
                 problems.append(f"{len(lost)} windows dropped: non-finite embedding")
-            windows = {int(ch): int(n) for ch, n in report["windows"].items()}
+            windows = windows_kept(report, lost)
             recording_rows = []
-            for ch, emitted in sorted(windows.items()):
-                kept = emitted - sum(1 for c, _ in lost if c == ch)
+            for ch, kept in sorted(windows.items()):
                 for layer in self.layers:
                     count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
                     if count != kept:
@@ -1000,7 +1000,7 @@ class EmbeddingJob:
                                               "error_type": "NonFiniteEmbedding"}
                 continue
             rec_rows.extend(recording_rows)
-            outcome.windows += sum(windows.values()) - len(lost)
+            outcome.windows += sum(windows.values())
             outcome.audio_s += float(report["duration_s"])
             outcome.partial += bool(problems)
             outcome.embedded += not problems

@@ -15,6 +15,7 @@ Schemas are declared here and written explicitly: the embedding column is a plai
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -282,11 +283,9 @@ class ShardProgress:
         report = self.reports.get(rid)
         if report is None:
             return False
-        lost = self.dropped.get(rid, set())
-        for ch, emitted in report["windows"].items():
-            expected = int(emitted) - sum(1 for c, _ in lost if c == int(ch))
+        for ch, expected in windows_kept(report, self.dropped.get(rid, ())).items():
             for layer in self.layers:
-                got = self._counts.get((rid, int(ch), layer), 0)
+                got = self._counts.get((rid, ch, layer), 0)
                 if got > expected:
                     raise RuntimeError(
                         f"shard {self.shard_id}: {rid} channel {ch} layer {layer} has {got} "
@@ -294,6 +293,14 @@ class ShardProgress:
                 if got < expected:
                     return False
         return True
+
+
+def windows_kept(report: Mapping[str, Any], dropped: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """``channel -> window rows`` per layer that a recording's decode report promises: the
+    windows decoded on that channel, less those ``dropped`` (``(channel, window)``) for a
+    non-finite embedding."""
+    lost = collections.Counter(c for c, _ in dropped)
+    return {int(ch): int(n) - lost[int(ch)] for ch, n in report["windows"].items()}
 
 
 TIMING_FIELDS = ("start", "end", "busy_s", "model_s", "windows", "batches")

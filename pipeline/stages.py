@@ -36,6 +36,7 @@ from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.errors import AudioDecodeError, CheckpointMismatchError
 from pipeline.faults import fault_point
 from pipeline.layout import RETRYABLE_ERRORS
+from pipeline.sink import STAGE_SCHEMA
 from pipeline.windows import StreamingWindower, WindowBatch
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ def configure_worker_logging(level: str) -> None:
         logger.propagate = False
 
 # --------------------------------------------------------------------------- decode
+
+
+# A block handed to the embed stage holds at least this much window audio.
+MIN_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,6 @@ class DecodeSpec:
     def window_bytes(self) -> int:
         return self.window_samples * np.dtype(np.float32).itemsize
 
-
-MIN_BLOCK_BYTES = 1 << 20
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
@@ -201,26 +204,8 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
                 f"'{spec.tail}', minimum tail {spec.min_tail_samples} samples)",
             )
         meta = {"status": report.status, "problems": report.problems}
-    except AudioDecodeError as err:
-        # A listing whose retries could not stat the object passes on a StorageError: as
-        # transient as a read's (a rerun retries it, counting the attempts).
-        meta = {"status": "error", "error_type": err.error_type, "message": str(err),
-                "transient": err.error_type in RETRYABLE_ERRORS}
-    except storage.StorageError as err:
-        meta = {"status": "error", "error_type": "StorageError", "message": str(err),
-                "transient": True}
-    except (FileNotFoundError, PermissionError) as err:
-        meta = {"status": "error", "error_type": type(err).__name__, "message": str(err)}
     except Exception as err:  # noqa: BLE001 - any failure becomes the recording's error row
-        # Not log.exception: the traceback would quote the URL unredacted.
-        log.error("unexpected error decoding %s: %s", uri,
-                  storage.redact_text(f"{type(err).__name__}: {err}"))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("traceback of that error:\n%s",
-                      storage.redact_text("".join(traceback.format_exception(err))))
-        # Not the recording's fault (memory, a worker's environment, a bug): worth a retry.
-        meta = {"status": "error", "error_type": type(err).__name__,
-                "message": f"unexpected: {err}", "transient": True}
+        meta = _failure_meta(err, uri)
     # Messages name the object; a signed URL's signature must not reach the errors table.
     meta["message"] = storage.redact_text(str(meta.get("message", "")))
     if meta["status"] == "error" and counts:
@@ -241,6 +226,30 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     yield _report_row(rid, meta, spec.window_samples)
 
 
+def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
+    """The report of a recording that ``err`` stopped; ``transient`` marks a failure that was
+    not the recording's own, which a rerun retries (``run.retry_transient_errors``)."""
+    if isinstance(err, AudioDecodeError):
+        # Includes a listing's problem (raised above as the error it was): a stat whose
+        # retries ran out is a StorageError, as transient as a read's.
+        return {"status": "error", "error_type": err.error_type, "message": str(err),
+                "transient": err.error_type in RETRYABLE_ERRORS}
+    if isinstance(err, storage.StorageError):
+        return {"status": "error", "error_type": "StorageError", "message": str(err),
+                "transient": True}
+    if isinstance(err, FileNotFoundError | PermissionError):
+        return {"status": "error", "error_type": type(err).__name__, "message": str(err)}
+    # Not log.exception: the traceback would quote the URL unredacted.
+    log.error("unexpected error decoding %s: %s", uri,
+              storage.redact_text(f"{type(err).__name__}: {err}"))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("traceback of that error:\n%s",
+                  storage.redact_text("".join(traceback.format_exception(err))))
+    # Not the recording's fault (memory, a worker's environment, a bug): worth a retry.
+    return {"status": "error", "error_type": type(err).__name__,
+            "message": f"unexpected: {err}", "transient": True}
+
+
 def _windows(rid: str, reader: Any, report: DecodeReport,
              spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
     windower: StreamingWindower | None = None
@@ -248,9 +257,8 @@ def _windows(rid: str, reader: Any, report: DecodeReport,
     try:
         for chunk in decode_stream(reader, spec.settings, report):
             if windower is None:
-                # A block holds block_rows rows and a window gives a row per channel with
-                # channels: each: batches of block_rows // channels windows keep the batch
-                # being filled at one block's audio, however many channels.
+                # With channels: each a window is one row per channel: batches of
+                # block_rows // channels windows keep one batch at one block's rows.
                 rows_per_window = 1 if spec.settings.channels == "mix" else chunk.shape[1]
                 windower = StreamingWindower(spec.window_samples, spec.hop_samples, spec.tail,
                                              max_batch=max(1, spec.block_rows // rows_per_window))
@@ -408,8 +416,6 @@ class Embedder:
         self._pool_all(silence, np.full(batch_size, window_samples), self.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from pipeline.sink import STAGE_SCHEMA
-
         fault_point("embed")
         wall_start, started = time.time(), time.perf_counter()
         self._model_s = 0.0
@@ -424,38 +430,23 @@ class Embedder:
                   "end": wall_start + busy, "busy_s": busy, "model_s": self._model_s,
                   "windows": int(is_window.sum()), "batches": 1}
         parts.append(_meta_row(json.dumps(timing)))
-        out = pa.concat_tables([p.cast(STAGE_SCHEMA) for p in parts])
+        out = pa.concat_tables(parts)
         log.debug("embedded %d windows (+%d reports) in %.3fs (model %.3fs)",
                   int(is_window.sum()), int((~is_window).sum()), busy, self._model_s)
         return out
 
     def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
-        n = int(mask.sum())
-        return pa.table({
-            "shard": pa.array(batch["shard"][mask].tolist(), pa.string()),
-            "recording_id": pa.array(batch["recording_id"][mask].tolist(), pa.string()),
-            "channel": pa.array(batch["channel"][mask], pa.int16()),
-            "window_index": pa.array(batch["window_index"][mask], pa.int32()),
-            "start_s": pa.array(batch["start_s"][mask], pa.float64()),
-            "end_s": pa.array(batch["end_s"][mask], pa.float64()),
-            "valid_s": pa.nulls(n, pa.float32()),
-            "layer": pa.nulls(n, pa.int16()),
-            "embedding": pa.nulls(n, pa.list_(pa.float32())),
-            "meta": pa.array(batch["meta"][mask].tolist(), pa.string()),
-        })
+        """The decode reports among ``batch``'s rows, passed on to the write stage."""
+        return _stage_rows(batch, mask, meta=batch["meta"][mask].tolist())
 
     def _embed_rows(self, rows: dict[str, np.ndarray]) -> list[pa.Table]:
         pooled = self._pool_all(rows["audio"], rows["valid_samples"], self.precision)
-        finite = np.ones(len(rows["audio"]), dtype=bool)
-        for vectors in pooled.values():
-            finite &= np.isfinite(vectors).all(axis=1)
+        finite = _finite_rows(pooled)
         if not finite.all() and self._retry_in_fp32:
             retry = self._pool_all(rows["audio"][~finite], rows["valid_samples"][~finite], "fp32")
             for layer, vectors in retry.items():
                 pooled[layer][~finite] = vectors
-            finite = np.ones_like(finite)
-            for vectors in pooled.values():
-                finite &= np.isfinite(vectors).all(axis=1)
+            finite = _finite_rows(pooled)
         out = [self._layer_rows(rows, finite, layer, vectors[finite])
                for layer, vectors in pooled.items()]
         if not finite.all():
@@ -524,20 +515,12 @@ class Embedder:
                     vectors: np.ndarray) -> pa.Table:
         n, dim = vectors.shape
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
-        return pa.table({
-            "shard": pa.array(rows["shard"][keep].tolist(), pa.string()),
-            "recording_id": pa.array(rows["recording_id"][keep].tolist(), pa.string()),
-            "channel": pa.array(rows["channel"][keep], pa.int16()),
-            "window_index": pa.array(rows["window_index"][keep], pa.int32()),
-            "start_s": pa.array(rows["start_s"][keep], pa.float64()),
-            "end_s": pa.array(rows["end_s"][keep], pa.float64()),
-            "valid_s": pa.array(rows["valid_samples"][keep] / self.spec.sample_rate_hz,
-                                pa.float32()),
-            "layer": pa.array(np.full(n, layer, np.int16)),
-            "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1),
-                                                                    pa.float32())),
-            "meta": pa.array([""] * n, pa.string()),
-        })
+        return _stage_rows(
+            rows, keep, meta=[""] * n,
+            valid_s=pa.array(rows["valid_samples"][keep] / self.spec.sample_rate_hz, pa.float32()),
+            layer=pa.array(np.full(n, layer, np.int16)),
+            embedding=pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1), pa.float32()),
+                                               type=STAGE_SCHEMA.field("embedding").type))
 
     def _dropped_rows(self, rows: dict[str, np.ndarray], dropped: np.ndarray) -> pa.Table:
         """Report rows for windows whose embedding was not finite (after the fp32 retry, where
@@ -555,6 +538,33 @@ class Embedder:
                          recording_ids=[r for _, r in by_recording])
 
 
+def _finite_rows(pooled: dict[int, np.ndarray]) -> np.ndarray:
+    """Which windows have a finite embedding in every layer."""
+    return np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in pooled.values()])
+
+
+def _stage_rows(rows: dict[str, np.ndarray], keep: np.ndarray, *, meta: list[str],
+                valid_s: pa.Array | None = None, layer: pa.Array | None = None,
+                embedding: pa.Array | None = None) -> pa.Table:
+    """``rows[keep]`` as the rows the embed stage passes to the write stage
+    (``sink.STAGE_SCHEMA``): an embedding per layer, or, without one, a report for the
+    driver in ``meta``."""
+    n = len(meta)
+    return pa.table({
+        "shard": pa.array(rows["shard"][keep].tolist(), pa.string()),
+        "recording_id": pa.array(rows["recording_id"][keep].tolist(), pa.string()),
+        "channel": pa.array(rows["channel"][keep], pa.int16()),
+        "window_index": pa.array(rows["window_index"][keep], pa.int32()),
+        "start_s": pa.array(rows["start_s"][keep], pa.float64()),
+        "end_s": pa.array(rows["end_s"][keep], pa.float64()),
+        "valid_s": valid_s if valid_s is not None else pa.nulls(n, pa.float32()),
+        "layer": layer if layer is not None else pa.nulls(n, pa.int16()),
+        "embedding": (embedding if embedding is not None
+                      else pa.nulls(n, STAGE_SCHEMA.field("embedding").type)),
+        "meta": pa.array(meta, pa.string()),
+    }, schema=STAGE_SCHEMA)
+
+
 def _meta_row(*metas: str, shards: list[str] | None = None,
               recording_ids: list[str] | None = None) -> pa.Table:
     """Stage rows that carry only ``meta`` (a report for the driver, not an embedding).
@@ -562,15 +572,9 @@ def _meta_row(*metas: str, shards: list[str] | None = None,
     Timing rows belong to no shard and no recording (both empty).
     """
     n = len(metas)
-    return pa.table({
-        "shard": pa.array(shards or [""] * n, pa.string()),
-        "recording_id": pa.array(recording_ids or [""] * n, pa.string()),
-        "channel": pa.array(np.full(n, -1, np.int16)),
-        "window_index": pa.array(np.full(n, -1, np.int32)),
-        "start_s": pa.array(np.zeros(n)),
-        "end_s": pa.array(np.zeros(n)),
-        "valid_s": pa.nulls(n, pa.float32()),
-        "layer": pa.nulls(n, pa.int16()),
-        "embedding": pa.nulls(n, pa.list_(pa.float32())),
-        "meta": pa.array(list(metas), pa.string()),
-    })
+    return _stage_rows({"shard": np.array(shards or [""] * n, dtype=object),
+                        "recording_id": np.array(recording_ids or [""] * n, dtype=object),
+                        "channel": np.full(n, -1, np.int16),
+                        "window_index": np.full(n, -1, np.int32),
+                        "start_s": np.zeros(n), "end_s": np.zeros(n)},
+                       np.ones(n, dtype=bool), meta=list(metas))

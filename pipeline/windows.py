@@ -104,13 +104,13 @@ def _check(size: int, hop: int, tail: str) -> None:
 
 @dataclass
 class WindowBatch:
-    """Consecutive windows of one channel.
+    """Consecutive windows, every channel.
 
     Attributes:
         index: int64 ``[n]`` window numbers within the recording.
         start: int64 ``[n]`` first sample of each window.
         valid: int64 ``[n]`` real samples in each window.
-        audio: float32 ``[n, size]``; samples past ``valid`` are zero.
+        audio: float32 ``[n, channels, size]``; samples past ``valid`` are zero.
     """
 
     index: np.ndarray

@@ -91,14 +91,14 @@ def test_channels_each_and_mix(tmp_path: Path) -> None:
     assert report.source_channels == 2
 
 
-def test_nonfinite_samples_are_zeroed_and_reported(tmp_path: Path) -> None:
+def test_zeroed_samples_are_zeroed_and_reported(tmp_path: Path) -> None:
     x = np.sin(np.linspace(0, 100, 16_000)).astype(np.float32)
     x[100:110] = np.nan
     x[5000] = np.inf
     sf.write(tmp_path / "nan.wav", x, 16_000, subtype="FLOAT")
     audio, report = decode(tmp_path / "nan.wav")
     assert np.isfinite(audio).all()
-    assert report.nonfinite_samples == 11
+    assert report.zeroed_samples == 11
     assert report.status == "partial" and "non-finite" in report.problems[0]
 
 
@@ -114,7 +114,7 @@ def test_huge_finite_samples_are_zeroed_before_mixing_and_resampling(tmp_path: P
     sf.write(tmp_path / "huge.wav", x, 44_100, subtype="FLOAT")
     audio, report = decode(tmp_path / "huge.wav", channels=channels)
     assert np.isfinite(audio).all() and np.abs(audio).max() < 40_000
-    assert report.nonfinite_samples == 21
+    assert report.zeroed_samples == 21
     assert report.status == "partial" and "beyond 1e+06 x full scale" in report.problems[0]
 
 

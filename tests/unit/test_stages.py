@@ -196,6 +196,26 @@ def test_report_rows_in_a_batch_change_nothing_for_its_windows(embedder: Embedde
         np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6)
 
 
+def test_a_window_whose_embedding_is_not_finite_is_reported_not_written(
+        embedder: Embedder) -> None:
+    """Its rows leave as one ``dropped`` report for its recording; the other windows, the
+    decode report and the timing row all come out in the stage schema."""
+    from pipeline.sink import STAGE_SCHEMA
+
+    batch = stage_batch(7, report_at=3)
+    batch["audio"][5] = np.nan
+    out = embedder(batch)
+    assert out.schema == STAGE_SCHEMA
+    assert sorted(embeddings(out)) == [(w, layer) for w in (0, 1, 2, 4, 6) for layer in (0, 1)]
+    metas = [json.loads(m) for m in out["meta"].to_pylist() if m]
+    assert [m["type"] for m in metas] == ["report", "dropped", "timing"]
+    assert metas[1] == {"type": "dropped", "recording_id": "r2", "windows": [[-1, 5]],
+                        "reason": "non-finite embedding"}
+    rows = out.to_pylist()
+    dropped = next(r for r in rows if r["meta"] and json.loads(r["meta"])["type"] == "dropped")
+    assert (dropped["shard"], dropped["recording_id"], dropped["layer"]) == ("s0", "r2", None)
+
+
 def test_an_int8_actor_embeds_what_its_fp32_twin_does(embedder: Embedder) -> None:
     """``model.precision: int8`` through the actor: its network quantized once at load,
     every window embedded, each layer's vector close to float32's."""
