@@ -40,6 +40,9 @@ RESERVED_COLUMNS = frozenset({
 })
 
 _STAT_THREADS = 32
+_STAT_CHUNK = 20_000
+# Most decode tasks (Ray blocks) a job plans: see pack_decode_tasks.
+MAX_DECODE_TASKS = 10_000
 
 
 @dataclass(frozen=True)
@@ -230,9 +233,7 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
         first_row.setdefault(uri, i)
-    with ThreadPoolExecutor(_STAT_THREADS) as pool:
-        stated = list(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg),
-                               first_row.items()))
+    stated = _stat_all(list(first_row.items()), cfg)
     # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
     # recording: they have one id, and listing it twice would write its rows twice.
     items = _dedup_sorted(sorted(stated, key=lambda i: i.row))
@@ -323,6 +324,19 @@ def _portable_columns(table: pa.Table) -> pa.Table:
             column = table.column(i).cast(wanted, safe=False)
         table = table.set_column(i, field.with_type(wanted), column)
     return table
+
+
+def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig) -> list[SourceItem]:
+    """Stat every ``(uri, row)`` with ``_STAT_THREADS`` threads, ``_STAT_CHUNK`` at a time:
+    ``Executor.map`` makes every future up front, which for a million rows held 1.5 GB."""
+    stated: list[SourceItem] = []
+    with ThreadPoolExecutor(_STAT_THREADS) as pool:
+        for start in range(0, len(uris), _STAT_CHUNK):
+            chunk = uris[start:start + _STAT_CHUNK]
+            stated.extend(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg), chunk))
+            if len(uris) > _STAT_CHUNK:
+                log.info("manifest: %d of %d objects looked up", len(stated), len(uris))
+    return stated
 
 
 def _typed_empty_columns(table: pa.Table) -> pa.Table:
@@ -454,7 +468,8 @@ def plan_shards(items: Sequence[SourceItem], shard_size: int) -> list[tuple[str,
 
 
 def pack_decode_tasks(sizes: Sequence[int], *, tasks_at_least: int, max_recordings: int = 64,
-                      max_bytes: int = 64 * 2**20) -> list[tuple[int, int]]:
+                      max_bytes: int = 64 * 2**20,
+                      max_tasks: int = MAX_DECODE_TASKS) -> list[tuple[int, int]]:
     """Group consecutive recordings into decode tasks: ``[start, end)`` index ranges.
 
     One task per recording does not scale: on a 2-core machine Ray took 21 s to create 20,000
@@ -463,8 +478,13 @@ def pack_decode_tasks(sizes: Sequence[int], *, tasks_at_least: int, max_recordin
     ``from_items`` alone. A task holds up to ``max_recordings`` recordings
     and ``max_bytes`` of encoded audio (a recording larger than that, or of unknown size, is
     a task alone), but never so many that there are fewer than ``tasks_at_least`` tasks, so
-    small jobs still decode in parallel.
+    small jobs still decode in parallel. Both limits grow with the job so that it has about
+    ``max_tasks`` tasks at most: the driver holds every task's block from the start (some
+    4 ms and 50 KB each), and a streamed task is as cheap to run long as short.
     """
+    known = sum(size for size in sizes if size >= 0)
+    max_recordings = max(max_recordings, -(-len(sizes) // max_tasks))
+    max_bytes = max(max_bytes, -(-known // max_tasks))
     n = len(sizes)
     per_task = max(1, min(max_recordings, n // max(1, tasks_at_least)))
     tasks: list[tuple[int, int]] = []

@@ -48,3 +48,17 @@ def test_the_byte_cap_splits_a_run_of_medium_recordings() -> None:
 
 def test_nothing_to_decode() -> None:
     assert pack_decode_tasks([], tasks_at_least=8) == []
+
+
+@pytest.mark.parametrize("sizes", [
+    [5 * MB] * 200_000,                                  # a big archive of 5-MB recordings
+    [100_000] * 200_000,                                 # of short clips
+    [(i * 7919) % (300 * MB) for i in range(200_000)],   # sizes all over, up to 300 MB
+])
+def test_a_big_job_gets_about_max_tasks_tasks_whatever_its_size(sizes: list[int]) -> None:
+    """The driver holds a block per task: a million recordings must not become 77,000."""
+    tasks = pack_decode_tasks(sizes, tasks_at_least=64, max_tasks=2_000)
+    assert covers_in_order(tasks, len(sizes))
+    assert 64 <= len(tasks) <= 2 * 2_000 + 1
+    before = pack_decode_tasks(sizes, tasks_at_least=64, max_tasks=len(sizes))  # no bound
+    assert len(before) > len(tasks)
