@@ -12,8 +12,9 @@ drain::
                            -> map_batches(write_stage)       staged Parquet + partial pools
 
 The driver reads the write stage's small returns as they come (:class:`ShardProgress`)
-and, as soon as every window of a shard is accounted for, builds that shard's recordings
-and errors tables, publishes its staged files and writes its commit marker.
+and, as soon as every window of a shard is accounted for, hands the shard to a commit
+thread, which builds its recordings and errors tables, publishes its staged files and
+writes its commit marker, while the driver reads on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -80,6 +83,8 @@ log = logging.getLogger(__name__)
 
 # On a local Ray without GPUs, one embedding actor per CPU up to this many.
 MAX_LOCAL_CPU_ACTORS = 4
+# Shards the driver commits at once.
+COMMIT_THREADS = 8
 
 DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
                                  ("uri", pa.string()), ("path", pa.string()),
@@ -629,24 +634,38 @@ class EmbeddingJob:
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
                                                             batch_format="pyarrow")
-        with contextlib.closing(iter(batches)) as returns:
-            for batch in returns:
-                for row in batch.to_pylist():
-                    ret = WriteReturn.from_row(row)
-                    for actor, timing in ret.timing.items():
-                        merge_timing(per_actor, {"actor": actor, **timing})
-                    if not ret.shard:
-                        continue
-                    progress = pending.get(ret.shard)
-                    if progress is None:
-                        raise RuntimeError(f"rows for shard {ret.shard} after it was committed "
-                                           "(or of no shard of this run); stopping")
-                    progress.add(ret)
-                    if progress.complete:
-                        del pending[ret.shard]
-                        outcome = self._commit_shard(progress, items[ret.shard], started)
-                        self._record(summary, outcome)
-                        fault_point("committed")
+        # Shards commit on threads while rows keep coming: on a bucket a commit is a dozen
+        # requests or more (files, copies, deletes, the marker, lease reads), and one at a
+        # time they would cap a job at a shard or two a second.
+        commits: set[Future[ShardOutcome]] = set()
+        pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        try:
+            with contextlib.closing(iter(batches)) as returns:
+                for batch in returns:
+                    for row in batch.to_pylist():
+                        ret = WriteReturn.from_row(row)
+                        for actor, timing in ret.timing.items():
+                            merge_timing(per_actor, {"actor": actor, **timing})
+                        if not ret.shard:
+                            continue
+                        progress = pending.get(ret.shard)
+                        if progress is None:
+                            raise RuntimeError(f"rows for shard {ret.shard} after it was "
+                                               "committed (or of no shard of this run); stopping")
+                        progress.add(ret)
+                        if progress.complete:
+                            del pending[ret.shard]
+                            commits.add(pool.submit(self._commit_shard, progress,
+                                                    items[ret.shard], started))
+                    self._record_commits(summary, commits, wait=False)
+            self._record_commits(summary, commits, wait=True)
+        finally:
+            # Stopping on an error: commits under way finish, queued ones never start, and
+            # the summary (the job record) counts every shard that did commit.
+            pool.shutdown(wait=True, cancel_futures=True)
+            for commit in commits:
+                if not commit.cancelled() and commit.exception() is None:
+                    self._record(summary, commit.result(), check_budget=False)
         summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         if pending:
             waiting = sorted(r for p in pending.values() for r in p.waiting)
@@ -657,6 +676,16 @@ class EmbeddingJob:
         log.info("models busy %.0f%% of their active time (%d batches, forward %.1f s of %.1f s); "
                  "first batch %.1f s after the pipeline started", 100 * e.busy_fraction,
                  e.batches, e.model_s, e.active_s, e.first_batch_s)
+
+    def _record_commits(self, summary: JobSummary, commits: set[Future[ShardOutcome]],
+                        wait: bool) -> None:
+        """Fold the finished ``commits`` into the summary, taking them out of the set
+        (raising a commit's error, or the failure budget's); with ``wait``, all of them."""
+        done, _ = futures_wait(commits, timeout=None if wait else 0)
+        for commit in done:
+            commits.discard(commit)
+            self._record(summary, commit.result())
+            fault_point("committed")
 
     def _check_failure_budget(self, summary: JobSummary) -> None:
         finished = summary.embedded + summary.partial + summary.failed
@@ -929,7 +958,8 @@ class EmbeddingJob:
         })
         return outcome
 
-    def _record(self, summary: JobSummary, outcome: ShardOutcome) -> None:
+    def _record(self, summary: JobSummary, outcome: ShardOutcome,
+                check_budget: bool = True) -> None:
         """Fold a committed shard into the summary, say so, and apply the failure budget."""
         summary.shard_outcomes.append(outcome)
         for key in ("embedded", "partial", "failed", "windows", "audio_s"):
@@ -938,7 +968,8 @@ class EmbeddingJob:
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
-        self._check_failure_budget(summary)
+        if check_budget:
+            self._check_failure_budget(summary)
 
     def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
                     dropped: Mapping[str, set[tuple[int, int]]],

@@ -233,6 +233,7 @@ class ProxyStats:
             removed the objects.
         body_bytes: response body bytes sent for GETs, per object path.
         gets: GET requests answered, per object path.
+        most_at_once: the most requests of a category under way at one time.
     """
 
     requests: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -241,6 +242,7 @@ class ProxyStats:
     unrecovered: list[tuple[str, str, str]] = field(default_factory=list)
     body_bytes: collections.Counter[str] = field(default_factory=collections.Counter)
     gets: collections.Counter[str] = field(default_factory=collections.Counter)
+    most_at_once: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def faults_by_category(self) -> dict[str, int]:
         out: collections.Counter[str] = collections.Counter()
@@ -276,6 +278,9 @@ class FaultProxy:
         # Range reads of objects whose path contains this fail, every time (a 500): an
         # outage of those objects, longer than any retry.
         self.outage: str | None = None
+        # Seconds every request waits before it is forwarded: a bucket far away.
+        self.latency_s = 0.0
+        self._under_way: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stats = ProxyStats()
@@ -331,6 +336,7 @@ class FaultProxy:
                              for key, (category, kind) in self._pending.items()],
                 body_bytes=collections.Counter(self._stats.body_bytes),
                 gets=collections.Counter(self._stats.gets),
+                most_at_once=collections.Counter(self._stats.most_at_once),
             )
         return snap
 
@@ -415,11 +421,24 @@ class FaultProxy:
                     self.wfile.write(body)
 
             def _proxy(self) -> None:
+                category = classify(self.command, self.path, dict(self.headers.items()))
+                with proxy._lock:
+                    proxy._under_way[category] += 1
+                    most = proxy._stats.most_at_once
+                    most[category] = max(most[category], proxy._under_way[category])
+                try:
+                    if proxy.latency_s:
+                        time.sleep(proxy.latency_s)
+                    self._serve(category)
+                finally:
+                    with proxy._lock:
+                        proxy._under_way[category] -= 1
+
+            def _serve(self, category: str) -> None:
                 method, target = self.command, self.path
                 body = self._read_body()
                 path = urllib.parse.urlsplit(target).path
                 key = (method, target, self.headers.get("Range", ""))
-                category = classify(method, target, dict(self.headers.items()))
                 fault = proxy._decide(category, key)
                 if fault == "reset_before":
                     self._reset()

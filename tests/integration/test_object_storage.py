@@ -687,6 +687,27 @@ def test_a_recording_an_outage_kept_out_is_embedded_by_the_next_run(
     assert rows == distinct
 
 
+def test_the_driver_commits_shards_side_by_side_on_a_slow_bucket(
+        s3_archive: str, moto: ServerProcess, checkpoint: Path, s3_run: Run,
+        ray_session: None) -> None:
+    """A commit is a dozen requests or more on a bucket (files, copies, deletes, the marker,
+    lease reads); one shard at a time, 50 ms a request would cap a job at a shard or two a
+    second. With a shard per recording, the publishing copies of several shards are under
+    way at once (one shard copies its files one after another), and the tables are a
+    fault-free run's."""
+    with running(FaultProxy(moto.port, fault_rate=0.0, fail_first=False)) as proxy:
+        proxy.latency_s = 0.05
+        options = s3_opts(proxy.url)
+        root = f"s3://{OUT_BUCKET}/slow"
+        raw = job_config(s3_archive, root, checkpoint, "slow", options, options)
+        raw["run"]["shard_size"] = 1
+        summary = run_job(raw)
+        stats = proxy.stats()
+    assert summary.shards == len(ARCHIVE_FILES) and stats.requests["copy"] >= summary.shards
+    assert stats.most_at_once["copy"] >= 2
+    assert_same_rows(read_with_pyarrow(root, s3_run.options, s3_run.prefixes), s3_run.rows())
+
+
 # --------------------------------------------------------------------------- 3. long recordings
 
 
