@@ -115,22 +115,7 @@ def _namespace(fs: Any, root: str, model: str, variant: str,
                 if path not in committed_paths:
                     ns.uncommitted_files += 1
     ns.missing_files = len(committed_paths - present)
-    errors: collections.Counter[str] = collections.Counter()
-    examples: list[dict[str, str]] = []
-    for marker in markers.values():
-        for f in marker.get("files", {}).get("errors", ()):
-            path = layout.committed_file("errors", f["path"])
-            if path not in present:
-                continue  # counted in missing_files
-            table = read_parquet_bytes(storage.read_bytes(fs, path),
-                                       columns=["source_uri", "error_type", "message"])
-            cols = table.to_pydict()
-            errors.update(cols["error_type"])
-            examples.extend({"source_uri": str(u), "error_type": str(t), "message": str(m)}
-                            for u, t, m in zip(cols["source_uri"], cols["error_type"],
-                                               cols["message"], strict=True))
-    ns.error_types = dict(errors.most_common())
-    ns.error_examples = sorted(examples, key=lambda e: e["source_uri"])[:ERROR_EXAMPLES]
+    ns.error_types, ns.error_examples = _errors(fs, layout, markers, present)
     if storage.exists(fs, layout.lease_path()):
         ns.lease = read_json(fs, layout.lease_path())
         age = time.time() - float(ns.lease.get("heartbeat", 0.0))
@@ -140,6 +125,41 @@ def _namespace(fs: Any, root: str, model: str, variant: str,
         ns.lease_stale = "" if mine else lease_mod.NamespaceLease.holder_gone(ns.lease) or (
             f"no heartbeat for {age:.0f} s" if age > lease_mod.STALE_S else "")
     return ns
+
+
+def _errors(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]],
+            present: set[str]) -> tuple[dict[str, int], list[dict[str, str]]]:
+    """Failed recordings by error type, and the first few (by URI) with their messages.
+
+    The markers name each failed recording's error type, so only the errors files holding
+    the examples are read (a marker too old to name it has its file read too): thousands of
+    shards with errors are not thousands of reads.
+    """
+    failed = sorted([(str(rec.get("source_uri", "")), shard, rec)
+                     for shard, marker in markers.items()
+                     for rec in marker.get("recordings", ()) if rec.get("outcome") == "error"],
+                    key=lambda failure: failure[:2])
+    legacy = {shard for _, shard, rec in failed if "error_type" not in rec}
+    types = collections.Counter(str(rec["error_type"]) for _, shard, rec in failed
+                                if shard not in legacy)
+    rows: list[dict[str, str]] = []
+    for shard in sorted(legacy | {shard for _, shard, _ in failed[:ERROR_EXAMPLES]}):
+        for f in markers[shard].get("files", {}).get("errors", ()):
+            path = layout.committed_file("errors", f["path"])
+            if path not in present:
+                continue  # counted in missing_files
+            cols = read_parquet_bytes(storage.read_bytes(fs, path),
+                                      columns=["source_uri", "error_type", "message"]).to_pydict()
+            found = [{"source_uri": str(u), "error_type": str(t), "message": str(m)}
+                     for u, t, m in zip(cols["source_uri"], cols["error_type"], cols["message"],
+                                        strict=True)]
+            rows.extend(found)
+            if shard in legacy:
+                types.update(row["error_type"] for row in found)
+    # Every failed recording is a row of the files read or has a larger URI than the first
+    # few, so the first few rows read are the first few of all.
+    examples = sorted(rows, key=lambda row: row["source_uri"])[:ERROR_EXAMPLES]
+    return dict(types.most_common()), examples
 
 
 def render(catalog: Catalog) -> str:

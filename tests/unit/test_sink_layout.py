@@ -269,6 +269,38 @@ def test_a_copied_output_root_is_inspected_as_itself(tmp_path: Path) -> None:
     assert "missing" not in shown and "without a commit marker" not in shown
 
 
+def test_inspect_counts_errors_from_the_markers_and_reads_only_the_examples_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 shards with an error each: the types come from the markers, and only the files
+    holding the first examples (by URI) are read, plus that of a marker too old to name its
+    error's type."""
+    from pipeline import catalog
+
+    lay = OutputLayout(str(tmp_path / "out"), "m", "v")
+    for k in range(41):
+        shard, uri = f"{k:016x}", f"/a/{40 - k:02d}.wav"
+        kind = "TooShort" if k % 4 else "UnreadableAudio"
+        path = lay.shard_file("errors", shard, 0)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"source_uri": [uri], "error_type": [kind],
+                                 "message": [f"message {k}"]}), path)
+        rec = {"recording_id": str(k), "source_uri": uri, "outcome": "error"}
+        if k != 20:  # this marker is of a version that did not record the type
+            rec["error_type"] = kind
+        layout.write_json(lay.fs, lay.commit_path(shard), {
+            "shard": shard, "recordings": [rec], "files": {"errors": [{"path": lay.uri(path),
+                                                                      "rows": 1}]}})
+    reads: list[int] = []
+    real = catalog.read_parquet_bytes
+    monkeypatch.setattr(catalog, "read_parquet_bytes",
+                        lambda data, **kw: reads.append(1) or real(data, **kw))
+    [ns] = catalog.load_catalog(str(tmp_path / "out")).namespaces
+    assert ns.error_types == {"TooShort": 30, "UnreadableAudio": 11}
+    assert [e["source_uri"] for e in ns.error_examples] == [f"/a/{i:02d}.wav" for i in range(5)]
+    assert ns.error_examples[0]["message"] == "message 40"
+    assert len(reads) == 6  # the first five by URI, and the old marker's
+
+
 def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(tmp_path: Path) -> None:
     """Killed between committing the carved shard and uncommitting its source, a run leaves
     both markers naming the kept recordings: the next run uncommits the source (whose files
