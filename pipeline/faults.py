@@ -7,8 +7,8 @@ the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``lis
 decode task, after a recording's windows and report went out: Ray's retry must not repeat
 them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after
 the first file of a shard is in place), ``before_commit`` (all files in place, no marker
-yet), ``committed`` (the driver, once it has recorded the first shard's commit; other shards'
-commits may be under way, on the driver's commit threads).
+yet), ``committed`` (the driver's commit thread that wrote the first marker, right after it;
+other shards' commits may be under way on the other threads).
 Unset in normal runs, where it costs one environment lookup.
 """
 

@@ -24,9 +24,10 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -47,6 +48,7 @@ from pipeline.errors import (
     EXIT_SOME_FAILED,
     ConfigError,
     JobAborted,
+    LeaseLostError,
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
@@ -71,7 +73,14 @@ from pipeline.sink import (
     write_parquet,
     write_stage,
 )
-from pipeline.sources import Listing, SourceItem, list_sources, pack_decode_tasks, plan_shards
+from pipeline.sources import (
+    Listing,
+    SourceItem,
+    list_sources,
+    pack_decode_tasks,
+    plan_shards,
+    portable_type,
+)
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
 from pipeline.summary import EmbedTiming, JobSummary, ShardOutcome
 from pipeline.windows import samples_for
@@ -83,7 +92,7 @@ log = logging.getLogger(__name__)
 
 # On a local Ray without GPUs, one embedding actor per CPU up to this many.
 MAX_LOCAL_CPU_ACTORS = 4
-# Shards the driver commits at once.
+# Shards the driver commits at once (see _Committer).
 COMMIT_THREADS = 8
 
 DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
@@ -117,6 +126,74 @@ class ComputePlan:
     inflight_mb: int  # object-store budget for windows and rows in flight
     cluster_cpus: float
     cluster_gpus: float
+
+
+class _CommitStopped(Exception):
+    """A commit left unfinished because the job is stopping."""
+
+
+class _Committer:
+    """Commits complete shards on threads while the driver reads on.
+
+    On a bucket a commit is a dozen requests or more (files, copies, deletes, the marker,
+    lease reads): one at a time, at 50 ms a request, they capped a job at a shard or two a
+    second. Up to ``COMMIT_THREADS`` run at once and ``2 * COMMIT_THREADS`` wait, beyond
+    which the driver waits too. ``record`` (the summary and the failure budget) runs on the
+    driver's thread only.
+
+    How a run that stops leaves them (:meth:`close`): after an error of the pipeline, every
+    complete shard is still committed, as it would have been one at a time; after an
+    interrupt, a lost lease, the failure budget or a failed commit, none is started and
+    those under way stop before publishing or before their marker (the next run's recovery
+    removes what they left), unless already past it. Either way the summary counts every
+    shard that committed.
+    """
+
+    def __init__(self, commit: Callable[[ShardProgress, threading.Event], ShardOutcome],
+                 record: Callable[[ShardOutcome, bool], None]) -> None:
+        self._commit, self._record = commit, record
+        self._pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        self._futures: dict[Future[ShardOutcome], str] = {}
+        self.stopping = threading.Event()
+
+    def submit(self, progress: ShardProgress) -> None:
+        while len(self._futures) >= 3 * COMMIT_THREADS:
+            self.collect(wait="first")
+        future = self._pool.submit(self._commit, progress, self.stopping)
+        self._futures[future] = progress.shard_id
+
+    def collect(self, wait: str | None = None) -> None:
+        """Record the finished commits (``wait``: ``first`` for at least one, ``all``);
+        raises a commit's error, or the failure budget's."""
+        if not self._futures:
+            return
+        done, _ = futures_wait(self._futures, timeout=0 if wait is None else None,
+                               return_when=FIRST_COMPLETED if wait == "first" else ALL_COMPLETED)
+        for future in done:
+            del self._futures[future]
+            try:
+                outcome = future.result()
+            except BaseException:
+                self.stopping.set()
+                raise
+            self._record(outcome, True)
+
+    def close(self, err: BaseException | None) -> None:
+        """Finish as the class says, for a run ending with ``err`` (None: all collected)."""
+        if err is not None and (not isinstance(err, Exception)
+                                or isinstance(err, JobAborted | LeaseLostError)):
+            self.stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=self.stopping.is_set())
+        for future, shard in self._futures.items():
+            if future.cancelled():
+                continue
+            failure = future.exception()
+            if failure is None:
+                self._record(future.result(), False)
+            elif not isinstance(failure, _CommitStopped):
+                log.error("shard %s was not committed: %s: %s", shard,
+                          type(failure).__name__, failure)
+        self._futures.clear()
 
 
 class EmbeddingJob:
@@ -242,7 +319,9 @@ class EmbeddingJob:
         columns, break the readers the README gives (pyarrow.dataset fails to cast, DuckDB
         drops a column). So this run's columns take the namespace's types where that loses
         nothing: a column with no value in this run (left empty) takes any type, and values
-        join a column stored as text as text (one empty in the first run is stored as text).
+        join a column stored as text as text (one empty in the first run is stored as text),
+        and a column an earlier version stored in a type it no longer writes (nanosecond
+        times, unsigned integers: ``sources.portable_type``) keeps that type.
 
         Raises:
             ConfigError: the columns differ (field ``input.manifest``).
@@ -255,10 +334,15 @@ class EmbeddingJob:
         if extras is not None and theirs.keys() == mine.keys():
             for name, stored in theirs.items():
                 column = extras.column(name)
-                if mine[name] != stored and (column.null_count == len(column)
-                                             or pa.types.is_string(stored)):
-                    extras = extras.set_column(extras.schema.get_field_index(name), name,
-                                               column.cast(stored))
+                if mine[name] == stored or not (column.null_count == len(column)
+                                                or pa.types.is_string(stored)
+                                                or portable_type(stored) == mine[name]):
+                    continue
+                try:  # the last: a type an earlier version stored as read (timestamp[ns]...)
+                    cast = column.cast(stored)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    continue  # refused below, naming both
+                extras = extras.set_column(extras.schema.get_field_index(name), name, cast)
             self.listing = dataclasses.replace(self.listing, extras=extras)
             mine = {f.name: f.type for f in as_stored(extras.schema)}
         if theirs == mine:
@@ -634,11 +718,10 @@ class EmbeddingJob:
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
                                                             batch_format="pyarrow")
-        # Shards commit on threads while rows keep coming: on a bucket a commit is a dozen
-        # requests or more (files, copies, deletes, the marker, lease reads), and one at a
-        # time they would cap a job at a shard or two a second.
-        commits: set[Future[ShardOutcome]] = set()
-        pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        committer = _Committer(
+            lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
+                                                          started, stopping),
+            lambda outcome, check_budget: self._record(summary, outcome, check_budget))
         try:
             with contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
@@ -655,17 +738,13 @@ class EmbeddingJob:
                         progress.add(ret)
                         if progress.complete:
                             del pending[ret.shard]
-                            commits.add(pool.submit(self._commit_shard, progress,
-                                                    items[ret.shard], started))
-                    self._record_commits(summary, commits, wait=False)
-            self._record_commits(summary, commits, wait=True)
-        finally:
-            # Stopping on an error: commits under way finish, queued ones never start, and
-            # the summary (the job record) counts every shard that did commit.
-            pool.shutdown(wait=True, cancel_futures=True)
-            for commit in commits:
-                if not commit.cancelled() and commit.exception() is None:
-                    self._record(summary, commit.result(), check_budget=False)
+                            committer.submit(progress)
+                    committer.collect()
+            committer.collect(wait="all")
+        except BaseException as err:
+            committer.close(err)
+            raise
+        committer.close(None)
         summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         if pending:
             waiting = sorted(r for p in pending.values() for r in p.waiting)
@@ -676,16 +755,6 @@ class EmbeddingJob:
         log.info("models busy %.0f%% of their active time (%d batches, forward %.1f s of %.1f s); "
                  "first batch %.1f s after the pipeline started", 100 * e.busy_fraction,
                  e.batches, e.model_s, e.active_s, e.first_batch_s)
-
-    def _record_commits(self, summary: JobSummary, commits: set[Future[ShardOutcome]],
-                        wait: bool) -> None:
-        """Fold the finished ``commits`` into the summary, taking them out of the set
-        (raising a commit's error, or the failure budget's); with ``wait``, all of them."""
-        done, _ = futures_wait(commits, timeout=None if wait else 0)
-        for commit in done:
-            commits.discard(commit)
-            self._record(summary, commit.result())
-            fault_point("committed")
 
     def _check_failure_budget(self, summary: JobSummary) -> None:
         finished = summary.embedded + summary.partial + summary.failed
@@ -906,8 +975,11 @@ class EmbeddingJob:
     # ------------------------------------------------------------------ committing
 
     def _commit_shard(self, progress: ShardProgress, items: Sequence[SourceItem],
-                      started: float) -> ShardOutcome:
-        """Write a complete shard's recordings and errors tables, publish, mark committed."""
+                      started: float, stopping: threading.Event) -> ShardOutcome:
+        """Write a complete shard's recordings and errors tables, publish, mark committed
+        (on a commit thread: see :class:`_Committer`; ``stopping`` set, it stops before
+        publishing or before the marker, as a killed driver would, for the next run's
+        recovery)."""
         shard_id = progress.shard_id
         staging = self.layout.uri(self.layout.staging_dir(shard_id))
         pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
@@ -931,7 +1003,7 @@ class EmbeddingJob:
                           self._row_group_rows, o.compression)
             staged[table_name] = [path]
             file_rows[path] = table.num_rows
-        self._lease.check()
+        self._check_may_commit(stopping)
         fault_point("before_publish")
         staged_paths = {t: [storage.url_to_fs(p, o.storage_options)[1] for p in ps]
                         for t, ps in staged.items()}
@@ -944,7 +1016,7 @@ class EmbeddingJob:
         outcome.committed_after_s = round(time.perf_counter() - started, 3)
         # Publishing can be many copies on an object store: the lease may have been taken
         # over meanwhile, and the new holder's recovery deletes unmarked files.
-        self._lease.check()
+        self._check_may_commit(stopping)
         layout_mod.commit(self.layout, {
             "shard": shard_id,
             "job_id": self.job_id,
@@ -956,7 +1028,13 @@ class EmbeddingJob:
             "files": final_rows,
             "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
         })
+        fault_point("committed")
         return outcome
+
+    def _check_may_commit(self, stopping: threading.Event) -> None:
+        if stopping.is_set():
+            raise _CommitStopped("the job is stopping")
+        self._lease.check()
 
     def _record(self, summary: JobSummary, outcome: ShardOutcome,
                 check_budget: bool = True) -> None:

@@ -275,13 +275,13 @@ def _check_column_names(names: Sequence[str]) -> None:
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _portable_type(t: pa.DataType) -> pa.DataType:
+def portable_type(t: pa.DataType) -> pa.DataType:
     """``t`` as a type every reader the README names takes from Parquet: no unsigned
     integers (BigQuery's INT64 is signed; Spark reads UINT_64 as a decimal, before 3.2 not at
     all), no nanosecond times (Spark refuses them, BigQuery keeps microseconds), no
     dictionary, large or view encodings, no half floats."""
     if pa.types.is_dictionary(t):
-        return _portable_type(t.value_type)
+        return portable_type(t.value_type)
     if pa.types.is_unsigned_integer(t):
         return pa.int64()
     if pa.types.is_float16(t):
@@ -294,23 +294,25 @@ def _portable_type(t: pa.DataType) -> pa.DataType:
         return pa.string()
     if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
         return pa.binary()
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) \
-            or pa.types.is_large_list_view(t):
-        return pa.list_(_portable_type(t.value_type))
+    if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)
+            or pa.types.is_large_list_view(t) or pa.types.is_fixed_size_list(t)):
+        return pa.list_(portable_type(t.value_type))
+    if pa.types.is_map(t):
+        return pa.map_(portable_type(t.key_type), portable_type(t.item_type))
     if pa.types.is_struct(t):
-        return pa.struct([f.with_type(_portable_type(f.type)) for f in t])
+        return pa.struct([f.with_type(portable_type(f.type)) for f in t])
     return t
 
 
 def _portable_columns(table: pa.Table) -> pa.Table:
-    """The manifest's columns in :func:`_portable_type` types, so the rows load into BigQuery
+    """The manifest's columns in :func:`portable_type` types, so the rows load into BigQuery
     and Spark as well as DuckDB and pandas. Times lose what is below a microsecond.
 
     Raises:
         ConfigError: a value the portable type cannot hold (an unsigned integer past 2^63-1).
     """
     for i, field in enumerate(table.schema):
-        wanted = _portable_type(field.type)
+        wanted = portable_type(field.type)
         if wanted == field.type:
             continue
         try:
@@ -477,7 +479,7 @@ def pack_decode_tasks(sizes: Sequence[int], *, tasks_at_least: int, max_recordin
     decoding a short clip takes); a million recordings would spend a quarter of an hour in
     ``from_items`` alone. A task holds up to ``max_recordings`` recordings
     and ``max_bytes`` of encoded audio (a recording larger than that, or of unknown size, is
-    a task alone), but never so many that there are fewer than ``tasks_at_least`` tasks, so
+    a task alone, unless half the tasks would be such), but never so many that there are fewer than ``tasks_at_least`` tasks, so
     small jobs still decode in parallel. Both limits grow with the job so that it has about
     ``max_tasks`` tasks at most: the driver holds every task's block from the start (some
     4 ms and 50 KB each), and a streamed task is as cheap to run long as short.
@@ -485,12 +487,16 @@ def pack_decode_tasks(sizes: Sequence[int], *, tasks_at_least: int, max_recordin
     known = sum(size for size in sizes if size >= 0)
     max_recordings = max(max_recordings, -(-len(sizes) // max_tasks))
     max_bytes = max(max_bytes, -(-known // max_tasks))
+    # An unsized recording counts as a whole task's bytes, unless so many are unsized that
+    # they alone would make more than half the tasks: then they share tasks evenly.
+    unsized = sum(1 for size in sizes if size < 0)
+    unsized_bytes = max_bytes if unsized <= max_tasks // 2 else max_bytes * (max_tasks // 2) // unsized
     n = len(sizes)
     per_task = max(1, min(max_recordings, n // max(1, tasks_at_least)))
     tasks: list[tuple[int, int]] = []
     start, held = 0, 0
     for i, size in enumerate(sizes):
-        size = size if size >= 0 else max_bytes
+        size = size if size >= 0 else unsized_bytes
         if i > start and (i - start >= per_task or held + size > max_bytes):
             tasks.append((start, i))
             start, held = i, 0

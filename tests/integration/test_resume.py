@@ -117,8 +117,9 @@ def test_sigkill_at_each_point_then_rerun(point: str, archive: Path, baseline, t
 
 def test_sigkill_after_the_first_commit_then_rerun_does_only_the_rest(
         archive: Path, baseline, tmp_path: Path, ray_address: str) -> None:
-    """The driver dies with one shard committed and two not: the rerun takes the committed
-    one as done and embeds exactly the other two.
+    """The driver dies right after its first commit marker, with another shard's commit
+    perhaps under way on a second thread: the rerun takes the committed shards as done and
+    embeds exactly the others.
 
     A kill from outside "as soon as a marker appears" raced the driver, which on a fast
     machine committed all three shards within one poll; the fault point makes the moment exact.
@@ -130,11 +131,13 @@ def test_sigkill_after_the_first_commit_then_rerun_does_only_the_rest(
                    {"EMBED_ARCHIVE_FAULT": f"committed:{marker}",
                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert len(list((out / "_commits").glob("**/*.json"))) == 1
+    committed = len(list((out / "_commits").glob("**/*.json")))
+    assert 1 <= committed <= 2
     summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
     assert summary.exit_code == 0
-    assert summary.recordings_already_done == SHARD
-    assert summary.shards == 2 and summary.embedded == NUM_FILES - SHARD
+    assert summary.recordings_already_done == committed * SHARD
+    assert summary.shards == 3 - committed
+    assert summary.embedded == NUM_FILES - committed * SHARD
     assert_same(out, baseline)
 
 

@@ -54,6 +54,7 @@ def test_nothing_to_decode() -> None:
     [5 * MB] * 200_000,                                  # a big archive of 5-MB recordings
     [100_000] * 200_000,                                 # of short clips
     [(i * 7919) % (300 * MB) for i in range(200_000)],   # sizes all over, up to 300 MB
+    [-1] * 150_000 + [MB] * 50_000,                      # mostly of unknown size
 ])
 def test_a_big_job_gets_about_max_tasks_tasks_whatever_its_size(sizes: list[int]) -> None:
     """The driver holds a block per task: a million recordings must not become 77,000."""

@@ -1,16 +1,23 @@
-"""How a complete shard's reports and pooled sums settle into rows and per-recording outcomes."""
+"""How a complete shard's reports and pooled sums settle into rows and per-recording
+outcomes, and how the driver's commit threads finish when a run stops."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from pipeline import job as job_mod
 from pipeline.config import JobConfig
+from pipeline.errors import JobAborted
 from pipeline.job import EmbeddingJob
 from pipeline.layout import OutputLayout, shards_to_retry
+from pipeline.sink import ShardProgress
 from pipeline.sources import SourceItem
-from pipeline.summary import JobSummary
+from pipeline.summary import JobSummary, ShardOutcome
 
 
 def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
@@ -72,3 +79,64 @@ def test_the_summary_points_at_the_errors_directory_the_layout_writes() -> None:
     summary = JobSummary(job_id="j", output_uri="/out", model="my_pkg.models:Frames",
                          variant="v1", weights="random", failed=1)
     assert layout.uri(layout.table_dir("errors")) in summary.render()
+
+
+class SlowCommits:
+    """Commits that take ``seconds`` each and honour ``stopping`` as _commit_shard does."""
+
+    def __init__(self, seconds: float, fail: set[str] = frozenset()) -> None:
+        self.seconds, self.fail = seconds, fail
+        self.recorded: list[str] = []
+        self.most_outstanding = 0
+
+    def commit(self, progress: ShardProgress, stopping: threading.Event) -> ShardOutcome:
+        stopping.wait(self.seconds)
+        if stopping.is_set():
+            raise job_mod._CommitStopped("stopping")
+        if progress.shard_id in self.fail:
+            raise OSError(f"bucket refused {progress.shard_id}")
+        return ShardOutcome(shard_id=progress.shard_id, recordings=1)
+
+    def record(self, outcome: ShardOutcome, check_budget: bool) -> None:
+        self.recorded.append(outcome.shard_id)
+
+
+def submit_all(committer: job_mod._Committer, commits: SlowCommits, n: int) -> None:
+    for k in range(n):
+        committer.submit(ShardProgress(f"s{k:02d}", ["r"], (0,)))
+        commits.most_outstanding = max(commits.most_outstanding, len(committer._futures))
+
+
+def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> None:
+    """As one commit at a time would have: the rows are all written, only the marker waits."""
+    commits = SlowCommits(0.02)
+    committer = job_mod._Committer(commits.commit, commits.record)
+    submit_all(committer, commits, 40)
+    committer.close(RuntimeError("the pipeline failed"))
+    assert sorted(commits.recorded) == [f"s{k:02d}" for k in range(40)]
+    assert commits.most_outstanding <= 3 * job_mod.COMMIT_THREADS  # the driver waited
+
+
+@pytest.mark.parametrize("err", [KeyboardInterrupt(), JobAborted("budget")])
+def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    commits = SlowCommits(5.0)
+    committer = job_mod._Committer(commits.commit, commits.record)
+    submit_all(committer, commits, 20)
+    started = time.monotonic()
+    committer.close(err)
+    assert time.monotonic() - started < 2.0  # under-way commits stopped, queued never ran
+    assert commits.recorded == [] and "not committed" not in caplog.text
+
+
+def test_a_failed_commit_stops_the_others_and_every_failure_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    commits = SlowCommits(0.05, fail={"s00", "s01"})
+    committer = job_mod._Committer(commits.commit, commits.record)
+    submit_all(committer, commits, 4)
+    with pytest.raises(OSError, match="bucket refused s0[01]") as raised:
+        committer.collect(wait="all")
+    committer.close(raised.value)
+    assert committer.stopping.is_set()
+    other = "s01" if "s00" in str(raised.value) else "s00"
+    assert f"shard {other} was not committed: OSError: bucket refused {other}" in caplog.text

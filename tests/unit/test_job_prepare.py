@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
 
@@ -484,6 +485,41 @@ def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
     again = job(archive, tmp_path, input=inputs)
     again.prepare()
     again._lease.release()
+
+
+@pytest.mark.parametrize("stored", [pa.timestamp("ns", "UTC"), pa.uint32(),
+                                    pa.dictionary(pa.int32(), pa.string())])
+def test_a_namespace_an_earlier_version_wrote_in_other_types_is_resumed(
+        archive: Path, tmp_path: Path, stored: pa.DataType) -> None:
+    """Earlier versions stored a manifest's nanosecond times, unsigned integers and
+    dictionaries as read; this one writes them portably (microseconds, int64, plain), and
+    a rerun into such a namespace keeps the stored type instead of refusing it."""
+    from pipeline import layout as layout_mod
+    from pipeline.sink import write_parquet
+
+    value = {"timestamp[ns, tz=UTC]": "2026-05-06T05:15:00.250Z", "uint32": "7"}.get(
+        str(stored), "north")
+    (archive / "m.csv").write_text(f"uri,x\na.wav,{value}\n")
+    inputs = {"uri": None, "manifest": str(archive / "m.csv")}
+    first = job(archive, tmp_path, input=inputs)
+    first.prepare()
+    first._lease.release()
+    [item] = first.todo
+    old = first.listing.extras.set_column(0, pa.field("x", stored),
+                                          first.listing.extras.column("x").cast(stored))
+    table = rows_to_table([{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
+                          errors_schema(old.schema), first._sources_table(first.todo).drop_columns(
+                              ["x"]).append_column(pa.field("x", stored), old.column("x")),
+                          first.provenance.row_columns())
+    path = first.layout.shard_file("errors", "a" * 16, 0)
+    write_parquet(table, path, {}, 100, "zstd")
+    layout_mod.write_json(first.layout.fs, first.layout.commit_path("a" * 16), {
+        "shard": "a" * 16, "recordings": [{"recording_id": "other", "outcome": "error"}],
+        "files": {"errors": [{"path": path, "rows": 1}]}})
+    again = job(archive, tmp_path, input=inputs)
+    again.prepare()
+    again._lease.release()
+    assert again.listing.extras.schema.field("x").type == stored
 
 
 @pytest.mark.parametrize("replace", [True, False])
