@@ -474,17 +474,24 @@ def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
         errors_schema(first.listing.extras.schema), first._sources_table(first.todo),
         first.provenance.row_columns())
     assert str(table.schema.field("recorded_at").type) == "timestamp[s, tz=UTC]"
+    prepared_after_committing(table, first, archive, tmp_path, inputs)
+
+
+def prepared_after_committing(errors: pa.Table, first: EmbeddingJob, archive: Path,
+                              tmp_path: Path, inputs: dict[str, Any]) -> EmbeddingJob:
+    """A job of ``inputs`` prepared after ``first`` committed a shard of ``errors`` rows."""
     from pipeline import layout as layout_mod
     from pipeline.sink import write_parquet
 
     path = first.layout.shard_file("errors", "a" * 16, 0)
-    write_parquet(table, path, {}, 100, "zstd")
+    write_parquet(errors, path, {}, 100, "zstd")
     layout_mod.write_json(first.layout.fs, first.layout.commit_path("a" * 16), {
         "shard": "a" * 16, "recordings": [{"recording_id": "other", "outcome": "error"}],
         "files": {"errors": [{"path": path, "rows": 1}]}})
     again = job(archive, tmp_path, input=inputs)
     again.prepare()
     again._lease.release()
+    return again
 
 
 @pytest.mark.parametrize("stored", [pa.timestamp("ns", "UTC"), pa.uint32(),
@@ -494,9 +501,6 @@ def test_a_namespace_an_earlier_version_wrote_in_other_types_is_resumed(
     """Earlier versions stored a manifest's nanosecond times, unsigned integers and
     dictionaries as read; this one writes them portably (microseconds, int64, plain), and
     a rerun into such a namespace keeps the stored type instead of refusing it."""
-    from pipeline import layout as layout_mod
-    from pipeline.sink import write_parquet
-
     value = {"timestamp[ns, tz=UTC]": "2026-05-06T05:15:00.250Z", "uint32": "7"}.get(
         str(stored), "north")
     (archive / "m.csv").write_text(f"uri,x\na.wav,{value}\n")
@@ -511,14 +515,7 @@ def test_a_namespace_an_earlier_version_wrote_in_other_types_is_resumed(
                           errors_schema(old.schema), first._sources_table(first.todo).drop_columns(
                               ["x"]).append_column(pa.field("x", stored), old.column("x")),
                           first.provenance.row_columns())
-    path = first.layout.shard_file("errors", "a" * 16, 0)
-    write_parquet(table, path, {}, 100, "zstd")
-    layout_mod.write_json(first.layout.fs, first.layout.commit_path("a" * 16), {
-        "shard": "a" * 16, "recordings": [{"recording_id": "other", "outcome": "error"}],
-        "files": {"errors": [{"path": path, "rows": 1}]}})
-    again = job(archive, tmp_path, input=inputs)
-    again.prepare()
-    again._lease.release()
+    again = prepared_after_committing(table, first, archive, tmp_path, inputs)
     assert again.listing.extras.schema.field("x").type == stored
 
 
