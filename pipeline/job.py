@@ -183,7 +183,17 @@ class _Committer:
         if err is not None and (not isinstance(err, Exception)
                                 or isinstance(err, JobAborted | LeaseLostError)):
             self.stopping.set()
-        self._pool.shutdown(wait=True, cancel_futures=self.stopping.is_set())
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=self.stopping.is_set())
+        except BaseException:  # interrupted while waiting: stop the rest, as for an interrupt
+            self.stopping.set()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._record_finished()
+            raise
+        self._record_finished()
+
+    def _record_finished(self) -> None:
+        """Record what the pool finished after the driver stopped collecting; log failures."""
         for future, shard in self._futures.items():
             if future.cancelled():
                 continue

@@ -140,3 +140,25 @@ def test_a_failed_commit_stops_the_others_and_every_failure_is_logged(
     assert committer.stopping.is_set()
     other = "s01" if "s00" in str(raised.value) else "s00"
     assert f"shard {other} was not committed: OSError: bucket refused {other}" in caplog.text
+
+
+def test_an_interrupt_while_waiting_after_a_pipeline_error_stops_the_rest() -> None:
+    """Ctrl-C while the complete shards commit after a pipeline error: no commit may go on
+    past the job record, so the rest stop as after any interrupt."""
+    commits = SlowCommits(5.0)
+    committer = job_mod._Committer(commits.commit, commits.record)
+    submit_all(committer, commits, 20)
+    real, calls = committer._pool.shutdown, []
+
+    def interrupted(wait: bool = True, cancel_futures: bool = False) -> None:
+        calls.append(cancel_futures)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(wait=wait, cancel_futures=cancel_futures)
+
+    committer._pool.shutdown = interrupted  # type: ignore[method-assign]
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        committer.close(RuntimeError("the pipeline failed"))
+    assert calls == [False, True] and committer.stopping.is_set()
+    assert time.monotonic() - started < 2.0 and commits.recorded == []
