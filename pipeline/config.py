@@ -38,7 +38,9 @@ class InputConfig:
     Attributes:
         uri: a directory, a glob, or one file; any fsspec URL (``gs://b/x/*.flac``).
         manifest: optional CSV, Parquet or JSONL file with a ``uri`` column; its other
-            columns are carried to every output row. When set, ``uri`` is ignored.
+            columns are carried to every output row, except ``source_version`` and
+            ``source_bytes``, which name each object's version and size so that it is not
+            looked up (``pipeline.sources``). When set, ``uri`` is ignored.
         extensions: file extensions (case-insensitive) that count as recordings.
         recursive: descend into subdirectories when ``uri`` is a directory.
         storage_options: passed to the fsspec filesystem (endpoint, project, anon, key and

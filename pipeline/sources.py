@@ -39,6 +39,11 @@ RESERVED_COLUMNS = frozenset({
     "error_type", "message", "shard",
 })
 
+# Columns a manifest may carry for the job itself, named as its rows name them: each
+# object's version (and size), which the manifest then vouches for, so the job does not look
+# the object up (see _given_items).
+GIVEN_COLUMNS = ("source_version", "source_bytes")
+
 _STAT_THREADS = 32
 _STAT_CHUNK = 20_000
 # Most decode tasks (Ray blocks) a job plans: see pack_decode_tasks.
@@ -218,11 +223,13 @@ def _list_manifest(cfg: InputConfig) -> Listing:
             f"manifest has no 'uri' column (columns: {', '.join(table.column_names)})",
             "input.manifest",
         )
-    _check_column_names(table.column_names)
+    _check_column_names([n for n in table.column_names if n not in GIVEN_COLUMNS])
+    versions, sizes = _given_columns(table)
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
     raw = ["" if u is None else str(u) for u in table.column("uri").to_pylist()]
     uris = [resolve_relative(u, base) for u in raw]
-    extras = _portable_columns(_typed_empty_columns(table.drop_columns(["uri"])))
+    extras = table.drop_columns(["uri", *(c for c in GIVEN_COLUMNS if c in table.column_names)])
+    extras = _portable_columns(_typed_empty_columns(extras))
     blank = [i for i, uri in enumerate(raw) if not uri.strip()]
     if blank:
         raise ConfigError(
@@ -233,7 +240,12 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
         first_row.setdefault(uri, i)
-    stated = _stat_all(list(first_row.items()), cfg)
+    given = [(uri, row) for uri, row in first_row.items() if versions[row]]
+    stated = _stat_all([(uri, row) for uri, row in first_row.items() if not versions[row]], cfg)
+    if given:
+        log.info("manifest: %d object(s) named with their version (source_version), not "
+                 "looked up; %d looked up", len(given), len(stated))
+        stated += [_given_item(uri, row, versions[row], sizes[row], cfg) for uri, row in given]
     # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
     # recording: they have one id, and listing it twice would write its rows twice.
     items = _dedup_sorted(sorted(stated, key=lambda i: i.row))
@@ -241,6 +253,52 @@ def _list_manifest(cfg: InputConfig) -> Listing:
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
                     "the first row's metadata is kept", len(stated) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
+
+
+def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
+    """Each row's ``source_version`` (``""`` where it gives none: that object is looked up)
+    and ``source_bytes`` (-1 where unknown: a decoder asks the store).
+
+    Raises:
+        ConfigError: ``source_bytes`` without ``source_version``, or not whole numbers >= 0.
+    """
+    rows = table.num_rows
+    versions, sizes = [""] * rows, [-1] * rows
+    names = table.column_names
+    if "source_version" in names:
+        column = table.column("source_version")
+        if not pa.types.is_string(column.type):
+            column = column.cast(pa.string())  # a CSV of bare generation numbers
+        versions = ["" if v is None else v.strip() for v in column.to_pylist()]
+    if "source_bytes" in names:
+        if "source_version" not in names:
+            raise ConfigError("manifest has source_bytes but no source_version: an object's size "
+                              "counts only with the version it is the size of", "input.manifest")
+        column = table.column("source_bytes")
+        if not (pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+            raise ConfigError(f"manifest column source_bytes is {column.type}; it holds each "
+                              "object's size in bytes (whole numbers)", "input.manifest")
+        given = column.to_pylist()
+        bad = [i for i, n in enumerate(given) if n is not None and n < 0]
+        if bad:
+            raise ConfigError(f"manifest column source_bytes is negative in {len(bad)} row(s) "
+                              f"(first: row {bad[0] + 1}; 1 = first data row)", "input.manifest")
+        sizes = [-1 if n is None or not versions[i] else int(n) for i, n in enumerate(given)]
+    return versions, sizes
+
+
+def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -> SourceItem:
+    """A manifest row that names its object's version: taken at its word, with no request.
+    Its id is the one a listing of that version would give when the token is spelled as the
+    job writes ``source_version`` (``generation=...``, ``ETag=...``). A URL this job cannot
+    use is an error row, as when looking it up; a missing object fails when it is read."""
+    try:
+        fs, path = storage.url_to_fs(uri, cfg.storage_options)
+    except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
+        return _unreadable(storage.redact_uri(uri), uri, row, err)
+    shown = storage.redact_uri(storage.full_uri(fs, path))
+    return SourceItem(uri=shown, path=path, size_bytes=size, version=version,
+                      recording_id=recording_id(shown, version), row=row)
 
 
 def _check_column_names(names: Sequence[str]) -> None:
@@ -256,7 +314,9 @@ def _check_column_names(names: Sequence[str]) -> None:
     if clashes:
         raise ConfigError(
             f"manifest columns {clashes} clash with columns the job writes (names are compared "
-            "ignoring case, as BigQuery, Spark and DuckDB do); rename them", "input.manifest")
+            "ignoring case, as BigQuery, Spark and DuckDB do); rename them (source_version "
+            "and source_bytes, spelled so, give each object's version and size)",
+            "input.manifest")
     spellings: dict[str, list[str]] = {}
     for name in names:
         spellings.setdefault(name.lower(), []).append(name)
@@ -367,20 +427,22 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        shown = storage.redact_uri(uri)
-        return SourceItem(uri=shown, path=uri, size_bytes=-1, version="missing",
-                          recording_id=recording_id(shown, "missing"), row=row,
-                          problem=f"{type(err).__name__}: {err}")
+        return _unreadable(storage.redact_uri(uri), uri, row, err)
     shown = storage.redact_uri(storage.full_uri(fs, path))
     try:
         info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")
     except (OSError, ValueError) as err:  # missing or unreadable: becomes an error row
-        problem = f"{type(err).__name__}: {err}"
-        return SourceItem(uri=shown, path=path, size_bytes=-1, version="missing",
-                          recording_id=recording_id(shown, "missing"), row=row, problem=problem)
+        return _unreadable(shown, path, row, err)
     version = source_version(info)
     return SourceItem(uri=shown, path=path, size_bytes=_size(info),
                       version=version, recording_id=recording_id(shown, version), row=row)
+
+
+def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
+    """A manifest row whose object cannot be had: an error row, named for its ``err``."""
+    return SourceItem(uri=shown, path=path, size_bytes=-1, version="missing",
+                      recording_id=recording_id(shown, "missing"), row=row,
+                      problem=f"{type(err).__name__}: {err}")
 
 
 def _size(info: dict[str, Any]) -> int:

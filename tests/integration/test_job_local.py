@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
+from pipeline import sources, storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.config import JobConfig
 from pipeline.errors import AudioDecodeError
@@ -220,6 +220,29 @@ def test_the_readmes_duckdb_examples_run_on_a_real_output(real_run) -> None:
             assert rows and all(v is not None for row in rows for v in row), sql
     windows = con.execute(f"SELECT count(*) FROM read_parquet('{out}/windows/**/*.parquet')")
     assert rows == windows.fetchall()  # the committed files: every window row
+
+
+def test_a_manifest_the_readmes_sql_makes_of_an_output_resumes_it_without_lookups(
+        real_run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's COPY of an output's own source columns is a manifest naming every
+    recording the folder run listed, with its version: a run from it looks no object up,
+    gives each recording the id the listing gave, and so finds nothing left to do."""
+    out, _, raw = real_run
+    copy = [s for s in readme_duckdb_statements() if s.startswith("COPY")]
+    assert len(copy) == 1
+    duckdb.connect().execute(copy[0].replace("outputs/demo", str(out)))
+
+    def no_lookup(uri: str, *_: object) -> None:
+        raise AssertionError(f"looked up {uri}")
+
+    monkeypatch.setattr(sources, "_stat_manifest_uri", no_lookup)
+    again = EmbeddingJob(JobConfig.from_dict({
+        **raw, "input": {"manifest": f"{out}-manifest.parquet"},
+        "run": {**raw["run"], "job_id": "from-manifest"}}))
+    again.prepare()
+    assert (again.already_done, again.already_failed, again.shards) == (102, 2, [])
+    summary = again.run()
+    assert summary.embedded == summary.failed == 0
 
 
 def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:

@@ -564,6 +564,47 @@ def test_manifest_of_https_and_s3_uris(moto: ServerProcess, s3_archive: str, che
                                                 default=str), path
 
 
+def test_a_manifest_of_an_outputs_own_rows_is_embedded_without_a_lookup(
+        moto: ServerProcess, checkpoint: Path, s3_run: Run, ray_session: None) -> None:
+    """Embedding an archive again from an earlier output's rows (source_uri, source_version,
+    source_bytes of its recordings and errors tables): the manifest names each object's version, so the driver sends no request
+    per object (a manifest of bare URIs sends a HEAD each), the recordings keep the ids the
+    listing gave them, and the rows are the listing run's. An object gone since fails when
+    it is read: an error row, and the job goes on."""
+    fs, _ = storage.url_to_fs(f"s3://{OUT_BUCKET}", s3_run.options)
+    rows = sorted({(r["source_uri"], r["source_version"], r["source_bytes"])
+                   for table in ("recordings", "errors")
+                   for r in pads.dataset(f"{OUT_BUCKET}/s3/{table}", filesystem=fs,
+                                         format="parquet", partitioning="hive").to_table(
+                       columns=["source_uri", "source_version", "source_bytes"]).to_pylist()})
+    gone = f"{s3_run.prefixes[0]}/gone/since.wav"
+    rows.append((gone, "ETag=0123456789abcdef", 4096))
+    manifest = pa.table({name: list(column) for name, column in zip(
+        ("uri", "source_version", "source_bytes"), zip(*rows, strict=True), strict=True)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(manifest, sink)
+    fs.pipe(f"{IN_BUCKET}/given.parquet", sink.getvalue().to_pybytes())
+    heads = {}
+    for name, uri in (("given", f"s3://{IN_BUCKET}/given.parquet"),
+                      ("bare", f"s3://{IN_BUCKET}/bare.csv")):
+        if name == "bare":
+            fs.pipe(f"{IN_BUCKET}/bare.csv", "".join(
+                f"{u}\n" for u in ["uri", *manifest.column("uri").to_pylist()]).encode())
+        with running(FaultProxy(moto.port, fault_rate=0.0, fail_first=False)) as proxy:
+            summary = run_job(job_config(None, f"s3://{OUT_BUCKET}/{name}", checkpoint, name,
+                                         s3_opts(proxy.url), s3_run.options,
+                                         input={"manifest": uri}))
+            heads[name] = proxy.stats().requests["head"]
+        got = read_with_pyarrow(f"s3://{OUT_BUCKET}/{name}", s3_run.options, s3_run.prefixes)
+        assert got.errors.pop("gone/since.wav")[0] == "FileNotFoundError"
+        assert (summary.embedded, summary.failed) == (s3_run.summary.embedded,
+                                                      s3_run.summary.failed + 1)
+        assert got.ids == s3_run.rows().ids | {"gone/since.wav": got.ids["gone/since.wav"]}
+        assert_same_rows(got, s3_run.rows())
+    # One HEAD an object fewer; the one left reads the manifest itself.
+    assert heads["bare"] - heads["given"] == len(rows) and heads["given"] <= 1, heads
+
+
 # --------------------------------------------------------------------------- 2. faults
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import storage
+from pipeline import sources, storage
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
 from pipeline.sources import _size, list_sources
@@ -245,3 +246,48 @@ def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch,
         shown = capsys.readouterr().err
         assert shown.startswith("embed-archive: error: access refused") and "s3cr3t" not in shown
         assert shown.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- given versions
+
+
+def test_a_manifest_naming_versions_is_taken_at_its_word_with_the_ids_a_listing_gives(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest made from the job's own rows (source_uri, source_version, source_bytes)
+    lists the same recordings, by the same ids, as listing the folder did, without one
+    lookup; a row without a version is looked up; neither column becomes metadata."""
+    listed = list_sources(InputConfig(uri=str(folder))).items
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as fh:  # a local file's version has a comma in it
+        csv.writer(fh).writerows([
+            ("uri", "source_version", "source_bytes", "site"),
+            (listed[0].uri, listed[0].version, listed[0].size_bytes, "x"),
+            (listed[1].uri, "", "", "y"), (folder / "gone.wav", "generation=7", "", "z")])
+    looked_up: list[str] = []
+    real_stat = sources._stat_manifest_uri
+    monkeypatch.setattr(sources, "_stat_manifest_uri",
+                        lambda uri, *a: looked_up.append(uri) or real_stat(uri, *a))
+    listing = list_sources(InputConfig(manifest=str(path)))
+    assert looked_up == [listed[1].uri]
+    by_uri = {i.uri: i for i in listing.items}
+    for item in listed:
+        assert by_uri[item.uri].recording_id == item.recording_id
+        assert by_uri[item.uri].size_bytes == item.size_bytes
+    gone = by_uri[str(folder / "gone.wav")]  # not looked up: it fails when it is read
+    assert (gone.version, gone.size_bytes, gone.problem) == ("generation=7", -1, "")
+    assert listing.extras is not None and listing.extras.column_names == ["site"]
+
+
+@pytest.mark.parametrize(("header", "row", "message"), [
+    ("uri,source_bytes", "a.wav,10", "source_bytes but no source_version"),
+    ("uri,source_version,source_bytes", "a.wav,ETag=1,-5", "negative in 1 row"),
+    ("uri,source_version,source_bytes", "a.wav,ETag=1,big", "source_bytes is string"),
+    ("uri,Source_Version", "a.wav,ETag=1", "clash with columns the job writes"),
+])
+def test_given_columns_that_cannot_be_meant_are_refused(folder: Path, header: str, row: str,
+                                                        message: str) -> None:
+    path = folder / "manifest.csv"
+    path.write_text(f"{header}\n{row}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        list_sources(InputConfig(manifest=str(path)))
+    assert err.value.field == "input.manifest"
