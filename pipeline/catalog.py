@@ -23,6 +23,7 @@ from pipeline.layout import (
     attempts,
     committed_shards,
     namespace_dir,
+    noted,
     read_json,
     to_retry,
 )
@@ -97,9 +98,9 @@ def _namespace(fs: Any, root: str, model: str, variant: str,
     committed_paths: set[str] = set()
     outcomes: collections.Counter[str] = collections.Counter()
     for marker in markers.values():
-        ns.recordings += len(marker.get("recordings", ()))
-        outcomes.update(r["outcome"] for r in marker.get("recordings", ()))
-        tried = [attempts(rec) for rec in marker.get("recordings", ()) if to_retry(rec)]
+        ns.recordings += len(marker["recordings"])
+        outcomes.update(marker["recordings"].outcomes)
+        tried = [attempts(rec) for rec in noted(marker) if to_retry(rec)]
         ns.to_retry += len(tried)
         ns.attempts.update(tried)
         for table, files in marker.get("files", {}).items():

@@ -305,12 +305,12 @@ class EmbeddingJob:
             self._check_manifest_columns(markers)
             self._reopen_shards(markers)
             layout_mod.recover(self.layout, markers)
-            done = layout_mod.committed_recordings(markers)
-            self.todo = [i for i in self.listing.items if i.recording_id not in done]
-            self.already_done = len(self.listing.items) - len(self.todo)
-            failed = {r["recording_id"] for m in markers.values()
-                      for r in m.get("recordings", ()) if r.get("outcome") == "error"}
-            self.already_failed = sum(1 for i in self.listing.items if i.recording_id in failed)
+            items = self.listing.items
+            ids = [i.recording_id for i in items]
+            done = layout_mod.settled_among(ids, markers)
+            self.todo = [i for i, settled in zip(items, done, strict=True) if not settled]
+            self.already_done = len(items) - len(self.todo)
+            self.already_failed = sum(layout_mod.settled_among(ids, markers, "error"))
             self.shards = plan_shards(self.todo, cfg.run.shard_size)
         except BaseException:
             self._lease.release()
@@ -427,16 +427,20 @@ class EmbeddingJob:
         lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
                    for shard, marker in markers.items()}
         lacking = {shard: tables for shard, tables in lacking.items() if tables}
+
+        def replaced(recordings: layout_mod.MarkerRecordings) -> int:  # by a new version
+            gone = [k for k, rid in enumerate(recordings.ids.to_pylist()) if rid not in listed]
+            uris = recordings.uris() if gone else []
+            return sum(uris[k] in listed_uris for k in gone)
+
         changed = {shard: n for shard, marker in markers.items()
-                   if (n := sum(r["recording_id"] not in listed
-                                and r.get("source_uri") in listed_uris
-                                for r in marker.get("recordings", ())))}
+                   if listed_uris and (n := replaced(marker["recordings"]))}
         reopen = {shard for shard in set(retry) | set(lacking) | set(changed)
                   if not all(stays(r) for r in markers[shard]["recordings"])}
         if run.retry_transient_errors:
             self._say_given_up(markers, reopen)
         self._attempts = {rec["recording_id"]: layout_mod.attempts(rec)
-                          for shard in reopen for rec in markers[shard]["recordings"]
+                          for shard in reopen for rec in layout_mod.noted(markers[shard])
                           if layout_mod.to_retry(rec)}
         if not reopen:
             return
@@ -445,7 +449,7 @@ class EmbeddingJob:
             keep = {r["recording_id"] for r in markers[shard_id]["recordings"] if stays(r)}
             if keep:
                 carved = self._carve_out(markers[shard_id], keep)
-                markers[carved["shard"]] = carved
+                markers[carved["shard"]] = layout_mod.compact(carved)
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
 
@@ -514,7 +518,7 @@ class EmbeddingJob:
         """Warn about the recordings kept failed because they reached ``run.max_attempts``."""
         limit = self.cfg.run.max_attempts
         given_up = [rec for shard, marker in markers.items() if shard not in reopen
-                    for rec in marker.get("recordings", ())
+                    for rec in layout_mod.noted(marker)
                     if layout_mod.to_retry(rec) and not layout_mod.to_retry(rec, limit)]
         if given_up:
             log.warning("%d recording(s) met errors not their own (%s) in %d runs or more: not "

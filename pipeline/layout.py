@@ -20,14 +20,20 @@ with ``_`` are ignored by Hive-style readers (Spark, BigQuery, pyarrow datasets)
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+import sys
+import zlib
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.faults import fault_point
@@ -124,22 +130,99 @@ def read_json(fs: Any, path: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(fs, path))
 
 
+class MarkerRecordings(Sequence[dict[str, Any]]):
+    """A commit marker's ``recordings``, held compactly.
+
+    A run reads every marker of its namespace and keeps them while it plans. Parsed, an
+    entry (id, source URI, outcome) is a dict of three strings, ~500 bytes: 10M recordings
+    held 4.7 GB. Here the ids are one Arrow string array (36 bytes each, and what
+    :func:`settled_among` matches against a listing), the URIs one compressed JSON text,
+    the outcomes interned; an entry that says more than those three (an error type, a
+    retry) is kept as parsed: only those concern a retry (:meth:`noted`). Iterating yields
+    every entry as it was written.
+    """
+
+    __slots__ = ("_noted", "_uris", "ids", "outcomes")
+
+    def __init__(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        ids, uris = [], []
+        self.outcomes: list[str | None] = []
+        self._noted: dict[int, dict[str, Any]] = {}
+        for i, entry in enumerate(entries):  # one pass: 39k markers make this a hot loop
+            ids.append(entry["recording_id"])
+            uris.append(entry.get("source_uri"))
+            outcome = entry.get("outcome")
+            self.outcomes.append(outcome if outcome is None else sys.intern(outcome))
+            if len(entry) != 3 or "source_uri" not in entry or "outcome" not in entry:
+                self._noted[i] = dict(entry)
+        self.ids: pa.StringArray = pa.array(ids, pa.string())
+        self._uris = zlib.compress(json.dumps(uris).encode(), 1)
+
+    def __len__(self) -> int:
+        return len(self.outcomes)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]  # unused: O(n)
+        return list(self)[index]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        uris = self.uris()
+        for i, (rid, outcome) in enumerate(zip(self.ids.to_pylist(), self.outcomes,
+                                               strict=True)):
+            noted = self._noted.get(i)
+            yield dict(noted) if noted is not None else {
+                "recording_id": rid, "source_uri": uris[i], "outcome": outcome}
+
+    def uris(self) -> list[str | None]:
+        """Each entry's ``source_uri``, in order."""
+        return json.loads(zlib.decompress(self._uris))
+
+    def noted(self) -> list[dict[str, Any]]:
+        """The entries that say more than id, URI and outcome (failures, retries)."""
+        return [dict(e) for e in self._noted.values()]
+
+    def with_outcome(self, outcome: str) -> list[str]:
+        """Ids of the entries whose ``outcome`` is ``outcome``."""
+        ids = self.ids.to_pylist()
+        return [rid for rid, o in zip(ids, self.outcomes, strict=True) if o == outcome]
+
+
+def compact(marker: dict[str, Any]) -> dict[str, Any]:
+    """``marker`` with its ``recordings`` as :class:`MarkerRecordings` (in place)."""
+    if not isinstance(marker.get("recordings"), MarkerRecordings):
+        marker["recordings"] = MarkerRecordings(marker.get("recordings", ()))
+    return marker
+
+
 def committed_shards(layout: OutputLayout) -> dict[str, dict[str, Any]]:
-    """Every commit marker of this namespace, keyed by shard id."""
+    """Every commit marker of this namespace, keyed by shard id; ``recordings`` compacted
+    as each is read (:class:`MarkerRecordings`)."""
     fs = layout.fs
     paths = [p for p in storage.list_files(fs, layout.commits_dir()) if p.endswith(".json")]
-    with ThreadPoolExecutor(16) as pool:
-        markers = list(pool.map(lambda p: read_json(fs, p), paths))
+    # Parsing makes millions of short-lived objects and no cycles; the collector's passes
+    # over them cost 15% (1M recordings in 4,000 markers: 4.1 s with it, 3.5 s without).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            markers = list(pool.map(lambda p: compact(read_json(fs, p)), paths))
+    finally:
+        if collecting:
+            gc.enable()
     return {m["shard"]: m for m in markers}
 
 
-def committed_recordings(markers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """``recording_id -> shard`` for every recording settled (embedded or failed) in a marker."""
-    done: dict[str, str] = {}
-    for shard_id, marker in markers.items():
-        for rec in marker.get("recordings", ()):
-            done[rec["recording_id"]] = shard_id
-    return done
+def settled_among(ids: Sequence[str], markers: Mapping[str, Mapping[str, Any]],
+                  outcome: str | None = None) -> list[bool]:
+    """For each of ``ids``, whether a marker settles it (embedded or failed; with
+    ``outcome``, only entries of that outcome): one hash lookup each (10M ids against 10M
+    settled: ~5 s), not a set of every settled id."""
+    settled = [m["recordings"].ids if outcome is None
+               else pa.array(m["recordings"].with_outcome(outcome), pa.string())
+               for m in markers.values()]
+    if not ids or not settled:
+        return [False] * len(ids)
+    found = pc.is_in(pa.array(ids, pa.string()), value_set=pa.concat_arrays(settled))
+    return found.to_pylist()
 
 
 # Markers written before ``retry`` was recorded name only these as worth a retry.
@@ -161,13 +244,20 @@ def attempts(recording: Mapping[str, Any]) -> int:
     return int(recording.get("attempts", 1))
 
 
+def noted(marker: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
+    """A marker's recordings that may say more than id, URI and outcome (every one, unless
+    compacted: see :meth:`MarkerRecordings.noted`); a failure or a retry is among them."""
+    recordings = marker.get("recordings", ())
+    return recordings.noted() if isinstance(recordings, MarkerRecordings) else recordings
+
+
 def shards_to_retry(markers: Mapping[str, Mapping[str, Any]], max_attempts: int | None = None,
                     listed: Collection[str] | None = None) -> dict[str, int]:
     """``shard -> recordings`` for committed shards holding a recording :func:`to_retry`
     (and, with ``listed``, whose id is in it: a rerun cannot redo an object that is gone)."""
     out: dict[str, int] = {}
     for shard_id, marker in markers.items():
-        n = sum(1 for r in marker.get("recordings", ()) if to_retry(r, max_attempts)
+        n = sum(1 for r in noted(marker) if to_retry(r, max_attempts)
                 and (listed is None or r["recording_id"] in listed))
         if n:
             out[shard_id] = n

@@ -389,3 +389,36 @@ def test_inspect_tells_a_wrong_path_from_an_empty_output(tmp_path: Path,
         "summary": {"status": "failed", "message": "LeaseLostError: lost the lease x\nmore"}})
     shown = render(load_catalog(str(tmp_path / "out")))
     assert "failed: LeaseLostError: lost the lease x" in shown and "more" not in shown
+
+
+def test_markers_are_held_compactly_and_read_back_as_written(tmp_path: Path) -> None:
+    """Read markers keep their recordings compactly (ids as one Arrow array, URIs
+    compressed); iterating gives back every entry as written, failures and retries are the
+    `noted` ones, and a listing is matched against the settled ids by outcome."""
+    lay = layout.OutputLayout(str(tmp_path / "out"), "m", "v")
+    written = {
+        "a" * 16: [{"recording_id": f"{k:032x}", "source_uri": f"s3://b/ü\n{k}.wav",
+                    "outcome": "ok"} for k in range(5)]
+        + [{"recording_id": f"{9:032x}", "source_uri": "s3://b/9.wav", "outcome": "error",
+            "error_type": "StorageError", "retry": True, "attempts": 2}],
+        "b" * 16: [{"recording_id": f"{7:032x}", "source_uri": None, "outcome": "partial"},
+                   {"recording_id": f"{8:032x}", "outcome": "error"}],  # an older marker's
+        "c" * 16: [],
+    }
+    for shard, recordings in written.items():
+        layout.write_json(lay.fs, lay.commit_path(shard),
+                          {"shard": shard, "files": {}, "recordings": recordings})
+    markers = layout.committed_shards(lay)
+    for shard, recordings in written.items():
+        held = markers[shard]["recordings"]
+        assert isinstance(held, layout.MarkerRecordings) and len(held) == len(recordings)
+        assert list(held) == recordings
+        assert held.ids.to_pylist() == [r["recording_id"] for r in recordings]
+    assert markers["a" * 16]["recordings"].noted() == written["a" * 16][-1:]
+    assert markers["b" * 16]["recordings"].noted() == written["b" * 16][1:]
+    assert layout.shards_to_retry(markers) == {"a" * 16: 1}
+    listed = [f"{k:032x}" for k in (0, 4, 6, 8, 9)]
+    assert layout.settled_among(listed, markers) == [True, True, False, True, True]
+    assert layout.settled_among(listed, markers, "error") == [False, False, False, True, True]
+    assert layout.settled_among([], markers) == []
+    assert layout.settled_among(listed, {}) == [False] * 5
