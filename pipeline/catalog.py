@@ -137,8 +137,8 @@ def _errors(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, An
     shards with errors are not thousands of reads.
     """
     failed = sorted([(str(rec.get("source_uri", "")), shard, rec)
-                     for shard, marker in markers.items()
-                     for rec in marker.get("recordings", ()) if rec.get("outcome") == "error"],
+                     for shard, marker in markers.items() if "error" in marker["recordings"].outcomes
+                     for rec in marker["recordings"] if rec.get("outcome") == "error"],
                     key=lambda failure: failure[:2])
     legacy = {shard for _, shard, rec in failed if "error_type" not in rec}
     types = collections.Counter(str(rec["error_type"]) for _, shard, rec in failed
