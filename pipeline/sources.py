@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import io
 import logging
+import math
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,9 @@ RESERVED_COLUMNS = frozenset({
 # object's version (and size), which the manifest then vouches for, so the job does not look
 # the object up (see _given_items).
 GIVEN_COLUMNS = ("source_version", "source_bytes")
+
+# The version of an object that could not be read (its error row's source_version).
+MISSING = "missing"
 
 _STAT_THREADS = 32
 _STAT_CHUNK = 20_000
@@ -240,6 +244,7 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
         first_row.setdefault(uri, i)
+    _check_one_version_each(uris, versions)
     given = [(uri, row) for uri, row in first_row.items() if versions[row]]
     stated = _stat_all([(uri, row) for uri, row in first_row.items() if not versions[row]], cfg)
     if given:
@@ -256,11 +261,13 @@ def _list_manifest(cfg: InputConfig) -> Listing:
 
 
 def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
-    """Each row's ``source_version`` (``""`` where it gives none: that object is looked up)
-    and ``source_bytes`` (-1 where unknown: a decoder asks the store).
+    """Each row's ``source_version`` (``""`` where it gives none, or ``missing``, the job's
+    word for an object it could not read: that object is looked up) and ``source_bytes``
+    (-1 where unknown or negative, as the job writes an unknown size: a decoder asks the
+    store).
 
     Raises:
-        ConfigError: ``source_bytes`` without ``source_version``, or not whole numbers >= 0.
+        ConfigError: ``source_bytes`` without ``source_version``, or not whole numbers.
     """
     rows = table.num_rows
     versions, sizes = [""] * rows, [-1] * rows
@@ -269,22 +276,50 @@ def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
         column = table.column("source_version")
         if not pa.types.is_string(column.type):
             column = column.cast(pa.string())  # a CSV of bare generation numbers
-        versions = ["" if v is None else v.strip() for v in column.to_pylist()]
+        versions = ["" if v is None or v.strip() == MISSING else v.strip()
+                    for v in column.to_pylist()]
+        bare = [v for v in versions if v and "=" not in v]
+        if bare:
+            log.warning("manifest: %d source_version value(s) such as %r are not spelled as the "
+                        "job writes versions (generation=..., ETag=..., size=...,mtime=...): "
+                        "they are taken as given, but a listing of the same objects gives "
+                        "other recording ids (and a run that lists them replaces these rows)",
+                        len(bare), bare[0])
     if "source_bytes" in names:
         if "source_version" not in names:
             raise ConfigError("manifest has source_bytes but no source_version: an object's size "
                               "counts only with the version it is the size of", "input.manifest")
         column = table.column("source_bytes")
-        if not (pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+        given = column.to_pylist()
+        whole = pa.types.is_integer(column.type) or pa.types.is_null(column.type) or (
+            pa.types.is_floating(column.type)  # pandas writes a column with gaps as floats
+            and all(n is None or math.isnan(n) or float(n).is_integer() for n in given))
+        if not whole:
             raise ConfigError(f"manifest column source_bytes is {column.type}; it holds each "
                               "object's size in bytes (whole numbers)", "input.manifest")
-        given = column.to_pylist()
-        bad = [i for i, n in enumerate(given) if n is not None and n < 0]
-        if bad:
-            raise ConfigError(f"manifest column source_bytes is negative in {len(bad)} row(s) "
-                              f"(first: row {bad[0] + 1}; 1 = first data row)", "input.manifest")
-        sizes = [-1 if n is None or not versions[i] else int(n) for i, n in enumerate(given)]
+        sizes = [-1 if n is None or math.isnan(n) or n < 0 or not versions[i] else int(n)
+                 for i, n in enumerate(given)]
     return versions, sizes
+
+
+def _check_one_version_each(uris: Sequence[str], versions: Sequence[str]) -> None:
+    """Refuse a manifest that gives one URI two versions (an output's rows of runs before
+    and after the object changed): which to embed is not the job's to guess, and taking the
+    first would relabel the new content with the old version's id.
+
+    Raises:
+        ConfigError: naming the first such URI and both versions.
+    """
+    first: dict[str, str] = {}
+    clashes = [(uri, version) for uri, version in zip(uris, versions, strict=True)
+               if version and first.setdefault(uri, version) != version]
+    if clashes:
+        uri, version = clashes[0]
+        raise ConfigError(
+            f"manifest gives {len({u for u, _ in clashes})} object(s) two versions in "
+            f"source_version (first: {storage.redact_uri(uri)}: {first[uri]!r} and "
+            f"{version!r}); keep one row per object, with its current version, or leave "
+            "source_version empty there to have the object looked up", "input.manifest")
 
 
 def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -> SourceItem:
@@ -440,8 +475,8 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
 
 def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
     """A manifest row whose object cannot be had: an error row, named for its ``err``."""
-    return SourceItem(uri=shown, path=path, size_bytes=-1, version="missing",
-                      recording_id=recording_id(shown, "missing"), row=row,
+    return SourceItem(uri=shown, path=path, size_bytes=-1, version=MISSING,
+                      recording_id=recording_id(shown, MISSING), row=row,
                       problem=f"{type(err).__name__}: {err}")
 
 

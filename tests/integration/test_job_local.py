@@ -224,9 +224,9 @@ def test_the_readmes_duckdb_examples_run_on_a_real_output(real_run) -> None:
 
 def test_a_manifest_the_readmes_sql_makes_of_an_output_resumes_it_without_lookups(
         real_run, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's COPY of an output's own source columns is a manifest naming every
-    recording the folder run listed, with its version: a run from it looks no object up,
-    gives each recording the id the listing gave, and so finds nothing left to do."""
+    """The README's COPY of an output's recordings is a manifest naming every recording
+    the folder run embedded, with its version: a run from it looks no object up, gives each
+    recording the id the listing gave, and so finds nothing left to do."""
     out, _, raw = real_run
     copy = [s for s in readme_duckdb_statements() if s.startswith("COPY")]
     assert len(copy) == 1
@@ -240,7 +240,7 @@ def test_a_manifest_the_readmes_sql_makes_of_an_output_resumes_it_without_lookup
         **raw, "input": {"manifest": f"{out}-manifest.parquet"},
         "run": {**raw["run"], "job_id": "from-manifest"}}))
     again.prepare()
-    assert (again.already_done, again.already_failed, again.shards) == (102, 2, [])
+    assert (again.already_done, again.already_failed, again.shards) == (100, 0, [])
     summary = again.run()
     assert summary.embedded == summary.failed == 0
 

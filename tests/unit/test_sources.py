@@ -6,13 +6,15 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from pipeline import sources, storage
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
-from pipeline.sources import _size, list_sources
+from pipeline.sources import MISSING, _size, list_sources
 
 
 @pytest.fixture
@@ -280,8 +282,10 @@ def test_a_manifest_naming_versions_is_taken_at_its_word_with_the_ids_a_listing_
 
 @pytest.mark.parametrize(("header", "row", "message"), [
     ("uri,source_bytes", "a.wav,10", "source_bytes but no source_version"),
-    ("uri,source_version,source_bytes", "a.wav,ETag=1,-5", "negative in 1 row"),
     ("uri,source_version,source_bytes", "a.wav,ETag=1,big", "source_bytes is string"),
+    ("uri,source_version,source_bytes", "a.wav,ETag=1,1.5", "source_bytes is double"),
+    ("uri,source_version", "a.wav,ETag=1\n./a.wav,ETag=1\na.wav,ETag=2",
+     r"gives 1 object\(s\) two versions .*a.wav: 'ETag=1' and 'ETag=2'"),
     ("uri,Source_Version", "a.wav,ETag=1", "clash with columns the job writes"),
 ])
 def test_given_columns_that_cannot_be_meant_are_refused(folder: Path, header: str, row: str,
@@ -291,3 +295,21 @@ def test_given_columns_that_cannot_be_meant_are_refused(folder: Path, header: st
     with pytest.raises(ConfigError, match=message) as err:
         list_sources(InputConfig(manifest=str(path)))
     assert err.value.field == "input.manifest"
+
+
+def test_what_an_output_writes_for_the_unknown_is_looked_up_or_asked_for(
+        folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An error row's version (``missing``) is no version: the object is looked up, so one
+    that has arrived since is embedded; an unknown size (-1, or a gap pandas wrote as NaN)
+    is asked of the store when the object is read; a bare token is taken, with a warning
+    that a listing's ids would differ."""
+    pd_like = pa.table({"uri": ["a.wav", "b.wav", "c.wav"],
+                        "source_version": [MISSING, "ETag=7", "d41d8cd98f00"],
+                        "source_bytes": pa.array([-1.0, float("nan"), 3244.0])})
+    pq.write_table(pd_like, folder / "m.parquet")
+    listing = list_sources(InputConfig(manifest=str(folder / "m.parquet")))
+    a, b, c = listing.items
+    assert a.version.startswith("size=") and a.size_bytes > 0  # looked up: it is there now
+    assert (b.version, b.size_bytes, c.version, c.size_bytes) == (
+        "ETag=7", -1, "d41d8cd98f00", 3244)
+    assert "1 source_version value(s) such as 'd41d8cd98f00'" in caplog.text
