@@ -42,7 +42,7 @@ RESERVED_COLUMNS = frozenset({
 
 # Columns a manifest may carry for the job itself, named as its rows name them: each
 # object's version (and size), which the manifest then vouches for, so the job does not look
-# the object up (see _given_items).
+# the object up (see _given_item).
 GIVEN_COLUMNS = ("source_version", "source_bytes")
 
 # The version of an object that could not be read (its error row's source_version).
