@@ -306,7 +306,7 @@ class EmbeddingJob:
             self._reopen_shards(markers)
             layout_mod.recover(self.layout, markers)
             items = self.listing.items
-            ids = [i.recording_id for i in items]
+            ids = pa.array([i.recording_id for i in items], pa.string())
             done = layout_mod.settled_among(ids, markers)
             self.todo = [i for i, settled in zip(items, done, strict=True) if not settled]
             self.already_done = len(items) - len(self.todo)
