@@ -41,6 +41,9 @@ from pipeline.faults import fault_point
 log = logging.getLogger(__name__)
 
 TABLES: tuple[str, ...] = ("windows", "recordings", "errors")
+# Markers fetched ahead of the parsing (their bytes held at once: ~50 KB each at 256
+# recordings).
+_MARKERS_AT_ONCE = 512
 _SHARD_FILE = re.compile(r"shard-([0-9a-f]{16})-(\d{5})\.parquet$")
 
 
@@ -216,10 +219,6 @@ def committed_shards(layout: OutputLayout) -> dict[str, dict[str, Any]]:
             gc.enable()
     return markers
 
-
-# Markers fetched ahead of the parsing (their bytes held at once: ~50 KB each at 256
-# recordings).
-_MARKERS_AT_ONCE = 512
 
 
 def settled_among(ids: Sequence[str] | pa.Array, markers: Mapping[str, Mapping[str, Any]],
