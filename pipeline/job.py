@@ -57,6 +57,7 @@ from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.ray_connect import check_ray_address_env, connect_ray, joins_cluster
 from pipeline.sink import (
     ShardProgress,
+    ShardSources,
     SinkSpec,
     WriteReturn,
     as_stored,
@@ -727,7 +728,7 @@ class EmbeddingJob:
         items = dict(self.shards)
         pending = {sid: ShardProgress(sid, [i.recording_id for i in members], self.layers)
                    for sid, members in self.shards}
-        sources = ray.put(self._sources_table(self.todo))
+        sources = ray.put(self._shard_sources())
         per_actor: dict[str, dict[str, float]] = {}
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
@@ -971,6 +972,15 @@ class EmbeddingJob:
     def _file_provenance(self) -> dict[str, Any]:
         return {**self.provenance.to_dict(), "variant_spec": self.variant.to_dict(),
                 "config": redacted(self.cfg.to_dict())}
+
+    def _shard_sources(self) -> ShardSources:
+        """Every planned recording's source columns, shard after shard (for the write tasks)."""
+        rows: dict[str, tuple[int, int]] = {}
+        start = 0
+        for sid, members in self.shards:
+            rows[sid] = (start, start + len(members))
+            start += len(members)
+        return ShardSources(self._sources_table([i for _, ms in self.shards for i in ms]), rows)
 
     def _sources_table(self, items: Sequence[SourceItem]) -> pa.Table:
         table = pa.table({

@@ -16,6 +16,7 @@ from pipeline.layout import OutputLayout
 from pipeline.sink import (
     STAGE_SCHEMA,
     ShardProgress,
+    ShardSources,
     SinkSpec,
     WriteReturn,
     enrich_windows,
@@ -123,7 +124,8 @@ def test_write_stage_returns_let_the_driver_commit_each_shard_when_complete(tmp_
     tasks = [everything.take(order[i:i + 5]) for i in range(0, len(order), 5)]
     sources = pa.table({"recording_id": ["a", "b", "c"], "source_uri": ["/x/a", "/x/b", "/x/c"],
                         "source_version": ["1", "2", "3"], "source_bytes": [1, 2, 3]})
-    spec = SinkSpec(staging_uri=str(tmp_path / "staging"), storage_options={}, sources=sources,
+    spec = SinkSpec(staging_uri=str(tmp_path / "staging"), storage_options={},
+                    sources=ShardSources(sources, {"s1": (0, 2), "s2": (2, 3)}),
                     extras_schema=None, provenance=PROVENANCE, file_metadata={})
     progress = {"s1": ShardProgress("s1", ["a", "b"], layers),
                 "s2": ShardProgress("s2", ["c"], layers)}
@@ -203,7 +205,8 @@ def test_enrich_adds_sources_provenance_and_manifest_columns_sorted() -> None:
     sources = pa.table({"recording_id": ["r1", "r2"], "source_uri": ["/a/1.wav", "/a/2.wav"],
                         "source_version": ["v1", "v2"], "source_bytes": [10, 20],
                         "site": ["north", "south"]})
-    spec = SinkSpec(staging_uri="/tmp/x", storage_options={}, sources=sources,
+    spec = SinkSpec(staging_uri="/tmp/x", storage_options={},
+                    sources=ShardSources(sources, {"s0": (0, 2)}),
                     extras_schema=pa.schema([("site", pa.string())]),
                     provenance={"job_id": "J", "model_name": "m", "weights_sha256": "w",
                                 "config_sha256": "c", "code_version": "v"},
@@ -217,6 +220,27 @@ def test_enrich_adds_sources_provenance_and_manifest_columns_sorted() -> None:
                       strict=True))
     assert by_rid == {"r1": "north", "r2": "south"}
     assert set(out.column("job_id").to_pylist()) == {"J"}
+
+
+def test_window_rows_find_their_sources_among_their_own_shards_rows() -> None:
+    """A write task looks each shard's recordings up in that shard's rows of the sources
+    table only; a recording or a shard the job did not plan stops it, naming which."""
+    rng = np.random.default_rng(2)
+    sources = ShardSources(pa.table({
+        "recording_id": ["a", "b", "c", "d"], "source_uri": ["/x/a", "/x/b", "/x/c", "/x/d"],
+        "source_version": ["1", "2", "3", "4"], "source_bytes": [1, 2, 3, 4]}),
+        {"s1": (0, 2), "s2": (2, 4)})
+    spec = SinkSpec(staging_uri="/tmp/x", storage_options={}, sources=sources,
+                    extras_schema=None, provenance=PROVENANCE, file_metadata={})
+    rows = pa.concat_tables([stage_rows(rng, ["b", "a"], [0], 2, shard="s1"),
+                             stage_rows(rng, ["d"], [0], 2, shard="s2")])
+    out = enrich_windows(rows, spec)
+    assert {(r["recording_id"], r["source_uri"], r["source_version"])
+            for r in out.to_pylist()} == {("a", "/x/a", "1"), ("b", "/x/b", "2"), ("d", "/x/d", "4")}
+    with pytest.raises(RuntimeError, match="recording c that this job did not list"):
+        enrich_windows(stage_rows(rng, ["a", "c"], [0], 2, shard="s1"), spec)
+    with pytest.raises(RuntimeError, match="shard 's3', which this job did not plan"):
+        enrich_windows(stage_rows(rng, ["a"], [0], 2, shard="s3"), spec)
 
 
 @pytest.mark.parametrize("model", ["../../etc", "pkg.mod:Class", "a/b\\c", "..", "ok_name"])
