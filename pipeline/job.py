@@ -129,6 +129,16 @@ class ComputePlan:
     cluster_gpus: float
 
 
+def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
+    """Types between which a checked cast carries every value over exactly or refuses:
+    numbers (integers and floats of any width), and times of one zone in any unit."""
+    if pa.types.is_timestamp(stored) or pa.types.is_timestamp(given):
+        return (pa.types.is_timestamp(stored) and pa.types.is_timestamp(given)
+                and stored.tz == given.tz)
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    return any(kind(stored) for kind in numeric) and any(kind(given) for kind in numeric)
+
+
 class _CommitStopped(Exception):
     """A commit left unfinished because the job is stopping."""
 
@@ -331,8 +341,11 @@ class EmbeddingJob:
         drops a column). So this run's columns take the namespace's types where that loses
         nothing: a column with no value in this run (left empty) takes any type, and values
         join a column stored as text as text (one empty in the first run is stored as text),
-        and a column an earlier version stored in a type it no longer writes (nanosecond
-        times, unsigned integers: ``sources.portable_type``) keeps that type.
+        a column an earlier version stored in a type it no longer writes (nanosecond
+        times, unsigned integers: ``sources.portable_type``) keeps that type, and numbers
+        and times of one zone take the stored width and unit when every value fits it
+        exactly (a manifest DuckDB wrote has microsecond times where a CSV's were stored
+        in milliseconds; 3.0 joins an integer column, 3.5 does not).
 
         Raises:
             ConfigError: the columns differ (field ``input.manifest``).
@@ -347,9 +360,10 @@ class EmbeddingJob:
                 column = extras.column(name)
                 if mine[name] == stored or not (column.null_count == len(column)
                                                 or pa.types.is_string(stored)
-                                                or portable_type(stored) == mine[name]):
+                                                or portable_type(stored) == mine[name]
+                                                or _kindred(stored, mine[name])):
                     continue
-                try:  # the last: a type an earlier version stored as read (timestamp[ns]...)
+                try:  # checked: a value the stored type cannot hold exactly is refused below
                     cast = column.cast(stored)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     continue  # refused below, naming both

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -517,6 +518,50 @@ def test_a_namespace_an_earlier_version_wrote_in_other_types_is_resumed(
                           first.provenance.row_columns())
     again = prepared_after_committing(table, first, archive, tmp_path, inputs)
     assert again.listing.extras.schema.field("x").type == stored
+
+
+@pytest.mark.parametrize(("stored", "given", "value", "joins"), [
+    # DuckDB writes microseconds where a CSV's times were stored in milliseconds
+    (pa.timestamp("ms", "UTC"), pa.timestamp("us", "UTC"), 1_778_044_500_250_000, True),
+    (pa.timestamp("ms", "UTC"), pa.timestamp("us", "UTC"), 1_778_044_500_250_001, False),
+    (pa.timestamp("ms", "UTC"), pa.timestamp("ms"), 1_778_044_500_250, False),  # no zone
+    (pa.int64(), pa.float64(), 3.0, True),
+    (pa.int64(), pa.float64(), 3.5, False),
+    (pa.float64(), pa.int32(), 7, True),
+    (pa.int64(), pa.string(), "3", False),
+])
+def test_a_manifest_in_other_types_joins_a_namespace_where_its_values_carry_over_exactly(
+        archive: Path, tmp_path: Path, stored: pa.DataType, given: pa.DataType, value: Any,
+        joins: bool) -> None:
+    """A manifest written another way (CSV, then Parquet from DuckDB) gives a column another
+    width or unit: it takes the namespace's type when every value fits it exactly, else the
+    run is refused, naming both types."""
+    import pyarrow.parquet as pq
+
+    (archive / "m.csv").write_text("uri,x\na.wav,1\n")
+    first = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m.csv")})
+    first.prepare()
+    first._lease.release()
+    [item] = first.todo
+    stored_x = pa.array([1], pa.int64()).cast(stored) if not pa.types.is_timestamp(stored) else \
+        pa.array([0], stored)
+    table = rows_to_table([{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
+                          errors_schema(pa.schema([("x", stored)])),
+                          first._sources_table(first.todo).drop_columns(["x"]).append_column(
+                              pa.field("x", stored), stored_x),
+                          first.provenance.row_columns())
+    pq.write_table(pa.table({"uri": ["a.wav"], "x": pa.array([value], given)}),
+                   archive / "m.parquet")
+    inputs = {"uri": None, "manifest": str(archive / "m.parquet")}
+    if not joins:
+        with pytest.raises(ConfigError, match=re.escape(f"x: {stored}]; this run's would "
+                                                         f"carry [x: {given}]")) as err:
+            prepared_after_committing(table, first, archive, tmp_path, inputs)
+        assert err.value.field == "input.manifest"
+        return
+    again = prepared_after_committing(table, first, archive, tmp_path, inputs)
+    x = again.listing.extras.column("x")
+    assert x.type == stored and x.to_pylist() == pa.array([value], given).cast(stored).to_pylist()
 
 
 @pytest.mark.parametrize("replace", [True, False])
