@@ -206,14 +206,16 @@ def readme_duckdb_statements() -> list[str]:
 
 
 def test_the_readmes_duckdb_examples_run_on_a_real_output(real_run) -> None:
-    out, _, _ = real_run
+    out, summary, _ = real_run
     statements = readme_duckdb_statements()
     assert len(statements) >= 4  # windows per layer, nearest neighbour, the committed files
     con = duckdb.connect()
     last = con.execute(f"SELECT max(layer) FROM read_parquet('{out}/recordings/**/*.parquet')"
                        ).fetchone()
     for sql in statements:
-        sql = sql.replace("outputs/demo", str(out)).replace("layer = 12", f"layer = {last[0]}")
+        sql = sql.replace("outputs/demo", str(out)).replace("layer = 12", f"layer = {last[0]}"
+                                                            ).replace("variant=V",
+                                                                      f"variant={summary.variant}")
         con.execute(sql)
         if sql.lstrip().startswith(("SELECT", "--")):
             rows = con.fetchall()
@@ -227,10 +229,11 @@ def test_a_manifest_the_readmes_sql_makes_of_an_output_resumes_it_without_lookup
     """The README's COPY of an output's recordings is a manifest naming every recording
     the folder run embedded, with its version: a run from it looks no object up, gives each
     recording the id the listing gave, and so finds nothing left to do."""
-    out, _, raw = real_run
+    out, summary, raw = real_run
     copy = [s for s in readme_duckdb_statements() if s.startswith("COPY")]
     assert len(copy) == 1
-    duckdb.connect().execute(copy[0].replace("outputs/demo", str(out)))
+    duckdb.connect().execute(copy[0].replace("outputs/demo", str(out)).replace(
+        "variant=V", f"variant={summary.variant}"))
 
     def no_lookup(uri: str, *_: object) -> None:
         raise AssertionError(f"looked up {uri}")
@@ -243,6 +246,55 @@ def test_a_manifest_the_readmes_sql_makes_of_an_output_resumes_it_without_lookup
     assert (again.already_done, again.already_failed, again.shards) == (100, 0, [])
     summary = again.run()
     assert summary.embedded == summary.failed == 0
+
+
+def test_the_readmes_sql_on_the_demo_archive_keeps_variants_and_manifest_columns_apart(
+        tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's output, with its manifest's columns (site, calls, a time) and two variants
+    of the same recordings: the README's nearest-neighbour query gives one row per
+    recording, channel and variant; its COPY of one variant's recordings is a manifest a
+    run into that namespace takes, with no lookup and nothing left to do."""
+    from pipeline.demo import write_demo_archive
+
+    write_demo_archive(tmp_path / "demo_archive")
+    out = tmp_path / "out"
+    raw = {"input": {"manifest": str(tmp_path / "demo_archive" / "manifest.csv")},
+           "audio": {"channels": "each"},
+           "windows": {"window_s": 2.0, "hop_s": 2.0},
+           "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS),
+                     "batch_size": 16},
+           "output": {"uri": str(out), "windows": False},
+           "run": {"progress": False}}
+    first = EmbeddingJob(JobConfig.from_dict(raw)).run()
+    other = EmbeddingJob(JobConfig.from_dict({**raw, "windows": {"window_s": 2.0, "hop_s": 1.0}})
+                         ).run()
+    assert first.variant != other.variant and first.embedded == other.embedded == 9
+    con = duckdb.connect()
+    [nearest] = [s for s in readme_duckdb_statements() if "nearest" in s]
+    [(last,)] = con.execute(f"SELECT DISTINCT layer FROM read_parquet('{out}/recordings/**/*.parquet')"
+                            ).fetchall()
+    rows = con.execute(nearest.replace("outputs/demo", str(out)).replace("layer = 12",
+                                                                         f"layer = {last}")
+                       ).fetchall()
+    keys = [(variant, uri, channel) for _, variant, uri, channel, *_ in rows]
+    assert len(keys) == len(set(keys)) == 2 * 10  # 8 mono recordings and a stereo one, twice
+    assert {v for v, _, _ in keys} == {first.variant, other.variant}
+    [copy] = [s for s in readme_duckdb_statements() if s.startswith("COPY")]
+    con.execute(copy.replace("outputs/demo", str(out)).replace("variant=V",
+                                                                f"variant={first.variant}"))
+    manifest = pq.read_table(f"{out}-manifest.parquet")
+    assert sorted(manifest.column_names) == sorted(
+        ["uri", "source_version", "source_bytes", "site", "calls", "recorded_at"])
+
+    def no_lookup(uri: str, *_: object) -> None:
+        raise AssertionError(f"looked up {uri}")
+
+    monkeypatch.setattr(sources, "_stat_manifest_uri", no_lookup)
+    again = EmbeddingJob(JobConfig.from_dict({**raw, "input": {
+        "manifest": f"{out}-manifest.parquet"}}))
+    again.prepare()
+    again._lease.release()
+    assert (again.already_done, again.shards) == (9, [])
 
 
 def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
