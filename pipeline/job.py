@@ -304,9 +304,9 @@ class EmbeddingJob:
             raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
                               "is in _jobs/, its id on every row it wrote); give this run "
                               "another id, or none for a generated one", "run.job_id")
+        self._check_variant_record()  # the first write: an output it cannot take fails here
         self.listing = list_sources(cfg.input)
         fault_point("listed")
-        self._check_variant_record()
         # Held from before the markers are read until run() ends: see pipeline.lease.
         self._lease = NamespaceLease(self.layout, self.job_id)
         self._lease.acquire()
@@ -666,18 +666,25 @@ class EmbeddingJob:
                 "compute.inflight_mb")
 
     def _check_variant_record(self) -> None:
-        """Write ``_variants/<id>.json`` once; refuse if it exists with other contents."""
+        """Write ``_variants/<id>.json`` once; refuse if it exists with other contents, or
+        if the output cannot be read or written (no such bucket, a path under a file, no
+        permission): before the listing, which may take long, and naming ``output.uri``."""
         fs = self.layout.fs
         path = self.layout.variant_path()
         record = self.variant.to_dict()
-        if storage.exists(fs, path):
-            existing = layout_mod.read_json(fs, path)
-            if existing != json.loads(json.dumps(record, default=str)):
-                raise ConfigError(
-                    f"{self.layout.uri(path)} describes a different variant with the same id; "
-                    "refusing to mix outputs", "output.uri")
-        else:
-            layout_mod.write_json(fs, path, record)
+        try:
+            if storage.exists(fs, path):
+                existing = layout_mod.read_json(fs, path)
+                if existing != json.loads(json.dumps(record, default=str)):
+                    raise ConfigError(
+                        f"{self.layout.uri(path)} describes a different variant with the same "
+                        "id; refusing to mix outputs", "output.uri")
+            else:
+                layout_mod.write_json(fs, path, record)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write to {storage.redact_uri(self.cfg.output.uri)}: "
+                f"{type(err).__name__}: {storage.redact_text(str(err))}", "output.uri") from err
 
     # ------------------------------------------------------------------ running
 

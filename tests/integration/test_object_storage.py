@@ -564,6 +564,27 @@ def test_manifest_of_https_and_s3_uris(moto: ServerProcess, s3_archive: str, che
                                                 default=str), path
 
 
+def test_an_output_bucket_that_is_not_there_is_refused_before_the_listing(
+        moto: ServerProcess, s3_archive: str, checkpoint: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in the output bucket is a refusal naming ``output.uri`` (exit 2), found by
+    the job's first write, before a listing that may take hours."""
+    from pipeline import job as job_mod
+    from pipeline.errors import ConfigError
+
+    def no_listing(*_: object) -> None:
+        raise AssertionError("listed the input before trying the output")
+
+    monkeypatch.setattr(job_mod, "list_sources", no_listing)
+    options = s3_opts(moto.url)
+    raw = job_config(s3_archive, "s3://no-such-bucket/out", checkpoint, "no-bucket", options,
+                     options)
+    with pytest.raises(ConfigError, match="cannot write to s3://no-such-bucket/out: "
+                                          "FileNotFoundError") as err:
+        EmbeddingJob(JobConfig.from_dict(raw)).prepare()
+    assert err.value.field == "output.uri"
+
+
 def test_a_manifest_of_an_outputs_own_rows_is_embedded_without_a_lookup(
         moto: ServerProcess, checkpoint: Path, s3_run: Run, ray_session: None) -> None:
     """Embedding an archive again from an earlier output's rows (source_uri, source_version,

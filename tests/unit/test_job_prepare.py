@@ -57,6 +57,14 @@ def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) 
     assert err.value.field == "output.uri"
 
 
+def test_an_output_uri_it_cannot_write_is_refused_naming_it(archive: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write to .*notes.txt/out: NotADirectoryError"
+                       ) as err:
+        job(archive, tmp_path, output={"uri": str(tmp_path / "notes.txt" / "out")}).prepare()
+    assert err.value.field == "output.uri"
+
+
 @pytest.mark.parametrize(("sections", "field", "text"), [
     ({"compute": {"inflight_mb": 8}}, "compute.inflight_mb", "cannot hold one output file"),
     ({"model": {"pooling": "cls"}}, "model.pooling", "does not support 'cls'"),
