@@ -61,12 +61,16 @@ class Catalog:
     jobs: list[dict[str, Any]]
 
 
+# Folders only a job writes: a root holding none of them is some other folder.
+_MARKS = ("_commits", "_jobs", "_variants", "_leases", "_staging")
+
+
 def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) -> Catalog:
     """Scan an output root (local or bucket).
 
     Raises:
-        NoInputsError: there is nothing at ``root`` (a mistyped path must not read as an
-            output with nothing committed yet).
+        NoInputsError: there is nothing at ``root``, or nothing a job writes (a mistyped
+            path must not read as an output with nothing committed yet).
     """
     fs, root_path = storage.url_to_fs(root, storage_options)
     root_path = root_path.rstrip("/")
@@ -84,6 +88,11 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
         if path.endswith(".json"):
             jobs.append(read_json(fs, path))
     jobs.sort(key=lambda j: j.get("started_at") or "")
+    if not namespaces and not jobs and not any(
+            storage.exists(fs, storage.join(root_path, name)) for name in _MARKS):
+        raise NoInputsError(f"{storage.redact_uri(root)} is not an embed-archive output root "
+                            f"(it holds none of {', '.join(n + '/' for n in _MARKS)}): give "
+                            "the folder or prefix a job's output.uri names")
     return Catalog(root=storage.redact_uri(root), namespaces=namespaces, jobs=jobs)
 
 
@@ -168,8 +177,7 @@ def render(catalog: Catalog) -> str:
     lines = [f"output: {catalog.root}"]
     if not catalog.namespaces:
         lines.append("  no committed shards" + ("" if catalog.jobs else
-                                                 " and no job records: not an embed-archive "
-                                                 "output root, or no run has started here"))
+                                                 " and no job records: no run has started here"))
     for ns in catalog.namespaces:
         spec = ns.spec
         lines.append(f"\nmodel={ns.model} variant={ns.variant}")

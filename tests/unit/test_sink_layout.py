@@ -395,8 +395,9 @@ def test_a_local_write_that_fails_leaves_no_temporary_file(tmp_path: Path) -> No
 
 def test_inspect_tells_a_wrong_path_from_an_empty_output(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """A mistyped output root read as "no committed shards", exit 0, like a real output
-    whose run had not committed yet; a failed run's reason was only in its JSON record."""
+    """A mistyped output root, or a folder that is not one, read as "no committed shards",
+    exit 0, like a real output whose run had not committed yet; a failed run's reason was
+    only in its JSON record."""
     from pipeline import cli
     from pipeline.catalog import load_catalog, render
     from pipeline.errors import NoInputsError
@@ -406,7 +407,13 @@ def test_inspect_tells_a_wrong_path_from_an_empty_output(tmp_path: Path,
     assert cli.main(["inspect", str(tmp_path / "typo")]) == 2
     assert "no such output root" in capsys.readouterr().err
     (tmp_path / "audio").mkdir()
-    assert "not an embed-archive output root" in render(load_catalog(str(tmp_path / "audio")))
+    (tmp_path / "audio" / "a.wav").write_bytes(b"RIFF")
+    with pytest.raises(NoInputsError, match="audio is not an embed-archive output root"):
+        load_catalog(str(tmp_path / "audio"))
+    assert cli.main(["inspect", "--json", str(tmp_path / "audio")]) == 2
+    assert "not an embed-archive output root" in capsys.readouterr().err
+    (tmp_path / "started" / "_variants").mkdir(parents=True)  # refused after its first write
+    assert "no run has started here" in render(load_catalog(str(tmp_path / "started")))
     lay = OutputLayout(str(tmp_path / "out"), "m", "v")
     layout.write_json(lay.fs, str(tmp_path / "out" / "_jobs" / "j1.json"), {
         "job_id": "j1", "started_at": "2026-11-23T10:00:00Z", "ended_at": "2026-11-23T10:01:00Z",
