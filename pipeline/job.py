@@ -314,8 +314,8 @@ class EmbeddingJob:
             markers = layout_mod.committed_shards(self.layout)
             layout_mod.finish_carves(self.layout, markers)
             self._check_manifest_columns(markers)
-            self._reopen_shards(markers)
-            layout_mod.recover(self.layout, markers)
+            reopened = self._reopen_shards(markers)
+            layout_mod.recover(self.layout, markers, reopened)
             items = self.listing.items
             ids = pa.array([i.recording_id for i in items], pa.string())
             done = layout_mod.settled_among(ids, markers)
@@ -410,7 +410,7 @@ class EmbeddingJob:
         return [t for t, on in (("windows", o.windows), ("recordings", o.recordings),
                                 ("errors", True)) if on]
 
-    def _reopen_shards(self, markers: dict[str, dict[str, Any]]) -> None:
+    def _reopen_shards(self, markers: dict[str, dict[str, Any]]) -> set[str]:
         """Uncommit the committed shards this run must embed again, those holding a listed
         recording that
 
@@ -425,7 +425,7 @@ class EmbeddingJob:
         So no recording keeps an error row beside a later success, or two versions' rows. A
         reopened shard's recordings that this run cannot redo (their object is no longer
         listed, in any version) keep their rows: they move to a shard of their own first
-        (:meth:`_carve_out`)."""
+        (:meth:`_carve_out`). Returns the shards uncommitted."""
         run = self.cfg.run
         listed = {i.recording_id for i in self.listing.items}
         # Objects listed again, in another version; one listed as missing or unreadable
@@ -458,7 +458,7 @@ class EmbeddingJob:
                           for shard in reopen for rec in layout_mod.noted(markers[shard])
                           if layout_mod.to_retry(rec)}
         if not reopen:
-            return
+            return reopen
         self._say_reopened(markers, reopen, retry, lacking, changed)
         for shard_id in sorted(reopen):
             keep = {r["recording_id"] for r in markers[shard_id]["recordings"] if stays(r)}
@@ -467,6 +467,7 @@ class EmbeddingJob:
                 markers[carved["shard"]] = layout_mod.compact(carved)
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
+        return reopen
 
     def _carve_out(self, marker: Mapping[str, Any], keep: set[str]) -> dict[str, Any]:
         """Commit the rows of ``keep``'s recordings (not listed any more, so not redone) as a

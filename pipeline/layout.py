@@ -20,6 +20,7 @@ with ``_`` are ignored by Hive-style readers (Spark, BigQuery, pyarrow datasets)
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import json
@@ -305,26 +306,30 @@ def uncommit(layout: OutputLayout, shard_id: str) -> None:
     storage.remove_file(layout.fs, layout.commit_path(shard_id))
 
 
-def recover(layout: OutputLayout, committed: Iterable[str]) -> int:
-    """Delete what a crashed run left behind: staging, and files of uncommitted shards.
+def recover(layout: OutputLayout, committed: Iterable[str], reopened: Iterable[str] = ()) -> int:
+    """Delete what a crashed run left behind: staging, and files of uncommitted shards
+    (among them those of the shards this run ``reopened``, said apart in the log).
 
     Returns:
         Number of files deleted from the visible tables.
     """
     fs = layout.fs
-    committed = set(committed)
+    committed, reopened = set(committed), set(reopened)
     storage.remove_tree(fs, layout.staging_dir())
-    removed = 0
+    removed = collections.Counter[bool]()
     for table in TABLES:
         for path in storage.list_files(fs, layout.table_dir(table)):
             match = _SHARD_FILE.search(path)
             if match and match.group(1) not in committed:
                 storage.remove_file(fs, path)
-                removed += 1
-    if removed:
+                removed[match.group(1) in reopened] += 1
+    if removed[True]:
+        log.info("removed %d files of the %d shard(s) this run reopened", removed[True],
+                 len(reopened))
+    if removed[False]:
         log.warning("removed %d files of shards that were never committed (a previous run "
-                    "stopped while publishing)", removed)
-    return removed
+                    "stopped while publishing)", removed[False])
+    return removed.total()
 
 
 def publish(layout: OutputLayout, shard_id: str, staged: Mapping[str, list[str]]

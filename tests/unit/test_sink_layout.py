@@ -255,20 +255,29 @@ def test_paths_derived_from_names_stay_under_the_root(tmp_path: Path, model: str
         assert "/../" not in path
 
 
-def test_recover_removes_only_uncommitted_shards(tmp_path: Path) -> None:
+def test_recover_removes_only_uncommitted_shards(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Files of shards without a marker go; a crash's are warned of, while those of the
+    shards this run reopened on purpose are only said (no run stopped)."""
     lay = OutputLayout(str(tmp_path / "out"), "m", "v")
     fs = lay.fs
-    keep, drop = "a" * 16, "b" * 16
-    for shard in (keep, drop):
+    keep, drop, reopened = "a" * 16, "b" * 16, "c" * 16
+    for shard in (keep, drop, reopened):
         for table in ("windows", "recordings"):
             storage.write_bytes(fs, lay.shard_file(table, shard, 0), b"x")
     storage.write_bytes(fs, storage.join(lay.staging_dir(drop), "windows", "part.parquet"), b"x")
     layout.write_json(fs, lay.commit_path(keep), {"shard": keep, "recordings": []})
-    removed = layout.recover(lay, layout.committed_shards(lay))
-    assert removed == 2
+    with caplog.at_level("INFO", logger="pipeline.layout"):
+        removed = layout.recover(lay, layout.committed_shards(lay), {reopened})
+    assert removed == 4
     assert Path(lay.shard_file("windows", keep, 0)).exists()
     assert not Path(lay.shard_file("windows", drop, 0)).exists()
+    assert not Path(lay.shard_file("windows", reopened, 0)).exists()
     assert not Path(lay.staging_dir()).exists()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("INFO", "removed 2 files of the 1 shard(s) this run reopened"),
+                    ("WARNING", ("removed 2 files of shards that were never committed (a "
+                                 "previous run stopped while publishing)"))]
 
 
 def test_a_copied_output_root_is_inspected_as_itself(tmp_path: Path) -> None:
