@@ -135,6 +135,8 @@ def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
     if pa.types.is_timestamp(stored) or pa.types.is_timestamp(given):
         return (pa.types.is_timestamp(stored) and pa.types.is_timestamp(given)
                 and stored.tz == given.tz)
+    if pa.types.is_floating(stored) and pa.types.is_floating(given):
+        return stored.bit_width >= given.bit_width  # a narrower float rounds, unchecked
     numeric = (pa.types.is_integer, pa.types.is_floating)
     return any(kind(stored) for kind in numeric) and any(kind(given) for kind in numeric)
 
@@ -669,7 +671,9 @@ class EmbeddingJob:
     def _check_variant_record(self) -> None:
         """Write ``_variants/<id>.json`` once; refuse if it exists with other contents, or
         if the output cannot be read or written (no such bucket, a path under a file, no
-        permission): before the listing, which may take long, and naming ``output.uri``."""
+        permission): before the listing, which may take long, and naming ``output.uri``.
+        (A failed listing leaves this record behind: a description of the variant, which
+        ``inspect`` shows as an output where no run has started.)"""
         fs = self.layout.fs
         path = self.layout.variant_path()
         record = self.variant.to_dict()
@@ -682,7 +686,7 @@ class EmbeddingJob:
                         "id; refusing to mix outputs", "output.uri")
             else:
                 layout_mod.write_json(fs, path, record)
-        except OSError as err:
+        except storage.NOT_TRANSIENT as err:  # not a full disk, nor an outage: a failure
             raise ConfigError(
                 f"cannot write to {storage.redact_uri(self.cfg.output.uri)}: "
                 f"{type(err).__name__}: {storage.redact_text(str(err))}", "output.uri") from err

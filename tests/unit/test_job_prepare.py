@@ -65,6 +65,26 @@ def test_an_output_uri_it_cannot_write_is_refused_naming_it(archive: Path, tmp_p
     assert err.value.field == "output.uri"
 
 
+def test_an_output_that_fails_for_the_while_is_a_failure_not_a_refusal(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage that outlasted the retries, or a full disk, is no config error: it fails
+    the run (exit 1, which a scheduler retries), not refuses it (exit 2)."""
+    import errno
+
+    from pipeline import layout as layout_mod
+    from pipeline.errors import StorageError
+
+    for failure in (StorageError("gave up after 6 attempts: HttpError: 503"),
+                    OSError(errno.ENOSPC, "No space left on device")):
+        def write_json(*_: object, failure: OSError = failure) -> None:
+            raise failure
+
+        monkeypatch.setattr(layout_mod, "write_json", write_json)
+        with pytest.raises(OSError) as err:
+            job(archive, tmp_path).prepare()
+        assert err.value is failure
+
+
 @pytest.mark.parametrize(("sections", "field", "text"), [
     ({"compute": {"inflight_mb": 8}}, "compute.inflight_mb", "cannot hold one output file"),
     ({"model": {"pooling": "cls"}}, "model.pooling", "does not support 'cls'"),
@@ -536,6 +556,8 @@ def test_a_namespace_an_earlier_version_wrote_in_other_types_is_resumed(
     (pa.int64(), pa.float64(), 3.0, True),
     (pa.int64(), pa.float64(), 3.5, False),
     (pa.float64(), pa.int32(), 7, True),
+    (pa.float64(), pa.float32(), 0.5, True),
+    (pa.float32(), pa.float64(), 0.5, False),  # pyarrow rounds to a narrower float unchecked
     (pa.int64(), pa.string(), "3", False),
 ])
 def test_a_manifest_in_other_types_joins_a_namespace_where_its_values_carry_over_exactly(
