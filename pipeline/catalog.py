@@ -188,8 +188,9 @@ def render(catalog: Catalog) -> str:
                 f"precision {spec.get('precision')}, channels {spec.get('channels')}, "
                 f"weights sha256 {str(spec.get('weights_sha256'))[:16]}"
             )
+        outcomes = sorted((str(k or "no outcome"), v) for k, v in ns.outcomes.items())
         lines.append(f"  committed shards {ns.shards}, recordings {ns.recordings} "
-                     f"({', '.join(f'{k} {v}' for k, v in sorted(ns.outcomes.items()))})")
+                     f"({', '.join(f'{k} {v}' for k, v in outcomes)})")
         for table in TABLES:
             lines.append(f"  {table:<11} {ns.rows.get(table, 0):>10} rows in "
                          f"{ns.files.get(table, 0)} files   "

@@ -456,9 +456,12 @@ class EmbeddingJob:
                   if not all(stays(r) for r in markers[shard]["recordings"])}
         if run.retry_transient_errors:
             self._say_given_up(markers, reopen)
-        self._attempts = {rec["recording_id"]: layout_mod.attempts(rec)
-                          for shard in reopen for rec in layout_mod.noted(markers[shard])
-                          if layout_mod.to_retry(rec)}
+        self._attempts = {}
+        for shard in reopen:  # an id in two shards (hand-made markers): the higher count
+            for rec in layout_mod.noted(markers[shard]):
+                if layout_mod.to_retry(rec):
+                    rid = rec["recording_id"]
+                    self._attempts[rid] = max(self._attempts.get(rid, 0), layout_mod.attempts(rec))
         if not reopen:
             return reopen
         self._say_reopened(markers, reopen, retry, lacking, changed)

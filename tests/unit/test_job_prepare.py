@@ -383,6 +383,28 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     assert not Path(lay.commit_path("b" * 16)).exists()
 
 
+def test_a_recording_in_two_reopened_shards_carries_its_higher_count(
+        archive: Path, tmp_path: Path) -> None:
+    """Hand-made markers may name one recording in two shards: the count carried on is the
+    higher one, whichever shard is read first."""
+    from pipeline import layout as layout_mod
+
+    first = job(archive, tmp_path)
+    first.prepare()
+    first._lease.release()
+    [a] = (i.recording_id for i in first.todo)
+    lay = first.layout
+    for shard_id, tries in (("a" * 16, 2), ("b" * 16, 1), ("c" * 16, 1)):
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
+            "shard": shard_id, "files": {},
+            "recordings": [{"recording_id": a, "outcome": "error", "error_type": "MemoryError",
+                            "retry": True, "attempts": tries}]})
+    again = job(archive, tmp_path)
+    again.prepare()
+    again._lease.release()
+    assert again._attempts == {a: 2}
+
+
 def test_a_prepared_run_whose_lease_was_taken_meanwhile_does_nothing(
         archive: Path, tmp_path: Path) -> None:
     """Prepared, then overtaken by a run that finished (and deleted the lease): run() stops

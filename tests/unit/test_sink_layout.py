@@ -280,6 +280,19 @@ def test_recover_removes_only_uncommitted_shards(tmp_path: Path,
                                  "previous run stopped while publishing)"))]
 
 
+def test_inspect_shows_a_marker_entry_without_an_outcome(tmp_path: Path) -> None:
+    """A hand-edited marker whose entry says no outcome is counted as such (sorting it
+    beside the others failed with a TypeError)."""
+    from pipeline.catalog import load_catalog, render
+
+    lay = OutputLayout(str(tmp_path / "out"), "m", "v")
+    layout.write_json(lay.fs, lay.commit_path("a" * 16), {"shard": "a" * 16, "files": {},
+                                                          "recordings": [
+        {"recording_id": "x", "source_uri": "/a.wav"},
+        {"recording_id": "y", "source_uri": "/b.wav", "outcome": "ok"}]})
+    assert "recordings 2 (no outcome 1, ok 1)" in render(load_catalog(str(tmp_path / "out")))
+
+
 def test_a_copied_output_root_is_inspected_as_itself(tmp_path: Path) -> None:
     """Markers keep the URL each file was written to; a copy of the root (gsutil cp -r, a
     move to cold storage) must not look like missing and unmarked files."""
