@@ -413,7 +413,8 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
         py_modules: more local package directories to ship.
 
     Raises:
-        ConfigError: ``extra`` sets ``working_dir`` or a shipped directory is missing.
+        ConfigError: ``extra`` sets ``working_dir``, a shipped directory is missing, or
+            ``extra``'s ``env_vars`` carry a secret (as :func:`parse_env` refuses).
     """
     from pipeline.provenance import GIT_COMMIT_ENV
 
@@ -423,12 +424,28 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
                           "runtime_env.working_dir")
     modules = [str(package),
                *(_shippable(m) for m in [*extra.pop("py_modules", []), *py_modules])]
-    env_vars = {GIT_COMMIT_ENV: git_commit,
-                **{str(k): str(v) for k, v in dict(extra.pop("env_vars", {}) or {}).items()},
-                **dict(env or {})}
+    given = {str(k): str(v) for k, v in dict(extra.pop("env_vars", {}) or {}).items()}
+    for key, value in given.items():  # a runtime_env file is shown as --env is
+        _refuse_secret(key, value, f"runtime_env.env_vars.{key}")
+    for key, value in extra.items():  # pip: ["git+https://user:token@host/..."]
+        for text in _strings(value):
+            _refuse_secret("", text, f"runtime_env.{key}")
+    env_vars = {GIT_COMMIT_ENV: git_commit, **given, **dict(env or {})}
     excludes = [*DEFAULT_EXCLUDES, *extra.pop("excludes", [])]
     return {**extra, "working_dir": str(staging_dir), "py_modules": modules,
             "excludes": excludes, "env_vars": env_vars}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a runtime_env value (lists and mappings, walked)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def _shippable(module: str) -> str:
@@ -471,22 +488,27 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
         ConfigError: an item is not ``KEY=VALUE`` with a valid variable name, or carries a
             secret.
     """
-    from pipeline.config import looks_secret
-    from pipeline.storage import redact_text
-
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise ConfigError(f"--env {key or item!r}: expected KEY=VALUE", "--env")
-        if (looks_secret(key) and not value.startswith("/")) or redact_text(value) != value:
-            raise ConfigError(
-                "a secret in the job's runtime_env would be shown by the dashboard and `ray "
-                "job list`; give the cluster its own identity (Workload Identity, IRSA, an "
-                "instance profile) or the pods a Kubernetes Secret as environment variables",
-                f"--env {key}")
+        _refuse_secret(key, value, f"--env {key}")
         out[key] = value
     return out
+
+
+def _refuse_secret(key: str, value: str, field: str) -> None:
+    """Refuse a runtime_env variable that carries a secret (see :func:`parse_env`)."""
+    from pipeline.config import looks_secret
+    from pipeline.storage import redact_text
+
+    if (looks_secret(key) and not value.startswith("/")) or redact_text(value) != value:
+        raise ConfigError(
+            "a secret in the job's runtime_env would be shown by the dashboard and `ray "
+            "job list`; give the cluster its own identity (Workload Identity, IRSA, an "
+            "instance profile) or the pods a Kubernetes Secret as environment variables",
+            field)
 
 
 def default_submission_id(job_id: str) -> str:

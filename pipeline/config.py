@@ -339,7 +339,8 @@ class RunConfig:
             rerun then reopens the shards holding its earlier version, so its rows are
             replaced, not kept beside the new ones. ``False``: both versions' rows stay
             (``recording_id`` and ``source_version`` tell them apart).
-        progress: show Ray Data's progress bars.
+        progress: show Ray Data's progress bars; unset, Ray Data's own setting (on,
+            unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image).
         log_level: Python logging level.
     """
 
@@ -350,7 +351,7 @@ class RunConfig:
     retry_transient_errors: bool = True
     max_attempts: int = 3
     replace_changed_sources: bool = True
-    progress: bool = True
+    progress: bool | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def validate(self) -> None:

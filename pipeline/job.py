@@ -815,7 +815,8 @@ class EmbeddingJob:
         from ray.data import DataContext, ExecutionResources
 
         ctx = DataContext.get_current()
-        ctx.enable_progress_bars = self.cfg.run.progress
+        if self.cfg.run.progress is not None:  # else Ray Data's (and its environment's)
+            ctx.enable_progress_bars = self.cfg.run.progress
         ctx.max_errored_blocks = 0  # bad recordings are handled per file, never by dropping blocks
         ctx.execution_options.preserve_order = False
         # Ray Data packs what a generator UDF yields into blocks of up to

@@ -507,6 +507,24 @@ def test_runtime_env_ships_the_package_with_excludes(tmp_path: Path) -> None:
                                   py_modules=[str(tmp_path / "missing")])
 
 
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"env_vars": {"HF_TOKEN": "hf_abc"}}, "runtime_env.env_vars.HF_TOKEN"),
+    ({"env_vars": {"AWS_SECRET_ACCESS_KEY": "wJalr"}}, "runtime_env.env_vars.AWS_SECRET_ACCESS_KEY"),
+    ({"pip": ["git+https://me:ghp_x@github.com/org/pkg"]}, "runtime_env.pip"),
+    ({"env_vars": {"URL": "https://h/x?X-Goog-Signature=abc"}}, "runtime_env.env_vars.URL"),
+])
+def test_a_runtime_env_file_carrying_a_secret_is_refused_as_env_is(
+        tmp_path: Path, extra: dict, field: str) -> None:
+    """The dashboard and `ray job list` show the runtime_env: what `--env` refuses, a
+    `--runtime-env` file may not ship either (it went through unchecked)."""
+    with pytest.raises(ConfigError, match="would be shown by the dashboard") as err:
+        cluster.build_runtime_env(tmp_path, cluster.package_dir(), "abc", extra=extra)
+    assert err.value.field == field
+    key_file = {"env_vars": {"GOOGLE_APPLICATION_CREDENTIALS": "/var/secrets/key.json"}}
+    env = cluster.build_runtime_env(tmp_path, cluster.package_dir(), "abc", extra=key_file)
+    assert env["env_vars"]["GOOGLE_APPLICATION_CREDENTIALS"] == "/var/secrets/key.json"
+
+
 def test_rays_packager_honours_the_excludes(tmp_path: Path) -> None:
     from ray._private.runtime_env.packaging import create_package
 

@@ -139,6 +139,26 @@ def test_default_budget_holds_two_files_and_eight_batches_per_actor(archive: Pat
         windows={"window_s": 10.0}, compute={"inflight_mb": needed}).prepare()
 
 
+@pytest.mark.parametrize(("progress", "shown"), [(None, False), (True, True), (False, False)])
+def test_progress_bars_follow_ray_datas_setting_unless_the_config_says(
+        archive: Path, tmp_path: Path, progress: bool | None, shown: bool) -> None:
+    """Unset, ``run.progress`` leaves Ray Data's setting, which the container image turns
+    off (``RAY_DATA_DISABLE_PROGRESS_BARS=1``: bars in a cluster job's log are noise); it
+    forced them on before, whatever the environment said."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # as RAY_DATA_DISABLE_PROGRESS_BARS=1 leaves it
+    try:
+        j = job(archive, tmp_path, run={"progress": progress})
+        j.prepare()
+        j._configure_data_context(j._compute_plan({"CPU": 2.0}))
+        assert ctx.enable_progress_bars is shown
+    finally:
+        ctx.enable_progress_bars = before
+
+
 @pytest.mark.parametrize(("cpus", "actors", "threads", "reserved"), [
     (1.0, 1, 1, 0.0),    # one CPU: the actor reserves none, so decoding can run
     (2.0, 2, 1, 0.5),    # this CI machine: two 1-thread actors, one CPU left for decoding
