@@ -403,6 +403,35 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     assert not Path(lay.commit_path("b" * 16)).exists()
 
 
+def test_jobs_over_two_prefixes_into_one_output_leave_each_others_shards_alone(
+        archive: Path, tmp_path: Path) -> None:
+    """README, At scale: an archive run as one job per prefix, one after another, into one
+    output. A job over the second prefix neither redoes nor reopens the first's shards, and
+    the first prefix run again finds everything done."""
+    from pipeline import layout as layout_mod
+
+    for prefix in ("a", "b"):
+        (archive / prefix).mkdir()
+        sf.write(archive / prefix / "x.wav", np.zeros(16_000, np.float32), 16_000)
+    first = job(archive, tmp_path, input={"uri": str(archive / "a")})
+    first.prepare()
+    first._lease.release()
+    [a] = first.todo
+    lay = first.layout
+    layout_mod.write_json(lay.fs, lay.commit_path("a" * 16), {
+        "shard": "a" * 16, "files": {}, "tables": ["windows", "recordings", "errors"],
+        "recordings": [{"recording_id": a.recording_id, "source_uri": a.uri, "outcome": "ok"}]})
+    other = job(archive, tmp_path, input={"uri": str(archive / "b")})
+    other.prepare()
+    other._lease.release()
+    assert [i.uri for i in other.todo] == [str(archive / "b" / "x.wav")]
+    assert other.already_done == 0 and Path(lay.commit_path("a" * 16)).exists()
+    again = job(archive, tmp_path, input={"uri": str(archive / "a")})
+    again.prepare()
+    again._lease.release()
+    assert (again.already_done, again.todo) == (1, [])
+
+
 def test_a_recording_in_two_reopened_shards_carries_its_higher_count(
         archive: Path, tmp_path: Path) -> None:
     """Hand-made markers may name one recording in two shards: the count carried on is the
