@@ -96,6 +96,10 @@ _RIFF_SIZE_AT = 4
 _STREAMING_SIZE = b"\xff\xff\xff\xff"  # RIFF's "size unknown: read to the end"
 
 
+# The longest Opus packet (RFC 6716): see _read_blocks.
+_OPUS_PACKET_S = 0.12
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """Decoder knobs (mirrors ``AudioConfig``, plus the target rate from the model).
@@ -170,8 +174,10 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
         source: Any = snd
         if snd.format == "MP3" or (snd.format == "FLAC" and snd.frames >= SF_COUNT_MAX):
             source = _FfmpegFrames(fileobj, snd, snd.format.lower())
+        opus_frames = (int(snd.frames) if snd.subtype == "OPUS" and snd.frames < SF_COUNT_MAX
+                       else None)
         try:
-            for block in _read_blocks(source, fileobj, block_frames, report):
+            for block in _read_blocks(source, fileobj, block_frames, report, opus_frames):
                 block = _repair(block, report)
                 if settings.channels == "mix" and block.shape[1] > 1:
                     block = block.mean(axis=1, keepdims=True, dtype=np.float32)
@@ -283,21 +289,30 @@ def _make_resampler(source_rate: int, settings: DecodeSettings, channels: int) -
     return stream.resample_chunk
 
 
-def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int,
-                 report: DecodeReport) -> Iterator[np.ndarray]:
+def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: DecodeReport,
+                 opus_frames: int | None = None) -> Iterator[np.ndarray]:
     """Read until the end; a decode failure after some audio ends the stream as partial.
 
     A failed read loses the whole requested block, and leaves libsndfile's decoder unusable,
     so on the first failure the file is reopened at the last good frame and read on in small
     steps: everything up to the damage is kept.
+
+    ``opus_frames``, an Opus stream's length: libsndfile (1.2.2) returns garbage for a last
+    read shorter than about one Opus packet (up to 0.7 of full scale over the last 100
+    samples of a 48 kHz file of 960,100 frames read 10 s at a time; whole reads are right),
+    so a read that would leave less than the longest packet (120 ms) reads to the end.
     """
     salvage_frames = 1024
     step = block_frames
+    packet = int(_OPUS_PACKET_S * snd.samplerate) + 1
     reopened: sf.SoundFile | None = None  # ours to close; the caller closes ``snd``
     try:
         while True:
+            want = step
+            if opus_frames is not None and 0 < opus_frames - report.frames_decoded - step < packet:
+                want = opus_frames - report.frames_decoded
             try:
-                block = snd.read(step, dtype="float32", always_2d=True)
+                block = snd.read(want, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError, ValueError) as err:
                 if step > salvage_frames and isinstance(snd, sf.SoundFile):
                     reopened = _reopen_at(fileobj, report.frames_decoded)
