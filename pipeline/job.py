@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -271,7 +272,10 @@ class EmbeddingJob:
             storage_options=cfg.model.storage_options)
         info = self.info
         if self.weights.is_random:
-            log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
+            if log.isEnabledFor(logging.WARNING):
+                log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
+            else:  # run.log_level: ERROR must not hide that the embeddings mean nothing
+                print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
         self._settle_model_settings()
         self.precision = self._job_precision()
         c = cfg.compute

@@ -436,7 +436,10 @@ class BeatsEncoder(nn.Module):
 
     def _spectrum(self, conv: nn.Conv1d, n_fft: int) -> torch.Tensor:
         """Spectra of the reversed kernels, ``[G, n_fft // 2 + 1, out, in]``, cached."""
-        weights = tuple((p.data_ptr(), p._version, p.device) for p in conv.parameters())
+        # A model built under torch.inference_mode has inference tensors, which keep no
+        # version counter (and cannot be changed in place outside that mode).
+        weights = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.device)
+                        for p in conv.parameters())
         cached = self._kernel_spectra.get(n_fft)
         if cached is not None and cached[0] == weights:
             self._kernel_spectra.move_to_end(n_fft)

@@ -15,6 +15,8 @@ missing key, unexpected key, shape mismatch or non-finite value raises
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,11 +82,12 @@ def read_checkpoint(weights: LocalWeights) -> Checkpoint:
         WeightsUnavailableError: the file is not a safetensors or torch checkpoint, or
             it contains pickled objects other than tensors and plain containers.
     """
+    data = _read_as_hashed(weights)
     if weights.format == "safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            return Checkpoint(state_dict=load_file(str(weights.path), device="cpu"))
+            return Checkpoint(state_dict=load(data))
         except Exception as err:  # noqa: BLE001 - SafetensorError is a plain Exception
             raise WeightsUnavailableError(
                 f"cannot read {weights.uri} as safetensors (corrupt or truncated?): "
@@ -94,7 +97,7 @@ def read_checkpoint(weights: LocalWeights) -> Checkpoint:
         raise WeightsUnavailableError(
             f"{weights.uri} is not a safetensors or torch checkpoint (detected: {weights.format})")
     try:
-        obj = torch.load(weights.path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise WeightsUnavailableError(
             f"refusing to load {weights.uri}: it contains pickled Python objects other than "
@@ -106,6 +109,18 @@ def read_checkpoint(weights: LocalWeights) -> Checkpoint:
                                       f"(corrupt or truncated?): {str(err).splitlines()[0]}"
                                       ) from None
     return unwrap_checkpoint(obj, weights.uri)
+
+
+def _read_as_hashed(weights: LocalWeights) -> bytes:
+    """The file's bytes, read once and checked against the hash it is recorded by: a file
+    replaced between hashing and loading would put one checkpoint's embeddings under the
+    other's hash (and variant)."""
+    data = weights.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != weights.sha256:
+        raise WeightsUnavailableError(
+            f"{weights.uri} changed while it was read (its sha256 is no longer "
+            f"{weights.sha256[:16]}…); run again once it is written")
+    return data
 
 
 def _unpickler_reason(err: pickle.UnpicklingError) -> str:

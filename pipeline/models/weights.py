@@ -168,10 +168,14 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
             log.warning("cannot check the cached copy of %s against the original (%s); "
                         "using the cached copy", shown, reason)
             return _describe(blob, shown, blob.name)
-        if current == remote:
+        if current == remote and set(current) - {"size"}:
             return _describe(blob, shown, blob.name)
-        log.warning("%s changed since this node cached it (%s, was %s); fetching it again",
-                    shown, current, remote)
+        if current == remote:  # two checkpoints of one architecture have one size
+            log.warning("%s says nothing of its version but its size; fetching it again, as "
+                        "a copy cached earlier may be of another checkpoint", shown)
+        else:
+            log.warning("%s changed since this node cached it (%s, was %s); fetching it again",
+                        shown, current, remote)
     waited_from = time.time()
     with _fetch_lock(shown):
         # The actors of one node start together: one downloads, the others wait here and
@@ -316,8 +320,8 @@ def _cached_blob(shown: str) -> tuple[Path, dict[str, str]] | None:
 # HTTP, Hugging Face, local and memory filesystems); the size is in it, but never alone
 # enough to call two versions equal unless nothing else is known.
 _IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "content_md5",
-                  "blob_id", "lfs", "LastModified", "last_modified", "updated",
-                  "mtime", "created", "size")
+                  "Content-MD5", "Digest", "blob_id", "lfs", "LastModified", "last_modified",
+                  "Last-Modified", "updated", "mtime", "created", "size")
 
 
 def _identity(info: Mapping[str, Any]) -> dict[str, str]:
@@ -338,7 +342,10 @@ def _download(uri: str, storage_options: dict[str, Any]) -> tuple[Path, dict[str
 
     fs, path = url_to_fs(uri, **storage_options)
     info = fs.info(path)
-    with fs.open(path, "rb") as f:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    # Read through, not by range: an HTTP server need not support ranges (http.server does not).
+    streamed = {"block_size": 0} if "http" in protocols or "https" in protocols else {}
+    with fs.open(path, "rb", **streamed) as f:
         blob = _store_blob(f)
     expected = info.get("size")
     got = blob.stat().st_size

@@ -57,6 +57,22 @@ def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) 
     assert err.value.field == "output.uri"
 
 
+def test_random_weights_are_said_whatever_the_log_level(
+        archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run.log_level ERROR silences warnings, not the banner that the embeddings mean
+    nothing."""
+    import logging
+
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        job(archive, tmp_path).prepare()
+    finally:
+        logger.setLevel(level)
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+
+
 def test_an_output_uri_it_cannot_write_is_refused_naming_it(archive: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="cannot write to .*notes.txt/out: NotADirectoryError"

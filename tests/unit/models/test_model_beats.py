@@ -203,6 +203,16 @@ def test_too_short_input_is_rejected(tiny_beats):
         tiny_beats.extract(torch.zeros(1, 2799), None, [0])
 
 
+def test_a_model_built_under_inference_mode_runs() -> None:
+    """Built inside torch.inference_mode (its parameters inference tensors, which keep no
+    version counter), it gives what the same model built outside gives."""
+    audio = torch.randn(2, 16_000)
+    outside = load_model("beats", weights="random", options=TINY_BEATS)
+    with torch.inference_mode():
+        inside = load_model("beats", weights="random", options=TINY_BEATS)
+        torch.testing.assert_close(inside(audio), outside(audio))
+
+
 def test_a_model_used_under_inference_mode_can_still_be_trained() -> None:
     """load_model hands out a trainable module: a first call under inference_mode (as the
     job makes) must not leave inference tensors that a later backward pass cannot save."""

@@ -122,6 +122,49 @@ def test_an_object_replaced_under_its_uri_is_fetched_again(cache, checkpoint, tm
     assert (second.path.stat().st_mode & 0o777) == 0o644
 
 
+def test_a_checkpoint_over_plain_http_is_fetched_again_once_replaced(cache, checkpoint,
+                                                                     tmp_path):
+    """Python's http.server: no ETag, no ranges, a Last-Modified date. The download reads
+    through, not by range, and a checkpoint replaced by another of the same size is told
+    apart by its date (the size alone served the first forever)."""
+    import functools
+    import os
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "w.safetensors").write_bytes(checkpoint.read_bytes())
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}/w.safetensors"
+        first = fetch_weights(uri)
+        assert first.sha256 == _sha(checkpoint)
+        other = save_safetensors({"w": torch.ones(3, 4)}, tmp_path / "other.safetensors")
+        assert other.stat().st_size == checkpoint.stat().st_size
+        (served / "w.safetensors").write_bytes(other.read_bytes())
+        later = checkpoint.stat().st_mtime + 60
+        os.utime(served / "w.safetensors", (later, later))
+        assert fetch_weights(uri).sha256 == _sha(other)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_checkpoint_replaced_between_hashing_and_loading_is_refused(checkpoint, tmp_path):
+    """The bytes loaded are the bytes hashed: a file replaced after its hash was taken would
+    otherwise put one checkpoint's embeddings under the other's hash."""
+    from pipeline.models.checkpoint import read_checkpoint
+
+    local = fetch_weights(str(checkpoint))
+    save_safetensors({"w": torch.ones(3, 4)}, checkpoint)
+    with pytest.raises(WeightsUnavailableError, match="changed while it was read"):
+        read_checkpoint(local)
+
+
 def test_a_registered_copy_is_used_as_given(cache, checkpoint, tmp_path):
     """cache-weights says "this file is that URI": no online check may replace it."""
     fs = fsspec.filesystem("memory")
