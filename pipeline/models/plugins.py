@@ -16,10 +16,14 @@ the class, without building the model, which happens only in the actors)::
         layer_dims: tuple[int, ...]          # optional; default embedding_dim for all
         has_cls: bool                        # optional; token 0 is a CLS token
         min_input_samples: int               # optional; default 1
+        weights_id: str                      # optional; names the default weights (their
+                                             # hash or version): recorded in the variant
 
         def __init__(self, weights: str | None, device: str, **options): ...
-            # weights: None for "default" (the plugin's own), "random", or the local
-            # path of a fetched checkpoint URI. options: the config's model.options.
+            # weights: None for "default" (the plugin's own), "random" (built with torch's
+            # generator seeded from the name and options, so every actor builds the same
+            # model), or the local path of a fetched checkpoint URI (hashed into the
+            # variant). options: the config's model.options.
 
         def forward_features(self, audio, padding_mask):
             # audio: float32 [B, T] on device; padding_mask: bool [B, T], True = padding
@@ -211,19 +215,32 @@ def create_plugin_backbone(name: str, cls: type, *, weights: str, device: str,
             missing.
         WeightsUnavailableError: the weights URI cannot be fetched.
     """
-    provenance, argument = _plugin_weights(name, weights, storage_options)
+    provenance, argument = _plugin_weights(name, cls, weights, storage_options)
     try:
         inspect.signature(cls).bind(argument, device, **options)
     except TypeError as err:
         raise ConfigError(f"plugin {name} does not accept these options {sorted(options)}: "
                           f"{err}", "model.options") from None
-    plugin = cls(argument, device, **options)
+    if weights == "random":  # the same "random" model in every actor, as for built-ins
+        from pipeline.models.registry import seeded_rng
+
+        with seeded_rng(name, options):
+            plugin = cls(argument, device, **options)
+    else:
+        plugin = cls(argument, device, **options)
     return PluginBackbone(plugin, plugin_info(name, plugin, options), provenance, device)
 
 
-def _plugin_weights(name: str, weights: str, storage_options: Mapping[str, Any] | None
-                    ) -> tuple[WeightsInfo, str | None]:
+def _plugin_weights(name: str, cls: type, weights: str,
+                    storage_options: Mapping[str, Any] | None) -> tuple[WeightsInfo, str | None]:
     if weights == "default":
+        weights_id = getattr(cls, "weights_id", None)
+        if weights_id:
+            return WeightsInfo(uri="default", sha256=str(weights_id), format="plugin"), None
+        log.warning("plugin %s runs its own default weights, which this job cannot hash: the "
+                    "variant records them as 'unknown', so rows of two versions of them would "
+                    "share one namespace. Set model.weights to the checkpoint (hashed like any "
+                    "other), or give the class a weights_id (their hash or version)", name)
         return PLUGIN_DEFAULT_WEIGHTS, None
     if weights == "random":
         log.warning("!!! %s was asked for RANDOM weights: its embeddings are NOT meaningful "

@@ -69,6 +69,39 @@ def test_plugin_weights_are_fetched_to_a_local_path(tmp_path: Path):
     assert backbone.weights.format == "unknown" and len(backbone.weights.sha256) == 64
 
 
+class WeightedPlugin(FramePlugin):
+    """A plugin with torch parameters of its own."""
+
+    def __init__(self, weights: str | None, device: str, frame: int = 800) -> None:
+        super().__init__(weights, device, frame)
+        self.w = torch.randn(4)
+
+
+def test_a_random_plugin_is_the_same_model_in_every_actor():
+    """Built under a generator seeded from the name and options, as built-in random models
+    are: actors of one variant must not run different networks."""
+    name = f"{WeightedPlugin.__module__}:WeightedPlugin"
+    first = create_backbone(name, weights="random")
+    torch.randn(100)  # whatever ran before
+    assert torch.equal(create_backbone(name, weights="random").plugin.w, first.plugin.w)
+    other = create_backbone(name, weights="random", options={"frame": 400})
+    assert not torch.equal(other.plugin.w, first.plugin.w)
+
+
+def test_a_plugins_default_weights_are_in_the_variant_by_their_weights_id(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Without a weights_id the job cannot tell two versions of a plugin's own weights apart,
+    and says so; with one, the variant records it."""
+    with caplog.at_level("WARNING", logger="pipeline.models.plugins"):
+        assert create_backbone(PLUGIN).weights.sha256 == "unknown"
+    assert "cannot hash" in caplog.text
+    monkeypatch.setattr(FramePlugin, "weights_id", "frames-v2", raising=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.models.plugins"):
+        assert create_backbone(PLUGIN).weights.sha256 == "frames-v2"
+    assert "cannot hash" not in caplog.text
+
+
 def test_entry_point_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     dist = tmp_path / "toy_plugin-0.1.dist-info"
     dist.mkdir()
