@@ -318,7 +318,7 @@ def _cached_blob(shown: str) -> tuple[Path, dict[str, str]] | None:
 
 # What identifies one version of an object, as fsspec backends report it (S3, GCS, Azure,
 # HTTP, Hugging Face, local and memory filesystems); the size is in it, but never alone
-# enough to call two versions equal unless nothing else is known.
+# enough to call two versions equal: a copy known by its size alone is fetched again.
 _IDENTITY_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "content_md5",
                   "Content-MD5", "Digest", "blob_id", "lfs", "LastModified", "last_modified",
                   "Last-Modified", "updated", "mtime", "created", "size")
