@@ -40,13 +40,19 @@ def git_commit() -> str:
     """Commit of the code that runs: from the environment (set by ``submit``) or git."""
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
-    return commit_of(Path(__file__).resolve().parent.parent)
+    here = Path(__file__).resolve()
+    return commit_of(here.parent.parent, tracked=here)
 
 
-def commit_of(root: Path) -> str:
+def commit_of(root: Path, tracked: Path | None = None) -> str:
     """``HEAD`` of the git checkout at ``root``, ``-dirty`` when tracked files changed
-    (untracked ones do not count); ``unknown`` outside a checkout or without git."""
+    (untracked ones do not count); ``unknown`` outside a checkout, without git, or when
+    ``tracked`` is not a file of that checkout (the package installed in a virtualenv or
+    copied into some other repository's folder must not take that repository's commit)."""
     try:
+        if tracked is not None:
+            subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", "--",
+                            str(tracked)], capture_output=True, timeout=5, check=True)
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
             capture_output=True, text=True, timeout=5, check=True,

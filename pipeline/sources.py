@@ -101,12 +101,16 @@ def source_version(info: dict[str, Any]) -> str:
     fields that a folder listing and a single object's ``info()`` both carry: s3fs gives
     ``VersionId`` from ``info()`` (HEAD) but not in listings, so on a versioned bucket it
     would give one object two recording ids (a folder run, then a manifest run, would embed
-    it twice). ``VersionId`` counts only where nothing else is known."""
-    for key in ("generation", "ETag", "etag", "md5Hash", "blob_id", "VersionId", "version_id"):
+    it twice). ``VersionId`` counts only where nothing else is known. An HTTP server says
+    ``ETag``, ``Content-MD5``, ``Digest`` or at least ``Last-Modified`` (without which a
+    same-size replacement kept its id and was not embedded again)."""
+    for key in ("generation", "ETag", "etag", "md5Hash", "Content-MD5", "Digest", "blob_id",
+                "VersionId", "version_id"):
         value = info.get(key)
         if value not in (None, "", "null"):
             return f"{key}={str(value).strip(chr(34))}"
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or ""
+    mtime = (info.get("mtime") or info.get("LastModified") or info.get("updated")
+             or info.get("Last-Modified") or "")  # the last: HTTP's, a date
     if hasattr(mtime, "timestamp"):
         mtime = f"{mtime.timestamp():.6f}"
     return f"size={info.get('size', -1)},mtime={mtime}"

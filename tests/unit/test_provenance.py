@@ -41,3 +41,10 @@ def test_a_checkout_with_changed_tracked_files_is_dirty(tmp_path) -> None:
     assert commit_of(tmp_path) == head  # untracked files are not the code that ran
     (tmp_path / "job.py").write_text("a = 2\n")
     assert commit_of(tmp_path) == f"{head}-dirty"
+    # The package in a virtualenv (ignored, untracked) inside this repository: not its code.
+    site = tmp_path / ".venv" / "site-packages" / "pipeline"
+    site.mkdir(parents=True)
+    (site / "provenance.py").write_text("")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    assert commit_of(site.parent, tracked=site / "provenance.py") == "unknown"
+    assert commit_of(tmp_path, tracked=tmp_path / "job.py") == f"{head}-dirty"
