@@ -427,25 +427,15 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
     given = {str(k): str(v) for k, v in dict(extra.pop("env_vars", {}) or {}).items()}
     for key, value in given.items():  # a runtime_env file is shown as --env is
         _refuse_secret(key, value, f"runtime_env.env_vars.{key}")
+    from pipeline.storage import strings_in
+
     for key, value in extra.items():  # pip: ["git+https://user:token@host/..."]
-        for text in _strings(value):
+        for text in strings_in(value):
             _refuse_secret("", text, f"runtime_env.{key}")
     env_vars = {GIT_COMMIT_ENV: git_commit, **given, **dict(env or {})}
     excludes = [*DEFAULT_EXCLUDES, *extra.pop("excludes", [])]
     return {**extra, "working_dir": str(staging_dir), "py_modules": modules,
             "excludes": excludes, "env_vars": env_vars}
-
-
-def _strings(value: Any) -> Iterator[str]:
-    """Every string inside a runtime_env value (lists and mappings, walked)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item)
 
 
 def _shippable(module: str) -> str:

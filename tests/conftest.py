@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +53,22 @@ def write_tone(path: Path, seconds: float, sample_rate_hz: int = 16_000, channel
     audio = np.stack(cols, axis=1).astype(np.float32)
     sf.write(path, audio, sample_rate_hz, format=fmt, subtype=subtype)
     return audio
+
+
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """Python's http.server on 127.0.0.1 over ``directory`` (no ETag, no ranges, a
+    Last-Modified date): yields its base URL; stopped on exit."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -233,22 +233,13 @@ def _is_secret_key(key: str) -> bool:
 
 def _secret_values(uri: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     """Strings that must never be printed: URI passwords/secret query values, option values."""
+    from pipeline.storage import strings_in
+
     parts = urllib.parse.urlsplit(uri)
     found = [parts.password or ""]
     found += [v for k, v in urllib.parse.parse_qsl(parts.query) if _is_secret_key(k)]
-    found += list(_strings(storage_options or {}))
+    found += list(strings_in(storage_options or {}))
     return [s for s in found if len(s) >= 4]
-
-
-def _strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _strings(v)
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:

@@ -217,30 +217,20 @@ def test_one_s3_object_has_one_version_however_it_was_listed() -> None:
 def test_an_http_object_replaced_by_one_of_the_same_size_is_a_new_version(tmp_path) -> None:
     """Python's http.server sends no ETag, only Last-Modified: a re-exported WAV of the same
     size kept its version (``size=…,mtime=``) and was never embedded again."""
-    import functools
     import os
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from pipeline import storage
     from pipeline.sources import source_version
+    from tests.conftest import serving
 
     (tmp_path / "a.wav").write_bytes(b"RIFF" + bytes(100))
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/a.wav"
-        fs, path = storage.url_to_fs(url)
+    with serving(tmp_path) as base:
+        fs, path = storage.url_to_fs(f"{base}/a.wav")
         before = source_version(fs.info(path))
         (tmp_path / "a.wav").write_bytes(b"RIFF" + bytes(range(100)))
         later = os.stat(tmp_path / "a.wav").st_mtime + 60
         os.utime(tmp_path / "a.wav", (later, later))
         after = source_version(fs.info(path))
-    finally:
-        server.shutdown()
-        server.server_close()
     assert before.startswith("size=104,mtime=") and before != "size=104,mtime="
     assert after != before
 

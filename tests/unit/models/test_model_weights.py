@@ -127,20 +127,15 @@ def test_a_checkpoint_over_plain_http_is_fetched_again_once_replaced(cache, chec
     """Python's http.server: no ETag, no ranges, a Last-Modified date. The download reads
     through, not by range, and a checkpoint replaced by another of the same size is told
     apart by its date (the size alone served the first forever)."""
-    import functools
     import os
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.conftest import serving
 
     served = tmp_path / "served"
     served.mkdir()
     (served / "w.safetensors").write_bytes(checkpoint.read_bytes())
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        uri = f"http://127.0.0.1:{server.server_address[1]}/w.safetensors"
+    with serving(served) as base:
+        uri = f"{base}/w.safetensors"
         first = fetch_weights(uri)
         assert first.sha256 == _sha(checkpoint)
         other = save_safetensors({"w": torch.ones(3, 4)}, tmp_path / "other.safetensors")
@@ -149,9 +144,6 @@ def test_a_checkpoint_over_plain_http_is_fetched_again_once_replaced(cache, chec
         later = checkpoint.stat().st_mtime + 60
         os.utime(served / "w.safetensors", (later, later))
         assert fetch_weights(uri).sha256 == _sha(other)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_checkpoint_replaced_between_hashing_and_loading_is_refused(checkpoint, tmp_path):
