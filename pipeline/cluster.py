@@ -417,6 +417,7 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
             ``extra``'s ``env_vars`` carry a secret (as :func:`parse_env` refuses).
     """
     from pipeline.provenance import GIT_COMMIT_ENV
+    from pipeline.storage import strings_in
 
     extra = dict(extra or {})
     if "working_dir" in extra:
@@ -427,8 +428,6 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
     given = {str(k): str(v) for k, v in dict(extra.pop("env_vars", {}) or {}).items()}
     for key, value in given.items():  # a runtime_env file is shown as --env is
         _refuse_secret(key, value, f"runtime_env.env_vars.{key}")
-    from pipeline.storage import strings_in
-
     for key, value in extra.items():  # pip: ["git+https://user:token@host/..."]
         for text in strings_in(value):
             _refuse_secret("", text, f"runtime_env.{key}")
