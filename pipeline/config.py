@@ -40,8 +40,9 @@ class InputConfig:
         manifest: optional CSV, Parquet or JSONL file with a ``uri`` column; its other
             columns are carried to every output row, except ``source_version`` and
             ``source_bytes``, which name each object's version and size so that it is not
-            looked up (``pipeline.sources``). When set, ``uri`` is ignored.
-        extensions: file extensions (case-insensitive) that count as recordings.
+            looked up (``pipeline.sources``). Give ``uri`` or ``manifest``, not both.
+        extensions: file extensions (case-insensitive) that count as recordings: a list,
+            or one string of them separated by commas or spaces (``wav,flac``).
         recursive: descend into subdirectories when ``uri`` is a directory.
         storage_options: passed to the fsspec filesystem (endpoint, project, anon, key and
             secret...). For a manifest that mixes stores, key them by protocol:
@@ -58,6 +59,9 @@ class InputConfig:
     def validate(self) -> None:
         if not self.uri and not self.manifest:
             raise ConfigError("set input.uri (a directory, glob or file) or input.manifest", "input")
+        if self.uri and self.manifest:  # one of them would be silently ignored
+            raise ConfigError("set input.uri or input.manifest, not both (a manifest lists "
+                              "every recording itself)", "input")
         if not self.extensions:
             raise ConfigError("must list at least one extension", "input.extensions")
         for ext in self.extensions:
@@ -259,6 +263,18 @@ class ComputeConfig:
             raise ConfigError("must be >= 0", "compute.cpus_per_actor")
         _positive(self.decode_cpus, "compute.decode_cpus")
         _positive(self.decode_memory_mb, "compute.decode_memory_mb")
+        for name in ("embed_resources", "decode_resources"):
+            for key, amount in getattr(self, name).items():
+                if key in _RAY_BUILTIN_RESOURCES:  # Ray refuses them there, with a traceback
+                    raise ConfigError(f"{key} is one of Ray's own resources: use "
+                                      "compute.cpus_per_actor / gpus_per_actor / decode_cpus / "
+                                      "decode_memory_mb", f"compute.{name}.{key}")
+                if amount < 0:
+                    raise ConfigError(f"must be >= 0, got {amount:g}", f"compute.{name}.{key}")
+        for key, value in self.embed_label_selector.items():
+            problem = label_selector_problem(key, value)
+            if problem:
+                raise ConfigError(problem, f"compute.embed_label_selector.{key}")
         address = self.address
         if address is not None and address.startswith("ray://"):
             # Ray Data's streaming executor fails under Ray Client ('Worker' object has no
@@ -271,6 +287,29 @@ class ComputeConfig:
             raise ConfigError(f"{address!r} is not a Ray address: use auto (the cluster this "
                               "machine belongs to) or HEAD:6379 (its GCS), or leave it unset "
                               "for a local Ray", "compute.address")
+
+
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+# Kubernetes label syntax, which Ray's node labels follow: a name of at most 63 characters,
+# alphanumeric at both ends, with '-', '_' and '.' between, after an optional DNS-subdomain
+# prefix and '/'. A selector value is a label value, or in(a, b), either negated with '!'.
+_LABEL_NAME = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"(({_LABEL_NAME})(\.{_LABEL_NAME})*/)?{_LABEL_NAME}")
+_LABEL_SELECTOR = re.compile(rf"!?(in\({_LABEL_NAME}(, ?{_LABEL_NAME})*\)|{_LABEL_NAME})?")
+
+
+def label_selector_problem(key: str, value: str) -> str | None:
+    """Why Ray would refuse ``key: value`` in a label selector (None: it would not)."""
+    prefix = key.rpartition("/")[0]
+    if not _LABEL_KEY.fullmatch(key) or len(prefix) > 253:
+        return (f"{key!r} is not a node label key: a name of up to 63 letters, digits, '-', "
+                "'_' and '.' (alphanumeric at both ends), optionally after a DNS prefix and "
+                "'/' (example.com/pool)")
+    if not _LABEL_SELECTOR.fullmatch(value):
+        return (f"{value!r} is not a label selector: a label value (up to 63 letters, digits, "
+                "'-', '_' and '.'), or in(a, b), either optionally negated with '!'")
+    return None
 
 
 @dataclass(frozen=True)
@@ -402,7 +441,7 @@ class JobConfig:
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = parse_yaml(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         return cls.from_dict(raw, overrides)
@@ -450,18 +489,107 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.batch_size=8")
     section, _, name = key.partition(".")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from None
-    target = data.setdefault(section, {})
-    if not isinstance(target, dict):
+    target = _mapping_at(data, section)
+    if target is None:
         raise ConfigError(f"--set {item!r}: {section} is not a section", section)
     parts = name.split(".")
     for part in parts[:-1]:  # dotted keys reach into dict-valued settings
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
+        target = _mapping_at(target, part)
+        if target is None:
             raise ConfigError(f"--set {item!r}: {part} is not a mapping", key)
     target[parts[-1]] = parsed
+
+
+def _mapping_at(data: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """``data[key]`` as a mapping to set keys in: created when absent or empty (``model:``
+    with nothing under it reads as null); None when it holds something else."""
+    value = data.get(key)
+    if value is None:
+        value = data[key] = {}
+    elif isinstance(value, Mapping) and not isinstance(value, dict):
+        value = data[key] = dict(value)
+    return value if isinstance(value, dict) else None
+
+
+class _Int(int):
+    """An integer as YAML 1.1 read it, with the text it was written as (``text``)."""
+
+    text: str
+
+
+class _Float(float):
+    """A float as YAML 1.1 read it, with the text it was written as (``text``)."""
+
+    text: str
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without two of YAML 1.1's traps for a config file:
+
+    * a key given twice is an error (PyYAML keeps the last one silently, so a second
+      ``model:`` section would replace the first whole);
+    * a scalar keeps the text it was written as: keys are that text (``on:`` is the key
+      ``on``, not True), and a number remembers it, so a setting that takes text gets
+      ``007``, ``2025_01``, ``0755``, ``1.10`` or ``12:30`` as written, where YAML 1.1 reads
+      7, 202501, 493, 1.1 and 750.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"found the key {key!r} twice (first on line "
+                        f"{seen[key].start_mark.line + 1}): YAML would keep only the last", key_node.start_mark)
+                seen[key] = key_node
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep=deep)
+
+    def _number(self, node: yaml.ScalarNode) -> Any:
+        value = (self.construct_yaml_int(node) if node.tag.endswith(":int")
+                 else self.construct_yaml_float(node))
+        typed = _Int(value) if isinstance(value, int) else _Float(value)
+        typed.text = node.value
+        return typed
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader._number)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader._number)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as a config reads it (see :class:`_ConfigLoader`); numbers come back as int and
+    float subclasses that remember their text, which :func:`_coerce` makes plain.
+
+    Raises:
+        yaml.YAMLError: not YAML, or a key given twice in one mapping.
+    """
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader
+
+
+def plain(value: Any) -> Any:
+    """``value`` with the numbers :func:`parse_yaml` made turned into plain int and float."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, _Int):
+        return int(value)
+    if isinstance(value, _Float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def _build_section(section_cls: type, values: Mapping[str, Any], prefix: str) -> Any:
@@ -491,7 +619,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
-        return value
+        return plain(value)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -505,12 +633,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 errors.append(err)
         raise errors[-1]
     if origin is Literal:
+        value = plain(value)
         if value not in args:
             raise ConfigError(f"{value!r} is not allowed; use one of {', '.join(map(str, args))}",
                               where)
         return value
-    if origin is tuple:
-        items = [value] if isinstance(value, str) else value
+    if origin is tuple:  # a list, or one string of items separated by commas or spaces
+        items = [v for v in re.split(r"[,\s]+", value) if v] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"expected a list, got {type(value).__name__}", where)
         return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items))
@@ -524,7 +653,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"expected true or false, got {value!r}", where)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
         raise ConfigError(f"expected an integer, got {value!r}", where)
     if hint is float:
         if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
@@ -538,7 +667,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "text", None) or str(value)  # as written: 007 stays 007
         raise ConfigError(f"expected a string, got {value!r}", where)
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
 

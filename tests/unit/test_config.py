@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import JobConfig, apply_override, redacted
+from pipeline.config import JobConfig, apply_override, parse_yaml, redacted
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +59,17 @@ def test_defaults_fill_every_section() -> None:
         ({**BASE, "output": {"uri": "filecache::s3://b/out"}}, "output.uri", "chained"),
         ({**BASE, "model": {"weights": "blockcache::hf://o/r/w.safetensors"}}, "model.weights",
          "chained"),
+        ({**BASE, "input": {"uri": "/d", "manifest": "/m.csv"}}, "input", "not both"),
+        ({**BASE, "compute": {"embed_resources": {"GPU": 1}}}, "compute.embed_resources.GPU",
+         "gpus_per_actor"),
+        ({**BASE, "compute": {"decode_resources": {"CPU": 2}}}, "compute.decode_resources.CPU",
+         "decode_cpus"),
+        ({**BASE, "compute": {"decode_resources": {"ssd": -1}}}, "compute.decode_resources.ssd",
+         ">= 0"),
+        ({**BASE, "compute": {"embed_label_selector": {"bad key!": "x"}}},
+         "compute.embed_label_selector.bad key!", "not a node label key"),
+        ({**BASE, "compute": {"embed_label_selector": {"pool": "in()"}}},
+         "compute.embed_label_selector.pool", "not a label selector"),
     ],
 )
 def test_bad_values_name_the_field(raw: dict, field: str, words: str) -> None:
@@ -149,3 +160,86 @@ def test_redacts_credentials_in_uris() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "job_configs").glob("*.yaml")))
 def test_shipped_job_configs_validate(path: Path) -> None:
     JobConfig.load(path)
+
+
+def test_ray_label_selectors_that_ray_takes_are_taken() -> None:
+    """Ray refused a bad selector only when the actors were created, after the listing,
+    with a traceback; what it takes must still pass."""
+    cfg = load({**BASE, "compute": {"embed_label_selector": {
+        "ray.io/accelerator-type": "H100", "example.com/pool": "!in(spot, preemptible)",
+        "zone": "us-east1-b"}}})
+    assert cfg.compute.embed_label_selector["zone"] == "us-east1-b"
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path: Path) -> None:
+    """YAML keeps the last of two keys: a second `model:` section silently replaced the
+    first (random weights, batch 4), and the job would have fetched the real checkpoint."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("input:\n  uri: /data\nmodel:\n  name: beats\n  weights: random\n"
+                    "output:\n  uri: /out\nmodel:\n  pooling: max\n")
+    with pytest.raises(ConfigError, match=r"found the key 'model' twice \(first on line 3\)"):
+        JobConfig.load(path)
+    path.write_text("input:\n  uri: /data\n  uri: /other\n")
+    with pytest.raises(ConfigError, match="found the key 'uri' twice"):
+        JobConfig.load(path)
+    with pytest.raises(ConfigError, match="found the key 'a' twice"):
+        load(BASE, ("input.storage_options={a: 1, a: 2}",))
+
+
+@pytest.mark.parametrize(("written", "setting", "expected"), [
+    ("run.job_id=007", ("run", "job_id"), "007"),
+    ("run.job_id=1.10", ("run", "job_id"), "1.10"),
+    ("input.uri=2025_01", ("input", "uri"), "2025_01"),
+    ("output.uri=0755", ("output", "uri"), "0755"),
+    ("run.job_id=12:30", ("run", "job_id"), None),  # not a safe token: refused, as typed
+    ("compute.embed_label_selector.version=1.10", ("compute", "embed_label_selector"),
+     {"version": "1.10"}),
+])
+def test_text_settings_get_numbers_as_written(tmp_path: Path, written: str,
+                                              setting: tuple[str, str], expected: object) -> None:
+    """YAML 1.1 reads 007 as 7, 2025_01 as 202501, 0755 as 493 (octal), 1.10 as 1.1 and
+    12:30 as 750 (base 60): a text setting took those, in a file or after --set."""
+    key, value = written.split("=", 1)
+    section, name = key.split(".", 1)
+    path = tmp_path / "job.yaml"
+    inner = f"{name.split('.')[0]}:\n    {name.split('.')[1]}: {value}" if "." in name else f"{name}: {value}"
+    base = {"input": "  uri: /data\n", "output": "  uri: /out\n"}
+    base[section] = f"  {inner}\n"
+    path.write_text("".join(f"{k}:\n{v}" for k, v in base.items()))
+    for cfg_of in (lambda: JobConfig.load(path), lambda: load(BASE, (written,))):
+        if expected is None:
+            with pytest.raises(ConfigError, match=r"run.job_id: .*letters, digits"):
+                cfg_of()
+            continue
+        assert getattr(getattr(cfg_of(), setting[0]), setting[1]) == expected
+
+
+def test_numbers_stay_plain_numbers_and_keys_stay_text() -> None:
+    """What remembers the text for text settings must not leak out: a number setting, or a
+    number inside options, is a plain int or float; `on:` is the key `on`, not True."""
+    cfg = JobConfig.from_dict(parse_yaml(
+        "input: {uri: /data}\nmodel: {batch_size: 0x10, layers: [-1, 6], options: {a: 1.5}}\n"))
+    assert type(cfg.model.batch_size) is int and cfg.model.batch_size == 16
+    assert [type(x) for x in cfg.model.layers] == [int, int]
+    assert type(cfg.model.options["a"]) is float
+    with pytest.raises(ConfigError, match="^on: unknown key"):
+        JobConfig.from_dict(parse_yaml("input: {uri: /data}\non: {x: 1}\n"))
+
+
+def test_a_set_into_an_empty_section_fills_it() -> None:
+    """`model:` with only a comment under it reads as null: `--set model.batch_size=4` was
+    refused as "model is not a section" (and submit's own compute.address=auto too)."""
+    raw = parse_yaml("input: {uri: /data}\nmodel:\n  # later\ncompute:\n")
+    cfg = load(raw, ("model.batch_size=4", "compute.address=auto",
+                     "input.storage_options.client_kwargs.region=eu"))
+    assert (cfg.model.batch_size, cfg.compute.address) == (4, "auto")
+    assert cfg.input.storage_options == {"client_kwargs": {"region": "eu"}}
+    with pytest.raises(ConfigError, match="model is not a section"):
+        load({**BASE, "model": 3}, ("model.batch_size=4",))
+
+
+@pytest.mark.parametrize("written", ["wav,flac", "wav flac", "wav, flac", ["wav", "flac"]])
+def test_extensions_as_one_string_are_split(written: object) -> None:
+    """`--set input.extensions=wav,flac` became the one extension 'wav,flac'."""
+    cfg = load({**BASE, "input": {"uri": "/d", "extensions": written}})
+    assert cfg.input.extensions == ("wav", "flac")
