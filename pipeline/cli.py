@@ -162,21 +162,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import write_demo_archive
 
-    paths = write_demo_archive(args.directory, seed=args.seed)
+    try:
+        paths = write_demo_archive(args.directory, seed=args.seed)
+    except OSError as err:  # a file where the folder should be, no permission, a full disk
+        raise ConfigError(f"cannot write the demo archive in {args.directory}: "
+                          f"{err.strerror or err}", "directory") from err
     print(f"{len(paths)} recordings and manifest.csv in {args.directory} (an archive already "
           "there with this seed is kept, so a rerun of the job resumes)")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import yaml
-
     from pipeline.catalog import load_catalog, render
+    from pipeline.config import parse_yaml, plain
 
     options = {}
     for item in args.storage_options:
-        key, _, value = item.partition("=")
-        options[key] = yaml.safe_load(value)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. anon=true",
+                              "--storage-option")
+        options[key.strip()] = plain(parse_yaml(value)) if value.strip() else ""
     catalog = load_catalog(args.output_uri, options)
     if args.json:
         print(json.dumps({"root": catalog.root, "namespaces": [ns.__dict__ for ns in catalog.namespaces],

@@ -286,17 +286,19 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
 def _refuse_secrets_on_the_command_line(overrides: Sequence[str]) -> None:
     """``--set`` items become the entrypoint, which ``status``, ``ray job list`` and the
     dashboard show to anyone who can see the cluster: no secret may travel there."""
-    from pipeline.config import apply_override, looks_secret, redacted
+    from pipeline.config import apply_override, plain, redacted
     from pipeline.storage import redact_text
 
     for item in overrides:
         key, _, value = item.partition("=")
         # The value as the config will hold it, so a mapping such as
-        # storage_options={key: ..., secret: ...} is searched at every depth.
+        # storage_options={key: ..., secret: ...} is searched at every depth; text under a
+        # secret-looking key is a secret, a number is not (model.options.max_tokens=8), as
+        # in every record the job writes (config.redacted).
         parsed: dict[str, Any] = {}
         apply_override(parsed, item)
-        if (looks_secret(key.rsplit(".", 1)[-1]) or redact_text(value) != value
-                or redacted(parsed) != parsed):
+        parsed = plain(parsed)
+        if redact_text(value) != value or redacted(parsed) != parsed:
             raise ConfigError(
                 "a secret on the command line would be shown by `status`, `ray job list` and "
                 "the dashboard (so would one passed with --env, in the job's runtime_env); "
@@ -348,20 +350,21 @@ def _local_path_problem(value: str | None) -> str | None:
 
 
 def check_model_options(cfg: JobConfig) -> None:
-    """Resolve the model name and options without loading weights.
+    """Check the config against its model as ``run`` does before any work (name, options,
+    window, hop, pooling, layers), without loading weights.
 
     ``module.path:ClassName`` backbones are left to the cluster (the module may only exist
     in its image).
 
     Raises:
         UnknownModelError: no such backbone here.
-        ConfigError: invalid model options.
+        ConfigError: invalid model options, or settings the model does not take.
     """
     if ":" in cfg.model.name:
         return
-    from pipeline.models import model_info
+    from pipeline.job import check_model_settings
 
-    model_info(cfg.model.name, cfg.model.options)
+    check_model_settings(cfg)
 
 
 def cluster_overrides(cfg: JobConfig, job_id: str) -> list[str]:

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -263,6 +264,8 @@ class EmbeddingJob:
             NoInputsError: nothing to embed was found.
             WeightsUnavailableError: the checkpoint cannot be fetched.
         """
+        import ray
+
         from pipeline.models import resolve_backbone
 
         cfg = self.cfg
@@ -277,10 +280,12 @@ class EmbeddingJob:
             else:  # run.log_level: ERROR must not hide that the embeddings mean nothing
                 print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
         self._settle_model_settings()
-        self.precision = self._job_precision()
         c = cfg.compute
         if c.gpus_per_actor and not c.embed_actors:  # before any listing or output
             self._check_gpus(self._gpu_view()[0], c.gpus_per_actor)
+        self.precision = self._job_precision()
+        if not joins_cluster(c) and not ray.is_initialized():  # a caller's own Ray: its own
+            self._check_local_ray()
         self.variant = Variant(
             model_name=info.name,
             model_family=info.family,
@@ -310,8 +315,15 @@ class EmbeddingJob:
             raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
                               "is in _jobs/, its id on every row it wrote); give this run "
                               "another id, or none for a generated one", "run.job_id")
-        self._check_variant_record()  # the first write: an output it cannot take fails here
-        self.listing = list_sources(cfg.input)
+        created = self._check_variant_record()  # the first write: a bad output fails here
+        try:
+            self.listing = list_sources(cfg.input)
+        except BaseException:  # nothing ran: leave the output as it was
+            with contextlib.suppress(Exception):  # the listing's error is the one to see
+                for path in created[:1]:
+                    storage.remove_file(self.layout.fs, path)
+                storage.remove_empty_dirs(created[1:])
+            raise
         fault_point("listed")
         # Held from before the markers are read until run() ends: see pipeline.lease.
         self._lease = NamespaceLease(self.layout, self.job_id)
@@ -563,6 +575,10 @@ class EmbeddingJob:
             raise ConfigError(f"{info.name} only takes {fixed} s windows, got {self.window_s}",
                               "windows.window_s")
         self.hop_s = cfg.windows.hop_s or self.window_s / 2
+        if self.hop_s > self.window_s:  # sparse sampling may be meant, but say what it costs
+            log.warning("windows.hop_s %g s > window_s %g s: %.0f%% of every recording is "
+                        "never embedded", self.hop_s, self.window_s,
+                        100 * (1 - self.window_s / self.hop_s))
         if cfg.windows.min_tail_s > self.window_s:  # it would drop full windows too
             raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
                               f"({self.window_s} s)", "windows.min_tail_s")
@@ -580,6 +596,24 @@ class EmbeddingJob:
             raise ConfigError(f"{self.window_s} s is shorter than {info.name}'s shortest input "
                               f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
         self._check_inflight_budget()
+
+    def _check_local_ray(self) -> None:
+        """Refuse, before any work, what the Ray this job would start on this machine can
+        never give, since no autoscaler brings it a bigger node: the job would wait for it
+        forever (custom resources, node labels), or stop after the listing (CPUs)."""
+        c = self.cfg.compute
+        for key, asked in (("compute.embed_resources", c.embed_resources),
+                           ("compute.decode_resources", c.decode_resources),
+                           ("compute.embed_label_selector", c.embed_label_selector)):
+            if asked:
+                raise ConfigError(f"{', '.join(asked)}: the local Ray this job starts has no "
+                                  "custom resources or node labels, so the job would wait "
+                                  "forever; leave it empty, or join the cluster that has them "
+                                  "(compute.address)", key)
+        import torch
+
+        self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
+                            "GPU": float(torch.cuda.device_count())})
 
     def _job_precision(self) -> str:
         """``model.precision`` as every actor will run it; ``auto`` is settled here, on the
@@ -675,12 +709,15 @@ class EmbeddingJob:
                 f"plus a few window batches; use at least {needed} or lower output.file_mb",
                 "compute.inflight_mb")
 
-    def _check_variant_record(self) -> None:
+    def _check_variant_record(self) -> list[str]:
         """Write ``_variants/<id>.json`` once; refuse if it exists with other contents, or
         if the output cannot be read or written (no such bucket, a path under a file, no
         permission): before the listing, which may take long, and naming ``output.uri``.
-        (A failed listing leaves this record behind: a description of the variant, which
-        ``inspect`` shows as an output where no run has started.)"""
+
+        Returns:
+            what this call created, for a refused listing to take back: the record, then
+            the local folders made for it, deepest first (``[]``: the record was there).
+        """
         fs = self.layout.fs
         path = self.layout.variant_path()
         record = self.variant.to_dict()
@@ -691,8 +728,10 @@ class EmbeddingJob:
                     raise ConfigError(
                         f"{self.layout.uri(path)} describes a different variant with the same "
                         "id; refusing to mix outputs", "output.uri")
-            else:
-                layout_mod.write_json(fs, path, record)
+                return []
+            created = [path, *storage.missing_dirs(fs, path)]
+            layout_mod.write_json(fs, path, record)
+            return created
         except storage.NOT_TRANSIENT as err:  # not a full disk, nor an outage: a failure
             raise ConfigError(
                 f"cannot write to {storage.redact_uri(self.cfg.output.uri)}: "
@@ -835,10 +874,12 @@ class EmbeddingJob:
 
     def _check_gpus(self, gpus: float, gpus_per_actor: float) -> None:
         if gpus < gpus_per_actor:
-            where = "the cluster has" if joins_cluster(self.cfg.compute) else "this machine has"
+            if joins_cluster(self.cfg.compute):
+                where, wait = "the cluster has", "set compute.embed_actors to wait for an autoscaler, or "
+            else:
+                where, wait = "this machine has", ""
             raise ConfigError(f"each actor asks for {gpus_per_actor:g} GPU but {where} "
-                              f"{gpus:g}; set compute.embed_actors to wait for an autoscaler, "
-                              "or compute.gpus_per_actor: 0 to embed on CPUs",
+                              f"{gpus:g}; {wait}set compute.gpus_per_actor: 0 to embed on CPUs",
                               "compute.gpus_per_actor")
 
     def _compute_plan(self, resources: Mapping[str, float]) -> ComputePlan:
@@ -849,6 +890,10 @@ class EmbeddingJob:
         if gpus_per_actor and c.embed_actors is None:
             self._check_gpus(gpus, gpus_per_actor)
         if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
+            if not joins_cluster(c):
+                raise ConfigError(f"{c.embed_actors} actors x {gpus_per_actor:g} GPU asked, "
+                                  f"this machine has {gpus:g}: the job would wait forever",
+                                  "compute.embed_actors")
             log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
                         "the rest", c.embed_actors, gpus_per_actor, gpus)
         local_cpu = not gpus_per_actor and not joins_cluster(c)
@@ -1191,6 +1236,30 @@ class EmbeddingJob:
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
 
 
+def check_model_settings(cfg: JobConfig) -> None:
+    """What ``prepare()`` checks of a config against its model (window, hop, pooling, layers,
+    the in-flight budget), with no weights, no Ray and no I/O: how ``submit`` refuses a bad
+    config before it reaches the cluster.
+
+    Raises:
+        UnknownModelError: no such backbone here.
+        ConfigError: the config does not fit the model.
+    """
+    from pipeline.models import model_info
+
+    job = EmbeddingJob(cfg)
+    job.info = model_info(cfg.model.name, cfg.model.options)
+    job._settle_model_settings()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset counts; Ray counts the same)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no affinity
+        return os.cpu_count() or 1
+
+
 def run_job(cfg: JobConfig) -> JobSummary:
     """Prepare and run a job; the CLI's ``run`` in one call."""
     job = EmbeddingJob(cfg)
@@ -1199,4 +1268,4 @@ def run_job(cfg: JobConfig) -> JobSummary:
 
 
 __all__ = ["EXIT_ABORTED", "EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_SOME_FAILED",
-           "EmbeddingJob", "JobSummary", "run_job"]
+           "EmbeddingJob", "JobSummary", "check_model_settings", "run_job"]

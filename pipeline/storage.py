@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -541,6 +541,31 @@ def remove_file(fs: Any, path: str) -> None:
             pass
 
     retry(rm, what=f"delete {redact_text(path)}")
+
+
+def missing_dirs(fs: Any, path: str) -> list[str]:
+    """The folders above ``path`` that do not exist yet, deepest first (local filesystems;
+    an object store has no folders: ``[]``): what writing ``path`` would create."""
+    if not _is_local_fs(fs):
+        return []
+    out = []
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        out.append(parent)
+        parent, last = os.path.dirname(parent), parent
+        if parent == last:
+            break
+    return out
+
+
+def remove_empty_dirs(dirs: Sequence[str]) -> None:
+    """Remove local folders in order while they are empty (stops at the first that is not:
+    something else wrote there meanwhile, and keeps it)."""
+    for directory in dirs:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def remove_tree(fs: Any, path: str) -> None:

@@ -413,7 +413,7 @@ def write_config(path: Path, **sections: dict[str, Any]) -> Path:
 
 def staging(tmp_path: Path) -> Path:
     out = tmp_path / "staging"
-    out.mkdir()
+    out.mkdir(parents=True)
     return out
 
 
@@ -471,6 +471,11 @@ def test_a_fixed_job_id_is_its_submission_id(tmp_path: Path) -> None:
      "--set input.storage_options: a secret on the command line"),
     (["output.storage_options={client_kwargs: {aws_secret_access_key: abc}}"],
      "--set output.storage_options: a secret on the command line"),
+    # What run refuses before Ray, submit refuses before the cluster (they passed here).
+    (["model.pooling=avg"], "model.pooling"),
+    (["model.layers=[40]"], "model.layers"),
+    (["windows.window_s=0.01", "windows.min_tail_s=0"], "windows.window_s: 0.01 s is shorter than"),
+    (["windows.min_tail_s=9", "windows.window_s=2"], "windows.min_tail_s"),
 ])
 def test_bad_configs_fail_before_anything_is_built(tmp_path: Path, sets: list[str],
                                                    message: str) -> None:
@@ -479,6 +484,18 @@ def test_bad_configs_fail_before_anything_is_built(tmp_path: Path, sets: list[st
         cluster.prepare_submission(write_config(tmp_path / "job.yaml"), sets, out)
     assert isinstance(info.value, (ConfigError, KeyError))
     assert not list(out.iterdir())
+
+
+def test_a_number_under_a_secret_looking_key_may_travel(tmp_path: Path) -> None:
+    """`--set model.options.max_tokens=8` was refused as a secret; records keep numbers
+    too (config.redacted): only text under such a key is a secret."""
+    config = write_config(tmp_path / "job.yaml", model={"name": "beats", "weights": "random"})
+    with pytest.raises(ConfigError, match="max_tokens") as err:  # beats takes no such option
+        cluster.prepare_submission(config, ["model.options.max_tokens=8"], staging(tmp_path / "a"))
+    assert "secret" not in str(err.value)
+    with pytest.raises(ConfigError, match="a secret on the command line"):  # text: a secret
+        cluster.prepare_submission(config, ["model.options.max_tokens=abc"],
+                                   staging(tmp_path / "b"))
 
 
 def test_local_absolute_paths_only_warn(tmp_path: Path) -> None:

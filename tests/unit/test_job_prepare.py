@@ -130,6 +130,60 @@ def test_more_gpus_than_there_are_is_refused_before_listing(archive: Path, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("compute", "field", "text"), [
+    ({"cpus_per_actor": 64}, "compute.cpus_per_actor", "must fit on this local Ray's"),
+    ({"decode_cpus": 64}, "compute.decode_cpus", "must fit on this local Ray's"),
+    ({"num_cpus": 1, "cpus_per_actor": 1}, "compute.decode_cpus", "local Ray's 1 CPUs"),
+    ({"decode_resources": {"decode_node": 1}}, "compute.decode_resources", "wait forever"),
+    ({"embed_resources": {"gpu_pool": 1}}, "compute.embed_resources", "wait forever"),
+    ({"embed_label_selector": {"pool": "gpu"}}, "compute.embed_label_selector", "wait forever"),
+    ({"embed_actors": 2, "gpus_per_actor": 1}, "compute.embed_actors", "would wait forever"),
+])
+def test_what_a_local_ray_could_never_give_is_refused_before_any_work(
+        archive: Path, tmp_path: Path, compute: dict, field: str, text: str) -> None:
+    """Found after the listing, the lease and the job record, once Ray had started (exit 1,
+    a raw Ray error, or a job waiting forever for a resource no local node has)."""
+    import torch
+
+    if "gpus_per_actor" in compute and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs asked for")
+    with pytest.raises(ConfigError, match=text) as err:
+        job(archive, tmp_path, compute=compute).prepare()
+    assert err.value.field == field
+    assert not (tmp_path / "out").exists()
+    # Joining a cluster, the cluster (and its autoscaler) decides: nothing refused here.
+    job(archive, tmp_path / "c", compute={**compute, "address": "auto"},
+        model={"precision": "fp32"}).prepare()
+
+
+def test_a_refused_listing_leaves_the_output_as_it_was(archive: Path, tmp_path: Path) -> None:
+    """The variant record is written before the listing (an output the job cannot write is
+    refused before a listing that may take hours); a listing refused then left it behind,
+    and `inspect` took the folder for an output."""
+    from pipeline.errors import NoInputsError
+
+    out = tmp_path / "new" / "out"
+    with pytest.raises(NoInputsError):
+        job(archive, tmp_path, input={"uri": str(tmp_path / "nothing-here")},
+            output={"uri": str(out)}).prepare()
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "_variants").mkdir(parents=True)
+    (kept / "notes.txt").write_text("x")
+    with pytest.raises(NoInputsError):
+        job(archive, tmp_path, input={"uri": str(tmp_path / "nothing-here")},
+            output={"uri": str(kept)}).prepare()
+    assert sorted(p.name for p in kept.rglob("*")) == ["_variants", "notes.txt"]
+    done = job(archive, tmp_path, output={"uri": str(kept)})  # a real run's record stays
+    done.prepare()
+    done._lease.release()
+    record = next((kept / "_variants").iterdir())
+    with pytest.raises(NoInputsError):
+        job(archive, tmp_path, input={"uri": str(tmp_path / "nothing-here")},
+            output={"uri": str(kept)}).prepare()
+    assert record.exists()
+
+
 def test_a_job_id_names_one_run(archive: Path, tmp_path: Path) -> None:
     jobs = tmp_path / "out" / "_jobs"
     jobs.mkdir(parents=True)
@@ -191,7 +245,9 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
         actors, threads, reserved)
     assert plan.actors * plan.cpus_per_actor <= cpus - 1 or cpus == 1
     # Explicit settings win; on a cluster (or with GPUs) the defaults stay one actor per GPU.
-    fixed = job(archive, tmp_path / "x", compute={"embed_actors": 1, "cpus_per_actor": 2})
+    # (num_cpus: a local Ray that could hold them, so that prepare() lets them by.)
+    fixed = job(archive, tmp_path / "x", compute={"embed_actors": 1, "cpus_per_actor": 2,
+                                                  "num_cpus": 64})
     fixed.prepare()
     if cpus >= 3:
         assert (fixed._compute_plan({"CPU": cpus}).actors,
@@ -201,7 +257,7 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
             fixed._compute_plan({"CPU": cpus})
     for compute, field in (({"decode_cpus": 4}, "compute.decode_cpus"),
                            ({"cpus_per_actor": 3}, "compute.cpus_per_actor")):
-        big = job(archive, tmp_path / field, compute=compute)
+        big = job(archive, tmp_path / field, compute={**compute, "num_cpus": 64})
         big.prepare()
         big._lease.release()
         if max(compute.values()) > cpus:
