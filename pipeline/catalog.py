@@ -76,11 +76,15 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     root_path = root_path.rstrip("/")
     if not storage.exists(fs, root_path):
         raise NoInputsError(f"{storage.redact_uri(root)}: no such output root")
+    # A namespace is wherever a run left a trace: commit markers, a lease (a first run
+    # still going, or killed before its first commit) or files (published, never committed).
     found: set[tuple[str, str]] = set()
-    for path in storage.list_files(fs, storage.join(root_path, "_commits")):
+    for path in [*storage.list_files(fs, storage.join(root_path, "_commits")),
+                 *storage.list_files(fs, storage.join(root_path, "_leases")),
+                 *(ns for table in TABLES for ns in _partitions(fs, storage.join(root_path, table)))]:
         match = _NS.search(path)
         if match:
-            found.add((match.group(1), match.group(2)))
+            found.add((match.group(1), match.group(2).removesuffix(".json")))
     namespaces = [_namespace(fs, root, model, variant, storage_options)
                   for model, variant in sorted(found)]
     jobs = []
@@ -94,6 +98,22 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
                             f"(it holds none of {', '.join(n + '/' for n in _MARKS)}): give "
                             "the folder or prefix a job's output.uri names")
     return Catalog(root=storage.redact_uri(root), namespaces=namespaces, jobs=jobs)
+
+
+def _partitions(fs: Any, table_path: str) -> list[str]:
+    """The ``model=M/variant=V`` folders of one table: two levels listed, not every file."""
+    out = []
+    for model_dir in _folders(fs, table_path):
+        out.extend(_folders(fs, model_dir))
+    return out
+
+
+def _folders(fs: Any, path: str) -> list[str]:
+    try:
+        entries = storage.retry(lambda: fs.ls(path, detail=True), what=f"list {path}")
+    except FileNotFoundError:
+        return []
+    return [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
 
 
 def _namespace(fs: Any, root: str, model: str, variant: str,
@@ -189,8 +209,8 @@ def render(catalog: Catalog) -> str:
                 f"weights sha256 {str(spec.get('weights_sha256'))[:16]}"
             )
         outcomes = sorted((str(k or "no outcome"), v) for k, v in ns.outcomes.items())
-        lines.append(f"  committed shards {ns.shards}, recordings {ns.recordings} "
-                     f"({', '.join(f'{k} {v}' for k, v in outcomes)})")
+        lines.append(f"  committed shards {ns.shards}, recordings {ns.recordings}"
+                     + (f" ({', '.join(f'{k} {v}' for k, v in outcomes)})" if outcomes else ""))
         for table in TABLES:
             lines.append(f"  {table:<11} {ns.rows.get(table, 0):>10} rows in "
                          f"{ns.files.get(table, 0)} files   "

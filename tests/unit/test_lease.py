@@ -291,3 +291,34 @@ def test_inspect_tells_a_dead_runs_lease_and_record_from_a_live_one(
     held.acquire()
     assert "  killed  running" in render(load_catalog(layout.root))
     held.release()
+
+
+def test_inspect_finds_a_first_run_before_its_first_commit(layout: OutputLayout) -> None:
+    """Namespaces were found by their commit markers only: a first run still going was
+    listed as no namespace at all and its job as "interrupted"; one killed before its
+    first commit left a stale lease and published files that inspect did not mention."""
+    from pipeline.catalog import load_catalog, render
+    from pipeline.layout import write_json
+
+    write_json(layout.fs, layout.job_path("first"),
+               {"job_id": "first", "started_at": "2026-11-22T10:00:00Z", "ended_at": None,
+                "summary": {"status": "running"}})
+    held = NamespaceLease(layout, "first")
+    held.acquire()
+    shown = render(load_catalog(layout.root))
+    assert f"model={layout.model} variant={layout.variant}" in shown
+    assert "committed shards 0, recordings 0\n" in shown
+    assert "running: job first" in shown and "  first  running" in shown
+    held.release()
+    gone_pid = subprocess.Popen(["true"])
+    gone_pid.wait()
+    plant(layout, job_id="first", pid=gone_pid.pid)
+    orphan = Path(layout.table_dir("windows")) / "shard-x-0.parquet"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"PAR1")
+    shown = render(load_catalog(layout.root))
+    assert f"stale lease (pid {gone_pid.pid} has exited)" in shown
+    assert "WARNING: 1 files without a commit marker (a run was interrupted" in shown
+    assert "  first  interrupted" in shown
+    Path(layout.lease_path()).unlink()  # the files alone still show the namespace
+    assert "WARNING: 1 files without a commit marker" in render(load_catalog(layout.root))
