@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import render, run
+from pipeline.bench import local_actor_plan, render, run
 
 
 def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: Path) -> None:
-    results = run(tmp_path, real_data, quick=True, precision="fp32")
+    # Not fp32: the seed loop then runs twice (as written, and at the job's precision).
+    results = run(tmp_path, real_data, quick=True, precision="int8")
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["mode"] == "quick"
     assert "long" not in saved  # full mode only
@@ -23,11 +24,21 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
         c = saved[corpus]
         assert c["model_only"]["windows"] > 0
         assert c["pipeline"]["windows"] == c["model_only"]["windows"]
-        assert c["seed_loop_fp32"]["windows"] == c["model_only"]["windows"]
-        assert c["pipeline"]["audio_s"] == c["model_only"]["audio_s"] or abs(
-            c["pipeline"]["audio_s"] - c["model_only"]["audio_s"]) < 0.5
+        # Every side counts the same audio: its own decoder's seconds, overlaps not twice.
+        for side in ("pipeline", "seed_loop_fp32", "seed_loop_same_precision",
+                     "model_only_as_actors"):
+            assert c[side]["windows"] == c["model_only"]["windows"], side
+            assert c[side]["audio_s"] == pytest.approx(c["model_only"]["audio_s"], abs=0.5), side
+        assert c["seed_loop_same_precision"]["precision"] == "int8"
+        # Model only shaped as the job's actors on this machine: its plan's processes.
+        assert (c["model_only_as_actors"]["actors"],
+                c["model_only_as_actors"]["torch_threads"]) == local_actor_plan()
+        assert len(c["model_only_as_actors"]["walls_s"]) == c["model_only_as_actors"]["actors"]
         for key in ("pipeline_over_model_only", "pipeline_steady_over_model_only",
-                    "pipeline_over_seed_loop_fp32", "actor_forward_over_model_only"):
+                    "pipeline_over_seed_loop_fp32", "actor_forward_over_model_only",
+                    "pipeline_over_model_only_as_actors",
+                    "pipeline_steady_over_model_only_as_actors",
+                    "pipeline_over_seed_loop_same_precision"):
             assert c[key] > 0
         assert 0 < c["model_busy_fraction"] <= 1
         assert c["pipeline"]["embed"]["windows"] == c["pipeline"]["windows"]
@@ -45,7 +56,8 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
     assert memory["decode_rss_ratio"] > 0 and memory["job_rss_ratio"] > 0
     assert set(saved["decode"]) == {"wav", "flac", "mp3", "ogg", "opus"}
     assert all(d["audio_s_per_cpu_s"] > 1 for d in saved["decode"].values())
-    assert "pipeline / model only" in render(results)
+    table = render(results)
+    assert "pipeline / model only as actors" in table and "model_only_as_actors" in table
     # Full mode adds the 10-minute plateau and the tight budget: render them too, from this
     # run's own figures, so those rows cannot rot either.
     full = copy.deepcopy(results)
