@@ -174,7 +174,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
         if root is not None and _hidden(name, root, path):
             hidden += 1
             continue
-        uri = storage.redact_uri(storage.full_uri(fs, name))
+        uri = storage.source_uri(fs, name)
         version = source_version(info)
         items.append(SourceItem(uri=uri, path=name, size_bytes=_size(info),
                                 version=version, recording_id=recording_id(uri, version)))
@@ -334,8 +334,8 @@ def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        return _unreadable(storage.redact_uri(uri), uri, row, err)
-    shown = storage.redact_uri(storage.full_uri(fs, path))
+        return _unreadable(storage.redact_uri(storage.unsigned_uri(uri)), uri, row, err)
+    shown = storage.source_uri(fs, path)
     return SourceItem(uri=shown, path=path, size_bytes=size, version=version,
                       recording_id=recording_id(shown, version), row=row)
 
@@ -466,8 +466,8 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        return _unreadable(storage.redact_uri(uri), uri, row, err)
-    shown = storage.redact_uri(storage.full_uri(fs, path))
+        return _unreadable(storage.redact_uri(storage.unsigned_uri(uri)), uri, row, err)
+    shown = storage.source_uri(fs, path)
     try:
         info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")
     except (OSError, ValueError) as err:  # missing or unreadable: becomes an error row
@@ -481,7 +481,7 @@ def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
     """A manifest row whose object cannot be had: an error row, named for its ``err``."""
     return SourceItem(uri=shown, path=path, size_bytes=-1, version=MISSING,
                       recording_id=recording_id(shown, MISSING), row=row,
-                      problem=f"{type(err).__name__}: {err}")
+                      problem=f"{type(err).__name__}: {storage.redact_text(str(err))}")
 
 
 def _size(info: dict[str, Any]) -> int:
@@ -502,8 +502,8 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     try:
         data = storage.read_bytes(fs, path)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: {err}",
-                          "input.manifest") from None
+        raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: "
+                          f"{storage.redact_text(str(err))}", "input.manifest") from None
     try:
         if lower.endswith(".parquet"):
             return read_parquet_bytes(data)
@@ -512,7 +512,8 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         if lower.endswith((".csv", ".tsv")):
             return _read_csv(data, "\t" if lower.endswith(".tsv") else ",")
     except pa.ArrowInvalid as err:
-        raise ConfigError(f"manifest {storage.redact_uri(uri)} is malformed: {err}",
+        raise ConfigError(f"manifest {storage.redact_uri(uri)} is malformed: "
+                          f"{storage.redact_text(str(err))}",
                           "input.manifest") from None
     raise ConfigError(
         f"{storage.redact_uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",

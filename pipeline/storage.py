@@ -168,11 +168,12 @@ _SECRET_QUERY = re.compile(r"(?i)(signature|token|secret|key|credential|sig|pass
 
 
 def redact_uri(uri: str) -> str:
-    """Drop credentials embedded in a URL (``user:pass@`` and signed-URL query values)."""
+    """Drop credentials embedded in a URL (``user:pass@``, and secret-looking query values
+    of an HTTP(S) URL: an object store's key is literal, ``?`` and all)."""
     if "://" not in uri:
         return uri
     uri = _USERINFO.sub(r"\1***@", uri)
-    if "?" in uri:
+    if "?" in uri and _has_query(uri):
         base, _, query = uri.partition("?")
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         if any(_SECRET_QUERY.search(k) for k, _ in pairs):
@@ -181,6 +182,36 @@ def redact_uri(uri: str) -> str:
             )
             uri = f"{base}?{query}"
     return uri
+
+
+def _has_query(uri: str) -> bool:
+    return uri[:8].lower().startswith(("http://", "https://"))
+
+
+# What signs a URL (AWS SigV2 and SigV4, GCS V2 and V4, Azure SAS), and what only signing
+# adds beside it: the same object signed again differs in exactly these.
+_SIGNATURES = {"signature", "x-amz-signature", "x-goog-signature", "sig"}
+_SIGNING = re.compile(r"(?i)^(x-amz-.*|x-goog-.*|awsaccesskeyid|googleaccessid|signature|expires"
+                      r"|sig|sv|ss|srt|sp|se|st|spr|sr|si|skoid|sktid|skt|ske|sks|skv)$")
+
+
+def unsigned_uri(uri: str) -> str:
+    """A signed HTTP(S) URL without its signing parameters (credential, date, expiry,
+    signature), which change every time the same object is signed: the name the object is
+    known by, in output rows and in its recording id. Any other URL, as it is."""
+    if "?" not in uri or not _has_query(uri):
+        return uri
+    base, _, query = uri.partition("?")
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not any(k.lower() in _SIGNATURES for k, _ in pairs):
+        return uri
+    kept = [(k, v) for k, v in pairs if not _SIGNING.match(k)]
+    return f"{base}?{urllib.parse.urlencode(kept)}" if kept else base
+
+
+def source_uri(fs: Any, path: str) -> str:
+    """The URL a recording is known by: :func:`full_uri`, unsigned and redacted."""
+    return redact_uri(unsigned_uri(full_uri(fs, path)))
 
 
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")

@@ -260,7 +260,7 @@ def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch,
     class NoCredentialsError(Exception):  # botocore's, by name: the CLI does not import it
         pass
 
-    for err in (PermissionError("Forbidden: s3://rec/a?X-Amz-Signature=s3cr3t"),
+    for err in (PermissionError("Forbidden: https://rec.s3.amazonaws.com/a?X-Amz-Signature=s3cr3t"),
                 NoCredentialsError("Unable to locate credentials")):
         def refused(args, err=err):
             raise err
@@ -334,3 +334,59 @@ def test_what_an_output_writes_for_the_unknown_is_looked_up_or_asked_for(
     assert (b.version, b.size_bytes, c.version, c.size_bytes) == (
         "ETag=7", -1, "d41d8cd98f00", 3244)
     assert "1 source_version value(s) such as 'd41d8cd98f00'" in caplog.text
+
+
+def _signed(base: str, name: str, date: str) -> str:
+    """``name`` under ``base`` as an S3 SigV4 presigned URL made at ``date``."""
+    return (f"{base}/{name}?versionTag=7&X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential=AKIAFAKE%2F{date[:8]}%2Fus-east-1%2Fs3%2Faws4_request"
+            f"&X-Amz-Date={date}&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+            f"&X-Amz-Signature=sig{date}")
+
+
+def test_a_manifest_signed_again_names_the_same_recordings(folder: Path) -> None:
+    """Presigned URLs expire, so every rerun gets them signed anew: the signature, date and
+    expiry made each run's recordings new ones (all embedded again, every row twice)."""
+    from tests.conftest import serving
+
+    with serving(folder) as base:
+        runs = []
+        for date in ("20261101T000000Z", "20261122T120000Z"):
+            manifest = folder / f"m-{date}.csv"
+            manifest.write_text("uri\n" + "".join(f"{_signed(base, n, date)}\n"
+                                                  for n in ("a.wav", "b.wav")))
+            runs.append(list_sources(InputConfig(manifest=str(manifest))).items)
+        gone = folder / "m-gone.csv"
+        gone.write_text(f"uri\n{_signed(base, 'gone.wav', '20261122T120000Z')}\n")
+        missing = list_sources(InputConfig(manifest=str(gone))).items[0]
+        with pytest.raises(ConfigError) as err:
+            list_sources(InputConfig(manifest=_signed(base, "nope.csv", "20261122T120000Z")))
+    first, again = runs
+    assert [i.recording_id for i in first] == [i.recording_id for i in again]
+    assert [i.uri for i in first] == [f"{base}/a.wav?versionTag=7", f"{base}/b.wav?versionTag=7"]
+    assert "X-Amz-Signature" in first[0].path  # what is fetched is the signed URL itself
+    assert missing.problem and "sig2026" not in missing.problem + missing.uri
+    assert "sig2026" not in str(err.value) and "AKIAFAKE" not in str(err.value)
+
+
+@pytest.mark.parametrize("url", [
+    "https://b.s3.amazonaws.com/k.wav?AWSAccessKeyId=AKIA&Expires=1795468390&Signature=abc%3D",
+    ("https://storage.googleapis.com/b/k.wav?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+    "&X-Goog-Credential=sa%40p.iam&X-Goog-Date=20261122T000000Z&X-Goog-Expires=900"
+    "&X-Goog-SignedHeaders=host&X-Goog-Signature=0a1b"),
+    ("https://acct.blob.core.windows.net/c/k.wav?sv=2024-11-04&se=2026-11-23T00%3A00%3A00Z"
+    "&sr=b&sp=r&sig=abc%3D"),
+])
+def test_signing_parameters_are_not_part_of_an_objects_name(url: str) -> None:
+    assert storage.unsigned_uri(url) == url.partition("?")[0]
+    plain = "https://example.org/k.wav?st=3&sp=r"  # unsigned: its parameters are its name
+    assert storage.unsigned_uri(plain) == plain
+
+
+def test_an_object_key_with_a_question_mark_is_taken_literally() -> None:
+    """`q?key=1.flac` and `q?key=2.flac` on S3 or GCS were both named `q?key=***` and one of
+    them was dropped as a duplicate of the other: only HTTP(S) URLs have a query."""
+    for uri in ("s3://rin/a/q?key=1.flac", "gs://rin/a/q?token=2.flac"):
+        assert storage.redact_uri(uri) == uri
+        assert storage.unsigned_uri(uri) == uri
+    assert storage.redact_uri("https://h/x?token=abc&part=1") == "https://h/x?token=***&part=1"
