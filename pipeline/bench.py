@@ -239,15 +239,21 @@ def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,
     for proc in procs:
         proc.start()
     try:
-        walls = []
-        for _ in procs:
-            kind, value = results.get(timeout=MODEL_SHARE_TIMEOUT_S)
+        walls: list[float] = []
+        deadline = time.monotonic() + MODEL_SHARE_TIMEOUT_S
+        while len(walls) < actors:
+            try:
+                kind, value = results.get(timeout=1.0)
+            except queue.Empty:  # one killed (out of memory) says nothing: look for it
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError("a model-only process " + (
+                        f"died (exit {dead[0]})" if dead else
+                        f"gave no result in {MODEL_SHARE_TIMEOUT_S} s")) from None
+                continue
             if kind == "error":
                 raise RuntimeError(f"a model-only process failed: {value}")
             walls.append(value)
-    except queue.Empty:
-        raise RuntimeError(f"a model-only process gave no result in {MODEL_SHARE_TIMEOUT_S} s"
-                           ) from None
     finally:
         for proc in procs:
             proc.join(timeout=10)

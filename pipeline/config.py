@@ -537,8 +537,13 @@ class _ConfigLoader(yaml.SafeLoader):
       7, 202501, 493, 1.1 and 750.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Refuse a key given twice in ``node`` as written, before merges (``<<: *base``)
+        fold other mappings' keys in, which the node's own may override (a node flattened
+        once, as part of another's merge, is not checked again)."""
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
             seen: dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
@@ -548,10 +553,16 @@ class _ConfigLoader(yaml.SafeLoader):
                     raise yaml.constructor.ConstructorError(
                         "while reading a mapping", node.start_mark,
                         f"found the key {key!r} twice (first on line "
-                        f"{seen[key].start_mark.line + 1}): YAML would keep only the last", key_node.start_mark)
+                        f"{seen[key].start_mark.line + 1}): YAML would keep only the last",
+                        key_node.start_mark)
                 seen[key] = key_node
+        super().flatten_mapping(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merged keys in: each key is its text, merged or own
             for key_node, _ in node.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if isinstance(key_node, yaml.ScalarNode):
                     key_node.tag = "tag:yaml.org,2002:str"
         return super().construct_mapping(node, deep=deep)
 

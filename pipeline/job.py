@@ -315,15 +315,9 @@ class EmbeddingJob:
             raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
                               "is in _jobs/, its id on every row it wrote); give this run "
                               "another id, or none for a generated one", "run.job_id")
-        created = self._check_variant_record()  # the first write: a bad output fails here
-        try:
-            self.listing = list_sources(cfg.input)
-        except BaseException:  # nothing ran: leave the output as it was
-            with contextlib.suppress(Exception):  # the listing's error is the one to see
-                for path in created[:1]:
-                    storage.remove_file(self.layout.fs, path)
-                storage.remove_empty_dirs(created[1:])
-            raise
+        self._check_output()  # an output the job cannot take fails here, before the listing
+        self.listing = list_sources(cfg.input)
+        self._write_variant_record()
         fault_point("listed")
         # Held from before the markers are read until run() ends: see pipeline.lease.
         self._lease = NamespaceLease(self.layout, self.job_id)
@@ -602,14 +596,21 @@ class EmbeddingJob:
         never give, since no autoscaler brings it a bigger node: the job would wait for it
         forever (custom resources, node labels), or stop after the listing (CPUs)."""
         c = self.cfg.compute
-        for key, asked in (("compute.embed_resources", c.embed_resources),
-                           ("compute.decode_resources", c.decode_resources),
-                           ("compute.embed_label_selector", c.embed_label_selector)):
-            if asked:
-                raise ConfigError(f"{', '.join(asked)}: the local Ray this job starts has no "
+        # What a local Ray node has besides CPUs and GPUs: its own node:/accelerator_type:
+        # resources and ray.io/ labels, and whatever RAY_OVERRIDE_RESOURCES / _LABELS add.
+        for key, asked, builtin, override in (
+                ("compute.embed_resources", c.embed_resources, ("node:", "accelerator_type:"),
+                 "RAY_OVERRIDE_RESOURCES"),
+                ("compute.decode_resources", c.decode_resources,
+                 ("node:", "accelerator_type:"), "RAY_OVERRIDE_RESOURCES"),
+                ("compute.embed_label_selector", c.embed_label_selector, ("ray.io/",),
+                 "RAY_OVERRIDE_LABELS")):
+            missing = [k for k in asked if not k.startswith(builtin)]
+            if missing and not os.environ.get(override):
+                raise ConfigError(f"{', '.join(missing)}: the local Ray this job starts has no "
                                   "custom resources or node labels, so the job would wait "
-                                  "forever; leave it empty, or join the cluster that has them "
-                                  "(compute.address)", key)
+                                  "forever; leave it empty, join the cluster that has them "
+                                  f"(compute.address), or give them with {override}", key)
         import torch
 
         self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
@@ -709,33 +710,45 @@ class EmbeddingJob:
                 f"plus a few window batches; use at least {needed} or lower output.file_mb",
                 "compute.inflight_mb")
 
-    def _check_variant_record(self) -> list[str]:
-        """Write ``_variants/<id>.json`` once; refuse if it exists with other contents, or
-        if the output cannot be read or written (no such bucket, a path under a file, no
-        permission): before the listing, which may take long, and naming ``output.uri``.
-
-        Returns:
-            what this call created, for a refused listing to take back: the record, then
-            the local folders made for it, deepest first (``[]``: the record was there).
-        """
+    def _check_output(self) -> None:
+        """Refuse, before the listing (which may take long) and naming ``output.uri``, an
+        output that holds another variant under this one's id, or that cannot be read or
+        written (no such bucket, a path under a file, no permission). Where the variant has
+        no record yet, a probe object of this run's own is written and removed, with the
+        local folders made for it: a run refused later (no inputs) leaves the output as it
+        was, and never removes what another run wrote."""
         fs = self.layout.fs
-        path = self.layout.variant_path()
-        record = self.variant.to_dict()
         try:
-            if storage.exists(fs, path):
-                existing = layout_mod.read_json(fs, path)
-                if existing != json.loads(json.dumps(record, default=str)):
-                    raise ConfigError(
-                        f"{self.layout.uri(path)} describes a different variant with the same "
-                        "id; refusing to mix outputs", "output.uri")
-                return []
-            created = [path, *storage.missing_dirs(fs, path)]
-            layout_mod.write_json(fs, path, record)
-            return created
+            if self._variant_record_matches():
+                return
+            probe = storage.join(self.layout.root_path, f"_probe-{self.job_id}.tmp")
+            made = storage.missing_dirs(fs, probe)
+            layout_mod.write_json(fs, probe, {"job_id": self.job_id})
+            storage.remove_file(fs, probe)
+            storage.remove_empty_dirs(made)
         except storage.NOT_TRANSIENT as err:  # not a full disk, nor an outage: a failure
             raise ConfigError(
                 f"cannot write to {storage.redact_uri(self.cfg.output.uri)}: "
                 f"{type(err).__name__}: {storage.redact_text(str(err))}", "output.uri") from err
+
+    def _variant_record_matches(self) -> bool:
+        """Whether ``_variants/<id>.json`` is there (False: not yet); refuses one that
+        describes another variant."""
+        fs, path = self.layout.fs, self.layout.variant_path()
+        if not storage.exists(fs, path):
+            return False
+        if layout_mod.read_json(fs, path) != json.loads(json.dumps(self.variant.to_dict(),
+                                                                   default=str)):
+            raise ConfigError(f"{self.layout.uri(path)} describes a different variant with the "
+                              "same id; refusing to mix outputs", "output.uri")
+        return True
+
+    def _write_variant_record(self) -> None:
+        """Write ``_variants/<id>.json`` once, after the listing (checked again: another run
+        may have written it meanwhile)."""
+        if not self._variant_record_matches():
+            layout_mod.write_json(self.layout.fs, self.layout.variant_path(),
+                                  self.variant.to_dict())
 
     # ------------------------------------------------------------------ running
 
@@ -1253,10 +1266,13 @@ def check_model_settings(cfg: JobConfig) -> None:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (a container's cpuset counts; Ray counts the same)."""
+    """CPUs a local Ray started here gets, counted as Ray counts them (a container's CPU
+    quota included); this machine's CPUs where Ray's count cannot be had."""
     try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS has no affinity
+        from ray._private.utils import get_num_cpus  # private: guarded, with a fallback
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # noqa: BLE001 - any failure of a private API: the plain count
         return os.cpu_count() or 1
 
 

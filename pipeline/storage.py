@@ -184,28 +184,44 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+# Stores whose keys are literal: `?` is a character of the key there, not a query.
+_LITERAL_KEYS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
+
+
 def _has_query(uri: str) -> bool:
-    return uri[:8].lower().startswith(("http://", "https://"))
+    """Whether ``?`` may start a query in ``uri``: anywhere but in an object store's key
+    (a chained or unknown URL is read as having one, so its secrets stay masked)."""
+    return uri.strip().partition("://")[0].lower() not in _LITERAL_KEYS
 
 
-# What signs a URL (AWS SigV2 and SigV4, GCS V2 and V4, Azure SAS), and what only signing
-# adds beside it: the same object signed again differs in exactly these.
-_SIGNATURES = {"signature", "x-amz-signature", "x-goog-signature", "sig"}
-_SIGNING = re.compile(r"(?i)^(x-amz-.*|x-goog-.*|awsaccesskeyid|googleaccessid|signature|expires"
-                      r"|sig|sv|ss|srt|sp|se|st|spr|sr|si|skoid|sktid|skt|ske|sks|skv)$")
+# The signing schemes, each by the parameter that holds its signature (and what must be
+# beside it), with every parameter that signing adds: the same object signed again differs
+# in exactly those. AWS SigV4 and GCS V4; AWS SigV2, GCS V2 and CloudFront; Azure SAS.
+_SIGNING_SCHEMES = (
+    ({"x-amz-signature"}, re.compile(r"(?i)^x-amz-")),
+    ({"x-goog-signature"}, re.compile(r"(?i)^x-goog-")),
+    ({"signature"}, re.compile(r"(?i)^(signature|expires|awsaccesskeyid|googleaccessid|policy"
+                               r"|key-pair-id)$")),
+    ({"sig", "sv"}, re.compile(r"(?i)^(sig|sv|ss|srt|sp|se|st|spr|sr|si|sdd|skoid|sktid|skt"
+                               r"|ske|sks|skv|saoid|suoid|scid)$")),
+)
 
 
 def unsigned_uri(uri: str) -> str:
-    """A signed HTTP(S) URL without its signing parameters (credential, date, expiry,
-    signature), which change every time the same object is signed: the name the object is
-    known by, in output rows and in its recording id. Any other URL, as it is."""
+    """A signed URL without its signing parameters (credential, date, expiry, signature),
+    which change every time the same object is signed: the name the object is known by,
+    in output rows and in its recording id. Any other URL, as it is."""
     if "?" not in uri or not _has_query(uri):
         return uri
     base, _, query = uri.partition("?")
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    if not any(k.lower() in _SIGNATURES for k, _ in pairs):
+    names = {k.lower() for k, _ in pairs}
+    kept = pairs
+    for needed, signing in _SIGNING_SCHEMES:
+        if needed <= names:
+            kept = [(k, v) for k, v in kept if not signing.match(k)]
+    if kept is pairs:  # unsigned (or by a scheme not known here): as it is
         return uri
-    kept = [(k, v) for k, v in pairs if not _SIGNING.match(k)]
     return f"{base}?{urllib.parse.urlencode(kept)}" if kept else base
 
 

@@ -243,3 +243,13 @@ def test_extensions_as_one_string_are_split(written: object) -> None:
     """`--set input.extensions=wav,flac` became the one extension 'wav,flac'."""
     cfg = load({**BASE, "input": {"uri": "/d", "extensions": written}})
     assert cfg.input.extensions == ("wav", "flac")
+
+
+def test_merge_keys_may_override_and_their_keys_are_text_too() -> None:
+    """A mapping's own key overriding a merged one is no key given twice, however the
+    anchors nest; merged keys are read as text like any other."""
+    assert parse_yaml("base: &b {a: 1, on: 2}\nm:\n  <<: *b\n  a: 3\n")["m"] == {"a": 3, "on": 2}
+    assert parse_yaml("x: {y: &mid {<<: {a: 1}, a: 2}}\nm: {<<: *mid}\n")["m"] == {"a": 2}
+    assert parse_yaml("x: {c: &x {on: 1, 007: z}}\nm: {<<: *x}\n")["m"] == {"on": 1, "007": "z"}
+    with pytest.raises(yaml.YAMLError, match="found the key 'a' twice"):
+        parse_yaml("base: &b {a: 1}\nm: {<<: *b, a: 2, a: 3}\n")

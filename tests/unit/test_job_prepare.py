@@ -156,6 +156,19 @@ def test_what_a_local_ray_could_never_give_is_refused_before_any_work(
         model={"precision": "fp32"}).prepare()
 
 
+def test_what_a_local_ray_node_has_besides_cpus_is_not_refused(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own node:/accelerator_type: resources and ray.io/ labels, and what
+    RAY_OVERRIDE_RESOURCES / RAY_OVERRIDE_LABELS give it; more CPUs than the machine's
+    when num_cpus says so (Ray takes it)."""
+    job(archive, tmp_path / "a", compute={"embed_resources": {"node:__internal_head__": 0.01},
+                                          "num_cpus": 64, "cpus_per_actor": 8}).prepare()
+    monkeypatch.setenv("RAY_OVERRIDE_RESOURCES", '{"fast_disk": 4}')
+    monkeypatch.setenv("RAY_OVERRIDE_LABELS", '{"pool": "local"}')
+    job(archive, tmp_path / "b", compute={"decode_resources": {"fast_disk": 1},
+                                          "embed_label_selector": {"pool": "local"}}).prepare()
+
+
 def test_a_refused_listing_leaves_the_output_as_it_was(archive: Path, tmp_path: Path) -> None:
     """The variant record is written before the listing (an output the job cannot write is
     refused before a listing that may take hours); a listing refused then left it behind,
@@ -182,6 +195,29 @@ def test_a_refused_listing_leaves_the_output_as_it_was(archive: Path, tmp_path: 
         job(archive, tmp_path, input={"uri": str(tmp_path / "nothing-here")},
             output={"uri": str(kept)}).prepare()
     assert record.exists()
+
+
+def test_a_run_refused_while_another_lists_leaves_that_runs_record(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record was written before the listing and taken back when the listing was
+    refused: a second run of the variant that started meanwhile lost it, and with it the
+    guard against another variant under the same id. Now it is written after the listing."""
+    from pipeline import job as job_mod
+    from pipeline.errors import NoInputsError
+
+    first = job(archive, tmp_path, input={"uri": str(tmp_path / "nothing-here")})
+    second = job(archive, tmp_path)
+    real_list = job_mod.list_sources
+
+    def listing_during_which_another_run_prepares(cfg: Any) -> Any:
+        if cfg is first.cfg.input:
+            second.prepare()
+        return real_list(cfg)
+
+    monkeypatch.setattr(job_mod, "list_sources", listing_during_which_another_run_prepares)
+    with pytest.raises(NoInputsError):
+        first.prepare()
+    assert len(list((tmp_path / "out" / "_variants").iterdir())) == 1
 
 
 def test_a_job_id_names_one_run(archive: Path, tmp_path: Path) -> None:

@@ -381,6 +381,10 @@ def test_signing_parameters_are_not_part_of_an_objects_name(url: str) -> None:
     assert storage.unsigned_uri(url) == url.partition("?")[0]
     plain = "https://example.org/k.wav?st=3&sp=r"  # unsigned: its parameters are its name
     assert storage.unsigned_uri(plain) == plain
+    # Parameters named like another scheme's stay: two clips of one file are two objects.
+    clips = [f"https://api.example.org/clip?file=r.wav&st={a}&se={b}&sig={s}"
+             for a, b, s in ((0, 60, "A"), (60, 120, "B"))]
+    assert len({storage.unsigned_uri(c) for c in clips}) == 2
 
 
 def test_an_object_key_with_a_question_mark_is_taken_literally() -> None:
@@ -390,3 +394,6 @@ def test_an_object_key_with_a_question_mark_is_taken_literally() -> None:
         assert storage.redact_uri(uri) == uri
         assert storage.unsigned_uri(uri) == uri
     assert storage.redact_uri("https://h/x?token=abc&part=1") == "https://h/x?token=***&part=1"
+    for other in ("simplecache::https://h/a.wav?X-Amz-Signature=S3CR3T", "ftp://h/a?password=S3CR3T",
+                  " https://h/a?sig=S3CR3T"):  # no object store: masked, as before
+        assert "S3CR3T" not in storage.redact_uri(other), other
