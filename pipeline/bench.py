@@ -559,7 +559,8 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
     return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
             "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
             "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": summary["embed"],
-            "peak_rss_mb": sampler.peaks_mb(), "output": str(out), **gpu.result(span)}
+            "peak_rss_mb": sampler.peaks_mb(), "cpu_s": sampler.cpu_s(), "output": str(out),
+            **gpu.result(span)}
 
 
 def decode_rss(path: Path, model_batch: int, rate: int = 16_000) -> dict[str, Any]:
@@ -621,6 +622,7 @@ class ProcessTreeSampler:
     def __init__(self, interval_s: float = 0.2) -> None:
         self.interval_s = interval_s
         self.peaks: dict[str, float] = {}
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds so far)
         self._pid: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -639,6 +641,14 @@ class ProcessTreeSampler:
     def peaks_mb(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in sorted(self.peaks.items())}
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds by role (user + system, as last sampled: a process's final moments
+        after its last sample are not counted): where the machine's cores went."""
+        out: dict[str, float] = {}
+        for role, seconds in self._cpu.values():
+            out[role] = out.get(role, 0.0) + seconds
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             if self._pid is not None:
@@ -648,6 +658,10 @@ class ProcessTreeSampler:
                     if sample is None:
                         continue
                     label, anon, shmem, shmem_share = sample
+                    cpu = _cpu_seconds(pid)
+                    if cpu is not None:  # a worker keeps the job's role it was seen in
+                        role = self._cpu.get(pid, (label, 0.0))[0]
+                        self._cpu[pid] = (role if role in _JOB_ROLES else label, cpu)
                     private += anon
                     largest = max(largest, shmem)
                     if shmem_share is None:
@@ -665,6 +679,22 @@ class ProcessTreeSampler:
                 self.peaks["object_store_pages"] = max(self.peaks.get("object_store_pages", 0.0),
                                                        shared)
             self._stop.wait(self.interval_s)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# Roles a process keeps once seen in one (a Ray worker is "python" before it names itself,
+# and IDLE between tasks).
+_JOB_ROLES = ("decode_worker", "embed_actor", "driver")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (/proc/PID/stat); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _descendants(root: int) -> list[int]:
@@ -1012,6 +1042,11 @@ def render(r: dict[str, Any]) -> str:
                      + (f"end to end reaches 0.9 x model only from ~{need / 3600:.2f} audio-h"
                         if need is not None else "the steady rate is below 0.9 x model only"))
         lines.append(f"  model busy (share of active time)     {c['model_busy_fraction']:.3f}")
+        if cpu := c["pipeline"].get("cpu_s"):
+            top = ", ".join(f"{role} {sec:.0f}" for role, sec in list(cpu.items())[:6])
+            lines.append(f"  CPU seconds of the pipeline by role   {top} (of "
+                         f"{c['pipeline']['wall_s'] * (r['machine']['cores'] or 1):.0f} the "
+                         "cores had)")
         lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}"
                      + (f"   (as actors: {c['actor_forward_over_model_only_as_actors']:.3f})"
                         if "actor_forward_over_model_only_as_actors" in c else ""))

@@ -42,6 +42,8 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
             assert c[key] > 0
         assert 0 < c["model_busy_fraction"] <= 1
         assert c["pipeline"]["embed"]["windows"] == c["pipeline"]["windows"]
+        cpu = c["pipeline"]["cpu_s"]  # where the cores went, by role
+        assert cpu["embed_actor"] > 0 and cpu["driver"] > 0 and "decode_worker" in cpu
         # Model TFLOP/s are the windows' FLOPs over the wall time, in units of 1e12.
         t, m = c["tflops"], c["model_only"]
         assert t["model_only"] == pytest.approx(
@@ -58,6 +60,7 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
     assert all(d["audio_s_per_cpu_s"] > 1 for d in saved["decode"].values())
     table = render(results)
     assert "pipeline / model only as actors" in table and "model_only_as_actors" in table
+    assert "CPU seconds of the pipeline by role" in table
     # Full mode adds the 10-minute plateau and the tight budget: render them too, from this
     # run's own figures, so those rows cannot rot either.
     full = copy.deepcopy(results)
