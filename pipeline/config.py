@@ -537,13 +537,16 @@ class _ConfigLoader(yaml.SafeLoader):
       7, 202501, 493, 1.1 and 750.
     """
 
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()  # mappings checked for keys given twice
+
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         """Refuse a key given twice in ``node`` as written, before merges (``<<: *base``)
         fold other mappings' keys in, which the node's own may override (a node flattened
         once, as part of another's merge, is not checked again)."""
-        checked = self.__dict__.setdefault("_checked", set())
-        if id(node) not in checked:
-            checked.add(id(node))
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             seen: dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
