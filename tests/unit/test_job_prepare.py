@@ -130,6 +130,15 @@ def test_more_gpus_than_there_are_is_refused_before_listing(archive: Path, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def ray_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for `embed-archive run`: no Ray in this process yet (the integration tests' session
+    Ray, when the whole suite runs in one process, would be a caller's own, not checked)."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
 @pytest.mark.parametrize(("compute", "field", "text"), [
     ({"cpus_per_actor": 64}, "compute.cpus_per_actor", "must fit on this local Ray's"),
     ({"decode_cpus": 64}, "compute.decode_cpus", "must fit on this local Ray's"),
@@ -139,6 +148,7 @@ def test_more_gpus_than_there_are_is_refused_before_listing(archive: Path, tmp_p
     ({"embed_label_selector": {"pool": "gpu"}}, "compute.embed_label_selector", "wait forever"),
     ({"embed_actors": 2, "gpus_per_actor": 1}, "compute.embed_actors", "would wait forever"),
 ])
+@pytest.mark.usefixtures("ray_not_started")
 def test_what_a_local_ray_could_never_give_is_refused_before_any_work(
         archive: Path, tmp_path: Path, compute: dict, field: str, text: str) -> None:
     """Found after the listing, the lease and the job record, once Ray had started (exit 1,
@@ -156,6 +166,7 @@ def test_what_a_local_ray_could_never_give_is_refused_before_any_work(
         model={"precision": "fp32"}).prepare()
 
 
+@pytest.mark.usefixtures("ray_not_started")
 def test_what_a_local_ray_node_has_besides_cpus_is_not_refused(
         archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its own node:/accelerator_type: resources and ray.io/ labels, and what
