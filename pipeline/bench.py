@@ -206,11 +206,9 @@ def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchS
 
 def local_actor_plan(cpus: int | None = None) -> tuple[int, int]:
     """(actors, torch threads each) of the job's own plan for a local Ray on CPUs only."""
-    from pipeline.job import MAX_LOCAL_CPU_ACTORS, usable_cpus
+    from pipeline.job import local_cpu_actors, usable_cpus
 
-    cpus = cpus or usable_cpus()
-    actors = max(1, min(MAX_LOCAL_CPU_ACTORS, cpus))
-    return actors, max(1, cpus // actors)
+    return local_cpu_actors(cpus or usable_cpus())
 
 
 def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,

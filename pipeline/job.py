@@ -915,7 +915,7 @@ class EmbeddingJob:
         elif gpus_per_actor:
             actors = max(1, int(gpus // gpus_per_actor))
         elif local_cpu:  # narrow actors: see ComputeConfig.embed_actors
-            actors = max(1, min(MAX_LOCAL_CPU_ACTORS, int(cpus)))
+            actors = local_cpu_actors(cpus)[0]
         else:
             actors = 1
         if c.cpus_per_actor is not None:
@@ -927,7 +927,7 @@ class EmbeddingJob:
         if c.torch_threads:
             threads = c.torch_threads
         elif local_cpu:  # the actors share this machine's cores
-            threads = max(1, int(cpus) // actors)
+            threads = local_cpu_actors(cpus, actors)[1]
         else:
             threads = max(1, int(cpus_per_actor))
         if not joins_cluster(c):  # no autoscaler will bring a bigger node: Ray would wait forever
@@ -1263,6 +1263,13 @@ def check_model_settings(cfg: JobConfig) -> None:
     job = EmbeddingJob(cfg)
     job.info = model_info(cfg.model.name, cfg.model.options)
     job._settle_model_settings()
+
+
+def local_cpu_actors(cpus: float, actors: int | None = None) -> tuple[int, int]:
+    """(actors, torch threads each) on a local Ray without GPUs: one narrow actor per CPU up
+    to ``MAX_LOCAL_CPU_ACTORS`` (unless ``actors`` is given), the CPUs shared among them."""
+    actors = actors or max(1, min(MAX_LOCAL_CPU_ACTORS, int(cpus)))
+    return actors, max(1, int(cpus) // actors)
 
 
 def usable_cpus() -> int:
