@@ -238,6 +238,7 @@ def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,
         proc.start()
     try:
         walls: list[float] = []
+        cpus: list[float] = []
         deadline = time.monotonic() + MODEL_SHARE_TIMEOUT_S
         while len(walls) < actors:
             try:
@@ -251,7 +252,8 @@ def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,
                 continue
             if kind == "error":
                 raise RuntimeError(f"a model-only process failed: {value}")
-            walls.append(value)
+            walls.append(value[0])
+            cpus.append(value[1])
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -260,7 +262,8 @@ def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,
     wall = max(walls)
     return {"actors": actors, "torch_threads": threads, "windows": len(windows),
             "audio_s": seconds, "wall_s": wall, "audio_s_per_s": seconds / wall,
-            "windows_per_s": len(windows) / wall, "walls_s": [round(w, 3) for w in walls]}
+            "windows_per_s": len(windows) / wall, "walls_s": [round(w, 3) for w in walls],
+            "cpu_s": sum(cpus)}
 
 
 MODEL_SHARE_TIMEOUT_S = 3600.0
@@ -274,9 +277,9 @@ def _model_share(windows: np.ndarray, valid: np.ndarray, s: BenchSettings, threa
         run = _forward_passes(windows, valid, s, threads)
         run(s.batch_size)
         barrier.wait(timeout=MODEL_SHARE_TIMEOUT_S)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         run()
-        results.put(("wall", time.perf_counter() - started))
+        results.put(("wall", (time.perf_counter() - started, time.process_time() - cpu)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
         barrier.abort()
         results.put(("error", f"{type(err).__name__}: {err}"))
@@ -530,21 +533,30 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
             "why": f"measured fastest here on {n} windows", "not_tried": skipped}
 
 
-def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any) -> dict[str, Any]:
-    """The job end to end in a fresh process (its own local Ray), timed from outside."""
+def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, memory: bool = True,
+                 **extra: Any) -> dict[str, Any]:
+    """The job end to end in a fresh process (its own local Ray), timed from outside.
+
+    ``memory``: sample its processes' memory too. That walks every process's page tables
+    five times a second (``smaps_rollup``), which took 8 % of two cores from the job it
+    measured; throughput runs sample CPU only, twice a second. What sampling cost this
+    process is reported (``sampling_cpu_s``): on a small machine it is CPU the job lacked.
+    """
     out = workdir / f"out-{time.monotonic_ns()}"
     cfg = workdir / f"job-{time.monotonic_ns()}.json"
     cfg.write_text(json.dumps(s.job(str(input_dir), str(out), **extra)))
     code = ("import json,sys;from pipeline.config import JobConfig;from pipeline.job import run_job;"
             "s=run_job(JobConfig.from_dict(json.load(open(sys.argv[1]))));"
             "print('SUMMARY'+json.dumps(s.to_dict()));sys.exit(s.exit_code)")
-    started = time.perf_counter()
-    with ProcessTreeSampler() as sampler, GpuBusySampler(s.device) as gpu:
+    started, sampling = time.perf_counter(), time.process_time()
+    sampler = ProcessTreeSampler() if memory else ProcessTreeSampler(0.5, memory=False)
+    with sampler, GpuBusySampler(s.device) as gpu:
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         sampler.watch(proc.pid)
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
+    sampling = time.process_time() - sampling  # this process waited; its samplers did not
     # 3: some recordings failed, as the real corpus's broken files do (model only and the
     # seed loop skip them too); anything else is no run to time.
     if proc.returncode not in (0, 3):
@@ -557,8 +569,11 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, **extra: Any)
     return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
             "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
             "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": summary["embed"],
-            "peak_rss_mb": sampler.peaks_mb(), "cpu_s": sampler.cpu_s(), "output": str(out),
-            **gpu.result(span)}
+            "peak_rss_mb": sampler.peaks_mb(), "cpu_s": sampler.cpu_s(),
+            # Where the cores went while the models ran (the steady rate's span).
+            "steady_cpu_s": sampler.cpu_s_between(*span) if span else {},
+            "sampling_cpu_s": round(sampling, 2),
+            "output": str(out), **gpu.result(span)}
 
 
 def decode_rss(path: Path, model_batch: int, rate: int = 16_000) -> dict[str, Any]:
@@ -617,10 +632,12 @@ class ProcessTreeSampler:
     stage alone is also measured exactly, by its kernel high-water mark (:func:`decode_rss`).
     """
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.2, memory: bool = True) -> None:
         self.interval_s = interval_s
+        self.memory = memory  # False: CPU only, far cheaper (no smaps_rollup walks)
         self.peaks: dict[str, float] = {}
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds so far)
+        self._series: list[tuple[float, dict[str, float]]] = []  # (time, CPU s by role)
         self._pid: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -647,19 +664,32 @@ class ProcessTreeSampler:
             out[role] = out.get(role, 0.0) + seconds
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
+    def cpu_s_between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by role between two ``time.time()`` moments, from the samples nearest
+        to them (one every ~0.25 s); empty if none was taken in between."""
+        inside = [(t, cpu) for t, cpu in self._series if start <= t <= end]
+        if not inside:
+            return {}
+        before = [cpu for t, cpu in self._series if t < start]
+        first, last = (before[-1] if before else {}), inside[-1][1]
+        out = {role: last[role] - first.get(role, 0.0) for role in last}
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._pid is not None:
+            if self._pid is not None and not self.memory:
+                for pid in _descendants(self._pid):
+                    if (label := _role_of(pid)) is not None:
+                        self._count_cpu(pid, label)
+                self._sample_cpu()
+            elif self._pid is not None:
                 private, shared, largest, proportional = 0.0, 0.0, 0.0, True
                 for pid in _descendants(self._pid):
                     sample = _memory_of(pid)
                     if sample is None:
                         continue
                     label, anon, shmem, shmem_share = sample
-                    cpu = _cpu_seconds(pid)
-                    if cpu is not None:  # a worker keeps the job's role it was seen in
-                        role = self._cpu.get(pid, (label, 0.0))[0]
-                        self._cpu[pid] = (role if role in _JOB_ROLES else label, cpu)
+                    self._count_cpu(pid, label)
                     private += anon
                     largest = max(largest, shmem)
                     if shmem_share is None:
@@ -676,7 +706,20 @@ class ProcessTreeSampler:
                                                   private + shared)
                 self.peaks["object_store_pages"] = max(self.peaks.get("object_store_pages", 0.0),
                                                        shared)
+                self._sample_cpu()
             self._stop.wait(self.interval_s)
+
+    def _count_cpu(self, pid: int, label: str) -> None:
+        cpu = _cpu_seconds(pid)
+        if cpu is not None:  # a worker keeps the job's role it was seen in
+            role = self._cpu.get(pid, (label, 0.0))[0]
+            self._cpu[pid] = (role if role in _JOB_ROLES else label, cpu)
+
+    def _sample_cpu(self) -> None:
+        by_role: dict[str, float] = {}
+        for role, seconds in self._cpu.values():  # the dead keep their last count
+            by_role[role] = by_role.get(role, 0.0) + seconds
+        self._series.append((time.time(), by_role))
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -738,17 +781,32 @@ def _memory_of(pid: int) -> tuple[str, float, float, float | None] | None:
         for line in fh:
             if line.startswith("Pss_Shmem:"):
                 share = int(line.split()[1]) / 1024
+    return _role(cmd, status.get("Name", "")), anon, shmem, share
+
+
+def _role(cmd: str, name: str) -> str:
+    """A process's role in the job, from its command line (Ray workers rename themselves)."""
     if "decode_batch" in cmd:
-        label = "decode_worker"
-    elif "Embedder" in cmd:
-        label = "embed_actor"
-    elif "run_job" in cmd:
-        label = "driver"
-    elif cmd.startswith("ray::"):
-        label = cmd.split()[0].replace("ray::", "worker:")[:40]
-    else:
-        label = status.get("Name", "").strip()[:40]
-    return label, anon, shmem, share
+        return "decode_worker"
+    if "Embedder" in cmd:
+        return "embed_actor"
+    if "run_job" in cmd:
+        return "driver"
+    if cmd.startswith("ray::"):
+        return cmd.split()[0].replace("ray::", "worker:")[:40]
+    return name.strip()[:40]
+
+
+def _role_of(pid: int) -> str | None:
+    """:func:`_role` of a live process, from two small reads; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/comm") as fh:
+            name = fh.read()
+    except OSError:
+        return None
+    return _role(cmd, name)
 
 
 # --------------------------------------------------------------------------- report
@@ -842,7 +900,7 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
 def _startup(real_dir: Path, s: BenchSettings, work: Path) -> dict[str, Any]:
     """Fixed cost of a job: the same settings on one 1-second recording, end to end."""
     clip = real_dir / "opensoundscape/tests/audio/LOCA_2021_09_24_652_3.wav"
-    return pipeline_run(_folder_of(work / "startup", clip), s, work)
+    return pipeline_run(_folder_of(work / "startup", clip), s, work, memory=False)
 
 
 def _folder_of(folder: Path, recording: Path) -> Path:
@@ -869,7 +927,7 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         models.append(model_only(windows, valid, seconds, s))
         if (as_actors := model_only_as_actors(windows, valid, seconds, s)) is not None:
             shaped.append(as_actors)
-        pipes.append(pipeline_run(input_dir, s, work))
+        pipes.append(pipeline_run(input_dir, s, work, memory=False))
     model = max(models, key=lambda m: m["audio_s_per_s"])
     pipe = max(pipes, key=lambda p: p["audio_s_per_s"])
     model["runs_audio_s_per_s"] = [round(m["audio_s_per_s"], 3) for m in models]
@@ -905,6 +963,8 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
                                                             / best["audio_s_per_s"])
         out["actor_forward_over_model_only_as_actors"] = (
             out["actor_forward_over_model_only"] * model["audio_s_per_s"] / best["audio_s_per_s"])
+        if split := steady_cpu_split(pipe, best):
+            out["steady_cpu_split"] = split
     if seed:
         fp32 = out["seed_loop_fp32"] = seed_loop(files, s, "fp32")
         out["pipeline_over_seed_loop_fp32"] = pipe["audio_s_per_s"] / fp32["audio_s_per_s"]
@@ -920,6 +980,45 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
     if peak:
         out["fraction_of_peak"] = {k: v / peak for k, v in out["tflops"].items()}
     return out
+
+
+# Shorter spans hold too few CPU samples (one every ~0.25 s) to split: quick mode's one batch.
+MIN_SPLIT_SPAN_S = 5.0
+
+
+def steady_cpu_split(pipe: Mapping[str, Any], alone: Mapping[str, Any],
+                     cores: int | None = None) -> dict[str, Any] | None:
+    """The steady ratio against model only as actors, taken apart into where the cores went
+    and what the actors made of theirs (CPU only; None without the samples to say).
+
+    ``ratio = actors' share of the cores / the share model only had x the actors' audio
+    per CPU-second / model only's``, exactly up to the sampling (span edges to ~0.25 s):
+    the first two say what the job's other processes (driver, decoding, writing, Ray) took
+    from the models, the last what sharing the cores with them costs each CPU-second the
+    models do get (caches, preemptions).
+    """
+    from pipeline.job import usable_cpus
+
+    span, cpu = pipe["embed"]["span_s"], pipe.get("steady_cpu_s") or {}
+    actors_cpu = cpu.get("embed_actor", 0.0)
+    if span < MIN_SPLIT_SPAN_S or not (actors_cpu and alone.get("cpu_s")):
+        return None
+    cores = cores or usable_cpus()
+    others = {role: round(sec / (cores * span), 4) for role, sec in cpu.items()
+              if role != "embed_actor" and sec >= 0.01 * cores * span}
+    others_cpu = sum(sec for role, sec in cpu.items() if role != "embed_actor")
+    return {
+        "cores": cores, "span_s": span,
+        "actors_share_of_cores": actors_cpu / (cores * span),
+        # The job's other processes together, and what none of the job's processes used
+        # (idle, or taken by something outside the job: the bench's own sampler included).
+        "others_total_share_of_cores": others_cpu / (cores * span),
+        "unused_share_of_cores": 1 - (actors_cpu + others_cpu) / (cores * span),
+        "model_only_share_of_cores": alone["cpu_s"] / (cores * alone["wall_s"]),
+        "actor_audio_s_per_cpu_s_over_model_only": ((pipe["audio_s"] / actors_cpu)
+                                                    / (alone["audio_s"] / alone["cpu_s"])),
+        "others_share_of_cores": others,  # roles with at least 1 % of the cores
+    }
 
 
 def audio_for_ratio(target: float, steady_ratio: float, overhead_s: float,
@@ -1044,7 +1143,19 @@ def render(r: dict[str, Any]) -> str:
             top = ", ".join(f"{role} {sec:.0f}" for role, sec in list(cpu.items())[:6])
             lines.append(f"  CPU seconds of the pipeline by role   {top} (of "
                          f"{c['pipeline']['wall_s'] * (r['machine']['cores'] or 1):.0f} the "
-                         "cores had)")
+                         f"cores had; the bench's sampling "
+                         f"{c['pipeline'].get('sampling_cpu_s', 0):.1f})")
+        if split := c.get("steady_cpu_split"):
+            others = ", ".join(f"{role} {share:.3f}"
+                               for role, share in split["others_share_of_cores"].items())
+            lines.append(f"  while the models ran, actors' share of the cores "
+                         f"{split['actors_share_of_cores']:.3f} (model only "
+                         f"{split['model_only_share_of_cores']:.3f}); the job's other "
+                         f"processes {split['others_total_share_of_cores']:.3f} ({others or 'none'}"
+                         f" >= 0.01); unused {split['unused_share_of_cores']:.3f}")
+            lines.append(f"  actors' audio-s per CPU-s / model only's   "
+                         f"{split['actor_audio_s_per_cpu_s_over_model_only']:.3f}   (the two "
+                         "shares' ratio x this = the ratio as actors, while the model ran)")
         lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}"
                      + (f"   (as actors: {c['actor_forward_over_model_only_as_actors']:.3f})"
                         if "actor_forward_over_model_only_as_actors" in c else ""))

@@ -44,6 +44,12 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
         assert c["pipeline"]["embed"]["windows"] == c["pipeline"]["windows"]
         cpu = c["pipeline"]["cpu_s"]  # where the cores went, by role
         assert cpu["embed_actor"] > 0 and cpu["driver"] > 0 and "decode_worker" in cpu
+        # CPU while the models ran, and model only's own: what the steady ratio splits into
+        # (quick mode's one batch is too short to split; rendered below from made-up shares).
+        assert isinstance(c["pipeline"]["steady_cpu_s"], dict)
+        assert c["pipeline"]["peak_rss_mb"] == {}  # throughput runs sample CPU only
+        assert 0 <= c["pipeline"]["sampling_cpu_s"] < c["pipeline"]["wall_s"]
+        assert c["model_only_as_actors"]["cpu_s"] > 0
         # Model TFLOP/s are the windows' FLOPs over the wall time, in units of 1e12.
         t, m = c["tflops"], c["model_only"]
         assert t["model_only"] == pytest.approx(
@@ -71,7 +77,13 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
              job_rss_plateau_ratio=1.03)
     m["tight_budget"] = {"one_minute": m["one_minute"]["job_peak_rss_mb"],
                          "long": m["long"]["job_peak_rss_mb"], "job_rss_ratio": 1.04}
+    full["real"]["steady_cpu_split"] = {
+        "actors_share_of_cores": 0.9, "model_only_share_of_cores": 0.98,
+        "actor_audio_s_per_cpu_s_over_model_only": 0.88, "others_total_share_of_cores": 0.07,
+        "unused_share_of_cores": 0.03, "others_share_of_cores": {"driver": 0.05}}
     table = render(full)
+    assert ("actors' share of the cores 0.900 (model only 0.980); the job's other processes "
+            "0.070 (driver 0.050 >= 0.01); unused 0.030") in table
     for row in ("10 vs 3 min: decode stage alone", "10 vs 3 min: decode worker in job",
                 "10 vs 3 min: whole job", "whole job, inflight_mb=", "object store pages"):
         assert row in table

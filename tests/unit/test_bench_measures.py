@@ -202,3 +202,56 @@ def test_the_job_memory_counts_each_shared_page_once_however_it_is_spread() -> N
         proc.wait(timeout=30)
     assert proc.returncode == 0
     assert 60 <= sampler.peaks["object_store_pages"] <= 66
+
+
+BURN_THEN_SLEEP = """
+import time
+print(time.time(), flush=True)
+end = time.process_time() + 1.0
+while time.process_time() < end:
+    pass
+print(time.time(), flush=True)
+time.sleep(1.5)
+"""
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_cpu_seconds_between_two_moments_count_only_what_ran_between_them(memory: bool) -> None:
+    """A process that burns one CPU-second, then sleeps: the burn's span holds about that
+    second, the sleep's next to nothing (samples every ~0.25 s, so the edges blur); with
+    or without memory sampling."""
+    import subprocess
+    import sys
+
+    with ProcessTreeSampler(interval_s=0.05, memory=memory) as sampler:
+        proc = subprocess.Popen([sys.executable, "-c", BURN_THEN_SLEEP], stdout=subprocess.PIPE,
+                                text=True)
+        sampler.watch(proc.pid)
+        out, _ = proc.communicate(timeout=30)
+    burn_start, burn_end = map(float, out.split())
+    burning = sum(sampler.cpu_s_between(burn_start, burn_end).values())
+    sleeping = sum(sampler.cpu_s_between(burn_end + 0.3, burn_end + 1.3).values())
+    assert 0.6 <= burning <= 1.4, burning
+    assert sleeping <= 0.15, sleeping
+    assert sampler.cpu_s_between(burn_end + 60, burn_end + 61) == {}  # no sample then
+    assert bool(sampler.peaks_mb()) is memory
+
+
+def test_the_steady_ratio_splits_into_the_actors_share_and_their_work_per_cpu_second() -> None:
+    """Made-up runs: 2 cores; model only as actors did 100 audio-s in 10 s on 19 CPU-s; the
+    job did them in a 16-s span, its actors on 24 of the 32 CPU-s, the driver on 4."""
+    pipe = {"audio_s": 100.0, "steady_audio_s_per_s": 100.0 / 16,
+            "embed": {"span_s": 16.0},
+            "steady_cpu_s": {"embed_actor": 24.0, "driver": 4.0, "worker:_StatsActor": 0.2}}
+    alone = {"audio_s": 100.0, "wall_s": 10.0, "cpu_s": 19.0, "audio_s_per_s": 10.0}
+    split = bench.steady_cpu_split(pipe, alone, cores=2)
+    assert split["actors_share_of_cores"] == pytest.approx(24 / 32)
+    assert split["model_only_share_of_cores"] == pytest.approx(19 / 20)
+    assert split["actor_audio_s_per_cpu_s_over_model_only"] == pytest.approx((100 / 24) / (100 / 19))
+    assert split["others_share_of_cores"] == {"driver": 0.125}  # under 1 % left out
+    assert split["others_total_share_of_cores"] == pytest.approx(4.2 / 32)
+    assert split["unused_share_of_cores"] == pytest.approx(1 - 28.2 / 32)
+    ratio = pipe["steady_audio_s_per_s"] / alone["audio_s_per_s"]
+    assert ratio == pytest.approx(split["actors_share_of_cores"] / split["model_only_share_of_cores"]
+                                  * split["actor_audio_s_per_cpu_s_over_model_only"])
+    assert bench.steady_cpu_split({**pipe, "steady_cpu_s": {}}, alone, cores=2) is None
