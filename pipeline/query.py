@@ -11,11 +11,12 @@ not compare; ``python -m pipeline.query OUT VARIANT`` picks another.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import duckdb
 
 from pipeline import storage
-from pipeline.layout import read_json
+from pipeline.layout import namespace_dir, read_json
 from pipeline.sink import recordings_schema
 
 QUERIES = {
@@ -57,11 +58,14 @@ def latest_namespace(root: str, variant: str | None = None) -> tuple[str, str] |
         model, found = summary.get("model"), summary.get("variant")
         if not model or not found or (variant is not None and found != variant):
             continue
-        folder = storage.join(path, "recordings", f"model={model}", f"variant={found}")
-        if storage.exists(fs, folder) and any(p.endswith(".parquet")
-                                              for p in storage.list_files(fs, folder)):
+        if _has_parquet(fs, storage.join(path, namespace_dir("recordings", model, found))):
             return model, found
     return None
+
+
+def _has_parquet(fs: Any, folder: str) -> bool:
+    return storage.exists(fs, folder) and any(p.endswith(".parquet")
+                                              for p in storage.list_files(fs, folder))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     model, variant = newest[0]
-    ns = f"model={model}/variant={variant}"
+    ns = namespace_dir("recordings", model, variant).split("/", 1)[1]  # the model made path-safe
+    fs, path = storage.url_to_fs(root)
+    windows = _has_parquet(fs, storage.join(path, "windows"))
     print(f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
           "for another)")
     # The manifest's columns, whatever they are: what a recordings file has beyond the job's.
@@ -84,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ours = set(recordings_schema(None).names) | {"model", "variant"}  # and the hive keys
     extras = "".join(f'"{name}", ' for name, *_ in columns if name not in ours)
     for title, sql in QUERIES.items():
+        if "/windows/" in sql and not windows:
+            print(f"\n-- {title}: no windows table here (the jobs ran with output.windows: false)")
+            continue
         sql = sql.format(root=root, ns=ns, extras=extras)
         print(f"\n-- {title}\n{sql.strip()};")
         sys.stdout.flush()

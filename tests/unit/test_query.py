@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import query
+from pipeline.layout import namespace_dir
 
 
 def write_namespace(root: Path, variant: str, job_id: str, files: list[str],
-                    started_at: str) -> None:
+                    started_at: str, model: str = "beats", windows: bool = True) -> None:
     n = len(files)
     rec = pa.table({
         "recording_id": [f"{variant}-{f}" for f in files], "source_uri": [f"/a/{f}" for f in files],
@@ -24,14 +25,14 @@ def write_namespace(root: Path, variant: str, job_id: str, files: list[str],
         "embedding": pa.array([[1.0, float(i)] for i in range(n)], pa.list_(pa.float32())),
         "job_id": [job_id] * n})
     win = rec.select(["recording_id", "layer"]).append_column("valid_s", pa.array([1.0] * n))
-    for table, data in (("recordings", rec), ("windows", win)):
-        folder = root / table / "model=beats" / f"variant={variant}"
+    for table, data in (("recordings", rec), ("windows", win))[: 2 if windows else 1]:
+        folder = root / namespace_dir(table, model, variant)  # as the job names it
         folder.mkdir(parents=True)
         pq.write_table(data, folder / "part-0.parquet")
     (root / "_jobs").mkdir(exist_ok=True)
     (root / "_jobs" / f"{job_id}.json").write_text(json.dumps(
         {"job_id": job_id, "started_at": started_at,
-         "summary": {"model": "beats", "variant": variant}}))
+         "summary": {"model": model, "variant": variant}}))
 
 
 def test_the_newest_namespace_by_default_another_by_name(
@@ -62,3 +63,16 @@ def test_outputs_without_a_manifest_are_queried_too(
     assert query.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "a.wav" in out and "site" not in out
+
+
+def test_a_plugin_namespace_and_an_output_without_windows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plugin's ``module:Class`` name is made path-safe in the folder name (the query
+    found nothing before); with output.windows off the windows query is skipped, said so."""
+    write_namespace(tmp_path, "0123", "j", ["a.wav"], "2026-11-22T10:00:00Z",
+                    model="plugmod:TinyPlugin", windows=False)
+    assert query.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "namespace model=plugmod_TinyPlugin/variant=0123" in out and "a.wav" in out
+    assert "no windows table here" in out
+    assert "nearest neighbour" in out
