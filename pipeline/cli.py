@@ -195,12 +195,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_list_models(args: argparse.Namespace) -> int:
     from pipeline.models import describe_model, list_models
 
-    rows = [describe_model(name) for name in list_models()]
     print(f"{'name':<36} {'family':<13} {'rate':>6} {'dim':>5} {'layers':>6}  weights")
-    for d in rows:
+    broken = 0
+    for name in list_models():
+        try:
+            d = describe_model(name)
+        except PipelineError as err:  # one installed plugin that cannot load hides no other
+            broken += 1
+            print(f"{name:<36} (cannot be loaded: {err})")
+            continue
         print(f"{d['name']:<36} {d['family']:<13} {d['sample_rate_hz']:>6} "
               f"{d['embedding_dim']:>5} {len(d['layers']):>6}  {d.get('weights_uri') or '(none: random or a URI)'}")
-    return 0
+    if broken:
+        print(f"embed-archive: {broken} installed backbone(s) cannot be loaded (above)",
+              file=sys.stderr)
+    return EXIT_FAILURE if broken else 0
 
 
 def cmd_describe_model(args: argparse.Namespace) -> int:

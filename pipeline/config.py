@@ -699,7 +699,8 @@ def _is_safe_token(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_." for c in text) and not text.startswith(".")
 
 
-SECRET_KEY_PARTS = ("secret", "token", "password", "key", "credential", "auth", "session")
+SECRET_KEY_PARTS = ("secret", "token", "password", "passwd", "passphrase", "key",
+                    "credential", "auth", "session")
 
 
 def _reject_chained_url(uri: str | None, name: str) -> None:
@@ -736,10 +737,27 @@ def redacted(value: Any) -> Any:
 
 
 def looks_secret(key: str) -> bool:
+    """Whether a setting's name says its value is a secret, judged word by word
+    (``api_key``, ``hub_token``, ``sessionToken``, ``aws_secret_access_key``,
+    ``credentials``, ``connection_string`` are; ``tokenizer``, ``author``, ``keep_n`` and
+    ``anon`` are not): a name that only contains a secret word (``tokenizer``) names a
+    setting that changes the embeddings, and must stay in the variant and config hashes."""
     lowered = key.lower()
     if lowered in ("anon", "key_prefix"):
         return False
-    return any(part in lowered for part in SECRET_KEY_PARTS)
+    if "connectionstring" in re.sub(r"[^a-z0-9]", "", lowered):
+        return True
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    for word in words:
+        singular = word.removesuffix("s")
+        if word in SECRET_KEY_PARTS or singular in SECRET_KEY_PARTS:
+            return True
+        if word.endswith(("key", "token", "secret", "password", "passwd", "auth")):  # apikey
+            return True
+        if (word.startswith(("auth", "session", "credential", "secret", "passw"))  # sessionid
+                and word not in ("author", "authors")):
+            return True
+    return False
 
 
 def canonical_json(value: Any) -> str:

@@ -290,7 +290,9 @@ class EmbeddingJob:
             model_name=info.name,
             model_family=info.family,
             weights_sha256=self.weights.sha256,
-            model_options=dict(cfg.model.options),
+            # Secrets (a plugin's hub token) never determine an embedding, and are never
+            # written: the variant records and hashes them as "***", as the config hash does.
+            model_options=redacted(dict(cfg.model.options)),
             preprocessing=dict(info.preprocessing),
             sample_rate_hz=info.sample_rate_hz,
             layers=self.layers,
@@ -1032,6 +1034,7 @@ class EmbeddingJob:
             log_level=self.cfg.run.log_level,
             warmup_shape=(m.batch_size, self.window_samples) if warmup else None,
             weights_sha256=self.weights.sha256,
+            plugin_code=self.info.preprocessing.get("code") if self.info.family == "plugin" else None,
         )
 
     @property

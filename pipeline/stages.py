@@ -336,6 +336,8 @@ class EmbedSpec:
         log_level: the job's ``run.log_level``.
         weights_sha256: the checkpoint hash the driver planned the output variant with; the
             actor refuses a checkpoint that hashes otherwise (``None``: no check).
+        plugin_code: a plugin's code as the driver found it (``ModelInfo.preprocessing``'s
+            ``code``, part of the variant); the actor refuses other code (``None``: no check).
         warmup_shape: ``(batch_size, window_samples)`` of one full batch, run on silence
             before any data arrives (``None``: no warm-up).
     """
@@ -355,6 +357,7 @@ class EmbedSpec:
     log_level: str = "INFO"
     warmup_shape: tuple[int, int] | None = None
     weights_sha256: str | None = None
+    plugin_code: dict[str, str] | None = None
 
 
 class Embedder:
@@ -393,6 +396,13 @@ class Embedder:
                 f"{storage.redact_text(self.backbone.weights.uri)} now has sha256 {loaded_sha}, "
                 f"but the job was planned (and its output variant named) with "
                 f"{spec.weights_sha256}; rerun to embed with the checkpoint as it is now")
+        code = self.backbone.info.preprocessing.get("code")
+        if spec.plugin_code is not None and code != spec.plugin_code:
+            # Another version of the plugin on this node than on the driver: its rows would
+            # land in a variant that names the driver's code.
+            raise RuntimeError(f"plugin {spec.model_name} here is {code}, but the job was "
+                               f"planned (and its output variant named) with "
+                               f"{spec.plugin_code}: install the same plugin on every node")
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
         self._staging: Any = None  # see _staged
         loaded, self._model_s = time.perf_counter(), 0.0

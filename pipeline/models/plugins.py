@@ -6,8 +6,9 @@ it under the entry-point group ``embed_archive.backbones``::
     [project.entry-points."embed_archive.backbones"]
     my_model = "my_package.models:MyBackbone"
 
-The interface (class attributes: the driver, `describe-model` and `submit` read them from
-the class, without building the model, which happens only in the actors)::
+The interface (class attributes: `describe-model` and `submit` read them from the class,
+without building the model; a job's driver builds it once, on its CPU, to check the options
+and weights before any work starts, and then each actor builds its own)::
 
     class MyBackbone:
         sample_rate_hz: int                  # rate the model expects
@@ -29,6 +30,10 @@ the class, without building the model, which happens only in the actors)::
             # audio: float32 [B, T] on device; padding_mask: bool [B, T], True = padding
             # (at the end), or None. Returns one [B, N, D] tensor per layer_names entry.
 
+A plugin's code is part of its variant: the version of the installed distribution that
+provides its module (or the module's ``__version__``) and the sha256 of the file defining
+the class, so rows of changed code never land beside the old ones.
+
 Token masks are derived by proportional time mapping: token ``n`` of ``N`` (after the
 CLS token, which is always real) starts at sample ``n * T / N`` and is real iff that is
 before the row's valid length. ``mean`` and ``max`` pooling are always available, ``cls``
@@ -38,21 +43,26 @@ when ``has_cls`` is true.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from difflib import get_close_matches
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.config import redacted
 from pipeline.errors import ConfigError, UnknownModelError
 from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, WeightsInfo
 from pipeline.models.masks import padding_mask_from_valid, proportional_token_mask
 from pipeline.models.precision import autocast_context, quantize_linear_int8
 from pipeline.models.weights import RANDOM_WEIGHTS, fetch_weights
+from pipeline.storage import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +109,8 @@ def find_plugin_class(name: str, known: Sequence[str]) -> type:
 def _load(reference: str, loader: Any) -> type:
     try:
         cls = loader()
-    except (ImportError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the module raises on import, named
+        # (ImportError, AttributeError, and a module's own RuntimeError alike: refused, exit 2)
         raise UnknownModelError(f"cannot load backbone class {reference!r}: "
                                 f"{type(err).__name__}: {err}") from None
     if not inspect.isclass(cls):
@@ -138,8 +149,28 @@ def plugin_info(name: str, source: Any, options: Mapping[str, Any]) -> ModelInfo
         min_input_samples=int(getattr(source, "min_input_samples", 1)),
         description=doc[0] if doc else f"plugin {cls.__module__}:{cls.__qualname__}",
         preprocessing={"plugin": f"{cls.__module__}:{cls.__qualname__}",
-                       "options": {k: repr(v) for k, v in sorted(options.items())}},
+                       "code": plugin_code(cls),
+                       "options": {k: repr(v) for k, v in sorted(redacted(options).items())}},
     )
+
+
+def plugin_code(cls: type) -> dict[str, str]:
+    """What names a plugin class's code, for its variant: ``distribution`` (``name==version``
+    of the installed package that provides its top-level module) or else ``version`` (the
+    module's ``__version__``), and ``source_sha256`` of the file that defines the class (a
+    plain ``module:Class`` file has no version to go by; an edit changes the variant)."""
+    out: dict[str, str] = {}
+    top = cls.__module__.partition(".")[0]
+    dists = sorted(set(importlib.metadata.packages_distributions().get(top, ())))
+    if dists:
+        out["distribution"] = ", ".join(f"{d}=={importlib.metadata.version(d)}" for d in dists)
+    elif (version := getattr(sys.modules.get(cls.__module__), "__version__", None)) is not None:
+        out["version"] = str(version)
+    with contextlib.suppress(TypeError, OSError):  # built in C, or defined in no file
+        source = inspect.getsourcefile(cls)
+        if source:
+            out["source_sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return out
 
 
 class PluginBackbone(Backbone):
@@ -175,9 +206,11 @@ class PluginBackbone(Backbone):
         result = {}
         for i in layers:
             tokens = outputs[i]
-            if tokens.dim() != 3 or tokens.shape[0] != audio.shape[0]:
+            dim = self.info.layers[i].dim
+            if tokens.dim() != 3 or tokens.shape[0] != audio.shape[0] or tokens.shape[2] != dim:
                 raise ValueError(f"plugin {self.info.name} layer {i} has shape "
-                                 f"{tuple(tokens.shape)}, expected [B={audio.shape[0]}, N, D]")
+                                 f"{tuple(tokens.shape)}, expected [B={audio.shape[0]}, N, "
+                                 f"D={dim}] (D from its layer_dims / embedding_dim)")
             mask = proportional_token_mask(valid_samples, num_samples, tokens.shape[1],
                                            has_cls="cls" in self.info.poolings)
             result[i] = TokenFeatures(tokens, mask)
@@ -221,13 +254,19 @@ def create_plugin_backbone(name: str, cls: type, *, weights: str, device: str,
     except TypeError as err:
         raise ConfigError(f"plugin {name} does not accept these options {sorted(options)}: "
                           f"{err}", "model.options") from None
-    if weights == "random":  # the same "random" model in every actor, as for built-ins
-        from pipeline.models.registry import seeded_rng
+    try:
+        if weights == "random":  # the same "random" model in every actor, as for built-ins
+            from pipeline.models.registry import seeded_rng
 
-        with seeded_rng(name, options):
+            with seeded_rng(name, options):
+                plugin = cls(argument, device, **options)
+        else:
             plugin = cls(argument, device, **options)
-    else:
-        plugin = cls(argument, device, **options)
+    except Exception as err:  # the plugin's own failure, named: refused, exit 2
+        raise ConfigError(f"plugin {name} could not be built ({cls.__module__}."
+                          f"{cls.__qualname__}({'weights' if argument else 'None'}, {device!r}, "
+                          f"**model.options) raised {type(err).__name__}: "
+                          f"{redact_text(str(err))})", "model.name") from err
     return PluginBackbone(plugin, plugin_info(name, plugin, options), provenance, device)
 
 

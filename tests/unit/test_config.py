@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import JobConfig, apply_override, parse_yaml, redacted
+from pipeline.config import JobConfig, apply_override, looks_secret, parse_yaml, redacted
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,6 +131,20 @@ def test_numbers_under_secret_looking_keys_still_count_in_the_hash() -> None:
     assert eight.sha256() != sixteen.sha256()
     shown = redacted({"model": {"options": {"api_token": "t0k", "max_tokens": 8}}})
     assert shown == {"model": {"options": {"api_token": "***", "max_tokens": 8}}}
+
+
+@pytest.mark.parametrize(("key", "secret"), [
+    ("api_key", True), ("hub_token", True), ("sessionToken", True), ("Authorization", True),
+    ("aws_secret_access_key", True), ("credentials", True), ("apikey", True), ("oauth", True),
+    ("AZURE_STORAGE_CONNECTION_STRING", True), ("password", True), ("x-api-key", True),
+    ("sessionid", True), ("ssh_passphrase", True),
+    ("tokenizer", False), ("author", False), ("keyframe", False), ("anon", False),
+    ("endpoint_url", False), ("key_prefix", False)])
+def test_secrets_are_named_by_words_not_by_letters_inside_one(key: str, secret: bool) -> None:
+    """`tokenizer: v2` was a secret (it holds "token"): shown as *** and left out of the
+    hashes, so a job with another tokenizer got the same variant. Words decide now."""
+    assert looks_secret(key) is secret
+    assert (redacted({key: "v"})[key] == "***") is secret
 
 
 @pytest.mark.parametrize("value", [[], 0, False, ""])

@@ -125,3 +125,152 @@ class NotABackbone:
 
     def __init__(self, weights, device):
         pass
+
+
+class TokenPlugin(FramePlugin):
+    """Takes a hub token, as a plugin fetching its own weights would."""
+
+    def __init__(self, weights: str | None, device: str, frame: int = 800,
+                 hub_token: str | None = None) -> None:
+        super().__init__(weights, device, frame)
+
+
+def test_a_plugins_secret_options_are_in_no_output(tmp_path: Path) -> None:
+    """The variant (in _variants/, _jobs/ and every Parquet footer) had the token in clear;
+    a token never determines an embedding: recorded, and hashed, as "***"."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from pipeline.config import JobConfig
+    from pipeline.job import EmbeddingJob
+
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.wav", np.zeros(8_000, np.float32), 8_000)
+    jobs = []
+    for token in ("hf_Secret1", "hf_Secret2"):
+        job = EmbeddingJob(JobConfig.from_dict({
+            "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+            "model": {"name": f"{__name__}:TokenPlugin", "weights": "random",
+                      "options": {"hub_token": token, "frame": 400}},
+            "run": {"progress": False}}))
+        job.prepare()
+        job._lease.release()
+        jobs.append(job)
+        assert token not in json.dumps(job.variant.to_dict()) + repr(job.parquet_metadata)
+        assert job.variant.model_options == {"hub_token": "***", "frame": 400}
+        assert job.variant.preprocessing["options"]["hub_token"] == "'***'"
+    assert jobs[0].variant.id == jobs[1].variant.id  # a new token is no new variant
+    assert not any("hf_Secret" in p.read_text() for p in (tmp_path / "out").rglob("*.json"))
+
+
+def _write_plugin(root: Path, module: str, body: str, version: str | None = None) -> str:
+    (root / f"{module}.py").write_text(body)
+    if version is not None:  # installed as a distribution that provides the module
+        dist = root / f"{module}_dist-{version}.dist-info"
+        dist.mkdir(exist_ok=True)
+        (dist / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {module}-dist\nVersion: {version}\n")
+        (dist / "top_level.txt").write_text(f"{module}\n")
+    return f"{module}:P"
+
+
+PLUGIN_SOURCE = f'''
+import torch
+from {__name__} import FramePlugin
+
+
+class P(FramePlugin):
+    SCALE = {{scale}}
+
+    def forward_features(self, audio, padding_mask):
+        return [t * self.SCALE for t in super().forward_features(audio, padding_mask)]
+'''
+
+
+def test_a_plugins_code_is_part_of_its_variant(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changed plugin code landed in the old variant (only the class name was recorded): the
+    distribution's version and the defining file's hash are in it now."""
+    import hashlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = _write_plugin(tmp_path, "codeplug_a", PLUGIN_SOURCE.format(scale=1), version="0.1")
+    code = create_backbone(name).info.preprocessing["code"]
+    source = (tmp_path / "codeplug_a.py").read_bytes()
+    assert code == {"distribution": "codeplug_a-dist==0.1",
+                    "source_sha256": hashlib.sha256(source).hexdigest()}
+    # A plain file, no distribution: its __version__ if any, and always its hash.
+    name = _write_plugin(tmp_path, "codeplug_b",
+                         "__version__ = '2.0'\n" + PLUGIN_SOURCE.format(scale=100))
+    code_b = create_backbone(name).info.preprocessing["code"]
+    assert code_b["version"] == "2.0" and code_b["source_sha256"] != code["source_sha256"]
+    assert "codeplug_b" in sys.modules
+
+
+def test_a_plugin_layer_of_another_width_than_it_declares_is_refused() -> None:
+    """Rows 5 wide under a layer declared 4 wide broke fixed-width readers (BigQuery
+    vectors, np.stack across runs) and went out without a word."""
+    backbone = create_backbone(PLUGIN)
+    backbone.info = backbone.info.__class__(**{
+        **backbone.info.__dict__,
+        "layers": (backbone.info.layers[0], backbone.info.layers[1].__class__(1, "projected", 5))})
+    with pytest.raises(ValueError, match=r"D=5"):
+        backbone.extract(torch.randn(1, 8_000), None, [1])
+
+
+def test_a_plugin_that_fails_to_import_or_build_is_a_refusal_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A module raising at import, or a constructor raising, gave a traceback and exit 1
+    (failed after it started: schedulers retry); and one installed plugin that could not
+    load broke list-models for every model."""
+    from pipeline.cli import main
+    from pipeline.errors import UnknownModelError
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "badimport.py").write_text("raise RuntimeError('no licence server')\n")
+    with pytest.raises(UnknownModelError, match="RuntimeError: no licence server"):
+        create_backbone("badimport:X")
+    _write_plugin(tmp_path, "badbuild", f"""
+from {__name__} import FramePlugin
+
+
+class P(FramePlugin):
+    def __init__(self, weights, device, frame=800):
+        raise FileNotFoundError('/models/frames.bin')
+""")
+    with pytest.raises(ConfigError, match=r"badbuild.P\(None, 'cpu', \*\*model.options\) "
+                                          r"raised FileNotFoundError: /models/frames.bin"):
+        create_backbone("badbuild:P")
+    assert main(["describe-model", "badimport:X"]) == 2
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[embed_archive.backbones]\nbroken = badimport:X\n")
+    capsys.readouterr()
+    assert main(["list-models"]) == 1
+    out, err = capsys.readouterr()
+    assert "broken" in out and "cannot be loaded" in out and "no licence server" in out
+    assert "beats" in out and "efficientnet_b0" in out and "1 installed backbone" in err
+
+
+def test_an_actor_with_other_plugin_code_than_the_driver_refuses_to_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node with another version of the plugin would write its rows into the variant that
+    names the driver's code."""
+    from pipeline.stages import Embedder, EmbedSpec
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = _write_plugin(tmp_path, "codeplug_c", PLUGIN_SOURCE.format(scale=1), version="1.0")
+    planned = create_backbone(name).info.preprocessing["code"]
+    spec = EmbedSpec(model_name=name, weights="default", options={}, storage_options={},
+                     layers=(0,), pooling="mean", precision="fp32", sample_rate_hz=8_000,
+                     tail="pad", min_input_samples=1, use_gpu=False, torch_threads=1,
+                     plugin_code=planned)
+    assert Embedder(spec).backbone.info.preprocessing["code"] == planned
+    elsewhere = {**planned, "distribution": "codeplug_c-dist==1.1"}
+    with pytest.raises(RuntimeError, match="install the same plugin on every node"):
+        Embedder(EmbedSpec(**{**spec.__dict__, "plugin_code": elsewhere}))
