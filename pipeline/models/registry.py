@@ -22,6 +22,7 @@ Anything else is looked up as a plugin (:mod:`pipeline.models.plugins`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import logging
@@ -156,8 +157,20 @@ _ENTRIES: dict[str, ModelEntry] = {e.name: e for e in (
 
 
 def list_models() -> list[str]:
-    """Registry names, BirdNET, and backbones installed under the plugin entry-point group."""
-    return sorted({*_ENTRIES, BIRDNET_NAME, *plugins.entry_point_names()})
+    """Registry names, BirdNET, and backbones installed under the plugin entry-point group
+    (an installed name that is a built-in's is shadowed by it, and said so)."""
+    installed = plugins.entry_point_names()
+    builtin = {*_ENTRIES, BIRDNET_NAME}
+    for name in sorted(builtin.intersection(installed)):
+        _warn_shadowed(name)
+    return sorted({*builtin, *installed})
+
+
+@functools.cache
+def _warn_shadowed(name: str) -> None:
+    log.warning("an installed package registers a backbone named %r under %s; the built-in "
+                "%r is used under that name (give the plugin another name, or name it by "
+                "'module.path:ClassName')", name, plugins.ENTRY_POINT_GROUP, name)
 
 
 def get_entry(name: str) -> ModelEntry:

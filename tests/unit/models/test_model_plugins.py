@@ -274,3 +274,17 @@ def test_an_actor_with_other_plugin_code_than_the_driver_refuses_to_start(
     elsewhere = {**planned, "distribution": "codeplug_c-dist==1.1"}
     with pytest.raises(RuntimeError, match="install the same plugin on every node"):
         Embedder(EmbedSpec(**{**spec.__dict__, "plugin_code": elsewhere}))
+
+
+def test_an_installed_backbone_named_like_a_built_in_is_said_to_be_shadowed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """It was silently ignored: a user who installed their own 'beats' ran ours."""
+    dist = tmp_path / "shadow_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shadow-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[embed_archive.backbones]\nbeats = {PLUGIN}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("WARNING", logger="pipeline.models.registry"):
+        assert list_models().count("beats") == 1
+    assert "registers a backbone named 'beats'" in caplog.text and "built-in" in caplog.text
+    assert create_backbone("beats", weights="random").info.family == "beats"
