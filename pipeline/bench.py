@@ -665,15 +665,23 @@ class ProcessTreeSampler:
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def cpu_s_between(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds by role between two ``time.time()`` moments, from the samples nearest
-        to them (one every ~0.25 s); empty if none was taken in between."""
-        inside = [(t, cpu) for t, cpu in self._series if start <= t <= end]
-        if not inside:
+        """CPU seconds by role between two ``time.time()`` moments, each read by linear
+        interpolation between the samples around it (taken every ``interval_s``, plus a
+        pass over /proc); empty unless a sample was taken in between."""
+        if not any(start <= t <= end for t, _ in self._series):
             return {}
-        before = [cpu for t, cpu in self._series if t < start]
-        first, last = (before[-1] if before else {}), inside[-1][1]
+        first, last = self._cpu_at(start), self._cpu_at(end)
         out = {role: last[role] - first.get(role, 0.0) for role in last}
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+    def _cpu_at(self, moment: float) -> dict[str, float]:
+        before = [(t, cpu) for t, cpu in self._series if t <= moment]
+        after = [(t, cpu) for t, cpu in self._series if t > moment]
+        if not before:
+            return {}  # the job had not started: nothing counted yet
+        (t0, a), (t1, b) = before[-1], (after[0] if after else before[-1])
+        w = (moment - t0) / (t1 - t0) if t1 > t0 else 0.0
+        return {role: a.get(role, 0.0) + w * (b[role] - a.get(role, 0.0)) for role in b}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -982,7 +990,7 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
     return out
 
 
-# Shorter spans hold too few CPU samples (one every ~0.25 s) to split: quick mode's one batch.
+# Shorter spans hold too few CPU samples (one every 0.5 s) to split: quick mode's one batch.
 MIN_SPLIT_SPAN_S = 5.0
 
 
@@ -992,7 +1000,8 @@ def steady_cpu_split(pipe: Mapping[str, Any], alone: Mapping[str, Any],
     and what the actors made of theirs (CPU only; None without the samples to say).
 
     ``ratio = actors' share of the cores / the share model only had x the actors' audio
-    per CPU-second / model only's``, exactly up to the sampling (span edges to ~0.25 s):
+    per CPU-second / model only's``, exactly (the actors' CPU seconds cancel out; the
+    shares themselves are as good as the samples, interpolated at the span's edges):
     the first two say what the job's other processes (driver, decoding, writing, Ray) took
     from the models, the last what sharing the cores with them costs each CPU-second the
     models do get (caches, preemptions).

@@ -46,7 +46,6 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
         assert cpu["embed_actor"] > 0 and cpu["driver"] > 0 and "decode_worker" in cpu
         # CPU while the models ran, and model only's own: what the steady ratio splits into
         # (quick mode's one batch is too short to split; rendered below from made-up shares).
-        assert isinstance(c["pipeline"]["steady_cpu_s"], dict)
         assert c["pipeline"]["peak_rss_mb"] == {}  # throughput runs sample CPU only
         assert 0 <= c["pipeline"]["sampling_cpu_s"] < c["pipeline"]["wall_s"]
         assert c["model_only_as_actors"]["cpu_s"] > 0

@@ -255,3 +255,15 @@ def test_the_steady_ratio_splits_into_the_actors_share_and_their_work_per_cpu_se
     assert ratio == pytest.approx(split["actors_share_of_cores"] / split["model_only_share_of_cores"]
                                   * split["actor_audio_s_per_cpu_s_over_model_only"])
     assert bench.steady_cpu_split({**pipe, "steady_cpu_s": {}}, alone, cores=2) is None
+
+
+def test_cpu_seconds_between_two_moments_are_interpolated_at_both_edges() -> None:
+    """Cut at the samples inside the span, a 24-s span sampled every 0.5 s lost up to 2 %
+    of the actors' CPU: as much as the shares it was meant to tell apart."""
+    sampler = ProcessTreeSampler()
+    sampler._series = [(10.0, {"embed_actor": 0.0}), (11.0, {"embed_actor": 1.0}),
+                       (12.0, {"embed_actor": 3.0, "driver": 0.5})]
+    got = sampler.cpu_s_between(10.5, 11.5)
+    assert got["embed_actor"] == pytest.approx((1.0 + 0.5 * 2.0) - 0.5)
+    assert got["driver"] == pytest.approx(0.25)  # first seen at 12: none before
+    assert sampler.cpu_s_between(9.0, 9.5) == {}
