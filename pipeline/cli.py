@@ -200,7 +200,7 @@ def cmd_list_models(args: argparse.Namespace) -> int:
     for name in list_models():
         try:
             d = describe_model(name)
-        except PipelineError as err:  # one installed plugin that cannot load hides no other
+        except Exception as err:  # noqa: BLE001 - one installed plugin that cannot load hides no other
             broken += 1
             print(f"{name:<36} (cannot be loaded: {err})")
             continue

@@ -18,7 +18,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -736,6 +736,32 @@ def redacted(value: Any) -> Any:
     return value
 
 
+def variant_options(options: Mapping[str, Any], not_in_variant: Collection[str] = ()) -> Any:
+    """A model's options as its variant records and hashes them, never holding a secret.
+
+    Options the backbone declares irrelevant to its embeddings (a plugin's
+    ``secret_options``: a hub token) are recorded as ``"***"``, so a new token is no new
+    variant. Other text under a secret-looking name is recorded as a salted, slow
+    fingerprint (PBKDF2), not left out: such a name may well change the embeddings
+    (``token_pooling: mean`` vs ``scaled``), and two values must not share a variant.
+    Inline credentials in URIs are dropped, as everywhere.
+    """
+    from pipeline.storage import redact_uri  # local import: storage imports this module
+
+    def walk(value: Any, key: str | None) -> Any:
+        if isinstance(value, Mapping):
+            return {k: walk(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if isinstance(value, str) and key is not None and looks_secret(key):
+            digest = hashlib.pbkdf2_hmac("sha256", value.encode(), b"embed-archive variant",
+                                         100_000)
+            return f"pbkdf2:{digest.hex()[:16]}"
+        return redact_uri(value) if isinstance(value, str) else value
+
+    return {k: "***" if k in not_in_variant else walk(v, str(k)) for k, v in options.items()}
+
+
 def looks_secret(key: str) -> bool:
     """Whether a setting's name says its value is a secret, judged word by word
     (``api_key``, ``hub_token``, ``sessionToken``, ``aws_secret_access_key``,
@@ -749,10 +775,11 @@ def looks_secret(key: str) -> bool:
         return True
     words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
     for word in words:
-        singular = word.removesuffix("s")
+        word = word.rstrip("0123456789")  # HF_TOKEN2, oauth2
+        singular = word.removesuffix("s")  # apikeys, hubtokens
         if word in SECRET_KEY_PARTS or singular in SECRET_KEY_PARTS:
             return True
-        if word.endswith(("key", "token", "secret", "password", "passwd", "auth")):  # apikey
+        if singular.endswith(("key", "token", "secret", "password", "passwd", "auth")):  # apikey
             return True
         if (word.startswith(("auth", "session", "credential", "secret", "passw"))  # sessionid
                 and word not in ("author", "authors")):

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from pipeline import layout as layout_mod
 from pipeline import storage
 from pipeline.audio import DecodeSettings
-from pipeline.config import JobConfig, redacted
+from pipeline.config import JobConfig, redacted, variant_options
 from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -290,9 +290,9 @@ class EmbeddingJob:
             model_name=info.name,
             model_family=info.family,
             weights_sha256=self.weights.sha256,
-            # Secrets (a plugin's hub token) never determine an embedding, and are never
-            # written: the variant records and hashes them as "***", as the config hash does.
-            model_options=redacted(dict(cfg.model.options)),
+            # No secret is written: options the backbone says never change its embeddings
+            # (a plugin's hub token) as "***", other secret-looking text as a fingerprint.
+            model_options=variant_options(cfg.model.options, info.secret_options),
             preprocessing=dict(info.preprocessing),
             sample_rate_hz=info.sample_rate_hz,
             layers=self.layers,
@@ -306,6 +306,12 @@ class EmbeddingJob:
             resample_quality=cfg.audio.resample_quality,
             recording_pooling=cfg.output.recording_pooling,
         )
+        for key, value in self.variant.model_options.items():
+            if isinstance(value, str) and value.startswith("pbkdf2:"):
+                log.warning("model.options.%s looks like a secret: the variant records a "
+                            "fingerprint of it, never the value, so another value is another "
+                            "variant; a plugin option that never changes the embeddings (a hub "
+                            "token) belongs in the plugin's secret_options", key)
         self.provenance = JobProvenance.create(cfg, self.job_id, self.variant, self.weights.uri)
         self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,

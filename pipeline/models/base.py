@@ -63,6 +63,8 @@ class ModelInfo:
         license: licence of the published weights.
         description: one line for ``list-models``.
         preprocessing: front-end parameters; part of the output namespace hash.
+        secret_options: ``model.options`` that never change the embeddings (a plugin's hub
+            token): recorded in the variant as ``"***"``, so a new value is no new variant.
     """
 
     name: str
@@ -79,6 +81,7 @@ class ModelInfo:
     license: str = ""
     description: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    secret_options: tuple[str, ...] = ()
 
     def resolve_layers(self, selectors: Sequence[int | str] | str) -> tuple[int, ...]:
         """Turn config layer selectors into sorted, unique, non-negative indices.

@@ -19,6 +19,8 @@ and weights before any work starts, and then each actor builds its own)::
         min_input_samples: int               # optional; default 1
         weights_id: str                      # optional; names the default weights (their
                                              # hash or version): recorded in the variant
+        secret_options: tuple[str, ...]      # optional; options that never change the
+                                             # embeddings (a hub token): "***" in the variant
 
         def __init__(self, weights: str | None, device: str, **options): ...
             # weights: None for "default" (the plugin's own), "random" (built with torch's
@@ -30,9 +32,12 @@ and weights before any work starts, and then each actor builds its own)::
             # audio: float32 [B, T] on device; padding_mask: bool [B, T], True = padding
             # (at the end), or None. Returns one [B, N, D] tensor per layer_names entry.
 
-A plugin's code is part of its variant: the version of the installed distribution that
-provides its module (or the module's ``__version__``) and the sha256 of the file defining
-the class, so rows of changed code never land beside the old ones.
+A plugin's Python code is part of its variant: the sha256 over the source files of the
+package that defines the class (every ``.py`` file under its top-level regular package, or
+the one module file), so rows of edited Python code do not land beside the old ones; how it
+was installed does not matter. Compiled extensions and other packages it imports are not
+hashed: a plugin that depends on them can name them in a ``code_version`` attribute, which
+is recorded too.
 
 Token masks are derived by proportional time mapping: token ``n`` of ``N`` (after the
 CLS token, which is always real) starts at sample ``n * T / N`` and is real iff that is
@@ -56,7 +61,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import redacted
+from pipeline.config import variant_options
 from pipeline.errors import ConfigError, UnknownModelError
 from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, WeightsInfo
 from pipeline.models.masks import padding_mask_from_valid, proportional_token_mask
@@ -133,44 +138,76 @@ def plugin_info(name: str, source: Any, options: Mapping[str, Any]) -> ModelInfo
     if missing:
         raise ConfigError(f"plugin {name} lacks required attribute(s) {missing} (see "
                           "pipeline/models/README.md, 'Plugins')", "model.name")
-    names = tuple(source.layer_names)
-    dims = tuple(getattr(source, "layer_dims", None) or (int(source.embedding_dim),) * len(names))
+    cls = source if inspect.isclass(source) else type(source)
+    try:
+        names = tuple(str(n) for n in source.layer_names)
+        dims = tuple(int(d) for d in getattr(source, "layer_dims", None)
+                     or (int(source.embedding_dim),) * len(names))
+        rate, dim = int(source.sample_rate_hz), int(source.embedding_dim)
+        min_input = int(getattr(source, "min_input_samples", 1))
+        secret = tuple(str(k) for k in getattr(source, "secret_options", ()) or ())
+    except (TypeError, ValueError) as err:  # sample_rate_hz = "16 kHz"
+        raise ConfigError(f"plugin {name} has an attribute of the wrong type ({err}): see "
+                          "pipeline/models/README.md, 'Plugins'", "model.name") from None
     if not names or len(dims) != len(names):
         raise ConfigError(f"plugin {name} has {len(names)} layer_names and {len(dims)} "
                           "layer_dims", "model.name")
     has_cls = bool(getattr(source, "has_cls", False))
-    cls = source if inspect.isclass(source) else type(source)
     doc = (inspect.getdoc(cls) or "").strip().splitlines()
     return ModelInfo(
-        name=name, family="plugin", sample_rate_hz=int(source.sample_rate_hz),
-        embedding_dim=int(source.embedding_dim),
+        name=name, family="plugin", sample_rate_hz=rate, embedding_dim=dim,
         layers=tuple(LayerInfo(i, n, d) for i, (n, d) in enumerate(zip(names, dims, strict=True))),
         poolings=("mean", "max", "cls") if has_cls else ("mean", "max"),
-        min_input_samples=int(getattr(source, "min_input_samples", 1)),
+        min_input_samples=min_input,
         description=doc[0] if doc else f"plugin {cls.__module__}:{cls.__qualname__}",
         preprocessing={"plugin": f"{cls.__module__}:{cls.__qualname__}",
                        "code": plugin_code(cls),
-                       "options": {k: repr(v) for k, v in sorted(redacted(options).items())}},
+                       "options": {k: repr(v) for k, v
+                                   in sorted(variant_options(options, secret).items())}},
+        secret_options=secret,
     )
 
 
 def plugin_code(cls: type) -> dict[str, str]:
-    """What names a plugin class's code, for its variant: ``distribution`` (``name==version``
-    of the installed package that provides its top-level module) or else ``version`` (the
-    module's ``__version__``), and ``source_sha256`` of the file that defines the class (a
-    plain ``module:Class`` file has no version to go by; an edit changes the variant)."""
+    """What names a plugin class's code, for its variant: ``source_sha256`` over the Python
+    files of the package defining it (every ``.py`` under its top-level regular package,
+    by relative path; or the one module file; or the module's source as its loader gives
+    it, from a zip), and the class's ``code_version`` if it has one. Empty, with a warning,
+    when neither can be had."""
     out: dict[str, str] = {}
-    top = cls.__module__.partition(".")[0]
-    dists = sorted(set(importlib.metadata.packages_distributions().get(top, ())))
-    if dists:
-        out["distribution"] = ", ".join(f"{d}=={importlib.metadata.version(d)}" for d in dists)
-    elif (version := getattr(sys.modules.get(cls.__module__), "__version__", None)) is not None:
-        out["version"] = str(version)
-    with contextlib.suppress(TypeError, OSError):  # built in C, or defined in no file
-        source = inspect.getsourcefile(cls)
-        if source:
-            out["source_sha256"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    if (version := getattr(cls, "code_version", None)) is not None:
+        out["code_version"] = str(version)
+    module = sys.modules.get(cls.__module__)
+    digest = hashlib.sha256()
+    files = _package_sources(module)
+    for root, path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    if not files:
+        with contextlib.suppress(TypeError, OSError):  # built in C, or no source at all
+            digest.update(inspect.getsource(module).encode())  # type: ignore[arg-type]
+            files = [(Path(), Path())]
+    if files:
+        out["source_sha256"] = digest.hexdigest()
+    elif not out:
+        log.warning("cannot read the source of plugin %s.%s: its variant cannot tell two "
+                    "versions of its code apart (give the class a code_version)",
+                    cls.__module__, cls.__qualname__)
     return out
+
+
+def _package_sources(module: Any) -> list[tuple[Path, Path]]:
+    """``(root, file)`` for every ``.py`` file of the regular package that ``module`` belongs
+    to (its topmost folder with an ``__init__.py``), or just the module's file when it is in
+    no package; empty when it is not a file on disk (a zip import, ``__main__`` of a REPL)."""
+    path = Path(getattr(module, "__file__", None) or "")
+    if not path.name or not path.is_file():
+        return []
+    root = path.parent if (path.parent / "__init__.py").is_file() else None
+    while root is not None and (root.parent / "__init__.py").is_file():
+        root = root.parent
+    if root is None:
+        return [(path.parent, path)]
+    return [(root, p) for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts]
 
 
 class PluginBackbone(Backbone):

@@ -137,12 +137,13 @@ def test_numbers_under_secret_looking_keys_still_count_in_the_hash() -> None:
     ("api_key", True), ("hub_token", True), ("sessionToken", True), ("Authorization", True),
     ("aws_secret_access_key", True), ("credentials", True), ("apikey", True), ("oauth", True),
     ("AZURE_STORAGE_CONNECTION_STRING", True), ("password", True), ("x-api-key", True),
-    ("sessionid", True), ("ssh_passphrase", True),
+    ("sessionid", True), ("ssh_passphrase", True), ("HF_TOKEN2", True), ("oauth2", True),
+    ("account_key2", True), ("apikeys", True), ("hubtokens", True), ("accesskeys", True),
     ("tokenizer", False), ("author", False), ("keyframe", False), ("anon", False),
     ("endpoint_url", False), ("key_prefix", False)])
 def test_secrets_are_named_by_words_not_by_letters_inside_one(key: str, secret: bool) -> None:
     """`tokenizer: v2` was a secret (it holds "token"): shown as *** and left out of the
-    hashes, so a job with another tokenizer got the same variant. Words decide now."""
+    config hash. Words decide now, digits and plurals aside (HF_TOKEN2, apikeys)."""
     assert looks_secret(key) is secret
     assert (redacted({key: "v"})[key] == "***") is secret
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -128,40 +129,55 @@ class NotABackbone:
 
 
 class TokenPlugin(FramePlugin):
-    """Takes a hub token, as a plugin fetching its own weights would."""
+    """Takes a hub token, as a plugin fetching its own weights would, and an option whose
+    name looks secret but changes the embeddings."""
+
+    secret_options = ("hub_token",)
 
     def __init__(self, weights: str | None, device: str, frame: int = 800,
-                 hub_token: str | None = None) -> None:
+                 hub_token: str | None = None, token_pooling: str = "mean") -> None:
         super().__init__(weights, device, frame)
 
 
-def test_a_plugins_secret_options_are_in_no_output(tmp_path: Path) -> None:
-    """The variant (in _variants/, _jobs/ and every Parquet footer) had the token in clear;
-    a token never determines an embedding: recorded, and hashed, as "***"."""
-    import json
-
+def _prepared(tmp_path: Path, options: dict) -> Any:
     import numpy as np
     import soundfile as sf
 
     from pipeline.config import JobConfig
     from pipeline.job import EmbeddingJob
 
-    (tmp_path / "in").mkdir()
+    (tmp_path / "in").mkdir(exist_ok=True)
     sf.write(tmp_path / "in" / "a.wav", np.zeros(8_000, np.float32), 8_000)
-    jobs = []
-    for token in ("hf_Secret1", "hf_Secret2"):
-        job = EmbeddingJob(JobConfig.from_dict({
-            "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
-            "model": {"name": f"{__name__}:TokenPlugin", "weights": "random",
-                      "options": {"hub_token": token, "frame": 400}},
-            "run": {"progress": False}}))
-        job.prepare()
-        job._lease.release()
-        jobs.append(job)
-        assert token not in json.dumps(job.variant.to_dict()) + repr(job.parquet_metadata)
-        assert job.variant.model_options == {"hub_token": "***", "frame": 400}
+    job = EmbeddingJob(JobConfig.from_dict({
+        "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+        "model": {"name": f"{__name__}:TokenPlugin", "weights": "random", "options": options},
+        "run": {"progress": False}}))
+    job.prepare()
+    job._lease.release()
+    return job
+
+
+def test_a_plugins_secret_options_are_in_no_output_and_other_options_stay_in_its_variant(
+        tmp_path: Path) -> None:
+    """The variant (in _variants/, _jobs/ and every Parquet footer) had the token in clear.
+    A declared secret option is "***" (a new token is no new variant); undeclared
+    secret-looking text is fingerprinted, so two values never share a variant."""
+    import json
+
+    jobs = {}
+    for token, pooling in (("hf_Secret1", "mean"), ("hf_Secret2", "mean"),
+                           ("hf_Secret1", "scaled")):
+        job = jobs[token, pooling] = _prepared(tmp_path, {"hub_token": token, "frame": 400,
+                                                          "token_pooling": pooling})
+        written = json.dumps(job.variant.to_dict()) + repr(job.parquet_metadata)
+        assert token not in written
+        options = job.variant.model_options
+        assert options["hub_token"] == "***" and options["frame"] == 400
+        assert options["token_pooling"].startswith("pbkdf2:")
         assert job.variant.preprocessing["options"]["hub_token"] == "'***'"
-    assert jobs[0].variant.id == jobs[1].variant.id  # a new token is no new variant
+    ids = {key: job.variant.id for key, job in jobs.items()}
+    assert ids["hf_Secret1", "mean"] == ids["hf_Secret2", "mean"]  # the token is no variant
+    assert ids["hf_Secret1", "mean"] != ids["hf_Secret1", "scaled"]  # the pooling is
     assert not any("hf_Secret" in p.read_text() for p in (tmp_path / "out").rglob("*.json"))
 
 
@@ -189,25 +205,60 @@ class P(FramePlugin):
 '''
 
 
-def test_a_plugins_code_is_part_of_its_variant(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Changed plugin code landed in the old variant (only the class name was recorded): the
-    distribution's version and the defining file's hash are in it now."""
-    import hashlib
+def _code(name: str) -> dict:
+    import importlib
     import sys
 
+    for module in [m for m in sys.modules if m.startswith(name.split(":")[0].split(".")[0])]:
+        del sys.modules[module]  # import the files as they are now
+    importlib.invalidate_caches()
+    return create_backbone(name).info.preprocessing["code"]
+
+
+def test_a_plugins_code_is_part_of_its_variant_whatever_file_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changed plugin code landed in the old variant (only the class name was recorded).
+    Every Python file of its package counts (a helper's constant changes the embeddings as
+    much as the class); how the package was installed does not."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    name = _write_plugin(tmp_path, "codeplug_a", PLUGIN_SOURCE.format(scale=1), version="0.1")
-    code = create_backbone(name).info.preprocessing["code"]
-    source = (tmp_path / "codeplug_a.py").read_bytes()
-    assert code == {"distribution": "codeplug_a-dist==0.1",
-                    "source_sha256": hashlib.sha256(source).hexdigest()}
-    # A plain file, no distribution: its __version__ if any, and always its hash.
-    name = _write_plugin(tmp_path, "codeplug_b",
-                         "__version__ = '2.0'\n" + PLUGIN_SOURCE.format(scale=100))
-    code_b = create_backbone(name).info.preprocessing["code"]
-    assert code_b["version"] == "2.0" and code_b["source_sha256"] != code["source_sha256"]
-    assert "codeplug_b" in sys.modules
+    package = tmp_path / "pkgh"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "helpers.py").write_text("SCALE = 1\n")
+    (package / "sub" / "model.py").write_text(
+        PLUGIN_SOURCE.format(scale="__import__('pkgh.sub.helpers').sub.helpers.SCALE"))
+    name = "pkgh.sub.model:P"
+    first = _code(name)
+    assert set(first) == {"source_sha256"}
+    assert _code(name) == first  # the same files, the same code
+    dist = tmp_path / "pkgh-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pkgh\nVersion: 0.1\n")
+    (dist / "top_level.txt").write_text("pkgh\n")
+    assert _code(name) == first  # now "installed": still the same code
+    (package / "sub" / "helpers.py").write_text("SCALE = 1000\n")
+    assert _code(name) != first
+    # A plain module file: its own bytes; a code_version attribute is recorded as well.
+    single = _write_plugin(tmp_path, "codeplug_b", "code_version = 'x'\n"
+                           + PLUGIN_SOURCE.format(scale=100).replace(
+                               "    SCALE = 100", "    SCALE = 100\n    code_version = 'lib-2.1'"))
+    code = _code(single)
+    assert code["code_version"] == "lib-2.1" and len(code["source_sha256"]) == 64
+
+
+def test_a_plugin_imported_from_a_zip_is_named_by_its_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its file is no file on disk: the source its loader gives is hashed instead (the code
+    was {} before, so any edit shared the variant)."""
+    import zipfile
+
+    archive = tmp_path / "plugins.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("zipplug.py", PLUGIN_SOURCE.format(scale=3))
+    monkeypatch.syspath_prepend(str(archive))
+    code = _code("zipplug:P")
+    assert len(code["source_sha256"]) == 64
 
 
 def test_a_plugin_layer_of_another_width_than_it_declares_is_refused() -> None:
@@ -249,12 +300,23 @@ class P(FramePlugin):
     dist = tmp_path / "broken_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[embed_archive.backbones]\nbroken = badimport:X\n")
+    _write_plugin(tmp_path, "badattr", f"""
+from {__name__} import FramePlugin
+
+
+class P(FramePlugin):
+    sample_rate_hz = "16 kHz"
+""")
+    with pytest.raises(ConfigError, match="attribute of the wrong type"):
+        create_backbone("badattr:P")
+    (dist / "entry_points.txt").write_text(
+        "[embed_archive.backbones]\nbroken = badimport:X\nbadattr = badattr:P\n")
     capsys.readouterr()
     assert main(["list-models"]) == 1
     out, err = capsys.readouterr()
     assert "broken" in out and "cannot be loaded" in out and "no licence server" in out
-    assert "beats" in out and "efficientnet_b0" in out and "1 installed backbone" in err
+    assert "badattr" in out and "wrong type" in out
+    assert "beats" in out and "efficientnet_b0" in out and "2 installed backbone" in err
 
 
 def test_an_actor_with_other_plugin_code_than_the_driver_refuses_to_start(
@@ -265,13 +327,13 @@ def test_an_actor_with_other_plugin_code_than_the_driver_refuses_to_start(
 
     monkeypatch.syspath_prepend(str(tmp_path))
     name = _write_plugin(tmp_path, "codeplug_c", PLUGIN_SOURCE.format(scale=1), version="1.0")
-    planned = create_backbone(name).info.preprocessing["code"]
+    planned = _code(name)
     spec = EmbedSpec(model_name=name, weights="default", options={}, storage_options={},
                      layers=(0,), pooling="mean", precision="fp32", sample_rate_hz=8_000,
                      tail="pad", min_input_samples=1, use_gpu=False, torch_threads=1,
                      plugin_code=planned)
     assert Embedder(spec).backbone.info.preprocessing["code"] == planned
-    elsewhere = {**planned, "distribution": "codeplug_c-dist==1.1"}
+    elsewhere = {**planned, "source_sha256": "0" * 64}  # that node's files differ
     with pytest.raises(RuntimeError, match="install the same plugin on every node"):
         Embedder(EmbedSpec(**{**spec.__dict__, "plugin_code": elsewhere}))
 
