@@ -440,7 +440,10 @@ class EmbeddingJob:
         - lacks a table this run writes (``output.windows`` / ``output.recordings`` turned on
           since), which would otherwise never get its rows;
         - is an earlier version of an object listed now (``run.replace_changed_sources``),
-          whose rows would otherwise sit beside the new version's.
+          whose rows would otherwise sit beside the new version's;
+        - was refused by the job's own limits (sample rate, channels), set otherwise then:
+          the limits decide whether it is embedded, not what it embeds to, so they are in
+          no variant, and a run that admits it must not leave its error row standing.
 
         So no recording keeps an error row beside a later success, or two versions' rows. A
         reopened shard's recordings that this run cannot redo (their object is no longer
@@ -470,7 +473,12 @@ class EmbeddingJob:
 
         changed = {shard: n for shard, marker in markers.items()
                    if listed_uris and (n := replaced(marker["recordings"]))}
-        reopen = {shard for shard in set(retry) | set(lacking) | set(changed)
+        limits = self._limits
+        limited = {shard: n for shard, marker in markers.items()
+                   if (n := sum(1 for r in layout_mod.noted(marker)
+                                if r["recording_id"] in listed
+                                and layout_mod.refused_by_other_limits(r, limits)))}
+        reopen = {shard for shard in set(retry) | set(lacking) | set(changed) | set(limited)
                   if not all(stays(r) for r in markers[shard]["recordings"])}
         if run.retry_transient_errors:
             self._say_given_up(markers, reopen)
@@ -483,6 +491,11 @@ class EmbeddingJob:
         if not reopen:
             return reopen
         self._say_reopened(markers, reopen, retry, lacking, changed)
+        if relimited := [s for s in reopen if s in limited]:
+            log.warning("reopening %d committed shard(s): %d recordings in them were refused "
+                        "by other audio limits than this run's (%s)", len(relimited),
+                        sum(limited[s] for s in relimited),
+                        ", ".join(f"{k}={v}" for k, v in limits.items()))
         for shard_id in sorted(reopen):
             keep = {r["recording_id"] for r in markers[shard_id]["recordings"] if stays(r)}
             if keep:
@@ -1201,6 +1214,8 @@ class EmbeddingJob:
                 settled[item.recording_id] = {"outcome": "error",
                                               "error_type": report["error_type"],
                                               **self._retry_mark(item, report)}
+                if report["error_type"] in layout_mod.LIMIT_ERRORS:  # see _reopen_shards
+                    settled[item.recording_id]["limits"] = self._limits
                 continue
             problems = list(report.get("problems", []))
             lost = dropped.get(item.recording_id, set())
@@ -1243,6 +1258,13 @@ class EmbeddingJob:
                 settled[item.recording_id].update(error_type=report["stopped_by"],
                                                   **self._retry_mark(item, report))
         return ShardRows(rec_rows, err_rows, outcome, settled)
+
+    @property
+    def _limits(self) -> dict[str, Any]:
+        """The audio limits a recording can be refused by (``layout.LIMIT_ERRORS``)."""
+        a = self.cfg.audio
+        return {"min_sample_rate_hz": a.min_sample_rate_hz,
+                "max_sample_rate_hz": a.max_sample_rate_hz, "max_channels": a.max_channels}
 
     def _retry_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
         """What a marker records of a failure that was not the recording's own (a storage

@@ -241,6 +241,17 @@ def settled_among(ids: Sequence[str] | pa.Array, markers: Mapping[str, Mapping[s
 
 # Markers written before ``retry`` was recorded name only these as worth a retry.
 RETRYABLE_ERRORS = frozenset({"StorageError"})
+# Refusals by the job's own limits (audio.min/max_sample_rate_hz, audio.max_channels), not
+# by the recording: a marker records the limits with them, and a run with other limits
+# tries the recording again (see :func:`refused_by_other_limits`).
+LIMIT_ERRORS = frozenset({"UnsupportedSampleRate", "TooManyChannels"})
+
+
+def refused_by_other_limits(recording: Mapping[str, Any], limits: Mapping[str, Any]) -> bool:
+    """Whether a marker's recording failed on one of the job's limits, set otherwise then
+    than ``limits`` (a marker from before limits were recorded: always)."""
+    return (recording.get("error_type") in LIMIT_ERRORS
+            and recording.get("limits") != dict(limits))
 
 
 def to_retry(recording: Mapping[str, Any], max_attempts: int | None = None) -> bool:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -235,3 +236,41 @@ def test_a_reopened_shard_keeps_the_rows_of_recordings_no_longer_listed(
     assert [[Path(r["source_uri"]).name for r in m["recordings"]] for m in carved] == [["r1.wav"]]
     third = EmbeddingJob(cfg).run()
     assert third.shards == 0 and third.recordings_already_done == 3
+
+
+def test_a_recording_refused_by_the_jobs_limits_is_embedded_once_they_admit_it(
+        tmp_path: Path, ray_session: None) -> None:
+    """An 8-kHz and a 3-channel file refused by min_sample_rate_hz / max_channels: a rerun
+    that admits them said "0 to embed" and exit 0, their error rows standing, since the
+    limits are in no variant (they decide what is embedded, not what it embeds to). Now
+    the marker records the limits; other limits reopen the shard, the same ones do not."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_tone(src / "low.wav", 3.0, 8_000, freq_hz=500.0, seed=1)
+    write_tone(src / "wide.wav", 3.0, 16_000, freq_hz=700.0, seed=2, channels=3)
+    write_tone(src / "fine.wav", 3.0, 16_000, freq_hz=900.0, seed=3)
+    out = tmp_path / "out"
+
+    def run(**audio: int) -> Any:
+        return EmbeddingJob(JobConfig.from_dict(job_dict(str(src), str(out),
+                                                         audio=audio))).run()
+
+    def errors() -> list[tuple]:
+        if not list((out / "errors").rglob("*.parquet")):
+            return []
+        return duckdb.sql(f"""SELECT regexp_extract(source_uri, '[^/]+$'), error_type
+                              FROM read_parquet('{out}/errors/**/*.parquet') ORDER BY 1""").fetchall()
+
+    strict = {"min_sample_rate_hz": 10_000, "max_channels": 2}
+    first = run(**strict)
+    assert (first.embedded, first.failed) == (1, 2)
+    assert errors() == [("low.wav", "UnsupportedSampleRate"), ("wide.wav", "TooManyChannels")]
+    assert run(**strict).shards == 0  # the same limits: nothing to redo
+    admitted = run(min_sample_rate_hz=8_000, max_channels=3)
+    assert (admitted.embedded, admitted.failed) == (3, 0)  # their shard, fine.wav with them
+    assert errors() == []
+    names = {r[0] for r in duckdb.sql(f"""SELECT DISTINCT regexp_extract(source_uri, '[^/]+$')
+                                         FROM read_parquet('{out}/recordings/**/*.parquet')"""
+                                      ).fetchall()}
+    assert names == {"low.wav", "wide.wav", "fine.wav"}
+    rows(out)  # nothing twice
