@@ -19,6 +19,7 @@ writes its commit marker, while the driver reads on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -1217,13 +1218,21 @@ class EmbeddingJob:
                 if report["error_type"] in layout_mod.LIMIT_ERRORS:  # see _reopen_shards
                     settled[item.recording_id]["limits"] = self._limits
                 continue
-            problems = list(report.get("problems", []))
+            problems = list(report.get("problems", []))  # the recording's, every channel's
             lost = dropped.get(item.recording_id, set())
-            if lost:
-                problems.append(f"{len(lost)} windows dropped: non-finite embedding")
+            lost_on = collections.Counter(ch for ch, _ in lost)
             windows = windows_kept(report, lost)
+            # With channels: each, a channel that lost every window has no rows: the others
+            # say so, or it would vanish without a word.
+            emptied = [ch for ch, kept in sorted(windows.items()) if not kept and lost_on[ch]]
             recording_rows = []
             for ch, kept in sorted(windows.items()):
+                detail = list(problems)  # this channel's status: its own windows decide
+                if lost_on[ch]:
+                    detail.append(f"{lost_on[ch]} windows dropped: non-finite embedding")
+                if others := [c for c in emptied if c != ch]:
+                    detail.append(f"channel {', '.join(map(str, others))}: every window's "
+                                  "embedding was non-finite (no rows)")
                 for layer in self.layers:
                     count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
                     if count != kept:
@@ -1237,8 +1246,8 @@ class EmbeddingJob:
                         "duration_s": report["duration_s"],
                         "source_sample_rate_hz": report["source_sample_rate_hz"],
                         "source_channels": report["source_channels"], "num_windows": kept,
-                        "embedding": vector, "status": "partial" if problems else "ok",
-                        "status_detail": "; ".join(problems),
+                        "embedding": vector, "status": "partial" if detail else "ok",
+                        "status_detail": "; ".join(detail),
                     })
             if not recording_rows:
                 err_rows.append({"recording_id": item.recording_id,
@@ -1248,6 +1257,8 @@ class EmbeddingJob:
                 settled[item.recording_id] = {"outcome": "error",
                                               "error_type": "NonFiniteEmbedding"}
                 continue
+            if lost:
+                problems.append(f"{len(lost)} windows dropped: non-finite embedding")
             rec_rows.extend(recording_rows)
             outcome.windows += sum(windows.values())
             outcome.audio_s += float(report["duration_s"])

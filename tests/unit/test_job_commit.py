@@ -20,6 +20,35 @@ from pipeline.sources import SourceItem
 from pipeline.summary import JobSummary, ShardOutcome
 
 
+def test_with_channels_each_a_status_is_its_channels_and_an_emptied_channel_is_named(
+        tmp_path: Path) -> None:
+    """Windows dropped on channel 1 made channel 0's rows partial too ("2 windows dropped",
+    no channel said), so `status = 'ok'` dropped good rows; a channel that lost every window
+    vanished without a word, the run exit 0. Two stereo recordings: one loses a window of
+    channel 1, the other every window of channel 1."""
+    job = EmbeddingJob(JobConfig.from_dict({
+        "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random"},
+        "output": {"uri": str(tmp_path / "out")}, "audio": {"channels": "each"}}))
+    job.layers = [0]
+    items = [SourceItem(uri=f"/x/{n}.wav", path=f"/x/{n}.wav", size_bytes=1, version="v",
+                        recording_id=n) for n in ("some", "all")]
+    decoded = {"status": "ok", "problems": [], "windows": {"0": 2, "1": 2}, "duration_s": 2.0,
+               "source_sample_rate_hz": 16_000, "source_channels": 2}
+    reports = dict.fromkeys(("some", "all"), decoded)
+    dropped = {"some": {(1, 0)}, "all": {(1, 0), (1, 1)}}
+    pooled = {(n, 0, 0): (2, np.ones(4, np.float32)) for n in ("some", "all")}
+    pooled[("some", 1, 0)] = (1, np.ones(4, np.float32))
+    rec_rows, err_rows, outcome, settled = job._shard_rows("s", items, reports, dropped, pooled)
+    got = {(r["recording_id"], r["channel"]): (r["status"], r["status_detail"]) for r in rec_rows}
+    assert got == {
+        ("some", 0): ("ok", ""),
+        ("some", 1): ("partial", "1 windows dropped: non-finite embedding"),
+        ("all", 0): ("partial", "channel 1: every window's embedding was non-finite (no rows)")}
+    assert settled == {"some": {"outcome": "partial"}, "all": {"outcome": "partial"}}
+    assert (outcome.embedded, outcome.partial, outcome.failed, outcome.windows) == (0, 2, 0, 5)
+    assert err_rows == []
+
+
 def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     """The commit marker (what ``inspect`` counts) gets these statuses, not the decoder's."""
     job = EmbeddingJob(JobConfig.from_dict({
