@@ -442,9 +442,11 @@ class EmbeddingJob:
           since), which would otherwise never get its rows;
         - is an earlier version of an object listed now (``run.replace_changed_sources``),
           whose rows would otherwise sit beside the new version's;
-        - was refused by the job's own limits (sample rate, channels), set otherwise then:
-          the limits decide whether it is embedded, not what it embeds to, so they are in
-          no variant, and a run that admits it must not leave its error row standing.
+        - was refused by the job's own limits (sample rate, channels), which this run's
+          admit: the limits decide whether it is embedded, not what it embeds to, so they
+          are in no variant, and a run that admits it must not leave its error row standing.
+          Only such recordings are redone: the shard's others keep their rows (carved out
+          first), whatever this run's limits would say of them.
 
         So no recording keeps an error row beside a later success, or two versions' rows. A
         reopened shard's recordings that this run cannot redo (their object is no longer
@@ -475,12 +477,13 @@ class EmbeddingJob:
         changed = {shard: n for shard, marker in markers.items()
                    if listed_uris and (n := replaced(marker["recordings"]))}
         limits = self._limits
-        limited = {shard: n for shard, marker in markers.items()
-                   if (n := sum(1 for r in layout_mod.noted(marker)
-                                if r["recording_id"] in listed
-                                and layout_mod.refused_by_other_limits(r, limits)))}
-        reopen = {shard for shard in set(retry) | set(lacking) | set(changed) | set(limited)
-                  if not all(stays(r) for r in markers[shard]["recordings"])}
+        limited = {shard: ids for shard, marker in markers.items()
+                   if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
+                               if r["recording_id"] in listed
+                               and layout_mod.admitted_now(r, limits)})}
+        whole = set(retry) | set(lacking) | set(changed)  # every listed recording redone
+        reopen = {shard for shard in whole if not all(stays(r) for r in markers[shard]["recordings"])}
+        reopen |= set(limited)
         if run.retry_transient_errors:
             self._say_given_up(markers, reopen)
         self._attempts = {}
@@ -493,23 +496,30 @@ class EmbeddingJob:
             return reopen
         self._say_reopened(markers, reopen, retry, lacking, changed)
         if relimited := [s for s in reopen if s in limited]:
-            log.warning("reopening %d committed shard(s): %d recordings in them were refused "
-                        "by other audio limits than this run's (%s)", len(relimited),
-                        sum(limited[s] for s in relimited),
+            log.warning("reopening %d committed shard(s) for %d recordings in them refused by "
+                        "audio limits that this run's admit (%s)", len(relimited),
+                        sum(len(limited[s]) for s in relimited),
                         ", ".join(f"{k}={v}" for k, v in limits.items()))
         for shard_id in sorted(reopen):
-            keep = {r["recording_id"] for r in markers[shard_id]["recordings"] if stays(r)}
+            recordings = markers[shard_id]["recordings"]
+            if shard_id in whole:
+                keep, why = {r["recording_id"] for r in recordings if stays(r)}, "no longer listed"
+            else:  # only the recordings the limits admit now are redone
+                keep = {r["recording_id"] for r in recordings} - limited[shard_id]
+                why = "not refused by the audio limits"
             if keep:
-                carved = self._carve_out(markers[shard_id], keep)
+                carved = self._carve_out(markers[shard_id], keep, why)
                 markers[carved["shard"]] = layout_mod.compact(carved)
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
         return reopen
 
-    def _carve_out(self, marker: Mapping[str, Any], keep: set[str]) -> dict[str, Any]:
-        """Commit the rows of ``keep``'s recordings (not listed any more, so not redone) as a
-        shard of their own, before the shard holding them is uncommitted and redone, so
-        reopening a shard never drops the rows of objects that are gone. Their rows are
+    def _carve_out(self, marker: Mapping[str, Any], keep: set[str],
+                   why: str = "no longer listed") -> dict[str, Any]:
+        """Commit the rows of ``keep``'s recordings (not redone: not listed any more, or not
+        what a reopening for the audio limits is for) as a shard of their own, before the
+        shard holding them is uncommitted and redone, so reopening a shard never drops the
+        rows of objects that are gone, nor redoes more than it must. Their rows are
         copied as they are (provenance columns and file metadata included) into files named
         for the new shard, then its marker is written, recording ``carved_from``; a crash
         before that marker leaves files that ``recover`` deletes, one after it a second
@@ -538,8 +548,8 @@ class EmbeddingJob:
                   "carved_at": utc_now(), "recordings": recordings, "files": files,
                   "counts": {"recordings": len(recordings)}}
         layout_mod.commit(lay, carved)
-        log.warning("kept the rows of %d recording(s) no longer listed (shard %s, reopened) in "
-                    "shard %s", len(recordings), source, shard_id)
+        log.warning("kept the rows of %d recording(s) %s (shard %s, reopened) in shard %s",
+                    len(recordings), why, source, shard_id)
         return carved
 
     def _say_reopened(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str],
@@ -1216,7 +1226,9 @@ class EmbeddingJob:
                                               "error_type": report["error_type"],
                                               **self._retry_mark(item, report)}
                 if report["error_type"] in layout_mod.LIMIT_ERRORS:  # see _reopen_shards
-                    settled[item.recording_id]["limits"] = self._limits
+                    settled[item.recording_id]["refused"] = {
+                        "sample_rate_hz": int(report.get("source_sample_rate_hz") or 0),
+                        "channels": int(report.get("source_channels") or 0)}
                 continue
             problems = list(report.get("problems", []))  # the recording's, every channel's
             lost = dropped.get(item.recording_id, set())

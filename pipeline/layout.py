@@ -242,16 +242,23 @@ def settled_among(ids: Sequence[str] | pa.Array, markers: Mapping[str, Mapping[s
 # Markers written before ``retry`` was recorded name only these as worth a retry.
 RETRYABLE_ERRORS = frozenset({"StorageError"})
 # Refusals by the job's own limits (audio.min/max_sample_rate_hz, audio.max_channels), not
-# by the recording: a marker records the limits with them, and a run with other limits
-# tries the recording again (see :func:`refused_by_other_limits`).
+# by the recording: a marker records the rate and channels refused, and a run whose limits
+# admit them tries the recording again (see :func:`admitted_now`).
 LIMIT_ERRORS = frozenset({"UnsupportedSampleRate", "TooManyChannels"})
 
 
-def refused_by_other_limits(recording: Mapping[str, Any], limits: Mapping[str, Any]) -> bool:
-    """Whether a marker's recording failed on one of the job's limits, set otherwise then
-    than ``limits`` (a marker from before limits were recorded: always)."""
-    return (recording.get("error_type") in LIMIT_ERRORS
-            and recording.get("limits") != dict(limits))
+def admitted_now(recording: Mapping[str, Any], limits: Mapping[str, Any]) -> bool:
+    """Whether a marker's recording failed on one of the job's limits that ``limits`` would
+    let it past: its rate and channels (``refused``) are within them. A marker that did not
+    record them: whether the limits were set otherwise then (none recorded: yes, once)."""
+    if recording.get("error_type") not in LIMIT_ERRORS:
+        return False
+    seen = recording.get("refused")
+    if seen is None:
+        return recording.get("limits") != dict(limits)
+    return (int(seen["channels"]) <= limits["max_channels"]
+            and limits["min_sample_rate_hz"] <= int(seen["sample_rate_hz"])
+            <= limits["max_sample_rate_hz"])
 
 
 def to_retry(recording: Mapping[str, Any], max_attempts: int | None = None) -> bool:

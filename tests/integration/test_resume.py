@@ -242,12 +242,15 @@ def test_a_recording_refused_by_the_jobs_limits_is_embedded_once_they_admit_it(
         tmp_path: Path, ray_session: None) -> None:
     """An 8-kHz and a 3-channel file refused by min_sample_rate_hz / max_channels: a rerun
     that admits them said "0 to embed" and exit 0, their error rows standing, since the
-    limits are in no variant (they decide what is embedded, not what it embeds to). Now
-    the marker records the limits; other limits reopen the shard, the same ones do not."""
+    limits are in no variant (they decide what is embedded, not what it embeds to). The
+    marker records the rate and channels refused; a run whose limits admit them redoes
+    those recordings only (the shard's others keep their rows: tighter limits never turn
+    rows already embedded into errors); limits that still refuse them redo nothing."""
     src = tmp_path / "in"
     src.mkdir()
     write_tone(src / "low.wav", 3.0, 8_000, freq_hz=500.0, seed=1)
     write_tone(src / "wide.wav", 3.0, 16_000, freq_hz=700.0, seed=2, channels=3)
+    write_tone(src / "stereo.wav", 3.0, 16_000, freq_hz=800.0, seed=4, channels=2)
     write_tone(src / "fine.wav", 3.0, 16_000, freq_hz=900.0, seed=3)
     out = tmp_path / "out"
 
@@ -255,22 +258,29 @@ def test_a_recording_refused_by_the_jobs_limits_is_embedded_once_they_admit_it(
         return EmbeddingJob(JobConfig.from_dict(job_dict(str(src), str(out),
                                                          audio=audio))).run()
 
-    def errors() -> list[tuple]:
-        if not list((out / "errors").rglob("*.parquet")):
+    def names(table: str) -> list[tuple]:
+        if not list((out / table).rglob("*.parquet")):
             return []
-        return duckdb.sql(f"""SELECT regexp_extract(source_uri, '[^/]+$'), error_type
-                              FROM read_parquet('{out}/errors/**/*.parquet') ORDER BY 1""").fetchall()
+        extra = ", error_type" if table == "errors" else ""
+        return duckdb.sql(f"""SELECT DISTINCT regexp_extract(source_uri, '[^/]+$'){extra}
+                              FROM read_parquet('{out}/{table}/**/*.parquet') ORDER BY 1""").fetchall()
 
-    strict = {"min_sample_rate_hz": 10_000, "max_channels": 2}
-    first = run(**strict)
-    assert (first.embedded, first.failed) == (1, 2)
-    assert errors() == [("low.wav", "UnsupportedSampleRate"), ("wide.wav", "TooManyChannels")]
-    assert run(**strict).shards == 0  # the same limits: nothing to redo
-    admitted = run(min_sample_rate_hz=8_000, max_channels=3)
-    assert (admitted.embedded, admitted.failed) == (3, 0)  # their shard, fine.wav with them
-    assert errors() == []
-    names = {r[0] for r in duckdb.sql(f"""SELECT DISTINCT regexp_extract(source_uri, '[^/]+$')
-                                         FROM read_parquet('{out}/recordings/**/*.parquet')"""
-                                      ).fetchall()}
-    assert names == {"low.wav", "wide.wav", "fine.wav"}
-    rows(out)  # nothing twice
+    first = run(min_sample_rate_hz=10_000, max_channels=2)
+    assert (first.embedded, first.failed) == (2, 2)
+    assert names("errors") == [("low.wav", "UnsupportedSampleRate"), ("wide.wav", "TooManyChannels")]
+    before = rows(out)
+    # Other limits that still refuse both (and would refuse stereo.wav): nothing redone.
+    assert run(min_sample_rate_hz=12_000, max_channels=1).shards == 0
+    # Limits that admit the 8-kHz file only (and would refuse stereo.wav): it alone is done.
+    admitted = run(min_sample_rate_hz=8_000, max_channels=1)
+    assert (admitted.embedded, admitted.failed) == (1, 0)
+    assert names("errors") == [("wide.wav", "TooManyChannels")]
+    assert names("recordings") == [("fine.wav",), ("low.wav",), ("stereo.wav",)]
+    after = rows(out)  # nothing twice; the rows kept are the rows written first
+    assert before.keys() <= after.keys()
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    wider = run(min_sample_rate_hz=8_000, max_channels=3)
+    assert (wider.embedded, wider.failed) == (1, 0)
+    assert names("errors") == []
+    assert run(min_sample_rate_hz=8_000, max_channels=3).shards == 0
+    rows(out)
