@@ -756,7 +756,7 @@ def variant_options(options: Mapping[str, Any], not_in_variant: Collection[str] 
         if isinstance(value, str) and key is not None and looks_secret(key):
             digest = hashlib.pbkdf2_hmac("sha256", value.encode(), b"embed-archive variant",
                                          100_000)
-            return f"pbkdf2:{digest.hex()[:16]}"
+            return f"pbkdf2:{digest.hex()[:32]}"
         return redact_uri(value) if isinstance(value, str) else value
 
     return {k: "***" if k in not_in_variant else walk(v, str(k)) for k, v in options.items()}

@@ -53,6 +53,7 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from difflib import get_close_matches
@@ -195,10 +196,23 @@ def plugin_code(cls: type) -> dict[str, str]:
     return out
 
 
+# A plugin package is a few files; past these, what was found is no package but a project
+# folder (a virtualenv, data, notebooks under one __init__.py): the module's file alone.
+MAX_SOURCE_FILES = 2_000
+MAX_SOURCE_BYTES = 32 * 2**20
+# Folders never part of a package's code: hidden ones, caches, environments.
+_NOT_CODE = ("__pycache__", "site-packages", "dist-packages", "node_modules")
+
+
 def _package_sources(module: Any) -> list[tuple[Path, Path]]:
     """``(root, file)`` for every ``.py`` file of the regular package that ``module`` belongs
     to (its topmost folder with an ``__init__.py``), or just the module's file when it is in
-    no package; empty when it is not a file on disk (a zip import, ``__main__`` of a REPL)."""
+    no package; empty when it is not a file on disk (a zip import, ``__main__`` of a REPL).
+
+    Hidden files and folders (an editor's lock files, ``.venv``), caches, environments
+    (``site-packages``, a folder with ``pyvenv.cfg``) and anything not a regular file (a
+    dangling link) are no code; a tree past ``MAX_SOURCE_FILES`` / ``MAX_SOURCE_BYTES`` is
+    a project folder, not a package: the module's file alone then, with a warning."""
     path = Path(getattr(module, "__file__", None) or "")
     if not path.name or not path.is_file():
         return []
@@ -207,7 +221,22 @@ def _package_sources(module: Any) -> list[tuple[Path, Path]]:
         root = root.parent
     if root is None:
         return [(path.parent, path)]
-    return [(root, p) for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts]
+    files, total = [], 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_CODE
+                         and not (Path(folder, d) / "pyvenv.cfg").exists())
+        for name in sorted(names):
+            file = Path(folder, name)
+            if name.endswith(".py") and not name.startswith(".") and file.is_file():
+                files.append((root, file))
+                total += file.stat().st_size
+        if len(files) > MAX_SOURCE_FILES or total > MAX_SOURCE_BYTES:
+            log.warning("plugin module %s is in a folder tree of over %d Python files or %d "
+                        "MiB under %s: no package, so only its own file names its code in "
+                        "the variant", getattr(module, "__name__", path), MAX_SOURCE_FILES,
+                        MAX_SOURCE_BYTES // 2**20, root)
+            return [(path.parent, path)]
+    return files
 
 
 class PluginBackbone(Backbone):

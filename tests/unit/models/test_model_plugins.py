@@ -350,3 +350,42 @@ def test_an_installed_backbone_named_like_a_built_in_is_said_to_be_shadowed(
         assert list_models().count("beats") == 1
     assert "registers a backbone named 'beats'" in caplog.text and "built-in" in caplog.text
     assert create_backbone("beats", weights="random").info.family == "beats"
+
+
+def test_a_plugins_code_hash_reads_its_package_not_a_project_folder_around_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A dangling '.#model.py' (an editor's lock link) crashed the job with a traceback; a
+    .venv under the package's __init__.py was hashed whole (16,682 files, 2.5 s, and a pip
+    install changed the variant). Hidden files and folders, environments and caches are no
+    code; a tree too big to be a package is named by the module's own file."""
+    from pipeline.models import plugins as plugins_mod
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = tmp_path / "projplug"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "model.py").write_text(PLUGIN_SOURCE.format(scale=1))
+    (package / ".#model.py").symlink_to("me@host.12345:1700000000")  # dangling
+    site = package / ".venv" / "lib" / "site-packages" / "dep"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("X = 1\n")
+    env = package / "env"
+    (env / "lib").mkdir(parents=True)
+    (env / "pyvenv.cfg").write_text("home = /usr\n")
+    (env / "lib" / "big.py").write_text("Y = 2\n")
+    name = "projplug.model:P"
+    first = _code(name)
+    (site / "new.py").write_text("Z = 3\n")  # a pip install into the environments
+    (env / "lib" / "new.py").write_text("Z = 3\n")
+    assert _code(name) == first
+    (package / "helpers.py").write_text("W = 4\n")  # the package's own code
+    assert _code(name) != first
+    monkeypatch.setattr(plugins_mod, "MAX_SOURCE_FILES", 2)
+    (package / "more.py").write_text("V = 5\n")
+    with caplog.at_level("WARNING", logger="pipeline.models.plugins"):
+        alone = _code(name)
+    assert "no package, so only its own file" in caplog.text
+    import hashlib
+
+    assert alone["source_sha256"] == hashlib.sha256(
+        b"model.py\0" + (package / "model.py").read_bytes()).hexdigest()
