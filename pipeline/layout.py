@@ -51,10 +51,11 @@ _SHARD_FILE = re.compile(r"shard-([0-9a-f]{16})-(\d{5})\.parquet$")
 def namespace_dir(table: str, model: str, variant: str) -> str:
     """A table's folder for one model and variant, relative to the output root:
     ``windows/model=M/variant=V`` (Hive partitions; names made safe path components)."""
-    return f"{table}/{_partitions(model, variant)}"
+    return f"{table}/{partitions(model, variant)}"
 
 
-def _partitions(model: str, variant: str) -> str:
+def partitions(model: str, variant: str) -> str:
+    """``model=M/variant=V``: one namespace's Hive partitions, names made path-safe."""
     return f"model={storage.safe_component(model)}/variant={storage.safe_component(variant)}"
 
 
@@ -83,7 +84,7 @@ class OutputLayout:
         return storage.url_to_fs(self.root, self.storage_options)[1].rstrip("/")
 
     def _ns(self) -> str:
-        return _partitions(self.model, self.variant)
+        return partitions(self.model, self.variant)
 
     def table_dir(self, table: str) -> str:
         return storage.join(self.root_path, namespace_dir(table, self.model, self.variant))

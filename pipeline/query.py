@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 
 from pipeline import storage
-from pipeline.layout import namespace_dir, read_json
+from pipeline.layout import namespace_dir, partitions, read_json
 from pipeline.sink import recordings_schema
 
 QUERIES = {
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     model, variant = newest[0]
-    ns = namespace_dir("recordings", model, variant).split("/", 1)[1]  # the model made path-safe
+    ns = partitions(model, variant)  # the model's name made path-safe, as the job writes it
     fs, path = storage.url_to_fs(root)
     windows = _has_parquet(fs, storage.join(path, "windows"))
     print(f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
