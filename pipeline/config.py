@@ -366,13 +366,13 @@ class RunConfig:
             that failed, or stopped early, on an error that was not the recording's own: a
             storage error the retries could not get past (an outage, throttling) or an
             unexpected exception (out of memory, a worker missing a codec, a bug since
-            fixed). The shard is uncommitted and embedded again, so the next run can succeed
-            where that one could not. Errors of the recording itself (unreadable, empty,
+            fixed). The shard is reopened and that recording embedded again (the shard's
+            others keep their rows), so the next run can succeed where that one could not. Errors of the recording itself (unreadable, empty,
             corrupt, too short...) stay settled. ``False``: every failure stays settled.
         max_attempts: runs that may meet such an error on one recording before it stays
             settled too: a failure that comes back run after run (a file that runs a worker
             out of memory every time, a bug not fixed yet) is not transient, and retrying it
-            would embed its whole shard again at every rerun. Raise it to try again.
+            at every rerun would rewrite its shard every time. Raise it to try again.
         replace_changed_sources: an object listed again with another version (rewritten,
             re-uploaded, touched: a new ETag, generation or mtime) is a new recording; a
             rerun then reopens the shards holding its earlier version, so its rows are

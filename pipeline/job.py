@@ -445,13 +445,13 @@ class EmbeddingJob:
         - was refused by the job's own limits (sample rate, channels), which this run's
           admit: the limits decide whether it is embedded, not what it embeds to, so they
           are in no variant, and a run that admits it must not leave its error row standing.
-          Only such recordings are redone: the shard's others keep their rows (carved out
-          first), whatever this run's limits would say of them.
 
-        So no recording keeps an error row beside a later success, or two versions' rows. A
-        reopened shard's recordings that this run cannot redo (their object is no longer
-        listed, in any version) keep their rows: they move to a shard of their own first
-        (:meth:`_carve_out`). Returns the shards uncommitted."""
+        So no recording keeps an error row beside a later success, or two versions' rows.
+        Only those recordings leave a reopened shard: its others keep their rows as written,
+        moved to a shard of their own first (:meth:`_carve_out`), whatever this run's limits
+        would say of them, except where a table was turned on (every listed recording of the
+        shard is redone, for that table's rows; those no longer listed keep theirs). Returns
+        the shards uncommitted."""
         run = self.cfg.run
         listed = {i.recording_id for i in self.listing.items}
         # Objects listed again, in another version; one listed as missing or unreadable
@@ -462,30 +462,40 @@ class EmbeddingJob:
         def stays(rec: Mapping[str, Any]) -> bool:  # this run cannot redo it: its rows stay
             return rec["recording_id"] not in listed and rec.get("source_uri") not in listed_uris
 
-        retry = (layout_mod.shards_to_retry(markers, run.max_attempts, listed)
+        # What each shard holds to redo (or, an earlier version, to drop): only those leave
+        # it; its other recordings keep their rows, carved into a shard of their own first.
+        retry = ({shard: ids for shard, marker in markers.items()
+                  if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
+                              if layout_mod.to_retry(r, run.max_attempts)
+                              and r["recording_id"] in listed})}
                  if run.retry_transient_errors else {})
         wanted = set(self._tables)
         lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
                    for shard, marker in markers.items()}
         lacking = {shard: tables for shard, tables in lacking.items() if tables}
 
-        def replaced(recordings: layout_mod.MarkerRecordings) -> int:  # by a new version
-            gone = [k for k, rid in enumerate(recordings.ids.to_pylist()) if rid not in listed]
+        def replaced(recordings: layout_mod.MarkerRecordings) -> set[str]:  # by a new version
+            ids = recordings.ids.to_pylist()
+            gone = [k for k, rid in enumerate(ids) if rid not in listed]
             uris = recordings.uris() if gone else []
-            return sum(uris[k] in listed_uris for k in gone)
+            return {ids[k] for k in gone if uris[k] in listed_uris}
 
-        changed = {shard: n for shard, marker in markers.items()
-                   if listed_uris and (n := replaced(marker["recordings"]))}
+        changed = {shard: ids for shard, marker in markers.items()
+                   if listed_uris and (ids := replaced(marker["recordings"]))}
         limits = self._limits
         limited = {shard: ids for shard, marker in markers.items()
                    if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
                                if r["recording_id"] in listed
                                and layout_mod.admitted_now(r, limits)})}
-        whole = set(retry) | set(lacking) | set(changed)  # every listed recording redone
-        reopen = {shard for shard in whole if not all(stays(r) for r in markers[shard]["recordings"])}
-        reopen |= set(limited)
-        if run.retry_transient_errors:
-            self._say_given_up(markers, reopen)
+        redo: dict[str, set[str]] = {}
+        for reason in (retry, changed, limited):
+            for shard, ids in reason.items():
+                redo.setdefault(shard, set()).update(ids)
+        # A table turned on needs every listed recording's rows: those shards are redone whole.
+        reopen = set(redo) | {shard for shard in lacking
+                              if not all(stays(r) for r in markers[shard]["recordings"])}
+        if run.retry_transient_errors:  # (a shard redone whole redoes those too)
+            self._say_given_up(markers, reopen & set(lacking))
         self._attempts = {}
         for shard in reopen:  # an id in two shards (hand-made markers): the higher count
             for rec in layout_mod.noted(markers[shard]):
@@ -494,7 +504,8 @@ class EmbeddingJob:
                     self._attempts[rid] = max(self._attempts.get(rid, 0), layout_mod.attempts(rec))
         if not reopen:
             return reopen
-        self._say_reopened(markers, reopen, retry, lacking, changed)
+        self._say_reopened(markers, reopen, {s: len(ids) for s, ids in retry.items()}, lacking,
+                           {s: len(ids) for s, ids in changed.items()})
         if relimited := [s for s in reopen if s in limited]:
             log.warning("reopening %d committed shard(s) for %d recordings in them refused by "
                         "audio limits that this run's admit (%s)", len(relimited),
@@ -502,11 +513,11 @@ class EmbeddingJob:
                         ", ".join(f"{k}={v}" for k, v in limits.items()))
         for shard_id in sorted(reopen):
             recordings = markers[shard_id]["recordings"]
-            if shard_id in whole:
+            if shard_id in lacking:
                 keep, why = {r["recording_id"] for r in recordings if stays(r)}, "no longer listed"
-            else:  # only the recordings the limits admit now are redone
-                keep = {r["recording_id"] for r in recordings} - limited[shard_id]
-                why = "not refused by the audio limits"
+            else:
+                keep = {r["recording_id"] for r in recordings} - redo[shard_id]
+                why = "not to be redone"
             if keep:
                 carved = self._carve_out(markers[shard_id], keep, why)
                 markers[carved["shard"]] = layout_mod.compact(carved)
@@ -517,9 +528,9 @@ class EmbeddingJob:
     def _carve_out(self, marker: Mapping[str, Any], keep: set[str],
                    why: str = "no longer listed") -> dict[str, Any]:
         """Commit the rows of ``keep``'s recordings (not redone: not listed any more, or not
-        what a reopening for the audio limits is for) as a shard of their own, before the
-        shard holding them is uncommitted and redone, so reopening a shard never drops the
-        rows of objects that are gone, nor redoes more than it must. Their rows are
+        what the shard is reopened for) as a shard of their own, before the shard holding
+        them is uncommitted, so reopening a shard never drops the rows of objects that are
+        gone, nor redoes more than it must. Their rows are
         copied as they are (provenance columns and file metadata included) into files named
         for the new shard, then its marker is written, recording ``carved_from``; a crash
         before that marker leaves files that ``recover`` deletes, one after it a second
@@ -577,10 +588,11 @@ class EmbeddingJob:
                         sum(s in lacking for s in reopen), ", ".join(filled),
                         " / output.".join(filled))
 
-    def _say_given_up(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str]) -> None:
-        """Warn about the recordings kept failed because they reached ``run.max_attempts``."""
+    def _say_given_up(self, markers: Mapping[str, Mapping[str, Any]], whole: set[str]) -> None:
+        """Warn about the recordings kept failed because they reached ``run.max_attempts``
+        (but those of the shards in ``whole``, redone whole)."""
         limit = self.cfg.run.max_attempts
-        given_up = [rec for shard, marker in markers.items() if shard not in reopen
+        given_up = [rec for shard, marker in markers.items() if shard not in whole
                     for rec in layout_mod.noted(marker)
                     if layout_mod.to_retry(rec) and not layout_mod.to_retry(rec, limit)]
         if given_up:

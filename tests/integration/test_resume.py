@@ -269,16 +269,27 @@ def test_a_recording_refused_by_the_jobs_limits_is_embedded_once_they_admit_it(
     assert (first.embedded, first.failed) == (2, 2)
     assert names("errors") == [("low.wav", "UnsupportedSampleRate"), ("wide.wav", "TooManyChannels")]
     before = rows(out)
+    fine_id = duckdb.sql(f"""SELECT DISTINCT recording_id FROM read_parquet('{out}/recordings/**/*.parquet')
+                            WHERE source_uri LIKE '%fine.wav'""").fetchall()[0][0]
     # Other limits that still refuse both (and would refuse stereo.wav): nothing redone.
     assert run(min_sample_rate_hz=12_000, max_channels=1).shards == 0
-    # Limits that admit the 8-kHz file only (and would refuse stereo.wav): it alone is done.
+    # Limits that admit the 8-kHz file only (and would refuse stereo.wav): it is done, and
+    # fine.wav, marked as met by an outage (a retry) in the same shard; stereo.wav keeps
+    # its rows (a shard reopened for a retry was redone whole, stereo turned into an error).
+    for path in (out / "_commits").rglob("*.json"):
+        marker = json.loads(path.read_text())
+        for entry in marker["recordings"]:
+            if entry["source_uri"].endswith("fine.wav"):
+                entry.update(outcome="error", error_type="StorageError", retry=True, attempts=1)
+                path.write_text(json.dumps(marker))
     admitted = run(min_sample_rate_hz=8_000, max_channels=1)
-    assert (admitted.embedded, admitted.failed) == (1, 0)
+    assert (admitted.embedded, admitted.failed) == (2, 0)
     assert names("errors") == [("wide.wav", "TooManyChannels")]
     assert names("recordings") == [("fine.wav",), ("low.wav",), ("stereo.wav",)]
     after = rows(out)  # nothing twice; the rows kept are the rows written first
     assert before.keys() <= after.keys()
-    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    fine = {k for k in before if k[0] == fine_id}
+    assert all(np.array_equal(after[k], v) for k, v in before.items() if k not in fine)
     wider = run(min_sample_rate_hz=8_000, max_channels=3)
     assert (wider.embedded, wider.failed) == (1, 0)
     assert names("errors") == []

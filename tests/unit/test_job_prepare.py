@@ -788,8 +788,9 @@ def test_a_manifest_in_other_types_joins_a_namespace_where_its_values_carry_over
 def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_path: Path,
                                                              replace: bool) -> None:
     """A rewritten object is a new recording (new version, new id); the shard holding the
-    earlier version is reopened, so the tables hold the object once. A shard holding a
-    recording that is no longer listed at all keeps its rows."""
+    earlier version is reopened, so the tables hold the object once, and only that version
+    leaves it: the shard's other recordings keep their rows (they were embedded again,
+    whole shard, before). A recording no longer listed at all keeps its rows too."""
     from pipeline import layout as layout_mod
 
     sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
@@ -809,9 +810,12 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
     again = job(archive, tmp_path, run={"replace_changed_sources": replace})
     again.prepare()
     again._lease.release()
-    if replace:
-        assert [i.recording_id for i in again.todo] == [a.recording_id, b.recording_id]
+    if replace:  # only the earlier version leaves the shard: b keeps its rows, carved out
+        assert [i.recording_id for i in again.todo] == [a.recording_id]
         assert not Path(lay.commit_path("a" * 16)).exists()
+        kept = layout_mod.read_json(lay.fs, lay.commit_path(
+            layout_mod.carved_shard_id("a" * 16, {b.recording_id})))
+        assert [r["recording_id"] for r in kept["recordings"]] == [b.recording_id]
     else:
         assert [i.recording_id for i in again.todo] == [a.recording_id]
         assert Path(lay.commit_path("a" * 16)).exists()
