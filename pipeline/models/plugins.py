@@ -236,7 +236,7 @@ def _package_sources(module: Any) -> list[tuple[Path, Path]]:
                         "the variant", getattr(module, "__name__", path), MAX_SOURCE_FILES,
                         MAX_SOURCE_BYTES // 2**20, root)
             return [(path.parent, path)]
-    return files
+    return sorted(files, key=lambda rf: rf[1].relative_to(rf[0]).parts)  # by path, as hashed
 
 
 class PluginBackbone(Backbone):
