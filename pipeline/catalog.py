@@ -229,8 +229,8 @@ def render(catalog: Catalog) -> str:
                              for k, n in sorted(ns.attempts.items()))
             lines.append(f"  {ns.to_retry} recordings failed or stopped on errors not their own "
                          f"(storage, memory, a worker's environment; {runs}): the next run "
-                         "embeds their shards again while fewer than run.max_attempts runs met "
-                         "them (run.retry_transient_errors)")
+                         "embeds them again while fewer than run.max_attempts runs met them "
+                         "(run.retry_transient_errors)")
         if ns.missing_files:
             lines.append(f"  WARNING: {ns.missing_files} committed files are missing (deleted "
                          "after their shard was committed?)")

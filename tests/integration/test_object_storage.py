@@ -736,11 +736,14 @@ def test_a_recording_an_outage_kept_out_is_embedded_by_the_next_run(
     lost = f"perch/chirp/tests/testdata/{victim}"
     assert during.errors[lost][0] == "StorageError" and first.failed == 2
     assert ("1 recordings failed or stopped on errors not their own (storage, memory, a "
-            "worker's environment; 1 of them in 1 run): the next run embeds their shards "
-            "again while fewer than run.max_attempts runs met them") in shown
-    assert second.recordings_already_done < len(ARCHIVE_FILES) and second.failed == 1
-    # The redone shard has the same recordings, so the same id and file names: this
-    # process's client must forget the ETags it cached while reading the first run's.
+            "worker's environment; 1 of them in 1 run): the next run embeds them again "
+            "while fewer than run.max_attempts runs met them") in shown
+    # Only the victim is redone; its shard's other recordings keep their rows (carved out),
+    # the empty file's error row with them.
+    assert (second.recordings_already_done, second.embedded, second.failed) == (
+        len(ARCHIVE_FILES) - 1, 1, 0)
+    # Files were rewritten under names this process's client has seen: it must forget the
+    # ETags it cached while reading the first run's.
     storage.url_to_fs(root, s3_run.options)[0].invalidate_cache()
     after = read_with_pyarrow(root, s3_run.options, s3_run.prefixes)
     assert_same_rows(after, s3_run.rows())  # errors: only the empty file's, as fault-free
