@@ -464,10 +464,7 @@ class EmbeddingJob:
 
         # What each shard holds to redo (or, an earlier version, to drop): only those leave
         # it; its other recordings keep their rows, carved into a shard of their own first.
-        retry = ({shard: ids for shard, marker in markers.items()
-                  if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
-                              if layout_mod.to_retry(r, run.max_attempts)
-                              and r["recording_id"] in listed})}
+        retry = (layout_mod.recordings_to_retry(markers, run.max_attempts, listed)
                  if run.retry_transient_errors else {})
         wanted = set(self._tables)
         lacking = {shard: sorted(wanted - set(marker.get("tables", layout_mod.TABLES)))
@@ -1219,7 +1216,7 @@ class EmbeddingJob:
         ``outcome`` (``ok``, ``partial`` or ``error``), which can differ from its decode
         report's status (windows dropped as non-finite make it partial, all of them dropped
         an error), and for a failed or cut-short one the ``error_type`` that stopped it and,
-        when that was not the recording's fault, ``retry`` (see ``layout.shards_to_retry``).
+        when that was not the recording's fault, ``retry`` (see ``layout.recordings_to_retry``).
         """
         outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
         rec_rows: list[dict[str, Any]] = []
@@ -1304,7 +1301,7 @@ class EmbeddingJob:
     def _retry_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
         """What a marker records of a failure that was not the recording's own (a storage
         error, an unexpected exception): a rerun reopens its shard while ``attempts``, the
-        runs in a row that met one, is below ``run.max_attempts`` (``layout.shards_to_retry``)."""
+        runs in a row that met one, is below ``run.max_attempts`` (``layout.recordings_to_retry``)."""
         if not report.get("transient"):
             return {}
         return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}

@@ -284,17 +284,25 @@ def noted(marker: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
     return recordings.noted() if isinstance(recordings, MarkerRecordings) else recordings
 
 
+def recordings_to_retry(markers: Mapping[str, Mapping[str, Any]],
+                        max_attempts: int | None = None,
+                        listed: Collection[str] | None = None) -> dict[str, set[str]]:
+    """``shard -> ids`` of the recordings :func:`to_retry` in committed shards (with
+    ``listed``, only those listed now: a rerun cannot redo an object that is gone)."""
+    out: dict[str, set[str]] = {}
+    for shard_id, marker in markers.items():
+        ids = {r["recording_id"] for r in noted(marker) if to_retry(r, max_attempts)
+               and (listed is None or r["recording_id"] in listed)}
+        if ids:
+            out[shard_id] = ids
+    return out
+
+
 def shards_to_retry(markers: Mapping[str, Mapping[str, Any]], max_attempts: int | None = None,
                     listed: Collection[str] | None = None) -> dict[str, int]:
-    """``shard -> recordings`` for committed shards holding a recording :func:`to_retry`
-    (and, with ``listed``, whose id is in it: a rerun cannot redo an object that is gone)."""
-    out: dict[str, int] = {}
-    for shard_id, marker in markers.items():
-        n = sum(1 for r in noted(marker) if to_retry(r, max_attempts)
-                and (listed is None or r["recording_id"] in listed))
-        if n:
-            out[shard_id] = n
-    return out
+    """``shard -> recordings`` of :func:`recordings_to_retry`, counted."""
+    return {shard: len(ids) for shard, ids
+            in recordings_to_retry(markers, max_attempts, listed).items()}
 
 
 def carved_shard_id(shard_id: str, keep: Iterable[str]) -> str:
