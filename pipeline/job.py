@@ -333,10 +333,10 @@ class EmbeddingJob:
         self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
-            layout_mod.finish_carves(self.layout, markers)
+            carved = layout_mod.finish_carves(self.layout, markers)
             self._check_manifest_columns(markers)
             reopened = self._reopen_shards(markers)
-            layout_mod.recover(self.layout, markers, reopened)
+            layout_mod.recover(self.layout, markers, reopened, carved)
             items = self.listing.items
             ids = pa.array([i.recording_id for i in items], pa.string())
             done = layout_mod.settled_among(ids, markers)

@@ -313,10 +313,11 @@ def carved_shard_id(shard_id: str, keep: Iterable[str]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def finish_carves(layout: OutputLayout, markers: dict[str, dict[str, Any]]) -> None:
+def finish_carves(layout: OutputLayout, markers: dict[str, dict[str, Any]]) -> set[str]:
     """Finish what a crash interrupted between committing a carved shard and uncommitting the
     shard it was carved from (both markers would name its recordings): uncommit that one,
-    whose files :func:`recover` then deletes."""
+    whose files :func:`recover` then deletes. Returns the shards uncommitted."""
+    finished = set()
     for marker in list(markers.values()):
         source = marker.get("carved_from")
         if source in markers:
@@ -324,6 +325,8 @@ def finish_carves(layout: OutputLayout, markers: dict[str, dict[str, Any]]) -> N
                         "shard %s; uncommitting %s", source, marker["shard"], source)
             uncommit(layout, source)
             del markers[source]
+            finished.add(source)
+    return finished
 
 
 def uncommit(layout: OutputLayout, shard_id: str) -> None:
@@ -333,29 +336,36 @@ def uncommit(layout: OutputLayout, shard_id: str) -> None:
     storage.remove_file(layout.fs, layout.commit_path(shard_id))
 
 
-def recover(layout: OutputLayout, committed: Iterable[str], reopened: Iterable[str] = ()) -> int:
+def recover(layout: OutputLayout, committed: Iterable[str], reopened: Iterable[str] = (),
+            carved: Iterable[str] = ()) -> int:
     """Delete what a crashed run left behind: staging, and files of uncommitted shards
-    (among them those of the shards this run ``reopened``, said apart in the log).
+    (among them those of the shards this run ``reopened``, and those whose carve-out
+    :func:`finish_carves` finished, ``carved``: each said apart in the log).
 
     Returns:
         Number of files deleted from the visible tables.
     """
     fs = layout.fs
-    committed, reopened = set(committed), set(reopened)
+    committed, reopened, carved = set(committed), set(reopened), set(carved)
     storage.remove_tree(fs, layout.staging_dir())
-    removed = collections.Counter[bool]()
+    removed = collections.Counter[str]()
     for table in TABLES:
         for path in storage.list_files(fs, layout.table_dir(table)):
             match = _SHARD_FILE.search(path)
             if match and match.group(1) not in committed:
                 storage.remove_file(fs, path)
-                removed[match.group(1) in reopened] += 1
-    if removed[True]:
-        log.info("removed %d files of the %d shard(s) this run reopened", removed[True],
+                shard = match.group(1)
+                removed["reopened" if shard in reopened else
+                        "carved" if shard in carved else "crashed"] += 1
+    if removed["reopened"]:
+        log.info("removed %d files of the %d shard(s) this run reopened", removed["reopened"],
                  len(reopened))
-    if removed[False]:
+    if removed["carved"]:
+        log.info("removed %d files of the %d shard(s) whose carve-out this run finished (their "
+                 "kept rows are in the carved shards)", removed["carved"], len(carved))
+    if removed["crashed"]:
         log.warning("removed %d files of shards that were never committed (a previous run "
-                    "stopped while publishing)", removed[False])
+                    "stopped while publishing)", removed["crashed"])
     return removed.total()
 
 

@@ -347,7 +347,8 @@ def test_inspect_counts_errors_from_the_markers_and_reads_only_the_examples_file
     assert len(reads) == 6  # the first five by URI, and the old marker's
 
 
-def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(tmp_path: Path) -> None:
+def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Killed between committing the carved shard and uncommitting its source, a run leaves
     both markers naming the kept recordings: the next run uncommits the source (whose files
     recover() then deletes), so no row is visible twice."""
@@ -363,10 +364,15 @@ def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(tmp_path: P
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"rows")
     markers = layout.committed_shards(lay)
-    layout.finish_carves(lay, markers)
+    assert layout.finish_carves(lay, markers) == {"a" * 16}
     assert sorted(markers) == sorted([carved_id, "b" * 16])
     assert not Path(lay.commit_path("a" * 16)).exists()
-    layout.recover(lay, markers)
+    with caplog.at_level("INFO", logger="pipeline.layout"):
+        layout.recover(lay, markers, carved={"a" * 16})
+    # Said as what it is: not files a stopped run left unpublished.
+    assert [(r.levelname, r.getMessage()) for r in caplog.records][-1:] == [
+        ("INFO", ("removed 1 files of the 1 shard(s) whose carve-out this run finished "
+                  "(their kept rows are in the carved shards)"))]
     assert sorted(p.name for p in Path(lay.table_dir("windows")).iterdir()) == sorted(
         f"shard-{s}-00000.parquet" for s in (carved_id, "b" * 16))
     assert carved_id == layout.carved_shard_id("a" * 16, ["kept"])  # the same carve, the same id
