@@ -26,6 +26,7 @@ repaired               NaN/inf/huge samples were replaced by 0: status ``partial
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Iterator
@@ -149,23 +150,13 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
     if _is_ogg(fileobj):  # verify its pages while libsndfile reads them (pipeline.ogg)
         fileobj = CheckedOggReader(fileobj)
     snd = open_soundfile(fileobj)
-    if snd.frames == 0 and snd.format in _RIFF_FORMATS:
-        unfinished = _unfinished_wav(fileobj)
-        if unfinished is not None:
-            reopened = open_soundfile(unfinished)
-            if reopened.frames:
-                snd.close()
-                snd, fileobj = reopened, unfinished
-                report.problems.append(
-                    "the header declares no audio (a recorder stopped before finishing the "
-                    f"file?): {snd.frames} frames read up to the end of the file")
-            else:
-                reopened.close()
+    report.format = f"{snd.format}/{snd.subtype}"
+    if snd.format in _RIFF_FORMATS:
+        snd, fileobj = _wav_to_its_end(snd, fileobj, report)
     with snd:
         report.source_sample_rate_hz = int(snd.samplerate)
         report.source_channels = int(snd.channels)
         report.declared_frames = declared_frames(snd)
-        report.format = f"{snd.format}/{snd.subtype}"
         _check_limits(snd, settings)
         out_channels = 1 if settings.channels == "mix" else int(snd.channels)
         resampler = _make_resampler(snd.samplerate, settings, out_channels)
@@ -216,14 +207,88 @@ def _is_ogg(fileobj: Any) -> bool:
         fileobj.seek(0)
 
 
-def _unfinished_wav(fileobj: Any) -> _PatchedHeader | None:
-    """A view of a WAV whose sizes were never written, reading its data to the end.
+def _wav_to_its_end(snd: sf.SoundFile, fileobj: Any,
+                    report: DecodeReport) -> tuple[sf.SoundFile, Any]:
+    """A WAV whose data chunk declares less audio than the file holds, read to its end.
 
-    A recorder that loses power mid-recording leaves the RIFF and data sizes at 0 (they are
-    written when the file is closed), and libsndfile then finds no audio in hours of it.
-    Seen through this view both sizes say "unknown", which libsndfile reads to the end of
-    the file. ``None`` if the file has no data chunk or its data size is not 0.
+    RIFF sizes are 32 bits, and libsndfile believes them: a recorder that lost power before
+    closing the file leaves them at 0 (hours of audio read as none); past 4 GiB (8 channels
+    at 96 kHz, 24-bit, in 58 minutes) a writer wraps them modulo 2**32 (95 % of a 4.5 GB
+    file went unread, marked ``ok``) or writes 0xFFFFFFFF, which libsndfile reads to 4 GiB
+    only. When the declared end is short of the file's and no chunk starts there, the audio
+    runs on: PCM, float and G.711 data are read as headerless samples from the data chunk to
+    the end of the file; other codecs under 4 GiB through a header that says "size unknown";
+    beyond that the recording is marked partial with what was left unread. Either way
+    ``report.problems`` says what the header declared (the recording is ``partial``).
+
+    Returns ``(snd, fileobj)``: the ones given, or those to read instead (the given closed).
     """
+    at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
+    try:
+        size = _file_size(fileobj)
+        chunk = _wav_data_chunk(fileobj)
+    finally:
+        fileobj.seek(at)
+    if size is None or chunk is None:
+        return snd, fileobj
+    start, declared = chunk
+    available = size - start
+    try:
+        if declared in (0, 0xFFFFFFFF):  # "unknown" is read on by libsndfile, but to 4 GiB only
+            short = available > (declared or 0)
+        else:  # wrapped past 4 GiB, or short of audio that nothing else explains
+            short = declared < available and (
+                (available - declared) % 2**32 == 0
+                or not _data_ends_at(fileobj, start + declared + (declared & 1), size))
+    finally:
+        fileobj.seek(at)
+    if not short:
+        return snd, fileobj
+    width = _RAW_WIDTH.get(snd.subtype)
+    frame_bytes = (width or 0) * snd.channels
+    why = ("no audio (a recorder stopped before finishing the file?)" if declared == 0 else
+           "its size unknown" if declared == 0xFFFFFFFF else
+           f"{declared} bytes of audio (a size that wrapped past 4 GiB?)" if available >= 2**32
+           else f"{declared} bytes of audio")
+    if width is not None:
+        view = _Tail(fileobj, start)
+        raw = sf.SoundFile(view, "r", samplerate=snd.samplerate, channels=snd.channels,
+                           subtype=snd.subtype, format="RAW", endian="LITTLE")
+        report.problems.append(f"the header declares {why}, the file {available} bytes: "
+                               f"{available // frame_bytes} frames read up to its end")
+        snd.close()
+        return raw, view
+    if available < 0xFFFFFFFF:
+        fileobj.seek(0)
+        patched = _PatchedHeader(fileobj, {_RIFF_SIZE_AT: _STREAMING_SIZE,
+                                           start - 4: _STREAMING_SIZE})
+        reopened = open_soundfile(patched)
+        if reopened.frames:
+            report.problems.append(f"the header declares {why}, the file {available} bytes: "
+                                   f"{reopened.frames} frames read up to its end")
+            snd.close()
+            return reopened, patched
+        reopened.close()
+    report.problems.append(f"the header declares {why}, the file {available} bytes: only "
+                           f"what libsndfile reads of {snd.subtype} data was read")
+    return snd, fileobj
+
+
+# Bytes per sample of the WAV codecs libsndfile also reads as headerless (RAW) samples.
+_RAW_WIDTH = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+              "ULAW": 1, "ALAW": 1}
+
+
+def _file_size(fileobj: Any) -> int | None:
+    try:
+        return int(fileobj.seek(0, io.SEEK_END))
+    except (OSError, ValueError):
+        return None
+
+
+def _wav_data_chunk(fileobj: Any) -> tuple[int, int] | None:
+    """``(offset of its audio, the size its header declares)`` of a RIFF WAVE's data chunk;
+    None if it has none."""
     try:
         fileobj.seek(12)  # past "RIFF", its size, "WAVE"
         while True:
@@ -232,16 +297,44 @@ def _unfinished_wav(fileobj: Any) -> _PatchedHeader | None:
                 return None
             chunk, size = header[:4], int.from_bytes(header[4:], "little")
             if chunk == b"data":
-                if size:
-                    return None
-                at = fileobj.tell() - 4
-                return _PatchedHeader(fileobj, {_RIFF_SIZE_AT: _STREAMING_SIZE,
-                                                at: _STREAMING_SIZE})
-            fileobj.seek(size + (size & 1), 1)  # chunks are padded to even sizes
+                return fileobj.tell(), size
+            fileobj.seek(size + (size & 1), io.SEEK_CUR)  # chunks are padded to even sizes
     except OSError:
         return None
-    finally:
-        fileobj.seek(0)
+
+
+def _data_ends_at(fileobj: Any, at: int, size: int) -> bool:
+    """Whether the audio may well end at ``at``: the file ends there (give or take a pad
+    byte), a RIFF chunk starts there (``LIST``, ``id3 ``, ``cue ``: four printable ASCII
+    characters and a size that fits), or zeros follow (recorders pad files to a block).
+    Audio rarely looks like either."""
+    if at + 8 > size:
+        return True
+    try:
+        fileobj.seek(at)
+        after = fileobj.read(4096)
+    except OSError:
+        return True  # cannot tell: believe the header
+    chunk = (all(0x20 <= b < 0x7F for b in after[:4])
+             and at + 8 + int.from_bytes(after[4:8], "little") <= size)
+    return chunk or not any(after)
+
+
+class _Tail(ReadView):
+    """``fileobj`` from ``start`` on, as a file of its own (a WAV's samples, read as RAW)."""
+
+    def __init__(self, fileobj: Any, start: int) -> None:
+        super().__init__(fileobj)
+        self._start = start
+        fileobj.seek(start)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            offset += self._start
+        return max(0, self._raw.seek(offset, whence) - self._start)
+
+    def tell(self) -> int:
+        return self._raw.tell() - self._start
 
 
 class _PatchedHeader(ReadView):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -158,9 +159,10 @@ def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
     assert whole_report.status == "ok" and whole.shape == (clip.shape[0], 2)
     assert np.array_equal(audio, whole)
     assert report.status == "partial" and report.frames_decoded == clip.shape[0]
+    data_bytes = clip.shape[0] * 4
     assert report.problems == [(f"the header declares no audio (a recorder stopped before "
-                                f"finishing the file?): {clip.shape[0]} frames read up to the "
-                                "end of the file")]
+                                f"finishing the file?), the file {data_bytes} bytes: "
+                                f"{clip.shape[0]} frames read up to its end")]
     # RIFF's "size unknown" (0xFFFFFFFF) is read to the end too, and is no truncation.
     (tmp_path / "streamed.wav").write_bytes(_wav_bytes(stereo, rate, data_size=0xFFFFFFFF))
     audio, report = decode(tmp_path / "streamed.wav", rate, channels="each")
@@ -170,6 +172,122 @@ def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
     with pytest.raises(AudioDecodeError) as err:
         decode(tmp_path / "empty.wav", rate)
     assert err.value.error_type == "EmptyAudio"
+
+
+def test_a_wav_that_declares_less_audio_than_it_holds_is_read_to_its_end(
+        real_data: Path, tmp_path: Path) -> None:
+    """A data size that says 100,000 bytes of 67 s (a writer's bug, a size field patched
+    by hand) read 1.1 s, marked ok. What follows the declared end is audio, neither a chunk
+    nor padding, so the file is read to its end, partial, saying so; a file whose data is
+    followed by a chunk or by zeros (recorders pad to a block) is read as declared."""
+    clip, rate = sf.read(real_data / "opensoundscape/tests/audio/1min.wav", dtype="int16",
+                         frames=8 * 32_000, always_2d=True)  # the perch clip is all zeros
+    stereo = np.concatenate([clip, clip[::-1]], axis=1)
+    (tmp_path / "whole.wav").write_bytes(_wav_bytes(stereo, rate))
+    (tmp_path / "short.wav").write_bytes(_wav_bytes(stereo, rate, data_size=100_000))
+    whole, _ = decode(tmp_path / "whole.wav", rate, channels="each")
+    audio, report = decode(tmp_path / "short.wav", rate, channels="each")
+    assert np.array_equal(audio, whole) and report.frames_decoded == clip.shape[0]
+    assert report.status == "partial" and report.format == "WAV/PCM_16"
+    assert report.problems == [(f"the header declares 100000 bytes of audio, the file "
+                                f"{clip.shape[0] * 4} bytes: {clip.shape[0]} frames read up to "
+                                "its end")]
+    # The declared end followed by a chunk, or by a block of zeros: as declared.
+    head = stereo[: len(stereo) // 2]
+    tail_chunk = b"id3 " + (6).to_bytes(4, "little") + b"ID3abc"
+    for name, after in (("chunk.wav", tail_chunk), ("padded.wav", bytes(4096))):
+        (tmp_path / name).write_bytes(_wav_bytes(head, rate) + after)
+        audio, report = decode(tmp_path / name, rate, channels="each")
+        assert report.status == "ok" and report.frames_decoded == len(head), (name, report)
+
+
+def test_a_compressed_wav_that_declares_too_little_is_read_to_its_end(tmp_path: Path) -> None:
+    """IMA ADPCM cannot be read as headerless samples: under 4 GiB libsndfile reads it to
+    the end through a header that says "size unknown"."""
+    tone = (0.5 * np.sin(np.arange(3 * 16_000) / 10)).astype(np.float32)
+    sf.write(tmp_path / "whole.wav", tone, 16_000, subtype="IMA_ADPCM")
+    data = bytearray((tmp_path / "whole.wav").read_bytes())
+    at = data.find(b"data") + 4
+    data[at : at + 4] = (4096).to_bytes(4, "little")
+    (tmp_path / "short.wav").write_bytes(data)
+    whole, _ = decode(tmp_path / "whole.wav")
+    audio, report = decode(tmp_path / "short.wav")
+    assert np.array_equal(audio, whole) and report.status == "partial"
+    assert report.problems[0].startswith("the header declares 4096 bytes of audio, the file ")
+
+
+class _VirtualWav:
+    """A read-only WAV of ``size`` bytes made on the fly: a 16-bit stereo header whose RIFF
+    and data sizes are those a writer that wraps them modulo 2**32 leaves, then samples
+    ``k % 30011`` (left) and ``-(k % 30011)`` (right) of frame ``k``. Over 4 GiB, on no disk."""
+
+    def __init__(self, size: int, rate: int = 8000, data_size: int | None = None) -> None:
+        self.size, self.pos = size, 0
+        fmt = (b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
+               + (2).to_bytes(2, "little") + rate.to_bytes(4, "little")
+               + (rate * 4).to_bytes(4, "little") + (4).to_bytes(2, "little")
+               + (16).to_bytes(2, "little"))
+        self.data_at = 12 + len(fmt) + 8
+        data = size - self.data_at
+        self.header = (b"RIFF" + ((size - 8) % 2**32).to_bytes(4, "little") + b"WAVE" + fmt
+                       + b"data" + (data % 2**32 if data_size is None else data_size
+                                    ).to_bytes(4, "little"))
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.size, self.pos + len(buffer))
+        out = bytearray()
+        if self.pos < self.data_at:
+            out += self.header[self.pos : min(end, self.data_at)]
+        first = max(self.pos, self.data_at)
+        if first < end:
+            frames = np.arange((first - self.data_at) // 4, (end - self.data_at + 3) // 4)
+            left = (frames % 30011).astype("<i2")
+            pcm = np.stack([left, -left], axis=1).tobytes()
+            skip = (first - self.data_at) % 4
+            out += pcm[skip : skip + end - first]
+        buffer[: len(out)] = out
+        self.pos = end
+        return len(out)
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(self.size - self.pos if size < 0 else size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, (0, self.pos, self.size)[whence] + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+@pytest.mark.parametrize(("data_size", "believed", "why"), [
+    (None, 4_500_000_000 % 2**32, (f"{4_500_000_000 % 2**32} bytes of audio (a size that "
+                                   "wrapped past 4 GiB?)")),
+    (0xFFFFFFFF, 0xFFFFFFFF, "its size unknown"),
+    (0, 0, "no audio (a recorder stopped before finishing the file?)")])
+def test_a_wav_past_4_gib_is_read_to_its_end(data_size: int | None, believed: int,
+                                              why: str) -> None:
+    """A 4.5 GB WAV whose writer wrapped its 32-bit sizes read as its first 205 MB, ok;
+    with "size unknown" (0xFFFFFFFF) or never finished (0) as its first 4 GiB. The samples
+    are read up to the end of the file. Checked on a file made on the fly: its last frames
+    come out of the decoder as they were made."""
+    from pipeline.audio import _wav_to_its_end, open_soundfile
+
+    source = _VirtualWav(4_500_000_044, data_size=data_size)
+    report = DecodeReport()
+    snd = open_soundfile(source)
+    assert snd.frames == believed // 4  # what libsndfile believes
+    snd, _view = _wav_to_its_end(snd, source, report)
+    with snd:
+        assert snd.frames == 4_500_000_000 // 4
+        snd.seek(snd.frames - 3)
+        last = snd.read(3, dtype="int16")
+    k = np.arange(snd.frames - 3, snd.frames) % 30011
+    assert np.array_equal(last, np.stack([k, -k], axis=1))
+    assert report.problems == [
+        (f"the header declares {why}, the file 4500000000 bytes: 1125000000 frames read up to "
+         "its end")]
 
 
 @pytest.mark.parametrize(("rate", "frames"), [(48_000, 2 * 48_000 + 100), (16_000, 2 * 16_000 + 33),
