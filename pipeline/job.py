@@ -317,6 +317,7 @@ class EmbeddingJob:
         self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
                                    dict(cfg.output.storage_options))
+        storage.reach(self.layout.fs, self.layout.root_path, storage.redact_uri(cfg.output.uri))
         if storage.is_file(self.layout.fs, self.layout.root_path):
             raise ConfigError(f"{storage.redact_uri(cfg.output.uri)} is a file; the output is a "
                               "folder (or a bucket prefix) of tables", "output.uri")

@@ -148,6 +148,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     shown = storage.redact_uri(cfg.uri)
     # Every call is retried: a 503 while listing must not read as "no such input". A path
     # that exists is taken literally, even with glob characters in it ("Site [A]/").
+    storage.reach(fs, path, shown)
     top = storage.info(fs, path) if storage.exists(fs, path) else None
     if top is not None and top.get("type") != "directory":
         infos, root = {path: top}, None
@@ -500,6 +501,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     fs, path = storage.url_to_fs(uri, storage_options)
     lower = path.lower()
     try:
+        storage.reach(fs, path, storage.redact_uri(uri))
         data = storage.read_bytes(fs, path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: "

@@ -893,3 +893,29 @@ def test_a_summary_counts_the_error_rows_earlier_runs_left() -> None:
     assert "3 already done of 3 listed (1 of them errors, in the errors table)" in shown
     assert "of them errors" not in JobSummary(job_id="j", output_uri="/out", model="m", weights="w",
                                               variant="v").render()
+
+
+@pytest.mark.parametrize("section", ["output", "input"])
+def test_a_store_it_cannot_reach_fails_at_once(archive: Path, tmp_path: Path,
+                                               section: str) -> None:
+    """An unresolvable bucket took four minutes to fail (six rounds of our retries, each
+    over the storage library's own), a closed port 75 s: the first contact is tried once."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline.errors import StorageError
+
+    class Unreachable(MemoryFileSystem):
+        calls = 0
+
+        def exists(self, path: str, **kwargs: Any) -> bool:
+            type(self).calls += 1
+            raise ConnectionError("Cannot connect to host storage.example:443 [Name or "
+                                  "service not known]")
+
+    protocol = f"unreachable{section}"  # filesystems are cached by protocol
+    fsspec.register_implementation(protocol, Unreachable, clobber=True)
+    with pytest.raises(StorageError, match=rf"^cannot reach {protocol}://bucket/x: "
+                                           r"ConnectionError: Cannot connect to host"):
+        job(archive, tmp_path, **{section: {"uri": f"{protocol}://bucket/x"}}).prepare()
+    assert Unreachable.calls == 1
