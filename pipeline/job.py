@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -154,8 +155,10 @@ class _Committer:
     On a bucket a commit is a dozen requests or more (files, copies, deletes, the marker,
     lease reads): one at a time, at 50 ms a request, they capped a job at a shard or two a
     second. Up to ``COMMIT_THREADS`` run at once and ``2 * COMMIT_THREADS`` wait, beyond
-    which the driver waits too. ``record`` (the summary and the failure budget) runs on the
-    driver's thread only.
+    which the driver waits too. ``record`` (the summary and its log line) runs the moment a
+    commit ends, on its thread, so a pipeline stalled waiting for a lost node still says
+    what it committed; ``check`` (the failure budget) and a commit's error reach the driver's
+    thread at its next :meth:`collect`.
 
     How a run that stops leaves them (:meth:`close`): after an error of the pipeline, every
     complete shard is still committed, as it would have been one at a time; after an
@@ -166,10 +169,12 @@ class _Committer:
     """
 
     def __init__(self, commit: Callable[[ShardProgress, threading.Event], ShardOutcome],
-                 record: Callable[[ShardOutcome, bool], None]) -> None:
-        self._commit, self._record = commit, record
+                 record: Callable[[ShardOutcome], None], check: Callable[[], None]) -> None:
+        self._commit, self._record, self._check = commit, record, check
         self._pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
         self._futures: dict[Future[ShardOutcome], str] = {}
+        self._recorded: set[Future[ShardOutcome]] = set()  # until close: see _record_once
+        self._lock = threading.Lock()
         self.stopping = threading.Event()
 
     def submit(self, progress: ShardProgress) -> None:
@@ -177,9 +182,20 @@ class _Committer:
             self.collect(wait="first")
         future = self._pool.submit(self._commit, progress, self.stopping)
         self._futures[future] = progress.shard_id
+        future.add_done_callback(self._record_once)
+
+    def _record_once(self, future: Future[ShardOutcome]) -> None:
+        """Record a commit that succeeded, once: from its thread as it ends, or from the
+        driver's if the driver saw it done first."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        with self._lock:
+            if future not in self._recorded:
+                self._recorded.add(future)
+                self._record(future.result())
 
     def collect(self, wait: str | None = None) -> None:
-        """Record the finished commits (``wait``: ``first`` for at least one, ``all``);
+        """Take the finished commits (``wait``: ``first`` for at least one, ``all``);
         raises a commit's error, or the failure budget's."""
         if not self._futures:
             return
@@ -187,12 +203,13 @@ class _Committer:
                                return_when=FIRST_COMPLETED if wait == "first" else ALL_COMPLETED)
         for future in done:
             del self._futures[future]
-            try:
-                outcome = future.result()
-            except BaseException:
+            if future.exception() is not None:
                 self.stopping.set()
-                raise
-            self._record(outcome, True)
+                future.result()  # raises it
+            self._record_once(future)
+        if done:
+            with self._lock:
+                self._check()
 
     def close(self, err: BaseException | None) -> None:
         """Finish as the class says, for a run ending with ``err`` (None: all collected)."""
@@ -215,11 +232,12 @@ class _Committer:
                 continue
             failure = future.exception()
             if failure is None:
-                self._record(future.result(), False)
+                self._record_once(future)
             elif not isinstance(failure, _CommitStopped):
                 log.error("shard %s was not committed: %s: %s", shard,
                           type(failure).__name__, failure)
         self._futures.clear()
+        self._recorded.clear()
 
 
 class EmbeddingJob:
@@ -821,6 +839,14 @@ class EmbeddingJob:
         except JobAborted as err:
             summary.status, summary.exit_code, summary.message = "aborted", EXIT_ABORTED, str(err)
             raise
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Ray's driver turns SIGTERM (`embed-archive stop`, a scheduler) into SystemExit.
+            summary.status, summary.exit_code = "stopped", EXIT_FAILURE
+            summary.message = (
+                "interrupted (SIGINT)" if isinstance(err, KeyboardInterrupt) else
+                "stopped by SIGTERM (`embed-archive stop`, or a scheduler)"
+                if err.code == signal.SIGTERM else f"stopped: SystemExit({err.code!r})")
+            raise
         except BaseException as err:
             summary.status, summary.exit_code = "failed", EXIT_FAILURE
             summary.message = f"{type(err).__name__}: {err}"
@@ -863,7 +889,8 @@ class EmbeddingJob:
         committer = _Committer(
             lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
                                                           started, stopping),
-            lambda outcome, check_budget: self._record(summary, outcome, check_budget))
+            lambda outcome: self._record(summary, outcome),
+            lambda: self._check_failure_budget(summary))
         try:
             with contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
@@ -1195,9 +1222,8 @@ class EmbeddingJob:
             raise _CommitStopped("the job is stopping")
         self._lease.check()
 
-    def _record(self, summary: JobSummary, outcome: ShardOutcome,
-                check_budget: bool = True) -> None:
-        """Fold a committed shard into the summary, say so, and apply the failure budget."""
+    def _record(self, summary: JobSummary, outcome: ShardOutcome) -> None:
+        """Fold a committed shard into the summary and say so."""
         summary.shard_outcomes.append(outcome)
         for key in ("embedded", "partial", "failed", "windows", "audio_s"):
             setattr(summary, key, getattr(summary, key) + getattr(outcome, key))
@@ -1205,8 +1231,6 @@ class EmbeddingJob:
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
-        if check_budget:
-            self._check_failure_budget(summary)
 
     def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
                     dropped: Mapping[str, set[tuple[int, int]]],

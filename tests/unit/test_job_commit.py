@@ -116,6 +116,7 @@ class SlowCommits:
     def __init__(self, seconds: float, fail: set[str] = frozenset()) -> None:
         self.seconds, self.fail = seconds, fail
         self.recorded: list[str] = []
+        self.checks: list[str] = []
         self.most_outstanding = 0
 
     def commit(self, progress: ShardProgress, stopping: threading.Event) -> ShardOutcome:
@@ -126,8 +127,11 @@ class SlowCommits:
             raise OSError(f"bucket refused {progress.shard_id}")
         return ShardOutcome(shard_id=progress.shard_id, recordings=1)
 
-    def record(self, outcome: ShardOutcome, check_budget: bool) -> None:
+    def record(self, outcome: ShardOutcome) -> None:
         self.recorded.append(outcome.shard_id)
+
+    def check(self) -> None:
+        self.checks.append(threading.current_thread().name)
 
 
 def submit_all(committer: job_mod._Committer, commits: SlowCommits, n: int) -> None:
@@ -139,7 +143,7 @@ def submit_all(committer: job_mod._Committer, commits: SlowCommits, n: int) -> N
 def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> None:
     """As one commit at a time would have: the rows are all written, only the marker waits."""
     commits = SlowCommits(0.02)
-    committer = job_mod._Committer(commits.commit, commits.record)
+    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 40)
     committer.close(RuntimeError("the pipeline failed"))
     assert sorted(commits.recorded) == [f"s{k:02d}" for k in range(40)]
@@ -150,7 +154,7 @@ def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> Non
 def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     commits = SlowCommits(5.0)
-    committer = job_mod._Committer(commits.commit, commits.record)
+    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 20)
     started = time.monotonic()
     committer.close(err)
@@ -161,7 +165,7 @@ def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
 def test_a_failed_commit_stops_the_others_and_every_failure_is_logged(
         caplog: pytest.LogCaptureFixture) -> None:
     commits = SlowCommits(0.05, fail={"s00", "s01"})
-    committer = job_mod._Committer(commits.commit, commits.record)
+    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 4)
     with pytest.raises(OSError, match="bucket refused s0[01]") as raised:
         committer.collect(wait="all")
@@ -175,7 +179,7 @@ def test_an_interrupt_while_waiting_after_a_pipeline_error_stops_the_rest() -> N
     """Ctrl-C while the complete shards commit after a pipeline error: no commit may go on
     past the job record, so the rest stop as after any interrupt."""
     commits = SlowCommits(5.0)
-    committer = job_mod._Committer(commits.commit, commits.record)
+    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 20)
     real, calls = committer._pool.shutdown, []
 
@@ -191,3 +195,46 @@ def test_an_interrupt_while_waiting_after_a_pipeline_error_stops_the_rest() -> N
         committer.close(RuntimeError("the pipeline failed"))
     assert calls == [False, True] and committer.stopping.is_set()
     assert time.monotonic() - started < 2.0 and commits.recorded == []
+
+
+def test_a_commit_is_recorded_when_it_ends_and_its_budget_checked_by_the_driver() -> None:
+    """A pipeline stalled for a lost node reads no batch for minutes: the shards committed
+    meanwhile are said (and counted) then, not at the next batch; the failure budget, which
+    stops the job, is still applied on the driver's thread."""
+    commits = SlowCommits(0.01)
+    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    submit_all(committer, commits, 3)
+    deadline = time.monotonic() + 10
+    while len(commits.recorded) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # no collect(): the driver is blocked reading the next batch
+    assert sorted(commits.recorded) == ["s00", "s01", "s02"] and commits.checks == []
+    committer.collect(wait="all")
+    assert commits.checks == [threading.current_thread().name]
+    committer.close(None)
+    assert sorted(commits.recorded) == ["s00", "s01", "s02"]  # each once
+
+
+def test_each_commit_is_recorded_once_whoever_sees_it_first() -> None:
+    """The commit's thread and the driver's collect() race to record a commit that ended."""
+    commits = SlowCommits(0.0)
+    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    for k in range(300):
+        committer.submit(ShardProgress(f"s{k:03d}", ["r"], (0,)))
+        committer.collect()
+    committer.collect(wait="all")
+    committer.close(None)
+    assert sorted(commits.recorded) == [f"s{k:03d}" for k in range(300)]
+
+
+def test_the_failure_budget_stops_the_run_from_collect() -> None:
+    commits = SlowCommits(0.0)
+
+    def over_budget() -> None:
+        raise JobAborted("4 of 5 recordings failed")
+
+    committer = job_mod._Committer(commits.commit, commits.record, over_budget)
+    submit_all(committer, commits, 2)
+    with pytest.raises(JobAborted, match="4 of 5"):
+        committer.collect(wait="all")
+    committer.close(JobAborted("budget"))
+    assert sorted(commits.recorded) == ["s00", "s01"]

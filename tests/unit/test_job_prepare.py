@@ -895,6 +895,31 @@ def test_a_summary_counts_the_error_rows_earlier_runs_left() -> None:
                                               variant="v").render()
 
 
+@pytest.mark.parametrize(("stop", "said"), [
+    (SystemExit(15), "stopped by SIGTERM (`embed-archive stop`, or a scheduler)"),
+    (KeyboardInterrupt(), "interrupted (SIGINT)")])
+def test_a_stopped_run_is_recorded_as_stopped_not_failed(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        stop: BaseException, said: str) -> None:
+    """Ray's driver turns SIGTERM (`embed-archive stop`, a scheduler) into SystemExit(15):
+    the job record and `inspect` said "failed: SystemExit: 15"."""
+    import json
+
+    from pipeline.catalog import load_catalog, render
+
+    j = job(archive, tmp_path)
+
+    def stopped(*_: Any) -> None:
+        raise stop
+
+    monkeypatch.setattr(j, "_run_shards", stopped)
+    with pytest.raises(type(stop)):
+        j.run()
+    record = json.loads((tmp_path / "out" / "_jobs" / f"{j.job_id}.json").read_text())
+    assert (record["summary"]["status"], record["summary"]["message"]) == ("stopped", said)
+    assert f"      stopped: {said}" in render(load_catalog(str(tmp_path / "out")))
+
+
 @pytest.mark.parametrize("section", ["output", "input"])
 def test_a_store_it_cannot_reach_fails_at_once(archive: Path, tmp_path: Path,
                                                section: str) -> None:
