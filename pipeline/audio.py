@@ -420,7 +420,13 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: Dec
                 log.warning("partial decode (%s)", report.problems[-1])
                 return
             if block.shape[0] == 0:
-                if isinstance(fileobj, CheckedOggReader) and fileobj.cut_short():
+                if isinstance(fileobj, CheckedOggReader) and fileobj.chained:
+                    report.problems.append(
+                        f"the file chains Ogg streams: the first, "
+                        f"{report.frames_decoded / snd.samplerate:.3f} s, was read, those after "
+                        "it were not")
+                    log.warning("partial decode (%s)", report.problems[-1])
+                elif isinstance(fileobj, CheckedOggReader) and fileobj.cut_short():
                     report.problems.append(
                         f"truncated: the Ogg stream stops at {report.frames_decoded / snd.samplerate:.3f} s "
                         "without its end-of-stream page (the file was cut short)")

@@ -54,7 +54,9 @@ class CheckedOggReader(ReadView):
         self._granule: int | None = None  # of the last intact page in this run
         self._opus_preskip: int | None = None
         self._last_eos: bool | None = None  # the last intact page of this run ends its stream
+        self._ended = False  # an intact page of this run ended a stream
         self.damaged_granule: int | None = None
+        self.chained = False  # a stream began after one ended: libsndfile reads the first
 
     def _after_read(self, start: int, data: bytes) -> bytes:
         if data:
@@ -77,7 +79,7 @@ class CheckedOggReader(ReadView):
         end) ends on a page that does not close its stream: the file was cut. libsndfile
         takes an Ogg stream's length from its last page, so a cut file decodes with the
         length it claims and nothing else tells (a whole file ends on an end-of-stream page)."""
-        return self._last_eos is False
+        return self._last_eos is False and not self.chained
 
     # page parsing
     def _take(self, start: int, data: bytes) -> None:
@@ -86,6 +88,7 @@ class CheckedOggReader(ReadView):
             self._locked = False
             self._granule = 0 if start == 0 else None
             self._last_eos = None
+            self._ended = False
         self._buffer += data
         self._next = start + len(data)
         self._parse()
@@ -123,7 +126,10 @@ class CheckedOggReader(ReadView):
         del buf[:pos]
 
     def _intact(self, page: bytearray, segments: int) -> None:
+        if page[5] & 0x02 and self._ended:  # header type: beginning of stream, after an end
+            self.chained = True
         self._last_eos = bool(page[5] & 0x04)  # header type: end of stream
+        self._ended = self._ended or self._last_eos
         granule = int.from_bytes(page[6:14], "little", signed=True)
         if granule != -1:  # -1: no packet ends on this page
             self._granule = granule

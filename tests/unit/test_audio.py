@@ -360,6 +360,21 @@ def test_an_ogg_file_cut_short_is_partial(real_data: Path, tmp_path: Path, name:
     assert decode(real_data / name)[1].status == "ok"
 
 
+@pytest.mark.parametrize("name", ["librosa_data/audio/glacier-bay-humpback.ogg", f"{PERCH}.opus"])
+def test_chained_ogg_streams_are_said_as_such(real_data: Path, tmp_path: Path,
+                                              name: str) -> None:
+    """Two Ogg streams back to back (`cat a.ogg b.ogg`, as stream recorders write): libsndfile
+    reads the first. The rest is not read, and the reason was wrong ("cut short")."""
+    data = (real_data / name).read_bytes()
+    chained = tmp_path / f"chained.{name.rsplit('.', 1)[-1]}"
+    chained.write_bytes(data + data)
+    first, whole = decode(real_data / name)
+    audio, report = decode(chained)
+    assert np.array_equal(audio, first) and report.status == "partial"
+    said = f"the file chains Ogg streams: the first, {whole.duration_s:.3f} s, was read, "
+    assert report.problems == [said + "those after it were not"]
+
+
 def test_an_mp3_decodes_the_same_in_any_block_size(real_data: Path, tmp_path: Path) -> None:
     """libsndfile decodes some MP3s wrongly when read in pieces (the frames after some read
     boundaries: up to 0.4 of full scale on this 48 kHz file read in 10-s blocks, status
