@@ -501,8 +501,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     fs, path = storage.url_to_fs(uri, storage_options)
     lower = path.lower()
     try:
-        storage.reach(fs, path, storage.redact_uri(uri))
-        data = storage.read_bytes(fs, path)
+        data = storage.reach(fs, path, storage.redact_uri(uri), lambda: fs.cat_file(path))
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: "
                           f"{storage.redact_text(str(err))}", "input.manifest") from None

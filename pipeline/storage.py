@@ -366,26 +366,50 @@ def retry(
     raise AssertionError("unreachable")
 
 
-def reach(fs: Any, path: str, shown: str) -> None:
-    """A job's first contact with a store, before any work: one call, retried only by the
-    storage library itself (gcsfs, botocore and s3fs each retry a failed connection for
-    seconds to half a minute), never by :func:`retry` on top. A store the job cannot reach
-    at its start is a network or endpoint set wrong far more often than an outage: six
-    rounds of the library's retries made an unresolvable bucket fail after four minutes
-    and a closed port after 75 s. Once reached, every later call rides out hiccups as usual.
+def reach(fs: Any, path: str, shown: str, call: Callable[[], T] | None = None) -> T | None:
+    """A job's first contact with a store, before any work. A store the job cannot connect
+    to at all at its start (no such host, connection refused, no answer to the connect) is
+    a network or endpoint set wrong far more often than an outage: such a failure is raised
+    at once, after the storage library's own retries (gcsfs, botocore and s3fs each retry a
+    connection for seconds to half a minute) and without six rounds of :func:`retry` on top,
+    which made an unresolvable bucket fail after four minutes and a closed port after 75 s.
+    A store that answered (a 503, a reset) is retried as any call is.
+
+    ``call``: the first call to make (returned), when not ``fs.exists(path)``.
 
     Raises:
-        StorageError: a transient-looking failure (no such host, connection refused).
+        StorageError: no connection could be made, or retries ran out.
         Exception: any other error, unchanged (callers say what a missing path means).
     """
-    try:
+    def first() -> Any:
+        if call is not None:
+            return call()
         fs.exists(path)
+        return None
+
+    try:
+        return first()
     except Exception as err:
+        if no_connection(err):
+            raise StorageError(redact_text(
+                f"cannot reach {shown}: {type(err).__name__}: {err} (no connection could be "
+                "made, before any work; check the endpoint and the network)")) from err
         if not is_transient(err):
             raise
-        raise StorageError(redact_text(
-            f"cannot reach {shown}: {type(err).__name__}: {err} (tried once, before any "
-            "work, with the storage library's own retries; check the endpoint and the network)")) from err
+    return retry(first, what=f"reach {shown}")
+
+
+# What no connection could be made looks like: botocore, urllib3, aiohttp (gcsfs), sockets.
+_NO_CONNECTION_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "NewConnectionError",
+    "NameResolutionError", "ClientConnectorError", "ClientConnectorDNSError",
+    "ConnectionTimeoutError", "gaierror"})
+
+
+def no_connection(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it came from) says no connection could be made at all."""
+    return any(isinstance(e, ConnectionRefusedError) or type(e).__name__ in _NO_CONNECTION_NAMES
+               for e in _error_chain(err))
 
 
 class ReadView:

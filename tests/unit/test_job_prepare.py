@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -921,10 +922,13 @@ def test_a_stopped_run_is_recorded_as_stopped_not_failed(
 
 
 @pytest.mark.parametrize("section", ["output", "input"])
-def test_a_store_it_cannot_reach_fails_at_once(archive: Path, tmp_path: Path,
-                                               section: str) -> None:
+def test_a_store_it_cannot_connect_to_fails_at_once(archive: Path, tmp_path: Path,
+                                                    section: str) -> None:
     """An unresolvable bucket took four minutes to fail (six rounds of our retries, each
-    over the storage library's own), a closed port 75 s: the first contact is tried once."""
+    over the storage library's own), a closed port 75 s: no connection at the first
+    contact is raised at once. A store that answers (a 503) is retried as ever."""
+    import socket
+
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
@@ -935,8 +939,17 @@ def test_a_store_it_cannot_reach_fails_at_once(archive: Path, tmp_path: Path,
 
         def exists(self, path: str, **kwargs: Any) -> bool:
             type(self).calls += 1
-            raise ConnectionError("Cannot connect to host storage.example:443 [Name or "
-                                  "service not known]")
+            raise ConnectionError("Cannot connect to host storage.example:443") from (
+                socket.gaierror(-2, "Name or service not known"))
+
+    class Busy(MemoryFileSystem):
+        calls = 0
+
+        def exists(self, path: str, **kwargs: Any) -> bool:
+            type(self).calls += 1
+            if type(self).calls == 1:
+                raise OSError(errno.EBUSY, "503 SlowDown")
+            return super().exists(path, **kwargs)
 
     protocol = f"unreachable{section}"  # filesystems are cached by protocol
     fsspec.register_implementation(protocol, Unreachable, clobber=True)
@@ -944,3 +957,7 @@ def test_a_store_it_cannot_reach_fails_at_once(archive: Path, tmp_path: Path,
                                            r"ConnectionError: Cannot connect to host"):
         job(archive, tmp_path, **{section: {"uri": f"{protocol}://bucket/x"}}).prepare()
     assert Unreachable.calls == 1
+    if section == "output":
+        fsspec.register_implementation("busy", Busy, clobber=True)
+        job(archive, tmp_path, output={"uri": "busy://bucket/x"}).prepare()
+        assert Busy.calls >= 2
