@@ -19,7 +19,10 @@ What can go wrong, and what becomes of it (see also README, "Bad recordings"):
 ``CorruptAudio``       decoding failed before the first sample
 partial                decoding failed midway, an Ogg page fails its checksum (see
                        pipeline.ogg), or fewer frames than the header declares: what
-                       decoded is kept, status ``partial`` with the reason
+                       decoded is kept, status ``partial`` with the reason; also a WAV
+                       that declares less audio than it holds (sizes wrapped past 4 GiB,
+                       see :func:`_wav_to_its_end`), read to where its audio ends, and
+                       chained Ogg streams, of which the first is read
 repaired               NaN/inf/huge samples were replaced by 0: status ``partial``, counted
 =====================  ==============================================================
 """
@@ -215,68 +218,103 @@ def _wav_to_its_end(snd: sf.SoundFile, fileobj: Any,
     closing the file leaves them at 0 (hours of audio read as none); past 4 GiB (8 channels
     at 96 kHz, 24-bit, in 58 minutes) a writer wraps them modulo 2**32 (95 % of a 4.5 GB
     file went unread, marked ``ok``) or writes 0xFFFFFFFF, which libsndfile reads to 4 GiB
-    only. When the declared end is short of the file's and no chunk starts there, the audio
-    runs on: PCM, float and G.711 data are read as headerless samples from the data chunk to
-    the end of the file; other codecs under 4 GiB through a header that says "size unknown";
-    beyond that the recording is marked partial with what was left unread. Either way
-    ``report.problems`` says what the header declared (the recording is ``partial``).
+    only; a recorder that updates the size as it goes and then stops leaves it short. Where
+    the audio really ends is :func:`_audio_end`'s call. PCM, float and G.711 data are then
+    read as headerless samples up to there; other codecs under 4 GiB through a header that
+    says "size unknown"; beyond that the recording is marked partial with what was left
+    unread. Either way ``report.problems`` says what the header declared (``partial``).
 
     Returns ``(snd, fileobj)``: the ones given, or those to read instead (the given closed).
     """
     at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
+    width = _RAW_WIDTH.get(snd.subtype)
     try:
         size = _file_size(fileobj)
         chunk = _wav_data_chunk(fileobj)
+        if size is None or chunk is None:
+            return snd, fileobj
+        start, declared = chunk
+        end = _audio_end(fileobj, start, declared, size,
+                         second=snd.samplerate * snd.channels * (width or 1))
     finally:
         fileobj.seek(at)
-    if size is None or chunk is None:
+    if end is None:
         return snd, fileobj
-    start, declared = chunk
-    available = size - start
-    try:
-        if declared in (0, 0xFFFFFFFF):  # "unknown" is read on by libsndfile, but to 4 GiB only
-            short = available > (declared or 0)
-        else:  # wrapped past 4 GiB, or short of audio that nothing else explains
-            short = declared < available and (
-                (available - declared) % 2**32 == 0
-                or not _data_ends_at(fileobj, start + declared + (declared & 1), size))
-    finally:
-        fileobj.seek(at)
-    if not short:
-        return snd, fileobj
-    width = _RAW_WIDTH.get(snd.subtype)
-    frame_bytes = (width or 0) * snd.channels
     why = ("no audio (a recorder stopped before finishing the file?)" if declared == 0 else
            "its size unknown" if declared == 0xFFFFFFFF else
-           f"{declared} bytes of audio (a size that wrapped past 4 GiB?)" if available >= 2**32
+           f"{declared} bytes of audio (a size that wrapped past 4 GiB)" if end - start >= 2**32
            else f"{declared} bytes of audio")
+    said = f"the header declares {why}; the file holds {end - start} bytes of it"
     if width is not None:
-        view = _Tail(fileobj, start)
+        view = _Tail(fileobj, start, end)
         raw = sf.SoundFile(view, "r", samplerate=snd.samplerate, channels=snd.channels,
                            subtype=snd.subtype, format="RAW", endian="LITTLE")
-        report.problems.append(f"the header declares {why}, the file {available} bytes: "
-                               f"{available // frame_bytes} frames read up to its end")
+        report.problems.append(f"{said}: {raw.frames} frames read")
         snd.close()
         return raw, view
-    if available < 0xFFFFFFFF:
+    if size - start < 0xFFFFFFFF:
         fileobj.seek(0)
         patched = _PatchedHeader(fileobj, {_RIFF_SIZE_AT: _STREAMING_SIZE,
                                            start - 4: _STREAMING_SIZE})
         reopened = open_soundfile(patched)
         if reopened.frames:
-            report.problems.append(f"the header declares {why}, the file {available} bytes: "
-                                   f"{reopened.frames} frames read up to its end")
+            report.problems.append(f"{said}: {reopened.frames} frames read")
             snd.close()
             return reopened, patched
         reopened.close()
-    report.problems.append(f"the header declares {why}, the file {available} bytes: only "
-                           f"what libsndfile reads of {snd.subtype} data was read")
+    report.problems.append(f"{said}: only what libsndfile reads of {snd.subtype} data was read")
     return snd, fileobj
 
 
 # Bytes per sample of the WAV codecs libsndfile also reads as headerless (RAW) samples.
 _RAW_WIDTH = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
               "ULAW": 1, "ALAW": 1}
+# What may follow a WAV's audio besides RIFF chunks: ID3v2 and ID3v1 tags appended by tools.
+_TRAILER_MAGIC = (b"ID3", b"TAG")
+
+
+def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int) -> int | None:
+    """Where a WAV's audio really ends (a file offset), when not where libsndfile would
+    stop reading it; None when the header is to be believed.
+
+    - size 0 ("never finished"): the end of the file;
+    - 0xFFFFFFFF ("unknown"): read on by libsndfile up to 4 GiB, so past that, the end;
+    - in a file of 4 GiB or more, a size that wrapped: the true size is the declared one
+      plus a multiple of 2**32, the largest that fits (what follows, a chunk or a tag, is
+      shorter than 4 GiB);
+    - a size short of the file's by more than a second of audio (``second`` bytes, and at
+      least 64 KiB), where neither a RIFF chunk, an ID3 tag nor zeros (recorders pad files
+      to a block) follow the declared end: the end of the file. Smaller trailers (a tag,
+      a few bytes of garbage) are what tools append, and the header is believed.
+    """
+    available = size - start
+    if declared == 0:  # unless what follows is a chunk or a tag: a file of no audio indeed
+        return size if available > 0 and not _trailer_at(fileobj, start, zeros=False) else None
+    if declared == 0xFFFFFFFF:
+        return size if available > declared else None
+    if declared >= available:
+        return None  # whole, or cut short: libsndfile reads what there is and says so
+    if available >= 2**32:
+        return start + declared + (available - declared) // 2**32 * 2**32
+    if available - declared < max(second, 65_536):
+        return None
+    if any(_trailer_at(fileobj, at) for at in (start + declared, start + declared + 1)):
+        return None  # with a pad byte, or without
+    return size
+
+
+def _trailer_at(fileobj: Any, at: int, zeros: bool = True) -> bool:
+    """Whether what starts at ``at`` is no audio: a RIFF chunk (four printable ASCII
+    characters: ``LIST``, ``id3 ``, ``cue ``), an ID3 tag, or (``zeros``) a block of zeros
+    (recorders pad files to one; where the header declares no audio at all, zeros are
+    silence). True when it cannot be read: the header is then believed."""
+    try:
+        fileobj.seek(at)
+        after = fileobj.read(4096)
+    except OSError:
+        return True
+    return (all(0x20 <= b < 0x7F for b in after[:4]) or after.startswith(_TRAILER_MAGIC)
+            or (zeros and not any(after)))
 
 
 def _file_size(fileobj: Any) -> int | None:
@@ -303,35 +341,23 @@ def _wav_data_chunk(fileobj: Any) -> tuple[int, int] | None:
         return None
 
 
-def _data_ends_at(fileobj: Any, at: int, size: int) -> bool:
-    """Whether the audio may well end at ``at``: the file ends there (give or take a pad
-    byte), a RIFF chunk starts there (``LIST``, ``id3 ``, ``cue ``: four printable ASCII
-    characters and a size that fits), or zeros follow (recorders pad files to a block).
-    Audio rarely looks like either."""
-    if at + 8 > size:
-        return True
-    try:
-        fileobj.seek(at)
-        after = fileobj.read(4096)
-    except OSError:
-        return True  # cannot tell: believe the header
-    chunk = (all(0x20 <= b < 0x7F for b in after[:4])
-             and at + 8 + int.from_bytes(after[4:8], "little") <= size)
-    return chunk or not any(after)
-
-
 class _Tail(ReadView):
-    """``fileobj`` from ``start`` on, as a file of its own (a WAV's samples, read as RAW)."""
+    """Bytes ``start`` to ``end`` of ``fileobj`` as a file of their own (a WAV's samples,
+    read as RAW)."""
 
-    def __init__(self, fileobj: Any, start: int) -> None:
+    def __init__(self, fileobj: Any, start: int, end: int) -> None:
         super().__init__(fileobj)
-        self._start = start
+        self._start, self._end = start, end
         fileobj.seek(start)
 
+    def read(self, size: int = -1) -> bytes:
+        left = max(0, self._end - self._raw.tell())
+        return super().read(left if size is None or size < 0 else min(size, left))
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            offset += self._start
-        return max(0, self._raw.seek(offset, whence) - self._start)
+        base = {io.SEEK_SET: self._start, io.SEEK_CUR: self._raw.tell(),
+                io.SEEK_END: self._end}[whence]
+        return self._raw.seek(max(self._start, base + offset)) - self._start
 
     def tell(self) -> int:
         return self._raw.tell() - self._start
@@ -420,7 +446,7 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: Dec
                 log.warning("partial decode (%s)", report.problems[-1])
                 return
             if block.shape[0] == 0:
-                if isinstance(fileobj, CheckedOggReader) and fileobj.chained:
+                if isinstance(fileobj, CheckedOggReader) and fileobj.chains_after():
                     report.problems.append(
                         f"the file chains Ogg streams: the first, "
                         f"{report.frames_decoded / snd.samplerate:.3f} s, was read, those after "

@@ -55,6 +55,8 @@ class CheckedOggReader(ReadView):
         self._opus_preskip: int | None = None
         self._last_eos: bool | None = None  # the last intact page of this run ends its stream
         self._ended = False  # an intact page of this run ended a stream
+        self._eos_end: int | None = None  # file offset past the last end-of-stream page
+        self._serial: bytes | None = None  # the first stream's serial number, once read
         self.damaged_granule: int | None = None
         self.chained = False  # a stream began after one ended: libsndfile reads the first
 
@@ -81,6 +83,24 @@ class CheckedOggReader(ReadView):
         length it claims and nothing else tells (a whole file ends on an end-of-stream page)."""
         return self._last_eos is False and not self.chained
 
+    def chains_after(self) -> bool:
+        """Whether another stream begins after the end-of-stream page read last: libsndfile
+        reads the first of chained streams only. Looks at the bytes after that page when
+        libsndfile's reads stopped short of the next page's header."""
+        if self.chained:
+            return True
+        if self._eos_end is None:
+            return False
+        here = self._raw.tell()
+        try:
+            self._raw.seek(self._eos_end)
+            head = self._raw.read(6)
+        except OSError:
+            return False
+        finally:
+            self._raw.seek(here)
+        return len(head) == 6 and head[:4] == CAPTURE and bool(head[5] & 0x02)
+
     # page parsing
     def _take(self, start: int, data: bytes) -> None:
         if start != self._next:  # a seek: a new run of pages, trusted once one verifies
@@ -106,36 +126,65 @@ class CheckedOggReader(ReadView):
                     self._locked = False
                 pos = found
             if len(buf) - pos < _HEADER or len(buf) - pos < _HEADER + buf[pos + 26]:
+                self._partial_page(buf[pos:])
                 break
             segments = buf[pos + 27:pos + 27 + buf[pos + 26]]
             size = _HEADER + len(segments) + sum(segments)
             if len(buf) - pos < size:
+                self._partial_page(buf[pos:])
                 break
             page = bytearray(buf[pos:pos + size])
             stored = int.from_bytes(page[22:26], "little")
             page[22:26] = bytes(4)
             if page_crc(bytes(page)) == stored:
-                self._intact(page, len(segments))
+                self._intact(page, len(segments), self._next - len(buf) + pos + size)
                 self._locked = True
                 pos += size
             else:
-                if self._locked:
+                if self._locked and self._ours(page):
                     self._damaged()
                 self._locked = False
                 pos += 1  # its length may be what was damaged: look for the next capture
         del buf[:pos]
 
-    def _intact(self, page: bytearray, segments: int) -> None:
-        if page[5] & 0x02 and self._ended:  # header type: beginning of stream, after an end
+    def _ours(self, page: bytes | bytearray) -> bool:
+        """Whether ``page`` belongs to the file's first stream (the one libsndfile decodes),
+        by its serial number; pages after that stream's end never do."""
+        if self._ended:
+            return False
+        if self._serial is None:  # read once, from the file's first page
+            here = self._raw.tell()
+            try:
+                self._raw.seek(0)
+                head = self._raw.read(18)
+            except OSError:
+                head = b""
+            finally:
+                self._raw.seek(here)
+            self._serial = head[14:18] if head[:4] == CAPTURE else b""
+        return not self._serial or page[14:18] == self._serial
+
+    def _partial_page(self, start: bytes | bytearray) -> None:
+        """The run ends inside a page: one that begins a stream after the first ended is a
+        chained stream's (libsndfile's last read may stop there)."""
+        if self._ended and self._locked and len(start) >= 6 and start[5] & 0x02:
             self.chained = True
+
+    def _intact(self, page: bytearray, segments: int, end: int) -> None:
+        """Take an intact page (``end``: the file offset just past it)."""
         self._last_eos = bool(page[5] & 0x04)  # header type: end of stream
-        self._ended = self._ended or self._last_eos
+        if not self._ours(page):  # a chained stream's: on another clock, never decoded
+            # A stream that begins (header type) after the first ended: chained to it.
+            self.chained = self.chained or (self._ended and bool(page[5] & 0x02))
+            return
         granule = int.from_bytes(page[6:14], "little", signed=True)
         if granule != -1:  # -1: no packet ends on this page
             self._granule = granule
         body = bytes(page[_HEADER + segments:])
         if self._opus_preskip is None and body.startswith(b"OpusHead") and len(body) >= 12:
             self._opus_preskip = int.from_bytes(body[10:12], "little")
+        if self._last_eos:
+            self._ended, self._eos_end = True, end
 
     def _damaged(self) -> None:
         if self._granule is None:

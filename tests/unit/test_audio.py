@@ -159,14 +159,20 @@ def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
     assert whole_report.status == "ok" and whole.shape == (clip.shape[0], 2)
     assert np.array_equal(audio, whole)
     assert report.status == "partial" and report.frames_decoded == clip.shape[0]
-    data_bytes = clip.shape[0] * 4
     assert report.problems == [(f"the header declares no audio (a recorder stopped before "
-                                f"finishing the file?), the file {data_bytes} bytes: "
-                                f"{clip.shape[0]} frames read up to its end")]
+                                f"finishing the file?); the file holds {clip.shape[0] * 4} "
+                                f"bytes of it: {clip.shape[0]} frames read")]
     # RIFF's "size unknown" (0xFFFFFFFF) is read to the end too, and is no truncation.
     (tmp_path / "streamed.wav").write_bytes(_wav_bytes(stereo, rate, data_size=0xFFFFFFFF))
     audio, report = decode(tmp_path / "streamed.wav", rate, channels="each")
     assert np.array_equal(audio, whole) and report.status == "ok", report.problems
+    # Sizes of 0 and a chunk after them: no audio indeed.
+    info = b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
+    (tmp_path / "listed.wav").write_bytes(_wav_bytes(stereo[:0], rate, riff_size=0,
+                                                     data_size=0) + info)
+    with pytest.raises(AudioDecodeError) as err:
+        decode(tmp_path / "listed.wav", rate)
+    assert err.value.error_type == "EmptyAudio"
     # Sizes of 0 and really nothing after them: still no audio.
     (tmp_path / "empty.wav").write_bytes(_wav_bytes(stereo[:0], rate, riff_size=0, data_size=0))
     with pytest.raises(AudioDecodeError) as err:
@@ -176,10 +182,10 @@ def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
 
 def test_a_wav_that_declares_less_audio_than_it_holds_is_read_to_its_end(
         real_data: Path, tmp_path: Path) -> None:
-    """A data size that says 100,000 bytes of 67 s (a writer's bug, a size field patched
-    by hand) read 1.1 s, marked ok. What follows the declared end is audio, neither a chunk
-    nor padding, so the file is read to its end, partial, saying so; a file whose data is
-    followed by a chunk or by zeros (recorders pad to a block) is read as declared."""
+    """A data size that says 100,000 bytes of 8 s (a recorder that updates its header as
+    it goes, then stops; a size patched by hand) read 0.8 s, marked ok. More than a second
+    of audio follows the declared end, neither a chunk, a tag nor padding: the file is read
+    to its end, partial, saying so."""
     clip, rate = sf.read(real_data / "opensoundscape/tests/audio/1min.wav", dtype="int16",
                          frames=8 * 32_000, always_2d=True)  # the perch clip is all zeros
     stereo = np.concatenate([clip, clip[::-1]], axis=1)
@@ -189,22 +195,49 @@ def test_a_wav_that_declares_less_audio_than_it_holds_is_read_to_its_end(
     audio, report = decode(tmp_path / "short.wav", rate, channels="each")
     assert np.array_equal(audio, whole) and report.frames_decoded == clip.shape[0]
     assert report.status == "partial" and report.format == "WAV/PCM_16"
-    assert report.problems == [(f"the header declares 100000 bytes of audio, the file "
-                                f"{clip.shape[0] * 4} bytes: {clip.shape[0]} frames read up to "
-                                "its end")]
-    # The declared end followed by a chunk, or by a block of zeros: as declared.
-    head = stereo[: len(stereo) // 2]
-    tail_chunk = b"id3 " + (6).to_bytes(4, "little") + b"ID3abc"
-    for name, after in (("chunk.wav", tail_chunk), ("padded.wav", bytes(4096))):
-        (tmp_path / name).write_bytes(_wav_bytes(head, rate) + after)
-        audio, report = decode(tmp_path / name, rate, channels="each")
-        assert report.status == "ok" and report.frames_decoded == len(head), (name, report)
+    assert report.problems == [(f"the header declares 100000 bytes of audio; the file holds "
+                                f"{clip.shape[0] * 4} bytes of it: {clip.shape[0]} frames read")]
+
+
+def _odd_wav(rate: int) -> bytes:
+    """A mono 8-bit WAV of an odd number of samples whose writer left out the pad byte."""
+    data = bytes(range(1, 256)) * 41  # 10,455 bytes
+    fmt = (b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
+           + (1).to_bytes(2, "little") + rate.to_bytes(4, "little") + rate.to_bytes(4, "little")
+           + (1).to_bytes(2, "little") + (8).to_bytes(2, "little"))
+    body = b"WAVE" + fmt + b"data" + len(data).to_bytes(4, "little") + data
+    return b"RIFF" + (len(body) + 14).to_bytes(4, "little") + body
+
+
+@pytest.mark.parametrize(("name", "after"), [
+    ("a chunk", b"id3 " + (6).to_bytes(4, "little") + b"ID3abc"),
+    ("a block of zeros", bytes(4096)),
+    ("zeros, then a chunk", bytes(1000) + b"LIST" + (4).to_bytes(4, "little") + b"INFO"),
+    ("a chunk cut short", b"LIST" + (9999).to_bytes(4, "little") + b"INFO"),
+    ("an ID3v1 tag", b"TAG" + bytes(range(125))),
+    ("an ID3v2 tag with a cover", b"ID3\x03\x00\x00" + bytes(range(1, 256)) * 400),
+    ("bytes of garbage", bytes(range(1, 201))),
+    ("no pad byte, then a chunk", None)])
+def test_what_tools_append_after_a_wavs_audio_is_not_read_as_audio(
+        real_data: Path, tmp_path: Path, name: str, after: bytes | None) -> None:
+    """A chunk, a tag, padding or a few bytes after the data, as tools and recorders leave
+    them: the header is believed (each was read as audio, partial, for a while)."""
+    if after is None:
+        data = _odd_wav(8000) + b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
+        frames = 10_455
+    else:
+        clip, rate = sf.read(real_data / "opensoundscape/tests/audio/1min.wav", dtype="int16",
+                             frames=4 * 32_000, always_2d=True)
+        data, frames = _wav_bytes(clip, rate) + after, len(clip)
+    (tmp_path / "tagged.wav").write_bytes(data)
+    _, report = decode(tmp_path / "tagged.wav")
+    assert report.status == "ok" and report.frames_decoded == frames, (name, report.problems)
 
 
 def test_a_compressed_wav_that_declares_too_little_is_read_to_its_end(tmp_path: Path) -> None:
     """IMA ADPCM cannot be read as headerless samples: under 4 GiB libsndfile reads it to
     the end through a header that says "size unknown"."""
-    tone = (0.5 * np.sin(np.arange(3 * 16_000) / 10)).astype(np.float32)
+    tone = (0.5 * np.sin(np.arange(12 * 16_000) / 10)).astype(np.float32)  # > 64 KiB
     sf.write(tmp_path / "whole.wav", tone, 16_000, subtype="IMA_ADPCM")
     data = bytearray((tmp_path / "whole.wav").read_bytes())
     at = data.find(b"data") + 4
@@ -213,7 +246,7 @@ def test_a_compressed_wav_that_declares_too_little_is_read_to_its_end(tmp_path: 
     whole, _ = decode(tmp_path / "whole.wav")
     audio, report = decode(tmp_path / "short.wav")
     assert np.array_equal(audio, whole) and report.status == "partial"
-    assert report.problems[0].startswith("the header declares 4096 bytes of audio, the file ")
+    assert report.problems[0].startswith("the header declares 4096 bytes of audio; the file holds ")
 
 
 class _VirtualWav:
@@ -221,15 +254,17 @@ class _VirtualWav:
     and data sizes are those a writer that wraps them modulo 2**32 leaves, then samples
     ``k % 30011`` (left) and ``-(k % 30011)`` (right) of frame ``k``. Over 4 GiB, on no disk."""
 
-    def __init__(self, size: int, rate: int = 8000, data_size: int | None = None) -> None:
-        self.size, self.pos = size, 0
+    def __init__(self, size: int, rate: int = 8000, data_size: int | None = None,
+                 trailer: bytes = b"") -> None:
+        self.size, self.pos, self.trailer = size + len(trailer), 0, trailer
+        self.data_end = size
         fmt = (b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
                + (2).to_bytes(2, "little") + rate.to_bytes(4, "little")
                + (rate * 4).to_bytes(4, "little") + (4).to_bytes(2, "little")
                + (16).to_bytes(2, "little"))
         self.data_at = 12 + len(fmt) + 8
         data = size - self.data_at
-        self.header = (b"RIFF" + ((size - 8) % 2**32).to_bytes(4, "little") + b"WAVE" + fmt
+        self.header = (b"RIFF" + ((self.size - 8) % 2**32).to_bytes(4, "little") + b"WAVE" + fmt
                        + b"data" + (data % 2**32 if data_size is None else data_size
                                     ).to_bytes(4, "little"))
 
@@ -238,13 +273,15 @@ class _VirtualWav:
         out = bytearray()
         if self.pos < self.data_at:
             out += self.header[self.pos : min(end, self.data_at)]
-        first = max(self.pos, self.data_at)
-        if first < end:
-            frames = np.arange((first - self.data_at) // 4, (end - self.data_at + 3) // 4)
+        first, last = max(self.pos, self.data_at), min(end, self.data_end)
+        if first < last:
+            frames = np.arange((first - self.data_at) // 4, (last - self.data_at + 3) // 4)
             left = (frames % 30011).astype("<i2")
             pcm = np.stack([left, -left], axis=1).tobytes()
             skip = (first - self.data_at) % 4
-            out += pcm[skip : skip + end - first]
+            out += pcm[skip : skip + last - first]
+        if end > self.data_end:
+            out += self.trailer[max(0, self.pos - self.data_end) : end - self.data_end]
         buffer[: len(out)] = out
         self.pos = end
         return len(out)
@@ -261,20 +298,24 @@ class _VirtualWav:
         return self.pos
 
 
-@pytest.mark.parametrize(("data_size", "believed", "why"), [
+@pytest.mark.parametrize(("data_size", "believed", "why", "trailer"), [
     (None, 4_500_000_000 % 2**32, (f"{4_500_000_000 % 2**32} bytes of audio (a size that "
-                                   "wrapped past 4 GiB?)")),
-    (0xFFFFFFFF, 0xFFFFFFFF, "its size unknown"),
-    (0, 0, "no audio (a recorder stopped before finishing the file?)")])
+                                   "wrapped past 4 GiB)"), b""),
+    (None, 4_500_000_000 % 2**32, (f"{4_500_000_000 % 2**32} bytes of audio (a size that "
+                                   "wrapped past 4 GiB)"),
+     b"LIST" + (12).to_bytes(4, "little") + b"INFOICMT" + bytes(4)),
+    (0xFFFFFFFF, 0xFFFFFFFF, "its size unknown", b""),
+    (0, 0, "no audio (a recorder stopped before finishing the file?)", b"")])
 def test_a_wav_past_4_gib_is_read_to_its_end(data_size: int | None, believed: int,
-                                              why: str) -> None:
+                                              why: str, trailer: bytes) -> None:
     """A 4.5 GB WAV whose writer wrapped its 32-bit sizes read as its first 205 MB, ok;
     with "size unknown" (0xFFFFFFFF) or never finished (0) as its first 4 GiB. The samples
-    are read up to the end of the file. Checked on a file made on the fly: its last frames
-    come out of the decoder as they were made."""
+    are read up to the end of the audio (a wrapped size: the declared one plus the most
+    4 GiBs that fit, a chunk after them left out). Checked on a file made on the fly: its
+    last frames come out of the decoder as they were made."""
     from pipeline.audio import _wav_to_its_end, open_soundfile
 
-    source = _VirtualWav(4_500_000_044, data_size=data_size)
+    source = _VirtualWav(4_500_000_044, data_size=data_size, trailer=trailer)
     report = DecodeReport()
     snd = open_soundfile(source)
     assert snd.frames == believed // 4  # what libsndfile believes
@@ -286,8 +327,7 @@ def test_a_wav_past_4_gib_is_read_to_its_end(data_size: int | None, believed: in
     k = np.arange(snd.frames - 3, snd.frames) % 30011
     assert np.array_equal(last, np.stack([k, -k], axis=1))
     assert report.problems == [
-        (f"the header declares {why}, the file 4500000000 bytes: 1125000000 frames read up to "
-         "its end")]
+        f"the header declares {why}; the file holds 4500000000 bytes of it: 1125000000 frames read"]
 
 
 @pytest.mark.parametrize(("rate", "frames"), [(48_000, 2 * 48_000 + 100), (16_000, 2 * 16_000 + 33),
@@ -373,6 +413,48 @@ def test_chained_ogg_streams_are_said_as_such(real_data: Path, tmp_path: Path,
     assert np.array_equal(audio, first) and report.status == "partial"
     said = f"the file chains Ogg streams: the first, {whole.duration_s:.3f} s, was read, "
     assert report.problems == [said + "those after it were not"]
+
+
+def test_damage_in_a_chained_stream_does_not_cut_the_first(real_data: Path,
+                                                           tmp_path: Path) -> None:
+    """The second stream's granules restart at 0: a damaged page in it was taken for
+    damage in the first, which was cut at half its length."""
+    from pipeline.ogg import page_crc
+
+    data = (real_data / f"{PERCH}.opus").read_bytes()
+    second, at = bytearray(), 0
+    while at < len(data):  # the same stream under another serial number, then one byte hit
+        segments = data[at + 27 : at + 27 + data[at + 26]]
+        page = bytearray(data[at : at + 27 + len(segments) + sum(segments)])
+        page[14:18], page[22:26] = b"\x07\x07\x07\x07", bytes(4)
+        page[22:26] = page_crc(bytes(page)).to_bytes(4, "little")
+        second += page
+        at += len(page)
+    second[len(second) // 2] ^= 0xFF
+    (tmp_path / "chained.opus").write_bytes(data + bytes(second))
+    first, report = decode(real_data / f"{PERCH}.opus")
+    audio, chained = decode(tmp_path / "chained.opus")
+    assert np.array_equal(audio, first)
+    said = f"the file chains Ogg streams: the first, {report.duration_s:.3f} s, was read, "
+    assert chained.problems == [said + "those after it were not"]
+
+
+@pytest.mark.parametrize("extra", [0, 10, 30])
+def test_a_chained_stream_is_seen_however_little_of_it_was_read(real_data: Path,
+                                                                extra: int) -> None:
+    """libsndfile's last read may stop anywhere after the first stream's end: before the
+    next page (nothing of it read), or inside its header. Either way the next stream is seen."""
+    import io
+
+    from pipeline.ogg import CheckedOggReader
+
+    data = (real_data / f"{PERCH}.ogg").read_bytes()
+    reader = CheckedOggReader(io.BytesIO(data + data))
+    assert len(reader.read(len(data) + extra)) == len(data) + extra
+    assert reader.chains_after() and not reader.cut_short()
+    alone = CheckedOggReader(io.BytesIO(data))
+    alone.read(len(data))
+    assert not alone.chains_after()
 
 
 def test_an_mp3_decodes_the_same_in_any_block_size(real_data: Path, tmp_path: Path) -> None:
