@@ -27,6 +27,7 @@ from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
     CheckpointMismatchError,
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # what a stopped run left is in its record, and resumes
+        print("embed-archive: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except JobAborted as err:
         print(f"embed-archive: stopped: {err}", file=sys.stderr)
         return EXIT_ABORTED

@@ -13,6 +13,7 @@ EXIT_FAILURE = 1  # the job itself failed
 EXIT_CONFIG = 2  # refused before any work: config, inputs, model, weights, or a busy namespace
 EXIT_SOME_FAILED = 3  # done, and some recordings are in the errors table
 EXIT_ABORTED = 4  # stopped by run.max_failed_fraction
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), as a shell reports it
 
 
 class PipelineError(Exception):

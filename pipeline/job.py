@@ -48,6 +48,7 @@ from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
     ConfigError,
@@ -173,26 +174,21 @@ class _Committer:
         self._commit, self._record, self._check = commit, record, check
         self._pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
         self._futures: dict[Future[ShardOutcome], str] = {}
-        self._recorded: set[Future[ShardOutcome]] = set()  # until close: see _record_once
         self._lock = threading.Lock()
         self.stopping = threading.Event()
 
     def submit(self, progress: ShardProgress) -> None:
         while len(self._futures) >= 3 * COMMIT_THREADS:
             self.collect(wait="first")
-        future = self._pool.submit(self._commit, progress, self.stopping)
+        future = self._pool.submit(self._commit_and_record, progress)
         self._futures[future] = progress.shard_id
-        future.add_done_callback(self._record_once)
 
-    def _record_once(self, future: Future[ShardOutcome]) -> None:
-        """Record a commit that succeeded, once: from its thread as it ends, or from the
-        driver's if the driver saw it done first."""
-        if future.cancelled() or future.exception() is not None:
-            return
+    def _commit_and_record(self, progress: ShardProgress) -> ShardOutcome:
+        """On a commit thread: commit, then record it, before anyone can see it done."""
+        outcome = self._commit(progress, self.stopping)
         with self._lock:
-            if future not in self._recorded:
-                self._recorded.add(future)
-                self._record(future.result())
+            self._record(outcome)
+        return outcome
 
     def collect(self, wait: str | None = None) -> None:
         """Take the finished commits (``wait``: ``first`` for at least one, ``all``);
@@ -206,7 +202,6 @@ class _Committer:
             if future.exception() is not None:
                 self.stopping.set()
                 future.result()  # raises it
-            self._record_once(future)
         if done:
             with self._lock:
                 self._check()
@@ -226,18 +221,16 @@ class _Committer:
         self._record_finished()
 
     def _record_finished(self) -> None:
-        """Record what the pool finished after the driver stopped collecting; log failures."""
+        """Log the commits that failed after the driver stopped collecting (those that
+        succeeded recorded themselves)."""
         for future, shard in self._futures.items():
             if future.cancelled():
                 continue
             failure = future.exception()
-            if failure is None:
-                self._record_once(future)
-            elif not isinstance(failure, _CommitStopped):
+            if failure is not None and not isinstance(failure, _CommitStopped):
                 log.error("shard %s was not committed: %s: %s", shard,
                           type(failure).__name__, failure)
         self._futures.clear()
-        self._recorded.clear()
 
 
 class EmbeddingJob:
@@ -841,7 +834,10 @@ class EmbeddingJob:
             raise
         except (KeyboardInterrupt, SystemExit) as err:
             # Ray's driver turns SIGTERM (`embed-archive stop`, a scheduler) into SystemExit.
-            summary.status, summary.exit_code = "stopped", EXIT_FAILURE
+            # The exit status the process ends with: Ray's handler exits 15, the CLI 130.
+            summary.status = "stopped"
+            summary.exit_code = (EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else
+                                 err.code if isinstance(err.code, int) else EXIT_FAILURE)
             summary.message = (
                 "interrupted (SIGINT)" if isinstance(err, KeyboardInterrupt) else
                 "stopped by SIGTERM (`embed-archive stop`, or a scheduler)"
@@ -856,22 +852,33 @@ class EmbeddingJob:
             try:
                 self._write_job_record(summary, final=True)
             finally:
-                self._lease.release()
-                self.prepared = False  # a second run() prepares (and takes the lease) again
+                try:
+                    self._lease.release()
+                finally:
+                    self.prepared = False  # a second run() prepares (and the lease) again
+                    self._stop_ray()
         return summary
 
     def _run_shards(self, summary: JobSummary, started: float) -> None:
         import ray
 
-        owns_ray = connect_ray(self.cfg) or self._owns_ray
-        try:
-            plan = self._compute_plan(ray.cluster_resources())
-            self._configure_data_context(plan)
-            log.info("compute: %s", plan)
-            self._stream(summary, started, plan)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+        self._owns_ray = connect_ray(self.cfg) or self._owns_ray  # run() stops it, last
+        plan = self._compute_plan(ray.cluster_resources())
+        self._configure_data_context(plan)
+        log.info("compute: %s", plan)
+        self._stream(summary, started, plan)
+
+    def _stop_ray(self) -> None:
+        """Stop the local Ray this job started, after its record is final and its lease
+        released: a SIGTERM sent to the whole process group (``timeout``, a scheduler's
+        cancel) kills Ray's processes with the driver, and ``ray.shutdown()`` then aborts
+        the driver; one during the shutdown kills it outright. Either used to leave the
+        job's record "running", its commits uncounted, and its lease held."""
+        if self._owns_ray:
+            import ray
+
+            self._owns_ray = False
+            ray.shutdown()
 
     def _stream(self, summary: JobSummary, started: float, plan: ComputePlan) -> None:
         """Stream every shard through one Ray Data execution; commit each shard the moment

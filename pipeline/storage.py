@@ -367,49 +367,62 @@ def retry(
 
 
 def reach(fs: Any, path: str, shown: str, call: Callable[[], T] | None = None) -> T | None:
-    """A job's first contact with a store, before any work. A store the job cannot connect
-    to at all at its start (no such host, connection refused, no answer to the connect) is
-    a network or endpoint set wrong far more often than an outage: such a failure is raised
-    at once, after the storage library's own retries (gcsfs, botocore and s3fs each retry a
-    connection for seconds to half a minute) and without six rounds of :func:`retry` on top,
-    which made an unresolvable bucket fail after four minutes and a closed port after 75 s.
-    A store that answered (a 503, a reset) is retried as any call is.
+    """A job's first contact with a store, before any work: fails at once when no
+    connection could be made at all (no such host, connection refused, no answer to the
+    connect, a TLS handshake refused), which at a job's start is a network, an endpoint or
+    a certificate set wrong far more often than an outage. gcsfs, botocore and s3fs retry
+    such a connection for seconds to half a minute themselves; six rounds of :func:`retry`
+    on top made an unresolvable bucket fail after four minutes and a closed port after
+    75 s. A store whose library does not retry (http) gets those rounds as before.
 
-    ``call``: the first call to make (returned), when not ``fs.exists(path)``.
+    ``call``: the first call to make, returned, with its errors (retried when transient);
+    without one, ``fs.info(path)`` is the probe, and whatever else it meets (nothing there,
+    a 403, a 503) is left to the calls after it, which say what it means.
 
     Raises:
-        StorageError: no connection could be made, or retries ran out.
-        Exception: any other error, unchanged (callers say what a missing path means).
+        StorageError: no connection could be made, or ``call``'s retries ran out.
+        Exception: ``call``'s other errors, unchanged.
     """
     def first() -> Any:
         if call is not None:
             return call()
-        fs.exists(path)
+        fs.info(path)  # exists() of s3fs swallows every error on a bucket's root
         return None
 
     try:
         return first()
     except Exception as err:
-        if no_connection(err):
+        if no_connection(err) and _retries_connections(fs):
             raise StorageError(redact_text(
                 f"cannot reach {shown}: {type(err).__name__}: {err} (no connection could be "
-                "made, before any work; check the endpoint and the network)")) from err
+                "made, before any work; check the endpoint, the network and TLS)")) from err
+        if call is None:
+            return None
         if not is_transient(err):
             raise
     return retry(first, what=f"reach {shown}")
 
 
-# What no connection could be made looks like: botocore, urllib3, aiohttp (gcsfs), sockets.
+# What no connection could be made looks like (classes and their bases): botocore, urllib3,
+# aiohttp (gcsfs), ssl, sockets.
 _NO_CONNECTION_NAMES = frozenset({
     "EndpointConnectionError", "ConnectTimeoutError", "NewConnectionError",
-    "NameResolutionError", "ClientConnectorError", "ClientConnectorDNSError",
-    "ConnectionTimeoutError", "gaierror"})
+    "NameResolutionError", "ClientConnectorError", "ConnectionTimeoutError", "gaierror",
+    "ConnectionRefusedError", "SSLError", "SSLCertVerificationError", "CertificateError"})
+# Stores whose client library retries a failed connection itself.
+_RETRYING_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"})
 
 
 def no_connection(err: BaseException) -> bool:
     """Whether ``err`` (or an error it came from) says no connection could be made at all."""
-    return any(isinstance(e, ConnectionRefusedError) or type(e).__name__ in _NO_CONNECTION_NAMES
-               for e in _error_chain(err))
+    return any(c.__name__ in _NO_CONNECTION_NAMES
+               for e in _error_chain(err) for c in type(e).__mro__)
+
+
+def _retries_connections(fs: Any) -> bool:
+    protocol = getattr(fs, "protocol", "")
+    protocols = {protocol} if isinstance(protocol, str) else set(protocol)
+    return bool(protocols & _RETRYING_PROTOCOLS)
 
 
 class ReadView:

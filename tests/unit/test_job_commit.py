@@ -214,8 +214,8 @@ def test_a_commit_is_recorded_when_it_ends_and_its_budget_checked_by_the_driver(
     assert sorted(commits.recorded) == ["s00", "s01", "s02"]  # each once
 
 
-def test_each_commit_is_recorded_once_whoever_sees_it_first() -> None:
-    """The commit's thread and the driver's collect() race to record a commit that ended."""
+def test_each_commit_is_recorded_once_whatever_the_driver_collects() -> None:
+    """A commit records itself on its thread before it is done; collect() never does."""
     commits = SlowCommits(0.0)
     committer = job_mod._Committer(commits.commit, commits.record, commits.check)
     for k in range(300):

@@ -896,28 +896,41 @@ def test_a_summary_counts_the_error_rows_earlier_runs_left() -> None:
                                               variant="v").render()
 
 
-@pytest.mark.parametrize(("stop", "said"), [
-    (SystemExit(15), "stopped by SIGTERM (`embed-archive stop`, or a scheduler)"),
-    (KeyboardInterrupt(), "interrupted (SIGINT)")])
+@pytest.mark.parametrize(("stop", "said", "code"), [
+    (SystemExit(15), "stopped by SIGTERM (`embed-archive stop`, or a scheduler)", 15),
+    (KeyboardInterrupt(), "interrupted (SIGINT)", 130)])
 def test_a_stopped_run_is_recorded_as_stopped_not_failed(
         archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        stop: BaseException, said: str) -> None:
+        stop: BaseException, said: str, code: int) -> None:
     """Ray's driver turns SIGTERM (`embed-archive stop`, a scheduler) into SystemExit(15):
-    the job record and `inspect` said "failed: SystemExit: 15"."""
+    the job record and `inspect` said "failed: SystemExit: 15". The record is final, and
+    the lease released, before the job stops the Ray it started: a SIGTERM to the whole
+    process group kills Ray with the driver, and `ray.shutdown()` then aborted the driver
+    before either (the record stayed "running", its commits uncounted)."""
     import json
 
     from pipeline.catalog import load_catalog, render
 
     j = job(archive, tmp_path)
+    j._owns_ray = True
+    done: list[str] = []
+    record_path = tmp_path / "out" / "_jobs" / f"{j.job_id}.json"
 
     def stopped(*_: Any) -> None:
         raise stop
 
+    def stop_ray() -> None:
+        record = json.loads(record_path.read_text())
+        done.append(f"ray stopped, record {record['summary']['status']}, lease "
+                    f"{'held' if j._lease._held else 'released'}")
+
     monkeypatch.setattr(j, "_run_shards", stopped)
+    monkeypatch.setattr(j, "_stop_ray", stop_ray)
     with pytest.raises(type(stop)):
         j.run()
-    record = json.loads((tmp_path / "out" / "_jobs" / f"{j.job_id}.json").read_text())
-    assert (record["summary"]["status"], record["summary"]["message"]) == ("stopped", said)
+    assert done == ["ray stopped, record stopped, lease released"]
+    summary = json.loads(record_path.read_text())["summary"]
+    assert (summary["status"], summary["message"], summary["exit_code"]) == ("stopped", said, code)
     assert f"      stopped: {said}" in render(load_catalog(str(tmp_path / "out")))
 
 
@@ -935,21 +948,25 @@ def test_a_store_it_cannot_connect_to_fails_at_once(archive: Path, tmp_path: Pat
     from pipeline.errors import StorageError
 
     class Unreachable(MemoryFileSystem):
+        protocol = ("unreachable", "gs")  # stands for gcsfs, which retries connections itself
         calls = 0
 
-        def exists(self, path: str, **kwargs: Any) -> bool:
+        def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             type(self).calls += 1
             raise ConnectionError("Cannot connect to host storage.example:443") from (
                 socket.gaierror(-2, "Name or service not known"))
 
+        exists = info
+
     class Busy(MemoryFileSystem):
+        protocol = ("busy", "gs")
         calls = 0
 
-        def exists(self, path: str, **kwargs: Any) -> bool:
+        def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             type(self).calls += 1
             if type(self).calls == 1:
                 raise OSError(errno.EBUSY, "503 SlowDown")
-            return super().exists(path, **kwargs)
+            return super().info(path, **kwargs)
 
     protocol = f"unreachable{section}"  # filesystems are cached by protocol
     fsspec.register_implementation(protocol, Unreachable, clobber=True)
