@@ -289,7 +289,8 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int) 
     """
     available = size - start
     if declared == 0:  # unless what follows is a chunk or a tag: a file of no audio indeed
-        return size if available > 0 and not _trailer_at(fileobj, start, zeros=False) else None
+        return (size if available > 0 and not _trailer_at(fileobj, start, size, zeros=False)
+                else None)
     if declared == 0xFFFFFFFF:
         return size if available > declared else None
     if declared >= available:
@@ -298,23 +299,48 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int) 
         return start + declared + (available - declared) // 2**32 * 2**32
     if available - declared < max(second, 65_536):
         return None
-    if any(_trailer_at(fileobj, at) for at in (start + declared, start + declared + 1)):
+    if any(_trailer_at(fileobj, at, size) for at in (start + declared, start + declared + 1)):
         return None  # with a pad byte, or without
     return size
 
 
-def _trailer_at(fileobj: Any, at: int, zeros: bool = True) -> bool:
-    """Whether what starts at ``at`` is no audio: a RIFF chunk (four printable ASCII
-    characters: ``LIST``, ``id3 ``, ``cue ``), an ID3 tag, or (``zeros``) a block of zeros
-    (recorders pad files to one; where the header declares no audio at all, zeros are
-    silence). True when it cannot be read: the header is then believed."""
+def _trailer_at(fileobj: Any, at: int, size: int, zeros: bool = True) -> bool:
+    """Whether what starts at ``at`` is no audio: a RIFF chunk, an ID3 tag, or (``zeros``)
+    zeros (recorders pad files to a block; where the header declares no audio at all,
+    zeros are silence), or zeros and then a chunk or a tag. True when it cannot be read:
+    the header is then believed."""
     try:
         fileobj.seek(at)
         after = fileobj.read(4096)
     except OSError:
         return True
-    return (all(0x20 <= b < 0x7F for b in after[:4]) or after.startswith(_TRAILER_MAGIC)
-            or (zeros and not any(after)))
+    if zeros:
+        first = next((i for i, b in enumerate(after) if b), None)
+        if first is None:
+            return True
+        at, after = at + first, after[first:]
+    return after.startswith(_TRAILER_MAGIC) or _chunk_header(after, at, size)
+
+
+# RIFF chunks found after a WAV's data, by id (8-bit audio often looks like four
+# printable characters, so an id not among them must also give a size that fits the file).
+_KNOWN_CHUNKS = frozenset(
+    s.encode() for s in ("LIST", "id3 ", "ID3 ", "bext", "iXML", "ixml", "cue ", "JUNK",
+                         "junk", "PAD ", "pad ", "FLLR", "filr", "fact", "smpl", "inst",
+                         "acid", "cart", "axml", "aXML", "umid", "DISP", "PEAK", "levl",
+                         "_PMX", "afsp", "MD5 ", "plst", "labl", "note", "ltxt", "chna",
+                         "guan", "GUAN", "minf", "elm1", "regn", "ovwf", "tlst", "SyLp",
+                         "wamd", "olym", "data", "fmt "))
+
+
+def _chunk_header(head: bytes, at: int, size: int) -> bool:
+    """Whether ``head``, read at offset ``at`` of a file of ``size`` bytes, starts a RIFF
+    chunk: a known id, or four printable characters and a size that fits."""
+    if len(head) < 4 or not all(0x20 <= b < 0x7F for b in head[:4]):
+        return False
+    if head[:4] in _KNOWN_CHUNKS:
+        return True
+    return len(head) >= 8 and at + 8 + int.from_bytes(head[4:8], "little") <= size
 
 
 def _file_size(fileobj: Any) -> int | None:

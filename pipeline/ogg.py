@@ -57,6 +57,7 @@ class CheckedOggReader(ReadView):
         self._ended = False  # an intact page of this run ended a stream
         self._eos_end: int | None = None  # file offset past the last end-of-stream page
         self._serial: bytes | None = None  # the first stream's serial number, once read
+        self._after_ours = False  # the last intact page was of the first stream
         self.damaged_granule: int | None = None
         self.chained = False  # a stream began after one ended: libsndfile reads the first
 
@@ -141,7 +142,9 @@ class CheckedOggReader(ReadView):
                 self._locked = True
                 pos += size
             else:
-                if self._locked and self._ours(page):
+                # Its own header may be what was damaged: it is the first stream's when the
+                # intact page before it was (chained streams' pages are never decoded).
+                if self._locked and self._after_ours:
                     self._damaged()
                 self._locked = False
                 pos += 1  # its length may be what was damaged: look for the next capture
@@ -173,7 +176,8 @@ class CheckedOggReader(ReadView):
     def _intact(self, page: bytearray, segments: int, end: int) -> None:
         """Take an intact page (``end``: the file offset just past it)."""
         self._last_eos = bool(page[5] & 0x04)  # header type: end of stream
-        if not self._ours(page):  # a chained stream's: on another clock, never decoded
+        self._after_ours = self._ours(page)
+        if not self._after_ours:  # a chained stream's: on another clock, never decoded
             # A stream that begins (header type) after the first ended: chained to it.
             self.chained = self.chained or (self._ended and bool(page[5] & 0x02))
             return

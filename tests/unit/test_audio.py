@@ -217,6 +217,10 @@ def _odd_wav(rate: int) -> bytes:
     ("an ID3v1 tag", b"TAG" + bytes(range(125))),
     ("an ID3v2 tag with a cover", b"ID3\x03\x00\x00" + bytes(range(1, 256)) * 400),
     ("bytes of garbage", bytes(range(1, 201))),
+    ("zeros, then an ID3v2 tag with a cover", bytes(512) + b"ID3\x03\x00\x00"
+     + bytes(range(1, 256)) * 1200),
+    ("zeros, then a large chunk", bytes(2) + b"id3 " + (306_000).to_bytes(4, "little")
+     + bytes(range(1, 256)) * 1200),
     ("no pad byte, then a chunk", None)])
 def test_what_tools_append_after_a_wavs_audio_is_not_read_as_audio(
         real_data: Path, tmp_path: Path, name: str, after: bytes | None) -> None:
@@ -377,6 +381,20 @@ def test_a_damaged_ogg_page_stops_the_decode_where_intact_pages_end(
         edge = 0 if report.source_sample_rate_hz == 16_000 else 1_600  # 0.1 s
         n = audio.shape[0] - edge
         assert np.abs(audio[:n] - clean[:n]).max() < 1e-6
+
+
+def test_a_damaged_serial_number_is_damage_too(real_data: Path, tmp_path: Path) -> None:
+    """A page whose checksum fails is the first stream's when the page before it was, even
+    if the damage is in its serial number (taken for another stream's, it was ignored: ok,
+    the audio after it early)."""
+    data = bytearray((real_data / f"{PERCH}.ogg").read_bytes())
+    at = 0
+    for _ in range(6):
+        at += 27 + data[at + 26] + sum(data[at + 27 : at + 27 + data[at + 26]])
+    data[at + 15] ^= 0x5A
+    (tmp_path / "serial.ogg").write_bytes(bytes(data))
+    _, report = decode(tmp_path / "serial.ogg")
+    assert report.status == "partial" and "fails its checksum" in report.problems[0]
 
 
 @pytest.mark.parametrize(("name", "stop_s"), [
