@@ -235,7 +235,8 @@ def _wav_to_its_end(snd: sf.SoundFile, fileobj: Any,
             return snd, fileobj
         start, declared = chunk
         end = _audio_end(fileobj, start, declared, size,
-                         second=snd.samplerate * snd.channels * (width or 1))
+                         second=snd.samplerate * snd.channels * (width or 1),
+                         eight_bit=width == 1)
     finally:
         fileobj.seek(at)
     if end is None:
@@ -269,11 +270,12 @@ def _wav_to_its_end(snd: sf.SoundFile, fileobj: Any,
 # Bytes per sample of the WAV codecs libsndfile also reads as headerless (RAW) samples.
 _RAW_WIDTH = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
               "ULAW": 1, "ALAW": 1}
-# What may follow a WAV's audio besides RIFF chunks: ID3v2 and ID3v1 tags appended by tools.
-_TRAILER_MAGIC = (b"ID3", b"TAG")
+# What may follow a WAV's audio besides RIFF chunks: ID3v2, ID3v1 and APEv2 tags tools append.
+_TRAILER_MAGIC = (b"ID3", b"TAG", b"APETAGEX")
 
 
-def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int) -> int | None:
+def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int,
+               eight_bit: bool = False) -> int | None:
     """Where a WAV's audio really ends (a file offset), when not where libsndfile would
     stop reading it; None when the header is to be believed.
 
@@ -289,8 +291,8 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int) 
     """
     available = size - start
     if declared == 0:  # unless what follows is a chunk or a tag: a file of no audio indeed
-        return (size if available > 0 and not _trailer_at(fileobj, start, size, zeros=False)
-                else None)
+        return (size if available > 0
+                and not _trailer_at(fileobj, start, size, eight_bit, zeros=False) else None)
     if declared == 0xFFFFFFFF:
         return size if available > declared else None
     if declared >= available:
@@ -299,16 +301,18 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int) 
         return start + declared + (available - declared) // 2**32 * 2**32
     if available - declared < max(second, 65_536):
         return None
-    if any(_trailer_at(fileobj, at, size) for at in (start + declared, start + declared + 1)):
+    if any(_trailer_at(fileobj, at, size, eight_bit)
+           for at in (start + declared, start + declared + 1)):
         return None  # with a pad byte, or without
     return size
 
 
-def _trailer_at(fileobj: Any, at: int, size: int, zeros: bool = True) -> bool:
-    """Whether what starts at ``at`` is no audio: a RIFF chunk, an ID3 tag, or (``zeros``)
-    zeros (recorders pad files to a block; where the header declares no audio at all,
-    zeros are silence), or zeros and then a chunk or a tag. True when it cannot be read:
-    the header is then believed."""
+def _trailer_at(fileobj: Any, at: int, size: int, eight_bit: bool,
+                zeros: bool = True) -> bool:
+    """Whether what starts at ``at`` is no audio: a RIFF chunk, a tag (ID3, APE), or
+    (``zeros``) zeros (recorders pad files to a block; where the header declares no audio
+    at all, zeros are silence), or zeros and then a chunk or a tag. True when it cannot be
+    read: the header is then believed."""
     try:
         fileobj.seek(at)
         after = fileobj.read(4096)
@@ -319,11 +323,12 @@ def _trailer_at(fileobj: Any, at: int, size: int, zeros: bool = True) -> bool:
         if first is None:
             return True
         at, after = at + first, after[first:]
-    return after.startswith(_TRAILER_MAGIC) or _chunk_header(after, at, size)
+    return after.startswith(_TRAILER_MAGIC) or _chunk_header(after, at, size, eight_bit)
 
 
 # RIFF chunks found after a WAV's data, by id (8-bit audio often looks like four
-# printable characters, so an id not among them must also give a size that fits the file).
+# printable characters: in an 8-bit file an id not among them must also give a size that
+# fits the file).
 _KNOWN_CHUNKS = frozenset(
     s.encode() for s in ("LIST", "id3 ", "ID3 ", "bext", "iXML", "ixml", "cue ", "JUNK",
                          "junk", "PAD ", "pad ", "FLLR", "filr", "fact", "smpl", "inst",
@@ -333,12 +338,13 @@ _KNOWN_CHUNKS = frozenset(
                          "wamd", "olym", "data", "fmt "))
 
 
-def _chunk_header(head: bytes, at: int, size: int) -> bool:
+def _chunk_header(head: bytes, at: int, size: int, eight_bit: bool) -> bool:
     """Whether ``head``, read at offset ``at`` of a file of ``size`` bytes, starts a RIFF
-    chunk: a known id, or four printable characters and a size that fits."""
+    chunk: four printable characters (wider samples rarely look so; a chunk may be cut
+    short, or its size count its header), in an 8-bit file a known id or a size that fits."""
     if len(head) < 4 or not all(0x20 <= b < 0x7F for b in head[:4]):
         return False
-    if head[:4] in _KNOWN_CHUNKS:
+    if head[:4] in _KNOWN_CHUNKS or not eight_bit:
         return True
     return len(head) >= 8 and at + 8 + int.from_bytes(head[4:8], "little") <= size
 

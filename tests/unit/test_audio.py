@@ -221,6 +221,9 @@ def _odd_wav(rate: int) -> bytes:
      + bytes(range(1, 256)) * 1200),
     ("zeros, then a large chunk", bytes(2) + b"id3 " + (306_000).to_bytes(4, "little")
      + bytes(range(1, 256)) * 1200),
+    ("an unknown chunk cut short", b"ResU" + (999_999).to_bytes(4, "little")
+     + bytes(range(1, 256)) * 1200),
+    ("an APEv2 tag", b"APETAGEX" + bytes(range(1, 256)) * 1200),
     ("no pad byte, then a chunk", None)])
 def test_what_tools_append_after_a_wavs_audio_is_not_read_as_audio(
         real_data: Path, tmp_path: Path, name: str, after: bytes | None) -> None:
