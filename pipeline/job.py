@@ -833,15 +833,16 @@ class EmbeddingJob:
             summary.status, summary.exit_code, summary.message = "aborted", EXIT_ABORTED, str(err)
             raise
         except (KeyboardInterrupt, SystemExit) as err:
-            # Ray's driver turns SIGTERM (`embed-archive stop`, a scheduler) into SystemExit.
-            # The exit status the process ends with: Ray's handler exits 15, the CLI 130.
+            # Recorded with the exit status the process ends with: the CLI's 130 for Ctrl-C;
+            # for SIGTERM (`embed-archive stop`, a scheduler), Ray's handler's SystemExit(15).
             summary.status = "stopped"
-            summary.exit_code = (EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt) else
-                                 err.code if isinstance(err.code, int) else EXIT_FAILURE)
-            summary.message = (
-                "interrupted (SIGINT)" if isinstance(err, KeyboardInterrupt) else
-                "stopped by SIGTERM (`embed-archive stop`, or a scheduler)"
-                if err.code == signal.SIGTERM else f"stopped: SystemExit({err.code!r})")
+            if isinstance(err, KeyboardInterrupt):
+                summary.exit_code, summary.message = EXIT_INTERRUPTED, "interrupted (SIGINT)"
+            else:
+                summary.exit_code = err.code if isinstance(err.code, int) else EXIT_FAILURE
+                summary.message = ("stopped by SIGTERM (`embed-archive stop`, or a scheduler)"
+                                   if err.code == signal.SIGTERM
+                                   else f"stopped: SystemExit({err.code!r})")
             raise
         except BaseException as err:
             summary.status, summary.exit_code = "failed", EXIT_FAILURE
