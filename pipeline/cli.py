@@ -74,17 +74,9 @@ def _refusal(err: Exception) -> str | None:
     if isinstance(err, (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
                         CheckpointMismatchError, NamespaceBusyError)):
         return str(err)
-    if isinstance(err, PermissionError) or type(err).__name__ in _CREDENTIAL_ERRORS:
-        from pipeline.storage import redact_text
+    from pipeline import storage
 
-        return (f"access refused ({type(err).__name__}: {redact_text(str(err))}); check the "
-                "credentials in input.storage_options / output.storage_options or the "
-                "environment")
-    return None
-
-
-_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
-                      "RefreshError")
+    return storage.why(err) if storage.access_refused(err) else None
 
 
 def _parser() -> argparse.ArgumentParser:

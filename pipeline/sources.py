@@ -502,9 +502,11 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     lower = path.lower()
     try:
         data = storage.reach(fs, path, storage.redact_uri(uri), lambda: fs.cat_file(path))
-    except (OSError, ValueError) as err:
+    except Exception as err:
+        if not isinstance(err, (OSError, ValueError)) and not storage.access_refused(err):
+            raise
         raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: "
-                          f"{storage.redact_text(str(err))}", "input.manifest") from None
+                          f"{storage.why(err)}", "input.manifest") from None
     try:
         if lower.endswith(".parquet"):
             return read_parquet_bytes(data)

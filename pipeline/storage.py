@@ -419,6 +419,31 @@ def no_connection(err: BaseException) -> bool:
                for e in _error_chain(err) for c in type(e).__mro__)
 
 
+# What "these credentials may not" or "no credentials found" looks like, whatever the store.
+_CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
+                                "DefaultCredentialsError", "RefreshError"})
+
+
+def access_refused(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it came from) says the store refused these credentials,
+    or found none: a ``PermissionError`` (s3fs's AccessDenied, a local folder), an HTTP 401
+    or 403 (gcsfs, http), a credentials error of botocore or google-auth."""
+    return any(isinstance(e, PermissionError) or type(e).__name__ in _CREDENTIAL_ERRORS
+               or http_status(e) in (401, 403) for e in _error_chain(err))
+
+
+def why(err: BaseException) -> str:
+    """What an I/O error means, in one redacted line: nothing there, access refused (and
+    where credentials go), else the error's type and text."""
+    text = redact_text(f"{type(err).__name__}: {err}")
+    if isinstance(err, FileNotFoundError):
+        return f"no such file or object ({text})"
+    if access_refused(err):
+        return (f"access refused ({text}); check the credentials in input.storage_options / "
+                "output.storage_options or the environment")
+    return text
+
+
 def _retries_connections(fs: Any) -> bool:
     protocol = getattr(fs, "protocol", "")
     protocols = {protocol} if isinstance(protocol, str) else set(protocol)

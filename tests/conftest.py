@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,16 +57,27 @@ def write_tone(path: Path, seconds: float, sample_rate_hz: int = 16_000, channel
 
 
 @contextlib.contextmanager
-def serving(directory: Path) -> Iterator[str]:
+def serving(directory: Path, forbidden: Collection[str] = ()) -> Iterator[str]:
     """Python's http.server on 127.0.0.1 over ``directory`` (no ETag, no ranges, a
-    Last-Modified date): yields its base URL; stopped on exit."""
-    import functools
+    Last-Modified date): yields its base URL; stopped on exit. The files named in
+    ``forbidden`` answer 403."""
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *_: None  # type: ignore[attr-defined]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def send_head(self) -> Any:
+            if self.path.lstrip("/") in forbidden:
+                self.send_error(403, "Forbidden")
+                return None
+            return super().send_head()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

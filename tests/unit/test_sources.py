@@ -260,8 +260,18 @@ def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch,
     class NoCredentialsError(Exception):  # botocore's, by name: the CLI does not import it
         pass
 
+    from gcsfs.retry import HttpError  # gcsfs's (and aiohttp's) carry the status, not a class
+
+    class Wrapped(Exception):
+        pass
+
+    wrapped = Wrapped("listing failed")
+    wrapped.__cause__ = HttpError({"code": 401, "message": "Invalid Credentials"})
     for err in (PermissionError("Forbidden: https://rec.s3.amazonaws.com/a?X-Amz-Signature=s3cr3t"),
-                NoCredentialsError("Unable to locate credentials")):
+                NoCredentialsError("Unable to locate credentials"),
+                HttpError({"code": 403, "message": "x@p.iam.gserviceaccount.com does not have "
+                           "storage.objects.list access to the Google Cloud Storage bucket."}),
+                wrapped):
         def refused(args, err=err):
             raise err
         monkeypatch.setattr(cli, "cmd_run", refused)
@@ -269,6 +279,27 @@ def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch,
         shown = capsys.readouterr().err
         assert shown.startswith("embed-archive: error: access refused") and "s3cr3t" not in shown
         assert shown.count("\n") == 1
+
+    def not_found(args):
+        raise HttpError({"code": 404, "message": "No such object: rec/a.wav"})
+    monkeypatch.setattr(cli, "cmd_run", not_found)
+    with pytest.raises(HttpError):  # not a refusal: the traceback is the report
+        cli.main(["run", "job.yaml"])
+
+
+def test_a_manifest_the_server_refuses_or_lacks_says_so_in_one_line(folder: Path) -> None:
+    """An http manifest answering 403 was a traceback through aiohttp; a 404 said only its
+    URL."""
+    from tests.conftest import serving
+
+    write_manifest(folder, [("a.wav", "x")])
+    with serving(folder, forbidden={"manifest.csv"}) as base:
+        with pytest.raises(ConfigError, match=r"cannot read manifest .*: access refused "
+                                              r"\(ClientResponseError: 403") as err:
+            list_sources(InputConfig(manifest=f"{base}/manifest.csv"))
+        assert err.value.field == "input.manifest"
+        with pytest.raises(ConfigError, match=r"cannot read manifest .*: no such file or object"):
+            list_sources(InputConfig(manifest=f"{base}/other.csv"))
 
 
 # --------------------------------------------------------------------------- given versions
