@@ -148,8 +148,13 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     shown = storage.redact_uri(cfg.uri)
     # Every call is retried: a 503 while listing must not read as "no such input". A path
     # that exists is taken literally, even with glob characters in it ("Site [A]/").
-    storage.reach(fs, path, shown)
-    top = storage.info(fs, path) if storage.exists(fs, path) else None
+    def stat() -> dict[str, Any] | None:
+        try:  # not fs.exists(): s3fs's swallows every error on a bucket's root (a 403)
+            return dict(fs.info(path))
+        except FileNotFoundError:
+            return None
+
+    top = storage.reach(fs, path, shown, stat)
     if top is not None and top.get("type") != "directory":
         infos, root = {path: top}, None
     elif top is None and _has_magic(path):
