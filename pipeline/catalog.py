@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import lease as lease_mod
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.errors import NoInputsError
 from pipeline.layout import (
     TABLES,
@@ -75,7 +75,7 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     fs, root_path = storage.url_to_fs(root, storage_options)
     root_path = root_path.rstrip("/")
     if not storage.exists(fs, root_path):
-        raise NoInputsError(f"{storage.redact_uri(root)}: no such output root")
+        raise NoInputsError(f"{redact.uri(root)}: no such output root")
     # A namespace is wherever a run left a trace: commit markers, a lease (a first run
     # still going, or killed before its first commit) or files (published, never committed).
     found: set[tuple[str, str]] = set()
@@ -94,10 +94,10 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     jobs.sort(key=lambda j: j.get("started_at") or "")
     if not namespaces and not jobs and not any(
             storage.exists(fs, storage.join(root_path, name)) for name in _MARKS):
-        raise NoInputsError(f"{storage.redact_uri(root)} is not an embed-archive output root "
+        raise NoInputsError(f"{redact.uri(root)} is not an embed-archive output root "
                             f"(it holds none of {', '.join(n + '/' for n in _MARKS)}): give "
                             "the folder or prefix a job's output.uri names")
-    return Catalog(root=storage.redact_uri(root), namespaces=namespaces, jobs=jobs)
+    return Catalog(root=redact.uri(root), namespaces=namespaces, jobs=jobs)
 
 
 def _partitions(fs: Any, table_path: str) -> list[str]:

@@ -216,11 +216,11 @@ def cmd_describe_model(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_weights(args: argparse.Namespace) -> int:
+    from pipeline import redact
     from pipeline.models.weights import cache_weights
-    from pipeline.storage import redact_uri
 
     result = cache_weights(args.uri, args.file)
-    print(f"cached {args.file} for {redact_uri(args.uri)}: {result}")
+    print(f"cached {args.file} for {redact.uri(args.uri)}: {result}")
     return 0
 
 

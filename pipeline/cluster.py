@@ -125,9 +125,9 @@ def normalize_address(value: str, source: str) -> str:
 
 
 def _redact(uri: str) -> str:
-    from pipeline.storage import redact_uri
+    from pipeline import redact
 
-    return redact_uri(uri)
+    return redact.uri(uri)
 
 
 # --------------------------------------------------------------------------- token
@@ -286,19 +286,19 @@ def prepare_submission(config_path: str | Path, overrides: Sequence[str], stagin
 def _refuse_secrets_on_the_command_line(overrides: Sequence[str]) -> None:
     """``--set`` items become the entrypoint, which ``status``, ``ray job list`` and the
     dashboard show to anyone who can see the cluster: no secret may travel there."""
-    from pipeline.config import apply_override, plain, redacted
-    from pipeline.storage import redact_text
+    from pipeline import redact
+    from pipeline.config import apply_override, plain
 
     for item in overrides:
         key, _, value = item.partition("=")
         # The value as the config will hold it, so a mapping such as
         # storage_options={key: ..., secret: ...} is searched at every depth; text under a
         # secret-looking key is a secret, a number is not (model.options.max_tokens=8), as
-        # in every record the job writes (config.redacted).
+        # in every record the job writes (redact.settings).
         parsed: dict[str, Any] = {}
         apply_override(parsed, item)
         parsed = plain(parsed)
-        if redact_text(value) != value or redacted(parsed) != parsed:
+        if redact.text(value) != value or redact.settings(parsed) != parsed:
             raise ConfigError(
                 "a secret on the command line would be shown by `status`, `ray job list` and "
                 "the dashboard (so would one passed with --env, in the job's runtime_env); "
@@ -419,8 +419,8 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
         ConfigError: ``extra`` sets ``working_dir``, a shipped directory is missing, or
             ``extra``'s ``env_vars`` carry a secret (as :func:`parse_env` refuses).
     """
+    from pipeline import redact
     from pipeline.provenance import GIT_COMMIT_ENV
-    from pipeline.storage import strings_in
 
     extra = dict(extra or {})
     if "working_dir" in extra:
@@ -432,7 +432,7 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
     for key, value in given.items():  # a runtime_env file is shown as --env is
         _refuse_secret(key, value, f"runtime_env.env_vars.{key}")
     for key, value in extra.items():  # pip: ["git+https://user:token@host/..."]
-        for text in strings_in(value):
+        for text in redact.strings_in(value):
             _refuse_secret("", text, f"runtime_env.{key}")
     env_vars = {GIT_COMMIT_ENV: git_commit, **given, **dict(env or {})}
     excludes = [*DEFAULT_EXCLUDES, *extra.pop("excludes", [])]
@@ -492,10 +492,9 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 
 def _refuse_secret(key: str, value: str, field: str) -> None:
     """Refuse a runtime_env variable that carries a secret (see :func:`parse_env`)."""
-    from pipeline.config import looks_secret
-    from pipeline.storage import redact_text
+    from pipeline import redact
 
-    if (looks_secret(key) and not value.startswith("/")) or redact_text(value) != value:
+    if (redact.looks_secret(key) and not value.startswith("/")) or redact.text(value) != value:
         raise ConfigError(
             "a secret in the job's runtime_env would be shown by the dashboard and `ray "
             "job list`; give the cluster its own identity (Workload Identity, IRSA, an "

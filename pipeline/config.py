@@ -18,14 +18,16 @@ import math
 import re
 import types
 import typing
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from pipeline import redact
 from pipeline.errors import ConfigError
+from pipeline.storage import chained_url_problem
 from pipeline.windows import TAIL_POLICIES
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
@@ -474,7 +476,7 @@ class JobConfig:
 
     def sha256(self) -> str:
         """Hash of the resolved config (secrets excluded), stable across key order."""
-        return hashlib.sha256(canonical_json(redacted(self.to_dict())).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(redact.settings(self.to_dict())).encode()).hexdigest()
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -699,92 +701,10 @@ def _is_safe_token(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_." for c in text) and not text.startswith(".")
 
 
-SECRET_KEY_PARTS = ("secret", "token", "password", "passwd", "passphrase", "key",
-                    "credential", "auth", "session")
-
-
 def _reject_chained_url(uri: str | None, name: str) -> None:
-    from pipeline.storage import chained_url_problem  # local import: storage imports this module
-
     problem = chained_url_problem(uri) if uri else None
     if problem:
         raise ConfigError(problem, name)
-
-
-def redacted(value: Any) -> Any:
-    """Copy of a config mapping with every secret-looking value replaced.
-
-    A text value under a key whose name contains a secret word (``secret``, ``token``,
-    ``key``...), at any depth (storage options, a plugin's options), becomes ``"***"``;
-    numbers stay (``max_tokens: 8`` is no secret, and must still change the config hash).
-    URIs with inline credentials (``s3://KEY:SECRET@bucket``) lose them.
-    """
-    from pipeline.storage import redact_uri  # local import: storage imports this module
-
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if isinstance(v, str) and looks_secret(str(k)):
-                out[k] = "***"
-            else:
-                out[k] = redacted(v)
-        return out
-    if isinstance(value, list):
-        return [redacted(v) for v in value]
-    if isinstance(value, str):
-        return redact_uri(value)
-    return value
-
-
-def variant_options(options: Mapping[str, Any], not_in_variant: Collection[str] = ()) -> Any:
-    """A model's options as its variant records and hashes them, never holding a secret.
-
-    Options the backbone declares irrelevant to its embeddings (a plugin's
-    ``secret_options``: a hub token) are recorded as ``"***"``, so a new token is no new
-    variant. Other text under a secret-looking name is recorded as a salted, slow
-    fingerprint (PBKDF2), not left out: such a name may well change the embeddings
-    (``token_pooling: mean`` vs ``scaled``), and two values must not share a variant.
-    Inline credentials in URIs are dropped, as everywhere.
-    """
-    from pipeline.storage import redact_uri  # local import: storage imports this module
-
-    def walk(value: Any, key: str | None) -> Any:
-        if isinstance(value, Mapping):
-            return {k: walk(v, str(k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, key) for v in value]
-        if isinstance(value, str) and key is not None and looks_secret(key):
-            digest = hashlib.pbkdf2_hmac("sha256", value.encode(), b"embed-archive variant",
-                                         100_000)
-            return f"pbkdf2:{digest.hex()[:32]}"
-        return redact_uri(value) if isinstance(value, str) else value
-
-    return {k: "***" if k in not_in_variant else walk(v, str(k)) for k, v in options.items()}
-
-
-def looks_secret(key: str) -> bool:
-    """Whether a setting's name says its value is a secret, judged word by word
-    (``api_key``, ``hub_token``, ``sessionToken``, ``aws_secret_access_key``,
-    ``credentials``, ``connection_string`` are; ``tokenizer``, ``author``, ``keep_n`` and
-    ``anon`` are not): a name that only contains a secret word (``tokenizer``) names a
-    setting that changes the embeddings, and must stay in the variant and config hashes."""
-    lowered = key.lower()
-    if lowered in ("anon", "key_prefix"):
-        return False
-    if "connectionstring" in re.sub(r"[^a-z0-9]", "", lowered):
-        return True
-    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    for word in words:
-        word = word.rstrip("0123456789")  # HF_TOKEN2, oauth2
-        singular = word.removesuffix("s")  # apikeys, hubtokens
-        if word in SECRET_KEY_PARTS or singular in SECRET_KEY_PARTS:
-            return True
-        if singular.endswith(("key", "token", "secret", "password", "passwd", "auth")):  # apikey
-            return True
-        if (word.startswith(("auth", "session", "credential", "secret", "passw"))  # sessionid
-                and word not in ("author", "authors")):
-            return True
-    return False
 
 
 def canonical_json(value: Any) -> str:

@@ -41,9 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout as layout_mod
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.audio import DecodeSettings
-from pipeline.config import JobConfig, redacted, variant_options
+from pipeline.config import JobConfig
 from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -304,7 +304,7 @@ class EmbeddingJob:
             weights_sha256=self.weights.sha256,
             # No secret is written: options the backbone says never change its embeddings
             # (a plugin's hub token) as "***", other secret-looking text as a fingerprint.
-            model_options=variant_options(cfg.model.options, info.secret_options),
+            model_options=redact.variant_options(cfg.model.options, info.secret_options),
             preprocessing=dict(info.preprocessing),
             sample_rate_hz=info.sample_rate_hz,
             layers=self.layers,
@@ -328,9 +328,9 @@ class EmbeddingJob:
         self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
                                    dict(cfg.output.storage_options))
-        storage.reach(self.layout.fs, self.layout.root_path, storage.redact_uri(cfg.output.uri))
+        storage.reach(self.layout.fs, self.layout.root_path, redact.uri(cfg.output.uri))
         if storage.is_file(self.layout.fs, self.layout.root_path):
-            raise ConfigError(f"{storage.redact_uri(cfg.output.uri)} is a file; the output is a "
+            raise ConfigError(f"{redact.uri(cfg.output.uri)} is a file; the output is a "
                               "folder (or a bucket prefix) of tables", "output.uri")
         if cfg.run.job_id and storage.exists(self.layout.fs, self.layout.job_path(self.job_id)):
             raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
@@ -410,7 +410,7 @@ class EmbeddingJob:
             return ", ".join(f"{k}: {v}" for k, v in columns.items()) or "none"
 
         raise ConfigError(
-            f"the rows already in {storage.redact_uri(self.layout.root)} (model "
+            f"the rows already in {redact.uri(self.layout.root)} (model "
             f"{self.info.name}, variant {self.variant.id}) carry the manifest columns "
             f"[{shown(theirs)}]; this run's would carry [{shown(mine)}]. One namespace needs "
             "one schema for its readers: give the manifest the same columns and types, or "
@@ -781,8 +781,8 @@ class EmbeddingJob:
             storage.remove_empty_dirs(made)
         except storage.NOT_TRANSIENT as err:  # not a full disk, nor an outage: a failure
             raise ConfigError(
-                f"cannot write to {storage.redact_uri(self.cfg.output.uri)}: "
-                f"{type(err).__name__}: {storage.redact_text(str(err))}", "output.uri") from err
+                f"cannot write to {redact.uri(self.cfg.output.uri)}: "
+                f"{type(err).__name__}: {redact.text(str(err))}", "output.uri") from err
 
     def _variant_record_matches(self) -> bool:
         """Whether ``_variants/<id>.json`` is there (False: not yet); refuses one that
@@ -814,7 +814,7 @@ class EmbeddingJob:
         if not self.prepared:
             self.prepare()
         summary = JobSummary(
-            job_id=self.job_id, output_uri=storage.redact_uri(self.cfg.output.uri),
+            job_id=self.job_id, output_uri=redact.uri(self.cfg.output.uri),
             model=self.info.name, variant=self.variant.id, weights=self.weights.uri,
             recordings_listed=len(self.listing.items), recordings_already_done=self.already_done,
             recordings_already_failed=self.already_failed,
@@ -1141,7 +1141,7 @@ class EmbeddingJob:
 
     def _file_provenance(self) -> dict[str, Any]:
         return {**self.provenance.to_dict(), "variant_spec": self.variant.to_dict(),
-                "config": redacted(self.cfg.to_dict())}
+                "config": redact.settings(self.cfg.to_dict())}
 
     def _shard_sources(self) -> ShardSources:
         """Every planned recording's source columns, shard after shard (for the write tasks)."""

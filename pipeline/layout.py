@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class OutputLayout:
 
     def uri(self, path: str) -> str:
         """Full URL of a path on the output filesystem (for messages and markers)."""
-        return storage.redact_uri(storage.full_uri(self.fs, path))
+        return redact.uri(storage.full_uri(self.fs, path))
 
 
 def staging_name(shard_id: str) -> str:

@@ -48,7 +48,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.errors import LeaseLostError, NamespaceBusyError
 from pipeline.layout import OutputLayout, write_json
 
@@ -175,7 +175,7 @@ class NamespaceLease:
                 write_json(self.layout.fs, self.path, self._record())
                 self._renewed = began  # from before the check: a stalled write is no renewal
             except Exception as err:  # noqa: BLE001 - the next beat may get through; check() watches
-                log.warning("lease heartbeat failed: %s", storage.redact_text(str(err)))
+                log.warning("lease heartbeat failed: %s", redact.text(str(err)))
 
     def _silent(self, now: float) -> float | None:
         """Seconds since the last renewal once they are ``STALE_S - HEARTBEAT_S`` or more (a

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError, NoInputsError
 from pipeline.sink import read_parquet_bytes
@@ -126,11 +126,11 @@ def list_sources(cfg: InputConfig) -> Listing:
     """
     if cfg.manifest:
         listing = _list_manifest(cfg)
-        where = f"manifest {storage.redact_uri(cfg.manifest)}"
+        where = f"manifest {redact.uri(cfg.manifest)}"
     else:
         assert cfg.uri is not None
         listing = Listing(items=tuple(_list_uri(cfg)), extras=None)
-        where = storage.redact_uri(cfg.uri)
+        where = redact.uri(cfg.uri)
     if not listing.items and cfg.manifest:
         raise NoInputsError(f"{where} lists no recordings; check input.manifest")
     if not listing.items:
@@ -145,7 +145,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     assert cfg.uri is not None
     fs, path = storage.url_to_fs(cfg.uri, cfg.storage_options)
     exts = {e.lower() for e in cfg.extensions}
-    shown = storage.redact_uri(cfg.uri)
+    shown = redact.uri(cfg.uri)
     # Every call is retried: a 503 while listing must not read as "no such input". A path
     # that exists is taken literally, even with glob characters in it ("Site [A]/").
     def stat() -> dict[str, Any] | None:
@@ -327,7 +327,7 @@ def _check_one_version_each(uris: Sequence[str], versions: Sequence[str]) -> Non
         uri, version = clashes[0]
         raise ConfigError(
             f"manifest gives {len({u for u, _ in clashes})} object(s) two versions in "
-            f"source_version (first: {storage.redact_uri(uri)}: {first[uri]!r} and "
+            f"source_version (first: {redact.uri(uri)}: {first[uri]!r} and "
             f"{version!r}); keep one row per object, with its current version, or leave "
             "source_version empty there to have the object looked up", "input.manifest")
 
@@ -340,7 +340,7 @@ def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        return _unreadable(storage.redact_uri(storage.unsigned_uri(uri)), uri, row, err)
+        return _unreadable(redact.uri(storage.unsigned_uri(uri)), uri, row, err)
     shown = storage.source_uri(fs, path)
     return SourceItem(uri=shown, path=path, size_bytes=size, version=version,
                       recording_id=recording_id(shown, version), row=row)
@@ -472,7 +472,7 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        return _unreadable(storage.redact_uri(storage.unsigned_uri(uri)), uri, row, err)
+        return _unreadable(redact.uri(storage.unsigned_uri(uri)), uri, row, err)
     shown = storage.source_uri(fs, path)
     try:
         info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")
@@ -487,7 +487,7 @@ def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
     """A manifest row whose object cannot be had: an error row, named for its ``err``."""
     return SourceItem(uri=shown, path=path, size_bytes=-1, version=MISSING,
                       recording_id=recording_id(shown, MISSING), row=row,
-                      problem=f"{type(err).__name__}: {storage.redact_text(str(err))}")
+                      problem=f"{type(err).__name__}: {redact.text(str(err))}")
 
 
 def _size(info: dict[str, Any]) -> int:
@@ -506,11 +506,11 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     fs, path = storage.url_to_fs(uri, storage_options)
     lower = path.lower()
     try:
-        data = storage.reach(fs, path, storage.redact_uri(uri), lambda: fs.cat_file(path))
+        data = storage.reach(fs, path, redact.uri(uri), lambda: fs.cat_file(path))
     except Exception as err:
         if not isinstance(err, (OSError, ValueError)) and not storage.access_refused(err):
             raise
-        raise ConfigError(f"cannot read manifest {storage.redact_uri(uri)}: "
+        raise ConfigError(f"cannot read manifest {redact.uri(uri)}: "
                           f"{storage.why(err)}", "input.manifest") from None
     try:
         if lower.endswith(".parquet"):
@@ -520,11 +520,11 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         if lower.endswith((".csv", ".tsv")):
             return _read_csv(data, "\t" if lower.endswith(".tsv") else ",")
     except pa.ArrowInvalid as err:
-        raise ConfigError(f"manifest {storage.redact_uri(uri)} is malformed: "
-                          f"{storage.redact_text(str(err))}",
+        raise ConfigError(f"manifest {redact.uri(uri)} is malformed: "
+                          f"{redact.text(str(err))}",
                           "input.manifest") from None
     raise ConfigError(
-        f"{storage.redact_uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",
+        f"{redact.uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",
         "input.manifest",
     )
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.errors import AudioDecodeError, CheckpointMismatchError
 from pipeline.faults import fault_point
@@ -207,7 +207,7 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     except Exception as err:  # noqa: BLE001 - any failure becomes the recording's error row
         meta = _failure_meta(err, uri)
     # Messages name the object; a signed URL's signature must not reach the errors table.
-    meta["message"] = storage.redact_text(str(meta.get("message", "")))
+    meta["message"] = redact.text(str(meta.get("message", "")))
     if meta["status"] == "error" and counts:
         # Windows already went downstream: keep them, and say the rest was lost.
         meta = {"status": "partial", "stopped_by": meta["error_type"],
@@ -241,10 +241,10 @@ def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
         return {"status": "error", "error_type": type(err).__name__, "message": str(err)}
     # Not log.exception: the traceback would quote the URL unredacted.
     log.error("unexpected error decoding %s: %s", uri,
-              storage.redact_text(f"{type(err).__name__}: {err}"))
+              redact.text(f"{type(err).__name__}: {err}"))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("traceback of that error:\n%s",
-                  storage.redact_text("".join(traceback.format_exception(err))))
+                  redact.text("".join(traceback.format_exception(err))))
     # Not the recording's fault (memory, a worker's environment, a bug): worth a retry.
     return {"status": "error", "error_type": type(err).__name__,
             "message": f"unexpected: {err}", "transient": True}
@@ -393,7 +393,7 @@ class Embedder:
             # cache is stale: its embeddings would land in a variant that names another
             # checkpoint. Failing the actor fails the job; nothing of it gets committed.
             raise CheckpointMismatchError(
-                f"{storage.redact_text(self.backbone.weights.uri)} now has sha256 {loaded_sha}, "
+                f"{redact.text(self.backbone.weights.uri)} now has sha256 {loaded_sha}, "
                 f"but the job was planned (and its output variant named) with "
                 f"{spec.weights_sha256}; rerun to embed with the checkpoint as it is now")
         code = self.backbone.info.preprocessing.get("code")

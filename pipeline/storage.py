@@ -20,11 +20,12 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
 
+from pipeline import redact
 from pipeline.errors import AudioDecodeError, StorageError
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
     """
     problem = chained_url_problem(uri)
     if problem:
-        raise ValueError(f"{redact_uri(uri)}: {problem}")
+        raise ValueError(f"{redact.uri(uri)}: {problem}")
     options = options_for(uri, storage_options)
     protocol = protocol_of(uri)
     try:
@@ -161,39 +162,6 @@ def safe_component(text: str) -> str:
     return cleaned[:120] or "_"
 
 
-# --------------------------------------------------------------------------- redaction
-
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]+)@")
-_SECRET_QUERY = re.compile(r"(?i)(signature|token|secret|key|credential|sig|password)")
-
-
-def redact_uri(uri: str) -> str:
-    """Drop credentials embedded in a URL (``user:pass@``, and secret-looking query values
-    of an HTTP(S) URL: an object store's key is literal, ``?`` and all)."""
-    if "://" not in uri:
-        return uri
-    uri = _USERINFO.sub(r"\1***@", uri)
-    if "?" in uri and _has_query(uri):
-        base, _, query = uri.partition("?")
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
-            query = "&".join(
-                f"{k}={'***' if _SECRET_QUERY.search(k) else v}" for k, v in pairs
-            )
-            uri = f"{base}?{query}"
-    return uri
-
-
-# Stores whose keys are literal: `?` is a character of the key there, not a query.
-_LITERAL_KEYS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
-
-
-def _has_query(uri: str) -> bool:
-    """Whether ``?`` may start a query in ``uri``: anywhere but in an object store's key
-    (a chained or unknown URL is read as having one, so its secrets stay masked)."""
-    return uri.strip().partition("://")[0].lower() not in _LITERAL_KEYS
-
-
 # The signing schemes, each by the parameter that holds its signature (and what must be
 # beside it), with every parameter that signing adds: the same object signed again differs
 # in exactly those. AWS SigV4 and GCS V4; AWS SigV2, GCS V2 and CloudFront; Azure SAS.
@@ -211,7 +179,7 @@ def unsigned_uri(uri: str) -> str:
     """A signed URL without its signing parameters (credential, date, expiry, signature),
     which change every time the same object is signed: the name the object is known by,
     in output rows and in its recording id. Any other URL, as it is."""
-    if "?" not in uri or not _has_query(uri):
+    if "?" not in uri or not redact.has_query(uri):
         return uri
     base, _, query = uri.partition("?")
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
@@ -227,28 +195,7 @@ def unsigned_uri(uri: str) -> str:
 
 def source_uri(fs: Any, path: str) -> str:
     """The URL a recording is known by: :func:`full_uri`, unsigned and redacted."""
-    return redact_uri(unsigned_uri(full_uri(fs, path)))
-
-
-_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-
-
-def strings_in(value: Any) -> Iterator[str]:
-    """Every string inside ``value``, walking mappings, lists and tuples (to look for secrets
-    in options and runtime environments)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from strings_in(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from strings_in(item)
-
-
-def redact_text(text: str) -> str:
-    """:func:`redact_uri` applied to every URL inside a message (errors quote what failed)."""
-    return _URL_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    return redact.uri(unsigned_uri(full_uri(fs, path)))
 
 
 # --------------------------------------------------------------------------- retries
@@ -357,11 +304,11 @@ def retry(
             if not is_transient(err):
                 raise
             if attempt == attempts:
-                raise StorageError(redact_text(f"{what}: gave up after {attempts} attempts: "
+                raise StorageError(redact.text(f"{what}: gave up after {attempts} attempts: "
                                                f"{type(err).__name__}: {err}")) from err
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", redact_text(what),
-                        type(err).__name__, redact_text(str(err)), attempt, attempts - 1, delay)
+            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", redact.text(what),
+                        type(err).__name__, redact.text(str(err)), attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -393,7 +340,7 @@ def reach(fs: Any, path: str, shown: str, call: Callable[[], T] | None = None) -
         return first()
     except Exception as err:
         if no_connection(err) and _retries_connections(fs):
-            raise StorageError(redact_text(
+            raise StorageError(redact.text(
                 f"cannot reach {shown}: {type(err).__name__}: {err} (no connection could be "
                 "made, before any work; check the endpoint, the network and TLS)")) from err
         if call is None:
@@ -435,7 +382,7 @@ def access_refused(err: BaseException) -> bool:
 def why(err: BaseException) -> str:
     """What an I/O error means, in one redacted line: nothing there, access refused (and
     where credentials go), else the error's type and text."""
-    text = redact_text(f"{type(err).__name__}: {err}")
+    text = redact.text(f"{type(err).__name__}: {err}")
     if isinstance(err, FileNotFoundError):
         return f"no such file or object ({text})"
     if access_refused(err):
@@ -517,7 +464,7 @@ class RangeReader(io.RawIOBase):
                  block_bytes: int = 2 * 1024 * 1024, cached_blocks: int = 3) -> None:
         super().__init__()
         self._fs, self._path = fs, path
-        self._shown = redact_text(path)  # a signed URL's signature stays out of messages
+        self._shown = redact.text(path)  # a signed URL's signature stays out of messages
         self._block, self._keep = block_bytes, max(1, cached_blocks)
         self.error: BaseException | None = None
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -671,7 +618,7 @@ def remove_file(fs: Any, path: str) -> None:
         except FileNotFoundError:
             pass
 
-    retry(rm, what=f"delete {redact_text(path)}")
+    retry(rm, what=f"delete {redact.text(path)}")
 
 
 def missing_dirs(fs: Any, path: str) -> list[str]:

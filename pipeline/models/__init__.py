@@ -40,7 +40,7 @@ from pipeline.models.registry import (
     model_info,
     resolve_backbone,
 )
-from pipeline.models.weights import cache_weights, fetch_weights, redact_uri
+from pipeline.models.weights import cache_weights, fetch_weights
 
 __all__ = [
     "AUTOCAST_PRECISIONS",
@@ -65,7 +65,6 @@ __all__ = [
     "model_info",
     "pool",
     "quantize_linear_int8",
-    "redact_uri",
     "resolve_backbone",
     "resolve_precision",
     "validate_pooling",

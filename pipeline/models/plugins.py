@@ -62,13 +62,12 @@ from typing import Any
 
 import torch
 
-from pipeline.config import variant_options
+from pipeline import redact
 from pipeline.errors import ConfigError, UnknownModelError
 from pipeline.models.base import Backbone, LayerInfo, ModelInfo, TokenFeatures, WeightsInfo
 from pipeline.models.masks import padding_mask_from_valid, proportional_token_mask
 from pipeline.models.precision import autocast_context, quantize_linear_int8
 from pipeline.models.weights import RANDOM_WEIGHTS, fetch_weights
-from pipeline.storage import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def plugin_info(name: str, source: Any, options: Mapping[str, Any]) -> ModelInfo
         preprocessing={"plugin": f"{cls.__module__}:{cls.__qualname__}",
                        "code": plugin_code(cls),
                        "options": {k: repr(v) for k, v
-                                   in sorted(variant_options(options, secret).items())}},
+                                   in sorted(redact.variant_options(options, secret).items())}},
         secret_options=secret,
     )
 
@@ -332,7 +331,7 @@ def create_plugin_backbone(name: str, cls: type, *, weights: str, device: str,
         raise ConfigError(f"plugin {name} could not be built ({cls.__module__}."
                           f"{cls.__qualname__}({'weights' if argument else 'None'}, {device!r}, "
                           f"**model.options) raised {type(err).__name__}: "
-                          f"{redact_text(str(err))})", "model.name") from err
+                          f"{redact.text(str(err))})", "model.name") from err
     return PluginBackbone(plugin, plugin_info(name, plugin, options), provenance, device)
 
 

@@ -29,11 +29,12 @@ import os
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline import redact
 from pipeline.errors import WeightsUnavailableError
 from pipeline.models.base import WeightsInfo
 
@@ -42,9 +43,6 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _SHARED_MODE = 0o644
 _LOCAL_PROTOCOLS = (None, "file", "local")
-_SECRET_QUERY_KEYS = ("token", "sig", "signature", "secret", "password", "key", "credential",
-                      "auth", "x-amz-", "x-goog-")
-_REDACTED = "***"
 
 RANDOM_WEIGHTS = WeightsInfo(uri="random", sha256="random", format="random")
 """Provenance of randomly initialised weights."""
@@ -71,31 +69,6 @@ def cache_root() -> Path:
     """The weights cache folder (``$EMBED_ARCHIVE_CACHE/weights`` or ``~/.cache/...``)."""
     base = os.environ.get("EMBED_ARCHIVE_CACHE") or Path.home() / ".cache" / "embed-archive"
     return Path(base) / "weights"
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with passwords in the authority and secret-looking query values replaced.
-
-    Args:
-        uri: any URI or local path.
-
-    Returns:
-        The URI safe to log, store in provenance and print.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.scheme or len(parts.scheme) == 1:  # plain path (or a Windows drive)
-        return uri
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{_REDACTED}@{host}" if ":" in userinfo else f"{_REDACTED}@{host}"
-    query = urllib.parse.urlencode(
-        [(k, _REDACTED if _is_secret_key(k) else v)
-         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
-        safe="*",
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def sha256_file(path: Path) -> str:
@@ -148,8 +121,8 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     no credentials) the cached copy is used. A file registered with :func:`cache_weights`
     is used as given.
     """
-    shown = redact_uri(uri)
-    secrets = _secret_values(uri, storage_options)
+    shown = redact.uri(uri)
+    secrets = redact.secrets_in(uri, storage_options)
     local = _local_path(uri)
     if local is not None:
         if not local.is_file():
@@ -164,7 +137,7 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         try:
             current = _remote_identity(uri, options)
         except Exception as err:  # noqa: BLE001 - offline, no credentials, gone: keep the copy
-            reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
+            reason = redact.scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
             log.warning("cannot check the cached copy of %s against the original (%s); "
                         "using the cached copy", shown, reason)
             return _describe(blob, shown, blob.name)
@@ -188,7 +161,7 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         except WeightsUnavailableError as err:
             raise WeightsUnavailableError(f"{shown}: {err}") from None
         except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
-            reason = _scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
+            reason = redact.scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
             raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
         _write_ref(shown, blob, remote)
     return _describe(blob, shown, blob.name)
@@ -212,40 +185,18 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
     """
     source = Path(local_path)
     if not source.is_file():
-        raise WeightsUnavailableError(f"cannot cache {redact_uri(uri)}: {source} is not a file")
+        raise WeightsUnavailableError(f"cannot cache {redact.uri(uri)}: {source} is not a file")
     if detect_format(source) == "unknown":  # else every later run blames the URI
-        raise WeightsUnavailableError(f"cannot cache {redact_uri(uri)}: {source} is not a "
+        raise WeightsUnavailableError(f"cannot cache {redact.uri(uri)}: {source} is not a "
                                       "checkpoint (neither safetensors, torch nor TFLite)")
     with open(source, "rb") as f:
         blob = _store_blob(f)
-    shown = redact_uri(uri)
+    shown = redact.uri(uri)
     _write_ref(shown, blob)  # no remote identity: used as given, never checked online
     return _describe(blob, shown, blob.name)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _is_secret_key(key: str) -> bool:
-    lowered = key.lower()
-    return any(marker in lowered for marker in _SECRET_QUERY_KEYS)
-
-
-def _secret_values(uri: str, storage_options: Mapping[str, Any] | None) -> list[str]:
-    """Strings that must never be printed: URI passwords/secret query values, option values."""
-    from pipeline.storage import strings_in
-
-    parts = urllib.parse.urlsplit(uri)
-    found = [parts.password or ""]
-    found += [v for k, v in urllib.parse.parse_qsl(parts.query) if _is_secret_key(k)]
-    found += list(strings_in(storage_options or {}))
-    return [s for s in found if len(s) >= 4]
-
-
-def _scrub(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, _REDACTED)
-    return text
 
 
 def _local_path(uri: str) -> Path | None:

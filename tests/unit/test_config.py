@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import JobConfig, apply_override, looks_secret, parse_yaml, redacted
+from pipeline import redact
+from pipeline.config import JobConfig, apply_override, parse_yaml
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,7 +121,7 @@ def test_hash_ignores_secrets_and_key_order() -> None:
               "input": {"storage_options": {"key": "K2", "secret": "BBB"}, "uri": "s3://b/x"}})
     assert a.sha256() == b.sha256()
     assert load({**BASE, "model": {"batch_size": 3}}).sha256() != load(BASE).sha256()
-    shown = redacted(a.to_dict())
+    shown = redact.settings(a.to_dict())
     assert "AAA" not in str(shown) and "K1" not in str(shown)
 
 
@@ -129,7 +130,7 @@ def test_numbers_under_secret_looking_keys_still_count_in_the_hash() -> None:
     eight = load({**BASE, "model": {"name": "beats", "options": {"max_tokens": 8}}})
     sixteen = load({**BASE, "model": {"name": "beats", "options": {"max_tokens": 16}}})
     assert eight.sha256() != sixteen.sha256()
-    shown = redacted({"model": {"options": {"api_token": "t0k", "max_tokens": 8}}})
+    shown = redact.settings({"model": {"options": {"api_token": "t0k", "max_tokens": 8}}})
     assert shown == {"model": {"options": {"api_token": "***", "max_tokens": 8}}}
 
 
@@ -144,8 +145,8 @@ def test_numbers_under_secret_looking_keys_still_count_in_the_hash() -> None:
 def test_secrets_are_named_by_words_not_by_letters_inside_one(key: str, secret: bool) -> None:
     """`tokenizer: v2` was a secret (it holds "token"): shown as *** and left out of the
     config hash. Words decide now, digits and plurals aside (HF_TOKEN2, apikeys)."""
-    assert looks_secret(key) is secret
-    assert (redacted({key: "v"})[key] == "***") is secret
+    assert redact.looks_secret(key) is secret
+    assert (redact.settings({key: "v"})[key] == "***") is secret
 
 
 @pytest.mark.parametrize("value", [[], 0, False, ""])
@@ -168,7 +169,7 @@ def test_exponents_yaml_reads_as_text_are_numbers() -> None:
 
 
 def test_redacts_credentials_in_uris() -> None:
-    shown = redacted({"uri": "https://user:pw@host/x?X-Amz-Signature=abc&part=1"})
+    shown = redact.settings({"uri": "https://user:pw@host/x?X-Amz-Signature=abc&part=1"})
     assert shown["uri"] == "https://***@host/x?X-Amz-Signature=***&part=1"
 
 

@@ -488,7 +488,7 @@ def test_bad_configs_fail_before_anything_is_built(tmp_path: Path, sets: list[st
 
 def test_a_number_under_a_secret_looking_key_may_travel(tmp_path: Path) -> None:
     """`--set model.options.max_tokens=8` was refused as a secret; records keep numbers
-    too (config.redacted): only text under such a key is a secret."""
+    too (redact.settings): only text under such a key is a secret."""
     config = write_config(tmp_path / "job.yaml", model={"name": "beats", "weights": "random"})
     with pytest.raises(ConfigError, match="max_tokens") as err:  # beats takes no such option
         cluster.prepare_submission(config, ["model.options.max_tokens=8"], staging(tmp_path / "a"))

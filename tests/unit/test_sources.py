@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline import sources, storage
+from pipeline import redact, sources, storage
 from pipeline.config import InputConfig
 from pipeline.errors import ConfigError
 from pipeline.sources import MISSING, _size, list_sources
@@ -422,9 +422,9 @@ def test_an_object_key_with_a_question_mark_is_taken_literally() -> None:
     """`q?key=1.flac` and `q?key=2.flac` on S3 or GCS were both named `q?key=***` and one of
     them was dropped as a duplicate of the other: only HTTP(S) URLs have a query."""
     for uri in ("s3://rin/a/q?key=1.flac", "gs://rin/a/q?token=2.flac"):
-        assert storage.redact_uri(uri) == uri
+        assert redact.uri(uri) == uri
         assert storage.unsigned_uri(uri) == uri
-    assert storage.redact_uri("https://h/x?token=abc&part=1") == "https://h/x?token=***&part=1"
+    assert redact.uri("https://h/x?token=abc&part=1") == "https://h/x?token=***&part=1"
     for other in ("simplecache::https://h/a.wav?X-Amz-Signature=S3CR3T", "ftp://h/a?password=S3CR3T",
                   " https://h/a?sig=S3CR3T"):  # no object store: masked, as before
-        assert "S3CR3T" not in storage.redact_uri(other), other
+        assert "S3CR3T" not in redact.uri(other), other

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.errors import WeightsUnavailableError
-from pipeline.models import cache_weights, create_backbone, fetch_weights, redact_uri
+from pipeline.models import cache_weights, create_backbone, fetch_weights
 from pipeline.models.efficientnet import EfficientNetModel
 from pipeline.models.registry import model_info
 from tests.unit.models.conftest import generated_state, save_safetensors
@@ -226,9 +226,11 @@ def test_secrets_never_appear(cache):
 
 
 def test_redact_uri():
-    assert redact_uri("/data/w.safetensors") == "/data/w.safetensors"
-    assert redact_uri("gs://bucket/w.pt") == "gs://bucket/w.pt"
-    assert redact_uri("https://tok@host/w?token=abc&x=1") == "https://***@host/w?token=***&x=1"
+    from pipeline import redact
+
+    assert redact.uri("/data/w.safetensors") == "/data/w.safetensors"
+    assert redact.uri("gs://bucket/w.pt") == "gs://bucket/w.pt"
+    assert redact.uri("https://tok@host/w?token=abc&x=1") == "https://***@host/w?token=***&x=1"
 
 
 def test_missing_local_file(cache, tmp_path):
