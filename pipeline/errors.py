@@ -16,6 +16,18 @@ EXIT_ABORTED = 4  # stopped by run.max_failed_fraction
 EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), as a shell reports it
 
 
+# Error types (the errors table's ``error_type``) that are not the recording's own, which
+# later runs try again (``run.retry_transient_errors``, up to ``run.max_attempts``): a
+# store's retries running out, and a store refusing the credentials (they expire, a policy
+# is fixed). The decode stage marks such rows ``retry``; a marker written before ``retry``
+# was recorded is read by this list.
+RETRYABLE_ERRORS = frozenset({"StorageError", "PermissionError"})
+# Refusals by the job's own limits (audio.min/max_sample_rate_hz, audio.max_channels), not
+# by the recording: a marker records the rate and channels refused, and a run whose limits
+# admit them tries the recording again (see :func:`pipeline.layout.admitted_now`).
+LIMIT_ERRORS = frozenset({"UnsupportedSampleRate", "TooManyChannels"})
+
+
 class PipelineError(Exception):
     """Root of every error this package raises on purpose."""
 

@@ -51,6 +51,7 @@ from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
+    LIMIT_ERRORS,
     ConfigError,
     JobAborted,
     LeaseLostError,
@@ -328,21 +329,17 @@ class EmbeddingJob:
         self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
         self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
                                    dict(cfg.output.storage_options))
-        storage.reach(self.layout.fs, self.layout.root_path, redact.uri(cfg.output.uri))
-        if storage.is_file(self.layout.fs, self.layout.root_path):
-            raise ConfigError(f"{redact.uri(cfg.output.uri)} is a file; the output is a "
-                              "folder (or a bucket prefix) of tables", "output.uri")
-        if cfg.run.job_id and storage.exists(self.layout.fs, self.layout.job_path(self.job_id)):
-            raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
-                              "is in _jobs/, its id on every row it wrote); give this run "
-                              "another id, or none for a generated one", "run.job_id")
-        self._check_output()  # an output the job cannot take fails here, before the listing
+        shown = redact.uri(cfg.output.uri)
+        with storage.refusals_named("output.uri", shown):
+            self._open_output()  # an output the job cannot take fails here, before the listing
         self.listing = list_sources(cfg.input)
-        self._write_variant_record()
+        with storage.refusals_named("output.uri", shown):
+            self._write_variant_record()
         fault_point("listed")
         # Held from before the markers are read until run() ends: see pipeline.lease.
         self._lease = NamespaceLease(self.layout, self.job_id)
-        self._lease.acquire()
+        with storage.refusals_named("output.uri", shown):
+            self._lease.acquire()
         try:
             markers = layout_mod.committed_shards(self.layout)
             carved = layout_mod.finish_carves(self.layout, markers)
@@ -762,6 +759,20 @@ class EmbeddingJob:
                 f"{budget} MiB cannot hold one output file ({self.cfg.output.file_mb:g} MB) "
                 f"plus a few window batches; use at least {needed} or lower output.file_mb",
                 "compute.inflight_mb")
+
+    def _open_output(self) -> None:
+        """Refuses an output the job cannot take: a file, a run id already used, a folder
+        or bucket it cannot write (:meth:`_check_output`)."""
+        cfg = self.cfg
+        storage.reach(self.layout.fs, self.layout.root_path, redact.uri(cfg.output.uri))
+        if storage.is_file(self.layout.fs, self.layout.root_path):
+            raise ConfigError(f"{redact.uri(cfg.output.uri)} is a file; the output is a "
+                              "folder (or a bucket prefix) of tables", "output.uri")
+        if cfg.run.job_id and storage.exists(self.layout.fs, self.layout.job_path(self.job_id)):
+            raise ConfigError(f"{self.job_id!r} already names a run of this output (its record "
+                              "is in _jobs/, its id on every row it wrote); give this run "
+                              "another id, or none for a generated one", "run.job_id")
+        self._check_output()
 
     def _check_output(self) -> None:
         """Refuse, before the listing (which may take long) and naming ``output.uri``, an
@@ -1267,7 +1278,7 @@ class EmbeddingJob:
                 settled[item.recording_id] = {"outcome": "error",
                                               "error_type": report["error_type"],
                                               **self._retry_mark(item, report)}
-                if report["error_type"] in layout_mod.LIMIT_ERRORS:  # see _reopen_shards
+                if report["error_type"] in LIMIT_ERRORS:  # see _reopen_shards
                     settled[item.recording_id]["refused"] = {
                         "sample_rate_hz": int(report.get("source_sample_rate_hz") or 0),
                         "channels": int(report.get("source_channels") or 0)}
@@ -1326,7 +1337,7 @@ class EmbeddingJob:
 
     @property
     def _limits(self) -> dict[str, Any]:
-        """The audio limits a recording can be refused by (``layout.LIMIT_ERRORS``)."""
+        """The audio limits a recording can be refused by (``errors.LIMIT_ERRORS``)."""
         a = self.cfg.audio
         return {"min_sample_rate_hz": a.min_sample_rate_hz,
                 "max_sample_rate_hz": a.max_sample_rate_hz, "max_channels": a.max_channels}

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import redact, storage
+from pipeline.errors import LIMIT_ERRORS, RETRYABLE_ERRORS
 from pipeline.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -238,14 +239,6 @@ def settled_among(ids: Sequence[str] | pa.Array, markers: Mapping[str, Mapping[s
     listed = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
     # Chunked: one string array holds 2 GiB, ~67M ids.
     return pc.is_in(listed, value_set=pa.chunked_array(settled, pa.string())).to_pylist()
-
-
-# Markers written before ``retry`` was recorded name only these as worth a retry.
-RETRYABLE_ERRORS = frozenset({"StorageError"})
-# Refusals by the job's own limits (audio.min/max_sample_rate_hz, audio.max_channels), not
-# by the recording: a marker records the rate and channels refused, and a run whose limits
-# admit them tries the recording again (see :func:`admitted_now`).
-LIMIT_ERRORS = frozenset({"UnsupportedSampleRate", "TooManyChannels"})
 
 
 def admitted_now(recording: Mapping[str, Any], limits: Mapping[str, Any]) -> bool:

@@ -15,6 +15,7 @@ import logging
 import math
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,8 +130,9 @@ def list_sources(cfg: InputConfig) -> Listing:
         where = f"manifest {redact.uri(cfg.manifest)}"
     else:
         assert cfg.uri is not None
-        listing = Listing(items=tuple(_list_uri(cfg)), extras=None)
         where = redact.uri(cfg.uri)
+        with storage.refusals_named("input.uri", where):
+            listing = Listing(items=tuple(_list_uri(cfg)), extras=None)
     if not listing.items and cfg.manifest:
         raise NoInputsError(f"{where} lists no recordings; check input.manifest")
     if not listing.items:
@@ -158,20 +160,16 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     if top is not None and top.get("type") != "directory":
         infos, root = {path: top}, None
     elif top is None and _has_magic(path):
+        root = _glob_root(path)
         try:
-            infos = storage.retry(lambda: fs.glob(path, detail=True), what=f"glob {shown}")
+            infos = storage.glob_files(fs, path, root, shown)
         except ValueError as err:  # fsspec: "'**' can only be an entire path component"
             raise ConfigError(f"{shown} is not a glob fsspec takes: {err} (e.g. **/*.wav)",
                               "input.uri") from None
-        root = _glob_root(path)
     else:
         if top is None:
             raise NoInputsError(f"input.uri {shown} does not exist")
-        infos = storage.retry(
-            lambda: fs.find(path, maxdepth=None if cfg.recursive else 1, withdirs=False,
-                            detail=True),
-            what=f"list {shown}",
-        )
+        infos = storage.find_files(fs, path, shown, maxdepth=None if cfg.recursive else 1)
         root = path
     items, hidden = [], 0
     for name, info in infos.items():
@@ -231,7 +229,7 @@ def _dedup_sorted(items: Iterable[SourceItem]) -> list[SourceItem]:
 
 def _list_manifest(cfg: InputConfig) -> Listing:
     assert cfg.manifest is not None
-    table = read_manifest(cfg.manifest, cfg.storage_options)
+    table = _without_empty_unnamed(read_manifest(cfg.manifest, cfg.storage_options))
     if "uri" not in table.column_names:
         raise ConfigError(
             f"manifest has no 'uri' column (columns: {', '.join(table.column_names)})",
@@ -346,6 +344,18 @@ def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -
                       recording_id=recording_id(shown, version), row=row)
 
 
+def _without_empty_unnamed(table: pa.Table) -> pa.Table:
+    """The manifest without columns that have neither a name nor a value: what a header
+    and rows ending in a delimiter (a trailing tab) give. An unnamed column with values
+    stays, and is refused by :func:`_check_column_names`."""
+    empty = [i for i, name in enumerate(table.column_names) if not name.strip()
+             and all(v in (None, "") for v in table.column(i).to_pylist())]
+    if empty:
+        log.warning("manifest: %d column(s) without a name or a value dropped (rows ending in "
+                    "a delimiter?)", len(empty))
+    return table.select([i for i in range(table.num_columns) if i not in empty])
+
+
 def _check_column_names(names: Sequence[str]) -> None:
     """Refuse manifest columns that would collide in a reader: a name the job writes, or a
     second spelling of one name. BigQuery's and Spark's column names (by default) and
@@ -365,10 +375,17 @@ def _check_column_names(names: Sequence[str]) -> None:
     spellings: dict[str, list[str]] = {}
     for name in names:
         spellings.setdefault(name.lower(), []).append(name)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"manifest columns {repeated} appear more than once; rename or drop "
+                          "the copies", "input.manifest")
     twice = sorted(str(v) for v in spellings.values() if len(v) > 1)
     if twice:
         raise ConfigError(f"manifest columns {', '.join(twice)} differ only by case, which "
                           "BigQuery, Spark and DuckDB read as one column; rename them",
+                          "input.manifest")
+    if any(not n.strip() for n in names):
+        raise ConfigError("a manifest column has values but no name; name it or remove it",
                           "input.manifest")
     odd = [n for n in names if not _PLAIN_NAME.fullmatch(n)]
     if odd:
@@ -441,9 +458,27 @@ def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig) -> list[SourceI
         for start in range(0, len(uris), _STAT_CHUNK):
             chunk = uris[start:start + _STAT_CHUNK]
             stated.extend(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg), chunk))
+            if not start:
+                _refuse_if_all_refused(stated)
             if len(uris) > _STAT_CHUNK:
                 log.info("manifest: %d of %d objects looked up", len(stated), len(uris))
     return stated
+
+
+def _refuse_if_all_refused(stated: Sequence[SourceItem]) -> None:
+    """Stops the job before any work when every object of the first lookups (up to
+    ``_STAT_CHUNK``) refused the credentials: a wrong key or profile, which would otherwise
+    make every row of the manifest an error row, after hours of lookups.
+
+    Raises:
+        ConfigError: naming the first of them, and the setting to check.
+    """
+    refused = [i for i in stated if i.problem.startswith("PermissionError: ")]
+    if refused and len(refused) == len(stated):
+        raise ConfigError(
+            f"all {len(stated)} objects looked up first refused these credentials, e.g. "
+            f"{refused[0].problem.removeprefix('PermissionError: ')}; check "
+            "input.storage_options or the environment", "input.manifest")
 
 
 def _typed_empty_columns(table: pa.Table) -> pa.Table:
@@ -458,7 +493,11 @@ def _typed_empty_columns(table: pa.Table) -> pa.Table:
 
 
 def resolve_relative(uri: str, base: str) -> str:
-    """Manifest URIs without a scheme that are not absolute are relative to the manifest."""
+    """Manifest URIs without a scheme that are not absolute are relative to the manifest. A
+    ``file://`` URL is percent-decoded, as RFC 8089 has it written (``Path.as_uri()`` writes
+    ``with%20space.wav``); a plain path is taken literally."""
+    if uri[:7].lower() == "file://":
+        return urllib.parse.unquote(uri)
     if "://" in uri or uri.startswith("/") or not uri:
         return uri
     # ./a.wav and ../b/a.wav name the objects a.wav and b/a.wav: an object store takes a key
@@ -478,16 +517,22 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
         info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")
     except (OSError, ValueError) as err:  # missing or unreadable: becomes an error row
         return _unreadable(shown, path, row, err)
+    if info.get("type") == "directory":  # settled: not a read that may work next time
+        return _unreadable(shown, path, row, IsADirectoryError(
+            f"{shown} is a folder, not a recording (a folder is listed with input.uri)"))
     version = source_version(info)
     return SourceItem(uri=shown, path=path, size_bytes=_size(info),
                       version=version, recording_id=recording_id(shown, version), row=row)
 
 
 def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
-    """A manifest row whose object cannot be had: an error row, named for its ``err``."""
+    """A manifest row whose object cannot be had: an error row, named for its ``err`` (a
+    refusal of the credentials, whatever the store, as ``PermissionError``: retried by
+    later runs, see ``errors.RETRYABLE_ERRORS``)."""
+    problem = (f"PermissionError: {storage.why(err)}" if storage.access_refused(err)
+               else f"{type(err).__name__}: {redact.text(str(err))}")
     return SourceItem(uri=shown, path=path, size_bytes=-1, version=MISSING,
-                      recording_id=recording_id(shown, MISSING), row=row,
-                      problem=f"{type(err).__name__}: {redact.text(str(err))}")
+                      recording_id=recording_id(shown, MISSING), row=row, problem=problem)
 
 
 def _size(info: dict[str, Any]) -> int:

@@ -33,9 +33,8 @@ import pyarrow as pa
 
 from pipeline import redact, storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
-from pipeline.errors import AudioDecodeError, CheckpointMismatchError
+from pipeline.errors import RETRYABLE_ERRORS, AudioDecodeError, CheckpointMismatchError
 from pipeline.faults import fault_point
-from pipeline.layout import RETRYABLE_ERRORS
 from pipeline.sink import STAGE_SCHEMA
 from pipeline.windows import StreamingWindower, WindowBatch
 
@@ -237,7 +236,10 @@ def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
     if isinstance(err, storage.StorageError):
         return {"status": "error", "error_type": "StorageError", "message": str(err),
                 "transient": True}
-    if isinstance(err, FileNotFoundError | PermissionError):
+    if storage.access_refused(err):  # the credentials', not the recording's: expired, revoked
+        return {"status": "error", "error_type": "PermissionError", "message": storage.why(err),
+                "transient": True}
+    if isinstance(err, FileNotFoundError | IsADirectoryError):
         return {"status": "error", "error_type": type(err).__name__, "message": str(err)}
     # Not log.exception: the traceback would quote the URL unredacted.
     log.error("unexpected error decoding %s: %s", uri,

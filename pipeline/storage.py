@@ -16,17 +16,18 @@ import logging
 import os
 import random
 import re
+import stat
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
 
 from pipeline import redact
-from pipeline.errors import AudioDecodeError, StorageError
+from pipeline.errors import AudioDecodeError, ConfigError, PipelineError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -379,16 +380,34 @@ def access_refused(err: BaseException) -> bool:
                or http_status(e) in (401, 403) for e in _error_chain(err))
 
 
-def why(err: BaseException) -> str:
+def why(err: BaseException, options: str = "input.storage_options / output.storage_options"
+        ) -> str:
     """What an I/O error means, in one redacted line: nothing there, access refused (and
-    where credentials go), else the error's type and text."""
+    where credentials go: ``options``), else the error's type and text."""
     text = redact.text(f"{type(err).__name__}: {err}")
     if isinstance(err, FileNotFoundError):
         return f"no such file or object ({text})"
     if access_refused(err):
-        return (f"access refused ({text}); check the credentials in input.storage_options / "
-                "output.storage_options or the environment")
+        return f"access refused ({text}); check the credentials in {options} or the environment"
     return text
+
+
+@contextlib.contextmanager
+def refusals_named(field: str, shown: str) -> Iterator[None]:
+    """A store's refusal of the credentials met inside, raised as a ``ConfigError`` naming
+    the setting and the URI (s3fs's says only ``Forbidden``): a refusal before any work.
+
+    ``field``: ``input.uri``, ``output.uri``...; its section's ``storage_options`` are named
+    as where the credentials go."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        if not access_refused(err):
+            raise
+        options = field.rsplit(".", 1)[0] + ".storage_options"
+        raise ConfigError(f"{shown}: {why(err, options)}", field) from err
 
 
 def _retries_connections(fs: Any) -> bool:
@@ -655,6 +674,89 @@ def remove_tree(fs: Any, path: str) -> None:
             pass
 
     retry(rm, what=f"delete {path}")
+
+
+def find_files(fs: Any, path: str, shown: str, maxdepth: int | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """Every file below the folder ``path``, with its info, as ``fs.find`` gives them;
+    retried. On local disk symlinks are followed, as ``find -L`` does (fsspec's walk
+    skips a linked folder and describes a linked file by the link's own mtime): see
+    :func:`_walk_local`."""
+    if _is_local_fs(fs):
+        return _walk_local(path, maxdepth)
+    return retry(lambda: fs.find(path, maxdepth=maxdepth, withdirs=False, detail=True),
+                 what=f"list {shown}")
+
+
+def glob_files(fs: Any, pattern: str, root: str, shown: str) -> dict[str, dict[str, Any]]:
+    """The files matching ``pattern`` (fsspec's glob syntax; ``root``: the folder before its
+    first wildcard), with their info; retried; on local disk as :func:`find_files`.
+
+    Raises:
+        ValueError: fsspec does not take the pattern (``'**' can only be an entire path
+            component``).
+    """
+    if not _is_local_fs(fs):
+        return retry(lambda: fs.glob(pattern, detail=True), what=f"glob {shown}")
+    from fsspec.utils import glob_translate
+
+    match = re.compile(glob_translate(pattern)).match
+    depth = None if "**" in pattern else pattern[len(root):].count("/") + 1
+    return {name: info for name, info in _walk_local(root.rstrip("/") or "/", depth).items()
+            if match(name)}
+
+
+def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
+    """The files below a local folder, following symlinks: a linked folder is listed, each
+    real folder once (a link loop ends; a folder reached twice is listed under its first
+    path); a linked file is described by what it links to (its size and mtime, so a
+    rewritten target is a new version, as a manifest naming the link sees it); a dangling
+    link is a file of unknown size (reading it fails; the day its target appears, it is a
+    new version). A folder below ``root`` that cannot be read is skipped with a warning,
+    not silently; ``root`` itself raises.
+
+    Raises:
+        OSError: ``root`` cannot be read (``PermissionError``: the job refuses to start).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    seen: set[tuple[int, int]] = set()
+    unreadable: list[str] = []
+    stack = [(root, 1)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            real = os.stat(folder)
+            if (real.st_dev, real.st_ino) in seen:
+                continue
+            seen.add((real.st_dev, real.st_ino))
+            with os.scandir(folder) as entries:
+                listed = sorted(entries, key=lambda e: e.name)
+        except OSError:
+            if folder == root:  # the folder asked for: a refusal, not an empty listing
+                raise
+            unreadable.append(folder)
+            continue
+        folders = []
+        for entry in listed:
+            try:
+                st = entry.stat()  # follows a link
+            except OSError:  # a dangling link, or gone since
+                if entry.is_symlink():
+                    found[entry.path] = {"name": entry.path, "type": "file", "size": None,
+                                         "mtime": None}
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if maxdepth is None or depth < maxdepth:
+                    folders.append((entry.path, depth + 1))
+            elif stat.S_ISREG(st.st_mode):
+                found[entry.path] = {"name": entry.path, "type": "file", "size": st.st_size,
+                                     "mtime": st.st_mtime}
+        stack.extend(reversed(folders))  # in name order: which path a folder reached twice is
+        # listed under does not depend on the order the disk returns names in
+    if unreadable:
+        log.warning("%d folders could not be read and were not listed, e.g. %s",
+                    len(unreadable), unreadable[0])
+    return found
 
 
 def list_files(fs: Any, path: str) -> list[str]:

@@ -185,6 +185,121 @@ def test_hidden_files_and_folders_are_not_recordings(tmp_path: Path) -> None:
     assert [i.uri for i in listing.items] == [str(tmp_path / "site/._a.wav")]
 
 
+def test_symlinks_are_followed_as_find_dash_l_does(tmp_path: Path) -> None:
+    """fsspec's walk skipped a linked folder (its recordings silently not listed) and gave a
+    linked file the link's mtime (a rewritten target was never embedded again)."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    archive = tmp_path / "archive"
+    plain = tone(archive / "2023" / "a.wav")
+    elsewhere = tone(tmp_path / "disk2" / "2024" / "b.wav").parent
+    (archive / "2024").symlink_to(elsewhere, target_is_directory=True)
+    target = tone(tmp_path / "store" / "c.wav").rename(tmp_path / "store" / "c.data")
+    (archive / "c.wav").symlink_to(target)
+    (archive / "2023" / "loop").symlink_to(archive, target_is_directory=True)
+    (archive / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    expected = [str(archive / "2023/a.wav"), str(archive / "2024/b.wav"), str(archive / "c.wav"),
+                str(archive / "gone.wav")]
+    for uri in (str(archive), f"{archive}/**/*.wav"):
+        listing = list_sources(InputConfig(uri=uri))
+        assert [i.uri for i in listing.items] == expected, uri
+    assert [i.uri for i in list_sources(InputConfig(uri=f"{archive}/*/*.wav")).items] == \
+        expected[:2]
+    by_uri = {i.uri: i for i in listing.items}
+    assert by_uri[str(archive / "gone.wav")].size_bytes == -1
+    # A regular file's id is the one fsspec's own listing gave it: outputs resume.
+    info = LocalFileSystem().info(str(plain))
+    assert by_uri[str(plain)].recording_id == sources.recording_id(str(plain),
+                                                                   sources.source_version(info))
+    # A linked file is versioned by its target, as a manifest naming it sees it.
+    before = by_uri[str(archive / "c.wav")].recording_id
+    os.utime(target, (1e9, 1e9))
+    again = {i.uri: i for i in list_sources(InputConfig(uri=str(archive))).items}
+    assert again[str(archive / "c.wav")].recording_id != before
+    manifest = archive.parent / "m.csv"
+    manifest.write_text(f"uri\n{archive / 'c.wav'}\n")
+    listed = list_sources(InputConfig(manifest=str(manifest))).items[0]
+    assert listed.recording_id == again[str(archive / "c.wav")].recording_id
+
+
+def test_a_folder_that_cannot_be_read_is_said_not_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """fsspec's walk omits a folder it cannot read: the job said "succeeded" over an
+    archive missing it, and "no recordings found" for a folder it may not read."""
+    import os
+
+    tone(tmp_path / "ok" / "a.wav")
+    locked = tone(tmp_path / "locked" / "b.wav").parent
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING"):
+        listing = list_sources(InputConfig(uri=str(tmp_path)))
+    assert [i.uri for i in listing.items] == [str(tmp_path / "ok" / "a.wav")]
+    assert f"1 folders could not be read and were not listed, e.g. {locked}" in caplog.text
+    with pytest.raises(ConfigError, match=r"access refused \(PermissionError") as err:
+        list_sources(InputConfig(uri=str(locked)))
+    assert err.value.field == "input.uri" and str(locked) in str(err.value)
+
+
+def test_manifest_rows_naming_a_folder_or_a_file_url(folder: Path) -> None:
+    """A folder was read as a recording (an "unexpected" error, retried by every run); a
+    ``file://`` URL as ``Path.as_uri()`` writes it (``%20``) named no file."""
+    spaced = tone(folder / "with space.wav")
+    (folder / "sub").mkdir()
+    manifest = write_manifest(folder, [("sub", "x"), (spaced.as_uri(), "y")])
+    by_uri = {i.uri: i for i in list_sources(InputConfig(manifest=manifest)).items}
+    assert by_uri[str(folder / "sub")].problem.startswith("IsADirectoryError: ")
+    assert by_uri[str(spaced)].problem == "" and by_uri[str(spaced)].size_bytes > 0
+
+
+@pytest.mark.parametrize(("text", "refused"), [
+    ("uri\tsite\t\na.wav\tx\t\n", None),  # a trailing tab: a column of nothing, dropped
+    ("uri\tsite\t\na.wav\tx\t7\n", "has values but no name"),
+    ("uri\tsite\tsite\na.wav\tx\ty\n", r"\['site'\] appear more than once"),
+])
+def test_manifest_columns_without_a_name_or_named_twice(folder: Path, text: str,
+                                                         refused: str | None) -> None:
+    path = folder / "m.tsv"
+    path.write_text(text)
+    if refused is None:
+        assert list_sources(InputConfig(manifest=str(path))).extras.column_names == ["site"]
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            list_sources(InputConfig(manifest=str(path)))
+
+
+def test_a_manifest_whose_objects_all_refuse_the_credentials_stops_before_any_work(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong key made every row an error row, after looking every object up; one refused
+    object among others is an error row, which later runs try again."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    real_info = LocalFileSystem.info
+
+    def info(self, path, **kwargs):
+        if "denied" in str(path):
+            raise PermissionError("Forbidden")
+        return real_info(self, path, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "info", info)
+    denied = [(f"denied/{i}.wav", "x") for i in range(3)]
+    with pytest.raises(ConfigError, match=r"all 3 objects looked up first refused these "
+                                          r"credentials, e.g. access refused") as err:
+        list_sources(InputConfig(manifest=write_manifest(folder, denied)))
+    assert err.value.field == "input.manifest"
+    items = list_sources(InputConfig(manifest=write_manifest(folder, [*denied, ("a.wav", "y")])))
+    problems = sorted(i.problem.split(" ")[0] for i in items.items)
+    assert problems == ["", "PermissionError:", "PermissionError:", "PermissionError:"]
+
+
 def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path: Path) -> None:
     rec = tone(tmp_path / "Site [A]" / "rec?1.wav")
     assert [i.uri for i in list_sources(InputConfig(uri=str(rec.parent))).items] == [str(rec)]

@@ -269,9 +269,9 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
     assert error_type in (report.get("error_type", "") + detail)
     assert "s3cr3t" not in json.dumps(report)
     assert "truncated" not in json.dumps(report)
-    # What a rerun reads to decide whether to try again: a storage error may pass, a 403
-    # is the object's.
-    assert report.get("transient", False) is (error_type == "StorageError")
+    # What a rerun reads to decide whether to try again: a storage error may pass, and so
+    # may a 403 (credentials expire mid-run, policies get fixed): both are tried again.
+    assert report["transient"] is True
     if status == "partial":
         assert report["stopped_by"] == error_type
         # Every complete window of the audio decoded before the failure went downstream,
@@ -280,6 +280,31 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
         decoded_windows = int(report["duration_s"] * 16_000) // 16_000
         assert decoded_windows % spec.block_rows != 0  # else this would not tell
         assert sent == report["windows"]["-1"] == decoded_windows
+
+
+def test_a_store_refusing_the_credentials_is_tried_again_by_later_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs says 403 with an HttpError, s3fs with a PermissionError: one was an
+    "unexpected" error (retried), the other settled for good, though both are credentials
+    expiring or a policy changing mid-run, not the recording."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+    from gcsfs.retry import HttpError
+
+    write_tone(tmp_path / "t.wav", 2.0, 16_000)
+    fsspec.filesystem("memory").pipe_file("/rr/g.wav", (tmp_path / "t.wav").read_bytes())
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        raise HttpError({"code": 403, "message": "x@p.iam does not have storage.objects.get"})
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
+                      tail="pad", min_tail_samples=400, batch_windows=4)
+    rows = list(decode_recording("r", "memory://rr/g.wav", "/rr/g.wav", -1, "", spec))
+    report = json.loads(rows[-1]["meta"][-1])
+    assert (report["status"], report["error_type"], report["transient"]) == (
+        "error", "PermissionError", True)
+    assert report["message"].startswith("access refused (HttpError: x@p.iam does not have")
 
 
 @pytest.mark.parametrize("kind", ["ogg", "unfinished_wav"])
