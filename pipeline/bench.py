@@ -206,7 +206,7 @@ def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchS
 
 def local_actor_plan(cpus: int | None = None) -> tuple[int, int]:
     """(actors, torch threads each) of the job's own plan for a local Ray on CPUs only."""
-    from pipeline.job import local_cpu_actors, usable_cpus
+    from pipeline.compute import local_cpu_actors, usable_cpus
 
     return local_cpu_actors(cpus or usable_cpus())
 
@@ -1006,7 +1006,7 @@ def steady_cpu_split(pipe: Mapping[str, Any], alone: Mapping[str, Any],
     from the models, the last what sharing the cores with them costs each CPU-second the
     models do get (caches, preemptions).
     """
-    from pipeline.job import usable_cpus
+    from pipeline.compute import usable_cpus
 
     span, cpu = pipe["embed"]["span_s"], pipe.get("steady_cpu_s") or {}
     actors_cpu = cpu.get("embed_actor", 0.0)

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -43,6 +42,7 @@ import pyarrow.parquet as pq
 from pipeline import layout as layout_mod
 from pipeline import redact, storage
 from pipeline.audio import DecodeSettings
+from pipeline.compute import ComputePlan, check_gpus, plan_compute, usable_cpus
 from pipeline.config import JobConfig
 from pipeline.errors import (
     EXIT_ABORTED,
@@ -97,8 +97,6 @@ if TYPE_CHECKING:  # pipeline.models imports torch, which prepare() does when it
 
 log = logging.getLogger(__name__)
 
-# On a local Ray without GPUs, one embedding actor per CPU up to this many.
-MAX_LOCAL_CPU_ACTORS = 4
 # Shards the driver commits at once (see _Committer).
 COMMIT_THREADS = 8
 
@@ -120,19 +118,6 @@ class ShardRows(NamedTuple):
     errors: list[dict[str, Any]]
     outcome: ShardOutcome
     settled: dict[str, dict[str, Any]]  # recording id -> its outcome (and error) in the marker
-
-
-@dataclass(frozen=True)
-class ComputePlan:
-    """How a run uses the Ray it got: the embedding actor pool and the object-store budget."""
-
-    actors: int
-    gpus_per_actor: float
-    cpus_per_actor: float
-    torch_threads: int  # intra-op threads per actor
-    inflight_mb: int  # object-store budget for windows and rows in flight
-    cluster_cpus: float
-    cluster_gpus: float
 
 
 def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
@@ -295,7 +280,7 @@ class EmbeddingJob:
         self._settle_model_settings()
         c = cfg.compute
         if c.gpus_per_actor and not c.embed_actors:  # before any listing or output
-            self._check_gpus(self._gpu_view()[0], c.gpus_per_actor)
+            check_gpus(c, self._gpu_view()[0], c.gpus_per_actor)
         self.precision = self._job_precision()
         if not joins_cluster(c) and not ray.is_initialized():  # a caller's own Ray: its own
             self._check_local_ray()
@@ -973,67 +958,8 @@ class EmbeddingJob:
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(
             object_store_memory=plan.inflight_mb * 2**20)
 
-    def _check_gpus(self, gpus: float, gpus_per_actor: float) -> None:
-        if gpus < gpus_per_actor:
-            if joins_cluster(self.cfg.compute):
-                where, wait = "the cluster has", "set compute.embed_actors to wait for an autoscaler, or "
-            else:
-                where, wait = "this machine has", ""
-            raise ConfigError(f"each actor asks for {gpus_per_actor:g} GPU but {where} "
-                              f"{gpus:g}; {wait}set compute.gpus_per_actor: 0 to embed on CPUs",
-                              "compute.gpus_per_actor")
-
     def _compute_plan(self, resources: Mapping[str, float]) -> ComputePlan:
-        c = self.cfg.compute
-        gpus = float(resources.get("GPU", 0.0))
-        cpus = float(resources.get("CPU", 1.0))
-        gpus_per_actor = c.gpus_per_actor if c.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        if gpus_per_actor and c.embed_actors is None:
-            self._check_gpus(gpus, gpus_per_actor)
-        if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
-            if not joins_cluster(c):
-                raise ConfigError(f"{c.embed_actors} actors x {gpus_per_actor:g} GPU asked, "
-                                  f"this machine has {gpus:g}: the job would wait forever",
-                                  "compute.embed_actors")
-            log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
-                        "the rest", c.embed_actors, gpus_per_actor, gpus)
-        local_cpu = not gpus_per_actor and not joins_cluster(c)
-        if c.embed_actors:
-            actors = c.embed_actors
-        elif gpus_per_actor:
-            actors = max(1, int(gpus // gpus_per_actor))
-        elif local_cpu:  # narrow actors: see ComputeConfig.embed_actors
-            actors = local_cpu_actors(cpus)[0]
-        else:
-            actors = 1
-        if c.cpus_per_actor is not None:
-            cpus_per_actor = c.cpus_per_actor
-        elif local_cpu:  # leave one decode task its CPU
-            cpus_per_actor = max(0.0, min(1.0, (cpus - c.decode_cpus) / actors))
-        else:
-            cpus_per_actor = 1.0
-        if c.torch_threads:
-            threads = c.torch_threads
-        elif local_cpu:  # the actors share this machine's cores
-            threads = local_cpu_actors(cpus, actors)[1]
-        else:
-            threads = max(1, int(cpus_per_actor))
-        if not joins_cluster(c):  # no autoscaler will bring a bigger node: Ray would wait forever
-            for need, key in ((c.decode_cpus, "compute.decode_cpus"),
-                              (cpus_per_actor, "compute.cpus_per_actor"),
-                              (c.decode_cpus + cpus_per_actor, "compute.decode_cpus")):
-                if need > cpus:
-                    raise ConfigError(
-                        f"one decode task ({c.decode_cpus:g} CPU) and one embedding actor "
-                        f"({cpus_per_actor:g} CPU) must fit on this local Ray's {cpus:g} CPUs "
-                        "at once, or the job waits forever; lower compute.decode_cpus / "
-                        "compute.cpus_per_actor, or raise compute.num_cpus", key)
-        # Windows in flight to the actors, plus the rows of the file being gathered for writing.
-        inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * self._batch_mib))
-                                     + math.ceil(2 * self._file_mib))
-        return ComputePlan(actors=actors, gpus_per_actor=gpus_per_actor,
-                           cpus_per_actor=round(cpus_per_actor, 3), torch_threads=threads,
-                           inflight_mb=inflight, cluster_cpus=cpus, cluster_gpus=gpus)
+        return plan_compute(self.cfg.compute, resources, self._batch_mib, self._file_mib)
 
     def _dataset(self, plan: ComputePlan, sources: Any) -> Any:
         """decode (CPU tasks) -> embed (actor pool) -> write (CPU tasks), over every shard."""
@@ -1370,24 +1296,6 @@ def check_model_settings(cfg: JobConfig) -> None:
     job = EmbeddingJob(cfg)
     job.info = model_info(cfg.model.name, cfg.model.options)
     job._settle_model_settings()
-
-
-def local_cpu_actors(cpus: float, actors: int | None = None) -> tuple[int, int]:
-    """(actors, torch threads each) on a local Ray without GPUs: one narrow actor per CPU up
-    to ``MAX_LOCAL_CPU_ACTORS`` (unless ``actors`` is given), the CPUs shared among them."""
-    actors = actors or max(1, min(MAX_LOCAL_CPU_ACTORS, int(cpus)))
-    return actors, max(1, int(cpus) // actors)
-
-
-def usable_cpus() -> int:
-    """CPUs a local Ray started here gets, counted as Ray counts them (a container's CPU
-    quota included); this machine's CPUs where Ray's count cannot be had."""
-    try:
-        from ray._private.utils import get_num_cpus  # private: guarded, with a fallback
-
-        return max(1, int(get_num_cpus()))
-    except Exception:  # noqa: BLE001 - any failure of a private API: the plain count
-        return os.cpu_count() or 1
 
 
 def run_job(cfg: JobConfig) -> JobSummary:

@@ -1,0 +1,132 @@
+"""How a run uses the Ray it gets: embedding actors, their CPUs, GPUs and torch threads, and
+the object-store budget for what is in flight, from the config and the cluster's resources.
+
+Pure arithmetic on :class:`~pipeline.config.ComputeConfig` and a resources mapping (what
+``ray.cluster_resources()`` returns), so every rule can be read and tested without Ray. What
+can never run is refused here, naming the setting, rather than left to wait forever: more
+GPUs per actor than there are, or, on a local Ray (no autoscaler will bring a bigger node),
+a decode task and an actor that cannot fit at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pipeline.config import ComputeConfig
+from pipeline.errors import ConfigError
+from pipeline.ray_connect import joins_cluster
+
+log = logging.getLogger(__name__)
+
+# On a local Ray without GPUs, one embedding actor per CPU up to this many.
+MAX_LOCAL_CPU_ACTORS = 4
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """How a run uses the Ray it got: the embedding actor pool and the object-store budget."""
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    torch_threads: int  # intra-op threads per actor
+    inflight_mb: int  # object-store budget for windows and rows in flight
+    cluster_cpus: float
+    cluster_gpus: float
+
+
+def plan_compute(c: ComputeConfig, resources: Mapping[str, float], batch_mib: float,
+                 file_mib: float) -> ComputePlan:
+    """The plan for ``resources`` (``{"CPU": 16.0, "GPU": 4.0}``); ``batch_mib``: one batch
+    of windows, ``file_mib``: one output file's rows, which the in-flight budget must hold.
+
+    Raises:
+        ConfigError: the actors asked for cannot run here, ever.
+    """
+    gpus = float(resources.get("GPU", 0.0))
+    cpus = float(resources.get("CPU", 1.0))
+    gpus_per_actor = c.gpus_per_actor if c.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpus_per_actor and c.embed_actors is None:
+        check_gpus(c, gpus, gpus_per_actor)
+    if gpus_per_actor and c.embed_actors and gpus < gpus_per_actor * c.embed_actors:
+        if not joins_cluster(c):
+            raise ConfigError(f"{c.embed_actors} actors x {gpus_per_actor:g} GPU asked, "
+                              f"this machine has {gpus:g}: the job would wait forever",
+                              "compute.embed_actors")
+        log.warning("%d actors x %s GPU asked, %s GPU present; the autoscaler must add "
+                    "the rest", c.embed_actors, gpus_per_actor, gpus)
+    local_cpu = not gpus_per_actor and not joins_cluster(c)
+    if c.embed_actors:
+        actors = c.embed_actors
+    elif gpus_per_actor:
+        actors = max(1, int(gpus // gpus_per_actor))
+    elif local_cpu:  # narrow actors: see ComputeConfig.embed_actors
+        actors = local_cpu_actors(cpus)[0]
+    else:
+        actors = 1
+    if c.cpus_per_actor is not None:
+        cpus_per_actor = c.cpus_per_actor
+    elif local_cpu:  # leave one decode task its CPU
+        cpus_per_actor = max(0.0, min(1.0, (cpus - c.decode_cpus) / actors))
+    else:
+        cpus_per_actor = 1.0
+    if c.torch_threads:
+        threads = c.torch_threads
+    elif local_cpu:  # the actors share this machine's cores
+        threads = local_cpu_actors(cpus, actors)[1]
+    else:
+        threads = max(1, int(cpus_per_actor))
+    if not joins_cluster(c):  # no autoscaler will bring a bigger node: Ray would wait forever
+        for need, key in ((c.decode_cpus, "compute.decode_cpus"),
+                          (cpus_per_actor, "compute.cpus_per_actor"),
+                          (c.decode_cpus + cpus_per_actor, "compute.decode_cpus")):
+            if need > cpus:
+                raise ConfigError(
+                    f"one decode task ({c.decode_cpus:g} CPU) and one embedding actor "
+                    f"({cpus_per_actor:g} CPU) must fit on this local Ray's {cpus:g} CPUs "
+                    "at once, or the job waits forever; lower compute.decode_cpus / "
+                    "compute.cpus_per_actor, or raise compute.num_cpus", key)
+    # Windows in flight to the actors, plus the rows of the file being gathered for writing.
+    inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * batch_mib))
+                                 + math.ceil(2 * file_mib))
+    return ComputePlan(actors=actors, gpus_per_actor=gpus_per_actor,
+                       cpus_per_actor=round(cpus_per_actor, 3), torch_threads=threads,
+                       inflight_mb=inflight, cluster_cpus=cpus, cluster_gpus=gpus)
+
+
+def check_gpus(c: ComputeConfig, gpus: float, gpus_per_actor: float) -> None:
+    """Refuses actors that each ask for more GPUs than there are.
+
+    Raises:
+        ConfigError: naming ``compute.gpus_per_actor``.
+    """
+    if gpus < gpus_per_actor:
+        if joins_cluster(c):
+            where, wait = "the cluster has", "set compute.embed_actors to wait for an autoscaler, or "
+        else:
+            where, wait = "this machine has", ""
+        raise ConfigError(f"each actor asks for {gpus_per_actor:g} GPU but {where} "
+                          f"{gpus:g}; {wait}set compute.gpus_per_actor: 0 to embed on CPUs",
+                          "compute.gpus_per_actor")
+
+
+def local_cpu_actors(cpus: float, actors: int | None = None) -> tuple[int, int]:
+    """(actors, torch threads each) on a local Ray without GPUs: one narrow actor per CPU up
+    to ``MAX_LOCAL_CPU_ACTORS`` (unless ``actors`` is given), the CPUs shared among them."""
+    actors = actors or max(1, min(MAX_LOCAL_CPU_ACTORS, int(cpus)))
+    return actors, max(1, int(cpus) // actors)
+
+
+def usable_cpus() -> int:
+    """CPUs a local Ray started here gets, counted as Ray counts them (a container's CPU
+    quota included); this machine's CPUs where Ray's count cannot be had."""
+    try:
+        from ray._private.utils import get_num_cpus  # private: guarded, with a fallback
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # noqa: BLE001 - any failure of a private API: the plain count
+        return os.cpu_count() or 1
