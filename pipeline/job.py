@@ -255,36 +255,74 @@ class EmbeddingJob:
     # ------------------------------------------------------------------ planning
 
     def prepare(self) -> None:
-        """Resolve model, weights, windows, inputs and namespace; recover; plan shards.
+        """Resolve model, weights, windows, inputs and namespace; recover; plan shards. What
+        it refuses, it refuses before any work, in this order: the model and the compute it
+        needs, the output, the inputs, a namespace another run holds.
 
         Raises:
-            ConfigError: the config does not fit the model (window, pooling, layers).
+            ConfigError: the config does not fit the model (window, pooling, layers), the
+                compute, or the output; a store refuses the credentials.
             NoInputsError: nothing to embed was found.
             WeightsUnavailableError: the checkpoint cannot be fetched.
+            NamespaceBusyError: another run is writing this output namespace.
         """
+        self._resolve_model()
+        self.variant = self._build_variant()
+        self.provenance = JobProvenance.create(self.cfg, self.job_id, self.variant,
+                                               self.weights.uri)
+        self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
+        self.layout = OutputLayout(self.cfg.output.uri, self.info.name, self.variant.id,
+                                   dict(self.cfg.output.storage_options))
+        shown = redact.uri(self.cfg.output.uri)
+        with storage.refusals_named("output.uri", shown):
+            self._open_output()  # an output the job cannot take fails here, before the listing
+        self.listing = list_sources(self.cfg.input)
+        with storage.refusals_named("output.uri", shown):
+            self._write_variant_record()
+        fault_point("listed")
+        # Held from before the markers are read until run() ends: see pipeline.lease.
+        self._lease = NamespaceLease(self.layout, self.job_id)
+        with storage.refusals_named("output.uri", shown):
+            self._lease.acquire()
+        try:
+            self._plan_remaining()
+        except BaseException:
+            self._lease.release()
+            raise
+        self.prepared = True
+        log.info("%d recordings listed (%.2f GB), %d already committed, %d to embed in %d "
+                 "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
+                 self.already_done, len(self.todo), len(self.shards),
+                 self.layout.uri(self.layout.table_dir("windows")))
+
+    def _resolve_model(self) -> None:
+        """The backbone and its weights (loudly when random), the window and layer settings,
+        the precision, and the compute they need: all before any listing or output."""
         import ray
 
         from pipeline.models import resolve_backbone
 
-        cfg = self.cfg
-        check_ray_address_env(cfg.compute)
+        cfg, c = self.cfg, self.cfg.compute
+        check_ray_address_env(c)
         self.info, self.weights = resolve_backbone(
             cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
             storage_options=cfg.model.storage_options)
-        info = self.info
         if self.weights.is_random:
             if log.isEnabledFor(logging.WARNING):
                 log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
             else:  # run.log_level: ERROR must not hide that the embeddings mean nothing
                 print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
         self._settle_model_settings()
-        c = cfg.compute
-        if c.gpus_per_actor and not c.embed_actors:  # before any listing or output
+        if c.gpus_per_actor and not c.embed_actors:
             check_gpus(c, self._gpu_view()[0], c.gpus_per_actor)
         self.precision = self._job_precision()
         if not joins_cluster(c) and not ray.is_initialized():  # a caller's own Ray: its own
             self._check_local_ray()
-        self.variant = Variant(
+
+    def _build_variant(self) -> Variant:
+        """Everything that changes the embeddings, which names the output namespace."""
+        cfg, info = self.cfg, self.info
+        variant = Variant(
             model_name=info.name,
             model_family=info.family,
             weights_sha256=self.weights.sha256,
@@ -304,48 +342,29 @@ class EmbeddingJob:
             resample_quality=cfg.audio.resample_quality,
             recording_pooling=cfg.output.recording_pooling,
         )
-        for key, value in self.variant.model_options.items():
+        for key, value in variant.model_options.items():
             if isinstance(value, str) and value.startswith("pbkdf2:"):
                 log.warning("model.options.%s looks like a secret: the variant records a "
                             "fingerprint of it, never the value, so another value is another "
                             "variant; a plugin option that never changes the embeddings (a hub "
                             "token) belongs in the plugin's secret_options", key)
-        self.provenance = JobProvenance.create(cfg, self.job_id, self.variant, self.weights.uri)
-        self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
-        self.layout = OutputLayout(cfg.output.uri, info.name, self.variant.id,
-                                   dict(cfg.output.storage_options))
-        shown = redact.uri(cfg.output.uri)
-        with storage.refusals_named("output.uri", shown):
-            self._open_output()  # an output the job cannot take fails here, before the listing
-        self.listing = list_sources(cfg.input)
-        with storage.refusals_named("output.uri", shown):
-            self._write_variant_record()
-        fault_point("listed")
-        # Held from before the markers are read until run() ends: see pipeline.lease.
-        self._lease = NamespaceLease(self.layout, self.job_id)
-        with storage.refusals_named("output.uri", shown):
-            self._lease.acquire()
-        try:
-            markers = layout_mod.committed_shards(self.layout)
-            carved = layout_mod.finish_carves(self.layout, markers)
-            self._check_manifest_columns(markers)
-            reopened = self._reopen_shards(markers)
-            layout_mod.recover(self.layout, markers, reopened, carved)
-            items = self.listing.items
-            ids = pa.array([i.recording_id for i in items], pa.string())
-            done = layout_mod.settled_among(ids, markers)
-            self.todo = [i for i, settled in zip(items, done, strict=True) if not settled]
-            self.already_done = len(items) - len(self.todo)
-            self.already_failed = sum(layout_mod.settled_among(ids, markers, "error"))
-            self.shards = plan_shards(self.todo, cfg.run.shard_size)
-        except BaseException:
-            self._lease.release()
-            raise
-        self.prepared = True
-        log.info("%d recordings listed (%.2f GB), %d already committed, %d to embed in %d "
-                 "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
-                 self.already_done, len(self.todo), len(self.shards),
-                 self.layout.uri(self.layout.table_dir("windows")))
+        return variant
+
+    def _plan_remaining(self) -> None:
+        """Under the lease: read the markers, finish what a crashed run left, reopen the
+        shards to redo, and plan the recordings no marker settles into shards."""
+        markers = layout_mod.committed_shards(self.layout)
+        carved = layout_mod.finish_carves(self.layout, markers)
+        self._check_manifest_columns(markers)
+        reopened = self._reopen_shards(markers)
+        layout_mod.recover(self.layout, markers, reopened, carved)
+        items = self.listing.items
+        ids = pa.array([i.recording_id for i in items], pa.string())
+        done = layout_mod.settled_among(ids, markers)
+        self.todo = [i for i, settled in zip(items, done, strict=True) if not settled]
+        self.already_done = len(items) - len(self.todo)
+        self.already_failed = sum(layout_mod.settled_among(ids, markers, "error"))
+        self.shards = plan_shards(self.todo, self.cfg.run.shard_size)
 
     def _check_manifest_columns(self, markers: Mapping[str, Mapping[str, Any]]) -> None:
         """Refuse a run whose manifest columns differ from those the namespace's rows carry.
