@@ -291,13 +291,6 @@ def recordings_to_retry(markers: Mapping[str, Mapping[str, Any]],
     return out
 
 
-def shards_to_retry(markers: Mapping[str, Mapping[str, Any]], max_attempts: int | None = None,
-                    listed: Collection[str] | None = None) -> dict[str, int]:
-    """``shard -> recordings`` of :func:`recordings_to_retry`, counted."""
-    return {shard: len(ids) for shard, ids
-            in recordings_to_retry(markers, max_attempts, listed).items()}
-
-
 def carved_shard_id(shard_id: str, keep: Iterable[str]) -> str:
     """The id of the shard that takes ``keep``'s rows out of ``shard_id`` (see
     ``EmbeddingJob._carve_out``): the same for the same carve, so one a crash interrupted

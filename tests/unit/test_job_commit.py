@@ -14,10 +14,15 @@ from pipeline import job as job_mod
 from pipeline.config import JobConfig
 from pipeline.errors import JobAborted
 from pipeline.job import EmbeddingJob
-from pipeline.layout import OutputLayout, shards_to_retry
+from pipeline.layout import OutputLayout, recordings_to_retry
 from pipeline.sink import ShardProgress
 from pipeline.sources import SourceItem
 from pipeline.summary import JobSummary, ShardOutcome
+
+
+def _retry_counts(*args, **kwargs) -> dict[str, int]:
+    """``shard -> recordings`` a rerun redoes, counted."""
+    return {shard: len(ids) for shard, ids in recordings_to_retry(*args, **kwargs).items()}
 
 
 def test_with_channels_each_a_status_is_its_channels_and_an_emptied_channel_is_named(
@@ -93,14 +98,14 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     # What a rerun reopens: the shard of the three recordings errors not their own stopped
     # (a marker written before ``retry`` existed counts its StorageErrors).
     marker = {"recordings": [{"recording_id": r, **v} for r, v in settled.items()]}
-    assert shards_to_retry({"s": marker}) == {"s": 3}
+    assert _retry_counts({"s": marker}) == {"s": 3}
     # run.max_attempts 3: the recording met by such an error in three runs is settled.
-    assert shards_to_retry({"s": marker}, max_attempts=3) == {"s": 2}
-    assert shards_to_retry({"s": marker}, max_attempts=1) == {}
-    assert shards_to_retry({"s": marker}, listed={"outage", "clean"}) == {"s": 1}  # others gone
+    assert _retry_counts({"s": marker}, max_attempts=3) == {"s": 2}
+    assert _retry_counts({"s": marker}, max_attempts=1) == {}
+    assert _retry_counts({"s": marker}, listed={"outage", "clean"}) == {"s": 1}  # others gone
     old = {"recordings": [{"recording_id": "x", "outcome": "error", "error_type": "StorageError"}]}
-    assert shards_to_retry({"old": old}) == {"old": 1}
-    assert shards_to_retry({"old": old}, max_attempts=2) == {"old": 1}  # no count kept: one
+    assert _retry_counts({"old": old}) == {"old": 1}
+    assert _retry_counts({"old": old}, max_attempts=2) == {"old": 1}  # no count kept: one
 
 
 def test_the_summary_points_at_the_errors_directory_the_layout_writes() -> None:

@@ -475,7 +475,7 @@ def test_markers_are_held_compactly_and_read_back_as_written(tmp_path: Path) -> 
         assert held.ids.to_pylist() == [r["recording_id"] for r in recordings]
     assert markers["a" * 16]["recordings"].noted() == written["a" * 16][-1:]
     assert markers["b" * 16]["recordings"].noted() == written["b" * 16][1:]
-    assert layout.shards_to_retry(markers) == {"a" * 16: 1}
+    assert {s: len(ids) for s, ids in layout.recordings_to_retry(markers).items()} == {"a" * 16: 1}
     listed = [f"{k:032x}" for k in (0, 4, 6, 8, 9)]
     assert layout.settled_among(listed, markers) == [True, True, False, True, True]
     assert layout.settled_among(listed, markers, "error") == [False, False, False, True, True]
