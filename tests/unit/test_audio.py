@@ -320,13 +320,14 @@ def test_a_wav_past_4_gib_is_read_to_its_end(data_size: int | None, believed: in
     are read up to the end of the audio (a wrapped size: the declared one plus the most
     4 GiBs that fit, a chunk after them left out). Checked on a file made on the fly: its
     last frames come out of the decoder as they were made."""
-    from pipeline.audio import _wav_to_its_end, open_soundfile
+    from pipeline.audio import open_soundfile
+    from pipeline.wav import read_to_its_end
 
     source = _VirtualWav(4_500_000_044, data_size=data_size, trailer=trailer)
     report = DecodeReport()
     snd = open_soundfile(source)
     assert snd.frames == believed // 4  # what libsndfile believes
-    snd, _view = _wav_to_its_end(snd, source, report)
+    snd, _view = read_to_its_end(snd, source, report.problems)
     with snd:
         assert snd.frames == 4_500_000_000 // 4
         snd.seek(snd.frames - 3)

@@ -1,0 +1,229 @@
+"""WAV headers that say less than the file holds: where a RIFF WAVE's audio really ends.
+
+RIFF sizes are 32 bits, and libsndfile believes them. A recorder that lost power leaves
+them at 0, a writer past 4 GiB wraps them or writes 0xFFFFFFFF, a recorder that updates them
+as it goes and then stops leaves them short: hours of audio read as none, or 95 % of a
+4.5 GB file left unread and marked ``ok``. :func:`read_to_its_end` finds the end of the
+audio (:func:`_audio_end`: not a tag, a chunk or padding that tools append) and gives the
+decoder a view that reads up to it; the decode report says what the header declared.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import soundfile as sf
+
+from pipeline.storage import ReadView
+
+# WAV headers: the RIFF formats libsndfile names, where their size field sits, and the size
+# a recorder that never finished the file leaves in it.
+RIFF_FORMATS = ("WAV", "WAVEX")
+_RIFF_SIZE_AT = 4
+_STREAMING_SIZE = b"\xff\xff\xff\xff"  # RIFF's "size unknown: read to the end"
+
+
+def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
+                    problems: list[str]) -> tuple[sf.SoundFile, Any]:
+    """A WAV whose data chunk declares less audio than the file holds, read to its end.
+
+    RIFF sizes are 32 bits, and libsndfile believes them: a recorder that lost power before
+    closing the file leaves them at 0 (hours of audio read as none); past 4 GiB (8 channels
+    at 96 kHz, 24-bit, in 58 minutes) a writer wraps them modulo 2**32 (95 % of a 4.5 GB
+    file went unread, marked ``ok``) or writes 0xFFFFFFFF, which libsndfile reads to 4 GiB
+    only; a recorder that updates the size as it goes and then stops leaves it short. Where
+    the audio really ends is :func:`_audio_end`'s call. PCM, float and G.711 data are then
+    read as headerless samples up to there; other codecs under 4 GiB through a header that
+    says "size unknown"; beyond that the recording is marked partial with what was left
+    unread. Either way ``problems`` (the decode report's) says what the header declared
+    (``partial``).
+
+    Returns ``(snd, fileobj)``: the ones given, or those to read instead (the given closed).
+    """
+    at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
+    width = _RAW_WIDTH.get(snd.subtype)
+    try:
+        size = _file_size(fileobj)
+        chunk = _wav_data_chunk(fileobj)
+        if size is None or chunk is None:
+            return snd, fileobj
+        start, declared = chunk
+        end = _audio_end(fileobj, start, declared, size,
+                         second=snd.samplerate * snd.channels * (width or 1),
+                         eight_bit=width == 1)
+    finally:
+        fileobj.seek(at)
+    if end is None:
+        return snd, fileobj
+    why = ("no audio (a recorder stopped before finishing the file?)" if declared == 0 else
+           "its size unknown" if declared == 0xFFFFFFFF else
+           f"{declared} bytes of audio (a size that wrapped past 4 GiB)" if end - start >= 2**32
+           else f"{declared} bytes of audio")
+    said = f"the header declares {why}; the file holds {end - start} bytes of it"
+    if width is not None:
+        view = _Tail(fileobj, start, end)
+        raw = sf.SoundFile(view, "r", samplerate=snd.samplerate, channels=snd.channels,
+                           subtype=snd.subtype, format="RAW", endian="LITTLE")
+        problems.append(f"{said}: {raw.frames} frames read")
+        snd.close()
+        return raw, view
+    if size - start < 0xFFFFFFFF:
+        fileobj.seek(0)
+        patched = _PatchedHeader(fileobj, {_RIFF_SIZE_AT: _STREAMING_SIZE,
+                                           start - 4: _STREAMING_SIZE})
+        try:
+            reopened = sf.SoundFile(patched)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            reopened = None  # not with that header: read what libsndfile reads, below
+        if reopened is not None and reopened.frames:
+            problems.append(f"{said}: {reopened.frames} frames read")
+            snd.close()
+            return reopened, patched
+        if reopened is not None:
+            reopened.close()
+    problems.append(f"{said}: only what libsndfile reads of {snd.subtype} data was read")
+    return snd, fileobj
+
+
+# Bytes per sample of the WAV codecs libsndfile also reads as headerless (RAW) samples.
+_RAW_WIDTH = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+              "ULAW": 1, "ALAW": 1}
+# What may follow a WAV's audio besides RIFF chunks: ID3v2, ID3v1 and APEv2 tags tools append.
+_TRAILER_MAGIC = (b"ID3", b"TAG", b"APETAGEX")
+
+
+def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int,
+               eight_bit: bool = False) -> int | None:
+    """Where a WAV's audio really ends (a file offset), when not where libsndfile would
+    stop reading it; None when the header is to be believed.
+
+    - size 0 ("never finished"): the end of the file;
+    - 0xFFFFFFFF ("unknown"): read on by libsndfile up to 4 GiB, so past that, the end;
+    - in a file of 4 GiB or more, a size that wrapped: the true size is the declared one
+      plus a multiple of 2**32, the largest that fits (what follows, a chunk or a tag, is
+      shorter than 4 GiB);
+    - a size short of the file's by more than a second of audio (``second`` bytes, and at
+      least 64 KiB), where neither a RIFF chunk, an ID3 tag nor zeros (recorders pad files
+      to a block) follow the declared end: the end of the file. Smaller trailers (a tag,
+      a few bytes of garbage) are what tools append, and the header is believed.
+    """
+    available = size - start
+    if declared == 0:  # unless what follows is a chunk or a tag: a file of no audio indeed
+        return (size if available > 0
+                and not _trailer_at(fileobj, start, size, eight_bit, zeros=False) else None)
+    if declared == 0xFFFFFFFF:
+        return size if available > declared else None
+    if declared >= available:
+        return None  # whole, or cut short: libsndfile reads what there is and says so
+    if available >= 2**32:
+        return start + declared + (available - declared) // 2**32 * 2**32
+    if available - declared < max(second, 65_536):
+        return None
+    if any(_trailer_at(fileobj, at, size, eight_bit)
+           for at in (start + declared, start + declared + 1)):
+        return None  # with a pad byte, or without
+    return size
+
+
+def _trailer_at(fileobj: Any, at: int, size: int, eight_bit: bool,
+                zeros: bool = True) -> bool:
+    """Whether what starts at ``at`` is no audio: a RIFF chunk, a tag (ID3, APE), or
+    (``zeros``) zeros (recorders pad files to a block; where the header declares no audio
+    at all, zeros are silence), or zeros and then a chunk or a tag. True when it cannot be
+    read: the header is then believed."""
+    try:
+        fileobj.seek(at)
+        after = fileobj.read(4096)
+    except OSError:
+        return True
+    if zeros:
+        first = next((i for i, b in enumerate(after) if b), None)
+        if first is None:
+            return True
+        at, after = at + first, after[first:]
+    return after.startswith(_TRAILER_MAGIC) or _chunk_header(after, at, size, eight_bit)
+
+
+# RIFF chunks found after a WAV's data, by id (8-bit audio often looks like four
+# printable characters: in an 8-bit file an id not among them must also give a size that
+# fits the file).
+_KNOWN_CHUNKS = frozenset(
+    s.encode() for s in ("LIST", "id3 ", "ID3 ", "bext", "iXML", "ixml", "cue ", "JUNK",
+                         "junk", "PAD ", "pad ", "FLLR", "filr", "fact", "smpl", "inst",
+                         "acid", "cart", "axml", "aXML", "umid", "DISP", "PEAK", "levl",
+                         "_PMX", "afsp", "MD5 ", "plst", "labl", "note", "ltxt", "chna",
+                         "guan", "GUAN", "minf", "elm1", "regn", "ovwf", "tlst", "SyLp",
+                         "wamd", "olym", "data", "fmt "))
+
+
+def _chunk_header(head: bytes, at: int, size: int, eight_bit: bool) -> bool:
+    """Whether ``head``, read at offset ``at`` of a file of ``size`` bytes, starts a RIFF
+    chunk: four printable characters (wider samples rarely look so; a chunk may be cut
+    short, or its size count its header), in an 8-bit file a known id or a size that fits."""
+    if len(head) < 4 or not all(0x20 <= b < 0x7F for b in head[:4]):
+        return False
+    if head[:4] in _KNOWN_CHUNKS or not eight_bit:
+        return True
+    return len(head) >= 8 and at + 8 + int.from_bytes(head[4:8], "little") <= size
+
+
+def _file_size(fileobj: Any) -> int | None:
+    try:
+        return int(fileobj.seek(0, io.SEEK_END))
+    except (OSError, ValueError):
+        return None
+
+
+def _wav_data_chunk(fileobj: Any) -> tuple[int, int] | None:
+    """``(offset of its audio, the size its header declares)`` of a RIFF WAVE's data chunk;
+    None if it has none."""
+    try:
+        fileobj.seek(12)  # past "RIFF", its size, "WAVE"
+        while True:
+            header = fileobj.read(8)
+            if len(header) < 8:
+                return None
+            chunk, size = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"data":
+                return fileobj.tell(), size
+            fileobj.seek(size + (size & 1), io.SEEK_CUR)  # chunks are padded to even sizes
+    except OSError:
+        return None
+
+
+class _Tail(ReadView):
+    """Bytes ``start`` to ``end`` of ``fileobj`` as a file of their own (a WAV's samples,
+    read as RAW)."""
+
+    def __init__(self, fileobj: Any, start: int, end: int) -> None:
+        super().__init__(fileobj)
+        self._start, self._end = start, end
+        fileobj.seek(start)
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(0, self._end - self._raw.tell())
+        return super().read(left if size is None or size < 0 else min(size, left))
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: self._start, io.SEEK_CUR: self._raw.tell(),
+                io.SEEK_END: self._end}[whence]
+        return self._raw.seek(max(self._start, base + offset)) - self._start
+
+    def tell(self) -> int:
+        return self._raw.tell() - self._start
+
+
+class _PatchedHeader(ReadView):
+    """``fileobj`` with a few bytes replaced."""
+
+    def __init__(self, fileobj: Any, patches: dict[int, bytes]) -> None:
+        super().__init__(fileobj)
+        self._patches = patches
+
+    def _after_read(self, start: int, data: bytes) -> bytes:
+        for at, patch in self._patches.items():
+            lo, hi = max(at, start), min(at + len(patch), start + len(data))
+            if lo < hi:
+                data = data[:lo - start] + patch[lo - at:hi - at] + data[hi - start:]
+        return data
