@@ -780,23 +780,23 @@ class EmbeddingJob:
 
     def _check_output(self) -> None:
         """Refuse, before the listing (which may take long) and naming ``output.uri``, an
-        output that holds another variant under this one's id, or that cannot be read or
-        written (no such bucket, a path under a file, no permission). Where the variant has
-        no record yet, a probe object of this run's own is written and removed, with the
-        local folders made for it: a run refused later (no inputs) leaves the output as it
-        was, and never removes what another run wrote."""
-        fs = self.layout.fs
+        output that holds another variant under this one's id, or in which the job cannot
+        read, write or delete (no such bucket, a path under a file, no permission, a
+        write-once bucket). A probe object of this run's own is written and removed, with
+        the local folders made for it: a run refused later (no inputs) leaves the output
+        as it was, and never removes what another run wrote."""
+        fs, doing = self.layout.fs, "write to"
         try:
-            if self._variant_record_matches():
-                return
+            self._variant_record_matches()
             probe = storage.join(self.layout.root_path, f"_probe-{self.job_id}.tmp")
             made = storage.missing_dirs(fs, probe)
             layout_mod.write_json(fs, probe, {"job_id": self.job_id})
+            doing = "delete in"  # a write-once bucket: a commit deletes its staged files
             storage.remove_file(fs, probe)
             storage.remove_empty_dirs(made)
         except storage.NOT_TRANSIENT as err:  # not a full disk, nor an outage: a failure
             raise ConfigError(
-                f"cannot write to {redact.uri(self.cfg.output.uri)}: "
+                f"cannot {doing} {redact.uri(self.cfg.output.uri)}: "
                 f"{type(err).__name__}: {redact.text(str(err))}", "output.uri") from err
 
     def _variant_record_matches(self) -> bool:

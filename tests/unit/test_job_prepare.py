@@ -82,6 +82,25 @@ def test_an_output_uri_it_cannot_write_is_refused_naming_it(archive: Path, tmp_p
     assert err.value.field == "output.uri"
 
 
+def test_an_output_it_may_write_but_not_delete_in_is_refused_first_run_or_later(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write-once bucket took a rerun (whose variant was recorded) through all its work
+    to fail at the first commit, a shard's files published without their marker."""
+    from pipeline import storage
+
+    first = job(archive, tmp_path)
+    first.prepare()  # records the variant, as a first run does
+    first._lease.release()
+
+    def remove_file(fs: object, path: str) -> None:
+        raise PermissionError(f"AccessDenied: DeleteObject {path}")
+
+    monkeypatch.setattr(storage, "remove_file", remove_file)
+    with pytest.raises(ConfigError, match=r"cannot delete in .*: PermissionError") as err:
+        job(archive, tmp_path).prepare()
+    assert err.value.field == "output.uri"
+
+
 def test_an_output_that_fails_for_the_while_is_a_failure_not_a_refusal(
         archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An outage that outlasted the retries, or a full disk, is no config error: it fails
