@@ -120,6 +120,10 @@ class ShardRows(NamedTuple):
     settled: dict[str, dict[str, Any]]  # recording id -> its outcome (and error) in the marker
 
 
+def _dropped_note(windows: int) -> str:
+    return f"{windows} windows dropped: non-finite embedding"
+
+
 def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
     """Types between which a checked cast carries every value over exactly or refuses:
     numbers (integers and floats of any width), and times of one zone in any unit."""
@@ -1212,73 +1216,86 @@ class EmbeddingJob:
         err_rows: list[dict[str, Any]] = []
         settled: dict[str, dict[str, Any]] = {}
         for item in items:
-            report = reports.get(item.recording_id)
+            rid = item.recording_id
+            report = reports.get(rid)
             if report is None:
                 raise RuntimeError(f"shard {shard_id}: no report for {item.uri}; rows were lost")
             outcome.bytes_read += int(report.get("bytes_read", 0))
             if report["status"] == "error":
-                err_rows.append({"recording_id": item.recording_id, "error_type": report["error_type"],
+                err_rows.append({"recording_id": rid, "error_type": report["error_type"],
                                  "message": report["message"]})
                 outcome.failed += 1
-                settled[item.recording_id] = {"outcome": "error",
-                                              "error_type": report["error_type"],
-                                              **self._retry_mark(item, report)}
-                if report["error_type"] in LIMIT_ERRORS:  # see _reopen_shards
-                    settled[item.recording_id]["refused"] = {
-                        "sample_rate_hz": int(report.get("source_sample_rate_hz") or 0),
-                        "channels": int(report.get("source_channels") or 0)}
+                settled[rid] = self._failure_mark(item, report)
                 continue
-            problems = list(report.get("problems", []))  # the recording's, every channel's
-            lost = dropped.get(item.recording_id, set())
-            lost_on = collections.Counter(ch for ch, _ in lost)
+            lost = dropped.get(rid, set())
             windows = windows_kept(report, lost)
-            # With channels: each, a channel that lost every window has no rows: the others
-            # say so, or it would vanish without a word.
-            emptied = [ch for ch, kept in sorted(windows.items()) if not kept and lost_on[ch]]
-            recording_rows = []
-            for ch, kept in sorted(windows.items()):
-                detail = list(problems)  # this channel's status: its own windows decide
-                if lost_on[ch]:
-                    detail.append(f"{lost_on[ch]} windows dropped: non-finite embedding")
-                if others := [c for c in emptied if c != ch]:
-                    detail.append(f"channel {', '.join(map(str, others))}: every window's "
-                                  "embedding was non-finite (no rows)")
-                for layer in self.layers:
-                    count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
-                    if count != kept:
-                        raise RuntimeError(
-                            f"shard {shard_id}: {item.uri} channel {ch} layer {layer} has "
-                            f"{count} window rows, expected {kept}; refusing to commit")
-                    if kept == 0:
-                        continue
-                    recording_rows.append({
-                        "recording_id": item.recording_id, "channel": ch, "layer": layer,
-                        "duration_s": report["duration_s"],
-                        "source_sample_rate_hz": report["source_sample_rate_hz"],
-                        "source_channels": report["source_channels"], "num_windows": kept,
-                        "embedding": vector, "status": "partial" if detail else "ok",
-                        "status_detail": "; ".join(detail),
-                    })
+            recording_rows = self._recording_rows(shard_id, item, report, lost, windows, pooled)
             if not recording_rows:
-                err_rows.append({"recording_id": item.recording_id,
-                                 "error_type": "NonFiniteEmbedding",
+                err_rows.append({"recording_id": rid, "error_type": "NonFiniteEmbedding",
                                  "message": "every window's embedding was non-finite"})
                 outcome.failed += 1
-                settled[item.recording_id] = {"outcome": "error",
-                                              "error_type": "NonFiniteEmbedding"}
+                settled[rid] = {"outcome": "error", "error_type": "NonFiniteEmbedding"}
                 continue
+            problems = list(report.get("problems", []))
             if lost:
-                problems.append(f"{len(lost)} windows dropped: non-finite embedding")
+                problems.append(_dropped_note(len(lost)))
             rec_rows.extend(recording_rows)
             outcome.windows += sum(windows.values())
             outcome.audio_s += float(report["duration_s"])
             outcome.partial += bool(problems)
             outcome.embedded += not problems
-            settled[item.recording_id] = {"outcome": "partial" if problems else "ok"}
+            settled[rid] = {"outcome": "partial" if problems else "ok"}
             if report.get("stopped_by"):
-                settled[item.recording_id].update(error_type=report["stopped_by"],
-                                                  **self._retry_mark(item, report))
+                settled[rid].update(error_type=report["stopped_by"],
+                                    **self._retry_mark(item, report))
         return ShardRows(rec_rows, err_rows, outcome, settled)
+
+    def _failure_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
+        """What a marker records of a recording that failed: its error type, whether a
+        later run may try again, and for a refusal by the job's limits what was refused
+        (see :meth:`_reopen_shards`)."""
+        mark = {"outcome": "error", "error_type": report["error_type"],
+                **self._retry_mark(item, report)}
+        if report["error_type"] in LIMIT_ERRORS:
+            mark["refused"] = {"sample_rate_hz": int(report.get("source_sample_rate_hz") or 0),
+                               "channels": int(report.get("source_channels") or 0)}
+        return mark
+
+    def _recording_rows(self, shard_id: str, item: SourceItem, report: Mapping[str, Any],
+                        lost: set[tuple[int, int]], windows: Mapping[int, int],
+                        pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]
+                        ) -> list[dict[str, Any]]:
+        """One row per channel and layer of a recording that embedded (none for a channel
+        that lost every window), each pooled over exactly the windows kept, or the commit is
+        refused. A channel's status is its own: the recording's problems, its windows
+        dropped, and which other channels have no rows (they would vanish without a word)."""
+        lost_on = collections.Counter(ch for ch, _ in lost)
+        emptied = [ch for ch, kept in sorted(windows.items()) if not kept and lost_on[ch]]
+        rows = []
+        for ch, kept in sorted(windows.items()):
+            detail = list(report.get("problems", []))
+            if lost_on[ch]:
+                detail.append(_dropped_note(lost_on[ch]))
+            if others := [c for c in emptied if c != ch]:
+                detail.append(f"channel {', '.join(map(str, others))}: every window's "
+                              "embedding was non-finite (no rows)")
+            for layer in self.layers:
+                count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
+                if count != kept:
+                    raise RuntimeError(
+                        f"shard {shard_id}: {item.uri} channel {ch} layer {layer} has "
+                        f"{count} window rows, expected {kept}; refusing to commit")
+                if kept == 0:
+                    continue
+                rows.append({
+                    "recording_id": item.recording_id, "channel": ch, "layer": layer,
+                    "duration_s": report["duration_s"],
+                    "source_sample_rate_hz": report["source_sample_rate_hz"],
+                    "source_channels": report["source_channels"], "num_windows": kept,
+                    "embedding": vector, "status": "partial" if detail else "ok",
+                    "status_detail": "; ".join(detail),
+                })
+        return rows
 
     @property
     def _limits(self) -> dict[str, Any]:
