@@ -338,15 +338,8 @@ def enrich_windows(rows: pa.Table, spec: SinkSpec) -> pa.Table:
     source = lookup(pa.concat_tables([sources.of(shard) for shard in shards]),
                     rows.column("recording_id"))
     schema = windows_schema(spec.extras_schema, spec.file_metadata)
-    columns: dict[str, pa.Array] = {}
-    for f in schema:
-        if f.name in rows.column_names:
-            columns[f.name] = rows.column(f.name)
-        elif f.name in spec.provenance:
-            columns[f.name] = pa.array([spec.provenance[f.name]] * rows.num_rows, pa.string())
-        else:
-            columns[f.name] = source.column(f.name)
-    return pa.table(columns, schema=schema)
+    own = {name: rows.column(name) for name in rows.column_names}
+    return _assemble(schema, own, source, spec.provenance, rows.num_rows)
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Table,
@@ -355,17 +348,25 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, sources: pa.Tab
     provenance and manifest columns, as :func:`enrich_windows` does for window rows."""
     rows = sorted(rows, key=lambda r: (r.get("layer", 0), r["recording_id"], r.get("channel", 0)))
     source = lookup(sources, pa.array([r["recording_id"] for r in rows], pa.string()))
+    own = {f.name: pa.array([np.asarray(r[f.name], np.float32) if f.name == "embedding"
+                             else r[f.name] for r in rows], f.type)
+           for f in schema if f.name in rows[0]}
+    return _assemble(schema, own, source, provenance, len(rows))
+
+
+def _assemble(schema: pa.Schema, own: Mapping[str, Any], source: pa.Table,
+              provenance: Mapping[str, str], num_rows: int) -> pa.Table:
+    """Output rows in ``schema``: each column the rows' own, else the job's provenance (one
+    value for every row), else the recording's source and manifest columns (``source``,
+    looked up row by row)."""
     columns: dict[str, Any] = {}
     for f in schema:
-        if f.name in provenance:
-            columns[f.name] = pa.array([provenance[f.name]] * len(rows), pa.string())
-        elif f.name in source.column_names and f.name not in rows[0]:
-            columns[f.name] = source.column(f.name)
-        elif f.name == "embedding":
-            columns[f.name] = pa.array([np.asarray(r["embedding"], np.float32) for r in rows],
-                                       f.type)
+        if f.name in own:
+            columns[f.name] = own[f.name]
+        elif f.name in provenance:
+            columns[f.name] = pa.array([provenance[f.name]] * num_rows, pa.string())
         else:
-            columns[f.name] = pa.array([r[f.name] for r in rows], f.type)
+            columns[f.name] = source.column(f.name)
     return pa.table(columns, schema=schema)
 
 
