@@ -60,6 +60,7 @@ class DecodeReport:
         zeroed_samples: samples replaced by 0: NaN, inf, or beyond ``MAX_SAMPLE_MAGNITUDE``.
         problems: human-readable reasons the result is only partial.
         format: container/codec, e.g. ``FLAC/PCM_24``.
+        bytes_read: bytes fetched from storage for it (set by the caller that reads them).
     """
 
     source_sample_rate_hz: int = 0
@@ -70,6 +71,7 @@ class DecodeReport:
     zeroed_samples: int = 0
     problems: list[str] = field(default_factory=list)
     format: str = ""
+    bytes_read: int = 0
 
     @property
     def duration_s(self) -> float:

@@ -171,30 +171,12 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     fault_point("decode")
     report = DecodeReport()
     started = time.perf_counter()
-    counts: dict[int, int] = {}
-    bytes_read = 0
+    counts: dict[int, int] = {}  # windows sent, by channel
     try:
-        if problem:
+        if problem:  # the listing's: the object could not be had
             error_type, _, message = problem.partition(": ")
             raise AudioDecodeError(error_type or "SourceError", message or problem)
-        fs, _ = storage.url_to_fs(uri, spec.storage_options)
-        reader = storage.RangeReader(fs, path, size=size if size >= 0 else None)
-        try:
-            try:
-                for out in _windows(rid, reader, report, spec):
-                    for ch in np.unique(out["channel"]):
-                        counts[int(ch)] = counts.get(int(ch), 0) + int((out["channel"] == ch).sum())
-                    yield out
-            except AudioDecodeError:
-                if reader.error is None:
-                    raise
-            # A read that failed inside libsndfile looked like the end of the file to it
-            # (see RangeReader): the storage error is what happened, not a truncation.
-            if reader.error is not None:
-                raise reader.error
-        finally:
-            bytes_read = reader.bytes_fetched
-            reader.close()
+        yield from _read_windows(rid, uri, path, size, spec, report, counts)
         if not counts:
             raise AudioDecodeError(
                 "TooShort",
@@ -219,10 +201,37 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         source_channels=report.source_channels,
         format=report.format,
         windows=counts,
-        bytes_read=bytes_read,
+        bytes_read=report.bytes_read,
         decode_s=round(time.perf_counter() - started, 4),
     )
     yield _report_row(rid, meta, spec.window_samples)
+
+
+def _read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
+                  report: DecodeReport, counts: dict[int, int]) -> Iterator[dict[str, np.ndarray]]:
+    """The recording's window batches, read by byte range; ``counts`` the windows sent by
+    channel, ``report.bytes_read`` what was fetched (failed or not).
+
+    Raises:
+        Exception: a read that failed (``reader.error``) rather than the truncation or the
+            end of file libsndfile made of it inside its C callback (see RangeReader).
+    """
+    fs, _ = storage.url_to_fs(uri, spec.storage_options)
+    reader = storage.RangeReader(fs, path, size=size if size >= 0 else None)
+    try:
+        try:
+            for out in _windows(rid, reader, report, spec):
+                for ch in np.unique(out["channel"]):
+                    counts[int(ch)] = counts.get(int(ch), 0) + int((out["channel"] == ch).sum())
+                yield out
+        except AudioDecodeError:
+            if reader.error is None:
+                raise
+        if reader.error is not None:
+            raise reader.error
+    finally:
+        report.bytes_read = reader.bytes_fetched
+        reader.close()
 
 
 def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
