@@ -62,6 +62,7 @@ from pipeline.lease import NamespaceLease
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.ray_connect import check_ray_address_env, connect_ray, joins_cluster
 from pipeline.sink import (
+    RecordingReport,
     ShardProgress,
     ShardSources,
     SinkSpec,
@@ -1200,7 +1201,7 @@ class EmbeddingJob:
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
 
-    def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, dict],
+    def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, RecordingReport],
                     dropped: Mapping[str, set[tuple[int, int]]],
                     pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]) -> ShardRows:
         """Turn reports + pooled sums into recording and error rows, checking every count.
@@ -1250,7 +1251,7 @@ class EmbeddingJob:
                                     **self._retry_mark(item, report))
         return ShardRows(rec_rows, err_rows, outcome, settled)
 
-    def _failure_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
+    def _failure_mark(self, item: SourceItem, report: RecordingReport) -> dict[str, Any]:
         """What a marker records of a recording that failed: its error type, whether a
         later run may try again, and for a refusal by the job's limits what was refused
         (see :meth:`_reopen_shards`)."""
@@ -1261,7 +1262,7 @@ class EmbeddingJob:
                                "channels": int(report.get("source_channels") or 0)}
         return mark
 
-    def _recording_rows(self, shard_id: str, item: SourceItem, report: Mapping[str, Any],
+    def _recording_rows(self, shard_id: str, item: SourceItem, report: RecordingReport,
                         lost: set[tuple[int, int]], windows: Mapping[int, int],
                         pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]
                         ) -> list[dict[str, Any]]:
@@ -1304,7 +1305,7 @@ class EmbeddingJob:
         return {"min_sample_rate_hz": a.min_sample_rate_hz,
                 "max_sample_rate_hz": a.max_sample_rate_hz, "max_channels": a.max_channels}
 
-    def _retry_mark(self, item: SourceItem, report: Mapping[str, Any]) -> dict[str, Any]:
+    def _retry_mark(self, item: SourceItem, report: RecordingReport) -> dict[str, Any]:
         """What a marker records of a failure that was not the recording's own (a storage
         error, an unexpected exception): a rerun reopens its shard while ``attempts``, the
         runs in a row that met one, is below ``run.max_attempts`` (``layout.recordings_to_retry``)."""

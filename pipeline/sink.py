@@ -21,7 +21,7 @@ import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +58,27 @@ STAGE_SCHEMA = pa.schema([
     pa.field("embedding", pa.list_(pa.float32())),
     pa.field("meta", pa.string()),
 ])
+
+
+class RecordingReport(TypedDict, total=False):
+    """A recording's report, the ``meta`` (JSON) of the row the decode stage sends after its
+    last window (``pipeline.stages``), as the sink gathers it and the driver commits it."""
+
+    type: Literal["report"]
+    recording_id: str
+    status: Literal["ok", "partial", "error"]
+    error_type: str  # status error: what stopped it
+    message: str  # status error: what happened, secrets redacted
+    stopped_by: str  # status partial: the error that cut it short, its windows before kept
+    transient: bool  # not the recording's own failure: a later run tries it again
+    problems: list[str]  # status partial: why, each
+    duration_s: float  # audio decoded
+    source_sample_rate_hz: int
+    source_channels: int
+    format: str  # container/codec, e.g. FLAC/PCM_24
+    windows: dict[str, int]  # windows sent, by channel (-1: mixed), keys as JSON keeps them
+    bytes_read: int
+    decode_s: float
 
 
 def windows_schema(extras: pa.Schema | None, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
@@ -245,7 +266,7 @@ class ShardProgress:
         self.waiting = set(self.members)
         self.partials: list[pa.Table] = []
         self.files: list[tuple[str, int]] = []
-        self.reports: dict[str, dict[str, Any]] = {}
+        self.reports: dict[str, RecordingReport] = {}
         self.dropped: dict[str, set[tuple[int, int]]] = {}
         self._counts: dict[tuple[str, int, int], int] = {}
 
@@ -296,7 +317,7 @@ class ShardProgress:
         return True
 
 
-def windows_kept(report: Mapping[str, Any], dropped: Iterable[tuple[int, int]]) -> dict[int, int]:
+def windows_kept(report: RecordingReport, dropped: Iterable[tuple[int, int]]) -> dict[int, int]:
     """``channel -> window rows`` per layer that a recording's decode report promises: the
     windows decoded on that channel, less those ``dropped`` (``(channel, window)``) for a
     non-finite embedding."""

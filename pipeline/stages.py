@@ -5,7 +5,8 @@ Row protocol between them. Every row has ``shard``, ``recording_id`` and ``meta`
 * window rows (``meta == ""``): ``channel``, ``window_index``, ``start_s``, ``end_s``,
   ``valid_samples`` and ``audio`` (float32, one window, zero-padded past ``valid_samples``);
 * report rows (``meta`` = JSON): one per recording, after its last window, carrying the
-  decode report (status, duration, rate, windows per channel) or the error that stopped it.
+  decode report (status, duration, rate, windows per channel) or the error that stopped it
+  (``sink.RecordingReport``).
 
 The embed stage turns window rows into one row per window x layer with the pooled
 embedding and passes report rows through; raw audio goes no further than the embed stage.
