@@ -19,8 +19,10 @@ EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), as a shell reports it
 # Error types (the errors table's ``error_type``) that are not the recording's own, which
 # later runs try again (``run.retry_transient_errors``, up to ``run.max_attempts``): a
 # store's retries running out, and a store refusing the credentials (they expire, a policy
-# is fixed). The decode stage marks such rows ``retry``; a marker written before ``retry``
-# was recorded is read by this list.
+# is fixed). The decode stage marks such rows ``retry``. A marker that does not (written
+# before ``retry`` was recorded, or before a refusal was counted among these) is read by
+# this list: the first runs after an upgrade try its refused recordings again, as many
+# times as ``run.max_attempts`` allows.
 RETRYABLE_ERRORS = frozenset({"StorageError", "PermissionError"})
 # Refusals by the job's own limits (audio.min/max_sample_rate_hz, audio.max_channels), not
 # by the recording: a marker records the rate and channels refused, and a run whose limits

@@ -28,7 +28,7 @@ _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]+)@")
 # Query parameters whose values are masked in a URL shown or stored. (A recording's id is
 # made from its URL as shown: widening this list renames recordings whose URLs it masks.)
 _SECRET_QUERY = re.compile(r"(?i)(signature|token|secret|key|credential|sig|password)")
-# Broader, for values scrubbed out of messages only.
+# Broader, for checkpoint URIs and for values scrubbed out of messages.
 _SCRUBBED_QUERY = re.compile(r"(?i)(signature|token|secret|key|credential|sig|password|auth"
                              r"|x-amz-|x-goog-)")
 # Stores whose keys are literal: `?` is a character of the key there, not a query.
@@ -50,6 +50,28 @@ def uri(value: str) -> str:
             query = "&".join(f"{k}={MASK if _SECRET_QUERY.search(k) else v}" for k, v in pairs)
             value = f"{base}?{query}"
     return value
+
+
+def checkpoint_uri(value: str) -> str:
+    """A checkpoint's URI as the job shows and records it (``WeightsInfo.uri``, in
+    provenance): a password in the authority (the user name kept) and every query value
+    whose name looks secret (:func:`secrets_in`'s broader list) masked, the query
+    re-encoded. It also keys the weights cache (``models.weights``), so it must not change
+    (it differs from :func:`uri`, which names recordings, for the same reason)."""
+    parts = urllib.parse.urlsplit(value)
+    if not parts.scheme or len(parts.scheme) == 1:  # plain path (or a Windows drive)
+        return value
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{MASK}@{host}" if ":" in userinfo else f"{MASK}@{host}"
+    query = urllib.parse.urlencode(
+        [(k, MASK if _SCRUBBED_QUERY.search(k) else v)
+         for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def has_query(value: str) -> bool:

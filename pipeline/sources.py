@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import math
+import os
 import posixpath
 import re
 import urllib.parse
@@ -153,7 +154,7 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     def stat() -> dict[str, Any] | None:
         try:  # not fs.exists(): s3fs's swallows every error on a bucket's root (a 403)
             return dict(fs.info(path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a path under a file: not there
             return None
 
     top = storage.reach(fs, path, shown, stat)
@@ -229,7 +230,7 @@ def _dedup_sorted(items: Iterable[SourceItem]) -> list[SourceItem]:
 
 def _list_manifest(cfg: InputConfig) -> Listing:
     assert cfg.manifest is not None
-    table = _without_empty_unnamed(read_manifest(cfg.manifest, cfg.storage_options))
+    table = read_manifest(cfg.manifest, cfg.storage_options)
     if "uri" not in table.column_names:
         raise ConfigError(
             f"manifest has no 'uri' column (columns: {', '.join(table.column_names)})",
@@ -254,7 +255,8 @@ def _list_manifest(cfg: InputConfig) -> Listing:
         first_row.setdefault(uri, i)
     _check_one_version_each(uris, versions)
     given = [(uri, row) for uri, row in first_row.items() if versions[row]]
-    stated = _stat_all([(uri, row) for uri, row in first_row.items() if not versions[row]], cfg)
+    stated = _stat_all([(uri, row) for uri, row in first_row.items() if not versions[row]], cfg,
+                       total=len(first_row))
     if given:
         log.info("manifest: %d object(s) named with their version (source_version), not "
                  "looked up; %d looked up", len(given), len(stated))
@@ -344,18 +346,6 @@ def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -
                       recording_id=recording_id(shown, version), row=row)
 
 
-def _without_empty_unnamed(table: pa.Table) -> pa.Table:
-    """The manifest without columns that have neither a name nor a value: what a header
-    and rows ending in a delimiter (a trailing tab) give. An unnamed column with values
-    stays, and is refused by :func:`_check_column_names`."""
-    empty = [i for i, name in enumerate(table.column_names) if not name.strip()
-             and all(v in (None, "") for v in table.column(i).to_pylist())]
-    if empty:
-        log.warning("manifest: %d column(s) without a name or a value dropped (rows ending in "
-                    "a delimiter?)", len(empty))
-    return table.select([i for i in range(table.num_columns) if i not in empty])
-
-
 def _check_column_names(names: Sequence[str]) -> None:
     """Refuse manifest columns that would collide in a reader: a name the job writes, or a
     second spelling of one name. BigQuery's and Spark's column names (by default) and
@@ -383,9 +373,6 @@ def _check_column_names(names: Sequence[str]) -> None:
     if twice:
         raise ConfigError(f"manifest columns {', '.join(twice)} differ only by case, which "
                           "BigQuery, Spark and DuckDB read as one column; rename them",
-                          "input.manifest")
-    if any(not n.strip() for n in names):
-        raise ConfigError("a manifest column has values but no name; name it or remove it",
                           "input.manifest")
     odd = [n for n in names if not _PLAIN_NAME.fullmatch(n)]
     if odd:
@@ -450,15 +437,16 @@ def _portable_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig) -> list[SourceItem]:
+def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig, total: int) -> list[SourceItem]:
     """Stat every ``(uri, row)`` with ``_STAT_THREADS`` threads, ``_STAT_CHUNK`` at a time:
-    ``Executor.map`` makes every future up front: 280 MiB more for 200,000 rows."""
+    ``Executor.map`` makes every future up front: 280 MiB more for 200,000 rows. ``total``:
+    the manifest's objects, looked up or not."""
     stated: list[SourceItem] = []
     with ThreadPoolExecutor(_STAT_THREADS) as pool:
         for start in range(0, len(uris), _STAT_CHUNK):
             chunk = uris[start:start + _STAT_CHUNK]
             stated.extend(pool.map(lambda kv: _stat_manifest_uri(kv[0], kv[1], cfg), chunk))
-            if not start:
+            if not start and len(uris) == total:  # every row looked up: none vouched for
                 _refuse_if_all_refused(stated)
             if len(uris) > _STAT_CHUNK:
                 log.info("manifest: %d of %d objects looked up", len(stated), len(uris))
@@ -467,8 +455,10 @@ def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig) -> list[SourceI
 
 def _refuse_if_all_refused(stated: Sequence[SourceItem]) -> None:
     """Stops the job before any work when every object of the first lookups (up to
-    ``_STAT_CHUNK``) refused the credentials: a wrong key or profile, which would otherwise
-    make every row of the manifest an error row, after hours of lookups.
+    ``_STAT_CHUNK``) refused the credentials, in a manifest none of whose rows names its
+    version (those are not looked up: one refused object among them is an error row): a
+    wrong key or profile, which would otherwise make every row of the manifest an error
+    row, after hours of lookups.
 
     Raises:
         ConfigError: naming the first of them, and the setting to check.
@@ -477,8 +467,8 @@ def _refuse_if_all_refused(stated: Sequence[SourceItem]) -> None:
     if refused and len(refused) == len(stated):
         raise ConfigError(
             f"all {len(stated)} objects looked up first refused these credentials, e.g. "
-            f"{refused[0].problem.removeprefix('PermissionError: ')}; check "
-            "input.storage_options or the environment", "input.manifest")
+            f"{refused[0].uri}: {refused[0].problem.removeprefix('PermissionError: ')}",
+            "input.manifest")
 
 
 def _typed_empty_columns(table: pa.Table) -> pa.Table:
@@ -494,10 +484,14 @@ def _typed_empty_columns(table: pa.Table) -> pa.Table:
 
 def resolve_relative(uri: str, base: str) -> str:
     """Manifest URIs without a scheme that are not absolute are relative to the manifest. A
-    ``file://`` URL is percent-decoded, as RFC 8089 has it written (``Path.as_uri()`` writes
-    ``with%20space.wav``); a plain path is taken literally."""
-    if uri[:7].lower() == "file://":
-        return urllib.parse.unquote(uri)
+    ``file://`` URL naming no file is read percent-decoded if that names one, as RFC 8089
+    has it written (``Path.as_uri()`` writes ``with%20space.wav``); fsspec, and this job
+    before, take it literally, which a file named ``rec%20one.wav`` keeps."""
+    if uri[:7].lower() == "file://" and "%" in uri:
+        literal = uri[7:]
+        decoded = urllib.parse.unquote(literal)
+        if not os.path.exists(literal) and os.path.exists(decoded):
+            return uri[:7] + decoded
     if "://" in uri or uri.startswith("/") or not uri:
         return uri
     # ./a.wav and ../b/a.wav name the objects a.wav and b/a.wav: an object store takes a key
@@ -529,7 +523,8 @@ def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
     """A manifest row whose object cannot be had: an error row, named for its ``err`` (a
     refusal of the credentials, whatever the store, as ``PermissionError``: retried by
     later runs, see ``errors.RETRYABLE_ERRORS``)."""
-    problem = (f"PermissionError: {storage.why(err)}" if storage.access_refused(err)
+    problem = (f"PermissionError: {storage.why(err, 'input.storage_options')}"
+               if storage.access_refused(err)
                else f"{type(err).__name__}: {redact.text(str(err))}")
     return SourceItem(uri=shown, path=path, size_bytes=-1, version=MISSING,
                       recording_id=recording_id(shown, MISSING), row=row, problem=problem)

@@ -247,7 +247,7 @@ def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
         return {"status": "error", "error_type": "StorageError", "message": str(err),
                 "transient": True}
     if storage.access_refused(err):  # the credentials', not the recording's: expired, revoked
-        return {"status": "error", "error_type": "PermissionError", "message": storage.why(err),
+        return {"status": "error", "error_type": "PermissionError", "message": storage.why(err, "input.storage_options"),
                 "transient": True}
     if isinstance(err, FileNotFoundError | IsADirectoryError):
         return {"status": "error", "error_type": type(err).__name__, "message": str(err)}

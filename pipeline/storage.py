@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.utils import glob_translate
 
 from pipeline import redact
 from pipeline.errors import AudioDecodeError, ConfigError, PipelineError, StorageError
@@ -387,6 +388,8 @@ def why(err: BaseException, options: str = "input.storage_options / output.stora
     text = redact.text(f"{type(err).__name__}: {err}")
     if isinstance(err, FileNotFoundError):
         return f"no such file or object ({text})"
+    if isinstance(err, PermissionError) and getattr(err, "filename", None):  # local disk
+        return f"permission denied ({text}); check its permissions"
     if access_refused(err):
         return f"access refused ({text}); check the credentials in {options} or the environment"
     return text
@@ -690,7 +693,10 @@ def find_files(fs: Any, path: str, shown: str, maxdepth: int | None = None
 
 def glob_files(fs: Any, pattern: str, root: str, shown: str) -> dict[str, dict[str, Any]]:
     """The files matching ``pattern`` (fsspec's glob syntax; ``root``: the folder before its
-    first wildcard), with their info; retried; on local disk as :func:`find_files`.
+    first wildcard), with their info; retried; on local disk as :func:`find_files`, matched
+    as fsspec's glob matches (its pattern translation, and its depth: unbounded with
+    ``**``, else the pattern's components below ``root``). A ``root`` that is missing or no
+    folder matches nothing, as with fsspec.
 
     Raises:
         ValueError: fsspec does not take the pattern (``'**' can only be an entire path
@@ -698,21 +704,27 @@ def glob_files(fs: Any, pattern: str, root: str, shown: str) -> dict[str, dict[s
     """
     if not _is_local_fs(fs):
         return retry(lambda: fs.glob(pattern, detail=True), what=f"glob {shown}")
-    from fsspec.utils import glob_translate
-
     match = re.compile(glob_translate(pattern)).match
     depth = None if "**" in pattern else pattern[len(root):].count("/") + 1
-    return {name: info for name, info in _walk_local(root.rstrip("/") or "/", depth).items()
-            if match(name)}
+    try:
+        found = _walk_local(root.rstrip("/") or "/", depth)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {name: info for name, info in found.items() if match(name)}
 
 
 def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
-    """The files below a local folder, following symlinks: a linked folder is listed, each
-    real folder once (a link loop ends; a folder reached twice is listed under its first
-    path); a linked file is described by what it links to (its size and mtime, so a
-    rewritten target is a new version, as a manifest naming the link sees it); a dangling
-    link is a file of unknown size (reading it fails; the day its target appears, it is a
-    new version). A folder below ``root`` that cannot be read is skipped with a warning,
+    """The files below a local folder, following symlinks, as ``find -L`` does: a linked
+    file is described by what it links to (its size and mtime, so a rewritten target is a
+    new version, as a manifest naming the link sees it); a dangling link is a file of
+    unknown size (reading it fails; the day its target appears, it is a new version).
+
+    Each real folder is listed once, so a link loop ends and a folder two links reach is
+    not embedded twice; and every folder that can be reached without a link is listed
+    under that path, whatever links point into it (``latest -> 2024``, a hidden
+    ``.current -> data``): links are followed only once no folder is left that is reached
+    without one, in name order. So ordinary recordings keep the names, and ids, they have
+    without links. A folder below ``root`` that cannot be read is skipped with a warning,
     not silently; ``root`` itself raises.
 
     Raises:
@@ -721,9 +733,9 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     seen: set[tuple[int, int]] = set()
     unreadable: list[str] = []
-    stack = [(root, 1)]
-    while stack:
-        folder, depth = stack.pop()
+    plain, linked = [(root, 1)], []  # folders to list: reached without a link, through one
+    while plain or linked:
+        folder, depth = plain.pop() if plain else linked.pop()
         try:
             real = os.stat(folder)
             if (real.st_dev, real.st_ino) in seen:
@@ -736,7 +748,8 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
                 raise
             unreadable.append(folder)
             continue
-        folders = []
+        below: list[tuple[str, int]] = []
+        through_link: list[tuple[str, int]] = []
         for entry in listed:
             try:
                 st = entry.stat()  # follows a link
@@ -747,12 +760,13 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if maxdepth is None or depth < maxdepth:
-                    folders.append((entry.path, depth + 1))
+                    (through_link if entry.is_symlink() else below).append(
+                        (entry.path, depth + 1))
             elif stat.S_ISREG(st.st_mode):
                 found[entry.path] = {"name": entry.path, "type": "file", "size": st.st_size,
                                      "mtime": st.st_mtime}
-        stack.extend(reversed(folders))  # in name order: which path a folder reached twice is
-        # listed under does not depend on the order the disk returns names in
+        plain.extend(reversed(below))  # popped in name order
+        linked.extend(reversed(through_link))
     if unreadable:
         log.warning("%d folders could not be read and were not listed, e.g. %s",
                     len(unreadable), unreadable[0])

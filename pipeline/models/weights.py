@@ -121,7 +121,7 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     no credentials) the cached copy is used. A file registered with :func:`cache_weights`
     is used as given.
     """
-    shown = redact.uri(uri)
+    shown = redact.checkpoint_uri(uri)
     secrets = redact.secrets_in(uri, storage_options)
     local = _local_path(uri)
     if local is not None:
@@ -185,13 +185,13 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
     """
     source = Path(local_path)
     if not source.is_file():
-        raise WeightsUnavailableError(f"cannot cache {redact.uri(uri)}: {source} is not a file")
+        raise WeightsUnavailableError(f"cannot cache {redact.checkpoint_uri(uri)}: {source} is not a file")
     if detect_format(source) == "unknown":  # else every later run blames the URI
-        raise WeightsUnavailableError(f"cannot cache {redact.uri(uri)}: {source} is not a "
+        raise WeightsUnavailableError(f"cannot cache {redact.checkpoint_uri(uri)}: {source} is not a "
                                       "checkpoint (neither safetensors, torch nor TFLite)")
     with open(source, "rb") as f:
         blob = _store_blob(f)
-    shown = redact.uri(uri)
+    shown = redact.checkpoint_uri(uri)
     _write_ref(shown, blob)  # no remote identity: used as given, never checked online
     return _describe(blob, shown, blob.name)
 

@@ -13,7 +13,7 @@ import soundfile as sf
 
 from pipeline import redact, sources, storage
 from pipeline.config import InputConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, NoInputsError
 from pipeline.sources import MISSING, _size, list_sources
 
 
@@ -224,6 +224,30 @@ def test_symlinks_are_followed_as_find_dash_l_does(tmp_path: Path) -> None:
     assert listed.recording_id == again[str(archive / "c.wav")].recording_id
 
 
+def test_links_into_the_archive_never_rename_what_is_reached_without_one(
+        tmp_path: Path) -> None:
+    """Each real folder is listed once: under the path first reached, a link sorted before
+    the folder it points to (``Latest``, a hidden ``.current``) renamed its recordings (new
+    ids: embedded again) or hid them."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    plain = [tone(tmp_path / "data" / "2024" / "r1.wav"), tone(tmp_path / "site" / "x" / "r2.wav")]
+    (tmp_path / ".current").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "Latest").symlink_to(tmp_path / "site" / "x", target_is_directory=True)
+    (tmp_path / "A").symlink_to(tmp_path / "site", target_is_directory=True)
+    fs = LocalFileSystem()
+    expected = [(str(p), sources.recording_id(str(p), sources.source_version(fs.info(str(p)))))
+                for p in plain]
+    for uri in (str(tmp_path), f"{tmp_path}/**/*.wav", f"{tmp_path}/*/*/*.wav"):
+        listing = list_sources(InputConfig(uri=uri))
+        assert [(i.uri, i.recording_id) for i in listing.items] == expected, uri
+    assert [i.uri for i in list_sources(InputConfig(uri=f"{tmp_path}/s*/*/*.wav")).items] == [
+        str(plain[1])]
+    for missing in (f"{tmp_path}/nowhere/*.wav", f"{plain[0]}/*.wav"):  # as fsspec's glob
+        with pytest.raises(NoInputsError):
+            list_sources(InputConfig(uri=missing))
+
+
 def test_a_folder_that_cannot_be_read_is_said_not_skipped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """fsspec's walk omits a folder it cannot read: the job said "succeeded" over an
@@ -244,7 +268,8 @@ def test_a_folder_that_cannot_be_read_is_said_not_skipped(
         listing = list_sources(InputConfig(uri=str(tmp_path)))
     assert [i.uri for i in listing.items] == [str(tmp_path / "ok" / "a.wav")]
     assert f"1 folders could not be read and were not listed, e.g. {locked}" in caplog.text
-    with pytest.raises(ConfigError, match=r"access refused \(PermissionError") as err:
+    with pytest.raises(ConfigError, match=r"permission denied \(PermissionError.*check its "
+                                          r"permissions$") as err:
         list_sources(InputConfig(uri=str(locked)))
     assert err.value.field == "input.uri" and str(locked) in str(err.value)
 
@@ -253,27 +278,22 @@ def test_manifest_rows_naming_a_folder_or_a_file_url(folder: Path) -> None:
     """A folder was read as a recording (an "unexpected" error, retried by every run); a
     ``file://`` URL as ``Path.as_uri()`` writes it (``%20``) named no file."""
     spaced = tone(folder / "with space.wav")
+    literal = tone(folder / "rec%20one.wav")  # named so: taken literally, as before
     (folder / "sub").mkdir()
-    manifest = write_manifest(folder, [("sub", "x"), (spaced.as_uri(), "y")])
+    manifest = write_manifest(folder, [("sub", "x"), (spaced.as_uri(), "y"),
+                                       (f"file://{literal}", "z")])
     by_uri = {i.uri: i for i in list_sources(InputConfig(manifest=manifest)).items}
     assert by_uri[str(folder / "sub")].problem.startswith("IsADirectoryError: ")
     assert by_uri[str(spaced)].problem == "" and by_uri[str(spaced)].size_bytes > 0
+    assert by_uri[str(literal)].problem == ""
 
 
-@pytest.mark.parametrize(("text", "refused"), [
-    ("uri\tsite\t\na.wav\tx\t\n", None),  # a trailing tab: a column of nothing, dropped
-    ("uri\tsite\t\na.wav\tx\t7\n", "has values but no name"),
-    ("uri\tsite\tsite\na.wav\tx\ty\n", r"\['site'\] appear more than once"),
-])
-def test_manifest_columns_without_a_name_or_named_twice(folder: Path, text: str,
-                                                         refused: str | None) -> None:
+def test_manifest_columns_named_twice_are_refused_as_such(folder: Path) -> None:
+    """They were refused as names that "differ only by case"."""
     path = folder / "m.tsv"
-    path.write_text(text)
-    if refused is None:
-        assert list_sources(InputConfig(manifest=str(path))).extras.column_names == ["site"]
-    else:
-        with pytest.raises(ConfigError, match=refused):
-            list_sources(InputConfig(manifest=str(path)))
+    path.write_text("uri\tsite\tsite\na.wav\tx\ty\n")
+    with pytest.raises(ConfigError, match=r"\['site'\] appear more than once"):
+        list_sources(InputConfig(manifest=str(path)))
 
 
 def test_a_manifest_whose_objects_all_refuse_the_credentials_stops_before_any_work(
@@ -292,12 +312,19 @@ def test_a_manifest_whose_objects_all_refuse_the_credentials_stops_before_any_wo
     monkeypatch.setattr(LocalFileSystem, "info", info)
     denied = [(f"denied/{i}.wav", "x") for i in range(3)]
     with pytest.raises(ConfigError, match=r"all 3 objects looked up first refused these "
-                                          r"credentials, e.g. access refused") as err:
+                                          r"credentials, e.g. .*denied/0.wav: access refused "
+                                          r".*check the credentials in input.storage_options "
+                                          r"or the environment$") as err:
         list_sources(InputConfig(manifest=write_manifest(folder, denied)))
     assert err.value.field == "input.manifest"
     items = list_sources(InputConfig(manifest=write_manifest(folder, [*denied, ("a.wav", "y")])))
     problems = sorted(i.problem.split(" ")[0] for i in items.items)
     assert problems == ["", "PermissionError:", "PermissionError:", "PermissionError:"]
+    # Rows that name their versions are not looked up: the one refused is an error row.
+    path = folder / "given.csv"
+    path.write_text("uri,source_version\na.wav,ETag=1\nb.wav,ETag=2\ndenied/c.wav,\n")
+    items = list_sources(InputConfig(manifest=str(path)))
+    assert sorted(i.problem.split(":")[0] for i in items.items) == ["", "", "PermissionError"]
 
 
 def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path: Path) -> None:

@@ -225,12 +225,16 @@ def test_secrets_never_appear(cache):
     assert "https://alice:***@127.0.0.1:9/w.safetensors?X-Amz-Signature=***&v=2" in message
 
 
-def test_redact_uri():
+def test_redact_checkpoint_uri():
+    """As it was when it keyed every weights cache there is (a change misses them)."""
     from pipeline import redact
 
-    assert redact.uri("/data/w.safetensors") == "/data/w.safetensors"
-    assert redact.uri("gs://bucket/w.pt") == "gs://bucket/w.pt"
-    assert redact.uri("https://tok@host/w?token=abc&x=1") == "https://***@host/w?token=***&x=1"
+    assert redact.checkpoint_uri("/data/w.safetensors") == "/data/w.safetensors"
+    assert redact.checkpoint_uri("gs://bucket/w.pt") == "gs://bucket/w.pt"
+    assert (redact.checkpoint_uri("https://tok@host/w?token=abc&x=1")
+            == "https://***@host/w?token=***&x=1")
+    assert (redact.checkpoint_uri("https://user:pw@h/w.safetensors?auth=S3CR3T&X-Amz-Date=1")
+            == "https://user:***@h/w.safetensors?auth=***&X-Amz-Date=***")
 
 
 def test_missing_local_file(cache, tmp_path):
