@@ -8,6 +8,7 @@ keyed by. Workers never list.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import io
@@ -156,6 +157,10 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
             return dict(fs.info(path))
         except (FileNotFoundError, NotADirectoryError):  # a path under a file: not there
             return None
+        except OSError as err:  # a path through a link to itself: not there either
+            if err.errno == errno.ELOOP:
+                return None
+            raise
 
     top = storage.reach(fs, path, shown, stat)
     if top is not None and top.get("type") != "directory":
@@ -466,7 +471,7 @@ def _refuse_if_all_refused(stated: Sequence[SourceItem]) -> None:
     refused = [i for i in stated if i.problem.startswith("PermissionError: ")]
     if refused and len(refused) == len(stated):
         raise ConfigError(
-            f"all {len(stated)} objects looked up first refused these credentials, e.g. "
+            f"all {len(stated)} objects looked up first were refused, e.g. "
             f"{refused[0].uri}: {refused[0].problem.removeprefix('PermissionError: ')}",
             "input.manifest")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import heapq
 import io
 import logging
 import os
@@ -720,36 +721,39 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
     unknown size (reading it fails; the day its target appears, it is a new version).
 
     Each real folder is listed once, so a link loop ends and a folder two links reach is
-    not embedded twice; and every folder that can be reached without a link is listed
-    under that path, whatever links point into it (``latest -> 2024``, a hidden
-    ``.current -> data``): links are followed only once no folder is left that is reached
-    without one, in name order. So ordinary recordings keep the names, and ids, they have
-    without links. A folder below ``root`` that cannot be read is skipped with a warning,
-    not silently; ``root`` itself raises.
+    not embedded twice. Which path it is listed under decides its recordings' names and
+    ids, so it is the first of: a path with neither a link nor a hidden folder in it (what
+    a listing without links gives: ``latest -> 2024`` or ``.current -> data`` renames
+    nothing), then one through a link (``current -> .versions/v3`` is listed, not skipped
+    as hidden), then a hidden one; among equals, the first in path order (a link added
+    later in that order renames nothing). Where the walk is depth-limited (a glob without
+    ``**``), a folder reached again nearer ``root`` is listed again there. A folder below
+    ``root`` that cannot be read is skipped with a warning, not silently; ``root`` itself
+    raises.
 
     Raises:
         OSError: ``root`` cannot be read (``PermissionError``: the job refuses to start).
     """
     found: dict[str, dict[str, Any]] = {}
-    seen: set[tuple[int, int]] = set()
+    seen: dict[tuple[int, int], int] = {}  # real folder -> the depth it was listed at
     unreadable: list[str] = []
-    plain, linked = [(root, 1)], []  # folders to list: reached without a link, through one
-    while plain or linked:
-        folder, depth = plain.pop() if plain else linked.pop()
+    # Folders to list, by (rank: 0 plain, 1 through a link, 2 hidden; path; depth).
+    pending: list[tuple[int, str, int]] = [(0, root, 1)]
+    while pending:
+        rank, folder, depth = heapq.heappop(pending)
         try:
             real = os.stat(folder)
-            if (real.st_dev, real.st_ino) in seen:
+            key = (real.st_dev, real.st_ino)
+            if key in seen and (maxdepth is None or seen[key] <= depth):
                 continue
-            seen.add((real.st_dev, real.st_ino))
+            seen[key] = depth
             with os.scandir(folder) as entries:
-                listed = sorted(entries, key=lambda e: e.name)
+                listed = list(entries)
         except OSError:
             if folder == root:  # the folder asked for: a refusal, not an empty listing
                 raise
             unreadable.append(folder)
             continue
-        below: list[tuple[str, int]] = []
-        through_link: list[tuple[str, int]] = []
         for entry in listed:
             try:
                 st = entry.stat()  # follows a link
@@ -760,13 +764,12 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if maxdepth is None or depth < maxdepth:
-                    (through_link if entry.is_symlink() else below).append(
-                        (entry.path, depth + 1))
+                    below = max(rank, 2 if entry.name.startswith(".") else
+                                1 if entry.is_symlink() else 0)
+                    heapq.heappush(pending, (below, entry.path, depth + 1))
             elif stat.S_ISREG(st.st_mode):
                 found[entry.path] = {"name": entry.path, "type": "file", "size": st.st_size,
                                      "mtime": st.st_mtime}
-        plain.extend(reversed(below))  # popped in name order
-        linked.extend(reversed(through_link))
     if unreadable:
         log.warning("%d folders could not be read and were not listed, e.g. %s",
                     len(unreadable), unreadable[0])

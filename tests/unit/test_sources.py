@@ -248,6 +248,32 @@ def test_links_into_the_archive_never_rename_what_is_reached_without_one(
             list_sources(InputConfig(uri=missing))
 
 
+def test_which_path_a_folder_many_links_reach_is_listed_under(tmp_path: Path) -> None:
+    """The first link in path order, whatever links come later; a visible link into a
+    hidden folder, not the hidden path (its recordings were skipped as hidden); and at a
+    limited depth, each path that the depth allows (a folder seen deeper lost its files)."""
+    shared = tone(tmp_path / "out" / "o.wav").parent
+    root = tmp_path / "root"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        (root / name / "l").symlink_to(shared, target_is_directory=True)
+    assert [i.uri for i in list_sources(InputConfig(uri=str(root))).items] == [
+        str(root / "a" / "l" / "o.wav")]
+    versions = tone(tmp_path / "v" / ".versions" / "v3" / "x.wav").parent
+    (tmp_path / "v" / "current").symlink_to(versions, target_is_directory=True)
+    for uri in (str(tmp_path / "v"), f"{tmp_path / 'v'}/*/*.wav"):
+        assert [i.uri for i in list_sources(InputConfig(uri=uri)).items] == [
+            str(tmp_path / "v" / "current" / "x.wav")], uri
+    m = tmp_path / "d"
+    tone(m / "m" / "b" / "x.wav"), tone(m / "m" / "b" / "c" / "y.wav")
+    (m / "a").symlink_to(m / "m" / "b", target_is_directory=True)
+    assert [i.uri for i in list_sources(InputConfig(uri=f"{m}/*/*/*.wav")).items] == [
+        str(m / "a" / "c" / "y.wav"), str(m / "m" / "b" / "x.wav")]
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(NoInputsError, match="does not exist"):
+        list_sources(InputConfig(uri=str(tmp_path / "loop" / "x")))
+
+
 def test_a_folder_that_cannot_be_read_is_said_not_skipped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """fsspec's walk omits a folder it cannot read: the job said "succeeded" over an
@@ -311,8 +337,8 @@ def test_a_manifest_whose_objects_all_refuse_the_credentials_stops_before_any_wo
 
     monkeypatch.setattr(LocalFileSystem, "info", info)
     denied = [(f"denied/{i}.wav", "x") for i in range(3)]
-    with pytest.raises(ConfigError, match=r"all 3 objects looked up first refused these "
-                                          r"credentials, e.g. .*denied/0.wav: access refused "
+    with pytest.raises(ConfigError, match=r"all 3 objects looked up first were refused, "
+                                          r"e.g. .*denied/0.wav: access refused "
                                           r".*check the credentials in input.storage_options "
                                           r"or the environment$") as err:
         list_sources(InputConfig(manifest=write_manifest(folder, denied)))
