@@ -259,8 +259,12 @@ def render(catalog: Catalog) -> str:
                 f"  {job.get('job_id')}  {status:<22} started {job.get('started_at')} "
                 f"ended {job.get('ended_at') or '-'}  model {job.get('model_name')} "
                 f"variant {job.get('variant')}  code {job.get('code_version')}  "
-                f"recordings {s.get('embedded', 0) + s.get('partial', 0) + s.get('failed', 0)} "
-                f"(failed {s.get('failed', 0)})  config sha256 {str(job.get('config_sha256'))[:12]}"
+                f"recordings {s.get('embedded', 0) + s.get('partial', 0) + s.get('failed', 0)}"
+                f" of {s.get('recordings_listed', 0) - s.get('recordings_already_done', 0)} "
+                f"(failed {s.get('failed', 0)})"
+                + (f", as of {job['updated_at']}" if not job.get("ended_at")
+                   and job.get("updated_at") else "")
+                + f"  config sha256 {str(job.get('config_sha256'))[:12]}"
             )
             config = job.get("config") or {}
             source = (config.get("input") or {})

@@ -139,12 +139,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     job.prepare()  # what it refuses (config, inputs, model, weights, a busy namespace): exit 2
     try:
         summary = job.run()
-    except JobAborted:
-        raise
-    except Exception as err:
+    except BaseException as err:
+        if job.summary is not None:  # what it committed before it stopped or failed
+            print(job.summary.render())
         # Work had started: whatever stopped it (a lease lost, a checkpoint changed under an
         # actor, a bucket refusing a write) is a failure, exit 1, as the job record says.
-        refused = _refusal(err)
+        # Ctrl-C, SIGTERM and the failure budget have exit statuses of their own (main).
+        refused = (_refusal(err) if isinstance(err, Exception) and not isinstance(err, JobAborted)
+                   else None)
         if refused is None:
             raise
         print(f"embed-archive: failed: {refused}", file=sys.stderr)

@@ -327,7 +327,7 @@ class OutputConfig:
         file_mb: most rows a write task gathers before writing, in MB: the largest window
             file (a file holds one shard's part of those rows). Bigger files mean fewer
             objects for readers; smaller ones mean commits sooner after embedding, since a
-            shard commits once its rows are written.
+            shard commits once its rows are written, and less memory in a write task.
         row_group_mb: target size of one Parquet row group.
         compression: Parquet codec.
     """
@@ -337,8 +337,8 @@ class OutputConfig:
     windows: bool = True
     recordings: bool = True
     recording_pooling: Literal["mean", "max"] = "mean"
-    file_mb: float = 64.0
-    row_group_mb: float = 32.0
+    file_mb: float = 16.0
+    row_group_mb: float = 16.0
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
     def validate(self) -> None:
@@ -382,6 +382,8 @@ class RunConfig:
             (``recording_id`` and ``source_version`` tell them apart).
         progress: show Ray Data's progress bars; unset, Ray Data's own setting (on,
             unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image).
+        progress_every_s: seconds between the job's own progress lines (recordings
+            committed and written of those to do, audio read, rate, time left); 0: none.
         log_level: Python logging level.
     """
 
@@ -393,6 +395,7 @@ class RunConfig:
     max_attempts: int = 3
     replace_changed_sources: bool = True
     progress: bool | None = None
+    progress_every_s: float = 60.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def validate(self) -> None:
@@ -402,6 +405,8 @@ class RunConfig:
             raise ConfigError("must be between 0 and 1", "run.max_failed_fraction")
         if self.min_recordings_before_abort < 0:
             raise ConfigError("must be >= 0", "run.min_recordings_before_abort")
+        if self.progress_every_s < 0:
+            raise ConfigError("must be >= 0 (0: no progress lines)", "run.progress_every_s")
         if self.job_id is not None and not _is_safe_token(self.job_id):
             raise ConfigError(
                 "use letters, digits, '-', '_' and '.' only (it becomes a file name)", "run.job_id"

@@ -90,7 +90,7 @@ from pipeline.sources import (
     portable_type,
 )
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
-from pipeline.summary import EmbedTiming, JobSummary, ShardOutcome
+from pipeline.summary import EmbedTiming, JobSummary, ProgressLog, ShardOutcome, Written
 from pipeline.windows import samples_for
 
 if TYPE_CHECKING:  # pipeline.models imports torch, which prepare() does when it needs it
@@ -100,6 +100,8 @@ log = logging.getLogger(__name__)
 
 # Shards the driver commits at once (see _Committer).
 COMMIT_THREADS = 8
+# Seconds between updates of a running job's record (_jobs/<job_id>.json), as shards commit.
+RECORD_EVERY_S = 30.0
 
 DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
                                  ("uri", pa.string()), ("path", pa.string()),
@@ -256,6 +258,8 @@ class EmbeddingJob:
         # recording id -> runs that met an error not its own on it, for the reopened shards'
         # recordings (carried into their new markers: run.max_attempts).
         self._attempts: dict[str, int] = {}
+        self.summary: JobSummary | None = None  # the last run()'s, finished or not
+        self._run_started = self._record_written_at = 0.0  # perf_counter times
 
     # ------------------------------------------------------------------ planning
 
@@ -838,13 +842,14 @@ class EmbeddingJob:
             model=self.info.name, variant=self.variant.id, weights=self.weights.uri,
             recordings_listed=len(self.listing.items), recordings_already_done=self.already_done,
             recordings_already_failed=self.already_failed,
-            shards=len(self.shards),
+            shards=len(self.shards), layers=len(self.layers),
         )
-        started = time.perf_counter()
+        self.summary = summary
+        started = self._run_started = time.perf_counter()
         self._lease.start()
         try:
             self._lease.check()  # prepared long ago, another run may have taken over since
-            self._write_job_record(summary)
+            self._write_job_record(summary, started)
             if self.shards:
                 self._run_shards(summary, started)
             summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
@@ -869,9 +874,8 @@ class EmbeddingJob:
             summary.message = f"{type(err).__name__}: {err}"
             raise
         finally:
-            summary.wall_s = time.perf_counter() - started
             try:
-                self._write_job_record(summary, final=True)
+                self._write_job_record(summary, started, final=True)
             finally:
                 try:
                     self._lease.release()
@@ -914,13 +918,21 @@ class EmbeddingJob:
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
                                                             batch_format="pyarrow")
+        first_file = self._sink_spec(sources).rows_per_file
+        log.info("rows are written, and shards commit, once up to %d window rows have gathered "
+                 "(output.file_mb %g): the first commit comes then, or at the end; lower "
+                 "output.file_mb for commits sooner", first_file, self.cfg.output.file_mb)
+        written = Written()
+        progress_log = ProgressLog(summary, written, len(self.todo),
+                                   sum(max(0, i.size_bytes) for i in self.todo), first_file,
+                                   self.cfg.run.progress_every_s)
         committer = _Committer(
             lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
                                                           started, stopping),
             lambda outcome: self._record(summary, outcome),
             lambda: self._check_failure_budget(summary))
         try:
-            with contextlib.closing(iter(batches)) as returns:
+            with progress_log, contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
                     for row in batch.to_pylist():
                         ret = WriteReturn.from_row(row)
@@ -932,7 +944,11 @@ class EmbeddingJob:
                         if progress is None:
                             raise RuntimeError(f"rows for shard {ret.shard} after it was "
                                                "committed (or of no shard of this run); stopping")
-                        progress.add(ret)
+                        for rid in progress.add(ret):
+                            report = progress.reports[rid]
+                            written.recordings += 1
+                            written.audio_s += float(report.get("duration_s", 0.0))
+                            written.bytes_read += int(report.get("bytes_read", 0))
                         if progress.complete:
                             del pending[ret.shard]
                             committer.submit(progress)
@@ -941,8 +957,9 @@ class EmbeddingJob:
         except BaseException as err:
             committer.close(err)
             raise
+        finally:  # a stopped or failed run's record says what its models did too
+            summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         committer.close(None)
-        summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         if pending:
             waiting = sorted(r for p in pending.values() for r in p.waiting)
             raise RuntimeError(f"the pipeline ended with {len(pending)} shards incomplete: no "
@@ -1200,6 +1217,11 @@ class EmbeddingJob:
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
+        if time.perf_counter() - self._record_written_at >= RECORD_EVERY_S:
+            try:
+                self._write_job_record(summary, self._run_started)
+            except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
+                log.warning("job record not updated: %s", redact.text(str(err)))
 
     def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, RecordingReport],
                     dropped: Mapping[str, set[tuple[int, int]]],
@@ -1313,9 +1335,13 @@ class EmbeddingJob:
             return {}
         return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}
 
-    def _write_job_record(self, summary: JobSummary, final: bool = False) -> None:
+    def _write_job_record(self, summary: JobSummary, started: float, final: bool = False) -> None:
+        """``_jobs/<job_id>.json``: at the start, every ``RECORD_EVERY_S`` as shards commit
+        (so ``inspect`` shows a running job's progress), and at the end."""
+        summary.wall_s = time.perf_counter() - started
+        self._record_written_at = time.perf_counter()
         record = {**self._file_provenance(), "ended_at": utc_now() if final else None,
-                  "summary": summary.to_dict()}
+                  "updated_at": utc_now(), "summary": summary.to_dict()}
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
 
 

@@ -274,7 +274,9 @@ class ShardProgress:
     def complete(self) -> bool:
         return not self.waiting
 
-    def add(self, ret: WriteReturn) -> None:
+    def add(self, ret: WriteReturn) -> set[str]:
+        """Take a write task's return for this shard; returns the recordings it settled
+        (every row of theirs now written)."""
         touched: set[str] = set()
         for text in ret.reports:
             meta = json.loads(text)
@@ -299,7 +301,9 @@ class ShardProgress:
         if strangers:
             raise RuntimeError(f"shard {self.shard_id}: rows for recordings of another shard "
                                f"({sorted(strangers)[:3]})")
-        self.waiting -= {rid for rid in touched & self.waiting if self._settled(rid)}
+        settled = {rid for rid in touched & self.waiting if self._settled(rid)}
+        self.waiting -= settled
+        return settled
 
     def _settled(self, rid: str) -> bool:
         report = self.reports.get(rid)

@@ -3,13 +3,18 @@ end-of-run summary that ``embed-archive run`` prints and ``_jobs/<job_id>.json``
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from pipeline import layout as layout_mod
 from pipeline import storage
 from pipeline.errors import EXIT_OK
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class JobSummary:
     recordings_already_done: int = 0
     recordings_already_failed: int = 0  # of those: error rows an earlier run committed
     shards: int = 0
+    layers: int = 1  # window rows per window: one per layer
     embedded: int = 0
     partial: int = 0
     failed: int = 0
@@ -121,7 +127,8 @@ class JobSummary:
              f"{self.recordings_already_done} already done of {self.recordings_listed} listed"
              + (f" ({self.recordings_already_failed} of them errors, in the errors table)"
                 if self.recordings_already_failed else "")),
-            f"  windows      {self.windows}",
+            (f"  windows      {self.windows}" + (f" ({self.windows * self.layers} window rows: "
+                                                f"{self.layers} layers)" if self.layers > 1 else "")),
             (f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
              f"= {self.throughput:.1f} audio-s/s"),
         ]
@@ -139,4 +146,75 @@ class JobSummary:
             lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
         if self.message:
             lines.append(f"  note         {self.message}")
+        if self.status in ("stopped", "failed", "aborted"):
+            done = self.embedded + self.partial + self.failed
+            left = self.recordings_listed - self.recordings_already_done - done
+            lines.append(f"  resume       {done} recordings committed by this run stay; a rerun "
+                         f"embeds the other {left}")
         return "\n".join(lines)
+
+
+@dataclass
+class Written:
+    """What reached the driver from the write stage: recordings whose rows are written
+    (committed or waiting for the rest of their shard), the audio they hold and the bytes
+    read for them. Counted on the driver's thread, read by :class:`ProgressLog`'s."""
+
+    recordings: int = 0
+    audio_s: float = 0.0
+    bytes_read: int = 0
+
+
+class ProgressLog:
+    """A line every ``every_s`` seconds while the pipeline runs, on a thread of its own:
+    rows reach the driver only once a file's worth is written (``output.file_mb``), so a
+    loop over them would go silent for minutes, and Ray Data's bars count blocks, not
+    recordings. It says what is committed and what is written of the recordings to do,
+    the audio read, the rate so far and, from the bytes still to read, the time left."""
+
+    def __init__(self, summary: JobSummary, written: Written, todo: int, todo_bytes: int,
+                 first_file_rows: int, every_s: float) -> None:
+        self._summary, self._written = summary, written
+        self._todo, self._todo_bytes = todo, todo_bytes
+        self._first_file_rows = first_file_rows
+        self._every_s = every_s
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-log", daemon=True)
+
+    def __enter__(self) -> Self:
+        if self._every_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            log.info("%s", self.line())
+
+    def line(self) -> str:
+        s, w = self._summary, self._written
+        elapsed = time.monotonic() - self._started
+        committed = s.embedded + s.partial + s.failed
+        text = (f"progress: {committed} of {self._todo} recordings committed "
+                f"({len(s.shard_outcomes)} of {s.shards} shards)")
+        if not w.recordings:
+            return (f"{text}; none written yet after {_duration(elapsed)}: the first file "
+                    f"gathers up to {self._first_file_rows} window rows (output.file_mb)")
+        text += (f", {w.recordings} written; {w.audio_s / 3600:.2f} h of audio, "
+                 f"{w.bytes_read / 1e9:.2f} GB read, {w.audio_s / elapsed:.1f} audio-s/s")
+        if self._todo_bytes > 0 and w.bytes_read > 0:
+            left = max(0.0, (self._todo_bytes - w.bytes_read) / w.bytes_read * elapsed)
+            text += f"; about {_duration(left)} left"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

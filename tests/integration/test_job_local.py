@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import job as job_mod
+from pipeline import layout as layout_mod
 from pipeline import sources, storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.config import JobConfig
@@ -56,12 +58,23 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, real_data: Path, ray_sess
         "run": {"shard_size": 64, "progress": False, "job_id": "first-run"},
     }
     cfg = JobConfig.from_dict(raw)
-    summary = EmbeddingJob(cfg).run()
-    return out, summary, raw
+    records: list[dict] = []  # what `inspect` finds in _jobs/ as the run goes
+    real_write = layout_mod.write_json
+
+    def write_json(fs, path, value, *args, **kwargs):
+        if "/_jobs/" in path:
+            records.append(json.loads(json.dumps(value, default=str)))
+        return real_write(fs, path, value, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(job_mod, "RECORD_EVERY_S", 0.0)
+        mp.setattr(layout_mod, "write_json", write_json)
+        summary = EmbeddingJob(cfg).run()
+    return out, summary, raw, records
 
 
 def test_summary(real_run) -> None:
-    _, summary, _ = real_run
+    _, summary, _, _ = real_run
     assert summary.recordings_listed == 102
     assert summary.shards == 2
     assert summary.embedded + summary.partial + summary.failed == 102
@@ -71,8 +84,23 @@ def test_summary(real_run) -> None:
     assert summary.audio_s == pytest.approx(945.967, abs=0.5)
 
 
+def test_a_running_jobs_record_says_what_it_committed_so_far(real_run) -> None:
+    """The record was written at the start and the end only: `inspect` showed a job that
+    had committed shards as having done nothing."""
+    _, summary, _, records = real_run
+    started, *during, final = records
+    assert started["ended_at"] is None and started["summary"]["embedded"] == 0
+    assert len(during) == summary.shards  # one per commit here (RECORD_EVERY_S = 0)
+    committed = [r["summary"]["embedded"] + r["summary"]["partial"] + r["summary"]["failed"]
+                 for r in during]
+    assert committed == sorted(committed) and 0 < committed[0] < 102 and committed[-1] == 102
+    assert all(r["ended_at"] is None and r["updated_at"] for r in during)
+    assert final["ended_at"] and final["summary"]["status"] == "completed_with_errors"
+    assert final["summary"]["layers"] == 2
+
+
 def test_summary_says_how_busy_the_model_was(real_run) -> None:
-    _, summary, _ = real_run
+    _, summary, _, _ = real_run
     e = summary.embed
     # Every window the job counted went through an embedder call that timed itself.
     assert e.windows == summary.windows == sum(o.windows for o in summary.shard_outcomes)
@@ -89,7 +117,7 @@ def test_summary_says_how_busy_the_model_was(real_run) -> None:
 
 
 def test_window_rows_match_the_arithmetic(real_run, real_data: Path) -> None:
-    out, _, _ = real_run
+    out, _, _, _ = real_run
     con = duckdb.connect()
     rows = con.sql(f"""
         SELECT source_uri, layer, count(*) AS n, count(DISTINCT window_index) AS distinct_windows,
@@ -114,7 +142,7 @@ def test_window_rows_match_the_arithmetic(real_run, real_data: Path) -> None:
 
 
 def test_no_nan_and_times(real_run) -> None:
-    out, _, _ = real_run
+    out, _, _, _ = real_run
     table = pq.read_table(out / "windows", partitioning="hive")
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert np.isfinite(emb).all()
@@ -127,7 +155,7 @@ def test_no_nan_and_times(real_run) -> None:
 
 
 def test_recordings_table(real_run) -> None:
-    out, _, _ = real_run
+    out, _, _, _ = real_run
     con = duckdb.connect()
     rec = con.sql(f"""
         SELECT r.recording_id, r.layer, r.num_windows, r.status, len(r.embedding) AS dim,
@@ -152,7 +180,7 @@ def test_recordings_table(real_run) -> None:
 
 
 def test_errors_table(real_run) -> None:
-    out, _, _ = real_run
+    out, _, _, _ = real_run
     errs = duckdb.sql(f"""SELECT regexp_extract(source_uri, '[^/]+$') AS f, error_type, message, job_id
                           FROM read_parquet('{out}/errors/**/*.parquet')
                           ORDER BY f""").fetchall()
@@ -161,7 +189,7 @@ def test_errors_table(real_run) -> None:
 
 
 def test_provenance_everywhere(real_run) -> None:
-    out, _, _ = real_run
+    out, _, _, _ = real_run
     files = sorted(out.glob("windows/**/*.parquet"))
     assert files
     meta = json.loads(pq.read_schema(files[0]).metadata[PROVENANCE_KEY])
@@ -184,7 +212,7 @@ def test_provenance_everywhere(real_run) -> None:
 
 
 def test_embedding_is_a_plain_float_list(real_run) -> None:
-    out, _, _ = real_run
+    out, _, _, _ = real_run
     schema = pq.read_schema(next(out.glob("windows/**/*.parquet")))
     assert str(schema.field("embedding").type) == "list<element: float>"
     assert "ray" not in str(schema.field("embedding").type)
@@ -206,7 +234,7 @@ def readme_duckdb_statements() -> list[str]:
 
 
 def test_the_readmes_duckdb_examples_run_on_a_real_output(real_run) -> None:
-    out, summary, _ = real_run
+    out, summary, _, _ = real_run
     statements = readme_duckdb_statements()
     assert len(statements) >= 4  # windows per layer, nearest neighbour, the committed files
     con = duckdb.connect()
@@ -229,7 +257,7 @@ def test_a_manifest_the_readmes_sql_makes_of_an_output_resumes_it_without_lookup
     """The README's COPY of an output's recordings is a manifest naming every recording
     the folder run embedded, with its version: a run from it looks no object up, gives each
     recording the id the listing gave, and so finds nothing left to do."""
-    out, summary, raw = real_run
+    out, summary, raw, _ = real_run
     copy = [s for s in readme_duckdb_statements() if s.startswith("COPY")]
     assert len(copy) == 1
     duckdb.connect().execute(copy[0].replace("outputs/demo", str(out)).replace(
@@ -298,7 +326,7 @@ def test_the_readmes_sql_on_the_demo_archive_keeps_variants_and_manifest_columns
 
 
 def test_rerun_resumes_and_ids_are_stable(real_run, tmp_path: Path) -> None:
-    out, _, raw = real_run
+    out, _, raw, _ = real_run
     again = EmbeddingJob(JobConfig.from_dict({**raw, "run": {**raw["run"], "job_id": "second-run"}}))
     again.prepare()
     assert again.already_done == 102 and not again.shards

@@ -243,3 +243,65 @@ def test_the_failure_budget_stops_the_run_from_collect() -> None:
         committer.collect(wait="all")
     committer.close(JobAborted("budget"))
     assert sorted(commits.recorded) == ["s00", "s01"]
+
+
+# --------------------------------------------------------------------------- what an operator sees
+
+
+def test_progress_lines_say_what_is_committed_written_and_left(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Rows reach the driver a file at a time: before the first, the log said nothing of
+    the job for minutes (Ray Data's bars count blocks); after, only as shards committed."""
+    import logging
+
+    from pipeline.summary import ProgressLog, Written
+
+    summary = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                         shards=11)
+    written = Written()
+    log = ProgressLog(summary, written, todo=45, todo_bytes=4_000_000_000, first_file_rows=4848,
+                      every_s=0.05)
+    assert log.line().startswith("progress: 0 of 45 recordings committed (0 of 11 shards); "
+                                 "none written yet after 0m00s: the first file gathers up to "
+                                 "4848 window rows (output.file_mb)")
+    summary.embedded, summary.failed = 7, 1
+    summary.shard_outcomes += [ShardOutcome("a", recordings=8)] * 2
+    written.recordings, written.audio_s, written.bytes_read = 12, 1800.0, 1_000_000_000
+    line = log.line()
+    assert line.startswith("progress: 8 of 45 recordings committed (2 of 11 shards), 12 "
+                           "written; 0.50 h of audio, 1.00 GB read, ")
+    assert line.endswith(" left") and "about 0m0" in line  # 3 GB to go at 1 GB in a moment
+    with caplog.at_level(logging.INFO, logger="pipeline.summary"), log:
+        time.sleep(0.3)
+    assert sum("progress: 8 of 45" in r.message for r in caplog.records) >= 2
+    assert not log._thread.is_alive()
+
+
+def test_a_stopped_run_says_what_it_committed_and_what_a_rerun_does(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C printed only "interrupted" though shards had committed."""
+    from pipeline import cli, config, job
+
+    summary = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                         recordings_listed=45, recordings_already_done=5, layers=2,
+                         embedded=18, failed=2, windows=300, status="stopped",
+                         message="interrupted (SIGINT)")
+
+    class Stopped:
+        def __init__(self, cfg: object) -> None:
+            self.summary = None
+
+        def prepare(self) -> None:
+            pass
+
+        def run(self) -> None:
+            self.summary = summary
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "EmbeddingJob", Stopped)
+    cfg = JobConfig.from_dict({"input": {"uri": "/archive"}})
+    monkeypatch.setattr(config.JobConfig, "load", classmethod(lambda cls, *a: cfg))
+    assert cli.main(["run", "job.yaml"]) == 130
+    out = capsys.readouterr().out
+    assert "job j: stopped" in out and "windows      300 (600 window rows: 2 layers)" in out
+    assert "resume       20 recordings committed by this run stay; a rerun embeds the other 20" in out
