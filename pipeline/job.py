@@ -934,6 +934,8 @@ class EmbeddingJob:
         try:
             with progress_log, contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
+                    if self._lease.lost():  # stop embedding now, not at the next commit
+                        self._lease.check()
                     for row in batch.to_pylist():
                         ret = WriteReturn.from_row(row)
                         for actor, timing in ret.timing.items():

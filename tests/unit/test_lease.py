@@ -152,8 +152,11 @@ def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
     monkeypatch.setattr(lease_mod, "write_json", refused)
     time.sleep(0.9)
     assert held._thread is not None and held._thread.is_alive()  # still trying
+    assert not held.lost()
     time.sleep(0.9)  # past STALE_S - HEARTBEAT_S = 1.3 s without a renewal, and a beat more
-    with pytest.raises(LeaseLostError, match="could not renew its lease"):
+    assert held.lost()  # what the driver asks of every batch, without a read
+    with pytest.raises(LeaseLostError, match=r"could not renew its lease .* \(no other run "
+                                             r"holds it yet: this machine, or the store, stalled\)"):
         held.check()
     # ... and then stopped: another run may hold the lease now, a write would take it back.
     assert not held._thread.is_alive()
@@ -229,8 +232,10 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: Output
     slow.start()
     slow.check()
     plant(layout, job_id="usurper", host="another-node")
+    assert not slow.lost()  # not known before the heartbeat reads it ...
     with pytest.raises(LeaseLostError, match="job usurper .* took it over"):
         slow.check()
+    assert slow.lost()  # ... and from then on
     time.sleep(0.6)  # a few heartbeats: none of them writes over the usurper's lease
     slow.release()
     assert holder_of(layout)["job_id"] == "usurper"  # not ours to delete
