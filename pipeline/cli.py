@@ -18,6 +18,7 @@ work (bad config, no inputs, model or weights, another run writing the namespace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -141,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = job.run()
     except BaseException as err:
         if job.summary is not None:  # what it committed before it stopped or failed
-            print(job.summary.render())
+            with contextlib.suppress(Exception):  # never in place of the error itself
+                print(job.summary.render())
         # Work had started: whatever stopped it (a lease lost, a checkpoint changed under an
         # actor, a bucket refusing a write) is a failure, exit 1, as the job record says.
         # Ctrl-C, SIGTERM and the failure budget have exit statuses of their own (main).

@@ -139,6 +139,50 @@ def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
     return any(kind(stored) for kind in numeric) and any(kind(given) for kind in numeric)
 
 
+class _LatestWriter:
+    """Writes what it is offered on a thread of its own, the latest offer only: a running
+    job's record, rewritten as shards commit. Written on the commit threads, a slow or
+    failing bucket (seconds, with retries) held the commit lock, and the driver with it.
+    After :meth:`close`, offers are ignored: no interim record lands after the final one."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], what: str) -> None:
+        self._write, self._what = write, what
+        self._lock = threading.Lock()
+        self._latest: dict[str, Any] | None = None
+        self._closed = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{what} writer", daemon=True)
+        self._thread.start()
+
+    def offer(self, value: dict[str, Any]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._latest = value
+        self._wake.set()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Drop what is not written yet and wait (up to ``timeout_s``) for a write under way."""
+        with self._lock:
+            self._closed, self._latest = True, None
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                value, self._latest, closed = self._latest, None, self._closed
+            if value is not None:
+                try:
+                    self._write(value)
+                except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
+                    log.warning("%s not updated: %s", self._what, redact.text(str(err)))
+            if closed:
+                return
+
+
 class _CommitStopped(Exception):
     """A commit left unfinished because the job is stopping."""
 
@@ -260,6 +304,7 @@ class EmbeddingJob:
         self._attempts: dict[str, int] = {}
         self.summary: JobSummary | None = None  # the last run()'s, finished or not
         self._run_started = self._record_written_at = 0.0  # perf_counter times
+        self._records: _LatestWriter | None = None  # a running job's record, as shards commit
 
     # ------------------------------------------------------------------ planning
 
@@ -850,6 +895,7 @@ class EmbeddingJob:
         try:
             self._lease.check()  # prepared long ago, another run may have taken over since
             self._write_job_record(summary, started)
+            self._records = _LatestWriter(self._write_record, "job record")
             if self.shards:
                 self._run_shards(summary, started)
             summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
@@ -875,6 +921,8 @@ class EmbeddingJob:
             raise
         finally:
             try:
+                if self._records is not None:
+                    self._records.close()  # no interim record lands after the final one
                 self._write_job_record(summary, started, final=True)
             finally:
                 try:
@@ -923,9 +971,10 @@ class EmbeddingJob:
                  "(output.file_mb %g): the first commit comes then, or at the end; lower "
                  "output.file_mb for commits sooner", first_file, self.cfg.output.file_mb)
         written = Written()
+        sizes_known = all(i.size_bytes >= 0 for i in self.todo)
         progress_log = ProgressLog(summary, written, len(self.todo),
-                                   sum(max(0, i.size_bytes) for i in self.todo), first_file,
-                                   self.cfg.run.progress_every_s)
+                                   sum(i.size_bytes for i in self.todo) if sizes_known else None,
+                                   first_file, self.cfg.run.progress_every_s)
         committer = _Committer(
             lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
                                                           started, stopping),
@@ -934,7 +983,7 @@ class EmbeddingJob:
         try:
             with progress_log, contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
-                    if self._lease.lost():  # stop embedding now, not at the next commit
+                    if self._lease.lost():  # stop here, not at the next commit
                         self._lease.check()
                     for row in batch.to_pylist():
                         ret = WriteReturn.from_row(row)
@@ -1219,11 +1268,10 @@ class EmbeddingJob:
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
-        if time.perf_counter() - self._record_written_at >= RECORD_EVERY_S:
-            try:
-                self._write_job_record(summary, self._run_started)
-            except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
-                log.warning("job record not updated: %s", redact.text(str(err)))
+        if self._records is not None and time.perf_counter() - self._record_written_at >= RECORD_EVERY_S:
+            self._record_written_at = time.perf_counter()
+            summary.wall_s = self._record_written_at - self._run_started
+            self._records.offer(self._job_record(summary.to_dict(outcomes=False), final=False))
 
     def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, RecordingReport],
                     dropped: Mapping[str, set[tuple[int, int]]],
@@ -1338,12 +1386,17 @@ class EmbeddingJob:
         return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}
 
     def _write_job_record(self, summary: JobSummary, started: float, final: bool = False) -> None:
-        """``_jobs/<job_id>.json``: at the start, every ``RECORD_EVERY_S`` as shards commit
-        (so ``inspect`` shows a running job's progress), and at the end."""
+        """``_jobs/<job_id>.json``, at the start and at the end (and in between, as shards
+        commit, through ``_records``, so ``inspect`` shows a running job's progress)."""
         summary.wall_s = time.perf_counter() - started
         self._record_written_at = time.perf_counter()
-        record = {**self._file_provenance(), "ended_at": utc_now() if final else None,
-                  "updated_at": utc_now(), "summary": summary.to_dict()}
+        self._write_record(self._job_record(summary.to_dict(), final))
+
+    def _job_record(self, summary: dict[str, Any], final: bool) -> dict[str, Any]:
+        return {**self._file_provenance(), "ended_at": utc_now() if final else None,
+                "updated_at": utc_now(), "summary": summary}
+
+    def _write_record(self, record: dict[str, Any]) -> None:
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
 
 

@@ -126,12 +126,16 @@ class NamespaceLease:
         before a shard is published and before its marker is written, so nothing more is
         committed. One small read."""
         silent = self._silent(time.monotonic())
-        if self._lost_to is None and silent is not None and self._still_mine_if_readable():
-            raise LeaseLostError(
-                f"this run could not renew its lease {self.layout.uri(self.path)} for "
-                f"{silent:.0f} s (no other run holds it yet: this machine, or the store, "
-                "stalled), and from now on another run may take it over; stopping before "
-                "committing more (a rerun resumes)")
+        if self._lost_to is None and silent is not None:
+            mine = self._still_mine_if_readable()
+            if mine is not False:
+                raise LeaseLostError(
+                    f"this run could not renew its lease {self.layout.uri(self.path)} for "
+                    f"{silent:.0f} s ("
+                    + ("no other run holds it yet: this machine, or the store, stalled"
+                       if mine else "the lease cannot be read either: the store is out of reach")
+                    + "), and from now on another run may take it over; stopping before "
+                    "committing more (a rerun resumes)")
         if self._lost_to is None and self._still_mine():
             return
         lost = self._lost_to or {}
@@ -146,8 +150,8 @@ class NamespaceLease:
     def lost(self) -> bool:
         """Whether :meth:`check` would raise, as far as this process knows without a read:
         the heartbeat found the lease taken, or has not got through for long enough that
-        another run may take it. The driver asks this of every batch, so a run that lost
-        its lease stops embedding at once, not at its next commit."""
+        another run may take it. The driver asks this of every batch of written rows it
+        reads, so a run that lost its lease stops there, not at its next commit."""
         return self._lost_to is not None or self._silent(time.monotonic()) is not None
 
     def release(self) -> None:
@@ -191,12 +195,12 @@ class NamespaceLease:
         silent = now - self._renewed
         return silent if silent > STALE_S - HEARTBEAT_S else None
 
-    def _still_mine_if_readable(self) -> bool:
-        """:meth:`_still_mine`, True where the lease cannot be read (the store is down)."""
+    def _still_mine_if_readable(self) -> bool | None:
+        """:meth:`_still_mine`; None where the lease cannot be read (the store is down)."""
         try:
             return self._still_mine()
         except Exception:  # noqa: BLE001 - only what the message says depends on it
-            return True
+            return None
 
     def _still_mine(self) -> bool:
         """False (and who took it kept in ``_lost_to``) once another run holds the lease, or

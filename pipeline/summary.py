@@ -108,12 +108,15 @@ class JobSummary:
         """Audio seconds per second while the models ran (start-up and commits excluded)."""
         return self.audio_s / self.embed.span_s if self.embed.span_s > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, outcomes: bool = True) -> dict[str, Any]:
+        """The summary as a job record holds it; ``outcomes``: with every shard's (a running
+        job's record leaves them out: 39,000 shards are 10 MB of JSON)."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("shard_outcomes", "embed")}
         out["throughput_audio_s_per_s"] = round(self.throughput, 3)
         out["steady_audio_s_per_s"] = round(self.steady_throughput, 3)
         out["embed"] = {**self.embed.__dict__, "busy_fraction": round(self.embed.busy_fraction, 4)}
-        out["shard_outcomes"] = [dict(o.__dict__) for o in self.shard_outcomes]
+        if outcomes:
+            out["shard_outcomes"] = [dict(o.__dict__) for o in self.shard_outcomes]
         return out
 
     def render(self) -> str:
@@ -128,7 +131,8 @@ class JobSummary:
              + (f" ({self.recordings_already_failed} of them errors, in the errors table)"
                 if self.recordings_already_failed else "")),
             (f"  windows      {self.windows}" + (f" ({self.windows * self.layers} window rows: "
-                                                f"{self.layers} layers)" if self.layers > 1 else "")),
+                                                f"{self.layers} layers)"
+                                                if self.layers > 1 and self.windows else "")),
             (f"  audio        {self.audio_s / 3600:.3f} h in {self.wall_s:.1f} s "
              f"= {self.throughput:.1f} audio-s/s"),
         ]
@@ -150,7 +154,9 @@ class JobSummary:
             done = self.embedded + self.partial + self.failed
             left = self.recordings_listed - self.recordings_already_done - done
             lines.append(f"  resume       {done} recordings committed by this run stay; a rerun "
-                         f"embeds the other {left}")
+                         f"embeds the other {left}"
+                         + (" (and tries again those that failed on an error not their own)"
+                            if self.failed else ""))
         return "\n".join(lines)
 
 
@@ -170,9 +176,10 @@ class ProgressLog:
     rows reach the driver only once a file's worth is written (``output.file_mb``), so a
     loop over them would go silent for minutes, and Ray Data's bars count blocks, not
     recordings. It says what is committed and what is written of the recordings to do,
-    the audio read, the rate so far and, from the bytes still to read, the time left."""
+    the audio read, the rate so far and the time left: from the bytes still to read where
+    every recording's size is known (``todo_bytes``), else from the recordings."""
 
-    def __init__(self, summary: JobSummary, written: Written, todo: int, todo_bytes: int,
+    def __init__(self, summary: JobSummary, written: Written, todo: int, todo_bytes: int | None,
                  first_file_rows: int, every_s: float) -> None:
         self._summary, self._written = summary, written
         self._todo, self._todo_bytes = todo, todo_bytes
@@ -207,9 +214,10 @@ class ProgressLog:
                     f"gathers up to {self._first_file_rows} window rows (output.file_mb)")
         text += (f", {w.recordings} written; {w.audio_s / 3600:.2f} h of audio, "
                  f"{w.bytes_read / 1e9:.2f} GB read, {w.audio_s / elapsed:.1f} audio-s/s")
-        if self._todo_bytes > 0 and w.bytes_read > 0:
-            left = max(0.0, (self._todo_bytes - w.bytes_read) / w.bytes_read * elapsed)
-            text += f"; about {_duration(left)} left"
+        done = (w.bytes_read / self._todo_bytes if self._todo_bytes else
+                w.recordings / self._todo if self._todo_bytes is None and self._todo else 0.0)
+        if 0 < done < 1:
+            text += f"; about {_duration(elapsed * (1 - done) / done)} left"
         return text
 
 

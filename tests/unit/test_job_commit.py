@@ -271,6 +271,11 @@ def test_progress_lines_say_what_is_committed_written_and_left(
     assert line.startswith("progress: 8 of 45 recordings committed (2 of 11 shards), 12 "
                            "written; 0.50 h of audio, 1.00 GB read, ")
     assert line.endswith(" left") and "about 0m0" in line  # 3 GB to go at 1 GB in a moment
+    # Sizes unknown (a manifest that names versions, not sizes): by the recordings instead.
+    by_count = ProgressLog(summary, written, todo=45, todo_bytes=None, first_file_rows=1,
+                           every_s=0)
+    by_count._started -= 330.0  # 12 of 45 written in 5.5 minutes: 33 more take 15m07s
+    assert by_count.line().endswith("; about 15m07s left")
     with caplog.at_level(logging.INFO, logger="pipeline.summary"), log:
         time.sleep(0.3)
     assert sum("progress: 8 of 45" in r.message for r in caplog.records) >= 2
@@ -305,3 +310,36 @@ def test_a_stopped_run_says_what_it_committed_and_what_a_rerun_does(
     out = capsys.readouterr().out
     assert "job j: stopped" in out and "windows      300 (600 window rows: 2 layers)" in out
     assert "resume       20 recordings committed by this run stay; a rerun embeds the other 20" in out
+
+
+def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Written on a commit thread, under the commit lock, a slow bucket held the driver."""
+    from pipeline.job import _LatestWriter
+
+    gate, written = threading.Event(), []
+
+    def write(value: dict) -> None:
+        gate.wait(5)
+        if value["n"] == 3:
+            raise OSError("503 SlowDown")
+        written.append(value["n"])
+
+    writer = _LatestWriter(write, "job record")
+    started = time.perf_counter()
+    for n in range(3):
+        writer.offer({"n": n})  # never waits for the store
+    assert time.perf_counter() - started < 0.5
+    gate.set()
+    deadline = time.monotonic() + 5
+    while written[-1:] != [2] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert written[-1] == 2 and len(written) <= 2  # the latest; one in between at most
+    with caplog.at_level("WARNING"):
+        writer.offer({"n": 3})
+        time.sleep(0.1)
+    assert "job record not updated: 503 SlowDown" in caplog.text  # the run goes on
+    writer.close()
+    writer.offer({"n": 4})  # after the final record: dropped
+    time.sleep(0.1)
+    assert 4 not in written and not writer._thread.is_alive()
