@@ -401,6 +401,13 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+# Seconds Ray's job supervisor waits after `stop`'s SIGTERM before it sends SIGKILL (Ray's
+# default, 3, its supervisor reads from the job's runtime_env): a driver stopping on a bucket
+# writes its final record and releases its lease, a few requests each; killed before, its
+# record stays "running" and the next run waits STALE_S for the lease.
+STOP_WAIT = {"RAY_JOB_STOP_WAIT_TIME_S": "60"}
+
+
 def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
                       env: Mapping[str, str] | None = None,
                       extra: Mapping[str, Any] | None = None,
@@ -434,7 +441,7 @@ def build_runtime_env(staging_dir: Path, package: Path, git_commit: str, *,
     for key, value in extra.items():  # pip: ["git+https://user:token@host/..."]
         for text in redact.strings_in(value):
             _refuse_secret("", text, f"runtime_env.{key}")
-    env_vars = {GIT_COMMIT_ENV: git_commit, **given, **dict(env or {})}
+    env_vars = {GIT_COMMIT_ENV: git_commit, **STOP_WAIT, **given, **dict(env or {})}
     excludes = [*DEFAULT_EXCLUDES, *extra.pop("excludes", [])]
     return {**extra, "working_dir": str(staging_dir), "py_modules": modules,
             "excludes": excludes, "env_vars": env_vars}

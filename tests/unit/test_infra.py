@@ -512,7 +512,7 @@ def test_runtime_env_ships_the_package_with_excludes(tmp_path: Path) -> None:
     assert env["py_modules"] == [str(cluster.package_dir())]
     assert (Path(env["py_modules"][0]) / "cli.py").exists()
     assert env["pip"] == ["a==1"]
-    assert env["env_vars"] == {"EMBED_ARCHIVE_GIT_COMMIT": "abc",
+    assert env["env_vars"] == {"EMBED_ARCHIVE_GIT_COMMIT": "abc", "RAY_JOB_STOP_WAIT_TIME_S": "60",
                                "Y": "2", "X": "1"}
     for pattern in (".venv/", ".git/", "outputs/", "demo_archive/", "__pycache__/", "*.npz"):
         assert pattern in env["excludes"]
