@@ -140,47 +140,62 @@ def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
 
 
 class _LatestWriter:
-    """Writes what it is offered on a thread of its own, the latest offer only: a running
-    job's record, rewritten as shards commit. Written on the commit threads, a slow or
-    failing bucket (seconds, with retries) held the commit lock, and the driver with it.
-    After :meth:`close`, offers are ignored: no interim record lands after the final one."""
+    """Writes a running job's record on a thread of its own: the latest offered, at most
+    every ``every_s`` seconds (a burst of commits leaves its last state written, not its
+    first), and the final record last. Written on the commit threads, a slow or failing
+    bucket (seconds, with retries) held the commit lock, and the driver with it."""
 
-    def __init__(self, write: Callable[[dict[str, Any]], None], what: str) -> None:
-        self._write, self._what = write, what
+    def __init__(self, write: Callable[[dict[str, Any]], None], what: str,
+                 every_s: float) -> None:
+        self._write, self._what, self._every_s = write, what, every_s
         self._lock = threading.Lock()
         self._latest: dict[str, Any] | None = None
-        self._closed = False
+        self._final: dict[str, Any] | None = None
+        self._final_written = False
         self._wake = threading.Event()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{what} writer", daemon=True)
         self._thread.start()
 
     def offer(self, value: dict[str, Any]) -> None:
         with self._lock:
-            if self._closed:
+            if self._closing.is_set():
                 return
             self._latest = value
         self._wake.set()
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Drop what is not written yet and wait (up to ``timeout_s``) for a write under way."""
+    def close(self, final: dict[str, Any], wait_s: float = 5.0) -> bool:
+        """Write ``final`` after any write under way, and nothing after it; wait up to
+        ``wait_s``. Returns whether it is written (else the caller writes it: a write under
+        way that lands later is then followed by this one's, still last)."""
         with self._lock:
-            self._closed, self._latest = True, None
+            self._final, self._latest = final, None
+            self._closing.set()
         self._wake.set()
-        self._thread.join(timeout_s)
+        self._thread.join(wait_s)
+        return self._final_written
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             with self._lock:
-                value, self._latest, closed = self._latest, None, self._closed
-            if value is not None:
-                try:
-                    self._write(value)
-                except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
-                    log.warning("%s not updated: %s", self._what, redact.text(str(err)))
-            if closed:
+                value, self._latest = self._latest, None
+                final = self._final
+            if final is not None:
+                self._put(final, final=True)
                 return
+            if value is not None:
+                self._put(value, final=False)
+                self._closing.wait(self._every_s)  # rate limit; a close cuts it short
+                self._wake.set()  # whatever came meanwhile
+
+    def _put(self, value: dict[str, Any], final: bool) -> None:
+        try:
+            self._write(value)
+            self._final_written = final
+        except Exception as err:  # noqa: BLE001 - the caller writes the final one itself
+            log.warning("%s not updated: %s", self._what, redact.text(str(err)))
 
 
 class _CommitStopped(Exception):
@@ -303,7 +318,7 @@ class EmbeddingJob:
         # recordings (carried into their new markers: run.max_attempts).
         self._attempts: dict[str, int] = {}
         self.summary: JobSummary | None = None  # the last run()'s, finished or not
-        self._run_started = self._record_written_at = 0.0  # perf_counter times
+        self._run_started = 0.0  # perf_counter time
         self._records: _LatestWriter | None = None  # a running job's record, as shards commit
 
     # ------------------------------------------------------------------ planning
@@ -895,7 +910,7 @@ class EmbeddingJob:
         try:
             self._lease.check()  # prepared long ago, another run may have taken over since
             self._write_job_record(summary, started)
-            self._records = _LatestWriter(self._write_record, "job record")
+            self._records = _LatestWriter(self._write_record, "job record", RECORD_EVERY_S)
             if self.shards:
                 self._run_shards(summary, started)
             summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
@@ -921,8 +936,6 @@ class EmbeddingJob:
             raise
         finally:
             try:
-                if self._records is not None:
-                    self._records.close()  # no interim record lands after the final one
                 self._write_job_record(summary, started, final=True)
             finally:
                 try:
@@ -1268,10 +1281,12 @@ class EmbeddingJob:
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
-        if self._records is not None and time.perf_counter() - self._record_written_at >= RECORD_EVERY_S:
-            self._record_written_at = time.perf_counter()
-            summary.wall_s = self._record_written_at - self._run_started
-            self._records.offer(self._job_record(summary.to_dict(outcomes=False), final=False))
+        if self._records is not None:  # the writer keeps the latest, writes it in a while
+            try:
+                summary.wall_s = time.perf_counter() - self._run_started
+                self._records.offer(self._job_record(summary.to_dict(outcomes=False), False))
+            except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
+                log.warning("job record not updated: %s", redact.text(str(err)))
 
     def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, RecordingReport],
                     dropped: Mapping[str, set[tuple[int, int]]],
@@ -1386,11 +1401,15 @@ class EmbeddingJob:
         return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}
 
     def _write_job_record(self, summary: JobSummary, started: float, final: bool = False) -> None:
-        """``_jobs/<job_id>.json``, at the start and at the end (and in between, as shards
-        commit, through ``_records``, so ``inspect`` shows a running job's progress)."""
+        """``_jobs/<job_id>.json``, at the start and at the end; in between, as shards
+        commit, through ``_records`` (so ``inspect`` shows a running job's progress), which
+        writes the final one too, after any interim write under way."""
         summary.wall_s = time.perf_counter() - started
-        self._record_written_at = time.perf_counter()
-        self._write_record(self._job_record(summary.to_dict(), final))
+        record = self._job_record(summary.to_dict(), final)
+        records, self._records = self._records, None
+        if final and records is not None and records.close(record):
+            return
+        self._write_record(record)
 
     def _job_record(self, summary: dict[str, Any], final: bool) -> dict[str, Any]:
         return {**self._file_provenance(), "ended_at": utc_now() if final else None,

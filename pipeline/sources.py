@@ -556,7 +556,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         if not isinstance(err, (OSError, ValueError)) and not storage.access_refused(err):
             raise
         raise ConfigError(f"cannot read manifest {redact.uri(uri)}: "
-                          f"{storage.why(err)}", "input.manifest") from None
+                          f"{storage.why(err, 'input.storage_options')}", "input.manifest") from None
     try:
         if lower.endswith(".parquet"):
             return read_parquet_bytes(data)

@@ -377,22 +377,25 @@ _CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
 def access_refused(err: BaseException) -> bool:
     """Whether ``err`` (or an error it came from) says the store refused these credentials,
     or found none: a ``PermissionError`` (s3fs's AccessDenied, a local folder), an HTTP 401
-    or 403 (gcsfs, http), a credentials error of botocore or google-auth."""
+    or 403 (http, gcsfs's 401), gcsfs's 403 (a bare ``OSError("Forbidden: <path>...")``,
+    no status), a credentials error of botocore or google-auth."""
     return any(isinstance(e, PermissionError) or type(e).__name__ in _CREDENTIAL_ERRORS
-               or http_status(e) in (401, 403) for e in _error_chain(err))
+               or http_status(e) in (401, 403)
+               or (type(e) is OSError and str(e).startswith("Forbidden: "))
+               for e in _error_chain(err))
 
 
 def why(err: BaseException, options: str = "input.storage_options / output.storage_options"
         ) -> str:
     """What an I/O error means, in one redacted line: nothing there, access refused (and
     where credentials go: ``options``), else the error's type and text."""
-    text = redact.text(f"{type(err).__name__}: {err}")
-    if isinstance(err, FileNotFoundError):
-        return f"no such file or object ({text})"
+    text = " ".join(redact.text(f"{type(err).__name__}: {err}").split())  # one line
     if isinstance(err, PermissionError) and getattr(err, "filename", None):  # local disk
         return f"permission denied ({text}); check its permissions"
-    if access_refused(err):
+    if access_refused(err):  # before "not found": fsspec's http says that of a 403
         return f"access refused ({text}); check the credentials in {options} or the environment"
+    if isinstance(err, FileNotFoundError):
+        return f"no such file or object ({text})"
     return text
 
 

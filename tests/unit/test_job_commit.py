@@ -314,18 +314,19 @@ def test_a_stopped_run_says_what_it_committed_and_what_a_rerun_does(
 
 def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
         caplog: pytest.LogCaptureFixture) -> None:
-    """Written on a commit thread, under the commit lock, a slow bucket held the driver."""
+    """Written on a commit thread, under the commit lock, a slow bucket held the driver; a
+    burst of commits must leave its last state written; the final record lands last."""
     from pipeline.job import _LatestWriter
 
     gate, written = threading.Event(), []
 
     def write(value: dict) -> None:
         gate.wait(5)
-        if value["n"] == 3:
+        if value["n"] == "fail":
             raise OSError("503 SlowDown")
         written.append(value["n"])
 
-    writer = _LatestWriter(write, "job record")
+    writer = _LatestWriter(write, "job record", every_s=0.2)
     started = time.perf_counter()
     for n in range(3):
         writer.offer({"n": n})  # never waits for the store
@@ -334,12 +335,16 @@ def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
     deadline = time.monotonic() + 5
     while written[-1:] != [2] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert written[-1] == 2 and len(written) <= 2  # the latest; one in between at most
+    assert written[-1] == 2 and len(written) <= 2  # the last of the burst; one before at most
     with caplog.at_level("WARNING"):
-        writer.offer({"n": 3})
-        time.sleep(0.1)
+        writer.offer({"n": "fail"})
+        time.sleep(0.5)
     assert "job record not updated: 503 SlowDown" in caplog.text  # the run goes on
-    writer.close()
-    writer.offer({"n": 4})  # after the final record: dropped
-    time.sleep(0.1)
-    assert 4 not in written and not writer._thread.is_alive()
+    gate.clear()  # a slow store: the final record waits behind the write under way
+    writer.offer({"n": 5})
+    time.sleep(0.3)
+    assert not writer.close({"n": "final"}, wait_s=0.1)  # not yet: the caller writes it too
+    writer.offer({"n": 6})  # after close: dropped
+    gate.set()
+    writer._thread.join(5)
+    assert written[-2:] == [5, "final"] and 6 not in written

@@ -428,18 +428,21 @@ def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch,
     class NoCredentialsError(Exception):  # botocore's, by name: the CLI does not import it
         pass
 
-    from gcsfs.retry import HttpError  # gcsfs's (and aiohttp's) carry the status, not a class
+    from gcsfs.retry import HttpError, validate_response
 
     class Wrapped(Exception):
         pass
 
     wrapped = Wrapped("listing failed")
     wrapped.__cause__ = HttpError({"code": 401, "message": "Invalid Credentials"})
+    try:  # gcsfs's own 403: a bare OSError, no status
+        validate_response(403, b'{"error": {"message": "x@p.iam.gserviceaccount.com does not '
+                          b'have storage.objects.list access"}}', "b/o")
+    except OSError as err:
+        gcs_forbidden = err
     for err in (PermissionError("Forbidden: https://rec.s3.amazonaws.com/a?X-Amz-Signature=s3cr3t"),
                 NoCredentialsError("Unable to locate credentials"),
-                HttpError({"code": 403, "message": "x@p.iam.gserviceaccount.com does not have "
-                           "storage.objects.list access to the Google Cloud Storage bucket."}),
-                wrapped):
+                gcs_forbidden, wrapped):
         def refused(args, err=err):
             raise err
         monkeypatch.setattr(cli, "cmd_run", refused)

@@ -284,18 +284,19 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
 
 def test_a_store_refusing_the_credentials_is_tried_again_by_later_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gcsfs says 403 with an HttpError, s3fs with a PermissionError: one was an
+    """gcsfs says 403 with a bare OSError, s3fs with a PermissionError: one was an
     "unexpected" error (retried), the other settled for good, though both are credentials
     expiring or a policy changing mid-run, not the recording."""
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
-    from gcsfs.retry import HttpError
+    from gcsfs.retry import validate_response
 
     write_tone(tmp_path / "t.wav", 2.0, 16_000)
     fsspec.filesystem("memory").pipe_file("/rr/g.wav", (tmp_path / "t.wav").read_bytes())
 
-    def cat_file(self, path, start=None, end=None, **kw):
-        raise HttpError({"code": 403, "message": "x@p.iam does not have storage.objects.get"})
+    def cat_file(self, path, start=None, end=None, **kw):  # as gcsfs answers a 403
+        validate_response(403, b'{"error": {"message": "x@p.iam does not have '
+                               b'storage.objects.get"}}', path)
 
     monkeypatch.setattr(MemoryFileSystem, "cat_file", cat_file)
     spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
@@ -304,7 +305,8 @@ def test_a_store_refusing_the_credentials_is_tried_again_by_later_runs(
     report = json.loads(rows[-1]["meta"][-1])
     assert (report["status"], report["error_type"], report["transient"]) == (
         "error", "PermissionError", True)
-    assert report["message"].startswith("access refused (HttpError: x@p.iam does not have")
+    assert report["message"].startswith("access refused (OSError: Forbidden: /rr/g.wav x@p.iam "
+                                        "does not have storage.objects.get)")
 
 
 @pytest.mark.parametrize("kind", ["ogg", "unfinished_wav"])
