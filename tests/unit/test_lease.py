@@ -295,6 +295,13 @@ def test_inspect_tells_a_dead_runs_lease_and_record_from_a_live_one(
     Path(layout.lease_path()).unlink()
     held.acquire()
     assert "  killed  running" in render(load_catalog(layout.root))
+    # What a running job's record says as its shards commit (was "recordings 0").
+    write_json(layout.fs, layout.job_path("killed"),
+               {"job_id": "killed", "ended_at": None, "updated_at": "2026-11-22T10:05:00Z",
+                "summary": {"status": "running", "recordings_listed": 50,
+                            "recordings_already_done": 5, "embedded": 15, "failed": 1}})
+    assert ("recordings 16 of 45 (failed 1), as of 2026-11-22T10:05:00Z"
+            in render(load_catalog(layout.root)))
     held.release()
 
 
