@@ -93,7 +93,11 @@ def test_a_running_jobs_record_says_what_it_committed_so_far(real_run) -> None:
     assert 1 <= len(during) <= summary.shards  # offered at each commit here, latest written
     committed = [r["summary"]["embedded"] + r["summary"]["partial"] + r["summary"]["failed"]
                  for r in during]
-    assert committed == sorted(committed) and 0 < committed[0] < 102 and committed[-1] == 102
+    # Shards that commit together may leave only one state of the burst written, and the
+    # final record supersedes what was offered after the last interim one.
+    assert committed == sorted(committed) and 0 < committed[0] and committed[-1] <= 102
+    assert final["summary"]["embedded"] + final["summary"]["partial"] + \
+        final["summary"]["failed"] == 102
     assert all(r["ended_at"] is None and r["updated_at"] for r in during)
     assert all("shard_outcomes" not in r["summary"] for r in during)
     assert len(final["summary"]["shard_outcomes"]) == summary.shards

@@ -318,9 +318,10 @@ def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
     burst of commits must leave its last state written; the final record lands last."""
     from pipeline.job import _LatestWriter
 
-    gate, written = threading.Event(), []
+    gate, entered, written = threading.Event(), threading.Event(), []
 
     def write(value: dict) -> None:
+        entered.set()
         gate.wait(5)
         if value["n"] == "fail":
             raise OSError("503 SlowDown")
@@ -338,11 +339,14 @@ def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
     assert written[-1] == 2 and len(written) <= 2  # the last of the burst; one before at most
     with caplog.at_level("WARNING"):
         writer.offer({"n": "fail"})
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while "503 SlowDown" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert "job record not updated: 503 SlowDown" in caplog.text  # the run goes on
     gate.clear()  # a slow store: the final record waits behind the write under way
+    entered.clear()
     writer.offer({"n": 5})
-    time.sleep(0.3)
+    assert entered.wait(5)
     assert not writer.close({"n": "final"}, wait_s=0.1)  # not yet: the caller writes it too
     writer.offer({"n": 6})  # after close: dropped
     gate.set()
