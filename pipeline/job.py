@@ -979,7 +979,7 @@ class EmbeddingJob:
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
                                                             batch_format="pyarrow")
-        first_file = self._sink_spec(sources).rows_per_file
+        first_file = self._rows_per_file
         log.info("rows are written, and shards commit, once up to %d window rows have gathered "
                  "(output.file_mb %g): the first commit comes then, or at the end; lower "
                  "output.file_mb for commits sooner", first_file, self.cfg.output.file_mb)
@@ -1160,13 +1160,17 @@ class EmbeddingJob:
         return 4 * max(l.dim for l in self.info.layers) + 256
 
     @property
+    def _rows_per_file(self) -> int:
+        """Window rows a write task gathers: ``output.file_mb`` of them, at least one."""
+        return max(1, int(self.cfg.output.file_mb * 1e6 / self._row_bytes))
+
+    @property
     def _row_group_rows(self) -> int:
         """Rows per Parquet row group: ``output.row_group_mb`` of them, at least one."""
         return max(1, int(self.cfg.output.row_group_mb * 1e6 / self._row_bytes))
 
     def _sink_spec(self, sources: Any) -> SinkSpec:
         o = self.cfg.output
-        per_row = self._row_bytes
         extras = self.listing.extras
         return SinkSpec(
             staging_uri=self.layout.uri(self.layout.staging_dir()),
@@ -1176,7 +1180,7 @@ class EmbeddingJob:
             provenance=self.provenance.row_columns(),
             file_metadata=self.parquet_metadata,
             write_windows=o.windows,
-            rows_per_file=max(1, int(o.file_mb * 1e6 / per_row)),
+            rows_per_file=self._rows_per_file,
             row_group_rows=self._row_group_rows,
             compression=o.compression,
         )
