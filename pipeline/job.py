@@ -301,6 +301,7 @@ class EmbeddingJob:
     precision: str  # never "auto": the variant records it
     variant: Variant
     provenance: JobProvenance
+    file_provenance: dict[str, Any]
     parquet_metadata: dict[bytes, bytes]
     layout: OutputLayout
     listing: Listing
@@ -339,7 +340,9 @@ class EmbeddingJob:
         self.variant = self._build_variant()
         self.provenance = JobProvenance.create(self.cfg, self.job_id, self.variant,
                                                self.weights.uri)
-        self.parquet_metadata = file_metadata(self._file_provenance())  # in every Parquet footer
+        # In every Parquet footer and job record (a record is rebuilt at every commit).
+        self.file_provenance = self._file_provenance()
+        self.parquet_metadata = file_metadata(self.file_provenance)
         self.layout = OutputLayout(self.cfg.output.uri, self.info.name, self.variant.id,
                                    dict(self.cfg.output.storage_options))
         shown = redact.uri(self.cfg.output.uri)
@@ -1416,7 +1419,7 @@ class EmbeddingJob:
         self._write_record(record)
 
     def _job_record(self, summary: dict[str, Any], final: bool) -> dict[str, Any]:
-        return {**self._file_provenance(), "ended_at": utc_now() if final else None,
+        return {**self.file_provenance, "ended_at": utc_now() if final else None,
                 "updated_at": utc_now(), "summary": summary}
 
     def _write_record(self, record: dict[str, Any]) -> None:
