@@ -293,7 +293,7 @@ def recordings_to_retry(markers: Mapping[str, Mapping[str, Any]],
 
 def carved_shard_id(shard_id: str, keep: Iterable[str]) -> str:
     """The id of the shard that takes ``keep``'s rows out of ``shard_id`` (see
-    ``EmbeddingJob._carve_out``): the same for the same carve, so one a crash interrupted
+    ``resume.Resumption._carve_out``): the same for the same carve, so one a crash interrupted
     writes the same files again."""
     key = "\n".join([f"carved from {shard_id}", *sorted(keep)])
     return hashlib.sha256(key.encode()).hexdigest()[:16]

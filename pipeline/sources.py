@@ -480,7 +480,7 @@ def _typed_empty_columns(table: pa.Table) -> pa.Table:
     """A column with no value at all (a CSV column left empty) as text, not Arrow's null type:
     files of one namespace whose column is null in some and typed in others cannot be read
     together (readers fail to cast string to null). A run whose rows join a namespace gives
-    it the type already stored there (``EmbeddingJob._check_manifest_columns``)."""
+    it the type already stored there (``resume.Resumption.check_manifest_columns``)."""
     for i, column in enumerate(table.schema):
         if pa.types.is_null(column.type):
             table = table.set_column(i, column.name, table.column(i).cast(pa.string()))

@@ -527,7 +527,7 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
             "recordings": [{"recording_id": rid, "outcome": "error", "error_type": "MemoryError",
                             "retry": True, "attempts": tries}]})
     again = job(archive, tmp_path)
-    with caplog.at_level("WARNING", logger="pipeline.job"):
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
         again.prepare()
     again._lease.release()
     assert [i.recording_id for i in again.todo] == [a]
