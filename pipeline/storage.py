@@ -805,11 +805,6 @@ def is_file(fs: Any, path: str) -> bool:
     return bool(retry(lambda: fs.isfile(path), what=f"check {path}"))
 
 
-def info(fs: Any, path: str) -> dict[str, Any]:
-    """``fs.info(path)`` with retries (``FileNotFoundError`` is raised at once)."""
-    return dict(retry(lambda: fs.info(path), what=f"stat {path}"))
-
-
 def _is_local_fs(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
