@@ -717,14 +717,27 @@ def add_cluster_commands(sub: Any) -> None:
     p = sub.add_parser("logs", help="print a submitted job's logs")
     p.add_argument("submission_id")
     _add_connection_args(p)
-    p.add_argument("--follow", "-f", action="store_true",
-                   help="stream until the job ends; exit with the job's exit status")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--follow", "-f", action="store_true",
+                       help="stream until the job ends; exit with the job's exit status")
+    shown.add_argument("--tail", type=_positive_int, metavar="N",
+                       help="only the last N lines (a long job logs a progress line a minute)")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("stop", help="stop a submitted job")
     p.add_argument("submission_id")
     _add_connection_args(p)
     p.set_defaults(func=cmd_stop)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of lines, got {text!r}")
+    return value
 
 
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
@@ -784,7 +797,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     client, address, token = _client(args)
     if not args.follow:
         with cluster_errors(address, token):
-            sys.stdout.write(client.get_job_logs(args.submission_id))
+            logs = client.get_job_logs(args.submission_id)
+        if args.tail:
+            logs = "".join(logs.splitlines(keepends=True)[-args.tail:])
+        sys.stdout.write(logs)
         return 0
     try:
         with cluster_errors(address, token):

@@ -328,9 +328,15 @@ def submitted(cluster: LocalCluster, real_data: Path,
 # --------------------------------------------------------------------------- tests
 
 
-def test_job_succeeds_and_logs_follow_to_the_end(submitted: dict[str, Any]) -> None:
+def test_job_succeeds_and_logs_follow_to_the_end(cluster: LocalCluster,
+                                                 submitted: dict[str, Any]) -> None:
     logs, status = submitted["logs"], submitted["status"]
     assert logs.returncode == 0, logs.stdout[-4000:] + logs.stderr[-2000:]
+    where = ["--address", cluster.dashboard, "--token-file", str(cluster.token_file)]
+    whole, tail = (cli("logs", submitted["id"], *more, *where) for more in ([], ["--tail", "3"]))
+    assert whole.returncode == tail.returncode == 0, whole.stderr + tail.stderr
+    assert len(whole.stdout.splitlines()) > 3
+    assert tail.stdout.splitlines() == whole.stdout.splitlines()[-3:]
     assert status["status"] == "SUCCEEDED"
     assert status["driver_exit_code"] == 0
     assert status["submission_id"] == submitted["id"]

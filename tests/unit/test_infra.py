@@ -716,6 +716,14 @@ def test_status_logs_and_stop(dashboard: FakeDashboard, laptop_env: None,
     assert out.startswith("j1: RUNNING") and "hunter2" not in out
     assert run_cli("logs", "j1", "--address", dashboard.url) == 0
     assert capsys.readouterr().out == "decoding...\nembedding...\n"
+    assert run_cli("logs", "j1", "--tail", "1", "--address", dashboard.url) == 0
+    assert capsys.readouterr().out == "embedding...\n"
+    assert run_cli("logs", "j1", "--tail", "5", "--address", dashboard.url) == 0
+    assert capsys.readouterr().out == "decoding...\nembedding...\n"
+    for refused in (["--tail", "0"], ["--tail", "1", "--follow"]):
+        with pytest.raises(SystemExit) as stop:
+            run_cli("logs", "j1", *refused, "--address", dashboard.url)
+        assert stop.value.code == 2
     assert run_cli("stop", "j1", "--address", dashboard.url) == 0
     assert "stop requested for j1 (now STOPPED)" in capsys.readouterr().out
     assert run_cli("status", "nope", "--address", dashboard.url) == 1
