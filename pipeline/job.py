@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -119,6 +120,84 @@ class ShardRows(NamedTuple):
 
 def _dropped_note(windows: int) -> str:
     return f"{windows} windows dropped: non-finite embedding"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """What a config asks of its model, as the model takes it."""
+
+    window_s: float
+    hop_s: float
+    window_samples: int  # at the model's rate
+    hop_samples: int
+    layers: tuple[int, ...]  # resolved: no negative index
+    pooling: str
+
+
+def settle_model_settings(cfg: JobConfig, info: ModelInfo) -> ModelSettings:
+    """Window, hop (seconds and samples), pooling and layers, as the model takes them, and
+    the in-flight budget they need.
+
+    Raises:
+        ConfigError: the config does not fit the model, naming the field.
+    """
+    from pipeline.models import validate_pooling
+
+    fixed = info.fixed_window_s
+    window_s = cfg.windows.window_s or fixed or 5.0
+    if fixed is not None and abs(window_s - fixed) > 1e-9:
+        raise ConfigError(f"{info.name} only takes {fixed} s windows, got {window_s}",
+                          "windows.window_s")
+    hop_s = cfg.windows.hop_s or window_s / 2
+    if hop_s > window_s:  # sparse sampling may be meant, but say what it costs
+        log.warning("windows.hop_s %g s > window_s %g s: %.0f%% of every recording is "
+                    "never embedded", hop_s, window_s, 100 * (1 - window_s / hop_s))
+    if cfg.windows.min_tail_s > window_s:  # it would drop full windows too
+        raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
+                          f"({window_s} s)", "windows.min_tail_s")
+    pooling = validate_pooling(info, cfg.model.pooling)
+    try:
+        layers = info.resolve_layers(cfg.model.layers)
+    except ValueError as err:
+        raise ConfigError(str(err), "model.layers") from None
+    rate = info.sample_rate_hz
+    settings = ModelSettings(window_s=window_s, hop_s=hop_s,
+                             window_samples=samples_for(window_s, rate),
+                             hop_samples=samples_for(hop_s, rate), layers=layers,
+                             pooling=pooling)
+    # With any tail policy: `keep` extends a short tail to the shortest input, but a
+    # window shorter than it would fail every batch (and the warm-up) in every actor.
+    if settings.window_samples < info.min_input_samples:
+        raise ConfigError(f"{window_s} s is shorter than {info.name}'s shortest input "
+                          f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
+    _check_inflight_budget(cfg, settings)
+    return settings
+
+
+def batch_mib(cfg: JobConfig, settings: ModelSettings) -> float:
+    """A batch of windows, as float32 samples."""
+    return cfg.model.batch_size * settings.window_samples * 4 / 2**20
+
+
+def file_mib(cfg: JobConfig) -> float:
+    """An output file's rows."""
+    return cfg.output.file_mb * 1e6 / 2**20
+
+
+def _check_inflight_budget(cfg: JobConfig, settings: ModelSettings) -> None:
+    """The writer gathers one file's rows before writing them; a smaller budget deadlocks.
+
+    Ray Data counts the rows waiting for a write task against the object-store limit, so
+    a budget below a file's worth of rows plus a few window batches stops the embedder
+    for good instead of merely slowing it.
+    """
+    budget = cfg.compute.inflight_mb
+    needed = math.ceil(1.5 * file_mib(cfg) + 4 * batch_mib(cfg, settings))
+    if budget is not None and budget < needed:
+        raise ConfigError(
+            f"{budget} MiB cannot hold one output file ({cfg.output.file_mb:g} MB) "
+            f"plus a few window batches; use at least {needed} or lower output.file_mb",
+            "compute.inflight_mb")
 
 
 class _LatestWriter:
@@ -271,15 +350,10 @@ class EmbeddingJob:
     """One run of a job config. ``prepare()`` needs no Ray; ``run()`` does the work."""
 
     # Settled by prepare(), in this order: the model and its weights; what the config asks
-    # of them (_settle_model_settings); the output namespace; the inputs; what is left to do.
+    # of them (settle_model_settings); the output namespace; the inputs; what is left to do.
     info: ModelInfo
     weights: WeightsInfo
-    window_s: float
-    hop_s: float
-    window_samples: int
-    hop_samples: int
-    layers: tuple[int, ...]
-    pooling: str
+    settings: ModelSettings  # windows, layers and pooling, as the model takes them
     precision: str  # never "auto": the variant records it
     variant: Variant
     provenance: JobProvenance
@@ -366,7 +440,7 @@ class EmbeddingJob:
                 log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
             else:  # run.log_level: ERROR must not hide that the embeddings mean nothing
                 print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
-        self._settle_model_settings()
+        self.settings = settle_model_settings(cfg, self.info)
         if c.gpus_per_actor and not c.embed_actors:
             check_gpus(c, self._gpu_view()[0], c.gpus_per_actor)
         self.precision = self._job_precision()
@@ -385,11 +459,11 @@ class EmbeddingJob:
             model_options=redact.variant_options(cfg.model.options, info.secret_options),
             preprocessing=dict(info.preprocessing),
             sample_rate_hz=info.sample_rate_hz,
-            layers=self.layers,
-            pooling=self.pooling,
+            layers=self.settings.layers,
+            pooling=self.settings.pooling,
             precision=self.precision,
-            window_s=self.window_s,
-            hop_s=self.hop_s,
+            window_s=self.settings.window_s,
+            hop_s=self.settings.hop_s,
             tail=cfg.windows.tail,
             min_tail_s=cfg.windows.min_tail_s,
             channels=cfg.audio.channels,
@@ -422,39 +496,6 @@ class EmbeddingJob:
         o = self.cfg.output
         return [t for t, on in (("windows", o.windows), ("recordings", o.recordings),
                                 ("errors", True)) if on]
-
-    def _settle_model_settings(self) -> None:
-        """Window, hop (seconds and samples), pooling and layers, as the model takes them."""
-        from pipeline.models import validate_pooling
-
-        cfg, info = self.cfg, self.info
-        fixed = info.fixed_window_s
-        self.window_s = cfg.windows.window_s or fixed or 5.0
-        if fixed is not None and abs(self.window_s - fixed) > 1e-9:
-            raise ConfigError(f"{info.name} only takes {fixed} s windows, got {self.window_s}",
-                              "windows.window_s")
-        self.hop_s = cfg.windows.hop_s or self.window_s / 2
-        if self.hop_s > self.window_s:  # sparse sampling may be meant, but say what it costs
-            log.warning("windows.hop_s %g s > window_s %g s: %.0f%% of every recording is "
-                        "never embedded", self.hop_s, self.window_s,
-                        100 * (1 - self.window_s / self.hop_s))
-        if cfg.windows.min_tail_s > self.window_s:  # it would drop full windows too
-            raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
-                              f"({self.window_s} s)", "windows.min_tail_s")
-        self.pooling = validate_pooling(info, cfg.model.pooling)
-        try:
-            self.layers = info.resolve_layers(cfg.model.layers)
-        except ValueError as err:
-            raise ConfigError(str(err), "model.layers") from None
-        rate = info.sample_rate_hz
-        self.window_samples = samples_for(self.window_s, rate)
-        self.hop_samples = samples_for(self.hop_s, rate)
-        # With any tail policy: `keep` extends a short tail to the shortest input, but a
-        # window shorter than it would fail every batch (and the warm-up) in every actor.
-        if self.window_samples < info.min_input_samples:
-            raise ConfigError(f"{self.window_s} s is shorter than {info.name}'s shortest input "
-                              f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
-        self._check_inflight_budget()
 
     def _check_local_ray(self) -> None:
         """Refuse, before any work, what the Ray this job would start on this machine can
@@ -552,29 +593,6 @@ class EmbeddingJob:
             return 0.0, None
         return float(count), all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(count))
 
-    @property
-    def _batch_mib(self) -> float:
-        return self.cfg.model.batch_size * self.window_samples * 4 / 2**20
-
-    @property
-    def _file_mib(self) -> float:
-        return self.cfg.output.file_mb * 1e6 / 2**20
-
-    def _check_inflight_budget(self) -> None:
-        """The writer gathers one file's rows before writing them; a smaller budget deadlocks.
-
-        Ray Data counts the rows waiting for a write task against the object-store limit, so
-        a budget below a file's worth of rows plus a few window batches stops the embedder
-        for good instead of merely slowing it.
-        """
-        budget = self.cfg.compute.inflight_mb
-        needed = math.ceil(1.5 * self._file_mib + 4 * self._batch_mib)
-        if budget is not None and budget < needed:
-            raise ConfigError(
-                f"{budget} MiB cannot hold one output file ({self.cfg.output.file_mb:g} MB) "
-                f"plus a few window batches; use at least {needed} or lower output.file_mb",
-                "compute.inflight_mb")
-
     def _open_output(self) -> None:
         """Refuses an output the job cannot take: a file, a run id already used, a folder
         or bucket it cannot write (:meth:`_check_output`)."""
@@ -644,7 +662,7 @@ class EmbeddingJob:
             model=self.info.name, variant=self.variant.id, weights=self.weights.uri,
             recordings_listed=len(self.listing.items), recordings_already_done=self.already_done,
             recordings_already_failed=self.already_failed,
-            shards=len(self.shards), layers=len(self.layers),
+            shards=len(self.shards), layers=len(self.settings.layers),
         )
         self.summary = summary
         started = self._run_started = time.perf_counter()
@@ -714,7 +732,8 @@ class EmbeddingJob:
         import ray
 
         items = dict(self.shards)
-        pending = {sid: ShardProgress(sid, [i.recording_id for i in members], self.layers)
+        layers = self.settings.layers
+        pending = {sid: ShardProgress(sid, [i.recording_id for i in members], layers)
                    for sid, members in self.shards}
         sources = ray.put(self._shard_sources())
         per_actor: dict[str, dict[str, float]] = {}
@@ -806,7 +825,8 @@ class EmbeddingJob:
             object_store_memory=plan.inflight_mb * 2**20)
 
     def _compute_plan(self, resources: Mapping[str, float]) -> ComputePlan:
-        return plan_compute(self.cfg.compute, resources, self._batch_mib, self._file_mib)
+        return plan_compute(self.cfg.compute, resources, batch_mib(self.cfg, self.settings),
+                            file_mib(self.cfg))
 
     def _dataset(self, plan: ComputePlan, sources: Any) -> Any:
         """decode (CPU tasks) -> embed (actor pool) -> write (CPU tasks), over every shard."""
@@ -870,8 +890,8 @@ class EmbeddingJob:
                 target_sample_rate_hz=rate, channels=a.channels, max_channels=a.max_channels,
                 min_sample_rate_hz=a.min_sample_rate_hz, max_sample_rate_hz=a.max_sample_rate_hz,
                 block_s=a.block_s, resample_quality=a.resample_quality),
-            window_samples=self.window_samples,
-            hop_samples=self.hop_samples,
+            window_samples=self.settings.window_samples,
+            hop_samples=self.settings.hop_samples,
             tail=self.cfg.windows.tail,
             min_tail_samples=max(1, round(self.cfg.windows.min_tail_s * rate)),
             batch_windows=a.batch_windows,
@@ -886,12 +906,13 @@ class EmbeddingJob:
         warmup = self.cfg.compute.warmup if self.cfg.compute.warmup is not None else use_gpu
         return EmbedSpec(
             model_name=m.name, weights=m.weights, options=dict(m.options),
-            storage_options=dict(m.storage_options), layers=self.layers, pooling=self.pooling,
+            storage_options=dict(m.storage_options), layers=self.settings.layers,
+            pooling=self.settings.pooling,
             precision=self.precision, sample_rate_hz=self.info.sample_rate_hz,
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
             use_gpu=use_gpu, torch_threads=plan.torch_threads,
             log_level=self.cfg.run.log_level,
-            warmup_shape=(m.batch_size, self.window_samples) if warmup else None,
+            warmup_shape=(m.batch_size, self.settings.window_samples) if warmup else None,
             weights_sha256=self.weights.sha256,
             plugin_code=self.info.preprocessing.get("code") if self.info.family == "plugin" else None,
         )
@@ -1113,7 +1134,7 @@ class EmbeddingJob:
             if others := [c for c in emptied if c != ch]:
                 detail.append(f"channel {', '.join(map(str, others))}: every window's "
                               "embedding was non-finite (no rows)")
-            for layer in self.layers:
+            for layer in self.settings.layers:
                 count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
                 if count != kept:
                     raise RuntimeError(
@@ -1176,9 +1197,7 @@ def check_model_settings(cfg: JobConfig) -> None:
     """
     from pipeline.models import model_info
 
-    job = EmbeddingJob(cfg)
-    job.info = model_info(cfg.model.name, cfg.model.options)
-    job._settle_model_settings()
+    settle_model_settings(cfg, model_info(cfg.model.name, cfg.model.options))
 
 
 def run_job(cfg: JobConfig) -> JobSummary:
@@ -1189,4 +1208,5 @@ def run_job(cfg: JobConfig) -> JobSummary:
 
 
 __all__ = ["EXIT_ABORTED", "EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_SOME_FAILED",
-           "EmbeddingJob", "JobSummary", "check_model_settings", "run_job"]
+           "EmbeddingJob", "JobSummary", "ModelSettings", "check_model_settings", "run_job",
+           "settle_model_settings"]

@@ -13,8 +13,9 @@ import pytest
 from pipeline import job as job_mod
 from pipeline.config import JobConfig
 from pipeline.errors import JobAborted
-from pipeline.job import EmbeddingJob
+from pipeline.job import EmbeddingJob, settle_model_settings
 from pipeline.layout import OutputLayout, recordings_to_retry
+from pipeline.models import model_info
 from pipeline.sink import ShardProgress
 from pipeline.sources import SourceItem
 from pipeline.summary import JobSummary, ShardOutcome
@@ -32,9 +33,9 @@ def test_with_channels_each_a_status_is_its_channels_and_an_emptied_channel_is_n
     vanished without a word, the run exit 0. Two stereo recordings: one loses a window of
     channel 1, the other every window of channel 1."""
     job = EmbeddingJob(JobConfig.from_dict({
-        "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random"},
+        "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random", "layers": [0]},
         "output": {"uri": str(tmp_path / "out")}, "audio": {"channels": "each"}}))
-    job.layers = [0]
+    job.settings = settle_model_settings(job.cfg, model_info("beats"))
     items = [SourceItem(uri=f"/x/{n}.wav", path=f"/x/{n}.wav", size_bytes=1, version="v",
                         recording_id=n) for n in ("some", "all")]
     decoded = {"status": "ok", "problems": [], "windows": {"0": 2, "1": 2}, "duration_s": 2.0,
@@ -57,9 +58,9 @@ def test_with_channels_each_a_status_is_its_channels_and_an_emptied_channel_is_n
 def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     """The commit marker (what ``inspect`` counts) gets these statuses, not the decoder's."""
     job = EmbeddingJob(JobConfig.from_dict({
-        "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random"},
+        "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random", "layers": [0]},
         "output": {"uri": str(tmp_path / "out")}}))
-    job.layers = [0]
+    job.settings = settle_model_settings(job.cfg, model_info("beats"))
     names = ("clean", "half_dropped", "all_dropped", "unreadable", "cut_short", "outage", "oom")
     items = [SourceItem(uri=f"/x/{n}.wav", path=f"/x/{n}.wav", size_bytes=1, version="v",
                         recording_id=n) for n in names]
