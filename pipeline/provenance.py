@@ -120,7 +120,11 @@ class Variant:
 
     @property
     def id(self) -> str:
-        return hashlib.sha256(canonical_json(asdict(self)).encode()).hexdigest()[:12]
+        """``v`` and 12 hex digits of the hash. The letter keeps the ``variant=`` partition
+        a string in every reader: Spark and Polars type a partition value by its look, and
+        one id in about 120 is all digits (``012345678901`` read as a number loses its 0) or
+        digits, ``e``, digits (read as a float: ``inf``)."""
+        return "v" + hashlib.sha256(canonical_json(asdict(self)).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.id, **asdict(self)}

@@ -116,7 +116,8 @@ class Resumption:
         times, unsigned integers: ``sources.portable_type``) keeps that type, and numbers
         and times of one zone take the stored width and unit when every value fits it
         exactly (a manifest DuckDB wrote has microsecond times where a CSV's were stored
-        in milliseconds; 3.0 joins an integer column, 3.5 does not).
+        in milliseconds; 3.0 joins an integer column, 3.5 does not). The columns are
+        then put in the stored order.
 
         Raises:
             ConfigError: the columns differ (field ``input.manifest``).
@@ -139,6 +140,9 @@ class Resumption:
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     continue  # refused below, naming both
                 extras = extras.set_column(extras.schema.get_field_index(name), name, cast)
+            # In the stored order too: BigQuery loads files of one table only if their
+            # columns come in one order (a manifest whose header was reordered).
+            extras = extras.select(list(theirs))
             self.listing = dataclasses.replace(self.listing, extras=extras)
             mine = {f.name: f.type for f in as_stored(extras.schema)}
         if theirs == mine:

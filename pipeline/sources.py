@@ -18,12 +18,14 @@ import os
 import posixpath
 import re
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 
@@ -247,7 +249,7 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     raw = ["" if u is None else str(u) for u in table.column("uri").to_pylist()]
     uris = [resolve_relative(u, base) for u in raw]
     extras = table.drop_columns(["uri", *(c for c in GIVEN_COLUMNS if c in table.column_names)])
-    extras = _portable_columns(_typed_empty_columns(extras))
+    extras = _portable_columns(extras)
     blank = [i for i, uri in enumerate(raw) if not uri.strip()]
     if blank:
         raise ConfigError(
@@ -392,18 +394,26 @@ _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def portable_type(t: pa.DataType) -> pa.DataType:
     """``t`` as a type every reader the README names takes from Parquet: no unsigned
     integers (BigQuery's INT64 is signed; Spark reads UINT_64 as a decimal, before 3.2 not at
-    all), no nanosecond times (Spark refuses them, BigQuery keeps microseconds), no
+    all), no nanosecond times (Spark refuses them, BigQuery keeps microseconds), no time of
+    day (Spark before 4.1 refuses a Parquet TIME, and the whole table with it; 4.1 and later
+    only with ``spark.sql.timeType.enabled``): ISO text, ``05:10:00``; no extension types
+    (Spark refuses a Parquet UUID, and the table with it): a UUID as its canonical text,
+    JSON as text; no null type (a column or field with no value at all: text), no
     dictionary, large or view encodings, no half floats."""
+    if isinstance(t, pa.UuidType):
+        return pa.string()
+    if isinstance(t, pa.BaseExtensionType):
+        return portable_type(t.storage_type)
     if pa.types.is_dictionary(t):
         return portable_type(t.value_type)
+    if pa.types.is_null(t) or pa.types.is_time(t):
+        return pa.string()
     if pa.types.is_unsigned_integer(t):
         return pa.int64()
     if pa.types.is_float16(t):
         return pa.float32()
     if pa.types.is_timestamp(t) and t.unit == "ns":
         return pa.timestamp("us", t.tz)
-    if pa.types.is_time64(t) and t.unit == "ns":
-        return pa.time64("us")
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.string()
     if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
@@ -423,23 +433,45 @@ def _portable_columns(table: pa.Table) -> pa.Table:
     and Spark as well as DuckDB and pandas. Times lose what is below a microsecond.
 
     Raises:
-        ConfigError: a value the portable type cannot hold (an unsigned integer past 2^63-1).
+        ConfigError: a value the portable type cannot hold (an unsigned integer past 2^63-1),
+            or a type no reader takes and none stands for (an interval).
     """
     for i, field in enumerate(table.schema):
         wanted = portable_type(field.type)
         if wanted == field.type:
             continue
         try:
-            # unsafe only drops digits below a microsecond; an unsigned overflow stays an error
-            column = table.column(i).cast(wanted, safe=True)
+            column = _portable_column(table.column(i), wanted)
         except pa.ArrowInvalid as err:
             if "would lose data" not in str(err) or pa.types.is_integer(wanted):
                 raise ConfigError(f"manifest column {field.name!r} ({field.type}) does not fit "
                                   f"{wanted}, which BigQuery and Spark read: {err}",
                                   "input.manifest") from None
+            # unsafe only drops digits below a microsecond; an unsigned overflow stays an error
             column = table.column(i).cast(wanted, safe=False)
+        except pa.ArrowNotImplementedError:
+            raise ConfigError(f"manifest column {field.name!r} ({field.type}) has no type "
+                              "that BigQuery, Spark and DuckDB all read; give it as text",
+                              "input.manifest") from None
         table = table.set_column(i, field.with_type(wanted), column)
     return table
+
+
+def _portable_column(column: pa.ChunkedArray, wanted: pa.DataType) -> pa.ChunkedArray:
+    """``column`` in ``wanted`` (its :func:`portable_type`), values checked: a UUID as its
+    canonical text (``8c3f...-...``), not 16 bytes; a time of day without a zero fraction
+    (``05:10:00``, not ``05:10:00.000000``)."""
+    kind = column.type
+    if isinstance(kind, pa.UuidType):
+        return pa.chunked_array([pa.array(
+            [None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
+            pa.string()) for chunk in column.chunks], pa.string())
+    if isinstance(kind, pa.BaseExtensionType):
+        column = pa.chunked_array([chunk.storage for chunk in column.chunks], kind.storage_type)
+        kind = kind.storage_type
+    if pa.types.is_time(kind):
+        return pc.replace_substring_regex(column.cast(pa.string()), r"\.0+$", "")
+    return column.cast(wanted, safe=True)
 
 
 def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig, total: int) -> list[SourceItem]:
@@ -474,17 +506,6 @@ def _refuse_if_all_refused(stated: Sequence[SourceItem]) -> None:
             f"all {len(stated)} objects looked up first were refused, e.g. "
             f"{refused[0].uri}: {refused[0].problem.removeprefix('PermissionError: ')}",
             "input.manifest")
-
-
-def _typed_empty_columns(table: pa.Table) -> pa.Table:
-    """A column with no value at all (a CSV column left empty) as text, not Arrow's null type:
-    files of one namespace whose column is null in some and typed in others cannot be read
-    together (readers fail to cast string to null). A run whose rows join a namespace gives
-    it the type already stored there (``resume.Resumption.check_manifest_columns``)."""
-    for i, column in enumerate(table.schema):
-        if pa.types.is_null(column.type):
-            table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
-    return table
 
 
 def resolve_relative(uri: str, base: str) -> str:
@@ -559,6 +580,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
                           f"{storage.why(err, 'input.storage_options')}", "input.manifest") from None
     try:
         if lower.endswith(".parquet"):
+            _refuse_intervals(data)
             return read_parquet_bytes(data)
         if lower.endswith((".jsonl", ".ndjson", ".json")):
             return pa_json.read_json(io.BytesIO(data))
@@ -572,6 +594,24 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         f"{redact.uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",
         "input.manifest",
     )
+
+
+def _refuse_intervals(data: bytes) -> None:
+    """Refuse a Parquet manifest with an INTERVAL column (DuckDB writes them): pyarrow reads
+    one as 12 raw bytes, which every reader would then take as a blob.
+
+    Raises:
+        ConfigError: naming the column.
+    """
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(io.BytesIO(data)).schema
+    for k in range(len(schema)):
+        column = schema.column(k)
+        if column.converted_type == "INTERVAL" or column.logical_type.type == "INTERVAL":
+            raise ConfigError(f"manifest column {column.path!r} is a Parquet INTERVAL, which "
+                              "pyarrow, Spark and BigQuery read as raw bytes; give it as "
+                              "text or a number of seconds", "input.manifest")
 
 
 def _read_csv(data: bytes, delimiter: str) -> pa.Table:

@@ -698,6 +698,33 @@ def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
     assert later.listing.extras.column("notes").to_pylist() == ["42"]
 
 
+def test_a_manifest_with_its_columns_reordered_writes_them_in_the_stored_order(
+        archive: Path, tmp_path: Path) -> None:
+    """BigQuery loads the files of one table only if their columns come in one order: a
+    rerun whose manifest header lists the same columns in another order writes the
+    namespace's order."""
+    (archive / "m1.csv").write_text("uri,site,calls\na.wav,north,3\n")
+    inputs = {"uri": None, "manifest": str(archive / "m1.csv")}
+    first = job(archive, tmp_path, input=inputs)
+    first.prepare()
+    first._lease.release()
+    [item] = first.todo
+    table = rows_to_table(
+        [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
+        errors_schema(first.listing.extras.schema), first._sources_table(first.todo),
+        first.provenance.row_columns())
+    (archive / "m2.csv").write_text("uri,calls,site\na.wav,4,south\n")
+    again = prepared_after_committing(table, first, archive, tmp_path,
+                                      {"uri": None, "manifest": str(archive / "m2.csv")})
+    assert again.listing.extras.schema.names == ["site", "calls"]
+    assert again.listing.extras.to_pylist() == [{"site": "south", "calls": 4}]
+    written = rows_to_table(
+        [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
+        errors_schema(again.listing.extras.schema), again._sources_table(again.todo),
+        again.provenance.row_columns())
+    assert written.schema.names == table.schema.names
+
+
 def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
                                                               tmp_path: Path) -> None:
     """A CSV's timestamps are read in seconds, which Parquet stores in milliseconds: the

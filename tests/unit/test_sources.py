@@ -110,6 +110,42 @@ def test_manifest_columns_are_stored_in_types_bigquery_and_spark_read(folder: Pa
     assert err.value.field == "input.manifest"
 
 
+def test_a_duckdb_manifest_is_stored_in_types_spark_reads(folder: Path) -> None:
+    """Spark (3.5 and 4.x) refuses a whole table for one Parquet UUID or TIME column, and
+    any reader takes a Parquet INTERVAL, as pyarrow reads it, for 12 raw bytes. So a
+    DuckDB-written manifest's UUIDs are stored as their text, JSON and times of day as text,
+    empty lists and fields as text rather than Arrow's null type (which locks the namespace
+    against a later run's values); an interval is refused, naming the column."""
+    import duckdb
+
+    con = duckdb.connect()
+    path = folder / "m.parquet"
+    con.sql(f"""COPY (SELECT * FROM (VALUES
+        ('a.wav', '8c3f0e6e-6d1e-4f43-9d0a-0d4b7b1f6a01'::UUID, '{{"depth": 3}}'::JSON,
+         TIME '05:10:00', TIME '05:10:00.25', []::VARCHAR[], {{'depth': NULL, 'n': 1}}),
+        ('b.wav', NULL, NULL, NULL, NULL, NULL, NULL))
+        t(uri, rec, info, tod, fine, tags, nested)) TO '{path}'""")
+    extras = list_sources(InputConfig(manifest=str(path))).extras
+    assert extras is not None
+    assert {f.name: str(f.type) for f in extras.schema} == {
+        "rec": "string", "info": "string", "tod": "string", "fine": "string",
+        "tags": "list<element: string>", "nested": "struct<depth: string, n: int32>"}
+    assert extras.to_pylist() == [
+        {"rec": "8c3f0e6e-6d1e-4f43-9d0a-0d4b7b1f6a01", "info": '{"depth": 3}',
+         "tod": "05:10:00", "fine": "05:10:00.250000", "tags": [],
+         "nested": {"depth": None, "n": 1}},
+        dict.fromkeys(("rec", "info", "tod", "fine", "tags", "nested"))]
+    csv_path = folder / "m.csv"
+    csv_path.write_text("uri,tod\na.wav,05:10:00\n")
+    timed = list_sources(InputConfig(manifest=str(csv_path))).extras
+    assert timed is not None and timed.to_pylist() == [{"tod": "05:10:00"}]
+
+    con.sql(f"COPY (SELECT 'a.wav' AS uri, INTERVAL 3 DAY AS span) TO '{folder / 'i.parquet'}'")
+    with pytest.raises(ConfigError, match="'span' is a Parquet INTERVAL") as err:
+        list_sources(InputConfig(manifest=str(folder / "i.parquet")))
+    assert err.value.field == "input.manifest"
+
+
 @pytest.mark.parametrize("header, refused", [
     ("uri,Model\n", r"\['Model'\] clash with columns the job writes"),
     ("uri,LAYER,site\n", r"\['LAYER'\] clash"),
