@@ -391,6 +391,10 @@ def _check_column_names(names: Sequence[str]) -> None:
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _is_uuid(t: pa.DataType) -> bool:
+    return getattr(t, "extension_name", None) == "arrow.uuid"  # pa.UuidType: pyarrow 18+
+
+
 def portable_type(t: pa.DataType) -> pa.DataType:
     """``t`` as a type every reader the README names takes from Parquet: no unsigned
     integers (BigQuery's INT64 is signed; Spark reads UINT_64 as a decimal, before 3.2 not at
@@ -398,16 +402,15 @@ def portable_type(t: pa.DataType) -> pa.DataType:
     day (Spark before 4.1 refuses a Parquet TIME, and the whole table with it; 4.1 and later
     only with ``spark.sql.timeType.enabled``): ISO text, ``05:10:00``; no extension types
     (Spark refuses a Parquet UUID, and the table with it): a UUID as its canonical text,
-    JSON as text; no null type (a column or field with no value at all: text), no
-    dictionary, large or view encodings, no half floats."""
-    if isinstance(t, pa.UuidType):
+    JSON as text; no null type (a column or field with no value at all: text), no struct
+    without fields (``{}``, which Parquet cannot store: text), no dictionary, large or view
+    encodings, no half floats. At any depth: inside lists, structs and maps too."""
+    if _is_uuid(t) or pa.types.is_null(t) or pa.types.is_time(t):
         return pa.string()
     if isinstance(t, pa.BaseExtensionType):
         return portable_type(t.storage_type)
     if pa.types.is_dictionary(t):
         return portable_type(t.value_type)
-    if pa.types.is_null(t) or pa.types.is_time(t):
-        return pa.string()
     if pa.types.is_unsigned_integer(t):
         return pa.int64()
     if pa.types.is_float16(t):
@@ -424,6 +427,8 @@ def portable_type(t: pa.DataType) -> pa.DataType:
     if pa.types.is_map(t):
         return pa.map_(portable_type(t.key_type), portable_type(t.item_type))
     if pa.types.is_struct(t):
+        if not t.num_fields:
+            return pa.string()
         return pa.struct([f.with_type(portable_type(f.type)) for f in t])
     return t
 
@@ -441,14 +446,16 @@ def _portable_columns(table: pa.Table) -> pa.Table:
         if wanted == field.type:
             continue
         try:
-            column = _portable_column(table.column(i), wanted)
+            column = pa.chunked_array([_portable_array(chunk, wanted, safe=True)
+                                       for chunk in table.column(i).chunks], wanted)
         except pa.ArrowInvalid as err:
             if "would lose data" not in str(err) or pa.types.is_integer(wanted):
                 raise ConfigError(f"manifest column {field.name!r} ({field.type}) does not fit "
                                   f"{wanted}, which BigQuery and Spark read: {err}",
                                   "input.manifest") from None
             # unsafe only drops digits below a microsecond; an unsigned overflow stays an error
-            column = table.column(i).cast(wanted, safe=False)
+            column = pa.chunked_array([_portable_array(chunk, wanted, safe=False)
+                                       for chunk in table.column(i).chunks], wanted)
         except pa.ArrowNotImplementedError:
             raise ConfigError(f"manifest column {field.name!r} ({field.type}) has no type "
                               "that BigQuery, Spark and DuckDB all read; give it as text",
@@ -457,21 +464,45 @@ def _portable_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-def _portable_column(column: pa.ChunkedArray, wanted: pa.DataType) -> pa.ChunkedArray:
-    """``column`` in ``wanted`` (its :func:`portable_type`), values checked: a UUID as its
-    canonical text (``8c3f...-...``), not 16 bytes; a time of day without a zero fraction
-    (``05:10:00``, not ``05:10:00.000000``)."""
-    kind = column.type
-    if isinstance(kind, pa.UuidType):
-        return pa.chunked_array([pa.array(
-            [None if b is None else str(uuid.UUID(bytes=b)) for b in chunk.storage.to_pylist()],
-            pa.string()) for chunk in column.chunks], pa.string())
-    if isinstance(kind, pa.BaseExtensionType):
-        column = pa.chunked_array([chunk.storage for chunk in column.chunks], kind.storage_type)
-        kind = kind.storage_type
-    if pa.types.is_time(kind):
-        return pc.replace_substring_regex(column.cast(pa.string()), r"\.0+$", "")
-    return column.cast(wanted, safe=True)
+def _portable_array(arr: pa.Array, wanted: pa.DataType, *, safe: bool) -> pa.Array:
+    """``arr`` in ``wanted`` (its :func:`portable_type`), at any depth: a UUID as its
+    canonical text (``8c3f0e6e-6d1e-...``), never its 16 bytes read as UTF-8; a time of day
+    as ``05:10:00`` or ``05:10:00.25`` whatever its unit; a ``{}`` as that text; the rest
+    cast, values checked where ``safe``.
+
+    Raises:
+        pyarrow.ArrowInvalid: a value ``wanted`` cannot hold.
+        pyarrow.ArrowNotImplementedError: a type no conversion stands for.
+    """
+    kind = arr.type
+    if kind == wanted:
+        return arr
+    if _is_uuid(kind):
+        return pa.array([None if b is None else str(uuid.UUID(bytes=b))
+                         for b in arr.storage.to_pylist()], pa.string())
+    if isinstance(arr, pa.ExtensionArray):
+        return _portable_array(arr.storage, wanted, safe=safe)
+    if pa.types.is_dictionary(kind):
+        return _portable_array(arr.dictionary_decode(), wanted, safe=safe)
+    if pa.types.is_time(kind):  # the fraction without its trailing zeros, or none
+        text = pc.replace_substring_regex(arr.cast(pa.string()), r"(\.\d*?)0+$", r"\1")
+        return pc.replace_substring_regex(text, r"\.$", "")
+    if pa.types.is_struct(kind) and not kind.num_fields:
+        return pa.array([None if v is None else "{}" for v in arr.to_pylist()], pa.string())
+    if pa.types.is_struct(kind):
+        children = [_portable_array(child, field.type, safe=safe)
+                    for child, field in zip(arr.flatten(), wanted, strict=True)]
+        return pa.StructArray.from_arrays(children, fields=list(wanted), mask=arr.is_null())
+    if pa.types.is_list(wanted) and not pa.types.is_map(kind):
+        if not pa.types.is_list(kind):  # large, view or fixed-size: plain offsets first
+            arr = arr.cast(pa.list_(kind.value_type))
+        offsets = arr.offsets  # of arr.values, whose start a slice leaves in place
+        start, end = offsets[0].as_py(), offsets[-1].as_py()
+        values = _portable_array(arr.values.slice(start, end - start), wanted.value_type,
+                                 safe=safe)
+        return pa.ListArray.from_arrays(pc.subtract(offsets, start), values, type=wanted,
+                                        mask=arr.is_null())
+    return arr.cast(wanted, safe=safe)  # maps whose keys or items need more refuse here
 
 
 def _stat_all(uris: Sequence[tuple[str, int]], cfg: InputConfig, total: int) -> list[SourceItem]:

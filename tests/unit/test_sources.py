@@ -122,23 +122,39 @@ def test_a_duckdb_manifest_is_stored_in_types_spark_reads(folder: Path) -> None:
     path = folder / "m.parquet"
     con.sql(f"""COPY (SELECT * FROM (VALUES
         ('a.wav', '8c3f0e6e-6d1e-4f43-9d0a-0d4b7b1f6a01'::UUID, '{{"depth": 3}}'::JSON,
-         TIME '05:10:00', TIME '05:10:00.25', []::VARCHAR[], {{'depth': NULL, 'n': 1}}),
-        ('b.wav', NULL, NULL, NULL, NULL, NULL, NULL))
-        t(uri, rec, info, tod, fine, tags, nested)) TO '{path}'""")
+         TIME '05:10:00', TIME '05:10:00.25', []::VARCHAR[], {{'depth': NULL, 'n': 1}},
+         ['41424344-4546-4748-4940-414243444546'::UUID, NULL],
+         {{'id': '41424344-4546-4748-4940-414243444546'::UUID, 'at': [TIME '06:00:00.5']}}),
+        ('b.wav', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL))
+        t(uri, rec, info, tod, fine, tags, nested, ids, deep)) TO '{path}'""")
     extras = list_sources(InputConfig(manifest=str(path))).extras
     assert extras is not None
     assert {f.name: str(f.type) for f in extras.schema} == {
         "rec": "string", "info": "string", "tod": "string", "fine": "string",
-        "tags": "list<element: string>", "nested": "struct<depth: string, n: int32>"}
+        "tags": "list<element: string>", "nested": "struct<depth: string, n: int32>",
+        "ids": "list<item: string>", "deep": "struct<id: string, at: list<item: string>>"}
+    nested_id = "41424344-4546-4748-4940-414243444546"  # as bytes, "ABCDEFGHI@ABCDEF"
     assert extras.to_pylist() == [
         {"rec": "8c3f0e6e-6d1e-4f43-9d0a-0d4b7b1f6a01", "info": '{"depth": 3}',
-         "tod": "05:10:00", "fine": "05:10:00.250000", "tags": [],
-         "nested": {"depth": None, "n": 1}},
-        dict.fromkeys(("rec", "info", "tod", "fine", "tags", "nested"))]
+         "tod": "05:10:00", "fine": "05:10:00.25", "tags": [],
+         "nested": {"depth": None, "n": 1}, "ids": [nested_id, None],
+         "deep": {"id": nested_id, "at": ["06:00:00.5"]}},
+        dict.fromkeys(("rec", "info", "tod", "fine", "tags", "nested", "ids", "deep"))]
     csv_path = folder / "m.csv"
-    csv_path.write_text("uri,tod\na.wav,05:10:00\n")
+    csv_path.write_text("uri,tod\na.wav,05:10:00\nb.wav,\n")
     timed = list_sources(InputConfig(manifest=str(csv_path))).extras
-    assert timed is not None and timed.to_pylist() == [{"tod": "05:10:00"}]
+    assert timed is not None and timed.to_pylist() == [{"tod": "05:10:00"}, {"tod": None}]
+    # JSON's {} is a struct without fields, which Parquet cannot store at all
+    jsonl = folder / "m.jsonl"
+    jsonl.write_text('{"uri": "a.wav", "a": {}, "b": [{}], "c": {"d": {}}}\n'
+                     '{"uri": "b.wav", "a": null, "b": null, "c": null}\n')
+    empty = list_sources(InputConfig(manifest=str(jsonl))).extras
+    assert empty is not None
+    assert {f.name: str(f.type) for f in empty.schema} == {
+        "a": "string", "b": "list<item: string>", "c": "struct<d: string>"}
+    assert empty.to_pylist() == [{"a": "{}", "b": ["{}"], "c": {"d": "{}"}},
+                                 {"a": None, "b": None, "c": None}]
+    pq.write_table(empty, folder / "stored.parquet")  # and Parquet takes them
 
     con.sql(f"COPY (SELECT 'a.wav' AS uri, INTERVAL 3 DAY AS span) TO '{folder / 'i.parquet'}'")
     with pytest.raises(ConfigError, match="'span' is a Parquet INTERVAL") as err:
