@@ -1073,10 +1073,12 @@ def _refresh(retryable: bool) -> Exception:
     (lambda: _refresh(True), True),
     (lambda: _gcs_error(503), True),
     (lambda: _gcs_error(429), True),
+    (lambda: _gcs_error(408), True),  # request timeout: the server gave up waiting
     (lambda: _gcs_error(400), False),
 ], ids=["s3-slowdown", "s3-unavailable", "s3-internal", "s3-404", "s3-403", "s3-400",
         "boto-429", "boto-400", "reset", "ebusy", "payload", "no-credentials", "no-profile",
-        "gcs-refresh-revoked", "gcs-refresh-retryable", "gcs-503", "gcs-429", "gcs-400"])
+        "gcs-refresh-revoked", "gcs-refresh-retryable", "gcs-503", "gcs-429", "gcs-408",
+        "gcs-400"])
 def test_storage_errors_are_classified(make: Any, transient: bool) -> None:
     assert storage.is_transient(make()) is transient
 

@@ -125,6 +125,19 @@ def test_hash_ignores_secrets_and_key_order() -> None:
     assert "AAA" not in str(shown) and "K1" not in str(shown)
 
 
+@pytest.mark.parametrize(("section", "setting"), [
+    ("input", {"recursive": False}), ("audio", {"channels": "each"}),
+    ("windows", {"window_s": 2.0}), ("windows", {"tail": "keep"}),
+    ("model", {"layers": [0]}), ("compute", {"num_cpus": 1}),
+    ("output", {"file_mb": 32}), ("run", {"shard_size": 8}),
+])
+def test_every_section_counts_in_the_config_hash(section: str, setting: dict) -> None:
+    """``config_sha256`` on every row names the whole resolved config: a change to any
+    section is another hash."""
+    changed = load({**BASE, section: {**BASE.get(section, {}), **setting}})
+    assert changed.sha256() != load(BASE).sha256()
+
+
 def test_numbers_under_secret_looking_keys_still_count_in_the_hash() -> None:
     """`max_tokens: 8` vs `16` hashed the same (and showed as ***): only text is a secret."""
     eight = load({**BASE, "model": {"name": "beats", "options": {"max_tokens": 8}}})
@@ -171,6 +184,17 @@ def test_exponents_yaml_reads_as_text_are_numbers() -> None:
 def test_redacts_credentials_in_uris() -> None:
     shown = redact.settings({"uri": "https://user:pw@host/x?X-Amz-Signature=abc&part=1"})
     assert shown["uri"] == "https://***@host/x?X-Amz-Signature=***&part=1"
+
+
+def test_the_secrets_a_message_must_not_show_are_every_one_of_four_characters_or_more() -> None:
+    """Shorter values (a region's ``eu``, ``yes``) would mask every such word in a message;
+    four characters and more are masked."""
+    url = "https://user:pass@host/x?X-Amz-Signature=abcd&token=abc&part=1"
+    found = redact.secrets_in(url, {"key": "AKID", "region": "eu", "anon": "yes",
+                                    "client_kwargs": {"secret": "s3cr3t"}})
+    assert sorted(found) == ["AKID", "abcd", "pass", "s3cr3t"]
+    assert redact.scrub(f"GET {url} with AKID failed", found) == (
+        "GET https://user:***@host/x?X-Amz-Signature=***&token=abc&part=1 with *** failed")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "job_configs").glob("*.yaml")))

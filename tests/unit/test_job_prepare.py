@@ -282,18 +282,21 @@ def test_progress_bars_follow_ray_datas_setting_unless_the_config_says(
     """Unset, ``run.progress`` leaves Ray Data's setting, which the container image turns
     off (``RAY_DATA_DISABLE_PROGRESS_BARS=1``: bars in a cluster job's log are noise); it
     forced them on before, whatever the environment said."""
+    import copy
+
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    before = ctx.enable_progress_bars
+    before = DataContext.get_current()
+    ctx = copy.deepcopy(before)  # the job sets more of it: none of it outlives the test
+    DataContext._set_current(ctx)
     ctx.enable_progress_bars = False  # as RAY_DATA_DISABLE_PROGRESS_BARS=1 leaves it
     try:
         j = job(archive, tmp_path, run={"progress": progress})
         j.prepare()
         j._configure_data_context(j._compute_plan({"CPU": 2.0}))
-        assert ctx.enable_progress_bars is shown
+        assert DataContext.get_current().enable_progress_bars is shown
     finally:
-        ctx.enable_progress_bars = before
+        DataContext._set_current(before)
 
 
 @pytest.mark.parametrize(("cpus", "actors", "threads", "reserved"), [
@@ -1024,3 +1027,36 @@ def test_a_store_it_cannot_connect_to_fails_at_once(archive: Path, tmp_path: Pat
         fsspec.register_implementation("busy", Busy, clobber=True)
         job(archive, tmp_path, output={"uri": "busy://bucket/x"}).prepare()
         assert Busy.calls >= 2
+
+
+def variant_of(archive: Path, tmp_path: Path, **sections: dict) -> str:
+    """The variant id a config resolves to (the model resolved, nothing listed or written)."""
+    made = job(archive, tmp_path, **sections)
+    made._resolve_model()
+    return made._build_variant().id
+
+
+@pytest.mark.parametrize(("section", "setting"), [
+    ("windows", {"window_s": 2.0}), ("windows", {"hop_s": 1.0}), ("windows", {"tail": "keep"}),
+    ("windows", {"tail": "drop"}), ("windows", {"min_tail_s": 0.5}),
+    ("audio", {"channels": "each"}), ("audio", {"resample_quality": "VHQ"}),
+    ("output", {"recording_pooling": "max"}), ("model", {"pooling": "max"}),
+    ("model", {"layers": [0]}), ("model", {"options": {"encoder_layers": 2}}),
+    ("model", {"precision": "int8"}),
+])
+def test_every_setting_that_changes_the_embeddings_is_another_variant(
+        archive: Path, tmp_path: Path, section: str, setting: dict) -> None:
+    """A rerun with any of them would otherwise resume into, and mix its rows with, the
+    namespace of embeddings computed another way."""
+    assert variant_of(archive, tmp_path, **{section: setting}) != variant_of(archive, tmp_path)
+
+
+@pytest.mark.parametrize(("section", "setting"), [
+    ("model", {"batch_size": 3}), ("run", {"shard_size": 8}), ("output", {"file_mb": 32}),
+    ("output", {"windows": False}), ("compute", {"num_cpus": 1}), ("run", {"max_attempts": 5}),
+    ("audio", {"max_channels": 4}),
+])
+def test_settings_that_leave_the_embeddings_alone_keep_the_variant(
+        archive: Path, tmp_path: Path, section: str, setting: dict) -> None:
+    """So a rerun that only changes how the work is done resumes the same namespace."""
+    assert variant_of(archive, tmp_path, **{section: setting}) == variant_of(archive, tmp_path)

@@ -164,6 +164,22 @@ def test_write_stage_returns_let_the_driver_commit_each_shard_when_complete(tmp_
         twice.add(WriteReturn("s2", reports=[json.dumps(report("c", windows_of(s2, "c")))]))
 
 
+@pytest.mark.parametrize(("rows", "refused"), [(3, False), (4, True)])
+def test_one_window_row_too_many_refuses_the_commit(rows: int, refused: bool) -> None:
+    """A recording of 3 windows whose rows arrive 4 times (a task's rows taken twice) is
+    never committed: not by a whole shard's worth, not by one row."""
+    progress = ShardProgress("s", ["c"], [0])
+    partials = pa.table({"recording_id": ["c"], "channel": pa.array([-1], pa.int16()),
+                         "layer": pa.array([0], pa.int16()), "count": [rows]})
+    progress.add(WriteReturn("s", partials=partials))
+    done = WriteReturn("s", reports=[json.dumps(report("c", 3))])
+    if refused:
+        with pytest.raises(RuntimeError, match="4 window rows, 3 expected"):
+            progress.add(done)
+    else:
+        assert progress.add(done) == {"c"}
+
+
 def test_shard_progress_counts_dropped_and_failed_recordings() -> None:
     progress = ShardProgress("s", ["ok", "bad", "nan"], [0])
     progress.add(WriteReturn("s", reports=[json.dumps({"type": "report", "recording_id": "bad",

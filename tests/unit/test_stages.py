@@ -233,6 +233,27 @@ def test_an_int8_actor_embeds_what_its_fp32_twin_does(embedder: Embedder) -> Non
     assert not any(np.array_equal(got[w, 1], want[w, 1]) for w in range(6))
 
 
+@pytest.mark.parametrize(("tail", "min_tail_samples", "last"), [
+    ("keep", 8_000, (2.0, 2.5, 8_000)),   # exactly min_tail_s of audio: kept, ends with it
+    ("keep", 8_001, (1.0, 2.0, 16_000)),  # a sample short of it: dropped
+    ("pad", 8_000, (2.0, 3.0, 8_000)),    # padded: the window's full length
+])
+def test_a_tail_window_ends_where_its_audio_does_unless_padded(
+        tmp_path: Path, tail: str, min_tail_samples: int, last: tuple) -> None:
+    """2.5 s in 1-s windows: the tail window holds 0.5 s of audio. ``end_s`` is what a
+    reader cuts the audio by (``keep``: the real audio; ``pad``: the window), and a tail of
+    exactly ``min_tail_s`` is kept."""
+    write_tone(tmp_path / "t.wav", 2.5, 16_000)
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=16_000,
+                      tail=tail, min_tail_samples=min_tail_samples, batch_windows=4)
+    path = str(tmp_path / "t.wav")
+    rows = list(decode_recording("r", path, path, -1, "", spec))
+    windows = np.concatenate([r["meta"] == "" for r in rows])  # the rest: the report
+    start, end, valid = (np.concatenate([r[k] for r in rows])[windows]
+                         for k in ("start_s", "end_s", "valid_samples"))
+    assert (start[-1], end[-1], valid[-1]) == last
+
+
 @pytest.mark.parametrize(("fail_from", "status", "error_type"), [
     (0, "error", "PermissionError"),          # the very first read: nothing decoded
     (3_000_000, "partial", "PermissionError"),  # the second 2 MiB range: the first's windows stay
@@ -369,8 +390,12 @@ def test_an_unexpected_exception_is_an_error_row_a_rerun_retries(
         return json.loads(rows[-1]["meta"][-1])
 
     assert (report_of("x.wav")["status"], report_of("x.wav")["transient"]) == ("error", False)
+    gone = report_of("gone.wav")  # deleted between the listing and the read: settled
+    assert (gone["status"], gone["error_type"], gone.get("transient", False)) == (
+        "error", "FileNotFoundError", False)
     # An object the listing's retries could not stat arrives as a problem: as transient.
     for problem, transient in (("StorageError: stat s3://b/k.wav: gave up after 6 attempts", True),
+                               ("PermissionError: access refused (403 Forbidden)", True),
                                ("FileNotFoundError: s3://b/k.wav", False)):
         rows = list(decode_recording("r", "s3://b/k.wav", "b/k.wav", -1, problem, spec))
         listed = json.loads(rows[-1]["meta"][-1])
