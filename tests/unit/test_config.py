@@ -197,6 +197,25 @@ def test_the_secrets_a_message_must_not_show_are_every_one_of_four_characters_or
         "GET https://user:***@host/x?X-Amz-Signature=***&token=abc&part=1 with *** failed")
 
 
+@pytest.mark.parametrize(("section", "setting", "field"), [
+    ("run", {"max_attempts": 0}, "run.max_attempts"),
+    ("audio", {"block_s": 0}, "audio.block_s"),
+    ("audio", {"block_s": -1.5}, "audio.block_s"),
+    ("audio", {"min_sample_rate_hz": 16_000, "max_sample_rate_hz": 8_000},
+     "audio.max_sample_rate_hz"),
+])
+def test_a_value_out_of_range_is_refused_naming_its_field(section: str, setting: dict,
+                                                          field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load({**BASE, section: setting})
+    assert err.value.field == field
+
+
+def test_one_fixed_sample_rate_is_a_range_of_one() -> None:
+    cfg = load({**BASE, "audio": {"min_sample_rate_hz": 16_000, "max_sample_rate_hz": 16_000}})
+    assert cfg.audio.min_sample_rate_hz == cfg.audio.max_sample_rate_hz == 16_000
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "job_configs").glob("*.yaml")))
 def test_shipped_job_configs_validate(path: Path) -> None:
     JobConfig.load(path)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import job as job_mod
+from pipeline import summary as summary_mod
 from pipeline.config import JobConfig
 from pipeline.errors import JobAborted
 from pipeline.job import EmbeddingJob, settle_model_settings
@@ -353,3 +354,24 @@ def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
     gate.set()
     writer._thread.join(5)
     assert written[-2:] == [5, "final"] and 6 not in written
+
+
+@pytest.mark.parametrize("status", ["stopped", "failed", "aborted"])
+def test_a_run_that_did_not_finish_says_what_a_rerun_embeds(status: str) -> None:
+    """Aborted too (``run.max_failed_fraction``): what it committed stays."""
+    shown = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                       recordings_listed=45, recordings_already_done=5, embedded=18, failed=2,
+                       status=status).render()
+    assert ("resume       20 recordings committed by this run stay; a rerun embeds the other "
+            "20 (and tries again those that failed on an error not their own)") in shown
+    finished = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                          recordings_listed=45, embedded=45, status="succeeded").render()
+    assert "resume" not in finished
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [
+    (59, "0m59s"), (61, "1m01s"), (3599, "59m59s"), (3600, "1h00m"), (4500, "1h15m"),
+    (90_000, "25h00m"),
+])
+def test_durations_read_as_minutes_then_hours(seconds: float, shown: str) -> None:
+    assert summary_mod._duration(seconds) == shown

@@ -241,6 +241,32 @@ def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: Output
     assert holder_of(layout)["job_id"] == "usurper"  # not ours to delete
 
 
+def test_a_run_that_never_learnt_of_a_takeover_leaves_the_takers_lease_on_release(
+        layout: OutputLayout) -> None:
+    """A run paused past the stale time, taken over, then ending without another check:
+    deleting the lease now would let a third run start beside the live taker."""
+    paused = NamespaceLease(layout, "paused")
+    paused.acquire()
+    plant(layout, job_id="taker", token="t-taker", host="another-node")
+    paused.release()
+    assert holder_of(layout)["job_id"] == "taker"
+
+
+def test_a_run_stops_committing_a_heartbeat_before_another_may_take_over(
+        layout: OutputLayout) -> None:
+    """A run may take over a lease silent for STALE_S; the holder counts itself lost a
+    heartbeat sooner, so a commit it checks just in time cannot land after the takeover."""
+    lease = NamespaceLease(layout, "holder")
+    lease.acquire()
+    margin = lease_mod.STALE_S - lease_mod.HEARTBEAT_S  # 1.3 s with this fixture's times
+    lease._renewed = time.monotonic() - (margin - 0.1)
+    assert not lease.lost()
+    lease._renewed = time.monotonic() - (margin + 0.1)  # still short of STALE_S
+    assert lease.lost()
+    with pytest.raises(LeaseLostError):
+        lease.check()
+
+
 def test_a_lease_whose_record_is_gone_is_lost(layout: OutputLayout) -> None:
     """A run that took the lease over and finished deletes it: the run it took over (which
     was stopped, or went without a heartbeat) must not write it again and commit the shards
@@ -303,6 +329,14 @@ def test_inspect_tells_a_dead_runs_lease_and_record_from_a_live_one(
     assert ("recordings 16 of 45 (failed 1), as of 2026-11-22T10:05:00Z"
             in render(load_catalog(layout.root)))
     held.release()
+    # Once it ended, its counts are final: no "as of".
+    write_json(layout.fs, layout.job_path("killed"),
+               {"job_id": "killed", "ended_at": "2026-11-22T10:09:00Z",
+                "updated_at": "2026-11-22T10:09:00Z",
+                "summary": {"status": "succeeded", "recordings_listed": 50,
+                            "recordings_already_done": 5, "embedded": 44, "failed": 1}})
+    shown = render(load_catalog(layout.root))
+    assert "recordings 45 of 45 (failed 1)  config" in shown and "as of" not in shown
 
 
 def test_inspect_finds_a_first_run_before_its_first_commit(layout: OutputLayout) -> None:

@@ -329,6 +329,9 @@ def test_a_copied_output_root_is_inspected_as_itself(tmp_path: Path) -> None:
     shown = render(load_catalog(str(tmp_path / "copy")))
     assert "errors by type: UnreadableAudio 1" in shown and "/a/x.wav: not audio" in shown
     assert "missing" not in shown and "without a commit marker" not in shown
+    # ... while a committed file that is gone from the copy is named as missing
+    (tmp_path / "copy" / Path(path).relative_to(tmp_path / "out")).unlink()
+    assert "WARNING: 1 committed files are missing" in render(load_catalog(str(tmp_path / "copy")))
 
 
 def test_inspect_counts_errors_from_the_markers_and_reads_only_the_examples_files(
@@ -392,6 +395,9 @@ def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(
     assert sorted(p.name for p in Path(lay.table_dir("windows")).iterdir()) == sorted(
         f"shard-{s}-00000.parquet" for s in (carved_id, "b" * 16))
     assert carved_id == layout.carved_shard_id("a" * 16, ["kept"])  # the same carve, the same id
+    # ... whatever order the recordings come in (a set's order changes between processes)
+    many = [f"r{k}" for k in range(20)]
+    assert layout.carved_shard_id("a" * 16, many) == layout.carved_shard_id("a" * 16, many[::-1])
 
 
 def test_a_process_that_read_an_errors_file_exits_cleanly(tmp_path: Path) -> None:
@@ -497,3 +503,32 @@ def test_markers_are_held_compactly_and_read_back_as_written(tmp_path: Path) -> 
     assert layout.settled_among(listed, markers, "error") == [False, False, False, True, True]
     assert layout.settled_among([], markers) == []
     assert layout.settled_among(listed, {}) == [False] * 5
+
+
+PROVENANCE_COLUMNS = [("job_id", "string"), ("model_name", "string"),
+                      ("weights_sha256", "string"), ("config_sha256", "string"),
+                      ("code_version", "string")]
+SOURCE_COLUMNS = [("recording_id", "string"), ("source_uri", "string"),
+                  ("source_version", "string")]
+
+
+@pytest.mark.parametrize(("schema", "columns"), [
+    (windows_schema, [*SOURCE_COLUMNS, ("channel", "int16"), ("window_index", "int32"),
+                      ("start_s", "double"), ("end_s", "double"), ("valid_s", "float"),
+                      ("layer", "int16"), ("embedding", "list<item: float>"),
+                      *PROVENANCE_COLUMNS]),
+    (recordings_schema, [*SOURCE_COLUMNS, ("source_bytes", "int64"), ("channel", "int16"),
+                         ("layer", "int16"), ("duration_s", "double"),
+                         ("source_sample_rate_hz", "int32"), ("source_channels", "int16"),
+                         ("num_windows", "int32"), ("embedding", "list<item: float>"),
+                         ("status", "string"), ("status_detail", "string"),
+                         *PROVENANCE_COLUMNS]),
+    (errors_schema, [*SOURCE_COLUMNS, ("source_bytes", "int64"), ("error_type", "string"),
+                     ("message", "string"), *PROVENANCE_COLUMNS]),
+], ids=["windows", "recordings", "errors"])
+def test_the_tables_columns_and_types_are_the_readmes_contract(schema, columns) -> None:
+    """Every file of a namespace, written by any version, must read together: a column's
+    type changed (``source_channels`` int16 -> int32) breaks the merge with the files
+    already written. Changing one is a migration, not an edit; the manifest's columns follow."""
+    extras = pa.schema([("site", pa.string())])
+    assert [(f.name, str(f.type)) for f in schema(extras)] == [*columns, ("site", "string")]

@@ -233,6 +233,29 @@ def test_an_int8_actor_embeds_what_its_fp32_twin_does(embedder: Embedder) -> Non
     assert not any(np.array_equal(got[w, 1], want[w, 1]) for w in range(6))
 
 
+def test_with_each_channel_every_row_holds_the_audio_of_the_channel_it_names(
+        tmp_path: Path) -> None:
+    """Stereo, the right channel silent, several windows a batch: a row labelled channel 1
+    must hold silence (labels laid out window-major, as the audio is), or the recording's
+    per-channel embeddings would pool both channels together, unnoticed: counts balance."""
+    import soundfile as sf
+
+    left = 0.5 * np.sin(2 * np.pi * 440 * np.arange(4 * 16_000) / 16_000)
+    sf.write(tmp_path / "s.wav", np.stack([left, np.zeros_like(left)], 1).astype(np.float32),
+             16_000)
+    spec = DecodeSpec(DecodeSettings(16_000, channels="each"), window_samples=16_000,
+                      hop_samples=8_000, tail="pad", min_tail_samples=400, batch_windows=8)
+    path = str(tmp_path / "s.wav")
+    rows = [r for r in decode_recording("r", path, path, -1, "", spec) if "audio" in r]
+    channel = np.concatenate([r["channel"][r["meta"] == ""] for r in rows])
+    loud = np.concatenate([np.abs(r["audio"][r["meta"] == ""]).max(axis=1) for r in rows])
+    index = np.concatenate([r["window_index"][r["meta"] == ""] for r in rows])
+    assert max(len(r["channel"]) for r in rows) > 2  # several windows in one batch
+    assert set(channel) == {0, 1} and (loud[channel == 0] > 0.4).all()
+    assert (loud[channel == 1] == 0).all()
+    assert len(set(zip(index.tolist(), channel.tolist(), strict=True))) == len(index)  # no key twice
+
+
 @pytest.mark.parametrize(("tail", "min_tail_samples", "last"), [
     ("keep", 8_000, (2.0, 2.5, 8_000)),   # exactly min_tail_s of audio: kept, ends with it
     ("keep", 8_001, (1.0, 2.0, 16_000)),  # a sample short of it: dropped

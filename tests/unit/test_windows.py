@@ -129,3 +129,14 @@ def test_streaming_memory_is_bounded() -> None:
     assert peak <= 1000 + 500 + 300
     assert len(list(windower.finish())) == 1  # the windows short of a full batch
     assert windower.num_windows == count_full_windows(5000 * 300, 1000, 500)
+
+
+@pytest.mark.parametrize(("seconds", "rate", "samples"), [
+    (2.3, 48_000, 110_400), (0.7, 22_050, 15_435), (5.0, 16_000, 80_000), (0.00001, 16_000, 1),
+    (1 / 3, 48_000, 16_000),
+])
+def test_a_duration_is_the_nearest_whole_number_of_samples(seconds: float, rate: int,
+                                                           samples: int) -> None:
+    """2.3 * 48000 is 110399.99999999999 in floating point: truncated, every window and
+    hop would be a sample short and start times would drift."""
+    assert samples_for(seconds, rate) == samples
