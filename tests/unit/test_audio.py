@@ -497,6 +497,23 @@ def test_an_mp3_decodes_the_same_in_any_block_size(real_data: Path, tmp_path: Pa
         assert np.abs(got[:, 0] - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize(("fmt", "short_by", "truncated"), [
+    ("MP3/MPEG_LAYER_III", 4_608, False), ("MP3/MPEG_LAYER_III", 4_609, False),  # 0.1 %: 10,000
+    ("OGG/VORBIS", 9_000, False), ("OGG/OPUS", 10_000, False), ("OGG/VORBIS", 10_001, True),
+    ("WAV/PCM_16", 1, True), ("FLAC/PCM_24", 1, True),
+])
+def test_only_estimated_headers_get_slack_before_a_recording_is_called_truncated(
+        fmt: str, short_by: int, truncated: bool) -> None:
+    """MP3 and Ogg headers estimate their length (a codec frame, or 0.1 %, of slack); PCM and
+    FLAC count exactly. Here 10,000,000 frames declared."""
+    from pipeline.audio import DecodeReport, _note_truncation
+
+    report = DecodeReport(declared_frames=10_000_000, frames_decoded=10_000_000 - short_by,
+                          format=fmt)
+    _note_truncation(report)
+    assert bool(report.problems) is truncated
+
+
 def test_a_wav_short_by_a_little_is_partial_too(tmp_path: Path) -> None:
     """Its header counts frames exactly: the slack MP3 and Ogg estimates need (one codec
     frame, or 0.1 %: 3.6 s of a 1-hour 48 kHz file) would hide real loss. (A cut FLAC

@@ -239,6 +239,11 @@ def test_a_plugins_code_is_part_of_its_variant_whatever_file_changed(
     assert _code(name) == first  # now "installed": still the same code
     (package / "sub" / "helpers.py").write_text("SCALE = 1000\n")
     assert _code(name) != first
+    # The whole package from its top, not the model's subpackage alone: a module beside it
+    # (one the model may import) is its code too.
+    changed = _code(name)
+    (package / "common.py").write_text("GAIN = 2\n")
+    assert _code(name) != changed
     # A plain module file: its own bytes; a code_version attribute is recorded as well.
     single = _write_plugin(tmp_path, "codeplug_b", "code_version = 'x'\n"
                            + PLUGIN_SOURCE.format(scale=100).replace(
