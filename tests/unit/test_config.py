@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import redact
+from pipeline import redact, storage
 from pipeline.config import JobConfig, apply_override, parse_yaml
 from pipeline.errors import ConfigError
 
@@ -214,6 +214,41 @@ def test_a_value_out_of_range_is_refused_naming_its_field(section: str, setting:
 def test_one_fixed_sample_rate_is_a_range_of_one() -> None:
     cfg = load({**BASE, "audio": {"min_sample_rate_hz": 16_000, "max_sample_rate_hz": 16_000}})
     assert cfg.audio.min_sample_rate_hz == cfg.audio.max_sample_rate_hz == 16_000
+
+
+def test_a_set_with_no_value_resets_the_setting_to_its_default() -> None:
+    """``--set compute.address=`` is null (the default: a local Ray), not an empty text."""
+    data = {**BASE, "compute": {"address": "auto", "num_cpus": 4}}
+    apply_override(data, "compute.address=")
+    apply_override(data, "compute.num_cpus=  ")
+    assert data["compute"] == {"address": None, "num_cpus": None}
+    cfg = load(data)
+    assert cfg.compute.address is None and cfg.compute.num_cpus is None
+
+
+def test_secrets_inside_lists_are_masked_too() -> None:
+    shown = redact.settings({"options": {"mirrors": [{"token": "abc123"},
+                                                     "s3://AKIA:S3CR3T@bucket/x"]}})
+    assert shown == {"options": {"mirrors": [{"token": "***"}, "s3://***@bucket/x"]}}
+
+
+def test_join_never_doubles_a_separator() -> None:
+    """``root//a`` is another key than ``root/a`` on an object store."""
+    assert storage.join("s3://b/root/", "/a/", "b.json") == "s3://b/root/a/b.json"
+    assert storage.safe_component("..") == "_" and storage.safe_component(".x") == "x"
+
+
+def test_a_storage_call_is_tried_as_often_as_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky() -> None:
+        calls.append(1)
+        raise ConnectionResetError("reset by peer")
+
+    with pytest.raises(storage.StorageError, match="gave up after 6 attempts"):
+        storage.retry(flaky, what="read x")
+    assert len(calls) == 6
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "job_configs").glob("*.yaml")))

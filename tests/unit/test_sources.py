@@ -632,6 +632,7 @@ def test_a_manifest_signed_again_names_the_same_recordings(folder: Path) -> None
 
 @pytest.mark.parametrize("url", [
     "https://b.s3.amazonaws.com/k.wav?AWSAccessKeyId=AKIA&Expires=1795468390&Signature=abc%3D",
+    "https://d1.cloudfront.net/k.wav?Expires=1795468390&Signature=abc~&Key-Pair-Id=K2JCJMDEHXQW5F",
     ("https://storage.googleapis.com/b/k.wav?X-Goog-Algorithm=GOOG4-RSA-SHA256"
     "&X-Goog-Credential=sa%40p.iam&X-Goog-Date=20261122T000000Z&X-Goog-Expires=900"
     "&X-Goog-SignedHeaders=host&X-Goog-Signature=0a1b"),
@@ -658,3 +659,50 @@ def test_an_object_key_with_a_question_mark_is_taken_literally() -> None:
     for other in ("simplecache::https://h/a.wav?X-Amz-Signature=S3CR3T", "ftp://h/a?password=S3CR3T",
                   " https://h/a?sig=S3CR3T"):  # no object store: masked, as before
         assert "S3CR3T" not in redact.uri(other), other
+
+
+def test_extensions_match_whatever_their_case(tmp_path: Path) -> None:
+    """Field recorders write ``X.WAV``; a config may say ``[WAV, flac]``."""
+    for name, fmt in (("a.WAV", "WAV"), ("b.Flac", "FLAC"), ("c.wav", "WAV"), ("notes.txt", "WAV")):
+        sf.write(tmp_path / name, np.zeros(160, np.float32), 16_000, format=fmt)
+    for extensions in (["wav", "flac"], ["WAV", "FLAC"]):
+        listed = list_sources(InputConfig(uri=str(tmp_path), extensions=tuple(extensions)))
+        assert sorted(Path(i.uri).name for i in listed.items) == ["a.WAV", "b.Flac", "c.wav"]
+
+
+def test_recursive_false_lists_the_folder_itself_only(tmp_path: Path) -> None:
+    for path in (tmp_path / "top.wav", tmp_path / "2024" / "deep.wav"):
+        path.parent.mkdir(exist_ok=True)
+        sf.write(path, np.zeros(160, np.float32), 16_000)
+    names = {flag: sorted(Path(i.uri).name for i in list_sources(
+        InputConfig(uri=str(tmp_path), recursive=flag)).items) for flag in (True, False)}
+    assert names == {True: ["deep.wav", "top.wav"], False: ["top.wav"]}
+
+
+def test_an_objects_version_is_its_most_specific_token() -> None:
+    """GCS gives both a generation and an ETag: the generation names the version (taking
+    the ETag instead would rename every GCS recording of an output written before). With
+    neither, size and mtime to the microsecond: a same-size rewrite within a second is a
+    new version."""
+    import datetime
+
+    both = {"generation": "1732000000123456", "etag": "CJ+u", "size": 10}
+    assert sources.source_version(both) == "generation=1732000000123456"
+    when = datetime.datetime(2026, 11, 24, 7, 0, 0, 250_000, tzinfo=datetime.UTC)
+    later = when + datetime.timedelta(microseconds=500)
+    versions = {sources.source_version({"size": 10, "mtime": t}) for t in (when, later)}
+    assert len(versions) == 2
+    assert sources.source_version({"size": 10, "mtime": when}).endswith(".250000")
+
+
+def test_a_shards_id_names_all_its_recordings() -> None:
+    """Two shards sharing their first recording are two shards: an id of the first alone
+    would let a rerun take one for the other, committed."""
+    def items(*ids: str) -> list:
+        return [sources.SourceItem(uri=f"/{r}", path=f"/{r}", size_bytes=1, version="v",
+                                   recording_id=r) for r in ids]
+
+    [(one, _)] = sources.plan_shards(items("a", "b"), 2)
+    [(other, _)] = sources.plan_shards(items("a", "c"), 2)
+    [(again, _)] = sources.plan_shards(items("a", "b"), 2)
+    assert one != other and one == again

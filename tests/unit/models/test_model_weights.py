@@ -282,3 +282,12 @@ def test_download_links_for_hub_uris() -> None:
     assert _browser_url("hf://datasets/org/repo@v1.0/sub/w.pt") == \
         "https://huggingface.co/datasets/org/repo/resolve/v1.0/sub/w.pt"
     assert _browser_url("gs://b/w.pt") is None
+
+
+def test_checkpoints_of_one_file_name_in_two_places_are_two_cache_entries(cache) -> None:
+    """Two runs' ``.../v1/model.pt`` and ``.../v2/model.pt``: sharing a cache entry, an
+    offline run would load the other's weights."""
+    from pipeline.models import weights as weights_mod
+
+    assert (weights_mod._ref_path("gs://b/v1/model.pt")
+            != weights_mod._ref_path("gs://b/v2/model.pt"))
