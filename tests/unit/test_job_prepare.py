@@ -707,25 +707,30 @@ def test_a_manifest_with_its_columns_reordered_writes_them_in_the_stored_order(
     rerun whose manifest header lists the same columns in another order writes the
     namespace's order."""
     (archive / "m1.csv").write_text("uri,site,calls\na.wav,north,3\n")
-    inputs = {"uri": None, "manifest": str(archive / "m1.csv")}
-    first = job(archive, tmp_path, input=inputs)
-    first.prepare()
-    first._lease.release()
-    [item] = first.todo
-    table = rows_to_table(
-        [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
-        errors_schema(first.listing.extras.schema), first._sources_table(first.todo),
-        first.provenance.row_columns())
+    first = prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    table = error_row_of(first)
     (archive / "m2.csv").write_text("uri,calls,site\na.wav,4,south\n")
     again = prepared_after_committing(table, first, archive, tmp_path,
                                       {"uri": None, "manifest": str(archive / "m2.csv")})
     assert again.listing.extras.schema.names == ["site", "calls"]
     assert again.listing.extras.to_pylist() == [{"site": "south", "calls": 4}]
-    written = rows_to_table(
-        [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
-        errors_schema(again.listing.extras.schema), again._sources_table(again.todo),
-        again.provenance.row_columns())
-    assert written.schema.names == table.schema.names
+    assert error_row_of(again).schema.names == table.schema.names
+
+
+def prepared_on(archive: Path, tmp_path: Path, inputs: dict[str, Any]) -> EmbeddingJob:
+    """A first run of ``inputs``, prepared (its lease given back)."""
+    first = job(archive, tmp_path, input=inputs)
+    first.prepare()
+    first._lease.release()
+    return first
+
+
+def error_row_of(j: EmbeddingJob) -> pa.Table:
+    """An error row of ``j``'s one recording, as the job writes it (its manifest columns)."""
+    [item] = j.todo
+    return rows_to_table([{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
+                         errors_schema(j.listing.extras.schema), j._sources_table(j.todo),
+                         j.provenance.row_columns())
 
 
 def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
@@ -734,14 +739,8 @@ def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,
     same manifest twice (make demo twice) must not look like two schemas."""
     (archive / "m.csv").write_text("uri,recorded_at\na.wav,2026-05-06T05:15:00Z\n")
     inputs = {"uri": None, "manifest": str(archive / "m.csv")}
-    first = job(archive, tmp_path, input=inputs)
-    first.prepare()
-    first._lease.release()
-    [item] = first.todo
-    table = rows_to_table(
-        [{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
-        errors_schema(first.listing.extras.schema), first._sources_table(first.todo),
-        first.provenance.row_columns())
+    first = prepared_on(archive, tmp_path, inputs)
+    table = error_row_of(first)
     assert str(table.schema.field("recorded_at").type) == "timestamp[s, tz=UTC]"
     prepared_after_committing(table, first, archive, tmp_path, inputs)
 
