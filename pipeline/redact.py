@@ -36,10 +36,15 @@ _LITERAL_KEYS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 
 
-def uri(value: str) -> str:
+def uri(value: str, *, fingerprint: bool = False) -> str:
     """A URL without the credentials embedded in it (``user:pass@``, and secret-looking
     query values of an HTTP(S) URL: an object store's key is literal, ``?`` and all). A
-    plain path, as it is."""
+    plain path, as it is.
+
+    With ``fingerprint``, each masked query value is followed by 8 hex of its SHA-256
+    (``?key=***1f2e3d4c``): for URLs that would otherwise be shown alike, where the hidden
+    value is what tells two objects apart (``?key=a.wav``, ``?key=b.wav``).
+    """
     if "://" not in value:
         return value
     value = _USERINFO.sub(rf"\1{MASK}@", value)
@@ -47,7 +52,11 @@ def uri(value: str) -> str:
         base, _, query = value.partition("?")
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         if any(_SECRET_QUERY.search(k) for k, _ in pairs):
-            query = "&".join(f"{k}={MASK if _SECRET_QUERY.search(k) else v}" for k, v in pairs)
+            def masked(v: str) -> str:
+                return MASK + hashlib.sha256(v.encode()).hexdigest()[:8] if fingerprint else MASK
+
+            query = "&".join(f"{k}={masked(v) if _SECRET_QUERY.search(k) else v}"
+                             for k, v in pairs)
             value = f"{base}?{query}"
     return value
 

@@ -8,6 +8,7 @@ keyed by. Workers never list.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fnmatch
 import hashlib
@@ -270,11 +271,49 @@ def _list_manifest(cfg: InputConfig) -> Listing:
         stated += [_given_item(uri, row, versions[row], sizes[row], cfg) for uri, row in given]
     # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
     # recording: they have one id, and listing it twice would write its rows twice.
-    items = _dedup_sorted(sorted(stated, key=lambda i: i.row))
+    items = _dedup_sorted(sorted(_told_apart(stated), key=lambda i: i.row))
     if len(items) < len(stated):
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
                     "the first row's metadata is kept", len(stated) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
+
+
+def _told_apart(items: list[SourceItem]) -> list[SourceItem]:
+    """Objects whose URLs are shown alike only because a masked query value differs
+    (``https://h/get?key=a.wav`` and ``?key=b.wav``, both ``?key=***``): there the hidden
+    value names the object, so each is named with a fingerprint of it (``?key=***1f2e3d4c``,
+    see :func:`redact.uri`) instead of all but the first being dropped as its duplicates.
+    One object under two tokens (``?token=T1``, ``?token=T2``) stays one recording where the
+    store vouches for one content (the same ETag or generation); a version made of size and
+    time cannot, and such rows are kept apart too: embedding one object twice loses nothing,
+    dropping one does."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        if f"={redact.MASK}" in item.uri:
+            groups.setdefault(item.uri, []).append(i)
+    out = list(items)
+    renamed = 0
+    for members in groups.values():
+        named = {i: redact.uri(storage.unsigned_uri(items[i].path), fingerprint=True)
+                 for i in members}
+        versions = {items[i].version for i in members}
+        one_content = len(versions) == 1 and not _weak_version(next(iter(versions)))
+        if len(set(named.values())) < 2 or one_content:
+            continue
+        for i, name in named.items():
+            out[i] = dataclasses.replace(items[i], uri=name,
+                                         recording_id=recording_id(name, items[i].version))
+        renamed += len(members)
+    if renamed:
+        log.warning("manifest: %d recording(s) whose URLs differ only in masked query values "
+                    "are named with a fingerprint of those values (?key=***1f2e3d4c) to keep "
+                    "them apart", renamed)
+    return out
+
+
+def _weak_version(version: str) -> bool:
+    """A version that does not identify a content: an object's size and time, or none."""
+    return version == MISSING or version.startswith("size=")
 
 
 def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
