@@ -115,6 +115,12 @@ class OutputLayout:
     def variant_path(self) -> str:
         return storage.join(self.root_path, "_variants", f"{storage.safe_component(self.variant)}.json")
 
+    def columns_path(self, variant: str | None = None) -> str:
+        """``_variants/<id>.columns.json``: the manifest columns a namespace's rows carry, as
+        stored (see ``resume.Resumption.record_columns``)."""
+        name = storage.safe_component(variant or self.variant)
+        return storage.join(self.root_path, "_variants", f"{name}.columns.json")
+
     def job_path(self, job_id: str) -> str:
         return storage.join(self.root_path, "_jobs", f"{storage.safe_component(job_id)}.json")
 

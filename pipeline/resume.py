@@ -93,6 +93,7 @@ class Resumption:
         markers = layout_mod.committed_shards(self.layout)
         carved = layout_mod.finish_carves(self.layout, markers)
         self.check_manifest_columns(markers)
+        self.record_columns()
         reopened = self.reopen_shards(markers)
         layout_mod.recover(self.layout, markers, reopened, carved)
         items = self.listing.items
@@ -157,6 +158,44 @@ class Resumption:
             f"[{shown(theirs)}]; this run's would carry [{shown(mine)}]. One namespace needs "
             "one schema for its readers: give the manifest the same columns and types, or "
             "write to another output.uri", "input.manifest")
+
+    def record_columns(self) -> None:
+        """Keep ``_variants/<id>.columns.json`` (the manifest columns this namespace's rows
+        carry, as stored: checked against them above), and warn of a column another
+        namespace of the same output root stores in another type: each namespace reads
+        alone, but the root read as one table does not (Spark's ``mergeSchema`` and Polars
+        refuse it, DuckDB's ``union_by_name`` makes it text). Outputs written before this
+        record existed have none, and are not compared."""
+        extras = self.listing.extras
+        mine = ({f.name: str(f.type) for f in as_stored(extras.schema)}
+                if extras is not None else {})
+        fs, path = self.layout.fs, self.layout.columns_path()
+        record = {"model": self.model_name, "variant": self.variant_id, "columns": mine}
+        others = []
+        for other in storage.list_files(fs, storage.join(self.layout.root_path, "_variants")):
+            if not other.endswith(".columns.json") or other == path:
+                continue
+            try:
+                others.append(layout_mod.read_json(fs, other))
+            except (OSError, ValueError):
+                continue  # written by hand, or half: a warning is not worth failing for
+        try:
+            stored = layout_mod.read_json(fs, path) if storage.exists(fs, path) else None
+        except ValueError:
+            stored = None
+        if stored != record:
+            layout_mod.write_json(fs, path, record)
+        for name, kind in mine.items():
+            clash = [o for o in others if o.get("columns", {}).get(name, kind) != kind]
+            if clash:
+                log.warning(
+                    "manifest column %r is %s here (model %s, variant %s) but %s in %d other "
+                    "namespace(s) of %s (first: model %s, variant %s): read each variant's "
+                    "folder alone, or give the column one type in every manifest (Spark's "
+                    "mergeSchema and Polars refuse the whole root, DuckDB's union_by_name "
+                    "makes it text)", name, kind, self.model_name, self.variant_id,
+                    clash[0]["columns"][name], len(clash), redact.uri(self.layout.root),
+                    clash[0].get("model"), clash[0].get("variant"))
 
     def _committed_extras(self, markers: Mapping[str, Mapping[str, Any]]
                           ) -> dict[str, pa.DataType] | None:

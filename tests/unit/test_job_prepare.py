@@ -248,7 +248,8 @@ def test_a_run_refused_while_another_lists_leaves_that_runs_record(
     monkeypatch.setattr(job_mod, "list_sources", listing_during_which_another_run_prepares)
     with pytest.raises(NoInputsError):
         first.prepare()
-    assert len(list((tmp_path / "out" / "_variants").iterdir())) == 1
+    assert [p.name for p in (tmp_path / "out" / "_variants").iterdir()
+            if not p.name.endswith(".columns.json")] == [f"{second.variant.id}.json"]
 
 
 def test_a_job_id_names_one_run(archive: Path, tmp_path: Path) -> None:
@@ -715,6 +716,32 @@ def test_a_manifest_with_its_columns_reordered_writes_them_in_the_stored_order(
     assert again.listing.extras.schema.names == ["site", "calls"]
     assert again.listing.extras.to_pylist() == [{"site": "south", "calls": 4}]
     assert error_row_of(again).schema.names == table.schema.names
+
+
+def test_a_manifest_column_another_variant_stores_in_another_type_is_warned_about(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each variant keeps one schema, but ``site`` as text in one variant and a number in
+    the next broke Spark's ``mergeSchema`` and Polars over the whole root, silently: the
+    second run now says so, naming the column, both types and the other variant."""
+    (archive / "m1.csv").write_text("uri,site,calls\na.wav,north,3\n")
+    (archive / "m2.csv").write_text("uri,site,calls\na.wav,7,4\n")
+    first = prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        again = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m1.csv")})
+        again.prepare()  # the same variant, the same columns: nothing to say
+        again._lease.release()
+        assert not [r for r in caplog.records if r.name == "pipeline.resume"]
+        other = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m2.csv")},
+                    windows={"hop_s": 1.25})
+        other.prepare()
+    assert other.variant.id != first.variant.id
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "pipeline.resume"]
+    assert (f"'site' is int64 here (model beats, variant {other.variant.id}) but string in 1 "
+            f"other namespace(s)") in warning and first.variant.id in warning
+    assert "'calls'" not in warning  # int64 in both
+    records = sorted((tmp_path / "out" / "_variants").glob("*.columns.json"))
+    assert [r.name for r in records] == sorted(f"{v.variant.id}.columns.json"
+                                               for v in (first, other))
 
 
 def prepared_on(archive: Path, tmp_path: Path, inputs: dict[str, Any]) -> EmbeddingJob:
