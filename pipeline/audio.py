@@ -165,7 +165,8 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
         opus_frames = (int(snd.frames) if snd.subtype == "OPUS" and snd.frames < SF_COUNT_MAX
                        else None)
         try:
-            for block in _read_blocks(source, fileobj, block_frames, report, opus_frames):
+            for block in _read_blocks(source, fileobj, block_frames, report, opus_frames,
+                                      last_frame(snd)):
                 block = _repair(block, report)
                 if settings.channels == "mix" and block.shape[1] > 1:
                     block = block.mean(axis=1, keepdims=True, dtype=np.float32)
@@ -235,7 +236,8 @@ def _make_resampler(source_rate: int, settings: DecodeSettings, channels: int) -
 
 
 def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: DecodeReport,
-                 opus_frames: int | None = None) -> Iterator[np.ndarray]:
+                 opus_frames: int | None = None,
+                 last: int | None = None) -> Iterator[np.ndarray]:
     """Read until the end; a decode failure after some audio ends the stream as partial.
 
     A failed read loses the whole requested block, and leaves libsndfile's decoder unusable,
@@ -246,6 +248,8 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: Dec
     read shorter than about one Opus packet (up to 0.7 of full scale over the last 100
     samples of a 48 kHz file of 960,100 frames read 10 s at a time; whole reads are right),
     so a read that would leave less than the longest packet (120 ms) reads to the end.
+
+    ``last``: the frame the audio ends at, before the stream's end (:func:`last_frame`).
     """
     salvage_frames = 1024
     step = block_frames
@@ -289,6 +293,12 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: Dec
                 if good is not None and report.frames_decoded + block.shape[0] > good:
                     yield from _stop_at_damaged_page(block, good, snd.samplerate, report)
                     return
+            if last is not None and report.frames_decoded + block.shape[0] >= last:
+                block = block[:max(0, last - report.frames_decoded)]
+                report.frames_decoded += block.shape[0]
+                if block.shape[0]:
+                    yield block
+                return
             report.frames_decoded += block.shape[0]
             yield block
     finally:
@@ -404,23 +414,71 @@ def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:
     return snd
 
 
-_SHOULD_BE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# What a header says of its audio's length, in libsndfile's report of it (``extra_info``):
+# a count of frames (RF64's ds64 chunk, AIFF's COMM, a WAV's fact chunk) ...
+_FRAMES_LINE = re.compile(r"^\s*frames\s*:\s*(\d+)\s*$", re.MULTILINE | re.IGNORECASE)
+# ... or the bytes of its data (a WAV's and a Wave64's data chunk, an AU header's data size;
+# Wave64 counts the chunk's 24-byte header in).
+_DATA_BYTES = {"WAV": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 0),
+               "WAVEX": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 0),
+               "W64": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 24),
+               "AU": (re.compile(r"^\s*Data Size\s*:\s*(\d+)", re.MULTILINE), 0)}
+_SAMPLES_PER_BLOCK = re.compile(r"Samples/Block\s*:\s*(\d+)")
 _BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
 
 
 def declared_frames(snd: sf.SoundFile) -> int:
-    """Frames the header promises. libsndfile trims ``frames`` to what a short WAV holds;
-    its header report still says how long the data chunk claimed to be."""
-    info = snd.extra_info or ""
-    short = _SHOULD_BE.search(info)
-    align = _BLOCK_ALIGN.search(info)
-    if short and int(short.group(1)) == 0xFFFFFFFF:
-        return int(snd.frames)  # RIFF's "size unknown": libsndfile read to the end
+    """Frames the header promises. libsndfile trims ``frames`` to what a short WAV, RF64,
+    Wave64, AIFF or AU file holds; its report of the header still says what it declared:
+    the data's bytes (its blocks, for IMA and MS ADPCM and GSM 6.10), or a count of frames
+    (RF64's ds64 chunk, AIFF's COMM). 0 where the header does not say (a FLAC streamed with
+    no length): nothing to call truncation against."""
     if snd.frames >= SF_COUNT_MAX:
-        return 0  # the header does not say: nothing to call truncation against
-    if short and align and int(align.group(1)) > 0:
-        return max(int(snd.frames), int(short.group(1)) // int(align.group(1)))
-    return int(snd.frames)
+        return 0
+    info, frames = snd.extra_info or "", int(snd.frames)
+    width = wav.RAW_WIDTH.get(snd.subtype)
+    data = _DATA_BYTES.get(snd.format)
+    said = data[0].search(info) if data is not None else None
+    if said is not None and data is not None and width is not None:
+        size = int(said.group(1))
+        if size == 0xFFFFFFFF:
+            return frames  # "size unknown": read to the end
+        return max(frames, (size - data[1]) // (width * int(snd.channels)))
+    if snd.format in ("WAV", "WAVEX"):
+        return _coded_wav_frames(snd)[0]
+    counted = _FRAMES_LINE.search(info)
+    if counted is not None and snd.format in ("RF64", "AIFF"):
+        return max(frames, int(counted.group(1)))
+    return frames
+
+
+def last_frame(snd: sf.SoundFile) -> int | None:
+    """Where a WAV of coded blocks ends its audio, when before libsndfile's ``frames``
+    (see :func:`_coded_wav_frames`); None elsewhere."""
+    if snd.format not in ("WAV", "WAVEX") or snd.subtype in wav.RAW_WIDTH:
+        return None
+    return _coded_wav_frames(snd)[1]
+
+
+def _coded_wav_frames(snd: sf.SoundFile) -> tuple[int, int | None]:
+    """``(frames declared, the frame the audio ends at)`` of a WAV of coded blocks (IMA and
+    MS ADPCM, GSM 6.10). A data chunk that declares more blocks than the file holds is a
+    truncation (libsndfile's ``frames`` counts the blocks there); in a whole file, the fact
+    chunk says how many frames of the last block are audio, the rest the encoder's padding
+    (0.04 s of 3 s of MS ADPCM at 16 kHz), and the audio ends there. A fact chunk that
+    says more than a block less is not believed (libsndfile writes stereo IMA's wrong)."""
+    info, frames = snd.extra_info or "", int(snd.frames)
+    data, align = _DATA_BYTES["WAV"][0].search(info), _BLOCK_ALIGN.search(info)
+    per_block = _SAMPLES_PER_BLOCK.search(info)
+    block = int(per_block.group(1)) if per_block else 320  # GSM 6.10's, where not said
+    if data is not None and align is not None and int(align.group(1)) > 0:
+        blocks = int(data.group(1)) // int(align.group(1))
+        if blocks * block > frames and int(data.group(1)) != 0xFFFFFFFF:
+            return blocks * block, None
+    counted = _FRAMES_LINE.search(info)
+    if counted is not None and 0 < frames - int(counted.group(1)) <= block:
+        return int(counted.group(1)), int(counted.group(1))
+    return frames, None
 
 
 def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:

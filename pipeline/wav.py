@@ -42,7 +42,7 @@ def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
     Returns ``(snd, fileobj)``: the ones given, or those to read instead (the given closed).
     """
     at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
-    width = _RAW_WIDTH.get(snd.subtype)
+    width = RAW_WIDTH.get(snd.subtype)
     try:
         size = _file_size(fileobj)
         chunk = _wav_data_chunk(fileobj)
@@ -51,11 +51,14 @@ def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
         start, declared = chunk
         end = _audio_end(fileobj, start, declared, size,
                          second=snd.samplerate * snd.channels * (width or 1),
-                         eight_bit=width == 1)
+                         eight_bit=width == 1, frame=snd.channels * (width or 0) or 1)
     finally:
         fileobj.seek(at)
     if end is None:
         return snd, fileobj
+    # "Size unknown", and the file holds less than 4 GiB of audio: all of it is read, the
+    # chunks after it not (a streaming writer's file, tagged since); no problem to report.
+    unknown = declared == 0xFFFFFFFF and end - start <= declared
     why = ("no audio (a recorder stopped before finishing the file?)" if declared == 0 else
            "its size unknown" if declared == 0xFFFFFFFF else
            f"{declared} bytes of audio (a size that wrapped past 4 GiB)" if end - start >= 2**32
@@ -65,7 +68,8 @@ def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
         view = _Tail(fileobj, start, end)
         raw = sf.SoundFile(view, "r", samplerate=snd.samplerate, channels=snd.channels,
                            subtype=snd.subtype, format="RAW", endian="LITTLE")
-        problems.append(f"{said}: {raw.frames} frames read")
+        if not unknown:
+            problems.append(f"{said}: {raw.frames} frames read")
         snd.close()
         return raw, view
     if size - start < 0xFFFFFFFF:
@@ -87,19 +91,21 @@ def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
 
 
 # Bytes per sample of the WAV codecs libsndfile also reads as headerless (RAW) samples.
-_RAW_WIDTH = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+RAW_WIDTH = {"PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
               "ULAW": 1, "ALAW": 1}
 # What may follow a WAV's audio besides RIFF chunks: ID3v2, ID3v1 and APEv2 tags tools append.
 _TRAILER_MAGIC = (b"ID3", b"TAG", b"APETAGEX")
 
 
 def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int,
-               eight_bit: bool = False) -> int | None:
+               eight_bit: bool = False, frame: int = 1) -> int | None:
     """Where a WAV's audio really ends (a file offset), when not where libsndfile would
     stop reading it; None when the header is to be believed.
 
-    - size 0 ("never finished"): the end of the file;
-    - 0xFFFFFFFF ("unknown"): read on by libsndfile up to 4 GiB, so past that, the end;
+    - size 0 ("never finished") or 0xFFFFFFFF ("unknown"): where the chunks and tags that
+      tools append begin (:func:`_appended_from`: a tagger's ``id3 `` chunk, a ``LIST``),
+      else the end of the file (for 0xFFFFFFFF, libsndfile reads on to 4 GiB, so None
+      below that);
     - in a file of 4 GiB or more, a size that wrapped: the true size is the declared one
       plus a multiple of 2**32, the largest that fits (what follows, a chunk or a tag, is
       shorter than 4 GiB);
@@ -110,10 +116,14 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int,
     """
     available = size - start
     if declared == 0:  # unless what follows is a chunk or a tag: a file of no audio indeed
-        return (size if available > 0
-                and not _trailer_at(fileobj, start, size, eight_bit, zeros=False) else None)
+        if available <= 0 or _trailer_at(fileobj, start, size, eight_bit, zeros=False):
+            return None
+        return _appended_from(fileobj, start, size, frame) or size
     if declared == 0xFFFFFFFF:
-        return size if available > declared else None
+        if available > declared:
+            return size
+        appended = _appended_from(fileobj, start, size, frame)
+        return appended if appended is not None and appended < size else None
     if declared >= available:
         return None  # whole, or cut short: libsndfile reads what there is and says so
     if available >= 2**32:
@@ -124,6 +134,53 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int,
            for at in (start + declared, start + declared + 1)):
         return None  # with a pad byte, or without
     return size
+
+
+# How far from its end a WAV of unknown audio size is searched for appended chunks.
+_APPENDED_SCAN = 16 * 2**20
+
+
+def _appended_from(fileobj: Any, start: int, size: int, frame: int) -> int | None:
+    """Where the chunks and tags appended to a WAV of unknown audio size begin: the first
+    offset past ``start``, a whole number of ``frame`` bytes into the audio, where a known
+    chunk id (or an ID3v2 tag) starts a run of chunks and tags that ends exactly at the end
+    of the file. Audio that happens to hold such an id rarely also holds a size that lands
+    there. None if there is none within the last 16 MiB (or the file cannot be read)."""
+    low = max(start, size - _APPENDED_SCAN)
+    try:
+        fileobj.seek(low)
+        tail = fileobj.read(size - low)
+    except OSError:
+        return None
+    found: set[int] = set()
+    for magic in (*_KNOWN_CHUNKS - {b"data", b"fmt "}, b"ID3"):
+        at = tail.find(magic)
+        while at >= 0:
+            found.add(at)
+            at = tail.find(magic, at + 1)
+    for at in sorted(found):
+        if (low + at - start) % frame == 0 and _ends_the_file(tail, at):
+            return low + at
+    return None
+
+
+def _ends_the_file(tail: bytes, at: int) -> bool:
+    """Whether RIFF chunks (any printable id, padded to even sizes, the last pad byte
+    possibly missing), ID3v2 tags and a final ID3v1 tag follow one another from ``at`` to
+    the end of ``tail`` exactly."""
+    end = len(tail)
+    while at < end:
+        if end - at == 128 and tail[at:at + 3] == b"TAG":  # ID3v1: the last 128 bytes
+            return True
+        if tail[at:at + 3] == b"ID3" and end - at >= 10:  # ID3v2: a syncsafe size
+            length = sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(tail[at + 6:at + 10]))
+            at += 10 + length + (10 if tail[at + 5] & 0x10 else 0)  # and a footer
+            continue
+        if end - at < 8 or not all(0x20 <= b < 0x7F for b in tail[at:at + 4]):
+            return False
+        length = int.from_bytes(tail[at + 4:at + 8], "little")
+        at += 8 + length + (length & 1)
+    return at in (end, end + 1)
 
 
 def _trailer_at(fileobj: Any, at: int, size: int, eight_bit: bool,

@@ -129,6 +129,42 @@ def test_truncated_wav_is_partial(tmp_path: Path) -> None:
     assert report.status == "partial" and "truncated" in report.problems[0]
 
 
+@pytest.mark.parametrize(("fmt", "subtype", "rate"), [
+    ("RF64", "PCM_16", 16_000), ("W64", "PCM_16", 16_000), ("AIFF", "PCM_16", 16_000),
+    ("AU", "PCM_16", 16_000), ("WAV", "IMA_ADPCM", 16_000), ("WAV", "MS_ADPCM", 16_000),
+    ("WAV", "GSM610", 8_000), ("WAV", "PCM_24", 16_000)])
+def test_a_file_cut_in_half_is_partial_whatever_its_container_and_codec(
+        tmp_path: Path, fmt: str, subtype: str, rate: int) -> None:
+    """libsndfile trims ``frames`` to what a short file holds, and only a WAV's
+    ``data : N (should be M)`` was read for what the header declared: RF64, Wave64, AIFF
+    and AU cut in half were ``ok`` with half their audio, and so were ADPCM and GSM WAVs,
+    whose data size was divided by the block size (blocks, not frames)."""
+    channels = 1 if subtype == "GSM610" else 2  # GSM 6.10 is mono
+    x = (np.random.default_rng(0).standard_normal((6 * rate, channels)) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "whole", x, rate, format=fmt, subtype=subtype)
+    data = (tmp_path / "whole").read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2 + 1])
+    _, whole = decode(tmp_path / "whole", rate)
+    audio, report = decode(tmp_path / "cut", rate)
+    assert whole.status == "ok", whole.problems
+    assert report.status == "partial" and report.problems[0].startswith("truncated: header declares")
+    assert report.declared_frames >= 6 * rate and audio.shape[0] < 3.1 * rate
+
+
+@pytest.mark.parametrize(("subtype", "rate"), [("MS_ADPCM", 16_000), ("GSM610", 8_000)])
+def test_a_coded_wav_ends_where_its_fact_chunk_says(tmp_path: Path, subtype: str,
+                                                    rate: int) -> None:
+    """ADPCM and GSM code whole blocks; the fact chunk says how many frames are audio.
+    3 s of MS ADPCM read as 3.036 s (its padding a window of its own at the end)."""
+    x = (np.random.default_rng(1).standard_normal(3 * rate) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "a.wav", x, rate, subtype=subtype)
+    with sf.SoundFile(tmp_path / "a.wav") as snd:
+        assert snd.frames > 3 * rate  # libsndfile counts the last block whole
+    audio, report = decode(tmp_path / "a.wav", rate)
+    assert audio.shape[0] == report.frames_decoded == 3 * rate
+    assert report.status == "ok" and report.duration_s == 3.0
+
+
 def _wav_bytes(pcm: np.ndarray, rate: int, riff_size: int | None = None,
                data_size: int | None = None) -> bytes:
     """A 16-bit WAV with an odd-sized LIST chunk before its data, sizes as given."""
@@ -178,6 +214,26 @@ def test_a_wav_its_recorder_never_finished_is_read_to_the_end(real_data: Path,
     with pytest.raises(AudioDecodeError) as err:
         decode(tmp_path / "empty.wav", rate)
     assert err.value.error_type == "EmptyAudio"
+
+
+@pytest.mark.parametrize("data_size", [0, 0xFFFFFFFF])
+def test_chunks_appended_to_a_wav_of_unknown_size_are_not_read_as_audio(
+        tmp_path: Path, data_size: int) -> None:
+    """A data size of 0 (never finished) or 0xFFFFFFFF (streamed) is read to the end of the
+    file: a tagger's ``id3 `` chunk of 200 kB after it became 6 s of full-scale noise,
+    embedded as ``ok``. The audio now ends where chunks and tags that run exactly to the end
+    of the file begin."""
+    rate = 16_000
+    pcm = (np.sin(np.arange(3 * rate) * 0.05)[:, None] * 8000).astype(np.int16)
+    noise = np.random.default_rng(2).bytes(200_001)
+    appended = (b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
+                + b"id3 " + len(noise).to_bytes(4, "little") + noise + b"\0"
+                + b"TAG" + bytes(125))  # and an ID3v1 tag
+    (tmp_path / "a.wav").write_bytes(_wav_bytes(pcm, rate, data_size=data_size) + appended)
+    audio, report = decode(tmp_path / "a.wav", rate)
+    assert report.frames_decoded == 3 * rate and audio.shape[0] == 3 * rate
+    assert np.allclose(audio[:, 0], pcm[:, 0] / 32768)
+    assert report.status == ("ok" if data_size else "partial"), report.problems
 
 
 def test_a_wav_that_declares_less_audio_than_it_holds_is_read_to_its_end(
