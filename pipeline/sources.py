@@ -272,9 +272,9 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
     # recording: they have one id, and listing it twice would write its rows twice.
     items = _dedup_sorted(sorted(_told_apart(stated), key=lambda i: i.row))
-    if len(items) < len(stated):
+    if len(items) < len(uris):  # the same spelling twice, or two spellings of one object
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
-                    "the first row's metadata is kept", len(stated) - len(items))
+                    "the first row's metadata is kept", len(uris) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
 
 

@@ -44,11 +44,17 @@ def test_spellings_of_one_file_are_one_recording_with_the_first_rows_metadata(
     assert [sites[i.row] for i in listing.items] == ["first", "b"]
 
 
-def test_of_two_identical_rows_the_first_keeps_its_metadata(folder: Path) -> None:
-    manifest = write_manifest(folder, [("a.wav", "first"), ("a.wav", "second")])
-    listing = list_sources(InputConfig(manifest=manifest))
+def test_of_two_identical_rows_the_first_keeps_its_metadata(
+        folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """And the warning counts every row dropped, the same spelling's too (it counted only
+    other spellings of one object: one of three rows here)."""
+    manifest = write_manifest(folder, [("a.wav", "first"), ("a.wav", "second"),
+                                       ("./a.wav", "third")])
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        listing = list_sources(InputConfig(manifest=manifest))
     assert len(listing.items) == 1 and listing.extras is not None
     assert listing.extras.column("site")[listing.items[0].row].as_py() == "first"
+    assert "manifest: 2 row(s) name a recording an earlier row already names" in caplog.text
 
 
 def test_a_row_without_a_uri_is_refused_with_its_row_number(folder: Path) -> None:
