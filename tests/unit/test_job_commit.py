@@ -19,7 +19,7 @@ from pipeline.layout import OutputLayout, recordings_to_retry
 from pipeline.models import model_info
 from pipeline.sink import ShardProgress
 from pipeline.sources import SourceItem
-from pipeline.summary import JobSummary, ShardOutcome
+from pipeline.summary import EmbedTiming, JobSummary, ShardOutcome
 
 
 def _retry_counts(*args, **kwargs) -> dict[str, int]:
@@ -375,3 +375,15 @@ def test_a_run_that_did_not_finish_says_what_a_rerun_embeds(status: str) -> None
 ])
 def test_durations_read_as_minutes_then_hours(seconds: float, shown: str) -> None:
     assert summary_mod._duration(seconds) == shown
+
+
+def test_the_steady_rate_is_audio_over_the_span_the_models_ran() -> None:
+    """Two actors busy over the same 10 s embedded 100 s of audio: 10 audio-s/s while the
+    models ran. Dividing by their summed active time (20 s) halves the rate with every
+    actor added."""
+    summary = JobSummary(job_id="j", output_uri="/o", model="m", variant="v", weights="w",
+                         audio_s=100.0, wall_s=40.0,
+                         embed=EmbedTiming(actors=2, batches=4, active_s=20.0, span_s=10.0))
+    assert summary.steady_throughput == pytest.approx(10.0)
+    assert summary.to_dict()["steady_audio_s_per_s"] == pytest.approx(10.0)
+    assert summary.throughput == pytest.approx(2.5)

@@ -14,6 +14,7 @@ import pytest
 from pipeline import layout, storage
 from pipeline.layout import OutputLayout
 from pipeline.sink import (
+    PROVENANCE_KEY,
     STAGE_SCHEMA,
     ShardProgress,
     ShardSources,
@@ -21,6 +22,7 @@ from pipeline.sink import (
     WriteReturn,
     enrich_windows,
     errors_schema,
+    file_metadata,
     merge_timing,
     partial_pools,
     recordings_schema,
@@ -532,3 +534,67 @@ def test_the_tables_columns_and_types_are_the_readmes_contract(schema, columns) 
     already written. Changing one is a migration, not an edit; the manifest's columns follow."""
     extras = pa.schema([("site", pa.string())])
     assert [(f.name, str(f.type)) for f in schema(extras)] == [*columns, ("site", "string")]
+
+
+def one_channel_rows(channel: int) -> pa.Table:
+    """Stage rows of recording ``a``'s windows 0 and 1 on one channel, one layer."""
+    return pa.Table.from_pylist([
+        {"shard": "s0", "recording_id": "a", "channel": channel, "window_index": w,
+         "start_s": w * 1.0, "end_s": w + 2.0, "valid_s": 2.0, "layer": 0,
+         "embedding": [float(channel), float(w)], "meta": ""} for w in (0, 1)],
+        schema=STAGE_SCHEMA)
+
+
+def sink_spec(tmp_path: Path, file_metadata: dict[bytes, bytes]) -> SinkSpec:
+    sources = pa.table({"recording_id": ["a"], "source_uri": ["/x/a"], "source_version": ["1"],
+                        "source_bytes": [1]})
+    return SinkSpec(staging_uri=str(tmp_path / "staging"), storage_options={},
+                    sources=ShardSources(sources, {"s0": (0, 1)}), extras_schema=None,
+                    provenance={"job_id": "J", "model_name": "m", "weights_sha256": "w",
+                                "config_sha256": "c", "code_version": "v"},
+                    file_metadata=file_metadata)
+
+
+def test_a_window_file_carries_the_jobs_provenance_in_its_footer(tmp_path: Path) -> None:
+    """Every window file a write task stages has the job record in its Parquet footer
+    (``embed_archive.provenance``): what says, file by file, which job and config made it."""
+    metadata = file_metadata({"job_id": "J", "config_sha256": "c"})
+    out = write_stage(one_channel_rows(0), sink_spec(tmp_path, metadata)).to_pylist()
+    (path, rows), = json.loads(out[0]["files"])
+    assert rows == 2
+    footer = pq.read_schema(path).metadata
+    assert json.loads(footer[PROVENANCE_KEY]) == {"job_id": "J", "config_sha256": "c"}
+
+
+def test_two_channels_of_the_same_windows_stage_two_files(tmp_path: Path) -> None:
+    """With ``channels: each`` two write tasks may get the same windows of one recording on
+    different channels. A staged file is named by the rows it holds; a name blind to the
+    channel makes the second task overwrite the first's file, and a channel's windows are
+    lost while both tasks report a file."""
+    spec = sink_spec(tmp_path, {})
+    paths = [json.loads(write_stage(one_channel_rows(ch), spec).to_pylist()[0]["files"])[0][0]
+             for ch in (0, 1)]
+    assert paths[0] != paths[1]
+    channels = sorted(pq.read_table(p).column("channel").to_pylist()[0] for p in paths)
+    assert channels == [0, 1]
+
+
+def test_inspect_sums_rows_and_files_over_every_committed_shard(tmp_path: Path) -> None:
+    """``embed-archive inspect`` reports a namespace's rows and files as the sum over its
+    shards' markers; kept per marker instead, it shows the last shard read as the whole."""
+    from pipeline import layout
+    from pipeline.catalog import load_catalog
+    from pipeline.layout import OutputLayout
+
+    lay = OutputLayout(str(tmp_path / "out"), "m", "v")
+    for shard, files in (("a" * 16, [7, 5]), ("b" * 16, [3])):
+        layout.write_json(lay.fs, lay.commit_path(shard), {
+            "shard": shard,
+            "files": {"windows": [{"path": f"{lay.table_dir('windows')}/shard-{shard}-"
+                                           f"{i:05d}.parquet", "rows": n}
+                                  for i, n in enumerate(files)]},
+            "recordings": [{"recording_id": shard, "source_uri": "/a.wav", "outcome": "ok"}]})
+    ns, = load_catalog(str(tmp_path / "out")).namespaces
+    assert (ns.shards, ns.recordings) == (2, 2)
+    assert ns.rows == {"windows": 15}
+    assert ns.files == {"windows": 3}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.stages import (
     Embedder,
     EmbedSpec,
     RowBlocks,
+    _finite_rows,
     decode_batch,
     decode_recording,
 )
@@ -477,3 +479,104 @@ def test_an_actor_given_a_gpu_torch_cannot_use_refuses_to_run_on_its_cpu(
                      torch_threads=1)
     with pytest.raises(RuntimeError, match="given a GPU but torch .* sees no CUDA device"):
         Embedder(spec)
+
+
+def test_with_each_channel_a_rows_window_index_is_the_window_it_holds(tmp_path: Path) -> None:
+    """Stereo, several windows a batch (an odd number, so no key repeats either way): every
+    row's ``window_index`` must be the window its ``start_s`` is, each once per channel.
+    Labelled channel-major while the audio is window-major, windows 0..n-1 of channel 1 land
+    on the wrong rows and the window table's keys point at other audio, unnoticed."""
+    import soundfile as sf
+
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(4 * 16_000) / 16_000)
+    sf.write(tmp_path / "s.wav", np.stack([tone, tone], 1).astype(np.float32), 16_000)
+    spec = DecodeSpec(DecodeSettings(16_000, channels="each"), window_samples=16_000,
+                      hop_samples=8_000, tail="pad", min_tail_samples=400, batch_windows=8)
+    path = str(tmp_path / "s.wav")
+    rows = [r for r in decode_recording("r", path, path, -1, "", spec) if "audio" in r]
+    windows = np.concatenate([r["meta"] == "" for r in rows])
+    index, start, channel = (np.concatenate([r[k] for r in rows])[windows]
+                             for k in ("window_index", "start_s", "channel"))
+    assert max(len(r["channel"]) for r in rows) > 2  # several windows in one batch
+    np.testing.assert_allclose(start, index * 0.5)
+    assert sorted(zip(index.tolist(), channel.tolist(), strict=True)) == [
+        (w, c) for w in range(7) for c in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def keep_embedder() -> Embedder:
+    spec = EmbedSpec(model_name="beats", weights="random", options=TINY_BEATS,
+                     storage_options={}, layers=(0, 1), pooling="mean", precision="fp32",
+                     sample_rate_hz=16_000, tail="keep", min_input_samples=2_800, use_gpu=False,
+                     torch_threads=1)
+    return Embedder(spec)
+
+
+def window_batch(valid: list[int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Stage rows of one recording, one window of 16,000 samples each, zero past ``valid``."""
+    n = len(valid)
+    audio = np.random.default_rng(seed).standard_normal((n, 16_000)).astype(np.float32)
+    for row, v in enumerate(valid):
+        audio[row, v:] = 0.0
+    return {"shard": np.full(n, "s0", dtype=object), "recording_id": np.full(n, "r", dtype=object),
+            "channel": np.full(n, -1, np.int16), "window_index": np.arange(n, dtype=np.int32),
+            "start_s": np.arange(n) * 1.0, "end_s": np.arange(n) + np.array(valid) / 16_000,
+            "valid_samples": np.array(valid, np.int32), "audio": audio,
+            "meta": np.full(n, "", dtype=object)}
+
+
+def vectors(table: pa.Table) -> dict[tuple[int, int], np.ndarray]:
+    return {(int(w), int(layer)): np.asarray(e, np.float32)
+            for w, layer, e in zip(table["window_index"].to_pylist(), table["layer"].to_pylist(),
+                                   table["embedding"].to_pylist(), strict=True)
+            if layer is not None}
+
+
+def test_a_keep_tail_shorter_than_the_models_shortest_input_is_embedded(
+        keep_embedder: Embedder) -> None:
+    """``tail: keep`` runs a short window at its own length, but never below the model's
+    minimum input (BEATs': 2,800 samples; ``min_tail_s`` may be smaller): cut to its 1,000
+    samples, the model refuses the batch and the actor, and with it the job, fails."""
+    assert keep_embedder.backbone.info.min_input_samples == 2_800
+    out = vectors(keep_embedder(window_batch([16_000, 1_000])))
+    assert sorted(out) == [(w, layer) for w in (0, 1) for layer in (0, 1)]
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
+def test_windows_of_several_lengths_in_one_batch_keep_their_own_embeddings(
+        keep_embedder: Embedder) -> None:
+    """With ``tail: keep`` a batch runs as one forward pass per window length; the results
+    must be put back in the rows' order. Out of order, a full window gets a tail window's
+    embedding (same dimension, finite, counts all balance)."""
+    valid = [16_000, 9_000, 16_000, 12_000, 9_000]
+    batch = window_batch(valid, seed=3)
+    together = vectors(keep_embedder(batch))
+    for row in range(len(valid)):
+        alone = vectors(keep_embedder({k: v[row : row + 1] for k, v in batch.items()}))
+        for (w, layer), vector in alone.items():
+            np.testing.assert_allclose(together[w, layer], vector, rtol=1e-4, atol=1e-5)
+
+
+def test_what_lies_past_a_padded_windows_valid_samples_changes_nothing(
+        keep_embedder: Embedder) -> None:
+    """``tail: pad``: the padding mask must reach the model, which masks those tokens out
+    of attention and pooling. Without it the tail window's embedding pools padding tokens,
+    which noise past ``valid_samples`` shows."""
+    pad = Embedder(replace(keep_embedder.spec, tail="pad"))
+    clean = window_batch([16_000, 9_000], seed=5)
+    noisy = {k: v.copy() for k, v in clean.items()}
+    noisy["audio"][1, 9_000:] = np.random.default_rng(6).standard_normal(7_000)
+    want, got = vectors(pad(clean)), vectors(pad(noisy))
+    assert sorted(got) == sorted(want)
+    for key, vector in want.items():
+        np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6)
+
+
+def test_a_window_not_finite_in_any_one_layer_is_not_written() -> None:
+    """A window's rows are written for every layer or for none: a NaN in one layer's vector
+    drops the window (an ``or`` across layers would write the other layer's row and the
+    NaN one)."""
+    nan, inf = float("nan"), float("inf")
+    pooled = {0: np.array([[1.0, 2.0], [nan, 1.0], [1.0, 1.0]], np.float32),
+              1: np.array([[1.0, 2.0], [1.0, 1.0], [inf, 1.0]], np.float32)}
+    assert _finite_rows(pooled).tolist() == [True, False, False]

@@ -140,3 +140,18 @@ def test_a_duration_is_the_nearest_whole_number_of_samples(seconds: float, rate:
     """2.3 * 48000 is 110399.99999999999 in floating point: truncated, every window and
     hop would be a sample short and start times would drift."""
     assert samples_for(seconds, rate) == samples
+
+
+@pytest.mark.parametrize(("size", "hop"), [(1000, 500), (100, 300)])
+def test_between_chunks_a_windower_holds_less_than_a_window_of_samples(size: int,
+                                                                       hop: int) -> None:
+    """After each chunk, the samples kept are those from the next window's start on: fewer
+    than a window. Trimming from one window too early holds a hop more for every recording
+    in flight; the buffer is never regrown past a window, a hop and a chunk."""
+    windower = StreamingWindower(size, hop, "pad", max_batch=4)
+    chunk = np.ones((300, 1), np.float32)
+    for _ in range(200):
+        for _batch in windower.push(chunk):
+            pass
+        assert windower._buf.shape[0] < size  # the private buffer is the invariant under test
+        assert len(windower._store) <= size + hop + len(chunk)
