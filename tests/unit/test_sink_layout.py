@@ -598,3 +598,13 @@ def test_inspect_sums_rows_and_files_over_every_committed_shard(tmp_path: Path) 
     assert (ns.shards, ns.recordings) == (2, 2)
     assert ns.rows == {"windows": 15}
     assert ns.files == {"windows": 3}
+
+
+def test_a_marker_from_before_attempts_were_counted_counts_as_one_run() -> None:
+    """Markers written before ``attempts`` was kept say nothing of it: such a recording met
+    its error in one run. Counted as none, ``run.max_attempts: 1`` would retry it forever."""
+    old = {"recording_id": "r", "outcome": "error", "error_type": "StorageError"}
+    assert layout.attempts(old) == 1
+    assert not layout.to_retry(old, max_attempts=1)
+    assert layout.to_retry(old, max_attempts=2) and layout.to_retry(old)
+    assert not layout.to_retry({**old, "error_type": "CorruptAudio"})
