@@ -143,7 +143,7 @@ def test_a_block_holds_whole_model_batches(model_batch: int, rows: int) -> None:
 def embedder() -> Embedder:
     spec = EmbedSpec(model_name="beats", weights="random", options=TINY_BEATS,
                      storage_options={}, layers=(0, 1), pooling="mean", precision="fp32",
-                     sample_rate_hz=16_000, tail="pad", min_input_samples=400, use_gpu=False,
+                     sample_rate_hz=16_000, tail="pad", min_input_samples=2_800, use_gpu=False,
                      torch_threads=1)
     return Embedder(spec)
 
@@ -460,7 +460,7 @@ def test_an_actor_refuses_a_checkpoint_that_changed_since_the_job_was_planned(
     planned = save(0.0)
     spec = EmbedSpec(model_name="beats", weights=str(path), options=TINY_BEATS,
                      storage_options={}, layers=(0,), pooling="mean", precision="fp32",
-                     sample_rate_hz=16_000, tail="pad", min_input_samples=400, use_gpu=False,
+                     sample_rate_hz=16_000, tail="pad", min_input_samples=2_800, use_gpu=False,
                      torch_threads=1, weights_sha256=planned)
     assert Embedder(spec).backbone.weights.sha256 == planned
     now = save(0.01)
@@ -475,7 +475,7 @@ def test_an_actor_given_a_gpu_torch_cannot_use_refuses_to_run_on_its_cpu(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, GPU or not
     spec = EmbedSpec(model_name="beats", weights="random", options=TINY_BEATS,
                      storage_options={}, layers=(0,), pooling="mean", precision="fp32",
-                     sample_rate_hz=16_000, tail="pad", min_input_samples=400, use_gpu=True,
+                     sample_rate_hz=16_000, tail="pad", min_input_samples=2_800, use_gpu=True,
                      torch_threads=1)
     with pytest.raises(RuntimeError, match="given a GPU but torch .* sees no CUDA device"):
         Embedder(spec)
