@@ -50,6 +50,9 @@ class InputConfig:
             secret...). For a manifest that mixes stores, key them by protocol:
             ``{"s3": {...}, "gs": {...}, "https": {}}`` (see ``pipeline.storage.options_for``).
             Secret-looking keys are masked in every record the job writes.
+        name_params: query parameters of a manifest's HTTP(S) URLs that name the object
+            though their names look secret (``key`` in ``https://h/get?key=a.wav``): shown
+            in a recording's name instead of masked, so two objects stay two recordings.
     """
 
     uri: str | None = None
@@ -57,6 +60,7 @@ class InputConfig:
     extensions: tuple[str, ...] = AUDIO_EXTENSIONS
     recursive: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    name_params: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if not self.uri and not self.manifest:

@@ -36,29 +36,33 @@ _LITERAL_KEYS = ("s3", "s3a", "gs", "gcs", "file", "local", "memory")
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 
 
-def uri(value: str, *, fingerprint: bool = False) -> str:
+def uri(value: str, *, keep: Collection[str] = ()) -> str:
     """A URL without the credentials embedded in it (``user:pass@``, and secret-looking
     query values of an HTTP(S) URL: an object store's key is literal, ``?`` and all). A
-    plain path, as it is.
-
-    With ``fingerprint``, each masked query value is followed by 8 hex of its SHA-256
-    (``?key=***1f2e3d4c``): for URLs that would otherwise be shown alike, where the hidden
-    value is what tells two objects apart (``?key=a.wav``, ``?key=b.wav``).
-    """
+    plain path, as it is. Query parameters named in ``keep`` (any case) are shown whatever
+    their name: they name the object, not a credential (``input.name_params``)."""
     if "://" not in value:
         return value
     value = _USERINFO.sub(rf"\1{MASK}@", value)
     if "?" in value and has_query(value):
         base, _, query = value.partition("?")
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
-            def masked(v: str) -> str:
-                return MASK + hashlib.sha256(v.encode()).hexdigest()[:8] if fingerprint else MASK
-
-            query = "&".join(f"{k}={masked(v) if _SECRET_QUERY.search(k) else v}"
-                             for k, v in pairs)
+        kept = {k.lower() for k in keep}
+        masked = [k for k, _ in pairs if _SECRET_QUERY.search(k) and k.lower() not in kept]
+        if masked:
+            query = "&".join(f"{k}={MASK if k in masked else v}" for k, v in pairs)
             value = f"{base}?{query}"
     return value
+
+
+def masked_params(value: str, keep: Collection[str] = ()) -> dict[str, str]:
+    """The query parameters :func:`uri` masks in ``value``, with their values."""
+    if "://" not in value or "?" not in value or not has_query(value):
+        return {}
+    kept = {k.lower() for k in keep}
+    return {k: v for k, v in urllib.parse.parse_qsl(value.partition("?")[2],
+                                                     keep_blank_values=True)
+            if _SECRET_QUERY.search(k) and k.lower() not in kept}
 
 
 def checkpoint_uri(value: str) -> str:

@@ -8,7 +8,6 @@ keyed by. Workers never list.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fnmatch
 import hashlib
@@ -271,49 +270,44 @@ def _list_manifest(cfg: InputConfig) -> Listing:
         stated += [_given_item(uri, row, versions[row], sizes[row], cfg) for uri, row in given]
     # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
     # recording: they have one id, and listing it twice would write its rows twice.
-    items = _dedup_sorted(sorted(_told_apart(stated), key=lambda i: i.row))
+    _check_told_apart(sorted(stated, key=lambda i: i.row), cfg)
+    items = _dedup_sorted(sorted(stated, key=lambda i: i.row))
     if len(items) < len(uris):  # the same spelling twice, or two spellings of one object
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
                     "the first row's metadata is kept", len(uris) - len(items))
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
 
 
-def _told_apart(items: list[SourceItem]) -> list[SourceItem]:
-    """Objects whose URLs are shown alike only because a masked query value differs
-    (``https://h/get?key=a.wav`` and ``?key=b.wav``, both ``?key=***``): there the hidden
-    value names the object, so each is named with a fingerprint of it (``?key=***1f2e3d4c``,
-    see :func:`redact.uri`) instead of all but the first being dropped as its duplicates.
-    One object under two tokens (``?token=T1``, ``?token=T2``) stays one recording where the
-    store vouches for one content (the same ETag or generation); a version made of size and
-    time cannot, and such rows are kept apart too: embedding one object twice loses nothing,
-    dropping one does."""
-    groups: dict[str, list[int]] = {}
-    for i, item in enumerate(items):
-        if f"={redact.MASK}" in item.uri:
-            groups.setdefault(item.uri, []).append(i)
-    out = list(items)
-    renamed = 0
-    for members in groups.values():
-        named = {i: redact.uri(storage.unsigned_uri(items[i].path), fingerprint=True)
-                 for i in members}
-        versions = {items[i].version for i in members}
-        one_content = len(versions) == 1 and not _weak_version(next(iter(versions)))
-        if len(set(named.values())) < 2 or one_content:
+def _check_told_apart(items: Sequence[SourceItem], cfg: InputConfig) -> None:
+    """Refuse rows that name two objects whose URLs, as the job shows them, differ only in a
+    masked query value (``https://h/get?key=a.wav`` and ``?key=b.wav``, both ``?key=***``):
+    they would be one recording, the second dropped as the first's duplicate. Rows of one
+    object under two tokens (``?token=T1``, ``?token=T2``) are one recording, as they should
+    be: their versions agree (the same ETag, or size and time), and they pass.
+
+    Raises:
+        ConfigError: naming the rows and the parameter (field ``input.name_params``, which
+            says which parameters name an object and are shown).
+    """
+    first: dict[str, SourceItem] = {}
+    for item in items:
+        if f"={redact.MASK}" not in item.uri:
             continue
-        for i, name in named.items():
-            out[i] = dataclasses.replace(items[i], uri=name,
-                                         recording_id=recording_id(name, items[i].version))
-        renamed += len(members)
-    if renamed:
-        log.warning("manifest: %d recording(s) whose URLs differ only in masked query values "
-                    "are named with a fingerprint of those values (?key=***1f2e3d4c) to keep "
-                    "them apart", renamed)
-    return out
-
-
-def _weak_version(version: str) -> bool:
-    """A version that does not identify a content: an object's size and time, or none."""
-    return version == MISSING or version.startswith("size=")
+        other = first.setdefault(item.uri, item)
+        if other is item or MISSING in (item.version, other.version) \
+                or item.version == other.version:
+            continue
+        mine = redact.masked_params(storage.unsigned_uri(item.path), cfg.name_params)
+        theirs = redact.masked_params(storage.unsigned_uri(other.path), cfg.name_params)
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            raise ConfigError(
+                f"manifest rows {other.row + 1} and {item.row + 1} name two objects (versions "
+                f"{other.version!r} and {item.version!r}) whose URLs differ only in the "
+                f"value of {', '.join(differ)}, masked as a secret in a recording's name "
+                f"({item.uri}): they would be one recording. If {differ[0]!r} names the "
+                f"object, not a credential, set input.name_params: [{', '.join(differ)}] to "
+                "show it (rows are numbered from the first data row)", "input.name_params")
 
 
 def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
@@ -386,8 +380,9 @@ def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        return _unreadable(redact.uri(storage.unsigned_uri(uri)), uri, row, err)
-    shown = storage.source_uri(fs, path)
+        return _unreadable(redact.uri(storage.unsigned_uri(uri), keep=cfg.name_params),
+                           uri, row, err)
+    shown = storage.source_uri(fs, path, cfg.name_params)
     return SourceItem(uri=shown, path=path, size_bytes=size, version=version,
                       recording_id=recording_id(shown, version), row=row)
 
@@ -601,8 +596,9 @@ def _stat_manifest_uri(uri: str, row: int, cfg: InputConfig) -> SourceItem:
     try:
         fs, path = storage.url_to_fs(uri, cfg.storage_options)
     except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
-        return _unreadable(redact.uri(storage.unsigned_uri(uri)), uri, row, err)
-    shown = storage.source_uri(fs, path)
+        return _unreadable(redact.uri(storage.unsigned_uri(uri), keep=cfg.name_params),
+                           uri, row, err)
+    shown = storage.source_uri(fs, path, cfg.name_params)
     try:
         info = storage.retry(lambda: fs.info(path), what=f"stat {shown}")
     except (OSError, ValueError) as err:  # missing or unreadable: becomes an error row

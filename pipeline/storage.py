@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -196,9 +196,10 @@ def unsigned_uri(uri: str) -> str:
     return f"{base}?{urllib.parse.urlencode(kept)}" if kept else base
 
 
-def source_uri(fs: Any, path: str) -> str:
-    """The URL a recording is known by: :func:`full_uri`, unsigned and redacted."""
-    return redact.uri(unsigned_uri(full_uri(fs, path)))
+def source_uri(fs: Any, path: str, keep: Collection[str] = ()) -> str:
+    """The URL a recording is known by: :func:`full_uri`, unsigned and redacted (but for
+    the query parameters named in ``keep``: see :func:`redact.uri`)."""
+    return redact.uri(unsigned_uri(full_uri(fs, path)), keep=keep)
 
 
 # --------------------------------------------------------------------------- retries

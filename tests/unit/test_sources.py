@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -637,41 +636,40 @@ def test_a_manifest_signed_again_names_the_same_recordings(folder: Path) -> None
     assert "sig2026" not in str(err.value) and "AKIAFAKE" not in str(err.value)
 
 
-def test_urls_told_apart_only_by_a_masked_value_are_two_recordings(folder: Path) -> None:
-    """``?key=a.wav`` and ``?key=b.wav`` were both named ``?key=***``, and the second row was
-    dropped as the first's duplicate: a recording lost, with a warning of duplicates."""
-    from tests.conftest import serving
-
-    with serving(folder) as base:  # the server ignores the query: one size, one time each
-        manifest = folder / "m.csv"
-        manifest.write_text("uri,site\n" + "".join(
-            f"{base}/get?key={n}&part=1,{n}\n" for n in ("a.wav", "b.wav", "a.wav")))
-        listing = list_sources(InputConfig(manifest=str(manifest)))
-    named = [i.uri for i in listing.items]
-    assert len(named) == 2 and len({i.recording_id for i in listing.items}) == 2
-    assert all(re.fullmatch(rf"{re.escape(base)}/get\?key=\*\*\*[0-9a-f]{{8}}&part=1", n) for n in named)
-    assert not any("a.wav" in n or "b.wav" in n for n in named)
-    assert listing.extras is not None
-    sites = listing.extras.column("site").to_pylist()
-    assert sorted(sites[i.row] for i in listing.items) == ["a.wav", "b.wav"]
-    # The same URLs in another run are named the same.
-    assert redact.uri(f"{base}/get?key=b.wav&part=1", fingerprint=True) in named
-
-
-def test_one_object_under_two_tokens_is_one_recording_where_the_store_says_so(
+def test_urls_told_apart_only_by_a_masked_value_are_refused_or_named_by_it(
         folder: Path) -> None:
-    """A token that changes (``?token=T1``, ``?token=T2``) names no object: where the rows'
-    versions say one content (one ETag) they stay one recording, named as ever; where
-    they differ, two."""
-    def listed(versions: tuple[str, str]) -> list[str]:
+    """``?key=a.wav`` and ``?key=b.wav`` were both named ``?key=***``, and the second row was
+    dropped as the first's duplicate (a recording lost, with a warning of duplicates). Such
+    rows are refused before any work, naming them and the parameter; where it names the
+    object, ``input.name_params`` shows it, and each row is a recording of its own."""
+    base = "https://h.example"
+    manifest = folder / "m.csv"
+    manifest.write_text("uri,site,source_version\n" + "".join(
+        f"{base}/get?key={n}&part=1,{n},ETag={e}\n"
+        for n, e in (("a.wav", "e1"), ("b.wav", "e2"), ("a.wav", "e1"))))
+    with pytest.raises(ConfigError, match=r"rows 1 and 2 name two objects .* differ only "
+                                          r"in the value of key") as err:
+        list_sources(InputConfig(manifest=str(manifest)))
+    assert err.value.field == "input.name_params" and "a.wav" not in str(err.value)
+    listing = list_sources(InputConfig(manifest=str(manifest), name_params=("KEY",)))
+    assert [i.uri for i in listing.items] == [f"{base}/get?key={n}&part=1"
+                                              for n in ("a.wav", "b.wav")]
+    assert listing.extras is not None
+    assert [listing.extras.column("site")[i.row].as_py() for i in listing.items] == [
+        "a.wav", "b.wav"]
+
+
+def test_one_object_under_two_tokens_is_one_recording(folder: Path) -> None:
+    """A token that changes (``?token=T1``, ``?token=T2``) names no object: rows of one
+    version are one recording, named as ever, whichever token a run was given."""
+    names = []
+    for tokens in (("T0", "T1"), ("T2", "T3")):
         manifest = folder / "m.csv"
         manifest.write_text("uri,source_version\n" + "".join(
-            f"https://h.example/a.wav?token=T{n},{v}\n" for n, v in enumerate(versions)))
-        return [i.uri for i in list_sources(InputConfig(manifest=str(manifest))).items]
-
-    assert listed(("ETag=abc", "ETag=abc")) == ["https://h.example/a.wav?token=***"]
-    two = listed(("ETag=abc", "ETag=def"))
-    assert len(two) == 2 and all("T0" not in n and "T1" not in n for n in two)
+            f"https://h.example/a.wav?token={t},ETag=abc\n" for t in tokens))
+        names.append([(i.uri, i.recording_id)
+                      for i in list_sources(InputConfig(manifest=str(manifest))).items])
+    assert names[0] == names[1] and [u for u, _ in names[0]] == ["https://h.example/a.wav?token=***"]
 
 
 @pytest.mark.parametrize("url", [
