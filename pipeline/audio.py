@@ -425,6 +425,10 @@ _DATA_BYTES = {"WAV": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 0),
                "AU": (re.compile(r"^\s*Data Size\s*:\s*(\d+)", re.MULTILINE), 0)}
 _SAMPLES_PER_BLOCK = re.compile(r"Samples/Block\s*:\s*(\d+)")
 _BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
+# WAV codecs of blocks whose data size counts blocks, not frames, and the frames of a block
+# where libsndfile's report gives none (GSM 6.10: always 320). Others (G.721, NMS ADPCM)
+# report no block size: their frames are libsndfile's.
+_CODED_BLOCK_FRAMES = {"IMA_ADPCM": 0, "MS_ADPCM": 0, "GSM610": 320}
 
 
 def declared_frames(snd: sf.SoundFile) -> int:
@@ -444,7 +448,7 @@ def declared_frames(snd: sf.SoundFile) -> int:
         if size == 0xFFFFFFFF:
             return frames  # "size unknown": read to the end
         return max(frames, (size - data[1]) // (width * int(snd.channels)))
-    if snd.format in ("WAV", "WAVEX"):
+    if snd.format in ("WAV", "WAVEX") and snd.subtype in _CODED_BLOCK_FRAMES:
         return _coded_wav_frames(snd)[0]
     counted = _FRAMES_LINE.search(info)
     if counted is not None and snd.format in ("RF64", "AIFF"):
@@ -455,7 +459,7 @@ def declared_frames(snd: sf.SoundFile) -> int:
 def last_frame(snd: sf.SoundFile) -> int | None:
     """Where a WAV of coded blocks ends its audio, when before libsndfile's ``frames``
     (see :func:`_coded_wav_frames`); None elsewhere."""
-    if snd.format not in ("WAV", "WAVEX") or snd.subtype in wav.RAW_WIDTH:
+    if snd.format not in ("WAV", "WAVEX") or snd.subtype not in _CODED_BLOCK_FRAMES:
         return None
     return _coded_wav_frames(snd)[1]
 
@@ -470,7 +474,7 @@ def _coded_wav_frames(snd: sf.SoundFile) -> tuple[int, int | None]:
     info, frames = snd.extra_info or "", int(snd.frames)
     data, align = _DATA_BYTES["WAV"][0].search(info), _BLOCK_ALIGN.search(info)
     per_block = _SAMPLES_PER_BLOCK.search(info)
-    block = int(per_block.group(1)) if per_block else 320  # GSM 6.10's, where not said
+    block = int(per_block.group(1)) if per_block else _CODED_BLOCK_FRAMES[snd.subtype]
     if data is not None and align is not None and int(align.group(1)) > 0:
         blocks = int(data.group(1)) // int(align.group(1))
         if blocks * block > frames and int(data.group(1)) != 0xFFFFFFFF:

@@ -170,23 +170,25 @@ class Resumption:
         mine = ({f.name: str(f.type) for f in as_stored(extras.schema)}
                 if extras is not None else {})
         fs, path = self.layout.fs, self.layout.columns_path()
-        record = {"model": self.model_name, "variant": self.variant_id, "columns": mine}
+        ours = {"model": self.model_name, "variant": self.variant_id, "columns": mine}
         others = []
         for other in storage.list_files(fs, storage.join(self.layout.root_path, "_variants")):
             if not other.endswith(".columns.json") or other == path:
                 continue
             try:
-                others.append(layout_mod.read_json(fs, other))
+                record = layout_mod.read_json(fs, other)
             except (OSError, ValueError):
                 continue  # written by hand, or half: a warning is not worth failing for
+            if isinstance(record, dict) and isinstance(record.get("columns"), dict):
+                others.append(record)
         try:
             stored = layout_mod.read_json(fs, path) if storage.exists(fs, path) else None
         except ValueError:
             stored = None
-        if stored != record:
-            layout_mod.write_json(fs, path, record)
+        if stored != ours:
+            layout_mod.write_json(fs, path, ours)
         for name, kind in mine.items():
-            clash = [o for o in others if o.get("columns", {}).get(name, kind) != kind]
+            clash = [o for o in others if o["columns"].get(name, kind) != kind]
             if clash:
                 log.warning(
                     "manifest column %r is %s here (model %s, variant %s) but %s in %d other "

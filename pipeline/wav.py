@@ -35,9 +35,9 @@ def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
     only; a recorder that updates the size as it goes and then stops leaves it short. Where
     the audio really ends is :func:`_audio_end`'s call. PCM, float and G.711 data are then
     read as headerless samples up to there; other codecs under 4 GiB through a header that
-    says "size unknown"; beyond that the recording is marked partial with what was left
+    says where it is; beyond that the recording is marked partial with what was left
     unread. Either way ``problems`` (the decode report's) says what the header declared
-    (``partial``).
+    (``partial``), unless it said "size unknown" and less than 4 GiB of audio follows.
 
     Returns ``(snd, fileobj)``: the ones given, or those to read instead (the given closed).
     """
@@ -72,16 +72,17 @@ def read_to_its_end(snd: sf.SoundFile, fileobj: Any,
             problems.append(f"{said}: {raw.frames} frames read")
         snd.close()
         return raw, view
-    if size - start < 0xFFFFFFFF:
+    if end - start < 0xFFFFFFFF:  # other codecs: through a header that says where it ends
         fileobj.seek(0)
         patched = _PatchedHeader(fileobj, {_RIFF_SIZE_AT: _STREAMING_SIZE,
-                                           start - 4: _STREAMING_SIZE})
+                                           start - 4: (end - start).to_bytes(4, "little")})
         try:
             reopened = sf.SoundFile(patched)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
             reopened = None  # not with that header: read what libsndfile reads, below
         if reopened is not None and reopened.frames:
-            problems.append(f"{said}: {reopened.frames} frames read")
+            if not unknown:
+                problems.append(f"{said}: {reopened.frames} frames read")
             snd.close()
             return reopened, patched
         if reopened is not None:
@@ -120,10 +121,10 @@ def _audio_end(fileobj: Any, start: int, declared: int, size: int, second: int,
             return None
         return _appended_from(fileobj, start, size, frame) or size
     if declared == 0xFFFFFFFF:
-        if available > declared:
-            return size
         appended = _appended_from(fileobj, start, size, frame)
-        return appended if appended is not None and appended < size else None
+        if available > declared:
+            return appended or size
+        return appended  # else libsndfile reads to the end of the file itself
     if declared >= available:
         return None  # whole, or cut short: libsndfile reads what there is and says so
     if available >= 2**32:
@@ -158,18 +159,21 @@ def _appended_from(fileobj: Any, start: int, size: int, frame: int) -> int | Non
         while at >= 0:
             found.add(at)
             at = tail.find(magic, at + 1)
+    dead_ends: set[int] = set()  # offsets already walked from, that do not end the file
     for at in sorted(found):
-        if (low + at - start) % frame == 0 and _ends_the_file(tail, at):
+        if (low + at - start) % frame == 0 and _ends_the_file(tail, at, dead_ends):
             return low + at
     return None
 
 
-def _ends_the_file(tail: bytes, at: int) -> bool:
-    """Whether RIFF chunks (any printable id, padded to even sizes, the last pad byte
-    possibly missing), ID3v2 tags and a final ID3v1 tag follow one another from ``at`` to
-    the end of ``tail`` exactly."""
-    end = len(tail)
-    while at < end:
+def _ends_the_file(tail: bytes, at: int, dead_ends: set[int]) -> bool:
+    """Whether RIFF chunks (any printable id, padded to even sizes), ID3v2 tags and a final
+    ID3v1 tag follow one another from ``at`` to the end of ``tail`` exactly. Every offset
+    walked through is added to ``dead_ends`` when it does not: a later walk that reaches one
+    stops there, so a tail of many chunk-like bytes is walked once, not once per match."""
+    end, walked = len(tail), []
+    while at < end and at not in dead_ends:
+        walked.append(at)
         if end - at == 128 and tail[at:at + 3] == b"TAG":  # ID3v1: the last 128 bytes
             return True
         if tail[at:at + 3] == b"ID3" and end - at >= 10:  # ID3v2: a syncsafe size
@@ -177,10 +181,13 @@ def _ends_the_file(tail: bytes, at: int) -> bool:
             at += 10 + length + (10 if tail[at + 5] & 0x10 else 0)  # and a footer
             continue
         if end - at < 8 or not all(0x20 <= b < 0x7F for b in tail[at:at + 4]):
-            return False
+            break
         length = int.from_bytes(tail[at + 4:at + 8], "little")
         at += 8 + length + (length & 1)
-    return at in (end, end + 1)
+    if at in (end, end + 1):  # end + 1: the last chunk's pad byte left out, as some tools do
+        return True
+    dead_ends.update(walked)
+    return False
 
 
 def _trailer_at(fileobj: Any, at: int, size: int, eight_bit: bool,

@@ -236,6 +236,63 @@ def test_chunks_appended_to_a_wav_of_unknown_size_are_not_read_as_audio(
     assert report.status == ("ok" if data_size else "partial"), report.problems
 
 
+@pytest.mark.parametrize("subtype", ["IMA_ADPCM", "MS_ADPCM", "GSM610"])
+def test_chunks_appended_to_a_coded_wav_of_unknown_size_are_not_read_as_audio(
+        tmp_path: Path, subtype: str) -> None:
+    """ADPCM and GSM are read through a patched header, which said "size unknown": a LIST
+    chunk after the audio was decoded as 9,000 frames of noise, and the file marked
+    partial. The header now says where the audio ends."""
+    x = 0.3 * np.sin(np.arange(3 * 8_000) / 10)
+    sf.write(tmp_path / "whole.wav", x, 8_000, subtype=subtype)
+    whole = bytearray((tmp_path / "whole.wav").read_bytes())
+    at = whole.find(b"data")
+    size = int.from_bytes(whole[at + 4:at + 8], "little")
+    whole[4:8] = whole[at + 4:at + 8] = (0xFFFFFFFF).to_bytes(4, "little")
+    info = b"LIST" + (4_000).to_bytes(4, "little") + b"INFO" + bytes(range(256)) * 15 + bytes(156)
+    (tmp_path / "tagged.wav").write_bytes(bytes(whole[:at + 8 + size]) + info)
+    expected, _ = decode(tmp_path / "whole.wav", 8_000)
+    audio, report = decode(tmp_path / "tagged.wav", 8_000)
+    assert report.status == "ok", report.problems
+    assert np.array_equal(audio, expected)
+
+
+def test_many_chunk_lookalikes_are_searched_in_linear_time() -> None:
+    """Every match of a chunk id was walked to the end of the file: 64 KiB of ``JUNK`` and
+    zero sizes took 21 s, 16 MiB would have taken weeks (a decode worker hung on one file).
+    These 256 KiB take a few milliseconds; searched that way, minutes."""
+    import io
+
+    from pipeline import wav
+
+    tail = b"JUNK\0\0\0\0" * (2**18 // 8) + b"\x01\x00"  # never ending the file
+    assert wav._appended_from(io.BytesIO(bytes(44) + tail), 44, 44 + len(tail), 2) is None
+
+
+def _wav_subtypes_written() -> list[str]:
+    """The WAV codecs this libsndfile writes (it lists MPEG Layer III, which it does not)."""
+    import io
+
+    written = []
+    for subtype in sorted(sf.available_subtypes("WAV")):
+        try:
+            sf.write(io.BytesIO(), np.zeros(8_000), 8_000, format="WAV", subtype=subtype)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            continue
+        written.append(subtype)
+    return written
+
+
+@pytest.mark.parametrize("subtype", _wav_subtypes_written())
+def test_no_whole_wav_is_called_truncated_whatever_its_codec(tmp_path: Path,
+                                                             subtype: str) -> None:
+    """G.721 and NMS ADPCM report no block size: counting their data as GSM blocks called
+    every whole file truncated (80,000 frames declared, 32,040 decoded)."""
+    x = 0.3 * np.sin(np.arange(2 * 8_000) / 10)
+    sf.write(tmp_path / "a.wav", x, 8_000, subtype=subtype)
+    _, report = decode(tmp_path / "a.wav", 8_000)
+    assert report.problems == [] and abs(report.frames_decoded - 2 * 8_000) <= 1024
+
+
 def test_a_wav_that_declares_less_audio_than_it_holds_is_read_to_its_end(
         real_data: Path, tmp_path: Path) -> None:
     """A data size that says 100,000 bytes of 8 s (a recorder that updates its header as
