@@ -519,6 +519,12 @@ class EmbeddingJob:
                                   f"(compute.address), or give them with {override}", key)
         import torch
 
+        if c.num_cpus and c.num_cpus > usable_cpus():
+            log.warning("compute.num_cpus: %d gives the local Ray more CPUs than this machine "
+                        "lets the job use (%d): actors and decode tasks are planned for %d and "
+                        "share %d cores, each actor's torch threads too (slower); leave it "
+                        "unset for all of them", c.num_cpus, usable_cpus(), c.num_cpus,
+                        usable_cpus())
         self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
                             "GPU": float(torch.cuda.device_count())})
 

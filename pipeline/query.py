@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = partitions(model, variant)  # the model's name made path-safe, as the job writes it
     fs, path = storage.url_to_fs(root)
     windows = _has_parquet(fs, storage.join(path, "windows"))
-    print(f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
+    print(f"-- namespace {ns} (the variant asked for)" if len(args) > 1 else
+          f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
           "for another)")
     # The manifest's columns, whatever they are: what a recordings file has beyond the job's.
     columns = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{root}/recordings/{ns}/*.parquet')"

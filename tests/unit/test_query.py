@@ -46,11 +46,12 @@ def test_the_newest_namespace_by_default_another_by_name(
          "summary": {"model": "beats", "variant": "9999"}}))
     assert query.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "namespace model=beats/variant=4567" in out
+    assert "namespace model=beats/variant=4567 (of the run started last" in out
     assert "new.wav" in out and "old.wav" not in out
     assert query.main([str(tmp_path), "0123"]) == 0  # a zero-led id stays a string
     out = capsys.readouterr().out
     assert "variant=0123" in out and "new.wav" not in out and "old.wav" in out
+    assert "variant=0123 (the variant asked for)" in out  # not "of the run started last"
     assert query.main([str(tmp_path), "89"]) == 1
 
 
