@@ -139,7 +139,7 @@ class JobSummary:
         if e.batches:
             lines.append(
                 f"  embedding    busy {e.busy_fraction:.0%} of the models' active time "
-                f"({e.actors} actor{'s' if e.actors != 1 else ''}, {e.batches} batches, forward "
+                f"({e.actors} actor{'s' if e.actors != 1 else ''} given batches, {e.batches} batches, forward "
                 f"{e.model_s:.1f} s); {self.steady_throughput:.1f} audio-s/s while running, "
                 f"first batch {e.first_batch_s:.1f} s after start")
         lines += [
