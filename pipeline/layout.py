@@ -340,6 +340,11 @@ def recover(layout: OutputLayout, committed: Iterable[str], reopened: Iterable[s
     fs = layout.fs
     committed, reopened, carved = set(committed), set(reopened), set(carved)
     storage.remove_tree(fs, layout.staging_dir())
+    # A marker killed between its write and its rename into place (local disks): whole, but
+    # never a commit; only this namespace's lease holder writes markers here.
+    for path in storage.list_files(fs, layout.commits_dir()):
+        if path.rsplit("/", 1)[-1].startswith(".tmp-"):
+            storage.remove_file(fs, path)
     removed = collections.Counter[str]()
     for table in TABLES:
         for path in storage.list_files(fs, layout.table_dir(table)):

@@ -275,8 +275,9 @@ def test_paths_derived_from_names_stay_under_the_root(tmp_path: Path, model: str
 
 def test_recover_removes_only_uncommitted_shards(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    """Files of shards without a marker go; a crash's are warned of, while those of the
-    shards this run reopened on purpose are only said (no run stopped)."""
+    """Files of shards without a marker go, and markers never renamed into place; a crash's
+    are warned of, while those of the shards this run reopened on purpose are only said (no
+    run stopped)."""
     lay = OutputLayout(str(tmp_path / "out"), "m", "v")
     fs = lay.fs
     keep, drop, reopened = "a" * 16, "b" * 16, "c" * 16
@@ -285,9 +286,14 @@ def test_recover_removes_only_uncommitted_shards(tmp_path: Path,
             storage.write_bytes(fs, lay.shard_file(table, shard, 0), b"x")
     storage.write_bytes(fs, storage.join(lay.staging_dir(drop), "windows", "part.parquet"), b"x")
     layout.write_json(fs, lay.commit_path(keep), {"shard": keep, "recordings": []})
+    # A marker killed between its write and its rename (32 SIGKILL trials left 3): it was
+    # never deleted, and a reader globbing _commits/ took it for an eleventh of ten shards.
+    killed = Path(lay.commits_dir()) / ".tmp-0123abcd"
+    killed.write_text(json.dumps({"shard": drop, "recordings": []}))
     with caplog.at_level("INFO", logger="pipeline.layout"):
         removed = layout.recover(lay, layout.committed_shards(lay), {reopened})
-    assert removed == 4
+    assert removed == 4 and not killed.exists()
+    assert sorted(p.name for p in Path(lay.commits_dir()).iterdir()) == [f"{keep}.json"]
     assert Path(lay.shard_file("windows", keep, 0)).exists()
     assert not Path(lay.shard_file("windows", drop, 0)).exists()
     assert not Path(lay.shard_file("windows", reopened, 0)).exists()
