@@ -732,8 +732,8 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
     as hidden), then a hidden one; among equals, the first in path order (a link added
     later in that order renames nothing). Where the walk is depth-limited (a glob without
     ``**``), a folder reached again nearer ``root`` is listed again there. A folder below
-    ``root`` that cannot be read is skipped with a warning, not silently; ``root`` itself
-    raises.
+    ``root`` that cannot be read is skipped with a warning, not silently, and so are FIFOs,
+    sockets and devices; ``root`` itself raises.
 
     Raises:
         OSError: ``root`` cannot be read (``PermissionError``: the job refuses to start).
@@ -741,6 +741,7 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     seen: dict[tuple[int, int], int] = {}  # real folder -> the depth it was listed at
     unreadable: list[str] = []
+    special: list[str] = []  # a FIFO named x.wav: not a recording to open and wait on
     # Folders to list, by (rank: 0 plain, 1 through a link, 2 hidden; path; depth).
     pending: list[tuple[int, str, int]] = [(0, root, 1)]
     while pending:
@@ -774,9 +775,14 @@ def _walk_local(root: str, maxdepth: int | None) -> dict[str, dict[str, Any]]:
             elif stat.S_ISREG(st.st_mode):
                 found[entry.path] = {"name": entry.path, "type": "file", "size": st.st_size,
                                      "mtime": st.st_mtime}
+            else:
+                special.append(entry.path)
     if unreadable:
         log.warning("%d folders could not be read and were not listed, e.g. %s",
                     len(unreadable), unreadable[0])
+    if special:
+        log.warning("%d entries that are neither files nor folders (FIFOs, sockets, devices) "
+                    "were not listed, e.g. %s", len(special), special[0])
     return found
 
 

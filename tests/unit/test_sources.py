@@ -339,6 +339,21 @@ def test_which_path_a_folder_many_links_reach_is_listed_under(tmp_path: Path) ->
         list_sources(InputConfig(uri=str(tmp_path / "loop" / "x")))
 
 
+def test_a_fifo_named_like_a_recording_is_said_not_skipped_silently(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A FIFO (or socket, or device) is no recording to open, and is not listed; it was
+    left out without a word, so a listing of 13 of 14 ``.wav`` entries said nothing."""
+    import os
+
+    tone(tmp_path / "a.wav")
+    os.mkfifo(tmp_path / "pipe.wav")
+    with caplog.at_level("WARNING"):
+        listing = list_sources(InputConfig(uri=str(tmp_path)))
+    assert [i.uri for i in listing.items] == [str(tmp_path / "a.wav")]
+    assert (f"1 entries that are neither files nor folders (FIFOs, sockets, devices) were not "
+            f"listed, e.g. {tmp_path / 'pipe.wav'}") in caplog.text
+
+
 def test_a_folder_that_cannot_be_read_is_said_not_skipped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """fsspec's walk omits a folder it cannot read: the job said "succeeded" over an
