@@ -826,3 +826,31 @@ def test_unreachable_dashboard_fails_fast_in_one_line(address: str, laptop_env: 
     assert err.startswith("embed-archive: failed: cannot reach the Ray dashboard at ")
     assert len(err.strip().splitlines()) == 1
     assert time.monotonic() - started < 30
+
+
+def test_env_given_on_the_command_line_wins_over_the_runtime_env_file_and_defaults(
+        tmp_path: Path) -> None:
+    """``--env`` wins over everything else (as documented): a runtime_env file's
+    ``env_vars`` or the built-in stop wait must not silently replace what was asked."""
+    env = cluster.build_runtime_env(
+        tmp_path, cluster.package_dir(), "abc",
+        env={"Y": "from --env", "RAY_JOB_STOP_WAIT_TIME_S": "300"},
+        extra={"env_vars": {"Y": "from file", "RAY_JOB_STOP_WAIT_TIME_S": "120", "Z": "1"}})
+    assert env["env_vars"] == {"EMBED_ARCHIVE_GIT_COMMIT": "abc", "RAY_JOB_STOP_WAIT_TIME_S": "300",
+                               "Y": "from --env", "Z": "1"}
+    file_only = cluster.build_runtime_env(tmp_path, cluster.package_dir(), "abc",
+                                          extra={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}})
+    assert file_only["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"
+
+
+@pytest.mark.parametrize(("summary", "code"), [
+    ({"status": "SUCCEEDED", "driver_exit_code": 0}, 0),
+    ({"status": "FAILED", "driver_exit_code": 3}, 3),
+    ({"status": "FAILED", "driver_exit_code": 0}, 1),
+    ({"status": "FAILED", "driver_exit_code": None}, 1),
+    ({"status": "STOPPED"}, 1),
+])
+def test_a_job_that_did_not_succeed_never_exits_0(summary: dict[str, Any], code: int) -> None:
+    """A FAILED job whose driver reported 0 (or no code) must not read as a success to the
+    script waiting on ``status``/``logs --follow``."""
+    assert cluster.exit_code_for(summary) == code

@@ -13,7 +13,7 @@ import pytest
 from pipeline import job as job_mod
 from pipeline import summary as summary_mod
 from pipeline.config import JobConfig
-from pipeline.errors import JobAborted
+from pipeline.errors import JobAborted, LeaseLostError
 from pipeline.job import EmbeddingJob, settle_model_settings
 from pipeline.layout import OutputLayout, recordings_to_retry
 from pipeline.models import model_info
@@ -157,7 +157,8 @@ def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> Non
     assert commits.most_outstanding <= 3 * job_mod.COMMIT_THREADS  # the driver waited
 
 
-@pytest.mark.parametrize("err", [KeyboardInterrupt(), JobAborted("budget")])
+@pytest.mark.parametrize("err", [KeyboardInterrupt(), JobAborted("budget"),
+                                 LeaseLostError("taken over")])
 def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     commits = SlowCommits(5.0)
@@ -245,6 +246,64 @@ def test_the_failure_budget_stops_the_run_from_collect() -> None:
         committer.collect(wait="all")
     committer.close(JobAborted("budget"))
     assert sorted(commits.recorded) == ["s00", "s01"]
+
+
+def _job(tmp_path: Path, **run: object) -> EmbeddingJob:
+    job = EmbeddingJob(JobConfig.from_dict({
+        "input": {"uri": str(tmp_path)}, "model": {"name": "beats", "weights": "random", "layers": [0]},
+        "output": {"uri": str(tmp_path / "out")}, "run": run}))
+    job.settings = settle_model_settings(job.cfg, model_info("beats"))
+    return job
+
+
+def _counts(embedded: int, partial: int, failed: int) -> JobSummary:
+    return JobSummary(job_id="j", output_uri="o", model="m", variant="v", weights="w",
+                      embedded=embedded, partial=partial, failed=failed)
+
+
+def test_the_failure_budget_counts_every_finished_recording_and_allows_exactly_its_fraction(
+        tmp_path: Path) -> None:
+    """Partial recordings are finished too (left out, 3 failed of 6 read as 3 of 4); a
+    fraction exactly at the budget is allowed (``more than``); the budget applies from
+    ``min_recordings_before_abort`` finished recordings on, not one later."""
+    job = _job(tmp_path, max_failed_fraction=0.5, min_recordings_before_abort=4)
+    job._check_failure_budget(_counts(1, 2, 3))  # 3 of 6: at the budget
+    job._check_failure_budget(_counts(0, 0, 3))  # 3 finished: too few to judge
+    with pytest.raises(JobAborted, match="3 of 4 recordings failed"):
+        job._check_failure_budget(_counts(1, 0, 3))  # 4 finished: judged
+    with pytest.raises(JobAborted, match="4 of 7 recordings failed"):
+        job._check_failure_budget(_counts(1, 2, 4))
+
+
+def test_a_refusal_by_the_jobs_limits_records_the_rate_and_channels_refused(
+        tmp_path: Path) -> None:
+    """What a later run with wider limits compares against: the channels recorded as the
+    rate (or the reverse) and ``admitted_now`` reopens the wrong recordings, or none."""
+    job = _job(tmp_path)
+    item = SourceItem(uri="/x/a.wav", path="/x/a.wav", size_bytes=1, version="v",
+                      recording_id="a")
+    mark = job._failure_mark(item, {"status": "error", "error_type": "TooManyChannels",
+                                    "message": "x", "source_sample_rate_hz": 96_000,
+                                    "source_channels": 12})
+    assert mark == {"outcome": "error", "error_type": "TooManyChannels",
+                    "refused": {"sample_rate_hz": 96_000, "channels": 12}}
+
+
+def test_a_recording_whose_pooled_windows_are_not_those_it_kept_is_refused(
+        tmp_path: Path) -> None:
+    """Pooled sums that lost windows, or counted one twice, must stop
+    the commit, not write a vector pooled over the wrong windows; ``num_windows`` is the
+    windows kept, not the channels."""
+    job = _job(tmp_path)
+    items = [SourceItem(uri="/x/a.wav", path="/x/a.wav", size_bytes=1, version="v",
+                        recording_id="a")]
+    report = {"status": "ok", "problems": [], "windows": {"-1": 3}, "duration_s": 3.0,
+              "source_sample_rate_hz": 16_000, "source_channels": 1}
+    rows = job._shard_rows("s", items, {"a": report}, {}, {("a", -1, 0): (3, np.ones(4))})
+    assert [r["num_windows"] for r in rows.recordings] == [3]
+    for count in (2, 4):  # windows lost on their way, or counted twice
+        with pytest.raises(RuntimeError, match=f"has {count} window rows, expected 3"):
+            job._shard_rows("s", items, {"a": report}, {}, {("a", -1, 0): (count, np.ones(4))})
 
 
 # --------------------------------------------------------------------------- what an operator sees

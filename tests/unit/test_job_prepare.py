@@ -366,6 +366,42 @@ def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
     assert unset._compute_plan(resources).actors == 4  # a local Ray: narrow actors
 
 
+def test_a_submitted_driver_sends_only_the_variables_its_job_does_not_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under Ray Jobs the job's runtime_env already reaches every worker and ray.init()
+    refuses to repeat its variables: those are left out, and the rest (the weights cache,
+    the code version rows carry) still go. A filter turned the wrong way sent only the
+    repeated ones, and the workers lost the cache and the commit."""
+    import json
+    import sys
+    import types
+
+    from pipeline.provenance import GIT_COMMIT_ENV, git_commit
+    from pipeline.ray_connect import connect_ray
+
+    calls: list[dict[str, Any]] = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False,
+                                 init=lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    from pipeline.faults import FAULT_ENV
+
+    for name in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", FAULT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("EMBED_ARCHIVE_CACHE", "/cache")
+    monkeypatch.setenv(GIT_COMMIT_ENV, "abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}}))
+    cfg = JobConfig.from_dict({"input": {"uri": "/nowhere"}, "output": {"uri": "/nowhere"}})
+    assert connect_ray(cfg) is True
+    assert calls[0]["runtime_env"] == {"env_vars": {"EMBED_ARCHIVE_CACHE": "/cache",
+                                                    GIT_COMMIT_ENV: "abc123"}}
+    monkeypatch.delenv(GIT_COMMIT_ENV)  # a driver not started by submit: its own commit
+    connect_ray(cfg)
+    assert calls[1]["runtime_env"]["env_vars"][GIT_COMMIT_ENV] == git_commit()
+
+
 @pytest.mark.parametrize(("value", "text"), [("http://head:8265", "dashboard address"),
                                            ("https://head", "dashboard address"),
                                            ("HTTP://head:8265", "dashboard address"),
@@ -654,6 +690,73 @@ def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: 
     assert [i.recording_id for i in on.todo] == [a]
     assert not Path(lay.commit_path("a" * 16)).exists()
     assert Path(lay.commit_path("b" * 16)).exists() and Path(lay.commit_path("c" * 16)).exists()
+
+
+def _commit_one_shard(j: EmbeddingJob, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Commit a prepared job's first shard as its write tasks would have left it: ``a.wav``
+    embedded, ``bad.wav`` an error. Returns ``recording_id -> uri``."""
+    import threading
+    import time
+
+    from pipeline import job as job_mod
+    from pipeline.sink import ShardProgress
+
+    shard_id, items = j.shards[0]
+    progress = ShardProgress(shard_id, [i.recording_id for i in items], j.settings.layers)
+    for i in items:
+        progress.reports[i.recording_id] = (
+            {"status": "error", "error_type": "EmptyAudio", "message": "x"}
+            if i.uri.endswith("bad.wav") else
+            {"status": "ok", "problems": [], "windows": {"-1": 1}, "duration_s": 1.0,
+             "source_sample_rate_hz": 16_000, "source_channels": 1})
+    monkeypatch.setattr(job_mod, "reduce_partials", lambda partials, pooling: {
+        (i.recording_id, -1, layer): (1, np.ones(768, np.float32))
+        for i in items if not i.uri.endswith("bad.wav") for layer in j.settings.layers})
+    j._commit_shard(progress, items, time.perf_counter(), threading.Event())
+    return {i.recording_id: i.uri for i in items}
+
+
+def test_a_commit_writes_the_tables_asked_for_and_a_marker_naming_this_job(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """output.recordings false: the commit writes the errors table and no recordings table
+    (a commit that wrote it anyway filled a table the config turned off). The marker names
+    this job and variant, and each recording with its own outcome."""
+    import json
+
+    sf.write(archive / "bad.wav", np.zeros(0, np.float32), 16_000)
+    j = job(archive, tmp_path, output={"recordings": False}, model={"precision": "fp32"})
+    j.prepare()
+    assert "recordings" not in j._tables and len(j.shards) == 1
+    uris = _commit_one_shard(j, monkeypatch)
+    written = {p.relative_to(tmp_path / "out").parts for p in (tmp_path / "out").rglob("*.parquet")}
+    assert any("errors" in " ".join(parts) for parts in written)
+    assert not any("recordings" in " ".join(parts) for parts in written)
+    marker = json.loads(Path(j.layout.commit_path(j.shards[0][0])).read_text())
+    assert (marker["job_id"], marker["variant"]) == (j.job_id, j.variant.id)
+    assert {r["source_uri"]: r["outcome"] for r in marker["recordings"]} == {
+        uri: "error" if uri.endswith("bad.wav") else "ok" for uri in uris.values()}
+    assert {r["recording_id"]: r["source_uri"] for r in marker["recordings"]} == uris
+
+
+def test_a_lease_lost_while_publishing_leaves_no_marker(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishing can take long on a bucket: the lease is checked again before the marker,
+    else a shard the new holder's recovery is deleting would be marked committed."""
+    from pipeline.errors import LeaseLostError
+
+    j = job(archive, tmp_path, model={"precision": "fp32"})
+    j.prepare()
+    checks: list[int] = []
+
+    def check() -> None:
+        checks.append(1)
+        if len(checks) > 1:
+            raise LeaseLostError("taken over while publishing")
+
+    monkeypatch.setattr(j._lease, "check", check)
+    with pytest.raises(LeaseLostError):
+        _commit_one_shard(j, monkeypatch)
+    assert len(checks) == 2 and not Path(j.layout.commit_path(j.shards[0][0])).exists()
 
 
 def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(

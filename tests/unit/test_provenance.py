@@ -85,3 +85,35 @@ def test_a_variant_id_stays_a_string_in_readers_that_type_partitions_by_their_lo
     read = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()
     assert read.schema.field("variant").type == pa.string()
     assert read.column("variant").to_pylist() == [variant.id]
+
+
+def test_every_row_carries_this_jobs_config_hash_weights_and_code(tmp_path: Path) -> None:
+    """The row columns and the job record must name the config that ran and the weights
+    loaded: one swapped for another (the variant id as ``config_sha256``, the model name
+    as ``weights_sha256``) and rows from different configs or checkpoints look alike."""
+    import datetime as dt
+
+    from pipeline.config import JobConfig
+    from pipeline.provenance import JobProvenance, make_job_id
+
+    cfg = JobConfig.from_dict({"input": {"uri": str(tmp_path)},
+                               "model": {"name": "beats", "weights": "random"},
+                               "output": {"uri": str(tmp_path / "out")}})
+    variant = Variant(model_name="beats", model_family="beats", weights_sha256="ab" * 32,
+                      model_options={}, preprocessing={}, sample_rate_hz=16_000, layers=(11,),
+                      pooling="mean", precision="fp32", window_s=5.0, hop_s=2.5, tail="pad",
+                      min_tail_s=0.0, channels="mix", resample_quality="HQ",
+                      recording_pooling="mean")
+    job_id = make_job_id()
+    prov = JobProvenance.create(cfg, job_id, variant, "gs://w/beats.pt")
+    assert prov.row_columns() == {
+        "job_id": job_id, "model_name": "beats", "weights_sha256": "ab" * 32,
+        "config_sha256": cfg.sha256(), "code_version": code_version()}
+    record = prov.to_dict()
+    assert (record["config_sha256"], record["weights_sha256"], record["variant"],
+            record["weights_uri"]) == (cfg.sha256(), "ab" * 32, variant.id, "gs://w/beats.pt")
+    assert {"python", "torch", "ray", "pyarrow", "numpy", "soundfile", "soxr",
+            "fsspec"} <= set(record["libraries"])
+    # Job ids sort by start time: year, month, day, then the time of day.
+    stamp = dt.datetime.strptime(job_id.split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    assert abs((dt.datetime.now(dt.UTC) - stamp).total_seconds()) < 60
