@@ -44,14 +44,11 @@ def uri(value: str, *, keep: Collection[str] = ()) -> str:
     if "://" not in value:
         return value
     value = _USERINFO.sub(rf"\1{MASK}@", value)
-    if "?" in value and has_query(value):
+    masked = masked_params(value, keep)
+    if masked:
         base, _, query = value.partition("?")
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        kept = {k.lower() for k in keep}
-        masked = [k for k, _ in pairs if _SECRET_QUERY.search(k) and k.lower() not in kept]
-        if masked:
-            query = "&".join(f"{k}={MASK if k in masked else v}" for k, v in pairs)
-            value = f"{base}?{query}"
+        value = base + "?" + "&".join(f"{k}={MASK if k in masked else v}" for k, v in pairs)
     return value
 
 

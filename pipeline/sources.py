@@ -294,8 +294,8 @@ def _check_told_apart(items: Sequence[SourceItem], cfg: InputConfig) -> None:
         if f"={redact.MASK}" not in item.uri:
             continue
         other = first.setdefault(item.uri, item)
-        if other is item or MISSING in (item.version, other.version) \
-                or item.version == other.version:
+        if other is item or item.version == other.version or MISSING in (item.version,
+                                                                          other.version):
             continue
         mine = redact.masked_params(storage.unsigned_uri(item.path), cfg.name_params)
         theirs = redact.masked_params(storage.unsigned_uri(other.path), cfg.name_params)
