@@ -419,9 +419,8 @@ def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:
 _FRAMES_LINE = re.compile(r"^\s*frames\s*:\s*(\d+)\s*$", re.MULTILINE | re.IGNORECASE)
 # ... or the bytes of its data (a WAV's and a Wave64's data chunk, an AU header's data size;
 # Wave64 counts the chunk's 24-byte header in).
-_DATA_BYTES = {"WAV": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 0),
-               "WAVEX": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 0),
-               "W64": (re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE), 24),
+_DATA_LINE = re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE)
+_DATA_BYTES = {"WAV": (_DATA_LINE, 0), "WAVEX": (_DATA_LINE, 0), "W64": (_DATA_LINE, 24),
                "AU": (re.compile(r"^\s*Data Size\s*:\s*(\d+)", re.MULTILINE), 0)}
 _SAMPLES_PER_BLOCK = re.compile(r"Samples/Block\s*:\s*(\d+)")
 _BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
@@ -472,7 +471,7 @@ def _coded_wav_frames(snd: sf.SoundFile) -> tuple[int, int | None]:
     (0.04 s of 3 s of MS ADPCM at 16 kHz), and the audio ends there. A fact chunk that
     says more than a block less is not believed (libsndfile writes stereo IMA's wrong)."""
     info, frames = snd.extra_info or "", int(snd.frames)
-    data, align = _DATA_BYTES["WAV"][0].search(info), _BLOCK_ALIGN.search(info)
+    data, align = _DATA_LINE.search(info), _BLOCK_ALIGN.search(info)
     per_block = _SAMPLES_PER_BLOCK.search(info)
     block = int(per_block.group(1)) if per_block else _CODED_BLOCK_FRAMES[snd.subtype]
     if data is not None and align is not None and int(align.group(1)) > 0:

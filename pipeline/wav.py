@@ -180,7 +180,7 @@ def _ends_the_file(tail: bytes, at: int, dead_ends: set[int]) -> bool:
             length = sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(tail[at + 6:at + 10]))
             at += 10 + length + (10 if tail[at + 5] & 0x10 else 0)  # and a footer
             continue
-        if end - at < 8 or not all(0x20 <= b < 0x7F for b in tail[at:at + 4]):
+        if end - at < 8 or not _printable_id(tail[at:at + 4]):
             break
         length = int.from_bytes(tail[at + 4:at + 8], "little")
         at += 8 + length + (length & 1)
@@ -225,11 +225,16 @@ def _chunk_header(head: bytes, at: int, size: int, eight_bit: bool) -> bool:
     """Whether ``head``, read at offset ``at`` of a file of ``size`` bytes, starts a RIFF
     chunk: four printable characters (wider samples rarely look so; a chunk may be cut
     short, or its size count its header), in an 8-bit file a known id or a size that fits."""
-    if len(head) < 4 or not all(0x20 <= b < 0x7F for b in head[:4]):
+    if not _printable_id(head):
         return False
     if head[:4] in _KNOWN_CHUNKS or not eight_bit:
         return True
     return len(head) >= 8 and at + 8 + int.from_bytes(head[4:8], "little") <= size
+
+
+def _printable_id(head: bytes) -> bool:
+    """Whether ``head`` starts with four printable characters, as a RIFF chunk's id does."""
+    return len(head) >= 4 and all(0x20 <= b < 0x7F for b in head[:4])
 
 
 def _file_size(fileobj: Any) -> int | None:
