@@ -133,7 +133,10 @@ def test_sigkill_after_the_first_commit_then_rerun_does_only_the_rest(
                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     committed = len(list((out / "_commits").glob("**/*.json")))
-    assert 1 <= committed <= 2
+    # The other shards' commits run beside the first, on other threads (COMMIT_THREADS):
+    # between its marker and the kill they may write theirs, up to all three (seen once in
+    # a CI run under load).
+    assert 1 <= committed <= 3
     summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
     assert summary.exit_code == 0
     assert summary.recordings_already_done == committed * SHARD
