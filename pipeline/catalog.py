@@ -76,6 +76,9 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     root_path = root_path.rstrip("/")
     if not storage.exists(fs, root_path):
         raise NoInputsError(f"{redact.uri(root)}: no such output root")
+    if storage.is_file(fs, root_path):
+        raise NoInputsError(f"{redact.uri(root)} is a file, not an output root: give the "
+                            "folder or prefix a job's output.uri names")
     # A namespace is wherever a run left a trace: commit markers, a lease (a first run
     # still going, or killed before its first commit) or files (published, never committed).
     found: set[tuple[str, str]] = set()

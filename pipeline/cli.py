@@ -173,16 +173,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.catalog import load_catalog, render
-    from pipeline.config import parse_yaml, plain
+    import yaml
 
+    from pipeline.catalog import load_catalog, render
+    from pipeline.config import check_uri, parse_yaml, plain
+
+    check_uri(args.output_uri, "output_uri")
     options = {}
     for item in args.storage_options:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. anon=true",
                               "--storage-option")
-        options[key.strip()] = plain(parse_yaml(value)) if value.strip() else ""
+        try:
+            options[key.strip()] = plain(parse_yaml(value)) if value.strip() else ""
+        except yaml.YAMLError:  # the value is never shown: it may be a secret
+            raise ConfigError(f"{key.strip()}=***: the value is not valid YAML (quote it: "
+                              f"--storage-option '{key.strip()}=\"...\"')",
+                              "--storage-option") from None
     catalog = load_catalog(args.output_uri, options)
     if args.json:
         print(json.dumps({"root": catalog.root, "namespaces": [ns.__dict__ for ns in catalog.namespaces],

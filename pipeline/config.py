@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -73,8 +74,8 @@ class InputConfig:
         for ext in self.extensions:
             if not ext or "/" in ext or ext.startswith("."):
                 raise ConfigError(f"{ext!r}: give bare extensions such as 'wav'", "input.extensions")
-        _reject_chained_url(self.uri, "input.uri")
-        _reject_chained_url(self.manifest, "input.manifest")
+        check_uri(self.uri, "input.uri")
+        check_uri(self.manifest, "input.manifest")
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class ModelConfig:
             raise ConfigError("must name a model (see `embed-archive list-models`)", "model.name")
         if not self.weights:
             raise ConfigError("use 'default', 'random' or a checkpoint URI", "model.weights")
-        _reject_chained_url(self.weights, "model.weights")
+        check_uri(self.weights, "model.weights")
         _positive(self.batch_size, "model.batch_size")
         layers = self.layers
         if isinstance(layers, str):
@@ -348,7 +349,7 @@ class OutputConfig:
     def validate(self) -> None:
         if not self.uri:
             raise ConfigError("must be a local path or bucket URL", "output.uri")
-        _reject_chained_url(self.uri, "output.uri")
+        check_uri(self.uri, "output.uri")
         _positive(self.file_mb, "output.file_mb")
         _positive(self.row_group_mb, "output.row_group_mb")
         if not (self.windows or self.recordings):
@@ -415,7 +416,15 @@ class RunConfig:
             raise ConfigError(
                 "use letters, digits, '-', '_' and '.' only (it becomes a file name)", "run.job_id"
             )
+        if self.job_id is not None and len(self.job_id.encode()) > MAX_JOB_ID_BYTES:
+            # It names files (_jobs/<id>.json, _probe-<id>.tmp): most file systems stop at
+            # 255 bytes a name, and a longer one failed with a traceback after the output
+            # folder was made.
+            raise ConfigError(f"{len(self.job_id.encode())} bytes long; use at most "
+                              f"{MAX_JOB_ID_BYTES} (it becomes a file name)", "run.job_id")
 
+
+MAX_JOB_ID_BYTES = 128
 
 SECTIONS: dict[str, type] = {
     "input": InputConfig,
@@ -448,13 +457,17 @@ class JobConfig:
             ConfigError: the file is unreadable or not a mapping, or any key is wrong.
         """
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is no part of the YAML
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} on "
+                              f"line {line}): save it as UTF-8") from None
         try:
             raw = parse_yaml(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_message(err, str(path))}") from None
         return cls.from_dict(raw, overrides)
 
     @classmethod
@@ -502,6 +515,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     try:
         parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
+        if _may_hold_secret(key):  # storage options, a token: no quote of the value
+            raise ConfigError(f"--set {key}=***: the value is not valid YAML "
+                              f"({_yaml_message(err, 'the value')}; text that starts with @, `, *, "
+                              f"&, !, %, {{, [ or a quote must be quoted: "
+                              f"--set '{key}=\"...\"')", key) from None
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from None
     target = _mapping_at(data, section)
     if target is None:
@@ -512,6 +530,22 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if target is None:
             raise ConfigError(f"--set {item!r}: {part} is not a mapping", key)
     target[parts[-1]] = parsed
+
+
+def _may_hold_secret(key: str) -> bool:
+    """Whether a dotted setting may hold a secret: anything under storage options or
+    under a secret-looking name (``model.options.hf_token``)."""
+    return any(part == "storage_options" or redact.looks_secret(part) for part in key.split("."))
+
+
+def _yaml_message(err: yaml.YAMLError, source: str) -> str:
+    """PyYAML's message with ``source``, line and column but without its quote of the text
+    there, which may be a secret (``secret: @x...`` is not YAML)."""
+    for name in ("context_mark", "problem_mark"):
+        mark = getattr(err, name, None)
+        if mark is not None:
+            mark.buffer, mark.name = None, source  # Mark.get_snippet quotes nothing then
+    return str(err)
 
 
 def _mapping_at(data: dict[str, Any], key: str) -> dict[str, Any] | None:
@@ -581,14 +615,23 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
     def _number(self, node: yaml.ScalarNode) -> Any:
-        value = (self.construct_yaml_int(node) if node.tag.endswith(":int")
-                 else self.construct_yaml_float(node))
+        try:
+            value = (self.construct_yaml_int(node) if node.tag.endswith(":int")
+                     else self.construct_yaml_float(node))
+        except ValueError as err:  # more than Python's 4300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(node.value)} digits is too long ({err})",
+                node.start_mark) from None
         typed = _Int(value) if isinstance(value, int) else _Float(value)
         typed.text = node.value
         return typed
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader._number)
+# A date (2025-01-01) is text as written: no setting takes a date, a folder or run id may be
+# named by one, and a date among model or storage options broke the config's hash.
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp",
+                              lambda loader, node: loader.construct_scalar(node))
 _ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader._number)
 
 
@@ -684,6 +727,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 (PyYAML) reads 1e-1 and 2.5e3 as text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() overflows
+                raise ConfigError("expected a finite number, got an integer too large for one", where)
             if not math.isfinite(value):  # YAML's .nan / .inf: every comparison would pass
                 raise ConfigError(f"expected a finite number, got {value!r}", where)
             return float(value)
@@ -697,6 +742,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
 
 
+_BUCKET_URL = re.compile(r"(?i)(s3a?|gs|gcs|az|abfss?|adl)://")
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):\d{1,5}")
 
@@ -710,10 +756,16 @@ def _is_safe_token(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_." for c in text) and not text.startswith(".")
 
 
-def _reject_chained_url(uri: str | None, name: str) -> None:
+def check_uri(uri: str | None, name: str) -> None:
     problem = chained_url_problem(uri) if uri else None
     if problem:
         raise ConfigError(problem, name)
+    if uri and _BUCKET_URL.match(uri) and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        # s3fs, gcsfs and adlfs take no credentials from the URL: the bucket name would
+        # be 'KEY:SECRET@bucket', refused by botocore with a traceback quoting it.
+        raise ConfigError(f"{redact.uri(uri)}: a bucket URL takes no credentials; give them "
+                          f"in the storage options (key/secret, token...) or the environment",
+                          name)
 
 
 def canonical_json(value: Any) -> str:

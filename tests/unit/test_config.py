@@ -347,3 +347,57 @@ def test_merge_keys_may_override_and_their_keys_are_text_too() -> None:
     assert parse_yaml("x: {c: &x {on: 1, 007: z}}\nm: {<<: *x}\n")["m"] == {"on": 1, "007": "z"}
     with pytest.raises(yaml.YAMLError, match="found the key 'a' twice"):
         parse_yaml("base: &b {a: 1}\nm: {<<: *b, a: 2, a: 3}\n")
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"input:\n  uri: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text.*line 2"):
+        JobConfig.load(path)
+    path.write_bytes(b"\xef\xbb\xbfinput:\n  uri: x\n")  # a BOM is fine
+    assert JobConfig.load(path).input.uri == "x"
+
+
+@pytest.mark.parametrize("written", ["9" * 400, "-" + "9" * 400])
+def test_an_integer_too_large_for_a_float_setting_is_refused_naming_it(written: str) -> None:
+    with pytest.raises(ConfigError, match="windows.window_s: expected a finite number"):
+        JobConfig.from_dict(BASE, [f"windows.window_s={written}"])
+    with pytest.raises(ConfigError, match="too long"):
+        JobConfig.from_dict(BASE, ["model.batch_size=" + "9" * 5000])
+
+
+def test_a_job_id_too_long_for_a_file_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="run.job_id: 300 bytes long"):
+        JobConfig.from_dict(BASE, ["run.job_id=" + "a" * 300])
+    assert JobConfig.from_dict(BASE, ["run.job_id=" + "a" * 128]).run.job_id == "a" * 128
+
+
+def test_dates_are_text_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("input:\n  uri: 2025-01-01\n  storage_options: {since: 2025-01-01 10:00:00}\n"
+                    "run:\n  job_id: 2025-01-01\n")
+    cfg = JobConfig.load(path)
+    assert cfg.input.uri == cfg.run.job_id == "2025-01-01"
+    assert cfg.input.storage_options == {"since": "2025-01-01 10:00:00"}
+    cfg.sha256()  # a date among options broke the hash
+
+
+def test_a_secret_that_is_not_yaml_is_never_shown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        JobConfig.from_dict(BASE, ["output.storage_options.password=@Sup3rS3cret"])
+    assert "Sup3rS3cret" not in str(err.value) and "must be quoted" in str(err.value)
+    path = tmp_path / "job.yaml"
+    path.write_text("input:\n  uri: x\n  storage_options:\n    secret: @Sup3rS3cret\n")
+    with pytest.raises(ConfigError, match="line 4, column 13") as err:
+        JobConfig.load(path)
+    assert "Sup3rS3cret" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"\[abc"):  # no secret: the text is quoted
+        JobConfig.from_dict(BASE, ["model.name=[abc"])
+
+
+@pytest.mark.parametrize("field", ["input.uri", "output.uri"])
+def test_a_bucket_url_with_credentials_is_refused_masked(field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: s3://\*\*\*@bucket/x: a bucket URL") as err:
+        JobConfig.from_dict(BASE, [f"{field}=s3://AKIAXXXX:Sup3rS3cret@bucket/x"])
+    assert "Sup3rS3cret" not in str(err.value)
+    JobConfig.from_dict(BASE, ["input.uri=https://user:pw@host/x.wav"])  # http takes them

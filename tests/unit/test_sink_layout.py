@@ -470,6 +470,15 @@ def test_inspect_tells_a_wrong_path_from_an_empty_output(tmp_path: Path,
         load_catalog(str(tmp_path / "audio"))
     assert cli.main(["inspect", "--json", str(tmp_path / "audio")]) == 2
     assert "not an embed-archive output root" in capsys.readouterr().err
+    # A file, a chained URL, a secret that is not YAML: one line each, exit 2, no traceback.
+    assert cli.main(["inspect", str(tmp_path / "audio" / "a.wav")]) == 2
+    assert "a.wav is a file, not an output root" in capsys.readouterr().err
+    assert cli.main(["inspect", f"zip://x::file://{tmp_path}/a.zip"]) == 2
+    assert "output_uri: " in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "typo"), "--storage-option",
+                     "secret=@Sup3rS3cret"]) == 2
+    shown = capsys.readouterr().err
+    assert "secret=***: the value is not valid YAML" in shown and "Sup3rS3cret" not in shown
     (tmp_path / "started" / "_variants").mkdir(parents=True)  # refused after its first write
     assert "no run has started here" in render(load_catalog(str(tmp_path / "started")))
     lay = OutputLayout(str(tmp_path / "out"), "m", "v")
