@@ -129,6 +129,7 @@ def list_sources(cfg: InputConfig) -> Listing:
         ConfigError: the manifest is unreadable, lacks a ``uri`` column, or reuses a
             reserved column name.
     """
+    storage.forget_listings()  # a listing cached by an earlier run in this process is stale
     if cfg.manifest:
         listing = _list_manifest(cfg)
         where = f"manifest {redact.uri(cfg.manifest)}"

@@ -137,6 +137,24 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
     return fs, fs._strip_protocol(uri)
 
 
+def forget_listings() -> None:
+    """Drop what the cached filesystems remember of listings (fsspec's ``dircache``).
+
+    s3fs and gcsfs answer ``info()`` from an earlier listing of the parent folder when they
+    have one, without a request. In a process that runs more than one job (a notebook, a
+    service, the tests), a folder listed by one run would then describe its objects to the
+    next as they were: a single object or a manifest row rewritten meanwhile by another
+    client kept its old version, so the next run neither embedded nor replaced it. Called
+    before every listing, so each run sees the store as it is now.
+    """
+    with _FS_LOCK:
+        cached = list(_FS_CACHE.values())
+    for fs in cached:
+        invalidate = getattr(fs, "invalidate_cache", None)
+        if invalidate is not None:
+            invalidate()
+
+
 def full_uri(fs: Any, path: str) -> str:
     """The URL a user would write for ``path`` on ``fs`` (plain absolute path for local files)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

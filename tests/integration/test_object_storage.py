@@ -566,6 +566,40 @@ def test_manifest_of_https_and_s3_uris(moto: ServerProcess, s3_archive: str, che
                                                 default=str), path
 
 
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_an_object_rewritten_by_another_client_is_seen_by_the_next_listing_in_process(
+        store: str, moto: ServerProcess, gcs: ServerProcess, real_data: Path) -> None:
+    """s3fs and gcsfs answer ``info()`` from a cached listing of the parent folder: a job run
+    after another in the same process (a notebook, a service) must still see an object that
+    a third party rewrote meanwhile as a new version, whether it is named as ``input.uri``
+    or by a manifest row (else it is neither embedded again nor replaced)."""
+    import fsspec
+
+    from pipeline.config import InputConfig
+    from pipeline.sources import list_sources
+
+    options = s3_opts(moto.url) if store == "s3" else gcs_options(gcs.url)
+    bucket = "rewritten-between-runs"
+    other = fsspec.filesystem(store, skip_instance_cache=True, **options)  # another writer
+    other.mkdir(bucket)
+    clips = real_data / "opensoundscape/tests/audio"
+    other.pipe_file(f"{bucket}/in/a.wav", (clips / "LOCA_2021_09_24_652_3.wav").read_bytes())
+    other.pipe_file(f"{bucket}/m.csv", f"uri\n{store}://{bucket}/in/a.wav\n".encode())
+
+    def version(**given: Any) -> str:
+        cfg = InputConfig(storage_options=dict(options), **given)
+        (item,) = list_sources(cfg).items
+        return item.version
+
+    before = version(uri=f"{store}://{bucket}/in")  # lists the folder: caches its entries
+    other.pipe_file(f"{bucket}/in/a.wav", (clips / "LOCA_2021_09_24_652_4.wav").read_bytes())
+    info = other.info(f"{bucket}/in/a.wav")
+    now = f"ETag={info['ETag'].strip(chr(34))}" if store == "s3" else f"generation={info['generation']}"
+    assert now != before
+    assert version(uri=f"{store}://{bucket}/in/a.wav") == now
+    assert version(manifest=f"{store}://{bucket}/m.csv") == now
+
+
 def test_an_output_bucket_that_is_not_there_is_refused_before_the_listing(
         moto: ServerProcess, s3_archive: str, checkpoint: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
