@@ -9,7 +9,9 @@
 3. **seed loop**: the seed notebook's approach: for each file read it whole, resample,
    cut windows, one forward call per window, mean-pool;
 4. **memory**: peak RSS of a decode worker, and of every process of a whole job, for a
-   1-minute and a 1-hour recording built from real clips;
+   1-minute and a long recording built from real clips (1 hour; 3 minutes with
+   ``--quick``); in full mode also a 10-minute one, and both jobs under a tight
+   object-store budget (``TIGHT_INFLIGHT_MB``);
 5. **decode**: audio-seconds per second per core for WAV, FLAC, MP3, OGG/Vorbis and Opus,
    including resampling to 16 kHz.
 
@@ -63,7 +65,13 @@ TINY_BEATS = {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_d
 DEFAULT_REAL = Path(os.environ.get("EMBED_ARCHIVE_SHARED",
                                    Path(__file__).resolve().parents[2] / "shared")) / "data" / "real"
 LONG_SOURCE = "opensoundscape/tests/audio/1min.wav"
+# compute.inflight_mb of the memory section's tight-budget runs (output.file_mb 32): a
+# little above the 66 MiB the job requires for one such file plus four tiny-BEATs batches
+# (job._check_inflight_budget).
 TIGHT_INFLIGHT_MB = 80
+# The job's default windows.min_tail_s: a last window with less real audio than this (and
+# shorter than a window) is not embedded, so model only and the seed loop skip it too.
+MIN_TAIL_S = 0.025
 SECTIONS = ("real", "long", "memory", "decode")
 
 
@@ -118,7 +126,7 @@ def corpus_windows(files: Sequence[Path], s: BenchSettings) -> tuple[np.ndarray,
         seconds += report.duration_s
         plan = plan_windows(len(audio), size, hop, "pad")
         for start, valid in zip(plan.starts, plan.valid, strict=True):
-            if valid < int(0.025 * s.sample_rate_hz) and valid < size:
+            if valid < int(MIN_TAIL_S * s.sample_rate_hz) and valid < size:
                 continue
             w = np.zeros(size, np.float32)
             w[:valid] = audio[start : start + valid]
@@ -315,7 +323,7 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
         plan = plan_windows(len(mono), size, hop, "pad")
         per_file = []
         for start, valid in zip(plan.starts, plan.valid, strict=True):
-            if valid < int(0.025 * s.sample_rate_hz) and valid < size:
+            if valid < int(MIN_TAIL_S * s.sample_rate_hz) and valid < size:
                 continue
             w = np.zeros(size, np.float32)
             w[:valid] = mono[start : start + valid]
@@ -584,7 +592,8 @@ def decode_rss(path: Path, model_batch: int, rate: int = 16_000) -> dict[str, An
     code = ("import sys,time;from pipeline.stages import DecodeSpec,decode_recording;"
             "from pipeline.audio import DecodeSettings;"
             f"spec=DecodeSpec(DecodeSettings({rate}),{samples_for(5.0, rate)},{samples_for(2.5, rate)},"
-            f"'pad',400,None,model_batch={model_batch});t=time.perf_counter();"
+            f"'pad',{int(MIN_TAIL_S * rate)},None,model_batch={model_batch});"
+            "t=time.perf_counter();"
             "n=sum(len(b['audio']) for b in decode_recording('r',sys.argv[1],sys.argv[1],-1,'',spec));"
             "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
             "print(n,time.perf_counter()-t,hwm)")
@@ -1082,8 +1091,8 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
             out["long"]["job_peak_rss_mb"]["decode_worker"] / peak["decode_worker"])
         out["job_rss_plateau_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]
                                         / peak["all_processes"])
-        # What the object-store budget buys: the same two jobs with a tight budget (the
-        # smallest that fits a 32 MB output file) instead of the default.
+        # What the object-store budget buys: the same two jobs with a tight budget
+        # (TIGHT_INFLIGHT_MB, 32 MB output files) instead of the default.
         tight = {"compute": {"torch_threads": 1, "inflight_mb": TIGHT_INFLIGHT_MB},
                  "output": {"file_mb": 32}}
         peaks = {label: pipeline_run(work / f"mem-{label}", tiny, work, **tight)["peak_rss_mb"]
@@ -1255,9 +1264,10 @@ def add_bench_command(sub: Any) -> None:
                         "is always measured)")
     p.add_argument("--no-seed-loop", dest="seed", action="store_false",
                    help="leave the seed loops out (for long corpora, where they take longest)")
-    p.set_defaults(func=lambda a: run(Path(a.out), Path(a.real), a.quick, a.precision, a.long_s,
-                                      a.batch_size, a.peak_tflops, a.long_copies,
-                                      _sections(a.sections), a.seed) and 0)
+    p.set_defaults(func=lambda a: run(Path(a.out), Path(a.real), a.quick, precision=a.precision,
+                                      long_s=a.long_s, batch_size=a.batch_size,
+                                      peak=a.peak_tflops, long_copies=a.long_copies,
+                                      sections=_sections(a.sections), seed=a.seed) and 0)
 
 
 def _sections(text: str) -> tuple[str, ...]:

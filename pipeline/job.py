@@ -376,7 +376,7 @@ class EmbeddingJob:
         self._attempts: dict[str, int] = {}
         self.summary: JobSummary | None = None  # the last run()'s, finished or not
         self._run_started = 0.0  # perf_counter time
-        self._records: _LatestWriter | None = None  # a running job's record, as shards commit
+        self._record_writer: _LatestWriter | None = None  # a running job's record, as shards commit
 
     # ------------------------------------------------------------------ planning
 
@@ -525,6 +525,8 @@ class EmbeddingJob:
                         "share %d cores, each actor's torch threads too (slower); leave it "
                         "unset for all of them", c.num_cpus, usable_cpus(), c.num_cpus,
                         usable_cpus())
+        # Planned only to be refused: plan_compute raises ConfigError when these CPUs and
+        # GPUs cannot hold the actors and decode tasks asked for (run() plans again on Ray).
         self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
                             "GPU": float(torch.cuda.device_count())})
 
@@ -582,7 +584,11 @@ class EmbeddingJob:
                               "model.precision")
 
     def _gpu_view(self) -> tuple[float, bool | None]:
-        """(GPUs the actors could get, whether they have bf16; None: unknown)."""
+        """(GPUs the actors could get, whether they have bf16; None: unknown).
+
+        Not only a look: when Ray is running or the job joins a cluster, this connects to
+        it (``connect_ray``) and may start the Ray that ``_owns_ray`` says run() stops.
+        """
         import ray
 
         from pipeline.models import gpus_have_bf16
@@ -622,7 +628,7 @@ class EmbeddingJob:
         as it was, and never removes what another run wrote."""
         fs, doing = self.layout.fs, "write to"
         try:
-            self._variant_record_matches()
+            self._variant_record_exists()  # for its refusal; a missing record is fine here
             probe = storage.join(self.layout.root_path, f"_probe-{self.job_id}.tmp")
             made = storage.missing_dirs(fs, probe)
             layout_mod.write_json(fs, probe, {"job_id": self.job_id})
@@ -634,9 +640,12 @@ class EmbeddingJob:
                 f"cannot {doing} {redact.uri(self.cfg.output.uri)}: "
                 f"{type(err).__name__}: {redact.text(str(err))}", "output.uri") from err
 
-    def _variant_record_matches(self) -> bool:
-        """Whether ``_variants/<id>.json`` is there (False: not yet); refuses one that
-        describes another variant."""
+    def _variant_record_exists(self) -> bool:
+        """Whether ``_variants/<id>.json`` is there (False: not yet).
+
+        Raises:
+            ConfigError: it is there and describes another variant with this id.
+        """
         fs, path = self.layout.fs, self.layout.variant_path()
         if not storage.exists(fs, path):
             return False
@@ -649,7 +658,7 @@ class EmbeddingJob:
     def _write_variant_record(self) -> None:
         """Write ``_variants/<id>.json`` once, after the listing (checked again: another run
         may have written it meanwhile)."""
-        if not self._variant_record_matches():
+        if not self._variant_record_exists():
             layout_mod.write_json(self.layout.fs, self.layout.variant_path(),
                                   self.variant.to_dict())
 
@@ -676,7 +685,7 @@ class EmbeddingJob:
         try:
             self._lease.check()  # prepared long ago, another run may have taken over since
             self._write_job_record(summary, started)
-            self._records = _LatestWriter(self._write_record, "job record", RECORD_EVERY_S)
+            self._record_writer = _LatestWriter(self._write_record, "job record", RECORD_EVERY_S)
             if self.shards:
                 self._run_shards(summary, started)
             summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
@@ -746,19 +755,19 @@ class EmbeddingJob:
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
                                                             batch_format="pyarrow")
-        first_file = self._rows_per_file
+        rows_per_file = self._rows_per_file
         log.info("rows are written, and shards commit, once up to %d window rows have gathered "
                  "(output.file_mb %g): the first commit comes then, or at the end; lower "
-                 "output.file_mb for commits sooner", first_file, self.cfg.output.file_mb)
+                 "output.file_mb for commits sooner", rows_per_file, self.cfg.output.file_mb)
         written = Written()
         sizes_known = all(i.size_bytes >= 0 for i in self.todo)
         progress_log = ProgressLog(summary, written, len(self.todo),
                                    sum(i.size_bytes for i in self.todo) if sizes_known else None,
-                                   first_file, self.cfg.run.progress_every_s)
+                                   rows_per_file, self.cfg.run.progress_every_s)
         committer = _Committer(
             lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
                                                           started, stopping),
-            lambda outcome: self._record(summary, outcome),
+            lambda outcome: self._count_committed(summary, outcome),
             lambda: self._check_failure_budget(summary))
         try:
             with progress_log, contextlib.closing(iter(batches)) as returns:
@@ -1045,7 +1054,7 @@ class EmbeddingJob:
             raise _CommitStopped("the job is stopping")
         self._lease.check()
 
-    def _record(self, summary: JobSummary, outcome: ShardOutcome) -> None:
+    def _count_committed(self, summary: JobSummary, outcome: ShardOutcome) -> None:
         """Fold a committed shard into the summary and say so."""
         summary.shard_outcomes.append(outcome)
         for key in ("embedded", "partial", "failed", "windows", "audio_s"):
@@ -1054,17 +1063,18 @@ class EmbeddingJob:
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
                  outcome.audio_s, summary.audio_s / max(outcome.committed_after_s, 1e-9))
-        if self._records is not None:  # the writer keeps the latest, writes it in a while
+        if self._record_writer is not None:  # the writer keeps the latest, writes it in a while
             try:
                 summary.wall_s = time.perf_counter() - self._run_started
-                self._records.offer(self._job_record(summary.to_dict(outcomes=False), False))
+                self._record_writer.offer(self._job_record(summary.to_dict(outcomes=False), False))
             except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
                 log.warning("job record not updated: %s", redact.text(str(err)))
 
     def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, RecordingReport],
                     dropped: Mapping[str, set[tuple[int, int]]],
                     pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]) -> ShardRows:
-        """Turn reports + pooled sums into recording and error rows, checking every count.
+        """Turn reports + recording vectors (``reduce_partials``: mean or max over the kept
+        windows) into recording and error rows, checking every count.
 
         Also returns what the commit marker records of each recording: its final
         ``outcome`` (``ok``, ``partial`` or ``error``), which can differ from its decode
@@ -1175,12 +1185,12 @@ class EmbeddingJob:
 
     def _write_job_record(self, summary: JobSummary, started: float, final: bool = False) -> None:
         """``_jobs/<job_id>.json``, at the start and at the end; in between, as shards
-        commit, through ``_records`` (so ``inspect`` shows a running job's progress), which
-        writes the final one too, after any interim write under way."""
+        commit, through ``_record_writer`` (so ``inspect`` shows a running job's progress),
+        which writes the final one too, after any interim write under way."""
         summary.wall_s = time.perf_counter() - started
         record = self._job_record(summary.to_dict(), final)
-        records, self._records = self._records, None
-        if final and records is not None and records.close(record):
+        writer, self._record_writer = self._record_writer, None
+        if final and writer is not None and writer.close(record):
             return
         self._write_record(record)
 

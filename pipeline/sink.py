@@ -509,7 +509,12 @@ def reduce_partials(partials: Sequence[pa.Table], pooling: str) -> dict[tuple[st
                 acc[key] = [n, s_arr, m_arr]
     pooled = {}
     for key, (n, s, m) in acc.items():
-        vec = (s / n).astype(np.float32) if pooling == "mean" else m
+        if pooling == "mean":
+            vec = (s / n).astype(np.float32)
+        elif pooling == "max":
+            vec = m
+        else:  # a new output.recording_pooling needs its own partial column in partial_pools
+            raise ValueError(f"unknown recording pooling {pooling!r}")
         pooled[key] = (n, vec)
     return pooled
 
