@@ -67,7 +67,7 @@ DEFAULT_REAL = Path(os.environ.get("EMBED_ARCHIVE_SHARED",
 LONG_SOURCE = "opensoundscape/tests/audio/1min.wav"
 # compute.inflight_mb of the memory section's tight-budget runs (output.file_mb 32): a
 # little above the 66 MiB the job requires for one such file plus four tiny-BEATs batches
-# (job._check_inflight_budget).
+# (compute.min_inflight_mb).
 TIGHT_INFLIGHT_MB = 80
 # The job's default windows.min_tail_s: a last window with less real audio than this (and
 # shorter than a window) is not embedded, so model only and the seed loop skip it too.

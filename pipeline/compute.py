@@ -90,12 +90,25 @@ def plan_compute(c: ComputeConfig, resources: Mapping[str, float], batch_mib: fl
                     f"({cpus_per_actor:g} CPU) must fit on this local Ray's {cpus:g} CPUs "
                     "at once, or the job waits forever; lower compute.decode_cpus / "
                     "compute.cpus_per_actor, or raise compute.num_cpus", key)
-    # Windows in flight to the actors, plus the rows of the file being gathered for writing.
-    inflight = c.inflight_mb or (max(256, math.ceil(8 * actors * batch_mib))
-                                 + math.ceil(2 * file_mib))
+    inflight = c.inflight_mb or default_inflight_mb(actors, batch_mib, file_mib)
     return ComputePlan(actors=actors, gpus_per_actor=gpus_per_actor,
                        cpus_per_actor=round(cpus_per_actor, 3), torch_threads=threads,
                        inflight_mb=inflight, cluster_cpus=cpus, cluster_gpus=gpus)
+
+
+def default_inflight_mb(actors: int, batch_mib: float, file_mib: float) -> int:
+    """``compute.inflight_mb`` left unset: eight batches of windows in flight to each actor
+    (at least 256 MiB, so decoding runs well ahead of small models), plus two output
+    files' rows (one gathering for its write task, one being written)."""
+    return max(256, math.ceil(8 * actors * batch_mib)) + math.ceil(2 * file_mib)
+
+
+def min_inflight_mb(batch_mib: float, file_mib: float) -> int:
+    """The least ``compute.inflight_mb`` a job runs with: Ray Data counts the rows waiting
+    for a write task against the budget, so one below a file's rows (plus half of one for
+    the rows of the next, already coming) and a few window batches stops the embedder for
+    good instead of merely slowing it."""
+    return math.ceil(1.5 * file_mib + 4 * batch_mib)
 
 
 def check_gpus(c: ComputeConfig, gpus: float, gpus_per_actor: float) -> None:

@@ -41,7 +41,7 @@ import pyarrow as pa
 from pipeline import layout as layout_mod
 from pipeline import redact, storage
 from pipeline.audio import DecodeSettings
-from pipeline.compute import ComputePlan, check_gpus, plan_compute, usable_cpus
+from pipeline.compute import ComputePlan, check_gpus, min_inflight_mb, plan_compute, usable_cpus
 from pipeline.config import JobConfig
 from pipeline.errors import (
     EXIT_ABORTED,
@@ -185,14 +185,10 @@ def file_mib(cfg: JobConfig) -> float:
 
 
 def _check_inflight_budget(cfg: JobConfig, settings: ModelSettings) -> None:
-    """The writer gathers one file's rows before writing them; a smaller budget deadlocks.
-
-    Ray Data counts the rows waiting for a write task against the object-store limit, so
-    a budget below a file's worth of rows plus a few window batches stops the embedder
-    for good instead of merely slowing it.
-    """
+    """The writer gathers one file's rows before writing them; a smaller budget deadlocks
+    (``compute.min_inflight_mb``)."""
     budget = cfg.compute.inflight_mb
-    needed = math.ceil(1.5 * file_mib(cfg) + 4 * batch_mib(cfg, settings))
+    needed = min_inflight_mb(batch_mib(cfg, settings), file_mib(cfg))
     if budget is not None and budget < needed:
         raise ConfigError(
             f"{budget} MiB cannot hold one output file ({cfg.output.file_mb:g} MB) "
