@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
@@ -117,22 +117,29 @@ def list_audio(root: Path) -> list[Path]:
 
 def corpus_windows(files: Sequence[Path], s: BenchSettings) -> tuple[np.ndarray, np.ndarray, float]:
     """Every window the job cuts from ``files`` (audio ``[n, T]``, valid ``[n]``), and seconds of audio."""
-    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
     windows, valids, seconds = [], [], 0.0
     for path in files:
         audio, report = _decode_whole(path, s.sample_rate_hz)
         if audio is None:
             continue
         seconds += report.duration_s
-        plan = plan_windows(len(audio), size, hop, "pad")
-        for start, valid in zip(plan.starts, plan.valid, strict=True):
-            if valid < int(MIN_TAIL_S * s.sample_rate_hz) and valid < size:
-                continue
-            w = np.zeros(size, np.float32)
-            w[:valid] = audio[start : start + valid]
+        for w, valid in cut_windows(audio, s):
             windows.append(w)
             valids.append(valid)
     return np.stack(windows), np.asarray(valids, np.int64), seconds
+
+
+def cut_windows(audio: np.ndarray, s: BenchSettings) -> Iterator[tuple[np.ndarray, int]]:
+    """The windows the job cuts from mono ``audio`` at the model's rate, zero-padded, each
+    with its real samples; a last one with less than ``MIN_TAIL_S`` of audio is left out."""
+    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
+    plan = plan_windows(len(audio), size, hop, "pad")
+    for start, valid in zip(plan.starts, plan.valid, strict=True):
+        if valid < int(MIN_TAIL_S * s.sample_rate_hz) and valid < size:
+            continue
+        w = np.zeros(size, np.float32)
+        w[:valid] = audio[start : start + valid]
+        yield w, int(valid)
 
 
 def _decode_whole(path: Path, rate: int) -> tuple[np.ndarray | None, DecodeReport]:
@@ -307,7 +314,6 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
     backbone = create_backbone(s.model, weights="random", options=s.options or {},
                                device=s.device, precision=precision)
     layer = len(backbone.info.layers) - 1
-    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
     seconds, n_windows = 0.0, 0
     started = time.perf_counter()
     for path in files:
@@ -320,13 +326,8 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
             continue
         mono = soxr.resample(audio.mean(axis=1), rate, s.sample_rate_hz, quality="HQ")
         seconds += len(audio) / rate
-        plan = plan_windows(len(mono), size, hop, "pad")
         per_file = []
-        for start, valid in zip(plan.starts, plan.valid, strict=True):
-            if valid < int(MIN_TAIL_S * s.sample_rate_hz) and valid < size:
-                continue
-            w = np.zeros(size, np.float32)
-            w[:valid] = mono[start : start + valid]
+        for w, _ in cut_windows(mono, s):
             with torch.no_grad(), backbone.autocast(precision):
                 feats = backbone.extract(torch.from_numpy(w)[None].to(s.device), None, [layer])
             per_file.append(feats[layer].tokens.mean(dim=1))
