@@ -789,12 +789,31 @@ def test_a_recording_an_outage_kept_out_is_embedded_by_the_next_run(
 
 def test_the_driver_commits_shards_side_by_side_on_a_slow_bucket(
         s3_archive: str, moto: ServerProcess, checkpoint: Path, s3_run: Run,
-        ray_session: None) -> None:
+        ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A commit is a dozen requests or more on a bucket (files, copies, deletes, the marker,
     lease reads); one shard at a time, 50 ms a request would cap a job at a shard or two a
     second. With a shard per recording, the publishing copies of several shards are under
     way at once (one shard copies its files one after another), and the tables are a
-    fault-free run's."""
+    fault-free run's.
+
+    Whether two shards are complete at once is the pipeline's timing (on a loaded machine
+    they came one by one, each commit done before the next shard was): the first two shards
+    to publish wait for each other, which only commits on threads of their own can do (one
+    at a time, the first would wait out the barrier's timeout and fail)."""
+    import itertools
+    import threading
+
+    import pipeline.job
+
+    two_met, publishing = threading.Barrier(2, timeout=120), itertools.count()
+    real_fault_point = pipeline.job.fault_point
+
+    def fault_point(name: str) -> None:
+        if name == "before_publish" and next(publishing) < 2:
+            two_met.wait()
+        real_fault_point(name)
+
+    monkeypatch.setattr(pipeline.job, "fault_point", fault_point)
     with running(FaultProxy(moto.port, fault_rate=0.0, fail_first=False)) as proxy:
         proxy.latency_s = 0.05
         options = s3_opts(proxy.url)

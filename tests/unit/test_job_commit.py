@@ -166,7 +166,9 @@ def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
     submit_all(committer, commits, 20)
     started = time.monotonic()
     committer.close(err)
-    assert time.monotonic() - started < 2.0  # under-way commits stopped, queued never ran
+    # Under-way commits stopped, queued never ran: well short of one commit's 5 s (2 s was
+    # a margin a loaded machine's scheduler could eat).
+    assert time.monotonic() - started < 4.5
     assert commits.recorded == [] and "not committed" not in caplog.text
 
 
@@ -202,7 +204,7 @@ def test_an_interrupt_while_waiting_after_a_pipeline_error_stops_the_rest() -> N
     with pytest.raises(KeyboardInterrupt):
         committer.close(RuntimeError("the pipeline failed"))
     assert calls == [False, True] and committer.stopping.is_set()
-    assert time.monotonic() - started < 2.0 and commits.recorded == []
+    assert time.monotonic() - started < 4.5 and commits.recorded == []  # short of one commit
 
 
 def test_a_commit_is_recorded_when_it_ends_and_its_budget_checked_by_the_driver() -> None:

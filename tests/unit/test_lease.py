@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +64,25 @@ def plant(layout: OutputLayout, **record: object) -> None:
     os.replace(tmp, path)
 
 
+def park_heartbeat(monkeypatch: pytest.MonkeyPatch, lease: NamespaceLease) -> threading.Event:
+    """Hold ``lease``'s heartbeat at the start of its next beat, before it reads the record:
+    a record planted (or deleted) now cannot fall between a beat's read and its write, which
+    would write it back (no compare-and-swap: a window of one write, a flake on a loaded
+    machine). Returns the event that lets it go on."""
+    gate, parked = threading.Event(), threading.Event()
+    real = NamespaceLease._still_mine
+
+    def still_mine(self: NamespaceLease) -> bool:
+        if self is lease and threading.current_thread().name == "lease-heartbeat":
+            parked.set()
+            gate.wait(10)
+        return real(self)
+
+    monkeypatch.setattr(NamespaceLease, "_still_mine", still_mine)
+    assert parked.wait(5)
+    return gate
+
+
 def test_a_running_holder_refuses_a_second_run_until_it_ends(layout: OutputLayout) -> None:
     first = NamespaceLease(layout, "first")
     first.acquire()
@@ -101,8 +121,6 @@ def test_a_dead_pid_in_another_pid_namespace_proves_nothing(layout: OutputLayout
 
 def test_a_live_holder_with_a_skewed_clock_is_not_taken_over(layout: OutputLayout) -> None:
     """Its heartbeat reads 10 minutes old here (its clock is behind), but it keeps beating."""
-    import threading
-
     stop = threading.Event()
 
     def beat() -> None:
@@ -134,7 +152,11 @@ def test_the_heartbeat_runs_from_the_moment_the_lease_is_taken(layout: OutputLay
     held = NamespaceLease(layout, "planning")
     held.acquire()
     first = holder_of(layout)["heartbeat"]
-    time.sleep(0.5)
+    # A beat every HEARTBEAT_S (0.2 s), never start()ed: poll for one rather than sleep a
+    # fixed 0.5 s, which a loaded machine's scheduler can outlast.
+    deadline = time.monotonic() + 5
+    while holder_of(layout)["heartbeat"] == first and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert holder_of(layout)["heartbeat"] > first
     held.release()
 
@@ -146,14 +168,26 @@ def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
     held.start()
     held.check()
 
+    calls: list[float] = []
+
     def refused(*args: object, **kwargs: object) -> None:
+        calls.append(time.monotonic())
         raise PermissionError("403 Forbidden")  # not retried: the beat used to die of it
 
+    # Counted, not slept through: two refused beats, with the stale time out of reach
+    # meanwhile (a fixed 0.9 s sleep left 0.35 s to a loaded machine's scheduler) ...
+    monkeypatch.setattr(lease_mod, "STALE_S", 60.0)
     monkeypatch.setattr(lease_mod, "write_json", refused)
-    time.sleep(0.9)
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(calls) >= 2
     assert held._thread is not None and held._thread.is_alive()  # still trying
     assert not held.lost()
-    time.sleep(0.9)  # past STALE_S - HEARTBEAT_S = 1.3 s without a renewal, and a beat more
+    # ... then the stale time back within reach: the next beat finds itself silent for
+    # more than STALE_S - HEARTBEAT_S = 1.3 s, and stops.
+    monkeypatch.setattr(lease_mod, "STALE_S", 1.5)
+    held._thread.join(10)
     assert held.lost()  # what the driver asks of every batch, without a read
     with pytest.raises(LeaseLostError, match=r"could not renew its lease .* \(no other run "
                                              r"holds it yet: this machine, or the store, stalled\)"):
@@ -169,15 +203,22 @@ def test_a_heartbeat_write_that_lands_after_a_takeover_does_not_count(
     process) while B took over; the write landed on B's record. It counted as a renewal
     from when it landed, so A went on committing and B stopped. Now A stops: its last
     renewal dates from before the stall."""
-    import threading
-
     real_write = lease_mod.write_json
-    stall = threading.Event()
+    stall, stalled, go, landed = (threading.Event() for _ in range(4))
 
     def write_json(fs, path, record):
-        if threading.current_thread().name == "lease-heartbeat" and stall.is_set():
-            stall.clear()
-            time.sleep(1.8)  # past B's takeover (STALE_S = 1.5 s of an unchanged record)
+        if threading.current_thread().name == "lease-heartbeat":
+            if record["job_id"] == "b":
+                # b's own beats are not this test's race (a beat's read-then-write can
+                # always land on a record written in between): none may overwrite a's.
+                raise OSError("b's heartbeat held back")
+            if stall.is_set():
+                stall.clear()
+                stalled.set()
+                go.wait(10)  # past B's takeover, however long that took
+                real_write(fs, path, record)
+                landed.set()
+                return
         real_write(fs, path, record)
 
     monkeypatch.setattr(lease_mod, "write_json", write_json)
@@ -185,12 +226,13 @@ def test_a_heartbeat_write_that_lands_after_a_takeover_does_not_count(
     a.acquire()
     a.start()
     a.check()
-    time.sleep(0.1)
     stall.set()  # a's next beat stalls between its ownership check and its write
+    assert stalled.wait(5)  # from here a's record stays unchanged
     plant_elsewhere = NamespaceLease(layout, "b")
     plant_elsewhere.acquire()  # watches a's unchanged record for STALE_S, then takes over
     assert holder_of(layout)["job_id"] == "b"
-    time.sleep(0.6)  # a's stalled write lands on b's record
+    go.set()
+    assert landed.wait(5)  # a's stalled write lands on b's record
     assert holder_of(layout)["job_id"] == "a"
     with pytest.raises(LeaseLostError, match="could not renew"):
         a.check()  # a stops: no renewal since before the stall
@@ -226,16 +268,19 @@ def test_a_job_of_this_process_that_was_only_prepared_does_not_block(layout: Out
     assert time.monotonic() - started < 1.0
 
 
-def test_a_run_whose_lease_was_taken_over_stops_before_committing(layout: OutputLayout) -> None:
+def test_a_run_whose_lease_was_taken_over_stops_before_committing(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     slow = NamespaceLease(layout, "slow")
     slow.acquire()
     slow.start()
     slow.check()
+    beat = park_heartbeat(monkeypatch, slow)
     plant(layout, job_id="usurper", host="another-node")
     assert not slow.lost()  # not known before the heartbeat reads it ...
     with pytest.raises(LeaseLostError, match="job usurper .* took it over"):
         slow.check()
     assert slow.lost()  # ... and from then on
+    beat.set()
     time.sleep(0.6)  # a few heartbeats: none of them writes over the usurper's lease
     slow.release()
     assert holder_of(layout)["job_id"] == "usurper"  # not ours to delete
@@ -267,16 +312,19 @@ def test_a_run_stops_committing_a_heartbeat_before_another_may_take_over(
         lease.check()
 
 
-def test_a_lease_whose_record_is_gone_is_lost(layout: OutputLayout) -> None:
+def test_a_lease_whose_record_is_gone_is_lost(layout: OutputLayout,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that took the lease over and finished deletes it: the run it took over (which
     was stopped, or went without a heartbeat) must not write it again and commit the shards
     it planned, which the other run may have committed under the same ids."""
     slow = NamespaceLease(layout, "slow")
     slow.acquire()
     slow.start()
+    beat = park_heartbeat(monkeypatch, slow)
     Path(layout.lease_path()).unlink()  # taken over, the taker done and gone
     with pytest.raises(LeaseLostError, match="its record is gone"):
         slow.check()
+    beat.set()
     time.sleep(0.6)  # a few heartbeats: none of them writes the lease again
     assert not Path(layout.lease_path()).exists()
     slow.release()
