@@ -377,12 +377,15 @@ def test_outputs_are_complete_without_duplicates(submitted: dict[str, Any]) -> N
 
 
 def settled_state(cluster: LocalCluster, ray_job_id: str, timeout_s: float = 30) -> dict[str, Any]:
-    """The job's state once Ray has reported its tasks (task events arrive asynchronously)."""
+    """The job's state once Ray has reported its tasks: the decode tasks and the embedder's
+    calls (task events arrive asynchronously, the actors' apart from the tasks')."""
     deadline = time.monotonic() + timeout_s
     while True:
         state = cluster.state(ray_job_id)
         decoded = sum(1 for t in state["tasks"] if "decode_batch" in t["name"])
-        if decoded >= 5 or time.monotonic() > deadline:
+        embedded = sum(1 for t in state["tasks"] if t["type"] == "ACTOR_TASK"
+                       and t["name"].startswith("MapWorker(MapBatches(Embedder))"))
+        if (decoded >= 5 and embedded) or time.monotonic() > deadline:
             return state
         time.sleep(1)
 

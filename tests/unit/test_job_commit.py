@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -312,7 +313,7 @@ def test_a_recording_whose_pooled_windows_are_not_those_it_kept_is_refused(
 
 
 def test_progress_lines_say_what_is_committed_written_and_left(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows reach the driver a file at a time: before the first, the log said nothing of
     the job for minutes (Ray Data's bars count blocks); after, only as shards committed."""
     import logging
@@ -337,11 +338,15 @@ def test_progress_lines_say_what_is_committed_written_and_left(
     # Sizes unknown (a manifest that names versions, not sizes): by the recordings instead.
     by_count = ProgressLog(summary, written, todo=45, todo_bytes=None, first_file_rows=1,
                            every_s=0)
-    by_count._started -= 330.0  # 12 of 45 written in 5.5 minutes: 33 more take 15m07s
-    assert by_count.line().endswith("; about 15m07s left")
+    now = by_count._started + 330.0  # 12 of 45 written in 5.5 minutes: 33 more take 15m07s
+    with monkeypatch.context() as frozen:  # a clock that stops: 0.2 s more read 15m08s
+        frozen.setattr("pipeline.summary.time", types.SimpleNamespace(monotonic=lambda: now))
+        assert by_count.line().endswith("; about 15m07s left")
     with caplog.at_level(logging.INFO, logger="pipeline.summary"), log:
-        time.sleep(0.3)
-    assert sum("progress: 8 of 45" in r.message for r in caplog.records) >= 2
+        deadline = time.monotonic() + 10  # a line every 0.05 s: two, however loaded
+        while sum("progress: 8 of 45" in r.message for r in caplog.records) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
     assert not log._thread.is_alive()
 
 
