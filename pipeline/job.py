@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -299,9 +299,9 @@ class _Committer:
             self._record(outcome)
         return outcome
 
-    def collect(self, wait: str | None = None) -> None:
-        """Take the finished commits (``wait``: ``first`` for at least one, ``all``);
-        raises a commit's error, or the failure budget's."""
+    def collect(self, wait: Literal["first", "all"] | None = None) -> None:
+        """Take the commits finished by now (``wait``: until at least one has, or all
+        have); raises a commit's error, or the failure budget's."""
         if not self._futures:
             return
         done, _ = futures_wait(self._futures, timeout=0 if wait is None else None,
