@@ -73,6 +73,7 @@ class ClusterError(PipelineError):
 #: ``logs --follow``'s status when the cluster stopped answering before the job ended: its
 #: outcome is unknown (it may still run), which no job status (0-4, 1 = failed) may claim.
 EXIT_FOLLOW_LOST = 5
+EXIT_STOPPED = 15  # run's status for SIGTERM, which `embed-archive stop` sends
 
 
 # --------------------------------------------------------------------------- address
@@ -658,15 +659,33 @@ def render_summary(summary: Mapping[str, Any]) -> str:
 
 def exit_code_for(summary: Mapping[str, Any]) -> int:
     """The job's own exit status: 0 succeeded; the driver's code (``run``'s 1/3/4...) when
-    it failed with one; 1 otherwise."""
+    it failed with one; 15 when it was stopped (``embed-archive stop``: ``run``'s status for
+    SIGTERM, which Ray does not report for a stopped job); 1 otherwise."""
     if summary["status"] == "SUCCEEDED":
         return 0
     code = summary.get("driver_exit_code")
-    return code if isinstance(code, int) and 0 < code < 256 else 1
+    if isinstance(code, int) and 0 < code < 256:
+        return code
+    return EXIT_STOPPED if summary["status"] == "STOPPED" else 1
+
+
+def status_line(summary: Mapping[str, Any]) -> str:
+    """One line for the end of ``logs --follow``: the status, the exit status it gives, and
+    the first line of Ray's message without the log tail Ray appends to it (the logs were
+    just streamed)."""
+    message = (summary.get("message") or "").strip().splitlines()
+    first = message[0].split(", last available logs")[0].rstrip(":") if message else ""
+    return (f"job {summary['submission_id']} {summary['status']} "
+            f"(exit {exit_code_for(summary)}){': ' + first if first else ''}")
 
 
 def follow_logs(client: Any, submission_id: str, out: TextIO) -> None:
-    """Stream the job's logs to ``out`` until the job ends (or the stream closes)."""
+    """Stream the job's logs to ``out`` until the job ends (or the stream closes).
+
+    Ray's client logs ``WebSocket closed for job ... with close code 1000`` at INFO when a
+    stream ends normally (an abnormal close raises): noise between the job's last line and
+    ours, so its logger is kept at WARNING."""
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
 
     async def _tail() -> None:
         async for chunk in client.tail_job_logs(submission_id):
@@ -815,8 +834,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
               f"the job may still be running (embed-archive status {args.submission_id})",
               file=sys.stderr)
         return EXIT_FOLLOW_LOST
-    print(f"job {summary['submission_id']} {summary['status']}"
-          f"{': ' + summary['message'] if summary['message'] else ''}", file=sys.stderr)
+    print(status_line(summary), file=sys.stderr)
     return exit_code_for(summary)
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 
 from pipeline.config import ComputeConfig, JobConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def joins_cluster(compute: ComputeConfig) -> bool:
@@ -42,6 +42,20 @@ def check_ray_address_env(compute: ComputeConfig) -> None:
                       "or submit the job", "RAY_ADDRESS")
 
 
+def cannot_join(address: str | None, err: Exception) -> PipelineError:
+    """One line for a cluster ``ray.init`` could not join (Ray's own error is a traceback
+    after a minute of retries): where, why, and the token a token-auth cluster (Ray 2.60's
+    ``ray start`` default once a token exists) wants, when none is set."""
+    where = address or os.environ.get("RAY_ADDRESS", "")
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    hint = ""
+    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        hint = ("; a cluster with token authentication wants its token: set RAY_AUTH_TOKEN "
+                "or RAY_AUTH_TOKEN_PATH (the head's ~/.ray/auth_token)")
+    return PipelineError(f"cannot join the Ray cluster at {where} (compute.address / "
+                         f"RAY_ADDRESS): {why}{hint}")
+
+
 def connect_ray(cfg: JobConfig) -> bool:
     """Start a local Ray or join ``compute.address``; True when this call started it."""
     import ray
@@ -63,7 +77,10 @@ def connect_ray(cfg: JobConfig) -> bool:
     env = {k: v for k, v in env.items() if k not in job_env}
     c = cfg.compute
     if joins_cluster(c):
-        ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        try:
+            ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        except ConnectionError as err:
+            raise cannot_join(c.address, err) from err
         return True
     # A Ray this call starts inherits the environment of its start, and so do its workers:
     # no job runtime_env, whose setup for every new worker (the runtime-env agent) cost

@@ -216,7 +216,10 @@ class ProgressLog:
                  f"{w.bytes_read / 1e9:.2f} GB read, {w.audio_s / elapsed:.1f} audio-s/s")
         done = (w.bytes_read / self._todo_bytes if self._todo_bytes else
                 w.recordings / self._todo if self._todo_bytes is None and self._todo else 0.0)
-        if 0 < done < 1:
+        # Only once audio is written: recordings that failed at once (an empty file, a
+        # header alone) read a few bytes in seconds, and a time left from them said
+        # "about 173h" and grew by the line.
+        if 0 < done < 1 and w.audio_s > 0:
             text += f"; about {_duration(elapsed * (1 - done) / done)} left"
         return text
 

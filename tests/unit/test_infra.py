@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -848,9 +848,47 @@ def test_env_given_on_the_command_line_wins_over_the_runtime_env_file_and_defaul
     ({"status": "FAILED", "driver_exit_code": 3}, 3),
     ({"status": "FAILED", "driver_exit_code": 0}, 1),
     ({"status": "FAILED", "driver_exit_code": None}, 1),
-    ({"status": "STOPPED"}, 1),
+    ({"status": "STOPPED"}, 15),
+    ({"status": "STOPPED", "driver_exit_code": None}, 15),
 ])
 def test_a_job_that_did_not_succeed_never_exits_0(summary: dict[str, Any], code: int) -> None:
     """A FAILED job whose driver reported 0 (or no code) must not read as a success to the
-    script waiting on ``status``/``logs --follow``."""
+    script waiting on ``status``/``logs --follow``. A stopped one exits 15, ``run``'s status
+    for the SIGTERM that ``embed-archive stop`` sends (Ray reports no driver code for it),
+    not 1, which the table documents as "failed"."""
     assert cluster.exit_code_for(summary) == code
+
+
+def test_following_keeps_rays_normal_close_message_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's client logged `WebSocket closed for job ... with close code 1000` (INFO) after
+    every followed job's last line."""
+    import io
+    import logging
+
+    sdk = logging.getLogger("ray.dashboard.modules.job.sdk")
+    monkeypatch.setattr(sdk, "level", logging.INFO)
+
+    class Client:
+        async def tail_job_logs(self, submission_id: str) -> AsyncIterator[str]:
+            yield "line 1\n"
+            sdk.info("WebSocket closed for job %s with close code 1000", submission_id)
+
+    out = io.StringIO()
+    cluster.follow_logs(Client(), "j1", out)
+    assert out.getvalue() == "line 1\n"
+    assert not sdk.isEnabledFor(logging.INFO)
+
+
+def test_the_line_after_following_names_the_exit_status_without_the_log_tail() -> None:
+    """Ray appends the log tail to a failed job's message; ``logs --follow`` has just
+    streamed those lines, so its last line keeps the message's first line only."""
+    failed = {"submission_id": "j1", "status": "FAILED", "driver_exit_code": 3,
+              "message": "Job entrypoint command failed with exit code 3, last available logs "
+                         "(truncated to 20,000 chars):\nshard 11/11 committed\njob x: done\n"}
+    assert cluster.status_line(failed) == (
+        "job j1 FAILED (exit 3): Job entrypoint command failed with exit code 3")
+    stopped = {"submission_id": "j1", "status": "STOPPED", "driver_exit_code": None,
+               "message": "Job was intentionally stopped."}
+    assert cluster.status_line(stopped) == "job j1 STOPPED (exit 15): Job was intentionally stopped."
+    assert cluster.status_line({"submission_id": "j1", "status": "SUCCEEDED",
+                                "message": ""}) == "job j1 SUCCEEDED (exit 0)"

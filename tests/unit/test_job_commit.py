@@ -328,6 +328,10 @@ def test_progress_lines_say_what_is_committed_written_and_left(
     assert log.line().startswith("progress: 0 of 45 recordings committed (0 of 11 shards); "
                                  "none written yet after 0m00s: the first file gathers up to "
                                  "4848 window rows (output.file_mb)")
+    # The first rows written are a failed recording's (an empty file: 44 bytes, no audio):
+    # no time left from them (it said "about 173h19m left", then 346h, 519h...).
+    written.recordings, written.bytes_read = 1, 44
+    assert log.line().endswith("1 written; 0.00 h of audio, 0.00 GB read, 0.0 audio-s/s")
     summary.embedded, summary.failed = 7, 1
     summary.shard_outcomes += [ShardOutcome("a", recordings=8)] * 2
     written.recordings, written.audio_s, written.bytes_read = 12, 1800.0, 1_000_000_000

@@ -402,6 +402,41 @@ def test_a_submitted_driver_sends_only_the_variables_its_job_does_not_set(
     assert calls[1]["runtime_env"]["env_vars"][GIT_COMMIT_ENV] == git_commit()
 
 
+def test_a_cluster_that_cannot_be_joined_fails_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run` with compute.address auto, on a token-auth cluster without the token, ended
+    in Ray's ConnectionError traceback: now one line naming the address and the token."""
+    import sys
+    import types
+
+    from pipeline import cli
+    from pipeline.errors import PipelineError
+    from pipeline.ray_connect import connect_ray
+
+    def refuse(**kwargs: Any) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False,
+                                                                  init=refuse))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = JobConfig.from_dict({"input": {"uri": "/nowhere"}, "output": {"uri": "/nowhere"},
+                               "compute": {"address": "auto"}})
+    with pytest.raises(PipelineError) as err:
+        connect_ray(cfg)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("cannot join the Ray cluster at auto")
+    assert "Failed to connect to Ray cluster at 10.0.0.1:6379" in text
+    assert "RAY_AUTH_TOKEN" in text
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 64)  # a token was given: no hint about one
+    with pytest.raises(PipelineError) as err:
+        connect_ray(cfg)
+    assert "RAY_AUTH_TOKEN" not in str(err.value) and "x" * 64 not in str(err.value)
+    monkeypatch.setattr(cli, "cmd_run", lambda args: connect_ray(cfg))
+    assert cli.main(["run", "job.yaml"]) == 1
+    assert capsys.readouterr().err.startswith("embed-archive: failed: cannot join the Ray cluster")
+
+
 @pytest.mark.parametrize(("value", "text"), [("http://head:8265", "dashboard address"),
                                            ("https://head", "dashboard address"),
                                            ("HTTP://head:8265", "dashboard address"),
