@@ -2,10 +2,11 @@
 the object-store budget for what is in flight, from the config and the cluster's resources.
 
 Pure arithmetic on :class:`~pipeline.config.ComputeConfig` and a resources mapping (what
-``ray.cluster_resources()`` returns), so every rule can be read and tested without Ray. What
-can never run is refused here, naming the setting, rather than left to wait forever: more
-GPUs per actor than there are, or, on a local Ray (no autoscaler will bring a bigger node),
-a decode task and an actor that cannot fit at once.
+``ray.cluster_resources()`` returns) or node list (``ray.nodes()``), so every rule can be
+read and tested without Ray. What can never run is refused here, naming the setting, rather
+than left to wait forever: more GPUs per actor than there are, actors that no node of a
+joined cluster can hold, or, on a local Ray (no autoscaler will bring a bigger node), a
+decode task and an actor that cannot fit at once.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import ComputeConfig
 from pipeline.errors import ConfigError
@@ -125,6 +127,64 @@ def check_gpus(c: ComputeConfig, gpus: float, gpus_per_actor: float) -> None:
         raise ConfigError(f"each actor asks for {gpus_per_actor:g} GPU but {where} "
                           f"{gpus:g}; {wait}set compute.gpus_per_actor: 0 to embed on CPUs",
                           "compute.gpus_per_actor")
+
+
+def check_nodes(c: ComputeConfig, nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Refuses, on a cluster the job joins, embedding actors that no node there can hold
+    (``compute.embed_resources``, ``embed_label_selector``): Ray would keep them pending and
+    the job would wait forever, its progress line saying only that no rows were written.
+    With ``compute.embed_actors`` set (as for GPUs: the pool an autoscaler is to bring nodes
+    for) it warns instead; decode tasks that no node can take are warned about (a node
+    group scaled to zero gets nodes when tasks ask).
+
+    ``nodes``: what ``ray.nodes()`` returns; only those alive count.
+
+    Raises:
+        ConfigError: naming ``compute.embed_resources`` or ``compute.embed_label_selector``.
+    """
+    alive = [n for n in nodes if n.get("Alive", n.get("alive"))]
+    if (c.embed_resources or c.embed_label_selector) and not any(
+            _holds(n, c.embed_resources, c.embed_label_selector) for n in alive):
+        what = _asked(c.embed_resources, c.embed_label_selector)
+        if c.embed_actors:
+            log.warning("no node of the cluster has %s now (%d nodes): the %d embedding actors "
+                        "wait until an autoscaler adds one", what, len(alive), c.embed_actors)
+        else:
+            raise ConfigError(
+                f"no node of the cluster has {what} ({len(alive)} nodes): the embedding "
+                "actors would wait forever; fix the resources or labels, or set "
+                "compute.embed_actors to wait for an autoscaler to add such nodes",
+                "compute.embed_label_selector"  # the resources alone some node has
+                if any(_holds(n, c.embed_resources, {}) for n in alive)
+                else "compute.embed_resources")
+    if c.decode_resources and not any(_holds(n, c.decode_resources, {}) for n in alive):
+        log.warning("no node of the cluster has %s now (%d nodes): decoding waits until one "
+                    "joins (an autoscaler)", _asked(c.decode_resources, {}), len(alive))
+
+
+def _holds(node: Mapping[str, Any], resources: Mapping[str, float],
+           selector: Mapping[str, str]) -> bool:
+    """Whether ``node`` (an entry of ``ray.nodes()``) has ``resources`` in all and labels
+    that ``selector`` matches (Ray's forms: ``v``, ``!v``, ``in(a, b)``, ``!in(a, b)``; a
+    negation matches a node without the label)."""
+    have, labels = node.get("Resources") or {}, node.get("Labels") or {}
+    if any(have.get(key, 0.0) < amount for key, amount in resources.items()):
+        return False
+    for key, wanted in selector.items():
+        negated, wanted = wanted.startswith("!"), wanted.removeprefix("!").strip()
+        if wanted.startswith("in(") and wanted.endswith(")"):
+            values = {v.strip() for v in wanted[3:-1].split(",")}
+        else:
+            values = {wanted}
+        if (labels.get(key) in values) == negated:
+            return False
+    return True
+
+
+def _asked(resources: Mapping[str, float], selector: Mapping[str, str]) -> str:
+    parts = [f"{amount:g} {key}" for key, amount in resources.items()]
+    parts += [f"label {key}={value}" for key, value in selector.items()]
+    return ", ".join(parts)
 
 
 def local_cpu_actors(cpus: float, actors: int | None = None) -> tuple[int, int]:

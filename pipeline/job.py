@@ -41,7 +41,14 @@ import pyarrow as pa
 from pipeline import layout as layout_mod
 from pipeline import redact, storage
 from pipeline.audio import DecodeSettings
-from pipeline.compute import ComputePlan, check_gpus, min_inflight_mb, plan_compute, usable_cpus
+from pipeline.compute import (
+    ComputePlan,
+    check_gpus,
+    check_nodes,
+    min_inflight_mb,
+    plan_compute,
+    usable_cpus,
+)
 from pipeline.config import JobConfig
 from pipeline.errors import (
     EXIT_ABORTED,
@@ -439,6 +446,10 @@ class EmbeddingJob:
         self.settings = settle_model_settings(cfg, self.info)
         if c.gpus_per_actor and not c.embed_actors:
             check_gpus(c, self._gpu_view()[0], c.gpus_per_actor)
+        if joins_cluster(c) and (c.embed_resources or c.embed_label_selector
+                                 or c.decode_resources):
+            self._owns_ray = connect_ray(self.cfg) or self._owns_ray
+            check_nodes(c, ray.nodes())
         self.precision = self._job_precision()
         if not joins_cluster(c) and not ray.is_initialized():  # a caller's own Ray: its own
             self._check_local_ray()

@@ -447,6 +447,28 @@ def test_bad_config_is_refused_before_submitting(cluster: LocalCluster, tmp_path
     assert not any("broken.yaml" in j["entrypoint"] for j in cluster.state()["jobs"])
 
 
+def test_actors_no_node_can_hold_are_refused_before_any_work(
+        cluster: LocalCluster, real_data: Path, tmp_path: Path) -> None:
+    """Pinned to resources or labels no node of the cluster has, the embedding actors stayed
+    pending and the job ran on for ever, writing nothing."""
+    config = base_config(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    env = cluster.env  # a driver on a node of the cluster, as with compute.address auto
+    common = ["run", str(config), "--set", f"compute.address=127.0.0.1:{cluster.gcs_port}",
+              "--set", f"input.uri={real_data / 'opensoundscape/tests/audio'}",
+              "--set", f"output.uri={out}"]
+    for placement, words in (
+            (["compute.embed_resources={gpu_node: 2}"],
+             "compute.embed_resources: no node of the cluster has 2 gpu_node (2 nodes)"),
+            (["compute.embed_resources={gpu_node: 1}", "compute.embed_label_selector={node-group: cpu}"],
+             ("compute.embed_label_selector: no node of the cluster has 1 gpu_node, "
+              "label node-group=cpu (2 nodes)"))):
+        result = cli(*common, *(a for p in placement for a in ("--set", p)), env=env)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert words in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()  # nothing listed, nothing written
+
+
 def test_unreachable_cluster_fails_fast(tmp_path: Path) -> None:
     started = time.monotonic()
     result = cli("status", "nope", "--address", f"http://127.0.0.1:{_free_port()}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pipeline.compute import plan_compute
@@ -25,3 +27,43 @@ def test_a_gpu_actor_runs_torch_on_the_cpus_it_asks_for(cpus_per_actor: float | 
     plan = plan_compute(ComputeConfig(cpus_per_actor=cpus_per_actor),
                         {"CPU": 16.0, "GPU": 1.0}, batch_mib=1.0, file_mib=16.0)
     assert plan.torch_threads == threads
+
+
+def _node(resources: dict[str, float], labels: dict[str, str] | None = None,
+          alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": 4.0, **resources}, "Labels": labels or {}}
+
+
+def test_embedding_actors_no_node_of_the_cluster_can_hold_are_refused_naming_why(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """They stayed pending for ever, the job's progress line saying only that no rows were
+    written yet."""
+    from pipeline.compute import check_nodes
+    from pipeline.errors import ConfigError
+
+    nodes = [_node({"cpu_node": 2}), _node({"gpu_node": 1}, {"node-group": "gpu"}),
+             _node({"big_gpu": 1}, {"node-group": "big"}, alive=False)]
+    for compute, field, what in (
+            ({"embed_resources": {"gpu_node": 2}}, "compute.embed_resources", "2 gpu_node"),
+            ({"embed_resources": {"big_gpu": 1}}, "compute.embed_resources", "1 big_gpu"),
+            ({"embed_resources": {"gpu_node": 1}, "embed_label_selector": {"node-group": "cpu"}},
+             "compute.embed_label_selector", "1 gpu_node, label node-group=cpu"),
+            ({"embed_label_selector": {"node-group": "in(big, huge)"}},
+             "compute.embed_label_selector", "label node-group=in(big, huge)")):
+        with pytest.raises(ConfigError, match=rf"{field}: no node of the cluster has "
+                                              rf"{re.escape(what)} \(2 nodes\).*compute.embed_actors"):
+            check_nodes(ComputeConfig(**compute), nodes)
+    for fits in ({"embed_resources": {"gpu_node": 1}, "embed_label_selector": {"node-group": "gpu"}},
+                 {"embed_resources": {"cpu_node": 1.5}},
+                 {"embed_label_selector": {"node-group": "!gpu"}},  # a node without the label
+                 {"embed_label_selector": {"node-group": "in(gpu, big)"}},
+                 {"embed_label_selector": {"node-group": "!in(big)"}}):
+        check_nodes(ComputeConfig(**fits), nodes)
+    assert not caplog.records
+    # An autoscaler will add them (the pool is sized, as for GPUs), or decode nodes scale
+    # from zero when tasks ask: warned, not refused.
+    with caplog.at_level("WARNING", logger="pipeline.compute"):
+        check_nodes(ComputeConfig(embed_resources={"big_gpu": 1}, embed_actors=4), nodes)
+        check_nodes(ComputeConfig(decode_resources={"decode_node": 1}), nodes)
+    assert "the 4 embedding actors wait until an autoscaler adds one" in caplog.text
+    assert "1 decode_node now (2 nodes): decoding waits until one joins" in caplog.text
