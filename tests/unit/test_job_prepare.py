@@ -170,10 +170,14 @@ def ray_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 @pytest.mark.usefixtures("ray_not_started")
 def test_what_a_local_ray_could_never_give_is_refused_before_any_work(
-        archive: Path, tmp_path: Path, compute: dict, field: str, text: str) -> None:
+        archive: Path, tmp_path: Path, compute: dict, field: str, text: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Found after the listing, the lease and the job record, once Ray had started (exit 1,
     a raw Ray error, or a job waiting forever for a resource no local node has)."""
+    import ray
     import torch
+
+    from pipeline import job as job_mod
 
     if "gpus_per_actor" in compute:  # more actors than this machine has GPUs, whatever it has
         compute = {**compute, "embed_actors": torch.cuda.device_count() + 2}
@@ -181,7 +185,11 @@ def test_what_a_local_ray_could_never_give_is_refused_before_any_work(
         job(archive, tmp_path, compute=compute).prepare()
     assert err.value.field == field
     assert not (tmp_path / "out").exists()
-    # Joining a cluster, the cluster (and its autoscaler) decides: nothing refused here.
+    # Joining a cluster, its nodes decide (a node that has them all here): nothing refused.
+    monkeypatch.setattr(job_mod, "connect_ray", lambda cfg: False)
+    monkeypatch.setattr(ray, "nodes", lambda: [{
+        "Alive": True, "Resources": {"CPU": 64.0, "decode_node": 1.0, "gpu_pool": 1.0},
+        "Labels": {"pool": "gpu"}}])
     job(archive, tmp_path / "c", compute={**compute, "address": "auto"},
         model={"precision": "fp32"}).prepare()
 
