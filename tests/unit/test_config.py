@@ -186,6 +186,23 @@ def test_redacts_credentials_in_uris() -> None:
     assert shown["uri"] == "https://***@host/x?X-Amz-Signature=***&part=1"
 
 
+def test_a_secret_looking_model_option_keeps_its_fingerprint_across_releases() -> None:
+    """The fingerprint of text under a secret-looking name is part of the variant id: a
+    changed salt or work factor would give every such namespace a new variant, and the
+    next run would embed the whole archive again beside the old rows."""
+    options = redact.variant_options({"token_pooling": "mean", "hub_token": "hf_x",
+                                      "frame": 400}, ("hub_token",))
+    assert options == {"token_pooling": "pbkdf2:b2ffbbe6bdbad7d05188fcb99ad991d3",
+                       "hub_token": "***", "frame": 400}
+
+
+def test_an_object_store_key_is_literal_whatever_the_schemes_case() -> None:
+    """``S3://`` is ``s3://`` to fsspec: ``?key=1`` is part of the object's name there,
+    not a query to mask (masked, two objects would share one name)."""
+    assert redact.uri("S3://bucket/a?key=1.wav") == "S3://bucket/a?key=1.wav"
+    assert redact.uri("HTTPS://h/a.wav?key=1") == "HTTPS://h/a.wav?key=***"
+
+
 def test_the_secrets_a_message_must_not_show_are_every_one_of_four_characters_or_more() -> None:
     """Shorter values (a region's ``eu``, ``yes``) would mask every such word in a message;
     four characters and more are masked."""
@@ -249,6 +266,77 @@ def test_a_storage_call_is_tried_as_often_as_it_says(monkeypatch: pytest.MonkeyP
     with pytest.raises(storage.StorageError, match="gave up after 6 attempts"):
         storage.retry(flaky, what="read x")
     assert len(calls) == 6
+
+
+def test_a_request_timeout_is_retried_and_a_missing_object_never_is() -> None:
+    """408 (the server gave up waiting) is worth another try like a 5xx; an object that is
+    not there, or refused, is not, whatever its name says (``rec_503.wav``, ``timeout/``):
+    retried, it would fail as a storage outage, not as missing."""
+    class HttpError(OSError):
+        def __init__(self, status: int) -> None:
+            super().__init__(f"HTTP {status}")
+            self.status = status
+
+    assert storage.is_transient(HttpError(408)) and storage.is_transient(HttpError(503))
+    assert not storage.is_transient(HttpError(404))
+    assert not storage.is_transient(FileNotFoundError(2, "No such file", "s3://b/rec_503.wav"))
+    assert not storage.is_transient(PermissionError(13, "denied", "s3://b/timeout/a.wav"))
+
+
+def test_a_retried_storage_call_logs_no_secret(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionResetError("reset reading https://ann:hunter22@h/a.wav?token=T0KEN")
+        return "ok"
+
+    with caplog.at_level("WARNING", logger="pipeline.storage"):
+        assert storage.retry(flaky, what="read https://ann:hunter22@h/a.wav?token=T0KEN") == "ok"
+    assert "retry 1/5" in caplog.text
+    assert "hunter22" not in caplog.text and "T0KEN" not in caplog.text
+
+
+def test_deleting_what_is_already_gone_is_done(tmp_path: Path) -> None:
+    """A retried delete whose first answer was lost finds the object gone; so does a
+    release of a lease a run that took it over has deleted."""
+    fs, path = storage.url_to_fs(str(tmp_path / "gone.json"))
+    storage.remove_file(fs, path)
+    storage.remove_tree(fs, str(tmp_path / "no-such-folder"))
+
+
+def test_a_move_whose_delete_response_was_lost_is_done() -> None:
+    """On an object store a move is a copy then a delete; a delete that happened but whose
+    answer was lost is retried, finds the source gone, and the move has succeeded. A source
+    missing at the first delete is an error (the copy read something else)."""
+    class Store:
+        protocol = "s3"
+
+        def __init__(self, lose_first_answer: bool) -> None:
+            self.objects = {"b/staged.parquet": b"x"}
+            self.lose = lose_first_answer
+
+        def copy(self, src: str, dst: str) -> None:
+            self.objects[dst] = self.objects[src]
+
+        def rm(self, path: str) -> None:
+            if path not in self.objects:
+                raise FileNotFoundError(path)
+            del self.objects[path]
+            if self.lose:
+                self.lose = False
+                raise ConnectionResetError("connection reset before the answer")
+
+    store = Store(lose_first_answer=True)
+    storage.move(store, "b/staged.parquet", "b/final.parquet")
+    assert store.objects == {"b/final.parquet": b"x"}
+    store = Store(lose_first_answer=False)
+    store.copy = lambda src, dst: store.objects.pop(src) and None  # the source went meanwhile
+    with pytest.raises(FileNotFoundError):
+        storage.move(store, "b/staged.parquet", "b/final.parquet")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "job_configs").glob("*.yaml")))

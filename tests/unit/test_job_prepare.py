@@ -735,6 +735,85 @@ def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: 
     assert Path(lay.commit_path("b" * 16)).exists() and Path(lay.commit_path("c" * 16)).exists()
 
 
+def test_a_shard_reopened_for_a_new_table_does_not_keep_an_earlier_versions_rows(
+        archive: Path, tmp_path: Path) -> None:
+    """A shard written without windows holds an earlier version of a.wav (rewritten since)
+    and a recording no longer listed. Turning windows on reopens it: the one no longer
+    listed keeps its rows, carved out; the earlier version of a.wav does not, or the tables
+    would hold a.wav twice, beside the new version's rows."""
+    from pipeline import layout as layout_mod
+
+    first = job(archive, tmp_path, output={"windows": False})
+    first.prepare()
+    first._lease.release()
+    [a] = first.todo
+    lay = first.layout
+    old_a = {"recording_id": "a-before-it-changed", "source_uri": a.uri, "outcome": "ok"}
+    gone = {"recording_id": "gone", "source_uri": "/nowhere/x.wav", "outcome": "ok"}
+    layout_mod.write_json(lay.fs, lay.commit_path("e" * 16), {
+        "shard": "e" * 16, "files": {}, "tables": ["recordings", "errors"],
+        "recordings": [old_a, gone]})
+    again = job(archive, tmp_path)
+    again.prepare()
+    again._lease.release()
+    assert [i.recording_id for i in again.todo] == [a.recording_id]
+    assert not Path(lay.commit_path("e" * 16)).exists()
+    kept = layout_mod.read_json(lay.fs, lay.commit_path(
+        layout_mod.carved_shard_id("e" * 16, {"gone"})))
+    assert kept["recordings"] == [gone]
+
+
+def test_a_shard_without_a_new_table_holding_none_of_this_runs_recordings_is_left_alone(
+        archive: Path, tmp_path: Path) -> None:
+    """Another prefix's shard, written before windows were turned on: this run can redo
+    none of its recordings, so it is not reopened (nor copied into a shard of its own on
+    every run)."""
+    from pipeline import layout as layout_mod
+
+    first = job(archive, tmp_path, output={"windows": False})
+    first.prepare()
+    first._lease.release()
+    lay = first.layout
+    layout_mod.write_json(lay.fs, lay.commit_path("h" * 16), {
+        "shard": "h" * 16, "files": {}, "tables": ["recordings", "errors"],
+        "recordings": [{"recording_id": "elsewhere", "source_uri": "/other/x.wav",
+                        "outcome": "ok"}]})
+    on = job(archive, tmp_path)
+    on.prepare()
+    on._lease.release()
+    assert sorted(p.name for p in Path(lay.commit_path("h" * 16)).parent.iterdir()) == [
+        "h" * 16 + ".json"]
+
+
+def test_recordings_refused_by_limits_this_run_admits_are_redone_if_still_listed(
+        archive: Path, tmp_path: Path) -> None:
+    """A run with wider audio limits redoes the listed recordings the earlier limits
+    refused; the error row of one no longer listed stays (nothing would replace it)."""
+    from pipeline import layout as layout_mod
+
+    first = job(archive, tmp_path)
+    first.prepare()
+    first._lease.release()
+    [a] = first.todo
+    lay = first.layout
+    refused = {"outcome": "error", "error_type": "TooManyChannels",
+               "refused": {"sample_rate_hz": 16_000, "channels": 12}}
+    for shard_id, rec in (("f" * 16, {"recording_id": a.recording_id, "source_uri": a.uri}),
+                          ("g" * 16, {"recording_id": "gone", "source_uri": "/nowhere/x.wav"})):
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
+            "shard": shard_id, "files": {}, "recordings": [{**rec, **refused}]})
+    narrow = job(archive, tmp_path, audio={"max_channels": 8})
+    narrow.prepare()
+    narrow._lease.release()
+    assert narrow.todo == []
+    wide = job(archive, tmp_path)
+    wide.prepare()
+    wide._lease.release()
+    assert [i.recording_id for i in wide.todo] == [a.recording_id]
+    assert not Path(lay.commit_path("f" * 16)).exists()
+    assert Path(lay.commit_path("g" * 16)).exists()
+
+
 def _commit_one_shard(j: EmbeddingJob, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Commit a prepared job's first shard as its write tasks would have left it: ``a.wav``
     embedded, ``bad.wav`` an error. Returns ``recording_id -> uri``."""
@@ -897,6 +976,21 @@ def test_a_manifest_column_another_variant_stores_in_another_type_is_warned_abou
                                                for v in (first, other))
 
 
+def test_a_manifest_column_only_one_variant_has_is_no_clash(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Variants of one root with different manifest columns: a column another namespace
+    lacks has no other type there, and a run must neither warn of it nor fail on it."""
+    (archive / "m1.csv").write_text("uri,site\na.wav,north\n")
+    (archive / "m2.csv").write_text("uri,calls\na.wav,4\n")
+    prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        other = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m2.csv")},
+                    windows={"hop_s": 1.25})
+        other.prepare()
+        other._lease.release()
+    assert not [r for r in caplog.records if r.name == "pipeline.resume"]
+
+
 def prepared_on(archive: Path, tmp_path: Path, inputs: dict[str, Any]) -> EmbeddingJob:
     """A first run of ``inputs``, prepared (its lease given back)."""
     first = job(archive, tmp_path, input=inputs)
@@ -911,6 +1005,43 @@ def error_row_of(j: EmbeddingJob) -> pa.Table:
     return rows_to_table([{"recording_id": item.recording_id, "error_type": "X", "message": "m"}],
                          errors_schema(j.listing.extras.schema), j._sources_table(j.todo),
                          j.provenance.row_columns())
+
+
+def test_manifest_columns_are_checked_against_a_file_that_is_still_there(
+        archive: Path, tmp_path: Path) -> None:
+    """The first committed file (by shard) was deleted by hand; the next one still tells
+    the namespace's columns, and a manifest with other columns is refused, not let in."""
+    from pipeline import layout as layout_mod
+    from pipeline.sink import write_parquet
+
+    (archive / "m1.csv").write_text("uri,site\na.wav,north\n")
+    (archive / "m2.csv").write_text("uri,site,calls\na.wav,north,3\n")
+    first = prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    lay = first.layout
+    for shard_id in ("a" * 16, "b" * 16):
+        path = lay.shard_file("errors", shard_id, 0)
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
+            "shard": shard_id, "recordings": [{"recording_id": shard_id, "outcome": "error"}],
+            "files": {"errors": [{"path": path, "rows": 1}]}})
+    write_parquet(error_row_of(first), lay.shard_file("errors", "b" * 16, 0), {}, 100, "zstd")
+    with pytest.raises(ConfigError, match=r"carry the manifest columns \[site: string\]"):
+        job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m2.csv")}).prepare()
+
+
+def test_a_namespace_with_nothing_committed_records_the_columns_of_its_latest_run(
+        archive: Path, tmp_path: Path) -> None:
+    """A first run stopped before committing anything; the next brings other manifest
+    columns, which the namespace's rows will carry: its columns record says so (other
+    variants' runs warn against it)."""
+    import json
+
+    (archive / "m1.csv").write_text("uri,site\na.wav,7\n")
+    (archive / "m2.csv").write_text("uri,site\na.wav,north\n")
+    first = prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    record = Path(first.layout.columns_path())
+    assert json.loads(record.read_text())["columns"] == {"site": "int64"}
+    prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m2.csv")})
+    assert json.loads(record.read_text())["columns"] == {"site": "string"}
 
 
 def test_manifest_columns_are_compared_as_parquet_stores_them(archive: Path,

@@ -99,6 +99,18 @@ def test_a_running_holder_refuses_a_second_run_until_it_ends(layout: OutputLayou
     second.release()
 
 
+def test_a_lease_record_that_cannot_be_read_is_taken(layout: OutputLayout) -> None:
+    """A record cut short (a local write killed mid-way by hand, a store's partial object)
+    names no holder to wait for: the run takes the lease, it does not crash on it."""
+    path = Path(layout.lease_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"job_id": "cut", "tok')
+    lease = NamespaceLease(layout, "next")
+    lease.acquire()
+    assert holder_of(layout)["job_id"] == "next"
+    lease.release()
+
+
 def test_a_driver_that_died_on_this_host_is_taken_over_at_once(layout: OutputLayout) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -145,6 +157,47 @@ def test_two_runs_given_one_job_id_are_two_holders(layout: OutputLayout) -> None
     with pytest.raises(NamespaceBusyError, match="job nightly"):
         NamespaceLease(layout, "nightly").acquire()
     first.release()
+
+
+def test_of_two_runs_starting_at_once_only_the_one_whose_write_landed_last_proceeds(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both found no lease and wrote theirs; the other run's write landed after this one's,
+    within the settle time: the read-back shows the other's record, so this run is refused
+    (both proceeding would embed the same recordings twice)."""
+    real_write = lease_mod.write_json
+
+    def raced(fs, path, record):
+        real_write(fs, path, record)
+        if record["job_id"] == "first":  # the other run's write lands just after ours
+            real_write(fs, path, {**record, "job_id": "second", "token": "t-second",
+                                  "host": "another-node"})
+
+    monkeypatch.setattr(lease_mod, "write_json", raced)
+    with pytest.raises(NamespaceBusyError, match="job second"):
+        NamespaceLease(layout, "first").acquire()
+    assert holder_of(layout)["job_id"] == "second"
+
+
+def test_a_lease_whose_first_write_stalled_counts_from_before_the_write(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write that takes the lease stalled (a PUT in retries) for longer than a heartbeat
+    may stay away: another run may have found no lease and taken it meanwhile, so this run
+    must not commit as if it had renewed the lease just now."""
+    real_write = lease_mod.write_json
+
+    def stalled(fs, path, record):
+        time.sleep(lease_mod.STALE_S - lease_mod.HEARTBEAT_S + 0.2)
+        real_write(fs, path, record)
+
+    monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 60.0)  # no beat gets through meanwhile
+    monkeypatch.setattr(lease_mod, "STALE_S", 60.8)
+    monkeypatch.setattr(lease_mod, "write_json", stalled)
+    lease = NamespaceLease(layout, "stalled")
+    lease.acquire()
+    assert lease.lost()
+    with pytest.raises(LeaseLostError, match="could not renew"):
+        lease.check()
+    lease.release()
 
 
 def test_the_heartbeat_runs_from_the_moment_the_lease_is_taken(layout: OutputLayout) -> None:
@@ -342,6 +395,35 @@ def test_inspect_shows_the_run_writing_a_namespace(layout: OutputLayout) -> None
         load_catalog(layout.root))
     held.release()
     assert "running:" not in render(load_catalog(layout.root))
+
+
+def test_inspect_shows_a_run_on_another_machine_with_a_fresh_heartbeat_as_running(
+        layout: OutputLayout) -> None:
+    """Its pid means nothing here: only its heartbeat's age tells, and a fresh one is a live
+    run (called stopped, a user would start another run beside it)."""
+    from pipeline.catalog import load_catalog, render
+
+    plant(layout, job_id="remote", host="another-host", heartbeat=time.time())
+    shown = render(load_catalog(layout.root))
+    assert "running: job remote (host another-host" in shown
+    assert "stale lease" not in shown
+
+
+def test_a_write_landing_while_the_lease_settles_takes_it(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs start at once: the other's write lands a moment after this one's, before
+    this one reads its lease back. Reading back at once would find this run's own record,
+    and both would run; after the settle time it finds the other's, and is refused."""
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if seconds == lease_mod.SETTLE_S:
+            plant(layout, job_id="same-instant", token="t-same", host="another-node")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(lease_mod.time, "sleep", sleep)
+    with pytest.raises(NamespaceBusyError, match="job same-instant"):
+        NamespaceLease(layout, "mine").acquire()
 
 
 def test_inspect_tells_a_dead_runs_lease_and_record_from_a_live_one(

@@ -86,6 +86,16 @@ def test_manifest_columns_keep_what_a_number_would_lose(folder: Path) -> None:
     assert [r["ok"] for r in rows] == [True, False]
 
 
+def test_a_sixteen_digit_integer_among_decimals_stays_text(folder: Path) -> None:
+    """A float holds 15 digits exactly, not 16: 9007199254740993 read as a number comes
+    back as ...992, another tag than the one written."""
+    path = folder / "manifest.csv"
+    path.write_text("uri,tag\na.wav,0.5\nb.wav,9007199254740993\n")
+    extras = list_sources(InputConfig(manifest=str(path))).extras
+    assert extras is not None
+    assert extras.column("tag").to_pylist() == ["0.5", "9007199254740993"]
+
+
 def test_manifest_columns_are_stored_in_types_bigquery_and_spark_read(folder: Path) -> None:
     """A pandas-written Parquet manifest brings unsigned, nanosecond, dictionary and large
     types; the rows get signed, microsecond, plain ones with the same values."""
@@ -462,6 +472,16 @@ def test_one_s3_object_has_one_version_however_it_was_listed() -> None:
     assert source_version({"VersionId": "v1", "size": 3}) == "VersionId=v1"
 
 
+def test_an_http_servers_digest_is_the_objects_version() -> None:
+    """A server that says only ``Digest`` (RFC 3230) and a date: the digest changes with the
+    content, the date may not (a copy that keeps mtimes), so the digest is the version."""
+    from pipeline.sources import source_version
+
+    info = {"size": 10, "Digest": "sha-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=",
+            "Last-Modified": "Mon, 02 Nov 2026 10:00:00 GMT"}
+    assert source_version(info) == "Digest=sha-256=X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE="
+
+
 def test_an_http_object_replaced_by_one_of_the_same_size_is_a_new_version(tmp_path) -> None:
     """Python's http.server sends no ETag, only Last-Modified: a re-exported WAV of the same
     size kept its version (``size=…,mtime=``) and was never embedded again."""
@@ -492,6 +512,19 @@ def test_relative_manifest_uris_in_a_bucket_are_normalised() -> None:
     assert resolve_relative("a.wav", "s3://rec/m") == "s3://rec/m/a.wav"
     assert resolve_relative("../a/aru_1.wav", "gs://rec/m") == "gs://rec/a/aru_1.wav"
     assert resolve_relative("s3://other/x.wav", "s3://rec/m") == "s3://other/x.wav"
+
+
+def test_a_file_url_naming_a_file_literally_is_not_read_decoded(tmp_path: Path) -> None:
+    """``rec%20one.wav`` exists, and so does ``rec one.wav``: the row names the first (only
+    a URL naming no file is read percent-decoded)."""
+    from pipeline.sources import resolve_relative
+
+    (tmp_path / "rec%20one.wav").write_bytes(b"RIFF")
+    (tmp_path / "rec one.wav").write_bytes(b"RIFF")
+    literal = f"file://{tmp_path}/rec%20one.wav"
+    assert resolve_relative(literal, str(tmp_path)) == literal
+    (tmp_path / "rec%20one.wav").unlink()
+    assert resolve_relative(literal, str(tmp_path)) == f"file://{tmp_path}/rec one.wav"
 
 
 def test_a_glob_fsspec_refuses_names_the_field(tmp_path: Path) -> None:
@@ -616,6 +649,19 @@ def test_what_an_output_writes_for_the_unknown_is_looked_up_or_asked_for(
     assert (b.version, b.size_bytes, c.version, c.size_bytes) == (
         "ETag=7", -1, "d41d8cd98f00", 3244)
     assert "1 source_version value(s) such as 'd41d8cd98f00'" in caplog.text
+
+
+def test_an_object_listed_once_with_its_version_and_once_without_is_not_refused(
+        folder: Path) -> None:
+    """A manifest made from an output: the object failed once (``missing``: no version) and
+    was embedded later (``ETag=7``). A row without a version gives none to disagree with:
+    the first row is taken, and the object is one recording."""
+    rows = pa.table({"uri": ["a.wav", "a.wav", "b.wav", "b.wav"],
+                     "source_version": [MISSING, "ETag=7", "ETag=8", ""]})
+    pq.write_table(rows, folder / "m.parquet")
+    listing = list_sources(InputConfig(manifest=str(folder / "m.parquet")))
+    a, b = listing.items
+    assert a.version.startswith("size=") and b.version == "ETag=8"
 
 
 def _signed(base: str, name: str, date: str) -> str:
@@ -763,3 +809,18 @@ def test_a_shards_id_names_all_its_recordings() -> None:
     [(other, _)] = sources.plan_shards(items("a", "c"), 2)
     [(again, _)] = sources.plan_shards(items("a", "b"), 2)
     assert one != other and one == again
+
+
+def test_a_shard_of_a_changed_object_is_another_shard() -> None:
+    """The same objects, one of them rewritten since (a new version, a new recording id):
+    its shard must not take the id of the shard committed for the old version, which a
+    rerun would read as already done (or overwrite)."""
+    def items(version: str) -> list:
+        return [sources.SourceItem(uri=f"/{n}.wav", path=f"/{n}.wav", size_bytes=1,
+                                   version=version,
+                                   recording_id=sources.recording_id(f"/{n}.wav", version))
+                for n in ("a", "b")]
+
+    [(before, _)] = sources.plan_shards(items("ETag=1"), 2)
+    [(after, _)] = sources.plan_shards(items("ETag=2"), 2)
+    assert before != after
