@@ -262,6 +262,30 @@ class _LatestWriter:
             log.warning("%s not updated: %s", self._what, redact.text(str(err)))
 
 
+def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress], written: Written,
+                       per_actor: dict[str, dict[str, float]]) -> ShardProgress | None:
+    """Fold what one write task returned into its actors' timing, its shard's progress and
+    the counts of what is written; the shard, taken out of ``pending``, once it is complete
+    (every recording's rows written, every report in)."""
+    for actor, timing in ret.timing.items():
+        merge_timing(per_actor, {"actor": actor, **timing})
+    if not ret.shard:
+        return None
+    progress = pending.get(ret.shard)
+    if progress is None:
+        raise RuntimeError(f"rows for shard {ret.shard} after it was committed (or of no "
+                           "shard of this run); stopping")
+    for rid in progress.add(ret):
+        report = progress.reports[rid]
+        written.recordings += 1
+        written.audio_s += float(report.get("duration_s", 0.0))
+        written.bytes_read += int(report.get("bytes_read", 0))
+    if not progress.complete:
+        return None
+    del pending[ret.shard]
+    return progress
+
+
 class _CommitStopped(Exception):
     """A commit left unfinished because the job is stopping."""
 
@@ -782,23 +806,10 @@ class EmbeddingJob:
                     if self._lease.lost():  # stop here, not at the next commit
                         self._lease.check()
                     for row in batch.to_pylist():
-                        ret = WriteReturn.from_row(row)
-                        for actor, timing in ret.timing.items():
-                            merge_timing(per_actor, {"actor": actor, **timing})
-                        if not ret.shard:
-                            continue
-                        progress = pending.get(ret.shard)
-                        if progress is None:
-                            raise RuntimeError(f"rows for shard {ret.shard} after it was "
-                                               "committed (or of no shard of this run); stopping")
-                        for rid in progress.add(ret):
-                            report = progress.reports[rid]
-                            written.recordings += 1
-                            written.audio_s += float(report.get("duration_s", 0.0))
-                            written.bytes_read += int(report.get("bytes_read", 0))
-                        if progress.complete:
-                            del pending[ret.shard]
-                            committer.submit(progress)
+                        complete = _take_write_return(WriteReturn.from_row(row), pending,
+                                                      written, per_actor)
+                        if complete is not None:
+                            committer.submit(complete)
                     committer.collect()
             committer.collect(wait="all")
         except BaseException as err:
