@@ -1017,28 +1017,15 @@ class EmbeddingJob:
         publishing or before the marker, as a killed driver would, for the next run's
         recovery)."""
         shard_id = progress.shard_id
-        staging = self.layout.uri(self.layout.staging_dir(shard_id))
         pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
         rec_rows, err_rows, outcome, settled = self._shard_rows(shard_id, items, progress.reports,
                                                                 progress.dropped, pooled)
         staged: dict[str, list[str]] = {"windows": [p for p, _ in progress.files]}
         file_rows = dict(progress.files)
-        extras = self.listing.extras
-        meta = self.parquet_metadata
-        sources = self._sources_table(items)
-        o = self.cfg.output
-        for table_name, rows, schema in (
-            ("recordings", rec_rows, recordings_schema(extras.schema if extras else None, meta)),
-            ("errors", err_rows, errors_schema(extras.schema if extras else None, meta)),
-        ):
-            if not rows or (table_name == "recordings" and not o.recordings):
-                continue
-            table = rows_to_table(rows, schema, sources, self.provenance.row_columns())
-            path = storage.join(staging, table_name, "part-000000.parquet")
-            write_parquet(table, path, o.storage_options,
-                          self._row_group_rows, o.compression)
+        for table_name, path, rows in self._stage_tables(shard_id, items, rec_rows, err_rows):
             staged[table_name] = [path]
-            file_rows[path] = table.num_rows
+            file_rows[path] = rows
+        o = self.cfg.output
         self._check_may_commit(stopping)
         fault_point("before_publish")
         staged_paths = {t: [storage.url_to_fs(p, o.storage_options)[1] for p in ps]
@@ -1066,6 +1053,26 @@ class EmbeddingJob:
         })
         fault_point("committed")
         return outcome
+
+    def _stage_tables(self, shard_id: str, items: Sequence[SourceItem],
+                      rec_rows: list[dict[str, Any]], err_rows: list[dict[str, Any]]
+                      ) -> list[tuple[str, str, int]]:
+        """Write a shard's recordings and errors files into its staging folder (the write
+        tasks staged its windows files): (table, path, rows) of each written."""
+        extras = self.listing.extras.schema if self.listing.extras else None
+        meta, o = self.parquet_metadata, self.cfg.output
+        staging = self.layout.uri(self.layout.staging_dir(shard_id))
+        sources = self._sources_table(items)
+        written = []
+        for table_name, rows, schema in (("recordings", rec_rows, recordings_schema(extras, meta)),
+                                         ("errors", err_rows, errors_schema(extras, meta))):
+            if not rows or (table_name == "recordings" and not o.recordings):
+                continue
+            table = rows_to_table(rows, schema, sources, self.provenance.row_columns())
+            path = storage.join(staging, table_name, "part-000000.parquet")
+            write_parquet(table, path, o.storage_options, self._row_group_rows, o.compression)
+            written.append((table_name, path, table.num_rows))
+        return written
 
     def _check_may_commit(self, stopping: threading.Event) -> None:
         if stopping.is_set():
