@@ -1220,7 +1220,8 @@ class EmbeddingJob:
         self._write_record(record)
 
     def _job_record(self, summary: dict[str, Any], final: bool) -> dict[str, Any]:
-        return {**self.file_provenance, "ended_at": utc_now() if final else None,
+        submission = {"ray_submission": self._lease.submission} if self._lease.submission else {}
+        return {**self.file_provenance, **submission, "ended_at": utc_now() if final else None,
                 "updated_at": utc_now(), "summary": summary}
 
     def _write_record(self, record: dict[str, Any]) -> None:

@@ -69,6 +69,7 @@ class NamespaceLease:
         self.job_id = job_id
         self.path = layout.lease_path()
         self.token = uuid.uuid4().hex
+        self.submission = ray_submission_id()  # under Ray Jobs: what `stop` takes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
@@ -218,7 +219,8 @@ class NamespaceLease:
 
     def _record(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "token": self.token, **machine(), "pid": os.getpid(),
-                "heartbeat": time.time()}
+                "heartbeat": time.time(),
+                **({"ray_submission": self.submission} if self.submission else {})}
 
     def _read(self) -> dict[str, Any] | None:
         fs = self.layout.fs
@@ -247,10 +249,24 @@ class NamespaceLease:
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
         age = time.time() - float(holder.get("heartbeat", 0.0))
+        submission = holder.get("ray_submission")
+        stop = (f"it is the Ray job {submission}: embed-archive stop {submission}; "
+                if isinstance(submission, str) and submission else "")
         return (f"job {holder.get('job_id')} (host {holder.get('host')}, pid {holder.get('pid')}) "
                 f"is running on {self.layout.uri(self.layout.table_dir('windows'))}, heartbeat "
                 f"{age:.0f} s ago; two runs on one namespace would embed the same recordings. "
-                f"Wait for it, or stop it (its lease is {self.layout.uri(self.path)})")
+                f"Wait for it, or stop it ({stop}its lease is {self.layout.uri(self.path)})")
+
+
+def ray_submission_id() -> str | None:
+    """The Ray Jobs submission id of this driver (what ``embed-archive stop`` takes), from
+    the job config Ray's job supervisor gives it; None outside Ray Jobs."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        submission = config.get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):  # not Ray's, or another shape: say nothing
+        return None
+    return submission if isinstance(submission, str) and submission else None
 
 
 def machine() -> dict[str, str]:

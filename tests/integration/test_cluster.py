@@ -373,6 +373,7 @@ def test_outputs_are_complete_without_duplicates(submitted: dict[str, Any]) -> N
     assert rec[4] == [f"{package_version()}+{FAKE_COMMIT[:12]}"]
     record = json.loads((out / "_jobs" / f"{job_id}.json").read_text())
     assert record["git_commit"] == FAKE_COMMIT
+    assert record["ray_submission"] == submitted["id"]  # what `embed-archive stop` takes
     assert record["config"]["compute"]["address"] == "auto"
 
 

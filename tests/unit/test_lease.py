@@ -498,3 +498,27 @@ def test_inspect_finds_a_first_run_before_its_first_commit(layout: OutputLayout)
     assert "  first  interrupted" in shown
     Path(layout.lease_path()).unlink()  # the files alone still show the namespace
     assert "WARNING: 1 files without a commit marker" in render(load_catalog(layout.root))
+
+
+def test_a_run_refused_beside_a_submitted_one_is_told_how_to_stop_it(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second submit to the same output was refused naming the job id only, not the Ray
+    Jobs submission that `embed-archive stop` takes (Ray's job supervisor gives its driver
+    the id in RAY_JOB_CONFIG_JSON_ENV_VAR's metadata)."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {}, "metadata": {"job_submission_id": "embed-archive-first",
+                                         "embed_archive.job_id": "first"}}))
+    first = NamespaceLease(layout, "first")
+    first.acquire()
+    first.start()
+    assert holder_of(layout)["ray_submission"] == "embed-archive-first"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")  # said nothing of then
+    with pytest.raises(NamespaceBusyError,
+                       match="it is the Ray job embed-archive-first: embed-archive stop "
+                             "embed-archive-first; its lease is"):
+        NamespaceLease(layout, "second").acquire()
+    first.release()
+    second = NamespaceLease(layout, "second")
+    second.acquire()
+    assert "ray_submission" not in holder_of(layout)
+    second.release()
