@@ -646,15 +646,39 @@ def _iso(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
+# What a job's exit status means (README, "Exit status of run"): Ray calls every non-zero
+# one FAILED, a run that embedded all but a few broken recordings included.
+OUTCOMES = {
+    0: "every recording embedded",
+    1: "the job failed after it started",
+    2: "refused before any work (config, inputs, or another run on the namespace)",
+    3: "finished; some recordings failed (see the errors table)",
+    4: "stopped by run.max_failed_fraction",
+    EXIT_STOPPED: "stopped; what it committed stays, and a resubmit resumes",
+}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
 def render_summary(summary: Mapping[str, Any]) -> str:
-    """Human-readable ``status`` output."""
+    """Human-readable ``status`` output: Ray's status, what the run's own exit status
+    means once it has ended, and Ray's message without the log tail it appends."""
     lines = [f"{summary['submission_id']}: {summary['status']}"]
+    if summary["status"] in TERMINAL:
+        code = exit_code_for(summary)
+        lines.append(f"  {'outcome':<10} exit {code}: {OUTCOMES.get(code, 'see its logs')}")
+    shown = {**summary, "message": _message_head(summary.get("message"))}
     for label, key in (("message", "message"), ("ray job", "ray_job_id"),
                        ("started", "start_time"), ("ended", "end_time"),
                        ("exit code", "driver_exit_code"), ("entrypoint", "entrypoint")):
-        if summary.get(key) not in (None, ""):
-            lines.append(f"  {label:<10} {summary[key]}")
+        if shown.get(key) not in (None, ""):
+            lines.append(f"  {label:<10} {shown[key]}")
     return "\n".join(lines)
+
+
+def _message_head(message: str | None) -> str:
+    """Ray's job message without the log tail it appends to a failed job's."""
+    lines = (message or "").strip().splitlines()
+    return lines[0].split(", last available logs")[0].rstrip(":") if lines else ""
 
 
 def exit_code_for(summary: Mapping[str, Any]) -> int:
@@ -673,10 +697,9 @@ def status_line(summary: Mapping[str, Any]) -> str:
     """One line for the end of ``logs --follow``: the status, the exit status it gives, and
     the first line of Ray's message without the log tail Ray appends to it (the logs were
     just streamed)."""
-    message = (summary.get("message") or "").strip().splitlines()
-    first = message[0].split(", last available logs")[0].rstrip(":") if message else ""
-    return (f"job {summary['submission_id']} {summary['status']} "
-            f"(exit {exit_code_for(summary)}){': ' + first if first else ''}")
+    first, code = _message_head(summary.get("message")), exit_code_for(summary)
+    return (f"job {summary['submission_id']} {summary['status']} (exit {code}: "
+            f"{OUTCOMES.get(code, 'see the logs above')}){': ' + first if first else ''}")
 
 
 def follow_logs(client: Any, submission_id: str, out: TextIO) -> None:

@@ -886,9 +886,22 @@ def test_the_line_after_following_names_the_exit_status_without_the_log_tail() -
               "message": "Job entrypoint command failed with exit code 3, last available logs "
                          "(truncated to 20,000 chars):\nshard 11/11 committed\njob x: done\n"}
     assert cluster.status_line(failed) == (
-        "job j1 FAILED (exit 3): Job entrypoint command failed with exit code 3")
+        "job j1 FAILED (exit 3: finished; some recordings failed (see the errors table)): "
+        "Job entrypoint command failed with exit code 3")
     stopped = {"submission_id": "j1", "status": "STOPPED", "driver_exit_code": None,
                "message": "Job was intentionally stopped."}
-    assert cluster.status_line(stopped) == "job j1 STOPPED (exit 15): Job was intentionally stopped."
-    assert cluster.status_line({"submission_id": "j1", "status": "SUCCEEDED",
-                                "message": ""}) == "job j1 SUCCEEDED (exit 0)"
+    assert cluster.status_line(stopped) == (
+        "job j1 STOPPED (exit 15: stopped; what it committed stays, and a resubmit resumes): "
+        "Job was intentionally stopped.")
+    assert cluster.status_line({"submission_id": "j1", "status": "SUCCEEDED", "message": ""}
+                               ) == "job j1 SUCCEEDED (exit 0: every recording embedded)"
+    # `status` says the same of an ended job, and nothing of an outcome while it runs.
+    shown = cluster.render_summary({**failed, "ray_job_id": "02000000"}).splitlines()
+    assert shown[:3] == ["j1: FAILED",
+                         ("  outcome    exit 3: finished; some recordings failed (see the "
+                         "errors table)"),
+                         "  message    Job entrypoint command failed with exit code 3"]
+    assert "shard 11/11" not in "\n".join(shown)
+    running = cluster.render_summary({"submission_id": "j1", "status": "RUNNING",
+                                      "message": "Job is currently running."})
+    assert running == "j1: RUNNING\n  message    Job is currently running."
