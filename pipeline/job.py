@@ -713,6 +713,17 @@ class EmbeddingJob:
         self.summary = summary
         started = self._run_started = time.perf_counter()
         self._lease.start()
+        with contextlib.ExitStack() as finish:  # last pushed runs first, each whatever befalls
+            finish.callback(self._stop_ray)  # after the record and the lease: see there
+            finish.callback(setattr, self, "prepared", False)  # a second run() prepares again
+            finish.callback(self._lease.release)
+            finish.callback(self._write_job_record, summary, started, final=True)
+            self._run_recorded(summary, started)
+        return summary
+
+    def _run_recorded(self, summary: JobSummary, started: float) -> None:
+        """Run the shards, setting the summary's status, exit status and message however
+        the run ends (run() then writes the final record)."""
         try:
             self._lease.check()  # prepared long ago, another run may have taken over since
             self._write_job_record(summary, started)
@@ -740,16 +751,6 @@ class EmbeddingJob:
             summary.status, summary.exit_code = "failed", EXIT_FAILURE
             summary.message = f"{type(err).__name__}: {err}"
             raise
-        finally:
-            try:
-                self._write_job_record(summary, started, final=True)
-            finally:
-                try:
-                    self._lease.release()
-                finally:
-                    self.prepared = False  # a second run() prepares (and the lease) again
-                    self._stop_ray()
-        return summary
 
     def _run_shards(self, summary: JobSummary, started: float) -> None:
         import ray
