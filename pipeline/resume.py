@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -91,10 +91,15 @@ class Resumption:
         """Read the markers, finish what a crashed run left, reopen the shards to redo, and
         return the listed recordings no marker settles."""
         markers = layout_mod.committed_shards(self.layout)
+        before = dict(markers)  # finish_carves drops the markers of the shards it uncommits
         carved = layout_mod.finish_carves(self.layout, markers)
         self.check_manifest_columns(markers)
         self.record_columns()
         reopened = self.reopen_shards(markers)
+        # A carve-out a crash interrupted: the crashed run had reopened the source shard for
+        # the recordings it did not carve, which this run redoes; their counts of runs that
+        # met an error (run.max_attempts) are in the source's marker alone.
+        self._carry_attempts(before[shard] for shard in carved)
         layout_mod.recover(self.layout, markers, reopened, carved)
         items = self.listing.items
         ids = pa.array([i.recording_id for i in items], pa.string())
@@ -103,6 +108,16 @@ class Resumption:
         return Remaining(listing=self.listing, todo=todo, already_done=len(items) - len(todo),
                          already_failed=sum(layout_mod.settled_among(ids, markers, "error")),
                          attempts=self.attempts)
+
+    def _carry_attempts(self, markers: Iterable[Mapping[str, Any]]) -> None:
+        """Note, for the run that redoes them, how many runs met an error not its own on
+        each retried recording of ``markers`` (an id in two shards, as hand-made markers
+        may have it: the higher count)."""
+        for marker in markers:
+            for rec in layout_mod.noted(marker):
+                if layout_mod.to_retry(rec):
+                    rid = rec["recording_id"]
+                    self.attempts[rid] = max(self.attempts.get(rid, 0), layout_mod.attempts(rec))
 
     def check_manifest_columns(self, markers: Mapping[str, Mapping[str, Any]]) -> None:
         """Refuse a run whose manifest columns differ from those the namespace's rows carry.
@@ -282,11 +297,7 @@ class Resumption:
         if run.retry_transient_errors:  # (a shard redone whole redoes those too)
             self._say_given_up(markers, reopen & set(lacking))
         self.attempts = {}
-        for shard in reopen:  # an id in two shards (hand-made markers): the higher count
-            for rec in layout_mod.noted(markers[shard]):
-                if layout_mod.to_retry(rec):
-                    rid = rec["recording_id"]
-                    self.attempts[rid] = max(self.attempts.get(rid, 0), layout_mod.attempts(rec))
+        self._carry_attempts(markers[shard] for shard in reopen)
         if not reopen:
             return reopen
         self._say_reopened(markers, reopen, {s: len(ids) for s, ids in retry.items()}, lacking,

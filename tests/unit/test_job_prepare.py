@@ -632,6 +632,36 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     assert not Path(lay.commit_path("b" * 16)).exists()
 
 
+def test_a_carve_out_a_crash_interrupted_keeps_the_count_of_the_recordings_it_redoes(
+        archive: Path, tmp_path: Path) -> None:
+    """Killed between committing a carved shard and uncommitting its source, a run leaves the
+    count of runs that met an error on the recordings it was redoing in the source's marker
+    alone: the next run, uncommitting the source, counted from 0 again, and a recording that
+    fails that way each time had ``run.max_attempts`` runs more per such crash."""
+    from pipeline import layout as layout_mod
+
+    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
+    first = job(archive, tmp_path)
+    first.prepare()
+    first._lease.release()
+    a, b = (i.recording_id for i in first.todo)
+    lay = first.layout
+    kept = {"recording_id": b, "outcome": "ok"}
+    carved_id = layout_mod.carved_shard_id("a" * 16, {b})
+    for shard_id, extra, recs in (
+            ("a" * 16, {}, [{"recording_id": a, "outcome": "error", "error_type": "MemoryError",
+                             "retry": True, "attempts": 2}, kept]),
+            (carved_id, {"carved_from": "a" * 16}, [kept])):
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id),
+                              {"shard": shard_id, "files": {}, "recordings": recs, **extra})
+    again = job(archive, tmp_path)
+    again.prepare()
+    again._lease.release()
+    assert not Path(lay.commit_path("a" * 16)).exists()
+    assert [i.recording_id for i in again.todo] == [a]
+    assert again._attempts == {a: 2}  # its new marker will say 3, the last try by default
+
+
 def test_jobs_over_two_prefixes_into_one_output_leave_each_others_shards_alone(
         archive: Path, tmp_path: Path) -> None:
     """README, At scale: an archive run as one job per prefix, one after another, into one
