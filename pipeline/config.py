@@ -545,7 +545,17 @@ def _yaml_message(err: yaml.YAMLError, source: str) -> str:
         mark = getattr(err, name, None)
         if mark is not None:
             mark.buffer, mark.name = None, source  # Mark.get_snippet quotes nothing then
+    for name in ("context", "problem"):  # 'found undefined alias %r', 'the tag %r': the text
+        text = getattr(err, name, None)
+        if isinstance(text, str):
+            setattr(err, name, _QUOTED.sub(r"\1 '***'", text))
     return str(err)
+
+
+# What PyYAML quotes of the text itself (%r): a value that starts with ! or * (or & twice)
+# is read as a tag, alias or anchor, whose name is the rest of a secret. (A key given twice
+# is quoted by _ConfigLoader: a key is no secret.)
+_QUOTED = re.compile(r"\b(alias|anchor|tag|handle) (?:'[^'\n]*'|\"[^\"\n]*\")")
 
 
 def _mapping_at(data: dict[str, Any], key: str) -> dict[str, Any] | None:
@@ -721,6 +731,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"expected true or false, got {value!r}", where)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # arithmetic on it (batch bytes, budgets) overflows later
+                raise ConfigError("expected an integer, got one too large for 64 bits", where)
             return int(value)
         raise ConfigError(f"expected an integer, got {value!r}", where)
     if hint is float:
@@ -760,12 +772,21 @@ def check_uri(uri: str | None, name: str) -> None:
     problem = chained_url_problem(uri) if uri else None
     if problem:
         raise ConfigError(problem, name)
-    if uri and _BUCKET_URL.match(uri) and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+    match = _BUCKET_URL.match(uri) if uri else None
+    if uri and match:
         # s3fs, gcsfs and adlfs take no credentials from the URL: the bucket name would
-        # be 'KEY:SECRET@bucket', refused by botocore with a traceback quoting it.
-        raise ConfigError(f"{redact.uri(uri)}: a bucket URL takes no credentials; give them "
-                          f"in the storage options (key/secret, token...) or the environment",
-                          name)
+        # be 'KEY:SECRET@bucket', refused by botocore with a traceback quoting it. No bucket
+        # or container name holds ':' (a secret may hold '/': 's3://KEY:ab/cd@bucket'); '@'
+        # is refused for S3 and GCS only: 'abfs://container@account.dfs.core.windows.net'
+        # is how adlfs names a container of an account.
+        authority = uri[match.end():].split("/", 1)[0]
+        azure = match.group(1).lower() in ("az", "abfs", "abfss", "adl")
+        if ":" in authority or ("@" in authority and not azure):
+            # redact.uri masks user:pass@ up to the first '/': not a secret holding one
+            shown = redact.uri(uri) if "@" in authority else f"{match.group(0)}***"
+            raise ConfigError(f"{shown}: a bucket URL takes no credentials; give them in the "
+                              f"storage options (key/secret, token...) or the environment",
+                              name)
 
 
 def canonical_json(value: Any) -> str:

@@ -79,7 +79,12 @@ def connect_ray(cfg: JobConfig) -> bool:
     if joins_cluster(c):
         try:
             ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
-        except ConnectionError as err:
+        except Exception as err:
+            # Token auth on (RAY_AUTH_MODE=token) and no token: Ray's AuthenticationError
+            # (no ConnectionError), raised before any connection is tried.
+            auth = getattr(getattr(ray, "exceptions", None), "AuthenticationError", ())
+            if not isinstance(err, (ConnectionError, auth)):
+                raise
             raise cannot_join(c.address, err) from err
         return True
     # A Ray this call starts inherits the environment of its start, and so do its workers:

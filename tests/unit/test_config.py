@@ -452,6 +452,9 @@ def test_an_integer_too_large_for_a_float_setting_is_refused_naming_it(written: 
         JobConfig.from_dict(BASE, [f"windows.window_s={written}"])
     with pytest.raises(ConfigError, match="too long"):
         JobConfig.from_dict(BASE, ["model.batch_size=" + "9" * 5000])
+    with pytest.raises(ConfigError, match="model.batch_size: .* too large for 64 bits"):
+        JobConfig.from_dict(BASE, ["model.batch_size=" + "9" * 400])
+    assert JobConfig.from_dict(BASE, [f"model.batch_size={2**63 - 1}"]).model.batch_size
 
 
 def test_a_job_id_too_long_for_a_file_name_is_refused() -> None:
@@ -489,3 +492,33 @@ def test_a_bucket_url_with_credentials_is_refused_masked(field: str) -> None:
         JobConfig.from_dict(BASE, [f"{field}=s3://AKIAXXXX:Sup3rS3cret@bucket/x"])
     assert "Sup3rS3cret" not in str(err.value)
     JobConfig.from_dict(BASE, ["input.uri=https://user:pw@host/x.wav"])  # http takes them
+
+
+def test_an_azure_container_at_account_url_is_taken_and_a_secret_with_a_slash_refused() -> None:
+    """`abfs://container@account.dfs.core.windows.net/x` is how adlfs names a container (it
+    was refused as credentials); an AWS secret holding '/' (`s3://KEY:ab/cd@bucket`) slipped
+    past the refusal and past redact.uri."""
+    for uri in ("abfs://container@account.dfs.core.windows.net/x",
+                "az://container@account.blob.core.windows.net/x"):
+        assert JobConfig.from_dict(BASE, [f"output.uri={uri}"]).output.uri == uri
+    with pytest.raises(ConfigError, match=r"output.uri: s3://\*\*\*: a bucket URL") as err:
+        JobConfig.from_dict(BASE, ["output.uri=s3://AKIAXXXX:Sup3r/S3cret@bucket/x"])
+    assert "S3cret" not in str(err.value) and "Sup3r" not in str(err.value)
+    with pytest.raises(ConfigError, match="a bucket URL takes no credentials") as err:
+        JobConfig.from_dict(BASE, ["output.uri=abfs://key:Sup3rS3cret@account.dfs.core.windows.net/x"])
+    assert "Sup3rS3cret" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["!Sup3rS3cretTag", "*Sup3rS3cretAlias"])
+def test_yaml_errors_quote_no_tag_or_alias_of_a_secret(tmp_path, value: str) -> None:
+    """PyYAML's 'could not determine a constructor for the tag %r' and 'found undefined
+    alias %r' quote the text itself: a secret that starts with ! or *."""
+    with pytest.raises(ConfigError) as err:
+        JobConfig.from_dict(BASE, [f"output.storage_options.secret={value}"])
+    assert "Sup3rS3cret" not in str(err.value)
+    path = tmp_path / "job.yaml"
+    path.write_text("input: {uri: /in}\nmodel: {name: toy}\noutput:\n  uri: /out\n"
+                    f"  storage_options:\n    secret: {value} x\n")
+    with pytest.raises(ConfigError, match="line 6") as err:
+        JobConfig.load(path)
+    assert "Sup3rS3cret" not in str(err.value)

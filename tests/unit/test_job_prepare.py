@@ -417,6 +417,8 @@ def test_a_cluster_that_cannot_be_joined_fails_in_one_line(
     import sys
     import types
 
+    from ray.exceptions import AuthenticationError
+
     from pipeline import cli
     from pipeline.errors import PipelineError
     from pipeline.ray_connect import connect_ray
@@ -443,6 +445,19 @@ def test_a_cluster_that_cannot_be_joined_fails_in_one_line(
     monkeypatch.setattr(cli, "cmd_run", lambda args: connect_ray(cfg))
     assert cli.main(["run", "job.yaml"]) == 1
     assert capsys.readouterr().err.startswith("embed-archive: failed: cannot join the Ray cluster")
+    # Token auth on and no token: Ray raises its AuthenticationError (no ConnectionError)
+    # before trying to connect; anything else is not a cluster that cannot be joined.
+    for raised, caught in ((AuthenticationError("no token found"), True),
+                           (ValueError("a bug"), False)):
+        def fail(error: Exception = raised, **kwargs: Any) -> None:
+            raise error
+
+        sys.modules["ray"].init = fail
+        sys.modules["ray"].exceptions = types.SimpleNamespace(
+            AuthenticationError=AuthenticationError)
+        with pytest.raises(PipelineError if caught else ValueError, match="no token found"
+                           if caught else "a bug"):
+            connect_ray(cfg)
 
 
 @pytest.mark.parametrize(("value", "text"), [("http://head:8265", "dashboard address"),
