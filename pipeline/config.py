@@ -614,7 +614,31 @@ class _ConfigLoader(yaml.SafeLoader):
                         f"{seen[key].start_mark.line + 1}): YAML would keep only the last",
                         key_node.start_mark)
                 seen[key] = key_node
-        super().flatten_mapping(node)
+        # Merges folded in here, not by PyYAML's flatten_mapping, whose 6.0.4 keeps the
+        # first of a merged mapping's keys given twice (its merged value, not its own):
+        # `{<<: *mid}` read `a: 1` from `mid: &mid {<<: {a: 1}, a: 2}`. Construction keeps
+        # the last of a key given twice, so the pairs go in from the weakest: the mappings
+        # of `<<: [*a, *b]` from the last, then the node's own keys.
+        merged: list[list[tuple[yaml.Node, yaml.Node]]] = []
+        own = []
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.tag == "tag:yaml.org,2002:value":  # as PyYAML reads `=`
+                    key_node.tag = "tag:yaml.org,2002:str"
+                own.append((key_node, value_node))
+                continue
+            sources = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                       else [value_node])
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or list of mappings for merging, but found "
+                        f"{source.id}", source.start_mark)
+                self.flatten_mapping(source)
+                merged.append(source.value)
+        if merged:
+            node.value = [pair for pairs in reversed(merged) for pair in pairs] + own
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):

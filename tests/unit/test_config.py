@@ -435,6 +435,13 @@ def test_merge_keys_may_override_and_their_keys_are_text_too() -> None:
     assert parse_yaml("x: {c: &x {on: 1, 007: z}}\nm: {<<: *x}\n")["m"] == {"on": 1, "007": "z"}
     with pytest.raises(yaml.YAMLError, match="found the key 'a' twice"):
         parse_yaml("base: &b {a: 1}\nm: {<<: *b, a: 2, a: 3}\n")
+    # Of a list of merged mappings, the first wins; the mapping's own keys win over all.
+    # (PyYAML 6.0.4's own merging read m as {a: 1} from `mid` above: merges are ours.)
+    two = "a: &a {k: 1, x: a}\nb: &b {k: 2, y: b}\n"
+    assert parse_yaml(two + "m: {<<: [*a, *b]}\n")["m"] == {"k": 1, "x": "a", "y": "b"}
+    assert parse_yaml(two + "m: {<<: [*b, *a], k: 3}\n")["m"] == {"k": 3, "x": "a", "y": "b"}
+    with pytest.raises(yaml.YAMLError, match="expected a mapping or list of mappings"):
+        parse_yaml("m: {<<: [3]}\n")
 
 
 def test_a_config_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
