@@ -51,6 +51,14 @@ def job(archive: Path, tmp_path: Path, **sections: dict) -> EmbeddingJob:
     return made
 
 
+def prepared(archive: Path, tmp_path: Path, **sections: Any) -> EmbeddingJob:
+    """A job prepared as a run would be, its lease let go (so the next may prepare)."""
+    prepared_job = job(archive, tmp_path, **sections)
+    prepared_job.prepare()
+    prepared_job._lease.release()
+    return prepared_job
+
+
 def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="is a file") as err:
@@ -343,9 +351,7 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
             fixed._compute_plan({"CPU": cpus})
     for compute, field in (({"decode_cpus": 4}, "compute.decode_cpus"),
                            ({"cpus_per_actor": 3}, "compute.cpus_per_actor")):
-        big = job(archive, tmp_path / field, compute={**compute, "num_cpus": 64})
-        big.prepare()
-        big._lease.release()
+        big = prepared(archive, tmp_path / field, compute={**compute, "num_cpus": 64})
         if max(compute.values()) > cpus:
             with pytest.raises(ConfigError) as err:
                 big._compute_plan({"CPU": cpus})
@@ -612,6 +618,15 @@ def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp
         assert (carved["carved_from"], carved["recordings"]) == ("c" * 16, [shards["b" * 16]])
 
 
+def two_recordings(archive: Path, tmp_path: Path) -> tuple[str, str, Any]:
+    """The archive with a second recording, prepared once (its lease let go): the two ids
+    and the output's layout, for markers a test writes by hand."""
+    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
+    first = prepared(archive, tmp_path)
+    a, b = (i.recording_id for i in first.todo)
+    return a, b, first.layout
+
+
 def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
         archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A failure not the recording's own that comes back run after run (a file that runs its
@@ -620,12 +635,7 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     reopened shard's recordings carry their count into the run that redoes them."""
     from pipeline import layout as layout_mod
 
-    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
-    first = job(archive, tmp_path)
-    first.prepare()
-    first._lease.release()
-    a, b = (i.recording_id for i in first.todo)
-    lay = first.layout
+    a, b, lay = two_recordings(archive, tmp_path)
     for shard_id, rid, tries in (("a" * 16, a, 2), ("b" * 16, b, 3)):
         layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
             "shard": shard_id, "files": {},
@@ -640,9 +650,7 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     assert Path(lay.commit_path("b" * 16)).exists()
     assert ("1 recording(s) met errors not their own (MemoryError) in 3 runs or more: not "
             "retried again") in caplog.text
-    more = job(archive, tmp_path, run={"max_attempts": 4})
-    more.prepare()
-    more._lease.release()
+    more = prepared(archive, tmp_path, run={"max_attempts": 4})
     assert sorted(i.recording_id for i in more.todo) == sorted([a, b])  # a: still to redo
     assert not Path(lay.commit_path("b" * 16)).exists()
 
@@ -655,12 +663,7 @@ def test_a_carve_out_a_crash_interrupted_keeps_the_count_of_the_recordings_it_re
     fails that way each time had ``run.max_attempts`` runs more per such crash."""
     from pipeline import layout as layout_mod
 
-    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
-    first = job(archive, tmp_path)
-    first.prepare()
-    first._lease.release()
-    a, b = (i.recording_id for i in first.todo)
-    lay = first.layout
+    a, b, lay = two_recordings(archive, tmp_path)
     kept = {"recording_id": b, "outcome": "ok"}
     carved_id = layout_mod.carved_shard_id("a" * 16, {b})
     for shard_id, extra, recs in (
@@ -669,9 +672,7 @@ def test_a_carve_out_a_crash_interrupted_keeps_the_count_of_the_recordings_it_re
             (carved_id, {"carved_from": "a" * 16}, [kept])):
         layout_mod.write_json(lay.fs, lay.commit_path(shard_id),
                               {"shard": shard_id, "files": {}, "recordings": recs, **extra})
-    again = job(archive, tmp_path)
-    again.prepare()
-    again._lease.release()
+    again = prepared(archive, tmp_path)
     assert not Path(lay.commit_path("a" * 16)).exists()
     assert [i.recording_id for i in again.todo] == [a]
     assert again._attempts == {a: 2}  # its new marker will say 3, the last try by default
@@ -687,22 +688,16 @@ def test_jobs_over_two_prefixes_into_one_output_leave_each_others_shards_alone(
     for prefix in ("a", "b"):
         (archive / prefix).mkdir()
         sf.write(archive / prefix / "x.wav", np.zeros(16_000, np.float32), 16_000)
-    first = job(archive, tmp_path, input={"uri": str(archive / "a")})
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, input={"uri": str(archive / "a")})
     [a] = first.todo
     lay = first.layout
     layout_mod.write_json(lay.fs, lay.commit_path("a" * 16), {
         "shard": "a" * 16, "files": {}, "tables": ["windows", "recordings", "errors"],
         "recordings": [{"recording_id": a.recording_id, "source_uri": a.uri, "outcome": "ok"}]})
-    other = job(archive, tmp_path, input={"uri": str(archive / "b")})
-    other.prepare()
-    other._lease.release()
+    other = prepared(archive, tmp_path, input={"uri": str(archive / "b")})
     assert [i.uri for i in other.todo] == [str(archive / "b" / "x.wav")]
     assert other.already_done == 0 and Path(lay.commit_path("a" * 16)).exists()
-    again = job(archive, tmp_path, input={"uri": str(archive / "a")})
-    again.prepare()
-    again._lease.release()
+    again = prepared(archive, tmp_path, input={"uri": str(archive / "a")})
     assert (again.already_done, again.todo) == (1, [])
 
 
@@ -712,9 +707,7 @@ def test_a_recording_in_two_reopened_shards_carries_its_higher_count(
     higher one, whichever shard is read first."""
     from pipeline import layout as layout_mod
 
-    first = job(archive, tmp_path)
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path)
     [a] = (i.recording_id for i in first.todo)
     lay = first.layout
     for shard_id, tries in (("a" * 16, 2), ("b" * 16, 1), ("c" * 16, 1)):
@@ -722,9 +715,7 @@ def test_a_recording_in_two_reopened_shards_carries_its_higher_count(
             "shard": shard_id, "files": {},
             "recordings": [{"recording_id": a, "outcome": "error", "error_type": "MemoryError",
                             "retry": True, "attempts": tries}]})
-    again = job(archive, tmp_path)
-    again.prepare()
-    again._lease.release()
+    again = prepared(archive, tmp_path)
     assert again._attempts == {a: 2}
 
 
@@ -768,13 +759,9 @@ def test_a_table_turned_on_later_reopens_the_shards_written_without_it(archive: 
         if tables is not None:
             marker["tables"] = tables
         layout_mod.write_json(lay.fs, lay.commit_path(shard_id), marker)
-    off = job(archive, tmp_path, output={"windows": False})
-    off.prepare()
-    off._lease.release()
+    off = prepared(archive, tmp_path, output={"windows": False})
     assert off.todo == []
-    on = job(archive, tmp_path)
-    on.prepare()
-    on._lease.release()
+    on = prepared(archive, tmp_path)
     assert [i.recording_id for i in on.todo] == [a]
     assert not Path(lay.commit_path("a" * 16)).exists()
     assert Path(lay.commit_path("b" * 16)).exists() and Path(lay.commit_path("c" * 16)).exists()
@@ -788,9 +775,7 @@ def test_a_shard_reopened_for_a_new_table_does_not_keep_an_earlier_versions_rows
     would hold a.wav twice, beside the new version's rows."""
     from pipeline import layout as layout_mod
 
-    first = job(archive, tmp_path, output={"windows": False})
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, output={"windows": False})
     [a] = first.todo
     lay = first.layout
     old_a = {"recording_id": "a-before-it-changed", "source_uri": a.uri, "outcome": "ok"}
@@ -798,9 +783,7 @@ def test_a_shard_reopened_for_a_new_table_does_not_keep_an_earlier_versions_rows
     layout_mod.write_json(lay.fs, lay.commit_path("e" * 16), {
         "shard": "e" * 16, "files": {}, "tables": ["recordings", "errors"],
         "recordings": [old_a, gone]})
-    again = job(archive, tmp_path)
-    again.prepare()
-    again._lease.release()
+    again = prepared(archive, tmp_path)
     assert [i.recording_id for i in again.todo] == [a.recording_id]
     assert not Path(lay.commit_path("e" * 16)).exists()
     kept = layout_mod.read_json(lay.fs, lay.commit_path(
@@ -815,17 +798,13 @@ def test_a_shard_without_a_new_table_holding_none_of_this_runs_recordings_is_lef
     every run)."""
     from pipeline import layout as layout_mod
 
-    first = job(archive, tmp_path, output={"windows": False})
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, output={"windows": False})
     lay = first.layout
     layout_mod.write_json(lay.fs, lay.commit_path("h" * 16), {
         "shard": "h" * 16, "files": {}, "tables": ["recordings", "errors"],
         "recordings": [{"recording_id": "elsewhere", "source_uri": "/other/x.wav",
                         "outcome": "ok"}]})
-    on = job(archive, tmp_path)
-    on.prepare()
-    on._lease.release()
+    prepared(archive, tmp_path)
     assert sorted(p.name for p in Path(lay.commit_path("h" * 16)).parent.iterdir()) == [
         "h" * 16 + ".json"]
 
@@ -836,9 +815,7 @@ def test_recordings_refused_by_limits_this_run_admits_are_redone_if_still_listed
     refused; the error row of one no longer listed stays (nothing would replace it)."""
     from pipeline import layout as layout_mod
 
-    first = job(archive, tmp_path)
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path)
     [a] = first.todo
     lay = first.layout
     refused = {"outcome": "error", "error_type": "TooManyChannels",
@@ -847,13 +824,9 @@ def test_recordings_refused_by_limits_this_run_admits_are_redone_if_still_listed
                           ("g" * 16, {"recording_id": "gone", "source_uri": "/nowhere/x.wav"})):
         layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
             "shard": shard_id, "files": {}, "recordings": [{**rec, **refused}]})
-    narrow = job(archive, tmp_path, audio={"max_channels": 8})
-    narrow.prepare()
-    narrow._lease.release()
+    narrow = prepared(archive, tmp_path, audio={"max_channels": 8})
     assert narrow.todo == []
-    wide = job(archive, tmp_path)
-    wide.prepare()
-    wide._lease.release()
+    wide = prepared(archive, tmp_path)
     assert [i.recording_id for i in wide.todo] == [a.recording_id]
     assert not Path(lay.commit_path("f" * 16)).exists()
     assert Path(lay.commit_path("g" * 16)).exists()
@@ -940,9 +913,7 @@ def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
         (archive / name).write_text(text)
         return {"uri": None, "manifest": str(archive / name)}
 
-    first = job(archive, tmp_path, input=manifest("m1.csv", "uri,site\na.wav,1\n"))
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, input=manifest("m1.csv", "uri,site\na.wav,1\n"))
     lay = first.layout
     written = Path(lay.shard_file("recordings", "a" * 16, 0))
     written.parent.mkdir(parents=True, exist_ok=True)
@@ -963,9 +934,7 @@ def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
     # A column empty in the first run is stored as text (never Arrow's null type, which a
     # later run's values could not join); values of a later run join it as text.
     (tmp_path / "t").mkdir()
-    empty = job(archive, tmp_path / "t", input=manifest("m7.csv", "uri,notes\na.wav,\n"))
-    empty.prepare()
-    empty._lease.release()
+    empty = prepared(archive, tmp_path / "t", input=manifest("m7.csv", "uri,notes\na.wav,\n"))
     assert empty.listing.extras.schema.field("notes").type == pa.string()
     stored = Path(empty.layout.shard_file("recordings", "b" * 16, 0))
     stored.parent.mkdir(parents=True, exist_ok=True)
@@ -973,9 +942,7 @@ def test_a_manifest_whose_columns_differ_from_the_namespaces_rows_is_refused(
     layout_mod.write_json(empty.layout.fs, empty.layout.commit_path("b" * 16), {
         "shard": "b" * 16, "recordings": [{"recording_id": "elsewhere", "outcome": "ok"}],
         "files": {"recordings": [{"path": str(stored), "rows": 0}]}})
-    later = job(archive, tmp_path / "t", input=manifest("m8.csv", "uri,notes\na.wav,42\n"))
-    later.prepare()
-    later._lease.release()
+    later = prepared(archive, tmp_path / "t", input=manifest("m8.csv", "uri,notes\na.wav,42\n"))
     assert later.listing.extras.column("notes").to_pylist() == ["42"]
 
 
@@ -1038,9 +1005,7 @@ def test_a_manifest_column_only_one_variant_has_is_no_clash(
 
 def prepared_on(archive: Path, tmp_path: Path, inputs: dict[str, Any]) -> EmbeddingJob:
     """A first run of ``inputs``, prepared (its lease given back)."""
-    first = job(archive, tmp_path, input=inputs)
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, input=inputs)
     return first
 
 
@@ -1112,9 +1077,7 @@ def prepared_after_committing(errors: pa.Table, first: EmbeddingJob, archive: Pa
     layout_mod.write_json(first.layout.fs, first.layout.commit_path("a" * 16), {
         "shard": "a" * 16, "recordings": [{"recording_id": "other", "outcome": "error"}],
         "files": {"errors": [{"path": path, "rows": 1}]}})
-    again = job(archive, tmp_path, input=inputs)
-    again.prepare()
-    again._lease.release()
+    again = prepared(archive, tmp_path, input=inputs)
     return again
 
 
@@ -1129,9 +1092,7 @@ def test_a_namespace_an_earlier_version_wrote_in_other_types_is_resumed(
         str(stored), "north")
     (archive / "m.csv").write_text(f"uri,x\na.wav,{value}\n")
     inputs = {"uri": None, "manifest": str(archive / "m.csv")}
-    first = job(archive, tmp_path, input=inputs)
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, input=inputs)
     [item] = first.todo
     old = first.listing.extras.set_column(0, pa.field("x", stored),
                                           first.listing.extras.column("x").cast(stored))
@@ -1164,9 +1125,7 @@ def test_a_manifest_in_other_types_joins_a_namespace_where_its_values_carry_over
     import pyarrow.parquet as pq
 
     (archive / "m.csv").write_text("uri,x\na.wav,1\n")
-    first = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m.csv")})
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m.csv")})
     [item] = first.todo
     stored_x = pa.array([1], pa.int64()).cast(stored) if not pa.types.is_timestamp(stored) else \
         pa.array([0], stored)
@@ -1199,9 +1158,7 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
     from pipeline import layout as layout_mod
 
     sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
-    first = job(archive, tmp_path)
-    first.prepare()
-    first._lease.release()
+    first = prepared(archive, tmp_path)
     a, b = first.todo
     lay = first.layout
     old_a = {"recording_id": "a-before-it-changed", "source_uri": a.uri, "outcome": "ok"}
@@ -1212,9 +1169,7 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
     for shard_id, recs in markers.items():
         layout_mod.write_json(lay.fs, lay.commit_path(shard_id),
                               {"shard": shard_id, "recordings": recs, "files": {}})
-    again = job(archive, tmp_path, run={"replace_changed_sources": replace})
-    again.prepare()
-    again._lease.release()
+    again = prepared(archive, tmp_path, run={"replace_changed_sources": replace})
     if replace:  # only the earlier version leaves the shard: b keeps its rows, carved out
         assert [i.recording_id for i in again.todo] == [a.recording_id]
         assert not Path(lay.commit_path("a" * 16)).exists()
@@ -1237,9 +1192,7 @@ def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_
             "shard": "d" * 16, "files": {},
             "recordings": [{"recording_id": "b-when-it-existed", "source_uri": "/no/such/b.wav",
                             "outcome": "ok"}]})
-        third = job(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m.csv")})
-        third.prepare()
-        third._lease.release()
+        prepared(archive, tmp_path, input={"uri": None, "manifest": str(archive / "m.csv")})
         assert Path(lay.commit_path("d" * 16)).exists()
 
 
