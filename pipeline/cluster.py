@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import yaml
 
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ def cluster_errors(address: str, token: AuthToken | None) -> Iterator[None]:
                            f"({type(err).__name__})") from None
     except RuntimeError as err:
         raise ClusterError(f"the Ray cluster at {where} refused the request: "
-                           f"{_first_line(err)}") from None
+                           f"{first_line(err)}") from None
     except PipelineError:
         raise
     except Exception as err:
@@ -612,12 +612,6 @@ def _auth_error(where: str, token: AuthToken | None) -> ClusterError:
                             f"{TOKEN_PATH_ENV}")
     return ClusterError(f"the Ray cluster at {where} rejected the {token}: use this cluster's "
                         "token")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 # --------------------------------------------------------------------------- jobs

@@ -96,3 +96,11 @@ class LeaseLostError(PipelineError):
 
 class JobAborted(PipelineError):
     """The job stopped itself (e.g. ``run.max_failed_fraction`` was exceeded)."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An error's first line (its type's name when it says nothing), clipped to ``limit``
+    characters: what a one-line failure message quotes of another library's error."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."

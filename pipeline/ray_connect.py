@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 
 from pipeline.config import ComputeConfig, JobConfig
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, first_line
 
 
 def joins_cluster(compute: ComputeConfig) -> bool:
@@ -47,7 +47,7 @@ def cannot_join(address: str | None, err: Exception) -> PipelineError:
     after a minute of retries): where, why, and the token a token-auth cluster (Ray 2.60's
     ``ray start`` default once a token exists) wants, when none is set."""
     where = address or os.environ.get("RAY_ADDRESS", "")
-    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    why = first_line(err)
     hint = ""
     if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         hint = ("; a cluster with token authentication wants its token: set RAY_AUTH_TOKEN "
