@@ -245,6 +245,8 @@ def test_dockerfile_pins_the_stack_and_installs_libsndfile() -> None:
     assert '"ray[data,default]==2.60.0"' in text
     # Every RUN below an ARG sees it: the commit must come after the heavy layers.
     assert text.index("ARG GIT_COMMIT") > text.rindex("RUN pip install")
+    # Nor may the torch index URL reach the apt-get layer: another URL would rebuild it.
+    assert text.index("ARG TORCH_INDEX_URL") > text.index("RUN apt-get")
     assert re.search(r"apt-get install[^\n]*libsndfile1", text)
     assert "EMBED_ARCHIVE_GIT_COMMIT=${GIT_COMMIT}" in text
     pins = [line for line in (INFRA / "docker" / "constraints.txt").read_text().splitlines()
@@ -262,6 +264,61 @@ def test_dockerfile_pins_the_stack_and_installs_libsndfile() -> None:
         for source in line.split()[:-1]:
             assert (REPO / source).exists(), source
             assert f"!{source}" in ignore or f"!{source}/**" in ignore, source
+
+
+def test_constraints_pin_every_dependency_within_pyproject() -> None:
+    """The image installs the package with ``-c constraints.txt``: a pin outside pyproject's
+    range makes that ``pip install`` fail; a dependency without a pin floats."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = dict(line.split("==") for line in
+                (INFRA / "docker" / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {canonicalize_name(name): version for name, version in pins.items()}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dep in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"{dep.name} has no pin in constraints.txt"
+        assert dep.specifier.contains(pins[name]), (dep, pins[name])
+
+
+def test_authoptions_fields_exist_in_the_kuberay_versions_the_readme_names() -> None:
+    """KubeRay v1.5.1's AuthOptions has only ``mode``; v1.6.0 added ``secretName`` and
+    ``enableK8sTokenAuth`` (ray-operator/apis/ray/v1/raycluster_types.go). A CRD without the
+    field prunes it or, with server-side field validation, refuses the object."""
+    job = one(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]["authOptions"]
+    assert set(job) <= {"mode"}  # rayjob.yaml: KubeRay >= 1.5.1
+    rc = one(RAYCLUSTER, "RayCluster")["spec"]["authOptions"]
+    assert set(rc) <= {"mode", "secretName", "enableK8sTokenAuth"}  # >= 1.6
+    readme = (INFRA / "README.md").read_text()
+    assert "KubeRay ≥ 1.5.1" in readme and "≥ 1.6 for `raycluster.yaml`" in readme
+
+
+@pytest.mark.parametrize("path,kind", [(RAYJOB, "RayJob"), (RAYCLUSTER, "RayCluster")],
+                         ids=["rayjob", "raycluster"])
+def test_rays_kuberay_autoscaler_sees_the_groups_as_intended(path: Path, kind: str) -> None:
+    """What Ray's own KubeRay autoscaler derives from the manifest's groups: the head holds no
+    CPU, only the CPU group advertises ``decode_node`` (the quoted rayStartParams JSON parses),
+    and the GPU group holds one GPU per pod from its ``nvidia.com/gpu`` limit."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    doc = one(path, kind)
+    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+          "metadata": {"name": "embed-archive", "namespace": "default"},
+          "spec": copy.deepcopy(spec)}
+    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    assert types["headgroup"]["resources"]["CPU"] == 0
+    assert types["cpu-decode"]["resources"]["decode_node"] > 0
+    assert "GPU" not in types["cpu-decode"]["resources"]
+    assert types["gpu-embed"]["resources"]["GPU"] == 1
+    assert "decode_node" not in types["gpu-embed"]["resources"]
+    assert types["gpu-embed"]["min_workers"] >= 1
 
 
 # --------------------------------------------------------------------------- documented commands
