@@ -231,6 +231,13 @@ def test_ray_up_config() -> None:
            if name != config["head_node_type"] and not t["resources"].get("GPU")]
     assert len(cpu) == 1 and "decode_node" in cpu[0]["resources"]
     assert config["docker"]["image"].endswith("/embed-archive:0.1.0")
+    # Ray pulls the image on each VM's host: Docker must know the private registry's helper.
+    registry = config["docker"]["image"].split("/")[0]
+    helper = f"gcloud auth configure-docker {registry} --quiet"
+    assert helper in config["initialization_commands"]
+    for t in types.values():  # a type's own list replaces the global one
+        assert helper in t.get("initialization_commands", config["initialization_commands"])
+    assert any("nvidia-smi" in c for c in gpu[0]["initialization_commands"])
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
     assert "/home/ray/.ray/auth_token" in config["file_mounts"]
