@@ -19,7 +19,10 @@ from pipeline.errors import ConfigError, PipelineError, first_line
 def joins_cluster(compute: ComputeConfig) -> bool:
     """Whether the job joins a running cluster rather than starting a Ray of its own:
     ``compute.address`` is set, or ``RAY_ADDRESS`` is (how Ray Jobs points a driver at its
-    cluster)."""
+    cluster). ``local``, which the config accepts, is Ray's own word for a new local Ray: the
+    same as unset (a local plan, ``num_cpus``), except that ``RAY_ADDRESS`` is not read."""
+    if compute.address == "local":
+        return False
     return bool(compute.address or os.environ.get("RAY_ADDRESS"))
 
 

@@ -67,3 +67,18 @@ def test_embedding_actors_no_node_of_the_cluster_can_hold_are_refused_naming_why
         check_nodes(ComputeConfig(decode_resources={"decode_node": 1}), nodes)
     assert "the 4 embedding actors wait until an autoscaler adds one" in caplog.text
     assert "1 decode_node now (2 nodes): decoding waits until one joins" in caplog.text
+
+
+def test_address_local_is_a_local_ray_as_unset_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compute.address: local`` passed the config's check but counted as joining a cluster:
+    one CPU actor instead of the local plan's narrow ones, ``num_cpus`` ignored."""
+    from pipeline.ray_connect import joins_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    resources = {"CPU": 4.0}
+    local = plan_compute(ComputeConfig(address="local"), resources, batch_mib=1.0, file_mib=16.0)
+    unset = plan_compute(ComputeConfig(), resources, batch_mib=1.0, file_mib=16.0)
+    assert (local.actors, local.torch_threads) == (unset.actors, unset.torch_threads) == (4, 1)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # "local" is a new Ray even then
+    assert not joins_cluster(ComputeConfig(address="local"))
+    assert joins_cluster(ComputeConfig()) and joins_cluster(ComputeConfig(address="auto"))
