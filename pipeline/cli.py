@@ -1,4 +1,4 @@
-"""``embed-archive``: the command line.
+"""embed-archive: neural embeddings of every recording in a bioacoustic archive, on a laptop or a Ray cluster.
 
     embed-archive demo [DIR]                      write the synthetic demo archive
     embed-archive run CONFIG [--set k=v ...]      run a job (local Ray, or compute.address)
@@ -12,7 +12,8 @@
 Exit status of ``run``: 0 every recording embedded; 1 the job failed; 2 refused before any
 work (bad config, no inputs, model or weights, another run writing the namespace);
 3 finished, but some recordings failed (see the errors table; ``--partial-ok`` makes it 0);
-4 stopped early because failures passed ``run.max_failed_fraction``.
+4 stopped early because failures passed ``run.max_failed_fraction``; 15 stopped by SIGTERM
+(``embed-archive stop``, a scheduler); 130 interrupted (Ctrl-C). A stopped run resumes.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def _refusal(err: Exception) -> str | None:
 def _parser() -> argparse.ArgumentParser:
     from pipeline.cluster import add_cluster_commands
 
-    parser = argparse.ArgumentParser(prog="embed-archive", description=__doc__.split("\n")[0],
+    summary, _, exits = __doc__.partition("\nExit status")
+    parser = argparse.ArgumentParser(prog="embed-archive", description=summary.split("\n")[0],
+                                     epilog="Exit status" + exits.replace("``", "`"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

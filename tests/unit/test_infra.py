@@ -622,6 +622,19 @@ def test_rays_packager_honours_the_excludes(tmp_path: Path) -> None:
     assert names == {"mypkg/__init__.py", "mypkg/core.py"}
 
 
+def test_help_names_every_exit_status_run_can_end_with(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline import errors
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    codes = [getattr(errors, n) for n in dir(errors) if n.startswith("EXIT_")]
+    codes.append(cluster.EXIT_STOPPED)
+    for code in codes:
+        assert f" {code} " in text, code
+    assert "bioacoustic archive" in text
+
+
 def test_parse_env() -> None:
     assert cluster.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
