@@ -389,6 +389,12 @@ class RunConfig:
             unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image).
         progress_every_s: seconds between the job's own progress lines (recordings
             committed and written of those to do, audio read, rate, time left); 0: none.
+        stall_timeout_s: fail the run (exit 1; a rerun resumes) when no stage of the
+            pipeline has moved a block for this long: a node lost with blocks another stage
+            waits for, or embedding actors no node can hold any more, which would otherwise
+            wait forever. Raise it where an autoscaler may take longer to bring a node, or
+            the actors longer to fetch their weights; 0: wait forever. Ray Data's
+            ``execution_no_progress_timeout_s``.
         log_level: Python logging level.
     """
 
@@ -401,6 +407,7 @@ class RunConfig:
     replace_changed_sources: bool = True
     progress: bool | None = None
     progress_every_s: float = 60.0
+    stall_timeout_s: float = 1800.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def validate(self) -> None:
@@ -412,6 +419,8 @@ class RunConfig:
             raise ConfigError("must be >= 0", "run.min_recordings_before_abort")
         if self.progress_every_s < 0:
             raise ConfigError("must be >= 0 (0: no progress lines)", "run.progress_every_s")
+        if not self.stall_timeout_s >= 0:
+            raise ConfigError("must be >= 0 (0: wait forever)", "run.stall_timeout_s")
         if self.job_id is not None and not _is_safe_token(self.job_id):
             raise ConfigError(
                 "use letters, digits, '-', '_' and '.' only (it becomes a file name)", "run.job_id"

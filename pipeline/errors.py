@@ -94,6 +94,12 @@ class LeaseLostError(PipelineError):
     it committed before stay, and a rerun resumes."""
 
 
+class PipelineStalled(PipelineError):
+    """No stage of the pipeline moved a block for ``run.stall_timeout_s`` (a node lost with
+    blocks a stage waits for, actors no node can hold any more): a failure, not a wait
+    forever. The shards it committed before stay, and a rerun resumes."""
+
+
 class JobAborted(PipelineError):
     """The job stopped itself (e.g. ``run.max_failed_fraction`` was exceeded)."""
 

@@ -9,6 +9,8 @@ them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishi
 the first file of a shard is in place), ``before_commit`` (all files in place, no marker
 yet), ``committed`` (the driver's commit thread that wrote the first marker, right after it;
 other shards' commits may be under way on the other threads).
+``<point>+hang:<marker-file>`` blocks the process's thread there for good instead (a stall:
+``run.stall_timeout_s``).
 Unset in normal runs, where it costs one environment lookup.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +31,15 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     point, _, marker = spec.partition(":")
+    point, _, how = point.partition("+")
     if point != name or not marker or not os.path.exists(marker):
         return
     try:
         os.remove(marker)
     except FileNotFoundError:
         return  # another process took this fault
+    if how == "hang":
+        log.error("fault injection: pid %d hangs at %s", os.getpid(), name)
+        threading.Event().wait()
     log.error("fault injection: killing pid %d at %s", os.getpid(), name)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -61,6 +61,7 @@ from pipeline.errors import (
     ConfigError,
     JobAborted,
     LeaseLostError,
+    PipelineStalled,
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
@@ -288,6 +289,20 @@ def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress], writ
 
 class _CommitStopped(Exception):
     """A commit left unfinished because the job is stopping."""
+
+
+def _stalled(err: BaseException, timeout_s: float) -> PipelineStalled | None:
+    """Ray Data's no-progress guard, said in the job's terms (its own message tells how to
+    raise a ``DataContext`` setting the user does not hold)."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    if not isinstance(err, ExecutionTimeoutError):
+        return None
+    return PipelineStalled(
+        f"the pipeline stalled: no stage moved a block for {timeout_s:g} s (run.stall_timeout_s), "
+        "e.g. a node lost with blocks another stage waited for, or embedding actors no node "
+        "can hold any more; the shards committed stay, and a rerun resumes (raise "
+        "run.stall_timeout_s where an autoscaler takes longer to bring a node)")
 
 
 class _Committer:
@@ -815,6 +830,9 @@ class EmbeddingJob:
             committer.collect(wait="all")
         except BaseException as err:
             committer.close(err)
+            stalled = _stalled(err, self.cfg.run.stall_timeout_s)
+            if stalled is not None:
+                raise stalled from err
             raise
         finally:  # a stopped or failed run's record says what its models did too
             summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
@@ -847,6 +865,11 @@ class EmbeddingJob:
         if self.cfg.run.progress is not None:  # else Ray Data's (and its environment's)
             ctx.enable_progress_bars = self.cfg.run.progress
         ctx.max_errored_blocks = 0  # bad recordings are handled per file, never by dropping blocks
+        # A lost node can leave a stage waiting forever for blocks it held (their lineage
+        # needs a decode slot that a backpressured decode task holds), as can actors no node
+        # can hold any more: Ray Data's guard fails such a run instead (see _stream).
+        stall = self.cfg.run.stall_timeout_s
+        ctx.execution_no_progress_timeout_s = stall if stall > 0 else -1
         ctx.execution_options.preserve_order = False
         # Ray Data packs what a generator UDF yields into blocks of up to
         # target_max_block_size (128 MiB by default) before passing them on, so a decode task

@@ -145,6 +145,34 @@ def test_sigkill_after_the_first_commit_then_rerun_does_only_the_rest(
     assert_same(out, baseline)
 
 
+def test_a_stalled_pipeline_fails_in_time_and_a_rerun_resumes(
+        archive: Path, baseline, tmp_path: Path, ray_address: str) -> None:
+    """The embedding actor hangs mid batch, for good (as actors waiting on blocks a lost node
+    held, or on a node that never comes back): no block moves any more, and the run fails
+    once ``run.stall_timeout_s`` has gone by, saying so in the job's terms (exit 1), where it
+    used to wait 30 minutes (Ray Data's default) and print how to change a DataContext."""
+    out = tmp_path / "out"
+    marker = tmp_path / "fault.marker"
+    marker.write_text("armed")
+    began = time.monotonic()
+    proc = run_cli(config(archive, out, ray_address, stall_timeout_s=4), tmp_path,
+                   {"EMBED_ARCHIVE_FAULT": f"embed+hang:{marker}",
+                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}, timeout=180)
+    assert not marker.exists(), proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.monotonic() - began < 120
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("embed-archive: failed: the pipeline stalled: no stage moved a "
+                           "block for 4 s (run.stall_timeout_s)"), last
+    record = json.loads(next((out / "_jobs").glob("*.json")).read_text())
+    assert record["summary"]["status"] == "failed"
+    assert record["summary"]["message"].startswith("PipelineStalled: the pipeline stalled")
+    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert summary.exit_code == 0
+    assert summary.embedded + summary.recordings_already_done == NUM_FILES
+    assert_same(out, baseline)
+
+
 def test_a_config_change_never_mixes_outputs(archive: Path, baseline, tmp_path: Path) -> None:
     out = tmp_path / "out"
     EmbeddingJob(JobConfig.from_dict(config(archive, out, shard_size=NUM_FILES))).run()

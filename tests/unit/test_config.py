@@ -49,6 +49,7 @@ def test_defaults_fill_every_section() -> None:
         ({**BASE, "audio": {"channels": "left"}}, "audio.channels", "mix, each"),
         ({**BASE, "run": {"max_failed_fraction": 2}}, "run.max_failed_fraction", "between 0 and 1"),
         ({**BASE, "run": {"job_id": "../../etc"}}, "run.job_id", "letters, digits"),
+        ({**BASE, "run": {"stall_timeout_s": -1}}, "run.stall_timeout_s", "0: wait forever"),
         ({**BASE, "input": {"uri": "/d", "extensions": [".wav"]}}, "input.extensions",
          "bare extensions"),
         ({"output": {"uri": "/out"}}, "input", "set input.uri"),

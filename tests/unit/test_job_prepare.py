@@ -323,6 +323,26 @@ def test_progress_bars_follow_ray_datas_setting_unless_the_config_says(
         DataContext._set_current(before)
 
 
+@pytest.mark.parametrize(("stall", "guard"), [(None, 1800.0), (45.0, 45.0), (0.0, -1)])
+def test_the_stall_timeout_is_ray_datas_no_progress_guard(
+        archive: Path, tmp_path: Path, stall: float | None, guard: float) -> None:
+    """``run.stall_timeout_s`` 0 (wait forever) is Ray's -1: its guard refuses 0 as a
+    timeout that would fail every execution at once."""
+    import copy
+
+    from ray.data import DataContext
+
+    before = DataContext.get_current()
+    DataContext._set_current(copy.deepcopy(before))
+    try:
+        j = job(archive, tmp_path, run={} if stall is None else {"stall_timeout_s": stall})
+        j.prepare()
+        j._configure_data_context(j._compute_plan({"CPU": 2.0}))
+        assert DataContext.get_current().execution_no_progress_timeout_s == guard
+    finally:
+        DataContext._set_current(before)
+
+
 @pytest.mark.parametrize(("cpus", "actors", "threads", "reserved"), [
     (1.0, 1, 1, 0.0),    # one CPU: the actor reserves none, so decoding can run
     (2.0, 2, 1, 0.5),    # this CI machine: two 1-thread actors, one CPU left for decoding
