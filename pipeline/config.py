@@ -205,7 +205,8 @@ class ComputeConfig:
 
     Attributes:
         address: ``None`` starts a new local Ray (or joins the cluster in ``RAY_ADDRESS``,
-            which Ray Jobs sets for a driver); ``auto`` or ``HEAD:6379`` joins a cluster (not
+            which Ray Jobs sets for a driver); ``local`` a new local Ray even where
+            ``RAY_ADDRESS`` is set; ``auto`` or ``HEAD:6379`` joins a cluster (not
             Ray Client's ``ray://``, under which Ray Data's executor fails).
         num_cpus: CPUs for a local Ray (``None``: all).
         embed_actors: embedding actors (``None``: one per GPU; on a local Ray without GPUs

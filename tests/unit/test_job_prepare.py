@@ -343,6 +343,33 @@ def test_the_stall_timeout_is_ray_datas_no_progress_guard(
         DataContext._set_current(before)
 
 
+@pytest.mark.parametrize(("spec", "fired"), [
+    ("embed:{m}", "kill"), ("embed+hang:{m}", "hang"), ("decode:{m}", None),
+    ("decode+hang:{m}", None), ("embed+hnag:{m}", None), ("embed:{m}.gone", None)])
+def test_a_fault_point_kills_or_hangs_as_its_spec_says(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spec: str, fired: str | None) -> None:
+    """``+hang`` leaves the plain points as they were; a mode it does not know (a typo) is
+    no fault, rather than the SIGKILL of a plain point, and its marker stays."""
+    import threading
+
+    from pipeline import faults
+
+    marker = tmp_path / "marker"
+    marker.write_text("armed")
+    seen: list[str] = []
+
+    class Hang:
+        def wait(self) -> None:
+            seen.append("hang")
+
+    monkeypatch.setattr(threading, "Event", Hang)
+    monkeypatch.setattr(faults.os, "kill", lambda pid, sig: seen.append("kill"))
+    monkeypatch.setenv(faults.FAULT_ENV, spec.format(m=marker))
+    faults.fault_point("embed")
+    assert seen[:1] == ([fired] if fired else [])
+    assert marker.exists() == (fired is None)
+
+
 @pytest.mark.parametrize(("cpus", "actors", "threads", "reserved"), [
     (1.0, 1, 1, 0.0),    # one CPU: the actor reserves none, so decoding can run
     (2.0, 2, 1, 0.5),    # this CI machine: two 1-thread actors, one CPU left for decoding
