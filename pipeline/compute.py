@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from pipeline.config import ComputeConfig
 from pipeline.errors import ConfigError
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # On a local Ray without GPUs, one embedding actor per CPU up to this many.
 MAX_LOCAL_CPU_ACTORS = 4
+# How often a run on a cluster looks for a live node that can hold an embedding actor.
+ROOM_CHECK_EVERY_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,95 @@ def check_nodes(c: ComputeConfig, nodes: Sequence[Mapping[str, Any]]) -> None:
     if c.decode_resources and not any(_holds(n, c.decode_resources, {}) for n in alive):
         log.warning("no node of the cluster has %s now (%d nodes): decoding waits until one "
                     "joins (an autoscaler)", _asked(c.decode_resources, {}), len(alive))
+
+
+def actor_needs(c: ComputeConfig, plan: ComputePlan) -> dict[str, float]:
+    """What one embedding actor asks a node for: its CPUs and GPUs and
+    ``compute.embed_resources``."""
+    needs = {"CPU": plan.cpus_per_actor, "GPU": plan.gpus_per_actor, **c.embed_resources}
+    return {key: amount for key, amount in needs.items() if amount}
+
+
+class ActorRoomWatch:
+    """Fails a run on a joined cluster once no live node could hold an embedding actor for
+    ``timeout_s``: the node that held them lost (a preempted VM) and none come in its place.
+
+    Ray keeps such actors pending and the pipeline waits forever; Ray Data's own no-progress
+    guard (``run.stall_timeout_s``) does not see it while decoding still has work, since it
+    lets the decode stage hand the stalled embedder one more block every 10 s. Every
+    ``every_s`` it reads ``nodes()`` (what ``ray.nodes()`` returns): it warns when the room
+    goes, says when it comes back, and once it has been gone ``timeout_s`` sets
+    :attr:`reason` and calls ``stop_run`` (by default a SIGINT to the main thread, whose
+    wait for the pipeline it breaks; the job turns it into :class:`PipelineStalled`).
+    """
+
+    def __init__(self, needs: Mapping[str, float], selector: Mapping[str, str],
+                 timeout_s: float, nodes: Callable[[], Sequence[Mapping[str, Any]]],
+                 every_s: float | None = None, stop_run: Callable[[], None] | None = None) -> None:
+        self._needs, self._selector = dict(needs), dict(selector)
+        self._timeout_s, self._nodes = timeout_s, nodes
+        self._every_s = ROOM_CHECK_EVERY_S if every_s is None else every_s
+        self._stop_run = stop_run or _interrupt_main_thread
+        self.reason: str | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()  # no stop_run once __exit__ has returned
+        self._thread = threading.Thread(target=self._run, name="actor-room-watch", daemon=True)
+
+    def __enter__(self) -> Self:
+        if self._timeout_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _room(self) -> tuple[bool, int]:
+        alive = [n for n in self._nodes() if n.get("Alive", n.get("alive"))]
+        return any(_holds(n, self._needs, self._selector) for n in alive), len(alive)
+
+    def _run(self) -> None:
+        gone_since: float | None = None
+        what = _asked(self._needs, self._selector)
+        while not self._done.wait(self._every_s):
+            try:
+                room, alive = self._room()
+            except Exception as err:  # noqa: BLE001 - a GCS hiccup is no lost node
+                log.debug("could not read the cluster's nodes: %s", err)
+                continue
+            now = time.monotonic()
+            if room:
+                if gone_since is not None:
+                    log.info("a node that can hold an embedding actor is back after %.0f s",
+                             now - gone_since)
+                gone_since = None
+                continue
+            if gone_since is None:
+                gone_since = now
+                log.warning("no live node can hold an embedding actor (%s; %d nodes): the "
+                            "pipeline waits for one to join, and fails after %g s without "
+                            "(run.stall_timeout_s)", what, alive, self._timeout_s)
+            elif now - gone_since >= self._timeout_s:
+                with self._lock:
+                    if self._done.is_set():
+                        return
+                    self.reason = (
+                        f"the pipeline stalled: no live node could hold an embedding actor "
+                        f"({what}) for {self._timeout_s:g} s (run.stall_timeout_s): the node "
+                        "that held them was lost and none joined in its place; the shards "
+                        "committed stay, and a rerun resumes")
+                    self._stop_run()
+                return
+
+
+def _interrupt_main_thread() -> None:
+    # To the main thread itself: a signal the kernel hands another thread does not wake a
+    # main thread blocked on a lock.
+    import signal
+
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def _holds(node: Mapping[str, Any], resources: Mapping[str, float],

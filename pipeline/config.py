@@ -390,12 +390,14 @@ class RunConfig:
             unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image).
         progress_every_s: seconds between the job's own progress lines (recordings
             committed and written of those to do, audio read, rate, time left); 0: none.
-        stall_timeout_s: fail the run (exit 1; a rerun resumes) when no stage of the
-            pipeline has moved a block for this long: a node lost with blocks another stage
-            waits for, or embedding actors no node can hold any more, which would otherwise
-            wait forever. Raise it where an autoscaler may take longer to bring a node, or
-            the actors longer to fetch their weights; 0: wait forever. Ray Data's
-            ``execution_no_progress_timeout_s``.
+        stall_timeout_s: how long a run waits on a pipeline that no longer moves before it
+            fails (exit 1; a rerun resumes) instead of waiting forever: on a cluster, once
+            no live node could hold an embedding actor for this long (the node that held
+            them lost, none in its place: :class:`pipeline.compute.ActorRoomWatch`), and
+            anywhere once no stage has moved a block for this long (Ray Data's
+            ``execution_no_progress_timeout_s``). Raise it where an autoscaler may take
+            longer to bring a node, or the actors longer to fetch their weights; 0: wait
+            forever.
         log_level: Python logging level.
     """
 

@@ -42,7 +42,9 @@ from pipeline import layout as layout_mod
 from pipeline import redact, storage
 from pipeline.audio import DecodeSettings
 from pipeline.compute import (
+    ActorRoomWatch,
     ComputePlan,
+    actor_needs,
     check_gpus,
     check_nodes,
     min_inflight_mb,
@@ -291,11 +293,14 @@ class _CommitStopped(Exception):
     """A commit left unfinished because the job is stopping."""
 
 
-def _stalled(err: BaseException, timeout_s: float) -> PipelineStalled | None:
-    """Ray Data's no-progress guard, said in the job's terms (its own message tells how to
-    raise a ``DataContext`` setting the user does not hold)."""
+def _stalled(err: BaseException, timeout_s: float, watch: ActorRoomWatch) -> PipelineStalled | None:
+    """A stall, said in the job's terms: the watch's interrupt, or Ray Data's no-progress
+    guard (whose own message tells how to raise a ``DataContext`` setting the user does not
+    hold)."""
     from ray.data.exceptions import ExecutionTimeoutError
 
+    if isinstance(err, KeyboardInterrupt) and watch.reason:
+        return PipelineStalled(watch.reason)
     if not isinstance(err, ExecutionTimeoutError):
         return None
     return PipelineStalled(
@@ -816,8 +821,13 @@ class EmbeddingJob:
                                                           started, stopping),
             lambda outcome: self._count_committed(summary, outcome),
             lambda: self._check_failure_budget(summary))
+        watch = ActorRoomWatch(actor_needs(self.cfg.compute, plan),
+                               self.cfg.compute.embed_label_selector,
+                               # A local Ray's one node does not go away.
+                               self.cfg.run.stall_timeout_s if joins_cluster(self.cfg.compute)
+                               else 0, ray.nodes)
         try:
-            with progress_log, contextlib.closing(iter(batches)) as returns:
+            with watch, progress_log, contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
                     if self._lease.lost():  # stop here, not at the next commit
                         self._lease.check()
@@ -829,8 +839,8 @@ class EmbeddingJob:
                     committer.collect()
             committer.collect(wait="all")
         except BaseException as err:
-            committer.close(err)
-            stalled = _stalled(err, self.cfg.run.stall_timeout_s)
+            stalled = _stalled(err, self.cfg.run.stall_timeout_s, watch)
+            committer.close(stalled or err)  # a stall is a pipeline error, not an interrupt
             if stalled is not None:
                 raise stalled from err
             raise
@@ -866,8 +876,9 @@ class EmbeddingJob:
             ctx.enable_progress_bars = self.cfg.run.progress
         ctx.max_errored_blocks = 0  # bad recordings are handled per file, never by dropping blocks
         # A lost node can leave a stage waiting forever for blocks it held (their lineage
-        # needs a decode slot that a backpressured decode task holds), as can actors no node
-        # can hold any more: Ray Data's guard fails such a run instead (see _stream).
+        # needs a decode slot that a backpressured decode task holds): Ray Data's guard fails
+        # such a run once nothing moves (see _stream; actors no node can hold any more are
+        # ActorRoomWatch's, since decoding's trickle of blocks keeps this guard quiet).
         stall = self.cfg.run.stall_timeout_s
         ctx.execution_no_progress_timeout_s = stall if stall > 0 else -1
         ctx.execution_options.preserve_order = False

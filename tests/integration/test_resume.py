@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineStalled
 from pipeline.job import EmbeddingJob
 from tests.conftest import write_tone
 from tests.integration.conftest import job_dict
@@ -170,6 +170,33 @@ def test_a_stalled_pipeline_fails_in_time_and_a_rerun_resumes(
     summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
     assert summary.exit_code == 0
     assert summary.embedded + summary.recordings_already_done == NUM_FILES
+    assert_same(out, baseline)
+
+
+def test_a_run_whose_actors_lost_every_node_that_could_hold_them_fails_and_resumes(
+        archive: Path, baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster, the node that held the embedding actors is lost and none can take them:
+    Ray keeps them pending, and its no-progress guard does not fire while decoding still
+    hands the embedder a block every 10 s. The job's own watch (``ray.nodes()`` answering
+    no live node here) interrupts the wait once ``run.stall_timeout_s`` has gone by, and the
+    run fails as a stall (exit 1, complete shards committed); the rerun resumes exactly."""
+    import ray
+
+    from pipeline import compute
+
+    monkeypatch.setattr(compute, "ROOM_CHECK_EVERY_S", 0.1)
+    monkeypatch.setattr(ray, "nodes", list)
+    out = tmp_path / "out"
+    job = EmbeddingJob(JobConfig.from_dict(config(archive, out, "auto", stall_timeout_s=0.5)))
+    with pytest.raises(PipelineStalled, match=r"^the pipeline stalled: no live node could hold "
+                       r"an embedding actor \(1 CPU\) for 0.5 s \(run.stall_timeout_s\)"):
+        job.run()  # the watch fires well before the actors' first batch
+    record = json.loads(next((out / "_jobs").glob("*.json")).read_text())
+    assert (record["summary"]["status"], record["summary"]["exit_code"]) == ("failed", 1)
+    monkeypatch.undo()
+    again = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert again.exit_code == 0
+    assert again.embedded + again.recordings_already_done == NUM_FILES
     assert_same(out, baseline)
 
 

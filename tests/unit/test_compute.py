@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from pipeline.compute import plan_compute
+from pipeline.compute import ActorRoomWatch, ComputePlan, actor_needs, plan_compute
 from pipeline.config import ComputeConfig
 
 
@@ -82,3 +85,76 @@ def test_address_local_is_a_local_ray_as_unset_is(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # "local" is a new Ray even then
     assert not joins_cluster(ComputeConfig(address="local"))
     assert joins_cluster(ComputeConfig()) and joins_cluster(ComputeConfig(address="auto"))
+
+
+def node(alive: bool = True, **resources: float) -> dict[str, Any]:
+    return {"Alive": alive, "Resources": resources, "Labels": {}}
+
+
+def watch_nodes(*answers: list[dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
+    """``ray.nodes()`` answering each of ``answers`` in turn, then the last for good."""
+    it = iter(answers)
+    last: list[list[dict[str, Any]]] = [answers[-1]]
+
+    def nodes() -> list[dict[str, Any]]:
+        last[0] = next(it, last[0])
+        return last[0]
+    return nodes
+
+
+def test_the_room_watch_stops_a_run_once_no_live_node_can_hold_an_actor_for_its_timeout(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stopped = threading.Event()
+    gpu = node(CPU=8, GPU=1, gpu_node=1)
+    nodes = watch_nodes([gpu, node(CPU=16)], [node(False, CPU=8, GPU=1, gpu_node=1),
+                                              node(CPU=16), node(CPU=4, GPU=1)])
+    with ActorRoomWatch({"GPU": 1, "gpu_node": 1}, {}, timeout_s=0.05, nodes=nodes,
+                        every_s=0.01, stop_run=stopped.set) as watch:
+        assert stopped.wait(5)
+    assert watch.reason and "no live node could hold an embedding actor (1 GPU, 1 gpu_node) " \
+        "for 0.05 s (run.stall_timeout_s)" in watch.reason
+    assert "no live node can hold an embedding actor (1 GPU, 1 gpu_node; 2 nodes)" in caplog.text
+
+
+def test_the_room_watch_lets_a_run_wait_for_a_node_that_comes_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    stopped, looked_again = threading.Event(), threading.Event()
+    cpu, gpu = node(CPU=16), node(CPU=8, GPU=1)
+    answers = watch_nodes([cpu], [cpu], [cpu], [cpu, gpu])  # the GPU node is back at the 4th
+    calls: list[int] = []
+
+    def nodes() -> list[dict[str, Any]]:
+        calls.append(1)
+        if len(calls) > 6:
+            looked_again.set()
+        return answers()
+    with ActorRoomWatch({"GPU": 1}, {}, timeout_s=60, nodes=nodes, every_s=0.01,
+                        stop_run=stopped.set) as watch:
+        assert looked_again.wait(5)
+    assert not stopped.is_set() and watch.reason is None
+    assert "no live node can hold an embedding actor (1 GPU; 1 nodes)" in caplog.text
+    assert "a node that can hold an embedding actor is back after" in caplog.text
+
+
+def test_the_room_watch_never_stops_a_run_after_it_ended_nor_when_switched_off() -> None:
+    stopped = threading.Event()
+    with ActorRoomWatch({"GPU": 1}, {}, timeout_s=0, nodes=list, every_s=0.01,
+                        stop_run=stopped.set):
+        assert not stopped.wait(0.1)  # 0: wait forever
+    looked = threading.Event()
+
+    def nodes() -> list[dict[str, Any]]:
+        looked.set()
+        return []
+    with ActorRoomWatch({"GPU": 1}, {}, timeout_s=3600, nodes=nodes, every_s=0.01,
+                        stop_run=stopped.set):
+        assert looked.wait(5)
+    assert not stopped.is_set()
+
+
+def test_an_actor_needs_its_cpus_gpus_and_resources_only() -> None:
+    plan = ComputePlan(actors=2, gpus_per_actor=0.0, cpus_per_actor=1.0, torch_threads=1,
+                       inflight_mb=256, cluster_cpus=4, cluster_gpus=0)
+    assert actor_needs(ComputeConfig(embed_resources={"big_mem": 1}), plan) == {
+        "CPU": 1.0, "big_mem": 1}
