@@ -193,6 +193,8 @@ class ActorRoomWatch:
         self._timeout_s, self._nodes = timeout_s, nodes
         self._every_s = ROOM_CHECK_EVERY_S if every_s is None else every_s
         self._stop_run = stop_run or _interrupt_main_thread
+        self._owns_sigint = stop_run is None
+        self._saved_sigint: Any = None
         self.reason: str | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()  # no stop_run once __exit__ has returned
@@ -200,6 +202,7 @@ class ActorRoomWatch:
 
     def __enter__(self) -> Self:
         if self._timeout_s > 0:
+            self._hear_sigint()
             self._thread.start()
         return self
 
@@ -208,6 +211,29 @@ class ActorRoomWatch:
             self._done.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self._saved_sigint is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._saved_sigint)
+            self._saved_sigint = None
+
+    def _hear_sigint(self) -> None:
+        """Make the main thread hear the watch's SIGINT where SIGINT is ignored (a driver
+        started with ``cmd &`` from a script, or by a launcher that ignores it): Python then
+        installs no handler, and the interrupt would be lost while the run hangs. A SIGINT
+        from anyone else stays ignored."""
+        import signal
+
+        if not self._owns_sigint or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
+            return
+
+        def on_sigint(signum: int, frame: object) -> None:
+            if self.reason is not None:
+                raise KeyboardInterrupt
+
+        self._saved_sigint = signal.signal(signal.SIGINT, on_sigint)
 
     def _room(self) -> tuple[bool, int]:
         alive = [n for n in self._nodes() if n.get("Alive", n.get("alive"))]
@@ -225,8 +251,8 @@ class ActorRoomWatch:
             now = time.monotonic()
             if room:
                 if gone_since is not None:
-                    log.info("a node that can hold an embedding actor is back after %.0f s",
-                             now - gone_since)
+                    log.info("a node that can hold an embedding actor is back, %.0f s after "
+                             "the watch first saw none", now - gone_since)
                 gone_since = None
                 continue
             if gone_since is None:

@@ -134,7 +134,7 @@ def test_the_room_watch_lets_a_run_wait_for_a_node_that_comes_back(
         assert looked_again.wait(5)
     assert not stopped.is_set() and watch.reason is None
     assert "no live node can hold an embedding actor (1 GPU; 1 nodes)" in caplog.text
-    assert "a node that can hold an embedding actor is back after" in caplog.text
+    assert "a node that can hold an embedding actor is back, " in caplog.text
 
 
 def test_the_room_watch_never_stops_a_run_after_it_ended_nor_when_switched_off() -> None:
@@ -151,6 +151,26 @@ def test_the_room_watch_never_stops_a_run_after_it_ended_nor_when_switched_off()
                         stop_run=stopped.set):
         assert looked.wait(5)
     assert not stopped.is_set()
+
+
+def test_the_room_watch_interrupts_a_driver_that_ignores_sigint() -> None:
+    # `embed-archive run ... &` from a script starts the driver with SIGINT ignored: the
+    # watch's interrupt must still reach the main thread, and only the watch's.
+    import signal
+    import time
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ActorRoomWatch({"GPU": 1}, {}, timeout_s=3600, nodes=list, every_s=3600) as watch:
+            signal.raise_signal(signal.SIGINT)  # someone else's: still ignored
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        with (pytest.raises(KeyboardInterrupt),
+              ActorRoomWatch({"GPU": 1}, {}, timeout_s=0.05, nodes=list, every_s=0.01) as watch):
+            time.sleep(10)
+        assert watch.reason is not None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 def test_an_actor_needs_its_cpus_gpus_and_resources_only() -> None:
