@@ -194,6 +194,7 @@ class ActorRoomWatch:
         self._every_s = ROOM_CHECK_EVERY_S if every_s is None else every_s
         self._stop_run = stop_run or _interrupt_main_thread
         self._owns_sigint = stop_run is None
+        self._can_stop = True
         self._saved_sigint: Any = None
         self.reason: str | None = None
         self._done = threading.Event()
@@ -202,6 +203,10 @@ class ActorRoomWatch:
 
     def __enter__(self) -> Self:
         if self._timeout_s > 0:
+            # A run on another thread (a caller's own) is not the main thread's to interrupt:
+            # there the watch only says what it saw.
+            self._can_stop = not self._owns_sigint or (
+                threading.current_thread() is threading.main_thread())
             self._hear_sigint()
             self._thread.start()
         return self
@@ -269,7 +274,11 @@ class ActorRoomWatch:
                         f"({what}) for {self._timeout_s:g} s (run.stall_timeout_s): the node "
                         "that held them was lost and none joined in its place; the shards "
                         "committed stay, and a rerun resumes")
-                    self._stop_run()
+                    if self._can_stop:
+                        self._stop_run()
+                    else:
+                        log.error("%s; the run is not on the main thread, which alone this "
+                                  "watch may interrupt: stop it", self.reason)
                 return
 
 

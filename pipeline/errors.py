@@ -95,9 +95,10 @@ class LeaseLostError(PipelineError):
 
 
 class PipelineStalled(PipelineError):
-    """No stage of the pipeline moved a block for ``run.stall_timeout_s`` (a node lost with
-    blocks a stage waits for, actors no node can hold any more): a failure, not a wait
-    forever. The shards it committed before stay, and a rerun resumes."""
+    """The pipeline could not go on for ``run.stall_timeout_s``: no stage moved a block (a
+    node lost with blocks a stage waits for), or no live node could hold an embedding actor
+    (their node lost, none in its place). A failure, not a wait forever: the shards it
+    committed before stay, and a rerun resumes."""
 
 
 class JobAborted(PipelineError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -153,11 +154,29 @@ def test_the_room_watch_never_stops_a_run_after_it_ended_nor_when_switched_off()
     assert not stopped.is_set()
 
 
+def test_the_room_watch_never_interrupts_a_main_thread_the_run_is_not_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A caller running the job on a thread of its own: the main thread is not the run's to
+    interrupt (a KeyboardInterrupt there would land in the caller's code); it says so."""
+    entered = threading.Event()
+
+    def run() -> None:
+        with ActorRoomWatch({"GPU": 1}, {}, timeout_s=0.05, nodes=list, every_s=0.01) as watch:
+            entered.set()
+            while watch.reason is None:
+                time.sleep(0.01)
+            time.sleep(0.05)
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(10)  # a SIGINT to this (main) thread would raise KeyboardInterrupt here
+    assert entered.is_set() and not worker.is_alive()
+    assert "the run is not on the main thread, which alone this watch may interrupt" in caplog.text
+
+
 def test_the_room_watch_interrupts_a_driver_that_ignores_sigint() -> None:
     # `embed-archive run ... &` from a script starts the driver with SIGINT ignored: the
     # watch's interrupt must still reach the main thread, and only the watch's.
     import signal
-    import time
 
     saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
