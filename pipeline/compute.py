@@ -197,6 +197,7 @@ class ActorRoomWatch:
         self._can_stop = True
         self._saved_sigint: Any = None
         self.reason: str | None = None
+        self._gone_since: float | None = None  # when the watch first saw no room
         self._done = threading.Event()
         self._lock = threading.Lock()  # no stop_run once __exit__ has returned
         self._thread = threading.Thread(target=self._run, name="actor-room-watch", daemon=True)
@@ -240,12 +241,20 @@ class ActorRoomWatch:
 
         self._saved_sigint = signal.signal(signal.SIGINT, on_sigint)
 
+    def waiting(self) -> str | None:
+        """What the run waits for, for the progress line; ``None`` while actors have room."""
+        gone_since = self._gone_since
+        if gone_since is None:
+            return None
+        return (f"waiting {time.monotonic() - gone_since:.0f} s for a live node that can hold "
+                f"an embedding actor ({_asked(self._needs, self._selector)}); fails at "
+                f"{self._timeout_s:g} s (run.stall_timeout_s)")
+
     def _room(self) -> tuple[bool, int]:
         alive = [n for n in self._nodes() if n.get("Alive", n.get("alive"))]
         return any(_holds(n, self._needs, self._selector) for n in alive), len(alive)
 
     def _run(self) -> None:
-        gone_since: float | None = None
         what = _asked(self._needs, self._selector)
         while not self._done.wait(self._every_s):
             try:
@@ -255,17 +264,17 @@ class ActorRoomWatch:
                 continue
             now = time.monotonic()
             if room:
-                if gone_since is not None:
+                if self._gone_since is not None:
                     log.info("a node that can hold an embedding actor is back, %.0f s after "
-                             "the watch first saw none", now - gone_since)
-                gone_since = None
+                             "the watch first saw none", now - self._gone_since)
+                self._gone_since = None
                 continue
-            if gone_since is None:
-                gone_since = now
+            if self._gone_since is None:
+                self._gone_since = now
                 log.warning("no live node can hold an embedding actor (%s; %d nodes): the "
                             "pipeline waits for one to join, and fails after %g s without "
                             "(run.stall_timeout_s)", what, alive, self._timeout_s)
-            elif now - gone_since >= self._timeout_s:
+            elif now - self._gone_since >= self._timeout_s:
                 with self._lock:
                     if self._done.is_set():
                         return

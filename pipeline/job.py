@@ -813,19 +813,19 @@ class EmbeddingJob:
                  "output.file_mb for commits sooner", rows_per_file, self.cfg.output.file_mb)
         written = Written()
         sizes_known = all(i.size_bytes >= 0 for i in self.todo)
-        progress_log = ProgressLog(summary, written, len(self.todo),
-                                   sum(i.size_bytes for i in self.todo) if sizes_known else None,
-                                   rows_per_file, self.cfg.run.progress_every_s)
-        committer = _Committer(
-            lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
-                                                          started, stopping),
-            lambda outcome: self._count_committed(summary, outcome),
-            lambda: self._check_failure_budget(summary))
         watch = ActorRoomWatch(actor_needs(self.cfg.compute, plan),
                                self.cfg.compute.embed_label_selector,
                                # A local Ray's one node does not go away.
                                self.cfg.run.stall_timeout_s if joins_cluster(self.cfg.compute)
                                else 0, ray.nodes)
+        progress_log = ProgressLog(summary, written, len(self.todo),
+                                   sum(i.size_bytes for i in self.todo) if sizes_known else None,
+                                   rows_per_file, self.cfg.run.progress_every_s, watch.waiting)
+        committer = _Committer(
+            lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
+                                                          started, stopping),
+            lambda outcome: self._count_committed(summary, outcome),
+            lambda: self._check_failure_budget(summary))
         try:
             with watch, progress_log, contextlib.closing(iter(batches)) as returns:
                 for batch in returns:

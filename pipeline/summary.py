@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -180,8 +180,10 @@ class ProgressLog:
     every recording's size is known (``todo_bytes``), else from the recordings."""
 
     def __init__(self, summary: JobSummary, written: Written, todo: int, todo_bytes: int | None,
-                 first_file_rows: int, every_s: float) -> None:
+                 first_file_rows: int, every_s: float,
+                 waiting: Callable[[], str | None] = lambda: None) -> None:
         self._summary, self._written = summary, written
+        self._waiting = waiting  # what the pipeline waits for, if it does (no time left then)
         self._todo, self._todo_bytes = todo, todo_bytes
         self._first_file_rows = first_file_rows
         self._every_s = every_s
@@ -210,8 +212,9 @@ class ProgressLog:
         text = (f"progress: {committed} of {self._todo} recordings committed "
                 f"({len(s.shard_outcomes)} of {s.shards} shards)")
         if not w.recordings:
-            return (f"{text}; none written yet after {_duration(elapsed)}: the first file "
-                    f"gathers up to {self._first_file_rows} window rows (output.file_mb)")
+            return (f"{text}; none written yet after {_duration(elapsed)}: " + (
+                self._waiting() or f"the first file gathers up to {self._first_file_rows} "
+                "window rows (output.file_mb)"))
         text += (f", {w.recordings} written; {w.audio_s / 3600:.2f} h of audio, "
                  f"{w.bytes_read / 1e9:.2f} GB read, {w.audio_s / elapsed:.1f} audio-s/s")
         done = (w.bytes_read / self._todo_bytes if self._todo_bytes else
@@ -219,7 +222,10 @@ class ProgressLog:
         # Only once audio is written: recordings that failed at once (an empty file, a
         # header alone) read a few bytes in seconds, and a time left from them said
         # "about 173h" and grew by the line.
-        if 0 < done < 1 and w.audio_s > 0:
+        waiting = self._waiting()
+        if waiting:
+            text += f"; {waiting}"
+        elif 0 < done < 1 and w.audio_s > 0:
             text += f"; about {_duration(elapsed * (1 - done) / done)} left"
         return text
 

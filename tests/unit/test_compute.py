@@ -111,7 +111,11 @@ def test_the_room_watch_stops_a_run_once_no_live_node_can_hold_an_actor_for_its_
                                               node(CPU=16), node(CPU=4, GPU=1)])
     with ActorRoomWatch({"GPU": 1, "gpu_node": 1}, {}, timeout_s=0.05, nodes=nodes,
                         every_s=0.01, stop_run=stopped.set) as watch:
+        assert watch.waiting() is None  # until it has looked
         assert stopped.wait(5)
+    assert re.fullmatch(r"waiting \d+ s for a live node that can hold an embedding actor "
+                        r"\(1 GPU, 1 gpu_node\); fails at 0.05 s \(run.stall_timeout_s\)",
+                        watch.waiting() or "")
     assert watch.reason and "no live node could hold an embedding actor (1 GPU, 1 gpu_node) " \
         "for 0.05 s (run.stall_timeout_s)" in watch.reason
     assert "no live node can hold an embedding actor (1 GPU, 1 gpu_node; 2 nodes)" in caplog.text
@@ -133,7 +137,7 @@ def test_the_room_watch_lets_a_run_wait_for_a_node_that_comes_back(
     with ActorRoomWatch({"GPU": 1}, {}, timeout_s=60, nodes=nodes, every_s=0.01,
                         stop_run=stopped.set) as watch:
         assert looked_again.wait(5)
-    assert not stopped.is_set() and watch.reason is None
+    assert not stopped.is_set() and watch.reason is None and watch.waiting() is None
     assert "no live node can hold an embedding actor (1 GPU; 1 nodes)" in caplog.text
     assert "a node that can hold an embedding actor is back, " in caplog.text
 

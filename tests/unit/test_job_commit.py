@@ -328,6 +328,9 @@ def test_progress_lines_say_what_is_committed_written_and_left(
     assert log.line().startswith("progress: 0 of 45 recordings committed (0 of 11 shards); "
                                  "none written yet after 0m00s: the first file gathers up to "
                                  "4848 window rows (output.file_mb)")
+    log._waiting = lambda: "waiting 45 s for a live node"
+    assert log.line().endswith("none written yet after 0m00s: waiting 45 s for a live node")
+    log._waiting = lambda: None
     # The first rows written are a failed recording's (an empty file: 44 bytes, no audio):
     # no time left from them (it said "about 173h19m left", then 346h, 519h...).
     written.recordings, written.bytes_read = 1, 44
@@ -339,6 +342,11 @@ def test_progress_lines_say_what_is_committed_written_and_left(
     assert line.startswith("progress: 8 of 45 recordings committed (2 of 11 shards), 12 "
                            "written; 0.50 h of audio, 1.00 GB read, ")
     assert line.endswith(" left") and "about 0m0" in line  # 3 GB to go at 1 GB in a moment
+    # While the pipeline waits for a node (ActorRoomWatch), that, not a time left that grows.
+    log._waiting = lambda: "waiting 45 s for a live node"
+    waiting = log.line()
+    assert waiting.endswith(" audio-s/s; waiting 45 s for a live node") and "left" not in waiting
+    log._waiting = lambda: None
     # Sizes unknown (a manifest that names versions, not sizes): by the recordings instead.
     by_count = ProgressLog(summary, written, todo=45, todo_bytes=None, first_file_rows=1,
                            every_s=0)
