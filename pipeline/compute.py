@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -206,9 +207,10 @@ class ActorRoomWatch:
         if self._timeout_s > 0:
             # A run on another thread (a caller's own) is not the main thread's to interrupt:
             # there the watch only says what it saw.
-            self._can_stop = not self._owns_sigint or (
-                threading.current_thread() is threading.main_thread())
-            self._hear_sigint()
+            on_main = threading.current_thread() is threading.main_thread()
+            self._can_stop = on_main or not self._owns_sigint
+            if on_main and self._owns_sigint:
+                self._hear_sigint()
             self._thread.start()
         return self
 
@@ -218,8 +220,6 @@ class ActorRoomWatch:
         if self._thread.is_alive():
             self._thread.join()
         if self._saved_sigint is not None:
-            import signal
-
             signal.signal(signal.SIGINT, self._saved_sigint)
             self._saved_sigint = None
 
@@ -228,10 +228,6 @@ class ActorRoomWatch:
         started with ``cmd &`` from a script, or by a launcher that ignores it): Python then
         installs no handler, and the interrupt would be lost while the run hangs. A SIGINT
         from anyone else stays ignored."""
-        import signal
-
-        if not self._owns_sigint or threading.current_thread() is not threading.main_thread():
-            return
         if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
             return
 
@@ -294,8 +290,6 @@ class ActorRoomWatch:
 def _interrupt_main_thread() -> None:
     # To the main thread itself: a signal the kernel hands another thread does not wake a
     # main thread blocked on a lock.
-    import signal
-
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
