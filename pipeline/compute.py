@@ -169,7 +169,7 @@ def check_nodes(c: ComputeConfig, nodes: Sequence[Mapping[str, Any]]) -> None:
 
 def actor_needs(c: ComputeConfig, plan: ComputePlan) -> dict[str, float]:
     """What one embedding actor asks a node for: its CPUs and GPUs and
-    ``compute.embed_resources``."""
+    ``compute.embed_resources``, as ``EmbeddingJob._dataset`` asks Ray for them."""
     needs = {"CPU": plan.cpus_per_actor, "GPU": plan.gpus_per_actor, **c.embed_resources}
     return {key: amount for key, amount in needs.items() if amount}
 

@@ -915,6 +915,7 @@ class EmbeddingJob:
             decode_kwargs["compute"] = TaskPoolStrategy(size=cfg.compute.decode_concurrency)
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": self._decode_spec()}, batch_size=1,
                             batch_format="numpy", **decode_kwargs)
+        # What each actor asks for: compute.actor_needs says the same to the room watch.
         embed_kwargs: dict[str, Any] = {"num_cpus": plan.cpus_per_actor}
         if plan.gpus_per_actor:
             embed_kwargs["num_gpus"] = plan.gpus_per_actor
