@@ -786,7 +786,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return getattr(value, "text", None) or str(value)  # as written: 007 stays 007
-        raise ConfigError(f"expected a string, got {value!r}", where)
+        # YAML 1.1 made a boolean of unquoted yes, no, on or off (a run named `no`), and
+        # kept no text of it to fall back on.
+        why = (" (YAML reads unquoted yes, no, on and off as booleans: quote it)"
+               if isinstance(value, bool) else "")
+        raise ConfigError(f"expected a string, got {value!r}{why}", where)
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
 
 

@@ -397,6 +397,21 @@ def test_text_settings_get_numbers_as_written(tmp_path: Path, written: str,
         assert getattr(getattr(cfg_of(), setting[0]), setting[1]) == expected
 
 
+
+@pytest.mark.parametrize(("written", "read_as"), [("no", "False"), ("On", "True"), ("off", "False")])
+def test_text_yaml_reads_as_a_boolean_is_refused_with_the_reason(
+        tmp_path: Path, written: str, read_as: str) -> None:
+    """`job_id: no` is false to YAML 1.1, in a file and after --set alike; a bare "expected
+    a string, got False" left the user to guess why."""
+    path = tmp_path / "job.yaml"
+    path.write_text(f"input:\n  uri: /data\noutput:\n  uri: /out\nrun:\n  job_id: {written}\n")
+    for cfg_of in (lambda: JobConfig.load(path), lambda: load(BASE, (f"run.job_id={written}",))):
+        with pytest.raises(ConfigError, match=rf"run.job_id: expected a string, got "
+                                              rf"{read_as} \(YAML reads .*quote it\)"):
+            cfg_of()
+    path.write_text(f"input:\n  uri: /data\noutput:\n  uri: /out\nrun:\n  job_id: '{written}'\n")
+    assert JobConfig.load(path).run.job_id == written
+
 def test_numbers_stay_plain_numbers_and_keys_stay_text() -> None:
     """What remembers the text for text settings must not leak out: a number setting, or a
     number inside options, is a plain int or float; `on:` is the key `on`, not True."""
