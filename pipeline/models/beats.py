@@ -391,6 +391,10 @@ class BeatsEncoder(nn.Module):
         # FFT size -> (weights' identity, spectrum); the most recently used last.
         self._kernel_spectra: collections.OrderedDict[int, tuple[tuple[Any, ...], torch.Tensor]] = (
             collections.OrderedDict())
+        # Inference tensors keep no version counter, so an in-place reload under
+        # inference_mode would leave the kept spectra stale: a load always drops them.
+        self.register_load_state_dict_pre_hook(
+            lambda module, *_args, **_kwargs: module._kernel_spectra.clear())
 
     def position_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """``pos_conv`` along time: ``[B, N, D] -> [B, N, D]``.

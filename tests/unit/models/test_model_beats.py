@@ -227,6 +227,22 @@ def test_a_model_used_under_inference_mode_can_still_be_trained() -> None:
     assert model.backbone.encoder.pos_conv[0].parametrizations.weight.original1.grad is not None
 
 
+
+def test_weights_loaded_in_place_under_inference_mode_reach_the_positional_convolution():
+    """Inference tensors keep no version counter, so the kept kernel spectra could not see
+    new weights loaded into the same tensors: the convolution ran on the old kernels while
+    every other layer had the new ones (1.13 apart on a tiny model)."""
+    audio = torch.randn(2, 16_000) * 0.1
+    with torch.inference_mode():
+        model = load_model("beats", weights="random", options=TINY_BEATS)
+        before = model(audio)
+        new = {k: v * 1.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(new)
+        reference = load_model("beats", weights="random", options=TINY_BEATS)
+        reference.load_state_dict(new)  # before its first call: nothing kept yet
+        assert not torch.allclose(before, reference(audio))
+        torch.testing.assert_close(model(audio), reference(audio))
+
 @pytest.mark.parametrize(("taps", "groups", "length"), [(128, 16, 248), (128, 16, 21),
                                                         (33, 4, 50), (8, 2, 3)])
 def test_spectral_positional_convolution_is_the_convolution(taps, groups, length):
