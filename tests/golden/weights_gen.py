@@ -7,7 +7,9 @@ which other keys exist. Only numpy (and soundfile for the real clip) is used.
 
 Scales are chosen so that activations stay in a sensible range and keep depending on the
 input through the networks: norm weights near 1, small biases, ``1/sqrt(fan_in)`` linear
-layers, weight-norm magnitudes equal to the norm of their direction tensor, BatchNorm
+layers, weight-norm magnitudes the norm of their direction tensor times 0.5-2 per tap
+(times 1 would make the weight the direction itself, and no test could see a magnitude
+that is ignored or mapped wrongly), BatchNorm
 statistics near (0, 1), and 2-D convolutions at 1.3 times the He-normal variance, which
 (tuned by measurement) keeps EfficientNet's activations near 0.05-0.3 at every stage
 instead of vanishing (gain 1.0) or exploding (gain 1.5) with random BatchNorm statistics.
@@ -85,8 +87,8 @@ def generate_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int = SEED,
     """A pseudo-random checkpoint for the given key -> shape layout.
 
     A weight-norm magnitude (``...original0``, dim 2) is the norm of its direction
-    tensor (``...original1``) over dims 0 and 1, so the effective weight is the
-    direction itself.
+    tensor (``...original1``) over dims 0 and 1 times a factor of 0.5-2 per tap, so the
+    effective weight is the direction scaled tap by tap.
 
     Args:
         shapes: state-dict keys and shapes (e.g. from ``module.state_dict()``).
@@ -103,7 +105,8 @@ def generate_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int = SEED,
         if name.endswith(_WEIGHT_NORM_G):
             v_name = name.replace(_WEIGHT_NORM_G, _WEIGHT_NORM_V)
             direction = generate_tensor(v_name, tuple(shapes[v_name]), seed).astype(np.float64)
-            out[name] = np.sqrt((direction**2).sum(axis=(0, 1), keepdims=True)).astype(np.float32)
+            norm = np.sqrt((direction**2).sum(axis=(0, 1), keepdims=True))
+            out[name] = (norm * _rng(seed, name).uniform(0.5, 2.0, norm.shape)).astype(np.float32)
         else:
             out[name] = generate_tensor(name, tuple(shape), seed)
     return out
