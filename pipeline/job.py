@@ -107,6 +107,8 @@ log = logging.getLogger(__name__)
 COMMIT_THREADS = 8
 # Seconds between updates of a running job's record (_jobs/<job_id>.json), as shards commit.
 RECORD_EVERY_S = 30.0
+# Other variants of the model named when a new variant starts in a used output.
+MAX_VARIANT_NOTES = 3
 
 DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
                                  ("uri", pa.string()), ("path", pa.string()),
@@ -464,6 +466,7 @@ class EmbeddingJob:
         except BaseException:
             self._lease.release()
             raise
+        self._note_other_variants()
         self.prepared = True
         log.info("%d recordings listed (%.2f GB), %d already committed, %d to embed in %d "
                  "shards -> %s", len(self.listing.items), self.listing.total_bytes / 1e9,
@@ -528,6 +531,46 @@ class EmbeddingJob:
                             "variant; a plugin option that never changes the embeddings (a hub "
                             "token) belongs in the plugin's secret_options", key)
         return variant
+
+    def _note_other_variants(self) -> None:
+        """Warn when this variant has nothing committed yet but the output holds committed
+        shards of another variant of the same model, naming the settings that differ: a
+        changed hop or layer list otherwise re-embeds the whole archive without a word."""
+        if self.already_done or self.already_failed:
+            return
+        fs, ours = self.layout.fs, self.layout.variant_path()
+        try:
+            records = [path for path in storage.list_files(
+                           fs, storage.join(self.layout.root_path, "_variants"))
+                       if path.endswith(".json") and not path.endswith(".columns.json")
+                       and path != ours]
+        except OSError:
+            return  # a note, not worth failing the run for
+        shown = 0
+        for path in records:
+            try:
+                record = layout_mod.read_json(fs, path)
+                if not isinstance(record, dict) or record.get("model_name") != self.info.name:
+                    continue
+                other = OutputLayout(self.cfg.output.uri, self.info.name, str(record["variant"]),
+                                     dict(self.cfg.output.storage_options))
+                shards = len(storage.list_files(fs, other.commits_dir()))
+            except (OSError, ValueError, KeyError):
+                continue
+            if not shards:
+                continue
+            if shown == MAX_VARIANT_NOTES:
+                log.warning("... and more variants of %s there (see %s)", self.info.name,
+                            self.layout.uri(storage.join(self.layout.root_path, "_variants")))
+                return
+            shown += 1
+            differs = self.variant.differences(record) or ["nothing the job records"]
+            log.warning("%s already holds variant %s of %s (%d committed shards); this run's "
+                        "settings make variant %s, so every recording is embedded again. They "
+                        "differ in %s. To resume %s instead, rerun with its settings (%s)",
+                        redact.uri(self.cfg.output.uri), record["variant"], self.info.name,
+                        shards, self.variant.id, "; ".join(differs), record["variant"],
+                        self.layout.uri(path))
 
     def _plan_remaining(self) -> None:
         """Under the lease: what the committed shards settle and what is left, planned into

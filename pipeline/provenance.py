@@ -12,10 +12,12 @@ import datetime as dt
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import secrets
 import subprocess
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,37 @@ class Variant:
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.id, **asdict(self)}
+
+    def differences(self, record: Mapping[str, Any]) -> list[str]:
+        """What sets another variant's record (``_variants/<id>.json``) apart from this one,
+        as the settings a user would change back: ``windows.hop_s 5.0 (here 2.5)``."""
+        ours = json.loads(json.dumps(self.to_dict(), default=str))  # as records hold it
+        out = []
+        for key, setting in VARIANT_SETTINGS.items():
+            theirs = record.get(key, ours[key])
+            if theirs == ours[key]:
+                continue
+            if key == "weights_sha256":
+                out.append(f"{setting}: another checkpoint")
+            elif isinstance(theirs, dict) or isinstance(ours[key], dict):
+                out.append(f"{setting}: other values")
+            else:
+                out.append(f"{setting}: {theirs} there, {ours[key]} here")
+        return out
+
+
+# A variant's fields as the settings behind them (preprocessing and the model's rate come
+# with the model's code: another version of the job or plugin).
+VARIANT_SETTINGS = {
+    "weights_sha256": "model.weights", "model_options": "model.options",
+    "layers": "model.layers", "pooling": "model.pooling", "precision": "model.precision",
+    "window_s": "windows.window_s", "hop_s": "windows.hop_s", "tail": "windows.tail",
+    "min_tail_s": "windows.min_tail_s", "channels": "audio.channels",
+    "resample_quality": "audio.resample_quality",
+    "recording_pooling": "output.recording_pooling",
+    "preprocessing": "the model's preprocessing (its code's version)",
+    "sample_rate_hz": "the model's sample rate (its code's version)",
+}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -200,15 +201,26 @@ def test_a_run_whose_actors_lost_every_node_that_could_hold_them_fails_and_resum
     assert_same(out, baseline)
 
 
-def test_a_config_change_never_mixes_outputs(archive: Path, baseline, tmp_path: Path) -> None:
+def test_a_config_change_never_mixes_outputs(archive: Path, baseline, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
-    EmbeddingJob(JobConfig.from_dict(config(archive, out, shard_size=NUM_FILES))).run()
+    first = EmbeddingJob(JobConfig.from_dict(config(archive, out, shard_size=NUM_FILES)))
+    first.run()
     changed = config(archive, out, shard_size=NUM_FILES)
     changed["windows"] = {"window_s": 1.0, "hop_s": 1.0, "tail": "pad"}
     second = EmbeddingJob(JobConfig.from_dict(changed))
-    second.prepare()
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        second.prepare()
     assert second.already_done == 0  # a new namespace: nothing of the first run counts
+    # ... which the run says, naming what differs: a changed hop re-embeds everything
+    noted = [r.getMessage() for r in caplog.records if "already holds variant" in r.getMessage()]
+    assert len(noted) == 1 and first.variant.id in noted[0] and second.variant.id in noted[0]
+    assert "differ in windows.window_s: 2.0 there, 1.0 here. To resume" in noted[0]
     second.run()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        EmbeddingJob(JobConfig.from_dict(changed)).prepare()  # resuming its own: no word
+    assert not [r for r in caplog.records if "already holds variant" in r.getMessage()]
     variants = duckdb.sql(f"""SELECT variant, count(*) FROM read_parquet('{out}/windows/**/*.parquet',
                                 hive_partitioning = true) GROUP BY variant""").fetchall()
     assert len(variants) == 2
