@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -28,7 +30,7 @@ import yaml
 
 from pipeline import redact
 from pipeline.errors import ConfigError
-from pipeline.storage import chained_url_problem
+from pipeline.storage import chained_url_problem, protocol_of
 from pipeline.windows import TAIL_POLICIES
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
@@ -827,6 +829,52 @@ def check_uri(uri: str | None, name: str) -> None:
             raise ConfigError(f"{shown}: a bucket URL takes no credentials; give them in the "
                               f"storage options (key/secret, token...) or the environment",
                               name)
+
+
+# One name per store, whatever alias a URL spells it with (s3a://b is s3://b).
+_STORE_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
+
+
+def _place(uri: str) -> tuple[str, list[str]]:
+    """The store and path components of a URL or path, comparable across spellings: a
+    trailing '/', a relative path, a link to the folder, ``file://``."""
+    protocol = protocol_of(uri)
+    rest = uri.split("://", 1)[1] if "://" in uri else uri
+    if protocol in ("file", "local"):
+        rest = os.path.realpath(rest)
+    return _STORE_ALIASES.get(protocol, protocol), [p for p in rest.split("/") if p]
+
+
+def output_inside_input(cfg: JobConfig) -> str | None:
+    """What is wrong with an ``output.uri`` that is ``input.uri`` or inside it (for a glob:
+    inside a folder it lists), or None: the job's tables and records (``windows/``,
+    ``_jobs/``...) land among the recordings, where every later listing walks them and a
+    copy of the archive carries them along. Warned about, not refused: a whole bucket as
+    the input with its embeddings under a prefix of it is a layout some archives have.
+    A manifest names its recordings: nothing to compare.
+    """
+    if not cfg.input.uri:
+        return None
+    in_store, in_parts = _place(cfg.input.uri)
+    out_store, out_parts = _place(cfg.output.uri)
+    magic = [i for i, part in enumerate(in_parts) if any(c in part for c in "*?[")]
+    # A folder lists itself and below; a glob lists below its fixed part, in the folders
+    # its components match (the last one matches files): "/data/site-*/*.wav" does not
+    # list "/data/embeddings", it lists "/data/site-out".
+    fixed, folders = (magic[0], in_parts[:-1]) if magic else (len(in_parts), in_parts)
+    if in_store != out_store or len(out_parts) < fixed:
+        return None
+    for part, pattern in zip(out_parts, folders, strict=False):
+        if pattern == "**":
+            break
+        if not fnmatch.fnmatchcase(part, pattern):
+            return None
+    where = ("input.uri itself" if out_parts == in_parts else
+             "in a folder input.uri lists" if magic else "inside input.uri")
+    return (f"output.uri {redact.uri(cfg.output.uri)} is {where} ({redact.uri(cfg.input.uri)}): "
+            "the output's tables and records (windows/, recordings/, _jobs/...) are written "
+            "among the recordings, and every later listing walks them; a folder or prefix "
+            "outside the input keeps the two apart")
 
 
 def canonical_json(value: Any) -> str:

@@ -51,7 +51,7 @@ from pipeline.compute import (
     plan_compute,
     usable_cpus,
 )
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, output_inside_input
 from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -441,6 +441,9 @@ class EmbeddingJob:
             WeightsUnavailableError: the checkpoint cannot be fetched.
             NamespaceBusyError: another run is writing this output namespace.
         """
+        mixed = output_inside_input(self.cfg)
+        if mixed:
+            log.warning(mixed)
         self._resolve_model()
         self.variant = self._build_variant()
         self.provenance = JobProvenance.create(self.cfg, self.job_id, self.variant,

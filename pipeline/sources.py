@@ -19,6 +19,7 @@ import posixpath
 import re
 import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,18 @@ _STAT_THREADS = 32
 _STAT_CHUNK = 20_000
 # Most decode tasks (Ray blocks) a job plans: see pack_decode_tasks.
 MAX_DECODE_TASKS = 10_000
+
+# Extensions of the containers decoding reads (libsndfile's, and MP3 by FFmpeg) beyond the
+# default input.extensions: a listing that skipped only these says to add them. Not WavPack
+# (.wv) nor M4A/AAC, which no decoder here reads.
+DECODABLE_EXTENSIONS = frozenset({
+    "wav", "wave", "bwf", "rf64", "w64", "aif", "aiff", "aifc", "au", "snd", "caf", "flac",
+    "ogg", "oga", "opus", "mp3", "sph", "nist", "voc", "sf", "ircam", "paf", "svx", "htk",
+    "sd2", "xi", "pvf", "wve", "avr", "mpc2k"})
+# What a manifest file ends in (see read_manifest): input.uri naming one gets a hint.
+MANIFEST_EXTENSIONS = ("csv", "tsv", "parquet", "jsonl", "ndjson", "json")
+# Extensions named in a "no recordings found" message.
+_SKIPPED_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -137,18 +150,22 @@ def list_sources(cfg: InputConfig) -> Listing:
         assert cfg.uri is not None
         where = redact.uri(cfg.uri)
         with storage.refusals_named("input.uri", where):
-            listing = Listing(items=tuple(_list_uri(cfg)), extras=None)
+            items, found = _list_uri(cfg)
+        listing = Listing(items=tuple(items), extras=None)
     if not listing.items and cfg.manifest:
         raise NoInputsError(f"{where} lists no recordings; check input.manifest")
     if not listing.items:
         raise NoInputsError(
             f"no recordings found at {where} with extensions {', '.join(cfg.extensions)}"
-            f"{'' if cfg.recursive else ' (recursive: false)'}; check input.uri"
+            f"{'' if cfg.recursive else ' (recursive: false)'}; {found}"
         )
     return listing
 
 
-def _list_uri(cfg: InputConfig) -> list[SourceItem]:
+def _list_uri(cfg: InputConfig) -> tuple[list[SourceItem], str]:
+    """The recordings ``input.uri`` names, and when there are none, what it holds instead
+    and what to do about it (counted as the one listing goes: a bucket is never listed
+    twice)."""
     assert cfg.uri is not None
     fs, path = storage.url_to_fs(cfg.uri, cfg.storage_options)
     exts = {e.lower() for e in cfg.extensions}
@@ -181,8 +198,14 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
         infos = storage.find_files(fs, path, shown, maxdepth=None if cfg.recursive else 1)
         root = path
     items, hidden = [], 0
+    skipped: Counter[str] = Counter()  # visible files of other extensions, by extension
     for name, info in infos.items():
-        if info.get("type") == "directory" or not _extensions(name) & exts:
+        if info.get("type") == "directory":
+            continue
+        if not _extensions(name) & exts:
+            # "/." first: the cheap test that rules out most names before _hidden's
+            if not (root is not None and "/." in name and _hidden(name, root, path)):
+                skipped[_shown_extension(name)] += 1
             continue
         if root is not None and _hidden(name, root, path):
             hidden += 1
@@ -194,7 +217,51 @@ def _list_uri(cfg: InputConfig) -> list[SourceItem]:
     if hidden:
         log.info("skipped %d hidden files (names or folders starting with '.') under %s",
                  hidden, shown)
-    return _dedup_sorted(items)
+    if items and skipped:
+        log.info("skipped %d files with other extensions (%s) under %s", skipped.total(),
+                 ", ".join(f"{ext} {n}" for ext, n in skipped.most_common(_SKIPPED_SHOWN)),
+                 shown)
+    found = "" if items else _what_was_found(cfg, skipped, glob=root is not None and
+                                             root != path, single=root is None)
+    return _dedup_sorted(items), found
+
+
+def _shown_extension(name: str) -> str:
+    """``.aiff`` for ``x.AIFF``; one bucket for names with no extension, or none that
+    reads as one (``take-3.final copy``): the count stays a handful of kinds."""
+    base = name.rsplit("/", 1)[-1].split("?", 1)[0]
+    ext = base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
+    return f".{ext}" if ext and len(ext) <= 10 and ext.isalnum() else "no extension"
+
+
+def _what_was_found(cfg: InputConfig, skipped: Counter[str], *, glob: bool,
+                    single: bool) -> str:
+    """The end of a "no recordings found" message: what ``input.uri`` holds instead, and
+    the setting to change (a wrong path reads as "check input.uri" only when it holds
+    nothing the job could read)."""
+    kinds = skipped.most_common(_SKIPPED_SHOWN)
+    if single and kinds:
+        ext = kinds[0][0]
+        if ext.lstrip(".") in MANIFEST_EXTENSIONS:
+            return (f"it is a {ext} file: if it lists the recordings, give it as "
+                    "input.manifest (a 'uri' column), not input.uri")
+        held = f"it is a file with {ext}" if ext == "no extension" else f"it is a {ext} file"
+    elif kinds:
+        total = skipped.total()
+        listed = ", ".join(f"{e} ({n})" for e, n in kinds)
+        if len(skipped) > len(kinds):
+            listed += f", {len(skipped) - len(kinds)} other kinds"
+        held = (f"{'the glob matches' if glob else 'it holds'} {total} "
+                f"file{'s' if total > 1 else ''} ending {listed}")
+    else:
+        return f"{'the glob matches' if glob else 'it holds'} no files; check input.uri"
+    audio = [e[1:] for e, _ in skipped.most_common() if e[1:] in DECODABLE_EXTENSIONS]
+    if not audio:
+        none = "not" if single else "none of them"
+        return f"{held}, {none} audio the job decodes; check input.uri"
+    wanted = ",".join(dict.fromkeys([*cfg.extensions, *audio]))
+    return (f"{held}: add {audio[0] if single else 'the audio ones'} to input.extensions "
+            f"(e.g. --set input.extensions={wanted})")
 
 
 def _has_magic(path: str) -> bool:

@@ -545,3 +545,47 @@ def test_yaml_errors_quote_no_tag_or_alias_of_a_secret(tmp_path, value: str) -> 
     with pytest.raises(ConfigError, match="line 6") as err:
         JobConfig.load(path)
     assert "Sup3rS3cret" not in str(err.value)
+
+
+@pytest.mark.parametrize(("input_uri", "output_uri", "said"), [
+    ("/data/rec", "/data/rec/", "input.uri itself"),
+    ("/data/rec/", "/data/rec/out", "inside input.uri"),
+    ("file:///data/rec", "/data/rec/2024/out", "inside input.uri"),
+    ("/data/rec", "/data/recordings-out", None),  # a longer name, not a folder below
+    ("/data/rec", "/data", None),
+    ("s3://b/rec", "s3a://b/rec/out/", "inside input.uri"),
+    ("gs://b", "gcs://b/out", "inside input.uri"),
+    ("s3://b/rec", "s3://b2/rec/out", None),
+    ("s3://b/rec", "gs://b/rec/out", None),
+    ("/data/rec/a.wav", "/data/rec/out", None),  # one file: nothing listed beside it
+    ("/data/site-*/*.wav", "/data/site-out", "in a folder input.uri lists"),
+    ("/data/site-*/*.wav", "/data/embeddings", None),
+    ("gs://b/**/*.flac", "gs://b/x/embeddings", "in a folder input.uri lists"),
+])
+def test_an_output_inside_the_input_is_named(input_uri: str, output_uri: str,
+                                             said: str | None) -> None:
+    """The job's windows/, _jobs/... land among the recordings, for a later listing to
+    walk."""
+    from pipeline.config import output_inside_input
+
+    cfg = JobConfig.from_dict({"input": {"uri": input_uri}, "output": {"uri": output_uri}})
+    problem = output_inside_input(cfg)
+    if said is None:
+        assert problem is None
+    else:
+        assert problem is not None and problem.startswith("output.uri ") and said in problem
+
+
+def test_an_output_inside_a_linked_or_relative_input_is_named_and_a_manifest_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.config import output_inside_input
+
+    (tmp_path / "disk" / "rec").mkdir(parents=True)
+    (tmp_path / "rec").symlink_to(tmp_path / "disk" / "rec", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for input_uri, output_uri in (("rec", "./rec/out"), (str(tmp_path / "rec"),
+                                                          str(tmp_path / "disk/rec/out"))):
+        cfg = JobConfig.from_dict({"input": {"uri": input_uri}, "output": {"uri": output_uri}})
+        assert "inside input.uri" in (output_inside_input(cfg) or "")
+    assert output_inside_input(JobConfig.from_dict(
+        {"input": {"manifest": "rec/m.csv"}, "output": {"uri": "rec/out"}})) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -1415,3 +1416,18 @@ def test_settings_that_leave_the_embeddings_alone_keep_the_variant(
         archive: Path, tmp_path: Path, section: str, setting: dict) -> None:
     """So a rerun that only changes how the work is done resumes the same namespace."""
     assert variant_of(archive, tmp_path, **{section: setting}) == variant_of(archive, tmp_path)
+
+
+def test_an_output_inside_the_input_is_warned_about(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Outputs written among the recordings (windows/, _jobs/...) are walked by every later
+    listing: said at the start, naming output.uri (a whole bucket as input, embeddings
+    under a prefix of it, is a layout some archives have: not refused)."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        job(archive, tmp_path, output={"uri": str(archive / "embeddings")}).prepare()
+    said = [r.getMessage() for r in caplog.records if "inside input.uri" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"output.uri {archive / 'embeddings'} is")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        prepared(archive, tmp_path)  # output beside the input: no word
+    assert not [r for r in caplog.records if "input.uri" in r.getMessage()]

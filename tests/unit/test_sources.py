@@ -824,3 +824,43 @@ def test_a_shard_of_a_changed_object_is_another_shard() -> None:
     [(before, _)] = sources.plan_shards(items("ETag=1"), 2)
     [(after, _)] = sources.plan_shards(items("ETag=2"), 2)
     assert before != after
+
+
+def test_a_folder_of_other_extensions_says_what_it_holds_not_check_the_path(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder of AIFFs (a container decoding reads) failed with "check input.uri", as if
+    the path were wrong: the message now counts what the listing skipped, by extension, and
+    names the setting. Files the job would not read anyway (hidden, text) are no hint."""
+    (tmp_path / "site").mkdir()
+    for name in ("r0.aiff", "site/r1.AIFF", "site/r2.aiff"):
+        sf.write(tmp_path / name, np.zeros(160, np.float32), 16_000, format="AIFF")
+    for name in ("notes.txt", "log.txt", "README", ".DS_Store", "site/._r1.aiff"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(NoInputsError) as err:
+        list_sources(InputConfig(uri=str(tmp_path)))
+    assert str(err.value) == (
+        f"no recordings found at {tmp_path} with extensions wav, flac, ogg, oga, opus, mp3; "
+        "it holds 6 files ending .aiff (3), .txt (2), no extension (1): add the audio ones "
+        "to input.extensions (e.g. --set input.extensions=wav,flac,ogg,oga,opus,mp3,aiff)")
+    with pytest.raises(NoInputsError, match=r"the glob matches 2 files ending \.txt \(2\), "
+                                            "none of them audio the job decodes; check input.uri"):
+        list_sources(InputConfig(uri=f"{tmp_path}/*.txt"))
+    with pytest.raises(NoInputsError, match="the glob matches no files; check input.uri"):
+        list_sources(InputConfig(uri=f"{tmp_path}/*.wav"))
+    # Some matched: the rest are counted in one line, from the same listing.
+    with caplog.at_level("INFO", logger="pipeline.sources"):
+        listed = list_sources(InputConfig(uri=str(tmp_path), extensions=("aiff",)))
+    assert len(listed.items) == 3
+    assert (f"skipped 3 files with other extensions (.txt 2, no extension 1) under {tmp_path}"
+            in caplog.text)
+
+
+def test_a_manifest_given_as_input_uri_is_named_as_one(tmp_path: Path) -> None:
+    manifest = tmp_path / "metadata.csv"
+    manifest.write_text("uri,site\na.wav,x\n")
+    with pytest.raises(NoInputsError, match=r"it is a \.csv file: if it lists the recordings, "
+                                            "give it as input.manifest"):
+        list_sources(InputConfig(uri=str(manifest)))
+    one = tone(tmp_path / "take.w64").rename(tmp_path / "take.W64")
+    with pytest.raises(NoInputsError, match=r"it is a \.w64 file: add w64 to input.extensions"):
+        list_sources(InputConfig(uri=str(one)))
