@@ -29,7 +29,6 @@ repaired               NaN/inf/huge samples were replaced by 0: status ``partial
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,8 +41,6 @@ import soxr
 from pipeline import wav
 from pipeline.errors import AudioDecodeError
 from pipeline.ogg import CAPTURE, CheckedOggReader
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +55,9 @@ class DecodeReport:
         frames_decoded: frames actually decoded.
         output_samples: samples produced at the target rate (per channel).
         zeroed_samples: samples replaced by 0: NaN, inf, or beyond ``MAX_SAMPLE_MAGNITUDE``.
-        problems: human-readable reasons the result is only partial.
+        problems: human-readable reasons the result is only partial. Not logged here:
+            the caller, which knows the recording's name, says them once per recording
+            (``pipeline.stages.decode_recording``).
         format: container/codec, e.g. ``FLAC/PCM_24``.
         bytes_read: bytes fetched from storage for it (set by the caller that reads them).
     """
@@ -273,7 +272,6 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: Dec
                                            f"decoding failed at the start: {err}") from None
                 at_s = report.frames_decoded / snd.samplerate
                 report.problems.append(f"decoding stopped at {at_s:.3f} s: {err}")
-                log.warning("partial decode (%s)", report.problems[-1])
                 return
             if block.shape[0] == 0:
                 if isinstance(fileobj, CheckedOggReader) and fileobj.chains_after():
@@ -281,12 +279,10 @@ def _read_blocks(snd: sf.SoundFile, fileobj: Any, block_frames: int, report: Dec
                         f"the file chains Ogg streams: the first, "
                         f"{report.frames_decoded / snd.samplerate:.3f} s, was read, those after "
                         "it were not")
-                    log.warning("partial decode (%s)", report.problems[-1])
                 elif isinstance(fileobj, CheckedOggReader) and fileobj.cut_short():
                     report.problems.append(
                         f"truncated: the Ogg stream stops at {report.frames_decoded / snd.samplerate:.3f} s "
                         "without its end-of-stream page (the file was cut short)")
-                    log.warning("partial decode (%s)", report.problems[-1])
                 return
             if isinstance(fileobj, CheckedOggReader):
                 good = fileobj.good_frames(snd.samplerate, opus=snd.subtype == "OPUS")
@@ -397,7 +393,6 @@ def _stop_at_damaged_page(block: np.ndarray, good: int, rate: int,
     report.problems.append(
         f"decoding stopped at {report.frames_decoded / rate:.3f} s: the next Ogg page fails its "
         "checksum (damaged data; what follows would come early by what the decoder skipped)")
-    log.warning("partial decode (%s)", report.problems[-1])
 
 
 def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:

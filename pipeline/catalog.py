@@ -45,6 +45,7 @@ class Namespace:
     outcomes: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
+    partial_examples: list[dict[str, str]] = field(default_factory=list)  # and why (status_detail)
     to_retry: int = 0  # recordings stopped by errors not their own (`attempts`: how many runs
     # met each; the next run redoes those fewer than run.max_attempts met)
     attempts: collections.Counter[int] = field(default_factory=collections.Counter)  # runs -> recordings
@@ -149,6 +150,7 @@ def _namespace(fs: Any, root: str, model: str, variant: str,
                     ns.uncommitted_files += 1
     ns.missing_files = len(committed_paths - present)
     ns.error_types, ns.error_examples = _errors(fs, layout, markers, present)
+    ns.partial_examples = _partials(fs, layout, markers, present)
     if storage.exists(fs, layout.lease_path()):
         ns.lease = read_json(fs, layout.lease_path())
         age = time.time() - float(ns.lease.get("heartbeat", 0.0))
@@ -195,6 +197,33 @@ def _errors(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, An
     return dict(types.most_common()), examples
 
 
+def _partials(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, Any]],
+              present: set[str]) -> list[dict[str, str]]:
+    """The first few (by URI) partial recordings with their ``status_detail``: the markers
+    name them, so only the recordings files of the shards holding those are read, and of
+    those only three columns."""
+    partial = sorted((str(rec.get("source_uri", "")), shard)
+                     for shard, marker in markers.items()
+                     if "partial" in marker["recordings"].outcomes
+                     for rec in marker["recordings"] if rec.get("outcome") == "partial")
+    wanted = {uri for uri, _ in partial[:ERROR_EXAMPLES]}
+    found: dict[str, str] = {}
+    for shard in sorted({shard for _, shard in partial[:ERROR_EXAMPLES]}):
+        for f in markers[shard].get("files", {}).get("recordings", ()):
+            path = layout.committed_file("recordings", f["path"])
+            if path not in present:
+                continue  # counted in missing_files
+            cols = read_parquet_bytes(storage.read_bytes(fs, path),
+                                      columns=["source_uri", "status", "status_detail"]).to_pydict()
+            # A row per channel and layer: the first partial one says why (a channel's rows
+            # may be ok while another lost windows).
+            for uri, status, detail in zip(cols["source_uri"], cols["status"],
+                                           cols["status_detail"], strict=True):
+                if uri in wanted and status == "partial":
+                    found.setdefault(str(uri), str(detail or ""))
+    return [{"source_uri": uri, "status_detail": found[uri]} for uri in sorted(found)]
+
+
 def render(catalog: Catalog) -> str:
     """Human-readable report."""
     lines = [f"output: {catalog.root}"]
@@ -227,6 +256,16 @@ def render(catalog: Catalog) -> str:
             if shown < sum(ns.error_types.values()):
                 lines.append(f"    ... ({sum(ns.error_types.values()) - shown} more in "
                              f"{namespace_dir('errors', ns.model, ns.variant)}/)")
+        partial = ns.outcomes.get("partial", 0)
+        if partial:
+            lines.append(f"  partial recordings {partial}: status 'partial' in "
+                         f"{namespace_dir('recordings', ns.model, ns.variant)}/, why in "
+                         "status_detail")
+            for example in ns.partial_examples:
+                lines.append(f"    {'partial':<22} {example['source_uri']}: "
+                             f"{_clip(example['status_detail'], 100)}")
+            if len(ns.partial_examples) < partial:
+                lines.append(f"    ... ({partial - len(ns.partial_examples)} more)")
         if ns.to_retry:
             runs = ", ".join(f"{n} of them in {k} run{'s' * (k > 1)}"
                              for k, n in sorted(ns.attempts.items()))

@@ -1164,7 +1164,7 @@ class EmbeddingJob:
     def _count_committed(self, summary: JobSummary, outcome: ShardOutcome) -> None:
         """Fold a committed shard into the summary and say so."""
         summary.shard_outcomes.append(outcome)
-        for key in ("embedded", "partial", "failed", "windows", "audio_s"):
+        for key in ("embedded", "partial", "failed", "retried", "windows", "audio_s"):
             setattr(summary, key, getattr(summary, key) + getattr(outcome, key))
         log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, %.0f audio-s; "
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
@@ -1226,6 +1226,12 @@ class EmbeddingJob:
             if report.get("stopped_by"):
                 settled[rid].update(error_type=report["stopped_by"],
                                     **self._retry_mark(item, report))
+        # What a rerun with these settings tries again (resume.Resumption.reopen_shards): the
+        # summary promises no retry of an EmptyAudio, nor of one met in max_attempts runs.
+        run = self.cfg.run
+        if run.retry_transient_errors:
+            outcome.retried = sum(layout_mod.to_retry(mark, run.max_attempts)
+                                  for mark in settled.values())
         return ShardRows(rec_rows, err_rows, outcome, settled)
 
     def _failure_mark(self, item: SourceItem, report: RecordingReport) -> dict[str, Any]:

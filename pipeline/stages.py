@@ -195,6 +195,11 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         meta = {"status": "partial", "stopped_by": meta["error_type"],
                 "transient": meta.get("transient", False),
                 "problems": report.problems + [f"{meta['error_type']}: {meta['message']}"]}
+    if meta["status"] == "partial":
+        # Here, not where the decoder met each problem: only here is the recording's name
+        # known (``uri``, the listing's, already redacted), and it is one line per recording
+        # whatever its problems (a short WAV's truncation is noted after its last block).
+        log.warning("partial decode of %s: %s", uri, redact.text("; ".join(meta["problems"])))
     meta.update(
         type="report",
         duration_s=report.duration_s,

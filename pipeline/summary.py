@@ -66,6 +66,7 @@ class ShardOutcome:
     embedded: int = 0
     partial: int = 0
     failed: int = 0
+    retried: int = 0  # failed or stopped early on an error not their own: a rerun redoes them
     windows: int = 0
     audio_s: float = 0.0
     bytes_read: int = 0
@@ -89,6 +90,7 @@ class JobSummary:
     embedded: int = 0
     partial: int = 0
     failed: int = 0
+    retried: int = 0  # of the failed and partial: those a rerun tries again (ShardOutcome's)
     windows: int = 0
     audio_s: float = 0.0
     wall_s: float = 0.0
@@ -120,8 +122,9 @@ class JobSummary:
         return out
 
     def render(self) -> str:
-        errors_at = storage.join(self.output_uri,
-                                 layout_mod.namespace_dir("errors", self.model, self.variant))
+        errors_at, recordings_at = (
+            storage.join(self.output_uri, layout_mod.namespace_dir(table, self.model, self.variant))
+            for table in ("errors", "recordings"))
         e = self.embed
         lines = [
             f"job {self.job_id}: {self.status}",
@@ -148,15 +151,22 @@ class JobSummary:
         ]
         if self.failed:
             lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
+        if self.partial:
+            # The console named each as it was decoded, among thousands of lines: where to
+            # look them up after.
+            lines.append(f"  partial      {self.partial} recordings embedded in part, why in "
+                         f"status_detail -> {recordings_at} (status = 'partial'; `embed-archive "
+                         f"inspect {self.output_uri}` shows a few)")
         if self.message:
             lines.append(f"  note         {self.message}")
         if self.status in ("stopped", "failed", "aborted"):
             done = self.embedded + self.partial + self.failed
             left = self.recordings_listed - self.recordings_already_done - done
+            # Only errors not the recording's own are tried again (an EmptyAudio never is).
             lines.append(f"  resume       {done} recordings committed by this run stay; a rerun "
                          f"embeds the other {left}"
-                         + (" (and tries again those that failed on an error not their own)"
-                            if self.failed else ""))
+                         + (f" (and tries again the {self.retried} that failed or stopped on an "
+                            "error not their own)" if self.retried else ""))
         return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import yaml
 
+from pipeline.catalog import load_catalog, render
 from pipeline.config import JobConfig
 from pipeline.job import EXIT_ABORTED, EXIT_SOME_FAILED, EmbeddingJob
 from tests.conftest import write_tone
@@ -126,6 +127,22 @@ def test_partial_recordings_keep_what_decoded(bad_run) -> None:
     assert rows["good.wav"] == pytest.approx(5.0)
 
 
+def test_inspect_and_the_summary_say_where_the_partial_recordings_are(bad_run) -> None:
+    """"(1 ok, 3 partial, 2 failed)", and only a query found which were partial, and why."""
+    out, summary = bad_run
+    partial = {name: what for name, (where, what) in EXPECTED.items() if where == "partial"}
+    assert summary.partial == len(partial)
+    assert (f"partial      {len(partial)} recordings embedded in part, why in status_detail"
+            in summary.render())
+    shown = render(load_catalog(str(out)))
+    assert f"partial recordings {len(partial)}: status 'partial' in recordings/" in shown
+    examples = dict(line.split(None, 1)[1].split(": ", 1) for line in shown.splitlines()
+                    if line.startswith("    partial "))
+    assert {Path(uri).name for uri in examples} == set(partial)  # five: all of them
+    for uri, detail in examples.items():
+        assert partial[Path(uri).name] in detail, (uri, detail)
+
+
 def test_failure_budget_stops_the_job(bad_archive: Path, tmp_path: Path, ray_session: None) -> None:
     raw = job_dict(str(bad_archive), str(tmp_path / "out"),
                    run={"shard_size": 7, "max_failed_fraction": 0.2, "min_recordings_before_abort": 5})
@@ -173,3 +190,10 @@ def test_cli_exit_codes(bad_archive: Path, tmp_path: Path, ray_address: str) -> 
     mixed = cli("run", str(cfg), cwd=tmp_path)
     assert mixed.returncode == EXIT_SOME_FAILED, mixed.stderr[-2000:]
     assert "recordings failed ->" in mixed.stdout
+    # Each partial recording named on the console, as its decode task said it (the WAV too,
+    # found short only after its last block).
+    for name, (where, what) in EXPECTED.items():
+        said = f"partial decode of {bad_archive / name}: "
+        assert (said in mixed.stderr) == (where == "partial"), (name, mixed.stderr[-3000:])
+        if where == "partial":
+            assert what in mixed.stderr.partition(said)[2].splitlines()[0], name

@@ -92,6 +92,9 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
                    "attempts": 1},
         "oom": {"outcome": "error", "error_type": "MemoryError", "retry": True, "attempts": 3}}
     assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 2, 4)
+    # What the summary says a rerun tries again: cut_short and outage; oom met its third
+    # run (run.max_attempts 3), the others were the recordings' own.
+    assert outcome.retried == 2
     assert outcome.windows == 5
     assert sorted((r["recording_id"], r["status"]) for r in rec_rows) == [
         ("clean", "ok"), ("cut_short", "partial"), ("half_dropped", "partial")]
@@ -439,12 +442,37 @@ def test_a_run_that_did_not_finish_says_what_a_rerun_embeds(status: str) -> None
     """Aborted too (``run.max_failed_fraction``): what it committed stays."""
     shown = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
                        recordings_listed=45, recordings_already_done=5, embedded=18, failed=2,
-                       status=status).render()
+                       retried=1, status=status).render()
     assert ("resume       20 recordings committed by this run stay; a rerun embeds the other "
-            "20 (and tries again those that failed on an error not their own)") in shown
+            "20 (and tries again the 1 that failed or stopped on an error not their own)"
+            ) in shown
     finished = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
                           recordings_listed=45, embedded=45, status="succeeded").render()
     assert "resume" not in finished
+
+
+def test_a_rerun_promises_no_retry_of_failures_that_are_the_recordings_own() -> None:
+    """Two EmptyAudio failures, never tried again: the resume line said a rerun "tries again
+    those that failed on an error not their own" all the same."""
+    shown = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                       recordings_listed=45, recordings_already_done=5, embedded=18, failed=2,
+                       status="stopped").render()
+    assert ("resume       20 recordings committed by this run stay; a rerun embeds the other "
+            "20\n") in shown + "\n"
+    assert "tries again" not in shown
+
+
+def test_the_summary_says_where_the_partial_recordings_are() -> None:
+    """"6 this run (1 ok, 3 partial, 2 failed)", and nothing said where the three were."""
+    layout = OutputLayout("/out", "m", "v", {})
+    shown = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w",
+                       recordings_listed=6, embedded=1, partial=3, failed=2,
+                       status="succeeded").render()
+    assert (f"  partial      3 recordings embedded in part, why in status_detail -> "
+            f"{layout.uri(layout.table_dir('recordings'))} (status = 'partial'; "
+            "`embed-archive inspect /out` shows a few)") in shown
+    assert "partial     " not in JobSummary(job_id="j", output_uri="/out", model="m", variant="v",
+                                            weights="w", embedded=1).render()
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [

@@ -374,6 +374,43 @@ def test_inspect_counts_errors_from_the_markers_and_reads_only_the_examples_file
     assert len(reads) == 6  # the first five by URI, and the old marker's
 
 
+def test_inspect_shows_the_first_partial_recordings_and_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary counted partial recordings, and only a query of the recordings table
+    named them. The markers name them: only the recordings files of the first few (by URI)
+    are read, and a channel's row that is ok does not stand for its recording."""
+    from pipeline import catalog
+    from pipeline.layout import namespace_dir
+
+    lay = OutputLayout(str(tmp_path / "out"), "m", "v")
+    for k in range(8):
+        shard, uri = f"{k:016x}", f"/a/{7 - k:02d}.wav"
+        path = lay.shard_file("recordings", shard, 0)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"source_uri": [uri, uri, f"/b/{k}.wav"],
+                                 "channel": [0, 1, -1], "status": ["ok", "partial", "ok"],
+                                 "status_detail": ["", f"truncated: {k}", ""]}), path)
+        layout.write_json(lay.fs, lay.commit_path(shard), {
+            "shard": shard, "files": {"recordings": [{"path": lay.uri(path), "rows": 3}]},
+            "recordings": [{"recording_id": str(k), "source_uri": uri, "outcome": "partial"},
+                           {"recording_id": f"b{k}", "source_uri": f"/b/{k}.wav",
+                            "outcome": "ok"}]})
+    reads: list[int] = []
+    real = catalog.read_parquet_bytes
+    monkeypatch.setattr(catalog, "read_parquet_bytes",
+                        lambda data, **kw: reads.append(1) or real(data, **kw))
+    cat = catalog.load_catalog(str(tmp_path / "out"))
+    [ns] = cat.namespaces
+    assert ns.partial_examples == [{"source_uri": f"/a/{i:02d}.wav",
+                                    "status_detail": f"truncated: {7 - i}"} for i in range(5)]
+    assert len(reads) == 5
+    shown = catalog.render(cat)
+    assert (f"  partial recordings 8: status 'partial' in {namespace_dir('recordings', 'm', 'v')}/"
+            ", why in status_detail\n"
+            f"    {'partial':<22} /a/00.wav: truncated: 7\n") in shown
+    assert "    ... (3 more)" in shown
+
+
 def test_a_carve_out_a_crash_interrupted_is_finished_by_the_next_run(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Killed between committing the carved shard and uncommitting its source, a run leaves

@@ -4,7 +4,9 @@ actor copies on the way to the model."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +27,16 @@ from pipeline.stages import (
 )
 from tests.conftest import write_tone
 from tests.integration.conftest import TINY_BEATS
+
+
+@pytest.fixture
+def package_warnings(caplog: pytest.LogCaptureFixture,
+                     monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog, at WARNING for the package's loggers: a decode_batch earlier in this process
+    (configure_worker_logging) keeps their records from the root logger, where caplog listens."""
+    monkeypatch.setattr(logging.getLogger("pipeline"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        yield caplog
 
 
 def rows(start: int, n: int) -> dict[str, np.ndarray]:
@@ -285,7 +297,8 @@ def test_a_tail_window_ends_where_its_audio_does_unless_padded(
     (3_000_000, "partial", "StorageError"),   # resets until the retries give up (an outage)
 ])
 def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_from: int, status: str,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        package_warnings: pytest.LogCaptureFixture, fail_from: int, status: str,
         error_type: str) -> None:
     """libsndfile reads through a C callback that turns an exception into end of file; the
     job must still report the failed read (a 403 on a range), not a short recording."""
@@ -311,6 +324,10 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
     rows = list(decode_recording("r", "memory://rr/t.wav", "/rr/t.wav", len(data), "", spec))
     report = json.loads(rows[-1]["meta"][-1])
     assert report["status"] == status
+    # Cut short, it is named where it is warned of, the signed URL in its reason masked.
+    assert ("partial decode of memory://rr/t.wav: " in package_warnings.text) == (
+        status == "partial")
+    assert "s3cr3t" not in package_warnings.text
     detail = report["message"] if status == "error" else report["problems"][-1]
     assert error_type in (report.get("error_type", "") + detail)
     assert "s3cr3t" not in json.dumps(report)
@@ -501,6 +518,32 @@ def test_with_each_channel_a_rows_window_index_is_the_window_it_holds(tmp_path: 
     np.testing.assert_allclose(start, index * 0.5)
     assert sorted(zip(index.tolist(), channel.tolist(), strict=True)) == [
         (w, c) for w in range(7) for c in (0, 1)]
+
+
+def test_a_partial_recording_is_one_warning_that_names_it(
+        tmp_path: Path, package_warnings: pytest.LogCaptureFixture) -> None:
+    """A truncated FLAC's only word was "partial decode (decoding stopped at 1.216 s: ...)",
+    naming no file, and a truncated WAV (found short after its last block) said nothing:
+    the summary counted partial recordings that no log line named."""
+    write_tone(tmp_path / "cut.wav", 6.0, 22_050)
+    write_tone(tmp_path / "cut.flac", 6.0, 32_000, fmt="FLAC")
+    write_tone(tmp_path / "whole.wav", 3.0, 16_000)
+    for name in ("cut.wav", "cut.flac"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    spec = DecodeSpec(DecodeSettings(16_000, block_s=0.5), window_samples=16_000,
+                      hop_samples=16_000, tail="pad", min_tail_samples=400, batch_windows=4)
+    problems = {}
+    for name in ("cut.wav", "cut.flac", "whole.wav"):
+        path = str(tmp_path / name)
+        rows = list(decode_recording(name, path, path, -1, "", spec))
+        problems[name] = json.loads(rows[-1]["meta"][-1])["problems"]
+    warned = [r.getMessage() for r in package_warnings.records]
+    # One line each, however many blocks it was read in, saying what status_detail will.
+    assert warned == [f"partial decode of {tmp_path / name}: {'; '.join(problems[name])}"
+                      for name in ("cut.wav", "cut.flac")]
+    assert "truncated: header declares 132300 frames" in warned[0]
+    assert "decoding stopped at" in warned[1]
 
 
 @pytest.fixture(scope="module")
