@@ -10,7 +10,7 @@ import collections
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,12 +179,8 @@ def _errors(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, An
                                 if shard not in legacy)
     rows: list[dict[str, str]] = []
     for shard in sorted(legacy | {shard for _, shard, _ in failed[:ERROR_EXAMPLES]}):
-        for f in markers[shard].get("files", {}).get("errors", ()):
-            path = layout.committed_file("errors", f["path"])
-            if path not in present:
-                continue  # counted in missing_files
-            cols = read_parquet_bytes(storage.read_bytes(fs, path),
-                                      columns=["source_uri", "error_type", "message"]).to_pydict()
+        for cols in _committed_columns(fs, layout, markers[shard], "errors", present,
+                                       ["source_uri", "error_type", "message"]):
             found = [{"source_uri": str(u), "error_type": str(t), "message": str(m)}
                      for u, t, m in zip(cols["source_uri"], cols["error_type"], cols["message"],
                                         strict=True)]
@@ -209,12 +205,8 @@ def _partials(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, 
     wanted = {uri for uri, _ in partial[:ERROR_EXAMPLES]}
     found: dict[str, str] = {}
     for shard in sorted({shard for _, shard in partial[:ERROR_EXAMPLES]}):
-        for f in markers[shard].get("files", {}).get("recordings", ()):
-            path = layout.committed_file("recordings", f["path"])
-            if path not in present:
-                continue  # counted in missing_files
-            cols = read_parquet_bytes(storage.read_bytes(fs, path),
-                                      columns=["source_uri", "status", "status_detail"]).to_pydict()
+        for cols in _committed_columns(fs, layout, markers[shard], "recordings", present,
+                                       ["source_uri", "status", "status_detail"]):
             # A row per channel and layer: the first partial one says why (a channel's rows
             # may be ok while another lost windows).
             for uri, status, detail in zip(cols["source_uri"], cols["status"],
@@ -222,6 +214,16 @@ def _partials(fs: Any, layout: OutputLayout, markers: Mapping[str, Mapping[str, 
                 if uri in wanted and status == "partial":
                     found.setdefault(str(uri), str(detail or ""))
     return [{"source_uri": uri, "status_detail": found[uri]} for uri in sorted(found)]
+
+
+def _committed_columns(fs: Any, layout: OutputLayout, marker: Mapping[str, Any], table: str,
+                       present: set[str], columns: list[str]) -> Iterator[dict[str, list[Any]]]:
+    """``columns`` of each ``table`` file a shard's marker lists, as lists; a file that is
+    not there is skipped (counted in ``missing_files``)."""
+    for f in marker.get("files", {}).get(table, ()):
+        path = layout.committed_file(table, f["path"])
+        if path in present:
+            yield read_parquet_bytes(storage.read_bytes(fs, path), columns=columns).to_pydict()
 
 
 def render(catalog: Catalog) -> str:
