@@ -443,7 +443,7 @@ class EmbeddingJob:
         """
         mixed = output_inside_input(self.cfg)
         if mixed:
-            log.warning(mixed)
+            log.warning("%s", mixed)
         self._resolve_model()
         self.variant = self._build_variant()
         self.provenance = JobProvenance.create(self.cfg, self.job_id, self.variant,

@@ -133,7 +133,7 @@ class Variant:
 
     def differences(self, record: Mapping[str, Any]) -> list[str]:
         """What sets another variant's record (``_variants/<id>.json``) apart from this one,
-        as the settings a user would change back: ``windows.hop_s 5.0 (here 2.5)``."""
+        as the settings a user would change back: ``windows.hop_s: 5.0 there, 2.5 here``."""
         ours = json.loads(json.dumps(self.to_dict(), default=str))  # as records hold it
         out = []
         for key, setting in VARIANT_SETTINGS.items():
