@@ -30,7 +30,7 @@ import yaml
 
 from pipeline import redact
 from pipeline.errors import ConfigError
-from pipeline.storage import chained_url_problem, protocol_of
+from pipeline.storage import canonical_protocol, chained_url_problem, protocol_of
 from pipeline.windows import TAIL_POLICIES
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
@@ -831,10 +831,6 @@ def check_uri(uri: str | None, name: str) -> None:
                               name)
 
 
-# One name per store, whatever alias a URL spells it with (s3a://b is s3://b).
-_STORE_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
-
-
 def _place(uri: str) -> tuple[str, list[str]]:
     """The store and path components of a URL or path, comparable across spellings: a
     trailing '/', a relative path, a link to the folder, ``file://``."""
@@ -842,7 +838,7 @@ def _place(uri: str) -> tuple[str, list[str]]:
     rest = uri.split("://", 1)[1] if "://" in uri else uri
     if protocol in ("file", "local"):
         rest = os.path.realpath(rest)
-    return _STORE_ALIASES.get(protocol, protocol), [p for p in rest.split("/") if p]
+    return canonical_protocol(protocol), [p for p in rest.split("/") if p]
 
 
 def output_inside_input(cfg: JobConfig) -> str | None:

@@ -72,6 +72,12 @@ def protocol_of(uri: str) -> str:
     return match.group(1).lower() if match else "file"
 
 
+def canonical_protocol(protocol: str) -> str:
+    """One name for a store however a URL spells it: ``s3`` for ``s3a``, ``file`` for
+    ``local``."""
+    return min(_PROTOCOL_ALIASES.get(protocol, frozenset({protocol})))
+
+
 def is_local(uri: str) -> bool:
     return protocol_of(uri) in ("file", "local")
 
