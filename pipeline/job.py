@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -746,8 +745,7 @@ class EmbeddingJob:
         fs, path = self.layout.fs, self.layout.variant_path()
         if not storage.exists(fs, path):
             return False
-        if layout_mod.read_json(fs, path) != json.loads(json.dumps(self.variant.to_dict(),
-                                                                   default=str)):
+        if layout_mod.read_json(fs, path) != self.variant.as_recorded():
             raise ConfigError(f"{self.layout.uri(path)} describes a different variant with the "
                               "same id; refusing to mix outputs", "output.uri")
         return True

@@ -131,10 +131,14 @@ class Variant:
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.id, **asdict(self)}
 
+    def as_recorded(self) -> dict[str, Any]:
+        """:meth:`to_dict` as ``_variants/<id>.json`` reads back (tuples as lists)."""
+        return json.loads(json.dumps(self.to_dict(), default=str))
+
     def differences(self, record: Mapping[str, Any]) -> list[str]:
         """What sets another variant's record (``_variants/<id>.json``) apart from this one,
         as the settings a user would change back: ``windows.hop_s: 5.0 there, 2.5 here``."""
-        ours = json.loads(json.dumps(self.to_dict(), default=str))  # as records hold it
+        ours = self.as_recorded()
         out = []
         for key, setting in VARIANT_SETTINGS.items():
             theirs = record.get(key, ours[key])
