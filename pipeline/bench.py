@@ -59,12 +59,18 @@ from pipeline.windows import plan_windows, samples_for
 
 log = logging.getLogger(__name__)
 
+# --quick's model: BEATs cut to 2 layers of 64 dimensions, so a test runs in about a minute.
 TINY_BEATS = {"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
               "encoder_attention_heads": 4, "embed_dim": 64, "conv_pos": 16, "conv_pos_groups": 4}
 # The shared data beside the checkout, or where EMBED_ARCHIVE_SHARED says (as for the tests).
 DEFAULT_REAL = Path(os.environ.get("EMBED_ARCHIVE_SHARED",
                                    Path(__file__).resolve().parents[2] / "shared")) / "data" / "real"
+# Under the shared data: the clip the long recordings loop (1 minute), and the 1-second
+# recording the fixed start-up of a job is timed on.
 LONG_SOURCE = "opensoundscape/tests/audio/1min.wav"
+STARTUP_SOURCE = "opensoundscape/tests/audio/LOCA_2021_09_24_652_3.wav"
+# Length of the long corpus's recording in full mode, unless --long-s says otherwise.
+DEFAULT_LONG_S = 1800.0
 # compute.inflight_mb of the memory section's tight-budget runs (output.file_mb 32): a
 # little above the 66 MiB the job requires for one such file plus four tiny-BEATs batches
 # (compute.min_inflight_mb).
@@ -73,6 +79,13 @@ TIGHT_INFLIGHT_MB = 80
 # shorter than a window) is not embedded, so model only and the seed loop skip it too.
 MIN_TAIL_S = 0.025
 SECTIONS = ("real", "long", "memory", "decode")
+#: Seconds of model-only work on a GPU (the corpus passed over again until then), and the
+#: nvidia-smi samples (one per 100 ms) a busy figure needs before it says anything.
+MIN_GPU_SPAN_S = 5.0
+MIN_BUSY_SAMPLES = 10
+# How long a model-only actor process may take to build, warm up and run its share before
+# the benchmark gives up on it: a bound that catches a hung process.
+MODEL_SHARE_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class BenchSettings:
     device: str = "cpu"  # model only and the seed loop; the job's actors take a GPU if any
 
     def job(self, input_uri: str, output_uri: str, **extra: Any) -> dict[str, Any]:
+        """The job config (as a dict) for these settings; ``extra`` maps a config section to
+        keys that override or add to it (``compute={"torch_threads": 1}``)."""
         raw = {
             "input": {"uri": input_uri},
             "windows": {"window_s": self.window_s, "hop_s": self.hop_s, "tail": "pad"},
@@ -133,9 +148,10 @@ def cut_windows(audio: np.ndarray, s: BenchSettings) -> Iterator[tuple[np.ndarra
     """The windows the job cuts from mono ``audio`` at the model's rate, zero-padded, each
     with its real samples; a last one with less than ``MIN_TAIL_S`` of audio is left out."""
     size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
+    min_tail = int(MIN_TAIL_S * s.sample_rate_hz)
     plan = plan_windows(len(audio), size, hop, "pad")
     for start, valid in zip(plan.starts, plan.valid, strict=True):
-        if valid < int(MIN_TAIL_S * s.sample_rate_hz) and valid < size:
+        if valid < min_tail and valid < size:
             continue
         w = np.zeros(size, np.float32)
         w[:valid] = audio[start : start + valid]
@@ -168,24 +184,32 @@ def make_long_recording(path: Path, seconds: float, source: Path, fmt: str = "FL
 # --------------------------------------------------------------------------- measurements
 
 
+def _backbone(s: BenchSettings, precision: str = "fp32", device: str = "cpu") -> tuple[Any, int]:
+    """The settings' model with random weights, as the job builds it, and the index of its
+    last layer (the one the job embeds with ``layers: last``)."""
+    from pipeline.models import create_backbone
+
+    backbone = create_backbone(s.model, weights="random", options=s.options or {},
+                               device=device, precision=precision)
+    return backbone, len(backbone.info.layers) - 1
+
+
 def _forward_passes(windows: np.ndarray, valid: np.ndarray, s: BenchSettings,
                     threads: int) -> Callable[[int | None], None]:
     """A backbone built as the job builds it, and a function that runs batched forward
     passes (front end, last layer, mean pooling) over the first ``n`` windows (all: None)."""
     import torch
 
-    from pipeline.models import create_backbone, pool
+    from pipeline.models import pool
 
     torch.set_num_threads(threads)
-    backbone = create_backbone(s.model, weights="random", options=s.options or {},
-                               device=s.device, precision=s.precision)
-    layer = len(backbone.info.layers) - 1
+    backbone, layer = _backbone(s, s.precision, s.device)
     # Already in memory means on the device: the ceiling leaves out even the copy to a GPU.
     x_all = torch.from_numpy(windows).to(s.device)
     v_all = torch.from_numpy(valid).to(s.device)
     padded = valid < windows.shape[1]  # looked up on the host: no device sync per batch
 
-    def run(n: int | None = None) -> None:
+    def forward(n: int | None = None) -> None:
         end = len(windows) if n is None else min(n, len(windows))
         for i in range(0, end, s.batch_size):
             x, v = x_all[i : i + s.batch_size], v_all[i : i + s.batch_size]
@@ -195,20 +219,20 @@ def _forward_passes(windows: np.ndarray, valid: np.ndarray, s: BenchSettings,
                 pool(feats[layer].tokens, feats[layer].mask, "mean")
         _synchronize(s.device)
 
-    return run
+    return forward
 
 
 def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchSettings) -> dict[str, Any]:
     """Batched forward passes on windows already in memory, in this process (all cores)."""
-    run = _forward_passes(windows, valid, s, s.threads)
-    run(s.batch_size)  # warm-up: first-call allocations and kernel selection
+    forward = _forward_passes(windows, valid, s, s.threads)
+    forward(s.batch_size)  # warm-up: first-call allocations and kernel selection
     # The sampler starts and stops outside the timed span. On a GPU the corpus is passed
     # over again until MIN_GPU_SPAN_S have gone by: one pass of the real corpus is some
     # 0.04 s there, shorter than one nvidia-smi sample.
     with GpuBusySampler(s.device) as gpu:
         passes, started, span_from = 0, time.perf_counter(), time.time()
         while True:
-            run()
+            forward()
             passes += 1
             wall = time.perf_counter() - started
             if not gpu.enabled or wall >= MIN_GPU_SPAN_S:
@@ -219,11 +243,11 @@ def model_only(windows: np.ndarray, valid: np.ndarray, seconds: float, s: BenchS
             **gpu.result(span)}
 
 
-def local_actor_plan(cpus: int | None = None) -> tuple[int, int]:
+def local_actor_plan() -> tuple[int, int]:
     """(actors, torch threads each) of the job's own plan for a local Ray on CPUs only."""
     from pipeline.compute import local_cpu_actors, usable_cpus
 
-    return local_cpu_actors(cpus or usable_cpus())
+    return local_cpu_actors(usable_cpus())
 
 
 def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,
@@ -281,19 +305,16 @@ def model_only_as_actors(windows: np.ndarray, valid: np.ndarray, seconds: float,
             "cpu_s": sum(cpus)}
 
 
-MODEL_SHARE_TIMEOUT_S = 3600.0
-
-
 def _model_share(windows: np.ndarray, valid: np.ndarray, s: BenchSettings, threads: int,
                  barrier: Any, results: Any) -> None:
     """One process of :func:`model_only_as_actors`: build, warm up, wait for the others,
     time its share."""
     try:
-        run = _forward_passes(windows, valid, s, threads)
-        run(s.batch_size)
+        forward = _forward_passes(windows, valid, s, threads)
+        forward(s.batch_size)
         barrier.wait(timeout=MODEL_SHARE_TIMEOUT_S)
         started, cpu = time.perf_counter(), time.process_time()
-        run()
+        forward()
         results.put(("wall", (time.perf_counter() - started, time.process_time() - cpu)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
         barrier.abort()
@@ -308,12 +329,8 @@ def seed_loop(files: Sequence[Path], s: BenchSettings, precision: str) -> dict[s
     """
     import torch
 
-    from pipeline.models import create_backbone
-
     torch.set_num_threads(s.threads)
-    backbone = create_backbone(s.model, weights="random", options=s.options or {},
-                               device=s.device, precision=precision)
-    layer = len(backbone.info.layers) - 1
+    backbone, layer = _backbone(s, precision, s.device)
     seconds, n_windows = 0.0, 0
     started = time.perf_counter()
     for path in files:
@@ -361,13 +378,10 @@ def model_flops_per_window(s: BenchSettings) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.models import create_backbone
-
-    backbone = create_backbone(s.model, weights="random", options=s.options or {})
+    backbone, layer = _backbone(s)
     network = getattr(backbone, "module", None)
     if isinstance(network, torch.nn.Module):
         network.requires_grad_(True)
-    layer = len(backbone.info.layers) - 1
     window = torch.zeros(1, samples_for(s.window_s, s.sample_rate_hz))
     with torch.set_grad_enabled(network is not None), FlopCounterMode(display=False) as counter:
         backbone.extract(window, None, [layer])
@@ -380,11 +394,6 @@ def model_flops_per_window(s: BenchSettings) -> float:
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
                    ("A10", 125.0))
-
-#: Seconds of model-only work on a GPU (the corpus passed over again until then), and the
-#: nvidia-smi samples (one per 100 ms) a busy figure needs before it says anything.
-MIN_GPU_SPAN_S = 5.0
-MIN_BUSY_SAMPLES = 10
 
 
 def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
@@ -420,9 +429,14 @@ def gpu_busy(samples: Sequence[tuple[float, int, float]],
             steady = points[used[0] : used[-1] + 1] if span is None else points
             busy[index] = sum(u for _, u in steady) / len(steady) / 100
             counts[index] = len(steady)
-    enough = bool(busy) and min(counts.values()) >= min_samples
-    return {"gpu_busy": (sum(busy.values()) / len(busy) if enough else None) if busy else 0.0,
-            "gpu_busy_per_gpu": busy, "gpu_busy_samples": counts}
+    mean: float | None
+    if not busy:
+        mean = 0.0  # no kernel ran in the span
+    elif min(counts.values()) < min_samples:
+        mean = None
+    else:
+        mean = sum(busy.values()) / len(busy)
+    return {"gpu_busy": mean, "gpu_busy_per_gpu": busy, "gpu_busy_samples": counts}
 
 
 class GpuBusySampler:
@@ -484,6 +498,10 @@ def cpu_claims_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+# Windows (of random noise) each candidate precision runs in :func:`choose_precision`.
+PRECISION_PROBE_WINDOWS = 4
+
+
 def choose_precision(s: BenchSettings) -> dict[str, Any]:
     """The precision the benchmark runs at when none is given.
 
@@ -499,18 +517,19 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
 
     Returns:
         ``{"precision": ..., "why": ..., "s_per_window": {precision: seconds},
-        "cosine_to_fp32": {precision: lowest cosine}}``.
+        "cosine_to_fp32": {precision: lowest cosine}, "not_tried": {precision: why}}``;
+        on a GPU only ``precision``, ``why`` and an empty ``s_per_window``.
     """
     import torch
 
-    from pipeline.models import create_backbone, pool
+    from pipeline.models import pool
 
     if s.device != "cpu":
         bf16 = torch.cuda.is_bf16_supported()
         return {"precision": "bf16" if bf16 else "fp32", "s_per_window": {},
                 "why": "GPU with bf16" if bf16 else "GPU without bf16"}
     torch.set_num_threads(s.threads)
-    n = min(4, s.batch_size)
+    n = min(PRECISION_PROBE_WINDOWS, s.batch_size)
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(
         (n, samples_for(s.window_s, s.sample_rate_hz))).astype(np.float32) * 0.1)
     timings: dict[str, float] = {}
@@ -519,16 +538,14 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     for precision in ("fp32", *(("bf16",) if cpu_claims_bf16() else ()), "int8"):
         try:
-            backbone = create_backbone(s.model, weights="random", options=s.options or {},
-                                       precision=precision)
+            backbone, layer = _backbone(s, precision)
         except ConfigError as e:  # int8 of a network without Linear layers (EfficientNet)
             if precision == "fp32":
                 raise
             skipped[precision] = str(e)
             continue
-        layer = len(backbone.info.layers) - 1
         best = math.inf
-        for _ in range(3):  # the first call pays first-call costs
+        for _ in range(3):  # best of 3: the first call pays first-call costs
             started = time.perf_counter()
             with torch.inference_mode(), backbone.autocast(precision):
                 feats = backbone.extract(x, None, [layer])
@@ -557,43 +574,50 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, memory: bool 
     code = ("import json,sys;from pipeline.config import JobConfig;from pipeline.job import run_job;"
             "s=run_job(JobConfig.from_dict(json.load(open(sys.argv[1]))));"
             "print('SUMMARY'+json.dumps(s.to_dict()));sys.exit(s.exit_code)")
-    started, sampling = time.perf_counter(), time.process_time()
-    sampler = ProcessTreeSampler() if memory else ProcessTreeSampler(0.5, memory=False)
+    started, own_cpu_before = time.perf_counter(), time.process_time()
+    sampler = (ProcessTreeSampler() if memory
+               else ProcessTreeSampler(ProcessTreeSampler.CPU_ONLY_INTERVAL_S, memory=False))
     with sampler, GpuBusySampler(s.device) as gpu:
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         sampler.watch(proc.pid)
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
-    sampling = time.process_time() - sampling  # this process waited; its samplers did not
-    # 3: some recordings failed, as the real corpus's broken files do (model only and the
-    # seed loop skip them too); anything else is no run to time.
+    # This process only waited on the job: its CPU time is what its samplers' threads took.
+    sampling_cpu_s = time.process_time() - own_cpu_before
+    # Exit 3: some recordings failed, as the real corpus's broken files do (model only and
+    # the seed loop skip them too); anything else is no run to time.
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"pipeline run failed (exit {proc.returncode}):\n{stderr[-4000:]}")
     summary = json.loads(stdout.split("SUMMARY", 1)[1])
-    e = summary["embed"]
-    # GPU busy over the span the job's own "while its model ran" uses: first batch start to
-    # last batch end (an actor's warm-up batch and the shutdown fall outside it).
-    span = (e["first_batch_at"], e["first_batch_at"] + e["span_s"]) if e["batches"] else None
+    embed = summary["embed"]
+    # CPU and GPU busy over the span the job's own "while its model ran" uses: first batch
+    # start to last batch end (an actor's warm-up batch and the shutdown fall outside it).
+    span = ((embed["first_batch_at"], embed["first_batch_at"] + embed["span_s"])
+            if embed["batches"] else None)
     return {"windows": summary["windows"], "audio_s": summary["audio_s"], "wall_s": wall,
             "job_wall_s": summary["wall_s"], "audio_s_per_s": summary["audio_s"] / wall,
-            "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": summary["embed"],
+            "steady_audio_s_per_s": summary["steady_audio_s_per_s"], "embed": embed,
             "peak_rss_mb": sampler.peaks_mb(), "cpu_s": sampler.cpu_s(),
             # Where the cores went while the models ran (the steady rate's span).
             "steady_cpu_s": sampler.cpu_s_between(*span) if span else {},
-            "sampling_cpu_s": round(sampling, 2),
+            "sampling_cpu_s": round(sampling_cpu_s, 2),
             "output": str(out), **gpu.result(span)}
 
 
-def decode_rss(path: Path, model_batch: int, rate: int = 16_000) -> dict[str, Any]:
-    """Peak RSS of a fresh process that runs the job's decode stage on one file, in the
-    job's default blocks (one model batch)."""
+def decode_rss(path: Path, s: BenchSettings) -> dict[str, Any]:
+    """Peak RSS of a fresh process that runs the job's decode stage on one file with the
+    settings' windows, in the job's default blocks (one model batch)."""
+    rate = s.sample_rate_hz
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (the benchmark
     # process holds models), while VmHWM belongs to the new address space after exec.
+    # DecodeSpec's fields: settings, window and hop samples, tail, min_tail_samples,
+    # batch_windows (None: one model batch per block).
     code = ("import sys,time;from pipeline.stages import DecodeSpec,decode_recording;"
             "from pipeline.audio import DecodeSettings;"
-            f"spec=DecodeSpec(DecodeSettings({rate}),{samples_for(5.0, rate)},{samples_for(2.5, rate)},"
-            f"'pad',{int(MIN_TAIL_S * rate)},None,model_batch={model_batch});"
+            f"spec=DecodeSpec(DecodeSettings({rate}),{samples_for(s.window_s, rate)},"
+            f"{samples_for(s.hop_s, rate)},'pad',{int(MIN_TAIL_S * rate)},None,"
+            f"model_batch={s.batch_size});"
             "t=time.perf_counter();"
             "n=sum(len(b['audio']) for b in decode_recording('r',sys.argv[1],sys.argv[1],-1,'',spec));"
             "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
@@ -603,13 +627,18 @@ def decode_rss(path: Path, model_batch: int, rate: int = 16_000) -> dict[str, An
     return {"rows": int(out[0]), "wall_s": float(out[1]), "peak_rss_mb": int(out[2]) / 1024}
 
 
+# Sample rate decode_speed's files are written at (a common recorder rate, and Opus's own).
+DECODE_SOURCE_HZ = 48_000
+
+
 def decode_speed(source_dir: Path, workdir: Path, seconds: float) -> dict[str, Any]:
-    """Single-core decode + resample-to-16 kHz speed per format."""
-    clip = source_dir / LONG_SOURCE
-    audio, rate = sf.read(clip, dtype="float32")
-    audio48 = soxr.resample(audio, rate, 48_000)
-    reps = math.ceil(seconds * 48_000 / len(audio48))
-    long = np.tile(audio48, reps)[: int(seconds * 48_000)]
+    """Single-core speed per format of decoding ``seconds`` of 48 kHz audio and resampling
+    it to the model's 16 kHz; each format's first use is warmed up untimed."""
+    src, rate_hz = DECODE_SOURCE_HZ, BenchSettings.sample_rate_hz
+    audio, rate = sf.read(source_dir / LONG_SOURCE, dtype="float32")
+    resampled = soxr.resample(audio, rate, src)
+    reps = math.ceil(seconds * src / len(resampled))
+    long = np.tile(resampled, reps)[: int(seconds * src)]
     results = {}
     for name, fmt, subtype in (("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"),
                                ("mp3", "MP3", "MPEG_LAYER_III"), ("ogg", "OGG", "VORBIS"),
@@ -618,15 +647,15 @@ def decode_speed(source_dir: Path, workdir: Path, seconds: float) -> dict[str, A
         # One second first, untimed: a decoder's first use imports its library (MP3's PyAV:
         # 2.2x the warm time on a 30-s file), which no long job pays per recording.
         warm = path.with_stem(f"{path.stem}-warm")
-        write_audio(warm, long[:48_000], 48_000, fmt, subtype)
-        _decode_whole(warm, 16_000)
-        write_audio(path, long, 48_000, fmt, subtype)
+        write_audio(warm, long[:src], src, fmt, subtype)
+        _decode_whole(warm, rate_hz)
+        write_audio(path, long, src, fmt, subtype)
         cpu0 = time.process_time()
         wall0 = time.perf_counter()
-        out, report = _decode_whole(path, 16_000)
+        decoded, report = _decode_whole(path, rate_hz)
         cpu = time.process_time() - cpu0
         wall = time.perf_counter() - wall0
-        assert out is not None
+        assert decoded is not None
         results[name] = {"audio_s": report.duration_s, "cpu_s": cpu, "wall_s": wall,
                          "audio_s_per_cpu_s": report.duration_s / cpu,
                          "bytes": path.stat().st_size}
@@ -642,7 +671,11 @@ class ProcessTreeSampler:
     stage alone is also measured exactly, by its kernel high-water mark (:func:`decode_rss`).
     """
 
-    def __init__(self, interval_s: float = 0.2, memory: bool = True) -> None:
+    #: Seconds between samples with memory (the default), and of CPU only (throughput runs).
+    MEMORY_INTERVAL_S = 0.2
+    CPU_ONLY_INTERVAL_S = 0.5
+
+    def __init__(self, interval_s: float = MEMORY_INTERVAL_S, memory: bool = True) -> None:
         self.interval_s = interval_s
         self.memory = memory  # False: CPU only, far cheaper (no smaps_rollup walks)
         self.peaks: dict[str, float] = {}
@@ -669,10 +702,7 @@ class ProcessTreeSampler:
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds by role (user + system, as last sampled: a process's final moments
         after its last sample are not counted): where the machine's cores went."""
-        out: dict[str, float] = {}
-        for role, seconds in self._cpu.values():
-            out[role] = out.get(role, 0.0) + seconds
-        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        return _largest_first(self._cpu_by_role())
 
     def cpu_s_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds by role between two ``time.time()`` moments, each read by linear
@@ -681,8 +711,7 @@ class ProcessTreeSampler:
         if not any(start <= t <= end for t, _ in self._series):
             return {}
         first, last = self._cpu_at(start), self._cpu_at(end)
-        out = {role: last[role] - first.get(role, 0.0) for role in last}
-        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        return _largest_first({role: last[role] - first.get(role, 0.0) for role in last})
 
     def _cpu_at(self, moment: float) -> dict[str, float]:
         before = [(t, cpu) for t, cpu in self._series if t <= moment]
@@ -695,37 +724,44 @@ class ProcessTreeSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self._pid is not None and not self.memory:
-                for pid in _descendants(self._pid):
-                    if (label := _role_of(pid)) is not None:
-                        self._count_cpu(pid, label)
-                self._sample_cpu()
-            elif self._pid is not None:
-                private, shared, largest, proportional = 0.0, 0.0, 0.0, True
-                for pid in _descendants(self._pid):
-                    sample = _memory_of(pid)
-                    if sample is None:
-                        continue
-                    label, anon, shmem, shmem_share = sample
-                    self._count_cpu(pid, label)
-                    private += anon
-                    largest = max(largest, shmem)
-                    if shmem_share is None:
-                        proportional = False
-                    else:
-                        shared += shmem_share
-                    self.peaks[label] = max(self.peaks.get(label, 0.0), anon)
-                # Ray's object store is one shared arena mapped by every worker: each page
-                # counted once, as the sum of the processes' proportional shares (Pss_Shmem);
-                # the largest single mapping (the fallback) would miss pages that decode
-                # workers and actors touch apart.
-                shared = shared if proportional else largest
-                self.peaks["all_processes"] = max(self.peaks.get("all_processes", 0.0),
-                                                  private + shared)
-                self.peaks["object_store_pages"] = max(self.peaks.get("object_store_pages", 0.0),
-                                                       shared)
+            if self._pid is not None:
+                if self.memory:
+                    self._sample_memory_and_count_cpu()
+                else:
+                    for pid in _descendants(self._pid):
+                        if (label := _role_of(pid)) is not None:
+                            self._count_cpu(pid, label)
                 self._sample_cpu()
             self._stop.wait(self.interval_s)
+
+    def _sample_memory_and_count_cpu(self) -> None:
+        """One pass over the tree: each process's CPU, and the peaks of private memory (by
+        role, and all processes together with the object store's pages counted once)."""
+        assert self._pid is not None
+        private, shared_sum, largest_shared, all_proportional = 0.0, 0.0, 0.0, True
+        for pid in _descendants(self._pid):
+            sample = _memory_of(pid)
+            if sample is None:
+                continue
+            label, anon, shmem, shmem_share = sample
+            self._count_cpu(pid, label)
+            private += anon
+            largest_shared = max(largest_shared, shmem)
+            if shmem_share is None:
+                all_proportional = False
+            else:
+                shared_sum += shmem_share
+            self._raise_peak(label, anon)
+        # Ray's object store is one shared arena mapped by every worker: each page counted
+        # once, as the sum of the processes' proportional shares (Pss_Shmem); the largest
+        # single mapping (the fallback) would miss pages that decode workers and actors
+        # touch apart.
+        shared = shared_sum if all_proportional else largest_shared
+        self._raise_peak("all_processes", private + shared)
+        self._raise_peak("object_store_pages", shared)
+
+    def _raise_peak(self, key: str, mb: float) -> None:
+        self.peaks[key] = max(self.peaks.get(key, 0.0), mb)
 
     def _count_cpu(self, pid: int, label: str) -> None:
         cpu = _cpu_seconds(pid)
@@ -734,10 +770,19 @@ class ProcessTreeSampler:
             self._cpu[pid] = (role if role in _JOB_ROLES else label, cpu)
 
     def _sample_cpu(self) -> None:
+        self._series.append((time.time(), self._cpu_by_role()))
+
+    def _cpu_by_role(self) -> dict[str, float]:
         by_role: dict[str, float] = {}
         for role, seconds in self._cpu.values():  # the dead keep their last count
             by_role[role] = by_role.get(role, 0.0) + seconds
-        self._series.append((time.time(), by_role))
+        return by_role
+
+
+def _largest_first(seconds_by_role: Mapping[str, float]) -> dict[str, float]:
+    """CPU seconds by role, rounded to 0.01 s, the largest first."""
+    return {role: round(sec, 2)
+            for role, sec in sorted(seconds_by_role.items(), key=lambda kv: -kv[1])}
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -746,11 +791,23 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _JOB_ROLES = ("decode_worker", "embed_actor", "driver")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and ")"): state
+    first, so field N of proc(5) is at index N - 3."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()
+
+
+def _cmdline(pid: int) -> str:
+    """/proc/PID/cmdline with its NULs as spaces."""
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode(errors="replace")
+
+
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of one process so far (/proc/PID/stat); None if gone."""
+    """User + system CPU seconds of one process so far (utime, stime); None if gone."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
+        fields = _stat_fields(pid)
         return (int(fields[11]) + int(fields[12])) / _TICKS
     except (OSError, IndexError, ValueError):
         return None
@@ -763,8 +820,7 @@ def _descendants(root: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat_fields(int(entry))[1])
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
@@ -787,8 +843,7 @@ def _memory_of(pid: int) -> tuple[str, float, float, float | None] | None:
     try:
         with open(f"/proc/{pid}/status") as fh:
             status = dict(line.split(":", 1) for line in fh if ":" in line)
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        cmd = _cmdline(pid)
     except OSError:
         return None
     anon = int(status.get("RssAnon", "0 kB").split()[0]) / 1024
@@ -818,8 +873,7 @@ def _role(cmd: str, name: str) -> str:
 def _role_of(pid: int) -> str | None:
     """:func:`_role` of a live process, from two small reads; None if it is gone."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        cmd = _cmdline(pid)
         with open(f"/proc/{pid}/comm") as fh:
             name = fh.read()
     except OSError:
@@ -838,7 +892,8 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
 
     ``sections`` picks among ``real``, ``long``, ``memory`` and ``decode`` (the start-up is
     always measured); ``seed=False`` leaves the seed loops out of the comparisons, for long
-    corpora where they would take most of the time.
+    corpora where they would take most of the time. ``peak``: the device's dense TFLOP/s at
+    the precision used, for the share of it reached (default on a GPU: ``GPU_PEAK_TFLOPS``).
 
     On a GPU machine model only and the seed loop run on the GPU, batches default to 256
     windows, and the long corpus is one copy of the long recording per CPU (a recording is
@@ -860,17 +915,9 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
     if device != "cpu":
         peak = peak or peak_tflops(torch.cuda.get_device_name(), s.precision)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = list_audio(real_dir)
-    if quick:
-        files = [f for f in files if "perch/chirp/projects" in str(f)][:6]
-    if not files or not (real_dir / LONG_SOURCE).is_file():
-        raise ConfigError(f"{real_dir} does not hold the shared recordings (no audio, or no "
-                          f"{LONG_SOURCE}): give --real, or EMBED_ARCHIVE_SHARED", "--real")
+    files = _corpus_files(real_dir, quick)
     results: dict[str, Any] = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                    "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
-                    "gpus": torch.cuda.device_count(), "python": platform.python_version()},
+        "machine": _machine(device),
         "settings": {**s.__dict__, "options": s.options or "full size"},
         "precision_choice": choice,
         "mode": "quick" if quick else "full",
@@ -879,14 +926,15 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
     }
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out_dir) as tmp:
         work = Path(tmp)
-        corpus = work / "corpus"
-        corpus.mkdir()
-        for f in files:
-            (corpus / f.relative_to(real_dir).as_posix().replace("/", "__")).symlink_to(f)
         results["startup"] = _startup(real_dir, s, work)
+        # Model only and the pipeline alternate this many times; each side's best run counts.
         repeats = 1 if quick else 2
         flops = results["model_flops_per_window"]
         if "real" in sections:
+            corpus = work / "corpus"
+            corpus.mkdir()
+            for f in files:  # one flat folder of links, named by their path under real_dir
+                (corpus / f.relative_to(real_dir).as_posix().replace("/", "__")).symlink_to(f)
             windows, valid, seconds = corpus_windows(files, s)
             log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds,
                      len(windows))
@@ -894,18 +942,9 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
                                        flops, peak, seed)
         # Quick mode's memory runs already embed long recordings end to end.
         if "long" in sections and not quick:
-            long_s = long_s or 1800.0
             copies = long_copies or (1 if device == "cpu" else os.cpu_count() or 1)
-            long_file = make_long_recording(work / "long.flac", long_s, real_dir / LONG_SOURCE)
-            long_dir = work / "long"
-            long_dir.mkdir()
-            for i in range(copies):
-                (long_dir / f"long-{i:03d}.flac").symlink_to(long_file)
-            lw, lv, ls = corpus_windows([long_file], s)
-            results["long"] = _compare(long_dir, [long_file] * copies, np.tile(lw, (copies, 1)),
-                                       np.tile(lv, copies), ls * copies, s, work, repeats,
-                                       flops, peak, seed)
-            results["long"]["copies"] = copies
+            results["long"] = _compare_long(real_dir, s, work, long_s or DEFAULT_LONG_S, copies,
+                                            repeats, flops, peak, seed)
         if "memory" in sections:
             results["memory"] = _memory(real_dir, work, quick)
         if "decode" in sections:
@@ -915,10 +954,49 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
     return results
 
 
+def _corpus_files(real_dir: Path, quick: bool) -> list[Path]:
+    """The real corpus's recordings (in quick mode six short ones), after checking that
+    ``real_dir`` holds the shared data the benchmark needs."""
+    files = list_audio(real_dir)
+    if quick:
+        files = [f for f in files if "perch/chirp/projects" in str(f)][:6]
+    if not files or not (real_dir / LONG_SOURCE).is_file():
+        raise ConfigError(f"{real_dir} does not hold the shared recordings (no audio, or no "
+                          f"{LONG_SOURCE}): give --real, or EMBED_ARCHIVE_SHARED", "--real")
+    return files
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
+            "gpus": torch.cuda.device_count(), "python": platform.python_version()}
+
+
+def _compare_long(real_dir: Path, s: BenchSettings, work: Path, seconds: float, copies: int,
+                  repeats: int, flops_per_window: float, peak: float | None,
+                  seed: bool) -> dict[str, Any]:
+    """:func:`_compare` on a corpus of ``copies`` links to one long recording of ``seconds``
+    built from a real clip."""
+    long_file = make_long_recording(work / "long.flac", seconds, real_dir / LONG_SOURCE)
+    long_dir = work / "long"
+    long_dir.mkdir()
+    for i in range(copies):
+        (long_dir / f"long-{i:03d}.flac").symlink_to(long_file)
+    windows, valid, audio_s = corpus_windows([long_file], s)
+    out = _compare(long_dir, [long_file] * copies, np.tile(windows, (copies, 1)),
+                   np.tile(valid, copies), audio_s * copies, s, work, repeats,
+                   flops_per_window, peak, seed)
+    out["copies"] = copies
+    return out
+
+
 def _startup(real_dir: Path, s: BenchSettings, work: Path) -> dict[str, Any]:
     """Fixed cost of a job: the same settings on one 1-second recording, end to end."""
-    clip = real_dir / "opensoundscape/tests/audio/LOCA_2021_09_24_652_3.wav"
-    return pipeline_run(_folder_of(work / "startup", clip), s, work, memory=False)
+    return pipeline_run(_folder_of(work / "startup", real_dir / STARTUP_SOURCE), s, work,
+                        memory=False)
 
 
 def _folder_of(folder: Path, recording: Path) -> Path:
@@ -946,12 +1024,12 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         if (as_actors := model_only_as_actors(windows, valid, seconds, s)) is not None:
             shaped.append(as_actors)
         pipes.append(pipeline_run(input_dir, s, work, memory=False))
-    model = max(models, key=lambda m: m["audio_s_per_s"])
-    pipe = max(pipes, key=lambda p: p["audio_s_per_s"])
-    model["runs_audio_s_per_s"] = [round(m["audio_s_per_s"], 3) for m in models]
-    pipe["runs_audio_s_per_s"] = [round(p["audio_s_per_s"], 3) for p in pipes]
+    model, pipe = _best_run(models), _best_run(pipes)
     pipe["runs_steady_audio_s_per_s"] = [round(p["steady_audio_s_per_s"], 3) for p in pipes]
     embed = pipe["embed"]
+    # embed["model_s"] sums every actor's time in embedding calls.
+    actor_forward_audio_s_per_s = (pipe["audio_s"] * max(embed["actors"], 1)
+                                   / max(embed["model_s"], 1e-9))
     steady_ratio = pipe["steady_audio_s_per_s"] / model["audio_s_per_s"]
     # What the run spent outside its steady rate (start-up, first-call costs, the tail,
     # shutdown): the run's wall time less the time its audio takes at that rate.
@@ -969,18 +1047,15 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         # The actors' forward passes alone (running side by side, so their summed time over
         # the number of actors) vs the same passes in this process: what sharing the cores
         # with Ray, decoding and writing costs the model itself.
-        "actor_forward_over_model_only": (pipe["audio_s"] * max(embed["actors"], 1)
-                                          / max(embed["model_s"], 1e-9)
-                                          / model["audio_s_per_s"]),
+        "actor_forward_over_model_only": actor_forward_audio_s_per_s / model["audio_s_per_s"],
     }
     if shaped:  # the same ratios against model only shaped as the job's actors
-        best = out["model_only_as_actors"] = max(shaped, key=lambda m: m["audio_s_per_s"])
-        best["runs_audio_s_per_s"] = [round(m["audio_s_per_s"], 3) for m in shaped]
+        best = out["model_only_as_actors"] = _best_run(shaped)
         out["pipeline_over_model_only_as_actors"] = pipe["audio_s_per_s"] / best["audio_s_per_s"]
         out["pipeline_steady_over_model_only_as_actors"] = (pipe["steady_audio_s_per_s"]
                                                             / best["audio_s_per_s"])
-        out["actor_forward_over_model_only_as_actors"] = (
-            out["actor_forward_over_model_only"] * model["audio_s_per_s"] / best["audio_s_per_s"])
+        out["actor_forward_over_model_only_as_actors"] = (actor_forward_audio_s_per_s
+                                                          / best["audio_s_per_s"])
         if split := steady_cpu_split(pipe, best):
             out["steady_cpu_split"] = split
     if seed:
@@ -998,6 +1073,13 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
     if peak:
         out["fraction_of_peak"] = {k: v / peak for k, v in out["tflops"].items()}
     return out
+
+
+def _best_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of ``runs`` (audio-s/s), with every run's rate added to it."""
+    best = max(runs, key=lambda r: r["audio_s_per_s"])
+    best["runs_audio_s_per_s"] = [round(r["audio_s_per_s"], 3) for r in runs]
+    return best
 
 
 # Shorter spans hold too few CPU samples (one every 0.5 s) to split: quick mode's one batch.
@@ -1055,19 +1137,22 @@ def audio_for_ratio(target: float, steady_ratio: float, overhead_s: float,
 
 
 def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
+    """Peak memory of the decode stage alone and of a whole job (tiny BEATs, 1 torch thread
+    per actor) on a 1-minute and a long recording (1 hour; 3 minutes in quick mode): flat in
+    length means ratios near 1. Full mode adds a 10-minute recording and a tight budget."""
     short = make_long_recording(work / "one_minute.flac", 60.0, real_dir / LONG_SOURCE)
-    hour_s = 180.0 if quick else 3600.0
-    long = make_long_recording(work / "one_hour.flac", hour_s, real_dir / LONG_SOURCE)
+    long_s = 180.0 if quick else 3600.0
+    long = make_long_recording(work / "one_hour.flac", long_s, real_dir / LONG_SOURCE)
     tiny = BenchSettings(options=TINY_BEATS)
-    out: dict[str, Any] = {"long_recording_s": hour_s}
+    out: dict[str, Any] = {"long_recording_s": long_s}
     for label, path in (("one_minute", short), ("long", long)):
         job = pipeline_run(_folder_of(work / f"mem-{label}", path), tiny, work,
                            compute={"torch_threads": 1})
         if "decode_worker" not in job["peak_rss_mb"]:
             raise RuntimeError(f"the memory sampler saw no decode worker in the {label} job "
-                               f"(every {ProcessTreeSampler().interval_s} s): its decoding "
+                               f"(every {ProcessTreeSampler.MEMORY_INTERVAL_S} s): its decoding "
                                "took less than a sample")
-        out[label] = {"decode_worker": decode_rss(path, tiny.batch_size),
+        out[label] = {"decode_worker": decode_rss(path, tiny),
                       "job_peak_rss_mb": job["peak_rss_mb"],
                       "job_wall_s": job["wall_s"]}
     out["decode_rss_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
@@ -1082,18 +1167,19 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
         # both actors a full batch, and never fill the object store up to the in-flight
         # budget (reached near 30 minutes with this model).
         ten = make_long_recording(work / "ten_minutes.flac", 600.0, real_dir / LONG_SOURCE)
-        peak = pipeline_run(_folder_of(work / "mem-ten", ten), tiny, work,
-                            compute={"torch_threads": 1})["peak_rss_mb"]
-        out["ten_minutes"] = {"decode_worker": decode_rss(ten, tiny.batch_size),
-                              "job_peak_rss_mb": peak}
+        ten_peaks = pipeline_run(_folder_of(work / "mem-ten", ten), tiny, work,
+                                 compute={"torch_threads": 1})["peak_rss_mb"]
+        out["ten_minutes"] = {"decode_worker": decode_rss(ten, tiny),
+                              "job_peak_rss_mb": ten_peaks}
         out["decode_rss_plateau_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
                                            / out["ten_minutes"]["decode_worker"]["peak_rss_mb"])
         out["job_decode_worker_plateau_ratio"] = (
-            out["long"]["job_peak_rss_mb"]["decode_worker"] / peak["decode_worker"])
+            out["long"]["job_peak_rss_mb"]["decode_worker"] / ten_peaks["decode_worker"])
         out["job_rss_plateau_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]
-                                        / peak["all_processes"])
-        # What the object-store budget buys: the same two jobs with a tight budget
-        # (TIGHT_INFLIGHT_MB, 32 MB output files) instead of the default.
+                                        / ten_peaks["all_processes"])
+        # What the object-store budget buys: the same two jobs (on the input folders made
+        # above) with a tight budget (TIGHT_INFLIGHT_MB, 32 MB output files) instead of the
+        # default.
         tight = {"compute": {"torch_threads": 1, "inflight_mb": TIGHT_INFLIGHT_MB},
                  "output": {"file_mb": 32}}
         peaks = {label: pipeline_run(work / f"mem-{label}", tiny, work, **tight)["peak_rss_mb"]
@@ -1104,7 +1190,7 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     return out
 
 
-def _busy(measured: Mapping[str, Any]) -> str:
+def _gpu_busy_text(measured: Mapping[str, Any]) -> str:
     busy = measured.get("gpu_busy")
     if busy is None:
         return f"n/a ({sum(measured.get('gpu_busy_samples', {}).values())} samples: too short)"
@@ -1112,7 +1198,7 @@ def _busy(measured: Mapping[str, Any]) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    gpu = r["settings"]["device"] != "cpu"
+    """The results as the table printed on stdout."""
     peak = r.get("peak_tflops")
     choice = r.get("precision_choice") or {"why": "given", "s_per_window": {}}
     cosines = choice.get("cosine_to_fp32", {})
@@ -1126,76 +1212,8 @@ def render(r: dict[str, Any]) -> str:
              f"model FLOPs per window: {r['model_flops_per_window'] / 1e9:.2f} G; device peak: "
              + (f"{peak:g} TFLOP/s" if peak else "unknown (--peak-tflops)"), ""]
     for corpus in ("real", "long"):
-        if corpus not in r:
-            continue
-        c = r[corpus]
-        lines.append(f"[{corpus}] {c['model_only']['audio_s']:.0f} s of audio, "
-                     f"{c['model_only']['windows']} windows"
-                     + (f" ({c['copies']} copies of one recording)" if c.get("copies", 1) > 1
-                        else ""))
-        for name in ("model_only", "model_only_as_actors", "pipeline", "seed_loop_fp32",
-                     "seed_loop_same_precision"):
-            if name in c:
-                m = c[name]
-                runs = m.get("runs_audio_s_per_s", [])
-                lines.append(f"  {name:<25} {m['audio_s_per_s']:>8.2f} audio-s/s   wall {m['wall_s']:.1f} s"
-                             + (f"   best of {runs}" if len(runs) > 1 else "")
-                             + (f"   ({m['actors']} processes x {m['torch_threads']} threads)"
-                                if "actors" in m else ""))
-        e = c["pipeline"]["embed"]
-        lines.append(f"  pipeline while its model ran  {c['pipeline']['steady_audio_s_per_s']:>8.2f} "
-                     f"audio-s/s   first batch after {e['first_batch_s']:.1f} s")
-        lines.append(f"  pipeline / model only                 {c['pipeline_over_model_only']:.3f}"
-                     f"   (while the model ran {c['pipeline_steady_over_model_only']:.3f}; "
-                     "target >= 0.9)")
-        if "model_only_as_actors" in c:
-            lines.append(f"  pipeline / model only as actors       "
-                         f"{c['pipeline_over_model_only_as_actors']:.3f}   (while the model ran "
-                         f"{c['pipeline_steady_over_model_only_as_actors']:.3f}; the lower of "
-                         "the two ratios is the one to judge by)")
-        need = c.get("audio_s_for_end_to_end_0_9")
-        lines.append(f"  pipeline overhead (start-up, tail)    {c['pipeline_overhead_s']:.1f} s; "
-                     + (f"end to end reaches 0.9 x model only from ~{need / 3600:.2f} audio-h"
-                        if need is not None else "the steady rate is below 0.9 x model only"))
-        lines.append(f"  model busy (share of active time)     {c['model_busy_fraction']:.3f}")
-        if cpu := c["pipeline"].get("cpu_s"):
-            top = ", ".join(f"{role} {sec:.0f}" for role, sec in list(cpu.items())[:6])
-            lines.append(f"  CPU seconds of the pipeline by role   {top} (of "
-                         f"{c['pipeline']['wall_s'] * (r['machine']['cores'] or 1):.0f} the "
-                         f"cores had; the bench's sampling "
-                         f"{c['pipeline'].get('sampling_cpu_s', 0):.1f})")
-        if split := c.get("steady_cpu_split"):
-            others = ", ".join(f"{role} {share:.3f}"
-                               for role, share in split["others_share_of_cores"].items())
-            lines.append(f"  while the models ran, actors' share of the cores "
-                         f"{split['actors_share_of_cores']:.3f} (model only "
-                         f"{split['model_only_share_of_cores']:.3f}); the job's other "
-                         f"processes {split['others_total_share_of_cores']:.3f} ({others or 'none'}"
-                         f" >= 0.01); unused {split['unused_share_of_cores']:.3f}")
-            lines.append(f"  actors' audio-s per CPU-s / model only's   "
-                         f"{split['actor_audio_s_per_cpu_s_over_model_only']:.3f}   (the two "
-                         "shares' ratio x this = the ratio as actors, while the model ran)")
-        lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}"
-                     + (f"   (as actors: {c['actor_forward_over_model_only_as_actors']:.3f})"
-                        if "actor_forward_over_model_only_as_actors" in c else ""))
-        if "pipeline_over_seed_loop_fp32" in c:
-            label = f"pipeline ({r['settings']['precision']}) / seed loop (fp32)"
-            lines.append(f"  {label:<38}{c['pipeline_over_seed_loop_fp32']:.3f}   "
-                         f"(target >= {50 if gpu else 1.5})")
-        if "pipeline_over_seed_loop_same_precision" in c:
-            label = f"pipeline / seed loop (both {r['settings']['precision']})"
-            lines.append(f"  {label:<38}{c['pipeline_over_seed_loop_same_precision']:.3f}")
-        t = c["tflops"]
-        line = (f"  model TFLOP/s: model only {t['model_only']:.3g}, pipeline while its model "
-                f"ran {t['pipeline_steady']:.3g}, end to end {t['pipeline']:.3g}")
-        if share := c.get("fraction_of_peak"):
-            line += (f"; share of peak {share['model_only']:.3f} / "
-                     f"{share['pipeline_steady']:.3f} / {share['pipeline']:.3f}")
-            line += "  (target >= 0.4)" if gpu else ""
-        lines.append(line)
-        if "gpu_busy" in c["pipeline"]:
-            lines.append(f"  GPU busy (nvidia-smi, steady part)    {_busy(c['pipeline'])}"
-                         f"   (target >= 0.9; model only {_busy(c['model_only'])})")
+        if corpus in r:
+            lines.extend(_render_corpus(corpus, r[corpus], r))
     if "memory" in r:
         lines.extend(["", *_render_memory(r["memory"])])
     if "decode" in r:
@@ -1203,6 +1221,78 @@ def render(r: dict[str, Any]) -> str:
         for fmt, d in r["decode"].items():
             lines.append(f"  {fmt:<5} {d['audio_s_per_cpu_s']:>9.0f}")
     return "\n".join(lines)
+
+
+def _render_corpus(corpus: str, c: Mapping[str, Any], r: Mapping[str, Any]) -> list[str]:
+    """The table's rows for one corpus's comparison (``r``: the whole results)."""
+    gpu = r["settings"]["device"] != "cpu"
+    lines = [f"[{corpus}] {c['model_only']['audio_s']:.0f} s of audio, "
+             f"{c['model_only']['windows']} windows"
+             + (f" ({c['copies']} copies of one recording)" if c.get("copies", 1) > 1 else "")]
+    for name in ("model_only", "model_only_as_actors", "pipeline", "seed_loop_fp32",
+                 "seed_loop_same_precision"):
+        if name in c:
+            m = c[name]
+            runs = m.get("runs_audio_s_per_s", [])
+            lines.append(f"  {name:<25} {m['audio_s_per_s']:>8.2f} audio-s/s   wall {m['wall_s']:.1f} s"
+                         + (f"   best of {runs}" if len(runs) > 1 else "")
+                         + (f"   ({m['actors']} processes x {m['torch_threads']} threads)"
+                            if "actors" in m else ""))
+    e = c["pipeline"]["embed"]
+    lines.append(f"  pipeline while its model ran  {c['pipeline']['steady_audio_s_per_s']:>8.2f} "
+                 f"audio-s/s   first batch after {e['first_batch_s']:.1f} s")
+    lines.append(f"  pipeline / model only                 {c['pipeline_over_model_only']:.3f}"
+                 f"   (while the model ran {c['pipeline_steady_over_model_only']:.3f}; "
+                 "target >= 0.9)")
+    if "model_only_as_actors" in c:
+        lines.append(f"  pipeline / model only as actors       "
+                     f"{c['pipeline_over_model_only_as_actors']:.3f}   (while the model ran "
+                     f"{c['pipeline_steady_over_model_only_as_actors']:.3f}; the lower of "
+                     "the two ratios is the one to judge by)")
+    need = c.get("audio_s_for_end_to_end_0_9")
+    lines.append(f"  pipeline overhead (start-up, tail)    {c['pipeline_overhead_s']:.1f} s; "
+                 + (f"end to end reaches 0.9 x model only from ~{need / 3600:.2f} audio-h"
+                    if need is not None else "the steady rate is below 0.9 x model only"))
+    lines.append(f"  model busy (share of active time)     {c['model_busy_fraction']:.3f}")
+    if cpu := c["pipeline"].get("cpu_s"):
+        top = ", ".join(f"{role} {sec:.0f}" for role, sec in list(cpu.items())[:6])
+        lines.append(f"  CPU seconds of the pipeline by role   {top} (of "
+                     f"{c['pipeline']['wall_s'] * (r['machine']['cores'] or 1):.0f} the "
+                     f"cores had; the bench's sampling "
+                     f"{c['pipeline'].get('sampling_cpu_s', 0):.1f})")
+    if split := c.get("steady_cpu_split"):
+        others = ", ".join(f"{role} {share:.3f}"
+                           for role, share in split["others_share_of_cores"].items())
+        lines.append(f"  while the models ran, actors' share of the cores "
+                     f"{split['actors_share_of_cores']:.3f} (model only "
+                     f"{split['model_only_share_of_cores']:.3f}); the job's other "
+                     f"processes {split['others_total_share_of_cores']:.3f} ({others or 'none'}"
+                     f" >= 0.01); unused {split['unused_share_of_cores']:.3f}")
+        lines.append(f"  actors' audio-s per CPU-s / model only's   "
+                     f"{split['actor_audio_s_per_cpu_s_over_model_only']:.3f}   (the two "
+                     "shares' ratio x this = the ratio as actors, while the model ran)")
+    lines.append(f"  actor forward / model-only forward    {c['actor_forward_over_model_only']:.3f}"
+                 + (f"   (as actors: {c['actor_forward_over_model_only_as_actors']:.3f})"
+                    if "actor_forward_over_model_only_as_actors" in c else ""))
+    if "pipeline_over_seed_loop_fp32" in c:
+        label = f"pipeline ({r['settings']['precision']}) / seed loop (fp32)"
+        lines.append(f"  {label:<38}{c['pipeline_over_seed_loop_fp32']:.3f}   "
+                     f"(target >= {50 if gpu else 1.5})")
+    if "pipeline_over_seed_loop_same_precision" in c:
+        label = f"pipeline / seed loop (both {r['settings']['precision']})"
+        lines.append(f"  {label:<38}{c['pipeline_over_seed_loop_same_precision']:.3f}")
+    t = c["tflops"]
+    line = (f"  model TFLOP/s: model only {t['model_only']:.3g}, pipeline while its model "
+            f"ran {t['pipeline_steady']:.3g}, end to end {t['pipeline']:.3g}")
+    if share := c.get("fraction_of_peak"):
+        line += (f"; share of peak {share['model_only']:.3f} / "
+                 f"{share['pipeline_steady']:.3f} / {share['pipeline']:.3f}")
+        line += "  (target >= 0.4)" if gpu else ""
+    lines.append(line)
+    if "gpu_busy" in c["pipeline"]:
+        lines.append(f"  GPU busy (nvidia-smi, steady part)    {_gpu_busy_text(c['pipeline'])}"
+                     f"   (target >= 0.9; model only {_gpu_busy_text(c['model_only'])})")
+    return lines
 
 
 def _render_memory(m: dict[str, Any]) -> list[str]:
