@@ -71,6 +71,7 @@ from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.ray_connect import check_ray_address_env, connect_ray, joins_cluster
 from pipeline.resume import Resumption
 from pipeline.sink import (
+    DuplicateRows,
     RecordingReport,
     ShardProgress,
     ShardSources,
@@ -266,20 +267,32 @@ class _LatestWriter:
             log.warning("%s not updated: %s", self._what, redact.text(str(err)))
 
 
-def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress], written: Written,
+def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress],
+                       refused: dict[str, str], written: Written,
                        per_actor: dict[str, dict[str, float]]) -> ShardProgress | None:
     """Fold what one write task returned into its actors' timing, its shard's progress and
     the counts of what is written; the shard, taken out of ``pending``, once it is complete
-    (every recording's rows written, every report in)."""
+    (every recording's rows written, every report in).
+
+    A shard whose rows overshoot (:class:`DuplicateRows`) moves to ``refused``, with why:
+    it is never committed, its later rows are dropped, and the other shards go on."""
     for actor, timing in ret.timing.items():
         merge_timing(per_actor, {"actor": actor, **timing})
-    if not ret.shard:
+    if not ret.shard or ret.shard in refused:
         return None
     progress = pending.get(ret.shard)
     if progress is None:
         raise RuntimeError(f"rows for shard {ret.shard} after it was committed (or of no "
                            "shard of this run); stopping")
-    for rid in progress.add(ret):
+    try:
+        settled = progress.add(ret)
+    except DuplicateRows as err:
+        log.error("%s: nothing of the shard is committed, the other shards go on, and the "
+                  "next run redoes it", err)
+        refused[ret.shard] = str(err)
+        del pending[ret.shard]
+        return None
+    for rid in settled:
         report = progress.reports[rid]
         written.recordings += 1
         written.audio_s += float(report.get("duration_s", 0.0))
@@ -288,6 +301,19 @@ def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress], writ
         return None
     del pending[ret.shard]
     return progress
+
+
+def _uncommitted(pending: Mapping[str, ShardProgress], refused: Mapping[str, str]) -> str:
+    """What left shards uncommitted when the pipeline ended, in words; empty if none did."""
+    said = []
+    if pending:
+        waiting = sorted(r for p in pending.values() for r in p.waiting)
+        said.append(f"{len(pending)} shard(s) incomplete (no rows or report for {len(waiting)} "
+                    f"recordings, e.g. {waiting[:3]})")
+    if refused:
+        said.append(f"{len(refused)} shard(s) refused for rows that reached the driver twice "
+                    f"(e.g. {next(iter(refused.values()))})")
+    return " and ".join(said)
 
 
 class _CommitStopped(Exception):
@@ -846,6 +872,7 @@ class EmbeddingJob:
         layers = self.settings.layers
         pending = {sid: ShardProgress(sid, [i.recording_id for i in members], layers)
                    for sid, members in self.shards}
+        refused: dict[str, str] = {}  # shard -> why: duplicated rows, never committed
         sources = ray.put(self._shard_sources())
         per_actor: dict[str, dict[str, float]] = {}
         pipeline_start = time.time()
@@ -877,7 +904,7 @@ class EmbeddingJob:
                         self._lease.check()
                     for row in batch.to_pylist():
                         complete = _take_write_return(WriteReturn.from_row(row), pending,
-                                                      written, per_actor)
+                                                      refused, written, per_actor)
                         if complete is not None:
                             committer.submit(complete)
                     committer.collect()
@@ -891,11 +918,9 @@ class EmbeddingJob:
         finally:  # a stopped or failed run's record says what its models did too
             summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         committer.close(None)
-        if pending:
-            waiting = sorted(r for p in pending.values() for r in p.waiting)
-            raise RuntimeError(f"the pipeline ended with {len(pending)} shards incomplete: no "
-                               f"rows or report for {len(waiting)} recordings (e.g. "
-                               f"{waiting[:3]}); nothing of them was committed")
+        if problem := _uncommitted(pending, refused):
+            raise RuntimeError(f"the pipeline ended with {problem}: nothing of them was "
+                               "committed, and a rerun redoes them")
         e = summary.embed
         log.info("models busy %.0f%% of their active time (%d batches, forward %.1f s of %.1f s); "
                  "first batch %.1f s after the pipeline started", 100 * e.busy_fraction,

@@ -163,7 +163,9 @@ class SinkSpec:
 
 @dataclass
 class WriteReturn:
-    """What one write task reports to the driver about one shard (small: no embeddings).
+    """What one write task reports to the driver about one shard: the files it staged, its
+    recordings' decode reports and, per (recording, channel, layer), a partial pool (count,
+    float64 sum, float32 max: one vector each, the window embeddings stay in the files).
 
     ``shard`` is empty for the return that carries only embedder timings.
     """
@@ -250,13 +252,18 @@ def _rows_digest(rows: pa.Table) -> str:
     return digest.hexdigest()[:20]
 
 
+class DuplicateRows(RuntimeError):
+    """A shard received more window rows for a recording than its decode promised: some
+    rows reached the driver twice, so nothing of the shard may be committed."""
+
+
 class ShardProgress:
     """The driver's view of one shard while its write returns arrive, in any order.
 
     A recording is settled once its decode report is in and, for every channel it
     reported and every layer, the window rows written plus the windows dropped as
     non-finite equal the windows decoded. The shard is complete when every recording is
-    settled; a count that overshoots means a duplicated row and stops the job.
+    settled; a count that overshoots means a duplicated row: :class:`DuplicateRows`.
     """
 
     def __init__(self, shard_id: str, recording_ids: Iterable[str], layers: Sequence[int]) -> None:
@@ -313,7 +320,7 @@ class ShardProgress:
             for layer in self.layers:
                 got = self._counts.get((rid, ch, layer), 0)
                 if got > expected:
-                    raise RuntimeError(
+                    raise DuplicateRows(
                         f"shard {self.shard_id}: {rid} channel {ch} layer {layer} has {got} "
                         f"window rows, {expected} expected; refusing to commit duplicates")
                 if got < expected:

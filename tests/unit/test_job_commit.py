@@ -3,12 +3,14 @@ outcomes, and how the driver's commit threads finish when a run stops."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import types
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import job as job_mod
@@ -18,7 +20,7 @@ from pipeline.errors import JobAborted, LeaseLostError
 from pipeline.job import EmbeddingJob, settle_model_settings
 from pipeline.layout import OutputLayout, recordings_to_retry
 from pipeline.models import model_info
-from pipeline.sink import ShardProgress
+from pipeline.sink import ShardProgress, WriteReturn
 from pipeline.sources import SourceItem
 from pipeline.summary import EmbedTiming, JobSummary, ShardOutcome
 
@@ -159,6 +161,39 @@ def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> Non
     committer.close(RuntimeError("the pipeline failed"))
     assert sorted(commits.recorded) == [f"s{k:02d}" for k in range(40)]
     assert commits.most_outstanding <= 3 * job_mod.COMMIT_THREADS  # the driver waited
+
+
+def test_a_shard_whose_rows_arrive_twice_is_refused_and_the_others_go_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Duplicated rows (a retried decode task whose second attempt cut its blocks otherwise)
+    cost their shard, not the job: it leaves ``pending`` for ``refused``, its later returns
+    are dropped, another shard still completes, and the run ends naming what it refused."""
+    def rows(rid: str, n: int) -> pa.Table:
+        return pa.table({"recording_id": [rid], "channel": pa.array([-1], pa.int16()),
+                         "layer": pa.array([0], pa.int16()), "count": [n]})
+
+    def done(rid: str, n: int) -> str:
+        return json.dumps({"type": "report", "recording_id": rid, "status": "ok",
+                           "windows": {"-1": n}, "duration_s": 2.0})
+
+    pending = {s: ShardProgress(s, [f"{s}-r"], (0,)) for s in ("a", "b")}
+    refused: dict[str, str] = {}
+    written = job_mod.Written()
+
+    def take(ret: WriteReturn) -> ShardProgress | None:
+        return job_mod._take_write_return(ret, pending, refused, written, {})
+
+    assert take(WriteReturn("a", partials=rows("a-r", 3))) is None
+    assert take(WriteReturn("a", partials=rows("a-r", 3), reports=[done("a-r", 3)])) is None
+    assert set(pending) == {"b"} and "a-r channel -1 layer 0 has 6 window rows" in refused["a"]
+    assert "nothing of the shard is committed" in caplog.text
+    assert take(WriteReturn("a", partials=rows("a-r", 1))) is None  # dropped, not an error
+    complete = take(WriteReturn("b", partials=rows("b-r", 2), reports=[done("b-r", 2)]))
+    assert complete is not None and complete.shard_id == "b" and not pending
+    assert written.recordings == 1 and written.audio_s == 2.0
+    said = job_mod._uncommitted(pending, refused)
+    assert said.startswith("1 shard(s) refused for rows that reached the driver twice")
+    assert job_mod._uncommitted({}, {}) == ""
 
 
 @pytest.mark.parametrize("err", [KeyboardInterrupt(), JobAborted("budget"),
