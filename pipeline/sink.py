@@ -450,12 +450,13 @@ def lookup(sources: pa.Table, recording_ids: pa.ChunkedArray | pa.Array) -> pa.T
     return sources.take(at)
 
 
-def _embedding_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def _embedding_matrix(col: pa.ChunkedArray | pa.Array, dtype: type = np.float32) -> np.ndarray:
+    """A list column of one length as an ``(rows, length)`` matrix of ``dtype``."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     dims = pa.compute.list_value_length(arr).to_numpy(zero_copy_only=False)
     if len(dims) and (dims != dims[0]).any():
         raise ValueError("embeddings of one layer must share a dimension")
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return flat.reshape(len(arr), int(dims[0]) if len(dims) else 0)
 
 
@@ -495,34 +496,37 @@ def _list_array(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
 
 
 def reduce_partials(partials: Sequence[pa.Table], pooling: str) -> dict[tuple[str, int, int], tuple[int, np.ndarray]]:
-    """Combine partial pools from every write task: ``(rid, channel, layer) -> (count, pooled)``."""
-    acc: dict[tuple[str, int, int], list[Any]] = {}
-    for table in partials:
-        rids = table.column("recording_id").to_pylist()
-        chans = table.column("channel").to_pylist()
-        layers = table.column("layer").to_pylist()
-        counts = table.column("count").to_pylist()
-        sums = table.column("sum").to_pylist()
-        maxs = table.column("max").to_pylist()
-        for rid, ch, layer, n, s, m in zip(rids, chans, layers, counts, sums, maxs, strict=True):
-            key = (rid, ch, layer)
-            s_arr, m_arr = np.asarray(s, np.float64), np.asarray(m, np.float32)
-            if key in acc:
-                entry = acc[key]
-                entry[0] += n
-                entry[1] += s_arr
-                np.maximum(entry[2], m_arr, out=entry[2])
-            else:
-                acc[key] = [n, s_arr, m_arr]
-    pooled = {}
-    for key, (n, s, m) in acc.items():
+    """Combine partial pools from every write task: ``(rid, channel, layer) -> (count, pooled)``.
+
+    Vectorised per layer (the layers of a model may differ in width): the vectors never
+    become Python lists, as this runs on the driver for every shard it commits."""
+    if pooling not in ("mean", "max"):  # a new one needs its own partial column in partial_pools
+        raise ValueError(f"unknown recording pooling {pooling!r}")
+    pooled: dict[tuple[str, int, int], tuple[int, np.ndarray]] = {}
+    if not partials:
+        return pooled
+    table = pa.concat_tables(partials)
+    layers = table.column("layer").to_numpy()
+    for layer in np.unique(layers):
+        part = table.filter(pa.compute.equal(table.column("layer"), int(layer)))
+        groups: dict[tuple[str, int], int] = {}
+        group = np.fromiter(
+            (groups.setdefault(key, len(groups)) for key in zip(
+                part.column("recording_id").to_pylist(), part.column("channel").to_pylist(),
+                strict=True)),
+            dtype=np.intp, count=part.num_rows)
+        order = np.argsort(group, kind="stable")  # group g's rows start at bounds[g]
+        bounds = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
+        counts = np.add.reduceat(part.column("count").to_numpy()[order], bounds)
         if pooling == "mean":
-            vec = (s / n).astype(np.float32)
-        elif pooling == "max":
-            vec = m
-        else:  # a new output.recording_pooling needs its own partial column in partial_pools
-            raise ValueError(f"unknown recording pooling {pooling!r}")
-        pooled[key] = (n, vec)
+            sums = np.add.reduceat(_embedding_matrix(part.column("sum"), np.float64)[order],
+                                   bounds, axis=0)
+            vectors = (sums / counts[:, None]).astype(np.float32)
+        else:
+            vectors = np.maximum.reduceat(_embedding_matrix(part.column("max"))[order], bounds,
+                                          axis=0)
+        for (rid, channel), g in groups.items():
+            pooled[(rid, channel, int(layer))] = (int(counts[g]), vectors[g])
     return pooled
 
 

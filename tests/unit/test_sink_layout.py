@@ -66,6 +66,37 @@ def test_partial_pools_reduce_to_exact_mean_and_max() -> None:
                 np.testing.assert_allclose(vec, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_partials_of_layers_of_different_widths_and_channels_reduce_apart() -> None:
+    """A model's layers may differ in width (EfficientNet's stages), a recording's channels
+    pool apart, and a write task's partials may be slices of a larger table."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for layer, dim in ((1, 5), (4, 12)):
+        for channel in (0, 1):
+            for rid in ("a", "b"):
+                for w in range(int(rng.integers(1, 5))):
+                    rows.append({"shard": "s", "recording_id": rid, "channel": channel,
+                                 "window_index": w, "start_s": 0.0, "end_s": 1.0,
+                                 "valid_s": 1.0, "layer": layer, "meta": "",
+                                 "embedding": rng.standard_normal(dim).astype(np.float32)})
+    order = rng.permutation(len(rows))
+    table = pa.Table.from_pylist([rows[i] for i in order], schema=STAGE_SCHEMA)
+    whole = partial_pools(table)
+    parts = [whole.slice(0, 3), whole.slice(3, 4), whole.slice(7)]
+    for method in ("mean", "max"):
+        pooled = reduce_partials(parts, method)
+        assert len(pooled) == 8
+        for (rid, channel, layer), (count, vec) in pooled.items():
+            emb = np.stack([r["embedding"] for r in rows if (r["recording_id"], r["channel"],
+                                                             r["layer"]) == (rid, channel, layer)])
+            assert count == len(emb) and vec.dtype == np.float32
+            expected = emb.mean(axis=0) if method == "mean" else emb.max(axis=0)
+            np.testing.assert_allclose(vec, expected, rtol=1e-6, atol=1e-6)
+    assert reduce_partials([], "mean") == {}
+    with pytest.raises(ValueError, match="unknown recording pooling"):
+        reduce_partials(parts, "median")
+
+
 def test_timings_fold_per_actor_and_into_a_job_summary() -> None:
     from pipeline.summary import EmbedTiming
 
