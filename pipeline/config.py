@@ -388,6 +388,12 @@ class RunConfig:
             rerun then reopens the shards holding its earlier version, so its rows are
             replaced, not kept beside the new ones. ``False``: both versions' rows stay
             (``recording_id`` and ``source_version`` tell them apart).
+        recheck_archived: a rerun reads one byte of each listed recording committed as
+            ``ArchivedObject`` (its object in an archive storage class, not restored: S3
+            GLACIER, DEEP_ARCHIVE, Intelligent-Tiering's archive tiers), and reopens the
+            shards of those that read now (restored, or copied to another storage class) to
+            embed them; the others stay settled, their shards untouched. One small GET per
+            such recording and rerun. ``False``: archived recordings stay error rows.
         progress: show Ray Data's progress bars; unset, Ray Data's own setting (on,
             unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image).
         progress_every_s: seconds between the job's own progress lines (recordings
@@ -410,6 +416,7 @@ class RunConfig:
     retry_transient_errors: bool = True
     max_attempts: int = 3
     replace_changed_sources: bool = True
+    recheck_archived: bool = True
     progress: bool | None = None
     progress_every_s: float = 60.0
     stall_timeout_s: float = 1800.0

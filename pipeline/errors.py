@@ -28,6 +28,13 @@ RETRYABLE_ERRORS = frozenset({"StorageError", "PermissionError"})
 # by the recording: a marker records the rate and channels refused, and a run whose limits
 # admit them tries the recording again (see :func:`pipeline.layout.admitted_now`).
 LIMIT_ERRORS = frozenset({"UnsupportedSampleRate", "TooManyChannels"})
+# A read refused because the object sits in an archive storage class, not restored (S3's
+# InvalidObjectState on GLACIER, DEEP_ARCHIVE, Intelligent-Tiering's archive tiers): neither
+# the recording's fault nor an outage. Settled: no rerun reopens its shard for it, however
+# many runs, until its object reads again (restored, or copied to another storage class),
+# which a rerun checks of each with one small read (see
+# :meth:`pipeline.resume.Resumption.reopen_shards`).
+ARCHIVED_ERRORS = frozenset({"ArchivedObject"})
 
 
 class PipelineError(Exception):

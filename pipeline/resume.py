@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline import layout as layout_mod
 from pipeline import redact, storage
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ARCHIVED_ERRORS, ConfigError
 from pipeline.layout import OutputLayout
 from pipeline.provenance import utc_now
 from pipeline.sink import (
@@ -41,6 +42,9 @@ from pipeline.sink import (
 from pipeline.sources import Listing, SourceItem, portable_type
 
 log = logging.getLogger(__name__)
+
+# Reads at once when checking whether archived recordings were restored (run.recheck_archived).
+_PROBE_THREADS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +249,9 @@ class Resumption:
           since), which would otherwise never get its rows;
         - is an earlier version of an object listed now (``run.replace_changed_sources``),
           whose rows would otherwise sit beside the new version's;
+        - was committed as ``ArchivedObject`` (an object in an archive storage class, not
+          restored) and reads now, restored since: ``run.recheck_archived`` (one small read
+          of each; those still archived stay settled, their shards untouched);
         - was refused by the job's own limits (sample rate, channels), which this run's
           admit: the limits decide whether it is embedded, not what it embeds to, so they
           are in no variant, and a run that admits it must not leave its error row standing.
@@ -283,12 +290,13 @@ class Resumption:
         changed = {shard: ids for shard, marker in markers.items()
                    if listed_uris and (ids := replaced(marker["recordings"]))}
         limits = self.limits
+        restored = self._restored(markers) if run.recheck_archived else {}
         limited = {shard: ids for shard, marker in markers.items()
                    if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
                                if r["recording_id"] in listed
                                and layout_mod.admitted_now(r, limits)})}
         redo: dict[str, set[str]] = {}
-        for reason in (retry, changed, limited):
+        for reason in (retry, changed, limited, restored):
             for shard, ids in reason.items():
                 redo.setdefault(shard, set()).update(ids)
         # A table turned on needs every listed recording's rows: those shards are redone whole.
@@ -320,6 +328,51 @@ class Resumption:
             layout_mod.uncommit(self.layout, shard_id)
             del markers[shard_id]
         return reopen
+
+    def _restored(self, markers: Mapping[str, Mapping[str, Any]]) -> dict[str, set[str]]:
+        """``shard -> ids`` of the listed recordings committed as ``ArchivedObject`` whose
+        object reads now (restored, or copied to another storage class: the same ETag, so
+        the same recording), found by reading its first byte, ``_PROBE_THREADS`` at a time.
+        One still archived, or that cannot be read for another reason, stays settled: its
+        shard is not reopened for it (a refusal or an outage would only swap one error row
+        for another)."""
+        items = {i.recording_id: i for i in self.listing.items if not i.problem}
+        archived = [(shard, rec["recording_id"]) for shard, marker in markers.items()
+                    for rec in layout_mod.noted(marker)
+                    if rec.get("error_type") in ARCHIVED_ERRORS
+                    and rec["recording_id"] in items]
+        if not archived:
+            return {}
+        options = self.cfg.input.storage_options
+
+        def reads(rid: str) -> BaseException | None:
+            item = items[rid]
+            try:
+                fs, _ = storage.url_to_fs(item.uri, options)
+                storage.retry(lambda: fs.cat_file(item.path, start=0,
+                                                  end=1 if item.size_bytes else None),
+                              what=f"read {item.uri}")
+            except Exception as err:  # noqa: BLE001 - the reason it stays settled
+                return err
+            return None
+
+        with ThreadPoolExecutor(_PROBE_THREADS) as pool:
+            found = list(pool.map(reads, [rid for _, rid in archived]))
+        out: dict[str, set[str]] = {}
+        for (shard, rid), err in zip(archived, found, strict=True):
+            if err is None:
+                out.setdefault(shard, set()).add(rid)
+        still = sum(err is not None and storage.archived(err) is not None for err in found)
+        other = [err for err in found if err is not None and storage.archived(err) is None]
+        back = sum(len(ids) for ids in out.values())
+        log.info("%d recording(s) committed as ArchivedObject checked (run.recheck_archived): "
+                 "%d read now and are embedded again, %d are still archived (restore them "
+                 "first; their error rows stay)", len(archived), back, still)
+        if other:
+            log.warning("%d recording(s) committed as ArchivedObject could not be checked, "
+                        "their error rows stay: %s", len(other),
+                        storage.why(other[0], "input.storage_options"))
+        return out
 
     def _carve_out(self, marker: Mapping[str, Any], keep: set[str],
                    why: str = "no longer listed") -> dict[str, Any]:

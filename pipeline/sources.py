@@ -683,9 +683,12 @@ def _unreadable(shown: str, path: str, row: int, err: Exception) -> SourceItem:
     """A manifest row whose object cannot be had: an error row, named for its ``err`` (a
     refusal of the credentials, whatever the store, as ``PermissionError``: retried by
     later runs, see ``errors.RETRYABLE_ERRORS``)."""
-    problem = (f"PermissionError: {storage.why(err, 'input.storage_options')}"
-               if storage.access_refused(err)
-               else f"{type(err).__name__}: {redact.text(str(err))}")
+    if storage.archived(err):  # a HEAD does not meet it, but a store may answer so anyway
+        problem = f"ArchivedObject: {storage.archived_message(err, shown)}"
+    elif storage.access_refused(err):
+        problem = f"PermissionError: {storage.why(err, 'input.storage_options')}"
+    else:
+        problem = f"{type(err).__name__}: {redact.text(str(err))}"
     return SourceItem(uri=shown, path=path, size_bytes=-1, version=MISSING,
                       recording_id=recording_id(shown, MISSING), row=row, problem=problem)
 

@@ -251,6 +251,9 @@ def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
     if isinstance(err, storage.StorageError):
         return {"status": "error", "error_type": "StorageError", "message": str(err),
                 "transient": True}
+    if storage.archived(err):  # settled until restored: a rerun checks (resume.py)
+        return {"status": "error", "error_type": "ArchivedObject",
+                "message": storage.archived_message(err, uri)}
     if storage.access_refused(err):  # the credentials', not the recording's: expired, revoked
         return {"status": "error", "error_type": "PermissionError", "message": storage.why(err, "input.storage_options"),
                 "transient": True}

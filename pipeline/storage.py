@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import stat
 import threading
 import time
@@ -399,11 +400,56 @@ _CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
                                 "DefaultCredentialsError", "RefreshError"})
 
 
+# S3's answer to a GET of an object in an archive storage class (GLACIER, DEEP_ARCHIVE, the
+# archive tiers of INTELLIGENT_TIERING) not restored: a 403 that s3fs raises as a
+# ``PermissionError``. HEAD works on such objects: listings and manifest lookups see them.
+_ARCHIVED_CODES = frozenset({"InvalidObjectState"})
+
+
+def archived(err: BaseException) -> str | None:
+    """Where ``err`` (or an error it came from) says the object sits in an archive storage
+    class, not restored (S3's ``InvalidObjectState``): its storage class, with the
+    Intelligent-Tiering access tier where S3 names one (``INTELLIGENT_TIERING
+    ARCHIVE_ACCESS``), or ``"an archive storage class"`` where it names none; else ``None``.
+    Not a refusal of the credentials (:func:`access_refused`), nor transient: the object
+    reads once restored (S3 RestoreObject)."""
+    for e in _error_chain(err):
+        response = getattr(e, "response", None)
+        detail = response.get("Error") if isinstance(response, Mapping) else None
+        if isinstance(detail, Mapping) and detail.get("Code") in _ARCHIVED_CODES:
+            where = " ".join(str(detail[k]) for k in ("StorageClass", "AccessTier")
+                             if detail.get(k))
+            return where or "an archive storage class"
+    return None
+
+
+def archived_message(err: BaseException, shown: str) -> str:
+    """What a read of the archived object ``shown`` (:func:`archived`) means, and what to do:
+    the restore command for an ``s3://`` URL (no ``Days`` for an Intelligent-Tiering archive
+    tier, which S3 refuses there: a restore moves the object back to its Frequent Access
+    tier)."""
+    where = archived(err) or "an archive storage class"
+    bucket, _, key = shown.partition("://")[2].partition("/")
+    key = key.split("?", 1)[0]  # (a ?versionId= is not part of the key)
+    if protocol_of(shown) in ("s3", "s3a") and bucket and key:
+        request = "'{}'" if where.startswith("INTELLIGENT_TIERING") else "Days=7"
+        how = (f"aws s3api restore-object --bucket {bucket} --key {shlex.quote(key)} "
+               f"--restore-request {request}")
+    else:
+        how = "S3 RestoreObject"
+    return (f"{shown} is in {where}, not restored, so it cannot be read (InvalidObjectState): "
+            f"restore it first ({how}; it takes hours, up to 48 from DEEP_ARCHIVE), then "
+            "rerun the job: a rerun embeds the archived recordings that read by then")
+
+
 def access_refused(err: BaseException) -> bool:
     """Whether ``err`` (or an error it came from) says the store refused these credentials,
     or found none: a ``PermissionError`` (s3fs's AccessDenied, a local folder), an HTTP 401
     or 403 (http, gcsfs's 401), gcsfs's 403 (a bare ``OSError("Forbidden: <path>...")``,
-    no status), a credentials error of botocore or google-auth."""
+    no status), a credentials error of botocore or google-auth. Not an object in an archive
+    storage class (:func:`archived`), which s3fs raises as a ``PermissionError`` too."""
+    if archived(err) is not None:
+        return False
     return any(isinstance(e, PermissionError) or type(e).__name__ in _CREDENTIAL_ERRORS
                or http_status(e) in (401, 403)
                or (type(e) is OSError and str(e).startswith("Forbidden: "))
@@ -413,8 +459,10 @@ def access_refused(err: BaseException) -> bool:
 def why(err: BaseException, options: str = "input.storage_options / output.storage_options"
         ) -> str:
     """What an I/O error means, in one redacted line: nothing there, access refused (and
-    where credentials go: ``options``), else the error's type and text."""
+    where credentials go: ``options``), an archived object, else the error's type and text."""
     text = " ".join(redact.text(f"{type(err).__name__}: {err}").split())  # one line
+    if archived(err) is not None:
+        return f"{text}; the object is in {archived(err)}, not restored: restore it first"
     if isinstance(err, PermissionError) and getattr(err, "filename", None):  # local disk
         return f"permission denied ({text}); check its permissions"
     if access_refused(err):  # before "not found": fsspec's http says that of a 403

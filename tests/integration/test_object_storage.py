@@ -787,6 +787,55 @@ def test_a_recording_an_outage_kept_out_is_embedded_by_the_next_run(
     assert rows == distinct
 
 
+def test_an_archived_object_is_its_own_settled_error_until_restored(
+        s3_buckets: Any, moto: ServerProcess, checkpoint: Path, real_data: Path,
+        ray_session: None) -> None:
+    """An object in GLACIER, not restored: moto answers its GET with InvalidObjectState
+    (a 403, which s3fs raises as PermissionError), as S3 does, while HEAD and the listing
+    see it. It is an ``ArchivedObject`` error row saying to restore it, not a refusal of
+    the credentials, and the other recordings are embedded. A rerun before the restore
+    reopens nothing (settled, not transient); the rerun after it embeds that one alone."""
+    fs = s3_buckets
+    files = {rel: real_data / rel for rel in ARCHIVE_FILES[:3]}
+    cold = ARCHIVE_FILES[1]
+    for rel, local in files.items():
+        fs.call_s3("put_object", Bucket=IN_BUCKET, Key=f"glacier/{rel}", Body=local.read_bytes(),
+                   **({"StorageClass": "GLACIER"} if rel == cold else {}))
+    archive, root = f"s3://{IN_BUCKET}/glacier", f"s3://{OUT_BUCKET}/glacier"
+    options = s3_opts(moto.url)
+
+    def run(name: str) -> JobSummary:
+        summary = run_job(job_config(archive, root, checkpoint, name, options, options))
+        storage.url_to_fs(root, options)[0].invalidate_cache()  # files rewritten under names
+        return summary
+
+    first = run("glacier-1")
+    rows = read_with_pyarrow(root, options, (archive,))
+    error_type, message = rows.errors[cold]
+    assert error_type == "ArchivedObject"
+    assert f"{archive}/{cold} is in GLACIER, not restored" in message
+    assert (f"aws s3api restore-object --bucket {IN_BUCKET} --key glacier/{cold} "
+            "--restore-request Days=7") in message
+    assert "credentials" not in message
+    assert {rec for rec, _, _ in rows.recordings} == set(files) - {cold}
+    assert (first.embedded, first.failed, first.exit_code) == (2, 1, EXIT_SOME_FAILED)
+
+    second = run("glacier-2")  # still archived: settled, its shard not reopened
+    assert (second.recordings_already_done, second.embedded, second.failed) == (3, 0, 0)
+    assert read_with_pyarrow(root, options, (archive,)).errors == rows.errors
+
+    fs.call_s3("restore_object", Bucket=IN_BUCKET, Key=f"glacier/{cold}",
+               RestoreRequest={"Days": 1})
+    third = run("glacier-3")  # restored: the same object (ETag), embedded now
+    assert (third.recordings_already_done, third.embedded, third.failed) == (2, 1, 0)
+    out_fs, out_path = storage.url_to_fs(root, options)
+    assert not out_fs.find(f"{out_path}/errors")  # its error row gone, with its shard
+    recordings = pads.dataset(f"{out_path}/recordings", filesystem=out_fs, format="parquet",
+                              partitioning="hive").to_table().to_pylist()
+    assert {relative(r["source_uri"], (archive,)): r["recording_id"] for r in recordings} == (
+        rows.ids)
+
+
 def test_the_driver_commits_shards_side_by_side_on_a_slow_bucket(
         s3_archive: str, moto: ServerProcess, checkpoint: Path, s3_run: Run,
         ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1114,6 +1163,7 @@ def _refresh(retryable: bool) -> Exception:
     (lambda: _s3fs_error(500, "InternalError"), True),      # OSError(EREMOTEIO)
     (lambda: _s3fs_error(404, "NoSuchKey"), False),         # FileNotFoundError
     (lambda: _s3fs_error(403, "AccessDenied"), False),      # PermissionError
+    (lambda: _s3fs_error(403, "InvalidObjectState"), False),  # PermissionError: archived
     (lambda: _s3fs_error(400, "InvalidArgument"), False),   # OSError(EINVAL)
     (lambda: _client_error(429, "TooManyRequests"), True),
     (lambda: _client_error(400, "BadDigest"), False),
@@ -1128,12 +1178,52 @@ def _refresh(retryable: bool) -> Exception:
     (lambda: _gcs_error(429), True),
     (lambda: _gcs_error(408), True),  # request timeout: the server gave up waiting
     (lambda: _gcs_error(400), False),
-], ids=["s3-slowdown", "s3-unavailable", "s3-internal", "s3-404", "s3-403", "s3-400",
+], ids=["s3-slowdown", "s3-unavailable", "s3-internal", "s3-404", "s3-403", "s3-archived", "s3-400",
         "boto-429", "boto-400", "reset", "ebusy", "payload", "no-credentials", "no-profile",
         "gcs-refresh-revoked", "gcs-refresh-retryable", "gcs-503", "gcs-429", "gcs-408",
         "gcs-400"])
 def test_storage_errors_are_classified(make: Any, transient: bool) -> None:
     assert storage.is_transient(make()) is transient
+
+
+def _archived_error(storage_class: str, tier: str | None = None) -> Exception:
+    """What s3fs raises for a GET of an object in an archive storage class, not restored."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    detail = {"Code": "InvalidObjectState", "StorageClass": storage_class,
+              "Message": "The operation is not valid for the object's storage class"}
+    if tier:
+        detail["AccessTier"] = tier
+    return translate_boto_error(ClientError(
+        {"Error": detail, "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject"))
+
+
+def test_an_archived_object_is_no_refusal_of_the_credentials() -> None:
+    """s3fs raises S3's InvalidObjectState as a PermissionError: it is an archived object,
+    settled until restored, never "check the credentials" (nor a manifest's early stop,
+    nor a retry), whichever archive class or Intelligent-Tiering tier says it."""
+    from pipeline import sources, stages
+
+    err = _archived_error("DEEP_ARCHIVE")
+    assert isinstance(err, PermissionError)
+    assert storage.archived(err) == "DEEP_ARCHIVE"
+    assert not storage.access_refused(err) and not storage.is_transient(err)
+    assert "credentials" not in storage.why(err) and "restore it first" in storage.why(err)
+    assert storage.access_refused(_s3fs_error(403, "AccessDenied"))
+    assert storage.archived(_s3fs_error(403, "AccessDenied")) is None
+
+    tiered = _archived_error("INTELLIGENT_TIERING", "ARCHIVE_ACCESS")
+    meta = stages._failure_meta(tiered, "s3://b/deep dir/x.wav")
+    assert meta["error_type"] == "ArchivedObject" and not meta.get("transient")
+    assert meta["message"].startswith(
+        "s3://b/deep dir/x.wav is in INTELLIGENT_TIERING ARCHIVE_ACCESS, not restored")
+    assert ("aws s3api restore-object --bucket b --key 'deep dir/x.wav' --restore-request "
+            "'{}'") in meta["message"]
+
+    item = sources._unreadable("s3://b/x.wav", "b/x.wav", 0, err)
+    assert item.problem.startswith("ArchivedObject: s3://b/x.wav is in DEEP_ARCHIVE")
+    sources._refuse_if_all_refused([item])  # every lookup archived: no ConfigError
 
 
 def test_storage_options_by_protocol_and_http_uris() -> None:
