@@ -16,6 +16,7 @@ So no recording is done twice, none is lost, and no row is duplicated.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +46,13 @@ log = logging.getLogger(__name__)
 
 # Reads at once when checking whether archived recordings were restored (run.recheck_archived).
 _PROBE_THREADS = 32
+# Reopened shards carved side by side (each a few requests per file, or a download where a
+# file mixes rows kept and redone), as many as the driver commits shards at once
+# (job.COMMIT_THREADS).
+CARVE_THREADS = 8
+# Range requests reading a committed file's recording ids: its footer, and that column's
+# chunk in each row group (a few KB each, beside MBs of embeddings).
+_ID_BLOCK_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,22 @@ def _kindred(stored: pa.DataType, given: pa.DataType) -> bool:
         return stored.bit_width >= given.bit_width  # a narrower float rounds, unchecked
     numeric = (pa.types.is_integer, pa.types.is_floating)
     return any(kind(stored) for kind in numeric) and any(kind(given) for kind in numeric)
+
+
+def _recording_ids(fs: Any, path: str) -> pa.ChunkedArray:
+    """The ``recording_id`` column of one committed file, fetched by range requests: the
+    footer and that column's chunks, not the embeddings beside them. A read that failed
+    raises its own error (``RangeReader.error``), not the truncated file pyarrow saw."""
+    reader = storage.RangeReader(fs, path, block_bytes=_ID_BLOCK_BYTES)
+    try:
+        column = read_parquet_bytes(reader, columns=["recording_id"])["recording_id"]
+    except Exception:
+        if reader.error is not None:
+            raise reader.error from None
+        raise
+    if reader.error is not None:
+        raise reader.error
+    return column
 
 
 @dataclasses.dataclass
@@ -315,6 +339,7 @@ class Resumption:
                         "audio limits that this run's admit (%s)", len(relimited),
                         sum(len(limited[s]) for s in relimited),
                         ", ".join(f"{k}={v}" for k, v in limits.items()))
+        plans: dict[str, tuple[set[str], str]] = {}
         for shard_id in sorted(reopen):
             recordings = markers[shard_id]["recordings"]
             if shard_id in lacking:
@@ -322,11 +347,22 @@ class Resumption:
             else:
                 keep = {r["recording_id"] for r in recordings} - redo[shard_id]
                 why = "not to be redone"
-            if keep:
-                carved = self._carve_out(markers[shard_id], keep, why)
-                markers[carved["shard"]] = layout_mod.compact(carved)
-            layout_mod.uncommit(self.layout, shard_id)
-            del markers[shard_id]
+            plans[shard_id] = keep, why
+        # Shards side by side (a 0.1% transient rate reopens most shards of a large run);
+        # each carves, then uncommits its source, in that order, on a thread of the pool,
+        # and only this thread changes ``markers``. The first failure fails the run, as one
+        # carve after another did: the carves not started are dropped, those under way end.
+        pool = ThreadPoolExecutor(CARVE_THREADS, thread_name_prefix="carve")
+        try:
+            futures = {shard_id: pool.submit(self._reopen, markers[shard_id], keep, why)
+                       for shard_id, (keep, why) in plans.items()}
+            for shard_id, future in futures.items():
+                carved = future.result()
+                if carved is not None:
+                    markers[carved["shard"]] = layout_mod.compact(carved)
+                del markers[shard_id]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return reopen
 
     def _restored(self, markers: Mapping[str, Mapping[str, Any]]) -> dict[str, set[str]]:
@@ -374,6 +410,14 @@ class Resumption:
                         storage.why(other[0], "input.storage_options"))
         return out
 
+    def _reopen(self, marker: Mapping[str, Any], keep: set[str], why: str
+                ) -> dict[str, Any] | None:
+        """Carve ``keep``'s rows out of ``marker``'s shard (if any), then uncommit it.
+        Returns the carved shard's marker, or ``None``."""
+        carved = self._carve_out(marker, keep, why) if keep else None
+        layout_mod.uncommit(self.layout, marker["shard"])
+        return carved
+
     def _carve_out(self, marker: Mapping[str, Any], keep: set[str],
                    why: str = "no longer listed") -> dict[str, Any]:
         """Commit the rows of ``keep``'s recordings (not redone: not listed any more, or not
@@ -383,7 +427,14 @@ class Resumption:
         copied as they are (provenance columns and file metadata included) into files named
         for the new shard, then its marker is written, recording ``carved_from``; a crash
         before that marker leaves files that ``recover`` deletes, one after it a second
-        marker that ``layout.finish_carves`` resolves. Returns the new marker."""
+        marker that ``layout.finish_carves`` resolves. Returns the new marker.
+
+        What it costs: of each file, only the ``recording_id`` column is read first (the
+        footer and that column's chunks, by range requests). A file whose rows are all kept
+        (most of them, when a shard is reopened for a few retries) is copied whole to its
+        new name, byte for byte, server-side on object stores (``storage.copy``); one with
+        none kept is left to ``recover``; only one mixing kept and dropped rows is
+        downloaded, filtered and written again."""
         import pyarrow.compute as pc
 
         lay, o = self.layout, self.cfg.output
@@ -391,18 +442,27 @@ class Resumption:
         shard_id = layout_mod.carved_shard_id(source, keep)
         ids = pa.array(sorted(keep))
         files: dict[str, list[dict[str, Any]]] = {}
+        counts = collections.Counter[str]()
         for table, entries in marker.get("files", {}).items():
             for entry in entries:
-                rows = read_parquet_bytes(storage.read_bytes(
-                    fs, lay.committed_file(table, entry["path"])))
-                rows = rows.filter(pc.is_in(rows["recording_id"], value_set=ids))
-                if not rows.num_rows:
+                src = lay.committed_file(table, entry["path"])
+                held = _recording_ids(fs, src)
+                kept_rows = pc.sum(pc.is_in(held, value_set=ids)).as_py() or 0
+                if not kept_rows:
+                    counts["dropped"] += 1
                     continue
                 out = files.setdefault(table, [])
                 path = lay.shard_file(table, shard_id, len(out))
-                storage.write_bytes(fs, path, parquet_bytes(
-                    rows, self.row_group_rows, o.compression))
-                out.append({"path": lay.uri(path), "rows": rows.num_rows})
+                if kept_rows == len(held):
+                    storage.copy(fs, src, path)
+                    counts["copied"] += 1
+                else:
+                    rows = read_parquet_bytes(storage.read_bytes(fs, src))
+                    rows = rows.filter(pc.is_in(rows["recording_id"], value_set=ids))
+                    storage.write_bytes(fs, path, parquet_bytes(
+                        rows, self.row_group_rows, o.compression))
+                    counts["rewritten"] += 1
+                out.append({"path": lay.uri(path), "rows": kept_rows})
         recordings = [r for r in marker["recordings"] if r["recording_id"] in keep]
         carved = {**marker, "shard": shard_id, "carved_from": source, "carved_by": self.job_id,
                   "carved_at": utc_now(), "recordings": recordings, "files": files,
@@ -410,6 +470,8 @@ class Resumption:
         layout_mod.commit(lay, carved)
         log.warning("kept the rows of %d recording(s) %s (shard %s, reopened) in shard %s",
                     len(recordings), why, source, shard_id)
+        log.debug("carving shard %s: %d file(s) copied, %d filtered, %d left behind", source,
+                  counts["copied"], counts["rewritten"], counts["dropped"])
         return carved
 
     def _say_reopened(self, markers: Mapping[str, Mapping[str, Any]], reopen: set[str],

@@ -537,8 +537,10 @@ def write_parquet(table: pa.Table, uri: str, storage_options: Mapping[str, Any],
     storage.write_bytes(fs, path, parquet_bytes(table, row_group_rows, compression))
 
 
-def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    """The table in one Parquet file's bytes, read on this thread and starting none.
+def read_parquet_bytes(data: bytes | io.RawIOBase, columns: list[str] | None = None) -> pa.Table:
+    """The table in one Parquet file's bytes, read on this thread and starting none. Also
+    takes a seekable file object (a ``storage.RangeReader``), so that ``columns`` fetches
+    only the footer and those columns' chunks.
 
     A thread pyarrow starts can abort a short-lived process at exit ("terminate called
     without an active exception", exit 134, apache/arrow#34314): ``inspect`` and a driver
@@ -546,7 +548,8 @@ def read_parquet_bytes(data: bytes, columns: list[str] | None = None) -> pa.Tabl
     thread even with ``use_threads=False`` (its dataset scanner; that still failed 1 run in
     6 in CI), ``ParquetFile.read`` starts none. These files are small: one thread loses
     nothing."""
-    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+    source = pa.BufferReader(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    return pq.ParquetFile(source).read(columns=columns, use_threads=False)
 
 
 def parquet_bytes(table: pa.Table, row_group_rows: int, compression: str) -> bytes:

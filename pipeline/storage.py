@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import stat
 import threading
 import time
@@ -707,6 +708,28 @@ def move(fs: Any, src: str, dst: str) -> None:
                 raise
 
     retry(delete, what=f"delete {src}")
+
+
+def copy(fs: Any, src: str, dst: str) -> None:
+    """Copy one object to a new name, byte for byte, without its bytes passing through this
+    process on object stores: a server-side copy (fsspec's ``copy``: S3 CopyObject, GCS
+    rewrite), retried. Local files are copied to a temporary sibling and renamed into
+    place, as :func:`write_bytes` writes them, so ``dst`` is whole or absent."""
+    if _is_local_fs(fs):
+        directory = os.path.dirname(dst)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+    retry(lambda: fs.copy(src, dst), what=f"copy {redact.text(src)} -> {redact.text(dst)}")
 
 
 def remove_file(fs: Any, path: str) -> None:

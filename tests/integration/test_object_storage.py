@@ -693,7 +693,7 @@ def test_transient_faults_are_retried_and_results_identical(fault_run: CliRun, s
 
 def test_storage_layer_retries_when_the_client_does_not(
         moto: ServerProcess, s3_buckets: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """pipeline.storage's own retries cover writes, listing, range reads, moves and
+    """pipeline.storage's own retries cover writes, listing, range reads, moves, copies and
     deletes even with botocore's retries off (``total_max_attempts: 1``): only s3fs's few
     built-in retries (SlowDown, dropped connections) remain below it."""
     rng = np.random.default_rng(5)
@@ -716,7 +716,11 @@ def test_storage_layer_retries_when_the_client_does_not(
                 storage.move(fs, path, path.replace("/in/", "/out/"))
             assert storage.list_files(fs, f"{base}/in") == []
             assert len(storage.list_files(fs, f"{base}/out")) == len(payloads)
+            for path, data in payloads.items():
+                storage.copy(fs, path.replace("/in/", "/out/"), path.replace("/in/", "/copy/"))
+                assert storage.read_bytes(fs, path.replace("/in/", "/copy/")) == data
             storage.remove_tree(fs, f"{base}/out")
+            storage.remove_tree(fs, f"{base}/copy")
             assert not storage.exists(fs, f"{base}/out/0.bin")
         stats = proxy.stats()
     retried = [r.getMessage() for r in caplog.records if "transient" in r.getMessage()]
@@ -728,6 +732,79 @@ def test_storage_layer_retries_when_the_client_does_not(
         assert by_category.get(category, 0) >= 1, (category, by_category)
     assert retried  # our layer, not only the client's, did retry
     assert {category for category, _, _ in stats.unrecovered} <= {"delete"}
+
+
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_a_carve_on_a_bucket_copies_the_files_it_keeps_whole_server_side(
+        store: str, request: pytest.FixtureRequest, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard reopened for one retry, on a bucket: the file holding only rows kept is
+    copied by the store (``storage.copy``), byte for byte, never downloaded; only the file
+    mixing rows kept and redone is read whole and filtered. Its recording ids are read by
+    range requests (the footer and that column)."""
+    from pipeline import layout as layout_mod
+    from tests.conftest import write_tone
+
+    server = request.getfixturevalue("moto" if store == "s3" else "gcs")
+    options = s3_opts(server.url) if store == "s3" else gcs_options(server.url)
+    bucket = "carve-out"
+    fs, _ = storage.url_to_fs(f"{store}://{bucket}", options)
+    fs.mkdir(bucket)
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        write_tone(src / f"{name}.wav", 1.0, 16_000, seed=ord(name))
+    raw = job_dict(str(src), f"{store}://{bucket}/out", output={"storage_options": options},
+                   run={"progress": False})
+
+    def prepared() -> EmbeddingJob:
+        made = EmbeddingJob(JobConfig.from_dict(raw))
+        made.prepare()
+        made._lease.release()
+        return made
+
+    first = prepared()
+    a, b = (i.recording_id for i in first.todo)
+    lay, source = first.layout, "d" * 16
+    files: dict[str, list[dict[str, Any]]] = {}
+    sent: dict[str, bytes] = {}
+    for table, rids in (("windows", [b, b]), ("windows", [a, b]), ("errors", [a])):
+        path = lay.shard_file(table, source, len(files.get(table, [])))
+        rows = pa.table({"recording_id": rids, "job_id": ["first"] * len(rids)})
+        buffer = pa.BufferOutputStream()
+        pq.write_table(rows.replace_schema_metadata({"provenance": path}), buffer,
+                       compression="none", row_group_size=1)
+        sent[path] = buffer.getvalue().to_pybytes()
+        storage.write_bytes(fs, path, sent[path])
+        files.setdefault(table, []).append({"path": lay.uri(path), "rows": len(rids)})
+    layout_mod.write_json(fs, lay.commit_path(source), {
+        "shard": source, "files": files,
+        "recordings": [{"recording_id": a, "outcome": "error", "error_type": "StorageError",
+                        "retry": True}, {"recording_id": b, "outcome": "ok"}]})
+    read_whole: list[str] = []
+    read_bytes = storage.read_bytes
+
+    def spy(fs: Any, path: str) -> bytes:
+        read_whole.append(path)
+        return read_bytes(fs, path)
+
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    again = prepared()
+    assert [i.recording_id for i in again.todo] == [a]
+    whole, mixed, _ = sent
+    assert [p for p in read_whole if p.endswith(".parquet")] == [mixed]
+    carved_id = layout_mod.carved_shard_id(source, {b})
+    carved = layout_mod.read_json(fs, lay.commit_path(carved_id))
+    assert {t: [e["rows"] for e in entries] for t, entries in carved["files"].items()} == {
+        "windows": [2, 1]}
+    assert fs.cat_file(lay.shard_file("windows", carved_id, 0)) == sent[whole]
+    filtered = pq.ParquetFile(pa.BufferReader(fs.cat_file(lay.shard_file("windows", carved_id,
+                                                                          1)))).read()
+    assert filtered.column("recording_id").to_pylist() == [b]
+    assert filtered.schema.metadata == {b"provenance": mixed.encode()}
+    fs.invalidate_cache()
+    assert not any(storage.exists(fs, p) for p in sent)  # the reopened shard's: recovered
+    assert not storage.exists(fs, lay.commit_path(source))
 
 
 def test_job_survives_faults_without_client_retries(s3_archive: str, moto: ServerProcess,

@@ -703,6 +703,92 @@ def test_an_error_met_in_max_attempts_runs_is_not_retried_again(
     assert not Path(lay.commit_path("b" * 16)).exists()
 
 
+def committed_files(lay: Any, shard_id: str, tables: dict[str, list[list[str]]]
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Write a shard's files by hand, one per list of recording ids (a ``job_id`` column
+    beside them, file metadata, no compression: unlike what a carve would write), and
+    return the marker's ``files``."""
+    import pyarrow.parquet as pq
+
+    files: dict[str, list[dict[str, Any]]] = {}
+    for table, parts in tables.items():
+        for part, rids in enumerate(parts):
+            path = Path(lay.shard_file(table, shard_id, part))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = pa.table({"recording_id": rids, "job_id": [f"{table}-{r}" for r in rids]})
+            pq.write_table(rows.replace_schema_metadata({"provenance": f"{shard_id}/{table}"}),
+                           path, compression="none", row_group_size=1)
+            files.setdefault(table, []).append({"path": lay.uri(str(path)), "rows": len(rids)})
+    return files
+
+
+def test_a_carve_copies_the_files_it_keeps_whole_and_filters_only_those_that_mix(
+        archive: Path, tmp_path: Path) -> None:
+    """A shard reopened for one retry: a file holding only rows kept is copied as it is,
+    byte for byte (no download and rewrite), one holding only the retried recording's rows
+    is left behind, and only a file mixing both is filtered, its file metadata kept."""
+    import pyarrow.parquet as pq
+
+    from pipeline import layout as layout_mod
+
+    a, b, lay = two_recordings(archive, tmp_path)
+    source = "d" * 16
+    files = committed_files(lay, source, {"windows": [[b, b], [a, b, a]], "recordings": [[a]],
+                                          "errors": [[a]]})
+    before = {(t, k): Path(lay.shard_file(t, source, k)).read_bytes()
+              for t, entries in files.items() for k in range(len(entries))}
+    layout_mod.write_json(lay.fs, lay.commit_path(source), {
+        "shard": source, "files": files,
+        "recordings": [{"recording_id": a, "outcome": "error", "error_type": "StorageError",
+                        "retry": True}, {"recording_id": b, "outcome": "ok"}]})
+    again = prepared(archive, tmp_path)
+    assert [i.recording_id for i in again.todo] == [a]
+    assert not Path(lay.commit_path(source)).exists()
+    assert not list(Path(lay.table_dir("windows")).glob(f"shard-{source}-*"))
+    carved_id = layout_mod.carved_shard_id(source, {b})
+    carved = layout_mod.read_json(lay.fs, lay.commit_path(carved_id))
+    assert carved["carved_from"] == source
+    assert {t: [e["rows"] for e in entries] for t, entries in carved["files"].items()} == {
+        "windows": [2, 1]}
+    whole, mixed = (Path(lay.shard_file("windows", carved_id, k)) for k in (0, 1))
+    assert whole.read_bytes() == before[("windows", 0)]
+    filtered = pq.read_table(mixed)
+    assert filtered.to_pydict() == {"recording_id": [b], "job_id": [f"windows-{b}"]}
+    assert filtered.schema.metadata == {b"provenance": f"{source}/windows".encode()}
+    assert not list(Path(lay.table_dir("recordings")).glob("shard-*"))
+
+
+def test_a_carve_that_fails_fails_the_run_and_leaves_its_shard_committed(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards are carved side by side: a failure in one still stops prepare(), and the
+    shard it was carving from stays committed (its carve is redone by the next run)."""
+    from pipeline import layout as layout_mod
+    from pipeline import storage
+    from pipeline.errors import StorageError
+
+    a, b, lay = two_recordings(archive, tmp_path)
+    shards = ("e" * 16, "f" * 16)
+    for shard_id in shards:
+        layout_mod.write_json(lay.fs, lay.commit_path(shard_id), {
+            "shard": shard_id, "files": committed_files(lay, shard_id, {"windows": [[b]]}),
+            "recordings": [{"recording_id": a, "outcome": "error",
+                            "error_type": "StorageError", "retry": True},
+                           {"recording_id": b, "outcome": "ok"}]})
+    copy = storage.copy
+
+    def failing(fs: Any, src: str, dst: str) -> None:
+        if f"shard-{shards[1]}-" in src:
+            raise StorageError(f"copy {src}: gave up")
+        copy(fs, src, dst)
+
+    monkeypatch.setattr(storage, "copy", failing)
+    with pytest.raises(StorageError, match="gave up"):
+        job(archive, tmp_path).prepare()
+    assert Path(lay.commit_path(shards[1])).exists()
+    assert not Path(lay.commit_path(shards[0])).exists()
+    assert Path(lay.commit_path(layout_mod.carved_shard_id(shards[0], {b}))).exists()
+
+
 def test_a_carve_out_a_crash_interrupted_keeps_the_count_of_the_recordings_it_redoes(
         archive: Path, tmp_path: Path) -> None:
     """Killed between committing a carved shard and uncommitting its source, a run leaves the
