@@ -267,30 +267,58 @@ class _LatestWriter:
             log.warning("%s not updated: %s", self._what, redact.text(str(err)))
 
 
-def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress],
-                       refused: dict[str, str], written: Written,
+@dataclasses.dataclass
+class _ShardBook:
+    """The driver's shards while the pipeline runs: ``pending`` (waiting for rows or
+    reports), ``complete`` (handed to the committer) and ``refused`` (rows that reached the
+    driver twice, with why: never committed)."""
+
+    pending: dict[str, ShardProgress]
+    complete: set[str] = dataclasses.field(default_factory=set)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def uncommitted(self) -> str:
+        """What left shards uncommitted when the pipeline ended, in words; empty if none."""
+        said = []
+        if self.pending:
+            waiting = sorted(r for p in self.pending.values() for r in p.waiting)
+            said.append(f"{len(self.pending)} shard(s) incomplete (no rows or report for "
+                        f"{len(waiting)} recordings, e.g. {waiting[:3]})")
+        if self.refused:
+            said.append(f"{len(self.refused)} shard(s) refused for rows that reached the "
+                        f"driver twice (e.g. {next(iter(self.refused.values()))})")
+        return " and ".join(said)
+
+
+def _take_write_return(ret: WriteReturn, book: _ShardBook, written: Written,
                        per_actor: dict[str, dict[str, float]]) -> ShardProgress | None:
     """Fold what one write task returned into its actors' timing, its shard's progress and
-    the counts of what is written; the shard, taken out of ``pending``, once it is complete
-    (every recording's rows written, every report in).
+    the counts of what is written; the shard, moved from ``book.pending`` to
+    ``book.complete``, once it is complete (every recording's rows written, every report in).
 
-    A shard whose rows overshoot (:class:`DuplicateRows`) moves to ``refused``, with why:
-    it is never committed, its later rows are dropped, and the other shards go on."""
+    Rows that reach the driver twice (a retried decode task whose second attempt cut its
+    blocks otherwise than the first) cost their shard, never the job: a shard whose counts
+    overshoot (:class:`DuplicateRows`) is refused, never committed, and its later rows
+    dropped; rows for a shard already complete are extras by count and are dropped (its
+    staged copies are never published)."""
     for actor, timing in ret.timing.items():
         merge_timing(per_actor, {"actor": actor, **timing})
-    if not ret.shard or ret.shard in refused:
+    if not ret.shard or ret.shard in book.refused:
         return None
-    progress = pending.get(ret.shard)
+    if ret.shard in book.complete:
+        log.error("rows for shard %s after it was complete, so rows that reached the driver "
+                  "twice: dropped (the shard is committed with each row once)", ret.shard)
+        return None
+    progress = book.pending.get(ret.shard)
     if progress is None:
-        raise RuntimeError(f"rows for shard {ret.shard} after it was committed (or of no "
-                           "shard of this run); stopping")
+        raise RuntimeError(f"rows for shard {ret.shard}, of no shard of this run; stopping")
     try:
         settled = progress.add(ret)
     except DuplicateRows as err:
         log.error("%s: nothing of the shard is committed, the other shards go on, and the "
                   "next run redoes it", err)
-        refused[ret.shard] = str(err)
-        del pending[ret.shard]
+        book.refused[ret.shard] = str(err)
+        del book.pending[ret.shard]
         return None
     for rid in settled:
         report = progress.reports[rid]
@@ -299,21 +327,9 @@ def _take_write_return(ret: WriteReturn, pending: dict[str, ShardProgress],
         written.bytes_read += int(report.get("bytes_read", 0))
     if not progress.complete:
         return None
-    del pending[ret.shard]
+    del book.pending[ret.shard]
+    book.complete.add(ret.shard)
     return progress
-
-
-def _uncommitted(pending: Mapping[str, ShardProgress], refused: Mapping[str, str]) -> str:
-    """What left shards uncommitted when the pipeline ended, in words; empty if none did."""
-    said = []
-    if pending:
-        waiting = sorted(r for p in pending.values() for r in p.waiting)
-        said.append(f"{len(pending)} shard(s) incomplete (no rows or report for {len(waiting)} "
-                    f"recordings, e.g. {waiting[:3]})")
-    if refused:
-        said.append(f"{len(refused)} shard(s) refused for rows that reached the driver twice "
-                    f"(e.g. {next(iter(refused.values()))})")
-    return " and ".join(said)
 
 
 class _CommitStopped(Exception):
@@ -870,9 +886,8 @@ class EmbeddingJob:
 
         items = dict(self.shards)
         layers = self.settings.layers
-        pending = {sid: ShardProgress(sid, [i.recording_id for i in members], layers)
-                   for sid, members in self.shards}
-        refused: dict[str, str] = {}  # shard -> why: duplicated rows, never committed
+        book = _ShardBook({sid: ShardProgress(sid, [i.recording_id for i in members], layers)
+                           for sid, members in self.shards})
         sources = ray.put(self._shard_sources())
         per_actor: dict[str, dict[str, float]] = {}
         pipeline_start = time.time()
@@ -903,8 +918,8 @@ class EmbeddingJob:
                     if self._lease.lost():  # stop here, not at the next commit
                         self._lease.check()
                     for row in batch.to_pylist():
-                        complete = _take_write_return(WriteReturn.from_row(row), pending,
-                                                      refused, written, per_actor)
+                        complete = _take_write_return(WriteReturn.from_row(row), book,
+                                                      written, per_actor)
                         if complete is not None:
                             committer.submit(complete)
                     committer.collect()
@@ -918,7 +933,7 @@ class EmbeddingJob:
         finally:  # a stopped or failed run's record says what its models did too
             summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
         committer.close(None)
-        if problem := _uncommitted(pending, refused):
+        if problem := book.uncommitted():
             raise RuntimeError(f"the pipeline ended with {problem}: nothing of them was "
                                "committed, and a rerun redoes them")
         e = summary.embed

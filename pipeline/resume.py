@@ -385,9 +385,10 @@ class Resumption:
             item = items[rid]
             try:
                 fs, _ = storage.url_to_fs(item.uri, options)
-                storage.retry(lambda: fs.cat_file(item.path, start=0,
-                                                  end=1 if item.size_bytes else None),
-                              what=f"read {item.uri}")
+                # An empty object takes no Range (S3 answers one with 416 InvalidRange);
+                # an unknown size (-1) reads its first byte like any other.
+                span = {"start": 0, "end": 1} if item.size_bytes else {}
+                storage.retry(lambda: fs.cat_file(item.path, **span), what=f"read {item.uri}")
             except Exception as err:  # noqa: BLE001 - the reason it stays settled
                 return err
             return None

@@ -308,6 +308,10 @@ class ShardProgress:
         if strangers:
             raise RuntimeError(f"shard {self.shard_id}: rows for recordings of another shard "
                                f"({sorted(strangers)[:3]})")
+        # Rows for a recording settled by an earlier return can only overshoot: check them
+        # too, or a duplicate arriving after its recording settled would be committed.
+        for rid in (touched & self.members) - self.waiting:
+            self._settled(rid)
         settled = {rid for rid in touched & self.waiting if self._settled(rid)}
         self.waiting -= settled
         return settled

@@ -163,37 +163,63 @@ def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> Non
     assert commits.most_outstanding <= 3 * job_mod.COMMIT_THREADS  # the driver waited
 
 
+def _partials(rid: str, n: int) -> pa.Table:
+    """A write return's partial pools: ``n`` window rows of ``rid``, layer 0."""
+    return pa.table({"recording_id": [rid], "channel": pa.array([-1], pa.int16()),
+                     "layer": pa.array([0], pa.int16()), "count": [n]})
+
+
+def _report(rid: str, n: int) -> str:
+    return json.dumps({"type": "report", "recording_id": rid, "status": "ok",
+                       "windows": {"-1": n}, "duration_s": 2.0})
+
+
 def test_a_shard_whose_rows_arrive_twice_is_refused_and_the_others_go_on(
         caplog: pytest.LogCaptureFixture) -> None:
     """Duplicated rows (a retried decode task whose second attempt cut its blocks otherwise)
     cost their shard, not the job: it leaves ``pending`` for ``refused``, its later returns
     are dropped, another shard still completes, and the run ends naming what it refused."""
-    def rows(rid: str, n: int) -> pa.Table:
-        return pa.table({"recording_id": [rid], "channel": pa.array([-1], pa.int16()),
-                         "layer": pa.array([0], pa.int16()), "count": [n]})
-
-    def done(rid: str, n: int) -> str:
-        return json.dumps({"type": "report", "recording_id": rid, "status": "ok",
-                           "windows": {"-1": n}, "duration_s": 2.0})
-
-    pending = {s: ShardProgress(s, [f"{s}-r"], (0,)) for s in ("a", "b")}
-    refused: dict[str, str] = {}
+    book = job_mod._ShardBook({s: ShardProgress(s, [f"{s}-r"], (0,)) for s in ("a", "b")})
     written = job_mod.Written()
 
     def take(ret: WriteReturn) -> ShardProgress | None:
-        return job_mod._take_write_return(ret, pending, refused, written, {})
+        return job_mod._take_write_return(ret, book, written, {})
 
-    assert take(WriteReturn("a", partials=rows("a-r", 3))) is None
-    assert take(WriteReturn("a", partials=rows("a-r", 3), reports=[done("a-r", 3)])) is None
-    assert set(pending) == {"b"} and "a-r channel -1 layer 0 has 6 window rows" in refused["a"]
+    assert take(WriteReturn("a", partials=_partials("a-r", 3))) is None
+    assert take(WriteReturn("a", partials=_partials("a-r", 3),
+                            reports=[_report("a-r", 3)])) is None
+    assert set(book.pending) == {"b"}
+    assert "a-r channel -1 layer 0 has 6 window rows" in book.refused["a"]
     assert "nothing of the shard is committed" in caplog.text
-    assert take(WriteReturn("a", partials=rows("a-r", 1))) is None  # dropped, not an error
-    complete = take(WriteReturn("b", partials=rows("b-r", 2), reports=[done("b-r", 2)]))
-    assert complete is not None and complete.shard_id == "b" and not pending
-    assert written.recordings == 1 and written.audio_s == 2.0
-    said = job_mod._uncommitted(pending, refused)
-    assert said.startswith("1 shard(s) refused for rows that reached the driver twice")
-    assert job_mod._uncommitted({}, {}) == ""
+    assert take(WriteReturn("a", partials=_partials("a-r", 1))) is None  # dropped, no error
+    complete = take(WriteReturn("b", partials=_partials("b-r", 2), reports=[_report("b-r", 2)]))
+    assert complete is not None and complete.shard_id == "b" and not book.pending
+    assert book.complete == {"b"} and written.recordings == 1 and written.audio_s == 2.0
+    assert book.uncommitted().startswith(
+        "1 shard(s) refused for rows that reached the driver twice")
+    assert job_mod._ShardBook({}).uncommitted() == ""
+
+
+def test_rows_that_arrive_twice_after_their_recording_or_shard_settled_are_caught() -> None:
+    """A duplicate arriving after its recording settled, the shard still waiting on another,
+    overshoots too: the shard is refused, never committed with the copy. One arriving after
+    the whole shard was complete (handed to the committer with each row once) is dropped."""
+    book = job_mod._ShardBook({"a": ShardProgress("a", ["r1", "r2"], (0,)),
+                               "b": ShardProgress("b", ["r3"], (0,))})
+
+    def take(ret: WriteReturn) -> ShardProgress | None:
+        return job_mod._take_write_return(ret, book, job_mod.Written(), {})
+
+    assert take(WriteReturn("a", partials=_partials("r1", 3), reports=[_report("r1", 3)])) is None
+    assert book.pending["a"].waiting == {"r2"}
+    assert take(WriteReturn("a", partials=_partials("r1", 3))) is None
+    assert "a" not in book.pending and "r1 channel -1 layer 0 has 6 window rows" in book.refused["a"]
+    assert take(WriteReturn("a", partials=_partials("r2", 1), reports=[_report("r2", 1)])) is None
+    assert take(WriteReturn("b", partials=_partials("r3", 2), reports=[_report("r3", 2)]))
+    assert take(WriteReturn("b", partials=_partials("r3", 2))) is None
+    assert book.complete == {"b"} and "b" not in book.refused
+    with pytest.raises(RuntimeError, match="of no shard of this run"):
+        take(WriteReturn("c", partials=_partials("r4", 1)))
 
 
 @pytest.mark.parametrize("err", [KeyboardInterrupt(), JobAborted("budget"),
