@@ -39,6 +39,11 @@ was installed does not matter. Compiled extensions and other packages it imports
 hashed: a plugin that depends on them can name them in a ``code_version`` attribute, which
 is recorded too.
 
+The job runs a plugin in evaluation mode: a plugin that is a ``torch.nn.Module``, or the
+modules it holds as attributes, are put in ``eval()`` with gradients off when it is built
+(dropout off, BatchNorm on its running statistics); modules tucked away deeper (in a list,
+a dict) are the plugin's own to put there.
+
 Token masks are derived by proportional time mapping: token ``n`` of ``N`` (after the
 CLS token, which is always real) starts at sample ``n * T / N`` and is real iff that is
 before the row's valid length. ``mean`` and ``max`` pooling are always available, ``cls``
@@ -238,6 +243,14 @@ def _package_sources(module: Any) -> list[tuple[Path, Path]]:
     return sorted(files, key=lambda rf: rf[1].relative_to(rf[0]).parts)  # by path, as hashed
 
 
+def _torch_modules(plugin: Any) -> list[torch.nn.Module]:
+    """The torch modules a plugin runs: itself if it is one, else those it holds as
+    attributes (its network, a front end)."""
+    if isinstance(plugin, torch.nn.Module):
+        return [plugin]
+    return [value for value in vars(plugin).values() if isinstance(value, torch.nn.Module)]
+
+
 class PluginBackbone(Backbone):
     """Adapts a plugin object to the :class:`Backbone` contract."""
 
@@ -254,6 +267,11 @@ class PluginBackbone(Backbone):
         self.info = info
         self.weights = weights
         self.device = device
+        for module in _torch_modules(plugin):
+            # Embedding is inference: dropout off, BatchNorm on its running statistics (which
+            # a module left in training mode would also update, batch after batch, under
+            # inference_mode), as every built-in backbone runs.
+            module.eval().requires_grad_(False)
 
     def extract(self, audio: torch.Tensor, valid_samples: torch.Tensor | None,
                 layers: Sequence[int]) -> dict[int, TokenFeatures]:

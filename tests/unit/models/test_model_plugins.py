@@ -57,6 +57,43 @@ def test_module_class_plugin_end_to_end():
     assert torch.equal(pool(out[1].tokens, out[1].mask, "cls"), out[1].tokens[:, 0])
 
 
+class DropoutPlugin(FramePlugin):
+    """A plugin holding a network with dropout and BatchNorm, built in training mode."""
+
+    def __init__(self, weights: str | None, device: str, frame: int = 800) -> None:
+        super().__init__(weights, device, frame)
+        self.net = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Dropout(0.5))
+
+    def forward_features(self, audio: torch.Tensor, padding_mask: torch.Tensor | None
+                         ) -> list[torch.Tensor]:
+        first = super().forward_features(audio, padding_mask)[0]
+        first = self.net(first.transpose(1, 2)).transpose(1, 2)
+        return [first, torch.cat([first, first * 2], dim=-1)]
+
+
+class ModulePlugin(torch.nn.Module, DropoutPlugin):
+    """The same, the plugin itself a torch module."""
+
+    def __init__(self, weights: str | None, device: str, frame: int = 800) -> None:
+        torch.nn.Module.__init__(self)
+        DropoutPlugin.__init__(self, weights, device, frame)
+
+
+@pytest.mark.parametrize("cls", [DropoutPlugin, ModulePlugin])
+def test_a_plugin_runs_in_eval_mode_whatever_mode_it_was_built_in(cls: type) -> None:
+    """Dropout off and BatchNorm on its running statistics: the same audio embeds the same
+    every time, and no batch moves the statistics."""
+    backbone = create_backbone(f"{cls.__module__}:{cls.__name__}")
+    net = backbone.plugin.net
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    audio = torch.randn(3, 8_000)
+    with torch.inference_mode():
+        first = backbone.extract(audio, None, [0])[0].tokens
+        second = backbone.extract(audio, None, [0])[0].tokens
+    assert torch.equal(first, second)
+    assert torch.equal(net[0].running_mean, torch.zeros(2))
+
+
 def test_plugin_options_are_checked_against_the_constructor():
     with pytest.raises(ConfigError, match="frame_size"):
         create_backbone(PLUGIN, options={"frame_size": 3})
