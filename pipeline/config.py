@@ -216,8 +216,9 @@ class ComputeConfig:
             Several narrow CPU actors outrun one wide one: torch's threads wait for each
             other at every operator, so one preempted thread (Ray's own processes, decode
             tasks) stalls them all; separate actors lose only that thread's share.
-        gpus_per_actor: GPUs each actor asks for (fractional allowed; ``None``: 1 if the
-            cluster has GPUs, else 0).
+        gpus_per_actor: GPUs each actor asks for, at most 1: an actor runs on one device
+            (fractional allowed, actors then share a GPU; ``None``: 1 if the cluster has
+            GPUs, else 0).
         cpus_per_actor: CPUs each actor reserves (``None``: 1; on a local Ray without GPUs
             what is left after one decode task, split among the actors, at most 1 each,
             so decoding always has a CPU).
@@ -269,6 +270,13 @@ class ComputeConfig:
                 _positive(value, f"compute.{name}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError("must be >= 0", "compute.gpus_per_actor")
+        if self.gpus_per_actor is not None and self.gpus_per_actor > 1:
+            # An actor runs its model on one device (cuda:0 of those Ray gives it): more
+            # would be held idle. For more GPUs, more actors (compute.embed_actors).
+            raise ConfigError(f"an actor runs its model on one GPU, so {self.gpus_per_actor:g} "
+                              "would leave the rest idle: at most 1 (fractions share a GPU "
+                              "among actors); more GPUs take more actors "
+                              "(compute.embed_actors)", "compute.gpus_per_actor")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 0:
             raise ConfigError("must be >= 0", "compute.cpus_per_actor")
         _positive(self.decode_cpus, "compute.decode_cpus")

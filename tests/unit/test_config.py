@@ -41,6 +41,8 @@ def test_defaults_fill_every_section() -> None:
         ({**BASE, "output": {"file_mb": float("inf")}}, "output.file_mb", "finite number"),
         ({**BASE, "compute": {"gpus_per_actor": float("nan")}}, "compute.gpus_per_actor",
          "finite number"),
+        ({**BASE, "compute": {"gpus_per_actor": 2}}, "compute.gpus_per_actor",
+         "at most 1"),
         ({**BASE, "compute": {"address": "bogus"}}, "compute.address", "not a Ray address"),
         ({**BASE, "compute": {"address": "ray://head:10001"}}, "compute.address", "Ray Client"),
         ({**BASE, "model": {"batch_size": 2.5}}, "model.batch_size", "expected an integer"),
