@@ -187,8 +187,10 @@ def make_long_recording(path: Path, seconds: float, source: Path, fmt: str = "FL
 def _backbone(s: BenchSettings, precision: str = "fp32", device: str = "cpu") -> tuple[Any, int]:
     """The settings' model with random weights, as the job builds it, and the index of its
     last layer (the one the job embeds with ``layers: last``)."""
-    from pipeline.models import create_backbone
+    from pipeline.models import create_backbone, exact_float32_on_gpus
 
+    if device != "cpu":
+        exact_float32_on_gpus()  # as the job's actors run
     backbone = create_backbone(s.model, weights="random", options=s.options or {},
                                device=device, precision=precision)
     return backbone, len(backbone.info.layers) - 1

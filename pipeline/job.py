@@ -1064,6 +1064,7 @@ class EmbeddingJob:
             precision=self.precision, sample_rate_hz=self.info.sample_rate_hz,
             tail=self.cfg.windows.tail, min_input_samples=self.info.min_input_samples,
             use_gpu=use_gpu, torch_threads=plan.torch_threads,
+            gpu_share=min(plan.gpus_per_actor, 1.0) if use_gpu else 1.0,
             log_level=self.cfg.run.log_level,
             warmup_shape=(m.batch_size, self.settings.window_samples) if warmup else None,
             weights_sha256=self.weights.sha256,

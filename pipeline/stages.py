@@ -360,6 +360,8 @@ class EmbedSpec:
             ``code``, part of the variant); the actor refuses other code (``None``: no check).
         warmup_shape: ``(batch_size, window_samples)`` of one full batch, run on silence
             before any data arrives (``None``: no warm-up).
+        gpu_share: the share of its GPU the actor was given (``compute.gpus_per_actor``);
+            below 1 the actor's memory is capped at that share of the GPU's.
     """
 
     model_name: str
@@ -375,6 +377,7 @@ class EmbedSpec:
     use_gpu: bool
     torch_threads: int | None
     log_level: str = "INFO"
+    gpu_share: float = 1.0
     warmup_shape: tuple[int, int] | None = None
     weights_sha256: str | None = None
     plugin_code: dict[str, str] | None = None
@@ -386,7 +389,12 @@ class Embedder:
     def __init__(self, spec: EmbedSpec) -> None:
         import torch
 
-        from pipeline.models import AUTOCAST_PRECISIONS, create_backbone, resolve_precision
+        from pipeline.models import (
+            AUTOCAST_PRECISIONS,
+            create_backbone,
+            exact_float32_on_gpus,
+            resolve_precision,
+        )
 
         configure_worker_logging(spec.log_level)
         if spec.torch_threads:
@@ -399,6 +407,12 @@ class Embedder:
                                "no CUDA device: install torch's CUDA build on the GPU nodes "
                                "(infra/docker/Dockerfile does), or set compute.gpus_per_actor: 0")
         self.device = "cuda" if spec.use_gpu else "cpu"
+        if spec.use_gpu:
+            exact_float32_on_gpus()  # fp32 is the same numbers on every GPU generation
+            if spec.gpu_share < 1:
+                # Actors sharing a GPU: each holds to its share, so that a batch too large
+                # for it fails at this actor's warm-up, not another's batch mid-run.
+                torch.cuda.set_per_process_memory_fraction(spec.gpu_share)
         self.precision = resolve_precision(spec.precision, self.device)
         # Overflow under autocast gets the same windows again in float32; an int8 network
         # has no float32 weights left to retry with, so its non-finite rows drop as fp32's do.
@@ -440,10 +454,16 @@ class Embedder:
 
         A batch that does not fit (GPU out of memory) fails here, at start-up, instead of
         after decoding began, and first-call costs (CUDA context, kernel selection) are paid
-        before the first real batch. Not worth it on CPU (see ``ComputeConfig.warmup``).
+        before the first real batch. With ``tail: pad`` its last window is half padding, as
+        a recording's last window is: the masked path allocates more (BEATs adds the mask
+        to its attention bias) and selects its own kernels. Not worth it on CPU (see
+        ``ComputeConfig.warmup``).
         """
         silence = np.zeros((batch_size, window_samples), np.float32)
-        self._pool_all(silence, np.full(batch_size, window_samples), self.precision)
+        valid = np.full(batch_size, window_samples)
+        if self.spec.tail == "pad":
+            valid[-1] = max(window_samples // 2, self.spec.min_input_samples)
+        self._pool_all(silence, valid, self.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         fault_point("embed")

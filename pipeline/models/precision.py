@@ -145,6 +145,19 @@ def autocast_context(precision: str, device: str | torch.device
     return torch.autocast(device_type=_device_type(device), dtype=_DTYPES[resolved])
 
 
+def exact_float32_on_gpus() -> None:
+    """Make float32 on CUDA IEEE float32 in this process: no TF32 in convolutions or matmuls.
+
+    Torch lets cuDNN run float32 convolutions in TF32 by default on Ampere and later (a
+    10-bit mantissa, ~1e-3 relative error), so ``fp32`` rows, and those of the fp32 retry of
+    an autocast overflow, would differ by GPU generation while their variant says the same
+    precision. Ops under autocast (bf16, fp16) are unchanged. Process-wide: called where a
+    process runs a backbone on a GPU (the job's actors, the benchmark), not by
+    :func:`create_backbone`, so a library caller keeps its own setting."""
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+
+
 def no_linear_layers(name: str) -> ConfigError:
     """The error for int8 asked of a network with nothing int8 would change."""
     return ConfigError(f"{name} has no Linear layers to quantize: int8 would run it in float32 "

@@ -160,6 +160,23 @@ def embedder() -> Embedder:
     return Embedder(spec)
 
 
+@pytest.mark.parametrize(("tail", "padded"), [("pad", True), ("keep", False), ("drop", False)])
+def test_the_warm_up_runs_a_whole_batch_padded_as_a_recordings_last_window_is(
+        embedder: Embedder, monkeypatch: pytest.MonkeyPatch, tail: str, padded: bool) -> None:
+    """One batch of the configured size before any data; with ``tail: pad`` its last window
+    half padding, so the masked path (and its memory) is met at start-up too."""
+    seen: list[tuple[tuple[int, ...], list[int]]] = []
+    pool_all = Embedder._pool_all
+
+    def spy(self: Embedder, audio: np.ndarray, valid: np.ndarray, precision: str) -> dict:
+        seen.append((audio.shape, valid.tolist()))
+        return pool_all(self, audio, valid, precision)
+
+    monkeypatch.setattr(Embedder, "_pool_all", spy)
+    Embedder(replace(embedder.spec, tail=tail, warmup_shape=(4, 16_000)))
+    assert seen == [((4, 16_000), [16_000, 16_000, 16_000, 8_000 if padded else 16_000])]
+
+
 def stage_batch(n: int, report_at: int | None = None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(n)
     batch = {"shard": np.full(n, "s0", dtype=object),

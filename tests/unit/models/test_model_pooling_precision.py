@@ -237,3 +237,18 @@ def test_bf16_on_cuda_without_a_gpu_is_a_config_error(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match="sees no CUDA device") as err:
         resolve_precision("bf16", "cuda")
     assert err.value.field == "model.precision"
+
+
+def test_float32_on_gpus_is_ieee_float32_not_tf32() -> None:
+    """cuDNN's default would run fp32 convolutions in TF32 on Ampere and later: rows of one
+    variant would differ by GPU generation. The actors turn it off, process-wide."""
+    from pipeline.models import exact_float32_on_gpus
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    try:
+        exact_float32_on_gpus()
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
