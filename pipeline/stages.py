@@ -411,8 +411,9 @@ class Embedder:
             exact_float32_on_gpus()  # fp32 is the same numbers on every GPU generation
             if spec.gpu_share < 1:
                 # Actors sharing a GPU: each holds to its share, so that a batch too large
-                # for it fails at this actor's warm-up, not another's batch mid-run.
-                torch.cuda.set_per_process_memory_fraction(spec.gpu_share)
+                # for it fails at this actor's warm-up, not another's batch mid-run; 5 % of
+                # the share is left to the process's CUDA context, outside torch's allocator.
+                torch.cuda.set_per_process_memory_fraction(0.95 * spec.gpu_share)
         self.precision = resolve_precision(spec.precision, self.device)
         # Overflow under autocast gets the same windows again in float32; an int8 network
         # has no float32 weights left to retry with, so its non-finite rows drop as fp32's do.
