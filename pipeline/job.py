@@ -977,8 +977,10 @@ class EmbeddingJob:
             object_store_memory=plan.inflight_mb * 2**20)
 
     def _compute_plan(self, resources: Mapping[str, float]) -> ComputePlan:
-        return plan_compute(self.cfg.compute, resources, batch_mib(self.cfg, self.settings),
-                            file_mib(self.cfg))
+        c = self.cfg.compute
+        if c.gpus_per_actor is None and not self.info.runs_on_gpus:
+            c = dataclasses.replace(c, gpus_per_actor=0.0)  # no GPU held idle by default
+        return plan_compute(c, resources, batch_mib(self.cfg, self.settings), file_mib(self.cfg))
 
     def _dataset(self, plan: ComputePlan, sources: Any) -> Any:
         """decode (CPU tasks) -> embed (actor pool) -> write (CPU tasks), over every shard."""

@@ -65,6 +65,8 @@ class ModelInfo:
         preprocessing: front-end parameters; part of the output namespace hash.
         secret_options: ``model.options`` that never change the embeddings (a plugin's hub
             token): recorded in the variant as ``"***"``, so a new value is no new variant.
+        runs_on_gpus: whether the backbone can run on a GPU at all (BirdNET's LiteRT cannot):
+            if not, ``compute.gpus_per_actor`` defaults to 0 even where there are GPUs.
     """
 
     name: str
@@ -82,6 +84,7 @@ class ModelInfo:
     description: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
     secret_options: tuple[str, ...] = ()
+    runs_on_gpus: bool = True
 
     def resolve_layers(self, selectors: Sequence[int | str] | str) -> tuple[int, ...]:
         """Turn config layer selectors into sorted, unique, non-negative indices.

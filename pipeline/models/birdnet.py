@@ -94,6 +94,7 @@ BIRDNET_INFO = ModelInfo(
         "input": "raw mono waveform, float32 in [-1, 1]; spectrogram computed inside the model",
         "padding": "zeros to 3 s, fed unmasked",
     },
+    runs_on_gpus=False,
 )
 
 

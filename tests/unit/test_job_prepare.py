@@ -6,6 +6,7 @@ import errno
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +411,21 @@ def test_local_cpu_plan_uses_narrow_actors_and_leaves_decoding_a_cpu(
         return
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0}).actors == 2
     assert gpu._compute_plan({"CPU": cpus, "GPU": 2.0}).cpus_per_actor == 1.0
+
+
+def test_a_backbone_that_cannot_run_on_gpus_holds_none_by_default(archive: Path,
+                                                                  tmp_path: Path) -> None:
+    """BirdNET runs on LiteRT, on CPUs: by default its actors ask for no GPU, even where
+    there are some (one per actor would sit idle, and the pool be one actor per GPU)."""
+    from pipeline.models.birdnet import BIRDNET_INFO
+
+    assert not BIRDNET_INFO.runs_on_gpus
+    j = job(archive, tmp_path)
+    j.prepare()
+    assert j._compute_plan({"CPU": 8.0, "GPU": 2.0}).gpus_per_actor == 1.0
+    j.info = replace(j.info, runs_on_gpus=False)
+    plan = j._compute_plan({"CPU": 8.0, "GPU": 2.0})
+    assert plan.gpus_per_actor == 0.0 and not j._embed_spec(plan).use_gpu
 
 
 def test_a_driver_pointed_at_a_cluster_by_ray_address_plans_like_address_auto(
