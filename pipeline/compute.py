@@ -47,9 +47,15 @@ class ComputePlan:
 
 
 def plan_compute(c: ComputeConfig, resources: Mapping[str, float], batch_mib: float,
-                 file_mib: float) -> ComputePlan:
+                 file_mib: float, nodes: Sequence[Mapping[str, Any]] | None = None
+                 ) -> ComputePlan:
     """The plan for ``resources`` (``{"CPU": 16.0, "GPU": 4.0}``); ``batch_mib``: one batch
     of windows, ``file_mib``: one output file's rows, which the in-flight budget must hold.
+
+    With ``nodes`` (``ray.nodes()``), the default GPU pool (one actor per share of the
+    cluster's GPUs) is cut to the actors its live nodes can hold now (:func:`actor_slots`):
+    GPUs on nodes that ``compute.embed_label_selector`` or ``embed_resources`` leave out, or
+    whose CPUs cannot hold ``cpus_per_actor`` per actor, would only keep actors pending.
 
     Raises:
         ConfigError: the actors asked for cannot run here, ever.
@@ -81,6 +87,17 @@ def plan_compute(c: ComputeConfig, resources: Mapping[str, float], batch_mib: fl
         cpus_per_actor = max(0.0, min(1.0, (cpus - c.decode_cpus) / actors))
     else:
         cpus_per_actor = 1.0
+    if nodes is not None and gpus_per_actor and c.embed_actors is None:
+        slots = actor_slots(nodes, _needs(c, cpus_per_actor, gpus_per_actor),
+                            c.embed_label_selector)
+        if 0 < slots < actors:  # none: an autoscaler is to add them, as before
+            log.warning("the cluster has %g GPUs, but its nodes hold %d embedding actors of "
+                        "%s now (compute.embed_label_selector / embed_resources / "
+                        "cpus_per_actor): a pool of %d, not %d; set compute.embed_actors to "
+                        "wait for more", gpus, slots,
+                        _asked(_needs(c, cpus_per_actor, gpus_per_actor),
+                               c.embed_label_selector), slots, actors)
+            actors = slots
     if c.torch_threads:
         threads = c.torch_threads
     elif local_cpu:  # the actors share this machine's cores
@@ -170,8 +187,43 @@ def check_nodes(c: ComputeConfig, nodes: Sequence[Mapping[str, Any]]) -> None:
 def actor_needs(c: ComputeConfig, plan: ComputePlan) -> dict[str, float]:
     """What one embedding actor asks a node for: its CPUs and GPUs and
     ``compute.embed_resources``, as ``EmbeddingJob._dataset`` asks Ray for them."""
-    needs = {"CPU": plan.cpus_per_actor, "GPU": plan.gpus_per_actor, **c.embed_resources}
+    return _needs(c, plan.cpus_per_actor, plan.gpus_per_actor)
+
+
+def _needs(c: ComputeConfig, cpus: float, gpus: float) -> dict[str, float]:
+    needs = {"CPU": cpus, "GPU": gpus, **c.embed_resources}
     return {key: amount for key, amount in needs.items() if amount}
+
+
+def actor_slots(nodes: Sequence[Mapping[str, Any]], needs: Mapping[str, float],
+                selector: Mapping[str, str]) -> int:
+    """How many actors asking ``needs`` the live ``nodes`` that ``selector`` matches hold at
+    once: per node, the fewest any of its resources holds (a GPU node of 8 CPUs holds two
+    actors of 4 CPUs, however many GPUs it has)."""
+    total = 0
+    for node in embedding_nodes(nodes, {}, selector):
+        have = node.get("Resources") or {}
+        total += min((math.floor(have.get(key, 0.0) / amount + 1e-9)
+                      for key, amount in needs.items() if amount), default=0)
+    return total
+
+
+def gpus_of(nodes: Sequence[Mapping[str, Any]]) -> tuple[float, list[str]]:
+    """The GPUs of ``nodes`` (``ray.nodes()`` entries, or one of the cluster's totals) and
+    their accelerator types (Ray's ``accelerator_type:<type>`` resources)."""
+    gpus, types = 0.0, []
+    for node in nodes:
+        have = node.get("Resources") or {}
+        gpus += float(have.get("GPU", 0.0))
+        types += [k.partition(":")[2] for k in have if k.startswith("accelerator_type:")]
+    return gpus, types
+
+
+def embedding_nodes(nodes: Sequence[Mapping[str, Any]], resources: Mapping[str, float],
+                    selector: Mapping[str, str]) -> list[Mapping[str, Any]]:
+    """The live ``nodes`` that have ``resources`` and match ``selector``: where embedding
+    actors may run."""
+    return [n for n in nodes if n.get("Alive", n.get("alive")) and _holds(n, resources, selector)]
 
 
 class ActorRoomWatch:

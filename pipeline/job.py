@@ -46,6 +46,8 @@ from pipeline.compute import (
     actor_needs,
     check_gpus,
     check_nodes,
+    embedding_nodes,
+    gpus_of,
     min_inflight_mb,
     plan_compute,
     usable_cpus,
@@ -733,9 +735,13 @@ class EmbeddingJob:
 
         if ray.is_initialized() or joins_cluster(self.cfg.compute):
             self._owns_ray = connect_ray(self.cfg) or self._owns_ray
-            resources = ray.cluster_resources()
-            types = [k.partition(":")[2] for k in resources if k.startswith("accelerator_type:")]
-            return float(resources.get("GPU", 0.0)), gpus_have_bf16(types)
+            c = self.cfg.compute
+            if c.embed_label_selector or c.embed_resources:  # the GPUs the actors may get
+                gpus, types = gpus_of(embedding_nodes(ray.nodes(), c.embed_resources,
+                                                      c.embed_label_selector))
+            else:
+                gpus, types = gpus_of([{"Resources": ray.cluster_resources()}])
+            return gpus, gpus_have_bf16(types)
         import torch
 
         count = torch.cuda.device_count()
@@ -862,7 +868,7 @@ class EmbeddingJob:
         import ray
 
         self._owns_ray = connect_ray(self.cfg) or self._owns_ray  # run() stops it, last
-        plan = self._compute_plan(ray.cluster_resources())
+        plan = self._compute_plan(ray.cluster_resources(), ray.nodes())
         self._configure_data_context(plan)
         log.info("compute: %s", plan)
         self._stream(summary, started, plan)
@@ -976,11 +982,13 @@ class EmbeddingJob:
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(
             object_store_memory=plan.inflight_mb * 2**20)
 
-    def _compute_plan(self, resources: Mapping[str, float]) -> ComputePlan:
+    def _compute_plan(self, resources: Mapping[str, float],
+                      nodes: Sequence[Mapping[str, Any]] | None = None) -> ComputePlan:
         c = self.cfg.compute
         if c.gpus_per_actor is None and not self.info.runs_on_gpus:
             c = dataclasses.replace(c, gpus_per_actor=0.0)  # no GPU held idle by default
-        return plan_compute(c, resources, batch_mib(self.cfg, self.settings), file_mib(self.cfg))
+        return plan_compute(c, resources, batch_mib(self.cfg, self.settings), file_mib(self.cfg),
+                            nodes)
 
     def _dataset(self, plan: ComputePlan, sources: Any) -> Any:
         """decode (CPU tasks) -> embed (actor pool) -> write (CPU tasks), over every shard."""

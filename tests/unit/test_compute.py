@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from pipeline.compute import ActorRoomWatch, ComputePlan, actor_needs, plan_compute
+from pipeline.compute import (
+    ActorRoomWatch,
+    ComputePlan,
+    actor_needs,
+    actor_slots,
+    embedding_nodes,
+    gpus_of,
+    plan_compute,
+)
 from pipeline.config import ComputeConfig
 
 
@@ -201,3 +209,43 @@ def test_an_actor_needs_its_cpus_gpus_and_resources_only() -> None:
                        inflight_mb=256, cluster_cpus=4, cluster_gpus=0)
     assert actor_needs(ComputeConfig(embed_resources={"big_mem": 1}), plan) == {
         "CPU": 1.0, "big_mem": 1}
+
+
+def _gpu_node(gpus: float, cpus: float, labels: dict[str, str] | None = None,
+              kind: str = "L4") -> dict:
+    return {"Alive": True, "Labels": labels or {},
+            "Resources": {"CPU": cpus, "GPU": gpus, f"accelerator_type:{kind}": 1.0}}
+
+
+@pytest.mark.parametrize(("compute", "nodes", "actors"), [
+    # One node of 4 GPUs but 8 CPUs: actors of 4 CPUs, two at once, not four.
+    ({"cpus_per_actor": 4.0}, [_gpu_node(4, 8)], 2),
+    # GPUs on nodes the selector leaves out hold no actor of this job.
+    ({"embed_label_selector": {"pool": "l4"}},
+     [_gpu_node(2, 16, {"pool": "l4"}), _gpu_node(2, 16, {"pool": "t4"}, "T4")], 2),
+    # Two actors to a GPU: 4 on two GPUs, as without the nodes.
+    ({"gpus_per_actor": 0.5}, [_gpu_node(1, 8), _gpu_node(1, 8)], 4),
+    # No node holds one now (an autoscaler is to add them): the cluster's totals, as before.
+    ({"embed_label_selector": {"pool": "a100"}}, [_gpu_node(2, 16, {"pool": "l4"})], 2),
+    # A pool asked for is the user's: no cut.
+    ({"cpus_per_actor": 4.0, "embed_actors": 4}, [_gpu_node(4, 8)], 4),
+])
+def test_the_default_gpu_pool_is_what_the_nodes_that_may_run_it_hold(
+        compute: dict, nodes: list[dict], actors: int, caplog: pytest.LogCaptureFixture) -> None:
+    c = ComputeConfig(address="auto", **compute)
+    gpus = sum(n["Resources"]["GPU"] for n in nodes)
+    resources = {"CPU": sum(n["Resources"]["CPU"] for n in nodes), "GPU": gpus}
+    plan = plan_compute(c, resources, batch_mib=1.0, file_mib=16.0, nodes=nodes)
+    assert plan.actors == actors
+    cut = actors < (c.embed_actors or gpus // plan.gpus_per_actor)
+    assert ("embedding actors of" in caplog.text) == cut
+    assert plan_compute(c, resources, batch_mib=1.0, file_mib=16.0).actors == (
+        c.embed_actors or int(gpus // plan.gpus_per_actor))
+
+
+def test_the_gpus_the_actors_may_get_are_those_of_the_nodes_they_may_run_on() -> None:
+    nodes = [_gpu_node(2, 16, {"pool": "l4"}), _gpu_node(4, 16, {"pool": "t4"}, "T4"),
+             {**_gpu_node(8, 16, {"pool": "l4"}, "H100"), "Alive": False}]
+    assert gpus_of(embedding_nodes(nodes, {}, {"pool": "l4"})) == (2.0, ["L4"])
+    assert gpus_of(embedding_nodes(nodes, {}, {})) == (6.0, ["L4", "T4"])
+    assert actor_slots(nodes, {"GPU": 1.0, "CPU": 1.0}, {"pool": "!l4"}) == 4
