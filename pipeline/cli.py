@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.errors import (
     EXIT_ABORTED,
@@ -175,15 +176,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` flags as fsspec options, each value read as YAML
+    (``anon=true``, ``client_kwargs={endpoint_url: http://...}``); ConfigError names a bad
+    one without showing its value (it may be a secret)."""
     import yaml
 
-    from pipeline.catalog import load_catalog, render
-    from pipeline.config import check_uri, parse_yaml, plain
+    from pipeline.config import parse_yaml, plain
 
-    check_uri(args.output_uri, "output_uri")
-    options = {}
-    for item in args.storage_options:
+    options: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{item!r}: expected KEY=VALUE, e.g. anon=true",
@@ -194,6 +196,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise ConfigError(f"{key.strip()}=***: the value is not valid YAML (quote it: "
                               f"--storage-option '{key.strip()}=\"...\"')",
                               "--storage-option") from None
+    return options
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.catalog import load_catalog, render
+    from pipeline.config import check_uri
+
+    check_uri(args.output_uri, "output_uri")
+    options = parse_storage_options(args.storage_options)
     catalog = load_catalog(args.output_uri, options)
     if args.json:
         print(json.dumps({"root": catalog.root, "namespaces": [ns.__dict__ for ns in catalog.namespaces],

@@ -1,55 +1,73 @@
 """Query an output root with DuckDB, the way a user would (``python -m pipeline.query OUT``).
 
 Prints each SQL statement and its result: recordings with their manifest columns (the
-demo's site, calls and time) and status, window
-counts per layer, and each recording's nearest neighbour by cosine similarity of the
-pooled embeddings. Those read one namespace (model and variant): by default the one the
-latest job wrote, since embeddings of two variants (another window, hop or checkpoint) do
-not compare; ``python -m pipeline.query OUT VARIANT`` picks another.
+demo's site, calls and time) and status, window counts per layer, and the nearest
+neighbour of some recordings by cosine similarity of the pooled embeddings. Those read one
+namespace (model and variant): by default the one the latest job wrote, since embeddings of
+two variants (another window, hop or checkpoint) do not compare; ``python -m pipeline.query
+OUT VARIANT`` picks another.
+
+Recordings are told apart by ``recording_id`` (and ``channel``), never by file name: field
+recorders reuse names (``20240101_000000.WAV``) in every site folder; rows show the
+``source_uri``. The neighbour search compares ``--limit`` recordings (the first by URI, or
+those ``--recording`` names) with every other one: ``limit × n`` similarities, not ``n²``.
+A bucket root (``gs://``, ``s3://``…) is read through the fsspec filesystem the job uses,
+registered with DuckDB, with ``--storage-option KEY=VALUE`` as for ``embed-archive inspect``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import duckdb
 
 from pipeline import storage
+from pipeline.errors import ConfigError
 from pipeline.layout import namespace_dir, partitions, read_json
 from pipeline.sink import recordings_schema
 
+LAST_LAYER = "WHERE layer = (SELECT max(layer) FROM read_parquet('{root}/recordings/{ns}/*.parquet'))"
+
 QUERIES = {
     "recordings and their metadata": """
-        SELECT regexp_extract(source_uri, '[^/]+$') AS file, {extras}channel, layer,
+        SELECT source_uri, {extras}channel, layer,
                round(duration_s, 1) AS duration_s, source_sample_rate_hz AS rate_hz,
-               num_windows, status, len(embedding) AS dim
+               num_windows, status, len(embedding) AS dim, recording_id
         FROM read_parquet('{root}/recordings/{ns}/*.parquet')
-        WHERE layer = (SELECT max(layer) FROM read_parquet('{root}/recordings/{ns}/*.parquet'))
-        ORDER BY file, channel""",
+        """ + LAST_LAYER + """
+        ORDER BY source_uri, recording_id, channel""",
     "window rows per layer, every namespace": """
         SELECT model, variant, layer, count(*) AS windows, count(DISTINCT recording_id) AS recordings,
                round(avg(valid_s), 2) AS mean_valid_s
         FROM read_parquet('{root}/windows/**/*.parquet', hive_partitioning = true,
                           hive_types_autocast = false)
         GROUP BY ALL ORDER BY model, variant, layer""",
-    "nearest neighbour of each recording (cosine, last layer)": """
+    "nearest neighbour of {which} (cosine, last layer, another recording)": """
         WITH r AS (
-            SELECT regexp_extract(source_uri, '[^/]+$') || '#' || channel AS name, embedding
+            SELECT recording_id, channel, source_uri, embedding
             FROM read_parquet('{root}/recordings/{ns}/*.parquet')
-            WHERE layer = (SELECT max(layer) FROM read_parquet('{root}/recordings/{ns}/*.parquet')))
-        SELECT a.name, arg_max(b.name, list_cosine_similarity(a.embedding, b.embedding)) AS nearest,
-               round(max(list_cosine_similarity(a.embedding, b.embedding)), 4) AS cosine
-        FROM r a JOIN r b ON a.name <> b.name
-        GROUP BY a.name ORDER BY a.name""",
+            """ + LAST_LAYER + """ AND embedding IS NOT NULL),
+        q AS (SELECT * FROM r {pick})
+        SELECT q.source_uri, q.channel, r.source_uri AS nearest, r.channel AS nearest_channel,
+               round(list_cosine_similarity(q.embedding, r.embedding), 4) AS cosine,
+               q.recording_id, r.recording_id AS nearest_id
+        FROM q JOIN r ON q.recording_id <> r.recording_id
+        QUALIFY row_number() OVER (PARTITION BY q.recording_id, q.channel
+                                   ORDER BY list_cosine_similarity(q.embedding, r.embedding) DESC,
+                                            r.recording_id, r.channel) = 1
+        ORDER BY q.source_uri, q.recording_id, q.channel""",
 }
 
 
-def latest_namespace(root: str, variant: str | None = None) -> tuple[str, str] | None:
+def latest_namespace(root: str, variant: str | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
     """``(model, variant)`` of the run that started last (its record in ``_jobs/``) among
     those whose namespace has recordings (of ``variant`` if given); None if there is none.
     Job ids do not sort by time: a user may name runs ``nightly`` or ``baseline``."""
-    fs, path = storage.url_to_fs(root)
+    fs, path = storage.url_to_fs(root, storage_options)
     jobs = [read_json(fs, p) for p in storage.list_files(fs, storage.join(path, "_jobs"))
             if p.endswith(".json")]
     jobs.sort(key=lambda j: j.get("started_at") or "", reverse=True)
@@ -68,33 +86,84 @@ def _has_parquet(fs: Any, folder: str) -> bool:
                                               for p in storage.list_files(fs, folder))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    root = (args[0] if args else "outputs/demo").rstrip("/")
+def connect(root: str, storage_options: Mapping[str, Any] | None = None
+            ) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that reads ``root``: a bucket URL through the same fsspec
+    filesystem the job writes with (``storage.url_to_fs``, with these options), registered
+    with DuckDB (its httpfs extension needs a download, and knows nothing of fsspec options)."""
     con = duckdb.connect()
-    found = latest_namespace(root, args[1] if len(args) > 1 else None)
-    newest = [found] if found else []
-    if not newest:
-        print(f"no recordings under {root}" + (f" for variant {args[1]}" if len(args) > 1 else ""),
-              file=sys.stderr)
+    if not storage.is_local(root):
+        con.register_filesystem(storage.url_to_fs(root, storage_options)[0])
+    return con
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.query",
+                                description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("root", nargs="?", default="outputs/demo",
+                   help="output root: a folder or a bucket URL (default outputs/demo)")
+    p.add_argument("variant", nargs="?", default=None,
+                   help="variant id to read (default: that of the run started last)")
+    p.add_argument("--limit", type=int, default=10, metavar="N",
+                   help="recordings (rows of a recording and channel) whose nearest neighbour "
+                        "is searched, each against every other (default 10)")
+    p.add_argument("--recording", dest="recordings", action="append", default=[],
+                   metavar="RECORDING_ID", help="search the neighbours of this recording "
+                   "(repeatable) instead of the first --limit by URI")
+    p.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                   metavar="KEY=VALUE", help="fsspec option for the output filesystem, as "
+                   "embed-archive inspect takes them")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli import parse_storage_options
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    root = args.root.rstrip("/")
+    if args.limit < 1:
+        print("pipeline.query: error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        options = parse_storage_options(args.storage_options)
+    except ConfigError as err:
+        print(f"pipeline.query: error: {err}", file=sys.stderr)
+        return 2
+    found = latest_namespace(root, args.variant, options)
+    if not found:
+        print(f"no recordings under {root}" + (f" for variant {args.variant}" if args.variant
+                                               else ""), file=sys.stderr)
         return 1
-    model, variant = newest[0]
+    model, variant = found
+    con = connect(root, options)
     ns = partitions(model, variant)  # the model's name made path-safe, as the job writes it
-    fs, path = storage.url_to_fs(root)
+    fs, path = storage.url_to_fs(root, options)
     windows = _has_parquet(fs, storage.join(path, "windows"))
-    print(f"-- namespace {ns} (the variant asked for)" if len(args) > 1 else
+    print(f"-- namespace {ns} (the variant asked for)" if args.variant else
           f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
           "for another)")
+    sql_root = _sql_text(root)
     # The manifest's columns, whatever they are: what a recordings file has beyond the job's.
-    columns = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{root}/recordings/{ns}/*.parquet')"
+    columns = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{sql_root}/recordings/{ns}/*.parquet')"
                       ).fetchall()
     ours = set(recordings_schema(None).names) | {"model", "variant"}  # and the hive keys
     extras = "".join(f'"{name}", ' for name, *_ in columns if name not in ours)
+    if args.recordings:
+        ids = ", ".join(f"'{_sql_text(i)}'" for i in args.recordings)
+        pick, which = f"WHERE recording_id IN ({ids})", "the recordings asked for"
+    else:
+        pick = f"ORDER BY source_uri, recording_id, channel LIMIT {args.limit}"
+        which = f"the first {args.limit} recordings by URI (--limit N, or --recording ID)"
     for title, sql in QUERIES.items():
+        title = title.format(which=which)
         if "/windows/" in sql and not windows:
             print(f"\n-- {title}: no windows table here (the jobs ran with output.windows: false)")
             continue
-        sql = sql.format(root=root, ns=ns, extras=extras)
+        sql = sql.format(root=sql_root, ns=ns, extras=extras, pick=pick)
         print(f"\n-- {title}\n{sql.strip()};")
         sys.stdout.flush()
         con.sql(sql).show(max_width=200)

@@ -77,3 +77,73 @@ def test_a_plugin_namespace_and_an_output_without_windows(
     assert "namespace model=plugmod_TinyPlugin/variant=0123" in out and "a.wav" in out
     assert "no windows table here" in out
     assert "nearest neighbour" in out
+
+
+def neighbours(out: str) -> list[str]:
+    """The table rows the nearest-neighbour query printed (after its SQL)."""
+    section = out[out.index("-- nearest neighbour"):]
+    return [line for line in section.splitlines() if line.startswith("│ /")]
+
+
+def test_recordings_of_one_file_name_in_two_folders_stay_apart(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Field recorders name files by time in every site folder: recordings are told apart by
+    their id, never by file name, in the listing and in the neighbour search."""
+    files = ["site_a/20240101_000000.WAV", "site_b/20240101_000000.WAV", "site_c/other.WAV"]
+    write_namespace(tmp_path, "0123", "j", files, "2026-11-22T10:00:00Z")  # [1,0] [1,1] [1,2]
+    assert query.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    listing = out[out.index("-- recordings and their metadata"):out.index("-- window rows")]
+    assert "/a/site_a/20240101_000000.WAV" in listing and "/a/site_b/20240101_000000.WAV" in listing
+    rows = neighbours(out)
+    assert len(rows) == 3, out  # one per recording: the two of one name are not merged
+    # each one's nearest is another recording, the other one of its name included
+    a, b, c = rows
+    assert a.index("site_a/20240101_000000.WAV") < a.index("site_b/20240101_000000.WAV")
+    assert b.index("site_b/20240101_000000.WAV") < b.index("site_c/other.WAV")
+    assert c.index("site_c/other.WAV") < c.index("site_b/20240101_000000.WAV")
+
+    # the search is bounded: --limit recordings, or those --recording names
+    assert query.main([str(tmp_path), "--limit", "1"]) == 0
+    rows = neighbours(capsys.readouterr().out)
+    assert len(rows) == 1 and "site_a" in rows[0].split("│")[1]
+    assert query.main([str(tmp_path), "--recording", "0123-site_b/20240101_000000.WAV"]) == 0
+    rows = neighbours(capsys.readouterr().out)
+    assert len(rows) == 1 and "site_b" in rows[0].split("│")[1]
+    assert query.main([str(tmp_path), "--limit", "0"]) == 2
+
+
+def test_a_bucket_root_is_read_through_the_jobs_fsspec_filesystem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root that is no local folder is read through ``storage.url_to_fs`` (with the
+    ``--storage-option`` flags) registered with DuckDB. ``memory://`` stands in for a bucket:
+    fsspec's in-process store, which DuckDB cannot read by itself either."""
+    import fsspec
+
+    from pipeline import storage
+
+    write_namespace(tmp_path, "0123", "j", ["x/a.wav", "y/a.wav"], "2026-11-22T10:00:00Z")
+    memory = fsspec.filesystem("memory")
+    memory.put(str(tmp_path), "/query-test-root", recursive=True)
+    seen: list[object] = []
+    url_to_fs = storage.url_to_fs
+
+    def recording(uri: str, options: object = None) -> object:
+        seen.append(options)
+        return url_to_fs(uri, options)
+
+    monkeypatch.setattr(storage, "url_to_fs", recording)
+    try:
+        assert query.main(["memory://query-test-root/", "--storage-option",
+                           "use_listings_cache=false"]) == 0
+    finally:
+        memory.rm("/query-test-root", recursive=True)
+    out = capsys.readouterr().out
+    assert "namespace model=beats/variant=0123" in out
+    assert "memory://query-test-root/recordings/model=beats/variant=0123/*.parquet" in out
+    assert "memory://query-test-root/windows/**/*.parquet" in out
+    assert "│ beats   │ 0123    │     3 │       2 │          2 │" in out  # the windows read
+    rows = neighbours(out)
+    assert len(rows) == 2 and "/a/x/a.wav" in rows[0] and "/a/y/a.wav" in rows[1]
+    assert seen and all(o == {"use_listings_cache": False} for o in seen)
