@@ -525,12 +525,14 @@ class EmbeddingJob:
         import ray
 
         from pipeline.models import resolve_backbone
+        from pipeline.models.weights import advice_for_cluster
 
         cfg, c = self.cfg, self.cfg.compute
         check_ray_address_env(c)
-        self.info, self.weights = resolve_backbone(
-            cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
-            storage_options=cfg.model.storage_options)
+        with advice_for_cluster(joins_cluster(c)):  # weights missing: advice for where it runs
+            self.info, self.weights = resolve_backbone(
+                cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
+                storage_options=cfg.model.storage_options)
         if self.weights.is_random:
             if log.isEnabledFor(logging.WARNING):
                 log.warning("\n%s", RANDOM_WEIGHTS_BANNER)
@@ -1078,6 +1080,7 @@ class EmbeddingJob:
             log_level=self.cfg.run.log_level,
             warmup_shape=(m.batch_size, self.settings.window_samples) if warmup else None,
             weights_sha256=self.weights.sha256,
+            on_cluster=joins_cluster(self.cfg.compute),
             plugin_code=self.info.preprocessing.get("code") if self.info.family == "plugin" else None,
         )
 

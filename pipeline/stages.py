@@ -356,6 +356,8 @@ class EmbedSpec:
         log_level: the job's ``run.log_level``.
         weights_sha256: the checkpoint hash the driver planned the output variant with; the
             actor refuses a checkpoint that hashes otherwise (``None``: no check).
+        on_cluster: the job joins a Ray cluster (weights that cannot be had are advised
+            for, as :func:`pipeline.models.weights.advice_for_cluster` says).
         plugin_code: a plugin's code as the driver found it (``ModelInfo.preprocessing``'s
             ``code``, part of the variant); the actor refuses other code (``None``: no check).
         warmup_shape: ``(batch_size, window_samples)`` of one full batch, run on silence
@@ -380,6 +382,7 @@ class EmbedSpec:
     gpu_share: float = 1.0
     warmup_shape: tuple[int, int] | None = None
     weights_sha256: str | None = None
+    on_cluster: bool = False
     plugin_code: dict[str, str] | None = None
 
 
@@ -395,6 +398,7 @@ class Embedder:
             exact_float32_on_gpus,
             resolve_precision,
         )
+        from pipeline.models.weights import advice_for_cluster
 
         configure_worker_logging(spec.log_level)
         if spec.torch_threads:
@@ -419,9 +423,11 @@ class Embedder:
         # has no float32 weights left to retry with, so its non-finite rows drop as fp32's do.
         self._retry_in_fp32 = self.precision in AUTOCAST_PRECISIONS
         started = time.perf_counter()
-        self.backbone = create_backbone(spec.model_name, weights=spec.weights, device=self.device,
-                                        options=spec.options, storage_options=spec.storage_options,
-                                        precision=self.precision)
+        with advice_for_cluster(spec.on_cluster):  # this node's cache is its own
+            self.backbone = create_backbone(spec.model_name, weights=spec.weights,
+                                            device=self.device, options=spec.options,
+                                            storage_options=spec.storage_options,
+                                            precision=self.precision)
         loaded_sha = self.backbone.weights.sha256
         if spec.weights_sha256 is not None and loaded_sha != spec.weights_sha256:
             # The object changed under the URI while the job ran, or this node's weights

@@ -15,7 +15,6 @@ missing key, unexpected key, shape mismatch or non-finite value raises
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CheckpointMismatchError, WeightsUnavailableError
-from pipeline.models.weights import LocalWeights
+from pipeline.models.weights import LocalWeights, changed_message, sha256_of_file_bytes
 
 _CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")
 _CONFIG_KEYS = ("cfg", "config")
@@ -69,11 +68,14 @@ class LoadRules:
     wrapper_prefixes: tuple[str, ...] = field(default=("model.", "backbone."))
 
 
-def read_checkpoint(weights: LocalWeights) -> Checkpoint:
+def read_checkpoint(weights: LocalWeights, data: bytes | None = None) -> Checkpoint:
     """Read a checkpoint file into CPU tensors without running pickled code.
 
     Args:
         weights: the local file (see :func:`pipeline.models.weights.fetch_weights`).
+        data: its bytes as :func:`pipeline.models.weights.read_weights` returned them with
+            ``weights`` (hashed as read: not hashed again). ``None``: the file is read now,
+            and refused unless its bytes still hash to ``weights.sha256``.
 
     Returns:
         The unwrapped state dict and the embedded config, if any.
@@ -82,7 +84,8 @@ def read_checkpoint(weights: LocalWeights) -> Checkpoint:
         WeightsUnavailableError: the file is not a safetensors or torch checkpoint, or
             it contains pickled objects other than tensors and plain containers.
     """
-    data = _read_as_hashed(weights)
+    if data is None:
+        data = _read_as_hashed(weights)
     if weights.format == "safetensors":
         from safetensors.torch import load
 
@@ -115,11 +118,9 @@ def _read_as_hashed(weights: LocalWeights) -> bytes:
     """The file's bytes, read once and checked against the hash it is recorded by: a file
     replaced between hashing and loading would put one checkpoint's embeddings under the
     other's hash (and variant)."""
-    data = weights.path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != weights.sha256:
-        raise WeightsUnavailableError(
-            f"{weights.uri} changed while it was read (its sha256 is no longer "
-            f"{weights.sha256[:16]}…); run again once it is written")
+    digest, data = sha256_of_file_bytes(weights.path)
+    if digest != weights.sha256:
+        raise WeightsUnavailableError(changed_message(weights.uri, weights.sha256))
     return data
 
 

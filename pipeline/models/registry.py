@@ -53,7 +53,7 @@ from pipeline.models.efficientnet import (
 )
 from pipeline.models.module_backbone import ModuleBackbone
 from pipeline.models.precision import resolve_precision
-from pipeline.models.weights import RANDOM_WEIGHTS, fetch_weights
+from pipeline.models.weights import RANDOM_WEIGHTS, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -479,9 +479,9 @@ def _read_weights(entry: ModelEntry, weights: str, storage_options: Mapping[str,
             raise ConfigError(f"{entry.name!r} has no published weights: set model.weights to a "
                               "checkpoint URI or 'random'", "model.weights")
         weights = entry.weights_uri
-    local = fetch_weights(weights, storage_options)
+    local, data = read_weights(weights, storage_options)  # read and hashed in one pass
     provenance = WeightsInfo(uri=local.uri, sha256=local.sha256, format=local.format)
-    return read_checkpoint(local), provenance
+    return read_checkpoint(local, data), provenance
 
 
 def _warn_random(name: str) -> None:

@@ -7,7 +7,11 @@ not changed (offline, the cached copy is used with a warning)::
 
     $EMBED_ARCHIVE_CACHE (default ~/.cache/embed-archive)/weights/
         blobs/<sha256>            the checkpoint bytes
-        refs/<sha256 of URI>.json {"uri": <redacted URI>, "sha256": ..., "size": ...}
+        refs/<sha256 of key>.json {"uri": <redacted URI>, "sha256": ..., "size": ...}
+
+The key is the redacted URI, plus, where ``storage_options`` point it at another store than
+its protocol's default (``endpoint_url``: an S3-compatible service; an Azure account), that
+store: ``s3://bucket/key`` on two endpoints is two objects.
 
 Both are written to a temporary file in the same folder and renamed into place, so
 concurrent actors on one node never see a partial file; two of them downloading at once
@@ -16,12 +20,15 @@ both produce the same blob.
 When a file cannot be had, :class:`~pipeline.errors.WeightsUnavailableError` says which
 URI failed, why (one line, secrets scrubbed), and how to supply the file: point
 ``model.weights`` at a local copy, or pre-fill the cache with :func:`cache_weights`
-(``embed-archive cache-weights URI FILE``).
+(``embed-archive cache-weights URI FILE``). Within :func:`advice_for_cluster` (a job that
+joins a Ray cluster, whose driver and nodes each fetch into a cache of their own), it says
+instead to put the file in a bucket every node reads, or in a cache folder they all mount.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -43,6 +50,15 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _SHARED_MODE = 0o644
 _LOCAL_PROTOCOLS = (None, "file", "local")
+
+# Endpoint-like storage options, which make one URI name another object (top level, or in
+# ``client_kwargs`` / ``config_kwargs``): s3fs's and gcsfs's ``endpoint_url``, Hugging Face's
+# ``endpoint``, adlfs's ``account_name`` / ``account_host``.
+_STORE_OPTIONS = ("endpoint_url", "endpoint", "account_name", "account_host")
+_S3_PROTOCOLS = ("s3", "s3a")
+
+_ON_CLUSTER: contextvars.ContextVar[bool] = contextvars.ContextVar("weights_on_cluster",
+                                                                   default=False)
 
 RANDOM_WEIGHTS = WeightsInfo(uri="random", sha256="random", format="random")
 """Provenance of randomly initialised weights."""
@@ -71,6 +87,18 @@ def cache_root() -> Path:
     return Path(base) / "weights"
 
 
+@contextlib.contextmanager
+def advice_for_cluster(on_cluster: bool = True) -> Iterator[None]:
+    """Within: weights that cannot be had are being fetched for a job that joins a Ray
+    cluster (``on_cluster``), so the error advises what reaches every node (a bucket, a
+    shared cache folder), not ``embed-archive cache-weights`` on this machine alone."""
+    token = _ON_CLUSTER.set(on_cluster)
+    try:
+        yield
+    finally:
+        _ON_CLUSTER.reset(token)
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -88,7 +116,10 @@ def detect_format(path: Path) -> str:
         archive or a legacy pickle), ``tflite`` (``TFL3`` identifier) or ``unknown``.
     """
     with open(path, "rb") as f:
-        head = f.read(16)
+        return _format_of(f.read(16))
+
+
+def _format_of(head: bytes) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
@@ -121,28 +152,52 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     no credentials) the cached copy is used. A file registered with :func:`cache_weights`
     is used as given.
     """
+    return _fetch(uri, storage_options, keep=False)[0]
+
+
+def read_weights(uri: str, storage_options: Mapping[str, Any] | None = None
+                 ) -> tuple[LocalWeights, bytes]:
+    """:func:`fetch_weights`, and the file's bytes, hashed as they were read.
+
+    The bytes are read once and hashed once: ``sha256`` is that of the bytes returned, even
+    if the file is replaced or rewritten meanwhile. (A file this call downloads is read and
+    hashed once more after the download.)
+
+    Raises:
+        WeightsUnavailableError: as :func:`fetch_weights`.
+    """
+    local, data = _fetch(uri, storage_options, keep=True)
+    assert data is not None
+    return local, data
+
+
+def _fetch(uri: str, storage_options: Mapping[str, Any] | None, keep: bool
+           ) -> tuple[LocalWeights, bytes | None]:
+    """:func:`fetch_weights`; with ``keep``, also the bytes, hashed in the same pass."""
     shown = redact.checkpoint_uri(uri)
     secrets = redact.secrets_in(uri, storage_options)
     local = _local_path(uri)
     if local is not None:
         if not local.is_file():
-            raise WeightsUnavailableError(f"checkpoint {shown} does not exist or is not a file")
-        return _describe(local, shown)
+            raise WeightsUnavailableError(_missing_message(shown))
+        return _describe(local, shown, keep=keep)
     options = dict(storage_options or {})
-    cached = _cached_blob(shown)
+    key = _cache_key(uri, shown, options)
+    cached = _cached_blob(key, keep)
     if cached is not None:
-        blob, remote = cached
+        blob, remote, data = cached
         if not remote:  # registered by hand (cache-weights): nothing to compare with
-            return _describe(blob, shown, blob.name)
+            return _describe(blob, shown, blob.name, data)
         try:
             current = _remote_identity(uri, options)
         except Exception as err:  # noqa: BLE001 - offline, no credentials, gone: keep the copy
             reason = redact.scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
             log.warning("cannot check the cached copy of %s against the original (%s); "
                         "using the cached copy", shown, reason)
-            return _describe(blob, shown, blob.name)
+            return _describe(blob, shown, blob.name, data)
         if current == remote and set(current) - {"size"}:
-            return _describe(blob, shown, blob.name)
+            return _describe(blob, shown, blob.name, data)
+        del data
         if current == remote:  # two checkpoints of one architecture have one size
             log.warning("%s says nothing of its version but its size; fetching it again, as "
                         "a copy cached earlier may be of another checkpoint", shown)
@@ -150,12 +205,13 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
             log.warning("%s changed since this node cached it (%s, was %s); fetching it again",
                         shown, current, remote)
     waited_from = time.time()
-    with _fetch_lock(shown):
+    with _fetch_lock(key):
         # The actors of one node start together: one downloads, the others wait here and
         # take what it registered.
-        fresh = _cached_blob(shown)
-        if fresh is not None and _ref_path(shown).stat().st_mtime >= waited_from:
-            return _describe(fresh[0], shown, fresh[0].name)
+        fresh = _cached_blob(key, keep)
+        if fresh is not None and _ref_path(key).stat().st_mtime >= waited_from:
+            return _describe(fresh[0], shown, fresh[0].name, fresh[2])
+        del fresh
         try:
             blob, remote = _download(uri, options)
         except WeightsUnavailableError as err:
@@ -163,8 +219,8 @@ def fetch_weights(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
             reason = redact.scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
             raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
-        _write_ref(shown, blob, remote)
-    return _describe(blob, shown, blob.name)
+        _write_ref(key, shown, blob, remote)
+    return _describe(blob, shown, blob.name, keep=keep)
 
 
 def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
@@ -192,8 +248,10 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
     with open(source, "rb") as f:
         blob = _store_blob(f)
     shown = redact.checkpoint_uri(uri)
-    _write_ref(shown, blob)  # no remote identity: used as given, never checked online
-    return _describe(blob, shown, blob.name)
+    # No remote identity: used as given, never checked online. Keyed by the URI alone: a
+    # job whose storage_options name an endpoint looks under another key (and fetches).
+    _write_ref(shown, shown, blob)
+    return _describe(blob, shown, blob.name)[0]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -208,25 +266,74 @@ def _local_path(uri: str) -> Path | None:
     return Path(urllib.parse.unquote(path) if protocol else path).expanduser()
 
 
-def _describe(path: Path, shown: str, sha256: str | None = None) -> LocalWeights:
+def _describe(path: Path, shown: str, sha256: str | None = None, data: bytes | None = None,
+              keep: bool = False) -> tuple[LocalWeights, bytes | None]:
+    """The file as :class:`LocalWeights`, and with ``keep`` its bytes (``data``, when the
+    caller read and hashed them already, or read and hashed now: one pass, whose hash must
+    be ``sha256`` when given)."""
+    if keep and data is None:
+        digest, data = sha256_of_file_bytes(path)
+        if sha256 is not None and digest != sha256:
+            raise WeightsUnavailableError(changed_message(shown, sha256))
+        sha256 = digest
+    if data is not None:
+        fmt = _format_of(data[:16])
+    else:
+        fmt = detect_format(path)
     return LocalWeights(path=path, uri=shown, sha256=sha256 or sha256_file(path),
-                        format=detect_format(path))
+                        format=fmt), data
 
 
-def _ref_path(shown: str) -> Path:
-    return cache_root() / "refs" / f"{hashlib.sha256(shown.encode()).hexdigest()}.json"
+def sha256_of_file_bytes(path: Path) -> tuple[str, bytes]:
+    """A file's SHA-256 and bytes: read once into one buffer, hashed once."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def changed_message(shown: str, sha256: str) -> str:
+    """A file whose bytes no longer hash to what it was recorded by."""
+    return (f"{shown} changed while it was read (its sha256 is no longer {sha256[:16]}…); "
+            "run again once it is written")
+
+
+def _cache_key(uri: str, shown: str, storage_options: Mapping[str, Any]) -> str:
+    """What the cache files ``uri`` under: its redacted form, plus the store that
+    ``storage_options`` (or, for S3, ``AWS_ENDPOINT_URL[_S3]``) point it at, if any. Without
+    one, the URI alone, as before endpoints counted: caches filled then are still found."""
+    from fsspec.core import split_protocol
+
+    store: dict[str, str] = {}
+    for scope in ("", "client_kwargs", "config_kwargs"):
+        options = storage_options.get(scope) if scope else storage_options
+        if not isinstance(options, Mapping):
+            continue
+        for name in _STORE_OPTIONS:
+            value = options.get(name)
+            if value not in (None, ""):
+                # Redacted as URIs are: a password in an endpoint is never hashed into a name.
+                store[f"{scope}.{name}".lstrip(".")] = redact.checkpoint_uri(str(value))
+    if not store and split_protocol(uri)[0] in _S3_PROTOCOLS:
+        env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if env:
+            store["endpoint_url"] = redact.checkpoint_uri(env)
+    return f"{shown} at {json.dumps(store, sort_keys=True)}" if store else shown
+
+
+def _ref_path(key: str) -> Path:
+    return cache_root() / "refs" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
 
 @contextlib.contextmanager
-def _fetch_lock(shown: str) -> Iterator[None]:
-    """An exclusive lock on this machine for fetching ``shown`` (``flock``; none where the
-    platform has no ``fcntl``)."""
+def _fetch_lock(key: str) -> Iterator[None]:
+    """An exclusive lock on this machine for fetching what the cache files under ``key``
+    (``flock``; none where the platform has no ``fcntl``)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: concurrent downloads stay correct, only wasteful
         yield
         return
-    path = _ref_path(shown).with_suffix(".lock")
+    path = _ref_path(key).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -236,13 +343,15 @@ def _fetch_lock(shown: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached_blob(shown: str) -> tuple[Path, dict[str, str]] | None:
-    """The cached file for ``shown`` and the remote identity it was fetched at (empty for
-    a file registered by hand), if its index entry and intact blob exist.
+def _cached_blob(key: str, keep: bool = False
+                 ) -> tuple[Path, dict[str, str], bytes | None] | None:
+    """The cached file under ``key``, the remote identity it was fetched at (empty for a
+    file registered by hand) and, with ``keep``, its bytes (read and checked in one pass),
+    if its index entry and intact blob exist.
 
     A blob whose content no longer matches its name is deleted (and fetched again).
     """
-    ref = _ref_path(shown)
+    ref = _ref_path(key)
     try:
         record = json.loads(ref.read_text())
         digest, remote = record["sha256"], dict(record.get("remote") or {})
@@ -251,11 +360,20 @@ def _cached_blob(shown: str) -> tuple[Path, dict[str, str]] | None:
     blob = cache_root() / "blobs" / digest
     if not blob.is_file():
         return None
-    if sha256_file(blob) != digest:
-        log.warning("cached weights %s are corrupt; fetching %s again", blob, shown)
+    data = None
+    if keep:
+        try:
+            actual, data = sha256_of_file_bytes(blob)
+        except FileNotFoundError:  # removed meanwhile (found corrupt by another actor)
+            return None
+    else:
+        actual = sha256_file(blob)
+    if actual != digest:
+        log.warning("cached weights %s are corrupt; fetching %s again",
+                    blob, record.get("uri", key))
         blob.unlink(missing_ok=True)
         return None
-    return blob, remote
+    return blob, remote, data
 
 
 # What identifies one version of an object, as fsspec backends report it (S3, GCS, Azure,
@@ -335,22 +453,49 @@ def _sweep_partials(folder: Path, older_than_s: float = 86_400.0) -> None:
                 stale.unlink()
 
 
-def _write_ref(shown: str, blob: Path, remote: Mapping[str, str] | None = None) -> None:
-    ref = _ref_path(shown)
+def _write_ref(key: str, shown: str, blob: Path,
+               remote: Mapping[str, str] | None = None) -> None:
+    ref = _ref_path(key)
     ref.parent.mkdir(parents=True, exist_ok=True)
-    record = {"uri": shown, "sha256": blob.name, "size": blob.stat().st_size,
-              "remote": dict(remote or {})}
+    record = {"uri": shown, **({"key": key} if key != shown else {}), "sha256": blob.name,
+              "size": blob.stat().st_size, "remote": dict(remote or {})}
     with tempfile.NamedTemporaryFile("w", dir=ref.parent, prefix=".partial-", delete=False) as tmp:
         json.dump(record, tmp)
     os.chmod(tmp.name, _SHARED_MODE)
     os.replace(tmp.name, ref)
 
 
-def _unavailable_message(shown: str, reason: str) -> str:
+def _missing_message(shown: str) -> str:
+    message = f"checkpoint {shown} does not exist or is not a file"
+    if _ON_CLUSTER.get():
+        message += (" (on a Ray cluster the driver and every node read model.weights for "
+                    "themselves: a local path must exist on each, e.g. a folder they all "
+                    "mount; or copy the file to a bucket and set model.weights to its gs:// "
+                    "or s3:// URI)")
+    return message
+
+
+def _unavailable_message(shown: str, reason: str, on_cluster: bool | None = None) -> str:
+    """What failed and how to supply the file: for this machine, or (``on_cluster``;
+    default: within :func:`advice_for_cluster`) for a Ray cluster's driver and nodes, whose
+    caches are their own."""
     lines = [f"could not fetch model weights from {shown} ({reason})."]
     download = _browser_url(shown)
     if download:
         lines.append(f"Download it on a machine with network access: {download}")
+    if _ON_CLUSTER.get() if on_cluster is None else on_cluster:
+        name = shown.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
+        lines += [
+            "This job runs on a Ray cluster, where the driver and every node fetch the weights",
+            "into a cache of their own: `embed-archive cache-weights` fills only the cache of",
+            "the machine it runs on. Copy the file to a bucket the nodes can read and set",
+            f"  model.weights: gs://your-bucket/{name}",
+            "(or s3://...; credentials and endpoint in model.storage_options),",
+            "or set EMBED_ARCHIVE_CACHE, for the driver and every node (`embed-archive submit",
+            "--env EMBED_ARCHIVE_CACHE=...`), to a folder they all mount, and fill it once with",
+            f"  embed-archive cache-weights {shown} /path/to/file",
+        ]
+        return "\n".join(lines)
     lines += [
         "Then either set model.weights to the local file's path, or pre-fill the cache with",
         f"  embed-archive cache-weights {shown} /path/to/file",

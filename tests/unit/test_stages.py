@@ -636,3 +636,19 @@ def test_a_window_not_finite_in_any_one_layer_is_not_written() -> None:
     pooled = {0: np.array([[1.0, 2.0], [nan, 1.0], [1.0, 1.0]], np.float32),
               1: np.array([[1.0, 2.0], [1.0, 1.0], [inf, 1.0]], np.float32)}
     assert _finite_rows(pooled).tolist() == [True, False, False]
+
+
+def test_an_actor_of_a_job_on_a_cluster_advises_for_a_cluster(tmp_path) -> None:
+    """An actor that cannot have the weights says what reaches every node (its own cache
+    is its node's alone); on a local Ray, the local advice."""
+    from pipeline.errors import WeightsUnavailableError
+
+    spec = EmbedSpec(model_name="beats", weights=str(tmp_path / "gone.safetensors"),
+                     options=TINY_BEATS, storage_options={}, layers=(0,), pooling="mean",
+                     precision="fp32", sample_rate_hz=16_000, tail="pad",
+                     min_input_samples=2_800, use_gpu=False, torch_threads=1, on_cluster=True)
+    with pytest.raises(WeightsUnavailableError, match="every node read model.weights"):
+        Embedder(spec)
+    with pytest.raises(WeightsUnavailableError) as local:
+        Embedder(EmbedSpec(**{**spec.__dict__, "on_cluster": False}))
+    assert "cluster" not in str(local.value)

@@ -291,3 +291,139 @@ def test_checkpoints_of_one_file_name_in_two_places_are_two_cache_entries(cache)
 
     assert (weights_mod._ref_path("gs://b/v1/model.pt")
             != weights_mod._ref_path("gs://b/v2/model.pt"))
+
+
+def test_unavailable_weights_advice_is_for_where_the_job_runs(cache, monkeypatch) -> None:
+    """On a Ray cluster the driver and every node fetch into a cache of their own:
+    `embed-archive cache-weights` on one machine does not reach them, a bucket does."""
+    import huggingface_hub.constants
+
+    from pipeline.models.weights import _unavailable_message, advice_for_cluster
+
+    local = _unavailable_message(HF_URI, "offline")
+    assert f"embed-archive cache-weights {HF_URI}" in local and "Ray cluster" not in local
+    cluster = _unavailable_message(HF_URI, "offline", on_cluster=True)
+    assert "Ray cluster" in cluster and "only the cache of" in cluster
+    assert "model.weights: gs://your-bucket/esp-aves2-sl-beats-all.safetensors" in cluster
+    assert "s3://" in cluster and "EMBED_ARCHIVE_CACHE" in cluster
+    assert "huggingface.co/EarthSpeciesProject" in cluster  # where to download it, still
+
+    # What the job's driver (and its actors, EmbedSpec.on_cluster) raise.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with advice_for_cluster(True), pytest.raises(WeightsUnavailableError) as on_cluster:
+        create_backbone("esp_aves2_sl_beats_all")
+    assert "Ray cluster" in str(on_cluster.value) and "gs://your-bucket/" in str(on_cluster.value)
+    with advice_for_cluster(False), pytest.raises(WeightsUnavailableError) as here:
+        create_backbone("esp_aves2_sl_beats_all")
+    assert "Ray cluster" not in str(here.value)
+    with pytest.raises(WeightsUnavailableError) as unset:  # the default: a local run's advice
+        create_backbone("esp_aves2_sl_beats_all")
+    assert str(unset.value) == str(here.value)
+    with advice_for_cluster(), pytest.raises(WeightsUnavailableError, match="every node"):
+        fetch_weights("/nowhere/w.safetensors")
+
+
+def test_a_job_joining_a_cluster_advises_for_a_cluster(monkeypatch) -> None:
+    """The driver resolves the weights under the cluster advice, and tells its actors to."""
+    from types import SimpleNamespace
+
+    from pipeline import job as job_mod
+    from pipeline.models import weights as weights_mod
+
+    seen = []
+
+    def resolve(*args, **kwargs):
+        seen.append(weights_mod._ON_CLUSTER.get())
+        raise WeightsUnavailableError("stop here")
+
+    monkeypatch.setattr("pipeline.models.resolve_backbone", resolve)
+    for address, expected in ((None, False), ("10.0.0.1:6379", True)):
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        cfg = SimpleNamespace(compute=SimpleNamespace(address=address),
+                              model=SimpleNamespace(name="m", weights="w", options={},
+                                                    storage_options={}))
+        fake = SimpleNamespace(cfg=cfg)
+        with pytest.raises(WeightsUnavailableError, match="stop here"):
+            job_mod.EmbeddingJob._resolve_model(fake)
+        assert seen[-1] is expected
+
+
+def test_one_uri_on_two_endpoints_is_two_cache_entries(cache, checkpoint, tmp_path,
+                                                       monkeypatch) -> None:
+    """``s3://bucket/key`` on AWS and on a MinIO is two objects: offline (no identity check),
+    one must never be served the other's cached copy."""
+    from pipeline.models import weights as weights_mod
+
+    uri = "s3://bucket/w.safetensors"
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    key = weights_mod._cache_key
+    # No endpoint: the URI alone, the key every existing cache was filled under.
+    assert key(uri, uri, {}) == uri and key(uri, uri, {"anon": True, "key": "k"}) == uri
+    minio = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://minio:9000"}}
+    other = {"client_kwargs": {"endpoint_url": "http://other:9000"}}
+    assert len({key(uri, uri, {}), key(uri, uri, minio), key(uri, uri, other),
+                key(uri, uri, {"endpoint_url": "http://minio:9000"})}) == 4
+    assert key(uri, uri, minio) == key(uri, uri, {**minio, "secret": "rotated"})
+    with_password = key(uri, uri, {"client_kwargs": {"endpoint_url": "https://u:pw@h"}})
+    assert "pw" not in with_password
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    assert key(uri, uri, {}) != uri  # botocore's own endpoint variable
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+
+    # Offline, a copy registered for one endpoint is not what the other endpoint gets.
+    registered = cache_weights(uri, checkpoint)  # no endpoint: under the URI alone
+    def refuse(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(weights_mod, "_download", refuse)
+    monkeypatch.setattr(weights_mod, "_remote_identity", refuse)
+    assert fetch_weights(uri) == registered
+    with pytest.raises(WeightsUnavailableError, match="no network"):
+        fetch_weights(uri, minio)
+
+    # Fetched per endpoint, each is found again under its own key.
+    other_ckpt = save_safetensors({"w": torch.ones(3, 4)}, tmp_path / "o.safetensors")
+    served = {"http://minio:9000": other_ckpt, None: checkpoint}
+
+    def download(u, options):
+        endpoint = (options.get("client_kwargs") or {}).get("endpoint_url")
+        with open(served[endpoint], "rb") as f:
+            return weights_mod._store_blob(f), {"ETag": endpoint or "aws"}
+    monkeypatch.setattr(weights_mod, "_download", download)
+    assert fetch_weights(uri, minio).sha256 == _sha(other_ckpt)
+    monkeypatch.setattr(weights_mod, "_download", refuse)
+    assert fetch_weights(uri, minio).sha256 == _sha(other_ckpt)  # offline, its own copy
+    assert fetch_weights(uri).sha256 == _sha(checkpoint)
+
+
+def test_read_weights_hashes_once_and_returns_the_bytes_hashed(cache, checkpoint,
+                                                              monkeypatch) -> None:
+    """The loader's bytes are read and hashed in one pass: no second hash of the file, and
+    the recorded sha256 is that of exactly the bytes loaded."""
+    from pipeline.models import weights as weights_mod
+    from pipeline.models.checkpoint import read_checkpoint
+
+    fsspec.filesystem("memory").pipe("/weights/once.safetensors", checkpoint.read_bytes())
+    fetch_weights("memory://weights/once.safetensors")  # cached
+    cache_weights("gs://b/registered.safetensors", checkpoint)
+    calls = []
+    real = weights_mod.sha256_of_file_bytes
+    monkeypatch.setattr(weights_mod, "sha256_of_file_bytes",
+                        lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(weights_mod, "sha256_file", lambda p: pytest.fail(f"hashed {p} again"))
+    for uri in (str(checkpoint), "memory://weights/once.safetensors",
+                "gs://b/registered.safetensors"):
+        calls.clear()
+        local, data = weights_mod.read_weights(uri)
+        assert len(calls) == 1
+        assert local.sha256 == _sha(checkpoint) == hashlib.sha256(data).hexdigest()
+        assert local.format == "safetensors"
+        assert torch.equal(read_checkpoint(local, data).state_dict["w"],
+                           torch.arange(12.0).view(3, 4))
+    blob = cache / "blobs" / _sha(checkpoint)
+    blob.chmod(0o644)
+    blob.write_bytes(b"corrupt")  # found in the same pass that reads it, and fetched again
+    calls.clear()
+    local, data = weights_mod.read_weights("memory://weights/once.safetensors")
+    assert local.sha256 == _sha(checkpoint) == hashlib.sha256(data).hexdigest()
