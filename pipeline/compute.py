@@ -76,7 +76,7 @@ def plan_compute(c: ComputeConfig, resources: Mapping[str, float], batch_mib: fl
     if c.embed_actors:
         actors = c.embed_actors
     elif gpus_per_actor:
-        actors = max(1, int(gpus // gpus_per_actor))
+        actors = max(1, _fits(gpus, gpus_per_actor))
     elif local_cpu:  # narrow actors: see ComputeConfig.embed_actors
         actors = local_cpu_actors(cpus)[0]
     else:
@@ -203,9 +203,15 @@ def actor_slots(nodes: Sequence[Mapping[str, Any]], needs: Mapping[str, float],
     total = 0
     for node in embedding_nodes(nodes, {}, selector):
         have = node.get("Resources") or {}
-        total += min((math.floor(have.get(key, 0.0) / amount + 1e-9)
+        total += min((_fits(have.get(key, 0.0), amount)
                       for key, amount in needs.items() if amount), default=0)
     return total
+
+
+def _fits(have: float, amount: float) -> int:
+    """How many ``amount`` fit in ``have``, as Ray counts (to 1e-4): 10 of 0.1 GPU in one,
+    where ``1.0 // 0.1`` says 9."""
+    return math.floor(have / amount + 1e-9)
 
 
 def gpus_of(nodes: Sequence[Mapping[str, Any]]) -> tuple[float, list[str]]:

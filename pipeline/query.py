@@ -55,9 +55,11 @@ QUERIES = {
                round(list_cosine_similarity(q.embedding, r.embedding), 4) AS cosine,
                q.recording_id, r.recording_id AS nearest_id
         FROM q JOIN r ON q.recording_id <> r.recording_id
-        QUALIFY row_number() OVER (PARTITION BY q.recording_id, q.channel
-                                   ORDER BY list_cosine_similarity(q.embedding, r.embedding) DESC,
-                                            r.recording_id, r.channel) = 1
+        QUALIFY row_number() OVER (  -- NaN (an all-zero embedding) sorts above every number
+                    PARTITION BY q.recording_id, q.channel
+                    ORDER BY isnan(list_cosine_similarity(q.embedding, r.embedding)),
+                             list_cosine_similarity(q.embedding, r.embedding) DESC,
+                             r.recording_id, r.channel) = 1
         ORDER BY q.source_uri, q.recording_id, q.channel""",
 }
 

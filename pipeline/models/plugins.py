@@ -248,7 +248,8 @@ def _torch_modules(plugin: Any) -> list[torch.nn.Module]:
     attributes (its network, a front end)."""
     if isinstance(plugin, torch.nn.Module):
         return [plugin]
-    return [value for value in vars(plugin).values() if isinstance(value, torch.nn.Module)]
+    return [value for value in getattr(plugin, "__dict__", {}).values()  # none: __slots__
+            if isinstance(value, torch.nn.Module)]
 
 
 class PluginBackbone(Backbone):

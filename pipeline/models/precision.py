@@ -153,8 +153,16 @@ def exact_float32_on_gpus() -> None:
     an autocast overflow, would differ by GPU generation while their variant says the same
     precision. Ops under autocast (bf16, fp16) are unchanged. Process-wide: called where a
     process runs a backbone on a GPU (the job's actors, the benchmark), not by
-    :func:`create_backbone`, so a library caller keeps its own setting."""
+    :func:`create_backbone`, so a library caller keeps its own setting.
+
+    cuDNN's RNNs (a plugin's LSTM or GRU) default to TF32 too, so they are set as well; and
+    the legacy ``torch.backends.cudnn.allow_tf32`` flag is turned off first: torch keeps it
+    apart from the per-operator settings and raises on reading it (as
+    ``torch.backends.cudnn.flags()`` and ``torch.compile``'s convolutions do) unless it
+    agrees with both."""
+    torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
     torch.backends.cuda.matmul.fp32_precision = "ieee"
 
 

@@ -24,6 +24,8 @@ from pipeline.config import ComputeConfig
 
 @pytest.mark.parametrize(("gpus", "per_actor", "actors"), [
     (1.0, 1.0, 1), (4.0, 1.0, 4), (2.0, 0.5, 4), (1.0, 0.25, 4), (3.0, 2.0, 1),
+    # Shares whose float quotient falls just short: 1.0 // 0.1 is 9.0, Ray holds 10.
+    (1.0, 0.1, 10), (1.0, 0.2, 5), (3.0, 0.3, 10), (2.0, 0.1, 20),
 ])
 def test_one_actor_per_share_of_the_gpus(gpus: float, per_actor: float, actors: int) -> None:
     """``gpus_per_actor: 0.5`` packs two actors on each GPU, not one (half of it idle)."""
@@ -225,6 +227,8 @@ def _gpu_node(gpus: float, cpus: float, labels: dict[str, str] | None = None,
      [_gpu_node(2, 16, {"pool": "l4"}), _gpu_node(2, 16, {"pool": "t4"}, "T4")], 2),
     # Two actors to a GPU: 4 on two GPUs, as without the nodes.
     ({"gpus_per_actor": 0.5}, [_gpu_node(1, 8), _gpu_node(1, 8)], 4),
+    # Ten shares of 0.1 in a GPU (1.0 // 0.1 is 9.0), on the nodes as in the totals.
+    ({"gpus_per_actor": 0.1}, [_gpu_node(1, 16)], 10),
     # No node holds one now (an autoscaler is to add them): the cluster's totals, as before.
     ({"embed_label_selector": {"pool": "a100"}}, [_gpu_node(2, 16, {"pool": "l4"})], 2),
     # A pool asked for is the user's: no cut.
@@ -237,10 +241,11 @@ def test_the_default_gpu_pool_is_what_the_nodes_that_may_run_it_hold(
     resources = {"CPU": sum(n["Resources"]["CPU"] for n in nodes), "GPU": gpus}
     plan = plan_compute(c, resources, batch_mib=1.0, file_mib=16.0, nodes=nodes)
     assert plan.actors == actors
-    cut = actors < (c.embed_actors or gpus // plan.gpus_per_actor)
+    shares = round(gpus / plan.gpus_per_actor, 6) // 1  # as Ray counts fractions
+    cut = actors < (c.embed_actors or shares)
     assert ("embedding actors of" in caplog.text) == cut
     assert plan_compute(c, resources, batch_mib=1.0, file_mib=16.0).actors == (
-        c.embed_actors or int(gpus // plan.gpus_per_actor))
+        c.embed_actors or int(shares))
 
 
 def test_the_gpus_the_actors_may_get_are_those_of_the_nodes_they_may_run_on() -> None:

@@ -147,3 +147,17 @@ def test_a_bucket_root_is_read_through_the_jobs_fsspec_filesystem(
     rows = neighbours(out)
     assert len(rows) == 2 and "/a/x/a.wav" in rows[0] and "/a/y/a.wav" in rows[1]
     assert seen and all(o == {"use_listings_cache": False} for o in seen)
+
+
+def test_an_all_zero_embedding_is_nobodys_nearest_neighbour(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its cosine to anything is NaN, which DuckDB sorts above every number."""
+    write_namespace(tmp_path, "0123", "j", ["a.wav", "b.wav", "z.wav"], "2026-11-22T10:00:00Z")
+    path = tmp_path / namespace_dir("recordings", "beats", "0123") / "part-0.parquet"
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(
+        [[1.0, 0.0], [1.0, 0.1], [0.0, 0.0]], pa.list_(pa.float32())))
+    pq.write_table(table, path)
+    assert query.main([str(tmp_path)]) == 0
+    a, b, _ = neighbours(capsys.readouterr().out)
+    assert "/a/b.wav" in a.split("│")[3] and "/a/a.wav" in b.split("│")[3]

@@ -244,11 +244,20 @@ def test_float32_on_gpus_is_ieee_float32_not_tf32() -> None:
     variant would differ by GPU generation. The actors turn it off, process-wide."""
     from pipeline.models import exact_float32_on_gpus
 
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = conv.fp32_precision, matmul.fp32_precision
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    legacy = cudnn.allow_tf32
+    before = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision
     try:
         exact_float32_on_gpus()
-        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
+                matmul.fp32_precision) == ("ieee", "ieee", "ieee")
+        # The legacy flags read False, not raise (torch.backends.cudnn.flags() reads them).
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        with cudnn.flags(enabled=cudnn.enabled):
+            pass
     finally:
-        conv.fp32_precision, matmul.fp32_precision = before
-    assert (conv.fp32_precision, matmul.fp32_precision) == before
+        cudnn.allow_tf32 = legacy
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = before
+    assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
+            matmul.fp32_precision) == before
+    assert cudnn.allow_tf32 == legacy
