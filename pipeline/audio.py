@@ -352,11 +352,18 @@ class _FfmpegFrames:
                 if not self._held:
                     raise RuntimeError(self._failed) from None
                 break
+            channels = len(frame.layout.channels)
+            if channels != self.channels or frame.sample_rate != self.samplerate:
+                # Files joined end to end (MP3s are, by cat): read on, the rest would be
+                # stretched or its channels mixed up. What came before is kept (partial).
+                self._failed = (f"a frame of {channels} channels at {frame.sample_rate} Hz in "
+                                f"a stream of {self.channels} at {self.samplerate} Hz (files "
+                                "joined end to end?)")
+                if not self._held:
+                    raise RuntimeError(self._failed)
+                break
             samples = _as_float(frame.to_ndarray())
             samples = samples.T if frame.format.is_planar else samples.reshape(-1, self.channels)
-            if samples.shape[1] != self.channels:
-                raise RuntimeError(f"a frame of {samples.shape[1]} channels in a stream "
-                                   f"of {self.channels}")
             self._pending.append(np.ascontiguousarray(samples, dtype=np.float32))
             self._held += samples.shape[0]
         block = (np.concatenate(self._pending) if self._pending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -608,6 +609,29 @@ def test_an_mp3_decodes_the_same_in_any_block_size(real_data: Path, tmp_path: Pa
         got, report = decode(path, block_s=block_s)
         assert report.status == "ok" and got.shape[0] == expected.shape[0]
         assert np.abs(got[:, 0] - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize(("second_rate", "second_channels"), [(22_050, 1), (44_100, 2)])
+def test_mp3s_joined_end_to_end_keep_the_first_and_stop_at_the_join(
+        tmp_path: Path, second_rate: int, second_channels: int) -> None:
+    """``cat a.mp3 b.mp3`` is a valid MP3 stream whose rate or channels change at the join;
+    read on, the rest would be stretched in time or its channels mixed up, status ok. The
+    first file's audio is kept and the recording is partial, naming the join."""
+    t = np.arange(3 * 44_100) / 44_100
+    first = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    u = np.arange(3 * second_rate) / second_rate
+    second = np.tile((0.5 * np.sin(2 * np.pi * 660 * u)).astype(np.float32)[:, None],
+                     (1, second_channels))
+    a, b = io.BytesIO(), io.BytesIO()
+    sf.write(a, first, 44_100, format="MP3")
+    sf.write(b, second, second_rate, format="MP3")
+    path = tmp_path / "joined.mp3"
+    path.write_bytes(a.getvalue() + b.getvalue())
+    audio, report = decode(path)
+    assert report.status == "partial"
+    assert "decoding stopped at 3.0" in report.problems[0]
+    assert f"{second_channels} channels at {second_rate} Hz" in report.problems[0]
+    assert abs(audio.shape[0] - 3 * 16_000) < 1_200  # the first file, at 16 kHz
 
 
 @pytest.mark.parametrize(("fmt", "short_by", "truncated"), [
