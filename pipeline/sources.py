@@ -152,6 +152,10 @@ def list_sources(cfg: InputConfig) -> Listing:
         with storage.refusals_named("input.uri", where):
             items, found = _list_uri(cfg)
         listing = Listing(items=tuple(items), extras=None)
+    # s3fs and gcsfs keep every listed object's info (~1 KB each) in the cached filesystem:
+    # 10M objects would hold ~10 GB on the driver for the whole run. The items hold what
+    # the job needs of them.
+    storage.forget_listings()
     if not listing.items and cfg.manifest:
         raise NoInputsError(f"{where} lists no recordings; check input.manifest")
     if not listing.items:
