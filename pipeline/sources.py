@@ -332,7 +332,8 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
         first_row.setdefault(uri, i)
-    _check_one_version_each(uris, versions)
+    _check_one_version_each([_object_key(uri, cfg) if versions[i] else uri
+                             for i, uri in enumerate(uris)], versions)
     given = [(uri, row) for uri, row in first_row.items() if versions[row]]
     stated = _stat_all([(uri, row) for uri, row in first_row.items() if not versions[row]], cfg,
                        total=len(first_row))
@@ -424,24 +425,40 @@ def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
     return versions, sizes
 
 
-def _check_one_version_each(uris: Sequence[str], versions: Sequence[str]) -> None:
-    """Refuse a manifest that gives one URI two versions (an output's rows of runs before
+def _check_one_version_each(keys: Sequence[str], versions: Sequence[str]) -> None:
+    """Refuse a manifest that gives one object two versions (an output's rows of runs before
     and after the object changed): which to embed is not the job's to guess, and taking the
-    first would relabel the new content with the old version's id.
+    first would relabel the new content with the old version's id. ``keys``: each row's
+    object (:func:`_object_key`), so that two spellings of it (``s3a://b/x.wav`` and
+    ``s3://b/x.wav``), which are one recording, are compared too.
 
     Raises:
-        ConfigError: naming the first such URI and both versions.
+        ConfigError: naming the first such object, its rows and both versions.
     """
-    first: dict[str, str] = {}
-    clashes = [(uri, version) for uri, version in zip(uris, versions, strict=True)
-               if version and first.setdefault(uri, version) != version]
+    first: dict[str, int] = {}
+    clashes = [(i, first[key]) for i, (key, version) in enumerate(zip(keys, versions,
+                                                                       strict=True))
+               if version and versions[first.setdefault(key, i)] != version]
     if clashes:
-        uri, version = clashes[0]
+        row, earlier = clashes[0]
         raise ConfigError(
-            f"manifest gives {len({u for u, _ in clashes})} object(s) two versions in "
-            f"source_version (first: {redact.uri(uri)}: {first[uri]!r} and "
-            f"{version!r}); keep one row per object, with its current version, or leave "
+            f"manifest gives {len({keys[i] for i, _ in clashes})} object(s) two versions in "
+            f"source_version (first: {redact.uri(keys[row])}: {versions[earlier]!r} and "
+            f"{versions[row]!r}, rows {earlier + 1} and {row + 1}, numbered from the first "
+            "data row); keep one row per object, with its current version, or leave "
             "source_version empty there to have the object looked up", "input.manifest")
+
+
+def _object_key(uri: str, cfg: InputConfig) -> str:
+    """The object ``uri`` names, however it is spelled: its URL as the job writes it
+    (:func:`storage.full_uri`: ``s3a://`` as ``s3://``, ``file:///x`` as ``/x``), unsigned but
+    not redacted (URLs that differ only in a masked value are :func:`_check_told_apart`'s).
+    A URL this job cannot use is its own key: it becomes an error row."""
+    try:
+        fs, path = storage.url_to_fs(uri, cfg.storage_options)
+    except ValueError:
+        return uri
+    return storage.unsigned_uri(storage.full_uri(fs, path))
 
 
 def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -> SourceItem:
@@ -510,8 +527,13 @@ def portable_type(t: pa.DataType) -> pa.DataType:
     (Spark refuses a Parquet UUID, and the table with it): a UUID as its canonical text,
     JSON as text; no null type (a column or field with no value at all: text), no struct
     without fields (``{}``, which Parquet cannot store: text), no dictionary, large or view
-    encodings, no half floats. At any depth: inside lists, structs and maps too."""
+    encodings, no half floats, no decimal of more than 38 digits (Spark's and DuckDB's
+    widest; pyarrow reads a Parquet DECIMAL(40, 2) as ``decimal256``): its exact text. At
+    any depth: inside lists, structs and maps too. (A duration has no such type: Parquet
+    stores it as a bare INT64, and :func:`_portable_columns` refuses it.)"""
     if _is_uuid(t) or pa.types.is_null(t) or pa.types.is_time(t):
+        return pa.string()
+    if pa.types.is_decimal(t) and t.precision > _WIDEST_DECIMAL:
         return pa.string()
     if isinstance(t, pa.BaseExtensionType):
         return portable_type(t.storage_type)
@@ -545,9 +567,17 @@ def _portable_columns(table: pa.Table) -> pa.Table:
 
     Raises:
         ConfigError: a value the portable type cannot hold (an unsigned integer past 2^63-1),
-            or a type no reader takes and none stands for (an interval).
+            or a type no reader takes and none stands for (an interval; a duration, such as
+            a pandas Timedelta column, at any depth).
     """
     for i, field in enumerate(table.schema):
+        duration = _duration_in(field.type)
+        if duration is not None:
+            raise ConfigError(
+                f"manifest column {field.name!r} ({field.type}) holds a duration, which "
+                f"Parquet stores as a bare INT64 count of {_UNIT_NAMES[duration.unit]}: "
+                "BigQuery, Spark and DuckDB would read raw numbers; give it as text or a "
+                "number of seconds", "input.manifest")
         wanted = portable_type(field.type)
         if wanted == field.type:
             continue
@@ -570,10 +600,35 @@ def _portable_columns(table: pa.Table) -> pa.Table:
     return table
 
 
+_WIDEST_DECIMAL = 38  # digits: the widest DECIMAL Spark and DuckDB have
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds",
+               "ns": "nanoseconds"}
+
+
+def _duration_in(t: pa.DataType) -> pa.DurationType | None:
+    """The first duration type in ``t``, at any depth (inside lists, structs, maps,
+    dictionaries and extension types), or None."""
+    if pa.types.is_duration(t):
+        return t
+    if isinstance(t, pa.BaseExtensionType):
+        return _duration_in(t.storage_type)
+    if pa.types.is_dictionary(t):
+        return _duration_in(t.value_type)
+    if pa.types.is_map(t):
+        return _duration_in(t.key_type) or _duration_in(t.item_type)
+    if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)
+            or pa.types.is_large_list_view(t) or pa.types.is_fixed_size_list(t)):
+        return _duration_in(t.value_type)
+    if pa.types.is_struct(t):
+        return next((d for d in (_duration_in(f.type) for f in t) if d is not None), None)
+    return None
+
+
 def _portable_array(arr: pa.Array, wanted: pa.DataType, *, safe: bool) -> pa.Array:
     """``arr`` in ``wanted`` (its :func:`portable_type`), at any depth: a UUID as its
     canonical text (``8c3f0e6e-6d1e-...``), never its 16 bytes read as UTF-8; a time of day
-    as ``05:10:00`` or ``05:10:00.25`` whatever its unit; a ``{}`` as that text; the rest
+    as ``05:10:00`` or ``05:10:00.25`` whatever its unit; a ``{}`` as that text; a decimal
+    in fixed point, with its scale's digits (``12.50``, never ``1.25E+1``); the rest
     cast, values checked where ``safe``.
 
     Raises:
@@ -595,6 +650,9 @@ def _portable_array(arr: pa.Array, wanted: pa.DataType, *, safe: bool) -> pa.Arr
         return pc.replace_substring_regex(text, r"\.$", "")
     if pa.types.is_struct(kind) and not kind.num_fields:
         return pa.array([None if v is None else "{}" for v in arr.to_pylist()], pa.string())
+    if pa.types.is_decimal(kind) and pa.types.is_string(wanted):  # 1E-42 as 0.000…01
+        return pa.array([None if v is None else format(v, "f") for v in arr.to_pylist()],
+                        pa.string())
     if pa.types.is_struct(kind):
         children = [_portable_array(child, field.type, safe=safe)
                     for child, field in zip(arr.flatten(), wanted, strict=True)]
@@ -759,20 +817,31 @@ def _read_csv(data: bytes, delimiter: str) -> pa.Table:
     """A CSV manifest with its types inferred, except where a number would lose what the
     file says: a numeric column keeps its text when any value is zero-padded (ids such as
     ``007``) or an integer too long to survive a float. (``3.10`` is the number 3.1.) A
-    column kept as text keeps its empty cells as ``""``, as every text column does."""
+    column kept as text keeps its empty cells as ``""``, as every text column does.
+
+    ``NA``, ``N/A``, ``null``, ``NaN`` and the like are missing values in a numeric column
+    (pyarrow's reading, and pandas': R writes ``NA`` for a missing number) and text in a
+    text column, including one of nothing else: ``continent`` = ``NA`` in a manifest of
+    North American sites alone is that text, as it is beside ``EU`` (pyarrow alone reads
+    such a column as all nulls)."""
     parse = pa_csv.ParseOptions(delimiter=delimiter)
     typed = pa_csv.read_csv(io.BytesIO(data), parse_options=parse)
     numeric = [f.name for f in typed.schema
                if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
-    if not numeric:
+    words = [f.name for f in typed.schema if pa.types.is_null(f.type)]  # or all empty
+    if not numeric and not words:
         return typed
     text = pa_csv.read_csv(io.BytesIO(data), parse_options=parse,
                            convert_options=pa_csv.ConvertOptions(
-                               column_types={name: pa.string() for name in numeric}))
+                               column_types={name: pa.string() for name in numeric + words}))
     for name in numeric:
         spelled = text.column(name)
         floating = pa.types.is_floating(typed.schema.field(name).type)
         if not all(_plain_number(v, floating) for v in spelled.to_pylist() if v):
+            typed = typed.set_column(typed.schema.get_field_index(name), name, spelled)
+    for name in words:
+        spelled = text.column(name)
+        if any(spelled.to_pylist()):  # not a column of empty cells alone
             typed = typed.set_column(typed.schema.get_field_index(name), name, spelled)
     return typed
 

@@ -96,6 +96,27 @@ def test_a_sixteen_digit_integer_among_decimals_stays_text(folder: Path) -> None
     assert extras.column("tag").to_pylist() == ["0.5", "9007199254740993"]
 
 
+def test_na_is_a_missing_number_and_text_among_words_even_alone(folder: Path) -> None:
+    """pyarrow reads a column of NA alone as all nulls: continent=NA in a manifest of North
+    American sites alone was an empty column, yet text beside EU. It is text in both; in a
+    numeric column NA and NaN are missing numbers (as pyarrow, pandas and R's write.csv
+    mean them); a column of empty cells stays empty."""
+    alone, mixed = folder / "alone.csv", folder / "mixed.csv"
+    alone.write_text("uri,continent,flag,site_id,empty\na.wav,NA,null,007,\nb.wav,NA,N/A,NA,\n")
+    mixed.write_text("uri,continent,n,snr,depth\na.wav,NA,1,NaN,\nb.wav,EU,NA,2.5,3\n")
+    one = list_sources(InputConfig(manifest=str(alone))).extras
+    two = list_sources(InputConfig(manifest=str(mixed))).extras
+    assert one is not None and two is not None
+    assert one.select(["continent", "flag", "site_id"]).to_pydict() == {
+        "continent": ["NA", "NA"], "flag": ["null", "N/A"], "site_id": ["007", "NA"]}
+    assert one.column("empty").to_pylist() == [None, None]
+    assert two.schema.field("continent").type == one.schema.field("continent").type == pa.string()
+    assert two.column("continent").to_pylist() == ["NA", "EU"]
+    assert two.schema.field("n").type == pa.int64() and two.column("n").to_pylist() == [1, None]
+    assert two.column("snr").to_pylist() == [None, 2.5]
+    assert two.column("depth").to_pylist() == [None, 3]
+
+
 def test_manifest_columns_are_stored_in_types_bigquery_and_spark_read(folder: Path) -> None:
     """A pandas-written Parquet manifest brings unsigned, nanosecond, dictionary and large
     types; the rows get signed, microsecond, plain ones with the same values."""
@@ -183,6 +204,41 @@ def test_a_duckdb_manifest_is_stored_in_types_spark_reads(folder: Path) -> None:
     with pytest.raises(ConfigError, match="'span' is a Parquet INTERVAL") as err:
         list_sources(InputConfig(manifest=str(folder / "i.parquet")))
     assert err.value.field == "input.manifest"
+
+
+def test_a_duration_is_refused_and_a_decimal_past_38_digits_is_its_text(folder: Path) -> None:
+    """pandas writes a Timedelta column as a bare Parquet INT64 (pyarrow alone knows it for a
+    duration): BigQuery, Spark and DuckDB would read nanoseconds, so it is refused, naming the
+    column, at any depth, as an INTERVAL is. Spark and DuckDB have no decimal past 38
+    digits: a DECIMAL(41, 2) is stored as its exact text, in fixed point."""
+    from decimal import Decimal
+
+    import pandas as pd
+
+    pd.DataFrame({"uri": ["a.wav"], "offset": [pd.Timedelta(seconds=90)]}).to_parquet(
+        folder / "d.parquet")
+    with pytest.raises(ConfigError, match=r"'offset' \(duration\[us\]\) holds a duration") as err:
+        list_sources(InputConfig(manifest=str(folder / "d.parquet")))
+    assert err.value.field == "input.manifest"
+    pq.write_table(pa.table({"uri": ["a.wav"], "spans": pa.array([[1]], pa.list_(
+        pa.duration("s")))}), folder / "nested.parquet")
+    with pytest.raises(ConfigError, match="'spans' .*holds a duration"):
+        list_sources(InputConfig(manifest=str(folder / "nested.parquet")))
+
+    wide, narrow = Decimal("1" * 39 + ".50"), Decimal("1.50")
+    pq.write_table(pa.table({
+        "uri": ["a.wav", "b.wav"],
+        "wide": pa.array([wide, None], pa.decimal256(41, 2)),
+        "tiny": pa.array([[Decimal("1E-42")], []], pa.list_(pa.decimal256(60, 42))),
+        "narrow": pa.array([narrow, None], pa.decimal256(10, 2)),
+    }), folder / "dec.parquet")
+    extras = list_sources(InputConfig(manifest=str(folder / "dec.parquet"))).extras
+    assert extras is not None
+    assert {f.name: str(f.type) for f in extras.schema} == {
+        "wide": "string", "tiny": "list<item: string>", "narrow": "decimal256(10, 2)"}
+    assert extras.to_pydict() == {"wide": ["1" * 39 + ".50", None],
+                                  "tiny": [["0." + "0" * 41 + "1"], []],
+                                  "narrow": [narrow, None]}
 
 
 @pytest.mark.parametrize("header, refused", [
@@ -622,6 +678,9 @@ def test_a_manifest_naming_versions_is_taken_at_its_word_with_the_ids_a_listing_
     ("uri,source_version,source_bytes", "a.wav,ETag=1,1.5", "source_bytes is double"),
     ("uri,source_version", "a.wav,ETag=1\n./a.wav,ETag=1\na.wav,ETag=2",
      r"gives 1 object\(s\) two versions .*a.wav: 'ETag=1' and 'ETag=2'"),
+    # two spellings of one object are one recording: the first row would silently win
+    ("uri,source_version", "s3a://b/x.wav,ETag=1\ns3://b/x.wav,ETag=2",
+     r"gives 1 object\(s\) two versions .*s3://b/x.wav: 'ETag=1' and 'ETag=2', rows 1 and 2"),
     ("uri,Source_Version", "a.wav,ETag=1", "clash with columns the job writes"),
 ])
 def test_given_columns_that_cannot_be_meant_are_refused(folder: Path, header: str, row: str,
