@@ -668,21 +668,29 @@ def write_bytes(fs: Any, path: str, data: bytes) -> None:
     retried on transient errors.
     """
     if _is_local_fs(fs):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        try:
+        def fill(tmp: str) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _replace_atomically(path, fill)
         return
     retry(lambda: fs.pipe_file(path, data), what=f"write {path}")
+
+
+def _replace_atomically(path: str, fill: Callable[[str], None]) -> None:
+    """Make the local file ``path`` whole or not at all: ``fill`` writes a temporary sibling,
+    which is synced and renamed into place (and removed if anything fails)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+    try:
+        fill(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def move(fs: Any, src: str, dst: str) -> None:
@@ -716,18 +724,7 @@ def copy(fs: Any, src: str, dst: str) -> None:
     rewrite), retried. Local files are copied to a temporary sibling and renamed into
     place, as :func:`write_bytes` writes them, so ``dst`` is whole or absent."""
     if _is_local_fs(fs):
-        directory = os.path.dirname(dst)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        try:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _replace_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
         return
     retry(lambda: fs.copy(src, dst), what=f"copy {redact.text(src)} -> {redact.text(dst)}")
 
