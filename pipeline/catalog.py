@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,12 @@ class Catalog:
     jobs: list[dict[str, Any]]
 
 
+# Job records read at once (one request each on a bucket; an output that many runs wrote,
+# one per prefix of an archive, holds hundreds).
+_JOB_READS_AT_ONCE = 16
+# Jobs render() lists by default: the latest (every one is in --json).
+SHOWN_JOBS = 20
+
 # Folders only a job writes: a root holding none of them is some other folder.
 _MARKS = ("_commits", "_jobs", "_variants", "_leases", "_staging")
 
@@ -91,10 +98,10 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
             found.add((match.group(1), match.group(2).removesuffix(".json")))
     namespaces = [_namespace(fs, root, model, variant, storage_options)
                   for model, variant in sorted(found)]
-    jobs = []
-    for path in storage.list_files(fs, storage.join(root_path, "_jobs")):
-        if path.endswith(".json"):
-            jobs.append(read_json(fs, path))
+    paths = [p for p in storage.list_files(fs, storage.join(root_path, "_jobs"))
+             if p.endswith(".json")]
+    with ThreadPoolExecutor(_JOB_READS_AT_ONCE) as pool:  # a request each, on a bucket
+        jobs = list(pool.map(lambda path: read_json(fs, path), paths))
     jobs.sort(key=lambda j: j.get("started_at") or "")
     if not namespaces and not jobs and not any(
             storage.exists(fs, storage.join(root_path, name)) for name in _MARKS):
@@ -226,8 +233,8 @@ def _committed_columns(fs: Any, layout: OutputLayout, marker: Mapping[str, Any],
             yield read_parquet_bytes(storage.read_bytes(fs, path), columns=columns).to_pydict()
 
 
-def render(catalog: Catalog) -> str:
-    """Human-readable report."""
+def render(catalog: Catalog, jobs: int | None = SHOWN_JOBS) -> str:
+    """Human-readable report, listing the latest ``jobs`` runs (None: all)."""
     lines = [f"output: {catalog.root}"]
     if not catalog.namespaces:
         lines.append("  no committed shards" + ("" if catalog.jobs else
@@ -293,8 +300,11 @@ def render(catalog: Catalog) -> str:
     running = {ns.lease.get("job_id") for ns in catalog.namespaces
                if ns.lease is not None and not ns.lease_stale}
     if catalog.jobs:
-        lines.append("\njobs:")
-        for job in catalog.jobs:
+        shown = catalog.jobs if jobs is None else catalog.jobs[-jobs:] if jobs else []
+        earlier = len(catalog.jobs) - len(shown)
+        lines.append("\njobs:" + (f" the latest {len(shown)}; {earlier} earlier not shown "
+                                   "(--jobs all)" if earlier else ""))
+        for job in shown:
             s = job.get("summary", {})
             status = s.get("status", "?")
             if not job.get("ended_at") and job.get("job_id") not in running:

@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", dest="storage_options", action="append", default=[],
                    metavar="KEY=VALUE", help="fsspec option for the output filesystem")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--jobs", default=argparse.SUPPRESS, type=_job_count, metavar="N|all",
+                   help="list the latest N runs, or all (default 20; --json has all)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("list-models", help="list registered backbones")
@@ -210,8 +212,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps({"root": catalog.root, "namespaces": [ns.__dict__ for ns in catalog.namespaces],
                           "jobs": catalog.jobs}, indent=2, default=str))
     else:
-        print(render(catalog))
+        print(render(catalog, **({"jobs": args.jobs} if "jobs" in args else {})))
     return 0
+
+
+def _job_count(text: str) -> int | None:
+    """``inspect --jobs``: a count of runs, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of runs or 'all', got {text!r}")
+    return count
 
 
 def cmd_list_models(args: argparse.Namespace) -> int:

@@ -522,3 +522,28 @@ def test_a_run_refused_beside_a_submitted_one_is_told_how_to_stop_it(
     second.acquire()
     assert "ray_submission" not in holder_of(layout)
     second.release()
+
+
+def test_inspect_lists_the_latest_runs_and_says_how_many_it_left_out(
+        layout: OutputLayout, capsys: pytest.CaptureFixture[str]) -> None:
+    """An output that many runs wrote (one per prefix of an archive) holds hundreds of job
+    records: read side by side, the latest 20 listed, ``--jobs N|all`` for more."""
+    from pipeline.catalog import load_catalog, render
+    from pipeline.cli import main
+    from pipeline.layout import write_json
+
+    for k in range(25):
+        write_json(layout.fs, layout.job_path(f"run-{k:02d}"),
+                   {"job_id": f"run-{k:02d}", "started_at": f"2026-11-24T10:{k:02d}:00Z",
+                    "ended_at": f"2026-11-24T10:{k:02d}:30Z", "summary": {"status": "ok"}})
+    catalog = load_catalog(layout.root)
+    assert [j["job_id"] for j in catalog.jobs] == [f"run-{k:02d}" for k in range(25)]
+    shown = render(catalog)
+    assert "jobs: the latest 20; 5 earlier not shown (--jobs all)" in shown
+    assert "run-04" not in shown and "run-05" in shown and "run-24" in shown
+    assert "run-00" in render(catalog, None) and "not shown" not in render(catalog, None)
+    assert main(["inspect", layout.root, "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the latest 2; 23 earlier" in out and "run-22" not in out and "run-23" in out
+    with pytest.raises(SystemExit):
+        main(["inspect", layout.root, "--jobs", "some"])
