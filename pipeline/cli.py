@@ -126,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-weights", help="put a local checkpoint in the cache under a URI")
     p.add_argument("uri", help="the URI the config names (e.g. hf://EarthSpeciesProject/...)")
     p.add_argument("file", help="local copy of that checkpoint")
+    p.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                   metavar="KEY=VALUE", help="the endpoint the config's model.storage_options "
+                   "name (endpoint_url=..., client_kwargs={endpoint_url: ...}): the copy is "
+                   "found by jobs that use that store")
     p.set_defaults(func=cmd_cache_weights)
 
     from pipeline.bench import add_bench_command
@@ -260,7 +264,7 @@ def cmd_cache_weights(args: argparse.Namespace) -> int:
     from pipeline import redact
     from pipeline.models.weights import cache_weights
 
-    result = cache_weights(args.uri, args.file)
+    result = cache_weights(args.uri, args.file, parse_storage_options(args.storage_options))
     print(f"cached {args.file} for {redact.uri(args.uri)}: {result}")
     return 0
 

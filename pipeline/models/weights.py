@@ -218,12 +218,14 @@ def _fetch(uri: str, storage_options: Mapping[str, Any] | None, keep: bool
             raise WeightsUnavailableError(f"{shown}: {err}") from None
         except Exception as err:  # noqa: BLE001 - any backend failure becomes one clear message
             reason = redact.scrub(f"{type(err).__name__}: {err}".splitlines()[0], secrets)
-            raise WeightsUnavailableError(_unavailable_message(shown, reason)) from None
+            raise WeightsUnavailableError(_unavailable_message(
+                shown, reason, flags=_store_flags(_store_of(uri, options)))) from None
         _write_ref(key, shown, blob, remote)
     return _describe(blob, shown, blob.name, keep=keep)
 
 
-def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
+def cache_weights(uri: str, local_path: str | os.PathLike[str],
+                  storage_options: Mapping[str, Any] | None = None) -> LocalWeights:
     """Pre-fill the cache: make ``uri`` resolve to a copy of ``local_path`` offline.
 
     This is what ``embed-archive cache-weights URI FILE`` runs, for machines that cannot
@@ -232,6 +234,10 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
     Args:
         uri: the URI jobs will ask for (e.g. a registry entry's published ``hf://`` URI).
         local_path: the checkpoint file.
+        storage_options: the endpoint-like options jobs give the URI with
+            (``model.storage_options``: ``endpoint_url`` and the like; the others are
+            ignored), or for S3 ``AWS_ENDPOINT_URL[_S3]``: a copy is found only by jobs that
+            point the URI at the same store.
 
     Returns:
         The cached file (its ``uri`` is the redacted ``uri``).
@@ -248,9 +254,9 @@ def cache_weights(uri: str, local_path: str | os.PathLike[str]) -> LocalWeights:
     with open(source, "rb") as f:
         blob = _store_blob(f)
     shown = redact.checkpoint_uri(uri)
-    # No remote identity: used as given, never checked online. Keyed by the URI alone: a
-    # job whose storage_options name an endpoint looks under another key (and fetches).
-    _write_ref(shown, shown, blob)
+    # No remote identity: used as given, never checked online. Keyed by the URI and the
+    # store it names: a job pointing it at another endpoint looks under another key.
+    _write_ref(_cache_key(uri, shown, dict(storage_options or {})), shown, blob)
     return _describe(blob, shown, blob.name)[0]
 
 
@@ -297,10 +303,9 @@ def changed_message(shown: str, sha256: str) -> str:
             "run again once it is written")
 
 
-def _cache_key(uri: str, shown: str, storage_options: Mapping[str, Any]) -> str:
-    """What the cache files ``uri`` under: its redacted form, plus the store that
-    ``storage_options`` (or, for S3, ``AWS_ENDPOINT_URL[_S3]``) point it at, if any. Without
-    one, the URI alone, as before endpoints counted: caches filled then are still found."""
+def _store_of(uri: str, storage_options: Mapping[str, Any]) -> dict[str, str]:
+    """The store ``storage_options`` (or, for S3, ``AWS_ENDPOINT_URL[_S3]``) point ``uri``
+    at, as ``{"[scope.]option": redacted value}``; empty for the protocol's default."""
     from fsspec.core import split_protocol
 
     store: dict[str, str] = {}
@@ -317,7 +322,28 @@ def _cache_key(uri: str, shown: str, storage_options: Mapping[str, Any]) -> str:
         env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if env:
             store["endpoint_url"] = redact.checkpoint_uri(env)
+    return store
+
+
+def _cache_key(uri: str, shown: str, storage_options: Mapping[str, Any]) -> str:
+    """What the cache files ``uri`` under: its redacted form, plus the store that
+    ``storage_options`` (or, for S3, ``AWS_ENDPOINT_URL[_S3]``) point it at, if any. Without
+    one, the URI alone, as before endpoints counted: caches filled then are still found."""
+    store = _store_of(uri, storage_options)
     return f"{shown} at {json.dumps(store, sort_keys=True)}" if store else shown
+
+
+def _store_flags(store: Mapping[str, str]) -> str:
+    """``--storage-option`` flags for ``embed-archive cache-weights`` that key a copy under
+    the store ``store`` names (a :func:`_store_of` result), each with a leading space."""
+    scoped: dict[str, dict[str, str]] = {}
+    for name, value in store.items():
+        scope, _, option = name.rpartition(".")
+        scoped.setdefault(scope, {})[option] = value
+    flags = [f" --storage-option '{option}={value}'" for option, value in scoped.pop("", {}).items()]
+    flags += [f" --storage-option '{scope}={json.dumps(options, sort_keys=True)}'"
+              for scope, options in scoped.items()]
+    return "".join(flags)
 
 
 def _ref_path(key: str) -> Path:
@@ -475,10 +501,12 @@ def _missing_message(shown: str) -> str:
     return message
 
 
-def _unavailable_message(shown: str, reason: str, on_cluster: bool | None = None) -> str:
+def _unavailable_message(shown: str, reason: str, on_cluster: bool | None = None,
+                         flags: str = "") -> str:
     """What failed and how to supply the file: for this machine, or (``on_cluster``;
     default: within :func:`advice_for_cluster`) for a Ray cluster's driver and nodes, whose
-    caches are their own."""
+    caches are their own. ``flags``: what ``cache-weights`` needs to key the copy as the job
+    looks it up (:func:`_store_flags`)."""
     lines = [f"could not fetch model weights from {shown} ({reason})."]
     download = _browser_url(shown)
     if download:
@@ -493,12 +521,12 @@ def _unavailable_message(shown: str, reason: str, on_cluster: bool | None = None
             "(or s3://...; credentials and endpoint in model.storage_options),",
             "or set EMBED_ARCHIVE_CACHE, for the driver and every node (`embed-archive submit",
             "--env EMBED_ARCHIVE_CACHE=...`), to a folder they all mount, and fill it once with",
-            f"  embed-archive cache-weights {shown} /path/to/file",
+            f"  embed-archive cache-weights{flags} {shown} /path/to/file",
         ]
         return "\n".join(lines)
     lines += [
         "Then either set model.weights to the local file's path, or pre-fill the cache with",
-        f"  embed-archive cache-weights {shown} /path/to/file",
+        f"  embed-archive cache-weights{flags} {shown} /path/to/file",
         f"(cache: {cache_root()}; set EMBED_ARCHIVE_CACHE to move it).",
     ]
     return "\n".join(lines)

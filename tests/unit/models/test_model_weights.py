@@ -427,3 +427,37 @@ def test_read_weights_hashes_once_and_returns_the_bytes_hashed(cache, checkpoint
     calls.clear()
     local, data = weights_mod.read_weights("memory://weights/once.safetensors")
     assert local.sha256 == _sha(checkpoint) == hashlib.sha256(data).hexdigest()
+
+
+def test_cache_weights_for_an_endpoint_is_found_by_jobs_on_that_endpoint(cache, checkpoint,
+                                                                         monkeypatch) -> None:
+    """The advice for a URI on an S3-compatible store (cache-weights) must be one that works:
+    a copy registered with the job's endpoint (or AWS_ENDPOINT_URL) is found offline."""
+    import shlex
+
+    from pipeline.cli import main
+    from pipeline.models import weights as weights_mod
+
+    uri = "s3://bucket/w.safetensors"
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(weights_mod, "_download", refuse)
+    monkeypatch.setattr(weights_mod, "_remote_identity", refuse)
+    minio = {"key": "k", "client_kwargs": {"endpoint_url": "http://minio:9000"}}
+    with pytest.raises(WeightsUnavailableError) as err:
+        fetch_weights(uri, minio)
+    command = shlex.split(next(line for line in str(err.value).splitlines()
+                               if "embed-archive cache-weights" in line))
+    assert command[:3] == ["embed-archive", "cache-weights", "--storage-option"]
+    flags = command[2:-2]
+    assert main(["cache-weights", *flags, uri, str(checkpoint)]) == 0
+    assert fetch_weights(uri, minio).sha256 == _sha(checkpoint)
+    with pytest.raises(WeightsUnavailableError):
+        fetch_weights(uri)  # the default endpoint: another object
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://other:9000")  # set for both
+    cache_weights(uri, checkpoint)
+    assert fetch_weights(uri).sha256 == _sha(checkpoint)
