@@ -487,6 +487,11 @@ class EmbeddingJob:
         mixed = output_inside_input(self.cfg)
         if mixed:
             log.warning("%s", mixed)
+        for uri, field in ((self.cfg.input.uri, "input.uri"),
+                           (self.cfg.input.manifest, "input.manifest"),
+                           (self.cfg.output.uri, "output.uri")):
+            if uri and (problem := storage.missing_filesystem(uri)):
+                raise ConfigError(problem, field)  # not a traceback after the weights
         self._resolve_model()
         self.variant = self._build_variant()
         self.provenance = JobProvenance.create(self.cfg, self.job_id, self.variant,

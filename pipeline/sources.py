@@ -328,6 +328,7 @@ def _list_manifest(cfg: InputConfig) -> Listing:
             f"manifest has {len(blank)} row(s) without a uri (rows "
             f"{', '.join(str(i + 1) for i in blank[:10])}{', ...' if len(blank) > 10 else ''}; "
             "1 = first data row); fill or remove them", "input.manifest")
+    _check_filesystems(uris)
     # First occurrence of each URI wins; its row keeps its metadata.
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
@@ -423,6 +424,22 @@ def _given_columns(table: pa.Table) -> tuple[list[str], list[int]]:
         sizes = [-1 if n is None or math.isnan(n) or n < 0 or not versions[i] else int(n)
                  for i, n in enumerate(given)]
     return versions, sizes
+
+
+def _check_filesystems(uris: Sequence[str]) -> None:
+    """Refuse a manifest whose rows name a store this environment has no library for
+    (``abfs://`` without adlfs): every such row would fail alike, on a traceback.
+
+    Raises:
+        ConfigError: naming the protocol, its first row and what to install.
+    """
+    first: dict[str, int] = {}
+    for i, uri in enumerate(uris):
+        first.setdefault(storage.protocol_of(uri), i)
+    for protocol, row in first.items():
+        if problem := storage.missing_filesystem(uris[row]):
+            raise ConfigError(f"manifest row {row + 1} (the first of {protocol}://; 1 = first "
+                              f"data row): {problem}", "input.manifest")
 
 
 def _check_one_version_each(keys: Sequence[str], versions: Sequence[str]) -> None:

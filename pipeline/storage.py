@@ -74,6 +74,21 @@ def protocol_of(uri: str) -> str:
     return match.group(1).lower() if match else "file"
 
 
+def missing_filesystem(uri: str) -> str | None:
+    """Why ``uri``'s filesystem cannot be made here: fsspec knows its protocol, but the
+    library behind it is not installed (``abfs://`` without adlfs); else None (an unknown
+    protocol is fsspec's to say where the URL is used)."""
+    protocol = protocol_of(uri)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as err:
+        return (f"{protocol}:// needs a library this environment lacks ({err}); install it "
+                "here and on every node of a cluster")
+    except ValueError:
+        return None
+    return None
+
+
 def canonical_protocol(protocol: str) -> str:
     """One name for a store however a URL spells it: ``s3`` for ``s3a``, ``file`` for
     ``local``."""

@@ -61,6 +61,28 @@ def prepared(archive: Path, tmp_path: Path, **sections: Any) -> EmbeddingJob:
     return prepared_job
 
 
+@pytest.mark.parametrize("where", ["input", "output", "manifest"])
+def test_a_store_whose_library_is_missing_is_refused_naming_the_field(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """``abfs://`` without adlfs: fsspec raises an ImportError where the URL is first used,
+    which was a traceback (after the weights, or mid-manifest). Refused before any work."""
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "nolib", {
+        "class": "no_such_module_for_tests.FileSystem", "err": "Install nolib to read nolib://"})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri\n{next(archive.glob('*.wav'))}\nnolib://c/x.wav\n")
+    sections = {"input": {"uri": "nolib://c/x"}} if where == "input" else (
+        {"output": {"uri": "nolib://c/out"}} if where == "output"
+        else {"input": {"uri": None, "manifest": str(manifest)}})
+    with pytest.raises(ConfigError, match="nolib:// needs a library this environment lacks "
+                       r"\(Install nolib to read nolib://\)") as err:
+        job(archive, tmp_path, **sections).prepare()
+    assert err.value.field == ("input.manifest" if where == "manifest" else f"{where}.uri")
+    if where == "manifest":
+        assert "manifest row 2 (the first of nolib://" in str(err.value)
+
+
 def test_an_output_uri_that_is_a_file_is_refused(archive: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="is a file") as err:
