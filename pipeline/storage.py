@@ -477,8 +477,8 @@ def why(err: BaseException, options: str = "input.storage_options / output.stora
     """What an I/O error means, in one redacted line: nothing there, access refused (and
     where credentials go: ``options``), an archived object, else the error's type and text."""
     text = " ".join(redact.text(f"{type(err).__name__}: {err}").split())  # one line
-    if archived(err) is not None:
-        return f"{text}; the object is in {archived(err)}, not restored: restore it first"
+    if (where := archived(err)) is not None:
+        return f"{text}; the object is in {where}, not restored: restore it first"
     if isinstance(err, PermissionError) and getattr(err, "filename", None):  # local disk
         return f"permission denied ({text}); check its permissions"
     if access_refused(err):  # before "not found": fsspec's http says that of a 403
