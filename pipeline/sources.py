@@ -333,7 +333,10 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     first_row: dict[str, int] = {}
     for i, uri in enumerate(uris):
         first_row.setdefault(uri, i)
-    _check_one_version_each([_object_key(uri, cfg) if versions[i] else uri
+    # Each named version's URL resolved once: for the version check and for its item.
+    located = {uri: _locate(uri, cfg)
+               for uri in dict.fromkeys(u for u, v in zip(uris, versions, strict=True) if v)}
+    _check_one_version_each([_object_key(uri, located[uri]) if versions[i] else uri
                              for i, uri in enumerate(uris)], versions)
     given = [(uri, row) for uri, row in first_row.items() if versions[row]]
     stated = _stat_all([(uri, row) for uri, row in first_row.items() if not versions[row]], cfg,
@@ -341,7 +344,8 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     if given:
         log.info("manifest: %d object(s) named with their version (source_version), not "
                  "looked up; %d looked up", len(given), len(stated))
-        stated += [_given_item(uri, row, versions[row], sizes[row], cfg) for uri, row in given]
+        stated += [_given_item(uri, row, versions[row], sizes[row], cfg, located[uri])
+                   for uri, row in given]
     # Spellings of one object (./a.wav and a.wav, file:///x/a.wav and /x/a.wav) are one
     # recording: they have one id, and listing it twice would write its rows twice.
     _check_told_apart(sorted(stated, key=lambda i: i.row), cfg)
@@ -466,28 +470,36 @@ def _check_one_version_each(keys: Sequence[str], versions: Sequence[str]) -> Non
             "source_version empty there to have the object looked up", "input.manifest")
 
 
-def _object_key(uri: str, cfg: InputConfig) -> str:
+def _locate(uri: str, cfg: InputConfig) -> tuple[Any, str] | ValueError:
+    """``(fs, path)`` of a manifest URL, or the error of one this job cannot use (fsspec's
+    ``ValueError``, which becomes an error row)."""
+    try:
+        return storage.url_to_fs(uri, cfg.storage_options)
+    except ValueError as err:
+        return err
+
+
+def _object_key(uri: str, located: tuple[Any, str] | ValueError) -> str:
     """The object ``uri`` names, however it is spelled: its URL as the job writes it
     (:func:`storage.full_uri`: ``s3a://`` as ``s3://``, ``file:///x`` as ``/x``), unsigned but
     not redacted (URLs that differ only in a masked value are :func:`_check_told_apart`'s).
-    A URL this job cannot use is its own key: it becomes an error row."""
-    try:
-        fs, path = storage.url_to_fs(uri, cfg.storage_options)
-    except ValueError:
+    A URL this job cannot use (``located``: :func:`_locate`'s) is its own key."""
+    if isinstance(located, ValueError):
         return uri
-    return storage.unsigned_uri(storage.full_uri(fs, path))
+    return storage.unsigned_uri(storage.full_uri(*located))
 
 
-def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig) -> SourceItem:
+def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig,
+                located: tuple[Any, str] | ValueError) -> SourceItem:
     """A manifest row that names its object's version: taken at its word, with no request.
     Its id is the one a listing of that version would give when the token is spelled as the
     job writes ``source_version`` (``generation=...``, ``ETag=...``). A URL this job cannot
-    use is an error row, as when looking it up; a missing object fails when it is read."""
-    try:
-        fs, path = storage.url_to_fs(uri, cfg.storage_options)
-    except ValueError as err:  # a URL fsspec (or this job) cannot use: an error row
+    use (``located``: :func:`_locate`'s) is an error row, as when looking it up; a missing
+    object fails when it is read."""
+    if isinstance(located, ValueError):  # a URL fsspec (or this job) cannot use
         return _unreadable(redact.uri(storage.unsigned_uri(uri), keep=cfg.name_params),
-                           uri, row, err)
+                           uri, row, located)
+    fs, path = located
     shown = storage.source_uri(fs, path, cfg.name_params)
     return SourceItem(uri=shown, path=path, size_bytes=size, version=version,
                       recording_id=recording_id(shown, version), row=row)
