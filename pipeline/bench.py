@@ -79,6 +79,9 @@ TIGHT_INFLIGHT_MB = 80
 # shorter than a window) is not embedded, so model only and the seed loop skip it too.
 MIN_TAIL_S = 0.025
 SECTIONS = ("real", "long", "memory", "decode")
+# Quick mode's pipeline CPU samples: its decode tasks take tenths of a second, which samples
+# half a second apart may miss, leaving the decode workers counted as idle Ray workers.
+QUICK_CPU_EVERY_S = 0.1
 #: Seconds of model-only work on a GPU (the corpus passed over again until then), and the
 #: nvidia-smi samples (one per 100 ms) a busy figure needs before it says anything.
 MIN_GPU_SPAN_S = 5.0
@@ -562,13 +565,14 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
 
 
 def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, memory: bool = True,
-                 **extra: Any) -> dict[str, Any]:
+                 cpu_every_s: float | None = None, **extra: Any) -> dict[str, Any]:
     """The job end to end in a fresh process (its own local Ray), timed from outside.
 
     ``memory``: sample its processes' memory too. That walks every process's page tables
     five times a second (``smaps_rollup``), which took 8 % of two cores from the job it
-    measured; throughput runs sample CPU only, twice a second. What sampling cost this
-    process is reported (``sampling_cpu_s``): on a small machine it is CPU the job lacked.
+    measured; throughput runs sample CPU only, every ``cpu_every_s`` (None: twice a
+    second). What sampling cost this process is reported (``sampling_cpu_s``): on a small
+    machine it is CPU the job lacked.
     """
     out = workdir / f"out-{time.monotonic_ns()}"
     cfg = workdir / f"job-{time.monotonic_ns()}.json"
@@ -578,7 +582,8 @@ def pipeline_run(input_dir: Path, s: BenchSettings, workdir: Path, memory: bool 
             "print('SUMMARY'+json.dumps(s.to_dict()));sys.exit(s.exit_code)")
     started, own_cpu_before = time.perf_counter(), time.process_time()
     sampler = (ProcessTreeSampler() if memory
-               else ProcessTreeSampler(ProcessTreeSampler.CPU_ONLY_INTERVAL_S, memory=False))
+               else ProcessTreeSampler(cpu_every_s or ProcessTreeSampler.CPU_ONLY_INTERVAL_S,
+                                       memory=False))
     with sampler, GpuBusySampler(s.device) as gpu:
         proc = subprocess.Popen([sys.executable, "-c", code, str(cfg)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -941,7 +946,8 @@ def run(out_dir: Path, real_dir: Path, quick: bool, precision: str | None = None
             log.info("corpus: %d files, %.0f s of audio, %d windows", len(files), seconds,
                      len(windows))
             results["real"] = _compare(corpus, files, windows, valid, seconds, s, work, repeats,
-                                       flops, peak, seed)
+                                       flops, peak, seed,
+                                       cpu_every_s=QUICK_CPU_EVERY_S if quick else None)
         # Quick mode's memory runs already embed long recordings end to end.
         if "long" in sections and not quick:
             copies = long_copies or (1 if device == "cpu" else os.cpu_count() or 1)
@@ -1010,9 +1016,11 @@ def _folder_of(folder: Path, recording: Path) -> Path:
 
 def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid: np.ndarray,
              seconds: float, s: BenchSettings, work: Path, repeats: int,
-             flops_per_window: float, peak: float | None, seed: bool = True) -> dict[str, Any]:
+             flops_per_window: float, peak: float | None, seed: bool = True,
+             cpu_every_s: float | None = None) -> dict[str, Any]:
     """Model only and pipeline, alternated ``repeats`` times; the best run of each counts;
     then the seed loop at fp32 and at the job's precision, unless ``seed`` is off.
+    ``cpu_every_s``: the pipeline's CPU samples (None: :func:`pipeline_run`'s).
 
     A shared VM's speed drifts by +-15 % from one minute to the next (we saw the same
     batched forward pass at 5.4 and 8.1 windows/s a minute apart, with no steal time
@@ -1025,7 +1033,7 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         models.append(model_only(windows, valid, seconds, s))
         if (as_actors := model_only_as_actors(windows, valid, seconds, s)) is not None:
             shaped.append(as_actors)
-        pipes.append(pipeline_run(input_dir, s, work, memory=False))
+        pipes.append(pipeline_run(input_dir, s, work, memory=False, cpu_every_s=cpu_every_s))
     model, pipe = _best_run(models), _best_run(pipes)
     pipe["runs_steady_audio_s_per_s"] = [round(p["steady_audio_s_per_s"], 3) for p in pipes]
     embed = pipe["embed"]
