@@ -302,8 +302,10 @@ def render(catalog: Catalog, jobs: int | None = SHOWN_JOBS) -> str:
     if catalog.jobs:
         shown = catalog.jobs if jobs is None else catalog.jobs[-jobs:] if jobs else []
         earlier = len(catalog.jobs) - len(shown)
-        lines.append("\njobs:" + (f" the latest {len(shown)}; {earlier} earlier not shown "
-                                   "(--jobs all)" if earlier else ""))
+        lines.append("\njobs:" + ("" if not earlier else
+                                   f" {earlier} not shown (--jobs all)" if not shown else
+                                   f" the latest {len(shown)}; {earlier} earlier not shown "
+                                   "(--jobs all)"))
         for job in shown:
             s = job.get("summary", {})
             status = s.get("status", "?")

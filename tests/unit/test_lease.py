@@ -545,5 +545,8 @@ def test_inspect_lists_the_latest_runs_and_says_how_many_it_left_out(
     assert main(["inspect", layout.root, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "the latest 2; 23 earlier" in out and "run-22" not in out and "run-23" in out
+    assert main(["inspect", layout.root, "--jobs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "jobs: 25 not shown (--jobs all)" in out and "run-" not in out
     with pytest.raises(SystemExit):
         main(["inspect", layout.root, "--jobs", "some"])
