@@ -134,8 +134,13 @@ def staging_name(shard_id: str) -> str:
     return f"shard={shard_id}"
 
 
+def json_bytes(payload: Mapping[str, Any]) -> bytes:
+    """How every JSON record is written (markers, job records, the lease)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+
+
 def write_json(fs: Any, path: str, payload: Mapping[str, Any]) -> None:
-    storage.write_bytes(fs, path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+    storage.write_bytes(fs, path, json_bytes(payload))
 
 
 def read_json(fs: Any, path: str) -> dict[str, Any]:

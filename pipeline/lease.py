@@ -27,12 +27,25 @@ has not got through for ``STALE_S - HEARTBEAT_S`` (another run may then have tak
 heartbeat counts from before its ownership check, not from when its write landed: a write
 that stalled past a takeover and then overwrote the taker's record must not look fresh (the
 stalled run stops at its next check; the taker, finding the record not its own, stops too;
-a rerun resumes, nothing is committed twice). Two runs starting in the same instant both
-write, read back after ``SETTLE_S``, and the one whose write landed last proceeds. Object
-stores have no portable compare-and-swap through fsspec, so two starts whose read-back gaps
-exceed ``SETTLE_S`` could both proceed, and a release's read-then-delete could delete the
-record of a run that took over in between (which then stops: its record is gone); each
-window is a fraction of a second, against hours of a run.
+a rerun resumes, nothing is committed twice).
+
+Where the store has compare-and-swap (``storage.conditional_store``: local filesystems, S3,
+GCS; an S3-compatible store or emulator that ignores the conditions is found out by a probe
+and gets the fallback below), every lease write is conditional on what the run last saw:
+a run takes a lease only if there is none (create if absent), or if the record is still
+the one it judged gone (replace if unchanged: of two runs taking over one stale lease, one
+wins); a heartbeat writes only over the run's own last write, so a beat that stalled past a
+takeover is refused instead of landing on the taker's record (the taker keeps running); a
+release deletes only the run's own last write, never a taker's record. A run whose write is
+refused is refused the lease, as when another run's record was there already.
+
+Any other store (``memory://``, Azure...) has no compare-and-swap through fsspec. There,
+and with ``SETTLE_S``: two runs starting in the same instant both write, read back after
+``SETTLE_S``, and the one whose write landed last proceeds; two starts whose read-back gaps
+exceed ``SETTLE_S`` could both proceed, a takeover is a plain overwrite, a stalled heartbeat
+write can land on a taker's record (both then stop, as above), and a release's
+read-then-delete could delete the record of a run that took over in between (which then
+stops: its record is gone); each window is a fraction of a second, against hours of a run.
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ from typing import Any
 
 from pipeline import redact, storage
 from pipeline.errors import LeaseLostError, NamespaceBusyError
-from pipeline.layout import OutputLayout, write_json
+from pipeline.layout import OutputLayout, json_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +88,8 @@ class NamespaceLease:
         self._held = False
         self._lost_to: dict[str, Any] | None = None
         self._renewed = 0.0  # monotonic time of the last heartbeat that got through
+        self._store: storage.ConditionalStore | None = None  # None: write, settle, read back
+        self._version: str | None = None  # of this run's last write, under compare-and-swap
 
     def acquire(self) -> None:
         """Take the lease, waiting up to ``STALE_S`` for a silent holder to go stale.
@@ -83,9 +98,10 @@ class NamespaceLease:
             NamespaceBusyError: another run holds it and is alive.
         """
         fs = self.layout.fs
+        self._store = storage.conditional_store(fs, self.path)
         watched: tuple[dict[str, Any], float] | None = None  # the record, since when
         while True:
-            holder = self._read()
+            holder, seen = self._read_versioned()
             if holder is not None and holder.get("token") != self.token:
                 gone = self.holder_gone(holder)
                 if not gone:
@@ -102,10 +118,16 @@ class NamespaceLease:
                 log.warning("taking over the lease of %s from job %s (%s)",
                             self.layout.uri(self.path), holder.get("job_id"), gone)
             written_from = time.monotonic()
-            write_json(fs, self.path, self._record())
-            time.sleep(SETTLE_S)
-            mine = self._read()
-            if mine is not None and mine.get("token") == self.token:
+            if self._store is not None:
+                self._version = self._take(seen)
+                taken = self._version is not None
+                mine = None if taken else self._read()  # who wrote first, if anyone still
+            else:
+                write_json(fs, self.path, self._record())
+                time.sleep(SETTLE_S)
+                mine = self._read()
+                taken = mine is not None and mine.get("token") == self.token
+            if taken:
                 self._held = True
                 self._renewed = written_from
                 self._thread = threading.Thread(target=self._beat, name="lease-heartbeat",
@@ -114,6 +136,16 @@ class NamespaceLease:
                 return
             if mine is not None:
                 raise NamespaceBusyError(self._busy_message(mine))
+
+    def _take(self, seen: str | None) -> str | None:
+        """Write this run's record if the lease is still as last read (``seen``: the version
+        of the record judged gone, or None where there was none): its version, or None if
+        another run wrote first."""
+        assert self._store is not None
+        data = json_bytes(self._record())
+        if seen is None:
+            return self._store.create_if_absent(self.path, data)
+        return self._store.replace_if_unchanged(self.path, data, seen)
 
     def start(self) -> None:
         """Mark this lease's run as started (a lease of this process whose run never
@@ -165,6 +197,10 @@ class NamespaceLease:
         if not self._held:
             return
         self._held = False
+        if self._store is not None:
+            assert self._version is not None  # set whenever a conditional write took it
+            self._store.delete_if_unchanged(self.path, self._version)
+            return
         holder = self._read()
         if holder is not None and holder.get("token") == self.token:
             storage.remove_file(self.layout.fs, self.path)
@@ -185,10 +221,28 @@ class NamespaceLease:
                               f"job {job}" if (job := (self._lost_to or {}).get("job_id"))
                               else "a run that has finished since (its record is gone)")
                     return
-                write_json(self.layout.fs, self.path, self._record())
+                if not self._renew():
+                    log.error("lease %s was taken over while this heartbeat was written; "
+                              "no longer renewing it", self.layout.uri(self.path))
+                    return
                 self._renewed = began  # from before the check: a stalled write is no renewal
             except Exception as err:  # noqa: BLE001 - the next beat may get through; check() watches
                 log.warning("lease heartbeat failed: %s", redact.text(str(err)))
+
+    def _renew(self) -> bool:
+        """Write this run's record again; under compare-and-swap only over its own last
+        write, else False (and who took it kept in ``_lost_to``, for :meth:`check`)."""
+        if self._store is None:
+            write_json(self.layout.fs, self.path, self._record())
+            return True
+        assert self._version is not None
+        renewed = self._store.replace_if_unchanged(self.path, json_bytes(self._record()),
+                                                   self._version)
+        if renewed is None:
+            self._still_mine()  # who holds it now (or that none does), for check()
+            return False
+        self._version = renewed
+        return True
 
     def _silent(self, now: float) -> float | None:
         """Seconds since the last renewal once they are ``STALE_S - HEARTBEAT_S`` or more (a
@@ -228,6 +282,19 @@ class NamespaceLease:
             return json.loads(storage.read_bytes(fs, self.path))
         except (FileNotFoundError, ValueError):  # none, or not one we can read: take it
             return None
+
+    def _read_versioned(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The record (None if absent or unreadable) and, under compare-and-swap, the version
+        read with it (None if absent): what a takeover may replace."""
+        if self._store is None:
+            return self._read(), None
+        found = self._store.read(self.path)
+        if found is None:
+            return None, None
+        try:
+            return json.loads(found[0]), found[1]
+        except ValueError:  # not one we can read: take it, if still the same
+            return None, found[1]
 
     @staticmethod
     def holder_gone(holder: dict[str, Any]) -> str:

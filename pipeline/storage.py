@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import hashlib
 import heapq
 import io
 import logging
@@ -28,6 +29,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 from fsspec.utils import glob_translate
 
 from pipeline import redact
@@ -267,7 +269,13 @@ _TRANSIENT_TEXT = re.compile(
 
 
 def http_status(err: BaseException) -> int | None:
-    """The HTTP status an I/O error carries, if any (aiohttp, botocore, gcsfs, requests)."""
+    """The HTTP status an I/O error carries, if any (aiohttp, botocore, gcsfs, requests).
+
+    aiohttp's own parser errors (``aiohttp.http_exceptions``: a body cut short by a reset,
+    ``ContentLengthError``) carry ``code`` 400 too, but no server said it: they have none.
+    """
+    if type(err).__module__ == "aiohttp.http_exceptions":
+        return None
     for attr in ("status", "code", "status_code"):
         value = getattr(err, attr, None)
         if isinstance(value, int) and 100 <= value <= 599:
@@ -922,3 +930,294 @@ def is_file(fs: Any, path: str) -> bool:
 def _is_local_fs(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+# --------------------------------------------------------------------------- conditional writes
+
+
+class ConditionalStore:
+    """Compare-and-swap on one small object, where the store offers it.
+
+    A version names one write of the object: an ETag on S3, a generation on GCS, the
+    content's hash on a local filesystem. Every write here lands only if the object is still
+    as the caller last saw it, so two writers cannot both believe they won.
+
+    Each call is retried on transient errors. A retried write may find its own earlier
+    attempt landed (a reset after the store acted): the store then refuses the retry, and
+    reading back the very bytes this call wrote tells that apart from another writer, whose
+    record differs (a lease record carries its holder's token and heartbeat time).
+    """
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and their version, read in one go; None if absent."""
+        raise NotImplementedError
+
+    def create_if_absent(self, path: str, data: bytes) -> str | None:
+        """Write ``data`` only if ``path`` does not exist: its version, or None if it does."""
+        return self._landed(path, data, lambda: self._create(path, data))
+
+    def replace_if_unchanged(self, path: str, data: bytes, version: str) -> str | None:
+        """Write ``data`` only if ``path`` is still at ``version``: the new version, or None
+        if it changed or is gone."""
+        return self._landed(path, data, lambda: self._replace(path, data, version))
+
+    def delete_if_unchanged(self, path: str, version: str) -> bool:
+        """Delete ``path`` only if it is still at ``version``. True once it is gone (deleted
+        now, by an earlier attempt of this call, or already); False if it changed."""
+        if retry(lambda: self._delete(path, version), what=f"delete {redact.text(path)}"):
+            return True
+        return self.read(path) is None
+
+    def _landed(self, path: str, data: bytes, write: Callable[[], str | None]) -> str | None:
+        version = retry(write, what=f"write {redact.text(path)}")
+        if version is not None:
+            return version
+        found = self.read(path)
+        return found[1] if found is not None and found[0] == data else None
+
+    def _create(self, path: str, data: bytes) -> str | None:
+        raise NotImplementedError
+
+    def _replace(self, path: str, data: bytes, version: str) -> str | None:
+        raise NotImplementedError
+
+    def _delete(self, path: str, version: str) -> bool:
+        raise NotImplementedError
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """Whether a store refused a write because its condition did not hold (HTTP 412:
+    s3fs raises FileExistsError or OSError(EINVAL) from it, gcsfs FileExistsError)."""
+    return any(isinstance(e, FileExistsError) or http_status(e) == 412 for e in _error_chain(err))
+
+
+class LocalConditionalStore(ConditionalStore):
+    """A local filesystem: each conditional write holds an exclusive ``flock`` on the
+    object's folder while it compares and renames a temporary file into place, so it
+    excludes the other conditional writers on this machine (and on a network filesystem
+    whose ``flock`` spans its clients). Readers need no lock: a rename is atomic. The
+    version is a hash of the content, which a rewrite of the same record cannot fake
+    (inode numbers are reused; mtimes are coarse)."""
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        try:
+            data = read_bytes(self.fs, path)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self, path: str) -> Iterator[None]:
+        import fcntl
+
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write(self, path: str, data: bytes) -> str:
+        def fill(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+        _replace_atomically(path, fill)
+        return hashlib.sha256(data).hexdigest()
+
+    def _create(self, path: str, data: bytes) -> str | None:
+        with self._locked(path):
+            return None if os.path.exists(path) else self._write(path, data)
+
+    def _replace(self, path: str, data: bytes, version: str) -> str | None:
+        with self._locked(path):
+            found = self.read(path)
+            return self._write(path, data) if found and found[1] == version else None
+
+    def _delete(self, path: str, version: str) -> bool:
+        with self._locked(path):
+            found = self.read(path)
+            if found is not None and found[1] == version:
+                os.unlink(path)
+            return found is None or found[1] == version
+
+
+class S3ConditionalStore(ConditionalStore):
+    """S3 conditional requests: PutObject with ``If-None-Match: *`` (create) or
+    ``If-Match: <ETag>`` (replace), DeleteObject with ``If-Match``; 412 when the condition
+    fails. Called through s3fs's botocore client (s3fs's ``pipe_file`` knows only the
+    first)."""
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await response["Body"].read(), str(response["ETag"])
+            finally:
+                response["Body"].close()
+
+        try:
+            return retry(lambda: fsspec.asyn.sync(self.fs.loop, get), what=f"read {path}")
+        except FileNotFoundError:
+            return None
+
+    def _put(self, path: str, data: bytes, **condition: str) -> str | None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                       **condition)
+        except FileNotFoundError:  # If-Match on an object deleted meanwhile
+            return None
+        except OSError as err:
+            if _precondition_failed(err):
+                return None
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return str(response["ETag"])
+
+    def _create(self, path: str, data: bytes) -> str | None:
+        return self._put(path, data, IfNoneMatch="*")
+
+    def _replace(self, path: str, data: bytes, version: str) -> str | None:
+        return self._put(path, data, IfMatch=version)
+
+    def _delete(self, path: str, version: str) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            if _precondition_failed(err):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+
+class GCSConditionalStore(ConditionalStore):
+    """GCS preconditions on the JSON API: an upload with ``ifGenerationMatch=0`` (create)
+    or ``=<generation>`` (replace), a delete with ``ifGenerationMatch``; 412 when the
+    condition fails. gcsfs's ``pipe_file`` knows only the first, so these are its raw
+    calls. A read asks for the object's generation, then for the bytes of that generation
+    (404 if it was replaced in between: asked again)."""
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        bucket, key, _ = self.fs.split_path(path)
+
+        def get() -> tuple[bytes, str] | None:
+            for _ in range(5):
+                try:
+                    meta = self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+                except FileNotFoundError:
+                    return None
+                try:
+                    _, data = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media",
+                                           generation=meta["generation"])
+                except FileNotFoundError:
+                    continue  # replaced or deleted since its metadata was read
+                return data, str(meta["generation"])
+            raise OSError(errno.EAGAIN, f"{path} kept changing while it was read")
+
+        return retry(get, what=f"read {path}")
+
+    def _upload(self, path: str, data: bytes, generation: str) -> str | None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            out = self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", bucket,
+                               uploadType="media", name=key, ifGenerationMatch=generation,
+                               data=data, json_out=True,
+                               headers={"Content-Type": "application/octet-stream"})
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if _precondition_failed(err):
+                return None
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return str(out["generation"])
+
+    def _create(self, path: str, data: bytes) -> str | None:
+        return self._upload(path, data, "0")
+
+    def _replace(self, path: str, data: bytes, version: str) -> str | None:
+        return self._upload(path, data, version)
+
+    def _delete(self, path: str, version: str) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            if _precondition_failed(err):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+
+# Whether a store honours its preconditions, per (filesystem, bucket): probed once.
+_HONOURED: dict[tuple[str, str], bool] = {}
+_HONOURED_LOCK = threading.Lock()
+_NO_SUCH_VERSION = {S3ConditionalStore: '"0"', GCSConditionalStore: "1"}
+
+
+def conditional_store(fs: Any, path: str) -> ConditionalStore | None:
+    """Compare-and-swap for the object ``path`` on ``fs``, or None where it cannot be had
+    (then callers write, wait and read back: see ``pipeline.lease``).
+
+    Local filesystems (POSIX) always have it. S3 and GCS have it on the real services, but
+    an S3-compatible store or an emulator may ignore the conditions and write anyway
+    (gcp-storage-emulator does): such a store is probed once per process and bucket, beside
+    ``path``, and trusted only if it refused all three writes it should have. Any other
+    store (memory, Azure...) has none here.
+    """
+    protocol = canonical_protocol(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+    if protocol == "file":
+        return LocalConditionalStore(fs) if os.name == "posix" else None
+    kinds: dict[str, type[ConditionalStore]] = {"s3": S3ConditionalStore,
+                                                "gcs": GCSConditionalStore}
+    kind = kinds.get(protocol)
+    if kind is None:
+        return None
+    store = kind(fs)
+    key = (str(fs._fs_token), fs.split_path(path)[0])
+    with _HONOURED_LOCK:
+        honoured = _HONOURED.get(key)
+        if honoured is None:
+            try:
+                honoured = _HONOURED[key] = _probe(store, fs, path, _NO_SUCH_VERSION[kind])
+            except Exception as err:  # noqa: BLE001 - not known this time: no CAS this time
+                log.warning("could not tell whether %s honours conditional writes (%s); "
+                            "falling back to write and read back", protocol,
+                            redact.text(str(err)))
+                return None
+            if not honoured:
+                log.warning("%s ignores conditional writes (an emulator, or an S3-compatible "
+                            "store without them): the lease falls back to write and read "
+                            "back", protocol)
+    return store if honoured else None
+
+
+def _probe(store: ConditionalStore, fs: Any, path: str, wrong_version: str) -> bool:
+    """Whether ``store`` refuses what it must: a second create, and a replace and a delete
+    at a version the object does not have. On a scratch object beside ``path``, removed."""
+    scratch = join(os.path.dirname(path), f".conditional-write-probe-{uuid.uuid4().hex}")
+    try:
+        return (store.create_if_absent(scratch, b"first") is not None
+                and store.create_if_absent(scratch, b"second") is None
+                and store.replace_if_unchanged(scratch, b"third", wrong_version) is None
+                and not store.delete_if_unchanged(scratch, wrong_version))
+    finally:
+        remove_file(fs, scratch)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from pipeline import lease as lease_mod
+from pipeline import storage
 from pipeline.errors import LeaseLostError, NamespaceBusyError
 from pipeline.layout import OutputLayout
 from pipeline.lease import NamespaceLease
@@ -47,6 +48,14 @@ def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OutputLayout:
     monkeypatch.setattr(lease_mod, "STALE_S", 1.5)
     monkeypatch.setattr(lease_mod, "SETTLE_S", 0.05)
     return OutputLayout(str(tmp_path / "out"), "beats", "v1")
+
+
+@pytest.fixture
+def fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease as on a store without compare-and-swap (``memory://``, Azure, an emulator
+    that ignores preconditions): write, settle, read back. The races these tests stage are
+    that path's; on a local filesystem the lease's writes are conditional."""
+    monkeypatch.setattr(storage, "conditional_store", lambda fs, path: None)
 
 
 def holder_of(layout: OutputLayout) -> dict:
@@ -159,6 +168,7 @@ def test_two_runs_given_one_job_id_are_two_holders(layout: OutputLayout) -> None
     first.release()
 
 
+@pytest.mark.usefixtures("fallback")
 def test_of_two_runs_starting_at_once_only_the_one_whose_write_landed_last_proceeds(
         layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both found no lease and wrote theirs; the other run's write landed after this one's,
@@ -178,6 +188,7 @@ def test_of_two_runs_starting_at_once_only_the_one_whose_write_landed_last_proce
     assert holder_of(layout)["job_id"] == "second"
 
 
+@pytest.mark.usefixtures("fallback")
 def test_a_lease_whose_first_write_stalled_counts_from_before_the_write(
         layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     """The write that takes the lease stalled (a PUT in retries) for longer than a heartbeat
@@ -214,6 +225,7 @@ def test_the_heartbeat_runs_from_the_moment_the_lease_is_taken(layout: OutputLay
     held.release()
 
 
+@pytest.mark.usefixtures("fallback")
 def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
         layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     held = NamespaceLease(layout, "cut-off")
@@ -250,6 +262,7 @@ def test_a_run_whose_heartbeat_cannot_get_through_stops_committing(
     held.release()
 
 
+@pytest.mark.usefixtures("fallback")
 def test_a_heartbeat_write_that_lands_after_a_takeover_does_not_count(
         layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     """A's heartbeat read "mine", then its write stalled (a PUT in retries, a paused
@@ -409,6 +422,7 @@ def test_inspect_shows_a_run_on_another_machine_with_a_fresh_heartbeat_as_runnin
     assert "stale lease" not in shown
 
 
+@pytest.mark.usefixtures("fallback")
 def test_a_write_landing_while_the_lease_settles_takes_it(
         layout: OutputLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs start at once: the other's write lands a moment after this one's, before
