@@ -21,8 +21,10 @@ partial                decoding failed midway, an Ogg page fails its checksum (s
                        pipeline.ogg), or fewer frames than the header declares: what
                        decoded is kept, status ``partial`` with the reason; also a WAV
                        that declares less audio than it holds (sizes wrapped past 4 GiB,
-                       see :func:`pipeline.wav.read_to_its_end`), read to where its audio ends, and
-                       chained Ogg streams, of which the first is read
+                       see :func:`pipeline.wav.read_to_its_end`), read to where its audio ends,
+                       chained or multiplexed Ogg streams, of which the first is read, and
+                       packets FFmpeg skipped (MP3s joined end to end: see
+                       :meth:`_FfmpegFrames._decoded`)
 repaired               NaN/inf/huge samples were replaced by 0: status ``partial``, counted
 =====================  ==============================================================
 """
@@ -95,6 +97,9 @@ MAX_SAMPLE_MAGNITUDE = 1e6
 SF_COUNT_MAX = 2**63 - 1
 # The longest Opus packet (RFC 6716): see _read_blocks.
 _OPUS_PACKET_S = 0.12
+# Undecodable packets in a row after which FFmpeg's decode of a stream stops (one is skipped
+# at each join of MP3s concatenated end to end; garbage after the audio gives hundreds).
+_MAX_BAD_PACKETS_IN_A_ROW = 8
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
     with snd:
         report.source_sample_rate_hz = int(snd.samplerate)
         report.source_channels = int(snd.channels)
-        report.declared_frames = declared_frames(snd)
+        report.declared_frames = declared_frames(snd, fileobj)
         _check_limits(snd, settings)
         out_channels = 1 if settings.channels == "mix" else int(snd.channels)
         resampler = _make_resampler(snd.samplerate, settings, out_channels)
@@ -165,7 +170,7 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
                        else None)
         try:
             for block in _read_blocks(source, fileobj, block_frames, report, opus_frames,
-                                      last_frame(snd)):
+                                      last_frame(snd, fileobj)):
                 block = _repair(block, report)
                 if settings.channels == "mix" and block.shape[1] > 1:
                     block = block.mean(axis=1, keepdims=True, dtype=np.float32)
@@ -176,6 +181,15 @@ def decode_stream(fileobj: Any, settings: DecodeSettings, report: DecodeReport) 
         finally:
             if source is not snd:
                 source.close()
+        skipped = source.skipped_note() if isinstance(source, _FfmpegFrames) else None
+        if skipped is not None:
+            report.problems.append(skipped)
+        if isinstance(fileobj, CheckedOggReader) and fileobj.multiplexed:
+            others = len(fileobj.multiplexed)
+            report.problems.append(
+                f"the file multiplexes {1 + others} Ogg audio streams (their pages "
+                f"interleaved): the first was read, not the other"
+                f"{f' {others}' if others > 1 else ''} ({', '.join(fileobj.multiplexed)})")
         # A read that failed inside libsndfile ended the stream like an end of file; a file
         # object that keeps such failures (storage.RangeReader) says what really happened.
         failed = getattr(fileobj, "error", None)
@@ -328,12 +342,52 @@ class _FfmpegFrames:
         fileobj.seek(0)
         try:
             self._container = av.open(fileobj, mode="r", format=container)
-            self._frames = self._container.decode(audio=0)
-        except av.error.FFmpegError as err:
+            self._frames = self._decoded(self._container.streams.audio[0])
+        except (av.error.FFmpegError, IndexError) as err:
             raise AudioDecodeError("UnreadableAudio", f"FFmpeg cannot read it: {err}") from None
         self._pending: list[np.ndarray] = []
         self._held = 0
         self._failed: str | None = None  # raised once the frames decoded before it are out
+        self._frames_out = 0  # frames taken into ``_pending`` so far
+        #: undecodable packets skipped with audio decoded after them, and where the first
+        #: was (seconds into the decoded audio); :meth:`skipped_note` says them.
+        self.skipped_packets = 0
+        self.first_skip_s = 0.0
+        self._skipped_error = ""
+
+    def _decoded(self, stream: Any) -> Iterator[tuple[Any, list[Exception]]]:
+        """Decoded frames, each with the errors of the packets skipped just before it.
+
+        A packet FFmpeg cannot decode is skipped and decoding goes on: MP3s of the same
+        rate and channels joined end to end (``cat``) hold, at each join, the next file's
+        ID3 tag, which the demuxer hands over as a packet and the decoder refuses; stopping
+        there kept 20 s of a 60-s file. Damage is not forgiven without bound: a run of
+        :data:`_MAX_BAD_PACKETS_IN_A_ROW` (garbage after the audio gives hundreds), more
+        than 1 % of the packets once past that many, or bad packets that no audio follows
+        (the end of the stream, a file cut in a frame) end the stream as before."""
+        import av
+
+        bad: list[Exception] = []  # since the last frame decoded
+        packets = bad_total = 0
+        for packet in self._container.demux(stream):
+            packets += 1
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as err:
+                bad.append(err)
+                bad_total += 1
+                if len(bad) >= _MAX_BAD_PACKETS_IN_A_ROW:
+                    raise _Undecodable(f"{bad[0]} ({len(bad)} packets in a row could not "
+                                       "be decoded)") from None
+                if bad_total > _MAX_BAD_PACKETS_IN_A_ROW and 100 * bad_total > packets:
+                    raise _Undecodable(f"{err} ({bad_total} of {packets} packets could not "
+                                       "be decoded)") from None
+                continue
+            for frame in frames:
+                yield frame, bad
+                bad = []
+        if bad:
+            raise bad[0]
 
     def read(self, frames: int, dtype: str = "float32", always_2d: bool = True) -> np.ndarray:
         """Up to ``frames`` frames, ``[n, channels]`` float32; fewer only at the end. A
@@ -344,10 +398,10 @@ class _FfmpegFrames:
             raise RuntimeError(self._failed)
         while self._held < frames and self._failed is None:
             try:
-                frame = next(self._frames)
+                frame, skipped = next(self._frames)
             except StopIteration:
                 break
-            except av.error.FFmpegError as err:
+            except (av.error.FFmpegError, _Undecodable) as err:
                 self._failed = f"FFmpeg: {err}"
                 if not self._held:
                     raise RuntimeError(self._failed) from None
@@ -362,18 +416,41 @@ class _FfmpegFrames:
                 if not self._held:
                     raise RuntimeError(self._failed)
                 break
+            if skipped:  # the join's message says it all where a frame is refused, above
+                if not self.skipped_packets:
+                    self.first_skip_s = self._frames_out / self.samplerate
+                    self._skipped_error = str(skipped[0])
+                self.skipped_packets += len(skipped)
             samples = _as_float(frame.to_ndarray())
             samples = samples.T if frame.format.is_planar else samples.reshape(-1, self.channels)
             self._pending.append(np.ascontiguousarray(samples, dtype=np.float32))
             self._held += samples.shape[0]
+            self._frames_out += samples.shape[0]
         block = (np.concatenate(self._pending) if self._pending
                  else np.zeros((0, self.channels), np.float32))
         out, rest = block[:frames], block[frames:]
         self._pending, self._held = ([rest] if rest.shape[0] else []), rest.shape[0]
         return out
 
+    def skipped_note(self) -> str | None:
+        """The decode report's problem for the packets skipped (None: none were). Each
+        loses its audio, and what follows comes that much early (an MP3 packet: 1152
+        samples, 26 ms at 44.1 kHz), hence ``partial``; at a join the packet is the next
+        file's tag, and nothing is lost."""
+        if not self.skipped_packets:
+            return None
+        return (f"{self.skipped_packets} packet(s) FFmpeg could not decode were skipped, the "
+                f"first at {self.first_skip_s:.3f} s (files joined end to end, or damaged "
+                f"data; the audio after each comes up to one packet early): "
+                f"FFmpeg: {self._skipped_error}")
+
     def close(self) -> None:
         self._container.close()
+
+
+class _Undecodable(Exception):
+    """Too many packets FFmpeg could not decode: the stream ends there (see
+    :meth:`_FfmpegFrames._decoded`)."""
 
 
 def _as_float(samples: np.ndarray) -> np.ndarray:
@@ -420,7 +497,8 @@ def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:
 # a count of frames (RF64's ds64 chunk, AIFF's COMM, a WAV's fact chunk) ...
 _FRAMES_LINE = re.compile(r"^\s*frames\s*:\s*(\d+)\s*$", re.MULTILINE | re.IGNORECASE)
 # ... or the bytes of its data (a WAV's and a Wave64's data chunk, an AU header's data size;
-# Wave64 counts the chunk's 24-byte header in).
+# Wave64 counts the chunk's 24-byte header in, and libsndfile reports it rounded up to a
+# multiple of 8: see _w64_data_size).
 _DATA_LINE = re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE)
 _DATA_BYTES = {"WAV": (_DATA_LINE, 0), "WAVEX": (_DATA_LINE, 0), "W64": (_DATA_LINE, 24),
                "AU": (re.compile(r"^\s*Data Size\s*:\s*(\d+)", re.MULTILINE), 0)}
@@ -432,12 +510,13 @@ _BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
 _CODED_BLOCK_FRAMES = {"IMA_ADPCM": 0, "MS_ADPCM": 0, "GSM610": 320}
 
 
-def declared_frames(snd: sf.SoundFile) -> int:
+def declared_frames(snd: sf.SoundFile, fileobj: Any = None) -> int:
     """Frames the header promises. libsndfile trims ``frames`` to what a short WAV, RF64,
     Wave64, AIFF or AU file holds; its report of the header still says what it declared:
     the data's bytes (its blocks, for IMA and MS ADPCM and GSM 6.10), or a count of frames
     (RF64's ds64 chunk, AIFF's COMM). 0 where the header does not say (a FLAC streamed with
-    no length): nothing to call truncation against."""
+    no length): nothing to call truncation against. ``fileobj``, the file ``snd`` reads, is
+    where a Wave64's exact data size is read (:func:`_w64_data_size`)."""
     if snd.frames >= SF_COUNT_MAX:
         return 0
     info, frames = snd.extra_info or "", int(snd.frames)
@@ -448,30 +527,35 @@ def declared_frames(snd: sf.SoundFile) -> int:
         size = int(said.group(1))
         if size == 0xFFFFFFFF:
             return frames  # "size unknown": read to the end
+        if snd.format == "W64" and fileobj is not None:
+            size = _w64_data_size(fileobj) or size
         return max(frames, (size - data[1]) // (width * int(snd.channels)))
     if snd.format in ("WAV", "WAVEX") and snd.subtype in _CODED_BLOCK_FRAMES:
-        return _coded_wav_frames(snd)[0]
+        return _coded_wav_frames(snd, fileobj)[0]
     counted = _FRAMES_LINE.search(info)
     if counted is not None and snd.format in ("RF64", "AIFF"):
         return max(frames, int(counted.group(1)))
     return frames
 
 
-def last_frame(snd: sf.SoundFile) -> int | None:
+def last_frame(snd: sf.SoundFile, fileobj: Any = None) -> int | None:
     """Where a WAV of coded blocks ends its audio, when before libsndfile's ``frames``
     (see :func:`_coded_wav_frames`); None elsewhere."""
     if snd.format not in ("WAV", "WAVEX") or snd.subtype not in _CODED_BLOCK_FRAMES:
         return None
-    return _coded_wav_frames(snd)[1]
+    return _coded_wav_frames(snd, fileobj)[1]
 
 
-def _coded_wav_frames(snd: sf.SoundFile) -> tuple[int, int | None]:
+def _coded_wav_frames(snd: sf.SoundFile, fileobj: Any = None) -> tuple[int, int | None]:
     """``(frames declared, the frame the audio ends at)`` of a WAV of coded blocks (IMA and
     MS ADPCM, GSM 6.10). A data chunk that declares more blocks than the file holds is a
-    truncation (libsndfile's ``frames`` counts the blocks there); in a whole file, the fact
-    chunk says how many frames of the last block are audio, the rest the encoder's padding
-    (0.04 s of 3 s of MS ADPCM at 16 kHz), and the audio ends there. A fact chunk that
-    says more than a block less is not believed (libsndfile writes stereo IMA's wrong)."""
+    truncation (libsndfile's ``frames`` counts the blocks there, the last one cut short
+    among them, which it decodes to garbage past where its bytes end: up to 1.1 of full
+    scale over 1,864 frames of stereo IMA), and the audio ends after the last whole block
+    the file (``fileobj``) holds; in a whole file, the fact chunk says how many frames of the
+    last block are audio, the rest the encoder's padding (0.04 s of 3 s of MS ADPCM at
+    16 kHz), and the audio ends there. A fact chunk that says more than a block less is not
+    believed (libsndfile writes stereo IMA's wrong)."""
     info, frames = snd.extra_info or "", int(snd.frames)
     data, align = _DATA_LINE.search(info), _BLOCK_ALIGN.search(info)
     per_block = _SAMPLES_PER_BLOCK.search(info)
@@ -479,11 +563,44 @@ def _coded_wav_frames(snd: sf.SoundFile) -> tuple[int, int | None]:
     if data is not None and align is not None and int(align.group(1)) > 0:
         blocks = int(data.group(1)) // int(align.group(1))
         if blocks * block > frames and int(data.group(1)) != 0xFFFFFFFF:
-            return blocks * block, None
+            held = wav.audio_bytes_held(fileobj) if fileobj is not None else None
+            whole = (None if held is None
+                     else min(frames, min(held, int(data.group(1))) // int(align.group(1)) * block))
+            return blocks * block, whole
     counted = _FRAMES_LINE.search(info)
     if counted is not None and 0 < frames - int(counted.group(1)) <= block:
         return int(counted.group(1)), int(counted.group(1))
     return frames, None
+
+
+# A Wave64 data chunk's id: the GUID 74617461-ACF3-11D3-8CD1-00C04F8EDB8A, as stored.
+_W64_DATA = b"data" + bytes.fromhex("f3acd3118cd100c04f8edb8a")
+_W64_FIRST_CHUNK = 40  # past the riff GUID, the file's size (8 bytes) and the wave GUID
+
+
+def _w64_data_size(fileobj: Any) -> int | None:
+    """A Wave64 data chunk's size as its header stores it (its 24-byte header counted in).
+    libsndfile reports it rounded up to a multiple of 8, where Wave64 aligns the next chunk,
+    so a whole file of 48,001 frames of mono 16-bit read as 48,004 declared: "truncated".
+    None where the file cannot be read so (libsndfile's figure is used)."""
+    at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
+    try:
+        pos = _W64_FIRST_CHUNK
+        while True:
+            fileobj.seek(pos)
+            head = fileobj.read(24)
+            if len(head) < 24:
+                return None
+            size = int.from_bytes(head[16:24], "little")
+            if head[:16] == _W64_DATA:
+                return size
+            if size < 24:
+                return None  # not a chunk: nothing after it can be found
+            pos += size + (-size % 8)
+    except OSError:
+        return None
+    finally:
+        fileobj.seek(at)
 
 
 def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:

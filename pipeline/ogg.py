@@ -23,6 +23,9 @@ from pipeline.storage import ReadView
 CAPTURE = b"OggS"
 _HEADER = 27  # capture, version, flags, granule (8), serial (4), sequence (4), crc (4), segments
 _OPUS_RATE = 48_000
+# How the first packet of an Ogg audio stream begins, by codec.
+_AUDIO_CODECS = ((b"OpusHead", "Opus"), (b"\x01vorbis", "Vorbis"), (b"\x7fFLAC", "FLAC"),
+                 (b"Speex   ", "Speex"))
 _REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
@@ -60,6 +63,10 @@ class CheckedOggReader(ReadView):
         self._after_ours = False  # the last intact page was of the first stream
         self.damaged_granule: int | None = None
         self.chained = False  # a stream began after one ended: libsndfile reads the first
+        #: codecs of the audio streams multiplexed with the first (their pages interleaved
+        #: with its own), which libsndfile ignores: see :meth:`_intact`
+        self.multiplexed: list[str] = []
+        self._run_from_start = False
 
     def _after_read(self, start: int, data: bytes) -> bytes:
         if data:
@@ -108,6 +115,7 @@ class CheckedOggReader(ReadView):
             self._buffer = bytearray()
             self._locked = False
             self._granule = 0 if start == 0 else None
+            self._run_from_start = start == 0
             self._last_eos = None
             self._ended = False
         self._buffer += data
@@ -180,6 +188,7 @@ class CheckedOggReader(ReadView):
         if not self._after_ours:  # a chained stream's: on another clock, never decoded
             # A stream that begins (header type) after the first ended: chained to it.
             self.chained = self.chained or (self._ended and bool(page[5] & 0x02))
+            self._note_multiplexed(page, segments)
             return
         granule = int.from_bytes(page[6:14], "little", signed=True)
         if granule != -1:  # -1: no packet ends on this page
@@ -189,6 +198,20 @@ class CheckedOggReader(ReadView):
             self._opus_preskip = int.from_bytes(body[10:12], "little")
         if self._last_eos:
             self._ended, self._eos_end = True, end
+
+    def _note_multiplexed(self, page: bytearray, segments: int) -> None:
+        """A page that begins another audio stream before the first has ended, read from
+        the start of the file (where Ogg puts every multiplexed stream's first page): two
+        recorders' or microphones' streams interleaved in one file. libsndfile decodes the
+        first only and says nothing; the decode report then does (``partial``: audio in
+        the file was not read). Streams that are not audio (Skeleton, Theora) are not
+        counted."""
+        if self._ended or not self._run_from_start or not page[5] & 0x02:
+            return
+        body = bytes(page[_HEADER + segments:_HEADER + segments + 8])
+        codec = next((name for magic, name in _AUDIO_CODECS if body.startswith(magic)), None)
+        if codec is not None:
+            self.multiplexed.append(codec)
 
     def _damaged(self) -> None:
         if self._granule is None:

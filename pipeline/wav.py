@@ -237,6 +237,20 @@ def _printable_id(head: bytes) -> bool:
     return len(head) >= 4 and all(0x20 <= b < 0x7F for b in head[:4])
 
 
+def audio_bytes_held(fileobj: Any) -> int | None:
+    """Bytes from the start of a RIFF WAVE's audio to the end of the file (where a file cut
+    short ends its audio); None if it has no data chunk or cannot be read. Leaves the file
+    where it was (libsndfile's place in it)."""
+    at = fileobj.tell()
+    try:
+        size, chunk = _file_size(fileobj), _wav_data_chunk(fileobj)
+    finally:
+        fileobj.seek(at)
+    if size is None or chunk is None:
+        return None
+    return max(0, size - chunk[0])
+
+
 def _file_size(fileobj: Any) -> int | None:
     try:
         return int(fileobj.seek(0, io.SEEK_END))

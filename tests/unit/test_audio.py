@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,48 @@ def test_a_coded_wav_ends_where_its_fact_chunk_says(tmp_path: Path, subtype: str
     audio, report = decode(tmp_path / "a.wav", rate)
     assert audio.shape[0] == report.frames_decoded == 3 * rate
     assert report.status == "ok" and report.duration_s == 3.0
+
+
+@pytest.mark.parametrize(("subtype", "channels"), [
+    ("IMA_ADPCM", 1), ("IMA_ADPCM", 2), ("MS_ADPCM", 2), ("GSM610", 1)])
+def test_a_cut_coded_wav_ends_at_its_last_whole_block(real_data: Path, tmp_path: Path,
+                                                      subtype: str, channels: int) -> None:
+    """libsndfile counts the block the cut falls in, and decodes it to garbage past where
+    its bytes end (855 frames of mono IMA off by up to 0.25, 1,864 of stereo by 1.1; 196 of
+    GSM), all of it embedded. What is read ends after the last whole block, as the whole
+    file decodes it."""
+    clip, rate = sf.read(real_data / f"{PERCH}.wav", dtype="float32", always_2d=True)
+    x = np.concatenate([clip, clip[::-1]], axis=1)[:, :channels] * 0.9
+    sf.write(tmp_path / "whole.wav", x, rate, subtype=subtype)
+    data = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: int(len(data) * 0.7)])
+    whole, _ = sf.read(tmp_path / "whole.wav", dtype="float32", always_2d=True)
+    with sf.SoundFile(tmp_path / "cut.wav") as snd:
+        info = snd.extra_info
+    align = int(re.search(r"Block Align\s*:\s*(\d+)", info).group(1))
+    per_block = int(re.search(r"Samples/Block\s*:\s*(\d+)", info).group(1))
+    start = data.index(b"data") + 8
+    blocks = (int(len(data) * 0.7) - start) // align
+    audio, report = decode(tmp_path / "cut.wav", rate, channels="each")
+    assert report.status == "partial" and report.problems[0].startswith("truncated")
+    assert audio.shape[0] == report.frames_decoded == blocks * per_block
+    np.testing.assert_array_equal(audio, whole[: audio.shape[0]])
+
+
+def test_a_whole_wave64_is_ok_whatever_its_size(real_data: Path, tmp_path: Path) -> None:
+    """libsndfile reports a Wave64 data chunk's size rounded up to 8 bytes: 159,999 frames
+    of mono 16-bit read as 160,002 declared, "truncated". The header's own size is read; a
+    file cut by one frame is still truncated."""
+    clip, rate = sf.read(real_data / f"{PERCH}.wav", dtype="float32", always_2d=True)
+    sf.write(tmp_path / "whole.w64", clip[:-1], rate, format="W64", subtype="PCM_16")
+    data = (tmp_path / "whole.w64").read_bytes()
+    (tmp_path / "cut.w64").write_bytes(data[:-2])
+    _, whole = decode(tmp_path / "whole.w64", rate)
+    assert whole.status == "ok", whole.problems
+    assert whole.declared_frames == whole.frames_decoded == clip.shape[0] - 1
+    _, cut = decode(tmp_path / "cut.w64", rate)
+    assert cut.problems == [(f"truncated: header declares {clip.shape[0] - 1} frames, "
+                             f"{clip.shape[0] - 2} decoded")]
 
 
 def _wav_bytes(pcm: np.ndarray, rate: int, riff_size: int | None = None,
@@ -551,6 +594,34 @@ def test_chained_ogg_streams_are_said_as_such(real_data: Path, tmp_path: Path,
     assert report.problems == [said + "those after it were not"]
 
 
+def test_multiplexed_ogg_streams_are_said_as_such(real_data: Path, tmp_path: Path) -> None:
+    """Two Opus streams in one file, their pages interleaved (not chained): libsndfile reads
+    the first and said nothing (``ok``, half the file's audio unread)."""
+    from pipeline.ogg import page_crc
+
+    data = (real_data / f"{PERCH}.opus").read_bytes()
+    pages, at = [], 0
+    while at < len(data):
+        segments = data[at + 27 : at + 27 + data[at + 26]]
+        pages.append(data[at : at + 27 + len(segments) + sum(segments)])
+        at += len(pages[-1])
+    others = []
+    for page in pages:  # the same stream under another serial number
+        other = bytearray(page)
+        other[14:18], other[22:26] = b"\x07\x07\x07\x07", bytes(4)
+        other[22:26] = page_crc(bytes(other)).to_bytes(4, "little")
+        others.append(bytes(other))
+    # Every stream's first page comes first (RFC 3533), then the two streams' pages in turn.
+    interleaved = [pages[0], others[0]] + [
+        p for pair in zip(pages[1:], others[1:], strict=True) for p in pair]
+    (tmp_path / "two.opus").write_bytes(b"".join(interleaved))
+    first, _ = decode(real_data / f"{PERCH}.opus")
+    audio, report = decode(tmp_path / "two.opus")
+    assert np.array_equal(audio, first)
+    assert report.problems == [("the file multiplexes 2 Ogg audio streams (their pages "
+                                "interleaved): the first was read, not the other (Opus)")]
+
+
 def test_damage_in_a_chained_stream_does_not_cut_the_first(real_data: Path,
                                                            tmp_path: Path) -> None:
     """The second stream's granules restart at 0: a damaged page in it was taken for
@@ -632,6 +703,57 @@ def test_mp3s_joined_end_to_end_keep_the_first_and_stop_at_the_join(
     assert "decoding stopped at 3.0" in report.problems[0]
     assert f"{second_channels} channels at {second_rate} Hz" in report.problems[0]
     assert abs(audio.shape[0] - 3 * 16_000) < 1_200  # the first file, at 16 kHz
+
+
+def _id3_tag(title: str) -> bytes:
+    """A minimal ID3v2.3 tag (a title), as taggers put at the start of an MP3."""
+    text = b"\x00" + title.encode()
+    body = b"TIT2" + len(text).to_bytes(4, "big") + b"\x00\x00" + text
+    return b"ID3\x03\x00\x00" + bytes((len(body) >> s) & 0x7F for s in (21, 14, 7, 0)) + body
+
+
+def test_tagged_mp3s_joined_at_the_same_rate_are_read_whole(real_data: Path,
+                                                             tmp_path: Path) -> None:
+    """``cat`` of tagged MP3s of one rate and channels: FFmpeg refuses each join's ID3 tag,
+    handed over as a packet, and the decode stopped there (10 s of 30 kept). The packet is
+    skipped and the rest read, ``partial`` with the count."""
+    clip, rate = sf.read(real_data / f"{PERCH}.wav", dtype="float32", always_2d=True)
+    part = io.BytesIO()
+    sf.write(part, clip, rate, format="MP3")
+    (tmp_path / "one.mp3").write_bytes(_id3_tag("part") + part.getvalue())
+    (tmp_path / "three.mp3").write_bytes(
+        b"".join(_id3_tag(f"part {i}") + part.getvalue() for i in range(3)))
+    one, _ = decode(tmp_path / "one.mp3", rate)
+    audio, report = decode(tmp_path / "three.mp3", rate)
+    assert report.status == "partial" and len(report.problems) == 1
+    assert report.problems[0].startswith("2 packet(s) FFmpeg could not decode were skipped, "
+                                         "the first at 10.0")
+    # At each join a packet's audio, and the encoder's delay and padding (trimmed at the
+    # stream's ends only): within two packets a join.
+    assert abs(audio.shape[0] - 3 * one.shape[0]) <= 2 * 2 * 1152
+    # The last file is all there, as it decodes alone (found by its first second's match).
+    lo = audio.shape[0] - one.shape[0] - 2 * 2 * 1152
+    at = lo + int(np.argmax(np.correlate(audio[lo:, 0], one[rate:2 * rate, 0]))) - rate
+    np.testing.assert_allclose(audio[at + 1152:at + one.shape[0]], one[1152:], atol=1e-6)
+
+
+def test_garbage_after_an_mp3s_audio_stops_the_decode(real_data: Path,
+                                                      tmp_path: Path) -> None:
+    """Undecodable packets are skipped a few at a time only: a run of them (random bytes
+    after the audio give hundreds) ends the stream where the audio ends, as before."""
+    clip, rate = sf.read(real_data / f"{PERCH}.wav", dtype="float32", always_2d=True)
+    part = io.BytesIO()
+    sf.write(part, clip, rate, format="MP3")
+    (tmp_path / "one.mp3").write_bytes(part.getvalue())
+    junk = np.random.default_rng(3).bytes(1_000_000)
+    (tmp_path / "junk.mp3").write_bytes(part.getvalue() + junk)
+    one, _ = decode(tmp_path / "one.mp3", rate)
+    audio, report = decode(tmp_path / "junk.mp3", rate)
+    assert report.status == "partial"
+    assert report.problems[0].startswith("decoding stopped at 10.0")
+    assert report.problems[0].endswith("(8 packets in a row could not be decoded)")
+    assert abs(audio.shape[0] - one.shape[0]) <= 1152
+    np.testing.assert_allclose(audio[:one.shape[0] - 1152], one[:one.shape[0] - 1152])
 
 
 @pytest.mark.parametrize(("fmt", "short_by", "truncated"), [
