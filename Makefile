@@ -44,8 +44,10 @@ bench-quick: setup
 	$(BIN)/embed-archive bench --quick --out bench_results
 
 # The commit baked into the image, "-dirty" when tracked files changed (as the package
-# itself records it); TORCH_INDEX_URL picks torch's CUDA flavour (see infra/README.md).
-TORCH_INDEX_URL ?= https://pypi.org/simple
+# itself records it); TORCH_INDEX_URL picks torch's CUDA flavour and so the NVIDIA driver
+# the GPU nodes need: cu128 runs on driver 570+ (the Dockerfile's default, kept equal);
+# .../whl/cu130 needs 580+ (see infra/README.md).
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cu128
 image:
 	commit=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
 	if git status --porcelain --untracked-files=no 2>/dev/null | grep -q .; then commit=$$commit-dirty; fi; \

@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import yaml
 
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError, PipelineError, first_line
+from pipeline.errors import EXIT_INTERRUPTED, ConfigError, PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -808,12 +808,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for warning in submission.warnings:
             print(f"embed-archive: warning: {warning}", file=sys.stderr)
         client, address, token = _client(args)
-        with cluster_errors(address, token):
-            submitted = client.submit_job(
-                entrypoint=submission.entrypoint, submission_id=submission.submission_id,
-                runtime_env=submission.runtime_env, metadata=submission.metadata)
+        where, sid = _redact(address), submission.submission_id
+        # The id is fixed before anything is sent: say it now, since Ctrl-C (or a lost
+        # connection) after the POST has gone leaves a job running that nothing else names.
+        print(f"submitting {sid} to {where}", file=sys.stderr)
+        try:
+            with cluster_errors(address, token):
+                submitted = client.submit_job(
+                    entrypoint=submission.entrypoint, submission_id=sid,
+                    runtime_env=submission.runtime_env, metadata=submission.metadata)
+        except KeyboardInterrupt:
+            print(f"\nembed-archive: interrupted; {sid} may have been submitted: "
+                  f"embed-archive status {sid} --address {where} tells, "
+                  f"embed-archive stop {sid} --address {where} stops it", file=sys.stderr)
+            return EXIT_INTERRUPTED
     print(submitted)
-    where = _redact(address)
     print(f"submitted {submitted} to {where} (job_id {submission.job_id}, commit "
           f"{submission.metadata['embed_archive.git_commit'][:12]})\n"
           f"  follow:  embed-archive logs {submitted} --follow --address {where}\n"
@@ -845,7 +854,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running (embed-archive stop "
               f"{args.submission_id} stops it)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except ClusterError as err:
         print(f"embed-archive: lost the cluster while following {args.submission_id}: {err}; "
               f"the job may still be running (embed-archive status {args.submission_id})",

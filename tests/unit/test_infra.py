@@ -240,7 +240,24 @@ def test_ray_up_config() -> None:
     assert any("nvidia-smi" in c for c in gpu[0]["initialization_commands"])
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
-    assert "/home/ray/.ray/auth_token" in config["file_mounts"]
+    token = "/home/ray/.ray/auth_token"
+    assert token in config["file_mounts"]
+    # Ray rsyncs it as the SSH user with its local mode (600) and bind-mounts it into the
+    # container, where Ray runs as `ray`: every start makes it readable before `ray start`.
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        fix = next(i for i, c in enumerate(commands) if f"chmod 640 {token}" in c)
+        assert f'chgrp "$(id -g)" {token}' in commands[fix]
+        assert fix < next(i for i, c in enumerate(commands) if "ray start" in c)
+    # The Compute Engine API's `scheduling` is an object; Ray's examples wrote a list
+    # (ray-project/ray#46248), which the API refuses.
+    for name, t in types.items():
+        scheduling = t["node_config"].get("scheduling", {})
+        assert isinstance(scheduling, dict), name
+        if scheduling.get("provisioningModel") == "SPOT" or scheduling.get("preemptible"):
+            assert scheduling.get("automaticRestart") is False, name
+            assert scheduling.get("onHostMaintenance") == "TERMINATE", name
+    if gpu[0]["node_config"].get("guestAccelerators"):
+        assert gpu[0]["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE"
     validate_config(prepare_config(copy.deepcopy(config)))  # Ray's own schema
 
 
@@ -296,12 +313,24 @@ def test_authoptions_fields_exist_in_the_kuberay_versions_the_readme_names() -> 
     """KubeRay v1.5.1's AuthOptions has only ``mode``; v1.6.0 added ``secretName`` and
     ``enableK8sTokenAuth`` (ray-operator/apis/ray/v1/raycluster_types.go). A CRD without the
     field prunes it or, with server-side field validation, refuses the object."""
-    job = one(RAYJOB, "RayJob")["spec"]["rayClusterSpec"]["authOptions"]
-    assert set(job) <= {"mode"}  # rayjob.yaml: KubeRay >= 1.5.1
-    rc = one(RAYCLUSTER, "RayCluster")["spec"]["authOptions"]
-    assert set(rc) <= {"mode", "secretName", "enableK8sTokenAuth"}  # >= 1.6
+    def needed(auth: dict[str, Any]) -> tuple[int, ...]:
+        assert set(auth) <= {"mode", "secretName", "enableK8sTokenAuth"}, auth
+        return (1, 6) if set(auth) - {"mode"} else (1, 5, 1)
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split("."))
+
     readme = (INFRA / "README.md").read_text()
-    assert "KubeRay ≥ 1.5.1" in readme and "≥ 1.6 for `raycluster.yaml`" in readme
+    said = re.search(r"KubeRay ≥ ([\d.]+) for\s+`rayjob.yaml` and ≥ ([\d.]+) for `raycluster.yaml`",
+                     readme)
+    assert said, "infra/README.md no longer says which KubeRay each manifest needs"
+    for path, kind, in_readme in ((RAYJOB, "RayJob", said[1]), (RAYCLUSTER, "RayCluster", said[2])):
+        spec = one(path, kind)["spec"]
+        auth = spec.get("rayClusterSpec", spec)["authOptions"]
+        header = re.search(r"Needs KubeRay >= ([\d.]+)", path.read_text())
+        assert header, path.name
+        # Each manifest, and the README, name the oldest KubeRay with the fields it uses.
+        assert version(header[1]) == version(in_readme) == needed(auth), path.name
 
 
 @pytest.mark.parametrize("path,kind", [(RAYJOB, "RayJob"), (RAYCLUSTER, "RayCluster")],
@@ -326,6 +355,199 @@ def test_rays_kuberay_autoscaler_sees_the_groups_as_intended(path: Path, kind: s
     assert types["gpu-embed"]["resources"]["GPU"] == 1
     assert "decode_node" not in types["gpu-embed"]["resources"]
     assert types["gpu-embed"]["min_workers"] >= 1
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity ("15", "500m", "56Gi", "1e9") as a number (bytes for memory)."""
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+# What a GKE node of each machine type (vCPUs, GiB) leaves to pods
+# (cloud.google.com/kubernetes-engine/docs/concepts/plan-node-sizes): CPU less 6% of the
+# first core, 1% of the next, 0.5% of the next 2 and 0.25% above 4; memory less 25% of the
+# first 4 GiB, 20% of the next 4, 10% of the next 8, 6% of the next 112, 2% above, and
+# 100 MiB for eviction. DAEMONSETS is what GKE's own DaemonSets (kube-proxy, fluentbit,
+# metrics agent, CSI and GPU device plugin) are allowed on top.
+MACHINES = {"n2-standard-8": (8, 32), "n2-standard-16": (16, 64), "g2-standard-8": (8, 32)}
+DAEMONSETS = (0.5, 1.0)  # CPU, GiB
+
+
+def gke_allocatable(machine: str) -> tuple[float, float]:
+    cpus, gib = MACHINES[machine]
+
+    def reserved(total: float, steps: list[tuple[float, float]]) -> float:
+        out, low = 0.0, 0.0
+        for high, share in steps:
+            out += max(0.0, min(total, high) - low) * share
+            low = high
+        return out
+
+    cpu = cpus - reserved(cpus, [(1, 0.06), (2, 0.01), (4, 0.005), (float("inf"), 0.0025)])
+    mem = gib - reserved(gib, [(4, 0.25), (8, 0.2), (16, 0.1), (128, 0.06),
+                               (float("inf"), 0.02)]) - 100 / 1024
+    return cpu, mem
+
+
+def test_gke_allocatable_matches_what_gke_reports() -> None:
+    """The arithmetic above against GKE's figures for these machine types."""
+    cpu, mem = gke_allocatable("n2-standard-16")
+    assert round(cpu, 2) == 15.89 and 58.3 < mem < 58.5
+    cpu, mem = gke_allocatable("g2-standard-8")
+    assert round(cpu, 2) == 7.91 and 28.3 < mem < 28.4
+
+
+def k8s_groups(path: Path, kind: str) -> dict[str, dict[str, Any]]:
+    """head + worker groups of a manifest, by the name Ray's KubeRay autoscaler gives them."""
+    spec = one(path, kind)["spec"]
+    spec = spec.get("rayClusterSpec", spec)
+    return {"headgroup": spec["headGroupSpec"],
+            **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+
+
+@pytest.mark.parametrize("path,kind", [(RAYJOB, "RayJob"), (RAYCLUSTER, "RayCluster")],
+                         ids=["rayjob", "raycluster"])
+def test_pods_fit_the_machines_the_docs_size_them_for(path: Path, kind: str) -> None:
+    """Each group is sized for one pod per node of the matching ray-up/gcp.yaml machine type.
+    A pod that asks for a whole machine (16 CPU on an n2-standard-16, 8 on a g2-standard-8)
+    never fits GKE's allocatable and stays Pending while the RayJob waits out its deadline."""
+    types = yaml.safe_load(RAY_UP.read_text())["available_node_types"]
+    machine_of = {"headgroup": types["ray_head"], "cpu-decode": types["cpu_worker"],
+                  "gpu-embed": types["gpu_worker"]}
+    for name, group in k8s_groups(path, kind).items():
+        machine = machine_of[name]["node_config"]["machineType"]
+        cpu, mem = gke_allocatable(machine)
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        for side in ("requests", "limits"):
+            assert quantity(resources[side]["cpu"]) <= cpu - DAEMONSETS[0], (name, machine, side)
+            assert quantity(resources[side]["memory"]) / 2**30 <= mem - DAEMONSETS[1], (name, side)
+        assert resources["requests"] == resources["limits"], name  # Guaranteed QoS
+
+
+@pytest.mark.parametrize("path,kind", [(RAYJOB, "RayJob"), (RAYCLUSTER, "RayCluster")],
+                         ids=["rayjob", "raycluster"])
+def test_object_store_fits_in_each_pods_shm(path: Path, kind: str) -> None:
+    """Ray puts the object store in /dev/shm only when it fits; else it uses /tmp ("This will
+    harm performance"). Its default, 30% of the memory limit capped near 10 GB, exceeded the
+    8Gi volume the groups had, and the head had none (a container's /dev/shm is 64 MB)."""
+    from ray._private.ray_constants import OBJECT_STORE_MINIMUM_MEMORY_BYTES
+
+    for name, group in k8s_groups(path, kind).items():
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert store >= OBJECT_STORE_MINIMUM_MEMORY_BYTES, name
+        shm_volume = next(m["name"] for m in container["volumeMounts"]
+                          if m["mountPath"] == "/dev/shm")
+        volume = next(v for v in pod["volumes"] if v["name"] == shm_volume)["emptyDir"]
+        assert volume["medium"] == "Memory", name
+        assert quantity(volume["sizeLimit"]) >= store, name
+        # The tmpfs is charged to the pod's memory: the store must leave room for the rest.
+        assert quantity(volume["sizeLimit"]) <= quantity(container["resources"]["limits"]["memory"]) / 2, name
+
+
+@pytest.mark.parametrize("path,kind", [(RAYJOB, "RayJob"), (RAYCLUSTER, "RayCluster")],
+                         ids=["rayjob", "raycluster"])
+def test_ray_sees_the_cpus_the_pods_are_given(path: Path, kind: str) -> None:
+    """KubeRay and Ray's autoscaler take num-cpus from the CPU limit: the decode group holds
+    one decode task per CPU it is given, and a GPU pod holds its embedding actor's CPUs."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    doc = one(path, kind)
+    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+          "metadata": {"name": "embed-archive", "namespace": "default"},
+          "spec": copy.deepcopy(spec)}
+    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    groups = k8s_groups(path, kind)
+    for name in ("cpu-decode", "gpu-embed"):
+        assert types[name]["resources"]["CPU"] == quantity(_limits(groups[name])["cpu"]), name
+    assert types["gpu-embed"]["resources"]["CPU"] >= mounted_config(
+        "/etc/embed-archive/job.yaml")["compute"]["cpus_per_actor"]
+
+
+@pytest.mark.parametrize("path,kind", [(RAYJOB, "RayJob"), (RAYCLUSTER, "RayCluster")],
+                         ids=["rayjob", "raycluster"])
+def test_decode_pods_never_land_on_gpu_nodes(path: Path, kind: str) -> None:
+    """Untainted GPU nodes (common on EKS) would otherwise take decode pods, whose cores the
+    embedding actors need. Only pods that tolerate the GPU taint and ask for a GPU go there."""
+    decode = k8s_groups(path, kind)["cpu-decode"]["template"]["spec"]
+    terms = decode["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    for term in terms:  # terms are ORed: each one must exclude GPU nodes
+        absent = {e["key"] for e in term["matchExpressions"] if e["operator"] == "DoesNotExist"}
+        assert {"nvidia.com/gpu.present", "cloud.google.com/gke-accelerator"} <= absent
+    assert not decode.get("tolerations")
+
+
+def _cuda(index_url: str) -> tuple[int, int]:
+    m = re.search(r"/whl/cu(\d+)(\d)/?$", index_url)
+    assert m, f"{index_url}: not a PyTorch CUDA wheel index"
+    return int(m[1]), int(m[2])
+
+
+def test_the_default_image_runs_on_the_shipped_gpu_images_driver() -> None:
+    """PyPI's torch 2.13.0 is a CUDA 13 build (driver >= 580); gcp.yaml's GPU VMs boot an
+    nvidia-570 image, where that torch sees no GPU. The default build must be a CUDA the
+    driver runs, in the Dockerfile and in `make image` alike."""
+    newest_cuda = {570: (12, 8), 575: (12, 9), 580: (13, 0)}  # per NVIDIA driver branch
+    dockerfile = re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    makefile = re.search(r"^TORCH_INDEX_URL \?= (\S+)$", (REPO / "Makefile").read_text(),
+                         re.MULTILINE)
+    assert dockerfile and makefile and dockerfile[1] == makefile[1]
+    gpu = yaml.safe_load(RAY_UP.read_text())["available_node_types"]["gpu_worker"]
+    image = gpu["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+    driver = re.search(r"-nvidia-(\d+)$", image)
+    assert driver, image
+    assert _cuda(dockerfile[1]) <= newest_cuda[int(driver[1])], (dockerfile[1], image)
+    # The build refuses a torch whose CUDA is not the index's (pip could take PyPI's).
+    assert "torch.version.cuda" in DOCKERFILE.read_text()
+
+
+def test_ray_up_from_this_venv_is_told_to_install_the_gcp_client() -> None:
+    """Ray's GCP launcher imports googleapiclient, which neither Ray nor this package
+    installs: `ray up` stops with an ImportError unless infra/README's step was done, with
+    the version the head installs."""
+    head = yaml.safe_load(RAY_UP.read_text())["head_setup_commands"]
+    pinned = next(re.search(r"google-api-python-client==(\S+)", c) for c in head
+                  if "google-api-python-client" in c)
+    assert pinned
+    readme = (INFRA / "README.md").read_text()
+    assert f".venv/bin/pip install google-api-python-client=={pinned[1]}" in readme
+
+
+def test_rerunning_the_rayjob_recreates_it() -> None:
+    """`kubectl apply` of an unchanged RayJob changes nothing, and a finished RayJob never
+    starts again: the documented way to run it again must delete and recreate it."""
+    readme = (INFRA / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```(?:sh|bash)\n(.*?)```", readme, re.DOTALL))
+    header = "\n".join(line.lstrip("# ") for line in RAYJOB.read_text().splitlines()
+                       if line.startswith("#"))
+    for text in (blocks, header):
+        rerun = re.search(r"kubectl replace --force -f (\S+)", text)
+        assert rerun and REPO / rerun[1] == RAYJOB
+    assert "apply the RayJob again" not in readme
+
+
+def test_the_exit_table_names_every_status_logs_follow_can_end_with() -> None:
+    from pipeline import errors
+
+    readme = (INFRA / "README.md").read_text()
+    table = readme.split("`logs --follow` exits with", 1)[1].split("\n## ", 1)[0]
+    documented = {int(n) for n in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
+    ends = {cluster.exit_code_for(s) for s in (
+        {"status": "SUCCEEDED", "driver_exit_code": 0},
+        {"status": "FAILED", "driver_exit_code": None},
+        *({"status": "FAILED", "driver_exit_code": c} for c in (2, 3, 4)),
+        {"status": "STOPPED"})}
+    assert documented == ends | {cluster.EXIT_FOLLOW_LOST, errors.EXIT_INTERRUPTED}
 
 
 # --------------------------------------------------------------------------- documented commands
@@ -775,6 +997,28 @@ def test_submit_sends_the_token_header_and_prints_only_the_id(
     assert len(uploads) == 2  # the config directory and the package
     everything = out + err + caplog.text + json.dumps(posted)
     assert TOKEN not in everything
+
+
+def test_an_interrupted_submit_names_the_job_it_may_have_created(
+        tmp_path: Path, dashboard: FakeDashboard, laptop_env: None,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while the POST is on its way: the job may exist, so its id (fixed before
+    anything is sent) and how to stop it are said, before and after."""
+    from ray.job_submission import JobSubmissionClient
+
+    def interrupted(self: Any, **kwargs: Any) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(JobSubmissionClient, "submit_job", interrupted)
+    code = run_cli("submit", str(write_config(tmp_path / "job.yaml")), "--address",
+                   dashboard.url, "--token", TOKEN)
+    out, err = capsys.readouterr()
+    assert code == 130 and out == ""
+    sid = re.search(r"^submitting (embed-archive-\S+) to ", err, re.MULTILINE)
+    assert sid, err
+    assert f"embed-archive stop {sid[1]} --address {dashboard.url}" in err
+    assert f"embed-archive status {sid[1]} --address {dashboard.url}" in err
+    assert TOKEN not in err
 
 
 def test_status_logs_and_stop(dashboard: FakeDashboard, laptop_env: None,
