@@ -91,8 +91,14 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run an embedding job")
-    p.add_argument("config", help="job config YAML")
+    p = sub.add_parser("run", help="run an embedding job", description=(
+        "Run an embedding job. Every config key, its default and meaning: README.md,\n"
+        "'Run a job' (and the docstrings of pipeline/config.py); a bad one is refused\n"
+        "before any work, naming it, exit 2."),
+        epilog="Exit status" + exits.replace("``", "`"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="job config YAML (sections input, audio, windows, model, "
+                                  "compute, output, run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set model.batch_size=8")
     p.add_argument("--partial-ok", action="store_true",
@@ -103,8 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="write the synthetic demo archive")
-    p.add_argument("directory", nargs="?", default="demo_archive")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("directory", nargs="?", default="demo_archive",
+                   help="folder to write it in (default: demo_archive)")
+    p.add_argument("--seed", type=int, default=7,
+                   help="random seed of the synthetic recordings (default: 7)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("inspect", help="show what an output root holds")
@@ -120,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list_models)
 
     p = sub.add_parser("describe-model", help="describe one backbone")
-    p.add_argument("name")
+    p.add_argument("name", help="a registry name (see list-models), an entry-point name, or "
+                                "module.path:ClassName")
     p.set_defaults(func=cmd_describe_model)
 
     p = sub.add_parser("cache-weights", help="put a local checkpoint in the cache under a URI")

@@ -383,6 +383,22 @@ def local_cpu_actors(cpus: float, actors: int | None = None) -> tuple[int, int]:
     return actors, max(1, int(cpus) // actors)
 
 
+def local_ray_memory_mib(object_store_memory_mb: int | None) -> tuple[float, float | None]:
+    """This machine's memory, and what a local Ray started here would give its tasks and
+    actors (the memory available less the object store), in MiB, as Ray counts them (a
+    container's limit included); the second None where Ray's count cannot be had."""
+    try:
+        from ray._private import utils  # private: guarded, with a fallback
+
+        system = utils.get_system_memory()
+        available = utils.estimate_available_memory()
+        store = (object_store_memory_mb * 1024**2 if object_store_memory_mb
+                 else utils.resolve_object_store_memory(available))
+        return system / 1024**2, (available - store) / 1024**2
+    except Exception:  # noqa: BLE001 - any failure of a private API: the plain count
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**2, None
+
+
 def usable_cpus() -> int:
     """CPUs a local Ray started here gets, counted as Ray counts them (a container's CPU
     quota included); this machine's CPUs where Ray's count cannot be had."""

@@ -28,12 +28,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pipeline import redact
+from pipeline import redact, storage
 from pipeline.errors import ConfigError
 from pipeline.storage import canonical_protocol, chained_url_problem, protocol_of
 from pipeline.windows import TAIL_POLICIES
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "oga", "opus", "mp3")
+_GLOB_CHARS = "*?[]{}"
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,10 @@ class InputConfig:
         extensions: file extensions (case-insensitive) that count as recordings: a list,
             or one string of them separated by commas or spaces (``wav,flac``).
         recursive: descend into subdirectories when ``uri`` is a directory.
-        storage_options: passed to the fsspec filesystem (endpoint, project, anon, key and
-            secret...). For a manifest that mixes stores, key them by protocol:
+        storage_options: passed to the fsspec filesystem: its own options (s3fs's
+            ``endpoint_url``, ``anon``, ``key`` and ``secret``; gcsfs's ``project``...). One
+            it does not take is refused on load, where it can tell (s3fs; most others pass
+            any option on unread). For a manifest that mixes stores, key them by protocol:
             ``{"s3": {...}, "gs": {...}, "https": {}}`` (see ``pipeline.storage.options_for``).
             Secret-looking keys are masked in every record the job writes.
         name_params: query parameters of a manifest's HTTP(S) URLs that name the object
@@ -74,10 +77,16 @@ class InputConfig:
         if not self.extensions:
             raise ConfigError("must list at least one extension", "input.extensions")
         for ext in self.extensions:
+            if any(c in ext for c in _GLOB_CHARS):  # a glob matches no extension, ever
+                raise ConfigError(f"{ext!r} is a glob pattern: give bare extensions such as "
+                                  "'wav' (a glob belongs in input.uri: dir/*.wav)",
+                                  "input.extensions")
             if not ext or "/" in ext or ext.startswith("."):
                 raise ConfigError(f"{ext!r}: give bare extensions such as 'wav'", "input.extensions")
         check_uri(self.uri, "input.uri")
         check_uri(self.manifest, "input.manifest")
+        check_storage_options(self.uri or self.manifest, self.storage_options,
+                              "input.storage_options")
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,8 @@ class ModelConfig:
         if not self.weights:
             raise ConfigError("use 'default', 'random' or a checkpoint URI", "model.weights")
         check_uri(self.weights, "model.weights")
+        if "://" in self.weights:  # else the registry's URI, or none (random)
+            check_storage_options(self.weights, self.storage_options, "model.storage_options")
         _positive(self.batch_size, "model.batch_size")
         layers = self.layers
         if isinstance(layers, str):
@@ -361,6 +372,7 @@ class OutputConfig:
         if not self.uri:
             raise ConfigError("must be a local path or bucket URL", "output.uri")
         check_uri(self.uri, "output.uri")
+        check_storage_options(self.uri, self.storage_options, "output.storage_options")
         _positive(self.file_mb, "output.file_mb")
         _positive(self.row_group_mb, "output.row_group_mb")
         if not (self.windows or self.recordings):
@@ -544,12 +556,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     try:
         parsed = parse_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
-        if _may_hold_secret(key):  # storage options, a token: no quote of the value
-            raise ConfigError(f"--set {key}=***: the value is not valid YAML "
-                              f"({_yaml_message(err, 'the value')}; text that starts with @, `, *, "
-                              f"&, !, %, {{, [ or a quote must be quoted: "
-                              f"--set '{key}=\"...\"')", key) from None
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from None
+        # One line, naming the --set: PyYAML's own message spans four, quoting the value.
+        shown = f"{key}=***" if _may_hold_secret(key) else repr(item)  # a token: no quote
+        raise ConfigError(f"--set {shown}: the value is not valid YAML ({_yaml_brief(err)}); "
+                          f"text that starts with @, `, *, &, !, %, {{, [ or a quote must be "
+                          f"quoted: --set '{key}=\"...\"'", key) from None
     target = _mapping_at(data, section)
     if target is None:
         raise ConfigError(f"--set {item!r}: {section} is not a section", section)
@@ -579,6 +590,16 @@ def _yaml_message(err: yaml.YAMLError, source: str) -> str:
         if isinstance(text, str):
             setattr(err, name, _QUOTED.sub(r"\1 '***'", text))
     return str(err)
+
+
+def _yaml_brief(err: yaml.YAMLError) -> str:
+    """PyYAML's problem in one line, with where in the value it is, quoting none of the
+    text (see :func:`_yaml_message`)."""
+    problem = " ".join(str(getattr(err, "problem", None) or type(err).__name__).split())
+    mark = getattr(err, "problem_mark", None)
+    where = ("" if mark is None else f" at column {mark.column + 1}" if not mark.line
+             else f" on line {mark.line + 1}, column {mark.column + 1}")
+    return _QUOTED.sub(r"\1 '***'", problem) + where
 
 
 # What PyYAML quotes of the text itself (%r): a value that starts with ! or * (or & twice)
@@ -766,8 +787,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is Literal:
         value = plain(value)
         if value not in args:
-            raise ConfigError(f"{value!r} is not allowed; use one of {', '.join(map(str, args))}",
-                              where)
+            raise ConfigError(f"{value!r} is not allowed; use one of {', '.join(map(str, args))}"
+                              f"{_BOOLEAN_HINT if isinstance(value, bool) else ''}", where)
         return value
     if origin is tuple:  # a list, or one string of items separated by commas or spaces
         items = [v for v in re.split(r"[,\s]+", value) if v] if isinstance(value, str) else value
@@ -805,12 +826,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return getattr(value, "text", None) or str(value)  # as written: 007 stays 007
         # YAML 1.1 made a boolean of unquoted yes, no, on or off (a run named `no`), and
         # kept no text of it to fall back on.
-        why = (" (YAML reads unquoted yes, no, on and off as booleans: quote it)"
-               if isinstance(value, bool) else "")
+        why = _BOOLEAN_HINT if isinstance(value, bool) else ""
         raise ConfigError(f"expected a string, got {value!r}{why}", where)
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug in this module
 
 
+_BOOLEAN_HINT = " (YAML reads unquoted yes, no, on and off as booleans: quote it)"
 _BUCKET_URL = re.compile(r"(?i)(s3a?|gs|gcs|az|abfss?|adl)://")
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):\d{1,5}")
@@ -846,6 +867,14 @@ def check_uri(uri: str | None, name: str) -> None:
                               name)
 
 
+def check_storage_options(uri: str | None, options: Mapping[str, Any], name: str) -> None:
+    """Refuse an option ``uri``'s filesystem does not take (a typo, another library's
+    name), which it would refuse only at its first request, with a traceback."""
+    problem = storage.unknown_option_problem(uri, options) if uri else None
+    if problem:
+        raise ConfigError(problem, name)
+
+
 def _place(uri: str) -> tuple[str, list[str]]:
     """The store and path components of a URL or path, comparable across spellings: a
     trailing '/', a relative path, a link to the folder, ``file://``."""
@@ -860,9 +889,10 @@ def output_inside_input(cfg: JobConfig) -> str | None:
     """What is wrong with an ``output.uri`` that is ``input.uri`` or inside it (for a glob:
     inside a folder it lists), or None: the job's tables and records (``windows/``,
     ``_jobs/``...) land among the recordings, where every later listing walks them and a
-    copy of the archive carries them along. Warned about, not refused: a whole bucket as
-    the input with its embeddings under a prefix of it is a layout some archives have.
-    A manifest names its recordings: nothing to compare.
+    copy of the archive carries them along. Warned about, not refused (but for the input
+    folder itself, :func:`output_is_input`): a whole bucket as the input with its
+    embeddings under a prefix of it is a layout some archives have. A manifest names its
+    recordings: nothing to compare.
     """
     if not cfg.input.uri:
         return None
@@ -886,6 +916,12 @@ def output_inside_input(cfg: JobConfig) -> str | None:
             "the output's tables and records (windows/, recordings/, _jobs/...) are written "
             "among the recordings, and every later listing walks them; a folder or prefix "
             "outside the input keeps the two apart")
+
+
+def output_is_input(cfg: JobConfig) -> bool:
+    """Whether ``output.uri`` is ``input.uri`` itself, however spelled: refused, as every
+    rerun would list the job's own tables beside the recordings (and no layout meant it)."""
+    return bool(cfg.input.uri) and _place(cfg.input.uri) == _place(cfg.output.uri)
 
 
 def canonical_json(value: Any) -> str:

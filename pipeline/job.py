@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -48,11 +48,18 @@ from pipeline.compute import (
     check_nodes,
     embedding_nodes,
     gpus_of,
+    local_ray_memory_mib,
     min_inflight_mb,
     plan_compute,
     usable_cpus,
 )
-from pipeline.config import JobConfig, output_inside_input
+from pipeline.config import (
+    ComputeConfig,
+    JobConfig,
+    WindowsConfig,
+    output_inside_input,
+    output_is_input,
+)
 from pipeline.errors import (
     EXIT_ABORTED,
     EXIT_CONFIG,
@@ -65,6 +72,7 @@ from pipeline.errors import (
     JobAborted,
     LeaseLostError,
     PipelineStalled,
+    UnknownModelError,
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
@@ -111,6 +119,8 @@ COMMIT_THREADS = 8
 RECORD_EVERY_S = 30.0
 # Other variants of the model named when a new variant starts in a used output.
 MAX_VARIANT_NOTES = 3
+# output.file_mb below this is warned about (not refused: tests want files of a few rows).
+SMALL_FILE_MB = 1
 
 DECODE_INPUT_SCHEMA = pa.schema([("shard", pa.string()), ("recording_id", pa.string()),
                                  ("uri", pa.string()), ("path", pa.string()),
@@ -167,6 +177,11 @@ def settle_model_settings(cfg: JobConfig, info: ModelInfo) -> ModelSettings:
         log.warning("windows.hop_s %g s > window_s %g s: %.0f%% of every recording is "
                     "never embedded", hop_s, window_s, 100 * (1 - window_s / hop_s))
     if cfg.windows.min_tail_s > window_s:  # it would drop full windows too
+        if cfg.windows.min_tail_s == WindowsConfig.min_tail_s:  # not set: the window is
+            raise ConfigError(f"{window_s} s is shorter than windows.min_tail_s "
+                              f"({cfg.windows.min_tail_s} s by default, the least audio a "
+                              "window may hold): lengthen the window, or lower "
+                              "windows.min_tail_s too", "windows.window_s")
         raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
                           f"({window_s} s)", "windows.min_tail_s")
     pooling = validate_pooling(info, cfg.model.pooling)
@@ -196,6 +211,49 @@ def batch_mib(cfg: JobConfig, settings: ModelSettings) -> float:
 def file_mib(cfg: JobConfig) -> float:
     """An output file's rows."""
     return cfg.output.file_mb * 1e6 / 2**20
+
+
+def mib_text(mib: float) -> str:
+    """``58 TiB``, ``586 MiB``: a size in the binary unit that keeps it readable."""
+    for unit in ("MiB", "GiB", "TiB", "PiB"):
+        if mib < 1024 or unit == "PiB":
+            return f"{mib:,.0f} {unit}" if mib >= 10 or unit == "MiB" else f"{mib:.1f} {unit}"
+        mib /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_sizes_fit(cfg: JobConfig, settings: ModelSettings, memory_mib: float,
+                    where: str) -> None:
+    """Refuse sizes that no worker of ``memory_mib`` could hold, naming the setting that
+    makes them so: one window, a decode task's block (``audio.batch_windows``), or what the
+    job holds at once to move at all (:func:`pipeline.compute.min_inflight_mb`: a few
+    window batches and one output file's rows). A batch that size fails as every
+    recording's ``MemoryError``, a window as a traceback in every decode task. The margin is
+    wide: a 10-minute window at 16 kHz is 37 MiB.
+
+    ``where``: whose memory that is, for the message (``this machine's``).
+    """
+    window = settings.window_samples * 4 / 2**20
+    batch = batch_mib(cfg, settings)
+    file = file_mib(cfg)
+    held = min_inflight_mb(batch, file)
+    block = (cfg.audio.batch_windows or 0) * window
+    if window * 4 > memory_mib:
+        field = "windows.window_s"
+        what = f"one {settings.window_s:g} s window is {mib_text(window)} of audio"
+    elif block > memory_mib:
+        field = "audio.batch_windows"
+        what = (f"a decode block of {cfg.audio.batch_windows} windows of {settings.window_s:g} s "
+                f"is {mib_text(block)}")
+    elif held > memory_mib:
+        field = "output.file_mb" if 1.5 * file > 4 * batch else "model.batch_size"
+        what = (f"the job holds a few window batches ({cfg.model.batch_size} windows of "
+                f"{settings.window_s:g} s: {mib_text(batch)} each) and one output file's rows "
+                f"({cfg.output.file_mb:g} MB) at once, {mib_text(held)}")
+    else:
+        return
+    raise ConfigError(f"{what}, more than {where} memory ({mib_text(memory_mib)}): lower "
+                      f"{field}", field)
 
 
 def _check_inflight_budget(cfg: JobConfig, settings: ModelSettings) -> None:
@@ -485,6 +543,8 @@ class EmbeddingJob:
             NamespaceBusyError: another run is writing this output namespace.
         """
         mixed = output_inside_input(self.cfg)
+        if mixed and output_is_input(self.cfg):
+            raise ConfigError(mixed.removeprefix("output.uri "), "output.uri")
         if mixed:
             log.warning("%s", mixed)
         for uri, field in ((self.cfg.input.uri, "input.uri"),
@@ -534,7 +594,8 @@ class EmbeddingJob:
 
         cfg, c = self.cfg, self.cfg.compute
         check_ray_address_env(c)
-        with advice_for_cluster(joins_cluster(c)):  # weights missing: advice for where it runs
+        with advice_for_cluster(joins_cluster(c)), _model_name_named():
+            # weights missing: advice for where it runs
             self.info, self.weights = resolve_backbone(
                 cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
                 storage_options=cfg.model.storage_options)
@@ -553,6 +614,13 @@ class EmbeddingJob:
         self.precision = self._job_precision()
         if not joins_cluster(c) and not ray.is_initialized():  # a caller's own Ray: its own
             self._check_local_ray()
+        elif joins_cluster(c) and ray.is_initialized():
+            self._note_cluster_memory()
+        if cfg.output.file_mb < SMALL_FILE_MB:
+            log.warning("output.file_mb %g: window files of about %d rows each, so many small "
+                        "objects that every reader of the output slows down (fine for a test "
+                        "that wants commits soon); %d MB or more is usual", cfg.output.file_mb,
+                        self._rows_per_file, SMALL_FILE_MB)
 
     def _build_variant(self) -> Variant:
         """Everything that changes the embeddings, which names the output namespace."""
@@ -672,10 +740,54 @@ class EmbeddingJob:
                         "share %d cores, each actor's torch threads too (slower); leave it "
                         "unset for all of them", c.num_cpus, usable_cpus(), c.num_cpus,
                         usable_cpus())
+        self._check_local_memory()
         # Planned only to be refused: plan_compute raises ConfigError when these CPUs and
         # GPUs cannot hold the actors and decode tasks asked for (run() plans again on Ray).
         self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
                             "GPU": float(torch.cuda.device_count())})
+
+    def _check_local_memory(self) -> None:
+        """Refuse what the memory of this machine, which a local Ray gets, can never hold:
+        an object store larger than it (Ray's own ValueError, after the listing), a decode
+        task reserving more than Ray gives tasks (never scheduled: the job waited for the
+        stall timeout, which it then advised raising), a batch or a window larger than it."""
+        c = self.cfg.compute
+        system, tasks = local_ray_memory_mib(c.object_store_memory_mb)
+        if c.object_store_memory_mb and c.object_store_memory_mb > system:
+            raise ConfigError(f"{c.object_store_memory_mb} MiB is more than this machine's "
+                              f"memory ({mib_text(system)}), which Ray refuses; leave it unset "
+                              "(Ray takes about 30% of the memory available)",
+                              "compute.object_store_memory_mb")
+        if tasks is not None and c.decode_memory_mb > tasks:
+            raise ConfigError(f"each decode task reserves {c.decode_memory_mb} MiB, more than "
+                              f"the {mib_text(max(tasks, 0))} a local Ray gives tasks here (the "
+                              "memory available less its object store): none would ever be "
+                              f"scheduled and the job would wait; lower it (default "
+                              f"{ComputeConfig.decode_memory_mb})", "compute.decode_memory_mb")
+        check_sizes_fit(self.cfg, self.settings, system, "this machine's")
+
+    def _note_cluster_memory(self) -> None:
+        """On a cluster the job joins (and is connected to), warn of what no live node's
+        memory holds now: an autoscaler may bring larger nodes, so it is not refused."""
+        import ray
+
+        c = self.cfg.compute
+        alive = [n for n in ray.nodes() if n.get("Alive", n.get("alive"))]
+        if not alive:
+            return
+        resources = [n.get("Resources") or {} for n in alive]
+        tasks = max(r.get("memory", 0.0) for r in resources) / 1024**2
+        total = max(r.get("memory", 0.0) + r.get("object_store_memory", 0.0)
+                    for r in resources) / 1024**2
+        if c.decode_memory_mb > tasks:
+            log.warning("compute.decode_memory_mb: each decode task reserves %d MiB, and no "
+                        "node of the cluster has that much memory for tasks now (at most %s, "
+                        "%d nodes): decoding waits until an autoscaler adds a larger one",
+                        c.decode_memory_mb, mib_text(tasks), len(alive))
+        try:
+            check_sizes_fit(self.cfg, self.settings, total, "any node's")
+        except ConfigError as err:
+            log.warning("%s (unless an autoscaler adds a larger node)", err)
 
     def _job_precision(self) -> str:
         """``model.precision`` as every actor will run it; ``auto`` is settled here, on the
@@ -697,6 +809,8 @@ class EmbeddingJob:
             return "fp32"
         if configured == "int8":
             self._check_int8()
+        if configured == "fp16":
+            self._check_fp16()
         if configured != "auto" or c.gpus_per_actor == 0:
             return job_precision(configured, gpu_actors=False, gpu_bf16=None)
         gpus, bf16 = self._gpu_view()
@@ -729,6 +843,27 @@ class EmbeddingJob:
             raise ConfigError("int8 runs on CPU actors only, and this job's actors would get "
                               "GPUs: set compute.gpus_per_actor: 0, or use bf16 on the GPUs",
                               "model.precision")
+
+    def _check_fp16(self) -> None:
+        """``fp16`` needs GPU actors (CUDA autocast; bf16 runs on CPUs too): refused here,
+        before Ray starts, rather than by every actor as it loads. Actors get GPUs when
+        ``compute.gpus_per_actor`` asks for them (an autoscaler may bring them), or, unset,
+        when the GPUs they may get are there now (:meth:`_gpu_view`)."""
+        gpus_per_actor = self.cfg.compute.gpus_per_actor
+        if gpus_per_actor:
+            return
+        if gpus_per_actor == 0:
+            why = "compute.gpus_per_actor is 0"
+        elif self._gpu_view()[0] > 0:
+            return
+        elif joins_cluster(self.cfg.compute):
+            why = ("the cluster has no GPU for them now; set compute.gpus_per_actor to wait "
+                   "for an autoscaler to add some, or")
+        else:
+            why = "no GPU here;"
+        raise ConfigError(f"fp16 runs on GPU actors only, and this job's actors would get "
+                          f"none ({why} use bf16, which CPUs run too, or fp32)",
+                          "model.precision")
 
     def _gpu_view(self) -> tuple[float, bool | None]:
         """(GPUs the actors could get, whether they have bf16; None: unknown).
@@ -1384,7 +1519,20 @@ def check_model_settings(cfg: JobConfig) -> None:
     """
     from pipeline.models import model_info
 
-    settle_model_settings(cfg, model_info(cfg.model.name, cfg.model.options))
+    with _model_name_named():
+        info = model_info(cfg.model.name, cfg.model.options)
+    settle_model_settings(cfg, info)
+
+
+@contextlib.contextmanager
+def _model_name_named() -> Iterator[None]:
+    """An unknown backbone refused as a config error is: naming ``model.name`` first."""
+    try:
+        yield
+    except UnknownModelError as err:
+        if str(err).startswith("model.name: "):
+            raise
+        raise UnknownModelError(f"model.name: {err}") from err
 
 
 def run_job(cfg: JobConfig) -> JobSummary:

@@ -20,7 +20,7 @@ import re
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -307,6 +307,25 @@ def _dedup_sorted(items: Iterable[SourceItem]) -> list[SourceItem]:
     return sorted(seen.values(), key=lambda i: i.uri)
 
 
+MAX_REPEATS_SHOWN = 5  # manifest rows dropped as repeats, named in the warning
+
+
+def _repeated_rows(uris: Sequence[str], first_row: Mapping[str, int],
+                   stated: Iterable[SourceItem]) -> list[tuple[int, int, str]]:
+    """(row, the earlier row it repeats, the recording, as shown) for each manifest row
+    dropped as naming a recording an earlier row names: the same spelling (``uris``, with
+    the first row of each in ``first_row``), or another spelling of one object (``stated``,
+    one item per spelling), in row order."""
+    repeats = [(row, first_row[uri], redact.uri(uri)) for row, uri in enumerate(uris)
+               if first_row[uri] != row]
+    kept: dict[str, SourceItem] = {}
+    for item in sorted(stated, key=lambda i: i.row):
+        first = kept.setdefault(item.uri, item)
+        if first is not item:
+            repeats.append((item.row, first.row, item.uri))
+    return sorted(repeats)
+
+
 def _list_manifest(cfg: InputConfig) -> Listing:
     assert cfg.manifest is not None
     table = read_manifest(cfg.manifest, cfg.storage_options)
@@ -351,8 +370,14 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     _check_told_apart(sorted(stated, key=lambda i: i.row), cfg)
     items = _dedup_sorted(sorted(stated, key=lambda i: i.row))
     if len(items) < len(uris):  # the same spelling twice, or two spellings of one object
+        repeats = _repeated_rows(uris, first_row, stated)
+        shown = "; ".join(f"row {row + 1} ({uri}, as row {first + 1})"
+                          for row, first, uri in repeats[:MAX_REPEATS_SHOWN])
+        more = (f"; and {len(repeats) - MAX_REPEATS_SHOWN} more"
+                if len(repeats) > MAX_REPEATS_SHOWN else "")
         log.warning("manifest: %d row(s) name a recording an earlier row already names; "
-                    "the first row's metadata is kept", len(uris) - len(items))
+                    "the first row's metadata is kept (1 = first data row): %s%s",
+                    len(uris) - len(items), shown, more)
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
 
 

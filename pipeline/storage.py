@@ -91,6 +91,97 @@ def missing_filesystem(uri: str) -> str | None:
     return None
 
 
+# Options every fsspec filesystem takes besides its constructor's own: the instance cache's
+# (taken by fsspec before the constructor) and the listings cache's (AbstractFileSystem's).
+_FSSPEC_OPTIONS = frozenset({"skip_instance_cache", "use_listings_cache",
+                             "listings_expiry_time", "max_paths"})
+
+
+def _aiobotocore_session_options() -> frozenset[str]:
+    from aiobotocore.session import AioSession
+
+    return _named_parameters(AioSession.__init__)[0]
+
+
+# Where a filesystem class sends the options its constructor does not name, when not to
+# the class above it: s3fs hands them all to aiobotocore's session, which takes only its
+# own (``endpoint`` for ``endpoint_url`` failed there, at the first request).
+_KWARGS_TAKEN_BY: dict[str, Callable[[], frozenset[str]]] = {
+    "s3fs.core.S3FileSystem": _aiobotocore_session_options,
+}
+
+
+def _named_parameters(function: Any) -> tuple[frozenset[str], bool]:
+    """The keyword arguments ``function`` names, and whether it takes others (``**``)."""
+    import inspect
+
+    params = inspect.signature(function).parameters.values()
+    named = frozenset(p.name for p in params if p.kind in (
+        p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def filesystem_options(protocol: str) -> frozenset[str] | None:
+    """The options ``protocol``'s filesystem takes, or None where it takes any (most pass
+    what they do not name on to fsspec's base class, which keeps them unused) or its
+    library is not installed.
+
+    Read from the constructors' signatures, up the class's bases while each passes unnamed
+    options on, and from where a class is known to send them instead
+    (:data:`_KWARGS_TAKEN_BY`).
+    """
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return None
+    names: set[str] = set(_FSSPEC_OPTIONS)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is fsspec.AbstractFileSystem:  # takes anything, as storage_options
+            return None
+        try:
+            named, takes_more = _named_parameters(init)
+        except (TypeError, ValueError):  # no signature to read: say nothing
+            return None
+        names |= named
+        if not takes_more:
+            return frozenset(names)
+        taken_by = _KWARGS_TAKEN_BY.get(f"{klass.__module__}.{klass.__qualname__}")
+        if taken_by is not None:
+            try:
+                return frozenset(names | taken_by())
+            except (ImportError, TypeError, ValueError):
+                return None
+    return None
+
+
+def unknown_option_problem(uri: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """Why the options that apply to ``uri`` (:func:`options_for`) include one its
+    filesystem does not take, with the closest it does; else None. Options keyed by
+    another protocol, for a manifest that mixes stores, are checked against that one's."""
+    import difflib
+
+    options = dict(storage_options or {})
+    checks = [(protocol_of(uri), options_for(uri, options))]
+    checks += [(key.lower(), value) for key, value in options.items()
+               if isinstance(value, Mapping) and key.lower() in _KNOWN_PROTOCOLS]
+    for protocol, given in checks:
+        taken = filesystem_options(protocol)
+        if taken is None:
+            continue
+        for key in given:
+            if isinstance(given.get(key), Mapping) and key.lower() in _KNOWN_PROTOCOLS:
+                continue  # options keyed by protocol, checked as their own
+            if key not in taken:
+                close = difflib.get_close_matches(key, sorted(taken), n=1)
+                hint = (f" (did you mean {close[0]}?)" if close else
+                         f"; it takes {', '.join(sorted(taken - _FSSPEC_OPTIONS))}")
+                return f"unknown option {key!r} for {protocol}{hint}"
+    return None
+
+
 def canonical_protocol(protocol: str) -> str:
     """One name for a store however a URL spells it: ``s3`` for ``s3a``, ``file`` for
     ``local``."""

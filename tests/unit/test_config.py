@@ -591,3 +591,54 @@ def test_an_output_inside_a_linked_or_relative_input_is_named_and_a_manifest_is_
         assert "inside input.uri" in (output_inside_input(cfg) or "")
     assert output_inside_input(JobConfig.from_dict(
         {"input": {"manifest": "rec/m.csv"}, "output": {"uri": "rec/out"}})) is None
+
+
+@pytest.mark.parametrize(("section", "uri", "options", "said"), [
+    ("input", "s3://b/x/", {"endpoint": "http://127.0.0.1:9"},
+     "input.storage_options: unknown option 'endpoint' for s3 (did you mean endpoint_url?)"),
+    ("output", "s3a://b/out", {"s3": {"endpont_url": "http://x"}},
+     "output.storage_options: unknown option 'endpont_url' for s3a (did you mean endpoint_url?)"),
+    ("input", "/data", {"s3": {"region": "x"}, "gs": {"project": "p"}},
+     "unknown option 'region' for s3"),  # keyed by a protocol: checked against that one
+])
+def test_a_storage_option_the_filesystem_does_not_take_is_refused_on_load(
+        section: str, uri: str, options: dict, said: str) -> None:
+    """s3fs hands the options it does not name to aiobotocore's session, which refused
+    `endpoint` at the first request: a 52-line TypeError, exit 1, naming no setting."""
+    raw = {**BASE, section: {**BASE[section], "uri": uri, "storage_options": options}}
+    with pytest.raises(ConfigError) as err:
+        load(raw)
+    assert said in str(err.value)
+    assert err.value.field == f"{section}.storage_options"
+
+
+def test_storage_options_a_filesystem_takes_pass() -> None:
+    s3 = {"key": "k", "secret": "s", "anon": False, "endpoint_url": "http://x", "profile": "p",
+          "client_kwargs": {"endpoint_url": "http://x"}, "use_listings_cache": False}
+    load({**BASE, "input": {"uri": "s3://b/x", "storage_options": s3}})
+    # Filesystems that pass unnamed options on, unread, are not second-guessed.
+    load({**BASE, "input": {"uri": "gs://b/x", "storage_options": {"project": "p", "zz": 1}}})
+    load({**BASE, "input": {"manifest": "/m.csv", "storage_options": {"s3": s3, "anon": True}}})
+
+
+@pytest.mark.parametrize("ext", ["*.wav", "wav*", "[wf]av", "{wav,flac}"])
+def test_a_glob_in_extensions_is_refused_on_load(ext: str) -> None:
+    """It matched nothing, and a later refusal handed it back as advice."""
+    with pytest.raises(ConfigError, match="is a glob pattern: give bare extensions") as err:
+        load(BASE, (f"input.extensions={ext!r}",))
+    assert err.value.field == "input.extensions"
+
+
+def test_a_yaml_boolean_in_a_choice_field_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match=r"output.compression: False is not allowed; use one "
+                                          r"of zstd, snappy, gzip, none \(YAML reads .*quote it\)"):
+        load(BASE, ("output.compression=off",))
+    assert load(BASE, ("output.compression='none'",)).output.compression == "none"
+
+
+def test_a_set_whose_value_is_not_yaml_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        load(BASE, ("model.layers=[1,",))
+    assert "\n" not in str(err.value) and err.value.field == "model.layers"
+    assert str(err.value).startswith("model.layers: --set 'model.layers=[1,': the value is not "
+                                     "valid YAML (expected the node content")

@@ -857,6 +857,44 @@ def test_help_names_every_exit_status_run_can_end_with(capsys: pytest.CaptureFix
     assert "bioacoustic archive" in text
 
 
+def test_run_help_says_where_config_keys_are_and_the_exit_statuses(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "README.md, 'Run a job'" in text and "Exit status of `run`:" in text
+    assert " 2 refused before any work" in text and " 4 stopped early" in text
+    for command, said in (("demo", "directory folder to write it in"),
+                          ("describe-model", "name a registry name")):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert said in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_storage_option_the_store_does_not_take_exits_2_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was a 52-line TypeError from aiobotocore at the first request, exit 1."""
+    config = tmp_path / "job.yaml"
+    config.write_text(f"output: {{uri: {tmp_path / 'out'}}}\n")
+    assert cli.main(["run", str(config), "--set", "input.uri=s3://b/x/", "--set",
+                     "input.storage_options.endpoint=http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("embed-archive: error: input.storage_options: unknown option 'endpoint' "
+                   "for s3 (did you mean endpoint_url?)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_model_is_refused_naming_model_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
+                      "model: {name: beatz}\n")
+    assert cli.main(["run", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("embed-archive: error: model.name: no backbone "
+                                              "named 'beatz'")
+
+
 def test_parse_env() -> None:
     assert cluster.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(ConfigError, match="KEY=VALUE"):

@@ -160,6 +160,9 @@ def test_an_output_that_fails_for_the_while_is_a_failure_not_a_refusal(
     ({"windows": {"window_s": 0.05}}, "windows.window_s", "shortest input"),
     ({"windows": {"window_s": 0.05, "tail": "keep"}}, "windows.window_s", "shortest input"),
     ({"windows": {"min_tail_s": 6.0}}, "windows.min_tail_s", "longer than the window (5.0 s)"),
+    # min_tail_s left at its default: the window the user set is what is too short.
+    ({"windows": {"window_s": 0.01}}, "windows.window_s",
+     "0.01 s is shorter than windows.min_tail_s (0.025 s by default"),
 ])
 def test_prepare_refuses_with_the_field(archive: Path, tmp_path: Path, sections: dict,
                                         field: str, text: str) -> None:
@@ -1555,3 +1558,91 @@ def test_an_output_inside_the_input_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="pipeline.job"):
         prepared(archive, tmp_path)  # output beside the input: no word
     assert not [r for r in caplog.records if "input.uri" in r.getMessage()]
+
+
+def test_an_output_that_is_the_input_itself_is_refused(archive: Path, tmp_path: Path) -> None:
+    """However spelled: the job's tables would be written among the recordings (nested
+    outputs are only warned about, above)."""
+    for output in (str(archive), f"{archive}/", f"file://{archive}"):
+        with pytest.raises(ConfigError, match="is input.uri itself") as err:
+            job(archive, tmp_path, output={"uri": output}).prepare()
+        assert err.value.field == "output.uri"
+    assert sorted(p.name for p in archive.iterdir()) == ["a.wav"]
+
+
+@pytest.mark.usefixtures("ray_not_started")
+def test_fp16_without_gpus_for_the_actors_is_refused_before_ray_starts(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was refused by every actor as it loaded, after Ray started (exit 1, 410 lines).
+    bf16 runs on CPUs too: not refused."""
+    import ray
+    import torch
+
+    from pipeline import job as job_mod
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has GPUs")
+    for compute, words in (({}, "no GPU here"), ({"gpus_per_actor": 0}, "gpus_per_actor is 0")):
+        with pytest.raises(ConfigError, match=f"fp16 runs on GPU actors only.*{words}") as err:
+            job(archive, tmp_path, model={"precision": "fp16"}, compute=compute).prepare()
+        assert err.value.field == "model.precision"
+        assert not (tmp_path / "out").exists()
+    assert prepared(archive, tmp_path, model={"precision": "bf16"}).variant.precision == "bf16"
+    # A cluster: its GPUs now, or GPUs asked for (an autoscaler adds them).
+    monkeypatch.setattr(job_mod, "connect_ray", lambda cfg: False)
+    monkeypatch.setattr(ray, "nodes", list)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(ConfigError, match="the cluster has no GPU for them now"):
+        job(archive, tmp_path / "c", model={"precision": "fp16"},
+            compute={"address": "auto"}).prepare()
+    assert prepared(archive, tmp_path / "c", model={"precision": "fp16"},
+                    compute={"address": "auto", "gpus_per_actor": 1, "embed_actors": 1}
+                    ).variant.precision == "fp16"
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    assert prepared(archive, tmp_path / "c", model={"precision": "fp16"},
+                    compute={"address": "auto"}).variant.precision == "fp16"
+
+
+@pytest.mark.parametrize(("sections", "field", "text"), [
+    ({"compute": {"decode_memory_mb": 10**9}}, "compute.decode_memory_mb",
+     "each decode task reserves 1000000000 MiB, more than the"),
+    ({"compute": {"object_store_memory_mb": 10**9}}, "compute.object_store_memory_mb",
+     "1000000000 MiB is more than this machine's memory"),
+    ({"model": {"batch_size": 10**9}}, "model.batch_size",
+     "a few window batches (1000000000 windows of 5 s: 291 TiB each)"),
+    ({"windows": {"window_s": 1e12}}, "windows.window_s", "one 1e+12 s window is 57 PiB"),
+    ({"audio": {"batch_windows": 10**9}}, "audio.batch_windows",
+     "a decode block of 1000000000 windows of 5 s is 291 TiB"),
+    ({"output": {"file_mb": 1e12}}, "output.file_mb", "one output file's rows (1e+12 MB)"),
+])
+@pytest.mark.usefixtures("ray_not_started")
+def test_sizes_no_memory_here_holds_are_refused_before_ray_starts(
+        archive: Path, tmp_path: Path, sections: dict, field: str, text: str) -> None:
+    """A decode task reserving more memory than Ray gives tasks waited for the stall
+    timeout; a batch larger than memory made every recording a MemoryError row; a window
+    that large, a traceback; an object store that large, Ray's ValueError."""
+    with pytest.raises(ConfigError) as err:
+        job(archive, tmp_path, **sections).prepare()
+    assert err.value.field == field
+    assert text in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("ray_not_started")
+def test_long_windows_and_large_batches_a_machine_holds_are_not_refused(
+        archive: Path, tmp_path: Path) -> None:
+    """10-minute windows of BEATs, 64 to a batch: 2.3 GiB a batch."""
+    prepared(archive, tmp_path, windows={"window_s": 600.0}, model={"batch_size": 64})
+
+
+def test_tiny_output_files_are_warned_about_not_refused(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Tests ask for files of a few rows on purpose (commits sooner); an archive's run with
+    output.file_mb: 1e-6 wrote one row per file without a word."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        prepared(archive, tmp_path, output={"file_mb": 1e-6})
+    assert "output.file_mb 1e-06: window files of about 1 rows each" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        prepared(archive, tmp_path)
+    assert "output.file_mb" not in caplog.text

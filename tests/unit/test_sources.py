@@ -54,6 +54,17 @@ def test_of_two_identical_rows_the_first_keeps_its_metadata(
     assert len(listing.items) == 1 and listing.extras is not None
     assert listing.extras.column("site")[listing.items[0].row].as_py() == "first"
     assert "manifest: 2 row(s) name a recording an earlier row already names" in caplog.text
+    # Named, so the user can find which of their rows were dropped.
+    a = str(folder / "a.wav")
+    assert f"row 2 ({a}, as row 1); row 3 ({a}, as row 1)" in caplog.text
+
+
+def test_the_warning_about_repeated_rows_names_the_first_few(
+        folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = write_manifest(folder, [("a.wav", str(i)) for i in range(9)])
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        list_sources(InputConfig(manifest=manifest))
+    assert f"row 6 ({folder / 'a.wav'}, as row 1); and 3 more" in caplog.text
 
 
 def test_a_row_without_a_uri_is_refused_with_its_row_number(folder: Path) -> None:
