@@ -9,6 +9,7 @@ Layout under ``output.uri`` (``M`` = model, ``V`` = variant id, ``S`` = shard id
     _variants/V.json                                    what determines variant V
     _jobs/<job_id>.json                                 one record per run
     _leases/model=M/variant=V.json                      the run writing now (pipeline.lease)
+    _leases/model=M/.variant=V.json.lock                its lock file, on a local disk
     _staging/model=M/variant=V/shard=S/...              work in progress (never read)
 
 The protocol, per shard: write every file to ``_staging``; move each into place under

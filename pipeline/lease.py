@@ -199,7 +199,12 @@ class NamespaceLease:
         self._held = False
         if self._store is not None:
             assert self._version is not None  # set whenever a conditional write took it
-            self._store.delete_if_unchanged(self.path, self._version)
+            if self._store.delete_if_unchanged(self.path, self._version):
+                return
+            own = self._own_version()  # a heartbeat that landed unanswered
+            if own is None or not self._store.delete_if_unchanged(self.path, own):
+                log.warning("lease %s not released: another run holds it now",
+                            self.layout.uri(self.path))
             return
         holder = self._read()
         if holder is not None and holder.get("token") == self.token:
@@ -238,11 +243,28 @@ class NamespaceLease:
         assert self._version is not None
         renewed = self._store.replace_if_unchanged(self.path, json_bytes(self._record()),
                                                    self._version)
+        if renewed is None and (own := self._own_version()) is not None:
+            renewed = self._store.replace_if_unchanged(self.path, json_bytes(self._record()),
+                                                       own)
         if renewed is None:
             self._still_mine()  # who holds it now (or that none does), for check()
             return False
         self._version = renewed
         return True
+
+    def _own_version(self) -> str | None:
+        """The version of the record in the store if it is this run's own: an earlier
+        write of ours that landed though its answer was lost (its retries spent) left
+        ``_version`` one write behind, which no other run's record explains."""
+        assert self._store is not None
+        found = self._store.read(self.path)
+        if found is None:
+            return None
+        try:
+            record = json.loads(found[0])
+        except ValueError:
+            return None
+        return found[1] if record.get("token") == self.token else None
 
     def _silent(self, now: float) -> float | None:
         """Seconds since the last renewal once they are ``STALE_S - HEARTBEAT_S`` or more (a

@@ -359,6 +359,19 @@ _TRANSIENT_TEXT = re.compile(
 )
 
 
+# S3's 409s that ask for the request again: two conditional writes of one key racing
+# (``ConditionalRequestConflict``), a conflicting operation under way (``OperationAborted``).
+_RETRY_CONFLICTS = frozenset({"ConditionalRequestConflict", "OperationAborted"})
+
+
+def _error_code(err: BaseException) -> str | None:
+    """A botocore error's code (``NoSuchKey``...), if ``err`` is one."""
+    response = getattr(err, "response", None)
+    if isinstance(response, Mapping):
+        return (response.get("Error") or {}).get("Code")
+    return None
+
+
 def http_status(err: BaseException) -> int | None:
     """The HTTP status an I/O error carries, if any (aiohttp, botocore, gcsfs, requests).
 
@@ -407,7 +420,8 @@ def is_transient(err: BaseException) -> bool:
             return bool(getattr(e, "retryable", False))
         status = http_status(e)
         if status is not None:
-            return status >= 500 or status in (408, 429)
+            return (status >= 500 or status in (408, 429)
+                    or status == 409 and _error_code(e) in _RETRY_CONFLICTS)
     for e in chain:
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
@@ -1086,10 +1100,10 @@ def _precondition_failed(err: BaseException) -> bool:
 
 
 class LocalConditionalStore(ConditionalStore):
-    """A local filesystem: each conditional write holds an exclusive ``flock`` on the
-    object's folder while it compares and renames a temporary file into place, so it
-    excludes the other conditional writers on this machine (and on a network filesystem
-    whose ``flock`` spans its clients). Readers need no lock: a rename is atomic. The
+    """A local filesystem: each conditional write holds an exclusive POSIX lock (``lockf``)
+    on a lock file beside the object while it compares and renames a temporary file into
+    place, so it excludes the other conditional writers on this machine, and on an NFS
+    mount those of its other clients (the server keeps POSIX locks). Readers need no lock: a rename is atomic. The
     version is a hash of the content, which a rewrite of the same record cannot fake
     (inode numbers are reused; mtimes are coarse)."""
 
@@ -1104,14 +1118,32 @@ class LocalConditionalStore(ConditionalStore):
     def _locked(self, path: str) -> Iterator[None]:
         import fcntl
 
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(self.lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    @staticmethod
+    def lock_path(path: str) -> str:
+        """The lock file beside ``path``: a regular file opened for writing, so that its
+        POSIX lock (``lockf``) spans an NFS mount's clients, which ``flock`` on a folder
+        does not (it stays on each client, or fails)."""
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, f".{os.path.basename(path)}.lock")
+
+    def lockable(self, path: str) -> bool:
+        """Whether the lock can be taken here (a filesystem without POSIX locks refuses it:
+        ``ENOLCK``, ``ENOTSUP``...; the lease then falls back to write and read back)."""
+        try:
+            with self._locked(path):
+                return True
+        except OSError as err:
+            log.warning("no POSIX lock beside %s (%s): the lease falls back to write and read "
+                        "back", path, err)
+            return False
 
     def _write(self, path: str, data: bytes) -> str:
         def fill(tmp: str) -> None:
@@ -1276,7 +1308,10 @@ def conditional_store(fs: Any, path: str) -> ConditionalStore | None:
     """
     protocol = canonical_protocol(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
     if protocol == "file":
-        return LocalConditionalStore(fs) if os.name == "posix" else None
+        if os.name != "posix":
+            return None
+        local = LocalConditionalStore(fs)
+        return local if local.lockable(path) else None
     kinds: dict[str, type[ConditionalStore]] = {"s3": S3ConditionalStore,
                                                 "gcs": GCSConditionalStore}
     kind = kinds.get(protocol)
@@ -1288,16 +1323,19 @@ def conditional_store(fs: Any, path: str) -> ConditionalStore | None:
         honoured = _HONOURED.get(key)
         if honoured is None:
             try:
-                honoured = _HONOURED[key] = _probe(store, fs, path, _NO_SUCH_VERSION[kind])
-            except Exception as err:  # noqa: BLE001 - not known this time: no CAS this time
+                honoured = _probe(store, fs, path, _NO_SUCH_VERSION[kind])
+                if not honoured:
+                    log.warning("%s ignores conditional writes (an emulator, or an "
+                                "S3-compatible store without them): the lease falls back to "
+                                "write and read back", protocol)
+            except Exception as err:  # noqa: BLE001 - not known: none, for this process
+                # A store without conditional requests may answer them 501 or 400: not
+                # asked again by every run of this process (nor retried, slower, each time).
                 log.warning("could not tell whether %s honours conditional writes (%s); "
                             "falling back to write and read back", protocol,
                             redact.text(str(err)))
-                return None
-            if not honoured:
-                log.warning("%s ignores conditional writes (an emulator, or an S3-compatible "
-                            "store without them): the lease falls back to write and read "
-                            "back", protocol)
+                honoured = False
+            _HONOURED[key] = honoured
     return store if honoured else None
 
 

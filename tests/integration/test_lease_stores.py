@@ -288,3 +288,40 @@ def test_on_the_gcs_emulator_the_lease_falls_back_to_write_and_read_back(
         NamespaceLease(layout, "second").acquire()
     first.release()
     assert holder_of(layout) is None
+
+
+def test_a_heartbeat_whose_answer_was_lost_is_still_its_runs_own(layout: OutputLayout) -> None:
+    """A renewal that landed but whose answer never came (retries spent on a dropped
+    connection) leaves the run's idea of its version one write behind. The record in the
+    store is still its own: the next beat and the release find that, and neither stops a
+    healthy run nor leaves its lease behind."""
+    lease = NamespaceLease(layout, "run")
+    lease.acquire()
+    lease._stop.set()  # beats by hand below
+    lease._thread.join(5)
+    store = lease._store
+    assert store is not None and lease._version is not None
+    behind = lease._version
+    assert store.replace_if_unchanged(lease.path, json_bytes(lease._record()), behind)
+    assert lease._version == behind  # the answer that never came
+    assert lease._renew() and lease._version != behind
+    lease.check()
+    assert store.replace_if_unchanged(lease.path, json_bytes(lease._record()), lease._version)
+    lease.release()  # one write behind again
+    assert holder_of(layout) is None
+
+
+def test_a_local_lease_locks_a_file_beside_it(tmp_path: Path) -> None:
+    """The local lock is a POSIX lock on a regular file opened for writing, which an NFS
+    server keeps for all its clients (``flock`` on a folder stays on each client); the
+    catalog does not take that file for a namespace."""
+    from pipeline.catalog import load_catalog
+
+    layout = OutputLayout(str(tmp_path / "out"), "beats", "v1")
+    lease = NamespaceLease(layout, "run")
+    lease.acquire()
+    lock = storage.LocalConditionalStore.lock_path(layout.lease_path())
+    assert os.path.isfile(lock) and os.path.dirname(lock) == os.path.dirname(layout.lease_path())
+    assert [(ns.model, ns.variant) for ns in load_catalog(layout.root).namespaces] == [
+        ("beats", "v1")]
+    lease.release()

@@ -1261,6 +1261,8 @@ def _refresh(retryable: bool) -> Exception:
     (lambda: _s3fs_error(400, "InvalidArgument"), False),   # OSError(EINVAL)
     (lambda: _client_error(429, "TooManyRequests"), True),
     (lambda: _client_error(400, "BadDigest"), False),
+    (lambda: _client_error(409, "ConditionalRequestConflict"), True),  # racing conditional puts
+    (lambda: _client_error(409, "BucketNotEmpty"), False),
     (lambda: ConnectionResetError(errno.ECONNRESET, "reset by peer"), True),
     (lambda: OSError(errno.EBUSY, "Please reduce your request rate."), True),
     (_payload_error, True),
@@ -1274,7 +1276,7 @@ def _refresh(retryable: bool) -> Exception:
     (lambda: _gcs_error(408), True),  # request timeout: the server gave up waiting
     (lambda: _gcs_error(400), False),
 ], ids=["s3-slowdown", "s3-unavailable", "s3-internal", "s3-404", "s3-403", "s3-archived", "s3-400",
-        "boto-429", "boto-400", "reset", "ebusy", "payload", "cut-body", "no-credentials", "no-profile",
+        "boto-429", "boto-400", "boto-409-conflict", "boto-409-other", "reset", "ebusy", "payload", "cut-body", "no-credentials", "no-profile",
         "gcs-refresh-revoked", "gcs-refresh-retryable", "gcs-503", "gcs-429", "gcs-408",
         "gcs-400"])
 def test_storage_errors_are_classified(make: Any, transient: bool) -> None:
