@@ -1099,6 +1099,22 @@ def _precondition_failed(err: BaseException) -> bool:
     return any(isinstance(e, FileExistsError) or http_status(e) == 412 for e in _error_chain(err))
 
 
+def _conditionally(fs: Any, path: str, request: Callable[[], T], absent: T | None) -> T | None:
+    """``request``'s answer; None where the store refused it for its condition (412),
+    ``absent`` where the object is not there (404: a replace of an object deleted meanwhile
+    is refused, a delete of one is done). The listings cache forgets ``path`` either way."""
+    try:
+        return request()
+    except FileNotFoundError:
+        return absent
+    except OSError as err:
+        if _precondition_failed(err):
+            return None
+        raise
+    finally:
+        fs.invalidate_cache(path)
+
+
 class LocalConditionalStore(ConditionalStore):
     """A local filesystem: each conditional write holds an exclusive POSIX lock (``lockf``)
     on a lock file beside the object while it compares and renames a temporary file into
@@ -1192,18 +1208,9 @@ class S3ConditionalStore(ConditionalStore):
 
     def _put(self, path: str, data: bytes, **condition: str) -> str | None:
         bucket, key, _ = self.fs.split_path(path)
-        try:
-            response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
-                                       **condition)
-        except FileNotFoundError:  # If-Match on an object deleted meanwhile
-            return None
-        except OSError as err:
-            if _precondition_failed(err):
-                return None
-            raise
-        finally:
-            self.fs.invalidate_cache(path)
-        return str(response["ETag"])
+        response = _conditionally(self.fs, path, lambda: self.fs.call_s3(
+            "put_object", Bucket=bucket, Key=key, Body=data, **condition), absent=None)
+        return None if response is None else str(response["ETag"])
 
     def _create(self, path: str, data: bytes) -> str | None:
         return self._put(path, data, IfNoneMatch="*")
@@ -1213,17 +1220,9 @@ class S3ConditionalStore(ConditionalStore):
 
     def _delete(self, path: str, version: str) -> bool:
         bucket, key, _ = self.fs.split_path(path)
-        try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            if _precondition_failed(err):
-                return False
-            raise
-        finally:
-            self.fs.invalidate_cache(path)
-        return True
+        return _conditionally(self.fs, path, lambda: self.fs.call_s3(
+            "delete_object", Bucket=bucket, Key=key, IfMatch=version) or True,
+            absent=True) is not None
 
 
 class GCSConditionalStore(ConditionalStore):
@@ -1254,20 +1253,11 @@ class GCSConditionalStore(ConditionalStore):
 
     def _upload(self, path: str, data: bytes, generation: str) -> str | None:
         bucket, key, _ = self.fs.split_path(path)
-        try:
-            out = self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", bucket,
-                               uploadType="media", name=key, ifGenerationMatch=generation,
-                               data=data, json_out=True,
-                               headers={"Content-Type": "application/octet-stream"})
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            if _precondition_failed(err):
-                return None
-            raise
-        finally:
-            self.fs.invalidate_cache(path)
-        return str(out["generation"])
+        out = _conditionally(self.fs, path, lambda: self.fs.call(
+            "POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", bucket,
+            uploadType="media", name=key, ifGenerationMatch=generation, data=data,
+            json_out=True, headers={"Content-Type": "application/octet-stream"}), absent=None)
+        return None if out is None else str(out["generation"])
 
     def _create(self, path: str, data: bytes) -> str | None:
         return self._upload(path, data, "0")
@@ -1277,17 +1267,9 @@ class GCSConditionalStore(ConditionalStore):
 
     def _delete(self, path: str, version: str) -> bool:
         bucket, key, _ = self.fs.split_path(path)
-        try:
-            self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            if _precondition_failed(err):
-                return False
-            raise
-        finally:
-            self.fs.invalidate_cache(path)
-        return True
+        return _conditionally(self.fs, path, lambda: self.fs.call(
+            "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version) or True,
+            absent=True) is not None
 
 
 # Whether a store honours its preconditions, per (filesystem, bucket): probed once.

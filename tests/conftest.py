@@ -38,6 +38,29 @@ def real_data() -> Path:
     return REAL
 
 
+@pytest.fixture
+def release_leases(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every lease a test made is released after it, passed or failed: no heartbeat thread
+    outlives its test, and no token stays in this process's running set."""
+    from pipeline import lease as lease_mod
+
+    made: list[lease_mod.NamespaceLease] = []
+    real_init = lease_mod.NamespaceLease.__init__
+
+    def init(self: lease_mod.NamespaceLease, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(lease_mod.NamespaceLease, "__init__", init)
+    yield
+    for lease in made:
+        lease._stop.set()
+        if lease._thread is not None:
+            lease._thread.join(timeout=5)
+        with lease_mod._running_lock:
+            lease_mod._running.discard(lease.token)
+
+
 @pytest.fixture(autouse=True)
 def _weights_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBED_ARCHIVE_CACHE", str(tmp_path_factory.getbasetemp() / "weights-cache"))

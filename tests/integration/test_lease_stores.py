@@ -62,27 +62,12 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(autouse=True)
-def _timings_and_cleanup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _timings(monkeypatch: pytest.MonkeyPatch, release_leases: None) -> None:
     """Short lease times, no settle time (it is what these races get past), and every
-    lease made released after its test: no heartbeat thread outlives it."""
+    lease made released after its test (``release_leases``, tests/conftest.py)."""
     monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.2)
     monkeypatch.setattr(lease_mod, "STALE_S", 1.5)
     monkeypatch.setattr(lease_mod, "SETTLE_S", 0.0)
-    made: list[NamespaceLease] = []
-    real_init = NamespaceLease.__init__
-
-    def init(self: NamespaceLease, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(NamespaceLease, "__init__", init)
-    yield
-    for lease in made:
-        lease._stop.set()
-        if lease._thread is not None:
-            lease._thread.join(timeout=5)
-        with lease_mod._running_lock:
-            lease_mod._running.discard(lease.token)
 
 
 @pytest.fixture(params=["local", "s3"])

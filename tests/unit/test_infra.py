@@ -46,6 +46,21 @@ def docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
+def ray_node_types(path: Path, kind: str) -> dict[str, Any]:
+    """The node types Ray's own KubeRay autoscaler derives from a manifest's cluster spec
+    (what each group's pods advertise to Ray: CPUs from the limit, GPUs, resources)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    doc = one(path, kind)
+    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+          "metadata": {"name": "embed-archive", "namespace": "default"},
+          "spec": copy.deepcopy(spec)}
+    return _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+
+
 def one(path: Path, kind: str) -> dict[str, Any]:
     found = [d for d in docs(path) if d.get("kind") == kind]
     assert len(found) == 1, f"{path.name}: expected one {kind}"
@@ -339,16 +354,7 @@ def test_rays_kuberay_autoscaler_sees_the_groups_as_intended(path: Path, kind: s
     """What Ray's own KubeRay autoscaler derives from the manifest's groups: the head holds no
     CPU, only the CPU group advertises ``decode_node`` (the quoted rayStartParams JSON parses),
     and the GPU group holds one GPU per pod from its ``nvidia.com/gpu`` limit."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import (
-        _derive_autoscaling_config_from_ray_cr,
-    )
-
-    doc = one(path, kind)
-    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
-    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-          "metadata": {"name": "embed-archive", "namespace": "default"},
-          "spec": copy.deepcopy(spec)}
-    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    types = ray_node_types(path, kind)
     assert types["headgroup"]["resources"]["CPU"] == 0
     assert types["cpu-decode"]["resources"]["decode_node"] > 0
     assert "GPU" not in types["cpu-decode"]["resources"]
@@ -456,16 +462,7 @@ def test_object_store_fits_in_each_pods_shm(path: Path, kind: str) -> None:
 def test_ray_sees_the_cpus_the_pods_are_given(path: Path, kind: str) -> None:
     """KubeRay and Ray's autoscaler take num-cpus from the CPU limit: the decode group holds
     one decode task per CPU it is given, and a GPU pod holds its embedding actor's CPUs."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import (
-        _derive_autoscaling_config_from_ray_cr,
-    )
-
-    doc = one(path, kind)
-    spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
-    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-          "metadata": {"name": "embed-archive", "namespace": "default"},
-          "spec": copy.deepcopy(spec)}
-    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    types = ray_node_types(path, kind)
     groups = k8s_groups(path, kind)
     for name in ("cpu-decode", "gpu-embed"):
         assert types[name]["resources"]["CPU"] == quantity(_limits(groups[name])["cpu"]), name

@@ -8,9 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,26 +18,7 @@ from pipeline.errors import LeaseLostError, NamespaceBusyError
 from pipeline.layout import OutputLayout
 from pipeline.lease import NamespaceLease
 
-
-@pytest.fixture(autouse=True)
-def _release_leases(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every lease a test made is released after it, passed or failed: no heartbeat thread
-    outlives its test, and no token stays in this process's running set."""
-    made: list[NamespaceLease] = []
-    real_init = NamespaceLease.__init__
-
-    def init(self: NamespaceLease, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(NamespaceLease, "__init__", init)
-    yield
-    for lease in made:
-        lease._stop.set()
-        if lease._thread is not None:
-            lease._thread.join(timeout=5)
-        with lease_mod._running_lock:
-            lease_mod._running.discard(lease.token)
+pytestmark = pytest.mark.usefixtures("release_leases")  # tests/conftest.py
 
 
 @pytest.fixture
