@@ -498,7 +498,7 @@ def _reopen_at(fileobj: Any, frame: int) -> sf.SoundFile | None:
 _FRAMES_LINE = re.compile(r"^\s*frames\s*:\s*(\d+)\s*$", re.MULTILINE | re.IGNORECASE)
 # ... or the bytes of its data (a WAV's and a Wave64's data chunk, an AU header's data size;
 # Wave64 counts the chunk's 24-byte header in, and libsndfile reports it rounded up to a
-# multiple of 8: see _w64_data_size).
+# multiple of 8: see pipeline.wav.w64_data_size).
 _DATA_LINE = re.compile(r"^data\s*:\s*(\d+)", re.MULTILINE)
 _DATA_BYTES = {"WAV": (_DATA_LINE, 0), "WAVEX": (_DATA_LINE, 0), "W64": (_DATA_LINE, 24),
                "AU": (re.compile(r"^\s*Data Size\s*:\s*(\d+)", re.MULTILINE), 0)}
@@ -516,7 +516,7 @@ def declared_frames(snd: sf.SoundFile, fileobj: Any = None) -> int:
     the data's bytes (its blocks, for IMA and MS ADPCM and GSM 6.10), or a count of frames
     (RF64's ds64 chunk, AIFF's COMM). 0 where the header does not say (a FLAC streamed with
     no length): nothing to call truncation against. ``fileobj``, the file ``snd`` reads, is
-    where a Wave64's exact data size is read (:func:`_w64_data_size`)."""
+    where a Wave64's exact data size is read (:func:`pipeline.wav.w64_data_size`)."""
     if snd.frames >= SF_COUNT_MAX:
         return 0
     info, frames = snd.extra_info or "", int(snd.frames)
@@ -528,7 +528,7 @@ def declared_frames(snd: sf.SoundFile, fileobj: Any = None) -> int:
         if size == 0xFFFFFFFF:
             return frames  # "size unknown": read to the end
         if snd.format == "W64" and fileobj is not None:
-            size = _w64_data_size(fileobj) or size
+            size = wav.w64_data_size(fileobj) or size
         return max(frames, (size - data[1]) // (width * int(snd.channels)))
     if snd.format in ("WAV", "WAVEX") and snd.subtype in _CODED_BLOCK_FRAMES:
         return _coded_wav_frames(snd, fileobj)[0]
@@ -571,36 +571,6 @@ def _coded_wav_frames(snd: sf.SoundFile, fileobj: Any = None) -> tuple[int, int 
     if counted is not None and 0 < frames - int(counted.group(1)) <= block:
         return int(counted.group(1)), int(counted.group(1))
     return frames, None
-
-
-# A Wave64 data chunk's id: the GUID 74617461-ACF3-11D3-8CD1-00C04F8EDB8A, as stored.
-_W64_DATA = b"data" + bytes.fromhex("f3acd3118cd100c04f8edb8a")
-_W64_FIRST_CHUNK = 40  # past the riff GUID, the file's size (8 bytes) and the wave GUID
-
-
-def _w64_data_size(fileobj: Any) -> int | None:
-    """A Wave64 data chunk's size as its header stores it (its 24-byte header counted in).
-    libsndfile reports it rounded up to a multiple of 8, where Wave64 aligns the next chunk,
-    so a whole file of 48,001 frames of mono 16-bit read as 48,004 declared: "truncated".
-    None where the file cannot be read so (libsndfile's figure is used)."""
-    at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
-    try:
-        pos = _W64_FIRST_CHUNK
-        while True:
-            fileobj.seek(pos)
-            head = fileobj.read(24)
-            if len(head) < 24:
-                return None
-            size = int.from_bytes(head[16:24], "little")
-            if head[:16] == _W64_DATA:
-                return size
-            if size < 24:
-                return None  # not a chunk: nothing after it can be found
-            pos += size + (-size % 8)
-    except OSError:
-        return None
-    finally:
-        fileobj.seek(at)
 
 
 def _repair(block: np.ndarray, report: DecodeReport) -> np.ndarray:

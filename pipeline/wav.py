@@ -6,6 +6,10 @@ as it goes and then stops leaves them short: hours of audio read as none, or 95 
 4.5 GB file left unread and marked ``ok``. :func:`read_to_its_end` finds the end of the
 audio (:func:`_audio_end`: not a tag, a chunk or padding that tools append) and gives the
 decoder a view that reads up to it; the decode report says what the header declared.
+
+Two more header reads the decoder asks for: the bytes of audio a WAV cut short still holds
+(:func:`audio_bytes_held`, where a coded WAV's last whole block ends), and a Wave64's data
+size as stored (:func:`w64_data_size`; libsndfile rounds it up).
 """
 
 from __future__ import annotations
@@ -249,6 +253,36 @@ def audio_bytes_held(fileobj: Any) -> int | None:
     if size is None or chunk is None:
         return None
     return max(0, size - chunk[0])
+
+
+# A Wave64 data chunk's id: the GUID 74617461-ACF3-11D3-8CD1-00C04F8EDB8A, as stored.
+_W64_DATA = b"data" + bytes.fromhex("f3acd3118cd100c04f8edb8a")
+_W64_FIRST_CHUNK = 40  # past the riff GUID, the file's size (8 bytes) and the wave GUID
+
+
+def w64_data_size(fileobj: Any) -> int | None:
+    """A Wave64 data chunk's size as its header stores it (its 24-byte header counted in).
+    libsndfile reports it rounded up to a multiple of 8, where Wave64 aligns the next chunk,
+    so a whole file of 48,001 frames of mono 16-bit read as 48,004 declared: "truncated".
+    None where the file cannot be read so (libsndfile's figure is used)."""
+    at = fileobj.tell()  # libsndfile's place in the file, which it expects to stay
+    try:
+        pos = _W64_FIRST_CHUNK
+        while True:
+            fileobj.seek(pos)
+            head = fileobj.read(24)
+            if len(head) < 24:
+                return None
+            size = int.from_bytes(head[16:24], "little")
+            if head[:16] == _W64_DATA:
+                return size
+            if size < 24:
+                return None  # not a chunk: nothing after it can be found
+            pos += size + (-size % 8)
+    except OSError:
+        return None
+    finally:
+        fileobj.seek(at)
 
 
 def _file_size(fileobj: Any) -> int | None:
