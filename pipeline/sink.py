@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -557,17 +558,33 @@ def read_parquet_bytes(data: bytes | io.RawIOBase, columns: list[str] | None = N
 
 
 def parquet_bytes(table: pa.Table, row_group_rows: int, compression: str) -> bytes:
-    """``table`` as the bytes of one Parquet file, as every output file is written."""
+    """``table`` as the bytes of one Parquet file, as every output file is written: row
+    groups of at most ``row_group_rows``, and a new one wherever ``layer`` changes.
+
+    Rows are sorted by layer, but a file is one row group by default (``output.file_mb`` =
+    ``row_group_mb``), whose statistics then span every layer: ``WHERE layer = 12`` on an
+    output of ``layers: all`` read all thirteen. A row group per layer lets readers skip
+    the others (DuckDB, pyarrow, Spark and BigQuery prune on row-group statistics)."""
     buffer = io.BytesIO()
-    pq.write_table(
-        table,
+    with pq.ParquetWriter(
         buffer,
-        row_group_size=max(1, row_group_rows),
+        table.schema,
         compression=None if compression == "none" else compression,
         use_dictionary=[f.name for f in table.schema if pa.types.is_string(f.type)],
         write_statistics=True,
-    )
+    ) as writer:
+        for part in _layer_runs(table):
+            writer.write_table(part, row_group_size=max(1, row_group_rows))
     return buffer.getvalue()
+
+
+def _layer_runs(table: pa.Table) -> list[pa.Table]:
+    """``table`` cut wherever its ``layer`` column changes value (whole, without one)."""
+    if "layer" not in table.column_names or table.num_rows == 0:
+        return [table]
+    layers = table.column("layer").to_numpy()
+    bounds = [0, *(np.flatnonzero(np.diff(layers)) + 1).tolist(), table.num_rows]
+    return [table.slice(start, stop - start) for start, stop in itertools.pairwise(bounds)]
 
 
 def as_stored(schema: pa.Schema) -> pa.Schema:

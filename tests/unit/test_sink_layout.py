@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -691,3 +693,35 @@ def test_a_marker_from_before_attempts_were_counted_counts_as_one_run() -> None:
     assert not layout.to_retry(old, max_attempts=1)
     assert layout.to_retry(old, max_attempts=2) and layout.to_retry(old)
     assert not layout.to_retry({**old, "error_type": "CorruptAudio"})
+
+
+def layer_row_groups(path: str) -> list[tuple[int, int, int]]:
+    """``(min layer, max layer, rows)`` of each row group of a Parquet file."""
+    meta = pq.read_metadata(path)
+    at = meta.schema.to_arrow_schema().get_field_index("layer")
+    return [(g.column(at).statistics.min, g.column(at).statistics.max, g.num_rows)
+            for g in (meta.row_group(i) for i in range(meta.num_row_groups))]
+
+
+def test_a_filter_on_layer_reads_only_that_layers_row_groups(tmp_path: Path) -> None:
+    """Window rows are sorted by layer, but sorting alone prunes nothing when a file is one
+    row group (``output.file_mb`` = ``row_group_mb``, the default): its statistics span
+    every layer. Each layer starts a row group of its own, so ``WHERE layer = 12`` on an
+    output of ``layers: all`` reads that layer's rows, not every layer's."""
+    rows = stage_rows(np.random.default_rng(5), ["a", "b", "c"], [12, 0, 6], 4)
+    sources = pa.table({"recording_id": ["a", "b", "c"], "source_uri": ["/x/a", "/x/b", "/x/c"],
+                        "source_version": ["1", "2", "3"], "source_bytes": [1, 2, 3]})
+    spec = dataclasses.replace(sink_spec(tmp_path, {}),
+                               sources=ShardSources(sources, {"s0": (0, 3)}))
+    (path, written), = json.loads(write_stage(rows, spec).to_pylist()[0]["files"])
+    per_layer = written // 3
+    assert layer_row_groups(path) == [(0, 0, per_layer), (6, 6, per_layer), (12, 12, per_layer)]
+    fragment, = ds.dataset(path, format="parquet").get_fragments()
+    kept = fragment.subset(ds.field("layer") == 12).row_groups  # what a reader scans
+    assert [group.num_rows for group in kept] == [per_layer]
+    # A layer of more rows than a row group holds still splits at row_group_rows.
+    small = dataclasses.replace(spec, row_group_rows=2)
+    (path, _), = json.loads(write_stage(rows, small).to_pylist()[0]["files"])
+    groups = layer_row_groups(path)
+    assert all(low == high and n <= 2 for low, high, n in groups)
+    assert sum(n for *_, n in groups) == written
