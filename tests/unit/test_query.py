@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -161,3 +162,31 @@ def test_an_all_zero_embedding_is_nobodys_nearest_neighbour(
     assert query.main([str(tmp_path)]) == 0
     a, b, _ = neighbours(capsys.readouterr().out)
     assert "/a/b.wav" in a.split("│")[3] and "/a/a.wav" in b.split("│")[3]
+
+
+def readme_nearest_neighbour_sql() -> str:
+    """The nearest-neighbour statement of the README's DuckDB example, as a user copies it."""
+    import re
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    [statement] = [s for block in re.findall(r"```sql\n(.*?)```", text, re.DOTALL)
+                   if "outputs/demo" in block and "`" not in block
+                   for s in block.split(";") if "nearest" in s and "SELECT" in s]
+    return statement
+
+
+def test_the_readmes_nearest_neighbour_query_passes_over_an_all_zero_embedding(
+        tmp_path: Path) -> None:
+    """What ``python -m pipeline.query`` does, the README's copy of it does too: an all-zero
+    embedding's cosine to anything is NaN, which DuckDB sorts above every number, so it
+    was every recording's nearest neighbour there."""
+    write_namespace(tmp_path, "v0123", "j", ["a.wav", "b.wav", "z.wav"], "2026-11-22T10:00:00Z")
+    path = tmp_path / namespace_dir("recordings", "beats", "v0123") / "part-0.parquet"
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(
+        [[1.0, 0.0], [1.0, 0.1], [0.0, 0.0]], pa.list_(pa.float32())))
+    pq.write_table(table, path)
+    sql = readme_nearest_neighbour_sql().replace("outputs/demo", str(tmp_path)).replace(
+        "a.layer = 12", "a.layer = 3")
+    nearest = {uri: near for _, _, uri, _, near, *_ in duckdb.sql(sql).fetchall()}
+    assert nearest["/a/a.wav"] == "/a/b.wav" and nearest["/a/b.wav"] == "/a/a.wav"
