@@ -40,7 +40,7 @@ from pipeline.sink import (
     recordings_schema,
     windows_schema,
 )
-from pipeline.sources import Listing, SourceItem, portable_type
+from pipeline.sources import Listing, SourceItem, portable_type, read_manifest_text
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,11 @@ class Resumption:
         two types (``site`` int64 in one run, ``A1`` in the next), or with different
         columns, break the readers the README gives (pyarrow.dataset fails to cast, DuckDB
         drops a column). So this run's columns take the namespace's types where that loses
-        nothing: a column with no value in this run (left empty) takes any type, and values
-        join a column stored as text as text (one empty in the first run is stored as text),
-        a column an earlier version stored in a type it no longer writes (nanosecond
-        times, unsigned integers: ``sources.portable_type``) keeps that type, and numbers
+        nothing: a column with no value in this run (left empty) takes any type, values
+        join a column stored as text as the manifest spells them (:meth:`_spelled`; one
+        empty in the first run is stored as text), a column an earlier version stored in
+        a type it no longer writes (nanosecond times, unsigned integers:
+        ``sources.portable_type``) keeps that type, and numbers
         and times of one zone take the stored width and unit when every value fits it
         exactly (a manifest DuckDB wrote has microsecond times where a CSV's were stored
         in milliseconds; 3.0 joins an integer column, 3.5 does not). The columns are
@@ -172,12 +173,17 @@ class Resumption:
         extras = self.listing.extras
         mine = {f.name: f.type for f in as_stored(extras.schema)} if extras is not None else {}
         if extras is not None and theirs.keys() == mine.keys():
+            spelled = self._spelled(extras, theirs, mine)
             for name, stored in theirs.items():
                 column = extras.column(name)
                 if mine[name] == stored or not (column.null_count == len(column)
                                                 or pa.types.is_string(stored)
                                                 or portable_type(stored) == mine[name]
                                                 or _kindred(stored, mine[name])):
+                    continue
+                if name in spelled:  # text, as the manifest gives it
+                    extras = extras.set_column(extras.schema.get_field_index(name), name,
+                                               spelled[name])
                     continue
                 try:  # checked: a value the stored type cannot hold exactly is refused below
                     cast = column.cast(stored)
@@ -201,6 +207,22 @@ class Resumption:
             f"[{shown(theirs)}]; this run's would carry [{shown(mine)}]. One namespace needs "
             "one schema for its readers: give the manifest the same columns and types, or "
             "write to another output.uri", "input.manifest")
+
+    def _spelled(self, extras: pa.Table, theirs: Mapping[str, pa.DataType],
+                 mine: Mapping[str, pa.DataType]) -> dict[str, pa.ChunkedArray]:
+        """The manifest's own text of the columns whose values join a column stored as text
+        though this run inferred another type for them (a first manifest had ``unknown``
+        among its times, this one has times alone): cast, ``2026-05-01T05:10:00Z`` would be
+        stored as ``2026-05-01 05:10:00Z`` beside the first run's spelling, and the code
+        ``1.10`` as ``1.1``. Read again from the manifest (:func:`sources.read_manifest_text`),
+        only then, and only where its rows are still those listed (else: the cast)."""
+        names = [name for name, stored in theirs.items()
+                 if pa.types.is_string(stored) and mine[name] != stored
+                 and extras.column(name).null_count < extras.num_rows]
+        if not names or not self.cfg.input.manifest:
+            return {}
+        text = read_manifest_text(self.cfg.input.manifest, self.cfg.input.storage_options, names)
+        return {name: column for name, column in text.items() if len(column) == extras.num_rows}
 
     def record_columns(self) -> None:
         """Keep ``_variants/<id>.columns.json`` (the manifest columns this namespace's rows

@@ -822,15 +822,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     Raises:
         ConfigError: unreadable file or unknown extension.
     """
-    fs, path = storage.url_to_fs(uri, storage_options)
-    lower = path.lower()
-    try:
-        data = storage.reach(fs, path, redact.uri(uri), lambda: fs.cat_file(path))
-    except Exception as err:
-        if not isinstance(err, (OSError, ValueError)) and not storage.access_refused(err):
-            raise
-        raise ConfigError(f"cannot read manifest {redact.uri(uri)}: "
-                          f"{storage.why(err, 'input.storage_options')}", "input.manifest") from None
+    data, lower = _manifest_bytes(uri, storage_options)
     try:
         if lower.endswith(".parquet"):
             _refuse_intervals(data)
@@ -847,6 +839,61 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         f"{redact.uri(uri)}: manifest must end in .csv, .tsv, .parquet, .jsonl or .json",
         "input.manifest",
     )
+
+
+def read_manifest_text(uri: str, storage_options: dict[str, Any] | None,
+                       names: Sequence[str]) -> dict[str, pa.ChunkedArray]:
+    """Columns ``names`` of a CSV, TSV or JSON-lines manifest as the file spells them, before
+    any type is inferred (``2026-05-01T05:10:00Z``, ``1.10``, ``TRUE``), in the rows
+    :func:`read_manifest` reads: for values that join a column a namespace stores as text
+    (``resume.Resumption.check_manifest_columns``), which pyarrow's rendering of the type it
+    inferred would spell otherwise (``2026-05-01 05:10:00Z``, ``1.1``, ``true``). A Parquet
+    manifest's columns are typed in the file, and a JSON number has no text of its own: those
+    are not returned.
+
+    Raises:
+        ConfigError: the manifest cannot be read.
+    """
+    data, lower = _manifest_bytes(uri, storage_options)
+    try:
+        if lower.endswith((".csv", ".tsv")):
+            text = pa_csv.read_csv(
+                io.BytesIO(data), parse_options=pa_csv.ParseOptions(
+                    delimiter="\t" if lower.endswith(".tsv") else ","),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types={name: pa.string() for name in names},
+                    include_columns=list(names)))
+            return {name: text.column(name) for name in names}
+    except pa.ArrowInvalid:
+        return {}
+    out: dict[str, pa.ChunkedArray] = {}
+    if lower.endswith((".jsonl", ".ndjson", ".json")):
+        for name in names:  # one by one: a column of numbers is refused as text, alone
+            try:
+                text = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(
+                    explicit_schema=pa.schema([(name, pa.string())]),
+                    unexpected_field_behavior="ignore"))
+            except pa.ArrowInvalid:
+                continue
+            out[name] = text.column(name)
+    return out
+
+
+def _manifest_bytes(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str]:
+    """A manifest's bytes, and its path in lower case (its extension says its format).
+
+    Raises:
+        ConfigError: it cannot be read.
+    """
+    fs, path = storage.url_to_fs(uri, storage_options)
+    try:
+        data = storage.reach(fs, path, redact.uri(uri), lambda: fs.cat_file(path))
+    except Exception as err:
+        if not isinstance(err, (OSError, ValueError)) and not storage.access_refused(err):
+            raise
+        raise ConfigError(f"cannot read manifest {redact.uri(uri)}: "
+                          f"{storage.why(err, 'input.storage_options')}", "input.manifest") from None
+    return data, path.lower()
 
 
 def _refuse_intervals(data: bytes) -> None:

@@ -1323,6 +1323,28 @@ def test_a_manifest_in_other_types_joins_a_namespace_where_its_values_carry_over
     assert x.type == stored and x.to_pylist() == pa.array([value], given).cast(stored).to_pylist()
 
 
+@pytest.mark.parametrize("name, later", [
+    ("m2.csv", "uri,recorded_at,code,flag\na.wav,2026-05-01T05:10:00Z,1.10,TRUE\n"),
+    ("m2.jsonl", ('{"uri": "a.wav", "recorded_at": "2026-05-01T05:10:00Z", "code": "1.10", '
+                  '"flag": "TRUE"}\n')),
+])
+def test_values_that_join_a_column_stored_as_text_keep_the_manifests_spelling(
+        archive: Path, tmp_path: Path, name: str, later: str) -> None:
+    """A column the namespace stores as text (a first manifest had ``unknown`` among its
+    times, ``A1`` among its codes) takes a later manifest's values as that manifest spells
+    them: pyarrow's rendering of the type it inferred would write ``2026-05-01 05:10:00Z``
+    beside the first run's ``2026-05-01T05:10:00Z`` in one column (a text comparison then
+    orders them wrongly), and the code ``1.10`` as ``1.1``, another code."""
+    (archive / "m1.csv").write_text("uri,recorded_at,code,flag\na.wav,unknown,A1,maybe\n")
+    first = prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    assert set(first.listing.extras.schema.types) == {pa.string()}
+    (archive / name).write_text(later)
+    again = prepared_after_committing(error_row_of(first), first, archive, tmp_path,
+                                      {"uri": None, "manifest": str(archive / name)})
+    assert again.listing.extras.to_pylist() == [
+        {"recorded_at": "2026-05-01T05:10:00Z", "code": "1.10", "flag": "TRUE"}]
+
+
 @pytest.mark.parametrize("replace", [True, False])
 def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_path: Path,
                                                              replace: bool) -> None:
