@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from pipeline.errors import ConfigError
+
 Synth = Callable[[np.random.Generator, int, float], np.ndarray]
 
 
@@ -192,6 +194,7 @@ def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
         same = False
     if same and all(p.is_file() for p in paths) and (root / "manifest.csv").is_file():
         return paths
+    _refuse_a_folder_of_other_files(root, {*wanted["files"], "manifest.csv"})
     root.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
@@ -209,3 +212,25 @@ def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
         writer.writerows(rows)
     stamp.write_text(json.dumps(wanted))  # last: an interrupted write is redone next time
     return paths
+
+
+def _refuse_a_folder_of_other_files(root: Path, ours: set[str]) -> None:
+    """Refuse a folder the demo never wrote that holds anything but its own file names: the
+    demo writes its recordings and a ``manifest.csv`` there, over the user's own
+    (``embed-archive demo .`` run in a folder of recordings). A folder with the stamp is
+    the demo's, whatever seed or set of files wrote it; one with the demo's names alone is
+    a first write cut short; hidden files (a Finder's ``.DS_Store``) are no one's archive.
+
+    Raises:
+        ConfigError: naming the folder and a few of the files found there.
+    """
+    if not root.is_dir() or (root / ".demo.json").exists():
+        return
+    others = sorted(entry.name for entry in root.iterdir()
+                    if entry.name not in ours and not entry.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                         else "")
+        raise ConfigError(f"{root} holds files the demo did not write ({shown}); it would "
+                          "write its recordings and a manifest.csv among them, over any of "
+                          "the same name: give a new or empty folder", "directory")

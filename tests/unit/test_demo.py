@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.config import InputConfig
 from pipeline.demo import write_demo_archive
+from pipeline.errors import ConfigError
 from pipeline.sources import list_sources
 
 
@@ -32,3 +35,25 @@ def test_a_second_demo_keeps_the_archive_and_its_recording_ids(tmp_path: Path) -
     after = recording_ids(root)
     # Every file written again: a stamp that ignored the seed kept the old archive.
     assert all(a != b for a, b in zip(after, rewritten, strict=True)) and after != before
+
+
+def test_a_folder_of_someone_elses_files_is_refused_not_written_over(tmp_path: Path) -> None:
+    """``embed-archive demo .`` in a folder of recordings wrote its manifest.csv over the
+    user's own; a folder the demo began and never finished (no stamp yet) is still its."""
+    theirs = tmp_path / "recordings"
+    theirs.mkdir()
+    (theirs / "manifest.csv").write_text("uri,site\nmine.wav,home\n")
+    (theirs / "mine.wav").write_bytes(b"RIFF")
+    with pytest.raises(ConfigError, match=r"holds files the demo did not write \(mine\.wav\); "
+                                          r"it would write .* give a new or empty folder") as err:
+        write_demo_archive(theirs)
+    assert err.value.field == "directory"
+    assert (theirs / "manifest.csv").read_text() == "uri,site\nmine.wav,home\n"
+    assert sorted(p.name for p in theirs.iterdir()) == ["manifest.csv", "mine.wav"]
+    cut_short = tmp_path / "demo"
+    cut_short.mkdir()
+    (cut_short / ".DS_Store").write_bytes(b"\0")
+    paths = write_demo_archive(cut_short)
+    (cut_short / ".demo.json").unlink()
+    paths[-1].unlink()
+    assert write_demo_archive(cut_short) == paths
