@@ -8,6 +8,7 @@ keyed by. Workers never list.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fnmatch
 import hashlib
@@ -226,7 +227,7 @@ def _list_uri(cfg: InputConfig) -> tuple[list[SourceItem], str]:
                  ", ".join(f"{ext} {n}" for ext, n in skipped.most_common(_SKIPPED_SHOWN)),
                  shown)
     found = "" if items else _what_was_found(cfg, skipped, glob=root is not None and
-                                             root != path, single=root is None)
+                                             root != path, single=root is None, hidden=hidden)
     return _dedup_sorted(items), found
 
 
@@ -239,10 +240,10 @@ def _shown_extension(name: str) -> str:
 
 
 def _what_was_found(cfg: InputConfig, skipped: Counter[str], *, glob: bool,
-                    single: bool) -> str:
+                    single: bool, hidden: int = 0) -> str:
     """The end of a "no recordings found" message: what ``input.uri`` holds instead, and
     the setting to change (a wrong path reads as "check input.uri" only when it holds
-    nothing the job could read)."""
+    nothing the job could read, not even recordings listing skips as hidden)."""
     kinds = skipped.most_common(_SKIPPED_SHOWN)
     if single and kinds:
         ext = kinds[0][0]
@@ -257,6 +258,11 @@ def _what_was_found(cfg: InputConfig, skipped: Counter[str], *, glob: bool,
             listed += f", {len(skipped) - len(kinds)} other kinds"
         held = (f"{'the glob matches' if glob else 'it holds'} {total} "
                 f"file{'s' if total > 1 else ''} ending {listed}")
+    elif hidden:
+        return (f"{'the glob matches' if glob else 'it holds'} only {hidden} hidden "
+                f"recording{'s' if hidden > 1 else ''} (a name or folder starting with '.', "
+                "which listing skips; a glob that spells the dot takes them, e.g. "
+                "dir/.folder/**/*.wav)")
     else:
         return f"{'the glob matches' if glob else 'it holds'} no files; check input.uri"
     audio = [e[1:] for e, _ in skipped.most_common() if e[1:] in DECODABLE_EXTENSIONS]
@@ -330,10 +336,10 @@ def _list_manifest(cfg: InputConfig) -> Listing:
     assert cfg.manifest is not None
     table = read_manifest(cfg.manifest, cfg.storage_options)
     if "uri" not in table.column_names:
-        raise ConfigError(
-            f"manifest has no 'uri' column (columns: {', '.join(table.column_names)})",
-            "input.manifest",
-        )
+        raise ConfigError(f"manifest has no 'uri' column (columns: "
+                          f"{', '.join(map(repr, table.column_names))}){_uri_hint(table)}",
+                          "input.manifest")
+    _check_uri_type(table.schema.field("uri").type, cfg.manifest)
     _check_column_names([n for n in table.column_names if n not in GIVEN_COLUMNS])
     versions, sizes = _given_columns(table)
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
@@ -379,6 +385,43 @@ def _list_manifest(cfg: InputConfig) -> Listing:
                     "the first row's metadata is kept (1 = first data row): %s%s",
                     len(uris) - len(items), shown, more)
     return Listing(items=tuple(items), extras=extras if extras.num_columns else None)
+
+
+def _uri_hint(table: pa.Table) -> str:
+    """What a manifest without a ``uri`` column most likely meant: a header written ``URI``
+    or `` uri`` (a spreadsheet's), or a CSV separated by semicolons, as spreadsheets write it
+    where the comma is the decimal mark, whose header reads as one column ``uri;site``."""
+    names = table.column_names
+    near = [name for name in names if name.strip().lower() == "uri"]
+    if near:
+        return f": rename {near[0]!r} to 'uri' (lower case, no spaces)"
+    if len(names) == 1 and ";" in names[0]:
+        return ("; its header reads as one column: the file is separated by ';', not ','. "
+                "Save it comma-separated (or tab-separated, as .tsv)")
+    return ""
+
+
+def _check_uri_type(uri_type: pa.DataType, manifest: str) -> None:
+    """Refuse a ``uri`` column that holds no text: a JSON manifest in the shape pandas'
+    ``DataFrame.to_json`` writes by default, ``{"uri": {"0": "a.wav", ...}, ...}``, reads
+    as one row whose uri is an object, which would be listed as one recording named by
+    that object's text, and fail as a missing file, with every other column a struct.
+
+    Raises:
+        ConfigError: naming the type and the shape a JSON manifest takes.
+    """
+    if pa.types.is_dictionary(uri_type):
+        uri_type = uri_type.value_type
+    if (pa.types.is_string(uri_type) or pa.types.is_large_string(uri_type)
+            or pa.types.is_string_view(uri_type) or pa.types.is_null(uri_type)
+            or pa.types.is_integer(uri_type)):  # a CSV's names of digits alone, read exactly
+        return
+    is_json = manifest.lower().endswith((".jsonl", ".ndjson", ".json"))
+    raise ConfigError(f"the manifest's 'uri' column is {uri_type}, not text: each row names "
+                      "one recording" + (". A JSON manifest is one object per line, "
+                                         '{"uri": "a.wav", "site": "x"} (pandas writes it with '
+                                         "df.to_json(path, orient='records', lines=True))"
+                                         if is_json else ""), "input.manifest")
 
 
 def _check_told_apart(items: Sequence[SourceItem], cfg: InputConfig) -> None:
@@ -758,10 +801,12 @@ def _refuse_if_all_refused(stated: Sequence[SourceItem]) -> None:
 
 
 def resolve_relative(uri: str, base: str) -> str:
-    """Manifest URIs without a scheme that are not absolute are relative to the manifest. A
-    ``file://`` URL naming no file is read percent-decoded if that names one, as RFC 8089
-    has it written (``Path.as_uri()`` writes ``with%20space.wav``); fsspec, and this job
-    before, take it literally, which a file named ``rec%20one.wav`` keeps."""
+    """Manifest URIs without a scheme that are not absolute are relative to the manifest,
+    except ``~/…`` in a local manifest: the home folder, as fsspec reads ``input.uri``
+    (joined to the manifest's folder, every such row was a missing file). A ``file://`` URL
+    naming no file is read percent-decoded if that names one, as RFC 8089 has it written
+    (``Path.as_uri()`` writes ``with%20space.wav``); fsspec, and this job before, take it
+    literally, which a file named ``rec%20one.wav`` keeps."""
     if uri[:7].lower() == "file://" and "%" in uri:
         literal = uri[7:]
         decoded = urllib.parse.unquote(literal)
@@ -769,6 +814,8 @@ def resolve_relative(uri: str, base: str) -> str:
             return uri[:7] + decoded
     if "://" in uri or uri.startswith("/") or not uri:
         return uri
+    if uri.startswith("~/") and "://" not in base:  # the home folder, as input.uri reads it
+        return os.path.expanduser(uri)
     # ./a.wav and ../b/a.wav name the objects a.wav and b/a.wav: an object store takes a key
     # literally, so "m/./a.wav" would be another (missing) object, and a second recording.
     scheme, sep, rest = base.rpartition("://")
@@ -828,8 +875,10 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
             _refuse_intervals(data)
             return read_parquet_bytes(data)
         if lower.endswith((".jsonl", ".ndjson", ".json")):
+            _refuse_json_array(data, uri)
             return pa_json.read_json(io.BytesIO(data))
         if lower.endswith((".csv", ".tsv")):
+            _refuse_other_encodings(data, uri)
             return _read_csv(data, "\t" if lower.endswith(".tsv") else ",")
     except pa.ArrowInvalid as err:
         raise ConfigError(f"manifest {redact.uri(uri)} is malformed: "
@@ -894,6 +943,46 @@ def _manifest_bytes(uri: str, storage_options: dict[str, Any] | None) -> tuple[b
         raise ConfigError(f"cannot read manifest {redact.uri(uri)}: "
                           f"{storage.why(err, 'input.storage_options')}", "input.manifest") from None
     return data, path.lower()
+
+
+def _refuse_other_encodings(data: bytes, uri: str) -> None:
+    """Refuse a CSV that is not UTF-8, as Excel on Windows saves "CSV (Comma delimited)"
+    (cp1252): pyarrow reads a column holding ``Río`` as raw bytes, which every output row
+    would then carry as a blob, and a header holding one raised a UnicodeDecodeError (a
+    traceback). Checked in pieces: a large manifest is never decoded whole in memory.
+
+    Raises:
+        ConfigError: naming the line and the byte, and how to save the file as UTF-8.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    piece = 1 << 20
+    for start in range(0, len(data), piece):
+        held = len(decoder.getstate()[0])  # a character's first bytes, from the last piece
+        try:
+            decoder.decode(data[start:start + piece], final=start + piece >= len(data))
+        except UnicodeDecodeError as err:
+            at = start - held + err.start
+            line = data.count(b"\n", 0, at) + 1
+            raise ConfigError(
+                f"manifest {redact.uri(uri)} is not UTF-8 text (byte 0x{data[at]:02x} on line "
+                f"{line}, likely cp1252, as Excel's 'CSV (Comma delimited)' saves it): save "
+                "it as 'CSV UTF-8', or convert it (iconv -f cp1252 -t utf-8)",
+                "input.manifest") from None
+
+
+def _refuse_json_array(data: bytes, uri: str) -> None:
+    """Refuse a JSON manifest that is one array of rows (``[{"uri": ...}, ...]``, as
+    ``json.dump`` of a list or pandas' ``orient='records'`` writes it): pyarrow reads JSON
+    lines only, and says of an array "Column() changed from object to array in row 0".
+
+    Raises:
+        ConfigError: saying what the file is and the shape it takes.
+    """
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+        raise ConfigError(f"manifest {redact.uri(uri)} is a JSON array; a JSON manifest is "
+                          'one object per line (JSON lines: {"uri": "a.wav", "site": "x"}), '
+                          "as pandas writes it with df.to_json(path, orient='records', "
+                          "lines=True)", "input.manifest")
 
 
 def _refuse_intervals(data: bytes) -> None:

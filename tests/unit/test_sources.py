@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,24 @@ def test_hidden_files_and_folders_are_not_recordings(tmp_path: Path) -> None:
     assert [i.uri for i in listing.items] == [str(tmp_path / "site/._a.wav")]
 
 
+def test_a_folder_of_hidden_recordings_alone_says_so_not_that_it_holds_nothing(
+        tmp_path: Path) -> None:
+    """Its only recordings under ``.snapshot/`` or as ``._x.wav`` forks: the refusal said
+    "it holds no files; check input.uri", below a log line counting them as skipped."""
+    tone(tmp_path / ".snapshot" / "a.wav")
+    tone(tmp_path / "._b.wav")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(NoInputsError, match=r"it holds only 2 hidden recordings \(a name or "
+                                            r"folder starting with '\.', which listing skips"):
+        list_sources(InputConfig(uri=str(tmp_path)))
+    with pytest.raises(NoInputsError, match=r"the glob matches only 1 hidden recording \("):
+        list_sources(InputConfig(uri=f"{tmp_path}/*.wav"))
+    (tmp_path / ".snapshot" / "a.wav").unlink()
+    (tmp_path / "._b.wav").unlink()
+    with pytest.raises(NoInputsError, match=r"it holds no files; check input.uri"):
+        list_sources(InputConfig(uri=str(tmp_path)))
+
+
 def test_symlinks_are_followed_as_find_dash_l_does(tmp_path: Path) -> None:
     """fsspec's walk skipped a linked folder (its recordings silently not listed) and gave a
     linked file the link's mtime (a rewritten target was never embedded again)."""
@@ -579,6 +598,26 @@ def test_relative_manifest_uris_in_a_bucket_are_normalised() -> None:
     assert resolve_relative("a.wav", "s3://rec/m") == "s3://rec/m/a.wav"
     assert resolve_relative("../a/aru_1.wav", "gs://rec/m") == "gs://rec/a/aru_1.wav"
     assert resolve_relative("s3://other/x.wav", "s3://rec/m") == "s3://other/x.wav"
+
+
+def test_a_local_manifests_home_folder_is_the_home_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``~/rec/a.wav`` names what ``input.uri: ~/rec/a.wav`` names (fsspec expands it), not
+    a folder named ``~`` beside the manifest; in a bucket, and as ``~a.wav``, it is a name."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    home.mkdir()
+    sf.write(home / "a.wav", np.zeros(1600, np.float32), 16_000)
+    manifest = tmp_path / "m" / "manifest.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("uri,site\n~/a.wav,x\n")
+    listed = list_sources(InputConfig(manifest=str(manifest)))
+    assert [i.uri for i in listed.items] == [str(home / "a.wav")]
+    assert listed.items[0].version != MISSING
+    from pipeline.sources import resolve_relative
+
+    assert resolve_relative("~/a.wav", "s3://rec/m") == "s3://rec/m/~/a.wav"
+    assert resolve_relative("~a.wav", str(tmp_path)) == f"{tmp_path}/~a.wav"
 
 
 def test_a_file_url_naming_a_file_literally_is_not_read_decoded(tmp_path: Path) -> None:
@@ -934,3 +973,64 @@ def test_a_manifest_given_as_input_uri_is_named_as_one(tmp_path: Path) -> None:
     one = tone(tmp_path / "take.w64").rename(tmp_path / "take.W64")
     with pytest.raises(NoInputsError, match=r"it is a \.w64 file: add w64 to input.extensions"):
         list_sources(InputConfig(uri=str(one)))
+
+
+def test_a_json_manifest_that_is_not_json_lines_is_refused_saying_what_it_takes(
+        folder: Path) -> None:
+    """pandas' ``to_json`` writes neither shape by default: an array of rows read as
+    "Column() changed from object to array in row 0", and its default, one object of
+    columns, was listed as one recording named by the text of a dict (a missing file)."""
+    rows = [{"uri": "a.wav", "site": "x"}, {"uri": "b.wav", "site": "y"}]
+    array = folder / "records.json"
+    array.write_text(json.dumps(rows))
+    with pytest.raises(ConfigError, match=r"is a JSON array; a JSON manifest is one object "
+                                          r"per line .*orient='records', lines=True") as err:
+        list_sources(InputConfig(manifest=str(array)))
+    assert err.value.field == "input.manifest"
+    columns = folder / "columns.json"
+    columns.write_text(json.dumps({"uri": {"0": "a.wav", "1": "b.wav"},
+                                   "site": {"0": "x", "1": "y"}}))
+    with pytest.raises(ConfigError, match=r"'uri' column is struct<.*>, not text: each row "
+                                          r"names one recording") as err:
+        list_sources(InputConfig(manifest=str(columns)))
+    assert err.value.field == "input.manifest"
+    lines = folder / "lines.json"
+    lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    listed = list_sources(InputConfig(manifest=str(lines)))
+    assert [Path(i.uri).name for i in listed.items] == ["a.wav", "b.wav"]
+
+
+@pytest.mark.parametrize(("text", "hint"), [
+    ("URI,site\na.wav,x\n", r"\(columns: 'URI', 'site'\): rename 'URI' to 'uri'"),
+    (" uri,site\na.wav,x\n", r"\(columns: ' uri', 'site'\): rename ' uri' to 'uri'"),
+    ("uri;site\na.wav;x\n",
+     r"\(columns: 'uri;site'\); its header reads as one column: the file is separated by ';'"),
+])
+def test_a_manifest_without_a_uri_column_says_what_it_most_likely_meant(
+        folder: Path, text: str, hint: str) -> None:
+    """A spreadsheet's header (``URI``, a stray space) or its semicolon-separated CSV was
+    refused as having no 'uri' column, the near miss left for the user to spot."""
+    manifest = folder / "manifest.csv"
+    manifest.write_text(text)
+    with pytest.raises(ConfigError, match=hint) as err:
+        list_sources(InputConfig(manifest=str(manifest)))
+    assert err.value.field == "input.manifest"
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    (b"uri,site\na.wav,R\xedo Negro\n", 2),  # a value: read as raw bytes, a blob in every row
+    (b"uri,localit\xe9\na.wav,x\n", 1),  # the header: a UnicodeDecodeError, a traceback
+])
+def test_a_manifest_saved_as_cp1252_is_refused_naming_the_line(
+        folder: Path, text: bytes, line: int) -> None:
+    """What Excel on Windows saves as 'CSV (Comma delimited)'; a BOM (its 'CSV UTF-8') is
+    read as it always was."""
+    manifest = folder / "manifest.csv"
+    manifest.write_bytes(text)
+    with pytest.raises(ConfigError, match=rf"is not UTF-8 text \(byte 0x\w\w on line {line}, "
+                                          r".*save it as 'CSV UTF-8'") as err:
+        list_sources(InputConfig(manifest=str(manifest)))
+    assert err.value.field == "input.manifest"
+    manifest.write_bytes(b"\xef\xbb\xbf" + text.decode("cp1252").encode())
+    listed = list_sources(InputConfig(manifest=str(manifest)))
+    assert listed.extras is not None and listed.extras.schema.types == [pa.string()]
