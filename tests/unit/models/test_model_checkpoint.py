@@ -57,6 +57,20 @@ def test_fbank_buffers_are_optional_but_checked(tiny_beats, tiny_state, tmp_path
         _load_tiny(tiny_state, tmp_path / "badfbank.safetensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_with_fbank_buffers_loads(tiny_state, tmp_path, dtype):
+    """A checkpoint saved in fp16/bf16 holds the fbank buffers rounded to its dtype: the same
+    front end, loaded (not refused as "different front-end settings"); a real difference in
+    them is still refused."""
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny_state.items()}
+    backbone = _load_tiny(half, tmp_path / "half.safetensors")
+    loaded = backbone.module.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in half.items() if ".fbank." not in k)
+    half["backbone.fbank.mel_fb"] = (tiny_state["backbone.fbank.mel_fb"] * 1.05).to(dtype)
+    with pytest.raises(CheckpointMismatchError, match=r"backbone\.fbank\.mel_fb differs"):
+        _load_tiny(half, tmp_path / "badfbank.safetensors")
+
+
 def test_shared_relative_bias_may_be_stored_once(tiny_beats, tiny_state, tmp_path):
     key = "backbone.encoder.layers.{}.self_attn.relative_attention_bias.weight"
     once = {k: v for k, v in tiny_state.items() if k not in (key.format(1), key.format(2))}
