@@ -646,7 +646,8 @@ class BeatsModel(nn.Module):
             model has a classifier.
         """
         device = self.backbone.fbank.window.device  # avex moves inputs to the model
-        valid = valid_from_padding_mask(None if padding_mask is None else padding_mask.to(device))
+        valid = valid_from_padding_mask(
+            None if padding_mask is None else padding_mask.to(device), x.shape)
         last = self.cfg.encoder_layers
         tokens, mask = self.extract_layers(x.to(device), valid, [last])[last]
         if self.classifier is None:

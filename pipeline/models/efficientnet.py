@@ -285,7 +285,8 @@ class EfficientNetModel(nn.Module):
         """
         device = self.frontend.window.device  # avex moves inputs to the model
         x = x.to(device)
-        valid = valid_from_padding_mask(None if padding_mask is None else padding_mask.to(device))
+        valid = valid_from_padding_mask(
+            None if padding_mask is None else padding_mask.to(device), x.shape)
         last = len(LAYER_DIMS) - 1
         if self.model.classifier is None:
             return self.model.features(self.spectrogram(x, valid))

@@ -11,11 +11,29 @@ from __future__ import annotations
 import torch
 
 
-def valid_from_padding_mask(padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """avex ``padding_mask [B, T]`` (``True`` = pad, at the end) -> ``valid_samples [B]``."""
+def valid_from_padding_mask(padding_mask: torch.Tensor | None, audio_shape: torch.Size
+                            ) -> torch.Tensor | None:
+    """avex ``padding_mask [B, T]`` (``True`` = pad, at the end) -> ``valid_samples [B]``.
+
+    Only a row's real samples count, and they are taken to be its first ones: a mask of
+    another shape, or one with padding before real audio (left padding, a gap, or an
+    attention mask's ``True`` = real), would have the real audio zeroed and the padding
+    embedded, silently. Such masks are refused.
+
+    Raises:
+        ValueError: the mask is not ``audio_shape``, or pads anywhere but the end of a row.
+    """
     if padding_mask is None:
         return None
-    return (~padding_mask.bool()).sum(dim=-1)
+    if padding_mask.shape != audio_shape:
+        raise ValueError(f"padding_mask must have the audio's shape {tuple(audio_shape)}, got "
+                         f"{tuple(padding_mask.shape)}")
+    pad = padding_mask.bool()
+    if bool((pad[:, :-1] & ~pad[:, 1:]).any()):
+        raise ValueError("padding_mask must be True (padding) only at the end of each row; "
+                         "this one has padding before real audio (left padding, or a mask "
+                         "with True = real audio?)")
+    return (~pad).sum(dim=-1)
 
 
 def padding_mask_from_valid(valid_samples: torch.Tensor | None, num_samples: int

@@ -154,6 +154,28 @@ def test_load_model_matches_backbone_and_maps_padding_mask(tiny_beats, tmp_path)
         assert torch.equal(model(audio, padding_mask=padding), expected)
 
 
+@pytest.mark.parametrize("where", ["left padding", "a gap", "attention-mask style"])
+def test_load_model_refuses_padding_mask_not_at_the_end(tiny_beats, tmp_path, where):
+    """The mask becomes a count of real samples taken from the start of each row: padding
+    before real audio would have that audio zeroed and the padding embedded, silently."""
+    from tests.unit.models.conftest import save_safetensors
+
+    path = save_safetensors(tiny_beats.module.state_dict(), tmp_path / "tiny.safetensors")
+    model = load_model("beats", weights=str(path), options=TINY_BEATS_PROJ)
+    audio = _audio(2, 2.0)
+    padding = torch.zeros_like(audio, dtype=torch.bool)
+    if where == "left padding":
+        padding[1, :12_000] = True
+    elif where == "a gap":
+        padding[1, 10_000:12_000] = True
+    else:  # True on the real audio, as Hugging Face's attention_mask
+        padding[:, :20_000] = True
+    with torch.no_grad(), pytest.raises(ValueError, match="only at the end of each row"):
+        model(audio, padding_mask=padding)
+    with torch.no_grad(), pytest.raises(ValueError, match="the audio's shape"):
+        model(audio, padding_mask=padding[:, :16_000])
+
+
 def test_microsoft_checkpoint_format_loads(tiny_beats, tmp_path):
     """``{"cfg", "model"}`` with ``weight_g``/``weight_v``, no fbank buffers, no prefix."""
     state = {}

@@ -93,6 +93,18 @@ def test_torchvision_layout_loads_and_gives_logits(effnet, tmp_path):
     assert torch.allclose(logits, pooled @ state["classifier.1.weight"].T, atol=1e-5)
 
 
+def test_padding_mask_before_real_audio_is_refused(effnet):
+    """avex-style ``padding_mask`` is padding at the end; left padding would be embedded in
+    place of the audio it zeroes, so it fails instead."""
+    audio = _audio(2, 1.0)
+    left = torch.zeros_like(audio, dtype=torch.bool)
+    left[1, :4_000] = True
+    with torch.no_grad():
+        assert effnet.module(audio, padding_mask=left.flip(1)).shape == (2, 1280, 4, 4)
+        with pytest.raises(ValueError, match="only at the end of each row"):
+            effnet.module(audio, padding_mask=left)
+
+
 def test_wrong_shape_names_the_key(effnet, tmp_path):
     state = dict(effnet.module.state_dict())
     state["model.features.8.0.weight"] = torch.zeros(1280, 321, 1, 1)
