@@ -478,10 +478,9 @@ class Embedder:
         self._model_s = 0.0
         is_window = np.array([not m for m in batch["meta"]], dtype=bool)
         parts = [self._report_rows(batch, ~is_window)]
-        if is_window.all():  # the usual batch: no copy of its audio
-            parts.extend(self._embed_rows(batch))
-        elif is_window.any():
-            parts.extend(self._embed_rows({k: v[is_window] for k, v in batch.items()}))
+        if is_window.any():  # the report rows' audio (zeros) is left where it lies
+            parts.extend(self._embed_rows(batch, None if is_window.all()
+                                          else np.flatnonzero(is_window)))
         busy = time.perf_counter() - started
         timing = {"type": "timing", "actor": self.actor_id, "start": wall_start,
                   "end": wall_start + busy, "busy_s": busy, "model_s": self._model_s,
@@ -496,11 +495,18 @@ class Embedder:
         """The decode reports among ``batch``'s rows, passed on to the write stage."""
         return _stage_rows(batch, mask, meta=batch["meta"][mask].tolist())
 
-    def _embed_rows(self, rows: dict[str, np.ndarray]) -> list[pa.Table]:
-        pooled = self._pool_all(rows["audio"], rows["valid_samples"], self.precision)
+    def _embed_rows(self, batch: dict[str, np.ndarray], take: np.ndarray | None) -> list[pa.Table]:
+        """Embedding rows for ``batch``'s windows (its rows ``take``, all where None). Their
+        audio is selected where it is copied into the staging buffer (:meth:`_staged`): a
+        batch holding a recording's report row, as most do in an archive of short clips,
+        is not copied once more first (on a GPU, a batch of 256 windows is 82 MB)."""
+        audio = batch["audio"]
+        rows = batch if take is None else {k: v[take] for k, v in batch.items() if k != "audio"}
+        picked = np.arange(len(audio)) if take is None else take
+        pooled = self._pool_all(audio, rows["valid_samples"], self.precision, take)
         finite = _finite_rows(pooled)
         if not finite.all() and self._retry_in_fp32:
-            retry = self._pool_all(rows["audio"][~finite], rows["valid_samples"][~finite], "fp32")
+            retry = self._pool_all(audio, rows["valid_samples"][~finite], "fp32", picked[~finite])
             for layer, vectors in retry.items():
                 pooled[layer][~finite] = vectors
             finite = _finite_rows(pooled)
@@ -510,32 +516,39 @@ class Embedder:
             out.append(self._dropped_rows(rows, ~finite))
         return out
 
-    def _pool_all(self, audio: np.ndarray, valid: np.ndarray, precision: str) -> dict[int, np.ndarray]:
-        """Pooled float32 ``[n, D_layer]`` per layer for windows ``[n, T]``."""
+    def _pool_all(self, audio: np.ndarray, valid: np.ndarray, precision: str,
+                  take: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        """Pooled float32 ``[n, D_layer]`` per layer for the windows ``audio[take]`` (all of
+        ``audio``'s rows where None), whose valid samples are ``valid``."""
         size = audio.shape[1]
         results: dict[int, list[np.ndarray]] = {layer: [] for layer in self.spec.layers}
         order: list[np.ndarray] = []
         if self.spec.tail == "keep":
             lengths = np.maximum(valid, self.spec.min_input_samples).clip(max=size)
         else:
-            lengths = np.full(len(audio), size)
+            lengths = np.full(len(valid), size)
         for length in np.unique(lengths):
             idx = np.flatnonzero(lengths == length)
             order.append(idx)
-            rows = audio if len(idx) == len(audio) else audio[idx]
-            chunk = self._forward(rows[:, :length], valid[idx], int(length), precision)
+            if len(idx) == len(audio) and take is None:
+                rows = None  # every row, as it lies
+            else:
+                rows = idx if take is None else take[idx]
+            chunk = self._forward(audio, rows, valid[idx], int(length), precision)
             for layer, vectors in chunk.items():
                 results[layer].append(vectors)
         inverse = np.argsort(np.concatenate(order), kind="stable")
         return {layer: np.concatenate(parts)[inverse] for layer, parts in results.items()}
 
-    def _forward(self, audio: np.ndarray, valid: np.ndarray, length: int,
-                 precision: str) -> dict[int, np.ndarray]:
+    def _forward(self, audio: np.ndarray, rows: np.ndarray | None, valid: np.ndarray,
+                 length: int, precision: str) -> dict[int, np.ndarray]:
+        """The pooled layers of the first ``length`` samples of ``audio``'s rows ``rows``
+        (every row where None)."""
         import torch
 
         from pipeline.models import pool
 
-        x = self._staged(audio)
+        x = self._staged(audio, rows, length)
         v = torch.from_numpy(np.minimum(valid, length).astype(np.int64))
         if self.device != "cpu":
             x = x.to(self.device, non_blocking=True)
@@ -549,23 +562,30 @@ class Embedder:
         self._model_s += time.perf_counter() - started
         return out
 
-    def _staged(self, audio: np.ndarray) -> Any:
-        """``audio`` copied into this actor's one reusable host buffer (pinned on a GPU).
+    def _staged(self, audio: np.ndarray, rows: np.ndarray | None, length: int) -> Any:
+        """The first ``length`` samples of ``audio``'s rows ``rows`` (all where None), copied
+        into this actor's one reusable host buffer (pinned on a GPU).
 
         The batch Ray hands over is a read-only view on the object store; this is its only
-        copy on the way to the model: contiguous, writable (models may work in place), and
-        on a GPU ready for an asynchronous copy to the device. Reusing it is safe because
-        :meth:`_forward` waits for its results (``.cpu()``), so the device has read the
-        buffer before the next batch overwrites it.
+        copy on the way to the model, the rows picked as they are copied (report rows left
+        out, a window length's group of a ``tail: keep`` batch): contiguous, writable (models
+        may work in place), and on a GPU ready for an asynchronous copy to the device.
+        Reusing it is safe because :meth:`_forward` waits for its results (``.cpu()``), so
+        the device has read the buffer before the next batch overwrites it.
         """
         import torch
 
-        n, length = audio.shape
+        n = len(audio) if rows is None else len(rows)
         if self._staging is None or self._staging.numel() < n * length:
             self._staging = torch.empty(n * length, dtype=torch.float32,
                                         pin_memory=self.device != "cpu")
         x = self._staging[: n * length].view(n, length)
-        np.copyto(x.numpy(), audio, casting="same_kind")
+        if rows is None:
+            np.copyto(x.numpy(), audio[:, :length], casting="same_kind")
+        elif audio.dtype == np.float32:  # gathered straight into the buffer ("clip": unbuffered)
+            np.take(audio[:, :length], rows, axis=0, out=x.numpy(), mode="clip")
+        else:
+            np.copyto(x.numpy(), audio[rows, :length], casting="same_kind")
         return x
 
     def _layer_rows(self, rows: dict[str, np.ndarray], keep: np.ndarray, layer: int,
