@@ -2,11 +2,15 @@
 
 Row protocol between them. Every row has ``shard``, ``recording_id`` and ``meta``:
 
-* window rows (``meta == ""``): ``channel``, ``window_index``, ``start_s``, ``end_s``,
-  ``valid_samples`` and ``audio`` (float32, one window, zero-padded past ``valid_samples``);
-* report rows (``meta`` = JSON): one per recording, after its last window, carrying the
-  decode report (status, duration, rate, windows per channel) or the error that stopped it
-  (``sink.RecordingReport``).
+* window rows (``window_index`` >= 0): ``channel``, ``window_index``, ``start_s``,
+  ``end_s``, ``valid_samples`` and ``audio`` (float32, one window, zero-padded past
+  ``valid_samples``), ``meta`` empty but on a recording's last window;
+* the report (``meta`` = JSON), one per recording: the decode report (status, duration,
+  rate, windows per channel) or the error that stopped it (``sink.RecordingReport``). It
+  rides on the recording's last window row; a recording that gave no window sends it in a
+  row of its own (``window_index`` -1, its audio zeros). A row of its own for every
+  recording took a model batch's slot and a window's bytes in the object store for each:
+  in an archive of 5-s clips (a window each), half of every batch.
 
 The embed stage turns window rows into one row per window x layer with the pooled
 embedding and passes report rows through; raw audio goes no further than the embed stage.
@@ -173,11 +177,13 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
     report = DecodeReport()
     started = time.perf_counter()
     counts: dict[int, int] = {}  # windows sent, by channel
+    last: list[dict[str, np.ndarray]] = []  # the last window row, held back for the report
     try:
         if problem:  # the listing's: the object could not be had
             error_type, _, message = problem.partition(": ")
             raise AudioDecodeError(error_type or "SourceError", message or problem)
-        yield from _read_windows(rid, uri, path, size, spec, report, counts)
+        for rows in _read_windows(rid, uri, path, size, spec, report, counts):
+            yield from _holding_the_last_row(rows, last)
         if not counts:
             raise AudioDecodeError(
                 "TooShort",
@@ -210,7 +216,27 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         bytes_read=report.bytes_read,
         decode_s=round(time.perf_counter() - started, 4),
     )
-    yield _report_row(rid, meta, spec.window_samples)
+    text = json.dumps({"recording_id": rid, **meta}, default=str)
+    if last:
+        row = last.pop()
+        row["meta"] = np.array([text], dtype=object)
+        yield row
+    else:
+        yield _report_row(rid, text, spec.window_samples)
+
+
+def _holding_the_last_row(rows: dict[str, np.ndarray], last: list[dict[str, np.ndarray]]
+                          ) -> Iterator[dict[str, np.ndarray]]:
+    """``rows`` passed on but for their last row, which replaces the one held in ``last``
+    (passed on now): the recording's last window waits there for its report."""
+    n = len(rows["recording_id"])
+    if not n:
+        return
+    if last:
+        yield last.pop()
+    if n > 1:
+        yield {k: v[:-1] for k, v in rows.items()}
+    last.append({k: v[-1:].copy() for k, v in rows.items()})  # not a view pinning the chunk
 
 
 def _read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
@@ -321,7 +347,8 @@ def _window_rows(rid: str, batch: WindowBatch, rate: int, spec: DecodeSpec) -> d
     }
 
 
-def _report_row(rid: str, meta: dict[str, Any], window_samples: int) -> dict[str, np.ndarray]:
+def _report_row(rid: str, text: str, window_samples: int) -> dict[str, np.ndarray]:
+    """The report of a recording that gave no window, in a row of its own."""
     return {
         "recording_id": np.array([rid], dtype=object),
         "channel": np.array([-1], np.int16),
@@ -330,7 +357,7 @@ def _report_row(rid: str, meta: dict[str, Any], window_samples: int) -> dict[str
         "end_s": np.array([0.0]),
         "valid_samples": np.array([0], np.int32),
         "audio": np.zeros((1, window_samples), np.float32),
-        "meta": np.array([json.dumps({"recording_id": rid, **meta}, default=str)], dtype=object),
+        "meta": np.array([text], dtype=object),
     }
 # --------------------------------------------------------------------------- embed
 
@@ -476,8 +503,8 @@ class Embedder:
         fault_point("embed")
         wall_start, started = time.time(), time.perf_counter()
         self._model_s = 0.0
-        is_window = np.array([not m for m in batch["meta"]], dtype=bool)
-        parts = [self._report_rows(batch, ~is_window)]
+        is_window = batch["window_index"] >= 0
+        parts = [self._report_rows(batch)]
         if is_window.any():  # the report rows' audio (zeros) is left where it lies
             parts.extend(self._embed_rows(batch, None if is_window.all()
                                           else np.flatnonzero(is_window)))
@@ -491,9 +518,12 @@ class Embedder:
                   int(is_window.sum()), int((~is_window).sum()), busy, self._model_s)
         return out
 
-    def _report_rows(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
-        """The decode reports among ``batch``'s rows, passed on to the write stage."""
-        return _stage_rows(batch, mask, meta=batch["meta"][mask].tolist())
+    def _report_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The decode reports among ``batch``'s rows (on its own rows or on windows), passed
+        on to the write stage as rows of their own."""
+        has = np.array([bool(m) for m in batch["meta"]], dtype=bool)
+        return _meta_row(*batch["meta"][has].tolist(), shards=batch["shard"][has].tolist(),
+                         recording_ids=batch["recording_id"][has].tolist())
 
     def _embed_rows(self, batch: dict[str, np.ndarray], take: np.ndarray | None) -> list[pa.Table]:
         """Embedding rows for ``batch``'s windows (its rows ``take``, all where None). Their

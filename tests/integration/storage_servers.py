@@ -582,10 +582,8 @@ def decode_probe(uri: str, storage_options: Mapping[str, Any], out: IO[str]) -> 
     before_kib = _proc_status_kib("VmRSS")
     started = time.perf_counter()
     for batch in decode_recording("probe", uri, path, size, "", spec):
-        if batch["meta"][0]:
-            report = json.loads(str(batch["meta"][0]))
-        else:
-            windows += len(batch["audio"])
+        windows += int((batch["window_index"] >= 0).sum())
+        report = next((json.loads(str(m)) for m in batch["meta"] if m), report)
     json.dump({
         "uri": uri, "size_bytes": size, "windows": windows, "report": report,
         "decode_s": round(time.perf_counter() - started, 3),

@@ -100,13 +100,15 @@ def test_decode_task_yields_whole_blocks_across_its_recordings(tmp_path: Path) -
     flat = {k: np.concatenate([b[k] for b in out]) for k in out[0]}
     reports = [json.loads(m) for m in flat["meta"] if m]
     assert [r["recording_id"] for r in reports] == ["a", "b", "c"]
-    windows = {rid: int((flat["recording_id"][flat["meta"] == ""] == rid).sum())
+    windows = {rid: int((flat["recording_id"][flat["window_index"] >= 0] == rid).sum())
                for rid in ("a", "b", "c")}
     assert windows == {"a": 82, "b": 5, "c": 2 * 139}  # pad tails; c has two channels
     assert windows == {r["recording_id"]: sum(r["windows"].values()) for r in reports}
-    # A recording's report comes after its last window.
+    # A recording's report rides on its last window, in no row of its own: every row is a
+    # window (for 5-s clips, a row of its own was half of every model batch).
     last_row = {rid: int(np.flatnonzero(flat["recording_id"] == rid)[-1]) for rid in windows}
     assert all(flat["meta"][last_row[rid]] for rid in windows)
+    assert (flat["window_index"] >= 0).all() and len(flat["meta"]) == sum(windows.values())
 
 
 def test_a_decode_task_holds_one_block_of_audio_however_many_channels(tmp_path: Path) -> None:
@@ -188,8 +190,9 @@ def stage_batch(n: int, report_at: int | None = None) -> dict[str, np.ndarray]:
              "meta": np.full(n, "", dtype=object)}
     batch["valid_samples"][-1] = 9_000  # one padded window
     batch["audio"][-1, 9_000:] = 0.0
-    if report_at is not None:
+    if report_at is not None:  # a recording's report in a row of its own (it had no window)
         batch["meta"][report_at] = json.dumps({"type": "report", "recording_id": "r0"})
+        batch["window_index"][report_at] = -1
     return batch
 
 
@@ -225,6 +228,22 @@ def test_report_rows_in_a_batch_change_nothing_for_its_windows(embedder: Embedde
     assert sorted(got) == sorted(want) and len(got) == 12
     for key, vector in want.items():
         np.testing.assert_allclose(got[key], vector, rtol=1e-5, atol=1e-6)
+
+
+def test_a_report_riding_on_a_window_is_passed_on_and_its_window_embedded(
+        embedder: Embedder) -> None:
+    """A recording's report comes on its last window row: that window is embedded like any
+    other (with no copy of the batch) and the report leaves as a row of its own."""
+    plain = stage_batch(7)
+    riding = stage_batch(7)
+    riding["meta"][4] = json.dumps({"type": "report", "recording_id": "r1"})
+    got, want = embedder(riding), embedder(plain)
+    assert embeddings(got).keys() == embeddings(want).keys() and len(embeddings(got)) == 14
+    for key, vector in embeddings(want).items():
+        np.testing.assert_allclose(embeddings(got)[key], vector, rtol=1e-5, atol=1e-6)
+    reports = [r for r in got.to_pylist() if r["meta"] and '"report"' in r["meta"]]
+    assert [(r["shard"], r["recording_id"], r["layer"], r["window_index"]) for r in reports] == [
+        ("s0", "r1", None, -1)]
 
 
 def test_a_window_whose_embedding_is_not_finite_is_reported_not_written(
@@ -302,7 +321,7 @@ def test_a_tail_window_ends_where_its_audio_does_unless_padded(
                       tail=tail, min_tail_samples=min_tail_samples, batch_windows=4)
     path = str(tmp_path / "t.wav")
     rows = list(decode_recording("r", path, path, -1, "", spec))
-    windows = np.concatenate([r["meta"] == "" for r in rows])  # the rest: the report
+    windows = np.concatenate([r["window_index"] >= 0 for r in rows])
     start, end, valid = (np.concatenate([r[k] for r in rows])[windows]
                          for k in ("start_s", "end_s", "valid_samples"))
     assert (start[-1], end[-1], valid[-1]) == last
@@ -356,7 +375,7 @@ def test_a_read_that_fails_inside_the_decoder_is_a_storage_error_not_a_truncatio
         assert report["stopped_by"] == error_type
         # Every complete window of the audio decoded before the failure went downstream,
         # including those still in the batch being filled (a block's worth, 16 here).
-        sent = sum(len(r["recording_id"]) for r in rows[:-1]) + len(rows[-1]["meta"]) - 1
+        sent = sum(int((r["window_index"] >= 0).sum()) for r in rows)
         decoded_windows = int(report["duration_s"] * 16_000) // 16_000
         assert decoded_windows % spec.block_rows != 0  # else this would not tell
         assert sent == report["windows"]["-1"] == decoded_windows
@@ -528,7 +547,7 @@ def test_with_each_channel_a_rows_window_index_is_the_window_it_holds(tmp_path: 
                       hop_samples=8_000, tail="pad", min_tail_samples=400, batch_windows=8)
     path = str(tmp_path / "s.wav")
     rows = [r for r in decode_recording("r", path, path, -1, "", spec) if "audio" in r]
-    windows = np.concatenate([r["meta"] == "" for r in rows])
+    windows = np.concatenate([r["window_index"] >= 0 for r in rows])
     index, start, channel = (np.concatenate([r[k] for r in rows])[windows]
                              for k in ("window_index", "start_s", "channel"))
     assert max(len(r["channel"]) for r in rows) > 2  # several windows in one batch
