@@ -971,7 +971,7 @@ class EmbeddingJob:
             finish.callback(self._stop_ray)  # after the record and the lease: see there
             finish.callback(setattr, self, "prepared", False)  # a second run() prepares again
             finish.callback(self._lease.release)
-            finish.callback(self._write_job_record, summary, started, final=True)
+            finish.callback(self._write_final_record, summary, started)
             self._run_recorded(summary, started)
         return summary
 
@@ -1498,6 +1498,21 @@ class EmbeddingJob:
         if final and writer is not None and writer.close(record):
             return
         self._write_record(record)
+
+    def _write_final_record(self, summary: JobSummary, started: float) -> None:
+        """The final job record, as the run ends. A run that failed or stopped meets a store
+        out of reach here too when an outage is what failed it: that is logged, not raised
+        in place of the run's own error (the CLI named the record's write as the failure,
+        and the summary's own message was lost with it). A run that ended well raises it:
+        its record is part of what it writes."""
+        try:
+            self._write_job_record(summary, started, final=True)
+        except OSError as err:  # StorageError: the retries ran out; a refusal
+            if summary.status in ("succeeded", "completed_with_errors"):
+                raise
+            log.error("job record %s not written at the end: %s",
+                      self.layout.uri(self.layout.job_path(self.job_id)),
+                      storage.why(err, "output.storage_options"))
 
     def _job_record(self, summary: dict[str, Any], final: bool) -> dict[str, Any]:
         submission = {"ray_submission": self._lease.submission} if self._lease.submission else {}

@@ -188,7 +188,13 @@ class NamespaceLease:
         return self._lost_to is not None or self._silent(time.monotonic()) is not None
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+        """Stop the heartbeat and delete the lease if it is still ours.
+
+        Never raises for the store: a release runs as a run ends, failed or not, and a store
+        out of reach then (the outage that failed the run, or one at its very end) would
+        otherwise replace the run's own error, or turn a run that committed everything into
+        a failure. A record left behind is taken over like a dead run's (at once on this
+        host, after ``STALE_S`` elsewhere), so it is only warned about."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -197,6 +203,16 @@ class NamespaceLease:
         if not self._held:
             return
         self._held = False
+        try:
+            self._delete_own_record()
+        except OSError as err:  # StorageError: the retries ran out; a refusal
+            log.warning("lease %s not released (%s): the next run takes it over once its "
+                        "record has stayed unchanged for %.0f s (at once on this host)",
+                        self.layout.uri(self.path), storage.why(err, "output.storage_options"),
+                        STALE_S)
+
+    def _delete_own_record(self) -> None:
+        """Delete the lease's record if it is still this run's."""
         if self._store is not None:
             assert self._version is not None  # set whenever a conditional write took it
             if self._store.delete_if_unchanged(self.path, self._version):

@@ -554,3 +554,39 @@ def test_the_steady_rate_is_audio_over_the_span_the_models_ran() -> None:
     assert summary.steady_throughput == pytest.approx(10.0)
     assert summary.to_dict()["steady_audio_s_per_s"] == pytest.approx(10.0)
     assert summary.throughput == pytest.approx(2.5)
+
+
+def test_a_run_failed_by_an_outage_raises_its_own_error_not_the_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage of the output store fails the pipeline (a write task's retries run out),
+    and the final job record and the lease's release, written as the run ends, meet it
+    too: their StorageError used to replace the run's own error, so the CLI said the job
+    record's write had failed the job. The run's error goes on; the others are logged."""
+    from pipeline import layout as layout_mod
+    from pipeline import storage
+    from pipeline.errors import StorageError
+    from tests.conftest import write_tone
+
+    (tmp_path / "in").mkdir()
+    write_tone(tmp_path / "in" / "a.wav", 1.0, 16_000)
+    job = EmbeddingJob(JobConfig.from_dict({
+        "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+        "model": {"name": "beats", "weights": "random", "options": {
+            "encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+            "encoder_attention_heads": 2, "embed_dim": 32, "conv_pos": 16,
+            "conv_pos_groups": 2}}}))
+    job.prepare()
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise StorageError("write out/_jobs/x.json: gave up after 6 attempts: OSError: 503")
+
+    def pipeline_fails(summary: JobSummary, started: float) -> None:
+        monkeypatch.setattr(layout_mod, "write_json", down)  # the store goes down
+        monkeypatch.setattr(storage.LocalConditionalStore, "_delete", down)
+        raise RuntimeError("write_stage: gave up after 6 attempts (the outage)")
+
+    monkeypatch.setattr(job, "_run_shards", pipeline_fails)
+    with pytest.raises(RuntimeError, match="the outage"):
+        job.run()
+    assert job.summary.status == "failed"
+    assert "the outage" in job.summary.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -543,3 +544,30 @@ def test_inspect_lists_the_latest_runs_and_says_how_many_it_left_out(
     assert "jobs: 25 not shown (--jobs all)" in out and "run-" not in out
     with pytest.raises(SystemExit):
         main(["inspect", layout.root, "--jobs", "some"])
+
+
+def test_a_release_the_store_refuses_leaves_the_record_to_be_taken_over_and_raises_nothing(
+        layout: OutputLayout, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A release runs as a run ends: an outage then (the one that failed the run, or one
+    just after its last commit) used to raise out of ``run()`` in place of the run's own
+    error or summary, a run that committed everything exiting 1. The record stays, warned
+    about, and the next run takes it over."""
+    held = NamespaceLease(layout, "ending")
+    held.acquire()
+    held.start()
+
+    def outage(*args: object, **kwargs: object) -> bool:
+        raise OSError(errno.EIO, "Service Unavailable")  # transient: retried, then given up
+
+    monkeypatch.setattr(storage.LocalConditionalStore, "_delete", outage)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # the retries' backoff
+    with caplog.at_level("WARNING", logger="pipeline.lease"):
+        held.release()
+    assert holder_of(layout)["job_id"] == "ending"
+    assert "not released" in caplog.text and "gave up after 6 attempts" in caplog.text
+    monkeypatch.undo()
+    nxt = NamespaceLease(layout, "next")  # this process's, its run over: taken at once
+    nxt.acquire()
+    assert holder_of(layout)["job_id"] == "next"
+    nxt.release()
