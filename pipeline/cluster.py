@@ -588,6 +588,11 @@ def cluster_errors(address: str, token: AuthToken | None) -> Iterator[None]:
     except requests.exceptions.JSONDecodeError:
         raise ClusterError(f"{where} did not answer like a Ray dashboard") from None
     except (requests.exceptions.RequestException, ConnectionError) as err:
+        if _answered_not_http(err):
+            raise ClusterError(
+                f"{where} answered, but not in HTTP: not the Ray dashboard (the GCS port, "
+                "HEAD:6379, which `run`'s compute.address takes, speaks gRPC); give the "
+                "dashboard's address, e.g. http://HEAD:8265") from None
         raise ClusterError(f"cannot reach the Ray dashboard at {where} "
                            f"({type(err).__name__})") from None
     except RuntimeError as err:
@@ -603,6 +608,23 @@ def cluster_errors(address: str, token: AuthToken | None) -> Iterator[None]:
             raise ClusterError(f"the log stream from {where} failed ({type(err).__name__}"
                                f"{f' {status}' if status else ''})") from None
         raise
+
+
+def _answered_not_http(err: BaseException) -> bool:
+    """Whether the server answered in another protocol: http.client's ``BadStatusLine``
+    (a gRPC server's HTTP/2 frames), wrapped by urllib3 and requests in their errors'
+    ``args`` and by Ray's SDK as a cause. The TCP probe passed, so "cannot reach" would
+    send the user looking at the network, not at the port."""
+    import http.client
+
+    pending, seen = [err], 0
+    while pending and seen < 16:
+        error, seen = pending.pop(), seen + 1
+        if isinstance(error, http.client.BadStatusLine):
+            return True
+        pending += [e for e in (*getattr(error, "args", ()), error.__cause__, error.__context__)
+                    if isinstance(e, BaseException)]
+    return False
 
 
 def _auth_error(where: str, token: AuthToken | None) -> ClusterError:

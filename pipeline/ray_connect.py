@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator, Mapping
 
 from pipeline.config import ComputeConfig, JobConfig
@@ -45,18 +47,54 @@ def check_ray_address_env(compute: ComputeConfig) -> None:
                       "or submit the job", "RAY_ADDRESS")
 
 
-def cannot_join(address: str | None, err: Exception) -> PipelineError:
+def cannot_join(address: str | None, err: Exception, token_hint: bool = True) -> PipelineError:
     """One line for a cluster ``ray.init`` could not join (Ray's own error is a traceback
-    after a minute of retries): where, why, and the token a token-auth cluster (Ray 2.60's
-    ``ray start`` default once a token exists) wants, when none is set."""
+    after minutes of retries): where, why, and what a token-auth cluster (Ray 2.60's
+    ``ray start`` default once a token exists) wants of this driver (``token_hint``: for a
+    cluster that answered at all)."""
     where = address or os.environ.get("RAY_ADDRESS", "")
-    why = first_line(err)
-    hint = ""
-    if not any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        hint = ("; a cluster with token authentication wants its token: set RAY_AUTH_TOKEN "
-                "or RAY_AUTH_TOKEN_PATH (the head's ~/.ray/auth_token)")
+    hint = _token_hint() if token_hint else ""
     return PipelineError(f"cannot join the Ray cluster at {where} (compute.address / "
-                         f"RAY_ADDRESS): {why}{hint}")
+                         f"RAY_ADDRESS): {first_line(err)}{hint}")
+
+
+def _token_hint() -> str:
+    """What a driver joining a token-auth cluster lacks. Ray's driver sends a token only
+    with ``RAY_AUTH_MODE=token``: ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` alone (as
+    ``embed-archive submit`` takes them) is not read, and the join fails as "Failed to
+    connect", the same as a wrong token."""
+    tokens = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+        return ("; a cluster with token authentication wants RAY_AUTH_MODE=token and its "
+                "token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (the head's)")
+    if any(os.environ.get(k) for k in tokens):
+        return ("; with token authentication, check that RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH "
+                "hold this cluster's token (the head's ~/.ray/auth_token)")
+    return ("; a cluster with token authentication wants its token: set RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH (the head's ~/.ray/auth_token)")
+
+
+def unreachable(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why nothing answers at a ``HOST:PORT`` Ray address; None when something does, or for
+    an address that names no port (``auto``: Ray finds the cluster itself).
+
+    ``ray.init`` tries an address where nothing listens for about 14 minutes (20 tries of a
+    GCS connection that waits ~41 s each), printing a warning every few seconds, before
+    its ``ConnectionError``: a mistyped ``compute.address`` looked like a hung job.
+    """
+    try:
+        parsed = urllib.parse.urlsplit(f"//{address.strip()}")
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        return None  # Ray's to refuse, as it spells it
+    if not host or port is None:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        return f"nothing answers at {address.strip()} ({reason})"
 
 
 def connect_ray(cfg: JobConfig) -> bool:
@@ -80,6 +118,9 @@ def connect_ray(cfg: JobConfig) -> bool:
     env = {k: v for k, v in env.items() if k not in job_env}
     c = cfg.compute
     if joins_cluster(c):
+        why = unreachable(c.address or os.environ.get("RAY_ADDRESS", ""))
+        if why is not None:
+            raise cannot_join(c.address, ConnectionError(why), token_hint=False)
         try:
             ray.init(address=c.address, runtime_env={"env_vars": env}, log_to_driver=True)
         except Exception as err:

@@ -44,6 +44,33 @@ T = TypeVar("T")
 # but real GCS (the emulator, a proxy) that waits 60 s per call. Workers inherit this.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+
+class _GcsfsRetryTracebacks(logging.Filter):
+    """Drop gcsfs's ERROR record, with its traceback, of a request it gives up on.
+
+    gcsfs's retry wrapper logs ``logger.exception`` before it raises the same exception to
+    its caller: offline, ~100 lines of aiohttp traceback per request ahead of the job's
+    own one-line error, which already names it (and once per call the job retries itself).
+    Kept where DEBUG is asked for: ``run.log_level: DEBUG`` lowers the root logger on the
+    driver and the ``pipeline`` logger in Ray workers (or a user lowers ``gcsfs``'s own).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.funcName != "retry_request" or record.levelno < logging.ERROR:
+            return True
+        return any(logging.getLogger(name).isEnabledFor(logging.DEBUG)
+                   for name in ("gcsfs", "pipeline"))
+
+
+def quiet_gcsfs_retries() -> None:
+    """Install :class:`_GcsfsRetryTracebacks` on the ``gcsfs`` logger, once per process."""
+    logger = logging.getLogger("gcsfs")
+    if not any(isinstance(f, _GcsfsRetryTracebacks) for f in logger.filters):
+        logger.addFilter(_GcsfsRetryTracebacks())
+
+
+quiet_gcsfs_retries()
+
 _PROTOCOL_ALIASES: dict[str, frozenset[str]] = {
     alias: group
     for group in (frozenset({"s3", "s3a"}), frozenset({"gs", "gcs"}), frozenset({"http", "https"}),

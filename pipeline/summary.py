@@ -71,6 +71,7 @@ class ShardOutcome:
     audio_s: float = 0.0
     bytes_read: int = 0
     committed_after_s: float = 0.0
+    error_types: dict[str, int] = field(default_factory=dict)  # of the failed: how many each
 
 
 @dataclass
@@ -90,6 +91,7 @@ class JobSummary:
     embedded: int = 0
     partial: int = 0
     failed: int = 0
+    error_types: dict[str, int] = field(default_factory=dict)  # of the failed: how many each
     retried: int = 0  # of the failed and partial: those a rerun tries again (ShardOutcome's)
     windows: int = 0
     audio_s: float = 0.0
@@ -118,7 +120,8 @@ class JobSummary:
         out["steady_audio_s_per_s"] = round(self.steady_throughput, 3)
         out["embed"] = {**self.embed.__dict__, "busy_fraction": round(self.embed.busy_fraction, 4)}
         if outcomes:
-            out["shard_outcomes"] = [dict(o.__dict__) for o in self.shard_outcomes]
+            out["shard_outcomes"] = [{k: v for k, v in o.__dict__.items() if k != "error_types"}
+                                     for o in self.shard_outcomes]
         return out
 
     def render(self) -> str:
@@ -150,7 +153,14 @@ class JobSummary:
             f"  output       {self.output_uri}",
         ]
         if self.failed:
-            lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}")
+            # Why, in the log too: a cause every recording meets (credentials a cluster's
+            # workers lack, a codec one node misses) reads as "5 failed" otherwise.
+            kinds = sorted(self.error_types.items(), key=lambda kv: (-kv[1], kv[0]))
+            why = ", ".join(f"{name} {count}" for name, count in kinds[:3])
+            why += ", ..." if len(kinds) > 3 else ""
+            lines.append(f"  errors       {self.failed} recordings failed -> {errors_at}"
+                         + (f" ({why}; `embed-archive inspect {self.output_uri}` shows a few)"
+                            if why else ""))
         if self.partial:
             # The console named each as it was decoded, among thousands of lines: where to
             # look them up after.

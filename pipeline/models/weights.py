@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline import redact
+from pipeline import redact, storage
 from pipeline.errors import WeightsUnavailableError
 from pipeline.models.base import WeightsInfo
 
@@ -182,6 +182,7 @@ def _fetch(uri: str, storage_options: Mapping[str, Any] | None, keep: bool
             raise WeightsUnavailableError(_missing_message(shown))
         return _describe(local, shown, keep=keep)
     options = dict(storage_options or {})
+    storage.quiet_gcsfs_retries()  # this reports a failed request in one line, not gcsfs
     key = _cache_key(uri, shown, options)
     cached = _cached_blob(key, keep)
     if cached is not None:

@@ -1167,6 +1167,38 @@ def test_a_dashboard_that_never_answers_times_out_in_one_line(
     assert time.monotonic() - started < 20
 
 
+def test_a_port_that_answers_in_another_protocol_is_named_as_not_the_dashboard(
+        laptop_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--address HEAD:6379` (the GCS's port, which `run`'s compute.address takes): it
+    answers in gRPC's HTTP/2 frames, and the message said "cannot reach the Ray dashboard
+    (ConnectionError)", which sent the user to check the network."""
+    import socket
+
+    settings_frame = b"\x00\x00\x18\x04\x00\x00\x00\x00\x00" + b"\x00" * 24  # as Ray's GCS sends
+
+    with socket.socket() as grpc:
+        grpc.bind(("127.0.0.1", 0))
+        grpc.listen(8)
+
+        def answer() -> None:
+            for _ in range(4):  # requests tries again once on a connection it had to drop
+                try:
+                    conn, _ = grpc.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(settings_frame)
+
+        threading.Thread(target=answer, daemon=True).start()
+        code = run_cli("status", "j1", "--address", f"127.0.0.1:{grpc.getsockname()[1]}",
+                       "--connect-timeout", "5")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "answered, but not in HTTP: not the Ray dashboard" in err
+    assert "http://HEAD:8265" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "http://no-such-host.invalid:8265"])
 def test_unreachable_dashboard_fails_fast_in_one_line(address: str, laptop_env: None,
                                                       capsys: pytest.CaptureFixture[str]) -> None:

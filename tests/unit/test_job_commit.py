@@ -94,6 +94,8 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
                    "attempts": 1},
         "oom": {"outcome": "error", "error_type": "MemoryError", "retry": True, "attempts": 3}}
     assert (outcome.embedded, outcome.partial, outcome.failed) == (1, 2, 4)
+    assert outcome.error_types == {"NonFiniteEmbedding": 1, "UnreadableAudio": 1,
+                                   "StorageError": 1, "MemoryError": 1}
     # What the summary says a rerun tries again: cut_short and outage; oom met its third
     # run (run.max_attempts 3), the others were the recordings' own.
     assert outcome.retried == 2
@@ -121,6 +123,29 @@ def test_the_summary_points_at_the_errors_directory_the_layout_writes() -> None:
     summary = JobSummary(job_id="j", output_uri="/out", model="my_pkg.models:Frames",
                          variant="v1", weights="random", failed=1)
     assert layout.uri(layout.table_dir("errors")) in summary.render()
+
+
+def test_the_summary_says_what_the_recordings_failed_of() -> None:
+    """Credentials a cluster's workers lack (right on the driver, which listed the bucket)
+    fail every recording: the log said only "5 recordings failed", the why was in the
+    errors table. The kinds are counted as shards commit; the shard outcomes in the job
+    record do not repeat them."""
+    job = EmbeddingJob(JobConfig.from_dict({"input": {"uri": "/x"}, "output": {"uri": "/out"}}))
+    job.shards = [object(), object()]
+    summary = JobSummary(job_id="j", output_uri="s3://emb/run", model="m", variant="v",
+                         weights="w")
+    job._count_committed(summary, ShardOutcome("a", recordings=3, failed=3,
+                                               error_types={"PermissionError": 3}))
+    job._count_committed(summary, ShardOutcome("b", recordings=4, failed=2, embedded=2,
+                                               error_types={"PermissionError": 1,
+                                                            "UnreadableAudio": 1}))
+    assert summary.error_types == {"PermissionError": 4, "UnreadableAudio": 1}
+    line = next(x for x in summary.render().splitlines() if "recordings failed" in x)
+    assert line.endswith("(PermissionError 4, UnreadableAudio 1; `embed-archive inspect "
+                         "s3://emb/run` shows a few)")
+    assert all("error_types" not in o for o in summary.to_dict()["shard_outcomes"])
+    summary.error_types.update({"A": 1, "B": 1, "C": 1})
+    assert "(PermissionError 4, A 1, B 1, ...;" in summary.render()
 
 
 class SlowCommits:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -490,7 +491,8 @@ def test_a_submitted_driver_sends_only_the_variables_its_job_does_not_set(
 
     for name in ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", FAULT_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    head = _listening()  # the driver checks that something answers there before ray.init
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{head.getsockname()[1]}")
     monkeypatch.setenv("EMBED_ARCHIVE_CACHE", "/cache")
     monkeypatch.setenv(GIT_COMMIT_ENV, "abc123")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -503,6 +505,52 @@ def test_a_submitted_driver_sends_only_the_variables_its_job_does_not_set(
     monkeypatch.delenv(GIT_COMMIT_ENV)  # a driver not started by submit: its own commit
     connect_ray(cfg)
     assert calls[1]["runtime_env"]["env_vars"][GIT_COMMIT_ENV] == git_commit()
+    head.close()
+
+
+def _listening() -> socket.socket:
+    """A TCP socket listening on a free port of 127.0.0.1 (close it after)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    return server
+
+
+def test_a_cluster_address_where_nothing_answers_fails_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped compute.address (or RAY_ADDRESS): ray.init tried it for ~14 minutes,
+    printing a warning every few seconds, before its ConnectionError. Now one line at once,
+    without the token hint (nothing answered to ask for one); ray.init is never called."""
+    import sys
+    import time
+    import types
+
+    from pipeline.errors import PipelineError
+    from pipeline.ray_connect import connect_ray
+
+    def joined(**kwargs: Any) -> None:
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False,
+                                                                  init=joined))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    closed = _listening()
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now
+    for compute, env in (({"address": address}, None), ({}, address)):
+        if env:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        cfg = JobConfig.from_dict({"input": {"uri": "/nowhere"}, "output": {"uri": "/nowhere"},
+                                   "compute": compute})
+        started = time.monotonic()
+        with pytest.raises(PipelineError) as err:
+            connect_ray(cfg)
+        assert time.monotonic() - started < 5
+        text = str(err.value)
+        assert text.startswith(f"cannot join the Ray cluster at {address} ")
+        assert f"nothing answers at {address} (Connection refused)" in text
+        assert "\n" not in text and "RAY_AUTH_TOKEN" not in text
 
 
 def test_a_cluster_that_cannot_be_joined_fails_in_one_line(
@@ -523,7 +571,7 @@ def test_a_cluster_that_cannot_be_joined_fails_in_one_line(
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False,
                                                                   init=refuse))
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE"):
         monkeypatch.delenv(name, raising=False)
     cfg = JobConfig.from_dict({"input": {"uri": "/nowhere"}, "output": {"uri": "/nowhere"},
                                "compute": {"address": "auto"}})
@@ -532,11 +580,20 @@ def test_a_cluster_that_cannot_be_joined_fails_in_one_line(
     text = str(err.value)
     assert "\n" not in text and text.startswith("cannot join the Ray cluster at auto")
     assert "Failed to connect to Ray cluster at 10.0.0.1:6379" in text
-    assert "RAY_AUTH_TOKEN" in text
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 64)  # a token was given: no hint about one
+    assert "RAY_AUTH_MODE=token and its token: RAY_AUTH_TOKEN" in text
+    # A token alone is not sent: Ray's driver reads one only with RAY_AUTH_MODE=token (the
+    # hint said "set RAY_AUTH_TOKEN", then, once it was set, nothing).
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 64)
     with pytest.raises(PipelineError) as err:
         connect_ray(cfg)
-    assert "RAY_AUTH_TOKEN" not in str(err.value) and "x" * 64 not in str(err.value)
+    assert "wants RAY_AUTH_MODE=token" in str(err.value) and "x" * 64 not in str(err.value)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # both: the token may be another cluster's
+    with pytest.raises(PipelineError) as err:
+        connect_ray(cfg)
+    assert "hold this cluster's token" in str(err.value) and "x" * 64 not in str(err.value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")  # the mode, no token
+    with pytest.raises(PipelineError, match="wants its token: set RAY_AUTH_TOKEN"):
+        connect_ray(cfg)
     monkeypatch.setattr(cli, "cmd_run", lambda args: connect_ray(cfg))
     assert cli.main(["run", "job.yaml"]) == 1
     assert capsys.readouterr().err.startswith("embed-archive: failed: cannot join the Ray cluster")

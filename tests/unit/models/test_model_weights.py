@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
+import logging
+import threading
 import traceback
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fsspec
@@ -461,3 +467,50 @@ def test_cache_weights_for_an_endpoint_is_found_by_jobs_on_that_endpoint(cache, 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://other:9000")  # set for both
     cache_weights(uri, checkpoint)
     assert fetch_weights(uri).sha256 == _sha(checkpoint)
+
+
+@contextlib.contextmanager
+def _gcs_refusing_every_request() -> Iterator[str]:
+    """A GCS JSON API stand-in on 127.0.0.1 that answers every request 400, which gcsfs
+    does not retry: it gives up at once, as it does offline after its retries."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            body = json.dumps({"error": {"code": 400, "message": "no such store here"}}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_gcs_request_gcsfs_gives_up_on_is_one_line_not_its_traceback(cache, caplog) -> None:
+    """gcsfs logs each request it gives up on with its traceback (logger.exception) before
+    raising it: offline, ~100 lines of aiohttp frames ahead of the job's one-line error,
+    which names the same exception. Shown at run.log_level DEBUG (the driver's root logger,
+    a worker's `pipeline` logger)."""
+    uri = "gs://weights-bucket/x.safetensors"
+
+    def gcsfs_tracebacks(level: int, logger: str | None = None) -> list[logging.LogRecord]:
+        caplog.clear()
+        refused = pytest.raises(WeightsUnavailableError, match="HttpError: no such store here")
+        with _gcs_refusing_every_request() as url, caplog.at_level(level, logger=logger), refused:
+            fetch_weights(uri, {"endpoint_url": url, "token": "anon", "project": "p1"})
+        return [r for r in caplog.records if r.name == "gcsfs" and r.exc_info]
+
+    assert gcsfs_tracebacks(logging.INFO) == []
+    assert gcsfs_tracebacks(logging.DEBUG)
+    assert gcsfs_tracebacks(logging.DEBUG, logger="pipeline")
