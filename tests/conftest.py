@@ -84,8 +84,7 @@ def serving(directory: Path, forbidden: Collection[str] = ()) -> Iterator[str]:
     """Python's http.server on 127.0.0.1 over ``directory`` (no ETag, no ranges, a
     Last-Modified date): yields its base URL; stopped on exit. The files named in
     ``forbidden`` answer 403."""
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class Handler(SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -100,7 +99,18 @@ def serving(directory: Path, forbidden: Collection[str] = ()) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with on_loopback(Handler) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def on_loopback(handler: type) -> Iterator[str]:
+    """An HTTP server of ``handler`` on 127.0.0.1 in a thread: yields its base URL; stopped
+    on exit."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -150,15 +150,20 @@ def test_a_bucket_root_is_read_through_the_jobs_fsspec_filesystem(
     assert seen and all(o == {"use_listings_cache": False} for o in seen)
 
 
-def test_an_all_zero_embedding_is_nobodys_nearest_neighbour(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Its cosine to anything is NaN, which DuckDB sorts above every number."""
-    write_namespace(tmp_path, "0123", "j", ["a.wav", "b.wav", "z.wav"], "2026-11-22T10:00:00Z")
-    path = tmp_path / namespace_dir("recordings", "beats", "0123") / "part-0.parquet"
+def namespace_with_an_all_zero_embedding(root: Path, variant: str) -> None:
+    """Three recordings: ``a`` and ``b`` near each other, ``z``'s embedding all zeros."""
+    write_namespace(root, variant, "j", ["a.wav", "b.wav", "z.wav"], "2026-11-22T10:00:00Z")
+    path = root / namespace_dir("recordings", "beats", variant) / "part-0.parquet"
     table = pq.read_table(path)
     table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(
         [[1.0, 0.0], [1.0, 0.1], [0.0, 0.0]], pa.list_(pa.float32())))
     pq.write_table(table, path)
+
+
+def test_an_all_zero_embedding_is_nobodys_nearest_neighbour(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its cosine to anything is NaN, which DuckDB sorts above every number."""
+    namespace_with_an_all_zero_embedding(tmp_path, "0123")
     assert query.main([str(tmp_path)]) == 0
     a, b, _ = neighbours(capsys.readouterr().out)
     assert "/a/b.wav" in a.split("│")[3] and "/a/a.wav" in b.split("│")[3]
@@ -180,12 +185,7 @@ def test_the_readmes_nearest_neighbour_query_passes_over_an_all_zero_embedding(
     """What ``python -m pipeline.query`` does, the README's copy of it does too: an all-zero
     embedding's cosine to anything is NaN, which DuckDB sorts above every number, so it
     was every recording's nearest neighbour there."""
-    write_namespace(tmp_path, "v0123", "j", ["a.wav", "b.wav", "z.wav"], "2026-11-22T10:00:00Z")
-    path = tmp_path / namespace_dir("recordings", "beats", "v0123") / "part-0.parquet"
-    table = pq.read_table(path)
-    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", pa.array(
-        [[1.0, 0.0], [1.0, 0.1], [0.0, 0.0]], pa.list_(pa.float32())))
-    pq.write_table(table, path)
+    namespace_with_an_all_zero_embedding(tmp_path, "v0123")
     sql = readme_nearest_neighbour_sql().replace("outputs/demo", str(tmp_path)).replace(
         "a.layer = 12", "a.layer = 3")
     nearest = {uri: near for _, _, uri, _, near, *_ in duckdb.sql(sql).fetchall()}

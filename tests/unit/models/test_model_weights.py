@@ -7,10 +7,9 @@ import hashlib
 import io
 import json
 import logging
-import threading
 import traceback
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import fsspec
@@ -21,6 +20,7 @@ from pipeline.errors import WeightsUnavailableError
 from pipeline.models import cache_weights, create_backbone, fetch_weights
 from pipeline.models.efficientnet import EfficientNetModel
 from pipeline.models.registry import model_info
+from tests.conftest import on_loopback
 from tests.unit.models.conftest import generated_state, save_safetensors
 
 HF_URI = "hf://EarthSpeciesProject/esp-aves2-sl-beats-all/esp-aves2-sl-beats-all.safetensors"
@@ -488,13 +488,8 @@ def _gcs_refusing_every_request() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with on_loopback(Handler) as url:
+        yield url
 
 
 def test_a_gcs_request_gcsfs_gives_up_on_is_one_line_not_its_traceback(cache, caplog) -> None:
