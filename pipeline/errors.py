@@ -108,6 +108,12 @@ class PipelineStalled(PipelineError):
     committed before stay, and a rerun resumes."""
 
 
+class WorkersCrashed(PipelineError):
+    """A decode worker or an embedding actor died each time one piece of work was tried
+    (``job.CRASH_RETRIES`` + 1 times), most often out of memory: a failure said at once,
+    not actors restarted until ``run.stall_timeout_s``. The shards it committed stay."""
+
+
 class JobAborted(PipelineError):
     """The job stopped itself (e.g. ``run.max_failed_fraction`` was exceeded)."""
 

@@ -10,7 +10,10 @@ the first file of a shard is in place), ``before_commit`` (all files in place, n
 yet), ``committed`` (the driver's commit thread that wrote the first marker, right after it;
 other shards' commits may be under way on the other threads).
 ``<point>+hang:<marker-file>`` blocks the process's thread there for good instead (a stall:
-``run.stall_timeout_s``). Any other ``+mode`` is a typo: no fault, the marker stays.
+``run.stall_timeout_s``); ``<point>+every:<marker-file>`` kills every process that gets there
+while the marker exists, adding a line with its pid to it (a batch that runs its worker out
+of memory each time it is tried).
+Any other ``+mode`` is a typo: no fault, the marker stays.
 Unset in normal runs, where it costs one environment lookup.
 """
 
@@ -34,13 +37,17 @@ def fault_point(name: str) -> None:
     point, _, how = point.partition("+")
     if point != name or not marker or not os.path.exists(marker):
         return
-    if how not in ("", "hang"):  # never a SIGKILL the spec did not ask for
+    if how not in ("", "hang", "every"):  # never a SIGKILL the spec did not ask for
         log.error("fault injection: unknown mode %r in %s=%s; no fault", how, FAULT_ENV, spec)
         return
-    try:
-        os.remove(marker)
-    except FileNotFoundError:
-        return  # another process took this fault
+    if how == "every":
+        with open(marker, "a") as fh:  # one line per kill: the tests count them
+            fh.write(f"{os.getpid()}\n")
+    else:
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            return  # another process took this fault
     if how == "hang":
         log.error("fault injection: pid %d hangs at %s", os.getpid(), name)
         threading.Event().wait()

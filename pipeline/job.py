@@ -73,6 +73,8 @@ from pipeline.errors import (
     LeaseLostError,
     PipelineStalled,
     UnknownModelError,
+    WorkersCrashed,
+    first_line,
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
@@ -394,6 +396,42 @@ def _take_write_return(ret: WriteReturn, book: _ShardBook, written: Written,
 
 class _CommitStopped(Exception):
     """A commit left unfinished because the job is stopping."""
+
+
+#: Times Ray tries again a decode task whose worker died, or a batch whose embedding actor
+#: died, before the run fails. Ray Data's default is forever: a batch that runs its actor
+#: out of memory each time (long windows, a batch too large for the node) had Ray's memory
+#: monitor kill it and Ray restart it and hand it the same batch, with no error, until
+#: run.stall_timeout_s (30 min by default). A node lost, a spot instance preempted, one
+#: actor killed: each costs a piece of work in flight there one try.
+CRASH_RETRIES = 3
+
+
+def _crashed(err: BaseException) -> WorkersCrashed | None:
+    """The run's error as :class:`WorkersCrashed` when a worker's death ended it (Ray's
+    errors of a dead actor, a crashed worker or one killed out of memory, anywhere in
+    its chain of causes), else None."""
+    from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    pending: list[BaseException] = [err]
+    for _ in range(16):
+        if not pending:
+            return None
+        error = pending.pop()
+        if isinstance(error, (RayActorError, OutOfMemoryError, WorkerCrashedError)):
+            break
+        pending += [e for e in (getattr(error, "cause", None), error.__cause__,
+                                error.__context__) if isinstance(e, BaseException)]
+    else:
+        return None
+    oom = isinstance(error, OutOfMemoryError) or "memory" in str(error).lower()
+    return WorkersCrashed(
+        f"a worker died {CRASH_RETRIES + 1} times on the same work"
+        f"{', out of memory' if oom else ''} ({type(error).__name__}: {first_line(error, 200)}); "
+        "a batch or recording that runs its worker out of memory each time is the usual "
+        "cause: lower model.batch_size or windows.window_s, or give the workers more memory "
+        "(compute.decode_memory_mb, larger nodes); the shards committed stay, and a rerun "
+        "resumes")
 
 
 def _stalled(err: BaseException, timeout_s: float, watch: ActorRoomWatch) -> PipelineStalled | None:
@@ -1073,10 +1111,10 @@ class EmbeddingJob:
                     committer.collect()
             committer.collect(wait="all")
         except BaseException as err:
-            stalled = _stalled(err, self.cfg.run.stall_timeout_s, watch)
-            committer.close(stalled or err)  # a stall is a pipeline error, not an interrupt
-            if stalled is not None:
-                raise stalled from err
+            said = _stalled(err, self.cfg.run.stall_timeout_s, watch) or _crashed(err)
+            committer.close(said or err)  # a stall is a pipeline error, not an interrupt
+            if said is not None:
+                raise said from err
             raise
         finally:  # a stopped or failed run's record says what its models did too
             summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
@@ -1144,7 +1182,8 @@ class EmbeddingJob:
         # (it fuses map stages whose remote args are identical), which would move decoding
         # onto the GPU nodes and serialise it behind the model.
         decode_kwargs: dict[str, Any] = {"num_cpus": cfg.compute.decode_cpus,
-                                         "memory": cfg.compute.decode_memory_mb * 1024**2}
+                                         "memory": cfg.compute.decode_memory_mb * 1024**2,
+                                         "max_retries": CRASH_RETRIES}
         if cfg.compute.decode_resources:
             decode_kwargs["resources"] = dict(cfg.compute.decode_resources)
         if cfg.compute.decode_concurrency:
@@ -1152,7 +1191,8 @@ class EmbeddingJob:
         ds = ds.map_batches(decode_batch, fn_kwargs={"spec": self._decode_spec()}, batch_size=1,
                             batch_format="numpy", **decode_kwargs)
         # What each actor asks for: compute.actor_needs says the same to the room watch.
-        embed_kwargs: dict[str, Any] = {"num_cpus": plan.cpus_per_actor}
+        embed_kwargs: dict[str, Any] = {"num_cpus": plan.cpus_per_actor,
+                                        "max_task_retries": CRASH_RETRIES}
         if plan.gpus_per_actor:
             embed_kwargs["num_gpus"] = plan.gpus_per_actor
         if cfg.compute.embed_resources:

@@ -174,6 +174,36 @@ def test_a_stalled_pipeline_fails_in_time_and_a_rerun_resumes(
     assert_same(out, baseline)
 
 
+def test_a_batch_that_kills_its_actor_each_time_fails_the_run_at_once_and_resumes(
+        archive: Path, baseline, tmp_path: Path, ray_address: str) -> None:
+    """Every embedding actor that takes a batch dies (as one run out of memory by a batch
+    too large for its node does): Ray used to restart it and hand it the same batch
+    forever, with no error, until ``run.stall_timeout_s`` (30 min). The batch is tried
+    ``CRASH_RETRIES`` + 1 times and the run fails saying why (exit 1); the rerun resumes."""
+    from pipeline.job import CRASH_RETRIES
+
+    out = tmp_path / "out"
+    marker = tmp_path / "fault.marker"
+    marker.write_text("")
+    proc = run_cli(config(archive, out, ray_address), tmp_path,
+                   {"EMBED_ARCHIVE_FAULT": f"embed+every:{marker}",
+                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Each try of the batch killed an actor (the other actor's batches may have too).
+    assert CRASH_RETRIES + 1 <= len(marker.read_text().split()) <= 2 * (CRASH_RETRIES + 1)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"embed-archive: failed: a worker died {CRASH_RETRIES + 1} times on "
+                           "the same work"), last
+    record = json.loads(next((out / "_jobs").glob("*.json")).read_text())
+    assert record["summary"]["status"] == "failed"
+    assert record["summary"]["message"].startswith("WorkersCrashed: a worker died")
+    marker.unlink()
+    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert summary.exit_code == 0
+    assert summary.embedded + summary.recordings_already_done == NUM_FILES
+    assert_same(out, baseline)
+
+
 def test_a_run_whose_actors_lost_every_node_that_could_hold_them_fails_and_resumes(
         archive: Path, baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a cluster, the node that held the embedding actors is lost and none can take them:

@@ -373,11 +373,13 @@ def test_the_stall_timeout_is_ray_datas_no_progress_guard(
 
 @pytest.mark.parametrize(("spec", "fired"), [
     ("embed:{m}", "kill"), ("embed+hang:{m}", "hang"), ("decode:{m}", None),
-    ("decode+hang:{m}", None), ("embed+hnag:{m}", None), ("embed:{m}.gone", None)])
+    ("decode+hang:{m}", None), ("embed+hnag:{m}", None), ("embed:{m}.gone", None),
+    ("embed+every:{m}", "kill every time")])
 def test_a_fault_point_kills_or_hangs_as_its_spec_says(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spec: str, fired: str | None) -> None:
     """``+hang`` leaves the plain points as they were; a mode it does not know (a typo) is
-    no fault, rather than the SIGKILL of a plain point, and its marker stays."""
+    no fault, rather than the SIGKILL of a plain point, and its marker stays; ``+every``
+    kills each process that gets there while its marker stays."""
     import threading
 
     from pipeline import faults
@@ -394,6 +396,10 @@ def test_a_fault_point_kills_or_hangs_as_its_spec_says(
     monkeypatch.setattr(faults.os, "kill", lambda pid, sig: seen.append("kill"))
     monkeypatch.setenv(faults.FAULT_ENV, spec.format(m=marker))
     faults.fault_point("embed")
+    if fired == "kill every time":
+        faults.fault_point("embed")
+        assert seen == ["kill", "kill"] and marker.exists()
+        return
     assert seen[:1] == ([fired] if fired else [])
     assert marker.exists() == (fired is None)
 
