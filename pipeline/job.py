@@ -419,6 +419,8 @@ def _crashed(err: BaseException) -> WorkersCrashed | None:
             return None
         error = pending.pop()
         if isinstance(error, (RayActorError, OutOfMemoryError, WorkerCrashedError)):
+            if "creation task" in str(error):  # its __init__ raised: that error says it all
+                return None
             break
         pending += [e for e in (getattr(error, "cause", None), error.__cause__,
                                 error.__context__) if isinstance(e, BaseException)]

@@ -23,6 +23,7 @@ from pipeline.errors import AudioDecodeError
 from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob
 from pipeline.sink import PROVENANCE_KEY
 from pipeline.windows import plan_windows
+from tests.conftest import write_tone
 from tests.integration.conftest import TINY_BEATS
 
 RATE, WINDOW, HOP = 16_000, 32_000, 16_000
@@ -417,6 +418,36 @@ def test_the_model_reads_its_batches_straight_from_the_object_store(
     assert summary.embedded == 1 and summary.windows == 59
     assert sum(b["rows"] for b in batches) == 59  # the report rides on the last window
     assert len(batches) == 4 and all(b["read_only"] for b in batches), batches
+
+
+def refusing_actor() -> type:
+    """The job's embedding actor, refusing to start (as one given another plugin version
+    than the driver planned with does)."""
+    from pipeline.stages import Embedder
+
+    class Refusing(Embedder):
+        def __init__(self, spec: object) -> None:
+            raise RuntimeError("plugin here is v2, but the job was planned with v1")
+
+    return Refusing
+
+
+def test_an_actor_that_refuses_to_start_fails_the_run_with_its_own_error(
+        tmp_path: Path, ray_session: None) -> None:
+    """Ray says "the actor died" of an actor whose constructor raised: that is its error,
+    not a worker dying on a batch time after time (``job.WorkersCrashed``)."""
+    import pipeline.job
+
+    (tmp_path / "in").mkdir()
+    write_tone(tmp_path / "in" / "a.wav", 2.0, 16_000)
+    raw = {"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+           "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS)},
+           "run": {"progress": False}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.job, "Embedder", refusing_actor())
+        with pytest.raises(Exception, match="planned with v1") as raised:
+            EmbeddingJob(JobConfig.from_dict(raw)).run()
+    assert "a worker died" not in str(raised.value)
 
 
 @pytest.mark.parametrize("join", [False, True], ids=["local Ray", "RAY_ADDRESS"])
