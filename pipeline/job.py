@@ -1414,8 +1414,7 @@ class EmbeddingJob:
         summary.shard_outcomes.append(outcome)
         for key in ("embedded", "partial", "failed", "retried", "windows", "audio_s"):
             setattr(summary, key, getattr(summary, key) + getattr(outcome, key))
-        for name, count in outcome.error_types.items():
-            summary.error_types[name] = summary.error_types.get(name, 0) + count
+        summary.error_types.update(outcome.error_types)
         log.info("shard %d/%d %s committed: %d recordings (%d failed), %d windows, %.0f audio-s; "
                  "%.1f audio-s/s overall", len(summary.shard_outcomes), len(self.shards),
                  outcome.shard_id, outcome.recordings, outcome.failed, outcome.windows,
@@ -1453,8 +1452,7 @@ class EmbeddingJob:
                 err_rows.append({"recording_id": rid, "error_type": report["error_type"],
                                  "message": report["message"]})
                 outcome.failed += 1
-                kind = report["error_type"]
-                outcome.error_types[kind] = outcome.error_types.get(kind, 0) + 1
+                outcome.error_types[report["error_type"]] += 1
                 settled[rid] = self._failure_mark(item, report)
                 continue
             lost = dropped.get(rid, set())
@@ -1464,8 +1462,7 @@ class EmbeddingJob:
                 err_rows.append({"recording_id": rid, "error_type": "NonFiniteEmbedding",
                                  "message": "every window's embedding was non-finite"})
                 outcome.failed += 1
-                outcome.error_types["NonFiniteEmbedding"] = (
-                    outcome.error_types.get("NonFiniteEmbedding", 0) + 1)
+                outcome.error_types["NonFiniteEmbedding"] += 1
                 settled[rid] = {"outcome": "error", "error_type": "NonFiniteEmbedding"}
                 continue
             problems = list(report.get("problems", []))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -71,7 +72,7 @@ class ShardOutcome:
     audio_s: float = 0.0
     bytes_read: int = 0
     committed_after_s: float = 0.0
-    error_types: dict[str, int] = field(default_factory=dict)  # of the failed: how many each
+    error_types: Counter[str] = field(default_factory=Counter)  # of the failed: how many each
 
 
 @dataclass
@@ -91,7 +92,7 @@ class JobSummary:
     embedded: int = 0
     partial: int = 0
     failed: int = 0
-    error_types: dict[str, int] = field(default_factory=dict)  # of the failed: how many each
+    error_types: Counter[str] = field(default_factory=Counter)  # of the failed: how many each
     retried: int = 0  # of the failed and partial: those a rerun tries again (ShardOutcome's)
     windows: int = 0
     audio_s: float = 0.0

@@ -41,24 +41,25 @@ from tests.integration.storage_servers import (
 BUCKET = "lease-races"
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_moto(tmp_path_factory.mktemp("lease-servers"))
+def with_bucket(server: ServerProcess, scheme: str,
+                options: Callable[[str], dict[str, Any]]) -> Iterator[ServerProcess]:
+    """``server``, holding the bucket the tests race on, until the module is done."""
     try:
-        storage.url_to_fs(f"s3://{BUCKET}", s3_options(server.url))[0].mkdir(BUCKET)
+        storage.url_to_fs(f"{scheme}://{BUCKET}", options(server.url))[0].mkdir(BUCKET)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from with_bucket(start_moto(tmp_path_factory.mktemp("lease-servers")), "s3", s3_options)
 
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_gcs_emulator(tmp_path_factory.mktemp("lease-servers"))
-    try:
-        storage.url_to_fs(f"gs://{BUCKET}", gcs_options(server.url))[0].mkdir(BUCKET)
-        yield server
-    finally:
-        server.stop()
+    yield from with_bucket(start_gcs_emulator(tmp_path_factory.mktemp("lease-servers")), "gs",
+                           gcs_options)
 
 
 @pytest.fixture(autouse=True)
