@@ -1059,6 +1059,9 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         # with Ray, decoding and writing costs the model itself.
         "actor_forward_over_model_only": actor_forward_audio_s_per_s / model["audio_s_per_s"],
     }
+    if edges := model_edges(pipe):
+        out["model_edges"] = edges
+        edges["over_model_only"] = edges["audio_s_per_s"] / model["audio_s_per_s"]
     if shaped:  # the same ratios against model only shaped as the job's actors
         best = out["model_only_as_actors"] = _best_run(shaped)
         out["pipeline_over_model_only_as_actors"] = pipe["audio_s_per_s"] / best["audio_s_per_s"]
@@ -1066,6 +1069,8 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
                                                             / best["audio_s_per_s"])
         out["actor_forward_over_model_only_as_actors"] = (actor_forward_audio_s_per_s
                                                           / best["audio_s_per_s"])
+        if edges:
+            edges["over_model_only_as_actors"] = edges["audio_s_per_s"] / best["audio_s_per_s"]
         if split := steady_cpu_split(pipe, best):
             out["steady_cpu_split"] = split
     if seed:
@@ -1130,6 +1135,26 @@ def steady_cpu_split(pipe: Mapping[str, Any], alone: Mapping[str, Any],
                                                     / (alone["audio_s"] / alone["cpu_s"])),
         "others_share_of_cores": others,  # roles with at least 1 % of the cores
     }
+
+
+def model_edges(pipe: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The steady span's edges: actor-seconds of it in which an actor had not yet started
+    its first batch or had finished its last, and the rate without them (each actor's
+    first to last batch); None with fewer than two actors, where there are no such edges.
+
+    The span runs from the first actor's first batch to the last actor's last one, so it
+    holds up to a batch per actor of one model waiting for the others at both ends (the
+    first blocks reach one actor first; the last go to one actor while the other has
+    none left). That is a fixed cost per job, like start-up, not the data plane falling
+    behind: on a short corpus it is a visible share of the span, on a long one it fades.
+    """
+    e = pipe["embed"]
+    if e["actors"] < 2 or e["span_s"] <= 0 or e["active_s"] <= 0:
+        return None
+    held = e["actors"] * e["span_s"]
+    return {"idle_actor_s": held - e["active_s"], "span_actor_s": held,
+            "share_of_span": (held - e["active_s"]) / held,
+            "audio_s_per_s": pipe["audio_s"] * e["actors"] / e["active_s"]}
 
 
 def audio_for_ratio(target: float, steady_ratio: float, overhead_s: float,
@@ -1259,6 +1284,12 @@ def _render_corpus(corpus: str, c: Mapping[str, Any], r: Mapping[str, Any]) -> l
                      f"{c['pipeline_over_model_only_as_actors']:.3f}   (while the model ran "
                      f"{c['pipeline_steady_over_model_only_as_actors']:.3f}; the lower of "
                      "the two ratios is the one to judge by)")
+    if edges := c.get("model_edges"):
+        against = edges.get("over_model_only_as_actors", edges["over_model_only"])
+        lines.append(f"  the span's edges (an actor before its first or after its last batch) "
+                     f"{edges['idle_actor_s']:.1f} of {edges['span_actor_s']:.1f} actor-s; "
+                     f"without them {against:.3f} x model only"
+                     + (" as actors" if "over_model_only_as_actors" in edges else ""))
     need = c.get("audio_s_for_end_to_end_0_9")
     lines.append(f"  pipeline overhead (start-up, tail)    {c['pipeline_overhead_s']:.1f} s; "
                  + (f"end to end reaches 0.9 x model only from ~{need / 3600:.2f} audio-h"

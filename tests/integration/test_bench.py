@@ -80,7 +80,11 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
         "actors_share_of_cores": 0.9, "model_only_share_of_cores": 0.98,
         "actor_audio_s_per_cpu_s_over_model_only": 0.88, "others_total_share_of_cores": 0.07,
         "unused_share_of_cores": 0.03, "others_share_of_cores": {"driver": 0.05}}
+    full["real"]["model_edges"] = {"idle_actor_s": 2.1, "span_actor_s": 38.4,
+                                   "over_model_only": 1.016, "over_model_only_as_actors": 0.928}
     table = render(full)
+    assert ("the span's edges (an actor before its first or after its last batch) 2.1 of "
+            "38.4 actor-s; without them 0.928 x model only as actors") in table
     assert ("actors' share of the cores 0.900 (model only 0.980); the job's other processes "
             "0.070 (driver 0.050 >= 0.01); unused 0.030") in table
     for row in ("10 vs 3 min: decode stage alone", "10 vs 3 min: decode worker in job",

@@ -257,6 +257,21 @@ def test_the_steady_ratio_splits_into_the_actors_share_and_their_work_per_cpu_se
     assert bench.steady_cpu_split({**pipe, "steady_cpu_s": {}}, alone, cores=2) is None
 
 
+def test_the_span_edges_are_the_actor_seconds_outside_each_actors_first_to_last_batch() -> None:
+    """Made-up run: two actors over a 20-s span, one from 0 to 20 s, the other from 1 to
+    18.5 s (it got its first block later and had none left at the end): 2.5 of the span's
+    40 actor-seconds idle at its edges; 100 audio-s over a mean of 18.75 s per actor."""
+    pipe = {"audio_s": 100.0, "embed": {"actors": 2, "span_s": 20.0, "active_s": 20.0 + 17.5}}
+    edges = bench.model_edges(pipe)
+    assert edges["idle_actor_s"] == pytest.approx(2.5)
+    assert edges["span_actor_s"] == pytest.approx(40.0)
+    assert edges["share_of_span"] == pytest.approx(2.5 / 40)
+    assert edges["audio_s_per_s"] == pytest.approx(100.0 / 18.75)
+    # One actor has no edges to leave out; a run that embedded nothing has no span.
+    assert bench.model_edges({**pipe, "embed": {"actors": 1, "span_s": 20.0, "active_s": 20.0}}) is None
+    assert bench.model_edges({**pipe, "embed": {"actors": 2, "span_s": 0.0, "active_s": 0.0}}) is None
+
+
 def test_cpu_seconds_between_two_moments_are_interpolated_at_both_edges() -> None:
     """Cut at the samples inside the span, a 24-s span sampled every 0.5 s lost up to 2 %
     of the actors' CPU: as much as the shares it was meant to tell apart."""
