@@ -22,8 +22,10 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pipeline.errors import (
@@ -150,6 +152,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    with _sigterm_exits():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (`embed-archive stop`, a scheduler's cancel) ends ``run`` with SystemExit(15)
+    from its start, as the handler ``ray.init`` installs does once Ray runs. Before it (the
+    weights fetched, a manifest looked up, the markers read: minutes on a large archive)
+    Python's default killed the driver: exit 143, and a lease taken was left held for the
+    next run to wait out. The previous handler is back afterwards, for in-process callers."""
+    if threading.current_thread() is not threading.main_thread():  # signals are the main's
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.config import JobConfig
 
     cfg = JobConfig.load(args.config, args.overrides)

@@ -3,7 +3,8 @@
 ``EMBED_ARCHIVE_FAULT=<point>:<marker-file>`` kills the process that reaches ``point``
 (SIGKILL: no cleanup, no atexit) the first time it gets there while the marker file exists;
 the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``listed``
-(driver, after listing), ``decode`` (a decode task, before a recording), ``decoded`` (a
+(driver, after listing), ``planned`` (driver, the namespace's lease held, Ray not yet
+started), ``decode`` (a decode task, before a recording), ``decoded`` (a
 decode task, after a recording's windows and report went out: Ray's retry must not repeat
 them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after
 the first file of a shard is in place), ``before_commit`` (all files in place, no marker

@@ -626,6 +626,7 @@ class EmbeddingJob:
             self._lease.acquire()
         try:
             self._plan_remaining()
+            fault_point("planned")  # the lease held, Ray not yet started
         except BaseException:
             self._lease.release()
             raise

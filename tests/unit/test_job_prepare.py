@@ -1551,6 +1551,42 @@ def test_a_stopped_run_is_recorded_as_stopped_not_failed(
     assert f"      stopped: {said}" in render(load_catalog(str(tmp_path / "out")))
 
 
+def test_a_sigterm_before_ray_starts_exits_15_as_after(archive: Path, tmp_path: Path) -> None:
+    """`embed-archive stop` and a scheduler's cancel send SIGTERM, which `run` ends with 15
+    (README, Exit status) through the handler `ray.init` installs. Before Ray started
+    (the weights fetched, a manifest looked up, the markers read: minutes on a large
+    archive) Python's default killed the driver instead: 143, and once the lease was taken,
+    left it held for the next run to wait out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{uri: {archive}}}\nmodel: {{name: beats, weights: random}}\n"
+                      f"output: {{uri: {tmp_path / 'out'}}}\n")
+    marker = tmp_path / "hang"
+    marker.touch()
+    # Planned: the namespace's lease taken, Ray not started yet.
+    env = {**os.environ, "EMBED_ARCHIVE_FAULT": f"planned+hang:{marker}"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not marker.exists(), "the driver never reached the end of its planning"
+        leases = list((tmp_path / "out" / "_leases").rglob("*.json"))
+        assert leases, "no lease held while planned"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 15
+        assert not any(p.exists() for p in leases)  # released, not left for the next run
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("section", ["output", "input"])
 def test_a_store_it_cannot_connect_to_fails_at_once(archive: Path, tmp_path: Path,
                                                     section: str) -> None:
