@@ -4,7 +4,7 @@
 (SIGKILL: no cleanup, no atexit) the first time it gets there while the marker file exists;
 the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``listed``
 (driver, after listing), ``planned`` (driver, the namespace's lease held, Ray not yet
-started), ``decode`` (a decode task, before a recording), ``decoded`` (a
+started), ``decode`` (a decode task, before it reads a recording), ``decoded`` (a
 decode task, after a recording's windows and report went out: Ray's retry must not repeat
 them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after
 the first file of a shard is in place), ``before_commit`` (all files in place, no marker
@@ -14,6 +14,8 @@ other shards' commits may be under way on the other threads).
 ``run.stall_timeout_s``); ``<point>+every:<marker-file>`` kills every process that gets there
 while the marker exists, adding a line with its pid to it (a batch that runs its worker out
 of memory each time it is tried).
+``<point>@<text>...`` limits the fault to the calls whose subject (the recording's URI at
+``decode``) contains ``text``: one recording that kills its worker every time.
 Any other ``+mode`` is a typo: no fault, the marker stays.
 Unset in normal runs, where it costs one environment lookup.
 """
@@ -30,13 +32,14 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "EMBED_ARCHIVE_FAULT"
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, subject: str = "") -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     point, _, marker = spec.partition(":")
     point, _, how = point.partition("+")
-    if point != name or not marker or not os.path.exists(marker):
+    point, _, text = point.partition("@")
+    if point != name or not marker or text not in subject or not os.path.exists(marker):
         return
     if how not in ("", "hang", "every"):  # never a SIGKILL the spec did not ask for
         log.error("fault injection: unknown mode %r in %s=%s; no fault", how, FAULT_ENV, spec)

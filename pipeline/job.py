@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from pipeline import crashes, redact, storage
 from pipeline import layout as layout_mod
-from pipeline import redact, storage
 from pipeline.audio import DecodeSettings
 from pipeline.compute import (
     ActorRoomWatch,
@@ -576,6 +576,7 @@ class EmbeddingJob:
         # recording id -> runs that met an error not its own on it, for the reopened shards'
         # recordings (carried into their new markers: run.max_attempts).
         self._attempts: dict[str, int] = {}
+        self._ledgers: tuple[Any, ...] = ()  # the run's pipeline.crashes ledgers, once Ray runs
         self.summary: JobSummary | None = None  # the last run()'s, finished or not
         self._run_started = 0.0  # perf_counter time
         self._record_writer: _LatestWriter | None = None  # a running job's record, as shards commit
@@ -756,6 +757,10 @@ class EmbeddingJob:
         self.listing, self.todo = left.listing, left.todo
         self.already_done, self.already_failed = left.already_done, left.already_failed
         self._attempts = left.attempts
+        if recorded := crashes.recorded(self.layout):
+            self.todo = [dataclasses.replace(i, problem=crashes.as_problem(recorded[i.recording_id]))
+                         if i.recording_id in recorded and not i.problem else i
+                         for i in self.todo]
         self.shards = plan_shards(self.todo, self.cfg.run.shard_size)
 
     @property
@@ -1090,6 +1095,7 @@ class EmbeddingJob:
         book = _ShardBook({sid: ShardProgress(sid, [i.recording_id for i in members], layers)
                            for sid, members in self.shards})
         sources = ray.put(self._shard_sources())
+        self._ledgers = crashes.start_ledgers(plan.cluster_cpus)
         per_actor: dict[str, dict[str, float]] = {}
         pipeline_start = time.time()
         batches = self._dataset(plan, sources).iter_batches(batch_size=None,
@@ -1127,6 +1133,8 @@ class EmbeddingJob:
             committer.collect(wait="all")
         except BaseException as err:
             said = _stalled(err, self.cfg.run.stall_timeout_s, watch) or _crashed(err)
+            if isinstance(said, WorkersCrashed):
+                said = self._name_crashes(said)
             committer.close(said or err)  # a stall is a pipeline error, not an interrupt
             if said is not None:
                 raise said from err
@@ -1141,6 +1149,28 @@ class EmbeddingJob:
         log.info("models busy %.0f%% of their active time (%d batches, forward %.1f s of %.1f s); "
                  "first batch %.1f s after the pipeline started", 100 * e.busy_fraction,
                  e.batches, e.model_s, e.active_s, e.first_batch_s)
+
+    def _name_crashes(self, said: WorkersCrashed) -> WorkersCrashed:
+        """The recordings decode workers died on (see :mod:`pipeline.crashes`), recorded for
+        the next run, which makes them error rows, and named in the run's error."""
+        deaths = crashes.suspects(self._ledgers)
+        if not deaths:
+            return said
+        items = [i for i in self.todo if i.recording_id in deaths]
+        try:
+            crashes.record(self.layout, items, deaths, self.job_id)
+        except Exception as err:  # noqa: BLE001 - the run's own error is the one to raise
+            log.error("could not record the recordings that killed their decode workers: %s",
+                      redact.text(f"{type(err).__name__}: {err}"))
+            return said
+        named = "; ".join(f"{i.uri} ({deaths[i.recording_id]} times)" for i in items[:3])
+        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        return WorkersCrashed(
+            f"decode workers died on {len(items)} recording{'s' if len(items) > 1 else ''}: "
+            f"{named}{more}; recorded under {self.layout.uri(self.layout.crashes_dir())}, so "
+            f"a rerun makes {'them error rows' if len(items) > 1 else 'it an error row'} "
+            f"({crashes.ERROR_TYPE}) instead of decoding {'them' if len(items) > 1 else 'it'} "
+            "and goes on; the shards committed stay")
 
     def _check_failure_budget(self, summary: JobSummary) -> None:
         finished = summary.embedded + summary.partial + summary.failed
@@ -1204,7 +1234,8 @@ class EmbeddingJob:
         if cfg.compute.decode_concurrency:
             decode_kwargs["compute"] = TaskPoolStrategy(size=cfg.compute.decode_concurrency)
         with _retries_as_remote_args():
-            ds = ds.map_batches(decode_batch, fn_kwargs={"spec": self._decode_spec()},
+            spec = dataclasses.replace(self._decode_spec(), crash_ledgers=self._ledgers)
+            ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec},
                                 batch_size=1, batch_format="numpy", **decode_kwargs)
         # What each actor asks for: compute.actor_needs says the same to the room watch.
         embed_kwargs: dict[str, Any] = {"num_cpus": plan.cpus_per_actor,

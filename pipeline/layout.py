@@ -8,6 +8,8 @@ Layout under ``output.uri`` (``M`` = model, ``V`` = variant id, ``S`` = shard id
     _commits/model=M/variant=V/S.json                   commit marker: the shard is visible
     _variants/V.json                                    what determines variant V
     _jobs/<job_id>.json                                 one record per run
+    _crashes/model=M/variant=V/<recording_id>.json      a recording that killed its decode
+                                                        worker (pipeline.crashes)
     _leases/model=M/variant=V.json                      the run writing now (pipeline.lease)
     _leases/model=M/.variant=V.json.lock                its lock file, on a local disk
     _staging/model=M/variant=V/shard=S/...              work in progress (never read)
@@ -109,6 +111,12 @@ class OutputLayout:
 
     def commit_path(self, shard_id: str) -> str:
         return storage.join(self.commits_dir(), f"{shard_id}.json")
+
+    def crashes_dir(self) -> str:
+        return storage.join(self.root_path, "_crashes", self._ns())
+
+    def crash_path(self, recording_id: str) -> str:
+        return storage.join(self.crashes_dir(), f"{recording_id}.json")
 
     def lease_path(self) -> str:
         return storage.join(self.root_path, "_leases", f"{self._ns()}.json")

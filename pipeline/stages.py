@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from pipeline import redact, storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
+from pipeline.crashes import LedgerClient, ledger_of
 from pipeline.errors import RETRYABLE_ERRORS, AudioDecodeError, CheckpointMismatchError
 from pipeline.faults import fault_point
 from pipeline.sink import STAGE_SCHEMA
@@ -82,6 +83,9 @@ class DecodeSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     log_level: str = "INFO"
     model_batch: int = 1
+    # The run's pipeline.crashes.CrashLedger actors (Ray actor handles), told which
+    # recording each task is on; none: nothing told (tests, a stage run by itself).
+    crash_ledgers: tuple[Any, ...] = ()
 
     @property
     def block_rows(self) -> int:
@@ -107,14 +111,20 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dic
     """
     configure_worker_logging(spec.log_level)
     blocks = RowBlocks(spec.block_rows)
+    ids = batch["recording_id"]
+    ledger = LedgerClient(ledger_of(spec.crash_ledgers, str(ids[0]) if len(ids) else ""))
     for shard, rid, uri, path, size, problem in zip(
             batch["shard"], batch["recording_id"], batch["uri"], batch["path"],
             batch["size_bytes"], batch["problem"], strict=True):
+        if not problem:  # one with a known problem is not decoded: nothing to kill a worker
+            ledger.starting(str(rid))
         for rows in decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec):
             rows["shard"] = np.full(len(rows["recording_id"]), str(shard), dtype=object)
             yield from blocks.add(rows)
+        ledger.done()
         if not blocks.pending:  # this recording's report is out
             fault_point("decoded")
+    ledger.close()
     if blocks.pending:
         yield from blocks.flush()
         fault_point("decoded")
@@ -173,7 +183,6 @@ class RowBlocks:
 def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
                      spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
     """Stream one recording into window batches; never raises for a bad recording."""
-    fault_point("decode")
     report = DecodeReport()
     started = time.perf_counter()
     counts: dict[int, int] = {}  # windows sent, by channel
@@ -182,6 +191,7 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         if problem:  # the listing's: the object could not be had
             error_type, _, message = problem.partition(": ")
             raise AudioDecodeError(error_type or "SourceError", message or problem)
+        fault_point("decode", uri)
         for rows in _read_windows(rid, uri, path, size, spec, report, counts):
             yield from _holding_the_last_row(rows, last)
         if not counts:

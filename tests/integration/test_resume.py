@@ -204,6 +204,51 @@ def test_a_batch_that_kills_its_actor_each_time_fails_the_run_at_once_and_resume
     assert_same(out, baseline)
 
 
+def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_error_row(
+        archive: Path, baseline, tmp_path: Path, ray_address: str) -> None:
+    """One recording kills every decode worker that starts it (a decoder's segfault): the
+    run fails naming it (exit 1) and records it; the rerun makes it an error row,
+    ``DecoderCrashed``, without decoding it again, embeds the rest exactly as an
+    undisturbed run does, and a third run has nothing left to do."""
+    from pipeline.job import CRASH_RETRIES
+
+    out = tmp_path / "out"
+    marker = tmp_path / "fault.marker"
+    marker.write_text("")
+    culprit = next(archive.glob("rec_05.*"))
+    env = {"EMBED_ARCHIVE_FAULT": f"decode@{culprit.name}+every:{marker}",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = run_cli(config(archive, out, ray_address), tmp_path, env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(marker.read_text().split()) == CRASH_RETRIES + 1  # each try of its task
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"embed-archive: failed: decode workers died on 1 recording: "
+                           f"{culprit} ({CRASH_RETRIES + 1} times); recorded under "), last
+    assert "a rerun makes it an error row (DecoderCrashed)" in last
+    [recorded] = (out / "_crashes").rglob("*.json")
+    assert json.loads(recorded.read_text())["uri"] == str(culprit)
+
+    # The fault stays armed: the rerun must not decode the recording at all.
+    proc = run_cli(config(archive, out, ray_address), tmp_path, env, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]  # done, some recordings failed
+    assert len(marker.read_text().split()) == CRASH_RETRIES + 1
+    [(rid, kind, message)] = duckdb.sql(f"""
+        SELECT recording_id, error_type, message
+        FROM read_parquet('{out}/errors/**/*.parquet')""").fetchall()
+    assert kind == "DecoderCrashed"
+    assert message.startswith(f"its decode worker died {CRASH_RETRIES + 1} times on this "
+                              "recording in run "), message
+    want_rows, want_recs = baseline
+    assert rid in {key[0] for key in want_rows}
+    got = rows(out)
+    assert set(got) == {key for key in want_rows if key[0] != rid}
+    for key, emb in got.items():
+        np.testing.assert_allclose(emb, want_rows[key], rtol=1e-5, atol=1e-6)
+    assert recording_rows(out) == [r for r in want_recs if r[0] != rid]
+    again = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert (again.exit_code, again.recordings_already_done) == (0, NUM_FILES)
+
+
 def test_a_run_whose_actors_lost_every_node_that_could_hold_them_fails_and_resumes(
         archive: Path, baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a cluster, the node that held the embedding actors is lost and none can take them:

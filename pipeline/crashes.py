@@ -1,0 +1,173 @@
+"""Recordings that kill their decode worker: found in one run, error rows in the next.
+
+A recording whose decoding kills the worker process (a decoder's segfault, a header that
+makes it allocate more than the worker may hold) raises nothing a decode task could catch
+and turn into an error row. Ray retries the task (``job.CRASH_RETRIES``), the worker dies
+on the same recording each time, and the run fails; without more, so would every rerun,
+and the user would have to find the recording among thousands by hand.
+
+So each decode task tells the run's :class:`CrashLedger` (a small Ray actor beside the
+driver; several on a large cluster) which recording it starts and which it has finished, in one round trip per
+recording, before the decoder runs: a recording started again while its last start never
+finished is one a worker died on. When a run fails because workers died, the driver asks
+the ledger which recordings were died on at least :data:`SUSPECT_DEATHS` times, names them
+in the run's error, and records each in the namespace
+(``_crashes/model=M/variant=V/<recording_id>.json``). The next run hands such a recording
+to the decode stage as a known problem, ``DecoderCrashed``: it becomes an error row
+instead of a decode, and the run goes on. A recording's id follows its object's version,
+so a rewritten object is decoded again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pipeline import layout as layout_mod
+from pipeline import storage
+from pipeline.layout import OutputLayout
+from pipeline.provenance import utc_now
+
+if TYPE_CHECKING:
+    from pipeline.sources import SourceItem
+
+log = logging.getLogger(__name__)
+
+# Deaths on one recording that make it the suspect: one could be its node going away.
+SUSPECT_DEATHS = 2
+# Decode CPUs one ledger actor serves: each answers some 1,300 steps a second on a 2-core
+# machine busy with the decoding too, so a cluster decoding many short recordings at
+# once spreads them over several.
+CPUS_PER_LEDGER = 32
+# Seconds a decode task, and the failing driver, wait for a ledger's answer.
+ASK_TIMEOUT_S = 10.0
+ERROR_TYPE = "DecoderCrashed"
+
+
+class CrashLedger:
+    """Which recording each decode worker is on (a Ray actor: see :func:`start_ledgers`).
+
+    Holds the recordings started and not yet finished (one per decode task running) and
+    the deaths counted so far: a few entries, whatever the size of the job.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[str] = set()
+        self._deaths: collections.Counter[str] = collections.Counter()
+
+    def step(self, finished: str | None, starting: str | None) -> None:
+        """A decode task finished one recording and/or is starting the next."""
+        if finished is not None:
+            self._open.discard(finished)
+        if starting is not None:
+            if starting in self._open:  # the last try at it never finished
+                self._deaths[starting] += 1
+            self._open.add(starting)
+
+    def died_on(self, at_least: int) -> dict[str, int]:
+        """Recordings workers died on at least ``at_least`` times, and how many times,
+        asked once the run has failed: one still started then died a last time, which
+        no new start counted."""
+        counted = {rid: n + (rid in self._open) for rid, n in self._deaths.items()}
+        return {rid: n for rid, n in counted.items() if n >= at_least}
+
+
+def start_ledgers(cluster_cpus: float) -> tuple[Any, ...]:
+    """The run's ledger, one actor per :data:`CPUS_PER_LEDGER` CPUs of the cluster (one on a
+    laptop), placed beside the driver where there is room; each decode task tells one of
+    them, the same for every try of the task (:func:`ledger_of`)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_restarts=0)(CrashLedger).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
+    return tuple(actor.remote() for _ in range(max(1, math.ceil(cluster_cpus / CPUS_PER_LEDGER))))
+
+
+def ledger_of(ledgers: Sequence[Any], first_recording: str) -> Any:
+    """The ledger a decode task tells, picked by its first recording (a task's recordings,
+    and so that, are the same at every try); None without ledgers."""
+    if not ledgers or not first_recording:
+        return None
+    return ledgers[zlib.crc32(first_recording.encode()) % len(ledgers)]
+
+
+class LedgerClient:
+    """A decode task's side of the ledger: one round trip per recording, saying that the
+    last one finished and the next starts. A ledger that no longer answers is told
+    nothing more: decoding goes on without it."""
+
+    def __init__(self, ledger: Any) -> None:
+        self._ledger = ledger
+        self._current: str | None = None
+        self._finished: str | None = None
+
+    def starting(self, rid: str) -> None:
+        self._tell(self._finished, rid)
+        self._current, self._finished = rid, None
+
+    def done(self) -> None:
+        """The recording started last is decoded (told with the next start, or at close)."""
+        if self._current is not None:
+            self._current, self._finished = None, self._current
+
+    def close(self) -> None:
+        if self._finished is not None:
+            self._tell(self._finished, None)
+            self._finished = None
+
+    def _tell(self, finished: str | None, starting: str | None) -> None:
+        if self._ledger is None:
+            return
+        import ray
+
+        try:  # waited for: the ledger must know before the decoder can kill this process
+            ray.get(self._ledger.step.remote(finished, starting), timeout=ASK_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - never a decode failed for the ledger's sake
+            log.warning("the crash ledger did not answer (%s): this task goes on without it",
+                        type(err).__name__)
+            self._ledger = None
+
+
+def suspects(ledgers: Sequence[Any]) -> dict[str, int]:
+    """Recording id -> deaths, for those died on :data:`SUSPECT_DEATHS` times or more ({}
+    when the ledgers do not answer)."""
+    import ray
+
+    try:
+        answers = ray.get([ledger.died_on.remote(SUSPECT_DEATHS) for ledger in ledgers],
+                          timeout=ASK_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - the run's own error is the one to raise
+        log.warning("could not ask the crash ledger which recordings killed their workers: %s",
+                    type(err).__name__)
+        return {}
+    return {rid: n for answer in answers for rid, n in answer.items()}
+
+
+def record(layout: OutputLayout, items: Iterable[SourceItem], deaths: Mapping[str, int],
+           job_id: str) -> None:
+    """Write a crash record for each of ``items`` (under the run's lease)."""
+    for item in items:
+        layout_mod.write_json(layout.fs, layout.crash_path(item.recording_id), {
+            "recording_id": item.recording_id, "uri": item.uri, "source_version": item.version,
+            "deaths": deaths[item.recording_id], "job_id": job_id, "recorded_at": utc_now()})
+
+
+def recorded(layout: OutputLayout) -> dict[str, dict[str, Any]]:
+    """The namespace's crash records, by recording id: one listing, usually empty."""
+    fs = layout.fs
+    paths = [p for p in storage.list_files(fs, layout.crashes_dir()) if p.endswith(".json")]
+    return {entry["recording_id"]: entry
+            for entry in (layout_mod.read_json(fs, path) for path in paths)}
+
+
+def as_problem(entry: Mapping[str, Any]) -> str:
+    """The decode stage's known problem for a recorded recording: its error row's message."""
+    return (f"{ERROR_TYPE}: its decode worker died {entry['deaths']} times on this recording "
+            f"in run {entry['job_id']} ({entry['recorded_at']}): a decoder crash or one running "
+            "the worker out of memory; not decoded again until the object changes")
