@@ -282,3 +282,72 @@ def test_cpu_seconds_between_two_moments_are_interpolated_at_both_edges() -> Non
     assert got["embed_actor"] == pytest.approx((1.0 + 0.5 * 2.0) - 0.5)
     assert got["driver"] == pytest.approx(0.25)  # first seen at 12: none before
     assert sampler.cpu_s_between(9.0, 9.5) == {}
+
+
+def test_model_only_and_the_seed_loop_take_the_cpus_the_job_plans_with(monkeypatch) -> None:
+    """Under a container's CPU quota ``os.cpu_count()`` counts the host's CPUs: model only
+    and the seed loop ran that many threads on the few CPUs the job was planned for."""
+    from pipeline import compute
+
+    monkeypatch.setattr(compute, "usable_cpus", lambda: 1)  # a one-CPU quota on this host
+    assert BenchSettings().threads == 1
+    assert bench.local_actor_plan() == (1, 1)  # the job's own plan, from the same count
+
+
+STOPPED_BENCH = """
+import sys
+from pipeline.bench import _in_own_session
+with _in_own_session([sys.executable, "-c", sys.argv[1], sys.argv[2]]) as proc:
+    proc.communicate()
+"""
+JOB_WITH_A_CHILD = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(sys.argv[1] + ".tmp", "w") as fh:
+    fh.write(f"{os.getpid()} {child.pid}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: only its parent's wait is missing)."""
+    try:
+        return bench._stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_an_interrupted_benchmark_stops_the_job_and_the_processes_it_started(tmp_path) -> None:
+    """The job runs in a session of its own, which a Ctrl-C in the terminal does not reach:
+    it and its local Ray went on after the benchmark had stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pids = tmp_path / "pids"
+    stopped = subprocess.Popen([sys.executable, "-c", STOPPED_BENCH, JOB_WITH_A_CHILD, str(pids)])
+    deadline = time.monotonic() + 60
+    while not pids.exists() and stopped.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids.exists(), f"the job did not start (exit {stopped.poll()})"
+    job, child = map(int, pids.read_text().split())
+    try:
+        stopped.send_signal(signal.SIGINT)  # a Ctrl-C reaches the benchmark's session only
+        assert stopped.wait(timeout=60) != 0
+        assert not _running(job) and not _running(child)
+    finally:  # what this test started ends with it, whatever the code under test did
+        for pid in (job, child):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_without_the_shared_data_the_benchmark_stops_before_it_builds_or_writes(tmp_path) -> None:
+    """The error came after the precision probe had built and timed the model three times
+    (a minute and more with full-size BEATs), and after the output folder was made."""
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not hold the shared recordings"):
+        bench.run(tmp_path / "out", tmp_path / "no-shared-data", quick=True)
+    assert not (tmp_path / "out").exists()
