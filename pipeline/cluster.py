@@ -363,7 +363,7 @@ def check_model_options(cfg: JobConfig) -> None:
     """
     if ":" in cfg.model.name:
         return
-    from pipeline.job import check_model_settings
+    from pipeline.model_settings import check_model_settings
 
     check_model_settings(cfg)
 

@@ -1,11 +1,11 @@
 """The embedding job: plan on the driver, stream every shard through Ray, commit each shard.
 
 :meth:`EmbeddingJob.prepare` does everything that can fail cheaply before Ray starts:
-resolve the model and its weights (hashing them), check the config against the model,
-list the inputs, derive the output namespace, recover from a crashed run and work out
-what is left. :meth:`EmbeddingJob.run` then executes one streaming Ray Data pipeline for
-all of it, so the embedding actors load their model once and never wait for a shard to
-drain::
+resolve the model and its weights (hashing them), check the config against the model
+(:mod:`pipeline.model_settings`), list the inputs, derive the output namespace, recover
+from a crashed run and work out what is left. :meth:`EmbeddingJob.run` then executes one
+streaming Ray Data pipeline for all of it, so the embedding actors load their model once
+and never wait for a shard to drain::
 
     from_arrow(recordings) -> map_batches(decode_batch)     CPU tasks, a few recordings each
                            -> map_batches(Embedder)          actor pool, one model each
@@ -14,12 +14,11 @@ drain::
 The driver reads the write stage's small returns as they come (:class:`ShardProgress`)
 and, as soon as every window of a shard is accounted for, hands the shard to a commit
 thread, which builds its recordings and errors tables, publishes its staged files and
-writes its commit marker, while the driver reads on.
+writes its commit marker, while the driver reads on (:mod:`pipeline.commit`).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -27,20 +26,17 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline import crashes, redact, storage
 from pipeline import layout as layout_mod
 from pipeline.audio import DecodeSettings
+from pipeline.commit import Committer, ShardBook, ShardCommit, take_write_return
 from pipeline.compute import (
     ActorRoomWatch,
     ComputePlan,
@@ -50,14 +46,12 @@ from pipeline.compute import (
     embedding_nodes,
     gpus_of,
     local_ray_memory_mib,
-    min_inflight_mb,
     plan_compute,
     usable_cpus,
 )
 from pipeline.config import (
     ComputeConfig,
     JobConfig,
-    WindowsConfig,
     output_inside_input,
     output_is_input,
 )
@@ -68,36 +62,34 @@ from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_FAILED,
-    LIMIT_ERRORS,
     ConfigError,
     JobAborted,
-    LeaseLostError,
     PipelineStalled,
-    UnknownModelError,
     WorkersCrashed,
     first_line,
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
 from pipeline.lease import NamespaceLease
+from pipeline.model_settings import (
+    ModelSettings,
+    batch_mib,
+    check_model_settings,
+    check_sizes_fit,
+    file_mib,
+    mib_text,
+    model_name_named,
+    settle_model_settings,
+)
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
 from pipeline.ray_connect import check_ray_address_env, connect_ray, joins_cluster
 from pipeline.resume import Resumption
 from pipeline.sink import (
-    DuplicateRows,
-    RecordingReport,
     ShardProgress,
     ShardSources,
     SinkSpec,
     WriteReturn,
-    errors_schema,
     file_metadata,
-    merge_timing,
-    recordings_schema,
-    reduce_partials,
-    rows_to_table,
-    windows_kept,
-    write_parquet,
     write_stage,
 )
 from pipeline.sources import (
@@ -108,16 +100,20 @@ from pipeline.sources import (
     plan_shards,
 )
 from pipeline.stages import DecodeSpec, Embedder, EmbedSpec, decode_batch
-from pipeline.summary import EmbedTiming, JobSummary, ProgressLog, ShardOutcome, Written
-from pipeline.windows import samples_for
+from pipeline.summary import (
+    EmbedTiming,
+    JobSummary,
+    LatestWriter,
+    ProgressLog,
+    ShardOutcome,
+    Written,
+)
 
 if TYPE_CHECKING:  # pipeline.models imports torch, which prepare() does when it needs it
     from pipeline.models import ModelInfo, WeightsInfo
 
 log = logging.getLogger(__name__)
 
-# Shards the driver commits at once (see _Committer).
-COMMIT_THREADS = 8
 # Seconds between updates of a running job's record (_jobs/<job_id>.json), as shards commit.
 RECORD_EVERY_S = 30.0
 # Other variants of the model named when a new variant starts in a used output.
@@ -134,269 +130,6 @@ RANDOM_WEIGHTS_BANNER = """
   RANDOM WEIGHTS: model.weights is 'random'. The embeddings this job writes
   are NOT meaningful: use them to test the pipeline, never for science.
 ==========================================================================""".strip("\n")
-
-
-class ShardRows(NamedTuple):
-    """A complete shard's rows for the tables the driver writes, and what its marker records."""
-
-    recordings: list[dict[str, Any]]
-    errors: list[dict[str, Any]]
-    outcome: ShardOutcome
-    settled: dict[str, dict[str, Any]]  # recording id -> its outcome (and error) in the marker
-
-
-def _dropped_note(windows: int) -> str:
-    return f"{windows} windows dropped: non-finite embedding"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    """What a config asks of its model, as the model takes it."""
-
-    window_s: float
-    hop_s: float
-    window_samples: int  # at the model's rate
-    hop_samples: int
-    layers: tuple[int, ...]  # resolved: no negative index
-    pooling: str
-
-
-def settle_model_settings(cfg: JobConfig, info: ModelInfo) -> ModelSettings:
-    """Window, hop (seconds and samples), pooling and layers, as the model takes them, and
-    the in-flight budget they need.
-
-    Raises:
-        ConfigError: the config does not fit the model, naming the field.
-    """
-    from pipeline.models import validate_pooling
-
-    fixed = info.fixed_window_s
-    window_s = cfg.windows.window_s or fixed or 5.0
-    if fixed is not None and abs(window_s - fixed) > 1e-9:
-        raise ConfigError(f"{info.name} only takes {fixed} s windows, got {window_s}",
-                          "windows.window_s")
-    hop_s = cfg.windows.hop_s or window_s / 2
-    if hop_s > window_s:  # sparse sampling may be meant, but say what it costs
-        log.warning("windows.hop_s %g s > window_s %g s: %.0f%% of every recording is "
-                    "never embedded", hop_s, window_s, 100 * (1 - window_s / hop_s))
-    if cfg.windows.min_tail_s > window_s:  # it would drop full windows too
-        if cfg.windows.min_tail_s == WindowsConfig.min_tail_s:  # not set: the window is
-            raise ConfigError(f"{window_s} s is shorter than windows.min_tail_s "
-                              f"({cfg.windows.min_tail_s} s by default, the least audio a "
-                              "window may hold): lengthen the window, or lower "
-                              "windows.min_tail_s too", "windows.window_s")
-        raise ConfigError(f"{cfg.windows.min_tail_s} s is longer than the window "
-                          f"({window_s} s)", "windows.min_tail_s")
-    pooling = validate_pooling(info, cfg.model.pooling)
-    try:
-        layers = info.resolve_layers(cfg.model.layers)
-    except ValueError as err:
-        raise ConfigError(str(err), "model.layers") from None
-    rate = info.sample_rate_hz
-    settings = ModelSettings(window_s=window_s, hop_s=hop_s,
-                             window_samples=samples_for(window_s, rate),
-                             hop_samples=samples_for(hop_s, rate), layers=layers,
-                             pooling=pooling)
-    # With any tail policy: `keep` extends a short tail to the shortest input, but a
-    # window shorter than it would fail every batch (and the warm-up) in every actor.
-    if settings.window_samples < info.min_input_samples:
-        raise ConfigError(f"{window_s} s is shorter than {info.name}'s shortest input "
-                          f"({info.min_input_samples / rate:.3f} s)", "windows.window_s")
-    _check_inflight_budget(cfg, settings)
-    return settings
-
-
-def batch_mib(cfg: JobConfig, settings: ModelSettings) -> float:
-    """A batch of windows, as float32 samples."""
-    return cfg.model.batch_size * settings.window_samples * 4 / 2**20
-
-
-def file_mib(cfg: JobConfig) -> float:
-    """An output file's rows."""
-    return cfg.output.file_mb * 1e6 / 2**20
-
-
-def mib_text(mib: float) -> str:
-    """``58 TiB``, ``586 MiB``: a size in the binary unit that keeps it readable."""
-    for unit in ("MiB", "GiB", "TiB", "PiB"):
-        if mib < 1024 or unit == "PiB":
-            return f"{mib:,.0f} {unit}" if mib >= 10 or unit == "MiB" else f"{mib:.1f} {unit}"
-        mib /= 1024
-    raise AssertionError("unreachable")
-
-
-def check_sizes_fit(cfg: JobConfig, settings: ModelSettings, memory_mib: float,
-                    where: str) -> None:
-    """Refuse sizes that no worker of ``memory_mib`` could hold, naming the setting that
-    makes them so: one window, a decode task's block (``audio.batch_windows``), or what the
-    job holds at once to move at all (:func:`pipeline.compute.min_inflight_mb`: a few
-    window batches and one output file's rows). A batch that size fails as every
-    recording's ``MemoryError``, a window as a traceback in every decode task. The margin is
-    wide: a 10-minute window at 16 kHz is 37 MiB.
-
-    ``where``: whose memory that is, for the message (``this machine's``).
-    """
-    window = settings.window_samples * 4 / 2**20
-    batch = batch_mib(cfg, settings)
-    file = file_mib(cfg)
-    held = min_inflight_mb(batch, file)
-    block = (cfg.audio.batch_windows or 0) * window
-    if window * 4 > memory_mib:
-        field = "windows.window_s"
-        what = f"one {settings.window_s:g} s window is {mib_text(window)} of audio"
-    elif block > memory_mib:
-        field = "audio.batch_windows"
-        what = (f"a decode block of {cfg.audio.batch_windows} windows of {settings.window_s:g} s "
-                f"is {mib_text(block)}")
-    elif held > memory_mib:
-        field = "output.file_mb" if 1.5 * file > 4 * batch else "model.batch_size"
-        what = (f"the job holds a few window batches ({cfg.model.batch_size} windows of "
-                f"{settings.window_s:g} s: {mib_text(batch)} each) and one output file's rows "
-                f"({cfg.output.file_mb:g} MB) at once, {mib_text(held)}")
-    else:
-        return
-    raise ConfigError(f"{what}, more than {where} memory ({mib_text(memory_mib)}): lower "
-                      f"{field}", field)
-
-
-def _check_inflight_budget(cfg: JobConfig, settings: ModelSettings) -> None:
-    """The writer gathers one file's rows before writing them; a smaller budget deadlocks
-    (``compute.min_inflight_mb``)."""
-    budget = cfg.compute.inflight_mb
-    needed = min_inflight_mb(batch_mib(cfg, settings), file_mib(cfg))
-    if budget is not None and budget < needed:
-        raise ConfigError(
-            f"{budget} MiB cannot hold one output file ({cfg.output.file_mb:g} MB) "
-            f"plus a few window batches; use at least {needed} or lower output.file_mb",
-            "compute.inflight_mb")
-
-
-class _LatestWriter:
-    """Writes a running job's record on a thread of its own: the latest offered, at most
-    every ``every_s`` seconds (a burst of commits leaves its last state written, not its
-    first), and the final record last. Written on the commit threads, a slow or failing
-    bucket (seconds, with retries) held the commit lock, and the driver with it."""
-
-    def __init__(self, write: Callable[[dict[str, Any]], None], what: str,
-                 every_s: float) -> None:
-        self._write, self._what, self._every_s = write, what, every_s
-        self._lock = threading.Lock()
-        self._latest: dict[str, Any] | None = None
-        self._final: dict[str, Any] | None = None
-        self._final_written = False
-        self._wake = threading.Event()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"{what} writer", daemon=True)
-        self._thread.start()
-
-    def offer(self, value: dict[str, Any]) -> None:
-        with self._lock:
-            if self._closing.is_set():
-                return
-            self._latest = value
-        self._wake.set()
-
-    def close(self, final: dict[str, Any], wait_s: float = 5.0) -> bool:
-        """Write ``final`` after any write under way, and nothing after it; wait up to
-        ``wait_s``. Returns whether it is written (else the caller writes it: a write under
-        way that lands later is then followed by this one's, still last)."""
-        with self._lock:
-            self._final, self._latest = final, None
-            self._closing.set()
-        self._wake.set()
-        self._thread.join(wait_s)
-        return self._final_written
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            with self._lock:
-                value, self._latest = self._latest, None
-                final = self._final
-            if final is not None:
-                self._put(final, final=True)
-                return
-            if value is not None:
-                self._put(value, final=False)
-                self._closing.wait(self._every_s)  # rate limit; a close cuts it short
-                self._wake.set()  # whatever came meanwhile
-
-    def _put(self, value: dict[str, Any], final: bool) -> None:
-        try:
-            self._write(value)
-            self._final_written = final
-        except Exception as err:  # noqa: BLE001 - the caller writes the final one itself
-            log.warning("%s not updated: %s", self._what, redact.text(str(err)))
-
-
-@dataclasses.dataclass
-class _ShardBook:
-    """The driver's shards while the pipeline runs: ``pending`` (waiting for rows or
-    reports), ``complete`` (handed to the committer) and ``refused`` (rows that reached the
-    driver twice, with why: never committed)."""
-
-    pending: dict[str, ShardProgress]
-    complete: set[str] = dataclasses.field(default_factory=set)
-    refused: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def uncommitted(self) -> str:
-        """What left shards uncommitted when the pipeline ended, in words; empty if none."""
-        said = []
-        if self.pending:
-            waiting = sorted(r for p in self.pending.values() for r in p.waiting)
-            said.append(f"{len(self.pending)} shard(s) incomplete (no rows or report for "
-                        f"{len(waiting)} recordings, e.g. {waiting[:3]})")
-        if self.refused:
-            said.append(f"{len(self.refused)} shard(s) refused for rows that reached the "
-                        f"driver twice (e.g. {next(iter(self.refused.values()))})")
-        return " and ".join(said)
-
-
-def _take_write_return(ret: WriteReturn, book: _ShardBook, written: Written,
-                       per_actor: dict[str, dict[str, float]]) -> ShardProgress | None:
-    """Fold what one write task returned into its actors' timing, its shard's progress and
-    the counts of what is written; the shard, moved from ``book.pending`` to
-    ``book.complete``, once it is complete (every recording's rows written, every report in).
-
-    Rows that reach the driver twice (a retried decode task whose second attempt cut its
-    blocks otherwise than the first) cost their shard, never the job: a shard whose counts
-    overshoot (:class:`DuplicateRows`) is refused, never committed, and its later rows
-    dropped; rows for a shard already complete are extras by count and are dropped (its
-    staged copies are never published)."""
-    for actor, timing in ret.timing.items():
-        merge_timing(per_actor, {"actor": actor, **timing})
-    if not ret.shard or ret.shard in book.refused:
-        return None
-    if ret.shard in book.complete:
-        log.error("rows for shard %s after it was complete, so rows that reached the driver "
-                  "twice: dropped (the shard is committed with each row once)", ret.shard)
-        return None
-    progress = book.pending.get(ret.shard)
-    if progress is None:
-        raise RuntimeError(f"rows for shard {ret.shard}, of no shard of this run; stopping")
-    try:
-        settled = progress.add(ret)
-    except DuplicateRows as err:
-        log.error("%s: nothing of the shard is committed, the other shards go on, and the "
-                  "next run redoes it", err)
-        book.refused[ret.shard] = str(err)
-        del book.pending[ret.shard]
-        return None
-    for rid in settled:
-        report = progress.reports[rid]
-        written.recordings += 1
-        written.audio_s += float(report.get("duration_s", 0.0))
-        written.bytes_read += int(report.get("bytes_read", 0))
-    if not progress.complete:
-        return None
-    del book.pending[ret.shard]
-    book.complete.add(ret.shard)
-    return progress
-
-
-class _CommitStopped(Exception):
-    """A commit left unfinished because the job is stopping."""
 
 
 #: Times Ray tries again a decode task whose worker died, or a batch whose embedding actor
@@ -465,89 +198,6 @@ def _stalled(err: BaseException, timeout_s: float, watch: ActorRoomWatch) -> Pip
         "run.stall_timeout_s where an autoscaler takes longer to bring a node)")
 
 
-class _Committer:
-    """Commits complete shards on threads while the driver reads on.
-
-    On a bucket a commit is a dozen requests or more (files, copies, deletes, the marker,
-    lease reads): one at a time, at 50 ms a request, they capped a job at a shard or two a
-    second. Up to ``COMMIT_THREADS`` run at once and ``2 * COMMIT_THREADS`` wait, beyond
-    which the driver waits too. ``record`` (the summary and its log line) runs the moment a
-    commit ends, on its thread, so a pipeline stalled waiting for a lost node still says
-    what it committed; ``check`` (the failure budget) and a commit's error reach the driver's
-    thread at its next :meth:`collect`.
-
-    How a run that stops leaves them (:meth:`close`): after an error of the pipeline, every
-    complete shard is still committed, as it would have been one at a time; after an
-    interrupt, a lost lease, the failure budget or a failed commit, none is started and
-    those under way stop before publishing or before their marker (the next run's recovery
-    removes what they left), unless already past it. Either way the summary counts every
-    shard that committed.
-    """
-
-    def __init__(self, commit: Callable[[ShardProgress, threading.Event], ShardOutcome],
-                 record: Callable[[ShardOutcome], None], check: Callable[[], None]) -> None:
-        self._commit, self._record, self._check = commit, record, check
-        self._pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
-        self._futures: dict[Future[ShardOutcome], str] = {}
-        self._lock = threading.Lock()
-        self.stopping = threading.Event()
-
-    def submit(self, progress: ShardProgress) -> None:
-        while len(self._futures) >= 3 * COMMIT_THREADS:
-            self.collect(wait="first")
-        future = self._pool.submit(self._commit_and_record, progress)
-        self._futures[future] = progress.shard_id
-
-    def _commit_and_record(self, progress: ShardProgress) -> ShardOutcome:
-        """On a commit thread: commit, then record it, before anyone can see it done."""
-        outcome = self._commit(progress, self.stopping)
-        with self._lock:
-            self._record(outcome)
-        return outcome
-
-    def collect(self, wait: Literal["first", "all"] | None = None) -> None:
-        """Take the commits finished by now (``wait``: until at least one has, or all
-        have); raises a commit's error, or the failure budget's."""
-        if not self._futures:
-            return
-        done, _ = futures_wait(self._futures, timeout=0 if wait is None else None,
-                               return_when=FIRST_COMPLETED if wait == "first" else ALL_COMPLETED)
-        for future in done:
-            del self._futures[future]
-            if future.exception() is not None:
-                self.stopping.set()
-                future.result()  # raises it
-        if done:
-            with self._lock:
-                self._check()
-
-    def close(self, err: BaseException | None) -> None:
-        """Finish as the class says, for a run ending with ``err`` (None: all collected)."""
-        if err is not None and (not isinstance(err, Exception)
-                                or isinstance(err, JobAborted | LeaseLostError)):
-            self.stopping.set()
-        try:
-            self._pool.shutdown(wait=True, cancel_futures=self.stopping.is_set())
-        except BaseException:  # interrupted while waiting: stop the rest, as for an interrupt
-            self.stopping.set()
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._record_finished()
-            raise
-        self._record_finished()
-
-    def _record_finished(self) -> None:
-        """Log the commits that failed after the driver stopped collecting (those that
-        succeeded recorded themselves)."""
-        for future, shard in self._futures.items():
-            if future.cancelled():
-                continue
-            failure = future.exception()
-            if failure is not None and not isinstance(failure, _CommitStopped):
-                log.error("shard %s was not committed: %s: %s", shard,
-                          type(failure).__name__, failure)
-        self._futures.clear()
-
-
 class EmbeddingJob:
     """One run of a job config. ``prepare()`` needs no Ray; ``run()`` does the work."""
 
@@ -579,7 +229,7 @@ class EmbeddingJob:
         self._ledgers: tuple[Any, ...] = ()  # the run's pipeline.crashes ledgers, once Ray runs
         self.summary: JobSummary | None = None  # the last run()'s, finished or not
         self._run_started = 0.0  # perf_counter time
-        self._record_writer: _LatestWriter | None = None  # a running job's record, as shards commit
+        self._record_writer: LatestWriter | None = None  # a running job's record, as shards commit
 
     # ------------------------------------------------------------------ planning
 
@@ -648,7 +298,7 @@ class EmbeddingJob:
 
         cfg, c = self.cfg, self.cfg.compute
         check_ray_address_env(c)
-        with advice_for_cluster(joins_cluster(c)), _model_name_named():
+        with advice_for_cluster(joins_cluster(c)), model_name_named():
             # weights missing: advice for where it runs
             self.info, self.weights = resolve_backbone(
                 cfg.model.name, weights=cfg.model.weights, options=cfg.model.options,
@@ -769,6 +419,13 @@ class EmbeddingJob:
         o = self.cfg.output
         return [t for t, on in (("windows", o.windows), ("recordings", o.recordings),
                                 ("errors", True)) if on]
+
+    @property
+    def _limits(self) -> dict[str, Any]:
+        """The audio limits a recording can be refused by (``errors.LIMIT_ERRORS``)."""
+        a = self.cfg.audio
+        return {"min_sample_rate_hz": a.min_sample_rate_hz,
+                "max_sample_rate_hz": a.max_sample_rate_hz, "max_channels": a.max_channels}
 
     def _check_local_ray(self) -> None:
         """Refuse, before any work, what the Ray this job would start on this machine can
@@ -1039,7 +696,7 @@ class EmbeddingJob:
         try:
             self._lease.check()  # prepared long ago, another run may have taken over since
             self._write_job_record(summary, started)
-            self._record_writer = _LatestWriter(self._write_record, "job record", RECORD_EVERY_S)
+            self._record_writer = LatestWriter(self._write_record, "job record", RECORD_EVERY_S)
             if self.shards:
                 self._run_shards(summary, started)
             summary.status = "succeeded" if summary.failed == 0 else "completed_with_errors"
@@ -1092,8 +749,8 @@ class EmbeddingJob:
 
         items = dict(self.shards)
         layers = self.settings.layers
-        book = _ShardBook({sid: ShardProgress(sid, [i.recording_id for i in members], layers)
-                           for sid, members in self.shards})
+        book = ShardBook({sid: ShardProgress(sid, [i.recording_id for i in members], layers)
+                          for sid, members in self.shards})
         sources = ray.put(self._shard_sources())
         self._ledgers = crashes.start_ledgers(plan.cluster_cpus)
         per_actor: dict[str, dict[str, float]] = {}
@@ -1114,9 +771,10 @@ class EmbeddingJob:
         progress_log = ProgressLog(summary, written, len(self.todo),
                                    sum(i.size_bytes for i in self.todo) if sizes_known else None,
                                    rows_per_file, self.cfg.run.progress_every_s, watch.waiting)
-        committer = _Committer(
-            lambda progress, stopping: self._commit_shard(progress, items[progress.shard_id],
-                                                          started, stopping),
+        shard_commit = self._shard_commit()
+        committer = Committer(
+            lambda progress, stopping: shard_commit.commit(progress, items[progress.shard_id],
+                                                           started, stopping),
             lambda outcome: self._count_committed(summary, outcome),
             lambda: self._check_failure_budget(summary))
         try:
@@ -1125,8 +783,8 @@ class EmbeddingJob:
                     if self._lease.lost():  # stop here, not at the next commit
                         self._lease.check()
                     for row in batch.to_pylist():
-                        complete = _take_write_return(WriteReturn.from_row(row), book,
-                                                      written, per_actor)
+                        complete = take_write_return(WriteReturn.from_row(row), book,
+                                                     written, per_actor)
                         if complete is not None:
                             committer.submit(complete)
                     committer.collect()
@@ -1372,74 +1030,15 @@ class EmbeddingJob:
 
     # ------------------------------------------------------------------ committing
 
-    def _commit_shard(self, progress: ShardProgress, items: Sequence[SourceItem],
-                      started: float, stopping: threading.Event) -> ShardOutcome:
-        """Write a complete shard's recordings and errors tables, publish, mark committed
-        (on a commit thread: see :class:`_Committer`; ``stopping`` set, it stops before
-        publishing or before the marker, as a killed driver would, for the next run's
-        recovery)."""
-        shard_id = progress.shard_id
-        pooled = reduce_partials(progress.partials, self.cfg.output.recording_pooling)
-        rec_rows, err_rows, outcome, settled = self._shard_rows(shard_id, items, progress.reports,
-                                                                progress.dropped, pooled)
-        staged: dict[str, list[str]] = {"windows": [p for p, _ in progress.files]}
-        file_rows = dict(progress.files)
-        for table_name, path, rows in self._stage_tables(shard_id, items, rec_rows, err_rows):
-            staged[table_name] = [path]
-            file_rows[path] = rows
-        o = self.cfg.output
-        self._check_may_commit(stopping)
-        fault_point("before_publish")
-        staged_paths = {t: [storage.url_to_fs(p, o.storage_options)[1] for p in ps]
-                        for t, ps in staged.items()}
-        rows_by_path = {storage.url_to_fs(p, o.storage_options)[1]: n for p, n in file_rows.items()}
-        moved = layout_mod.publish(self.layout, shard_id, staged_paths)
-        fault_point("before_commit")
-        final_rows = {table: [{"path": self.layout.uri(dst), "rows": rows_by_path[src]}
-                              for src, dst in pairs]
-                      for table, pairs in moved.items()}
-        outcome.committed_after_s = round(time.perf_counter() - started, 3)
-        # Publishing can be many copies on an object store: the lease may have been taken
-        # over meanwhile, and the new holder's recovery deletes unmarked files.
-        self._check_may_commit(stopping)
-        layout_mod.commit(self.layout, {
-            "shard": shard_id,
-            "job_id": self.job_id,
-            "variant": self.variant.id,
-            "committed_at": utc_now(),
-            "recordings": [{"recording_id": i.recording_id, "source_uri": i.uri,
-                            **settled[i.recording_id]} for i in items],
-            "tables": self._tables,
-            "files": final_rows,
-            "counts": {k: v for k, v in outcome.__dict__.items() if k != "shard_id"},
-        })
-        fault_point("committed")
-        return outcome
-
-    def _stage_tables(self, shard_id: str, items: Sequence[SourceItem],
-                      rec_rows: list[dict[str, Any]], err_rows: list[dict[str, Any]]
-                      ) -> list[tuple[str, str, int]]:
-        """Write a shard's recordings and errors files into its staging folder (the write
-        tasks staged its windows files): (table, path, rows) of each written."""
-        extras = self.listing.extras.schema if self.listing.extras else None
-        meta, o = self.parquet_metadata, self.cfg.output
-        staging = self.layout.uri(self.layout.staging_dir(shard_id))
-        sources = self._sources_table(items)
-        written = []
-        for table_name, rows, schema in (("recordings", rec_rows, recordings_schema(extras, meta)),
-                                         ("errors", err_rows, errors_schema(extras, meta))):
-            if not rows or (table_name == "recordings" and not o.recordings):
-                continue
-            table = rows_to_table(rows, schema, sources, self.provenance.row_columns())
-            path = storage.join(staging, table_name, "part-000000.parquet")
-            write_parquet(table, path, o.storage_options, self._row_group_rows, o.compression)
-            written.append((table_name, path, table.num_rows))
-        return written
-
-    def _check_may_commit(self, stopping: threading.Event) -> None:
-        if stopping.is_set():
-            raise _CommitStopped("the job is stopping")
-        self._lease.check()
+    def _shard_commit(self) -> ShardCommit:
+        """What committing a shard needs of this run, settled by prepare() (see
+        :mod:`pipeline.commit`)."""
+        return ShardCommit(
+            cfg=self.cfg, job_id=self.job_id, variant=self.variant, layout=self.layout,
+            lease=self._lease, listing=self.listing, provenance=self.provenance,
+            parquet_metadata=self.parquet_metadata, tables=self._tables,
+            row_group_rows=self._row_group_rows, layers=self.settings.layers,
+            attempts=self._attempts, sources_table=self._sources_table)
 
     def _count_committed(self, summary: JobSummary, outcome: ShardOutcome) -> None:
         """Fold a committed shard into the summary and say so."""
@@ -1457,127 +1056,6 @@ class EmbeddingJob:
                 self._record_writer.offer(self._job_record(summary.to_dict(outcomes=False), False))
             except Exception as err:  # noqa: BLE001 - progress for `inspect` only: the run goes on
                 log.warning("job record not updated: %s", redact.text(str(err)))
-
-    def _shard_rows(self, shard_id: str, items: Sequence[SourceItem], reports: Mapping[str, RecordingReport],
-                    dropped: Mapping[str, set[tuple[int, int]]],
-                    pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]) -> ShardRows:
-        """Turn reports + recording vectors (``reduce_partials``: mean or max over the kept
-        windows) into recording and error rows, checking every count.
-
-        Also returns what the commit marker records of each recording: its final
-        ``outcome`` (``ok``, ``partial`` or ``error``), which can differ from its decode
-        report's status (windows dropped as non-finite make it partial, all of them dropped
-        an error), and for a failed or cut-short one the ``error_type`` that stopped it and,
-        when that was not the recording's fault, ``retry`` (see ``layout.recordings_to_retry``).
-        """
-        outcome = ShardOutcome(shard_id=shard_id, recordings=len(items))
-        rec_rows: list[dict[str, Any]] = []
-        err_rows: list[dict[str, Any]] = []
-        settled: dict[str, dict[str, Any]] = {}
-        for item in items:
-            rid = item.recording_id
-            report = reports.get(rid)
-            if report is None:
-                raise RuntimeError(f"shard {shard_id}: no report for {item.uri}; rows were lost")
-            outcome.bytes_read += int(report.get("bytes_read", 0))
-            if report["status"] == "error":
-                err_rows.append({"recording_id": rid, "error_type": report["error_type"],
-                                 "message": report["message"]})
-                outcome.failed += 1
-                outcome.error_types[report["error_type"]] += 1
-                settled[rid] = self._failure_mark(item, report)
-                continue
-            lost = dropped.get(rid, set())
-            windows = windows_kept(report, lost)
-            recording_rows = self._recording_rows(shard_id, item, report, lost, windows, pooled)
-            if not recording_rows:
-                err_rows.append({"recording_id": rid, "error_type": "NonFiniteEmbedding",
-                                 "message": "every window's embedding was non-finite"})
-                outcome.failed += 1
-                outcome.error_types["NonFiniteEmbedding"] += 1
-                settled[rid] = {"outcome": "error", "error_type": "NonFiniteEmbedding"}
-                continue
-            problems = list(report.get("problems", []))
-            if lost:
-                problems.append(_dropped_note(len(lost)))
-            rec_rows.extend(recording_rows)
-            outcome.windows += sum(windows.values())
-            outcome.audio_s += float(report["duration_s"])
-            outcome.partial += bool(problems)
-            outcome.embedded += not problems
-            settled[rid] = {"outcome": "partial" if problems else "ok"}
-            if report.get("stopped_by"):
-                settled[rid].update(error_type=report["stopped_by"],
-                                    **self._retry_mark(item, report))
-        # What a rerun with these settings tries again (resume.Resumption.reopen_shards): the
-        # summary promises no retry of an EmptyAudio, nor of one met in max_attempts runs.
-        run = self.cfg.run
-        if run.retry_transient_errors:
-            outcome.retried = sum(layout_mod.to_retry(mark, run.max_attempts)
-                                  for mark in settled.values())
-        return ShardRows(rec_rows, err_rows, outcome, settled)
-
-    def _failure_mark(self, item: SourceItem, report: RecordingReport) -> dict[str, Any]:
-        """What a marker records of a recording that failed: its error type, whether a
-        later run may try again, and for a refusal by the job's limits what was refused
-        (see ``resume.Resumption.reopen_shards``)."""
-        mark = {"outcome": "error", "error_type": report["error_type"],
-                **self._retry_mark(item, report)}
-        if report["error_type"] in LIMIT_ERRORS:
-            mark["refused"] = {"sample_rate_hz": int(report.get("source_sample_rate_hz") or 0),
-                               "channels": int(report.get("source_channels") or 0)}
-        return mark
-
-    def _recording_rows(self, shard_id: str, item: SourceItem, report: RecordingReport,
-                        lost: set[tuple[int, int]], windows: Mapping[int, int],
-                        pooled: Mapping[tuple[str, int, int], tuple[int, np.ndarray]]
-                        ) -> list[dict[str, Any]]:
-        """One row per channel and layer of a recording that embedded (none for a channel
-        that lost every window), each pooled over exactly the windows kept, or the commit is
-        refused. A channel's status is its own: the recording's problems, its windows
-        dropped, and which other channels have no rows (they would vanish without a word)."""
-        lost_on = collections.Counter(ch for ch, _ in lost)
-        emptied = [ch for ch, kept in sorted(windows.items()) if not kept and lost_on[ch]]
-        rows = []
-        for ch, kept in sorted(windows.items()):
-            detail = list(report.get("problems", []))
-            if lost_on[ch]:
-                detail.append(_dropped_note(lost_on[ch]))
-            if others := [c for c in emptied if c != ch]:
-                detail.append(f"channel {', '.join(map(str, others))}: every window's "
-                              "embedding was non-finite (no rows)")
-            for layer in self.settings.layers:
-                count, vector = pooled.get((item.recording_id, ch, layer), (0, None))
-                if count != kept:
-                    raise RuntimeError(
-                        f"shard {shard_id}: {item.uri} channel {ch} layer {layer} has "
-                        f"{count} window rows, expected {kept}; refusing to commit")
-                if kept == 0:
-                    continue
-                rows.append({
-                    "recording_id": item.recording_id, "channel": ch, "layer": layer,
-                    "duration_s": report["duration_s"],
-                    "source_sample_rate_hz": report["source_sample_rate_hz"],
-                    "source_channels": report["source_channels"], "num_windows": kept,
-                    "embedding": vector, "status": "partial" if detail else "ok",
-                    "status_detail": "; ".join(detail),
-                })
-        return rows
-
-    @property
-    def _limits(self) -> dict[str, Any]:
-        """The audio limits a recording can be refused by (``errors.LIMIT_ERRORS``)."""
-        a = self.cfg.audio
-        return {"min_sample_rate_hz": a.min_sample_rate_hz,
-                "max_sample_rate_hz": a.max_sample_rate_hz, "max_channels": a.max_channels}
-
-    def _retry_mark(self, item: SourceItem, report: RecordingReport) -> dict[str, Any]:
-        """What a marker records of a failure that was not the recording's own (a storage
-        error, an unexpected exception): a rerun reopens its shard while ``attempts``, the
-        runs in a row that met one, is below ``run.max_attempts`` (``layout.recordings_to_retry``)."""
-        if not report.get("transient"):
-            return {}
-        return {"retry": True, "attempts": self._attempts.get(item.recording_id, 0) + 1}
 
     def _write_job_record(self, summary: JobSummary, started: float, final: bool = False) -> None:
         """``_jobs/<job_id>.json``, at the start and at the end; in between, as shards
@@ -1614,33 +1092,6 @@ class EmbeddingJob:
         layout_mod.write_json(self.layout.fs, self.layout.job_path(self.job_id), record)
 
 
-def check_model_settings(cfg: JobConfig) -> None:
-    """What ``prepare()`` checks of a config against its model (window, hop, pooling, layers,
-    the in-flight budget), with no weights, no Ray and no I/O: how ``submit`` refuses a bad
-    config before it reaches the cluster.
-
-    Raises:
-        UnknownModelError: no such backbone here.
-        ConfigError: the config does not fit the model.
-    """
-    from pipeline.models import model_info
-
-    with _model_name_named():
-        info = model_info(cfg.model.name, cfg.model.options)
-    settle_model_settings(cfg, info)
-
-
-@contextlib.contextmanager
-def _model_name_named() -> Iterator[None]:
-    """An unknown backbone refused as a config error is: naming ``model.name`` first."""
-    try:
-        yield
-    except UnknownModelError as err:
-        if str(err).startswith("model.name: "):
-            raise
-        raise UnknownModelError(f"model.name: {err}") from err
-
-
 def run_job(cfg: JobConfig) -> JobSummary:
     """Prepare and run a job; the CLI's ``run`` in one call."""
     job = EmbeddingJob(cfg)
@@ -1648,6 +1099,8 @@ def run_job(cfg: JobConfig) -> JobSummary:
     return job.run()
 
 
+# ModelSettings, check_model_settings and settle_model_settings live in
+# pipeline.model_settings; still importable from here, as before they moved.
 __all__ = ["EXIT_ABORTED", "EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_SOME_FAILED",
            "EmbeddingJob", "JobSummary", "ModelSettings", "check_model_settings", "run_job",
            "settle_model_settings"]

@@ -1,5 +1,9 @@
 """What a run did: per-shard outcomes, how the embedding actors spent their time, and the
-end-of-run summary that ``embed-archive run`` prints and ``_jobs/<job_id>.json`` keeps."""
+end-of-run summary that ``embed-archive run`` prints and ``_jobs/<job_id>.json`` keeps.
+
+While the run goes on, :class:`ProgressLog` says how far it got, and :class:`LatestWriter`
+keeps ``_jobs/<job_id>.json`` up to date as shards commit (what ``embed-archive inspect``
+shows of a running job), off the commit threads."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from pipeline import layout as layout_mod
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.errors import EXIT_OK
 
 log = logging.getLogger(__name__)
@@ -249,6 +253,65 @@ class ProgressLog:
         elif 0 < done < 1 and w.audio_s > 0:
             text += f"; about {_duration(elapsed * (1 - done) / done)} left"
         return text
+
+
+class LatestWriter:
+    """Writes a running job's record on a thread of its own: the latest offered, at most
+    every ``every_s`` seconds (a burst of commits leaves its last state written, not its
+    first), and the final record last. Written on the commit threads, a slow or failing
+    bucket (seconds, with retries) held the commit lock, and the driver with it."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], what: str,
+                 every_s: float) -> None:
+        self._write, self._what, self._every_s = write, what, every_s
+        self._lock = threading.Lock()
+        self._latest: dict[str, Any] | None = None
+        self._final: dict[str, Any] | None = None
+        self._final_written = False
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{what} writer", daemon=True)
+        self._thread.start()
+
+    def offer(self, value: dict[str, Any]) -> None:
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._latest = value
+        self._wake.set()
+
+    def close(self, final: dict[str, Any], wait_s: float = 5.0) -> bool:
+        """Write ``final`` after any write under way, and nothing after it; wait up to
+        ``wait_s``. Returns whether it is written (else the caller writes it: a write under
+        way that lands later is then followed by this one's, still last)."""
+        with self._lock:
+            self._final, self._latest = final, None
+            self._closing.set()
+        self._wake.set()
+        self._thread.join(wait_s)
+        return self._final_written
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                value, self._latest = self._latest, None
+                final = self._final
+            if final is not None:
+                self._put(final, final=True)
+                return
+            if value is not None:
+                self._put(value, final=False)
+                self._closing.wait(self._every_s)  # rate limit; a close cuts it short
+                self._wake.set()  # whatever came meanwhile
+
+    def _put(self, value: dict[str, Any], final: bool) -> None:
+        try:
+            self._write(value)
+            self._final_written = final
+        except Exception as err:  # noqa: BLE001 - the caller writes the final one itself
+            log.warning("%s not updated: %s", self._what, redact.text(str(err)))
 
 
 def _duration(seconds: float) -> str:

@@ -22,6 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import AudioDecodeError
 from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob
 from pipeline.sink import PROVENANCE_KEY
+from pipeline.summary import LatestWriter
 from pipeline.windows import plan_windows
 from tests.conftest import write_tone
 from tests.integration.conftest import TINY_BEATS
@@ -62,7 +63,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, real_data: Path, ray_sess
     # What the job offers its record writer at each commit, and what `inspect` finds in
     # _jobs/ as the run goes (the writer keeps the latest offered: written, or superseded).
     records: dict[str, list[dict]] = {"offered": [], "written": []}
-    real_write, real_offer = layout_mod.write_json, job_mod._LatestWriter.offer
+    real_write, real_offer = layout_mod.write_json, LatestWriter.offer
 
     def write_json(fs, path, value, *args, **kwargs):
         if "/_jobs/" in path:
@@ -76,7 +77,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, real_data: Path, ray_sess
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(job_mod, "RECORD_EVERY_S", 0.0)
         mp.setattr(layout_mod, "write_json", write_json)
-        mp.setattr(job_mod._LatestWriter, "offer", offer)
+        mp.setattr(LatestWriter, "offer", offer)
         summary = EmbeddingJob(cfg).run()
     return out, summary, raw, records
 

@@ -931,17 +931,17 @@ def test_the_driver_commits_shards_side_by_side_on_a_slow_bucket(
     import itertools
     import threading
 
-    import pipeline.job
+    import pipeline.commit
 
     two_met, publishing = threading.Barrier(2, timeout=120), itertools.count()
-    real_fault_point = pipeline.job.fault_point
+    real_fault_point = pipeline.commit.fault_point
 
     def fault_point(name: str) -> None:
         if name == "before_publish" and next(publishing) < 2:
             two_met.wait()
         real_fault_point(name)
 
-    monkeypatch.setattr(pipeline.job, "fault_point", fault_point)
+    monkeypatch.setattr(pipeline.commit, "fault_point", fault_point)
     with running(FaultProxy(moto.port, fault_rate=0.0, fail_first=False)) as proxy:
         proxy.latency_s = 0.05
         options = s3_opts(proxy.url)

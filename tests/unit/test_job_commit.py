@@ -13,16 +13,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import job as job_mod
+from pipeline import commit as commit_mod
 from pipeline import summary as summary_mod
 from pipeline.config import JobConfig
 from pipeline.errors import JobAborted, LeaseLostError
-from pipeline.job import EmbeddingJob, settle_model_settings
+from pipeline.job import EmbeddingJob
 from pipeline.layout import OutputLayout, recordings_to_retry
+from pipeline.model_settings import settle_model_settings
 from pipeline.models import model_info
 from pipeline.sink import ShardProgress, WriteReturn
 from pipeline.sources import SourceItem
-from pipeline.summary import EmbedTiming, JobSummary, ShardOutcome
+from pipeline.summary import EmbedTiming, JobSummary, LatestWriter, ShardOutcome, Written
 
 
 def _retry_counts(*args, **kwargs) -> dict[str, int]:
@@ -48,7 +49,8 @@ def test_with_channels_each_a_status_is_its_channels_and_an_emptied_channel_is_n
     dropped = {"some": {(1, 0)}, "all": {(1, 0), (1, 1)}}
     pooled = {(n, 0, 0): (2, np.ones(4, np.float32)) for n in ("some", "all")}
     pooled[("some", 1, 0)] = (1, np.ones(4, np.float32))
-    rec_rows, err_rows, outcome, settled = job._shard_rows("s", items, reports, dropped, pooled)
+    rec_rows, err_rows, outcome, settled = commit_mod.shard_rows(
+        "s", items, reports, dropped, pooled, cfg=job.cfg, layers=job.settings.layers, attempts={})
     got = {(r["recording_id"], r["channel"]): (r["status"], r["status_detail"]) for r in rec_rows}
     assert got == {
         ("some", 0): ("ok", ""),
@@ -81,8 +83,10 @@ def test_outcomes_count_windows_dropped_as_non_finite(tmp_path: Path) -> None:
     dropped = {"half_dropped": {(-1, 1)}, "all_dropped": {(-1, 0), (-1, 1)}}
     pooled = {(n, -1, 0): (2, np.ones(4, np.float32)) for n in ("clean", "cut_short")}
     pooled[("half_dropped", -1, 0)] = (1, np.ones(4, np.float32))
-    job._attempts = {"oom": 2}  # met in the two runs before this one
-    rec_rows, err_rows, outcome, settled = job._shard_rows("s", items, reports, dropped, pooled)
+    attempts = {"oom": 2}  # met in the two runs before this one
+    rec_rows, err_rows, outcome, settled = commit_mod.shard_rows(
+        "s", items, reports, dropped, pooled, cfg=job.cfg, layers=job.settings.layers,
+        attempts=attempts)
     assert settled == {
         "clean": {"outcome": "ok"},
         "half_dropped": {"outcome": "partial"},
@@ -149,7 +153,7 @@ def test_the_summary_says_what_the_recordings_failed_of() -> None:
 
 
 class SlowCommits:
-    """Commits that take ``seconds`` each and honour ``stopping`` as _commit_shard does."""
+    """Commits that take ``seconds`` each and honour ``stopping`` as ShardCommit.commit does."""
 
     def __init__(self, seconds: float, fail: set[str] = frozenset()) -> None:
         self.seconds, self.fail = seconds, fail
@@ -160,7 +164,7 @@ class SlowCommits:
     def commit(self, progress: ShardProgress, stopping: threading.Event) -> ShardOutcome:
         stopping.wait(self.seconds)
         if stopping.is_set():
-            raise job_mod._CommitStopped("stopping")
+            raise commit_mod.CommitStopped("stopping")
         if progress.shard_id in self.fail:
             raise OSError(f"bucket refused {progress.shard_id}")
         return ShardOutcome(shard_id=progress.shard_id, recordings=1)
@@ -172,7 +176,7 @@ class SlowCommits:
         self.checks.append(threading.current_thread().name)
 
 
-def submit_all(committer: job_mod._Committer, commits: SlowCommits, n: int) -> None:
+def submit_all(committer: commit_mod.Committer, commits: SlowCommits, n: int) -> None:
     for k in range(n):
         committer.submit(ShardProgress(f"s{k:02d}", ["r"], (0,)))
         commits.most_outstanding = max(commits.most_outstanding, len(committer._futures))
@@ -181,11 +185,11 @@ def submit_all(committer: job_mod._Committer, commits: SlowCommits, n: int) -> N
 def test_after_a_pipeline_error_every_complete_shard_is_still_committed() -> None:
     """As one commit at a time would have: the rows are all written, only the marker waits."""
     commits = SlowCommits(0.02)
-    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    committer = commit_mod.Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 40)
     committer.close(RuntimeError("the pipeline failed"))
     assert sorted(commits.recorded) == [f"s{k:02d}" for k in range(40)]
-    assert commits.most_outstanding <= 3 * job_mod.COMMIT_THREADS  # the driver waited
+    assert commits.most_outstanding <= 3 * commit_mod.COMMIT_THREADS  # the driver waited
 
 
 def _partials(rid: str, n: int) -> pa.Table:
@@ -204,11 +208,11 @@ def test_a_shard_whose_rows_arrive_twice_is_refused_and_the_others_go_on(
     """Duplicated rows (a retried decode task whose second attempt cut its blocks otherwise)
     cost their shard, not the job: it leaves ``pending`` for ``refused``, its later returns
     are dropped, another shard still completes, and the run ends naming what it refused."""
-    book = job_mod._ShardBook({s: ShardProgress(s, [f"{s}-r"], (0,)) for s in ("a", "b")})
-    written = job_mod.Written()
+    book = commit_mod.ShardBook({s: ShardProgress(s, [f"{s}-r"], (0,)) for s in ("a", "b")})
+    written = Written()
 
     def take(ret: WriteReturn) -> ShardProgress | None:
-        return job_mod._take_write_return(ret, book, written, {})
+        return commit_mod.take_write_return(ret, book, written, {})
 
     assert take(WriteReturn("a", partials=_partials("a-r", 3))) is None
     assert take(WriteReturn("a", partials=_partials("a-r", 3),
@@ -222,18 +226,18 @@ def test_a_shard_whose_rows_arrive_twice_is_refused_and_the_others_go_on(
     assert book.complete == {"b"} and written.recordings == 1 and written.audio_s == 2.0
     assert book.uncommitted().startswith(
         "1 shard(s) refused for rows that reached the driver twice")
-    assert job_mod._ShardBook({}).uncommitted() == ""
+    assert commit_mod.ShardBook({}).uncommitted() == ""
 
 
 def test_rows_that_arrive_twice_after_their_recording_or_shard_settled_are_caught() -> None:
     """A duplicate arriving after its recording settled, the shard still waiting on another,
     overshoots too: the shard is refused, never committed with the copy. One arriving after
     the whole shard was complete (handed to the committer with each row once) is dropped."""
-    book = job_mod._ShardBook({"a": ShardProgress("a", ["r1", "r2"], (0,)),
+    book = commit_mod.ShardBook({"a": ShardProgress("a", ["r1", "r2"], (0,)),
                                "b": ShardProgress("b", ["r3"], (0,))})
 
     def take(ret: WriteReturn) -> ShardProgress | None:
-        return job_mod._take_write_return(ret, book, job_mod.Written(), {})
+        return commit_mod.take_write_return(ret, book, Written(), {})
 
     assert take(WriteReturn("a", partials=_partials("r1", 3), reports=[_report("r1", 3)])) is None
     assert book.pending["a"].waiting == {"r2"}
@@ -252,7 +256,7 @@ def test_rows_that_arrive_twice_after_their_recording_or_shard_settled_are_caugh
 def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     commits = SlowCommits(5.0)
-    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    committer = commit_mod.Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 20)
     started = time.monotonic()
     committer.close(err)
@@ -265,7 +269,7 @@ def test_an_interrupted_run_starts_no_more_commits(err: BaseException,
 def test_a_failed_commit_stops_the_others_and_every_failure_is_logged(
         caplog: pytest.LogCaptureFixture) -> None:
     commits = SlowCommits(0.05, fail={"s00", "s01"})
-    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    committer = commit_mod.Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 4)
     with pytest.raises(OSError, match="bucket refused s0[01]") as raised:
         committer.collect(wait="all")
@@ -279,7 +283,7 @@ def test_an_interrupt_while_waiting_after_a_pipeline_error_stops_the_rest() -> N
     """Ctrl-C while the complete shards commit after a pipeline error: no commit may go on
     past the job record, so the rest stop as after any interrupt."""
     commits = SlowCommits(5.0)
-    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    committer = commit_mod.Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 20)
     real, calls = committer._pool.shutdown, []
 
@@ -302,7 +306,7 @@ def test_a_commit_is_recorded_when_it_ends_and_its_budget_checked_by_the_driver(
     meanwhile are said (and counted) then, not at the next batch; the failure budget, which
     stops the job, is still applied on the driver's thread."""
     commits = SlowCommits(0.01)
-    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    committer = commit_mod.Committer(commits.commit, commits.record, commits.check)
     submit_all(committer, commits, 3)
     deadline = time.monotonic() + 10
     while len(commits.recorded) < 3 and time.monotonic() < deadline:
@@ -317,7 +321,7 @@ def test_a_commit_is_recorded_when_it_ends_and_its_budget_checked_by_the_driver(
 def test_each_commit_is_recorded_once_whatever_the_driver_collects() -> None:
     """A commit records itself on its thread before it is done; collect() never does."""
     commits = SlowCommits(0.0)
-    committer = job_mod._Committer(commits.commit, commits.record, commits.check)
+    committer = commit_mod.Committer(commits.commit, commits.record, commits.check)
     for k in range(300):
         committer.submit(ShardProgress(f"s{k:03d}", ["r"], (0,)))
         committer.collect()
@@ -332,7 +336,7 @@ def test_the_failure_budget_stops_the_run_from_collect() -> None:
     def over_budget() -> None:
         raise JobAborted("4 of 5 recordings failed")
 
-    committer = job_mod._Committer(commits.commit, commits.record, over_budget)
+    committer = commit_mod.Committer(commits.commit, commits.record, over_budget)
     submit_all(committer, commits, 2)
     with pytest.raises(JobAborted, match="4 of 5"):
         committer.collect(wait="all")
@@ -367,16 +371,14 @@ def test_the_failure_budget_counts_every_finished_recording_and_allows_exactly_i
         job._check_failure_budget(_counts(1, 2, 4))
 
 
-def test_a_refusal_by_the_jobs_limits_records_the_rate_and_channels_refused(
-        tmp_path: Path) -> None:
+def test_a_refusal_by_the_jobs_limits_records_the_rate_and_channels_refused() -> None:
     """What a later run with wider limits compares against: the channels recorded as the
     rate (or the reverse) and ``admitted_now`` reopens the wrong recordings, or none."""
-    job = _job(tmp_path)
     item = SourceItem(uri="/x/a.wav", path="/x/a.wav", size_bytes=1, version="v",
                       recording_id="a")
-    mark = job._failure_mark(item, {"status": "error", "error_type": "TooManyChannels",
-                                    "message": "x", "source_sample_rate_hz": 96_000,
-                                    "source_channels": 12})
+    mark = commit_mod._failure_mark(item, {"status": "error", "error_type": "TooManyChannels",
+                                           "message": "x", "source_sample_rate_hz": 96_000,
+                                           "source_channels": 12}, {})
     assert mark == {"outcome": "error", "error_type": "TooManyChannels",
                     "refused": {"sample_rate_hz": 96_000, "channels": 12}}
 
@@ -391,11 +393,14 @@ def test_a_recording_whose_pooled_windows_are_not_those_it_kept_is_refused(
                         recording_id="a")]
     report = {"status": "ok", "problems": [], "windows": {"-1": 3}, "duration_s": 3.0,
               "source_sample_rate_hz": 16_000, "source_channels": 1}
-    rows = job._shard_rows("s", items, {"a": report}, {}, {("a", -1, 0): (3, np.ones(4))})
+    settled_by = {"cfg": job.cfg, "layers": job.settings.layers, "attempts": {}}
+    rows = commit_mod.shard_rows("s", items, {"a": report}, {}, {("a", -1, 0): (3, np.ones(4))},
+                                 **settled_by)
     assert [r["num_windows"] for r in rows.recordings] == [3]
     for count in (2, 4):  # windows lost on their way, or counted twice
         with pytest.raises(RuntimeError, match=f"has {count} window rows, expected 3"):
-            job._shard_rows("s", items, {"a": report}, {}, {("a", -1, 0): (count, np.ones(4))})
+            commit_mod.shard_rows("s", items, {"a": report}, {},
+                                  {("a", -1, 0): (count, np.ones(4))}, **settled_by)
 
 
 # --------------------------------------------------------------------------- what an operator sees
@@ -485,8 +490,6 @@ def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
         caplog: pytest.LogCaptureFixture) -> None:
     """Written on a commit thread, under the commit lock, a slow bucket held the driver; a
     burst of commits must leave its last state written; the final record lands last."""
-    from pipeline.job import _LatestWriter
-
     gate, entered, written = threading.Event(), threading.Event(), []
 
     def write(value: dict) -> None:
@@ -496,7 +499,7 @@ def test_a_running_jobs_record_is_written_off_the_commit_threads_latest_only(
             raise OSError("503 SlowDown")
         written.append(value["n"])
 
-    writer = _LatestWriter(write, "job record", every_s=0.2)
+    writer = LatestWriter(write, "job record", every_s=0.2)
     started = time.perf_counter()
     for n in range(3):
         writer.offer({"n": n})  # never waits for the store

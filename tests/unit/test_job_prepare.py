@@ -1076,7 +1076,7 @@ def _commit_one_shard(j: EmbeddingJob, monkeypatch: pytest.MonkeyPatch) -> dict[
     import threading
     import time
 
-    from pipeline import job as job_mod
+    from pipeline import commit as commit_mod
     from pipeline.sink import ShardProgress
 
     shard_id, items = j.shards[0]
@@ -1087,10 +1087,10 @@ def _commit_one_shard(j: EmbeddingJob, monkeypatch: pytest.MonkeyPatch) -> dict[
             if i.uri.endswith("bad.wav") else
             {"status": "ok", "problems": [], "windows": {"-1": 1}, "duration_s": 1.0,
              "source_sample_rate_hz": 16_000, "source_channels": 1})
-    monkeypatch.setattr(job_mod, "reduce_partials", lambda partials, pooling: {
+    monkeypatch.setattr(commit_mod, "reduce_partials", lambda partials, pooling: {
         (i.recording_id, -1, layer): (1, np.ones(768, np.float32))
         for i in items if not i.uri.endswith("bad.wav") for layer in j.settings.layers})
-    j._commit_shard(progress, items, time.perf_counter(), threading.Event())
+    j._shard_commit().commit(progress, items, time.perf_counter(), threading.Event())
     return {i.recording_id: i.uri for i in items}
 
 
