@@ -7,10 +7,12 @@ on the same recording each time, and the run fails; without more, so would every
 and the user would have to find the recording among thousands by hand.
 
 So each decode task tells the run's :class:`CrashLedger` (a small Ray actor beside the
-driver; several on a large cluster) which recording it starts and which it has finished, in one round trip per
-recording, before the decoder runs: a recording started again while its last start never
-finished is one a worker died on. When a run fails because workers died, the driver asks
-the ledger which recordings were died on at least :data:`SUSPECT_DEATHS` times, names them
+driver; several on a large cluster) which recording it starts, before the decoder runs,
+and which it has finished (a round trip each: ``decode_batch`` is handed one recording
+per call, so a finish rides on the next start only within a call): a recording started
+again while its last start never finished is one a worker died on. When a run fails
+because workers died, the driver asks the ledger which recordings new starts found died
+on at least :data:`SUSPECT_DEATHS` times, names them
 in the run's error, and records each in the namespace
 (``_crashes/model=M/variant=V/<recording_id>.json``). The next run hands such a recording
 to the decode stage as a known problem, ``DecoderCrashed``: it becomes an error row
@@ -70,10 +72,13 @@ class CrashLedger:
 
     def died_on(self, at_least: int) -> dict[str, int]:
         """Recordings workers died on at least ``at_least`` times, and how many times,
-        asked once the run has failed: one still started then died a last time, which
-        no new start counted."""
-        counted = {rid: n + (rid in self._open) for rid, n in self._deaths.items()}
-        return {rid: n for rid, n in counted.items() if n >= at_least}
+        asked once the run has failed. Only the deaths a new start found count towards
+        ``at_least``: a recording still started then was on a task the failed run ended,
+        whatever its content (a good one retried after its node was lost, a decode
+        killed beside an actor run out of memory); one already died on that often died
+        a last time there too, which the count it is named with includes."""
+        return {rid: n + (rid in self._open) for rid, n in self._deaths.items()
+                if n >= at_least}
 
 
 def start_ledgers(cluster_cpus: float) -> tuple[Any, ...]:
@@ -89,6 +94,20 @@ def start_ledgers(cluster_cpus: float) -> tuple[Any, ...]:
     return tuple(actor.remote() for _ in range(max(1, math.ceil(cluster_cpus / CPUS_PER_LEDGER))))
 
 
+def stop_ledgers(ledgers: Sequence[Any]) -> None:
+    """Kill the run's ledgers once its pipeline is over. Its job and Ray Data's plan hold
+    their handles, so they would otherwise live, a worker process each (some 130 MiB), as
+    long as the process that ran the job: one more set for every run a notebook, a service
+    or a test session makes on the same Ray."""
+    import ray
+
+    for ledger in ledgers:
+        try:
+            ray.kill(ledger, no_restart=True)
+        except Exception as err:  # noqa: BLE001 - gone already, or Ray is: nothing to stop
+            log.debug("crash ledger not killed: %s", type(err).__name__)
+
+
 def ledger_of(ledgers: Sequence[Any], first_recording: str) -> Any:
     """The ledger a decode task tells, picked by its first recording (a task's recordings,
     and so that, are the same at every try); None without ledgers."""
@@ -98,8 +117,8 @@ def ledger_of(ledgers: Sequence[Any], first_recording: str) -> Any:
 
 
 class LedgerClient:
-    """A decode task's side of the ledger: one round trip per recording, saying that the
-    last one finished and the next starts. A ledger that no longer answers is told
+    """A decode task's side of the ledger: one round trip per recording started, saying
+    that the last one finished and the next starts (the last's finish at :meth:`close`). A ledger that no longer answers is told
     nothing more: decoding goes on without it."""
 
     def __init__(self, ledger: Any) -> None:

@@ -799,6 +799,8 @@ class EmbeddingJob:
             raise
         finally:  # a stopped or failed run's record says what its models did too
             summary.embed = EmbedTiming.from_actors(per_actor, pipeline_start)
+            crashes.stop_ledgers(self._ledgers)  # asked above, when workers died
+            self._ledgers = ()
         committer.close(None)
         if problem := book.uncommitted():
             raise RuntimeError(f"the pipeline ended with {problem}: nothing of them was "

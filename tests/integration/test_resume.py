@@ -249,6 +249,30 @@ def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_err
     assert (again.exit_code, again.recordings_already_done) == (0, NUM_FILES)
 
 
+def test_a_run_stops_its_crash_ledgers_when_its_pipeline_is_over(
+        tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs in one process on one Ray (a notebook, a service, this test session) leave no
+    ledger actor behind them, though the job object lives on."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from pipeline import crashes
+
+    started: list[Any] = []
+    start = crashes.start_ledgers
+    monkeypatch.setattr(crashes, "start_ledgers",
+                        lambda cpus: tuple(started.extend(start(cpus)) or started))
+    src = tmp_path / "in"
+    src.mkdir()
+    write_tone(src / "a.wav", 2.5, 16_000)
+    job = EmbeddingJob(JobConfig.from_dict(config(src, tmp_path / "out")))
+    assert job.run().exit_code == 0
+    assert started
+    for ledger in started:
+        with pytest.raises(RayActorError):
+            ray.get(ledger.died_on.remote(crashes.SUSPECT_DEATHS), timeout=30)
+
+
 def test_a_run_whose_actors_lost_every_node_that_could_hold_them_fails_and_resumes(
         archive: Path, baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a cluster, the node that held the embedding actors is lost and none can take them:

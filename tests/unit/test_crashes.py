@@ -39,6 +39,19 @@ def test_finished_recordings_and_a_single_death_are_not_suspects() -> None:
     assert ledger.died_on(crashes.SUSPECT_DEATHS) == {}
 
 
+def test_a_recording_killed_once_whose_retry_the_failing_run_ended_is_not_a_suspect() -> None:
+    """x's worker is killed once (its node lost), and the run fails, for some other
+    worker's deaths, while x's retry decodes it: that try's end is the run's doing, not
+    x's, so x is no suspect; the recording that died on every try still is, with all its
+    deaths."""
+    ledger = CrashLedger()
+    ledger.step(None, "x")  # the node is lost here
+    ledger.step(None, "x")  # the retry, elsewhere, when the run fails
+    for _ in range(4):  # p kills its worker on every try
+        ledger.step(None, "p")
+    assert ledger.died_on(crashes.SUSPECT_DEATHS) == {"p": 4}
+
+
 def test_the_client_says_a_recording_finished_with_the_next_start(monkeypatch) -> None:
     """One round trip per recording: a finish rides on the next start, the last on close."""
     told: list[tuple[str | None, str | None]] = []
