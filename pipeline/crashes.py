@@ -8,12 +8,11 @@ and the user would have to find the recording among thousands by hand.
 
 So each decode task tells the run's :class:`CrashLedger` (a small Ray actor beside the
 driver; several on a large cluster) which recording it starts, before the decoder runs,
-and which it has finished (a round trip each: ``decode_batch`` is handed one recording
-per call, so a finish rides on the next start only within a call): a recording started
-again while its last start never finished is one a worker died on. When a run fails
-because workers died, the driver asks the ledger which recordings new starts found died
-on at least :data:`SUSPECT_DEATHS` times, names them
-in the run's error, and records each in the namespace
+and that the one before is finished, in one round trip per recording: a recording
+started again while its last start never finished is one a worker died on. When a run
+fails because workers died, the driver asks the ledger which recordings new starts found
+died on at least :data:`SUSPECT_DEATHS` times, names them in the run's error, and records
+each in the namespace
 (``_crashes/model=M/variant=V/<recording_id>.json``). The next run hands such a recording
 to the decode stage as a known problem, ``DecoderCrashed``: it becomes an error row
 instead of a decode, and the run goes on. A recording's id follows its object's version,
@@ -118,8 +117,8 @@ def ledger_of(ledgers: Sequence[Any], first_recording: str) -> Any:
 
 class LedgerClient:
     """A decode task's side of the ledger: one round trip per recording started, saying
-    that the last one finished and the next starts (the last's finish at :meth:`close`). A ledger that no longer answers is told
-    nothing more: decoding goes on without it."""
+    that the last one finished and the next starts (the last's finish at :meth:`close`).
+    A ledger that no longer answers is told nothing more: decoding goes on without it."""
 
     def __init__(self, ledger: Any) -> None:
         self._ledger = ledger

@@ -895,8 +895,12 @@ class EmbeddingJob:
             decode_kwargs["compute"] = TaskPoolStrategy(size=cfg.compute.decode_concurrency)
         with _retries_as_remote_args():
             spec = dataclasses.replace(self._decode_spec(), crash_ledgers=self._ledgers)
+            # The task's whole table in one call, so that its recordings' windows gather
+            # into whole blocks across them (RowBlocks): one call per recording made each
+            # recording's last few windows a block of their own, which the actors' batches
+            # then had to stitch together (a copy).
             ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec},
-                                batch_size=1, batch_format="numpy", **decode_kwargs)
+                                batch_size=None, batch_format="numpy", **decode_kwargs)
         # What each actor asks for: compute.actor_needs says the same to the room watch.
         embed_kwargs: dict[str, Any] = {"num_cpus": plan.cpus_per_actor,
                                         "max_task_retries": CRASH_RETRIES}

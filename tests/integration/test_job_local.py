@@ -421,6 +421,40 @@ def test_the_model_reads_its_batches_straight_from_the_object_store(
     assert len(batches) == 4 and all(b["read_only"] for b in batches), batches
 
 
+def test_a_decode_task_gathers_its_short_recordings_into_whole_blocks(
+        tmp_path: Path, ray_session: None) -> None:
+    """A decode task of many short recordings ships blocks of exactly one block's rows
+    across them (RowBlocks), so the actors' batches are still zero-copy slices. Handed one
+    recording per call, the stage made every recording's few windows a block of their own:
+    every batch was stitched together from pieces, a copy, and an archive of 5-s clips
+    was a block per recording for Ray Data to track."""
+    import pipeline.job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(48):  # 3 windows each, 6 recordings a decode task on 2 CPUs
+        write_tone(folder / f"clip_{i:02d}.wav", 4.0, 16_000, freq_hz=300.0 + 20 * i, seed=i)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    raw = {"input": {"uri": str(folder)},
+           "windows": {"window_s": 2.0, "hop_s": 1.0, "tail": "pad"},
+           "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS),
+                     "layers": [-1], "batch_size": 4},
+           "audio": {"batch_windows": 4},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"progress": False}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.job, "Embedder", copy_probe(str(probes)))
+        summary = EmbeddingJob(JobConfig.from_dict(raw)).run()
+    batches = [json.loads(line) for path in probes.glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert summary.embedded == 48 and summary.windows == 144
+    assert sum(b["rows"] for b in batches) == 144
+    # A task's last block may be short, and a batch reaching into the next block is a copy:
+    # at most two of those per task (8 tasks), the rest slices.
+    read_only = sum(b["read_only"] for b in batches)
+    assert read_only >= len(batches) - 16 and read_only >= 20, batches
+
+
 def refusing_actor() -> type:
     """The job's embedding actor, refusing to start (as one given another plugin version
     than the driver planned with does)."""
