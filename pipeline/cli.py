@@ -45,6 +45,8 @@ from pipeline.errors import (
     WeightsUnavailableError,
 )
 
+log = logging.getLogger("pipeline.cli")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -54,8 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # what a stopped run left is in its record, and resumes
-        print("embed-archive: interrupted", file=sys.stderr)
+        print("embed-archive: interrupted" + (f" (SIGINT); {_KEPT}" if args.func is cmd_run
+                                              else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as err:
+        # SIGTERM (`embed-archive stop`, a scheduler) ends a run with SystemExit(15): said
+        # as Ctrl-C is, not left to Ray's dump of the signal's C++ stack as the last lines.
+        if err.code == signal.SIGTERM and args.func is cmd_run:
+            print(f"embed-archive: stopped by SIGTERM; {_KEPT}", file=sys.stderr)
+        raise
     except JobAborted as err:
         print(f"embed-archive: stopped: {err}", file=sys.stderr)
         return EXIT_ABORTED
@@ -68,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"embed-archive: failed: {err}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+# What a stopped run leaves: its committed shards (its record counts them), and the rest
+# for the next run.
+_KEPT = "the shards committed stay, and a rerun resumes"
 
 
 def _refusal(err: Exception) -> str | None:
@@ -178,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = JobConfig.load(args.config, args.overrides)
     logging.getLogger().setLevel(cfg.run.log_level)
-    from pipeline.job import EmbeddingJob
+    from pipeline.job import EmbeddingJob, failure_message
 
     job = EmbeddingJob(cfg)
     job.prepare()  # what it refuses (config, inputs, model, weights, a busy namespace): exit 2
@@ -189,13 +203,18 @@ def _run(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):  # never in place of the error itself
                 print(job.summary.render())
         # Work had started: whatever stopped it (a lease lost, a checkpoint changed under an
-        # actor, a bucket refusing a write) is a failure, exit 1, as the job record says.
-        # Ctrl-C, SIGTERM and the failure budget have exit statuses of their own (main).
-        refused = (_refusal(err) if isinstance(err, Exception) and not isinstance(err, JobAborted)
-                   else None)
-        if refused is None:
+        # actor, a bucket refusing a write, a model's error in an actor) is a failure, exit 1,
+        # said in one line as the job record says it: an error Ray hands on carries the
+        # worker's whole traceback as its text, which is for the log at DEBUG, not the last
+        # lines. Ctrl-C, SIGTERM and the failure budget have exit statuses of their own (main).
+        if not isinstance(err, Exception) or isinstance(err, JobAborted):
             raise
-        print(f"embed-archive: failed: {refused}", file=sys.stderr)
+        log.debug("the run failed", exc_info=err)
+        in_ray = type(err).__module__.startswith("ray.")
+        said = None if in_ray else _refusal(err)
+        if said is None and isinstance(err, PipelineError) and not in_ray:
+            said = str(err)
+        print(f"embed-archive: failed: {said or failure_message(err)}", file=sys.stderr)
         return EXIT_FAILURE
     print(summary.render())
     if args.partial_ok and summary.exit_code == EXIT_SOME_FAILED:

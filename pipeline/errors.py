@@ -7,6 +7,8 @@ what went wrong, where, and what to do about it.
 
 from __future__ import annotations
 
+import re
+
 # Exit codes of ``embed-archive run`` (and ``JobSummary.exit_code``).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the job itself failed
@@ -121,6 +123,51 @@ class JobAborted(PipelineError):
 def first_line(err: BaseException, limit: int = 300) -> str:
     """An error's first line (its type's name when it says nothing), clipped to ``limit``
     characters: what a one-line failure message quotes of another library's error."""
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
+    return _clipped(str(err), limit) or type(err).__name__
+
+
+def _clipped(text: str, limit: int = 300) -> str:
+    lines = text.strip().splitlines()
+    line = lines[0] if lines else ""
     return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+# What Python prints between two tracebacks of a chain (a cause, then the error it caused).
+_CHAINED = re.compile(r"\n\s*\n(?:The above exception was the direct cause of the following "
+                      r"exception:|During handling of the above exception, another exception "
+                      r"occurred:)\s*\n")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_WHERE = re.compile(r"(ray::\S+)")
+_RAISED = re.compile(r"[A-Za-z_][\w.]*(?:: |$)")  # "module.Type: message", or "Type" alone
+
+
+def describe(err: BaseException) -> str:
+    """A run's error in one line, type first: what its record, ``inspect`` and the CLI's
+    last line say. Any but Ray's: its first line. Ray's wrappers (an embedding actor's or a stage's
+    error, an actor that could not start) carry the worker's whole traceback as their text,
+    whose first line says only which process it was: the error raised there is named
+    instead, with where (the traceback is for the log, at DEBUG, and Ray's logs)."""
+    if not type(err).__module__.startswith("ray."):
+        return f"{type(err).__name__}: {first_line(err)}"
+    text = _ANSI.sub("", str(err))
+    raised = [line for line in _raised_lines(text) if not line.startswith("ray.")]
+    if not raised:  # Ray's own error (an actor unavailable): its first line says it
+        return f"{type(err).__name__}: {_clipped(text)}"
+    name, sep, message = raised[-1].partition(": ")
+    where = _RAY_WHERE.search(text)
+    line = _clipped(f"{name.rpartition('.')[2]}{sep}{message}")  # pipeline.errors.X: X
+    return line + (f" (raised in {where.group(1)})" if where else "")
+
+
+def _raised_lines(text: str) -> list[str]:
+    """The first line of each error ("module.Type: message") of a traceback as Python
+    prints it, causes first: the line after each traceback's last frame (its indented
+    lines), or after Ray's "ray::..." header line where a traceback has no frames."""
+    found = []
+    for block in _CHAINED.split(text):
+        lines = [line for line in block.splitlines() if line.strip()]
+        frames = [i for i, line in enumerate(lines) if line[:1].isspace()]
+        start = frames[-1] + 1 if frames else int(bool(lines) and "ray::" in lines[0])
+        if start < len(lines) and _RAISED.match(lines[start]):
+            found.append(lines[start].strip())
+    return found

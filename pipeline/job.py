@@ -64,8 +64,10 @@ from pipeline.errors import (
     EXIT_SOME_FAILED,
     ConfigError,
     JobAborted,
+    PipelineError,
     PipelineStalled,
     WorkersCrashed,
+    describe,
     first_line,
 )
 from pipeline.faults import fault_point
@@ -172,13 +174,28 @@ def _crashed(err: BaseException) -> WorkersCrashed | None:
     else:
         return None
     oom = isinstance(error, OutOfMemoryError) or "memory" in str(error).lower()
+    # Ray's own words last: its first line is mostly ids ("The actor 3a8a1d10... is
+    # unavailable: ..."), and `inspect` shows a record's first 160 characters.
     return WorkersCrashed(
         f"a worker died {CRASH_RETRIES + 1} times on the same work"
-        f"{', out of memory' if oom else ''} ({type(error).__name__}: {first_line(error, 200)}); "
-        "a batch or recording that runs its worker out of memory each time is the usual "
-        "cause: lower model.batch_size or windows.window_s, or give the workers more memory "
-        "(compute.decode_memory_mb, larger nodes); the shards committed stay, and a rerun "
-        "resumes")
+        f"{', out of memory' if oom else ''}: lower model.batch_size or windows.window_s, or "
+        "give the workers more memory (compute.decode_memory_mb, larger nodes), as a batch or "
+        "recording that runs its worker out of memory each time is the usual cause; the "
+        f"shards committed stay, and a rerun resumes (Ray: {type(error).__name__}: "
+        f"{first_line(error, 200)})")
+
+
+def failure_message(err: BaseException) -> str:
+    """What a failed run's record (and ``inspect``, and the CLI's last line) says: one line.
+    Ours say what was kept and what to do; any other error (a model's inside an embedding
+    actor, which Ray hands on with the worker's whole traceback as its text) is named by
+    :func:`~pipeline.errors.describe`, and told the same. Its traceback is not lost: the
+    CLI logs it at DEBUG (run.log_level), and Ray's logs hold the worker's."""
+    in_ray = type(err).__module__.startswith("ray.")
+    if isinstance(err, PipelineError) and not in_ray:
+        return f"{type(err).__name__}: {err}"
+    return (f"{describe(err)}; the shards committed stay, and a rerun resumes (its "
+            f"traceback: --set run.log_level=DEBUG{', and Ray logs' if in_ray else ''})")
 
 
 def _stalled(err: BaseException, timeout_s: float, watch: ActorRoomWatch) -> PipelineStalled | None:
@@ -718,7 +735,7 @@ class EmbeddingJob:
             raise
         except BaseException as err:
             summary.status, summary.exit_code = "failed", EXIT_FAILURE
-            summary.message = f"{type(err).__name__}: {err}"
+            summary.message = failure_message(err)
             raise
 
     def _run_shards(self, summary: JobSummary, started: float) -> None:

@@ -1551,6 +1551,118 @@ def test_a_stopped_run_is_recorded_as_stopped_not_failed(
     assert f"      stopped: {said}" in render(load_catalog(str(tmp_path / "out")))
 
 
+def _model_error_in_an_actor() -> BaseException:
+    """A model's error in an embedding actor, as the driver gets it: Ray Data wraps it in
+    UserCodeException, and Ray in a RayTaskError whose text is the worker's whole traceback
+    (the error itself does not cross the process boundary, only its text)."""
+    import traceback
+
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    def forward() -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                           "See documentation for Memory Management")
+
+    try:
+        try:
+            forward()
+        except RuntimeError as err:
+            raise UserCodeException("UDF failed to process a data block.\nFailed to apply UDF "
+                                    "transform after 1/1 attempts") from err
+    except UserCodeException as err:
+        return RayTaskError("submit", traceback.format_exc(), err, pid=1, ip="127.0.0.1",
+                            proctitle="ray::MapWorker(MapBatches(Embedder)).submit"
+                            ).as_instanceof_cause()
+    raise AssertionError("unreachable")
+
+
+def _run_cli(archive: Path, tmp_path: Path, *overrides: str) -> int:
+    from pipeline import cli
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{uri: {archive}}}\nmodel: {{name: beats, weights: random}}\n"
+                      f"output: {{uri: {tmp_path / 'out'}}}\nrun: {{progress: false}}\n")
+    return cli.main(["run", str(config), *[f"--set={o}" for o in overrides]])
+
+
+def test_a_model_error_in_an_actor_is_one_line_in_the_record_inspect_and_the_cli(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A model's error inside an embedding actor (a CUDA out-of-memory) ended `run` with
+    Python's traceback of Ray's traceback (35 lines, the last Ray Data's advice to configure
+    a DataContext), and the job record's message, the summary's note and `inspect` quoted
+    Ray's text, whose first line names a process: "RayTaskError(UserCodeException): ray::
+    MapWorker(...) (pid=..., actor_id=...)". The error raised there is named instead, in
+    one line; its traceback is logged at DEBUG."""
+    import json
+
+    from pipeline.catalog import load_catalog, render
+
+    def failing(*_: Any) -> None:
+        raise _model_error_in_an_actor()
+
+    monkeypatch.setattr(EmbeddingJob, "_run_shards", failing)
+    with caplog.at_level(logging.DEBUG, logger="pipeline.cli"):
+        assert _run_cli(archive, tmp_path) == 1
+    said = ("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (raised in "
+            "ray::MapWorker(MapBatches(Embedder)).submit()); the shards committed stay, and a "
+            "rerun resumes (its traceback: --set run.log_level=DEBUG, and Ray logs)")
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == f"embed-archive: failed: {said}"
+    assert "Traceback" not in captured.err
+    assert f"  note         {said}\n" in captured.out
+    [record_path] = (tmp_path / "out" / "_jobs").glob("*.json")
+    summary = json.loads(record_path.read_text())["summary"]
+    assert (summary["status"], summary["exit_code"], summary["message"]) == ("failed", 1, said)
+    assert "      failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (raised " \
+        in render(load_catalog(str(tmp_path / "out")))
+    # Not lost: the whole of it, the worker's traceback included, at DEBUG.
+    [logged] = [r for r in caplog.records if r.message == "the run failed"]
+    assert logged.levelno == logging.DEBUG and logged.exc_info is not None
+    assert "See documentation for Memory Management" in str(logged.exc_info[1])
+
+
+@pytest.mark.parametrize(("stop", "code", "said"), [
+    (SystemExit(15), 15, "stopped by SIGTERM"), (KeyboardInterrupt(), 130, "interrupted (SIGINT)")])
+def test_a_stopped_run_ends_with_a_line_saying_so(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], stop: BaseException, code: int, said: str) -> None:
+    """Ctrl-C ended with "embed-archive: interrupted", and SIGTERM (`embed-archive stop`, a
+    scheduler) with no line of ours at all: the last lines were Ray's dump of the signal's
+    C++ stack. Each says what stopped the run, and what it leaves."""
+
+    def stopped(*_: Any) -> None:
+        raise stop
+
+    monkeypatch.setattr(EmbeddingJob, "_run_shards", stopped)
+    try:
+        got = _run_cli(archive, tmp_path)
+    except SystemExit as err:
+        got = err.code
+    assert got == code
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"embed-archive: {said}; the shards committed stay, and a rerun resumes"
+
+
+def test_a_worker_crash_says_what_to_do_within_what_inspect_shows() -> None:
+    """Ray's words came first in the message ("... (ActorUnavailableError: The actor
+    cbaf7929... is unavailable: The actor is temporarily unavailable: RpcError: ..."), and
+    `inspect`, which shows a record's first 160 characters, showed them and no advice."""
+    from ray.exceptions import ActorUnavailableError
+
+    from pipeline.catalog import _clip
+    from pipeline.job import _crashed
+
+    said = _crashed(ActorUnavailableError(
+        "The actor is temporarily unavailable: RpcError: RPC error: Socket closed rpc_code: 14",
+        bytes.fromhex("cbaf7929224e6bc65f6f951202000000")))
+    assert said is not None
+    shown = _clip(f"WorkersCrashed: {said}", 160)
+    assert "lower model.batch_size" in shown and "cbaf7929" not in shown
+    assert str(said).endswith("Socket closed rpc_code: 14. The task may or may not have been "
+                              "executed on the a...)")  # Ray's words still there, last
+
+
 def test_a_sigterm_before_ray_starts_exits_15_as_after(archive: Path, tmp_path: Path) -> None:
     """`embed-archive stop` and a scheduler's cancel send SIGTERM, which `run` ends with 15
     (README, Exit status) through the handler `ray.init` installs. Before Ray started
