@@ -403,6 +403,12 @@ class RunConfig:
             settled too: a failure that comes back run after run (a file that runs a worker
             out of memory every time, a bug not fixed yet) is not transient, and retrying it
             at every rerun would rewrite its shard every time. Raise it to try again.
+        retry_errors: error types (the errors table's ``error_type``) whose committed
+            recordings a rerun embeds again although they are the recording's own, for
+            when what failed on them has changed since: a decoder upgraded
+            (``CorruptAudio``, ``UnreadableAudio``), a crash fixed (``DecoderCrashed``: the
+            crash records are then set aside too). Their shards are reopened as for a
+            transient error. Every run with it set redoes them: unset it once they are done.
         replace_changed_sources: an object listed again with another version (rewritten,
             re-uploaded, touched: a new ETag, generation or mtime) is a new recording; a
             rerun then reopens the shards holding its earlier version, so its rows are
@@ -435,6 +441,7 @@ class RunConfig:
     min_recordings_before_abort: int = 20
     retry_transient_errors: bool = True
     max_attempts: int = 3
+    retry_errors: tuple[str, ...] = ()
     replace_changed_sources: bool = True
     recheck_archived: bool = True
     progress: bool | None = None
@@ -445,6 +452,11 @@ class RunConfig:
     def validate(self) -> None:
         _positive(self.shard_size, "run.shard_size")
         _positive(self.max_attempts, "run.max_attempts")
+        for name in self.retry_errors:
+            if not name.isidentifier():
+                raise ConfigError(f"{name!r} is no error type: name them as the errors table's "
+                                  "error_type column does (CorruptAudio, DecoderCrashed)",
+                                  "run.retry_errors")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError("must be between 0 and 1", "run.max_failed_fraction")
         if self.min_recordings_before_abort < 0:

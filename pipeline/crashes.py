@@ -184,6 +184,18 @@ def recorded(layout: OutputLayout) -> dict[str, dict[str, Any]]:
             for entry in (layout_mod.read_json(fs, path) for path in paths)}
 
 
+def set_aside(layout: OutputLayout) -> None:
+    """Delete the namespace's crash records (``run.retry_errors`` names DecoderCrashed: the
+    crash is believed fixed). Their recordings are decoded again; those that still kill
+    their workers are named and recorded again by the run that meets them."""
+    fs = layout.fs
+    for path in storage.list_files(fs, layout.crashes_dir()):
+        if path.endswith(".json"):
+            log.warning("crash record set aside (run.retry_errors): %s",
+                        layout_mod.read_json(fs, path).get("uri", path))
+            storage.remove_file(fs, path)
+
+
 def as_problem(entry: Mapping[str, Any]) -> str:
     """The decode stage's known problem for a recorded recording: its error row's message."""
     return (f"{ERROR_TYPE}: its decode worker died {entry['deaths']} times on this recording "

@@ -424,7 +424,9 @@ class EmbeddingJob:
         self.listing, self.todo = left.listing, left.todo
         self.already_done, self.already_failed = left.already_done, left.already_failed
         self._attempts = left.attempts
-        if recorded := crashes.recorded(self.layout):
+        if crashes.ERROR_TYPE in self.cfg.run.retry_errors:
+            crashes.set_aside(self.layout)  # decoded again; a crash again records it again
+        elif recorded := crashes.recorded(self.layout):
             self.todo = [dataclasses.replace(i, problem=crashes.as_problem(recorded[i.recording_id]))
                          if i.recording_id in recorded and not i.problem else i
                          for i in self.todo]

@@ -341,8 +341,17 @@ class Resumption:
                    if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
                                if r["recording_id"] in listed
                                and layout_mod.admitted_now(r, limits)})}
+        named = {shard: ids for shard, marker in markers.items()
+                 if (ids := {r["recording_id"] for r in layout_mod.noted(marker)
+                             if r["recording_id"] in listed
+                             and r.get("error_type") in run.retry_errors})}
+        if named:
+            log.warning("reopening %d committed shard(s) for %d recordings whose errors "
+                        "run.retry_errors names (%s): unset it once they are done, or every "
+                        "run redoes them", len(named), sum(map(len, named.values())),
+                        ", ".join(run.retry_errors))
         redo: dict[str, set[str]] = {}
-        for reason in (retry, changed, limited, restored):
+        for reason in (retry, changed, limited, restored, named):
             for shard, ids in reason.items():
                 redo.setdefault(shard, set()).update(ids)
         # A table turned on needs every listed recording's rows: those shards are redone whole.

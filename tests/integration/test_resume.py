@@ -248,6 +248,16 @@ def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_err
     again = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
     assert (again.exit_code, again.recordings_already_done) == (0, NUM_FILES)
 
+    # The decoder fixed (the fault disarmed), a run that names the error redoes it: the
+    # recording is embedded, its error row and crash record gone, every row as undisturbed.
+    marker.unlink()
+    fixed = EmbeddingJob(JobConfig.from_dict(
+        config(archive, out, retry_errors=["DecoderCrashed"]))).run()
+    assert (fixed.exit_code, fixed.embedded, fixed.failed) == (0, 1, 0)
+    assert not list((out / "_crashes").rglob("*.json"))
+    assert not list((out / "errors").rglob("*.parquet"))  # its shard's only error row
+    assert_same(out, baseline)
+
 
 def test_a_run_stops_its_crash_ledgers_when_its_pipeline_is_over(
         tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:

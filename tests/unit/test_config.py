@@ -219,6 +219,8 @@ def test_the_secrets_a_message_must_not_show_are_every_one_of_four_characters_or
 
 @pytest.mark.parametrize(("section", "setting", "field"), [
     ("run", {"max_attempts": 0}, "run.max_attempts"),
+    ("run", {"retry_errors": ["Corrupt-Audio"]}, "run.retry_errors"),
+    ("run", {"retry_errors": ["error_type: CorruptAudio"]}, "run.retry_errors"),
     ("audio", {"block_s": 0}, "audio.block_s"),
     ("audio", {"block_s": -1.5}, "audio.block_s"),
     ("audio", {"min_sample_rate_hz": 16_000, "max_sample_rate_hz": 8_000},
@@ -229,6 +231,15 @@ def test_a_value_out_of_range_is_refused_naming_its_field(section: str, setting:
     with pytest.raises(ConfigError) as err:
         load({**BASE, section: setting})
     assert err.value.field == field
+
+
+def test_retry_errors_are_error_types() -> None:
+    cfg = load({**BASE, "run": {"retry_errors": ["DecoderCrashed", "CorruptAudio"]}})
+    assert cfg.run.retry_errors == ("DecoderCrashed", "CorruptAudio")
+    assert load(BASE).run.retry_errors == ()
+    # One text of names, as `--set run.retry_errors=CorruptAudio,DecoderCrashed` gives.
+    assert load({**BASE, "run": {"retry_errors": "CorruptAudio"}}).run.retry_errors == (
+        "CorruptAudio",)
 
 
 def test_one_fixed_sample_rate_is_a_range_of_one() -> None:
