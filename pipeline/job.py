@@ -76,6 +76,7 @@ from pipeline.lease import NamespaceLease
 from pipeline.model_settings import (
     ModelSettings,
     batch_mib,
+    check_activations_fit,
     check_model_settings,
     check_sizes_fit,
     file_mib,
@@ -474,17 +475,23 @@ class EmbeddingJob:
                         "share %d cores, each actor's torch threads too (slower); leave it "
                         "unset for all of them", c.num_cpus, usable_cpus(), c.num_cpus,
                         usable_cpus())
-        self._check_local_memory()
+        for_actors = self._check_local_memory()
         # Planned only to be refused: plan_compute raises ConfigError when these CPUs and
         # GPUs cannot hold the actors and decode tasks asked for (run() plans again on Ray).
-        self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
-                            "GPU": float(torch.cuda.device_count())})
+        plan = self._compute_plan({"CPU": float(c.num_cpus or usable_cpus()),
+                                   "GPU": float(torch.cuda.device_count())})
+        if not plan.gpus_per_actor:  # on a GPU the activations are on the device
+            check_activations_fit(self.cfg, self.settings, self.info, plan.actors, for_actors,
+                                  "what a local Ray gives its actors here")
 
-    def _check_local_memory(self) -> None:
+    def _check_local_memory(self) -> float:
         """Refuse what the memory of this machine, which a local Ray gets, can never hold:
         an object store larger than it (Ray's own ValueError, after the listing), a decode
         task reserving more than Ray gives tasks (never scheduled: the job waited for the
-        stall timeout, which it then advised raising), a batch or a window larger than it."""
+        stall timeout, which it then advised raising), a batch or a window larger than it.
+
+        Returns the memory a local Ray gives its tasks and actors here, in MiB (the
+        machine's where Ray's count cannot be had)."""
         c = self.cfg.compute
         system, tasks = local_ray_memory_mib(c.object_store_memory_mb)
         if c.object_store_memory_mb and c.object_store_memory_mb > system:
@@ -499,6 +506,7 @@ class EmbeddingJob:
                               f"scheduled and the job would wait; lower it (default "
                               f"{ComputeConfig.decode_memory_mb})", "compute.decode_memory_mb")
         check_sizes_fit(self.cfg, self.settings, system, "this machine's")
+        return system if tasks is None else tasks
 
     def _note_cluster_memory(self) -> None:
         """On a cluster the job joins (and is connected to), warn of what no live node's
@@ -520,8 +528,20 @@ class EmbeddingJob:
                         c.decode_memory_mb, mib_text(tasks), len(alive))
         try:
             check_sizes_fit(self.cfg, self.settings, total, "any node's")
+            if self._cpu_actors_on(resources):  # on a GPU the activations are on the device
+                check_activations_fit(self.cfg, self.settings, self.info, 1, tasks,
+                                      "any node's memory for tasks")
         except ConfigError as err:
             log.warning("%s (unless an autoscaler adds a larger node)", err)
+
+    def _cpu_actors_on(self, resources: Sequence[Mapping[str, float]]) -> bool:
+        """Whether the embedding actors run on CPUs on nodes with these resources: asked
+        to, a backbone that cannot use a GPU, or no GPU on any of them (the default then)."""
+        if not self.info.runs_on_gpus:
+            return True
+        if self.cfg.compute.gpus_per_actor is not None:
+            return not self.cfg.compute.gpus_per_actor
+        return not any(r.get("GPU", 0.0) for r in resources)
 
     def _job_precision(self) -> str:
         """``model.precision`` as every actor will run it; ``auto`` is settled here, on the

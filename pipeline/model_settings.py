@@ -8,7 +8,8 @@ model's rate; layer indices, none negative), refusing what does not fit, naming 
 to change. The sizes that follow are reckoned here too, in MiB: a batch of windows
 (:func:`batch_mib`) and an output file's rows (:func:`file_mib`), which
 ``compute.inflight_mb`` must hold (checked as the settings are settled), and with a window
-and a decode block, a machine's memory (:func:`check_sizes_fit`).
+and a decode block, a machine's memory (:func:`check_sizes_fit`); so must a CPU actor's
+forward pass of a batch (:func:`check_activations_fit`).
 
 ``EmbeddingJob.prepare()`` settles them once the model is resolved;
 :func:`check_model_settings` does the same from the registry alone (no weights, no Ray, no
@@ -30,6 +31,7 @@ from pipeline.windows import samples_for
 
 if TYPE_CHECKING:  # pipeline.models imports torch, which the job imports when it needs it
     from pipeline.models import ModelInfo
+    from pipeline.models.base import ActivationCost
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,56 @@ def check_sizes_fit(cfg: JobConfig, settings: ModelSettings, memory_mib: float,
         return
     raise ConfigError(f"{what}, more than {where} memory ({mib_text(memory_mib)}): lower "
                       f"{field}", field)
+
+
+def check_activations_fit(cfg: JobConfig, settings: ModelSettings, info: ModelInfo,
+                          actors: int, memory_mib: float, where: str) -> None:
+    """Refuse a forward pass that ``actors`` CPU actors, each running a batch at once,
+    cannot hold in ``memory_mib``: BEATs' attention is quadratic in the window (a 60-s
+    window takes ~2 GiB, 10 minutes ~145 GiB), and a pass too large was killed for memory
+    in every actor, retried, and failed the run minutes later. Names what to lower: the
+    window when one window alone does not fit, else the batch, else the actors.
+
+    Only for CPU actors: on a GPU the activations are on the device (``compute.warmup``
+    runs a full batch there at start-up). ``where``: whose memory, for the message.
+    """
+    cost = info.activations
+    if cost is None:
+        return
+    window, batch, layers = settings.window_samples, cfg.model.batch_size, settings.layers
+    each, least = cost.mib(batch, window, layers), cost.mib(1, window, layers)
+    if actors * each <= memory_mib:
+        return
+    if least > memory_mib:
+        longest = _longest_window_s(cost, batch, layers, actors, memory_mib,
+                                   info.sample_rate_hz)
+        field, advice = "windows.window_s", f"windows of at most {longest:g} s fit"
+    elif actors * least <= memory_mib:
+        most = max(b for b in range(1, batch)
+                   if actors * cost.mib(b, window, layers) <= memory_mib)
+        field, advice = "model.batch_size", f"batches of at most {most} windows fit"
+    else:
+        field = "compute.embed_actors"
+        most = int(memory_mib // each) if each <= memory_mib else int(memory_mib // least)
+        advice = f"at most {most} actor{'' if most == 1 else 's'} of " + (
+            "such batches fit" if each <= memory_mib else "one window a batch fit")
+    windows = f"{batch} window{'' if batch == 1 else 's'}"
+    together = f", {mib_text(actors * each)} for {actors} actors at once" if actors > 1 else ""
+    raise ConfigError(
+        f"a forward pass of {windows} of {settings.window_s:g} s takes about "
+        f"{mib_text(each)} on a CPU actor beyond its model ({info.name}, estimated from "
+        f"measured peaks){together}: more than {where} ({mib_text(memory_mib)}); lower "
+        f"{field} ({advice})", field)
+
+
+def _longest_window_s(cost: ActivationCost, batch: int, layers: tuple[int, ...], actors: int,
+                      memory_mib: float, rate: int) -> int:
+    """The longest whole-second window (at least 1 s) whose passes, ``batch`` windows a
+    batch in ``actors`` actors at once, fit in ``memory_mib``."""
+    seconds = 1
+    while actors * cost.mib(batch, (seconds + 1) * rate, layers) <= memory_mib:
+        seconds += 1
+    return seconds
 
 
 def _check_inflight_budget(cfg: JobConfig, settings: ModelSettings) -> None:

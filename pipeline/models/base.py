@@ -43,6 +43,51 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class ActivationCost:
+    """What a CPU forward pass of one batch (``extract`` and pooling) holds beyond the loaded
+    model, fitted to measured peaks, so a batch or a window no CPU actor can hold is refused
+    before any work instead of killing every actor that tries it.
+
+    A CPU pass runs a batch ``pass_samples`` of audio at a time (at least one window:
+    ``ModuleBackbone.extract``), so a long window costs its own square whatever the batch,
+    and the batch adds the requested layers' tokens, kept for the whole batch (each pass's,
+    then joined: two copies). In MiB, with ``n`` the window's units (``window_samples /
+    samples_per_unit``: BEATs' tokens, EfficientNet's seconds) and ``rows`` the windows of a
+    pass::
+
+        fixed_mib + rows * (unit_mib * n + unit_pair_mib * n**2)
+                  + batch * n * sum(layer_unit_mib[i] for i in layers)
+
+    Attributes:
+        samples_per_unit: samples per unit of ``n``.
+        pass_samples: audio a CPU pass runs at once, in samples.
+        fixed_mib: what any pass holds (first-call buffers).
+        unit_mib, unit_pair_mib: per window of a pass, per unit and per pair of units
+            (attention's ``[H, N, N]`` scores and biases).
+        layer_unit_mib: per window of the batch and unit, each layer's kept tokens.
+    """
+
+    samples_per_unit: float
+    pass_samples: int
+    fixed_mib: float
+    unit_mib: float
+    unit_pair_mib: float
+    layer_unit_mib: tuple[float, ...]
+
+    def windows_per_pass(self, batch: int, window_samples: int) -> int:
+        """Windows a CPU pass runs at once, as ``ModuleBackbone.extract`` splits a batch."""
+        return min(batch, max(1, self.pass_samples // window_samples))
+
+    def mib(self, batch: int, window_samples: int, layers: Sequence[int]) -> float:
+        """The estimate for ``batch`` windows of ``window_samples``, ``layers`` returned."""
+        n = window_samples / self.samples_per_unit
+        rows = self.windows_per_pass(batch, window_samples)
+        kept = sum(self.layer_unit_mib[i] for i in set(layers))
+        return (self.fixed_mib + rows * (self.unit_mib * n + self.unit_pair_mib * n * n)
+                + batch * n * kept)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the registry knows about a backbone before anything is loaded.
 
@@ -67,6 +112,8 @@ class ModelInfo:
             token): recorded in the variant as ``"***"``, so a new value is no new variant.
         runs_on_gpus: whether the backbone can run on a GPU at all (BirdNET's LiteRT cannot):
             if not, ``compute.gpus_per_actor`` defaults to 0 even where there are GPUs.
+        activations: host memory a CPU pass of a batch takes, or ``None`` where it was never
+            measured (BirdNET, plugins): then nothing is refused on its account.
     """
 
     name: str
@@ -85,6 +132,7 @@ class ModelInfo:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     secret_options: tuple[str, ...] = ()
     runs_on_gpus: bool = True
+    activations: ActivationCost | None = None
 
     def resolve_layers(self, selectors: Sequence[int | str] | str) -> tuple[int, ...]:
         """Turn config layer selectors into sorted, unique, non-negative indices.

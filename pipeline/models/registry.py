@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError, PipelineError, UnknownModelError
 from pipeline.models import plugins
-from pipeline.models.base import Backbone, LayerInfo, ModelInfo, WeightsInfo
+from pipeline.models.base import ActivationCost, Backbone, LayerInfo, ModelInfo, WeightsInfo
 from pipeline.models.beats import BeatsConfig, BeatsModel, init_beats_weights
 from pipeline.models.checkpoint import (
     Checkpoint,
@@ -47,11 +47,12 @@ from pipeline.models.checkpoint import (
 )
 from pipeline.models.efficientnet import (
     LAYER_DIMS,
+    LAYER_STRIDES,
     EfficientNetAudioConfig,
     EfficientNetModel,
     init_efficientnet_weights,
 )
-from pipeline.models.module_backbone import ModuleBackbone
+from pipeline.models.module_backbone import CPU_CHUNK_SECONDS, ModuleBackbone
 from pipeline.models.precision import resolve_precision
 from pipeline.models.weights import RANDOM_WEIGHTS, read_weights
 
@@ -354,6 +355,52 @@ def load_model(name: str, return_features_only: bool = True, device: str = "cpu"
 # --------------------------------------------------------------------------- infos
 
 
+# Host memory of a CPU pass (ActivationCost), fitted to peak RSS less the RSS before the pass,
+# one process per point, one thread, random weights, padded last window, the last layer; the
+# kept layers taken as two float32 copies of their tokens. BEATs: fp32 and int8, windows of
+# 2-30 s x batches of 1, 4, 16, and 60 s x 2, 90 s x 1; held out, 15-120 s windows x 1-64
+# (fp32, int8, bf16, the ESP-AVES2 entry) within 10 %, and every layer of 20 s x 16 +8 %
+# (int8 runs up to 23 % above it at 30 s). From 20 s on the square dominates (an [H, N, N]
+# float32 takes 4 bytes per head and pair of tokens): 60 s 2.0 GiB, 120 s 6.7 GiB, 10
+# minutes ~145 GiB. Below 20 s it is off by up to ~90 %, at 100-350 MiB. In float32 values
+# per token and model dimension, and per head and pair of tokens.
+BEATS_PASS_FIXED_MIB = 44.0
+BEATS_VALUES_PER_TOKEN_DIM = 66.7
+BEATS_VALUES_PER_HEAD_TOKEN_PAIR = 3.41
+# EfficientNet-B0 fp32, in MiB per second of window: linear (the mel image and the
+# convolutions' maps); 2-600 s windows x 1-32 within 25 % from 250 MiB on; every layer kept,
+# 60 s x 8 +2 %, 300 s x 4 +37 %.
+EFFNET_PASS_FIXED_MIB = 44.0
+EFFNET_MIB_PER_SECOND = 2.68
+KEPT_COPIES = 2
+_FLOAT32_MIB = 4 / 2**20
+
+
+def beats_activations(cfg: BeatsConfig) -> ActivationCost:
+    """A CPU pass's memory for a BEATs of architecture ``cfg`` (see the constants above)."""
+    dim, heads = cfg.encoder_embed_dim, cfg.encoder_attention_heads
+    return ActivationCost(
+        samples_per_unit=cfg.step_samples / cfg.patches_per_step,
+        pass_samples=round(CPU_CHUNK_SECONDS * cfg.sample_frequency),
+        fixed_mib=BEATS_PASS_FIXED_MIB,
+        unit_mib=BEATS_VALUES_PER_TOKEN_DIM * dim * _FLOAT32_MIB,
+        unit_pair_mib=BEATS_VALUES_PER_HEAD_TOKEN_PAIR * heads * _FLOAT32_MIB,
+        layer_unit_mib=(KEPT_COPIES * dim * _FLOAT32_MIB,) * (cfg.encoder_layers + 1))
+
+
+def effnet_activations(audio: EfficientNetAudioConfig) -> ActivationCost:
+    """A CPU pass's memory for EfficientNet-B0 with front end ``audio``: a layer's tokens
+    are its map, ``n_mels / stride`` x ``frames / stride`` positions of its channels."""
+    frames_per_s = audio.sample_rate / audio.hop_length
+    return ActivationCost(
+        samples_per_unit=float(audio.sample_rate),
+        pass_samples=round(CPU_CHUNK_SECONDS * audio.sample_rate),
+        fixed_mib=EFFNET_PASS_FIXED_MIB, unit_mib=EFFNET_MIB_PER_SECOND, unit_pair_mib=0.0,
+        layer_unit_mib=tuple(KEPT_COPIES * _FLOAT32_MIB * dim * audio.n_mels * frames_per_s
+                             / stride**2 for dim, stride in zip(LAYER_DIMS, LAYER_STRIDES,
+                                                                strict=True)))
+
+
 def beats_info(entry: ModelEntry, cfg: BeatsConfig) -> ModelInfo:
     """:class:`ModelInfo` of a BEATs entry with architecture ``cfg``."""
     layers = tuple(LayerInfo(i, n, cfg.encoder_embed_dim)
@@ -376,6 +423,7 @@ def beats_info(entry: ModelEntry, cfg: BeatsConfig) -> ModelInfo:
             "fbank_std": cfg.fbank_std, "normalization": "(x - mean) / (2 * std)",
             "patch_size": cfg.input_patch_size,
         },
+        activations=beats_activations(cfg),
     )
 
 
@@ -388,6 +436,7 @@ def effnet_info(entry: ModelEntry, audio: EfficientNetAudioConfig) -> ModelInfo:
         min_input_samples=audio.min_input_samples, weights_uri=entry.weights_uri,
         license=entry.license, description=entry.description,
         preprocessing=audio.preprocessing(),
+        activations=effnet_activations(audio),
     )
 
 

@@ -1863,8 +1863,80 @@ def test_sizes_no_memory_here_holds_are_refused_before_ray_starts(
 @pytest.mark.usefixtures("ray_not_started")
 def test_long_windows_and_large_batches_a_machine_holds_are_not_refused(
         archive: Path, tmp_path: Path) -> None:
-    """10-minute windows of BEATs, 64 to a batch: 2.3 GiB a batch."""
-    prepared(archive, tmp_path, windows={"window_s": 600.0}, model={"batch_size": 64})
+    """10-minute windows of EfficientNet, 16 to a batch: 586 MiB a batch, ~2.4 GiB a CPU
+    actor's forward pass (BEATs' attention makes one 10-minute window ~145 GiB: refused)."""
+    prepared(archive, tmp_path, windows={"window_s": 600.0},
+             model={"name": "efficientnet_b0", "batch_size": 16})
+
+
+@pytest.mark.parametrize(("window_s", "batch", "compute", "field", "advice"), [
+    (120.0, 1, {"embed_actors": 1}, "windows.window_s", "windows of at most 89 s fit"),
+    (60.0, 256, {"embed_actors": 1}, "model.batch_size", "batches of at most 117 windows fit"),
+    (60.0, 16, {"embed_actors": 3, "num_cpus": 4}, "compute.embed_actors",
+     "at most 1 actor of such batches fit"),
+])
+@pytest.mark.usefixtures("ray_not_started")
+def test_a_forward_pass_no_cpu_actor_can_hold_is_refused_naming_the_field(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window_s: float,
+        batch: int, compute: dict, field: str, advice: str) -> None:
+    """BEATs' attention is quadratic in the window (60 s: ~2 GiB an actor, 16 x the 5-s
+    default's tokens); a pass too large for memory killed every actor that tried it, the
+    batch was retried 4 times and the run failed minutes later with WorkersCrashed."""
+    from pipeline import job as job_mod
+
+    monkeypatch.setattr(job_mod, "local_ray_memory_mib", lambda store: (8192.0, 4096.0))
+    with pytest.raises(ConfigError) as err:
+        job(archive, tmp_path, windows={"window_s": window_s}, model={"batch_size": batch},
+            compute=compute).prepare()
+    assert err.value.field == field
+    assert f"a forward pass of {batch} window" in str(err.value)
+    assert f"of {window_s:g} s takes about" in str(err.value)
+    assert "than what a local Ray gives its actors here (4.0 GiB)" in str(err.value)
+    assert advice in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("ray_not_started")
+def test_the_default_forward_pass_fits_and_gpu_actors_are_not_held_to_host_memory(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults fit 4 actors in 2 GiB; a GPU actor's activations are on the device (its
+    warm-up batch tries them there), so host memory refuses nothing of it."""
+    import torch
+
+    from pipeline import job as job_mod
+
+    monkeypatch.setattr(job_mod, "local_ray_memory_mib", lambda store: (4096.0, 2048.0))
+    prepared(archive, tmp_path / "default", compute={"num_cpus": 4})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 0))
+    prepared(archive, tmp_path / "gpu", windows={"window_s": 600.0},
+             model={"precision": "fp32"}, compute={"gpus_per_actor": 1})
+
+
+def test_a_forward_pass_no_node_of_a_cluster_holds_is_warned_about(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On a cluster an autoscaler may add larger nodes: CPU actors whose pass no live node
+    holds now are warned about, not refused; GPU actors' activations are on the device."""
+    import ray
+
+    node = {"Alive": True, "Resources": {"CPU": 8.0, "memory": 4 * 2.0**30,
+                                         "object_store_memory": 2 * 2.0**30}}
+    monkeypatch.setattr(ray, "nodes", lambda: [node])
+    fp32 = {"precision": "fp32"}  # auto would ask the (absent) cluster for its GPUs
+    j = prepared(archive, tmp_path, windows={"window_s": 120.0}, model=fp32,
+                 compute={"address": "auto"})
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        j._note_cluster_memory()
+    assert "a forward pass of 16 windows of 120 s takes about" in caplog.text
+    assert "more than any node's memory for tasks (4.0 GiB); lower windows.window_s" in (
+        caplog.text)
+    assert "unless an autoscaler adds a larger node" in caplog.text
+    caplog.clear()
+    node["Resources"]["GPU"] = 1.0
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        j._note_cluster_memory()
+    assert "forward pass" not in caplog.text
 
 
 def test_tiny_output_files_are_warned_about_not_refused(
