@@ -294,8 +294,11 @@ def test_model_only_and_the_seed_loop_take_the_cpus_the_job_plans_with(monkeypat
     assert bench.local_actor_plan() == (1, 1)  # the job's own plan, from the same count
 
 
+# Ctrl-C made KeyboardInterrupt, as in a terminal: a process started in the background by a
+# shell without job control (CI's, `cmd &`) begins with SIGINT ignored.
 STOPPED_BENCH = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pipeline.bench import _in_own_session
 with _in_own_session([sys.executable, "-c", sys.argv[1], sys.argv[2]]) as proc:
     proc.communicate()
