@@ -22,7 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import AudioDecodeError
 from pipeline.job import EXIT_SOME_FAILED, EmbeddingJob
 from pipeline.sink import PROVENANCE_KEY
-from pipeline.summary import LatestWriter
+from pipeline.summary import JobSummary, LatestWriter
 from pipeline.windows import plan_windows
 from tests.conftest import write_tone
 from tests.integration.conftest import TINY_BEATS
@@ -393,29 +393,36 @@ def copy_probe(out_dir: str) -> type:
     return CopyProbe
 
 
-def test_the_model_reads_its_batches_straight_from_the_object_store(
-        real_data: Path, tmp_path: Path, ray_session: None) -> None:
-    """The decode stage ships whole blocks (one contiguous array each), so every batch an
-    actor gets is a zero-copy slice of one: Ray Data copies a batch it must stitch together
-    from a block made of many small pieces, which the windows of a long recording used to be."""
+def probed_run(folder: Path, tmp_path: Path, batch_size: int,
+               batch_windows: int) -> tuple[JobSummary, list[dict[str, object]]]:
+    """A tiny-BEATs job over ``folder`` (2-s windows, 1-s hop) whose actors record each
+    batch they get (:func:`copy_probe`): its summary, and those records."""
     import pipeline.job
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "1min.wav").symlink_to(real_data / "opensoundscape/tests/audio/1min.wav")
     probes = tmp_path / "probes"
     probes.mkdir()
     raw = {"input": {"uri": str(folder)},
            "windows": {"window_s": 2.0, "hop_s": 1.0, "tail": "pad"},
            "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS),
-                     "layers": [-1], "batch_size": 16},
-           "audio": {"batch_windows": 32},
+                     "layers": [-1], "batch_size": batch_size},
+           "audio": {"batch_windows": batch_windows},
            "output": {"uri": str(tmp_path / "out")}, "run": {"progress": False}}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline.job, "Embedder", copy_probe(str(probes)))
         summary = EmbeddingJob(JobConfig.from_dict(raw)).run()
-    batches = [json.loads(line) for path in probes.glob("*.jsonl")
-               for line in path.read_text().splitlines()]
+    return summary, [json.loads(line) for path in probes.glob("*.jsonl")
+                     for line in path.read_text().splitlines()]
+
+
+def test_the_model_reads_its_batches_straight_from_the_object_store(
+        real_data: Path, tmp_path: Path, ray_session: None) -> None:
+    """The decode stage ships whole blocks (one contiguous array each), so every batch an
+    actor gets is a zero-copy slice of one: Ray Data copies a batch it must stitch together
+    from a block made of many small pieces, which the windows of a long recording used to be."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "1min.wav").symlink_to(real_data / "opensoundscape/tests/audio/1min.wav")
+    summary, batches = probed_run(folder, tmp_path, batch_size=16, batch_windows=32)
     assert summary.embedded == 1 and summary.windows == 59
     assert sum(b["rows"] for b in batches) == 59  # the report rides on the last window
     assert len(batches) == 4 and all(b["read_only"] for b in batches), batches
@@ -428,25 +435,11 @@ def test_a_decode_task_gathers_its_short_recordings_into_whole_blocks(
     recording per call, the stage made every recording's few windows a block of their own:
     every batch was stitched together from pieces, a copy, and an archive of 5-s clips
     was a block per recording for Ray Data to track."""
-    import pipeline.job
-
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(48):  # 3 windows each, 6 recordings a decode task on 2 CPUs
         write_tone(folder / f"clip_{i:02d}.wav", 4.0, 16_000, freq_hz=300.0 + 20 * i, seed=i)
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    raw = {"input": {"uri": str(folder)},
-           "windows": {"window_s": 2.0, "hop_s": 1.0, "tail": "pad"},
-           "model": {"name": "beats", "weights": "random", "options": dict(TINY_BEATS),
-                     "layers": [-1], "batch_size": 4},
-           "audio": {"batch_windows": 4},
-           "output": {"uri": str(tmp_path / "out")}, "run": {"progress": False}}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline.job, "Embedder", copy_probe(str(probes)))
-        summary = EmbeddingJob(JobConfig.from_dict(raw)).run()
-    batches = [json.loads(line) for path in probes.glob("*.jsonl")
-               for line in path.read_text().splitlines()]
+    summary, batches = probed_run(folder, tmp_path, batch_size=4, batch_windows=4)
     assert summary.embedded == 48 and summary.windows == 144
     assert sum(b["rows"] for b in batches) == 144
     # A task's last block may be short, and a batch reaching into the next block is a copy:
