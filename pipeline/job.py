@@ -145,6 +145,18 @@ CRASH_RETRIES = 3
 
 
 @contextlib.contextmanager
+def _no_one_input_advice() -> Iterator[None]:
+    """Ray Data warns when the actor pool got a single block in all (a small job, whose one
+    decode task's windows fit one block) that its actors cannot all be busy, and advises
+    ``override_num_blocks``, a setting the user does not hold: a fact of a small job, not
+    the user's to act on. Any other warning is shown as usual."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The minimum number of concurrent actors "
+                                r"for 'MapBatches\(Embedder\)'", category=UserWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _retries_as_remote_args() -> Iterator[None]:
     """Ray Data 2.60 takes ``max_retries`` / ``max_task_retries`` only among the remote args
     it passes on as they are (``**ray_remote_args``), which it warns are deprecated for the
@@ -817,7 +829,8 @@ class EmbeddingJob:
             lambda outcome: self._count_committed(summary, outcome),
             lambda: self._check_failure_budget(summary))
         try:
-            with watch, progress_log, contextlib.closing(iter(batches)) as returns:
+            with watch, progress_log, _no_one_input_advice(), \
+                    contextlib.closing(iter(batches)) as returns:
                 for batch in returns:
                     if self._lease.lost():  # stop here, not at the next commit
                         self._lease.check()
