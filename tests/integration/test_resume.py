@@ -93,6 +93,18 @@ def assert_same(out: Path, baseline) -> None:
     assert recording_rows(out) == want_recs
 
 
+def recorded_failed_then_resumed(archive: Path, out: Path, baseline, message: str) -> None:
+    """The failed run's record says so, its message starting with ``message``; a rerun
+    then finishes with every recording, exactly as an undisturbed run."""
+    record = json.loads(next((out / "_jobs").glob("*.json")).read_text())
+    assert record["summary"]["status"] == "failed"
+    assert record["summary"]["message"].startswith(message)
+    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
+    assert summary.exit_code == 0
+    assert summary.embedded + summary.recordings_already_done == NUM_FILES
+    assert_same(out, baseline)
+
+
 @pytest.mark.parametrize("point", ["listed", "decode", "decoded", "embed", "before_publish",
                                    "publishing", "before_commit"])
 def test_sigkill_at_each_point_then_rerun(point: str, archive: Path, baseline, tmp_path: Path,
@@ -165,13 +177,7 @@ def test_a_stalled_pipeline_fails_in_time_and_a_rerun_resumes(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("embed-archive: failed: the pipeline stalled: no stage moved a "
                            "block for 4 s (run.stall_timeout_s)"), last
-    record = json.loads(next((out / "_jobs").glob("*.json")).read_text())
-    assert record["summary"]["status"] == "failed"
-    assert record["summary"]["message"].startswith("PipelineStalled: the pipeline stalled")
-    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
-    assert summary.exit_code == 0
-    assert summary.embedded + summary.recordings_already_done == NUM_FILES
-    assert_same(out, baseline)
+    recorded_failed_then_resumed(archive, out, baseline, "PipelineStalled: the pipeline stalled")
 
 
 def test_a_batch_that_kills_its_actor_each_time_fails_the_run_at_once_and_resumes(
@@ -194,14 +200,8 @@ def test_a_batch_that_kills_its_actor_each_time_fails_the_run_at_once_and_resume
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"embed-archive: failed: a worker died {CRASH_RETRIES + 1} times on "
                            "the same work"), last
-    record = json.loads(next((out / "_jobs").glob("*.json")).read_text())
-    assert record["summary"]["status"] == "failed"
-    assert record["summary"]["message"].startswith("WorkersCrashed: a worker died")
     marker.unlink()
-    summary = EmbeddingJob(JobConfig.from_dict(config(archive, out))).run()
-    assert summary.exit_code == 0
-    assert summary.embedded + summary.recordings_already_done == NUM_FILES
-    assert_same(out, baseline)
+    recorded_failed_then_resumed(archive, out, baseline, "WorkersCrashed: a worker died")
 
 
 def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_error_row(
