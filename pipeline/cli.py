@@ -43,6 +43,7 @@ from pipeline.errors import (
     PipelineError,
     UnknownModelError,
     WeightsUnavailableError,
+    from_ray,
 )
 
 log = logging.getLogger("pipeline.cli")
@@ -210,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
         if not isinstance(err, Exception) or isinstance(err, JobAborted):
             raise
         log.debug("the run failed", exc_info=err)
-        in_ray = type(err).__module__.startswith("ray.")
+        in_ray = from_ray(err)
         said = None if in_ray else _refusal(err)
         if said is None and isinstance(err, PipelineError) and not in_ray:
             said = str(err)

@@ -141,13 +141,19 @@ _RAY_WHERE = re.compile(r"(ray::\S+)")
 _RAISED = re.compile(r"[A-Za-z_][\w.]*(?:: |$)")  # "module.Type: message", or "Type" alone
 
 
+def from_ray(err: BaseException) -> bool:
+    """Whether ``err`` is one of Ray's wrappers (a worker's error handed on to the driver,
+    its text the worker's whole traceback), not an error of ours or of a library here."""
+    return type(err).__module__.startswith("ray.")
+
+
 def describe(err: BaseException) -> str:
     """A run's error in one line, type first: what its record, ``inspect`` and the CLI's
     last line say. Any but Ray's: its first line. Ray's wrappers (an embedding actor's or a stage's
     error, an actor that could not start) carry the worker's whole traceback as their text,
     whose first line says only which process it was: the error raised there is named
     instead, with where (the traceback is for the log, at DEBUG, and Ray's logs)."""
-    if not type(err).__module__.startswith("ray."):
+    if not from_ray(err):
         return f"{type(err).__name__}: {first_line(err)}"
     text = _ANSI.sub("", str(err))
     raised = [line for line in _raised_lines(text) if not line.startswith("ray.")]

@@ -69,6 +69,7 @@ from pipeline.errors import (
     WorkersCrashed,
     describe,
     first_line,
+    from_ray,
 )
 from pipeline.faults import fault_point
 from pipeline.layout import OutputLayout
@@ -204,7 +205,7 @@ def failure_message(err: BaseException) -> str:
     actor, which Ray hands on with the worker's whole traceback as its text) is named by
     :func:`~pipeline.errors.describe`, and told the same. Its traceback is not lost: the
     CLI logs it at DEBUG (run.log_level), and Ray's logs hold the worker's."""
-    in_ray = type(err).__module__.startswith("ray.")
+    in_ray = from_ray(err)
     if isinstance(err, PipelineError) and not in_ray:
         return f"{type(err).__name__}: {err}"
     return (f"{describe(err)}; the shards committed stay, and a rerun resumes (its "
