@@ -1,22 +1,30 @@
-"""Recordings that kill their decode worker: found in one run, error rows in the next.
+"""Recordings that kill their decode worker: an error row in the same run.
 
 A recording whose decoding kills the worker process (a decoder's segfault, a header that
 makes it allocate more than the worker may hold) raises nothing a decode task could catch
-and turn into an error row. Ray retries the task (``job.CRASH_RETRIES``), the worker dies
-on the same recording each time, and the run fails; without more, so would every rerun,
-and the user would have to find the recording among thousands by hand.
+and turn into an error row. Ray retries the task (``job.CRASH_RETRIES``), and without more
+the worker would die on the same recording each time, the run would fail, and so would
+every rerun, naming nothing.
 
 So each decode task tells the run's :class:`CrashLedger` (a small Ray actor beside the
 driver; several on a large cluster) which recording it starts, before the decoder runs,
 and that the one before is finished, in one round trip per recording: a recording
-started again while its last start never finished is one a worker died on. When a run
-fails because workers died, the driver asks the ledger which recordings new starts found
-died on at least :data:`SUSPECT_DEATHS` times, names them in the run's error, and records
-each in the namespace
+started again while its last start never finished is one a worker died on, and the
+ledger's answer says how many times. The task's retry then decodes that recording in a
+process of its own (:mod:`pipeline.quarantine`): if that process dies too, the recording
+becomes an error row, ``DecoderCrashed``, and the task goes on with its next recording;
+if it decodes there (the worker had died for another reason: its node lost), it is
+embedded as usual. One a worker died on :data:`SUSPECT_DEATHS` times (its quarantined
+decode too, say, run out of memory) is not decoded again in the run.
+
+Each such recording costs its task one of its retries. A task with more of them than it
+has retries fails the run: the driver then asks the ledgers which recordings were died on
+:data:`SUSPECT_DEATHS` times or more (the quarantined crash counts), names them in the
+run's error and records each in the namespace
 (``_crashes/model=M/variant=V/<recording_id>.json``). The next run hands such a recording
-to the decode stage as a known problem, ``DecoderCrashed``: it becomes an error row
-instead of a decode, and the run goes on. A recording's id follows its object's version,
-so a rewritten object is decoded again.
+to the decode stage as a known problem, ``DecoderCrashed``: an error row without a
+decode. A recording's id follows its object's version, so a rewritten object is decoded
+again.
 """
 
 from __future__ import annotations
@@ -60,19 +68,28 @@ class CrashLedger:
         self._open: set[str] = set()
         self._deaths: collections.Counter[str] = collections.Counter()
 
-    def step(self, finished: str | None, starting: str | None) -> None:
-        """A decode task finished one recording and/or is starting the next."""
+    def step(self, finished: str | None, starting: str | None) -> int:
+        """A decode task finished one recording and/or is starting the next; returns the
+        deaths on the one starting so far (0 for a first try)."""
         if finished is not None:
             self._open.discard(finished)
-        if starting is not None:
-            if starting in self._open:  # the last try at it never finished
-                self._deaths[starting] += 1
-            self._open.add(starting)
+        if starting is None:
+            return 0
+        if starting in self._open:  # the last try at it never finished
+            self._deaths[starting] += 1
+        self._open.add(starting)
+        return self._deaths[starting]
+
+    def crashed(self, rid: str) -> None:
+        """The process a task decoded ``rid`` in apart (:mod:`pipeline.quarantine`) died:
+        one death more, and a recording the task has done with (an error row)."""
+        self._deaths[rid] += 1
+        self._open.discard(rid)
 
     def died_on(self, at_least: int) -> dict[str, int]:
         """Recordings workers died on at least ``at_least`` times, and how many times,
-        asked once the run has failed. Only the deaths a new start found count towards
-        ``at_least``: a recording still started then was on a task the failed run ended,
+        asked once the run has failed. Only the deaths a new start found, and quarantined
+        decodes that died, count towards ``at_least``: a recording still started then was on a task the failed run ended,
         whatever its content (a good one retried after its node was lost, a decode
         killed beside an actor run out of memory); one already died on that often died
         a last time there too, which the count it is named with includes."""
@@ -117,17 +134,35 @@ def ledger_of(ledgers: Sequence[Any], first_recording: str) -> Any:
 
 class LedgerClient:
     """A decode task's side of the ledger: one round trip per recording started, saying
-    that the last one finished and the next starts (the last's finish at :meth:`close`).
-    A ledger that no longer answers is told nothing more: decoding goes on without it."""
+    that the last one finished and the next starts (the last's finish at :meth:`close`),
+    and answered with the deaths on the one starting. A ledger that no longer answers is
+    told nothing more: decoding goes on without it (a recording its worker died on is
+    then decoded in the worker again, as a first try is)."""
 
     def __init__(self, ledger: Any) -> None:
         self._ledger = ledger
         self._current: str | None = None
         self._finished: str | None = None
 
-    def starting(self, rid: str) -> None:
-        self._tell(self._finished, rid)
+    def starting(self, rid: str) -> int:
+        """Say ``rid`` starts; returns how many times workers died on it already."""
+        deaths = self._tell(self._finished, rid)
         self._current, self._finished = rid, None
+        return deaths
+
+    def crashed(self) -> None:
+        """The recording started last killed the process it was decoded in apart."""
+        if self._current is None or self._ledger is None:
+            return
+        import ray
+
+        rid, self._current = self._current, None
+        try:
+            ray.get(self._ledger.crashed.remote(rid), timeout=ASK_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - its error row is made all the same
+            log.warning("the crash ledger did not answer (%s): this task goes on without it",
+                        type(err).__name__)
+            self._ledger = None
 
     def done(self) -> None:
         """The recording started last is decoded (told with the next start, or at close)."""
@@ -139,17 +174,19 @@ class LedgerClient:
             self._tell(self._finished, None)
             self._finished = None
 
-    def _tell(self, finished: str | None, starting: str | None) -> None:
+    def _tell(self, finished: str | None, starting: str | None) -> int:
         if self._ledger is None:
-            return
+            return 0
         import ray
 
         try:  # waited for: the ledger must know before the decoder can kill this process
-            ray.get(self._ledger.step.remote(finished, starting), timeout=ASK_TIMEOUT_S)
+            return int(ray.get(self._ledger.step.remote(finished, starting),
+                               timeout=ASK_TIMEOUT_S))
         except Exception as err:  # noqa: BLE001 - never a decode failed for the ledger's sake
             log.warning("the crash ledger did not answer (%s): this task goes on without it",
                         type(err).__name__)
             self._ledger = None
+            return 0
 
 
 def suspects(ledgers: Sequence[Any]) -> dict[str, int]:
@@ -194,6 +231,20 @@ def set_aside(layout: OutputLayout) -> None:
             log.warning("crash record set aside (run.retry_errors): %s",
                         layout_mod.read_json(fs, path).get("uri", path))
             storage.remove_file(fs, path)
+
+
+def died_in_quarantine(how: str) -> str:
+    """The error row's message of a recording whose quarantined decode died ``how``."""
+    return (f"decoding it killed the process it ran in apart ({how}), after its decode "
+            "worker had died on it: a decoder crash or one running out of memory; not "
+            "decoded again until the object changes")
+
+
+def died_again(deaths: int) -> str:
+    """The error row's message of a recording not decoded again in the run: ``deaths``."""
+    return (f"its decode workers died {deaths} times on this recording in this run: a decoder "
+            "crash or one running the worker out of memory; not decoded again until the "
+            "object changes")
 
 
 def as_problem(entry: Mapping[str, Any]) -> str:

@@ -8,6 +8,7 @@ what went wrong, where, and what to do about it.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Exit codes of ``embed-archive run`` (and ``JobSummary.exit_code``).
 EXIT_OK = 0
@@ -70,6 +71,11 @@ class AudioDecodeError(PipelineError):
     def __init__(self, error_type: str, message: str) -> None:
         self.error_type = error_type
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled whole (a quarantined decode sends its error to the task; Ray sends
+        # errors between processes): by default only ``args``, the message, would go.
+        return type(self), (self.error_type, str(self))
 
 
 class WeightsUnavailableError(PipelineError, FileNotFoundError):

@@ -4,10 +4,11 @@
 (SIGKILL: no cleanup, no atexit) the first time it gets there while the marker file exists;
 the marker is removed first, so the rerun (or Ray's retry) passes. Points: ``listed``
 (driver, after listing), ``planned`` (driver, the namespace's lease held, Ray not yet
-started), ``decode`` (a decode task, before it reads a recording), ``decoded`` (a
-decode task, after a recording's windows and report went out: Ray's retry must not repeat
-them), ``embed`` (an embedding actor, mid batch), ``before_publish``, ``publishing`` (after
-the first file of a shard is in place), ``before_commit`` (all files in place, no marker
+started), ``decode`` (the process that decodes a recording, before it reads it: a decode
+task, or the process it decodes one apart in), ``decoded`` (a decode task, after a
+recording's windows and report went out: Ray's retry must not repeat them), ``embed``
+(an embedding actor, mid batch), ``before_publish``, ``publishing`` (after the first file
+of a shard is in place), ``before_commit`` (all files in place, no marker
 yet), ``committed`` (the driver's commit thread that wrote the first marker, right after it;
 other shards' commits may be under way on the other threads).
 ``<point>+hang:<marker-file>`` blocks the process's thread there for good instead (a stall:

@@ -864,8 +864,9 @@ class EmbeddingJob:
                  e.batches, e.model_s, e.active_s, e.first_batch_s)
 
     def _name_crashes(self, said: WorkersCrashed) -> WorkersCrashed:
-        """The recordings decode workers died on (see :mod:`pipeline.crashes`), recorded for
-        the next run, which makes them error rows, and named in the run's error."""
+        """The recordings that killed the processes decoding them (see
+        :mod:`pipeline.crashes`), recorded for the next run, which makes them error rows
+        without decoding them, and named in the run's error."""
         deaths = crashes.suspects(self._ledgers)
         if not deaths:
             return said
@@ -873,13 +874,14 @@ class EmbeddingJob:
         try:
             crashes.record(self.layout, items, deaths, self.job_id)
         except Exception as err:  # noqa: BLE001 - the run's own error is the one to raise
-            log.error("could not record the recordings that killed their decode workers: %s",
+            log.error("could not record the recordings that killed their decoding processes: %s",
                       redact.text(f"{type(err).__name__}: {err}"))
             return said
         named = "; ".join(f"{i.uri} ({deaths[i.recording_id]} times)" for i in items[:3])
         more = f" and {len(items) - 3} more" if len(items) > 3 else ""
         return WorkersCrashed(
-            f"decode workers died on {len(items)} recording{'s' if len(items) > 1 else ''}: "
+            f"{len(items)} recording{'s' if len(items) > 1 else ''} killed the processes "
+            "decoding them, more in one task than its retries could set aside: "
             f"{named}{more}; recorded under {self.layout.uri(self.layout.crashes_dir())}, so "
             f"a rerun makes {'them error rows' if len(items) > 1 else 'it an error row'} "
             f"({crashes.ERROR_TYPE}) instead of decoding {'them' if len(items) > 1 else 'it'} "

@@ -29,14 +29,14 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import redact, storage
+from pipeline import crashes, quarantine, redact, storage
 from pipeline.audio import DecodeReport, DecodeSettings, decode_stream
 from pipeline.crashes import LedgerClient, ledger_of
 from pipeline.errors import RETRYABLE_ERRORS, AudioDecodeError, CheckpointMismatchError
@@ -116,9 +116,10 @@ def decode_batch(batch: dict[str, np.ndarray], spec: DecodeSpec) -> Iterator[dic
     for shard, rid, uri, path, size, problem in zip(
             batch["shard"], batch["recording_id"], batch["uri"], batch["path"],
             batch["size_bytes"], batch["problem"], strict=True):
-        if not problem:  # one with a known problem is not decoded: nothing to kill a worker
-            ledger.starting(str(rid))
-        for rows in decode_recording(str(rid), str(uri), str(path), int(size), str(problem), spec):
+        # One with a known problem is not decoded: nothing to kill a worker.
+        deaths = ledger.starting(str(rid)) if not problem else 0
+        for rows in decode_recording(str(rid), str(uri), str(path), int(size), str(problem),
+                                     spec, deaths, on_crash=ledger.crashed):
             rows["shard"] = np.full(len(rows["recording_id"]), str(shard), dtype=object)
             yield from blocks.add(rows)
         ledger.done()
@@ -181,8 +182,15 @@ class RowBlocks:
 
 
 def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
-                     spec: DecodeSpec) -> Iterator[dict[str, np.ndarray]]:
-    """Stream one recording into window batches; never raises for a bad recording."""
+                     spec: DecodeSpec, deaths: int = 0,
+                     on_crash: Callable[[], None] = lambda: None) -> Iterator[dict[str, np.ndarray]]:
+    """Stream one recording into window batches; never raises for a bad recording.
+
+    ``deaths``: how many times decode workers died on it in this run (the crash ledger's
+    answer). Once, and it is decoded in a process of its own (:mod:`pipeline.quarantine`),
+    whose death makes it an error row (``on_crash`` told); twice, and it is an error row
+    without a decode.
+    """
     report = DecodeReport()
     started = time.perf_counter()
     counts: dict[int, int] = {}  # windows sent, by channel
@@ -191,9 +199,17 @@ def decode_recording(rid: str, uri: str, path: str, size: int, problem: str,
         if problem:  # the listing's: the object could not be had
             error_type, _, message = problem.partition(": ")
             raise AudioDecodeError(error_type or "SourceError", message or problem)
-        fault_point("decode", uri)
-        for rows in _read_windows(rid, uri, path, size, spec, report, counts):
-            yield from _holding_the_last_row(rows, last)
+        if deaths >= crashes.SUSPECT_DEATHS:
+            raise AudioDecodeError(crashes.ERROR_TYPE, crashes.died_again(deaths))
+        read = quarantine.read_windows if deaths else read_windows
+        try:
+            for rows in read(rid, uri, path, size, spec, report, counts):
+                yield from _holding_the_last_row(rows, last)
+        except quarantine.QuarantineDied as died:
+            log.error("decoding %s apart killed its process (%s), after its decode worker had "
+                      "died on it: an error row (%s)", uri, died.how, crashes.ERROR_TYPE)
+            on_crash()
+            raise
         if not counts:
             raise AudioDecodeError(
                 "TooShort",
@@ -249,8 +265,8 @@ def _holding_the_last_row(rows: dict[str, np.ndarray], last: list[dict[str, np.n
     last.append({k: v[-1:].copy() for k, v in rows.items()})  # not a view pinning the chunk
 
 
-def _read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
-                  report: DecodeReport, counts: dict[int, int]) -> Iterator[dict[str, np.ndarray]]:
+def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
+                 report: DecodeReport, counts: dict[int, int]) -> Iterator[dict[str, np.ndarray]]:
     """The recording's window batches, read by byte range; ``counts`` the windows sent by
     channel, ``report.bytes_read`` what was fetched (failed or not).
 
@@ -258,13 +274,13 @@ def _read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
         Exception: a read that failed (``reader.error``) rather than the truncation or the
             end of file libsndfile made of it inside its C callback (see RangeReader).
     """
+    fault_point("decode", uri)
     fs, _ = storage.url_to_fs(uri, spec.storage_options)
     reader = storage.RangeReader(fs, path, size=size if size >= 0 else None)
     try:
         try:
             for out in _windows(rid, reader, report, spec):
-                for ch in np.unique(out["channel"]):
-                    counts[int(ch)] = counts.get(int(ch), 0) + int((out["channel"] == ch).sum())
+                quarantine.count_windows(out, counts)
                 yield out
         except AudioDecodeError:
             if reader.error is None:

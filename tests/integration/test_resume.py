@@ -204,14 +204,13 @@ def test_a_batch_that_kills_its_actor_each_time_fails_the_run_at_once_and_resume
     recorded_failed_then_resumed(archive, out, baseline, "WorkersCrashed: a worker died")
 
 
-def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_error_row(
+def test_a_recording_that_kills_every_process_decoding_it_is_an_error_row_in_its_run(
         archive: Path, baseline, tmp_path: Path, ray_address: str) -> None:
-    """One recording kills every decode worker that starts it (a decoder's segfault): the
-    run fails naming it (exit 1) and records it; the rerun makes it an error row,
-    ``DecoderCrashed``, without decoding it again, embeds the rest exactly as an
-    undisturbed run does, and a third run has nothing left to do."""
-    from pipeline.job import CRASH_RETRIES
-
+    """One recording kills every process that decodes it (a decoder's segfault): its decode
+    worker dies once, the task's retry decodes it in a process of its own, which dies too,
+    and it becomes an error row, ``DecoderCrashed``, in that run, which finishes (exit 3)
+    with the rest embedded exactly as an undisturbed run does. The next run has nothing
+    left to do; one that names the error, the decoder fixed, embeds it."""
     out = tmp_path / "out"
     marker = tmp_path / "fault.marker"
     marker.write_text("")
@@ -219,25 +218,15 @@ def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_err
     env = {"EMBED_ARCHIVE_FAULT": f"decode@{culprit.name}+every:{marker}",
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     proc = run_cli(config(archive, out, ray_address), tmp_path, env, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert len(marker.read_text().split()) == CRASH_RETRIES + 1  # each try of its task
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"embed-archive: failed: decode workers died on 1 recording: "
-                           f"{culprit} ({CRASH_RETRIES + 1} times); recorded under "), last
-    assert "a rerun makes it an error row (DecoderCrashed)" in last
-    [recorded] = (out / "_crashes").rglob("*.json")
-    assert json.loads(recorded.read_text())["uri"] == str(culprit)
-
-    # The fault stays armed: the rerun must not decode the recording at all.
-    proc = run_cli(config(archive, out, ray_address), tmp_path, env, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]  # done, some recordings failed
-    assert len(marker.read_text().split()) == CRASH_RETRIES + 1
+    assert len(marker.read_text().split()) == 2  # its worker, then the process apart
     [(rid, kind, message)] = duckdb.sql(f"""
         SELECT recording_id, error_type, message
         FROM read_parquet('{out}/errors/**/*.parquet')""").fetchall()
     assert kind == "DecoderCrashed"
-    assert message.startswith(f"its decode worker died {CRASH_RETRIES + 1} times on this "
-                              "recording in run "), message
+    assert message.startswith("decoding it killed the process it ran in apart (killed by "
+                              "SIGKILL), after its decode worker had died on it"), message
+    assert not (out / "_crashes").exists()  # the error row is its record
     want_rows, want_recs = baseline
     assert rid in {key[0] for key in want_rows}
     got = rows(out)
@@ -249,14 +238,56 @@ def test_a_recording_that_kills_its_decode_worker_each_time_is_named_then_an_err
     assert (again.exit_code, again.recordings_already_done) == (0, NUM_FILES)
 
     # The decoder fixed (the fault disarmed), a run that names the error redoes it: the
-    # recording is embedded, its error row and crash record gone, every row as undisturbed.
+    # recording is embedded, its error row gone, every row as undisturbed.
     marker.unlink()
     fixed = EmbeddingJob(JobConfig.from_dict(
         config(archive, out, retry_errors=["DecoderCrashed"]))).run()
     assert (fixed.exit_code, fixed.embedded, fixed.failed) == (0, 1, 0)
-    assert not list((out / "_crashes").rglob("*.json"))
     assert not list((out / "errors").rglob("*.parquet"))  # its shard's only error row
     assert_same(out, baseline)
+
+
+def test_more_such_recordings_in_a_task_than_it_has_retries_fail_the_run_naming_them(
+        tmp_path: Path, ray_address: str) -> None:
+    """Five recordings of one decode task kill every process that decodes them. Each costs
+    the task a try, so it runs out of them at the fourth: the run fails (exit 1) naming
+    the three whose error rows its tries had made, and records them; the rerun makes
+    those error rows without decoding them, meets the other two as the first run met
+    these, and finishes (exit 3), every recording embedded or an error row."""
+    from pipeline.job import CRASH_RETRIES
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    # Forty recordings on the session's two CPUs make tasks of five, in the listing's order.
+    names = [f"a_bad_{i}.wav" for i in range(5)] + [f"b_ok_{i:02d}.wav" for i in range(35)]
+    for i, name in enumerate(names):
+        write_tone(src / name, 1.0, 16_000, seed=i)
+    marker = tmp_path / "fault.marker"
+    marker.write_text("")
+    env = {"EMBED_ARCHIVE_FAULT": f"decode@a_bad+every:{marker}",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = run_cli(config(src, out, ray_address), tmp_path, env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Each try died on a recording the tries before had not reached; each but the first
+    # decoded the one before apart, which died too.
+    assert len(marker.read_text().split()) == 2 * CRASH_RETRIES + 1
+    last = proc.stderr.strip().splitlines()[-1]
+    named = "; ".join(f"{src / f'a_bad_{i}.wav'} (2 times)" for i in range(CRASH_RETRIES))
+    assert last.startswith(f"embed-archive: failed: {CRASH_RETRIES} recordings killed the "
+                           "processes decoding them, more in one task than its retries could "
+                           f"set aside: {named}; recorded under "), last
+    assert len(list((out / "_crashes").rglob("*.json"))) == CRASH_RETRIES
+
+    proc = run_cli(config(src, out, ray_address), tmp_path, env, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert len(marker.read_text().split()) == 2 * CRASH_RETRIES + 1 + 2 * 2
+    errors = duckdb.sql(f"""SELECT error_type, count(*) FROM
+                            read_parquet('{out}/errors/**/*.parquet') GROUP BY ALL""").fetchall()
+    assert errors == [("DecoderCrashed", 5)]
+    embedded = duckdb.sql(f"""SELECT count(DISTINCT recording_id) FROM
+                              read_parquet('{out}/recordings/**/*.parquet')""").fetchall()
+    assert embedded == [(35,)]
+    rows(out)  # no window row twice
 
 
 def test_a_run_stops_its_crash_ledgers_when_its_pipeline_is_over(

@@ -52,11 +52,24 @@ def test_a_recording_killed_once_whose_retry_the_failing_run_ended_is_not_a_susp
     assert ledger.died_on(crashes.SUSPECT_DEATHS) == {"p": 4}
 
 
+def test_a_start_is_answered_with_the_deaths_on_it_and_a_quarantined_crash_is_one() -> None:
+    """The retry learns its worker died on c (it decodes c apart); the process c is
+    decoded in dies too, which the task tells: two deaths, c done with (an error row),
+    and named if the run fails after all."""
+    ledger = CrashLedger()
+    assert [ledger.step(None, "a"), ledger.step("a", "c")] == [0, 0]
+    assert [ledger.step(None, "a"), ledger.step("a", "c")] == [0, 1]  # the retry
+    ledger.crashed("c")
+    assert ledger.step(None, "d") == 0  # the task goes on: c is not open
+    assert ledger.died_on(crashes.SUSPECT_DEATHS) == {"c": 2}
+
+
 def test_the_client_says_a_recording_finished_with_the_next_start(monkeypatch) -> None:
     """One round trip per recording: a finish rides on the next start, the last on close."""
     told: list[tuple[str | None, str | None]] = []
     client = LedgerClient(object())
-    monkeypatch.setattr(client, "_tell", lambda finished, starting: told.append((finished, starting)))
+    monkeypatch.setattr(client, "_tell",
+                        lambda finished, starting: told.append((finished, starting)) or 0)
     client.starting("a")
     client.done()
     client.done()  # a recording with a known problem: not started, nothing to finish

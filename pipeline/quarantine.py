@@ -1,0 +1,172 @@
+"""A recording its decode worker died on, decoded again in a process of its own.
+
+A decoder's segfault kills the process it runs in, and with it the Ray worker and every
+recording its task holds (see :mod:`pipeline.crashes`). When a task's retry comes back to
+the recording a worker died on, it decodes that one here instead: in a child process that
+streams the window batches back over a pipe as it decodes them. If the child dies, the
+task learns how (the signal) and makes the recording an error row, and goes on with its
+next recording; the worker lives. If the recording decodes (the worker had died for some
+other reason, its node lost), its windows go downstream as a worker's would, batch for
+batch the same.
+
+The child is a new interpreter (``python -m pipeline.quarantine``) on the worker's import
+path, not a fork: a Ray worker's threads (gRPC, the object store's client) do not survive
+``fork``. It imports what decoding needs (~0.6 s), not torch or Ray, and dies with its
+parent, so a task Ray cancels or kills leaves no decoder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.crashes import ERROR_TYPE
+from pipeline.errors import AudioDecodeError
+
+if TYPE_CHECKING:
+    from pipeline.audio import DecodeReport
+    from pipeline.stages import DecodeSpec
+
+log = logging.getLogger(__name__)
+
+# Seconds a child that sent its last message may take to exit before it is killed.
+EXIT_WAIT_S = 10.0
+
+
+class QuarantineDied(AudioDecodeError):
+    """The process a recording was decoded in apart died (``how``: the signal or status)."""
+
+    def __init__(self, how: str, message: str) -> None:
+        self.how = how
+        super().__init__(ERROR_TYPE, message)
+
+
+def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
+                 report: DecodeReport, counts: dict[int, int]) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`pipeline.stages.read_windows`, run in a child process.
+
+    Yields the same window batches, and leaves the same ``report`` and ``counts``; raises
+    the error the decode raised there, or :class:`QuarantineDied` if the child died.
+    """
+    from pipeline import crashes
+
+    request = (rid, uri, path, size, dataclasses.replace(spec, crash_ledgers=()), os.getpid())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.quarantine"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        with proc.stdin:
+            pickle.dump(request, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        while (message := _receive(proc.stdout)) is not None:
+            kind, value = message
+            if kind == "rows":
+                count_windows(value, counts)
+                yield value
+                continue
+            child_report, error = value
+            vars(report).update(vars(child_report))
+            if error is not None:
+                raise error
+            return
+        how = _how_it_ended(proc)
+        raise QuarantineDied(how, crashes.died_in_quarantine(how))
+    finally:
+        _end(proc)
+
+
+def count_windows(rows: dict[str, np.ndarray], counts: dict[int, int]) -> None:
+    """Add a window batch's rows to ``counts``, by channel."""
+    channels, n = np.unique(rows["channel"], return_counts=True)
+    for ch, k in zip(channels.tolist(), n.tolist(), strict=True):
+        counts[int(ch)] = counts.get(int(ch), 0) + int(k)
+
+
+def _receive(stream: IO[bytes]) -> tuple[str, Any] | None:
+    """The child's next message; None once it sent nothing more (or died mid-message)."""
+    try:
+        return pickle.load(stream)
+    except (EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _how_it_ended(proc: subprocess.Popen[bytes]) -> str:
+    try:
+        code = proc.wait(timeout=EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        return "it closed its output and hung"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Reap the child; kill it first if it is still there (the task was closed early)."""
+    if proc.poll() is None:
+        try:
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when the worker that started it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def _portable(err: Exception) -> Exception:
+    """``err`` if it survives pickling, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any exception that cannot cross the pipe
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def main() -> None:
+    """The child: decode one recording, sending each window batch, then the outcome."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a library's print must not land in the pipe
+    rid, uri, path, size, spec, parent = pickle.load(sys.stdin.buffer)
+    _die_with_parent(parent)
+    from pipeline.audio import DecodeReport
+    from pipeline.stages import configure_worker_logging, read_windows
+
+    configure_worker_logging(spec.log_level)
+    report, counts = DecodeReport(), {}
+    error: Exception | None = None
+    try:
+        for rows in read_windows(rid, uri, path, size, spec, report, counts):
+            pickle.dump(("rows", rows), out, protocol=pickle.HIGHEST_PROTOCOL)
+            out.flush()
+    except Exception as err:  # noqa: BLE001 - the parent makes it the error row
+        error = _portable(err)
+    pickle.dump(("end", (report, error)), out, protocol=pickle.HIGHEST_PROTOCOL)
+    out.flush()
+
+
+if __name__ == "__main__":
+    main()
