@@ -38,6 +38,7 @@ from pipeline.errors import (
     CheckpointMismatchError,
     ConfigError,
     JobAborted,
+    MissingDependencyError,
     NamespaceBusyError,
     NoInputsError,
     PipelineError,
@@ -87,12 +88,13 @@ _KEPT = "the shards committed stay, and a rerun resumes"
 
 def _refusal(err: Exception) -> str | None:
     """The one-line message of an error that means "refused" (bad config, no inputs, unknown
-    model, weights, a busy namespace, credentials); None for any other error.
+    model or its missing extra, weights, a busy namespace, credentials); None for any other
+    error.
 
     A bucket that refuses these credentials (403), or none found, gets one line saying so,
     not a traceback through fsspec and botocore."""
-    if isinstance(err, (ConfigError, NoInputsError, UnknownModelError, WeightsUnavailableError,
-                        CheckpointMismatchError, NamespaceBusyError)):
+    if isinstance(err, (ConfigError, NoInputsError, UnknownModelError, MissingDependencyError,
+                        WeightsUnavailableError, CheckpointMismatchError, NamespaceBusyError)):
         return str(err)
     from pipeline import storage
 

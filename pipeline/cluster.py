@@ -869,6 +869,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
             logs = "".join(logs.splitlines(keepends=True)[-args.tail:])
         sys.stdout.write(logs)
         return 0
+    with cluster_errors(address, token):
+        # An id the cluster does not know (a typo, another cluster's job): said as `status`
+        # says it, exit 1. Its log stream's handshake fails too (404), which, once following,
+        # is read as a lost cluster: "may still be running", exit 5, of a job never there.
+        client.get_job_info(args.submission_id)
     try:
         with cluster_errors(address, token):
             follow_logs(client, args.submission_id, sys.stdout)

@@ -94,6 +94,11 @@ class UnknownModelError(PipelineError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MissingDependencyError(PipelineError, ImportError):
+    """An optional dependency of a backbone is not installed (BirdNET's extra); the message
+    says what to install. A refusal, as an unknown model is: nothing can run without it."""
+
+
 class StorageError(PipelineError, OSError):
     """Reading or writing through fsspec failed after the retries were spent."""
 

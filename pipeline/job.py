@@ -366,7 +366,10 @@ class EmbeddingJob:
             weights_sha256=self.weights.sha256,
             # No secret is written: options the backbone says never change its embeddings
             # (a plugin's hub token) as "***", other secret-looking text as a fingerprint.
-            model_options=redact.variant_options(cfg.model.options, info.secret_options),
+            # How it runs (BirdNET's threads) is no part of it, as compute.torch_threads is not.
+            model_options=redact.variant_options(
+                {k: v for k, v in cfg.model.options.items() if k not in info.runtime_options},
+                info.secret_options),
             preprocessing=dict(info.preprocessing),
             sample_rate_hz=info.sample_rate_hz,
             layers=self.settings.layers,

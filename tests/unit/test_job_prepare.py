@@ -726,6 +726,21 @@ def test_birdnet_variants_say_fp32_whatever_is_asked(archive: Path, tmp_path: Pa
     assert j.variant.precision == "fp32"
 
 
+def test_birdnets_thread_count_is_no_new_variant(archive: Path, tmp_path: Path) -> None:
+    """model.options.num_threads (LiteRT's threads: the speed, not the embeddings, as
+    compute.torch_threads for the torch backbones) named a variant of its own: a rerun with
+    more threads embedded every recording again, beside the rows it already had."""
+    birdnet = {"name": "birdnet_v2_4", "weights": "default"}
+    windows = {"window_s": 3.0, "hop_s": 3.0}
+    variants = {prepared(archive, tmp_path, model={**birdnet, "options": options},
+                         windows=windows).variant.id
+                for options in ({}, {"num_threads": 4}, {"num_threads": 2, "labels_path": "l"})}
+    assert len(variants) == 1
+    other = prepared(archive, tmp_path, model={**birdnet, "options": {"xnnpack": False}},
+                     windows=windows)
+    assert other.variant.id not in variants  # other kernels: other numbers
+
+
 @pytest.mark.parametrize("retry", [True, False])
 def test_a_rerun_reopens_shards_that_met_errors_not_their_own(archive: Path, tmp_path: Path,
                                                         retry: bool) -> None:
