@@ -407,8 +407,9 @@ class RunConfig:
             recordings a rerun embeds again although they are the recording's own, for
             when what failed on them has changed since: a decoder upgraded
             (``CorruptAudio``, ``UnreadableAudio``), a crash fixed (``DecoderCrashed``: the
-            crash records are then set aside too). Their shards are reopened as for a
-            transient error. Every run with it set redoes them: unset it once they are done.
+            crash records of the recordings listed are then set aside too). Their shards are
+            reopened as for a transient error. Every run with it set redoes them: unset it
+            once they are done.
         replace_changed_sources: an object listed again with another version (rewritten,
             re-uploaded, touched: a new ETag, generation or mtime) is a new recording; a
             rerun then reopens the shards holding its earlier version, so its rows are

@@ -33,7 +33,7 @@ import collections
 import logging
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline import layout as layout_mod
@@ -221,13 +221,16 @@ def recorded(layout: OutputLayout) -> dict[str, dict[str, Any]]:
             for entry in (layout_mod.read_json(fs, path) for path in paths)}
 
 
-def set_aside(layout: OutputLayout) -> None:
-    """Delete the namespace's crash records (``run.retry_errors`` names DecoderCrashed: the
-    crash is believed fixed). Their recordings are decoded again; those that still kill
-    their workers are named and recorded again by the run that meets them."""
+def set_aside(layout: OutputLayout, listed: Collection[str]) -> None:
+    """Delete the crash records of the ``listed`` recordings (``run.retry_errors`` names
+    DecoderCrashed: the crash is believed fixed). They are decoded again; those that still
+    kill their workers are named and recorded again by the run that meets them. The records
+    of recordings this run does not list stay: a job over another prefix of the archive
+    into the same output would otherwise drop them, and its own next run, without
+    DecoderCrashed, decode them again and fail as the run that recorded them did."""
     fs = layout.fs
     for path in storage.list_files(fs, layout.crashes_dir()):
-        if path.endswith(".json"):
+        if path.endswith(".json") and path.rsplit("/", 1)[-1][:-len(".json")] in listed:
             log.warning("crash record set aside (run.retry_errors): %s",
                         layout_mod.read_json(fs, path).get("uri", path))
             storage.remove_file(fs, path)

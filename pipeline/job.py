@@ -442,7 +442,8 @@ class EmbeddingJob:
         self.already_done, self.already_failed = left.already_done, left.already_failed
         self._attempts = left.attempts
         if crashes.ERROR_TYPE in self.cfg.run.retry_errors:
-            crashes.set_aside(self.layout)  # decoded again; a crash again records it again
+            # decoded again; a crash again records it again
+            crashes.set_aside(self.layout, {i.recording_id for i in self.listing.items})
         elif recorded := crashes.recorded(self.layout):
             self.todo = [dataclasses.replace(i, problem=crashes.as_problem(recorded[i.recording_id]))
                          if i.recording_id in recorded and not i.problem else i
@@ -882,13 +883,25 @@ class EmbeddingJob:
             return said
         named = "; ".join(f"{i.uri} ({deaths[i.recording_id]} times)" for i in items[:3])
         more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        them = "them" if len(items) > 1 else "it"
+        rows = "them error rows" if len(items) > 1 else "it an error row"
         return WorkersCrashed(
             f"{len(items)} recording{'s' if len(items) > 1 else ''} killed the processes "
             "decoding them, more in one task than its retries could set aside: "
             f"{named}{more}; recorded under {self.layout.uri(self.layout.crashes_dir())}, so "
-            f"a rerun makes {'them error rows' if len(items) > 1 else 'it an error row'} "
-            f"({crashes.ERROR_TYPE}) instead of decoding {'them' if len(items) > 1 else 'it'} "
-            "and goes on; the shards committed stay")
+            f"{self._after_crash(rows, them)}; the shards committed stay")
+
+    def _after_crash(self, rows: str, them: str) -> str:
+        """What the rerun does with the recordings a failed run named, in words. With
+        ``run.retry_errors`` naming ``DecoderCrashed`` a rerun of the same config sets their
+        records aside and decodes them again, failing the same way run after run: the
+        message must not promise the error rows it would never write."""
+        if crashes.ERROR_TYPE not in self.cfg.run.retry_errors:
+            return (f"a rerun makes {rows} ({crashes.ERROR_TYPE}) instead of decoding {them} "
+                    "and goes on")
+        return (f"a rerun makes {rows} ({crashes.ERROR_TYPE}) and goes on only once "
+                f"{crashes.ERROR_TYPE} is out of run.retry_errors: with it there, as in this "
+                f"run, a rerun sets the crash records aside and decodes {them} again")
 
     def _check_failure_budget(self, summary: JobSummary) -> None:
         finished = summary.embedded + summary.partial + summary.failed

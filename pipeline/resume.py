@@ -350,6 +350,7 @@ class Resumption:
                         "run.retry_errors names (%s): unset it once they are done, or every "
                         "run redoes them", len(named), sum(map(len, named.values())),
                         ", ".join(run.retry_errors))
+        self._say_unmatched(markers, listed)
         redo: dict[str, set[str]] = {}
         for reason in (retry, changed, limited, restored, named):
             for shard, ids in reason.items():
@@ -530,6 +531,28 @@ class Resumption:
                         "which this run writes (output.%s turned on since)",
                         sum(s in lacking for s in reopen), ", ".join(filled),
                         " / output.".join(filled))
+
+    def _say_unmatched(self, markers: Mapping[str, Mapping[str, Any]],
+                       listed: set[str]) -> None:
+        """Warn of the types ``run.retry_errors`` names that no listed recording was committed
+        with: a name misspelt (``CorruptedAudio``, ``corruptaudio``), or one whose recordings
+        are all redone by now, reopens nothing, and the run would otherwise say nothing of
+        it (exit 0, everything already done)."""
+        named = self.cfg.run.retry_errors
+        if not named:
+            return
+        found = collections.Counter(
+            str(rec["error_type"]) for marker in markers.values()
+            for rec in layout_mod.noted(marker)
+            if rec.get("error_type") and rec["recording_id"] in listed)
+        unmatched = [name for name in named if name not in found]
+        if unmatched:
+            log.warning("run.retry_errors names %s, which no listed recording was committed "
+                        "with: no shard is reopened for %s (the listed recordings' committed "
+                        "error types: %s; names are the errors table's error_type, case "
+                        "included)",
+                        ", ".join(unmatched), "them" if len(unmatched) > 1 else "it",
+                        ", ".join(f"{k} {v}" for k, v in sorted(found.items())) or "none")
 
     def _say_given_up(self, markers: Mapping[str, Mapping[str, Any]], whole: set[str]) -> None:
         """Warn about the recordings kept failed because they reached ``run.max_attempts``

@@ -1085,6 +1085,83 @@ def test_recordings_refused_by_limits_this_run_admits_are_redone_if_still_listed
     assert Path(lay.commit_path("g" * 16)).exists()
 
 
+def test_retry_errors_naming_no_committed_error_type_says_so(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``run.retry_errors`` naming a type no listed recording was committed with (a typo, a
+    case slip, or one whose recordings are redone by now) reopens nothing: the run says
+    so, naming the types there are, instead of finishing as if it had retried them."""
+    from pipeline import layout as layout_mod
+
+    a, b, lay = two_recordings(archive, tmp_path)
+    layout_mod.write_json(lay.fs, lay.commit_path("e" * 16), {
+        "shard": "e" * 16, "files": {},
+        "recordings": [{"recording_id": a, "outcome": "error", "error_type": "UnreadableAudio"},
+                       {"recording_id": b, "outcome": "ok"}]})
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        typo = prepared(archive, tmp_path, run={"retry_errors": ["unreadableaudio"]})
+    assert typo.todo == []
+    assert ("run.retry_errors names unreadableaudio, which no listed recording was committed "
+            "with: no shard is reopened for it (the listed recordings' committed error types: "
+            "UnreadableAudio 1;"
+            ) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.resume"):
+        both = prepared(archive, tmp_path, run={"retry_errors": ["CorruptAudio",
+                                                                 "UnreadableAudio"]})
+    assert [i.recording_id for i in both.todo] == [a]
+    assert "run.retry_errors names CorruptAudio, which no listed" in caplog.text
+    assert "names UnreadableAudio," not in caplog.text
+
+
+def test_retrying_decoder_crashes_sets_aside_only_the_records_of_listed_recordings(
+        archive: Path, tmp_path: Path) -> None:
+    """A job over one prefix of an archive with ``run.retry_errors: [DecoderCrashed]`` decodes
+    its own crash-recorded recordings again; the records of another prefix's recordings,
+    into the same output, stay, so that prefix's next run makes them error rows instead of
+    decoding them and failing again."""
+    from pipeline import crashes
+    from pipeline.sources import SourceItem
+
+    first = prepared(archive, tmp_path)
+    [mine] = first.todo
+    other = SourceItem(uri="/elsewhere/b.flac", path="/elsewhere/b.flac", size_bytes=10,
+                       version="v1", recording_id="cd" * 16)
+    crashes.record(first.layout, [mine, other], {mine.recording_id: 4, other.recording_id: 4},
+                   "job-1")
+    retried = prepared(archive, tmp_path, run={"retry_errors": ["DecoderCrashed"]})
+    assert [i.problem for i in retried.todo] == [""]  # decoded again
+    assert set(crashes.recorded(first.layout)) == {other.recording_id}
+
+
+@pytest.mark.parametrize("retrying", [False, True])
+def test_a_run_failed_by_crashing_recordings_says_what_its_rerun_does_with_them(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retrying: bool) -> None:
+    """More recordings of one task killed their decoders than its retries could set aside:
+    the run names and records those it did. Its rerun makes them error rows, unless
+    ``run.retry_errors`` names DecoderCrashed, when a rerun of the same config sets the
+    records aside and decodes them again: the message must not promise the error rows."""
+    from pipeline import crashes
+    from pipeline.errors import WorkersCrashed
+
+    j = prepared(archive, tmp_path,
+                 run={"retry_errors": ["DecoderCrashed"] if retrying else []})
+    [item] = j.todo
+    monkeypatch.setattr(crashes, "suspects", lambda ledgers: {item.recording_id: 2})
+    said = str(j._name_crashes(WorkersCrashed("a worker died 4 times on the same work")))
+    assert said.startswith(f"1 recording killed the processes decoding them, more in one task "
+                           f"than its retries could set aside: {item.uri} (2 times); "
+                           "recorded under "), said
+    if retrying:
+        assert said.endswith("so a rerun makes it an error row (DecoderCrashed) and goes on "
+                             "only once DecoderCrashed is out of run.retry_errors: with it "
+                             "there, as in this run, a rerun sets the crash records aside and "
+                             "decodes it again; the shards committed stay"), said
+    else:
+        assert said.endswith("so a rerun makes it an error row (DecoderCrashed) instead of "
+                             "decoding it and goes on; the shards committed stay"), said
+    assert set(crashes.recorded(j.layout)) == {item.recording_id}
+
+
 def _commit_one_shard(j: EmbeddingJob, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Commit a prepared job's first shard as its write tasks would have left it: ``a.wav``
     embedded, ``bad.wav`` an error. Returns ``recording_id -> uri``."""
