@@ -92,7 +92,8 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     found: set[tuple[str, str]] = set()
     for path in [*storage.list_files(fs, storage.join(root_path, "_commits")),
                  *storage.list_files(fs, storage.join(root_path, "_leases")),
-                 *(ns for table in TABLES for ns in _partitions(fs, storage.join(root_path, table)))]:
+                 *(ns for table in TABLES
+                   for ns in partition_folders(fs, storage.join(root_path, table)))]:
         match = _NS.search(path)
         if match:
             found.add((match.group(1), match.group(2).removesuffix(".json")))
@@ -111,7 +112,7 @@ def load_catalog(root: str, storage_options: Mapping[str, Any] | None = None) ->
     return Catalog(root=redact.uri(root), namespaces=namespaces, jobs=jobs)
 
 
-def _partitions(fs: Any, table_path: str) -> list[str]:
+def partition_folders(fs: Any, table_path: str) -> list[str]:
     """The ``model=M/variant=V`` folders of one table: two levels listed, not every file."""
     out = []
     for model_dir in _folders(fs, table_path):

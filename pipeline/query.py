@@ -5,7 +5,8 @@ demo's site, calls and time) and status, window counts per layer, and the neares
 neighbour of some recordings by cosine similarity of the pooled embeddings. Those read one
 namespace (model and variant): by default the one the latest job wrote, since embeddings of
 two variants (another window, hop or checkpoint) do not compare; ``python -m pipeline.query
-OUT VARIANT`` picks another.
+OUT VARIANT`` picks another. Without job records (a copy of the tables alone, its ``_jobs/``
+left behind) the namespace is the one the recordings table holds, or must be named.
 
 Recordings are told apart by ``recording_id`` (and ``channel``), never by file name: field
 recorders reuse names (``20240101_000000.WAV``) in every site folder; rows show the
@@ -18,6 +19,7 @@ registered with DuckDB, with ``--storage-option KEY=VALUE`` as for ``embed-archi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import duckdb
 
 from pipeline import storage
+from pipeline.catalog import partition_folders
 from pipeline.errors import ConfigError
 from pipeline.layout import namespace_dir, partitions, read_json
 from pipeline.sink import recordings_schema
@@ -92,6 +95,23 @@ def latest_namespace(root: str, variant: str | None = None,
     return None
 
 
+_NAMESPACE = re.compile(r"model=([^/]+)/variant=([^/]+)$")
+
+
+def recorded_namespaces(root: str, storage_options: Mapping[str, Any] | None = None
+                        ) -> list[tuple[str, str]]:
+    """``(model, variant)`` of every namespace whose recordings table holds Parquet files,
+    found from its folders whether or not a job record names it: a copy of the tables
+    alone (its ``_jobs/`` left behind) still has rows to read."""
+    fs, path = storage.url_to_fs(root, storage_options)
+    held = []
+    for folder in partition_folders(fs, storage.join(path, "recordings")):
+        match = _NAMESPACE.search(folder)
+        if match and _has_parquet(fs, folder):
+            held.append((match[1], match[2]))
+    return sorted(held)
+
+
 def _has_parquet(fs: Any, folder: str) -> bool:
     return storage.exists(fs, folder) and any(p.endswith(".parquet")
                                               for p in storage.list_files(fs, folder))
@@ -110,6 +130,13 @@ def connect(root: str, storage_options: Mapping[str, Any] | None = None
 
 def _sql_text(value: str) -> str:
     return value.replace("'", "''")
+
+
+def _glob_literal(path: str) -> str:
+    """``path`` as a glob that matches itself alone: DuckDB expands ``*``, ``?`` and ``[``
+    in every path it reads, so a root named ``runs[2]`` found no file (``[2]`` is a set
+    of one character) and one named ``runs*`` read every output beside it too."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,20 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pipeline.query: error: {err}", file=sys.stderr)
         return 2
-    found = latest_namespace(root, args.variant, options)
-    if not found:
-        print(f"no recordings under {root}" + (f" for variant {args.variant}" if args.variant
-                                               else ""), file=sys.stderr)
-        return 1
+    found, how = latest_namespace(root, args.variant, options), "of the run started last"
+    if not found:  # no job record names one: the recordings table's own, if it holds one
+        held = recorded_namespaces(root, options)
+        asked = [ns for ns in held if args.variant in (None, ns[1])]
+        found, how = (asked[0] if len(asked) == 1 else None), "the only one with recordings here"
+        if not found:
+            print(_none_found(root, args.variant, held), file=sys.stderr)
+            return 1
     model, variant = found
     con = connect(root, options)
     ns = partitions(model, variant)  # the model's name made path-safe, as the job writes it
     fs, path = storage.url_to_fs(root, options)
     windows = _has_parquet(fs, storage.join(path, "windows"))
     print(f"-- namespace {ns} (the variant asked for)" if args.variant else
-          f"-- namespace {ns} (of the run started last; `python -m pipeline.query {root} VARIANT` "
-          "for another)")
-    sql_root = _sql_text(root)
+          f"-- namespace {ns} ({how}; `python -m pipeline.query {root} VARIANT` for another)")
+    sql_root = _sql_text(_glob_literal(root))
     # The manifest's columns, whatever they are: what a recordings file has beyond the job's.
     columns = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{sql_root}/recordings/{ns}/*.parquet')"
                       ).fetchall()
@@ -179,6 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         con.sql(sql).show(max_width=200)
     return 0
+
+
+def _none_found(root: str, variant: str | None, held: list[tuple[str, str]]) -> str:
+    """Why there is nothing to query, naming the variants there are where there are some."""
+    variants = ", ".join(v for _, v in held)
+    if variant is not None:
+        return f"no recordings under {root} for variant {variant}" + (
+            f" (variants with recordings there: {variants})" if held else "")
+    if held:  # several, and no job record says which was written last
+        return (f"{root}: no job record in _jobs/ names the run written last, and its "
+                f"recordings hold {len(held)} variants ({variants}): name one, "
+                f"python -m pipeline.query {root} VARIANT")
+    return f"no recordings under {root}"
 
 
 if __name__ == "__main__":

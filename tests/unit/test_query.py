@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -78,6 +79,47 @@ def test_a_plugin_namespace_and_an_output_without_windows(
     assert "namespace model=plugmod_TinyPlugin/variant=0123" in out and "a.wav" in out
     assert "no windows table here" in out
     assert "nearest neighbour" in out
+
+
+def test_a_copy_of_the_tables_without_job_records_is_queried(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of the tables alone (``_jobs/`` left behind, as a copy of what Hive readers
+    read leaves every ``_`` folder) was "no recordings", even with its variant named: the
+    namespace is found from the recordings' folders, and where there are several, the
+    message names them."""
+    write_namespace(tmp_path, "0123", "j", ["a.wav"], "2026-11-22T10:00:00Z")
+    shutil.rmtree(tmp_path / "_jobs")
+    assert query.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "namespace model=beats/variant=0123 (the only one with recordings here" in out
+    assert "a.wav" in out
+    assert query.main([str(tmp_path), "0123"]) == 0
+    assert "a.wav" in capsys.readouterr().out
+
+    write_namespace(tmp_path, "4567", "k", ["b.wav"], "2026-11-22T11:00:00Z")
+    shutil.rmtree(tmp_path / "_jobs")
+    assert query.main([str(tmp_path)]) == 1  # which one is meant, nothing says
+    err = capsys.readouterr().err
+    assert "recordings hold 2 variants (0123, 4567): name one" in err
+    assert query.main([str(tmp_path), "4567"]) == 0
+    out = capsys.readouterr().out
+    assert "b.wav" in out and "a.wav" not in out
+    assert query.main([str(tmp_path), "89"]) == 1
+    assert "for variant 89 (variants with recordings there: 0123, 4567)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["runs[2]", "runs*", "runs?"])
+def test_a_root_named_with_glob_characters_is_read_as_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """DuckDB expands ``*``, ``?`` and ``[`` in the paths it reads: ``runs[2]`` read the
+    output beside it named ``runs2`` (or found nothing), ``runs*`` and ``runs?`` every
+    output whose name they match, with the root's own rows among the others."""
+    write_namespace(tmp_path / name, "0123", "j", ["mine.wav"], "2026-11-22T10:00:00Z")
+    write_namespace(tmp_path / "runs2", "0123", "j", ["other.wav"], "2026-11-22T10:00:00Z")
+    assert query.main([str(tmp_path / name)]) == 0
+    out = capsys.readouterr().out
+    assert "mine.wav" in out and "other.wav" not in out
+    assert "│ beats   │ 0123    │     3 │       1 │          1 │" in out  # its windows alone
 
 
 def neighbours(out: str) -> list[str]:
