@@ -66,8 +66,11 @@ def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        with proc.stdin:
-            pickle.dump(request, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with proc.stdin:
+                pickle.dump(request, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        except BrokenPipeError:
+            pass  # it died before it read the request: said below, as any death
         while (message := _receive(proc.stdout)) is not None:
             kind, value = message
             if kind == "rows":

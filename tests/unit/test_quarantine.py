@@ -125,3 +125,22 @@ def test_a_decode_error_survives_pickling_whole() -> None:
     err = pickle.loads(pickle.dumps(AudioDecodeError("CorruptAudio", "bad frame at 12 s")))
     assert (type(err), err.error_type, str(err)) == (AudioDecodeError, "CorruptAudio",
                                                      "bad frame at 12 s")
+
+
+def test_a_child_that_dies_before_it_reads_its_request_is_a_crash_like_any(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that cannot start (its interpreter killed at once, out of memory) breaks the
+    pipe the request goes down: said as its death, not as an unexpected BrokenPipeError."""
+    path = tmp_path / "t.wav"
+    write_tone(path, 2.0, 16_000)
+    popen = subprocess.Popen
+
+    def dead_at_once(args, **kwargs):
+        child = popen(["sh", "-c", "exec kill -9 $$"], **kwargs)
+        child.wait()  # gone before the request is written
+        return child
+
+    monkeypatch.setattr(subprocess, "Popen", dead_at_once)
+    with pytest.raises(quarantine.QuarantineDied, match=r"killed by SIGKILL"):
+        list(quarantine.read_windows("r", str(path), str(path), path.stat().st_size, SPEC,
+                                     DecodeReport(), {}))
