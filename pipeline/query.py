@@ -132,6 +132,13 @@ def _sql_text(value: str) -> str:
     return value.replace("'", "''")
 
 
+def _sql_name(name: str) -> str:
+    """A column's name quoted for SQL: a manifest column may be named anything (the job
+    warns of names that are not plain, and writes them), and one with a ``"`` in it
+    (``say "hi"``) ended the quoted name early, failing every query on a parser error."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _glob_literal(path: str) -> str:
     """``path`` as a glob that matches itself alone: DuckDB expands ``*``, ``?`` and ``[``
     in every path it reads, so a root named ``runs[2]`` found no file (``[2]`` is a set
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = con.sql(f"DESCRIBE SELECT * FROM read_parquet('{sql_root}/recordings/{ns}/*.parquet')"
                       ).fetchall()
     ours = set(recordings_schema(None).names) | {"model", "variant"}  # and the hive keys
-    extras = "".join(f'"{name}", ' for name, *_ in columns if name not in ours)
+    extras = "".join(f"{_sql_name(name)}, " for name, *_ in columns if name not in ours)
     if args.recordings:
         ids = ", ".join(f"'{_sql_text(i)}'" for i in args.recordings)
         pick, which = f"WHERE recording_id IN ({ids})", "the recordings asked for"

@@ -13,6 +13,7 @@ import errno
 import fnmatch
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -340,6 +341,7 @@ def _list_manifest(cfg: InputConfig) -> Listing:
                           f"{', '.join(map(repr, table.column_names))}){_uri_hint(table)}",
                           "input.manifest")
     _check_uri_type(table.schema.field("uri").type, cfg.manifest)
+    table = _without_unnamed_columns(table)
     _check_column_names([n for n in table.column_names if n not in GIVEN_COLUMNS])
     versions, sizes = _given_columns(table)
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
@@ -571,6 +573,28 @@ def _given_item(uri: str, row: int, version: str, size: int, cfg: InputConfig,
     shown = storage.source_uri(fs, path, cfg.name_params)
     return SourceItem(uri=shown, path=path, size_bytes=size, version=version,
                       recording_id=recording_id(shown, version), row=row)
+
+
+def _without_unnamed_columns(table: pa.Table) -> pa.Table:
+    """The manifest without its columns that have no name and no value (a CSV whose lines
+    end in a comma, ``uri,site,``), and refusing one that has values: a header cell left
+    empty, as ``df.to_csv(path)`` writes a DataFrame's index (``,uri,site``). Carried to
+    every row, such a column was a Parquet column named ``""``, which BigQuery and Spark
+    refuse, and which DuckDB names by its position, so differently in each table (``C18``
+    in recordings, ``C15`` in windows).
+
+    Raises:
+        ConfigError: naming the column's position and how to name or drop it.
+    """
+    unnamed = [k for k, name in enumerate(table.column_names) if not name.strip()]
+    held = [k + 1 for k in unnamed if table.column(k).null_count < table.num_rows]
+    if held:
+        raise ConfigError(
+            f"manifest columns number {', '.join(map(str, held))} (of {table.num_columns}) "
+            "have no name: an empty header cell, as pandas writes a DataFrame's index with "
+            "df.to_csv(path). Name them, or leave them out (df.to_csv(path, index=False))",
+            "input.manifest")
+    return table.drop_columns([table.column_names[k] for k in unnamed]) if unnamed else table
 
 
 def _check_column_names(names: Sequence[str]) -> None:
@@ -873,7 +897,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     try:
         if lower.endswith(".parquet"):
             _refuse_intervals(data)
-            return read_parquet_bytes(data)
+            return _without_pandas_index(read_parquet_bytes(data))
         if lower.endswith((".jsonl", ".ndjson", ".json")):
             _refuse_json_array(data, uri)
             return pa_json.read_json(io.BytesIO(data))
@@ -983,6 +1007,32 @@ def _refuse_json_array(data: bytes, uri: str) -> None:
                           'one object per line (JSON lines: {"uri": "a.wav", "site": "x"}), '
                           "as pandas writes it with df.to_json(path, orient='records', "
                           "lines=True)", "input.manifest")
+
+
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
+
+def _without_pandas_index(table: pa.Table) -> pa.Table:
+    """A Parquet manifest without the index pandas stores beside a DataFrame's columns when
+    it is not a plain range (any DataFrame filtered by a mask, sorted, deduplicated or
+    concatenated): an unnamed level is a column ``__index_level_0__``, which pandas reads
+    back as the index, not as a column. Kept, every output row carried the DataFrame's row
+    numbers, and a later run whose manifest had a plain index was refused for lacking that
+    column. A named index level (``df.set_index("site")``) is the user's column, and stays.
+    """
+    stored = (table.schema.metadata or {}).get(b"pandas")
+    if not stored:
+        return table
+    try:
+        index = json.loads(stored).get("index_columns", [])
+    except (ValueError, AttributeError):  # not the metadata pandas writes
+        return table
+    unnamed = [name for name in index if isinstance(name, str)
+               and _PANDAS_INDEX.fullmatch(name) and name in table.column_names]
+    if unnamed:
+        log.info("manifest: left out %s, the index pandas stored beside the DataFrame's "
+                 "columns (pandas reads it back as the index)", ", ".join(unnamed))
+    return table.drop_columns(unnamed)
 
 
 def _refuse_intervals(data: bytes) -> None:

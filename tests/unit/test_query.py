@@ -68,6 +68,19 @@ def test_outputs_without_a_manifest_are_queried_too(
     assert "a.wav" in out and "site" not in out
 
 
+def test_a_manifest_column_with_a_quote_in_its_name_is_queried(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The job writes a manifest column named ``say "hi"`` (warning that it is no plain
+    name); the queries name it quoted as SQL quotes it, not ending the name at its ``"``."""
+    write_namespace(tmp_path, "0123", "run", ["a.wav"], "2026-11-22T10:00:00Z")
+    folder = tmp_path / namespace_dir("recordings", "beats", "0123")
+    rec = pq.read_table(folder / "part-0.parquet")
+    pq.write_table(rec.append_column('say "hi"', pa.array(["hello"])), folder / "part-0.parquet")
+    assert query.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '"site", "say ""hi"""' in out and "hello" in out
+
+
 def test_a_plugin_namespace_and_an_output_without_windows(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A plugin's ``module:Class`` name is made path-safe in the folder name (the query

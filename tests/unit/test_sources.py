@@ -279,6 +279,38 @@ def test_a_manifest_column_that_is_no_plain_name_is_warned_about(
     assert "['site id'] are not plain names" in caplog.text
 
 
+def test_the_index_pandas_writes_beside_a_dataframe_is_no_manifest_column(
+        folder: Path) -> None:
+    """A DataFrame whose index is no plain range (filtered, deduplicated, concatenated) is
+    written to Parquet with its index as a column ``__index_level_0__``, which pandas reads
+    back as the index: it reached every output row, and a later run's manifest with a plain
+    index was refused for lacking it. A named index is the user's column and stays. A CSV
+    written with its index has a header cell without a name (``,uri,site``): refused, as
+    no reader names that column alike (DuckDB: by its position, in each table another)."""
+    import pandas as pd
+
+    # the rows a filter of a larger frame leaves: an index that is no range
+    kept = pd.DataFrame({"uri": ["a.wav", "b.wav"], "site": ["y", "z"]}, index=[3, 7])
+    kept.to_parquet(folder / "m.parquet")
+    assert "__index_level_0__" in pq.read_schema(folder / "m.parquet").names
+    extras = list_sources(InputConfig(manifest=str(folder / "m.parquet"))).extras
+    assert extras is not None and extras.column_names == ["site"]
+    kept.set_index("site").to_parquet(folder / "named.parquet")
+    extras = list_sources(InputConfig(manifest=str(folder / "named.parquet"))).extras
+    assert extras is not None and extras.column("site").to_pylist() == ["y", "z"]
+
+    kept.to_csv(folder / "m.csv")
+    assert (folder / "m.csv").read_text().startswith(",uri,site\n")
+    with pytest.raises(ConfigError, match=r"columns number 1 \(of 3\) have no name.*"
+                                          r"index=False") as err:
+        list_sources(InputConfig(manifest=str(folder / "m.csv")))
+    assert err.value.field == "input.manifest"
+    # lines that end in a comma: a column with neither name nor value, left out
+    (folder / "trailing.csv").write_text("uri,site,\na.wav,x,\nb.wav,y,\n")
+    extras = list_sources(InputConfig(manifest=str(folder / "trailing.csv"))).extras
+    assert extras is not None and extras.column_names == ["site"]
+
+
 def test_a_manifest_url_the_job_cannot_use_is_an_error_row(folder: Path) -> None:
     """A chained URL (and an unknown protocol) fails its own recording, not the listing; a
     filesystem cached for it never serves another URL (it used to take plain paths over)."""
