@@ -124,7 +124,14 @@ class PipelineStalled(PipelineError):
 class WorkersCrashed(PipelineError):
     """A decode worker or an embedding actor died each time one piece of work was tried
     (``job.CRASH_RETRIES`` + 1 times), most often out of memory: a failure said at once,
-    not actors restarted until ``run.stall_timeout_s``. The shards it committed stay."""
+    not actors restarted until ``run.stall_timeout_s``. The shards it committed stay.
+
+    Attributes:
+        by_actor: the work was an actor's (an embedding actor's batch), not a task's (a
+            decode task's recordings): no decode task ran out of retries.
+    """
+
+    by_actor: bool = False
 
 
 class JobAborted(PipelineError):

@@ -190,13 +190,15 @@ def _crashed(err: BaseException) -> WorkersCrashed | None:
     oom = isinstance(error, OutOfMemoryError) or "memory" in str(error).lower()
     # Ray's own words last: its first line is mostly ids ("The actor 3a8a1d10... is
     # unavailable: ..."), and `inspect` shows a record's first 160 characters.
-    return WorkersCrashed(
+    said = WorkersCrashed(
         f"a worker died {CRASH_RETRIES + 1} times on the same work"
         f"{', out of memory' if oom else ''}: lower model.batch_size or windows.window_s, or "
         "give the workers more memory (compute.decode_memory_mb, larger nodes), as a batch or "
         "recording that runs its worker out of memory each time is the usual cause; the "
         f"shards committed stay, and a rerun resumes (Ray: {type(error).__name__}: "
         f"{first_line(error, 200)})")
+    said.by_actor = isinstance(error, RayActorError)
+    return said
 
 
 def failure_message(err: BaseException) -> str:
@@ -870,7 +872,12 @@ class EmbeddingJob:
     def _name_crashes(self, said: WorkersCrashed) -> WorkersCrashed:
         """The recordings that killed the processes decoding them (see
         :mod:`pipeline.crashes`), recorded for the next run, which makes them error rows
-        without decoding them, and named in the run's error."""
+        without decoding them, and named in the run's error.
+
+        A run whose embedding actor died on a batch each time (``said.by_actor``) may have
+        set such recordings aside on the way, each an error row: they are recorded and
+        named after Ray's words, which stay the run's error; no decode task ran out of
+        retries for them."""
         deaths = crashes.suspects(self._ledgers)
         if not deaths:
             return said
@@ -885,6 +892,12 @@ class EmbeddingJob:
         more = f" and {len(items) - 3} more" if len(items) > 3 else ""
         them = "them" if len(items) > 1 else "it"
         rows = "them error rows" if len(items) > 1 else "it an error row"
+        if said.by_actor:
+            return WorkersCrashed(
+                f"{said}; besides, {len(items)} recording{'s' if len(items) > 1 else ''} "
+                f"killed the processes decoding {them} in this run: "
+                f"{named}{more}; recorded under {self.layout.uri(self.layout.crashes_dir())}, "
+                f"so {self._after_crash(rows, them)}")
         return WorkersCrashed(
             f"{len(items)} recording{'s' if len(items) > 1 else ''} killed the processes "
             "decoding them, more in one task than its retries could set aside: "

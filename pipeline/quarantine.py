@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import pickle
@@ -77,10 +78,10 @@ def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
                 count_windows(value, counts)
                 yield value
                 continue
-            child_report, error = value
+            child_report, chain = value
             vars(report).update(vars(child_report))
-            if error is not None:
-                raise error
+            if chain:
+                raise _relinked(chain)
             return
         how = _how_it_ended(proc)
         raise QuarantineDied(how, crashes.died_in_quarantine(how))
@@ -140,13 +141,37 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _portable(err: Exception) -> Exception:
+def _portable(err: BaseException) -> BaseException:
     """``err`` if it survives pickling, else a RuntimeError that says what it was."""
     try:
         pickle.loads(pickle.dumps(err))
         return err
     except Exception:  # noqa: BLE001 - any exception that cannot cross the pipe
         return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def _portable_chain(err: BaseException, limit: int = 8) -> list[BaseException]:
+    """``err`` and the errors it was raised from, each :func:`_portable`, for the pipe.
+
+    Pickling drops ``__cause__`` and ``__context__``, and what an error means is read down
+    that chain (:func:`pipeline.storage.archived`, :func:`~pipeline.storage.access_refused`):
+    s3fs raises S3's ``InvalidObjectState`` as a bare ``PermissionError`` whose cause, the
+    botocore error, alone says the object is archived. Sent alone, it made an archived
+    recording a transient refusal of the credentials here, not its ``ArchivedObject`` row.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and len(chain) < limit and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return [_portable(e) for e in chain]
+
+
+def _relinked(chain: list[BaseException]) -> BaseException:
+    """The first error of a :func:`_portable_chain`, raised from the rest as in the child."""
+    for err, cause in itertools.pairwise(chain):
+        err.__cause__ = cause
+    return chain[0]
 
 
 def main() -> None:
@@ -160,14 +185,14 @@ def main() -> None:
 
     configure_worker_logging(spec.log_level)
     report, counts = DecodeReport(), {}
-    error: Exception | None = None
+    chain: list[BaseException] = []  # the error, and those it was raised from
     try:
         for rows in read_windows(rid, uri, path, size, spec, report, counts):
             pickle.dump(("rows", rows), out, protocol=pickle.HIGHEST_PROTOCOL)
             out.flush()
     except Exception as err:  # noqa: BLE001 - the parent makes it the error row
-        error = _portable(err)
-    pickle.dump(("end", (report, error)), out, protocol=pickle.HIGHEST_PROTOCOL)
+        chain = _portable_chain(err)
+    pickle.dump(("end", (report, chain)), out, protocol=pickle.HIGHEST_PROTOCOL)
     out.flush()
 
 

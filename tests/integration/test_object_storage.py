@@ -915,6 +915,44 @@ def test_an_archived_object_is_its_own_settled_error_until_restored(
         rows.ids)
 
 
+def test_a_recording_decoded_apart_reads_its_bucket_as_the_worker_does(
+        s3_buckets: Any, moto: ServerProcess, real_data: Path) -> None:
+    """The retry of a task whose worker died decodes the recording in a process of its own
+    (pipeline.quarantine): the endpoint and credentials of input.storage_options reach it,
+    its windows are the worker's, and so is each error row, an archived object's included
+    (its PermissionError says "archived" only by its cause, which must cross the pipe)."""
+    from pipeline.audio import DecodeSettings
+    from pipeline.stages import DecodeSpec, decode_recording
+
+    fs = s3_buckets
+    local = real_data / ARCHIVE_FILES[0]
+    for key, storage_class in (("apart/ok.wav", "STANDARD"), ("apart/cold.wav", "GLACIER")):
+        fs.call_s3("put_object", Bucket=IN_BUCKET, Key=key, Body=local.read_bytes(),
+                   StorageClass=storage_class)
+    spec = DecodeSpec(DecodeSettings(16_000), window_samples=16_000, hop_samples=8_000,
+                      tail="pad", min_tail_samples=400, batch_windows=8,
+                      storage_options=s3_opts(moto.url))
+
+    def decoded(name: str, deaths: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+        path = f"{IN_BUCKET}/apart/{name}"
+        rows = list(decode_recording("r", f"s3://{path}", path, local.stat().st_size, "",
+                                     spec, deaths))
+        report = json.loads(rows[-1]["meta"][-1])
+        report.pop("decode_s")
+        return rows, report
+
+    kinds = {}
+    for name in ("ok.wav", "cold.wav", "gone.wav"):
+        (in_worker, want), (apart, got) = decoded(name, 0), decoded(name, 1)
+        assert got == want, name
+        for key in ("audio", "window_index", "channel"):
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in apart]),
+                                          np.concatenate([b[key] for b in in_worker]))
+        kinds[name] = got.get("error_type", got["status"])
+    assert kinds == {"ok.wav": "ok", "cold.wav": "ArchivedObject",
+                     "gone.wav": "FileNotFoundError"}
+
+
 def test_the_driver_commits_shards_side_by_side_on_a_slow_bucket(
         s3_archive: str, moto: ServerProcess, checkpoint: Path, s3_run: Run,
         ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1162,6 +1162,33 @@ def test_a_run_failed_by_crashing_recordings_says_what_its_rerun_does_with_them(
     assert set(crashes.recorded(j.layout)) == {item.recording_id}
 
 
+def test_a_run_failed_by_its_embedding_actors_says_so_beside_the_crashes_it_set_aside(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recording set aside by its quarantined decode is died on twice in the run, which
+    goes on; if the run then fails because an embedding actor died on a batch each time
+    (an actor's death, not a decode task's), its error is that one, with Ray's advice,
+    and names the recording set aside after it: it used to say the recording had run a
+    decode task out of retries, hiding the batch that ended the run."""
+    from ray.exceptions import ActorUnavailableError
+
+    from pipeline import crashes
+    from pipeline.job import _crashed
+
+    j = prepared(archive, tmp_path)
+    [item] = j.todo
+    monkeypatch.setattr(crashes, "suspects", lambda ledgers: {item.recording_id: 2})
+    died = _crashed(ActorUnavailableError("The actor died unexpectedly",
+                                          bytes.fromhex("cbaf7929224e6bc65f6f951202000000")))
+    assert died is not None
+    said = str(j._name_crashes(died))
+    assert said.startswith(f"{died}; besides, 1 recording killed the processes decoding it in "
+                           f"this run: {item.uri} (2 times); recorded under "), said
+    assert said.endswith("so a rerun makes it an error row (DecoderCrashed) instead of "
+                         "decoding it and goes on"), said
+    assert "more in one task than its retries" not in said
+    assert set(crashes.recorded(j.layout)) == {item.recording_id}
+
+
 def _commit_one_shard(j: EmbeddingJob, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Commit a prepared job's first shard as its write tasks would have left it: ``a.wav``
     embedded, ``bad.wav`` an error. Returns ``recording_id -> uri``."""

@@ -144,3 +144,24 @@ def test_a_child_that_dies_before_it_reads_its_request_is_a_crash_like_any(
     with pytest.raises(quarantine.QuarantineDied, match=r"killed by SIGKILL"):
         list(quarantine.read_windows("r", str(path), str(path), path.stat().st_size, SPEC,
                                      DecodeReport(), {}))
+
+
+def test_an_error_crosses_the_pipe_with_the_errors_it_was_raised_from() -> None:
+    """s3fs raises S3's InvalidObjectState as a PermissionError whose botocore cause alone
+    says the object is archived; pickling drops causes, so sent alone it was a transient
+    refusal of the credentials apart. Sent with its chain, it is the ArchivedObject row
+    the worker would have made."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from pipeline import stages
+
+    err = translate_boto_error(ClientError(
+        {"Error": {"Code": "InvalidObjectState", "StorageClass": "GLACIER"},
+         "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject"))
+    sent = pickle.loads(pickle.dumps(quarantine._portable_chain(err)))
+    got = quarantine._relinked(sent)
+    assert type(got) is type(err) and type(got.__cause__) is ClientError
+    uri = "s3://b/cold.flac"
+    assert stages._failure_meta(got, uri) == stages._failure_meta(err, uri)
+    assert stages._failure_meta(got, uri)["error_type"] == "ArchivedObject"
