@@ -89,10 +89,11 @@ class CrashLedger:
     def died_on(self, at_least: int) -> dict[str, int]:
         """Recordings workers died on at least ``at_least`` times, and how many times,
         asked once the run has failed. Only the deaths a new start found, and quarantined
-        decodes that died, count towards ``at_least``: a recording still started then was on a task the failed run ended,
-        whatever its content (a good one retried after its node was lost, a decode
-        killed beside an actor run out of memory); one already died on that often died
-        a last time there too, which the count it is named with includes."""
+        decodes that died, count towards ``at_least``: a recording still started then was
+        on a task the failed run ended, whatever its content (a good one retried after its
+        node was lost, a decode killed beside an actor run out of memory); one already died
+        on that often died a last time there too, which the count it is named with
+        includes."""
         return {rid: n + (rid in self._open) for rid, n in self._deaths.items()
                 if n >= at_least}
 
@@ -252,6 +253,6 @@ def died_again(deaths: int) -> str:
 
 def as_problem(entry: Mapping[str, Any]) -> str:
     """The decode stage's known problem for a recorded recording: its error row's message."""
-    return (f"{ERROR_TYPE}: its decode worker died {entry['deaths']} times on this recording "
-            f"in run {entry['job_id']} ({entry['recorded_at']}): a decoder crash or one running "
-            "the worker out of memory; not decoded again until the object changes")
+    return (f"{ERROR_TYPE}: decoding it killed its process {entry['deaths']} times in run "
+            f"{entry['job_id']} ({entry['recorded_at']}): a decoder crash or one running out "
+            "of memory; not decoded again until the object changes")

@@ -111,5 +111,5 @@ def test_crash_records_round_trip_and_become_the_recordings_problem(tmp_path: Pa
     assert (tmp_path / "out" / "_crashes" / "model=beats" / "variant=v123"
             / f"{item.recording_id}.json").is_file()
     problem = crashes.as_problem(entry)
-    assert problem.startswith("DecoderCrashed: its decode worker died 4 times on this "
-                              "recording in run job-1 (")
+    assert problem.startswith("DecoderCrashed: decoding it killed its process 4 times in "
+                              "run job-1 (")
