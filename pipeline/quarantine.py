@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.crashes import ERROR_TYPE
+from pipeline.crashes import ERROR_TYPE, died_in_quarantine
 from pipeline.errors import AudioDecodeError
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
     Yields the same window batches, and leaves the same ``report`` and ``counts``; raises
     the error the decode raised there, or :class:`QuarantineDied` if the child died.
     """
-    from pipeline import crashes
+    from pipeline.stages import count_windows  # stages imports this module
 
     request = (rid, uri, path, size, dataclasses.replace(spec, crash_ledgers=()), os.getpid())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -84,16 +84,9 @@ def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
                 raise _relinked(chain)
             return
         how = _how_it_ended(proc)
-        raise QuarantineDied(how, crashes.died_in_quarantine(how))
+        raise QuarantineDied(how, died_in_quarantine(how))
     finally:
         _end(proc)
-
-
-def count_windows(rows: dict[str, np.ndarray], counts: dict[int, int]) -> None:
-    """Add a window batch's rows to ``counts``, by channel."""
-    channels, n = np.unique(rows["channel"], return_counts=True)
-    for ch, k in zip(channels.tolist(), n.tolist(), strict=True):
-        counts[int(ch)] = counts.get(int(ch), 0) + int(k)
 
 
 def _receive(stream: IO[bytes]) -> tuple[str, Any] | None:

@@ -280,7 +280,7 @@ def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
     try:
         try:
             for out in _windows(rid, reader, report, spec):
-                quarantine.count_windows(out, counts)
+                count_windows(out, counts)
                 yield out
         except AudioDecodeError:
             if reader.error is None:
@@ -290,6 +290,13 @@ def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
     finally:
         report.bytes_read = reader.bytes_fetched
         reader.close()
+
+
+def count_windows(rows: dict[str, np.ndarray], counts: dict[int, int]) -> None:
+    """Add a window batch's rows to ``counts``, by channel."""
+    channels, n = np.unique(rows["channel"], return_counts=True)
+    for ch, k in zip(channels.tolist(), n.tolist(), strict=True):
+        counts[int(ch)] = counts.get(int(ch), 0) + int(k)
 
 
 def _failure_meta(err: Exception, uri: str) -> dict[str, Any]:
