@@ -5,7 +5,9 @@ recording its task holds (see :mod:`pipeline.crashes`). When a task's retry come
 the recording a worker died on, it decodes that one here instead: in a child process that
 streams the window batches back over a pipe as it decodes them. If the child dies, the
 task learns how (the signal) and makes the recording an error row, and goes on with its
-next recording; the worker lives. If the recording decodes (the worker had died for some
+next recording; the worker lives. A child that dies before it says it is ready to decode
+(it could not import the package, the node is out of memory) says nothing of the
+recording: that is a transient error row, which a rerun retries, not a crash. If the recording decodes (the worker had died for some
 other reason, its node lost), its windows go downstream as a worker's would, batch for
 batch the same.
 
@@ -26,6 +28,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a child that sent its last message may take to exit before it is killed.
 EXIT_WAIT_S = 10.0
+# Bytes of a child's stderr copied to the worker's log.
+STDERR_KEPT = 1 << 16
 
 
 class QuarantineDied(AudioDecodeError):
@@ -52,41 +57,68 @@ class QuarantineDied(AudioDecodeError):
         super().__init__(ERROR_TYPE, message)
 
 
+class QuarantineUnavailable(RuntimeError):
+    """The process to decode a recording apart in ended before it began to decode.
+
+    Not an :class:`~pipeline.errors.AudioDecodeError`: it says nothing of the recording
+    (the worker's environment, memory), so the recording's error row is a transient one.
+    """
+
+
 def read_windows(rid: str, uri: str, path: str, size: int, spec: DecodeSpec,
                  report: DecodeReport, counts: dict[int, int]) -> Iterator[dict[str, np.ndarray]]:
     """:func:`pipeline.stages.read_windows`, run in a child process.
 
     Yields the same window batches, and leaves the same ``report`` and ``counts``; raises
-    the error the decode raised there, or :class:`QuarantineDied` if the child died.
+    the error the decode raised there, :class:`QuarantineDied` if the child died, or
+    :class:`QuarantineUnavailable` if it died before it began to decode.
     """
-    from pipeline.stages import count_windows  # stages imports this module
-
     request = (rid, uri, path, size, dataclasses.replace(spec, crash_ledgers=()), os.getpid())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.quarantine"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    # Its stderr goes to a file, copied to the worker's once it ended: the last line of a
+    # child that could not start says why (a missing module) in the error row.
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.quarantine"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                env=env)
+        try:
+            yield from _talk(proc, request, report, counts, errors)
+        finally:
+            _end(proc)
+            _pass_on(errors)
+
+
+def _talk(proc: subprocess.Popen[bytes], request: tuple[Any, ...], report: DecodeReport,
+          counts: dict[int, int], errors: IO[bytes]) -> Iterator[dict[str, np.ndarray]]:
+    """Send the child its recording, pass on its window batches, and raise as it ended."""
+    from pipeline.stages import count_windows  # stages imports this module
+
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        try:
-            with proc.stdin:
-                pickle.dump(request, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        except BrokenPipeError:
-            pass  # it died before it read the request: said below, as any death
-        while (message := _receive(proc.stdout)) is not None:
-            kind, value = message
-            if kind == "rows":
-                count_windows(value, counts)
-                yield value
-                continue
+        with proc.stdin:
+            pickle.dump(request, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+    except BrokenPipeError:
+        pass  # it died before it read the request: said below, as any early death
+    ready = False
+    while (message := _receive(proc.stdout)) is not None:
+        kind, value = message
+        if kind == "ready":
+            ready = True
+        elif kind == "rows":
+            count_windows(value, counts)
+            yield value
+        else:
             child_report, chain = value
             vars(report).update(vars(child_report))
             if chain:
                 raise _relinked(chain)
             return
-        how = _how_it_ended(proc)
-        raise QuarantineDied(how, died_in_quarantine(how))
-    finally:
-        _end(proc)
+    how = _how_it_ended(proc)
+    if not ready:
+        raise QuarantineUnavailable(
+            f"the process to decode it apart in ended before it began ({how}"
+            f"{_last_words(errors)}), after its decode worker had died on it")
+    raise QuarantineDied(how, died_in_quarantine(how))
 
 
 def _receive(stream: IO[bytes]) -> tuple[str, Any] | None:
@@ -107,6 +139,29 @@ def _how_it_ended(proc: subprocess.Popen[bytes]) -> str:
             return f"killed by {signal.Signals(-code).name}"
         return f"killed by signal {-code}"
     return f"exit status {code}"
+
+
+def _tail(errors: IO[bytes]) -> str:
+    """The last :data:`STDERR_KEPT` bytes the child wrote to its stderr (a library may have
+    written a line per frame)."""
+    size = errors.seek(0, os.SEEK_END)
+    errors.seek(max(0, size - STDERR_KEPT))
+    return errors.read().decode(errors="replace")
+
+
+def _last_words(errors: IO[bytes]) -> str:
+    """``: `` and the last line the child wrote to its stderr, if any."""
+    lines = [line.strip() for line in _tail(errors).splitlines() if line.strip()]
+    return f": {lines[-1]}" if lines else ""
+
+
+def _pass_on(errors: IO[bytes]) -> None:
+    """Copy the tail of what the child wrote to its stderr to the worker's (its log)."""
+    said = _tail(errors)
+    if said:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(said)
+            sys.stderr.flush()
 
 
 def _end(proc: subprocess.Popen[bytes]) -> None:
@@ -177,6 +232,8 @@ def main() -> None:
     from pipeline.stages import configure_worker_logging, read_windows
 
     configure_worker_logging(spec.log_level)
+    pickle.dump(("ready", None), out, protocol=pickle.HIGHEST_PROTOCOL)
+    out.flush()
     report, counts = DecodeReport(), {}
     chain: list[BaseException] = []  # the error, and those it was raised from
     try:

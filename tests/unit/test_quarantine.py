@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 from pathlib import Path
 
@@ -127,10 +128,11 @@ def test_a_decode_error_survives_pickling_whole() -> None:
                                                      "bad frame at 12 s")
 
 
-def test_a_child_that_dies_before_it_reads_its_request_is_a_crash_like_any(
+def test_a_child_that_dies_before_it_reads_its_request_is_no_crash_of_the_recording(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A child that cannot start (its interpreter killed at once, out of memory) breaks the
-    pipe the request goes down: said as its death, not as an unexpected BrokenPipeError."""
+    pipe the request goes down: it never began to decode, so it says nothing of the
+    recording, whose error row is transient (a rerun retries it) and the ledger not told."""
     path = tmp_path / "t.wav"
     write_tone(path, 2.0, 16_000)
     popen = subprocess.Popen
@@ -141,9 +143,61 @@ def test_a_child_that_dies_before_it_reads_its_request_is_a_crash_like_any(
         return child
 
     monkeypatch.setattr(subprocess, "Popen", dead_at_once)
-    with pytest.raises(quarantine.QuarantineDied, match=r"killed by SIGKILL"):
+    with pytest.raises(quarantine.QuarantineUnavailable, match=r"killed by SIGKILL"):
         list(quarantine.read_windows("r", str(path), str(path), path.stat().st_size, SPEC,
                                      DecodeReport(), {}))
+    crashed: list[int] = []
+    _, report = decoded(path, deaths=1, crashed=crashed)
+    assert crashed == []
+    assert (report["status"], report["error_type"], report["transient"]) == (
+        "error", "QuarantineUnavailable", True)
+
+
+def test_a_child_that_cannot_import_the_package_says_why_in_a_transient_error_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A worker whose interpreter cannot import ``pipeline`` in a new process (a cluster's
+    working_dir not on its path) exits with a status, as a decoder calling ``exit()`` on a
+    bad file would; only the child's not having said it was ready tells them apart. The
+    recording is not made a permanent ``DecoderCrashed`` row, and the row and the worker's
+    log say why."""
+    path = tmp_path / "t.wav"
+    write_tone(path, 2.0, 16_000)
+    popen = subprocess.Popen
+
+    def elsewhere(args, **kwargs):  # no site-packages, where the package is installed
+        kwargs["env"] = {**kwargs["env"], "PYTHONPATH": str(tmp_path)}
+        return popen([args[0], "-S", *args[1:]], cwd=tmp_path, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", elsewhere)
+    crashed: list[int] = []
+    _, report = decoded(path, deaths=1, crashed=crashed)
+    assert crashed == []
+    assert (report["status"], report["error_type"], report["transient"]) == (
+        "error", "QuarantineUnavailable", True)
+    assert re.search(r"ended before it began \(exit status 1: .*No module named 'pipeline'",
+                     report["message"]), report["message"]
+    assert "No module named 'pipeline'" in capfd.readouterr().err
+
+
+def test_a_decoder_that_exits_mid_decode_is_a_crash_of_the_recording(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ready, then gone with a status and no outcome: the recording's doing, as a signal."""
+    path = tmp_path / "poison.wav"
+    write_tone(path, 3.0, 16_000)
+    popen = subprocess.Popen
+    ready_then_gone = ("import pickle, sys; pickle.load(sys.stdin.buffer); "
+                       "pickle.dump(('ready', None), sys.stdout.buffer); sys.exit(1)")
+
+    def exiting(args, **kwargs):
+        return popen([args[0], "-c", ready_then_gone], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", exiting)
+    crashed: list[int] = []
+    _, report = decoded(path, deaths=1, crashed=crashed)
+    assert crashed == [1]
+    assert (report["error_type"], report["message"]) == (
+        crashes.ERROR_TYPE, crashes.died_in_quarantine("exit status 1"))
 
 
 def test_an_error_crosses_the_pipe_with_the_errors_it_was_raised_from() -> None:
