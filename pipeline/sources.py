@@ -936,6 +936,7 @@ def read_manifest_text(uri: str, storage_options: dict[str, Any] | None,
                 convert_options=pa_csv.ConvertOptions(
                     column_types={name: pa.string() for name in names},
                     include_columns=list(names)))
+            text = _empty_cells_missing(text)
             return {name: text.column(name) for name in names}
     except pa.ArrowInvalid:
         return {}
@@ -1056,8 +1057,8 @@ def _refuse_intervals(data: bytes) -> None:
 def _read_csv(data: bytes, delimiter: str) -> pa.Table:
     """A CSV manifest with its types inferred, except where a number would lose what the
     file says: a numeric column keeps its text when any value is zero-padded (ids such as
-    ``007``) or an integer too long to survive a float. (``3.10`` is the number 3.1.) A
-    column kept as text keeps its empty cells as ``""``, as every text column does.
+    ``007``) or an integer too long to survive a float. (``3.10`` is the number 3.1.) An
+    empty cell is a missing value in every column (:func:`_empty_cells_missing`).
 
     ``NA``, ``N/A``, ``null``, ``NaN`` and the like are missing values in a numeric column
     (pyarrow's reading, and pandas': R writes ``NA`` for a missing number) and text in a
@@ -1070,7 +1071,7 @@ def _read_csv(data: bytes, delimiter: str) -> pa.Table:
                if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
     words = [f.name for f in typed.schema if pa.types.is_null(f.type)]  # or all empty
     if not numeric and not words:
-        return typed
+        return _empty_cells_missing(typed)
     text = pa_csv.read_csv(io.BytesIO(data), parse_options=parse,
                            convert_options=pa_csv.ConvertOptions(
                                column_types={name: pa.string() for name in numeric + words}))
@@ -1083,7 +1084,24 @@ def _read_csv(data: bytes, delimiter: str) -> pa.Table:
         spelled = text.column(name)
         if any(spelled.to_pylist()):  # not a column of empty cells alone
             typed = typed.set_column(typed.schema.get_field_index(name), name, spelled)
-    return typed
+    return _empty_cells_missing(typed)
+
+
+def _empty_cells_missing(table: pa.Table) -> pa.Table:
+    """A CSV's empty cells in its text columns as missing values (NULL), as they are in its
+    numeric ones, in a column of nothing else, and to BigQuery's CSV loads and pandas.
+    pyarrow reads them as ``""`` in a column with other text, so one manifest column was
+    ``""`` in one run and NULL in the next (where that run's cells were all empty), and
+    ``WHERE site IS NULL`` missed the rows of some runs. ``NA`` and the like stay text."""
+    for k, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        column = table.column(k)
+        empty = pc.equal(column, "")
+        if pc.any(empty).as_py():
+            table = table.set_column(k, field, pc.if_else(empty, pa.scalar(None, field.type),
+                                                          column))
+    return table
 
 
 _LEADING_ZERO = re.compile(r"^[+-]?0\d")

@@ -1527,6 +1527,23 @@ def test_values_that_join_a_column_stored_as_text_keep_the_manifests_spelling(
         {"recorded_at": "2026-05-01T05:10:00Z", "code": "1.10", "flag": "TRUE"}]
 
 
+def test_an_empty_cell_is_missing_whatever_the_columns_other_cells_hold(
+        archive: Path, tmp_path: Path) -> None:
+    """An empty CSV cell is NULL in a column of empty cells alone (``site`` in the first
+    run), in a text column with values (``site`` in the second), and in numbers spelled as
+    text to join a column stored as text (``code``): it was ``''`` in the last two, so one
+    output column held both, and ``WHERE site IS NULL`` missed the second run's rows."""
+    sf.write(archive / "b.wav", np.zeros(16_000, np.float32), 16_000)
+    (archive / "m1.csv").write_text("uri,code,site\na.wav,A1,\n")
+    first = prepared_on(archive, tmp_path, {"uri": None, "manifest": str(archive / "m1.csv")})
+    assert first.listing.extras.to_pylist() == [{"code": "A1", "site": None}]
+    (archive / "m2.csv").write_text("uri,code,site\na.wav,,north\nb.wav,7,\n")
+    again = prepared_after_committing(error_row_of(first), first, archive, tmp_path,
+                                      {"uri": None, "manifest": str(archive / "m2.csv")})
+    assert again.listing.extras.to_pylist() == [{"code": None, "site": "north"},
+                                                {"code": "7", "site": None}]
+
+
 @pytest.mark.parametrize("replace", [True, False])
 def test_a_changed_object_replaces_its_earlier_versions_rows(archive: Path, tmp_path: Path,
                                                              replace: bool) -> None:

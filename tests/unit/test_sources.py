@@ -86,9 +86,9 @@ def test_manifest_columns_keep_what_a_number_would_lose(folder: Path) -> None:
     extras = list_sources(InputConfig(manifest=str(path))).extras
     assert extras is not None
     rows = extras.to_pylist()[:2]
-    # An empty cell of a column kept as text is "", as in any text column (it was None).
+    # An empty cell is missing in a column kept as text, as in any column.
     last = extras.to_pylist()[2]
-    assert (last["site_id"], last["note"]) == ("", "")
+    assert (last["site_id"], last["note"]) == (None, None)
     assert [r["site_id"] for r in rows] == ["007", "010"]
     assert [r["serial"] for r in rows] == ["12345678901234567890", "98765432109876543210"]
     assert [r["depth_m"] for r in rows] == [1.5, None]
