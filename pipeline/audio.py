@@ -505,9 +505,13 @@ _DATA_BYTES = {"WAV": (_DATA_LINE, 0), "WAVEX": (_DATA_LINE, 0), "W64": (_DATA_L
 _SAMPLES_PER_BLOCK = re.compile(r"Samples/Block\s*:\s*(\d+)")
 _BLOCK_ALIGN = re.compile(r"Block Align\s*:\s*(\d+)")
 # WAV codecs of blocks whose data size counts blocks, not frames, and the frames of a block
-# where libsndfile's report gives none (GSM 6.10: always 320). Others (G.721, NMS ADPCM)
-# report no block size: their frames are libsndfile's.
+# where libsndfile's report gives none (GSM 6.10: always 320).
 _CODED_BLOCK_FRAMES = {"IMA_ADPCM": 0, "MS_ADPCM": 0, "GSM610": 320}
+# WAV codecs libsndfile also codes in whole blocks (G.721: 120 frames, NMS ADPCM: 160), whose
+# header gives no block size a truncation could be counted in (G.721's Block Align, 64 bytes,
+# is not its 60-byte blocks): only their fact chunk is read, for where the audio ends.
+_FACT_ONLY_BLOCK_FRAMES = {"G721_32": 120, "NMS_ADPCM_16": 160, "NMS_ADPCM_24": 160,
+                           "NMS_ADPCM_32": 160}
 
 
 def declared_frames(snd: sf.SoundFile, fileobj: Any = None) -> int:
@@ -530,7 +534,7 @@ def declared_frames(snd: sf.SoundFile, fileobj: Any = None) -> int:
         if snd.format == "W64" and fileobj is not None:
             size = wav.w64_data_size(fileobj) or size
         return max(frames, (size - data[1]) // (width * int(snd.channels)))
-    if snd.format in ("WAV", "WAVEX") and snd.subtype in _CODED_BLOCK_FRAMES:
+    if _coded_wav(snd):
         return _coded_wav_frames(snd, fileobj)[0]
     counted = _FRAMES_LINE.search(info)
     if counted is not None and snd.format in ("RF64", "AIFF"):
@@ -541,35 +545,51 @@ def declared_frames(snd: sf.SoundFile, fileobj: Any = None) -> int:
 def last_frame(snd: sf.SoundFile, fileobj: Any = None) -> int | None:
     """Where a WAV of coded blocks ends its audio, when before libsndfile's ``frames``
     (see :func:`_coded_wav_frames`); None elsewhere."""
-    if snd.format not in ("WAV", "WAVEX") or snd.subtype not in _CODED_BLOCK_FRAMES:
+    if not _coded_wav(snd):
         return None
     return _coded_wav_frames(snd, fileobj)[1]
 
 
+def _coded_wav(snd: sf.SoundFile) -> bool:
+    """Whether ``snd`` is a WAV of a codec that fills its last block (see
+    :func:`_coded_wav_frames`)."""
+    return snd.format in ("WAV", "WAVEX") and (snd.subtype in _CODED_BLOCK_FRAMES
+                                               or snd.subtype in _FACT_ONLY_BLOCK_FRAMES)
+
+
 def _coded_wav_frames(snd: sf.SoundFile, fileobj: Any = None) -> tuple[int, int | None]:
     """``(frames declared, the frame the audio ends at)`` of a WAV of coded blocks (IMA and
-    MS ADPCM, GSM 6.10). A data chunk that declares more blocks than the file holds is a
-    truncation (libsndfile's ``frames`` counts the blocks there, the last one cut short
-    among them, which it decodes to garbage past where its bytes end: up to 1.1 of full
-    scale over 1,864 frames of stereo IMA), and the audio ends after the last whole block
-    the file (``fileobj``) holds; in a whole file, the fact chunk says how many frames of the
-    last block are audio, the rest the encoder's padding (0.04 s of 3 s of MS ADPCM at
-    16 kHz), and the audio ends there. A fact chunk that says more than a block less is not
-    believed (libsndfile writes stereo IMA's wrong)."""
+    MS ADPCM, GSM 6.10; G.721 and NMS ADPCM by their fact chunk alone). A data chunk that
+    declares more blocks than the file holds is a truncation (libsndfile's ``frames`` counts
+    the blocks there, the last one cut short among them, which it decodes to garbage past
+    where its bytes end: up to 1.1 of full scale over 1,864 frames of stereo IMA), and the
+    audio ends after the last whole block the file (``fileobj``) holds; for G.721 and NMS
+    ADPCM, whose block size no header gives, so is a fact chunk that declares more frames
+    than libsndfile reads. In a whole file,
+    the fact chunk says how many frames of the last block are audio, the rest the encoder's
+    padding (0.04 s of 3 s of MS ADPCM at 16 kHz; up to 159 frames of NMS ADPCM, 0.3 of
+    full scale), and the audio ends there. A fact chunk that says more than a block less is
+    not believed (libsndfile writes stereo IMA's wrong)."""
     info, frames = snd.extra_info or "", int(snd.frames)
-    data, align = _DATA_LINE.search(info), _BLOCK_ALIGN.search(info)
-    per_block = _SAMPLES_PER_BLOCK.search(info)
-    block = int(per_block.group(1)) if per_block else _CODED_BLOCK_FRAMES[snd.subtype]
-    if data is not None and align is not None and int(align.group(1)) > 0:
-        blocks = int(data.group(1)) // int(align.group(1))
-        if blocks * block > frames and int(data.group(1)) != 0xFFFFFFFF:
-            held = wav.audio_bytes_held(fileobj) if fileobj is not None else None
-            whole = (None if held is None
-                     else min(frames, min(held, int(data.group(1))) // int(align.group(1)) * block))
-            return blocks * block, whole
     counted = _FRAMES_LINE.search(info)
-    if counted is not None and 0 < frames - int(counted.group(1)) <= block:
-        return int(counted.group(1)), int(counted.group(1))
+    fact = int(counted.group(1)) if counted is not None else None
+    if snd.subtype in _FACT_ONLY_BLOCK_FRAMES:
+        if fact is not None and fact > frames:
+            return fact, None
+        block = _FACT_ONLY_BLOCK_FRAMES[snd.subtype]
+    else:
+        data, align = _DATA_LINE.search(info), _BLOCK_ALIGN.search(info)
+        per_block = _SAMPLES_PER_BLOCK.search(info)
+        block = int(per_block.group(1)) if per_block else _CODED_BLOCK_FRAMES[snd.subtype]
+        if data is not None and align is not None and int(align.group(1)) > 0:
+            blocks = int(data.group(1)) // int(align.group(1))
+            if blocks * block > frames and int(data.group(1)) != 0xFFFFFFFF:
+                held = wav.audio_bytes_held(fileobj) if fileobj is not None else None
+                whole = (None if held is None else
+                         min(frames, min(held, int(data.group(1))) // int(align.group(1)) * block))
+                return blocks * block, whole
+    if fact is not None and 0 < frames - fact <= block:
+        return fact, fact
     return frames, None
 
 

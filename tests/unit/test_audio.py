@@ -134,14 +134,17 @@ def test_truncated_wav_is_partial(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("fmt", "subtype", "rate"), [
     ("RF64", "PCM_16", 16_000), ("W64", "PCM_16", 16_000), ("AIFF", "PCM_16", 16_000),
     ("AU", "PCM_16", 16_000), ("WAV", "IMA_ADPCM", 16_000), ("WAV", "MS_ADPCM", 16_000),
-    ("WAV", "GSM610", 8_000), ("WAV", "PCM_24", 16_000)])
+    ("WAV", "GSM610", 8_000), ("WAV", "PCM_24", 16_000), ("WAV", "G721_32", 8_000),
+    ("WAV", "NMS_ADPCM_24", 8_000)])
 def test_a_file_cut_in_half_is_partial_whatever_its_container_and_codec(
         tmp_path: Path, fmt: str, subtype: str, rate: int) -> None:
     """libsndfile trims ``frames`` to what a short file holds, and only a WAV's
     ``data : N (should be M)`` was read for what the header declared: RF64, Wave64, AIFF
     and AU cut in half were ``ok`` with half their audio, and so were ADPCM and GSM WAVs,
-    whose data size was divided by the block size (blocks, not frames)."""
-    channels = 1 if subtype == "GSM610" else 2  # GSM 6.10 is mono
+    whose data size was divided by the block size (blocks, not frames), and G.721 and NMS
+    ADPCM WAVs, whose fact chunk alone says it."""
+    mono = ("GSM610", "G721_32", "NMS_ADPCM_24")  # libsndfile writes these mono only
+    channels = 1 if subtype in mono else 2
     x = (np.random.default_rng(0).standard_normal((6 * rate, channels)) * 0.1).astype(np.float32)
     sf.write(tmp_path / "whole", x, rate, format=fmt, subtype=subtype)
     data = (tmp_path / "whole").read_bytes()
@@ -165,6 +168,24 @@ def test_a_coded_wav_ends_where_its_fact_chunk_says(tmp_path: Path, subtype: str
     audio, report = decode(tmp_path / "a.wav", rate)
     assert audio.shape[0] == report.frames_decoded == 3 * rate
     assert report.status == "ok" and report.duration_s == 3.0
+
+
+@pytest.mark.parametrize("subtype", ["G721_32", "NMS_ADPCM_16", "NMS_ADPCM_24", "NMS_ADPCM_32"])
+def test_a_wav_whose_header_gives_no_block_size_ends_where_its_fact_chunk_says(
+        tmp_path: Path, subtype: str) -> None:
+    """libsndfile codes G.721 in blocks of 120 frames and NMS ADPCM in blocks of 160, and
+    decodes the last block whole: 1,000 frames of NMS ADPCM read as 1,120, the 120 after
+    the audio up to 0.06 of full scale (0.3 after a louder signal), embedded as audio."""
+    rate = 8_000
+    x = 0.4 * np.sin(2 * np.pi * 440 * np.arange(3 * rate + 37) / rate)
+    sf.write(tmp_path / "a.wav", x, rate, subtype=subtype)
+    with sf.SoundFile(tmp_path / "a.wav") as snd:
+        assert snd.frames > x.shape[0]  # libsndfile counts the last block whole
+    audio, report = decode(tmp_path / "a.wav", rate)
+    whole, _ = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert audio.shape[0] == report.frames_decoded == report.declared_frames == x.shape[0]
+    np.testing.assert_array_equal(audio[:, 0], whole[: x.shape[0]])
+    assert report.status == "ok"
 
 
 @pytest.mark.parametrize(("subtype", "channels"), [
