@@ -72,8 +72,12 @@ class InputConfig:
         if not self.uri and not self.manifest:
             raise ConfigError("set input.uri (a directory, glob or file) or input.manifest", "input")
         if self.uri and self.manifest:  # one of them would be silently ignored
+            # Met by following the README: a config such as local_folder.yaml sets input.uri,
+            # and `--set input.manifest=...` adds the other instead of replacing it.
             raise ConfigError("set input.uri or input.manifest, not both (a manifest lists "
-                              "every recording itself)", "input")
+                              "every recording itself); to replace the one the config file "
+                              "sets, unset it: --set input.uri=null (or input.manifest=null)",
+                              "input")
         if not self.extensions:
             raise ConfigError("must list at least one extension", "input.extensions")
         for ext in self.extensions:

@@ -249,6 +249,7 @@ class EmbeddingJob:
     todo: list[SourceItem]  # listed recordings no committed shard holds
     already_done: int  # listed recordings a committed shard holds
     already_failed: int  # of those: committed as errors
+    committed_before: int  # the namespace's committed shards before this run reopened any
     shards: list[tuple[str, list[SourceItem]]]  # todo, planned into commit shards
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -396,8 +397,13 @@ class EmbeddingJob:
     def _note_other_variants(self) -> None:
         """Warn when this variant has nothing committed yet but the output holds committed
         shards of another variant of the same model, naming the settings that differ: a
-        changed hop or layer list otherwise re-embeds the whole archive without a word."""
-        if self.already_done or self.already_failed:
+        changed hop or layer list otherwise re-embeds the whole archive without a word.
+
+        "Nothing committed" is what the run found before reopening any shard: a variant
+        whose shards hold only other recordings (one job per prefix) or were all reopened
+        (every object changed since) is in use, and telling it that its settings embed
+        everything again, and to rerun with another variant's, was wrong advice."""
+        if self.committed_before:
             return
         fs, ours = self.layout.fs, self.layout.variant_path()
         try:
@@ -442,6 +448,7 @@ class EmbeddingJob:
             limits=self._limits, row_group_rows=self._row_group_rows).plan()
         self.listing, self.todo = left.listing, left.todo
         self.already_done, self.already_failed = left.already_done, left.already_failed
+        self.committed_before = left.committed_before
         self._attempts = left.attempts
         if crashes.ERROR_TYPE in self.cfg.run.retry_errors:
             # decoded again; a crash again records it again

@@ -63,6 +63,10 @@ class Remaining:
     todo: list[SourceItem]  # listed recordings no committed shard holds
     already_done: int  # listed recordings a committed shard holds
     already_failed: int  # of those: committed as errors
+    # The namespace's committed shards as the run found them, before any was reopened: a
+    # variant in use though none of them holds a listed recording (another prefix's, or
+    # every one reopened for a changed object).
+    committed_before: int
     # recording id -> runs that met an error not its own on it, for the reopened shards'
     # recordings (carried into their new markers: run.max_attempts).
     attempts: dict[str, int]
@@ -135,7 +139,7 @@ class Resumption:
         todo = [i for i, settled in zip(items, done, strict=True) if not settled]
         return Remaining(listing=self.listing, todo=todo, already_done=len(items) - len(todo),
                          already_failed=sum(layout_mod.settled_among(ids, markers, "error")),
-                         attempts=self.attempts)
+                         committed_before=len(before), attempts=self.attempts)
 
     def _carry_attempts(self, markers: Iterable[Mapping[str, Any]]) -> None:
         """Note, for the run that redoes them, how many runs met an error not its own on

@@ -100,6 +100,18 @@ def test_overrides_apply_before_validation() -> None:
         load(BASE, ("model.bach_size=8",))
 
 
+def test_a_manifest_given_over_a_configs_uri_says_how_to_unset_the_uri() -> None:
+    """README, Run a job: a user starts from local_folder.yaml, which sets input.uri, and
+    gives a manifest with --set: the refusal names the --set that unsets the file's uri,
+    and that --set is one the loader takes."""
+    config = REPO / "job_configs" / "local_folder.yaml"
+    with pytest.raises(ConfigError, match=r"--set input\.uri=null") as err:
+        JobConfig.load(config, ("input.manifest=m.csv",))
+    assert str(err.value).startswith("input: set input.uri or input.manifest, not both")
+    cfg = JobConfig.load(config, ("input.uri=null", "input.manifest=m.csv"))
+    assert (cfg.input.uri, cfg.input.manifest) == (None, "m.csv")
+
+
 def test_apply_override_nested() -> None:
     data: dict = {}
     apply_override(data, "input.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:1")

@@ -954,6 +954,43 @@ def test_jobs_over_two_prefixes_into_one_output_leave_each_others_shards_alone(
     assert (again.already_done, again.todo) == (1, [])
 
 
+def test_a_variant_with_shards_of_its_own_is_never_told_its_settings_embed_everything_again(
+        archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The note naming another variant's settings is for a variant with nothing committed.
+    One whose shards hold only another prefix's recordings (README, At scale), or whose
+    shards were all reopened because every object changed since, is in use: it was told
+    that its settings embed every recording again and to rerun with the other's."""
+    from pipeline import layout as layout_mod
+
+    def commit(j: EmbeddingJob) -> None:  # a marker for j's one recording, as a run leaves it
+        [item] = j.todo
+        layout_mod.write_json(j.layout.fs, j.layout.commit_path("a" * 16), {
+            "shard": "a" * 16, "files": {}, "tables": ["windows", "recordings", "errors"],
+            "recordings": [{"recording_id": item.recording_id, "source_uri": item.uri,
+                            "outcome": "ok"}]})
+
+    def noted() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "already holds variant" in r.getMessage()]
+
+    for prefix in ("a", "b"):
+        (archive / prefix).mkdir()
+        sf.write(archive / prefix / "x.wav", np.zeros(16_000, np.float32), 16_000)
+    site_a = {"uri": str(archive / "a")}
+    commit(prepared(archive, tmp_path, input=site_a, windows={"hop_s": 1.0}))  # another variant
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        ours = prepared(archive, tmp_path, input=site_a)
+    assert len(noted()) == 1  # nothing of its own yet: the note is due
+    commit(ours)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        site_b = prepared(archive, tmp_path, input={"uri": str(archive / "b")})
+    assert (site_b.already_done, len(site_b.todo)) == (0, 1) and not noted()
+    sf.write(archive / "a" / "x.wav", np.zeros(24_000, np.float32), 16_000)  # a new version
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        changed = prepared(archive, tmp_path, input=site_a)
+    assert (changed.already_done, len(changed.todo)) == (0, 1) and not noted()
+
+
 def test_a_recording_in_two_reopened_shards_carries_its_higher_count(
         archive: Path, tmp_path: Path) -> None:
     """Hand-made markers may name one recording in two shards: the count carried on is the
