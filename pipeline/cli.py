@@ -226,15 +226,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import write_demo_archive
+    from pipeline.demo import demo_archive_written, write_demo_archive
 
+    kept = demo_archive_written(args.directory, seed=args.seed)
     try:
         paths = write_demo_archive(args.directory, seed=args.seed)
     except OSError as err:  # a file where the folder should be, no permission, a full disk
         raise ConfigError(f"cannot write the demo archive in {args.directory}: "
                           f"{err.strerror or err}", "directory") from err
-    print(f"{len(paths)} recordings and manifest.csv in {args.directory} (an archive already "
-          "there with this seed is kept, so a rerun of the job resumes)")
+    if kept:
+        print(f"{len(paths)} recordings and manifest.csv in {args.directory}: kept as they "
+              f"were, written with seed {args.seed} before (a rerun of the job resumes)")
+    else:
+        print(f"{len(paths)} recordings and manifest.csv written in {args.directory} (seed "
+              f"{args.seed}; written again, they are new recordings to a job that embedded "
+              "them before)")
     return 0
 
 

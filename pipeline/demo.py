@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -185,17 +186,11 @@ def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
     bytes themselves never repeat.)
     """
     root = Path(directory)
-    stamp = root / ".demo.json"
-    wanted = {"seed": seed, "files": [spec.name for spec in DEMO_FILES]}
-    paths = [root / spec.name for spec in DEMO_FILES]
-    try:
-        same = json.loads(stamp.read_text()) == wanted
-    except (OSError, ValueError):
-        same = False
-    if same and all(p.is_file() for p in paths) and (root / "manifest.csv").is_file():
-        return paths
-    _refuse_a_folder_of_other_files(root, {*wanted["files"], "manifest.csv"})
+    if demo_archive_written(root, seed):
+        return [root / spec.name for spec in DEMO_FILES]
+    _refuse_a_folder_of_other_files(root, {spec.name for spec in DEMO_FILES} | {"manifest.csv"})
     root.mkdir(parents=True, exist_ok=True)
+    stamp = root / ".demo.json"
     stamp.unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
@@ -210,8 +205,24 @@ def write_demo_archive(directory: str | Path, seed: int = 7) -> list[Path]:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    stamp.write_text(json.dumps(wanted))  # last: an interrupted write is redone next time
+    stamp.write_text(json.dumps(_stamp(seed)))  # last: an interrupted write is redone next time
     return paths
+
+
+def _stamp(seed: int) -> dict[str, Any]:
+    return {"seed": seed, "files": [spec.name for spec in DEMO_FILES]}
+
+
+def demo_archive_written(directory: str | Path, seed: int = 7) -> bool:
+    """Whether :func:`write_demo_archive` wrote its whole archive in ``directory`` with
+    ``seed``, so that it would leave it as it is."""
+    root = Path(directory)
+    try:
+        same = json.loads((root / ".demo.json").read_text()) == _stamp(seed)
+    except (OSError, ValueError):
+        return False
+    return same and all((root / spec.name).is_file() for spec in DEMO_FILES) and (
+        root / "manifest.csv").is_file()
 
 
 def _refuse_a_folder_of_other_files(root: Path, ours: set[str]) -> None:

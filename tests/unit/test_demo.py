@@ -37,6 +37,20 @@ def test_a_second_demo_keeps_the_archive_and_its_recording_ids(tmp_path: Path) -
     assert all(a != b for a, b in zip(after, rewritten, strict=True)) and after != before
 
 
+def test_the_demo_command_says_whether_it_kept_the_archive_or_wrote_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another seed writes the archive again, new recordings to a job: it said "kept"."""
+    from pipeline.cli import main
+
+    root = str(tmp_path / "demo")
+    said = []
+    for seed in ("7", "7", "8"):
+        assert main(["demo", root, "--seed", seed]) == 0
+        said.append(capsys.readouterr().out)
+    assert "written in" in said[0] and "kept as they were" in said[1]
+    assert "written in" in said[2] and "seed 8" in said[2]
+
+
 def test_a_folder_of_someone_elses_files_is_refused_not_written_over(tmp_path: Path) -> None:
     """``embed-archive demo .`` in a folder of recordings wrote its manifest.csv over the
     user's own; a folder the demo began and never finished (no stamp yet) is still its."""
