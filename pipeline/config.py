@@ -296,6 +296,15 @@ class ComputeConfig:
             raise ConfigError("must be >= 0", "compute.cpus_per_actor")
         _positive(self.decode_cpus, "compute.decode_cpus")
         _positive(self.decode_memory_mb, "compute.decode_memory_mb")
+        for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus"):
+            _ray_amount(getattr(self, name), f"compute.{name}")
+        if (self.object_store_memory_mb is not None
+                and self.object_store_memory_mb < RAY_MIN_OBJECT_STORE_MIB):
+            # Ray's own ValueError, from ray.init: after the listing, exit 1, a failed record.
+            raise ConfigError(f"{self.object_store_memory_mb} MiB is less than the least object "
+                              f"store Ray starts with ({RAY_MIN_OBJECT_STORE_MIB} MiB); leave it "
+                              "unset (Ray takes about 30% of the memory available)",
+                              "compute.object_store_memory_mb")
         for name in ("embed_resources", "decode_resources"):
             for key, amount in getattr(self, name).items():
                 if key in _RAY_BUILTIN_RESOURCES:  # Ray refuses them there, with a traceback
@@ -304,6 +313,7 @@ class ComputeConfig:
                                       "decode_memory_mb", f"compute.{name}.{key}")
                 if amount < 0:
                     raise ConfigError(f"must be >= 0, got {amount:g}", f"compute.{name}.{key}")
+                _ray_amount(amount, f"compute.{name}.{key}")
         for key, value in self.embed_label_selector.items():
             problem = label_selector_problem(key, value)
             if problem:
@@ -323,6 +333,21 @@ class ComputeConfig:
 
 
 _RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+#: Ray's least object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES), in MiB.
+RAY_MIN_OBJECT_STORE_MIB = 75
+#: Ray counts resources in ten-thousandths (ray._raylet.RESOURCE_UNIT_SCALING): a smaller
+#: amount, but for none at all, it refuses when the task or actor is submitted.
+RAY_RESOURCE_UNIT = 1e-4
+
+
+def _ray_amount(amount: float | None, where: str) -> None:
+    """Refuse a resource amount Ray would refuse only once the job started: Ray's
+    ValueError then failed the run (exit 1, after the listing), not naming the setting."""
+    if amount is not None and 0 < amount < RAY_RESOURCE_UNIT:
+        raise ConfigError(f"{amount:g} is less than Ray's least amount of a resource "
+                          f"({RAY_RESOURCE_UNIT:g}), which it refuses when the job submits its "
+                          "first task; use at least that", where)
 
 # Kubernetes label syntax, which Ray's node labels follow: a name of at most 63 characters,
 # alphanumeric at both ends, with '-', '_' and '.' between, after an optional DNS-subdomain
@@ -376,6 +401,13 @@ class OutputConfig:
         if not self.uri:
             raise ConfigError("must be a local path or bucket URL", "output.uri")
         check_store(self.uri, "output.uri")
+        if protocol_of(self.uri) in ("http", "https"):
+            # fsspec reads over HTTP, but no server lists, renames or deletes through it: the
+            # output probe's write failed as an outage, six tries and exit 1, not a refusal.
+            raise ConfigError(f"{protocol_of(self.uri)}:// is for reading (recordings, "
+                              "manifests, weights): an output is a local folder or a bucket "
+                              "(gs://, s3://; an S3-compatible store as s3://BUCKET/PREFIX with "
+                              "output.storage_options.endpoint_url)", "output.uri")
         check_storage_options(self.uri, self.storage_options, "output.storage_options")
         _positive(self.file_mb, "output.file_mb")
         _positive(self.row_group_mb, "output.row_group_mb")
@@ -525,7 +557,7 @@ class JobConfig:
         try:
             raw = parse_yaml(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {_yaml_message(err, str(path))}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_message(err)}") from None
         return cls.from_dict(raw, overrides)
 
     @classmethod
@@ -567,7 +599,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     """
     key, sep, value = item.partition("=")
     key = key.strip()
-    if not sep or "." not in key:
+    # An empty part (`.x`, `model..x`) named no key: `.x=3` was refused as an unknown
+    # section with no name at all ("unknown key; allowed: input, ..."), `model.options..x`
+    # as a model option named ''.
+    if not sep or "." not in key or not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. model.batch_size=8")
     section, _, name = key.partition(".")
     try:
@@ -595,18 +630,28 @@ def _may_hold_secret(key: str) -> bool:
     return any(part == "storage_options" or redact.looks_secret(part) for part in key.split("."))
 
 
-def _yaml_message(err: yaml.YAMLError, source: str) -> str:
-    """PyYAML's message with ``source``, line and column but without its quote of the text
-    there, which may be a secret (``secret: @x...`` is not YAML)."""
-    for name in ("context_mark", "problem_mark"):
-        mark = getattr(err, name, None)
-        if mark is not None:
-            mark.buffer, mark.name = None, source  # Mark.get_snippet quotes nothing then
-    for name in ("context", "problem"):  # 'found undefined alias %r', 'the tag %r': the text
-        text = getattr(err, name, None)
-        if isinstance(text, str):
-            setattr(err, name, _QUOTED.sub(r"\1 '***'", text))
-    return str(err)
+def _yaml_message(err: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: its problem, the line and column of it, and what it
+    was reading from where (an unclosed quote's start), quoting none of the text there,
+    which may be a secret (``secret: @x...`` is not YAML). PyYAML's own spans three or
+    four lines, the last of them only a file name, line and column: the last line on
+    stderr said where, never what."""
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    if not isinstance(problem, str):  # a ReaderError (a control character): no quote of it
+        return " ".join(str(err).split())
+    said = _QUOTED.sub(r"\1 '***'", " ".join(problem.split()))
+    mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    if mark is not None:
+        said = f"{_line_column(mark)}: {said}"
+    if isinstance(context, str):
+        context = _QUOTED.sub(r"\1 '***'", " ".join(context.split()))
+        where = "" if context_mark is None else f" from {_line_column(context_mark)}"
+        said += f" ({context}{where})"
+    return said
+
+
+def _line_column(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _yaml_brief(err: yaml.YAMLError) -> str:

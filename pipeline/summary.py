@@ -227,7 +227,9 @@ class ProgressLog:
             self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._every_s):
+        # A wait beyond threading.TIMEOUT_MAX (~292 years: run.progress_every_s 1e10 meant
+        # "never") raised OverflowError in this thread, a traceback in the run's output.
+        while not self._stop.wait(min(self._every_s, threading.TIMEOUT_MAX)):
             log.info("%s", self.line())
 
     def line(self) -> str:

@@ -682,3 +682,79 @@ def test_a_set_whose_value_is_not_yaml_is_refused_in_one_line() -> None:
     assert "\n" not in str(err.value) and err.value.field == "model.layers"
     assert str(err.value).startswith("model.layers: --set 'model.layers=[1,': the value is not "
                                      "valid YAML (expected the node content")
+
+
+@pytest.mark.parametrize(("setting", "field", "said"), [
+    # Ray refuses these itself only once the job started (exit 1, a failed job record, the
+    # setting unnamed): ray.init's object store minimum, and resources finer than 0.0001.
+    ({"object_store_memory_mb": 16}, "compute.object_store_memory_mb", "least object store"),
+    ({"object_store_memory_mb": 74}, "compute.object_store_memory_mb", "75 MiB"),
+    ({"decode_cpus": 0.00001}, "compute.decode_cpus", "least amount"),
+    ({"cpus_per_actor": 0.00005}, "compute.cpus_per_actor", "least amount"),
+    ({"gpus_per_actor": 0.00001}, "compute.gpus_per_actor", "least amount"),
+    ({"embed_resources": {"pool": 1e-5}}, "compute.embed_resources.pool", "least amount"),
+    ({"decode_resources": {"pool": 1e-5}}, "compute.decode_resources.pool", "least amount"),
+])
+def test_what_ray_would_refuse_after_the_start_is_refused_on_load(setting: dict, field: str,
+                                                                 said: str) -> None:
+    with pytest.raises(ConfigError, match=said) as err:
+        load({**BASE, "compute": setting})
+    assert err.value.field == field
+
+
+def test_ray_limits_on_load_are_rays() -> None:
+    """The limits copied from Ray (config.py does not import it) are the ones it keeps, and
+    what it takes is taken: none of a resource, its least amount, its least object store."""
+    import ray
+
+    from pipeline import config
+
+    assert (config.RAY_MIN_OBJECT_STORE_MIB * 2**20
+            == ray._private.ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
+    assert config.RAY_RESOURCE_UNIT * ray._raylet.RESOURCE_UNIT_SCALING == 1
+    cfg = load({**BASE, "compute": {"object_store_memory_mb": 75, "cpus_per_actor": 0,
+                                    "gpus_per_actor": 0, "decode_cpus": 0.0001,
+                                    "embed_resources": {"pool": 0}}})
+    assert cfg.compute.object_store_memory_mb == 75 and cfg.compute.decode_cpus == 0.0001
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("input:\n\turi: /data\n",
+     r"line 2, column 1: found character '\\t' that cannot start any token \(while scanning"),
+    ("input: {uri: /data}\nrun:\n  shard_size: 1\n  shard_size: 2\n",
+     (r"line 4, column 3: found the key 'shard_size' twice \(first on line 3\): YAML would keep "
+      r"only the last \(while reading a mapping from line 3, column 3\)$")),
+    ('input:\n  uri: "/data\n', (r"line 3, column 1: found unexpected end of stream \(while "
+                                 r"scanning a quoted scalar from line 2, column 8\)$")),
+])
+def test_a_config_file_that_is_not_yaml_is_refused_in_one_line(tmp_path: Path, text: str,
+                                                               said: str) -> None:
+    """PyYAML's message spans three or four lines, the last of them only the file, line and
+    column: the last line on stderr said where, never what was wrong."""
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=said) as err:
+        JobConfig.load(path)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{path} is not valid YAML: line ")
+
+
+@pytest.mark.parametrize("uri", ["https://minio.example.org/embeddings", "http://host/out"])
+def test_an_output_over_http_is_refused_on_load(uri: str) -> None:
+    """fsspec reads over HTTP(S) but cannot list, rename or delete there: the output's probe
+    write was retried as an outage (a 501 for PUT), then the run failed, exit 1."""
+    with pytest.raises(ConfigError, match=r"output.uri: https?:// is for reading .*"
+                                          r"endpoint_url") as err:
+        load(BASE, (f"output.uri={uri}",))
+    assert err.value.field == "output.uri"
+    assert load(BASE, ("input.uri=https://host/a.wav",)).input.uri == "https://host/a.wav"
+
+
+@pytest.mark.parametrize("item", [".uri=/data", "input.=/data", "model.options..x=1",
+                                  "model. .x=1", "model.options.x.=1"])
+def test_a_set_with_an_empty_key_part_is_refused_as_its_syntax(item: str) -> None:
+    """``.uri=/data`` was refused as a section with no name ("unknown key; allowed: ..."),
+    naming nothing; ``model.options..x=1`` reached the model as an option named ''."""
+    with pytest.raises(ConfigError, match=r"expected section\.key=value") as err:
+        load(BASE, (item,))
+    assert repr(item) in str(err.value)

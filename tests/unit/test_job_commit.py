@@ -456,6 +456,24 @@ def test_progress_lines_say_what_is_committed_written_and_left(
     assert not log._thread.is_alive()
 
 
+def test_progress_lines_this_rarely_run_without_a_traceback() -> None:
+    """run.progress_every_s 1e10 (a way to say "never"): the thread's wait overflowed
+    (OverflowError: timestamp out of range), a traceback in the run's output."""
+    from pipeline.summary import ProgressLog
+
+    summary = JobSummary(job_id="j", output_uri="/out", model="m", variant="v", weights="w")
+    died: list[BaseException] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: died.append(args.exc_value)
+    try:
+        with ProgressLog(summary, Written(), todo=1, todo_bytes=None, first_file_rows=1,
+                         every_s=1e10) as log:
+            time.sleep(0.2)
+            assert log._thread.is_alive()
+    finally:
+        threading.excepthook = hook
+    assert not died and not log._thread.is_alive()
+
+
 def test_a_stopped_run_says_what_it_committed_and_what_a_rerun_does(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C printed only "interrupted" though shards had committed."""
