@@ -81,6 +81,12 @@ _PROTOCOL_ALIASES: dict[str, frozenset[str]] = {
 _KNOWN_PROTOCOLS = frozenset(_PROTOCOL_ALIASES) | frozenset(
     {"hf", "memory", "ftp", "sftp", "ssh", "smb", "webdav", "hdfs", "webhdfs", "oss", "oci", "adl"})
 
+# Connections an S3 filesystem opens at once. botocore's default, 10, is one pool for every
+# thread of the process that uses the (cached) filesystem: the markers a rerun reads 64 at
+# a time, a manifest's 32 lookups, the commit threads beside the carving ones, all had 10
+# requests in flight at most.
+S3_CONNECTIONS = 128
+
 _FS_CACHE: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
 _FS_LOCK = threading.Lock()
 
@@ -296,11 +302,21 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
     if fs is None:
-        fs, path = fsspec.core.url_to_fs(uri, **options)
+        fs, path = fsspec.core.url_to_fs(uri, **_connection_pool(protocol, options))
         with _FS_LOCK:
             _FS_CACHE.setdefault(key, fs)
         return fs, path
     return fs, fs._strip_protocol(uri)
+
+
+def _connection_pool(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with an S3 filesystem's connection pool raised to :data:`S3_CONNECTIONS`,
+    unless they set it (``config_kwargs: {max_pool_connections: N}``)."""
+    if canonical_protocol(protocol) != "s3":
+        return dict(options)
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", S3_CONNECTIONS)
+    return {**options, "config_kwargs": config}
 
 
 def forget_listings() -> None:

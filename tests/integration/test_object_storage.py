@@ -993,6 +993,31 @@ def test_the_driver_commits_shards_side_by_side_on_a_slow_bucket(
     assert_same_rows(read_with_pyarrow(root, s3_run.options, s3_run.prefixes), s3_run.rows())
 
 
+def test_a_rerun_reads_the_markers_of_a_slow_bucket_many_at_a_time(moto: ServerProcess) -> None:
+    """A rerun reads every commit marker of its namespace, a request each (40,000 for 10M
+    recordings in shards of 256): ``layout.MARKER_READS`` are under way at once, not the 10
+    of botocore's default connection pool, which every thread of the process shared."""
+    from pipeline import layout
+
+    markers = 96
+    with running(FaultProxy(moto.port, fault_rate=0.0, fail_first=False)) as proxy:
+        proxy.latency_s = 0.2
+        options = s3_opts(proxy.url)
+        lay = layout.OutputLayout("s3://many-markers/out", "m", "v", options)
+        fs = lay.fs
+        fs.mkdir("many-markers")
+        fs.pipe({lay.commit_path(f"{k:016x}"): layout.json_bytes(
+                     {"shard": f"{k:016x}", "recordings": [
+                         {"recording_id": f"r{k}", "source_uri": f"s3://a/{k}.wav",
+                          "outcome": "ok"}]})
+                 for k in range(markers)})
+        proxy.reset()
+        read = layout.committed_shards(lay)
+        stats = proxy.stats()
+    assert len(read) == markers and stats.requests["get"] == markers
+    assert stats.most_at_once["get"] > 32
+
+
 # --------------------------------------------------------------------------- 3. long recordings
 
 

@@ -337,6 +337,31 @@ def test_recover_removes_only_uncommitted_shards(tmp_path: Path,
                                  "previous run stopped while publishing)"))]
 
 
+def test_recover_on_a_bucket_lists_no_markers_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A marker on an object store is one PUT, never a temporary object, so ``recover``
+    does not list the markers folder again for one (a LIST page per 1,000 markers, one after
+    another), and still removes the files of shards without a marker."""
+    lay = OutputLayout("memory://recover-on-a-bucket/out", "m", "v")
+    fs = lay.fs
+    keep, drop = "a" * 16, "b" * 16
+    for shard in (keep, drop):
+        storage.write_bytes(fs, lay.shard_file("windows", shard, 0), b"x")
+    layout.write_json(fs, lay.commit_path(keep), {"shard": keep, "recordings": []})
+    markers = layout.committed_shards(lay)
+    listed: list[str] = []
+    list_files = storage.list_files
+
+    def listing(fs: object, path: str) -> list[str]:
+        listed.append(path)
+        return list_files(fs, path)
+
+    monkeypatch.setattr(storage, "list_files", listing)
+    assert layout.recover(lay, markers) == 1
+    assert lay.commits_dir() not in listed and lay.table_dir("windows") in listed
+    assert fs.exists(lay.shard_file("windows", keep, 0))
+    assert not fs.exists(lay.shard_file("windows", drop, 0))
+
+
 def test_inspect_shows_a_marker_entry_without_an_outcome(tmp_path: Path) -> None:
     """A hand-edited marker whose entry says no outcome is counted as such (sorting it
     beside the others failed with a TypeError)."""
@@ -590,6 +615,33 @@ def test_markers_are_held_compactly_and_read_back_as_written(tmp_path: Path) -> 
     assert layout.settled_among(listed, markers, "error") == [False, False, False, True, True]
     assert layout.settled_among([], markers) == []
     assert layout.settled_among(listed, {}) == [False] * 5
+
+
+def test_a_few_listed_are_matched_without_hashing_every_settled_id(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun of one prefix of an archive lists a few recordings against the markers of
+    all of it (10M ids, 1.2 GB of hash table): only the smaller side is hashed, whichever
+    it is, and either way each listed id is settled exactly when a marker names it."""
+    import pyarrow.compute as pc
+
+    hashed: list[int] = []
+    is_in = pc.is_in
+
+    def counting_is_in(values, value_set, **kwargs):  # type: ignore[no-untyped-def]
+        hashed.append(len(value_set))
+        return is_in(values, value_set=value_set, **kwargs)
+
+    monkeypatch.setattr(pc, "is_in", counting_is_in)
+    markers = {f"{s:016x}": layout.compact({"shard": f"{s:016x}", "recordings": [
+                   {"recording_id": f"{s}-{k}", "source_uri": None, "outcome": "ok"}
+                   for k in range(100)]}) for s in range(50)}
+    few = ["0-0", "49-99", "7-100", "12-5", "12-5"]
+    assert layout.settled_among(few, markers) == [True, True, False, True, True]
+    assert max(hashed) <= len(few)
+    hashed.clear()
+    many = [f"{s}-{k}" for s in range(60) for k in range(100)]
+    assert layout.settled_among(many, markers) == [s < 50 for s in range(60) for _ in range(100)]
+    assert max(hashed) <= 50 * 100
 
 
 PROVENANCE_COLUMNS = [("job_id", "string"), ("model_name", "string"),
