@@ -408,7 +408,8 @@ def model_flops_per_window(s: BenchSettings) -> float:
 # Dense bf16/fp16 tensor-core peak per GPU in TFLOP/s (NVIDIA datasheets, without sparsity).
 # The first name found as whole words in torch's device name wins, so longer names come first
 # ("NVIDIA L40" is not an L4, "NVIDIA RTX A1000" not an A100).
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                   ("H200 NVL", 835.0), ("H200", 989.0),
                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
                    ("A10", 125.0))
 
@@ -539,10 +540,12 @@ def choose_precision(s: BenchSettings) -> dict[str, Any]:
     """
     import torch
 
-    from pipeline.models import pool
+    from pipeline.models import pool, resolve_precision
 
     if s.device != "cpu":
-        bf16 = torch.cuda.is_bf16_supported()
+        # The job's own rule (compute capability 8.0 or newer), not torch.cuda.is_bf16_supported():
+        # that one says True on a T4 or V100 too (bf16 emulated), where the backbone refuses bf16.
+        bf16 = resolve_precision("auto", s.device) == "bf16"
         return {"precision": "bf16" if bf16 else "fp32", "s_per_window": {},
                 "why": "GPU with bf16" if bf16 else "GPU without bf16"}
     torch.set_num_threads(s.threads)

@@ -612,11 +612,13 @@ class Embedder:
         from pipeline.models import pool
 
         x = self._staged(audio, rows, length)
+        # Looked up on the host: read from the device, it would wait for the copies just
+        # queued, so the model's first kernels could not be queued while the batch is copied.
+        padded = bool((valid < length).any())
         v = torch.from_numpy(np.minimum(valid, length).astype(np.int64))
         if self.device != "cpu":
             x = x.to(self.device, non_blocking=True)
             v = v.to(self.device, non_blocking=True)
-        padded = bool((v < length).any())
         started = time.perf_counter()
         with torch.inference_mode(), self.backbone.autocast(precision):
             feats = self.backbone.extract(x, v if padded else None, self.spec.layers)

@@ -76,6 +76,7 @@ def test_bench_sections_are_checked() -> None:
     ("NVIDIA H100 PCIe", 756.0),
     ("NVIDIA H100 NVL", 835.0),
     ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),   # the PCIe card: the H100 NVL's peak, not the SXM's
     ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA L40S", 362.0),
     ("NVIDIA L4", 121.0),
@@ -163,6 +164,21 @@ def test_precision_on_a_cpu_is_the_fastest_one_measured(monkeypatch, bf16_flag: 
     assert set(cosines) == set(timings) and cosines["fp32"] == pytest.approx(1.0)
     assert all(0.99 < c <= 1.0 + 1e-6 for c in cosines.values()) and cosines["int8"] < 0.999999
     assert choice["precision"] == min(timings, key=timings.__getitem__)
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "fp32"), ((8, 0), "bf16")])
+def test_precision_on_a_gpu_is_bf16_only_where_the_backbone_runs_it(
+        monkeypatch, capability: tuple[int, int], expected: str) -> None:
+    """On a T4 (7.5) torch.cuda.is_bf16_supported() says True (bf16 emulated), but the job's
+    backbones refuse bf16 below compute capability 8.0: the benchmark died there. No GPU
+    here, so torch's answers for one are stood in for (the only fake: two queries)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    choice = choose_precision(BenchSettings(device="cuda"))
+    assert choice["precision"] == expected
+    from pipeline.models import resolve_precision
+    assert resolve_precision(choice["precision"], "cuda") == expected  # the backbone takes it
 
 
 def test_a_precision_the_model_cannot_run_is_not_tried(monkeypatch) -> None:

@@ -179,6 +179,31 @@ def test_the_warm_up_runs_a_whole_batch_padded_as_a_recordings_last_window_is(
     assert seen == [((4, 16_000), [16_000, 16_000, 16_000, 8_000 if padded else 16_000])]
 
 
+def test_a_batch_of_whole_windows_reads_no_tensor_value_before_the_model_runs(
+        embedder: Embedder) -> None:
+    """On a GPU, reading a value of a tensor on the device (``bool(v.any())``) waits for the
+    batch's asynchronous copy, so the model's kernels could not be queued behind it. Whether
+    a batch is padded is looked up on the host instead: a batch of whole windows (most of
+    them) makes no such read at all. Counted with torch's own dispatch mode on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("_local_scalar_dense", "is_nonzero", "item"):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    audio = np.random.default_rng(0).standard_normal((4, 16_000)).astype(np.float32)
+    with HostReads() as reads:
+        pooled = embedder._forward(audio, None, np.full(4, 16_000), 16_000, "fp32")
+    assert reads.count == 0
+    assert all(np.isfinite(v).all() and v.shape[0] == 4 for v in pooled.values())
+
+
 def stage_batch(n: int, report_at: int | None = None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(n)
     batch = {"shard": np.full(n, "s0", dtype=object),
