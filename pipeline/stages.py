@@ -446,6 +446,19 @@ class EmbedSpec:
     plugin_code: dict[str, str] | None = None
 
 
+# What a process's CUDA context holds on its GPU, outside torch's allocator (kernels,
+# cuBLAS and cuDNN workspaces): some 300-600 MiB with CUDA 12's lazy loading.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+
+
+def gpu_memory_fraction(share: float, total_bytes: int) -> float:
+    """The fraction of its GPU's memory an actor's allocator may take when ``share`` of the
+    GPU is its: the share less one CUDA context, which every process sharing the GPU holds
+    beside its allocator (5 % of the share, as this was, is 0.2 GiB of a quarter of a
+    16-GiB card: four actors' contexts did not fit); never below half the share."""
+    return max(share - CUDA_CONTEXT_BYTES / total_bytes, share / 2)
+
+
 class Embedder:
     """Ray actor: holds one loaded backbone and embeds window batches mixed across recordings."""
 
@@ -475,9 +488,10 @@ class Embedder:
             exact_float32_on_gpus()  # fp32 is the same numbers on every GPU generation
             if spec.gpu_share < 1:
                 # Actors sharing a GPU: each holds to its share, so that a batch too large
-                # for it fails at this actor's warm-up, not another's batch mid-run; 5 % of
-                # the share is left to the process's CUDA context, outside torch's allocator.
-                torch.cuda.set_per_process_memory_fraction(0.95 * spec.gpu_share)
+                # for it fails at this actor's warm-up, not another's batch mid-run.
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction(spec.gpu_share,
+                                                                               total))
         self.precision = resolve_precision(spec.precision, self.device)
         # Overflow under autocast gets the same windows again in float32; an int8 network
         # has no float32 weights left to retry with, so its non-finite rows drop as fp32's do.

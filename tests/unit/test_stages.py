@@ -715,3 +715,15 @@ def test_a_batch_with_a_report_row_is_not_copied_before_its_one_copy(
     finally:
         tracemalloc.stop()
     assert peak < mixed["audio"].nbytes / 4, (peak, mixed["audio"].nbytes)
+
+
+@pytest.mark.parametrize(("share", "gib", "fraction"), [
+    (0.25, 16, 0.25 - 0.5 / 16),   # a quarter of a T4-class card: 3.5 GiB to the allocator
+    (0.25, 80, 0.25 - 0.5 / 80),   # of an H100: the same half GiB left, not 5 % of 20 GiB
+    (0.1, 4, 0.05),                # a context larger than half the share: half the share
+])
+def test_actors_sharing_a_gpu_each_leave_one_cuda_context_of_their_share(
+        share: float, gib: int, fraction: float) -> None:
+    from pipeline.stages import gpu_memory_fraction
+
+    assert gpu_memory_fraction(share, gib * 2**30) == pytest.approx(fraction)
