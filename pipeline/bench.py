@@ -29,6 +29,7 @@ throughput comparison, so a test can run it in about a minute.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -465,8 +466,10 @@ class GpuBusySampler:
     ``nvidia-smi``, :meth:`result` is empty.
     """
 
-    COMMAND = ("nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
-               "-lms", "100")
+    # Each sample with nvidia-smi's own time of it: printed into a pipe, its lines may be
+    # buffered and arrive in bursts, so the time they are read at is not when they were taken.
+    COMMAND = ("nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu",
+               "--format=csv,noheader,nounits", "-lms", "100")
 
     def __init__(self, device: str) -> None:
         self.enabled = device.startswith("cuda") and shutil.which(self.COMMAND[0]) is not None
@@ -490,14 +493,26 @@ class GpuBusySampler:
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            index, _, util = line.partition(",")
+            parts = [part.strip() for part in line.split(",")]
+            if len(parts) != 3:  # a warning line
+                continue
             try:
-                self.samples.append((time.time(), int(index), float(util)))
-            except ValueError:  # "[N/A]" or a warning line
+                self.samples.append((_smi_time(parts[0]), int(parts[1]), float(parts[2])))
+            except ValueError:  # "[N/A]"
                 continue
 
     def result(self, span: tuple[float, float] | None = None) -> dict[str, Any]:
         return gpu_busy(self.samples, span) if self.enabled else {}
+
+
+def _smi_time(text: str) -> float:
+    """nvidia-smi's ``timestamp`` (``2026/11/25 05:30:12.345``, this machine's local time)
+    as seconds since the epoch, as ``time.time()`` counts them; the time it is read at if
+    a driver spells it otherwise (a sample late, rather than none)."""
+    try:
+        return datetime.datetime.strptime(text, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    except ValueError:
+        return time.time()
 
 
 def cpu_model() -> str:

@@ -1,11 +1,12 @@
 """The benchmark's FLOP count, GPU peak table and GPU busy sampler (no Ray, no GPU needed).
 
 ``nvidia-smi`` cannot run here, so the sampler is fed by a stand-in script on PATH that
-prints what ``nvidia-smi --query-gpu=index,utilization.gpu -lms`` prints.
+prints what ``nvidia-smi --query-gpu=timestamp,index,utilization.gpu -lms`` prints.
 """
 
 from __future__ import annotations
 
+import datetime
 import stat
 import time
 from pathlib import Path
@@ -116,7 +117,10 @@ def test_gpu_busy_over_the_jobs_span_or_between_the_first_and_last_kernel() -> N
 
 def test_gpu_sampler_reads_what_nvidia_smi_prints(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_nvidia_smi(tmp_path, "0, 0\\n1, 0\\n0, 40\\n1, 0\\n0, 100\\n1, [N/A]\\n0, 0\\n1, 0\\n")
+    printed = "".join(f"2026/11/25 05:30:{12 + k // 2:02d}.{k * 50:03d}, {gpu}\\n"
+                      for k, gpu in enumerate(["0, 0", "1, 0", "0, 40", "1, 0", "0, 100",
+                                               "1, [N/A]", "0, 0", "1, 0"]))
+    fake_nvidia_smi(tmp_path, "a warning line\\n" + printed)
     monkeypatch.setenv("PATH", f"{tmp_path}:{Path('/usr/bin')}:{Path('/bin')}")
     with GpuBusySampler("cuda") as sampler:
         deadline = time.monotonic() + 10
@@ -124,6 +128,10 @@ def test_gpu_sampler_reads_what_nvidia_smi_prints(
             time.sleep(0.05)
     assert [(i, u) for _, i, u in sampler.samples] == [
         (0, 0.0), (1, 0.0), (0, 40.0), (1, 0.0), (0, 100.0), (0, 0.0), (1, 0.0)]
+    # Each at the time nvidia-smi took it, not when its line was read (all at once here).
+    start = datetime.datetime(2026, 11, 25, 5, 30, 12).timestamp()
+    assert [round(t - start, 3) for t, _, _ in sampler.samples] == [
+        0.0, 0.05, 1.1, 1.15, 2.2, 3.3, 3.35]
     assert gpu_busy(sampler.samples, min_samples=2) == {
         "gpu_busy": pytest.approx(0.7), "gpu_busy_per_gpu": {0: pytest.approx(0.7)},
         "gpu_busy_samples": {0: 2}}
