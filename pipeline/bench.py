@@ -163,15 +163,52 @@ def corpus_windows(files: Sequence[Path], s: BenchSettings) -> tuple[np.ndarray,
 def cut_windows(audio: np.ndarray, s: BenchSettings) -> Iterator[tuple[np.ndarray, int]]:
     """The windows the job cuts from mono ``audio`` at the model's rate, zero-padded, each
     with its real samples; a last one with less than ``MIN_TAIL_S`` of audio is left out."""
-    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
-    min_tail = int(MIN_TAIL_S * s.sample_rate_hz)
-    plan = plan_windows(len(audio), size, hop, "pad")
-    for start, valid in zip(plan.starts, plan.valid, strict=True):
-        if valid < min_tail and valid < size:
-            continue
+    size = samples_for(s.window_s, s.sample_rate_hz)
+    for start, valid in _kept_windows(len(audio), s):
         w = np.zeros(size, np.float32)
         w[:valid] = audio[start : start + valid]
-        yield w, int(valid)
+        yield w, valid
+
+
+def planned_windows(seconds: float, s: BenchSettings) -> int:
+    """How many windows the job cuts from a recording of ``seconds`` (:func:`cut_windows`'s
+    count, without the audio)."""
+    return sum(1 for _ in _kept_windows(samples_for(seconds, s.sample_rate_hz), s))
+
+
+def _kept_windows(num_samples: int, s: BenchSettings) -> Iterator[tuple[int, int]]:
+    """(start, real samples) of each window the job embeds from ``num_samples`` at the model's
+    rate: a last one with less than ``MIN_TAIL_S`` of audio is left out."""
+    size, hop = samples_for(s.window_s, s.sample_rate_hz), samples_for(s.hop_s, s.sample_rate_hz)
+    min_tail = int(MIN_TAIL_S * s.sample_rate_hz)
+    plan = plan_windows(num_samples, size, hop, "pad")
+    for start, valid in zip(plan.starts.tolist(), plan.valid.tolist(), strict=True):
+        if valid < min_tail and valid < size:
+            continue
+        yield start, valid
+
+
+# How far two counts of the same audio may differ (decoders end a recording's last frame
+# differently) and still be the same work.
+SAME_AUDIO_TOLERANCE_S = 0.5
+
+
+def require_same_work(what: str, windows: int, audio_s: float | None, want_windows: int,
+                      want_audio_s: float) -> None:
+    """Stop the benchmark unless ``what`` embedded the windows and audio it is compared
+    against (``audio_s`` None: windows only).
+
+    The job exits 3 when recordings fail, which the real corpus's broken files make
+    normal, so a run that lost more (a decoder stopping early in a long recording, a
+    file model only has and the job skipped) still gave figures: a flat memory ratio of
+    a job that read a third of its hour, a rate of other work than its ceiling's.
+    """
+    if windows != want_windows or (audio_s is not None
+                                   and abs(audio_s - want_audio_s) > SAME_AUDIO_TOLERANCE_S):
+        got = f"{windows} windows" + (f" of {audio_s:.1f} s of audio" if audio_s is not None else "")
+        raise RuntimeError(f"{what} embedded {got}, not the {want_windows} windows of "
+                           f"{want_audio_s:.1f} s it is measured on (a recording failed or "
+                           "stopped early): its figures would be of other work")
 
 
 def _decode_whole(path: Path, rate: int) -> tuple[np.ndarray | None, DecodeReport]:
@@ -1114,6 +1151,8 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
         if (as_actors := model_only_as_actors(windows, valid, seconds, s)) is not None:
             shaped.append(as_actors)
         pipes.append(pipeline_run(input_dir, s, work, memory=False, cpu_every_s=cpu_every_s))
+        require_same_work("the pipeline", pipes[-1]["windows"], pipes[-1]["audio_s"],
+                          len(windows), seconds)
     model, pipe = _best_run(models), _best_run(pipes)
     pipe["runs_steady_audio_s_per_s"] = [round(p["steady_audio_s_per_s"], 3) for p in pipes]
     embed = pipe["embed"]
@@ -1161,9 +1200,11 @@ def _compare(input_dir: Path, files: Sequence[Path], windows: np.ndarray, valid:
             out["steady_cpu_split"] = split
     if seed:
         fp32 = out["seed_loop_fp32"] = seed_loop(files, s, "fp32")
+        require_same_work("the seed loop", fp32["windows"], fp32["audio_s"], len(windows), seconds)
         out["pipeline_over_seed_loop_fp32"] = pipe["audio_s_per_s"] / fp32["audio_s_per_s"]
     if seed and s.precision != "fp32":
         same = seed_loop(files, s, s.precision)
+        require_same_work("the seed loop", same["windows"], same["audio_s"], len(windows), seconds)
         out["seed_loop_same_precision"] = same
         out["pipeline_over_seed_loop_same_precision"] = pipe["audio_s_per_s"] / same["audio_s_per_s"]
     # Model FLOP/s: FLOPs per window x windows per audio-second x audio-seconds per second.
@@ -1266,16 +1307,15 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
     long = make_long_recording(work / "one_hour.flac", long_s, real_dir / LONG_SOURCE)
     tiny = BenchSettings(options=TINY_BEATS)
     out: dict[str, Any] = {"long_recording_s": long_s}
-    for label, path in (("one_minute", short), ("long", long)):
-        job = pipeline_run(_folder_of(work / f"mem-{label}", path), tiny, work,
-                           compute={"torch_threads": 1})
+    for label, path, seconds in (("one_minute", short, 60.0), ("long", long, long_s)):
+        job = _memory_job(_folder_of(work / f"mem-{label}", path), seconds, label, tiny, work)
         if "decode_worker" not in job["peak_rss_mb"]:
             raise RuntimeError(f"the memory sampler saw no decode worker in the {label} job "
                                f"(every {ProcessTreeSampler.MEMORY_INTERVAL_S} s): its decoding "
                                "took less than a sample")
-        out[label] = {"decode_worker": decode_rss(path, tiny),
+        out[label] = {"decode_worker": _decode_rss_whole(path, seconds, label, tiny),
                       "job_peak_rss_mb": job["peak_rss_mb"],
-                      "job_wall_s": job["wall_s"]}
+                      "job_wall_s": job["wall_s"], "job_windows": job["windows"]}
     out["decode_rss_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
                                / out["one_minute"]["decode_worker"]["peak_rss_mb"])
     out["job_rss_ratio"] = (out["long"]["job_peak_rss_mb"]["all_processes"]
@@ -1288,9 +1328,9 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
         # both actors a full batch, and never fill the object store up to the in-flight
         # budget (reached near 30 minutes with this model).
         ten = make_long_recording(work / "ten_minutes.flac", 600.0, real_dir / LONG_SOURCE)
-        ten_peaks = pipeline_run(_folder_of(work / "mem-ten", ten), tiny, work,
-                                 compute={"torch_threads": 1})["peak_rss_mb"]
-        out["ten_minutes"] = {"decode_worker": decode_rss(ten, tiny),
+        ten_peaks = _memory_job(_folder_of(work / "mem-ten", ten), 600.0, "ten_minutes", tiny,
+                                work)["peak_rss_mb"]
+        out["ten_minutes"] = {"decode_worker": _decode_rss_whole(ten, 600.0, "ten_minutes", tiny),
                               "job_peak_rss_mb": ten_peaks}
         out["decode_rss_plateau_ratio"] = (out["long"]["decode_worker"]["peak_rss_mb"]
                                            / out["ten_minutes"]["decode_worker"]["peak_rss_mb"])
@@ -1303,12 +1343,32 @@ def _memory(real_dir: Path, work: Path, quick: bool) -> dict[str, Any]:
         # default.
         tight = {"compute": {"torch_threads": 1, "inflight_mb": TIGHT_INFLIGHT_MB},
                  "output": {"file_mb": 32}}
-        peaks = {label: pipeline_run(work / f"mem-{label}", tiny, work, **tight)["peak_rss_mb"]
-                 for label in ("one_minute", "long")}
+        peaks = {label: _memory_job(work / f"mem-{label}", seconds, f"tight-budget {label}",
+                                    tiny, work, **tight)["peak_rss_mb"]
+                 for label, seconds in (("one_minute", 60.0), ("long", long_s))}
         out["tight_budget"] = {"settings": tight, **peaks,
                                "job_rss_ratio": (peaks["long"]["all_processes"]
                                                  / peaks["one_minute"]["all_processes"])}
     return out
+
+
+def _memory_job(folder: Path, seconds: float, label: str, s: BenchSettings, work: Path,
+                **extra: Any) -> dict[str, Any]:
+    """:func:`pipeline_run` with memory sampled and 1 torch thread per actor, on ``folder``'s
+    one recording of ``seconds``, checked to have embedded all of it."""
+    compute = {"torch_threads": 1, **extra.pop("compute", {})}
+    job = pipeline_run(folder, s, work, compute=compute, **extra)
+    require_same_work(f"the memory section's {label} job", job["windows"], job["audio_s"],
+                      planned_windows(seconds, s), seconds)
+    return job
+
+
+def _decode_rss_whole(path: Path, seconds: float, label: str, s: BenchSettings) -> dict[str, Any]:
+    """:func:`decode_rss`, checked to have cut every window of the recording's ``seconds``."""
+    measured = decode_rss(path, s)
+    require_same_work(f"the memory section's {label} decode stage", measured["rows"], None,
+                      planned_windows(seconds, s), seconds)
+    return measured
 
 
 def _gpu_busy_text(measured: Mapping[str, Any]) -> str:
@@ -1355,7 +1415,11 @@ def _render_corpus(corpus: str, c: Mapping[str, Any], r: Mapping[str, Any]) -> l
         if name in c:
             m = c[name]
             runs = m.get("runs_audio_s_per_s", [])
+            # On a GPU model only passes over the corpus until MIN_GPU_SPAN_S have gone by:
+            # its wall is theirs, not one pass's (the corpus's seconds over it are no rate).
+            passes = m.get("passes", 1)
             lines.append(f"  {name:<25} {m['audio_s_per_s']:>8.2f} audio-s/s   wall {m['wall_s']:.1f} s"
+                         + (f" for {passes} passes over the corpus" if passes > 1 else "")
                          + (f"   best of {runs}" if len(runs) > 1 else "")
                          + (f"   ({m['actors']} processes x {m['torch_threads']} threads)"
                             if "actors" in m else ""))

@@ -92,7 +92,11 @@ def test_quick_benchmark_produces_every_measurement(tmp_path: Path, real_data: P
     # reaches 0.9 of it.
     full["real"].update(audio_s_for_end_to_end_0_9=2.65 * 3600,
                         audio_s_for_end_to_end_0_9_as_actors=None)
+    # On a GPU model only passes over the corpus again until 5 s have gone by: the wall
+    # shown is all of theirs.
+    full["real"]["model_only"].update(passes=3, wall_s=6.0, audio_s_per_s=3 * 33.4 / 6.0)
     table = render(full)
+    assert "wall 6.0 s for 3 passes over the corpus" in table
     assert ("the span's edges (an actor before its first or after its last batch) 2.1 of "
             "38.4 actor-s; without them 0.928 x model only as actors") in table
     assert "end to end reaches 0.9 x model only from ~2.65 audio-h" in table

@@ -11,7 +11,9 @@ import stat
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -378,3 +380,39 @@ def test_without_the_shared_data_the_benchmark_stops_before_it_builds_or_writes(
     with pytest.raises(ConfigError, match="does not hold the shared recordings"):
         bench.run(tmp_path / "out", tmp_path / "no-shared-data", quick=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seconds", [0.02, 0.03, 4.9, 5.0, 60.0, 61.01, 180.0])
+def test_planned_windows_count_what_the_bench_cuts(seconds: float) -> None:
+    s = BenchSettings(threads=1)
+    audio = np.zeros(round(seconds * s.sample_rate_hz), np.float32)
+    assert bench.planned_windows(seconds, s) == len(list(bench.cut_windows(audio, s)))
+
+
+def test_a_side_that_embedded_other_work_stops_the_comparison() -> None:
+    """The job exits 3 when recordings fail, and the benchmark took its figures all the same:
+    a side's rate or memory was of other work than what it was compared with."""
+    bench.require_same_work("the pipeline", 330, 946.2, 330, 945.97)  # decoders' last frames
+    bench.require_same_work("the decode stage", 71, None, 71, 180.0)
+    with pytest.raises(RuntimeError, match="the pipeline embedded 329 windows of 944.0 s of "
+                                           "audio, not the 330 windows of 946.0 s"):
+        bench.require_same_work("the pipeline", 329, 944.0, 330, 946.0)
+    with pytest.raises(RuntimeError, match="the seed loop embedded 330 windows of 940.0 s"):
+        bench.require_same_work("the seed loop", 330, 940.0, 330, 946.0)
+
+
+def test_the_memory_section_stops_on_a_long_recording_decoded_in_part(tmp_path: Path) -> None:
+    """A 3-minute recording of which only the first minute decodes (cut short): the decode
+    stage's peak memory was taken as the 3-minute figure, a flat ratio of a third of the
+    work, with no word."""
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, np.random.default_rng(0).standard_normal(32_000).astype(np.float32) * 0.1,
+             32_000)
+    whole = bench.make_long_recording(tmp_path / "long.flac", 180.0, clip)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    tiny = BenchSettings(options=TINY_BEATS, threads=1)
+    assert bench._decode_rss_whole(whole, 180.0, "long", tiny)["rows"] == 71
+    assert bench.decode_rss(cut, tiny)["rows"] < 71  # what was measured, silently
+    with pytest.raises(RuntimeError, match="long decode stage embedded .* not the 71 windows"):
+        bench._decode_rss_whole(cut, 180.0, "long", tiny)
