@@ -222,10 +222,10 @@ def _decode_whole(path: Path, rate: int) -> tuple[np.ndarray | None, DecodeRepor
     return np.concatenate(chunks)[:, 0], report
 
 
-def make_long_recording(path: Path, seconds: float, source: Path, fmt: str = "FLAC") -> Path:
-    """A recording of ``seconds`` built by looping a real clip, written block by block."""
+def make_long_recording(path: Path, seconds: float, source: Path) -> Path:
+    """A FLAC of ``seconds`` built by looping a real clip, written block by block."""
     clip, rate = sf.read(source, dtype="float32", always_2d=True)
-    with sf.SoundFile(path, "w", rate, clip.shape[1], format=fmt) as out:
+    with sf.SoundFile(path, "w", rate, clip.shape[1], format="FLAC") as out:
         remaining = int(seconds * rate)
         while remaining > 0:
             piece = clip[: min(len(clip), remaining)]

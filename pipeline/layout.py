@@ -7,6 +7,7 @@ Layout under ``output.uri`` (``M`` = model, ``V`` = variant id, ``S`` = shard id
     errors/model=M/variant=V/shard-S-00000.parquet      one row per failed recording
     _commits/model=M/variant=V/S.json                   commit marker: the shard is visible
     _variants/V.json                                    what determines variant V
+    _variants/V.columns.json                            the manifest columns V's rows carry
     _jobs/<job_id>.json                                 one record per run
     _crashes/model=M/variant=V/<recording_id>.json      a recording that killed its decode
                                                         worker (pipeline.crashes)
@@ -128,10 +129,10 @@ class OutputLayout:
     def variant_path(self) -> str:
         return storage.join(self.root_path, "_variants", f"{storage.safe_component(self.variant)}.json")
 
-    def columns_path(self, variant: str | None = None) -> str:
+    def columns_path(self) -> str:
         """``_variants/<id>.columns.json``: the manifest columns a namespace's rows carry, as
         stored (see ``resume.Resumption.record_columns``)."""
-        name = storage.safe_component(variant or self.variant)
+        name = storage.safe_component(self.variant)
         return storage.join(self.root_path, "_variants", f"{name}.columns.json")
 
     def job_path(self, job_id: str) -> str:

@@ -149,7 +149,7 @@ class NamespaceLease:
 
     def start(self) -> None:
         """Mark this lease's run as started (a lease of this process whose run never
-        started is free to take: see :meth:`_gone`)."""
+        started is free to take: see :meth:`holder_gone`)."""
         with _running_lock:
             _running.add(self.token)
 

@@ -862,12 +862,17 @@ def write_bytes(fs: Any, path: str, data: bytes) -> None:
     retried on transient errors.
     """
     if _is_local_fs(fs):
-        def fill(tmp: str) -> None:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-        _replace_atomically(path, fill)
+        _write_local(path, data)
         return
     retry(lambda: fs.pipe_file(path, data), what=f"write {path}")
+
+
+def _write_local(path: str, data: bytes) -> None:
+    """Write the local file ``path`` whole or not at all (:func:`_replace_atomically`)."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    _replace_atomically(path, fill)
 
 
 def _replace_atomically(path: str, fill: Callable[[str], None]) -> None:
@@ -1228,10 +1233,7 @@ class LocalConditionalStore(ConditionalStore):
             return False
 
     def _write(self, path: str, data: bytes) -> str:
-        def fill(tmp: str) -> None:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-        _replace_atomically(path, fill)
+        _write_local(path, data)
         return hashlib.sha256(data).hexdigest()
 
     def _create(self, path: str, data: bytes) -> str | None:
