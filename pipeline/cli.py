@@ -226,9 +226,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import demo_archive_written, write_demo_archive
+    from pipeline.demo import demo_archive_written, demo_files_present, write_demo_archive
 
     kept = demo_archive_written(args.directory, seed=args.seed)
+    # Only an archive written over (another seed, a file missing) is new to a job that
+    # embedded the one before: said on a first write, the warning read as if it were.
+    over = not kept and demo_files_present(args.directory)
     try:
         paths = write_demo_archive(args.directory, seed=args.seed)
     except OSError as err:  # a file where the folder should be, no permission, a full disk
@@ -237,10 +240,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if kept:
         print(f"{len(paths)} recordings and manifest.csv in {args.directory}: kept as they "
               f"were, written with seed {args.seed} before (a rerun of the job resumes)")
-    else:
+    elif over:
         print(f"{len(paths)} recordings and manifest.csv written in {args.directory} (seed "
               f"{args.seed}; written again, they are new recordings to a job that embedded "
               "them before)")
+    else:
+        print(f"{len(paths)} recordings and manifest.csv written in {args.directory} (seed "
+              f"{args.seed})")
     return 0
 
 

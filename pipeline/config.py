@@ -458,7 +458,8 @@ class RunConfig:
             embed them; the others stay settled, their shards untouched. One small GET per
             such recording and rerun. ``False``: archived recordings stay error rows.
         progress: show Ray Data's progress bars; unset, Ray Data's own setting (on,
-            unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image).
+            unless ``RAY_DATA_DISABLE_PROGRESS_BARS=1``, as in the container image) where
+            stdout is a terminal, off where it is not (Ray Data would log them instead).
         progress_every_s: seconds between the job's own progress lines (recordings
             committed and written of those to do, audio read, rate, time left); 0: none.
         stall_timeout_s: how long a run waits on a pipeline that no longer moves before it

@@ -225,6 +225,14 @@ def demo_archive_written(directory: str | Path, seed: int = 7) -> bool:
         root / "manifest.csv").is_file()
 
 
+def demo_files_present(directory: str | Path) -> bool:
+    """Whether ``directory`` holds any file the demo writes (its stamp, a recording, the
+    manifest): an archive written there now replaces one written before."""
+    root = Path(directory)
+    names = [".demo.json", "manifest.csv", *(spec.name for spec in DEMO_FILES)]
+    return any((root / name).exists() for name in names)
+
+
 def _refuse_a_folder_of_other_files(root: Path, ours: set[str]) -> None:
     """Refuse a folder the demo never wrote that holds anything but its own file names: the
     demo writes its recordings and a ``manifest.csv`` there, over the user's own

@@ -86,7 +86,7 @@ from pipeline.model_settings import (
     settle_model_settings,
 )
 from pipeline.provenance import JobProvenance, Variant, make_job_id, utc_now
-from pipeline.ray_connect import check_ray_address_env, connect_ray, joins_cluster
+from pipeline.ray_connect import check_ray_address_env, connect_ray, is_terminal, joins_cluster
 from pipeline.resume import Resumption
 from pipeline.sink import (
     ShardProgress,
@@ -938,8 +938,21 @@ class EmbeddingJob:
         from ray.data import DataContext, ExecutionResources
 
         ctx = DataContext.get_current()
-        if self.cfg.run.progress is not None:  # else Ray Data's (and its environment's)
-            ctx.enable_progress_bars = self.cfg.run.progress
+        progress = self.cfg.run.progress
+        if progress is None and not is_terminal(sys.stdout):
+            # Where stdout is no terminal (a log file, `| tee`, a scheduler's log) Ray Data
+            # logs its bars instead: 9 lines every 10 s ("Total Progress: 0/?", block
+            # counts), 54 a minute beside the job's one (run.progress_every_s), in recordings.
+            progress = False
+        if progress is not None:  # else Ray Data's (and its environment's)
+            ctx.enable_progress_bars = progress
+        if not ctx.enable_progress_bars:
+            # Ray Data then warns once, in its API's terms, how to turn them on (set
+            # `DataContext...enable_progress_bars`), a WARNING in every run's log for what was
+            # asked for; the job's knob is run.progress.
+            from ray.util.debug import log_once
+
+            log_once("ray_data_progress_manager_disabled")
         ctx.max_errored_blocks = 0  # bad recordings are handled per file, never by dropping blocks
         # A lost node can leave a stage waiting forever for blocks it held (their lineage
         # needs a decode slot that a backpressured decode task holds): Ray Data's guard fails

@@ -11,8 +11,10 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from typing import TextIO
 
 from pipeline.config import ComputeConfig, JobConfig
 from pipeline.errors import ConfigError, PipelineError, first_line
@@ -103,6 +105,7 @@ def connect_ray(cfg: JobConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    plain_worker_prefixes()
     from pipeline.faults import FAULT_ENV
     from pipeline.provenance import GIT_COMMIT_ENV, git_commit
 
@@ -144,6 +147,30 @@ def connect_ray(cfg: JobConfig) -> bool:
             log_to_driver=True,
         )
     return True
+
+
+def plain_worker_prefixes(*streams: TextIO) -> None:
+    """Turn off the colour of the ``(MapWorker(...) pid=...)`` prefix that Ray puts on the
+    workers' lines it prints in the driver, unless every stream it prints them to
+    (``streams``, by default stdout and stderr) is a terminal, or ``RAY_COLOR_PREFIX`` is set.
+
+    Ray colours that prefix whatever it writes to: in a log file, ``| tee``, a Ray Jobs
+    driver log (``embed-archive logs``), every actor's line began with ``\\x1b[36m`` and held
+    ``\\x1b[0m``, the escape codes spelled out for whoever greps or reads the file. Ray reads
+    the variable as it prints each line, in this (the driver's) process.
+    """
+    if "RAY_COLOR_PREFIX" in os.environ:
+        return
+    if not all(is_terminal(s) for s in (streams or (sys.stdout, sys.stderr))):
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (a tty), as Ray asks it."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced stream without it, a closed one
+        return False
 
 
 @contextlib.contextmanager

@@ -154,7 +154,10 @@ class JobSummary:
                 f"{e.model_s:.1f} s); {self.steady_throughput:.1f} audio-s/s while running, "
                 f"first batch {e.first_batch_s:.1f} s after start")
         lines += [
-            f"  model        {self.model} (variant {self.variant}, weights {self.weights})",
+            f"  model        {self.model} (variant {self.variant}, weights {self.weights})"
+            # The banner saying so is at the log's start, far above in a long run's output
+            # (and among Ray's lines): the summary, read last, says it again.
+            + (": RANDOM, the embeddings are NOT meaningful" if self.weights == "random" else ""),
             f"  output       {self.output_uri}",
         ]
         if self.failed:

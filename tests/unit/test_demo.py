@@ -49,6 +49,9 @@ def test_the_demo_command_says_whether_it_kept_the_archive_or_wrote_it(
         said.append(capsys.readouterr().out)
     assert "written in" in said[0] and "kept as they were" in said[1]
     assert "written in" in said[2] and "seed 8" in said[2]
+    # Only an archive written over one before is new recordings to a job: the first
+    # write said so too, as if something had been replaced.
+    assert "written again" not in said[0] and "written again" in said[2]
 
 
 def test_a_folder_of_someone_elses_files_is_refused_not_written_over(tmp_path: Path) -> None:

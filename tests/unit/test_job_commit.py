@@ -558,6 +558,19 @@ def test_a_run_that_did_not_finish_says_what_a_rerun_embeds(status: str) -> None
     assert "resume" not in finished
 
 
+def test_the_summary_of_a_run_with_random_weights_says_its_embeddings_mean_nothing() -> None:
+    """The RANDOM WEIGHTS banner is the log's first lines, scrolled away under Ray's; the
+    summary, read last, said only ``weights random``."""
+    def model_line(weights: str) -> str:
+        shown = JobSummary(job_id="j", output_uri="/out", model="beats", variant="v",
+                           weights=weights, status="succeeded").render()
+        return next(x for x in shown.splitlines() if x.startswith("  model"))
+
+    assert model_line("random") == ("  model        beats (variant v, weights random): RANDOM, "
+                                     "the embeddings are NOT meaningful")
+    assert "RANDOM" not in model_line("/ckpt/beats.pt")
+
+
 def test_a_rerun_promises_no_retry_of_failures_that_are_the_recordings_own() -> None:
     """Two EmptyAudio failures, never tried again: the resume line said a rerun "tries again
     those that failed on an error not their own" all the same."""

@@ -328,26 +328,52 @@ def test_default_budget_holds_two_files_and_eight_batches_per_actor(archive: Pat
         windows={"window_s": 10.0}, compute={"inflight_mb": needed}).prepare()
 
 
-@pytest.mark.parametrize(("progress", "shown"), [(None, False), (True, True), (False, False)])
+@pytest.mark.parametrize(("progress", "ray_default", "terminal", "shown"), [
+    (None, False, True, False), (None, True, True, True), (None, True, False, False),
+    (True, False, False, True), (False, True, True, False)])
 def test_progress_bars_follow_ray_datas_setting_unless_the_config_says(
-        archive: Path, tmp_path: Path, progress: bool | None, shown: bool) -> None:
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, progress: bool | None,
+        ray_default: bool, terminal: bool, shown: bool) -> None:
     """Unset, ``run.progress`` leaves Ray Data's setting, which the container image turns
     off (``RAY_DATA_DISABLE_PROGRESS_BARS=1``: bars in a cluster job's log are noise); it
-    forced them on before, whatever the environment said."""
+    forced them on before, whatever the environment said. Where stdout is no terminal Ray
+    Data logs its bars as 9 lines every 10 s: off there too, unless the config says."""
     import copy
+    import os
 
     from ray.data import DataContext
+    from ray.data._internal.progress import get_progress_manager
+    from ray.util.debug import reset_log_once
 
+    reset_log_once("ray_data_progress_manager_disabled")  # as in a new driver
     before = DataContext.get_current()
     ctx = copy.deepcopy(before)  # the job sets more of it: none of it outlives the test
     DataContext._set_current(ctx)
-    ctx.enable_progress_bars = False  # as RAY_DATA_DISABLE_PROGRESS_BARS=1 leaves it
+    ctx.enable_progress_bars = ray_default  # False as RAY_DATA_DISABLE_PROGRESS_BARS=1 leaves it
+    leader, follower = os.openpty()
     try:
-        j = job(archive, tmp_path, run={"progress": progress})
-        j.prepare()
-        j._configure_data_context(j._compute_plan({"CPU": 2.0}))
+        with os.fdopen(follower, "w") as tty:
+            if terminal:
+                monkeypatch.setattr("sys.stdout", tty)
+            j = job(archive, tmp_path, run={"progress": progress})
+            j.prepare()
+            j._configure_data_context(j._compute_plan({"CPU": 2.0}))
+            monkeypatch.undo()
         assert DataContext.get_current().enable_progress_bars is shown
+        # Bars off, Ray Data's warning how to turn them on in its API's terms (the job's
+        # knob is run.progress) is not shown: a WARNING line in every run's log.
+        said = logging.getLogger("ray.data._internal.progress")
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        said.addHandler(handler)
+        try:
+            get_progress_manager(DataContext.get_current(), "ds", {}, False)
+        finally:
+            said.removeHandler(handler)
+        assert not [r for r in records if "Progress bars disabled" in r.getMessage()]
     finally:
+        os.close(leader)
         DataContext._set_current(before)
 
 
