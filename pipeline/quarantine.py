@@ -5,11 +5,11 @@ recording its task holds (see :mod:`pipeline.crashes`). When a task's retry come
 the recording a worker died on, it decodes that one here instead: in a child process that
 streams the window batches back over a pipe as it decodes them. If the child dies, the
 task learns how (the signal) and makes the recording an error row, and goes on with its
-next recording; the worker lives. A child that dies before it says it is ready to decode
-(it could not import the package, the node is out of memory) says nothing of the
-recording: that is a transient error row, which a rerun retries, not a crash. If the recording decodes (the worker had died for some
+next recording; the worker lives. If the recording decodes (the worker had died for some
 other reason, its node lost), its windows go downstream as a worker's would, batch for
-batch the same.
+batch the same. A child that dies before it says it is ready to decode (it could not
+import the package, the node is out of memory) says nothing of the recording: that is a
+transient error row, which a rerun retries, not a crash.
 
 The child is a new interpreter (``python -m pipeline.quarantine``) on the worker's import
 path, not a fork: a Ray worker's threads (gRPC, the object store's client) do not survive
