@@ -565,11 +565,11 @@ def _coded_wav_frames(snd: sf.SoundFile, fileobj: Any = None) -> tuple[int, int 
     where its bytes end: up to 1.1 of full scale over 1,864 frames of stereo IMA), and the
     audio ends after the last whole block the file (``fileobj``) holds; for G.721 and NMS
     ADPCM, whose block size no header gives, so is a fact chunk that declares more frames
-    than libsndfile reads. In a whole file,
-    the fact chunk says how many frames of the last block are audio, the rest the encoder's
-    padding (0.04 s of 3 s of MS ADPCM at 16 kHz; up to 159 frames of NMS ADPCM, 0.3 of
-    full scale), and the audio ends there. A fact chunk that says more than a block less is
-    not believed (libsndfile writes stereo IMA's wrong)."""
+    than libsndfile reads. In a whole file, the fact chunk says how many frames of the last
+    block are audio, the rest the encoder's padding (0.04 s of 3 s of MS ADPCM at 16 kHz; up
+    to 159 frames of NMS ADPCM, 0.3 of full scale), and the audio ends there. A fact chunk
+    that says more than a block less is not believed (libsndfile writes stereo IMA's
+    wrong)."""
     info, frames = snd.extra_info or "", int(snd.frames)
     counted = _FRAMES_LINE.search(info)
     fact = int(counted.group(1)) if counted is not None else None
