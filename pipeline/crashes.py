@@ -237,11 +237,15 @@ def set_aside(layout: OutputLayout, listed: Collection[str]) -> None:
             storage.remove_file(fs, path)
 
 
+# The likely cause of a DecoderCrashed row, and when it is decoded again: the end of its message.
+_CAUSE = ("a decoder crash or one running out of memory; not decoded again until the object "
+          "changes")
+
+
 def died_in_quarantine(how: str) -> str:
     """The error row's message of a recording whose quarantined decode died ``how``."""
     return (f"decoding it killed the process it ran in apart ({how}), after its decode "
-            "worker had died on it: a decoder crash or one running out of memory; not "
-            "decoded again until the object changes")
+            f"worker had died on it: {_CAUSE}")
 
 
 def died_again(deaths: int) -> str:
@@ -254,5 +258,4 @@ def died_again(deaths: int) -> str:
 def as_problem(entry: Mapping[str, Any]) -> str:
     """The decode stage's known problem for a recorded recording: its error row's message."""
     return (f"{ERROR_TYPE}: decoding it killed its process {entry['deaths']} times in run "
-            f"{entry['job_id']} ({entry['recorded_at']}): a decoder crash or one running out "
-            "of memory; not decoded again until the object changes")
+            f"{entry['job_id']} ({entry['recorded_at']}): {_CAUSE}")
